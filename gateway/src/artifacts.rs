@@ -1,0 +1,122 @@
+//! Images the gateway serves itself for `response_format = "url"`: kept in memory for the
+//! policy's `url_ttl_secs` under a total byte budget. The URL's id is 122 random bits, so
+//! holding the URL is what grants access (like a signed URL), and it expires.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use crate::metrics::Metrics;
+
+struct Entry {
+    bytes: Bytes,
+    mime: &'static str,
+    expires: Instant,
+}
+
+pub struct ArtifactStore {
+    map: DashMap<String, Entry>,
+    /// Ids in insertion order, for expiry sweeps and eviction of the oldest.
+    order: Mutex<VecDeque<String>>,
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl ArtifactStore {
+    pub fn new(max_bytes: usize, metrics: Arc<Metrics>) -> ArtifactStore {
+        ArtifactStore {
+            map: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            metrics,
+        }
+    }
+
+    /// Stores an image and returns its id. When the byte budget is exceeded the oldest images
+    /// are evicted (counted), so memory stays bounded whatever the traffic.
+    pub fn put(&self, bytes: Bytes, mime: &'static str, ttl: Duration) -> String {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        self.bytes.fetch_add(bytes.len(), Ordering::Relaxed);
+        self.map.insert(id.clone(), Entry { bytes, mime, expires: Instant::now() + ttl });
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.push_back(id.clone());
+        while self.bytes.load(Ordering::Relaxed) > self.max_bytes && order.len() > 1 {
+            let Some(old) = order.pop_front() else { break };
+            if self.remove(&old) {
+                self.metrics.artifacts.with_label_values(&["evicted"]).inc();
+            }
+        }
+        self.metrics.artifacts.with_label_values(&["stored"]).inc();
+        id
+    }
+
+    pub fn get(&self, id: &str) -> Option<(Bytes, &'static str)> {
+        let found = self.map.get(id).map(|e| (e.bytes.clone(), e.mime, e.expires));
+        match found {
+            Some((bytes, mime, expires)) if expires > Instant::now() => {
+                self.metrics.artifacts.with_label_values(&["served"]).inc();
+                Some((bytes, mime))
+            }
+            Some(_) => {
+                if self.remove(id) {
+                    self.metrics.artifacts.with_label_values(&["expired"]).inc();
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops expired images; run periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.retain(|id| {
+            let expired = self.map.get(id).is_none_or(|e| e.expires <= now);
+            if expired && self.remove(id) {
+                self.metrics.artifacts.with_label_values(&["expired"]).inc();
+            }
+            !expired
+        });
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn remove(&self, id: &str) -> bool {
+        match self.map.remove(id) {
+            Some((_, e)) => {
+                self.bytes.fetch_sub(e.bytes.len(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_and_stays_within_budget() {
+        let store = ArtifactStore::new(10, Arc::new(Metrics::new()));
+        let a = store.put(Bytes::from_static(b"123456"), "image/png", Duration::from_secs(60));
+        assert_eq!(store.get(&a).unwrap().0, Bytes::from_static(b"123456"));
+        let b = store.put(Bytes::from_static(b"abcdef"), "image/png", Duration::from_secs(60));
+        assert!(store.get(&a).is_none(), "oldest evicted over budget");
+        assert!(store.get(&b).is_some());
+        assert_eq!(store.bytes(), 6);
+        let c = store.put(Bytes::from_static(b"x"), "image/png", Duration::ZERO);
+        assert!(store.get(&c).is_none());
+        store.sweep();
+        assert_eq!(store.bytes(), 6);
+    }
+}

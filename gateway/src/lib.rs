@@ -1,0 +1,30 @@
+//! Agent Command Center (ACC): a gateway in front of image-generation providers.
+//!
+//! # Layout
+//! In the order a request meets them:
+//! - [`server`]: listeners, edge layers (tracing, panic catcher, load shedding), signals, shutdown.
+//! - [`proxy`]: the pipeline for one image request, read top to bottom.
+//! - [`request`]: the client's JSON parsed and checked into one `GenerationRequest`.
+//! - [`policy`]: policy files, parsed raw, then validated into runtime types.
+//! - [`reload`]: the live policy snapshot, swapped atomically on poll, SIGHUP or admin reload.
+//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop.
+//! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
+//! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
+//! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`admin`]: the admin listener (metrics, probes, reload, policy and route views).
+//! - [`error`]: the OpenAI-shaped error every failure becomes.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod artifacts;
+pub mod body;
+pub mod error;
+pub mod metrics;
+pub mod policy;
+pub mod providers;
+pub mod proxy;
+pub mod reload;
+pub mod request;
+pub mod routing;
+pub mod server;

@@ -1,0 +1,115 @@
+//! Prometheus metrics: one struct, one registry, built at start-up (no globals, so tests do not
+//! interfere). Label values come from policy names and fixed enums, never from user input.
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub attempts: IntCounterVec,
+    pub provider_latency: HistogramVec,
+    pub fallbacks: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+    pub policy_info: IntGaugeVec,
+    pub artifacts: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // Image generations take from tens of milliseconds (cached, self-hosted) to minutes.
+        let latency = exponential_buckets(0.005, 2.0, 16).expect("static buckets");
+        let requests = IntCounterVec::new(
+            Opts::new("acc_requests_total", "Proxy requests by route and outcome"),
+            &["route", "outcome"],
+        )
+        .expect("metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("acc_request_duration_seconds", "Time from request to response, by route")
+                .buckets(latency.clone()),
+            &["route"],
+        )
+        .expect("metric");
+        let attempts = IntCounterVec::new(
+            Opts::new("acc_attempts_total", "Provider attempts by route, provider and result"),
+            &["route", "provider", "result"],
+        )
+        .expect("metric");
+        let provider_latency = HistogramVec::new(
+            HistogramOpts::new("acc_provider_latency_seconds", "Latency of provider attempts").buckets(latency),
+            &["provider", "model"],
+        )
+        .expect("metric");
+        let fallbacks = IntCounterVec::new(
+            Opts::new("acc_fallbacks_total", "Moves from one target to the next, with the reason"),
+            &["route", "from", "to", "reason"],
+        )
+        .expect("metric");
+        let policy_reloads = IntCounterVec::new(
+            Opts::new("acc_policy_reloads_total", "Policy reloads by result"),
+            &["result"],
+        )
+        .expect("metric");
+        let policy_info = IntGaugeVec::new(
+            Opts::new("acc_policy_info", "1 for the policy version being served"),
+            &["version"],
+        )
+        .expect("metric");
+        let artifacts = IntCounterVec::new(
+            Opts::new("acc_artifact_store_total", "Gateway-served image URLs: stored, served, expired, evicted"),
+            &["event"],
+        )
+        .expect("metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(attempts.clone()),
+            Box::new(provider_latency.clone()),
+            Box::new(fallbacks.clone()),
+            Box::new(policy_reloads.clone()),
+            Box::new(policy_info.clone()),
+            Box::new(artifacts.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        // Both results exist from the start, so alerts on rate() see a zero, not a gap.
+        policy_reloads.with_label_values(&["ok"]);
+        policy_reloads.with_label_values(&["error"]);
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            attempts,
+            provider_latency,
+            fallbacks,
+            policy_reloads,
+            policy_info,
+            artifacts,
+        }
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
+        out
+    }
+
+    /// Points `acc_policy_info` at the version now served.
+    pub fn set_policy_version(&self, old: Option<&str>, new: &str) {
+        if let Some(old) = old {
+            if old != new {
+                let _ = self.policy_info.remove_label_values(&[old]);
+            }
+        }
+        self.policy_info.with_label_values(&[new]).set(1);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

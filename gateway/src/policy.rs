@@ -1,0 +1,739 @@
+//! Policy files: parsed as raw serde structs (unknown fields refused), then validated into the
+//! runtime [`Policy`]. Validation is all or nothing and every error names the file and the path
+//! inside it, e.g. `routes.toml: routes[1].targets[0].provider: unknown provider "opnai"`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Provider kinds the design names. Only some have an adapter in this build; the others are
+/// refused with a clear message rather than accepted and silently ignored.
+const KNOWN_KINDS: &[&str] = &[
+    "openai",
+    "azure_openai",
+    "vertex_imagen",
+    "stability",
+    "fal",
+    "replicate",
+    "a1111",
+    "builtin",
+];
+const IMPLEMENTED_KINDS: &[&str] = &["openai", "builtin"];
+
+// ---------------------------------------------------------------------------------------------
+// Raw shapes, as written by ops.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    /// Model alias used when a request names no model.
+    default_model: Option<String>,
+    server: Option<RawServer>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    /// Largest JSON request body, bytes.
+    max_json_body_bytes: Option<u64>,
+    /// Largest multipart request body (edits, variations), bytes.
+    max_multipart_body_bytes: Option<u64>,
+    /// Lifetime of a gateway-served image URL, seconds.
+    url_ttl_secs: Option<u64>,
+    /// Base URL put in front of gateway-served image URLs (`https://images.example.com`); when
+    /// absent, the request's Host header is used.
+    public_base_url: Option<String>,
+    /// Requests handled at once; more are shed with 503 rather than queued without bound.
+    max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    /// Lowercase hex SHA-256 of the API key; the key itself never appears in policy files.
+    sha256: String,
+    tenant: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: String,
+    /// Root of the provider's API, e.g. `https://api.openai.com/v1`.
+    base_url: Option<String>,
+    /// Environment variable that holds the provider's API key.
+    api_key_env: Option<String>,
+    /// Upper bound for one attempt on this provider, ms; the route's attempt timeout applies too.
+    timeout_ms: Option<u64>,
+    /// What to ask the upstream for: `b64_json` (default), `url`, or `omit` to send no
+    /// `response_format` at all (models such as gpt-image-1 refuse the field).
+    upstream_response_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    #[serde(rename = "match", default)]
+    matcher: RawMatch,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+    #[serde(default)]
+    fallbacks: Vec<String>,
+    attempt_timeout_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+    url_mode: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    model: Option<String>,
+    cohort: Option<String>,
+    #[serde(default)]
+    key_tags: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    provider: String,
+    /// The provider's model name; defaults to the alias the client asked for.
+    model: Option<String>,
+    /// Relative share of first attempts; default 1.
+    weight: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated runtime types.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub max_json_body_bytes: usize,
+    pub max_multipart_body_bytes: usize,
+    pub url_ttl: Duration,
+    pub public_base_url: Option<String>,
+    pub max_in_flight: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_json_body_bytes: 8 * 1024 * 1024,
+            max_multipart_body_bytes: 32 * 1024 * 1024,
+            url_ttl: Duration::from_secs(3600),
+            public_base_url: None,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub tenant: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFormat {
+    B64Json,
+    Url,
+    Omit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKind {
+    Builtin,
+    OpenAi {
+        base_url: String,
+        api_key_env: Option<String>,
+        upstream_format: UpstreamFormat,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlMode {
+    /// The gateway keeps the bytes and serves them itself for `url_ttl`.
+    Gateway,
+    /// A provider URL is handed to the client as is (bytes are still served by the gateway).
+    Provider,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub provider: String,
+    pub model: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Matcher {
+    pub model: Option<String>,
+    pub cohort: Option<String>,
+    pub key_tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub targets: Vec<Target>,
+    /// Indices into [`Policy::routes`], in the order they are tried.
+    pub fallbacks: Vec<usize>,
+    pub attempt_timeout: Duration,
+    pub deadline: Duration,
+    pub url_mode: UrlMode,
+}
+
+/// A validated policy: everything the request path needs, with references resolved.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Short SHA-256 of the files' names and contents.
+    pub version: String,
+    pub files: Vec<String>,
+    pub default_model: Option<String>,
+    pub server: ServerSettings,
+    /// Keyed by the SHA-256 digest of the API key.
+    pub keys: HashMap<[u8; 32], ApiKey>,
+    pub providers: BTreeMap<String, ProviderSpec>,
+    /// In match order: files sorted by name, routes in file order.
+    pub routes: Vec<Route>,
+    /// Every model alias a route matches on, for `/v1/models` and 404s.
+    pub aliases: BTreeSet<String>,
+    /// Things worth a log line that do not make the policy invalid (a missing key variable).
+    pub warnings: Vec<String>,
+}
+
+/// The policy files of a directory (or one file), read but not yet parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub files: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Reads every `*.toml` directly in `path` (sorted by name), or `path` itself if it is a file.
+    /// Paths are resolved on every call, so a Kubernetes ConfigMap's symlink swap is seen.
+    pub fn read(path: &Path) -> Result<Sources, Vec<String>> {
+        let meta = std::fs::metadata(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let mut paths: Vec<PathBuf> = if meta.is_file() {
+            vec![path.to_path_buf()]
+        } else {
+            let rd = std::fs::read_dir(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+            let mut v = Vec::new();
+            for entry in rd {
+                let entry = entry.map_err(|e| vec![format!("{}: {e}", path.display())])?;
+                let p = entry.path();
+                let is_toml = p.extension().is_some_and(|x| x == "toml");
+                let hidden = entry.file_name().to_string_lossy().starts_with('.');
+                if is_toml && !hidden && p.is_file() {
+                    v.push(p);
+                }
+            }
+            v
+        };
+        paths.sort();
+        if paths.is_empty() {
+            return Err(vec![format!("{}: no *.toml policy files found", path.display())]);
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for p in paths {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            match std::fs::read_to_string(&p) {
+                Ok(text) => files.push((name, text)),
+                Err(e) => errors.push(format!("{name}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Sources { files })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn version(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, text) in &self.files {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(text.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(&h.finalize()[..6])
+    }
+}
+
+/// Reads and validates a policy directory (or file).
+pub fn load(path: &Path) -> Result<Policy, Vec<String>> {
+    let sources = Sources::read(path)?;
+    validate(&sources)
+}
+
+/// Parses and validates policy sources: every error found, or a policy.
+pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut parsed: Vec<(&str, RawFile)> = Vec::new();
+    for (name, text) in &sources.files {
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((name, raw)),
+            Err(e) => errors.push(format!("{name}: {}", toml_error(text, &e))),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let mut default_model: Option<(String, &str)> = None;
+    let mut server: Option<(ServerSettings, &str)> = None;
+    let mut keys = HashMap::new();
+    let mut providers = BTreeMap::new();
+    let mut provider_file: HashMap<String, &str> = HashMap::new();
+    let mut warnings = Vec::new();
+
+    for (file, raw) in &parsed {
+        if let Some(m) = &raw.default_model {
+            match &default_model {
+                Some((_, other)) => errors.push(format!("{file}: default_model: already set in {other}")),
+                None => default_model = Some((m.clone(), file)),
+            }
+        }
+        if let Some(s) = &raw.server {
+            match &server {
+                Some((_, other)) => errors.push(format!("{file}: server: already set in {other}")),
+                None => server = Some((validate_server(file, s, &mut errors), file)),
+            }
+        }
+        for (i, k) in raw.keys.iter().enumerate() {
+            let at = format!("{file}: keys[{i}]");
+            let digest = match hex::decode(k.sha256.trim()) {
+                Ok(d) if d.len() == 32 => {
+                    let mut a = [0u8; 32];
+                    a.copy_from_slice(&d);
+                    a
+                }
+                _ => {
+                    errors.push(format!("{at}.sha256: expected 64 hex characters (the SHA-256 of the key)"));
+                    continue;
+                }
+            };
+            if k.tenant.trim().is_empty() {
+                errors.push(format!("{at}.tenant: must not be empty"));
+            }
+            for (j, t) in k.tags.iter().enumerate() {
+                check_name(&format!("{at}.tags[{j}]"), t, &mut errors);
+            }
+            let key = ApiKey { tenant: k.tenant.clone(), tags: k.tags.clone() };
+            if keys.insert(digest, key).is_some() {
+                errors.push(format!("{at}.sha256: duplicate key digest"));
+            }
+        }
+        for (name, p) in &raw.providers {
+            let at = format!("{file}: providers.{name}");
+            check_name(&at, name, &mut errors);
+            if let Some(other) = provider_file.get(name.as_str()) {
+                errors.push(format!("{at}: provider \"{name}\" is already defined in {other}"));
+                continue;
+            }
+            provider_file.insert(name.clone(), file);
+            if let Some(spec) = validate_provider(&at, name, p, &mut errors, &mut warnings) {
+                providers.insert(name.clone(), spec);
+            }
+        }
+    }
+
+    // Routes need every provider and route name, so they come second.
+    let mut route_index: HashMap<&str, usize> = HashMap::new();
+    let mut route_at: Vec<String> = Vec::new();
+    for (file, raw) in &parsed {
+        for (i, r) in raw.routes.iter().enumerate() {
+            let at = format!("{file}: routes[{i}]");
+            if route_index.contains_key(r.name.as_str()) {
+                errors.push(format!("{at}.name: duplicate route name \"{}\"", r.name));
+            } else {
+                route_index.insert(&r.name, route_at.len());
+            }
+            route_at.push(at);
+        }
+    }
+    let mut routes = Vec::new();
+    let mut aliases = BTreeSet::new();
+    let mut n = 0;
+    for (file, raw) in &parsed {
+        let _ = file;
+        for r in &raw.routes {
+            let at = &route_at[n];
+            n += 1;
+            check_name(&format!("{at}.name"), &r.name, &mut errors);
+            if let Some(m) = &r.matcher.model {
+                if m.is_empty() {
+                    errors.push(format!("{at}.match.model: must not be empty"));
+                }
+                aliases.insert(m.clone());
+            }
+            for (j, t) in r.matcher.key_tags.iter().enumerate() {
+                check_name(&format!("{at}.match.key_tags[{j}]"), t, &mut errors);
+            }
+            if r.targets.is_empty() {
+                errors.push(format!("{at}.targets: a route needs at least one target"));
+            }
+            let mut targets = Vec::new();
+            for (j, t) in r.targets.iter().enumerate() {
+                if !providers.contains_key(&t.provider) && !provider_file.contains_key(&t.provider) {
+                    errors.push(format!("{at}.targets[{j}].provider: unknown provider \"{}\"", t.provider));
+                }
+                if t.model.as_deref() == Some("") {
+                    errors.push(format!("{at}.targets[{j}].model: must not be empty"));
+                }
+                targets.push(Target { provider: t.provider.clone(), model: t.model.clone(), weight: t.weight.unwrap_or(1) });
+            }
+            if !targets.is_empty() && targets.iter().all(|t| t.weight == 0) {
+                errors.push(format!("{at}.targets: weights sum to zero"));
+            }
+            let mut fallbacks = Vec::new();
+            for (j, f) in r.fallbacks.iter().enumerate() {
+                match route_index.get(f.as_str()) {
+                    None => errors.push(format!("{at}.fallbacks[{j}]: unknown route \"{f}\"")),
+                    Some(_) if *f == r.name => errors.push(format!("{at}.fallbacks[{j}]: a route cannot fall back to itself")),
+                    Some(idx) if fallbacks.contains(idx) => errors.push(format!("{at}.fallbacks[{j}]: route \"{f}\" is listed twice")),
+                    Some(idx) => fallbacks.push(*idx),
+                }
+            }
+            let attempt_timeout = positive_ms(&format!("{at}.attempt_timeout_ms"), r.attempt_timeout_ms, 60_000, &mut errors);
+            let deadline = positive_ms(&format!("{at}.deadline_ms"), r.deadline_ms, 120_000, &mut errors);
+            let url_mode = match r.url_mode.as_deref() {
+                None | Some("gateway") => UrlMode::Gateway,
+                Some("provider") => UrlMode::Provider,
+                Some(other) => {
+                    errors.push(format!("{at}.url_mode: unknown mode \"{other}\" (expected \"gateway\" or \"provider\")"));
+                    UrlMode::Gateway
+                }
+            };
+            routes.push(Route {
+                name: r.name.clone(),
+                matcher: Matcher { model: r.matcher.model.clone(), cohort: r.matcher.cohort.clone(), key_tags: r.matcher.key_tags.clone() },
+                targets,
+                fallbacks,
+                attempt_timeout,
+                deadline,
+                url_mode,
+            });
+        }
+    }
+    if routes.is_empty() && errors.is_empty() {
+        errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
+    }
+    if let Some((m, file)) = &default_model {
+        if !aliases.contains(m) {
+            errors.push(format!("{file}: default_model: \"{m}\" is not the match.model of any route"));
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        version: sources.version(),
+        files: sources.files.iter().map(|f| f.0.clone()).collect(),
+        default_model: default_model.map(|d| d.0),
+        server: server.map(|s| s.0).unwrap_or_default(),
+        keys,
+        providers,
+        routes,
+        aliases,
+        warnings,
+    })
+}
+
+fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> ServerSettings {
+    let d = ServerSettings::default();
+    let bytes = |field: &str, v: Option<u64>, default: usize, errors: &mut Vec<String>| match v {
+        None => default,
+        Some(0) => {
+            errors.push(format!("{file}: server.{field}: must be greater than 0"));
+            default
+        }
+        Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
+    };
+    let public_base_url = s.public_base_url.as_ref().map(|u| u.trim_end_matches('/').to_string());
+    if let Some(u) = &public_base_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            errors.push(format!("{file}: server.public_base_url: must start with http:// or https://"));
+        }
+    }
+    ServerSettings {
+        max_json_body_bytes: bytes("max_json_body_bytes", s.max_json_body_bytes, d.max_json_body_bytes, errors),
+        max_multipart_body_bytes: bytes("max_multipart_body_bytes", s.max_multipart_body_bytes, d.max_multipart_body_bytes, errors),
+        url_ttl: Duration::from_secs(bytes("url_ttl_secs", s.url_ttl_secs, 3600, errors) as u64),
+        public_base_url,
+        max_in_flight: bytes("max_in_flight", s.max_in_flight, d.max_in_flight, errors),
+    }
+}
+
+fn validate_provider(
+    at: &str,
+    name: &str,
+    p: &RawProvider,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Option<ProviderSpec> {
+    let before = errors.len();
+    if !KNOWN_KINDS.contains(&p.kind.as_str()) {
+        errors.push(format!("{at}.kind: unknown kind \"{}\" (expected one of {})", p.kind, KNOWN_KINDS.join(", ")));
+        return None;
+    }
+    if !IMPLEMENTED_KINDS.contains(&p.kind.as_str()) {
+        errors.push(format!(
+            "{at}.kind: kind \"{}\" has no adapter in this build yet (available: {})",
+            p.kind,
+            IMPLEMENTED_KINDS.join(", ")
+        ));
+        return None;
+    }
+    let timeout = match p.timeout_ms {
+        Some(0) => {
+            errors.push(format!("{at}.timeout_ms: must be greater than 0"));
+            None
+        }
+        t => t.map(Duration::from_millis),
+    };
+    let kind = match p.kind.as_str() {
+        "builtin" => {
+            for (field, set) in [
+                ("base_url", p.base_url.is_some()),
+                ("api_key_env", p.api_key_env.is_some()),
+                ("upstream_response_format", p.upstream_response_format.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("{at}.{field}: not used by kind \"builtin\""));
+                }
+            }
+            ProviderKind::Builtin
+        }
+        _ => {
+            let base_url = match &p.base_url {
+                None => {
+                    errors.push(format!("{at}.base_url: required for kind \"{}\"", p.kind));
+                    String::new()
+                }
+                Some(u) => {
+                    let u = u.trim_end_matches('/').to_string();
+                    match u.parse::<http::Uri>() {
+                        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+                        _ => errors.push(format!("{at}.base_url: \"{u}\" is not an http(s) URL")),
+                    }
+                    u
+                }
+            };
+            if let Some(var) = &p.api_key_env {
+                let valid = !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    errors.push(format!("{at}.api_key_env: \"{var}\" is not an environment variable name"));
+                } else if std::env::var_os(var).is_none() {
+                    warnings.push(format!(
+                        "{at}.api_key_env: environment variable {var} is not set; attempts on provider \"{name}\" will fail"
+                    ));
+                }
+            }
+            let upstream_format = match p.upstream_response_format.as_deref() {
+                None | Some("b64_json") => UpstreamFormat::B64Json,
+                Some("url") => UpstreamFormat::Url,
+                Some("omit") => UpstreamFormat::Omit,
+                Some(other) => {
+                    errors.push(format!(
+                        "{at}.upstream_response_format: unknown value \"{other}\" (expected \"b64_json\", \"url\" or \"omit\")"
+                    ));
+                    UpstreamFormat::B64Json
+                }
+            };
+            ProviderKind::OpenAi { base_url, api_key_env: p.api_key_env.clone(), upstream_format }
+        }
+    };
+    (errors.len() == before).then(|| ProviderSpec { name: name.to_string(), kind, timeout })
+}
+
+fn positive_ms(at: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> Duration {
+    match v {
+        Some(0) => {
+            errors.push(format!("{at}: must be greater than 0"));
+            Duration::from_millis(default)
+        }
+        v => Duration::from_millis(v.unwrap_or(default)),
+    }
+}
+
+/// Names end up as metric label values and in headers: keep them to a safe alphabet.
+fn check_name(at: &str, name: &str, errors: &mut Vec<String>) {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        errors.push(format!("{at}: \"{name}\" must be 1 to 64 characters of A-Z a-z 0-9 _ - ."));
+    }
+}
+
+/// `line L, column C: message` for a TOML error, which is how ops find it in an editor.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rfind('\n').map_or(before.len(), |p| before.len() - p - 1) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(files: &[(&str, &str)]) -> Result<Policy, Vec<String>> {
+        validate(&Sources { files: files.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect() })
+    }
+
+    const PROVIDERS: &str = r#"
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+[providers.demo]
+kind = "builtin"
+"#;
+
+    #[test]
+    fn unknown_provider_names_file_and_path() {
+        let routes = r#"
+[[routes]]
+name = "a"
+match = { model = "m1" }
+targets = [{ provider = "demo" }]
+[[routes]]
+name = "b"
+match = { model = "m2" }
+targets = [{ provider = "opnai", model = "x" }]
+"#;
+        let errs = check(&[("providers.toml", PROVIDERS), ("routes.toml", routes)]).unwrap_err();
+        assert_eq!(errs, vec![r#"routes.toml: routes[1].targets[0].provider: unknown provider "opnai""#]);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let routes = r#"
+[[routes]]
+name = "a"
+targets = [{ provider = "demo", weight = 0 }]
+fallbacks = ["a", "nope"]
+attempt_timeout_ms = 0
+url_mode = "cdn"
+"#;
+        let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                "r.toml: routes[0].targets: weights sum to zero",
+                "r.toml: routes[0].fallbacks[0]: a route cannot fall back to itself",
+                r#"r.toml: routes[0].fallbacks[1]: unknown route "nope""#,
+                "r.toml: routes[0].attempt_timeout_ms: must be greater than 0",
+                r#"r.toml: routes[0].url_mode: unknown mode "cdn" (expected "gateway" or "provider")"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_syntax_errors_give_line_and_column() {
+        let errs = check(&[("a.toml", "[providers.x]\nkind = \"builtin\"\ncolour = 3\n")]).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("a.toml: line 3, column 1: unknown field `colour`"), "{}", errs[0]);
+        let errs = check(&[("b.toml", "[[routes]\n")]).unwrap_err();
+        assert!(errs[0].starts_with("b.toml: line 1, column"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn kinds_are_checked() {
+        let errs = check(&[("p.toml", "[providers.s]\nkind = \"stabilty\"\n[providers.t]\nkind = \"fal\"\n")]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"p.toml: providers.s.kind: unknown kind "stabilty" (expected one of openai, azure_openai, vertex_imagen, stability, fal, replicate, a1111, builtin)"#,
+                r#"p.toml: providers.t.kind: kind "fal" has no adapter in this build yet (available: openai, builtin)"#,
+            ]
+        );
+        let errs = check(&[("p.toml", "[providers.o]\nkind = \"openai\"\nbase_url = \"ftp://x\"\n")]).unwrap_err();
+        assert_eq!(errs, vec![r#"p.toml: providers.o.base_url: "ftp://x" is not an http(s) URL"#]);
+    }
+
+    #[test]
+    fn duplicates_across_files_are_refused() {
+        let a = "[providers.demo]\nkind = \"builtin\"\n[[routes]]\nname = \"r\"\ntargets = [{ provider = \"demo\" }]\n";
+        let errs = check(&[("a.toml", a), ("b.toml", a)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"b.toml: providers.demo: provider "demo" is already defined in a.toml"#,
+                r#"b.toml: routes[0].name: duplicate route name "r""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_need_a_digest_and_default_model_an_alias() {
+        let p = format!(
+            "{PROVIDERS}default_model = \"nope\"\n[[keys]]\nsha256 = \"abc\"\ntenant = \"t\"\n[[routes]]\nname = \"r\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"demo\" }}]\n"
+        );
+        // default_model after a table header belongs to that table: TOML rejects it as unknown.
+        assert!(check(&[("p.toml", &p)]).is_err());
+        let p = format!(
+            "default_model = \"nope\"\n{PROVIDERS}[[keys]]\nsha256 = \"abc\"\ntenant = \"t\"\n[[routes]]\nname = \"r\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"demo\" }}]\n"
+        );
+        let errs = check(&[("p.toml", &p)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                "p.toml: keys[0].sha256: expected 64 hex characters (the SHA-256 of the key)",
+                r#"p.toml: default_model: "nope" is not the match.model of any route"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_valid_policy_resolves_references() {
+        let routes = r#"
+default_model = "m"
+[[routes]]
+name = "main"
+match = { model = "m", cohort = "c" }
+targets = [{ provider = "openai", model = "gpt-image-1", weight = 3 }, { provider = "demo" }]
+fallbacks = ["safe"]
+[[routes]]
+name = "safe"
+targets = [{ provider = "demo" }]
+"#;
+        let p = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap();
+        assert_eq!(p.routes.len(), 2);
+        assert_eq!(p.routes[0].fallbacks, vec![1]);
+        assert_eq!(p.routes[0].targets[0].weight, 3);
+        assert_eq!(p.routes[0].attempt_timeout, Duration::from_secs(60));
+        assert_eq!(p.aliases.iter().collect::<Vec<_>>(), vec!["m"]);
+        assert_eq!(p.server, ServerSettings::default());
+        assert_eq!(p.version.len(), 12);
+    }
+}

@@ -1,0 +1,255 @@
+//! `kind = "openai"`: OpenAI's Images API and every server that speaks it.
+//! POST `{base_url}/images/generations` with the client's JSON (model rewritten), bearer auth
+//! from the environment variable the policy names.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{AttemptRequest, Generation, HttpClient, Image, Provider, ProviderError};
+use crate::policy::UpstreamFormat;
+
+/// Ten 4096x4096 PNGs in base64 stay below this; anything larger is not an image answer.
+const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
+
+pub struct OpenAi {
+    client: HttpClient,
+    generations_url: String,
+    /// `Ok(header)` when the key variable is set, `Err(var)` when the policy names one that is not.
+    auth: Option<Result<HeaderValue, String>>,
+    upstream_format: UpstreamFormat,
+}
+
+impl OpenAi {
+    pub fn new(client: HttpClient, base_url: &str, api_key_env: Option<&str>, upstream_format: UpstreamFormat) -> Self {
+        let auth = api_key_env.map(|var| {
+            std::env::var(var)
+                .ok()
+                .and_then(|key| HeaderValue::from_str(&format!("Bearer {key}")).ok())
+                .map(|mut h| {
+                    h.set_sensitive(true);
+                    h
+                })
+                .ok_or_else(|| var.to_string())
+        });
+        OpenAi { client, generations_url: format!("{base_url}/images/generations"), auth, upstream_format }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAi {
+    async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let auth = match &self.auth {
+            Some(Err(var)) => {
+                return Err(ProviderError::Credential(format!("environment variable {var} is not set")))
+            }
+            Some(Ok(h)) => Some(h),
+            None => None,
+        };
+        let mut body = attempt.req.raw.clone();
+        body.insert("model".into(), attempt.model.into());
+        // The gateway's own extension field never goes upstream.
+        body.remove("acc");
+        match self.upstream_format {
+            UpstreamFormat::B64Json => {
+                body.insert("response_format".into(), "b64_json".into());
+            }
+            UpstreamFormat::Url => {
+                body.insert("response_format".into(), "url".into());
+            }
+            UpstreamFormat::Omit => {
+                body.remove("response_format");
+            }
+        }
+        let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Other(e.to_string()))?;
+        let mut req = Request::post(&self.generations_url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(h) = auth {
+            req = req.header(header::AUTHORIZATION, h.clone());
+        }
+        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| ProviderError::Other(e.to_string()))?;
+
+        let resp = self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                ProviderError::Connect(source_chain(&e))
+            } else {
+                ProviderError::Transport(source_chain(&e))
+            }
+        })?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ProviderError::Transport(format!("reading the answer: {e}")))?
+            .to_bytes();
+        if status.is_success() {
+            parse_answer(&body)
+        } else {
+            Err(classify_error(status, body))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow, default)]
+    data: Option<Vec<Item<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct Item<'a> {
+    /// Kept raw so the payload is borrowed from the body, not copied (a `Cow` inside an
+    /// `Option` would always be copied).
+    #[serde(borrow, default)]
+    b64_json: Option<&'a RawValue>,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+/// Parses a 2xx answer. Base64 payloads stay slices of `body` (no copy) unless the upstream
+/// escaped characters inside them.
+pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
+    let items = answer.data.unwrap_or_default();
+    if items.is_empty() {
+        return Err(ProviderError::BadResponse("answer holds no images".into()));
+    }
+    let mut images = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let image = match (item.b64_json, item.url) {
+            (Some(raw), _) => {
+                let text = raw.get();
+                let bytes = if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') {
+                    body.slice_ref(&text.as_bytes()[1..text.len() - 1])
+                } else {
+                    match serde_json::from_str::<String>(text) {
+                        Ok(s) => Bytes::from(s.into_bytes()),
+                        Err(_) => {
+                            return Err(ProviderError::BadResponse(format!("data[{i}].b64_json is not a string")))
+                        }
+                    }
+                };
+                if bytes.is_empty() || base64_simd::STANDARD.check(&bytes).is_err() {
+                    return Err(ProviderError::BadResponse(format!(
+                        "data[{i}].b64_json is not valid base64 (truncated or corrupt)"
+                    )));
+                }
+                Image::Base64(bytes)
+            }
+            (None, Some(url)) => Image::Url(url),
+            (None, None) => {
+                return Err(ProviderError::BadResponse(format!("data[{i}] has neither b64_json nor url")))
+            }
+        };
+        images.push(image);
+    }
+    Ok(Generation { images })
+}
+
+/// Maps a non-2xx answer: the client's own mistakes are passed back, the rest may be retried
+/// elsewhere. Messages keep only the upstream's error text, never its headers or our key.
+fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
+    let message = upstream_message(&body);
+    match status.as_u16() {
+        429 | 500..=599 | 408 => ProviderError::Status { status, message },
+        401 | 403 => ProviderError::Status {
+            status,
+            message: "the provider refused the gateway's credentials".into(),
+        },
+        400..=499 => {
+            let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+            let body = if openai_shaped {
+                body
+            } else {
+                let v = serde_json::json!({"error": {
+                    "message": format!("upstream rejected the request: {message}"),
+                    "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
+                Bytes::from(v.to_string())
+            };
+            ProviderError::Rejected { status, body }
+        }
+        _ => ProviderError::Status { status, message },
+    }
+}
+
+fn upstream_message(body: &[u8]) -> String {
+    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
+        v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned)
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_stays_a_slice_of_the_body() {
+        let body = Bytes::from_static(br#"{"created":1,"data":[{"b64_json":"aGVsbG8="},{"url":"https://x/y.png"},{"b64_json":"aGVs\/bG8"}]}"#);
+        let g = parse_answer(&body).unwrap();
+        match &g.images[0] {
+            Image::Base64(b) => {
+                assert_eq!(&b[..], b"aGVsbG8=");
+                let start = b.as_ptr() as usize - body.as_ptr() as usize;
+                assert_eq!(&body[start..start + 8], b"aGVsbG8=");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&g.images[1], Image::Url(u) if u == "https://x/y.png"));
+        // An escaped slash is unescaped (and then copied).
+        assert!(matches!(&g.images[2], Image::Base64(b) if &b[..] == b"aGVs/bG8"));
+    }
+
+    #[test]
+    fn bad_answers_are_bad_responses() {
+        for body in [
+            &b"<html>oops</html>"[..],
+            br#"{"data":[]}"#,
+            br#"{"data":[{"b64_json":"aGVsbG8"}]}"#,
+            br#"{"data":[{"b64_json":"!!!!"}]}"#,
+            br#"{"data":[{"b64_json":"aGVs"#,
+            br#"{"data":[{}]}"#,
+        ] {
+            let e = parse_answer(&Bytes::copy_from_slice(body)).unwrap_err();
+            assert_eq!(e.label(), "bad_response", "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let e = classify_error(StatusCode::BAD_REQUEST, Bytes::from_static(br#"{"error":{"message":"bad prompt"}}"#));
+        assert!(!e.retryable());
+        assert!(matches!(e, ProviderError::Rejected { ref body, .. } if body.starts_with(b"{\"error\"")));
+        let e = classify_error(StatusCode::TOO_MANY_REQUESTS, Bytes::from_static(b"slow down"));
+        assert!(e.retryable());
+        assert_eq!(e.label(), "status_429");
+        assert_eq!(e.to_string(), "upstream answered 429 Too Many Requests: slow down");
+        let e = classify_error(StatusCode::UNAUTHORIZED, Bytes::from_static(br#"{"error":{"message":"Incorrect API key sk-123"}}"#));
+        assert!(e.retryable());
+        assert!(!e.to_string().contains("sk-123"));
+    }
+}

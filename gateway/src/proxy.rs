@@ -1,0 +1,355 @@
+//! The request pipeline for image generations, read top to bottom: authenticate, read and parse
+//! the body, pick a route, walk the attempt plan, shape the answer, record what happened.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use sha2::{Digest, Sha256};
+
+use crate::body::ChunkedBody;
+use crate::error::ApiError;
+use crate::policy::{ApiKey, Policy, UrlMode};
+use crate::providers::{AttemptRequest, Generation, Image, ProviderError};
+use crate::reload::Snapshot;
+use crate::request::{GenerationRequest, ResponseFormat};
+use crate::routing::{self, PlanOutcome, RouteQuery, Step};
+use crate::server::App;
+
+pub const TRACE_ID: HeaderName = HeaderName::from_static("x-acc-trace-id");
+pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
+pub const PROVIDER: HeaderName = HeaderName::from_static("x-acc-provider");
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
+pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
+pub const COHORT: &str = "x-acc-cohort";
+
+/// What the pipeline learns about one request as it goes; turned into headers and metrics at
+/// the end whatever the outcome.
+struct RequestCtx {
+    trace_id: String,
+    started: Instant,
+    route: Option<String>,
+    provider: Option<String>,
+    attempts: Vec<(String, &'static str)>,
+}
+
+/// `POST /v1/images/generations`
+pub async fn generations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let snapshot = app.policy.snapshot();
+    let mut ctx = RequestCtx {
+        trace_id: uuid::Uuid::new_v4().simple().to_string(),
+        started: Instant::now(),
+        route: None,
+        provider: None,
+        attempts: Vec::new(),
+    };
+    let result = generate(&app, &snapshot, &mut ctx, &headers, body).await;
+    finish(&app, ctx, result)
+}
+
+async fn generate(app: &App, snap: &Snapshot, ctx: &mut RequestCtx, headers: &HeaderMap, body: Body) -> Result<ChunkedBody, ApiError> {
+    let policy = &snap.policy;
+    // 1. Who is asking.
+    let key = authenticate(policy, headers)?;
+    // 2. What they ask for.
+    let body = read_body(headers, body, policy.server.max_json_body_bytes).await?;
+    let req = GenerationRequest::from_json(&body)?;
+    // 3. Where it goes.
+    let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
+    let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
+    let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
+    let (route_idx, route) = routing::select_route(policy, &query)?;
+    ctx.route = Some(route.name.clone());
+    let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
+    let steps = routing::plan(policy, route_idx, fastrand::f64());
+    // The client's bytes are needed whenever the gateway itself must answer with them.
+    let needs_bytes = req.response_format == ResponseFormat::B64Json || route.url_mode == UrlMode::Gateway;
+
+    // 4. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
+    let deadline = tokio::time::Instant::now() + route.deadline;
+    let timeout_of = |s: Step| {
+        let r = &policy.routes[s.route];
+        let provider_timeout = policy.providers.get(&r.targets[s.target].provider).and_then(|p| p.timeout);
+        provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
+    };
+    let req = &req;
+    let outcome = routing::run_plan(&steps, deadline, timeout_of, |s| {
+        let target = &policy.routes[s.route].targets[s.target];
+        let provider = snap.providers.get(&target.provider).cloned();
+        let model = target.model.as_deref().unwrap_or(alias);
+        async move {
+            let provider = provider.ok_or_else(|| ProviderError::Other("provider missing from snapshot".into()))?;
+            let generation = provider.generate(&AttemptRequest { req, model }).await?;
+            if needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
+                return Err(ProviderError::BadResponse(
+                    "the provider answered with a URL, which this build does not fetch; set upstream_response_format = \"b64_json\" or url_mode = \"provider\"".into(),
+                ));
+            }
+            Ok(generation)
+        }
+    })
+    .await;
+    record_attempts(app, policy, route_idx, &outcome, ctx);
+
+    // 5. The answer.
+    let Some((step, generation)) = outcome.success else {
+        return Err(failure(&outcome));
+    };
+    let winner = &policy.routes[step.route];
+    ctx.provider = Some(winner.targets[step.target].provider.clone());
+    let base = public_base(policy, headers);
+    Ok(render(app, policy, winner.url_mode, req.response_format, generation, &base))
+}
+
+/// Client keys are checked by their SHA-256 digest. With no keys configured the gateway serves
+/// anyone, which start-up only allows on a loopback listener.
+fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'p ApiKey>, ApiError> {
+    if policy.keys.is_empty() {
+        return Ok(None);
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+        })?;
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    policy
+        .keys
+        .get(&digest)
+        .map(Some)
+        .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
+}
+
+/// Reads a request body up to `limit` bytes; larger ones are refused with 413 before or while
+/// they arrive, never buffered whole.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::invalid("body", "invalid_body", format!("could not read the request body: {e}"))),
+    }
+}
+
+fn record_attempts(app: &App, policy: &Policy, route_idx: usize, outcome: &PlanOutcome, ctx: &mut RequestCtx) {
+    let route = &policy.routes[route_idx].name;
+    let m = &app.metrics;
+    let mut prev: Option<(&str, &'static str)> = None;
+    for a in &outcome.attempts {
+        let target = &policy.routes[a.step.route].targets[a.step.target];
+        let label = a.label();
+        m.attempts.with_label_values(&[route.as_str(), &target.provider, label]).inc();
+        let model = target.model.as_deref().unwrap_or("alias");
+        m.provider_latency.with_label_values(&[&target.provider, model]).observe(a.elapsed.as_secs_f64());
+        if let Some((from, reason)) = prev {
+            m.fallbacks.with_label_values(&[route.as_str(), from, &target.provider, reason]).inc();
+        }
+        if let Err(e) = &a.result {
+            tracing::info!(trace_id = %ctx.trace_id, route = %route, provider = %target.provider, result = label, "attempt failed: {e}");
+        }
+        prev = Some((&target.provider, label));
+        ctx.attempts.push((target.provider.clone(), label));
+    }
+}
+
+/// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504
+/// that lists each attempt's reason.
+fn failure(outcome: &PlanOutcome) -> ApiError {
+    if let Some(ProviderError::Rejected { status, body }) = outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
+        let mut e = ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
+        e.raw_body = Some(body.clone());
+        return e;
+    }
+    let reasons: Vec<String> = outcome
+        .attempts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.result.as_ref().err().map(|e| format!("attempt {} ({}): {e}", i + 1, a.label())))
+        .collect();
+    let timed_out = outcome.deadline_exceeded
+        || outcome.attempts.last().is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));
+    let mut message = format!("all {} attempts failed", outcome.attempts.len());
+    if outcome.deadline_exceeded {
+        message.push_str(" before the route's deadline ran out");
+    }
+    if !reasons.is_empty() {
+        message.push_str(": ");
+        message.push_str(&reasons.join("; "));
+    }
+    if timed_out {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout", message)
+    } else {
+        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_error", message)
+    }
+}
+
+/// `{"created": .., "data": [..]}` in the format the client asked for. Base64 the provider sent
+/// is written out as the same `Bytes`; raw bytes are encoded once; URLs point at the gateway
+/// unless the route hands provider URLs through.
+fn render(app: &App, policy: &Policy, url_mode: UrlMode, format: ResponseFormat, generation: Generation, base: &str) -> ChunkedBody {
+    let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut out = ChunkedBody::default();
+    out.push(format!("{{\"created\":{created},\"data\":["));
+    for (i, image) in generation.images.into_iter().enumerate() {
+        if i > 0 {
+            out.push(Bytes::from_static(b","));
+        }
+        match format {
+            ResponseFormat::B64Json => {
+                out.push(Bytes::from_static(b"{\"b64_json\":\""));
+                out.push(match image {
+                    Image::Base64(b) => b,
+                    Image::Raw { bytes, .. } => Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes)),
+                    Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
+                });
+                out.push(Bytes::from_static(b"\"}"));
+            }
+            ResponseFormat::Url => {
+                let url = match image {
+                    Image::Url(u) if url_mode == UrlMode::Provider => u,
+                    Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
+                    Image::Base64(b) => {
+                        // Validated when the answer was parsed.
+                        let bytes = Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default());
+                        store(app, policy, bytes, base)
+                    }
+                    Image::Raw { bytes, .. } => store(app, policy, bytes, base),
+                };
+                out.push(format!("{{\"url\":{}}}", serde_json::Value::String(url)));
+            }
+        }
+    }
+    out.push(Bytes::from_static(b"]}"));
+    out
+}
+
+fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
+    let (mime, ext) = sniff(&bytes);
+    let id = app.artifacts.put(bytes, mime, policy.server.url_ttl);
+    format!("{base}/v1/images/artifacts/{id}.{ext}")
+}
+
+fn sniff(b: &[u8]) -> (&'static str, &'static str) {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        ("image/png", "png")
+    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        ("image/jpeg", "jpg")
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        ("image/webp", "webp")
+    } else {
+        ("application/octet-stream", "bin")
+    }
+}
+
+fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
+    if let Some(base) = &policy.server.public_base_url {
+        return base.clone();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .unwrap_or("127.0.0.1:8080");
+    format!("http://{host}")
+}
+
+fn finish(app: &App, ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
+    let route = ctx.route.as_deref().unwrap_or("none");
+    let (mut resp, outcome) = match result {
+        Ok(body) => {
+            let mut r = Response::new(Body::new(body));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(DECISION, HeaderValue::from_static("pass"));
+            (r, "ok")
+        }
+        Err(e) => {
+            let outcome = match (e.code, e.status.as_u16()) {
+                (Some("invalid_api_key"), _) => "unauthorized",
+                (Some("upstream_rejected"), _) => "upstream_rejected",
+                (Some("upstream_timeout"), _) => "upstream_timeout",
+                (Some("upstream_error"), _) => "upstream_error",
+                (_, 500..) => "internal_error",
+                _ => "client_error",
+            };
+            let mut r = e.into_response();
+            r.headers_mut().insert(DECISION, HeaderValue::from_static("error"));
+            (r, outcome)
+        }
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
+        h.insert(TRACE_ID, v);
+    }
+    if let Some(v) = ctx.route.as_deref().and_then(|r| HeaderValue::from_str(r).ok()) {
+        h.insert(ROUTE, v);
+    }
+    if let Some(v) = ctx.provider.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(PROVIDER, v);
+    }
+    if !ctx.attempts.is_empty() {
+        let list: Vec<String> = ctx.attempts.iter().map(|(p, r)| format!("{p}:{r}")).collect();
+        if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+            h.insert(ATTEMPTS, v);
+        }
+    }
+    app.metrics.requests.with_label_values(&[route, outcome]).inc();
+    app.metrics.request_duration.with_label_values(&[route]).observe(ctx.started.elapsed().as_secs_f64());
+    tracing::debug!(trace_id = %ctx.trace_id, route, outcome, elapsed_ms = ctx.started.elapsed().as_millis() as u64, "request done");
+    resp
+}
+
+/// `GET /v1/models`: the aliases the policies expose.
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let snap = app.policy.snapshot();
+    if let Err(e) = authenticate(&snap.policy, &headers) {
+        return e.into_response();
+    }
+    let data: Vec<_> = snap
+        .policy
+        .aliases
+        .iter()
+        .map(|a| serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "acc"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/images/artifacts/{id}.{ext}`: an image the gateway keeps for `url` answers.
+pub async fn artifact(State(app): State<Arc<App>>, Path(file): Path<String>) -> Response {
+    let id = file.split('.').next().unwrap_or_default();
+    match app.artifacts.get(id) {
+        Some((bytes, mime)) => {
+            let mut r = Response::new(Body::from(bytes));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+            r
+        }
+        None => ApiError::not_found("artifact_not_found", "no such image, or its URL has expired").into_response(),
+    }
+}
+
+/// Fallback for unknown proxy paths, in the OpenAI error shape.
+pub async fn not_found() -> Response {
+    ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations and /v1/models")
+        .into_response()
+}

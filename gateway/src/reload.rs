@@ -1,0 +1,162 @@
+//! The live policy: prepare a new snapshot completely (read, validate, build adapters), then
+//! swap it in atomically. In-flight requests keep the snapshot they started with; a bad edit
+//! keeps the last good policy, is logged with its file and path, and is counted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy, Sources};
+use crate::providers::{self, HttpClient, Provider};
+
+/// The policy text compiled into the binary, used when no policy directory exists.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
+
+/// Everything a request needs from the policy, fixed for the request's lifetime.
+pub struct Snapshot {
+    pub policy: Policy,
+    pub providers: HashMap<String, Arc<dyn Provider>>,
+    pub loaded_at: SystemTime,
+}
+
+/// Where policies come from.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    Dir(PathBuf),
+    Embedded,
+}
+
+impl PolicySource {
+    fn read(&self) -> Result<Sources, Vec<String>> {
+        match self {
+            PolicySource::Dir(p) => Sources::read(p),
+            PolicySource::Embedded => Ok(Sources { files: vec![("default.toml (embedded)".into(), EMBEDDED_DEFAULT.into())] }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub last_error: Option<Vec<String>>,
+    pub last_error_at_unix: Option<u64>,
+}
+
+pub struct PolicyStore {
+    current: ArcSwap<Snapshot>,
+    source: PolicySource,
+    client: HttpClient,
+    metrics: Arc<Metrics>,
+    /// The proxy listens beyond loopback: a policy must then configure API keys.
+    public_listener: bool,
+    /// Sources of the last reload attempt, so polling retries nothing that has not changed.
+    last_seen: Mutex<Option<Sources>>,
+    status: Mutex<ReloadStatus>,
+    /// One reload at a time (poll, SIGHUP and the admin endpoint can coincide).
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl PolicyStore {
+    /// Loads the initial policy; errors mean the gateway must not start.
+    pub fn open(source: PolicySource, client: HttpClient, metrics: Arc<Metrics>, public_listener: bool) -> Result<PolicyStore, Vec<String>> {
+        let sources = source.read()?;
+        let snapshot = prepare(&sources, &client, public_listener)?;
+        metrics.set_policy_version(None, &snapshot.policy.version);
+        Ok(PolicyStore {
+            current: ArcSwap::from_pointee(snapshot),
+            source,
+            client,
+            metrics,
+            public_listener,
+            last_seen: Mutex::new(Some(sources)),
+            status: Mutex::new(ReloadStatus::default()),
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the policy. With `force` false (polling) nothing happens unless the files changed
+    /// since the last attempt. Returns the version now served, or the validation errors.
+    pub async fn reload(&self, force: bool, trigger: &str) -> Result<String, Vec<String>> {
+        let _guard = self.reloading.lock().await;
+        let source = self.source.clone();
+        let sources = tokio::task::spawn_blocking(move || source.read())
+            .await
+            .unwrap_or_else(|e| Err(vec![format!("reading policies failed: {e}")]));
+        let changed = {
+            let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let same = matches!((&*last, &sources), (Some(a), Ok(b)) if a == b);
+            if let Ok(s) = &sources {
+                *last = Some(s.clone());
+            }
+            !same
+        };
+        if !force && !changed {
+            return Ok(self.current.load().policy.version.clone());
+        }
+        let result = sources.and_then(|s| prepare(&s, &self.client, self.public_listener));
+        match result {
+            Ok(snapshot) => {
+                let version = snapshot.policy.version.clone();
+                let old = self.current.load().policy.version.clone();
+                for w in &snapshot.policy.warnings {
+                    tracing::warn!(trigger, "policy warning: {w}");
+                }
+                self.current.store(Arc::new(snapshot));
+                self.metrics.set_policy_version(Some(&old), &version);
+                self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
+                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_error = None;
+                tracing::info!(trigger, version = %version, previous = %old, "policy reloaded");
+                Ok(version)
+            }
+            Err(errors) => {
+                self.metrics.policy_reloads.with_label_values(&["error"]).inc();
+                for e in &errors {
+                    tracing::error!(trigger, "policy reload refused, keeping the last good policy: {e}");
+                }
+                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_error = Some(errors.clone());
+                st.last_error_at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+                Err(errors)
+            }
+        }
+    }
+
+    /// Polls for edits every `every` until `cancel` fires.
+    pub async fn watch(self: Arc<Self>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+        if matches!(self.source, PolicySource::Embedded) {
+            return;
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => { let _ = self.reload(false, "poll").await; }
+            }
+        }
+    }
+}
+
+/// All fallible work of a reload: validate, check listener constraints, build adapters.
+fn prepare(sources: &Sources, client: &HttpClient, public_listener: bool) -> Result<Snapshot, Vec<String>> {
+    let policy = policy::validate(sources)?;
+    if public_listener && policy.keys.is_empty() {
+        return Err(vec![
+            "keys: no API keys are configured, and the proxy listens beyond loopback; add [[keys]] or listen on 127.0.0.1".into(),
+        ]);
+    }
+    let providers = policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec, client))).collect();
+    Ok(Snapshot { policy, providers, loaded_at: SystemTime::now() })
+}

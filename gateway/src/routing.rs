@@ -1,0 +1,281 @@
+//! Route selection and the attempt plan: pure functions over the policy snapshot, plus the
+//! fallback loop that walks the plan under per-attempt timeouts and a total deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::policy::{Policy, Route};
+use crate::providers::{Generation, ProviderError};
+
+/// Who is asking, as far as routing cares.
+#[derive(Debug, Clone, Default)]
+pub struct RouteQuery<'a> {
+    pub model: Option<&'a str>,
+    pub cohort: Option<&'a str>,
+    pub key_tags: &'a [String],
+}
+
+/// The first route whose every stated condition holds. Unknown aliases are a 404.
+pub fn select_route<'p>(policy: &'p Policy, q: &RouteQuery<'_>) -> Result<(usize, &'p Route), ApiError> {
+    let model = match q.model.or(policy.default_model.as_deref()) {
+        Some(m) => m,
+        None => return Err(ApiError::invalid("model", "missing_required_parameter", "model is required")),
+    };
+    if !policy.aliases.contains(model) && policy.routes.iter().all(|r| r.matcher.model.is_some()) {
+        return Err(unknown_model(policy, model));
+    }
+    let found = policy.routes.iter().enumerate().find(|(_, r)| {
+        let m = &r.matcher;
+        m.model.as_deref().is_none_or(|x| x == model)
+            && m.cohort.as_deref().is_none_or(|c| q.cohort == Some(c))
+            && m.key_tags.iter().all(|t| q.key_tags.contains(t))
+    });
+    match found {
+        Some(f) => Ok(f),
+        None if !policy.aliases.contains(model) => Err(unknown_model(policy, model)),
+        None => Err(ApiError::not_found(
+            "route_not_found",
+            format!("no route serves model \"{model}\" for this cohort and API key"),
+        )),
+    }
+}
+
+fn unknown_model(policy: &Policy, model: &str) -> ApiError {
+    let known: Vec<&str> = policy.aliases.iter().map(String::as_str).collect();
+    ApiError::not_found(
+        "model_not_found",
+        format!("the model \"{model}\" does not exist; available: {}", known.join(", ")),
+    )
+}
+
+/// One step of a plan: a target of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub route: usize,
+    pub target: usize,
+}
+
+/// The attempt order for a route: one target drawn by weight (`draw` in `[0, 1)`), the route's
+/// other targets by weight, highest first, then each fallback route's targets by weight.
+pub fn plan(policy: &Policy, route: usize, draw: f64) -> Vec<Step> {
+    let r = &policy.routes[route];
+    let total: u64 = r.targets.iter().map(|t| t.weight as u64).sum();
+    let mut point = (draw.clamp(0.0, 1.0) * total as f64) as u64;
+    let mut first = 0;
+    for (i, t) in r.targets.iter().enumerate() {
+        if point < t.weight as u64 {
+            first = i;
+            break;
+        }
+        point -= t.weight as u64;
+    }
+    let mut steps = vec![Step { route, target: first }];
+    steps.extend(by_weight(r).filter(|&t| t != first).map(|target| Step { route, target }));
+    for &fb in &r.fallbacks {
+        steps.extend(by_weight(&policy.routes[fb]).map(|target| Step { route: fb, target }));
+    }
+    steps
+}
+
+fn by_weight(r: &Route) -> impl Iterator<Item = usize> + '_ {
+    let mut idx: Vec<usize> = (0..r.targets.len()).filter(|&i| r.targets[i].weight > 0).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(r.targets[i].weight));
+    idx.into_iter()
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub struct AttemptRecord {
+    pub step: Step,
+    pub elapsed: Duration,
+    pub result: Result<(), ProviderError>,
+}
+
+impl AttemptRecord {
+    pub fn label(&self) -> &'static str {
+        match &self.result {
+            Ok(()) => "ok",
+            Err(e) => e.label(),
+        }
+    }
+}
+
+/// What the fallback loop produced.
+#[derive(Debug)]
+pub struct PlanOutcome {
+    pub attempts: Vec<AttemptRecord>,
+    /// The winning step and its generation, or `None` when no attempt succeeded.
+    pub success: Option<(Step, Generation)>,
+    /// The deadline ran out before every step was tried.
+    pub deadline_exceeded: bool,
+}
+
+/// Walks the plan: each attempt gets `min(its timeout, time left)`; retryable failures move on,
+/// a non-retryable one (the client's own mistake) stops the walk.
+pub async fn run_plan<F, Fut>(steps: &[Step], deadline: Instant, timeout_of: impl Fn(Step) -> Duration, mut attempt: F) -> PlanOutcome
+where
+    F: FnMut(Step) -> Fut,
+    Fut: Future<Output = Result<Generation, ProviderError>>,
+{
+    let mut attempts = Vec::with_capacity(steps.len());
+    for &step in steps {
+        let now = Instant::now();
+        if now >= deadline {
+            return PlanOutcome { attempts, success: None, deadline_exceeded: true };
+        }
+        let budget = timeout_of(step).min(deadline - now);
+        let result = match tokio::time::timeout(budget, attempt(step)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProviderError::Timeout),
+        };
+        let elapsed = now.elapsed();
+        match result {
+            Ok(generation) => {
+                attempts.push(AttemptRecord { step, elapsed, result: Ok(()) });
+                return PlanOutcome { attempts, success: Some((step, generation)), deadline_exceeded: false };
+            }
+            Err(e) => {
+                let stop = !e.retryable();
+                attempts.push(AttemptRecord { step, elapsed, result: Err(e) });
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    let deadline_exceeded = Instant::now() >= deadline && attempts.len() < steps.len();
+    PlanOutcome { attempts, success: None, deadline_exceeded }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{validate, Sources};
+    use crate::providers::Image;
+    use bytes::Bytes;
+
+    fn policy(text: &str) -> Policy {
+        validate(&Sources { files: vec![("p.toml".into(), text.into())] }).unwrap()
+    }
+
+    const P: &str = r#"
+default_model = "img"
+[providers.a]
+kind = "builtin"
+[providers.b]
+kind = "builtin"
+[providers.c]
+kind = "builtin"
+[[routes]]
+name = "beta"
+match = { model = "img", key_tags = ["beta"] }
+targets = [{ provider = "c" }]
+[[routes]]
+name = "mkt"
+match = { model = "img", cohort = "marketing" }
+targets = [{ provider = "a", weight = 1 }, { provider = "b", weight = 3 }]
+fallbacks = ["safe"]
+[[routes]]
+name = "img"
+match = { model = "img" }
+targets = [{ provider = "a" }]
+[[routes]]
+name = "safe"
+match = { model = "safe" }
+targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
+"#;
+
+    #[test]
+    fn routes_by_alias_cohort_and_key_tags() {
+        let p = policy(P);
+        let tags = vec!["beta".to_string()];
+        let cases: [(Option<&str>, Option<&str>, &[String], &str); 5] = [
+            (Some("img"), None, &[], "img"),
+            (None, None, &[], "img"),
+            (Some("img"), Some("marketing"), &[], "mkt"),
+            (Some("img"), Some("marketing"), &tags, "beta"),
+            (Some("safe"), Some("marketing"), &[], "safe"),
+        ];
+        for (model, cohort, key_tags, want) in cases {
+            let (_, r) = select_route(&p, &RouteQuery { model, cohort, key_tags }).unwrap();
+            assert_eq!(r.name, want, "{model:?} {cohort:?} {key_tags:?}");
+        }
+        let e = select_route(&p, &RouteQuery { model: Some("dall-e-9"), ..Default::default() }).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
+    }
+
+    #[test]
+    fn plan_draws_by_weight_then_falls_back_in_order() {
+        let p = policy(P);
+        let mkt = 1;
+        // weights a=1, b=3: draws below 0.25 pick a, the rest b.
+        let names = |steps: Vec<Step>| -> Vec<String> {
+            steps.iter().map(|s| format!("{}/{}", p.routes[s.route].name, p.routes[s.route].targets[s.target].provider)).collect()
+        };
+        assert_eq!(names(plan(&p, mkt, 0.1)), ["mkt/a", "mkt/b", "safe/a", "safe/c"]);
+        assert_eq!(names(plan(&p, mkt, 0.3)), ["mkt/b", "mkt/a", "safe/a", "safe/c"]);
+        assert_eq!(names(plan(&p, mkt, 0.999)), ["mkt/b", "mkt/a", "safe/a", "safe/c"]);
+        let mut hits = [0u32; 2];
+        for i in 0..1000 {
+            hits[plan(&p, mkt, i as f64 / 1000.0)[0].target] += 1;
+        }
+        assert_eq!(hits, [250, 750]);
+    }
+
+    fn ok() -> Result<Generation, ProviderError> {
+        Ok(Generation { images: vec![Image::Base64(Bytes::from_static(b"aGk="))] })
+    }
+
+    fn steps(n: usize) -> Vec<Step> {
+        (0..n).map(|target| Step { route: 0, target }).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_attempt_times_out_and_next_one_wins() {
+        let start = Instant::now();
+        let out = run_plan(&steps(3), start + Duration::from_secs(100), |_| Duration::from_secs(10), |s| async move {
+            match s.target {
+                0 => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    ok()
+                }
+                1 => Err(ProviderError::Status { status: http::StatusCode::BAD_GATEWAY, message: "x".into() }),
+                _ => ok(),
+            }
+        })
+        .await;
+        let labels: Vec<_> = out.attempts.iter().map(|a| a.label()).collect();
+        assert_eq!(labels, ["timeout", "status_5xx", "ok"]);
+        assert_eq!(out.success.unwrap().0.target, 2);
+        assert_eq!(out.attempts[0].elapsed, Duration::from_secs(10));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_bounds_the_whole_walk() {
+        let start = Instant::now();
+        let out = run_plan(&steps(5), start + Duration::from_secs(25), |_| Duration::from_secs(10), |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            ok()
+        })
+        .await;
+        assert!(out.success.is_none());
+        assert!(out.deadline_exceeded);
+        let elapsed: Vec<_> = out.attempts.iter().map(|a| a.elapsed.as_secs()).collect();
+        assert_eq!(elapsed, [10, 10, 5]);
+        assert_eq!(start.elapsed(), Duration::from_secs(25));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_error_is_not_retried() {
+        let out = run_plan(&steps(3), Instant::now() + Duration::from_secs(60), |_| Duration::from_secs(10), |_| async {
+            Err(ProviderError::Rejected { status: http::StatusCode::BAD_REQUEST, body: Bytes::new() })
+        })
+        .await;
+        assert_eq!(out.attempts.len(), 1);
+        assert!(!out.deadline_exceeded);
+    }
+}

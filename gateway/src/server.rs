@@ -1,0 +1,194 @@
+//! Start-up and the edge: listeners, the tower layers every proxy request passes (tracing span,
+//! panic catcher, load shedding), signals (SIGHUP reloads, SIGTERM drains) and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::artifacts::ArtifactStore;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::reload::{PolicySource, PolicyStore};
+use crate::{admin, providers, proxy};
+
+/// Shared state of the running gateway.
+pub struct App {
+    pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    pub artifacts: Arc<ArtifactStore>,
+    /// SHA-256 of `ACC_ADMIN_TOKEN`; `None` disables the protected admin endpoints.
+    pub admin_token_digest: Option<[u8; 32]>,
+    pub in_flight: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub source: PolicySource,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    /// Memory budget of gateway-served images, bytes.
+    pub artifact_store_bytes: usize,
+    /// How often the policy directory is polled for edits.
+    pub poll_every: Duration,
+    /// After SIGTERM, how long in-flight requests may take before the process exits anyway.
+    pub drain_deadline: Duration,
+}
+
+/// The proxy router with its edge layers; tests can drive it without a socket.
+pub fn proxy_router(app: Arc<App>) -> Router {
+    let edge = ServiceBuilder::new()
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error").into_response()))
+        .layer(middleware::from_fn_with_state(app.clone(), shed_load));
+    Router::new()
+        .route("/v1/images/generations", post(proxy::generations))
+        .route("/v1/models", get(proxy::models))
+        .route("/v1/images/artifacts/{file}", get(proxy::artifact))
+        .fallback(proxy::not_found)
+        .layer(edge)
+        .with_state(app)
+}
+
+/// Sheds requests beyond the policy's `max_in_flight` with a 503 rather than queueing them.
+async fn shed_load(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let limit = app.policy.snapshot().policy.server.max_in_flight;
+    let now = app.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+    struct Guard<'a>(&'a AtomicUsize);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _guard = Guard(&app.in_flight);
+    if now > limit {
+        return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight")).into_response();
+    }
+    next.run(req).await
+}
+
+/// Binds the listeners, loads the policy, and serves until SIGTERM/SIGINT. `on_ready` gets the
+/// bound addresses (port 0 resolved) once both listeners accept.
+pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> anyhow::Result<()> {
+    let proxy_listener = TcpListener::bind(cfg.listen).await?;
+    let admin_listener = TcpListener::bind(cfg.admin_listen).await?;
+    let public = !cfg.listen.ip().is_loopback();
+    let metrics = Arc::new(Metrics::new());
+    let store = PolicyStore::open(cfg.source.clone(), providers::http_client(), metrics.clone(), public)
+        .map_err(|errors| anyhow::anyhow!("invalid policy, refusing to start:\n  {}", errors.join("\n  ")))?;
+    let store = Arc::new(store);
+    {
+        let snap = store.snapshot();
+        for w in &snap.policy.warnings {
+            tracing::warn!("policy warning: {w}");
+        }
+        if snap.policy.keys.is_empty() {
+            tracing::warn!(
+                "no API keys configured: serving unauthenticated requests, which is only allowed because the proxy listens on loopback ({})",
+                cfg.listen
+            );
+        }
+        tracing::info!(version = %snap.policy.version, source = ?cfg.source, "policy loaded");
+    }
+    let app = Arc::new(App {
+        policy: store.clone(),
+        metrics: metrics.clone(),
+        artifacts: Arc::new(ArtifactStore::new(cfg.artifact_store_bytes, metrics.clone())),
+        admin_token_digest: cfg.admin_token.as_deref().filter(|t| !t.is_empty()).map(|t| {
+            use sha2::Digest;
+            sha2::Sha256::digest(t.as_bytes()).into()
+        }),
+        in_flight: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+    });
+    if app.admin_token_digest.is_none() {
+        tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
+    }
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(store.clone().watch(cfg.poll_every, shutdown.clone()));
+    {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => app.artifacts.sweep(),
+                }
+            }
+        });
+    }
+    tasks.spawn(sighup_reloads(store.clone(), shutdown.clone()));
+
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let proxy_srv = axum::serve(proxy_listener, proxy_router(app.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let admin_srv = axum::serve(admin_listener, admin::router(app.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let proxy_task = tokio::spawn(async move { proxy_srv.await });
+    let admin_task = tokio::spawn(async move { admin_srv.await });
+    tracing::info!(%proxy_addr, %admin_addr, "listening");
+    on_ready(proxy_addr, admin_addr);
+
+    wait_for_stop().await;
+    tracing::info!(drain_deadline_s = cfg.drain_deadline.as_secs(), "shutting down: no new connections, draining in-flight requests");
+    app.draining.store(true, Ordering::Relaxed);
+    shutdown.cancel();
+    tasks.close();
+    let drained = tokio::time::timeout(cfg.drain_deadline, async {
+        let _ = proxy_task.await;
+        let _ = admin_task.await;
+        tasks.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(in_flight = app.in_flight.load(Ordering::Relaxed), "drain deadline passed; exiting with requests in flight");
+    }
+    Ok(())
+}
+
+async fn sighup_reloads(store: Arc<PolicyStore>, shutdown: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload by file change or POST /admin/reload");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => { let _ = store.reload(true, "sighup").await; }
+        }
+    }
+}
+
+async fn wait_for_stop() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,826 @@
+//! Shared helpers for the end-to-end tests: a running `acc` binary, an in-process mock
+//! OpenAI-compatible image provider, a tiny HTTP client, policy files and Prometheus parsing.
+//!
+//! Every test binds port 0 everywhere, so tests can run in parallel.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use sha2::Digest as _;
+
+/// Bearer token every test gateway requires on /admin/*.
+pub const ADMIN_TOKEN: &str = "test-admin-token-5f2c";
+
+/// How long a gateway may take to print its `listening` line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for any single HTTP exchange made by a test.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn acc_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_acc")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `Command` for the acc binary with no ACC_* variables inherited from the caller.
+pub fn acc_command() -> Command {
+    let mut cmd = Command::new(acc_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ACC_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn spawn_serve(policy_dir: &Path, env: &[(&str, &str)]) -> Child {
+    let mut cmd = acc_command();
+    cmd.arg("serve")
+        .arg("--policies")
+        .arg(policy_dir)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--admin-listen")
+        .arg("127.0.0.1:0")
+        .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", acc_bin()))
+}
+
+/// Collects a child's stderr in the background (so the pipe never fills up).
+fn collect_stderr(child: &mut Child) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let b = buf.clone();
+    let handle = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stderr.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n])),
+            }
+        }
+    });
+    (buf, handle)
+}
+
+/// Forwards a child's stdout lines to a channel (and keeps draining it afterwards).
+fn collect_stdout(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    let _ = tx.send(l);
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    rx
+}
+
+/// A running `acc serve`, killed when dropped.
+pub struct Gateway {
+    child: Child,
+    /// e.g. `http://127.0.0.1:41234`
+    pub proxy: String,
+    /// e.g. `http://127.0.0.1:41235`
+    pub admin: String,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub policy_dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    pub async fn start(policy_dir: &Path) -> Gateway {
+        Self::start_with_env(policy_dir, &[]).await
+    }
+
+    /// Starts `acc serve` on port 0 for both listeners and waits (30 s at most) for the
+    /// `listening proxy=... admin=...` line on stdout.
+    pub async fn start_with_env(policy_dir: &Path, env: &[(&str, &str)]) -> Gateway {
+        let mut child = spawn_serve(policy_dir, env);
+        let (stderr, stderr_thread) = collect_stderr(&mut child);
+        let lines = collect_stdout(&mut child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut other_stdout = Vec::new();
+        loop {
+            match lines.try_recv() {
+                Ok(line) => {
+                    if line.starts_with("listening ") {
+                        let (proxy_addr, admin_addr) = parse_listening_line(&line);
+                        return Gateway {
+                            child,
+                            proxy: format!("http://{proxy_addr}"),
+                            admin: format!("http://{admin_addr}"),
+                            proxy_addr,
+                            admin_addr,
+                            policy_dir: policy_dir.to_path_buf(),
+                            stderr,
+                        };
+                    }
+                    other_stdout.push(line);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = stderr_thread.join();
+                panic!(
+                    "acc serve exited ({status}) before printing its listening line\n\
+                     --- stdout ---\n{}\n--- stderr ---\n{}",
+                    other_stdout.join("\n"),
+                    stderr.lock().unwrap()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = stderr_thread.join();
+                panic!(
+                    "acc serve printed no `listening proxy=... admin=...` line within {START_TIMEOUT:?}\n\
+                     --- stdout ---\n{}\n--- stderr ---\n{}",
+                    other_stdout.join("\n"),
+                    stderr.lock().unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the gateway wrote to stderr so far (its logs).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// `None` while running, the exit status once it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{}", self.admin, path)
+    }
+
+    /// POST /v1/images/generations with a JSON body and extra headers.
+    pub async fn generate_with(&self, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        post_json(&self.url("/v1/images/generations"), body, headers).await
+    }
+
+    pub async fn generate(&self, body: &Value) -> Resp {
+        self.generate_with(body, &[]).await
+    }
+
+    /// GET /metrics on the admin listener (asserts 200).
+    pub async fn metrics(&self) -> String {
+        let r = get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        r.text()
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics().await, name, labels)
+    }
+
+    /// Admin call with the right token.
+    pub async fn admin(&self, method: &str, path: &str) -> Resp {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        send(method, &self.admin_url(path), &[("authorization", &auth)], Vec::new()).await
+    }
+
+    /// SIGHUP to the gateway process.
+    pub fn sighup(&self) {
+        let st = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill -HUP");
+        assert!(st.success(), "kill -HUP {} failed: {st}", self.pid());
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_listening_line(line: &str) -> (SocketAddr, SocketAddr) {
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        parts.len() == 3 && parts[0] == "listening",
+        "unexpected listening line: {line:?}"
+    );
+    let proxy = parts[1]
+        .strip_prefix("proxy=")
+        .unwrap_or_else(|| panic!("no proxy= in {line:?}"));
+    let admin = parts[2]
+        .strip_prefix("admin=")
+        .unwrap_or_else(|| panic!("no admin= in {line:?}"));
+    let proxy: SocketAddr = proxy.parse().unwrap_or_else(|e| panic!("bad proxy addr in {line:?}: {e}"));
+    let admin: SocketAddr = admin.parse().unwrap_or_else(|e| panic!("bad admin addr in {line:?}: {e}"));
+    assert_ne!(proxy.port(), 0, "proxy port 0 in {line:?}");
+    assert_ne!(admin.port(), 0, "admin port 0 in {line:?}");
+    (proxy, admin)
+}
+
+/// What a process that must refuse to start did.
+pub struct Refusal {
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub stdout: String,
+}
+
+/// Runs `acc serve` on `policy_dir` and expects it to exit on its own within 30 s without ever
+/// printing its listening line.
+pub fn serve_expect_failure(policy_dir: &Path) -> Refusal {
+    let mut child = spawn_serve(policy_dir, &[]);
+    let (stderr, stderr_thread) = collect_stderr(&mut child);
+    let lines = collect_stdout(&mut child);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = stderr_thread.join();
+            let out: Vec<String> = lines.try_iter().collect();
+            panic!(
+                "acc serve on an invalid policy dir was still running after {START_TIMEOUT:?}\n\
+                 --- stdout ---\n{}\n--- stderr ---\n{}",
+                out.join("\n"),
+                stderr.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = stderr_thread.join();
+    // Give the stdout thread a moment to forward what it read.
+    std::thread::sleep(Duration::from_millis(50));
+    let out: Vec<String> = lines.try_iter().collect();
+    let stderr = stderr.lock().unwrap().clone();
+    Refusal { code: status.code(), stderr, stdout: out.join("\n") }
+}
+
+/// `acc check PATH`.
+pub fn acc_check(path: &Path) -> std::process::Output {
+    acc_command()
+        .arg("check")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run acc check: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy files
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary policy directory.
+pub struct PolicyDir {
+    dir: tempfile::TempDir,
+}
+
+impl PolicyDir {
+    pub fn new() -> PolicyDir {
+        PolicyDir { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    /// A policy dir holding one file, `policy.toml`.
+    pub fn with(content: &str) -> PolicyDir {
+        let d = PolicyDir::new();
+        d.write("policy.toml", content);
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `name` atomically (temp file without the .toml suffix, then rename), so that a
+    /// polling gateway never sees half a file.
+    pub fn write(&self, name: &str, content: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).expect("write policy tmp");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename policy file");
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).expect("remove policy file");
+    }
+}
+
+/// TOML for an `openai`-kind provider pointing at a mock.
+pub fn openai_provider(name: &str, mock: &MockProvider) -> String {
+    format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{}\"\n\n", mock.base_url())
+}
+
+/// TOML for an `openai`-kind provider pointing at an arbitrary base URL.
+pub fn openai_provider_at(name: &str, base_url: &str) -> String {
+    format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{base_url}\"\n\n")
+}
+
+/// A 127.0.0.1 port on which nothing listens (bound then released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP client
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("response (status {}) is not JSON ({e}): {}", self.status, self.text())
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().expect("ascii header").to_string())
+    }
+
+    /// A compact description for assertion messages.
+    pub fn describe(&self) -> String {
+        let hs: Vec<String> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("x-acc") || *k == "content-type")
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        let mut body = self.text();
+        if body.len() > 600 {
+            body.truncate(600);
+            body.push_str("...");
+        }
+        format!("status {} [{}] body {}", self.status, hs.join("; "), body)
+    }
+
+    /// The `x-acc-attempts` header split into `provider:result` items.
+    pub fn attempts(&self) -> Vec<String> {
+        let h = self
+            .header("x-acc-attempts")
+            .unwrap_or_else(|| panic!("no x-acc-attempts header: {}", self.describe()));
+        h.split(", ").map(|s| s.to_string()).collect()
+    }
+
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(self.status, status, "unexpected status: {}", self.describe());
+    }
+
+    /// Asserts an OpenAI-shaped error with this code and returns its `error` object.
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        let err = self.assert_error_shape(status);
+        assert_eq!(err["code"], json!(code), "error.code: {}", self.describe());
+        err
+    }
+
+    /// Asserts status and an OpenAI-shaped error body `{"error":{message,type,param,code}}`.
+    pub fn assert_error_shape(&self, status: u16) -> Value {
+        self.assert_status(status);
+        let v = self.json();
+        let err = v.get("error").unwrap_or_else(|| panic!("no error object: {}", self.describe()));
+        for field in ["message", "type", "param", "code"] {
+            assert!(err.get(field).is_some(), "error.{field} missing: {}", self.describe());
+        }
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error.message must be a non-empty string: {}",
+            self.describe()
+        );
+        assert!(err["type"].is_string(), "error.type must be a string: {}", self.describe());
+        err.clone()
+    }
+}
+
+pub async fn try_send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Resp, String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| format!("reading body: {e:?}"))?.to_bytes();
+        Ok::<_, String>(Resp { status: parts.status.as_u16(), headers: parts.headers, body })
+    };
+    match tokio::time::timeout(HTTP_TIMEOUT, exchange).await {
+        Ok(r) => r.map_err(|e| format!("{method} {url}: {e}")),
+        Err(_) => Err(format!("{method} {url}: no answer within {HTTP_TIMEOUT:?}")),
+    }
+}
+
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Resp {
+    try_send(method, url, headers, body).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Resp {
+    send("GET", url, headers, Vec::new()).await
+}
+
+pub async fn post_json(url: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+    post_raw(url, serde_json::to_vec(body).unwrap(), headers).await
+}
+
+/// POST raw bytes as `application/json` (for malformed bodies).
+pub async fn post_raw(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Resp {
+    let mut hs: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    hs.extend_from_slice(headers);
+    send("POST", url, &hs, body).await
+}
+
+/// Polls `f` every 50 ms until it returns true or `within` passes; returns whether it did.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+// ---------------------------------------------------------------------------------------------
+
+pub const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+
+/// Width and height from the IHDR chunk (bytes 16..24); panics if not a PNG.
+pub fn png_dims(bytes: &[u8]) -> (u32, u32) {
+    assert!(bytes.len() >= 24, "image too short for a PNG: {} bytes", bytes.len());
+    assert_eq!(bytes[..8], PNG_SIGNATURE, "not a PNG signature: {:02x?}", &bytes[..8]);
+    assert_eq!(&bytes[12..16], b"IHDR", "first PNG chunk is not IHDR");
+    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    (w, h)
+}
+
+pub fn b64_decode(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("b64_json is not valid base64: {e}"))
+}
+
+pub fn b64_encode(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// Decodes every `data[].b64_json` of a 200 answer.
+pub fn b64_images(resp: &Resp) -> Vec<Vec<u8>> {
+    resp.assert_status(200);
+    let v = resp.json();
+    let data = v["data"].as_array().unwrap_or_else(|| panic!("no data array: {}", resp.describe()));
+    data.iter()
+        .map(|d| {
+            let s = d["b64_json"]
+                .as_str()
+                .unwrap_or_else(|| panic!("data item without b64_json: {}", resp.describe()));
+            b64_decode(s)
+        })
+        .collect()
+}
+
+/// A small valid RGB PNG of the given size and colour.
+pub fn make_png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().expect("png header");
+        let data: Vec<u8> = (0..width * height).flat_map(|_| rgb).collect();
+        w.write_image_data(&data).expect("png data");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mock OpenAI-compatible provider
+// ---------------------------------------------------------------------------------------------
+
+/// One request the mock received.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Clone, Debug)]
+struct MockConfig {
+    status: u16,
+    error_body: Option<String>,
+    latency: Duration,
+    body_override: Option<String>,
+}
+
+struct MockInner {
+    config: Mutex<MockConfig>,
+    hits: AtomicUsize,
+    requests: Mutex<Vec<Captured>>,
+    png: Vec<u8>,
+}
+
+/// An in-process OpenAI Images API on 127.0.0.1:0. Answers POST {base}/images/generations;
+/// its behaviour can be changed while it runs.
+#[derive(Clone)]
+pub struct MockProvider {
+    inner: Arc<MockInner>,
+    pub addr: SocketAddr,
+}
+
+impl MockProvider {
+    pub async fn start() -> MockProvider {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(MockInner {
+            config: Mutex::new(MockConfig {
+                status: 200,
+                error_body: None,
+                latency: Duration::ZERO,
+                body_override: None,
+            }),
+            hits: AtomicUsize::new(0),
+            requests: Mutex::new(Vec::new()),
+            png: make_png(4, 4, [200, 40, 90]),
+        });
+        let state = inner.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let state = state.clone();
+            async move { handle_mock(state, req).await }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        MockProvider { inner, addr }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The PNG the mock returns for every image when it succeeds.
+    pub fn png(&self) -> &[u8] {
+        &self.inner.png
+    }
+
+    /// Number of POST .../images/generations received (counted on arrival).
+    pub fn hits(&self) -> usize {
+        self.inner.hits.load(Ordering::SeqCst)
+    }
+
+    /// Answer every request with `status` and an OpenAI-shaped error body (200 = succeed).
+    pub fn set_status(&self, status: u16) {
+        let mut c = self.inner.config.lock().unwrap();
+        c.status = status;
+        c.error_body = None;
+    }
+
+    /// Answer with `status` and exactly this body.
+    pub fn set_error(&self, status: u16, body: &str) {
+        let mut c = self.inner.config.lock().unwrap();
+        c.status = status;
+        c.error_body = Some(body.to_string());
+    }
+
+    /// Wait this long before answering.
+    pub fn set_latency(&self, latency: Duration) {
+        self.inner.config.lock().unwrap().latency = latency;
+    }
+
+    /// Answer 200 with exactly this body instead of the normal JSON (None = back to normal).
+    pub fn set_body(&self, body: Option<&str>) {
+        self.inner.config.lock().unwrap().body_override = body.map(|s| s.to_string());
+    }
+
+    pub fn requests(&self) -> Vec<Captured> {
+        self.inner.requests.lock().unwrap().clone()
+    }
+
+    pub fn last_request(&self) -> Option<Captured> {
+        self.inner.requests.lock().unwrap().last().cloned()
+    }
+
+    pub fn last_body_json(&self) -> Value {
+        let r = self.last_request().expect("mock received no request");
+        serde_json::from_slice(&r.body).unwrap_or_else(|e| {
+            panic!("gateway sent a non-JSON body ({e}): {}", String::from_utf8_lossy(&r.body))
+        })
+    }
+
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        self.last_request()
+            .and_then(|r| r.headers.get(name).map(|v| v.to_str().unwrap_or("").to_string()))
+    }
+}
+
+async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    let is_generation = parts.method == http::Method::POST && path == "/v1/images/generations";
+    state.requests.lock().unwrap().push(Captured {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if !is_generation {
+        return mock_reply(
+            404,
+            r#"{"error":{"message":"mock: no such endpoint","type":"invalid_request_error","param":null,"code":null}}"#
+                .to_string(),
+        );
+    }
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let cfg = state.config.lock().unwrap().clone();
+    if !cfg.latency.is_zero() {
+        tokio::time::sleep(cfg.latency).await;
+    }
+    if cfg.status != 200 {
+        let body = cfg.error_body.unwrap_or_else(|| {
+            json!({"error": {
+                "message": format!("mock provider failure {}", cfg.status),
+                "type": if cfg.status >= 500 { "server_error" } else { "invalid_request_error" },
+                "param": null,
+                "code": null,
+            }})
+            .to_string()
+        });
+        return mock_reply(cfg.status, body);
+    }
+    if let Some(b) = cfg.body_override {
+        return mock_reply(200, b);
+    }
+    let n = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("n").and_then(|n| n.as_u64()))
+        .unwrap_or(1)
+        .clamp(1, 10);
+    let b64 = b64_encode(&state.png);
+    let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": b64})).collect();
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    mock_reply(200, json!({"created": created, "data": data}).to_string())
+}
+
+fn mock_reply(status: u16, body: String) -> axum::response::Response {
+    axum::response::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text
+// ---------------------------------------------------------------------------------------------
+
+/// All samples of metric `name` (exact name, e.g. `acc_request_duration_seconds_count`).
+pub fn metric_samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(|c: char| c == '{' || c == ' ').unwrap_or(line.len());
+        if &line[..name_end] != name {
+            continue;
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if rest.starts_with('{') {
+            let (parsed, after) = parse_labels(&rest[1..]);
+            labels = parsed;
+            rest = after;
+        }
+        let value = rest.split_whitespace().next().unwrap_or("");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad sample value in {line:?}")),
+        };
+        out.push((labels, value));
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> (BTreeMap<String, String>, &str) {
+    let mut labels = BTreeMap::new();
+    let mut chars = s.char_indices().peekable();
+    loop {
+        // skip separators
+        while let Some(&(_, c)) = chars.peek() {
+            if c == ',' || c == ' ' {
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let Some(&(i, c)) = chars.peek() else { return (labels, "") };
+        if c == '}' {
+            return (labels, &s[i + 1..]);
+        }
+        let mut key = String::new();
+        while let Some(&(_, c)) = chars.peek() {
+            if c == '=' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        chars.next(); // '='
+        chars.next(); // '"'
+        let mut value = String::new();
+        while let Some((_, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim().to_string(), value);
+    }
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels` (0 if none).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_samples(text, name)
+        .into_iter()
+        .filter(|(ls, _)| labels.iter().all(|(k, v)| ls.get(*k).map(|x| x.as_str()) == Some(*v)))
+        .map(|(_, v)| v)
+        .sum()
+}

@@ -1,0 +1,260 @@
+//! Hot reload of the policy dir: file polling, SIGHUP, POST /admin/reload, refusal of broken
+//! policies, and no failed requests while policies change.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// Route `main` (model "m") to provider `name` at `mock`.
+fn route_to(name: &str, mock: &MockProvider) -> String {
+    format!(
+        r#"{}
+[[routes]]
+name = "main"
+match = {{ model = "m" }}
+targets = [{{ provider = "{name}", model = "x" }}]
+attempt_timeout_ms = 10000
+deadline_ms = 20000
+"#,
+        openai_provider(name, mock)
+    )
+}
+
+/// Same as a valid policy but the target names a provider that does not exist.
+fn broken_policy(mock: &MockProvider) -> String {
+    format!(
+        r#"{}
+[[routes]]
+name = "main"
+match = {{ model = "m" }}
+targets = [{{ provider = "opnai", model = "x" }}]
+"#,
+        openai_provider("one", mock)
+    )
+}
+
+fn body() -> serde_json::Value {
+    json!({"model": "m", "prompt": "reload me", "response_format": "b64_json"})
+}
+
+async fn provider_of(gw: &Gateway) -> String {
+    let r = gw.generate(&body()).await;
+    r.assert_status(200);
+    r.header("x-acc-provider").unwrap_or_else(|| panic!("no x-acc-provider: {}", r.describe()))
+}
+
+/// The version label of the acc_policy_info series whose value is 1 (exactly one must be).
+async fn live_version(gw: &Gateway) -> String {
+    let text = gw.metrics().await;
+    let live: Vec<String> = metric_samples(&text, "acc_policy_info")
+        .into_iter()
+        .filter(|(_, v)| *v == 1.0)
+        .map(|(l, _)| l.get("version").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(live.len(), 1, "exactly one live acc_policy_info series expected:\n{text}");
+    live[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_policy_file_takes_effect_within_two_seconds() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(provider_of(&gw).await, "one");
+    let v1 = live_version(&gw).await;
+    let ok_before = gw.metric("acc_policy_reloads_total", &[("result", "ok")]).await;
+
+    dir.write("policy.toml", &route_to("two", &two));
+    let t = Instant::now();
+    let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;
+    assert!(switched, "traffic still goes to `one` {:?} after the policy file changed", t.elapsed());
+
+    let hits_one = one.hits();
+    for _ in 0..5 {
+        assert_eq!(provider_of(&gw).await, "two");
+    }
+    assert_eq!(one.hits(), hits_one, "the old provider must get no new traffic");
+
+    let ok_after = gw.metric("acc_policy_reloads_total", &[("result", "ok")]).await;
+    assert!(ok_after > ok_before, "acc_policy_reloads_total{{result=\"ok\"}} did not move");
+    assert_ne!(live_version(&gw).await, v1, "acc_policy_info must show the new version");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_edit_is_refused_and_old_policy_keeps_serving() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(provider_of(&gw).await, "one");
+    let v1 = live_version(&gw).await;
+    let errors_before = gw.metric("acc_policy_reloads_total", &[("result", "error")]).await;
+
+    dir.write("policy.toml", &broken_policy(&one));
+    let refused = eventually(Duration::from_secs(3), || async {
+        gw.metric("acc_policy_reloads_total", &[("result", "error")]).await > errors_before
+    })
+    .await;
+    assert!(refused, "acc_policy_reloads_total{{result=\"error\"}} did not increment after a broken edit");
+
+    for _ in 0..5 {
+        assert_eq!(provider_of(&gw).await, "one", "the last good policy must keep serving");
+    }
+    assert_eq!(live_version(&gw).await, v1, "the live version must not change on a refused reload");
+
+    let r = gw.admin("GET", "/admin/policies").await;
+    r.assert_status(200);
+    assert!(
+        r.text().contains(r#"unknown provider \"opnai\""#) || r.text().contains(r#"unknown provider "opnai""#),
+        "GET /admin/policies must show the last reload error: {}",
+        r.text()
+    );
+
+    // Fixing the file recovers.
+    dir.write("policy.toml", &route_to("two", &two));
+    let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;
+    assert!(switched, "a fixed policy was not picked up within 2 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reload_needs_token_and_applies_at_once() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+
+    let r = send("POST", &gw.admin_url("/admin/reload"), &[], Vec::new()).await;
+    r.assert_status(401);
+    let r = send("POST", &gw.admin_url("/admin/reload"), &[("authorization", "Bearer wrong-token")], Vec::new()).await;
+    r.assert_status(401);
+
+    let r = gw.admin("POST", "/admin/reload").await;
+    r.assert_status(200);
+    assert_eq!(r.json()["result"], json!("ok"), "{}", r.describe());
+
+    dir.write("policy.toml", &route_to("two", &two));
+    let r = gw.admin("POST", "/admin/reload").await;
+    r.assert_status(200);
+    let v = r.json();
+    assert_eq!(v["result"], json!("ok"), "{}", r.describe());
+    let version = v["version"].as_str().unwrap_or_else(|| panic!("no version string: {v}")).to_string();
+    assert_eq!(provider_of(&gw).await, "two", "POST /admin/reload must apply the new policy before answering");
+    assert_eq!(live_version(&gw).await, version, "acc_policy_info must show the reloaded version");
+
+    dir.write("policy.toml", &broken_policy(&one));
+    let r = gw.admin("POST", "/admin/reload").await;
+    let err = r.assert_error_shape(422);
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains(r#"unknown provider "opnai""#), "422 message must hold the validation error: {msg}");
+    assert_eq!(provider_of(&gw).await, "two", "a refused reload keeps the live policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_does_not_kill() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let mut gw = Gateway::start(dir.path()).await;
+
+    gw.sighup();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.exited().is_none(), "SIGHUP killed the gateway; stderr:\n{}", gw.stderr());
+    assert_eq!(provider_of(&gw).await, "one");
+
+    dir.write("policy.toml", &route_to("two", &two));
+    gw.sighup();
+    let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;
+    assert!(switched, "policy not reloaded after SIGHUP");
+    assert!(gw.exited().is_none(), "gateway died after SIGHUP; stderr:\n{}", gw.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_during_reloads_all_succeed() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    one.set_latency(Duration::from_millis(40));
+    two.set_latency(Duration::from_millis(40));
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Arc::new(Gateway::start(dir.path()).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let gw = gw.clone();
+        let stop = stop.clone();
+        workers.spawn(async move {
+            let mut done = 0usize;
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let body = serde_json::to_vec(&json!({"model": "m", "prompt": format!("w{w}"), "response_format": "b64_json"})).unwrap();
+                match try_send(
+                    "POST",
+                    &gw.url("/v1/images/generations"),
+                    &[("content-type", "application/json")],
+                    body,
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => failures.push(r.describe()),
+                    Err(e) => failures.push(e),
+                }
+                done += 1;
+            }
+            (done, failures)
+        });
+    }
+
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (name, mock) = if i % 2 == 0 { ("two", &two) } else { ("one", &one) };
+        dir.write("policy.toml", &route_to(name, mock));
+        if i % 3 != 2 {
+            // Most edits are forced through the admin endpoint, the rest left to the poller.
+            gw.admin("POST", "/admin/reload").await.assert_status(200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+
+    let mut total = 0;
+    let mut failures = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        let (d, f) = r.unwrap();
+        total += d;
+        failures.extend(f);
+    }
+    assert!(failures.is_empty(), "{} of {total} requests failed during reloads, e.g.:\n{}", failures.len(), failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(total >= 20, "only {total} requests ran");
+    assert!(one.hits() > 0 && two.hits() > 0, "reloads did not move traffic: one={} two={}", one.hits(), two.hits());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_in_flight_finishes_on_a_provider_the_new_policy_removed() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    one.set_latency(Duration::from_millis(1500));
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Arc::new(Gateway::start(dir.path()).await);
+
+    let g = gw.clone();
+    let in_flight = tokio::spawn(async move { g.generate(&body()).await });
+    assert!(
+        eventually(Duration::from_secs(5), || async { one.hits() == 1 }).await,
+        "the request never reached provider one"
+    );
+    // The new policy has no provider `one` at all.
+    dir.write("policy.toml", &route_to("two", &two));
+    gw.admin("POST", "/admin/reload").await.assert_status(200);
+
+    let r = in_flight.await.unwrap();
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("one"), "{}", r.describe());
+    assert_eq!(provider_of(&gw).await, "two");
+}

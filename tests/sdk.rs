@@ -1,0 +1,82 @@
+//! Compatibility with the official `openai` Python SDK: runs tests/sdk/test_openai_sdk.py
+//! (in the venv made by scripts/python-env.sh) against a running gateway.
+//! Without python3 this test FAILS: SDK compatibility is part of what the suite proves.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const CLIENT_KEY: &str = "sk-acc-sdk-test-4e9d";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_sdk_works() {
+    let python_ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        python_ok,
+        "python3 is not installed: the OpenAI SDK compatibility test (tests/sdk.rs) needs python3 with the \
+         venv module (e.g. apt-get install python3 python3-venv)"
+    );
+
+    let root = repo_root();
+    let setup = tokio::task::spawn_blocking({
+        let script = root.join("scripts").join("python-env.sh");
+        move || Command::new("bash").arg(script).output().expect("run scripts/python-env.sh")
+    })
+    .await
+    .unwrap();
+    assert!(
+        setup.status.success(),
+        "scripts/python-env.sh failed ({:?}):\n{}",
+        setup.status.code(),
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let python = String::from_utf8_lossy(&setup.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("scripts/python-env.sh printed no python path"))
+        .trim()
+        .to_string();
+
+    let dir = PolicyDir::new();
+    dir.write(
+        "default.toml",
+        &std::fs::read_to_string(root.join("policies").join("default.toml")).expect("read default policy"),
+    );
+    dir.write(
+        "keys.toml",
+        &format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"sdk\"\ntags = []\n", sha256_hex(CLIENT_KEY)),
+    );
+    let gw = Gateway::start(dir.path()).await;
+
+    let script = root.join("tests").join("sdk").join("test_openai_sdk.py");
+    let base_url = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .env("ACC_BASE_URL", &base_url)
+            .env("ACC_API_KEY", CLIENT_KEY)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost");
+        for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"] {
+            cmd.env_remove(var);
+        }
+        cmd.output().unwrap_or_else(|e| panic!("run {python}: {e}"))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "tests/sdk/test_openai_sdk.py failed ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway stderr ---\n{}",
+        out.status.code(),
+        gw.stderr()
+    );
+}
