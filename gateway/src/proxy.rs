@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::policy::{ApiKey, Policy, UrlMode};
 use crate::providers::{AttemptRequest, Generation, Image, ProviderError};
 use crate::reload::Snapshot;
-use crate::request::{GenerationRequest, ResponseFormat};
+use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
 use crate::server::App;
 
@@ -38,8 +38,22 @@ struct RequestCtx {
     attempts: Vec<(String, &'static str)>,
 }
 
-/// `POST /v1/images/generations`
+/// `POST /v1/images/generations` (JSON)
 pub async fn generations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    images(app, headers, body, Operation::Generate).await
+}
+
+/// `POST /v1/images/edits` (multipart)
+pub async fn edits(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    images(app, headers, body, Operation::Edit).await
+}
+
+/// `POST /v1/images/variations` (multipart)
+pub async fn variations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    images(app, headers, body, Operation::Variation).await
+}
+
+async fn images(app: Arc<App>, headers: HeaderMap, body: Body, op: Operation) -> Response {
     let snapshot = app.policy.snapshot();
     let mut ctx = RequestCtx {
         trace_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -48,17 +62,43 @@ pub async fn generations(State(app): State<Arc<App>>, headers: HeaderMap, body: 
         provider: None,
         attempts: Vec::new(),
     };
-    let result = generate(&app, &snapshot, &mut ctx, &headers, body).await;
+    let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
     finish(&app, ctx, result)
 }
 
-async fn generate(app: &App, snap: &Snapshot, ctx: &mut RequestCtx, headers: &HeaderMap, body: Body) -> Result<ChunkedBody, ApiError> {
+async fn generate(
+    app: &App,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    headers: &HeaderMap,
+    body: Body,
+    op: Operation,
+) -> Result<ChunkedBody, ApiError> {
     let policy = &snap.policy;
     // 1. Who is asking.
     let key = authenticate(policy, headers)?;
     // 2. What they ask for.
-    let body = read_body(headers, body, policy.server.max_json_body_bytes).await?;
-    let req = GenerationRequest::from_json(&body)?;
+    let req = match op {
+        Operation::Generate => {
+            let body = read_body(headers, body, policy.server.max_json_body_bytes).await?;
+            GenerationRequest::from_json(&body)?
+        }
+        Operation::Edit | Operation::Variation => {
+            let boundary = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|ct| multer::parse_boundary(ct).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "body",
+                        "invalid_content_type",
+                        format!("/v1/images/{} takes a multipart/form-data body", op.path()),
+                    )
+                })?;
+            let body = read_body(headers, body, policy.server.max_multipart_body_bytes).await?;
+            GenerationRequest::from_multipart(op, body, &boundary).await?
+        }
+    };
     // 3. Where it goes.
     let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
@@ -350,6 +390,6 @@ pub async fn artifact(State(app): State<Arc<App>>, Path(file): Path<String>) -> 
 
 /// Fallback for unknown proxy paths, in the OpenAI error shape.
 pub async fn not_found() -> Response {
-    ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations and /v1/models")
+    ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations, /v1/images/edits, /v1/images/variations and /v1/models")
         .into_response()
 }

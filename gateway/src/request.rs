@@ -27,9 +27,40 @@ impl std::fmt::Display for Size {
     }
 }
 
-/// One generation request, as the gateway understands it whatever the provider.
+/// Which Images API operation a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Generate,
+    Edit,
+    Variation,
+}
+
+impl Operation {
+    /// The path segment under `/v1/images/`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::Generate => "generations",
+            Operation::Edit => "edits",
+            Operation::Variation => "variations",
+        }
+    }
+}
+
+/// An uploaded file of an edit or variation request; the bytes are a slice of the body.
+#[derive(Debug, Clone)]
+pub struct FilePart {
+    /// The form field it came in (`image`, `image[]`, `mask`).
+    pub field: String,
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: bytes::Bytes,
+}
+
+/// One image request, as the gateway understands it whatever the provider.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
+    pub op: Operation,
+    /// Empty for variations, which take no prompt.
     pub prompt: String,
     /// The alias the client asked for (or the policy's default).
     pub model: Option<String>,
@@ -40,9 +71,12 @@ pub struct GenerationRequest {
     pub response_format: ResponseFormat,
     pub seed: Option<u64>,
     pub negative_prompt: Option<String>,
-    /// The client's body, kept so fields the gateway does not model pass through to
-    /// OpenAI-compatible upstreams unchanged.
+    /// The client's body (JSON, or the text fields of a form), kept so fields the gateway does
+    /// not model pass through to OpenAI-compatible upstreams unchanged.
     pub raw: Map<String, Value>,
+    /// Input images of an edit or variation.
+    pub images: Vec<FilePart>,
+    pub mask: Option<FilePart>,
 }
 
 impl GenerationRequest {
@@ -64,11 +98,67 @@ impl GenerationRequest {
                 "request body must be a JSON object",
             ));
         };
-        Self::from_map(raw)
+        Self::from_map(Operation::Generate, raw)
     }
 
-    pub fn from_map(raw: Map<String, Value>) -> Result<GenerationRequest, ApiError> {
+    /// Parses a `multipart/form-data` body of an edit or variation. File payloads stay slices
+    /// of `body`.
+    pub async fn from_multipart(op: Operation, body: bytes::Bytes, boundary: &str) -> Result<GenerationRequest, ApiError> {
+        let bad = |e: multer::Error| ApiError::invalid("body", "invalid_multipart", format!("malformed multipart body: {e}"));
+        let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let mut raw = Map::new();
+        let mut images = Vec::new();
+        let mut mask = None;
+        while let Some(field) = form.next_field().await.map_err(bad)? {
+            let name = field.name().unwrap_or_default().to_string();
+            let filename = field.file_name().map(str::to_owned);
+            let content_type = field.content_type().map(|m| m.to_string());
+            let data = field.bytes().await.map_err(bad)?;
+            match name.as_str() {
+                "image" | "image[]" | "mask" => {
+                    if data.is_empty() {
+                        return Err(ApiError::invalid(if name == "mask" { "mask" } else { "image" }, "invalid_value", format!("{name} is an empty file")));
+                    }
+                    let part = FilePart {
+                        field: name.clone(),
+                        filename: filename.unwrap_or_else(|| format!("{}.png", name.trim_end_matches("[]"))),
+                        content_type: content_type.unwrap_or_else(|| "application/octet-stream".into()),
+                        bytes: data,
+                    };
+                    if name == "mask" {
+                        mask = Some(part);
+                    } else {
+                        images.push(part);
+                    }
+                }
+                _ => {
+                    let text = String::from_utf8(data.to_vec())
+                        .map_err(|_| ApiError::invalid("body", "invalid_multipart", format!("form field {name} is not UTF-8 text")))?;
+                    // Form fields are text; numbers are numbers when they parse as such.
+                    let value = match name.as_str() {
+                        "n" | "seed" => text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text)),
+                        _ => Value::String(text),
+                    };
+                    raw.insert(name, value);
+                }
+            }
+        }
+        if images.is_empty() {
+            return Err(ApiError::invalid("image", "missing_required_parameter", "image is required (a file in the form field \"image\")"));
+        }
+        if op == Operation::Variation && images.len() > 1 {
+            return Err(ApiError::invalid("image", "invalid_value", "a variation takes exactly one image"));
+        }
+        let mut req = Self::from_map(op, raw)?;
+        req.images = images;
+        req.mask = mask;
+        Ok(req)
+    }
+
+    pub fn from_map(op: Operation, raw: Map<String, Value>) -> Result<GenerationRequest, ApiError> {
         let prompt = match raw.get("prompt") {
+            None | Some(Value::Null) if op == Operation::Variation => String::new(),
             None | Some(Value::Null) => {
                 return Err(ApiError::invalid("prompt", "missing_required_parameter", "prompt is required"))
             }
@@ -123,6 +213,7 @@ impl GenerationRequest {
             opt_string(&raw, field)?;
         }
         Ok(GenerationRequest {
+            op,
             prompt,
             model,
             n,
@@ -132,6 +223,8 @@ impl GenerationRequest {
             seed,
             negative_prompt,
             raw,
+            images: Vec::new(),
+            mask: None,
         })
     }
 }
@@ -215,6 +308,43 @@ mod tests {
             assert_eq!((e.param, e.code), (param, Some(code)), "{body}: {}", e.message);
             assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
         }
+    }
+
+    fn form(parts: &[(&str, Option<&str>, &[u8])]) -> bytes::Bytes {
+        let mut b = Vec::new();
+        for (name, filename, data) in parts {
+            b.extend_from_slice(b"--XyZ\r\n");
+            match filename {
+                Some(f) => b.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes()),
+                None => b.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+            }
+            b.extend_from_slice(data);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"--XyZ--\r\n");
+        bytes::Bytes::from(b)
+    }
+
+    #[tokio::test]
+    async fn multipart_forms_parse_into_the_same_request() {
+        let body = form(&[("image", Some("a.png"), b"PNGDATA"), ("prompt", None, b"add a hat"), ("n", None, b"2"), ("model", None, b"m")]);
+        let r = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap();
+        assert_eq!((r.prompt.as_str(), r.n, r.model.as_deref()), ("add a hat", 2, Some("m")));
+        assert_eq!(&r.images[0].bytes[..], b"PNGDATA");
+        assert_eq!(r.images[0].filename, "a.png");
+
+        let body = form(&[("image", Some("a.png"), b"PNGDATA")]);
+        let r = GenerationRequest::from_multipart(Operation::Variation, body.clone(), "XyZ").await.unwrap();
+        assert_eq!(r.prompt, "");
+        let e = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap_err();
+        assert_eq!(e.param, Some("prompt"));
+
+        let e = GenerationRequest::from_multipart(Operation::Edit, form(&[("prompt", None, b"x")]), "XyZ").await.unwrap_err();
+        assert_eq!((e.param, e.code), (Some("image"), Some("missing_required_parameter")));
+        let e = GenerationRequest::from_multipart(Operation::Edit, form(&[("image", Some("a"), b"x"), ("prompt", None, b"x"), ("n", None, b"two")]), "XyZ").await.unwrap_err();
+        assert_eq!((e.param, e.code), (Some("n"), Some("invalid_type")));
+        let e = GenerationRequest::from_multipart(Operation::Edit, bytes::Bytes::from_static(b"garbage"), "XyZ").await.unwrap_err();
+        assert_eq!(e.code, Some("invalid_multipart"));
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub fn proxy_router(app: Arc<App>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), shed_load));
     Router::new()
         .route("/v1/images/generations", post(proxy::generations))
+        .route("/v1/images/edits", post(proxy::edits))
+        .route("/v1/images/variations", post(proxy::variations))
         .route("/v1/models", get(proxy::models))
         .route("/v1/images/artifacts/{file}", get(proxy::artifact))
         .fallback(proxy::not_found)

@@ -16,7 +16,13 @@ pub struct Builtin;
 impl Provider for Builtin {
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let req = attempt.req;
-        let (prompt, seed, size, n) = (req.prompt.clone(), req.seed.unwrap_or(0), req.size, req.n);
+        // Edits and variations are rendered from the prompt plus a digest of the input image, so
+        // a different input gives a different (still deterministic) picture.
+        let mut prompt = req.prompt.clone();
+        if let Some(image) = req.images.first() {
+            prompt.push_str(&hex::encode(&Sha256::digest(&image.bytes)[..8]));
+        }
+        let (seed, size, n) = (req.seed.unwrap_or(0), req.size, req.n);
         // Rendering is CPU work: keep it off the async workers.
         let images = tokio::task::spawn_blocking(move || {
             (0..n)

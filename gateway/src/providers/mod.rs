@@ -16,7 +16,7 @@ pub mod openai;
 /// The HTTP client every adapter shares (one connection pool per process).
 pub type HttpClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<Bytes>,
+    crate::body::ChunkedBody,
 >;
 
 pub fn http_client() -> HttpClient {

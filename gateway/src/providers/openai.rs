@@ -5,19 +5,22 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{AttemptRequest, Generation, HttpClient, Image, Provider, ProviderError};
+use crate::body::ChunkedBody;
 use crate::policy::UpstreamFormat;
+use crate::request::{GenerationRequest, Operation};
 
 /// Ten 4096x4096 PNGs in base64 stay below this; anything larger is not an image answer.
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
 pub struct OpenAi {
     client: HttpClient,
-    generations_url: String,
+    /// `{base_url}/images/`; the operation's path is appended.
+    images_url: String,
     /// `Ok(header)` when the key variable is set, `Err(var)` when the policy names one that is not.
     auth: Option<Result<HeaderValue, String>>,
     upstream_format: UpstreamFormat,
@@ -35,7 +38,7 @@ impl OpenAi {
                 })
                 .ok_or_else(|| var.to_string())
         });
-        OpenAi { client, generations_url: format!("{base_url}/images/generations"), auth, upstream_format }
+        OpenAi { client, images_url: format!("{base_url}/images/"), auth, upstream_format }
     }
 }
 
@@ -49,29 +52,38 @@ impl Provider for OpenAi {
             Some(Ok(h)) => Some(h),
             None => None,
         };
-        let mut body = attempt.req.raw.clone();
-        body.insert("model".into(), attempt.model.into());
+        let req = attempt.req;
+        let mut fields = req.raw.clone();
+        fields.insert("model".into(), attempt.model.into());
         // The gateway's own extension field never goes upstream.
-        body.remove("acc");
+        fields.remove("acc");
         match self.upstream_format {
             UpstreamFormat::B64Json => {
-                body.insert("response_format".into(), "b64_json".into());
+                fields.insert("response_format".into(), "b64_json".into());
             }
             UpstreamFormat::Url => {
-                body.insert("response_format".into(), "url".into());
+                fields.insert("response_format".into(), "url".into());
             }
             UpstreamFormat::Omit => {
-                body.remove("response_format");
+                fields.remove("response_format");
             }
         }
-        let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Other(e.to_string()))?;
-        let mut req = Request::post(&self.generations_url)
-            .header(header::CONTENT_TYPE, "application/json")
+        let (content_type, body) = match req.op {
+            Operation::Generate => {
+                let json = serde_json::to_vec(&fields).map_err(|e| ProviderError::Other(e.to_string()))?;
+                let mut body = ChunkedBody::default();
+                body.push(json);
+                ("application/json".to_string(), body)
+            }
+            Operation::Edit | Operation::Variation => multipart(&fields, req),
+        };
+        let mut http_req = Request::post(format!("{}{}", self.images_url, req.op.path()))
+            .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json");
         if let Some(h) = auth {
-            req = req.header(header::AUTHORIZATION, h.clone());
+            http_req = http_req.header(header::AUTHORIZATION, h.clone());
         }
-        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| ProviderError::Other(e.to_string()))?;
+        let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
         let resp = self.client.request(req).await.map_err(|e| {
             if e.is_connect() {
@@ -92,6 +104,37 @@ impl Provider for OpenAi {
             Err(classify_error(status, body))
         }
     }
+}
+
+/// A `multipart/form-data` body: text fields, then the files as the same `Bytes` the client
+/// sent (not copied).
+fn multipart(fields: &serde_json::Map<String, serde_json::Value>, req: &GenerationRequest) -> (String, ChunkedBody) {
+    let boundary = format!("acc-{}", uuid::Uuid::new_v4().simple());
+    let mut body = ChunkedBody::default();
+    for (name, value) in fields {
+        let text = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => continue,
+            other => other.to_string(),
+        };
+        body.push(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{text}\r\n", quote(name)));
+    }
+    for part in req.images.iter().chain(req.mask.iter()) {
+        body.push(format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
+            quote(&part.field),
+            quote(&part.filename),
+            part.content_type.replace(['\r', '\n'], "")
+        ));
+        body.push(part.bytes.clone());
+        body.push(Bytes::from_static(b"\r\n"));
+    }
+    body.push(format!("--{boundary}--\r\n"));
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn quote(s: &str) -> String {
+    s.replace(['"', '\r', '\n'], "_")
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds acc (release) and starts the gateway: proxy on 127.0.0.1:8080, admin on 127.0.0.1:8081,
+# with the policies in policies/ (the default needs no provider keys). Extra arguments go to
+# `acc serve`, e.g. `./scripts/run.sh --policies policies/examples/openai.toml`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked --bin acc
+exec ./target/release/acc serve "$@"
