@@ -192,7 +192,8 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
     fn routes_by_alias_cohort_and_key_tags() {
         let p = policy(P);
         let tags = vec!["beta".to_string()];
-        let cases: [(Option<&str>, Option<&str>, &[String], &str); 5] = [
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, &'a [String], &'a str);
+        let cases: [Case; 5] = [
             (Some("img"), None, &[], "img"),
             (None, None, &[], "img"),
             (Some("img"), Some("marketing"), &[], "mkt"),
