@@ -258,3 +258,52 @@ async fn request_in_flight_finishes_on_a_provider_the_new_policy_removed() {
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("one"), "{}", r.describe());
     assert_eq!(provider_of(&gw).await, "two");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_edit_is_picked_up() {
+    // Editors and `echo >` rewrite the file in place rather than renaming a new one over it.
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(provider_of(&gw).await, "one");
+    std::fs::write(dir.path().join("policy.toml"), route_to("two", &two)).unwrap();
+    let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;
+    assert!(switched, "an in-place edit was not picked up within 2 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_and_removed_files_are_picked_up() {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::new();
+    dir.write("50-main.toml", &route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(provider_of(&gw).await, "one");
+
+    // A file sorting first adds a route for the same model: it wins.
+    dir.write(
+        "10-override.toml",
+        &format!(
+            "{}\n[[routes]]\nname = \"override\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"two\", model = \"x\" }}]\n",
+            openai_provider("two", &two)
+        ),
+    );
+    let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;
+    assert!(switched, "a new policy file was not picked up within 2 s");
+
+    // Removing it goes back.
+    dir.remove("10-override.toml");
+    let back = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "one" }).await;
+    assert!(back, "removing a policy file was not picked up within 2 s");
+
+    // Files that do not end in .toml are not policy.
+    std::fs::write(dir.path().join("notes.txt"), "this = = is not toml").unwrap();
+    std::fs::write(dir.path().join("50-main.toml.bak"), "neither = = is this").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = gw.admin("GET", "/admin/policies").await;
+    r.assert_status(200);
+    assert_eq!(provider_of(&gw).await, "one");
+    let errors = gw.metric("acc_policy_reloads_total", &[("result", "error")]).await;
+    assert_eq!(errors, 0.0, "non-.toml files must be ignored, got reload errors: {}", r.text());
+}
