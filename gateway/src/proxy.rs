@@ -55,8 +55,15 @@ pub async fn variations(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 
 async fn images(app: Arc<App>, headers: HeaderMap, body: Body, op: Operation) -> Response {
     let snapshot = app.policy.snapshot();
+    let limit = snapshot.policy.server.max_in_flight;
+    let Some(_in_flight) = app.admit(limit) else {
+        app.metrics.requests.with_label_values(&["none", "overloaded"]).inc();
+        return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight")).into_response();
+    };
     let mut ctx = RequestCtx {
-        trace_id: uuid::Uuid::new_v4().simple().to_string(),
+        // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
+        // a getrandom syscall per request.
+        trace_id: format!("{:032x}", fastrand::u128(..)),
         started: Instant::now(),
         route: None,
         provider: None,
@@ -138,7 +145,7 @@ async fn generate(
 
     // 5. The answer.
     let Some((step, generation)) = outcome.success else {
-        return Err(failure(&outcome));
+        return Err(failure(policy, &outcome));
     };
     let winner = &policy.routes[step.route];
     ctx.provider = Some(winner.targets[step.target].provider.clone());
@@ -214,7 +221,7 @@ fn record_attempts(app: &App, policy: &Policy, route_idx: usize, outcome: &PlanO
 
 /// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504
 /// that lists each attempt's reason.
-fn failure(outcome: &PlanOutcome) -> ApiError {
+fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
     if let Some(ProviderError::Rejected { status, body }) = outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
         let mut e = ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
         e.raw_body = Some(body.clone());
@@ -224,7 +231,10 @@ fn failure(outcome: &PlanOutcome) -> ApiError {
         .attempts
         .iter()
         .enumerate()
-        .filter_map(|(i, a)| a.result.as_ref().err().map(|e| format!("attempt {} ({}): {e}", i + 1, a.label())))
+        .filter_map(|(i, a)| {
+            let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
+            a.result.as_ref().err().map(|e| format!("attempt {} ({provider}, {}): {e}", i + 1, a.label()))
+        })
         .collect();
     let timed_out = outcome.deadline_exceeded
         || outcome.attempts.last().is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));

@@ -53,21 +53,15 @@ impl Provider for OpenAi {
             None => None,
         };
         let req = attempt.req;
-        let mut fields = req.raw.clone();
-        fields.insert("model".into(), attempt.model.into());
-        // The gateway's own extension field never goes upstream.
-        fields.remove("acc");
-        match self.upstream_format {
-            UpstreamFormat::B64Json => {
-                fields.insert("response_format".into(), "b64_json".into());
-            }
-            UpstreamFormat::Url => {
-                fields.insert("response_format".into(), "url".into());
-            }
-            UpstreamFormat::Omit => {
-                fields.remove("response_format");
-            }
-        }
+        let fields = UpstreamFields {
+            raw: &req.raw,
+            model: attempt.model,
+            response_format: match self.upstream_format {
+                UpstreamFormat::B64Json => Some("b64_json"),
+                UpstreamFormat::Url => Some("url"),
+                UpstreamFormat::Omit => None,
+            },
+        };
         let (content_type, body) = match req.op {
             Operation::Generate => {
                 let json = serde_json::to_vec(&fields).map_err(|e| ProviderError::Other(e.to_string()))?;
@@ -106,12 +100,50 @@ impl Provider for OpenAi {
     }
 }
 
+/// The client's fields as the upstream gets them: `model` rewritten, `response_format` as the
+/// provider is configured, the gateway's own `acc` field dropped. Serialised straight from the
+/// client's map, without copying it.
+struct UpstreamFields<'a> {
+    raw: &'a serde_json::Map<String, serde_json::Value>,
+    model: &'a str,
+    response_format: Option<&'static str>,
+}
+
+impl UpstreamFields<'_> {
+    fn iter(&self) -> impl Iterator<Item = (&str, serde_json::Value)> + '_ {
+        let passthrough = self
+            .raw
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc"))
+            .map(|(k, v)| (k.as_str(), v.clone()));
+        let ours = [("model", Some(self.model)), ("response_format", self.response_format)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, serde_json::Value::from(v))));
+        passthrough.chain(ours)
+    }
+}
+
+impl serde::Serialize for UpstreamFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.raw.iter().filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc")) {
+            map.serialize_entry(k, v)?;
+        }
+        map.serialize_entry("model", self.model)?;
+        if let Some(f) = self.response_format {
+            map.serialize_entry("response_format", f)?;
+        }
+        map.end()
+    }
+}
+
 /// A `multipart/form-data` body: text fields, then the files as the same `Bytes` the client
 /// sent (not copied).
-fn multipart(fields: &serde_json::Map<String, serde_json::Value>, req: &GenerationRequest) -> (String, ChunkedBody) {
+fn multipart(fields: &UpstreamFields<'_>, req: &GenerationRequest) -> (String, ChunkedBody) {
     let boundary = format!("acc-{}", uuid::Uuid::new_v4().simple());
     let mut body = ChunkedBody::default();
-    for (name, value) in fields {
+    for (name, value) in fields.iter() {
         let text = match value {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Null => continue,
