@@ -32,7 +32,11 @@ PIDS=()
 stop_all() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in {1..50}; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true   # still there after 5 s
+        wait "$p" 2>/dev/null || true
+    done
     PIDS=()
 }
 trap 'stop_all' EXIT
@@ -246,7 +250,7 @@ run_cell() {
     m0="$(cpu_ticks "$MOCK_PID")"
     local perf_pid=""
     if [[ -n "$PERF" && "$target" == acc ]]; then
-        perf record -q -F 999 -g -p "$ACC_PID" -o "$RUN/perf-$payload-c$conc.data" \
+        perf record -q -F 999 -p "$ACC_PID" -o "$RUN/perf-$payload-c$conc.data" \
             -- sleep "$SECONDS_PER_CELL" >/dev/null 2>&1 &
         perf_pid=$!
     fi
@@ -255,8 +259,9 @@ run_cell() {
     m1="$(cpu_ticks "$MOCK_PID")"
     if [[ -n "$perf_pid" ]]; then
         wait "$perf_pid" || true
-        perf report -i "$RUN/perf-$payload-c$conc.data" --stdio --no-children --percent-limit 1 \
-            --sort dso,symbol -g none >"$RUN/perf-$payload-c$conc.txt" 2>/dev/null || true
+        perf report -i "$RUN/perf-$payload-c$conc.data" --stdio --percent-limit 0.5 \
+            --sort dso,symbol 2>/dev/null | grep -v '^#' | sed 's/[ -]*$//' | grep . \
+            >"$RUN/perf-$payload-c$conc.txt" || true
         log "perf profile: $RUN/perf-$payload-c$conc.txt"
     fi
     local line

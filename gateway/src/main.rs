@@ -51,15 +51,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let rt = if std::env::var("ACC_EXP_CT").is_ok() {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
-    };
-    rt.expect("runtime").block_on(amain())
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    // One worker per core by default; ops can pin it lower when the pod's CPU limit is below the
+    // node's core count (tokio sees the node's cores, not the cgroup's quota).
+    if let Some(n) = std::env::var("ACC_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+        rt.worker_threads(n);
+    }
+    match rt.build() {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("acc: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-async fn amain() -> ExitCode {
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),

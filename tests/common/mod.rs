@@ -48,14 +48,20 @@ pub fn acc_command() -> Command {
 }
 
 fn spawn_serve(policy_dir: &Path, env: &[(&str, &str)]) -> Child {
+    spawn_serve_on(policy_dir, "127.0.0.1:0", &[], env)
+}
+
+/// `acc serve --policies DIR --listen LISTEN --admin-listen 127.0.0.1:0 EXTRA_ARGS...`
+fn spawn_serve_on(policy_dir: &Path, listen: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Child {
     let mut cmd = acc_command();
     cmd.arg("serve")
         .arg("--policies")
         .arg(policy_dir)
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--admin-listen")
         .arg("127.0.0.1:0")
+        .args(extra_args)
         .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -121,7 +127,14 @@ impl Gateway {
     /// Starts `acc serve` on port 0 for both listeners and waits (30 s at most) for the
     /// `listening proxy=... admin=...` line on stdout.
     pub async fn start_with_env(policy_dir: &Path, env: &[(&str, &str)]) -> Gateway {
-        let mut child = spawn_serve(policy_dir, env);
+        Self::start_on(policy_dir, "127.0.0.1:0", &[], env).await
+    }
+
+    /// Like `start_with_env`, but the proxy listens on `listen` (e.g. `0.0.0.0:0`) and
+    /// `extra_args` (e.g. `--drain-secs 1`) follow on the command line. An unspecified listen
+    /// address (0.0.0.0 / ::) is reached through loopback: `proxy`/`proxy_addr` say 127.0.0.1.
+    pub async fn start_on(policy_dir: &Path, listen: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut child = spawn_serve_on(policy_dir, listen, extra_args, env);
         let (stderr, stderr_thread) = collect_stderr(&mut child);
         let lines = collect_stdout(&mut child);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -130,7 +143,12 @@ impl Gateway {
             match lines.try_recv() {
                 Ok(line) => {
                     if line.starts_with("listening ") {
-                        let (proxy_addr, admin_addr) = parse_listening_line(&line);
+                        let (mut proxy_addr, mut admin_addr) = parse_listening_line(&line);
+                        for a in [&mut proxy_addr, &mut admin_addr] {
+                            if a.ip().is_unspecified() {
+                                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                            }
+                        }
                         return Gateway {
                             child,
                             proxy: format!("http://{proxy_addr}"),
@@ -219,6 +237,40 @@ impl Gateway {
         send(method, &self.admin_url(path), &[("authorization", &auth)], Vec::new()).await
     }
 
+    /// SIGTERM to the gateway process (graceful shutdown).
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(st.success(), "kill -TERM {} failed: {st}", self.pid());
+    }
+
+    /// Waits (polling, without blocking the runtime) up to `within` for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.exited() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// POST /v1/images/edits with a multipart form.
+    pub async fn edit(&self, form: &Form, headers: &[(&str, &str)]) -> Resp {
+        post_form(&self.url("/v1/images/edits"), form, headers).await
+    }
+
+    /// POST /v1/images/variations with a multipart form.
+    pub async fn variation(&self, form: &Form, headers: &[(&str, &str)]) -> Resp {
+        post_form(&self.url("/v1/images/variations"), form, headers).await
+    }
+
     /// SIGHUP to the gateway process.
     pub fn sighup(&self) {
         let st = Command::new("kill")
@@ -266,7 +318,12 @@ pub struct Refusal {
 /// Runs `acc serve` on `policy_dir` and expects it to exit on its own within 30 s without ever
 /// printing its listening line.
 pub fn serve_expect_failure(policy_dir: &Path) -> Refusal {
-    let mut child = spawn_serve(policy_dir, &[]);
+    serve_expect_failure_on(policy_dir, "127.0.0.1:0", &[])
+}
+
+/// `serve_expect_failure` with the proxy listening on `listen` and extra arguments.
+pub fn serve_expect_failure_on(policy_dir: &Path, listen: &str, extra_args: &[&str]) -> Refusal {
+    let mut child = spawn_serve_on(policy_dir, listen, extra_args, &[]);
     let (stderr, stderr_thread) = collect_stderr(&mut child);
     let lines = collect_stdout(&mut child);
     let deadline = Instant::now() + START_TIMEOUT;
@@ -488,6 +545,137 @@ pub async fn post_raw(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Res
     send("POST", url, &hs, body).await
 }
 
+// ---------------------------------------------------------------------------------------------
+// multipart/form-data
+// ---------------------------------------------------------------------------------------------
+
+/// One part of a multipart form (sent by a test or parsed from what the mock received).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormPart {
+    pub name: String,
+    /// `Some` for file parts.
+    pub filename: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Bytes,
+}
+
+/// A `multipart/form-data` body under construction, parts in order.
+#[derive(Clone, Debug, Default)]
+pub struct Form {
+    pub parts: Vec<FormPart>,
+}
+
+impl Form {
+    pub fn new() -> Form {
+        Form::default()
+    }
+
+    pub fn text(mut self, name: &str, value: &str) -> Form {
+        self.parts.push(FormPart {
+            name: name.to_string(),
+            filename: None,
+            content_type: None,
+            data: Bytes::copy_from_slice(value.as_bytes()),
+        });
+        self
+    }
+
+    pub fn file(mut self, name: &str, filename: &str, content_type: &str, data: impl Into<Bytes>) -> Form {
+        self.parts.push(FormPart {
+            name: name.to_string(),
+            filename: Some(filename.to_string()),
+            content_type: Some(content_type.to_string()),
+            data: data.into(),
+        });
+        self
+    }
+
+    /// `(content-type header, body)`; the boundary never occurs in the parts.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        let mut boundary = String::from("acc-test-boundary-7f3a9c");
+        while self.parts.iter().any(|p| contains(&p.data, boundary.as_bytes())) {
+            boundary.push('x');
+        }
+        let mut body = Vec::with_capacity(self.parts.iter().map(|p| p.data.len() + 200).sum::<usize>() + 64);
+        for p in &self.parts {
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            match &p.filename {
+                Some(f) => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{}\"; filename=\"{f}\"\r\n", p.name).as_bytes(),
+                ),
+                None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{}\"\r\n", p.name).as_bytes()),
+            }
+            if let Some(ct) = &p.content_type {
+                body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            body.extend_from_slice(&p.data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        (format!("multipart/form-data; boundary={boundary}"), body)
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// POST a multipart form (its content type first, then `headers`).
+pub async fn post_form(url: &str, form: &Form, headers: &[(&str, &str)]) -> Resp {
+    let (ct, body) = form.encode();
+    let mut hs: Vec<(&str, &str)> = vec![("content-type", &ct)];
+    hs.extend_from_slice(headers);
+    send("POST", url, &hs, body).await
+}
+
+/// Parses a `multipart/form-data` body (with the `content-type` header it came with).
+pub async fn parse_form(content_type: &str, body: Bytes) -> Result<Vec<FormPart>, String> {
+    let boundary = multer::parse_boundary(content_type).map_err(|e| format!("content-type {content_type:?}: {e}"))?;
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+    let mut mp = multer::Multipart::new(stream, boundary);
+    let mut parts = Vec::new();
+    while let Some(field) = mp.next_field().await.map_err(|e| format!("malformed multipart: {e}"))? {
+        let name = field.name().unwrap_or_default().to_string();
+        let filename = field.file_name().map(str::to_owned);
+        let content_type = field.content_type().map(|m| m.to_string());
+        let data = field.bytes().await.map_err(|e| format!("malformed multipart part {name}: {e}"))?;
+        parts.push(FormPart { name, filename, content_type, data });
+    }
+    Ok(parts)
+}
+
+impl Captured {
+    /// The multipart form of this request (panics if it is not one).
+    pub async fn form(&self) -> Vec<FormPart> {
+        let ct = self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{} {}: no content-type", self.method, self.path))
+            .to_string();
+        assert!(
+            ct.starts_with("multipart/form-data"),
+            "{} {}: content-type {ct:?} is not multipart/form-data",
+            self.method,
+            self.path
+        );
+        parse_form(&ct, self.body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
+    }
+}
+
+/// The text of the only part called `name` (`None` if absent; panics if repeated or a file).
+pub fn form_text(parts: &[FormPart], name: &str) -> Option<String> {
+    let found: Vec<&FormPart> = parts.iter().filter(|p| p.name == name).collect();
+    assert!(found.len() <= 1, "form field {name} occurs {} times", found.len());
+    found.first().map(|p| {
+        assert!(p.filename.is_none(), "form field {name} is a file ({:?}), not text", p.filename);
+        String::from_utf8(p.data.to_vec()).unwrap_or_else(|_| panic!("form field {name} is not UTF-8"))
+    })
+}
+
 /// Polls `f` every 50 ms until it returns true or `within` passes; returns whether it did.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
@@ -589,7 +777,8 @@ struct MockInner {
     png: Vec<u8>,
 }
 
-/// An in-process OpenAI Images API on 127.0.0.1:0. Answers POST {base}/images/generations;
+/// An in-process OpenAI Images API on 127.0.0.1:0. Answers POST {base}/images/generations,
+/// {base}/images/edits and {base}/images/variations (multipart; `n` read from the form);
 /// its behaviour can be changed while it runs.
 #[derive(Clone)]
 pub struct MockProvider {
@@ -633,7 +822,7 @@ impl MockProvider {
         &self.inner.png
     }
 
-    /// Number of POST .../images/generations received (counted on arrival).
+    /// Number of POST .../images/{generations,edits,variations} received (counted on arrival).
     pub fn hits(&self) -> usize {
         self.inner.hits.load(Ordering::SeqCst)
     }
@@ -687,7 +876,8 @@ async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
     let path = parts.uri.path().to_string();
-    let is_generation = parts.method == http::Method::POST && path == "/v1/images/generations";
+    let is_generation = parts.method == http::Method::POST
+        && matches!(path.as_str(), "/v1/images/generations" | "/v1/images/edits" | "/v1/images/variations");
     state.requests.lock().unwrap().push(Captured {
         method: parts.method.to_string(),
         path: path.clone(),
@@ -721,11 +911,18 @@ async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum
     if let Some(b) = cfg.body_override {
         return mock_reply(200, b);
     }
-    let n = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("n").and_then(|n| n.as_u64()))
-        .unwrap_or(1)
-        .clamp(1, 10);
+    let ct = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let n = if ct.starts_with("multipart/form-data") {
+        parse_form(&ct, body.clone())
+            .await
+            .ok()
+            .and_then(|f| f.into_iter().find(|p| p.name == "n"))
+            .and_then(|p| std::str::from_utf8(&p.data).ok().and_then(|t| t.trim().parse::<u64>().ok()))
+    } else {
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("n").and_then(|n| n.as_u64()))
+    }
+    .unwrap_or(1)
+    .clamp(1, 10);
     let b64 = b64_encode(&state.png);
     let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": b64})).collect();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
