@@ -147,8 +147,11 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     });
     let proxy_srv = axum::serve(proxy_listener, proxy_router(app.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // The admin listener outlives the proxy's drain, so probes see /readyz answer 503 and
+    // Prometheus scrapes the last numbers while in-flight requests finish.
+    let admin_stop = CancellationToken::new();
     let admin_srv = axum::serve(admin_listener, admin::router(app.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
     let proxy_task = tokio::spawn(async move { proxy_srv.await });
     let admin_task = tokio::spawn(async move { admin_srv.await });
     tracing::info!(%proxy_addr, %admin_addr, "listening");
@@ -161,13 +164,14 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     tasks.close();
     let drained = tokio::time::timeout(cfg.drain_deadline, async {
         let _ = proxy_task.await;
-        let _ = admin_task.await;
         tasks.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!(in_flight = app.in_flight.load(Ordering::Relaxed), "drain deadline passed; exiting with requests in flight");
     }
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
 }
 

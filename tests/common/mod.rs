@@ -949,7 +949,7 @@ pub fn metric_samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, 
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let name_end = line.find(|c: char| c == '{' || c == ' ').unwrap_or(line.len());
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         if &line[..name_end] != name {
             continue;
         }
