@@ -13,6 +13,10 @@ PAYLOADS="${BENCH_PAYLOADS:-small large}"
 CONCURRENCY="${BENCH_CONCURRENCY:-1 64}"
 MOCK_THREADS="${BENCH_MOCK_THREADS:-1}"
 NGINX_WORKERS="${BENCH_NGINX_WORKERS:-auto}"
+# glibc's dynamic mmap/trim thresholds make nginx (system malloc) fault its ~2 MB of proxy
+# buffers back in on every request in some runs and not in others (bimodal CPU/request);
+# keep its heap resident so the baseline is stable. Set to "" to run nginx untuned.
+NGINX_GLIBC_TUNABLES="${BENCH_NGINX_GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456}"
 RESULTS="${BENCH_RESULTS:-$BENCH_DIR/results.md}"
 ACC_BIN="${ACC_BIN:-}"                          # prebuilt acc binary; default: cargo build --release
 PERF="${BENCH_PERF:-}"                          # 1: perf record acc during its measured cells
@@ -22,6 +26,7 @@ RUN="$WORK/run"
 LUA="$BENCH_DIR/lib/post.lua"
 REQ_BODY='{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
 CLK_TCK="$(getconf CLK_TCK)"
+NCPU="$(nproc)"
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -59,6 +64,11 @@ fi
 command -v python3 >/dev/null || die "python3 is required"
 if [[ -n "$PERF" ]]; then command -v perf >/dev/null || die "BENCH_PERF=1 needs perf (apt-get install linux-perf)"; fi
 
+load1="$(cut -d' ' -f1 /proc/loadavg)"   # checked before our own builds raise it
+if awk -v l="$load1" -v n="$NCPU" 'BEGIN { exit !(l > n / 2) }'; then
+    log "WARNING: load average is $load1 on $NCPU CPU(s): other work on this machine will skew the numbers"
+fi
+
 # ----------------------------------------------------------------- builds ---
 log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
@@ -73,7 +83,7 @@ rm -rf "$RUN"
 mkdir -p "$RUN"
 python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" | sed 's/^/[bench] payload /' >&2
 RAW="$RUN/raw.tsv"
-printf 'payload\tconcurrency\ttarget\trequests\tduration_us\tp50_us\tp90_us\tp99_us\tproxy_ticks\tmock_ticks\terrors\tclk_tck\n' >"$RAW"
+printf 'payload\tconcurrency\ttarget\trequests\tduration_us\tp50_us\tp90_us\tp99_us\tproxy_ticks\tmock_ticks\terrors\tclk_tck\twrk_ticks\tsystem_ticks\tncpu\n' >"$RAW"
 
 # ---------------------------------------------------------------- helpers ---
 free_port() {
@@ -111,6 +121,19 @@ cpu_ticks() {
         total=$((total + f[11] + f[12]))  # fields 14 (utime) and 15 (stime)
     done
     echo "$total"
+}
+
+# busy ticks of the whole machine (user+nice+system+irq+softirq+steal, all CPUs)
+sys_ticks() { awk '/^cpu /{ print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+
+# CHILD_TICKS := CPU ticks used so far by this shell's waited-for children (bash `times`,
+# 2nd line). Must not run in a subshell: a subshell's `times` starts from zero.
+child_ticks() {
+    times >"$RUN/times.txt"
+    CHILD_TICKS=$(awk -v hz="$CLK_TCK" 'NR == 2 {
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] }
+        printf "%d\n", t * hz + 0.5 }' "$RUN/times.txt")
 }
 
 children_of() {
@@ -196,7 +219,7 @@ http {
     }
 }
 EOF
-    "$NGINX_BIN" -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" >"$prefix/stdout" 2>&1 &
+    GLIBC_TUNABLES="$NGINX_GLIBC_TUNABLES" "$NGINX_BIN" -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" >"$prefix/stdout" 2>&1 &
     NGINX_PID=$!
     PIDS+=("$NGINX_PID")
     wait_port "$NGINX_PORT" 10 || die "nginx did not start: $(cat "$prefix/error.log" "$prefix/stdout" 2>/dev/null)"
@@ -245,9 +268,12 @@ run_cell() {
     if ((WARMUP > 0)); then
         wrk -t"$threads" -c"$conc" -d"${WARMUP}s" --timeout 10s -s "$LUA" "$url" >/dev/null
     fi
-    local p0=0 p1=0 m0 m1
+    local p0=0 p1=0 m0 m1 s0 s1 w0 w1
     ((${#proxy[@]})) && p0="$(cpu_ticks "${proxy[@]}")"
     m0="$(cpu_ticks "$MOCK_PID")"
+    child_ticks
+    w0=$CHILD_TICKS
+    s0="$(sys_ticks)"
     local perf_pid=""
     if [[ -n "$PERF" && "$target" == acc ]]; then
         perf record -q -F 999 -p "$ACC_PID" -o "$RUN/perf-$payload-c$conc.data" \
@@ -255,6 +281,9 @@ run_cell() {
         perf_pid=$!
     fi
     wrk -t"$threads" -c"$conc" -d"${SECONDS_PER_CELL}s" --timeout 10s --latency -s "$LUA" "$url" >"$out"
+    s1="$(sys_ticks)"
+    child_ticks
+    w1=$CHILD_TICKS
     ((${#proxy[@]})) && p1="$(cpu_ticks "${proxy[@]}")"
     m1="$(cpu_ticks "$MOCK_PID")"
     if [[ -n "$perf_pid" ]]; then
@@ -272,9 +301,9 @@ run_cell() {
     local errors=$((v[err_connect] + v[err_read] + v[err_write] + v[err_status] + v[err_timeout]))
     local pt="-"
     ((${#proxy[@]})) && pt=$((p1 - p0))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$payload" "$conc" "$target" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$payload" "$conc" "$target" \
         "${v[requests]}" "${v[duration_us]}" "${v[p50_us]}" "${v[p90_us]}" "${v[p99_us]}" \
-        "$pt" "$((m1 - m0))" "$errors" "$CLK_TCK" >>"$RAW"
+        "$pt" "$((m1 - m0))" "$errors" "$CLK_TCK" "$((w1 - w0))" "$((s1 - s0))" "$NCPU" >>"$RAW"
     log "$(awk -v p="$payload" -v c="$conc" -v t="$target" -v n="${v[requests]}" -v d="${v[duration_us]}" \
         -v p50="${v[p50_us]}" -v p99="${v[p99_us]}" -v e="$errors" \
         'BEGIN { printf "%-5s c=%-3s %-6s %9.1f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d", p, c, t, n * 1e6 / d, p50 / 1e3, p99 / 1e3, e }')"

@@ -31,6 +31,9 @@ def main() -> None:
             n = int(r["requests"])
             dur = int(r["duration_us"]) / 1e6
             proxy = None if r["proxy_ticks"] == "-" else int(r["proxy_ticks"])
+            ours = (proxy or 0) + int(r["mock_ticks"]) + int(r["wrk_ticks"])
+            capacity = dur * clk * int(r["ncpu"])
+            other = (100.0 * max(0, int(r["system_ticks"]) - ours) / capacity) if capacity else None
             rows.append({
                 "payload": r["payload"],
                 "conc": int(r["concurrency"]),
@@ -43,6 +46,7 @@ def main() -> None:
                 "mock_cpu": int(r["mock_ticks"]) * 1000.0 / clk / n if n else None,
                 "errors": int(r["errors"]),
                 "requests": n,
+                "other": other,
             })
 
     def label(payload):
@@ -51,8 +55,8 @@ def main() -> None:
 
     lines = [
         "| payload | concurrency | target | req/s | p50 ms | p90 ms | p99 ms "
-        "| CPU ms/request (proxy process) | mock CPU ms/request | requests | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/request (proxy process) | mock CPU ms/request | requests | errors | other CPU % |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     goals = []
     keys = []
@@ -66,7 +70,7 @@ def main() -> None:
             lines.append(
                 f"| {label(payload)} | {conc} | {r['target']} | {r['rps']:.1f} | {r['p50']:.2f} "
                 f"| {r['p90']:.2f} | {r['p99']:.2f} | {fmt(r['cpu'], 3)} "
-                f"| {fmt(r['mock_cpu'], 3)} | {r['requests']} | {r['errors']} |")
+                f"| {fmt(r['mock_cpu'], 3)} | {r['requests']} | {r['errors']} | {fmt(r['other'], 0)} |")
         acc, ngx = cell.get("acc"), cell.get("nginx")
         if acc and ngx:
             rps_ratio = acc["rps"] / ngx["rps"] if ngx["rps"] else None
@@ -77,7 +81,7 @@ def main() -> None:
                 f"{fmt(acc['p50'] / ngx['p50'] if ngx['p50'] else None)}x | "
                 f"{fmt(acc['p90'] / ngx['p90'] if ngx['p90'] else None)}x | "
                 f"{fmt(acc['p99'] / ngx['p99'] if ngx['p99'] else None)}x | "
-                f"**{fmt(cpu_ratio)}x** | | | |")
+                f"**{fmt(cpu_ratio)}x** | | | | |")
             if cpu_ratio is not None:
                 ok = "PASS" if cpu_ratio <= CPU_GOAL else "FAIL"
                 goals.append(f"- {ok}: {payload} c={conc}: acc CPU/request = "
@@ -100,10 +104,18 @@ def main() -> None:
         "1024x1024 PNG (returned base64-encoded in JSON, so ~4/3 of that on the wire).",
         "CPU ms/request = (utime+stime delta of the proxy process(es) over the measured run) / "
         "completed requests; nginx = master + workers, acc = the acc process (all threads).",
+        "other CPU % = machine-wide busy CPU time not used by the proxy, the mock or wrk, "
+        "as % of all CPUs over the cell (kernel softirq work on loopback lands here too; "
+        "tens of % mean something else was running and the cell is not trustworthy).",
         "Ratio rows: acc value divided by nginx value.",
         "",
     ]
     text = "\n".join(header + lines) + "\n"
+    noisy = [f"{r['payload']} c={r['conc']} {r['target']} ({r['other']:.0f}%)"
+             for r in rows if r["other"] is not None and r["other"] > 10]
+    if noisy:
+        text += ("\nWARNING: other processes used more than 10% of the machine during: "
+                 + ", ".join(noisy) + ". Re-run on a quiet machine.\n")
     if goals:
         text += "\nGoals:\n\n" + "\n".join(goals) + "\n"
     with open(args.out, "w") as f:

@@ -42,6 +42,10 @@ enum Command {
         /// Seconds in-flight requests get to finish after SIGTERM.
         #[arg(long, env = "ACC_DRAIN_SECS", default_value_t = 30)]
         drain_secs: u64,
+        /// Proxy worker threads (each with its own event loop and socket). Default: the CPUs
+        /// this process may use (cgroup quotas included).
+        #[arg(long, env = "ACC_WORKERS")]
+        workers: Option<usize>,
     },
     /// Validate a policy directory (or one file): prints every error with its file and path.
     Check {
@@ -51,15 +55,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The proxy runs on worker threads of its own (see `server`); this runtime carries the admin
+    // listener, the policy watcher and signals, which need little.
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    // One worker per core by default; ops can pin it lower when the pod's CPU limit is below the
-    // node's core count (tokio sees the node's cores, not the cgroup's quota).
-    if let Some(n) = std::env::var("ACC_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
-        rt.worker_threads(n);
-    }
+    rt.enable_all().worker_threads(1).thread_name("acc-main");
     match rt.build() {
-        Ok(rt) => rt.block_on(run()),
+        Ok(rt) => {
+            let code = rt.block_on(run());
+            // Past the drain deadline, proxy workers may still hold abandoned requests: do not
+            // wait for them (or any blocking task) before exiting.
+            rt.shutdown_timeout(Duration::from_millis(200));
+            code
+        }
         Err(e) => {
             eprintln!("acc: cannot start the async runtime: {e}");
             ExitCode::FAILURE
@@ -71,7 +78,7 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
-        Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs } => {
+        Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers } => {
             init_tracing();
             let source = match policies {
                 Some(dir) => PolicySource::Dir(dir),
@@ -86,6 +93,9 @@ async fn run() -> ExitCode {
                 artifact_store_bytes: artifact_store_mib.saturating_mul(1024 * 1024),
                 poll_every: Duration::from_secs(1),
                 drain_deadline: Duration::from_secs(drain_secs),
+                workers: workers
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             };
             let ready = |proxy: SocketAddr, admin: SocketAddr| {
                 let mut out = std::io::stdout().lock();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -39,21 +39,25 @@ struct RequestCtx {
 }
 
 /// `POST /v1/images/generations` (JSON)
-pub async fn generations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    images(app, headers, body, Operation::Generate).await
+///
+/// Handlers take the whole request: axum's `HeaderMap` extractor would clone every header.
+pub async fn generations(State(app): State<Arc<App>>, req: Request) -> Response {
+    images(app, req, Operation::Generate).await
 }
 
 /// `POST /v1/images/edits` (multipart)
-pub async fn edits(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    images(app, headers, body, Operation::Edit).await
+pub async fn edits(State(app): State<Arc<App>>, req: Request) -> Response {
+    images(app, req, Operation::Edit).await
 }
 
 /// `POST /v1/images/variations` (multipart)
-pub async fn variations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    images(app, headers, body, Operation::Variation).await
+pub async fn variations(State(app): State<Arc<App>>, req: Request) -> Response {
+    images(app, req, Operation::Variation).await
 }
 
-async fn images(app: Arc<App>, headers: HeaderMap, body: Body, op: Operation) -> Response {
+async fn images(app: Arc<App>, req: Request, op: Operation) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
     let snapshot = app.policy.snapshot();
     let limit = snapshot.policy.server.max_in_flight;
     let Some(_in_flight) = app.admit(limit) else {
@@ -149,8 +153,7 @@ async fn generate(
     };
     let winner = &policy.routes[step.route];
     ctx.provider = Some(winner.targets[step.target].provider.clone());
-    let base = public_base(policy, headers);
-    Ok(render(app, policy, winner.url_mode, req.response_format, generation, &base))
+    Ok(render(app, policy, winner.url_mode, req.response_format, generation, headers))
 }
 
 /// Client keys are checked by their SHA-256 digest. With no keys configured the gateway serves
@@ -256,7 +259,11 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
 /// `{"created": .., "data": [..]}` in the format the client asked for. Base64 the provider sent
 /// is written out as the same `Bytes`; raw bytes are encoded once; URLs point at the gateway
 /// unless the route hands provider URLs through.
-fn render(app: &App, policy: &Policy, url_mode: UrlMode, format: ResponseFormat, generation: Generation, base: &str) -> ChunkedBody {
+fn render(app: &App, policy: &Policy, url_mode: UrlMode, format: ResponseFormat, generation: Generation, headers: &HeaderMap) -> ChunkedBody {
+    let base = match format {
+        ResponseFormat::Url => public_base(policy, headers),
+        ResponseFormat::B64Json => String::new(),
+    };
     let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut out = ChunkedBody::default();
     out.push(format!("{{\"created\":{created},\"data\":["));
@@ -281,9 +288,9 @@ fn render(app: &App, policy: &Policy, url_mode: UrlMode, format: ResponseFormat,
                     Image::Base64(b) => {
                         // Validated when the answer was parsed.
                         let bytes = Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default());
-                        store(app, policy, bytes, base)
+                        store(app, policy, bytes, &base)
                     }
-                    Image::Raw { bytes, .. } => store(app, policy, bytes, base),
+                    Image::Raw { bytes, .. } => store(app, policy, bytes, &base),
                 };
                 out.push(format!("{{\"url\":{}}}", serde_json::Value::String(url)));
             }

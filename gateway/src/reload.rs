@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Sources};
-use crate::providers::{self, HttpClient, Provider};
+use crate::providers::{self, Provider};
 
 /// The policy text compiled into the binary, used when no policy directory exists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
@@ -48,7 +48,6 @@ pub struct ReloadStatus {
 pub struct PolicyStore {
     current: ArcSwap<Snapshot>,
     source: PolicySource,
-    client: HttpClient,
     metrics: Arc<Metrics>,
     /// The proxy listens beyond loopback: a policy must then configure API keys.
     public_listener: bool,
@@ -61,14 +60,13 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     /// Loads the initial policy; errors mean the gateway must not start.
-    pub fn open(source: PolicySource, client: HttpClient, metrics: Arc<Metrics>, public_listener: bool) -> Result<PolicyStore, Vec<String>> {
+    pub fn open(source: PolicySource, metrics: Arc<Metrics>, public_listener: bool) -> Result<PolicyStore, Vec<String>> {
         let sources = source.read()?;
-        let snapshot = prepare(&sources, &client, public_listener)?;
+        let snapshot = prepare(&sources, public_listener)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(snapshot),
             source,
-            client,
             metrics,
             public_listener,
             last_seen: Mutex::new(Some(sources)),
@@ -104,7 +102,7 @@ impl PolicyStore {
         if !force && !changed {
             return Ok(self.current.load().policy.version.clone());
         }
-        let result = sources.and_then(|s| prepare(&s, &self.client, self.public_listener));
+        let result = sources.and_then(|s| prepare(&s, self.public_listener));
         match result {
             Ok(snapshot) => {
                 let version = snapshot.policy.version.clone();
@@ -150,13 +148,13 @@ impl PolicyStore {
 }
 
 /// All fallible work of a reload: validate, check listener constraints, build adapters.
-fn prepare(sources: &Sources, client: &HttpClient, public_listener: bool) -> Result<Snapshot, Vec<String>> {
+fn prepare(sources: &Sources, public_listener: bool) -> Result<Snapshot, Vec<String>> {
     let policy = policy::validate(sources)?;
     if public_listener && policy.keys.is_empty() {
         return Err(vec![
             "keys: no API keys are configured, and the proxy listens beyond loopback; add [[keys]] or listen on 127.0.0.1".into(),
         ]);
     }
-    let providers = policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec, client))).collect();
+    let providers = policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec))).collect();
     Ok(Snapshot { policy, providers, loaded_at: SystemTime::now() })
 }

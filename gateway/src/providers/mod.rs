@@ -12,6 +12,7 @@ use crate::request::GenerationRequest;
 
 pub mod builtin;
 pub mod openai;
+pub mod skim;
 
 /// The HTTP client every adapter shares (one connection pool per process).
 pub type HttpClient = hyper_util::client::legacy::Client<
@@ -19,7 +20,18 @@ pub type HttpClient = hyper_util::client::legacy::Client<
     crate::body::ChunkedBody,
 >;
 
+thread_local! {
+    /// One client (connection pool) per thread: each proxy worker thread runs its own runtime,
+    /// so its upstream connections, and the tasks that drive them, never cross threads.
+    static CLIENT: HttpClient = new_http_client();
+}
+
+/// The calling thread's HTTP client.
 pub fn http_client() -> HttpClient {
+    CLIENT.with(HttpClient::clone)
+}
+
+fn new_http_client() -> HttpClient {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -116,11 +128,10 @@ pub trait Provider: Send + Sync {
 }
 
 /// Builds the adapter for a provider of the policy.
-pub fn build(spec: &ProviderSpec, client: &HttpClient) -> Arc<dyn Provider> {
+pub fn build(spec: &ProviderSpec) -> Arc<dyn Provider> {
     match &spec.kind {
         ProviderKind::Builtin => Arc::new(builtin::Builtin),
         ProviderKind::OpenAi { base_url, api_key_env, upstream_format } => Arc::new(openai::OpenAi::new(
-            client.clone(),
             base_url,
             api_key_env.as_deref(),
             *upstream_format,

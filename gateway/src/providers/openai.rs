@@ -7,9 +7,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
-use super::{AttemptRequest, Generation, HttpClient, Image, Provider, ProviderError};
+use super::{http_client, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::UpstreamFormat;
 use crate::request::{GenerationRequest, Operation};
@@ -18,7 +17,6 @@ use crate::request::{GenerationRequest, Operation};
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
 pub struct OpenAi {
-    client: HttpClient,
     /// `{base_url}/images/`; the operation's path is appended.
     images_url: String,
     /// `Ok(header)` when the key variable is set, `Err(var)` when the policy names one that is not.
@@ -27,7 +25,7 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(client: HttpClient, base_url: &str, api_key_env: Option<&str>, upstream_format: UpstreamFormat) -> Self {
+    pub fn new(base_url: &str, api_key_env: Option<&str>, upstream_format: UpstreamFormat) -> Self {
         let auth = api_key_env.map(|var| {
             std::env::var(var)
                 .ok()
@@ -38,7 +36,7 @@ impl OpenAi {
                 })
                 .ok_or_else(|| var.to_string())
         });
-        OpenAi { client, images_url: format!("{base_url}/images/"), auth, upstream_format }
+        OpenAi { images_url: format!("{base_url}/images/"), auth, upstream_format }
     }
 }
 
@@ -79,7 +77,7 @@ impl Provider for OpenAi {
         }
         let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
-        let resp = self.client.request(req).await.map_err(|e| {
+        let resp = http_client().request(req).await.map_err(|e| {
             if e.is_connect() {
                 ProviderError::Connect(source_chain(&e))
             } else {
@@ -170,25 +168,24 @@ fn quote(s: &str) -> String {
 }
 
 #[derive(Deserialize)]
-struct Answer<'a> {
-    #[serde(borrow, default)]
-    data: Option<Vec<Item<'a>>>,
+struct Answer {
+    #[serde(default)]
+    data: Option<Vec<Item>>,
 }
 
 #[derive(Deserialize)]
-struct Item<'a> {
-    /// Kept raw so the payload is borrowed from the body, not copied (a `Cow` inside an
-    /// `Option` would always be copied).
-    #[serde(borrow, default)]
-    b64_json: Option<&'a RawValue>,
+struct Item {
+    #[serde(default)]
+    b64_json: Option<String>,
     #[serde(default)]
     url: Option<String>,
 }
 
-/// Parses a 2xx answer. Base64 payloads stay slices of `body` (no copy) unless the upstream
-/// escaped characters inside them.
+/// Parses a 2xx answer. Base64 payloads stay slices of `body` (no copy) and each is walked
+/// only by `memchr` and one base64 check (see `skim`).
 pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
-    let answer: Answer = serde_json::from_slice(body)
+    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+    let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     let items = answer.data.unwrap_or_default();
     if items.is_empty() {
@@ -197,26 +194,18 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
     let mut images = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let image = match (item.b64_json, item.url) {
-            (Some(raw), _) => {
-                let text = raw.get();
-                let bytes = if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') {
-                    body.slice_ref(&text.as_bytes()[1..text.len() - 1])
-                } else {
-                    match serde_json::from_str::<String>(text) {
-                        Ok(s) => Bytes::from(s.into_bytes()),
-                        Err(_) => {
-                            return Err(ProviderError::BadResponse(format!("data[{i}].b64_json is not a string")))
-                        }
-                    }
-                };
-                if bytes.is_empty() || base64_simd::STANDARD.check(&bytes).is_err() {
+            (Some(b64), _) => match skim::base64_value(skimmed.resolve(&b64)) {
+                Some(bytes) => Image::Base64(bytes),
+                None => {
                     return Err(ProviderError::BadResponse(format!(
                         "data[{i}].b64_json is not valid base64 (truncated or corrupt)"
-                    )));
+                    )))
                 }
-                Image::Base64(bytes)
-            }
-            (None, Some(url)) => Image::Url(url),
+            },
+            (None, Some(url)) => match skimmed.resolve(&url) {
+                skim::Raw::Plain(u) => Image::Url(u),
+                skim::Raw::Span(_) => return Err(ProviderError::BadResponse(format!("data[{i}].url is too long"))),
+            },
             (None, None) => {
                 return Err(ProviderError::BadResponse(format!("data[{i}] has neither b64_json nor url")))
             }
@@ -284,19 +273,24 @@ mod tests {
 
     #[test]
     fn base64_stays_a_slice_of_the_body() {
-        let body = Bytes::from_static(br#"{"created":1,"data":[{"b64_json":"aGVsbG8="},{"url":"https://x/y.png"},{"b64_json":"aGVs\/bG8"}]}"#);
+        let big = "QUJD".repeat(1000);
+        let text = format!(
+            r#"{{"created":1,"data":[{{"b64_json":"{big}"}},{{"url":"https://x/y.png"}},{{"b64_json":"aGVs\/bG8"}},{{"b64_json":"aGk="}}]}}"#
+        );
+        let body = Bytes::from(text);
         let g = parse_answer(&body).unwrap();
         match &g.images[0] {
             Image::Base64(b) => {
-                assert_eq!(&b[..], b"aGVsbG8=");
+                assert_eq!(&b[..], big.as_bytes());
                 let start = b.as_ptr() as usize - body.as_ptr() as usize;
-                assert_eq!(&body[start..start + 8], b"aGVsbG8=");
+                assert!(start < body.len(), "payload is a slice of the upstream body");
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(&g.images[1], Image::Url(u) if u == "https://x/y.png"));
-        // An escaped slash is unescaped (and then copied).
+        // An escaped slash is unescaped; short payloads are plain values.
         assert!(matches!(&g.images[2], Image::Base64(b) if &b[..] == b"aGVs/bG8"));
+        assert!(matches!(&g.images[3], Image::Base64(b) if &b[..] == b"aGk="));
     }
 
     #[test]
@@ -307,6 +301,7 @@ mod tests {
             br#"{"data":[{"b64_json":"aGVsbG8"}]}"#,
             br#"{"data":[{"b64_json":"!!!!"}]}"#,
             br#"{"data":[{"b64_json":"aGVs"#,
+            br#"{"data":[{"b64_json":5}]}"#,
             br#"{"data":[{}]}"#,
         ] {
             let e = parse_answer(&Bytes::copy_from_slice(body)).unwrap_err();
