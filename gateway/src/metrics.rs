@@ -2,8 +2,25 @@
 //! interfere). Label values come from policy names and fixed enums, never from user input.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::policy::Route;
+
+/// A route's metric handles for the common case (success), so the hot path does not hash label
+/// values on every request.
+pub struct RouteMetrics {
+    pub requests_ok: IntCounter,
+    pub duration: Histogram,
+    /// Per target of the route: `acc_attempts_total{result="ok"}` and its provider latency.
+    pub targets: Vec<(IntCounter, Histogram)>,
+}
+
+/// The `model` label of a target: its configured model, or `alias` when it takes the client's.
+pub fn model_label(model: Option<&str>) -> &str {
+    model.unwrap_or("alias")
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -88,6 +105,23 @@ impl Metrics {
             policy_reloads,
             policy_info,
             artifacts,
+        }
+    }
+
+    pub fn route_metrics(&self, r: &Route) -> RouteMetrics {
+        RouteMetrics {
+            requests_ok: self.requests.with_label_values(&[r.name.as_str(), "ok"]),
+            duration: self.request_duration.with_label_values(&[r.name.as_str()]),
+            targets: r
+                .targets
+                .iter()
+                .map(|t| {
+                    (
+                        self.attempts.with_label_values(&[r.name.as_str(), t.provider.as_str(), "ok"]),
+                        self.provider_latency.with_label_values(&[t.provider.as_str(), model_label(t.model.as_deref())]),
+                    )
+                })
+                .collect(),
         }
     }
 

@@ -33,7 +33,8 @@ pub const COHORT: &str = "x-acc-cohort";
 struct RequestCtx {
     trace_id: String,
     started: Instant,
-    route: Option<String>,
+    /// Index of the matched route in the snapshot's policy.
+    route: Option<usize>,
     provider: Option<String>,
     attempts: Vec<(String, &'static str)>,
 }
@@ -74,7 +75,7 @@ async fn images(app: Arc<App>, req: Request, op: Operation) -> Response {
         attempts: Vec::new(),
     };
     let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
-    finish(&app, ctx, result)
+    finish(&app, &snapshot, ctx, result)
 }
 
 async fn generate(
@@ -115,7 +116,7 @@ async fn generate(
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
-    ctx.route = Some(route.name.clone());
+    ctx.route = Some(route_idx);
     let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
     let steps = routing::plan(policy, route_idx, fastrand::f64());
     // The client's bytes are needed whenever the gateway itself must answer with them.
@@ -145,7 +146,7 @@ async fn generate(
         }
     })
     .await;
-    record_attempts(app, policy, route_idx, &outcome, ctx);
+    record_attempts(app, snap, route_idx, &outcome, ctx);
 
     // 5. The answer.
     let Some((step, generation)) = outcome.success else {
@@ -201,16 +202,21 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
-fn record_attempts(app: &App, policy: &Policy, route_idx: usize, outcome: &PlanOutcome, ctx: &mut RequestCtx) {
+fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanOutcome, ctx: &mut RequestCtx) {
+    let policy = &snap.policy;
     let route = &policy.routes[route_idx].name;
     let m = &app.metrics;
     let mut prev: Option<(&str, &'static str)> = None;
     for a in &outcome.attempts {
         let target = &policy.routes[a.step.route].targets[a.step.target];
         let label = a.label();
-        m.attempts.with_label_values(&[route.as_str(), &target.provider, label]).inc();
-        let model = target.model.as_deref().unwrap_or("alias");
-        m.provider_latency.with_label_values(&[&target.provider, model]).observe(a.elapsed.as_secs_f64());
+        let (attempt_ok, latency) = &snap.hot[a.step.route].targets[a.step.target];
+        if label == "ok" && a.step.route == route_idx {
+            attempt_ok.inc();
+        } else {
+            m.attempts.with_label_values(&[route.as_str(), &target.provider, label]).inc();
+        }
+        latency.observe(a.elapsed.as_secs_f64());
         if let Some((from, reason)) = prev {
             m.fallbacks.with_label_values(&[route.as_str(), from, &target.provider, reason]).inc();
         }
@@ -330,8 +336,8 @@ fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-fn finish(app: &App, ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
-    let route = ctx.route.as_deref().unwrap_or("none");
+fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
+    let route = ctx.route.map_or("none", |i| snap.policy.routes[i].name.as_str());
     let (mut resp, outcome) = match result {
         Ok(body) => {
             let mut r = Response::new(Body::new(body));
@@ -357,20 +363,41 @@ fn finish(app: &App, ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> 
     if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
         h.insert(TRACE_ID, v);
     }
-    if let Some(v) = ctx.route.as_deref().and_then(|r| HeaderValue::from_str(r).ok()) {
+    if let Some(v) = ctx.route.and_then(|_| HeaderValue::from_str(route).ok()) {
         h.insert(ROUTE, v);
     }
     if let Some(v) = ctx.provider.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
         h.insert(PROVIDER, v);
     }
     if !ctx.attempts.is_empty() {
-        let list: Vec<String> = ctx.attempts.iter().map(|(p, r)| format!("{p}:{r}")).collect();
-        if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+        let mut list = String::with_capacity(32 * ctx.attempts.len());
+        for (i, (p, r)) in ctx.attempts.iter().enumerate() {
+            if i > 0 {
+                list.push_str(", ");
+            }
+            list.push_str(p);
+            list.push(':');
+            list.push_str(r);
+        }
+        if let Ok(v) = HeaderValue::from_str(&list) {
             h.insert(ATTEMPTS, v);
         }
     }
-    app.metrics.requests.with_label_values(&[route, outcome]).inc();
-    app.metrics.request_duration.with_label_values(&[route]).observe(ctx.started.elapsed().as_secs_f64());
+    let elapsed = ctx.started.elapsed().as_secs_f64();
+    match ctx.route.map(|i| &snap.hot[i]) {
+        Some(hot) if outcome == "ok" => {
+            hot.requests_ok.inc();
+            hot.duration.observe(elapsed);
+        }
+        Some(hot) => {
+            app.metrics.requests.with_label_values(&[route, outcome]).inc();
+            hot.duration.observe(elapsed);
+        }
+        None => {
+            app.metrics.requests.with_label_values(&[route, outcome]).inc();
+            app.metrics.request_duration.with_label_values(&[route]).observe(elapsed);
+        }
+    }
     tracing::debug!(trace_id = %ctx.trace_id, route, outcome, elapsed_ms = ctx.started.elapsed().as_millis() as u64, "request done");
     resp
 }

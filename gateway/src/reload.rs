@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::{self, Policy, Sources};
 use crate::providers::{self, Provider};
 
@@ -20,6 +20,8 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
 pub struct Snapshot {
     pub policy: Policy,
     pub providers: HashMap<String, Arc<dyn Provider>>,
+    /// Metric handles of the success path, resolved once per policy instead of per request.
+    pub hot: Vec<RouteMetrics>,
     pub loaded_at: SystemTime,
 }
 
@@ -62,7 +64,7 @@ impl PolicyStore {
     /// Loads the initial policy; errors mean the gateway must not start.
     pub fn open(source: PolicySource, metrics: Arc<Metrics>, public_listener: bool) -> Result<PolicyStore, Vec<String>> {
         let sources = source.read()?;
-        let snapshot = prepare(&sources, public_listener)?;
+        let snapshot = prepare(&sources, public_listener, &metrics)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(snapshot),
@@ -102,7 +104,7 @@ impl PolicyStore {
         if !force && !changed {
             return Ok(self.current.load().policy.version.clone());
         }
-        let result = sources.and_then(|s| prepare(&s, self.public_listener));
+        let result = sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics));
         match result {
             Ok(snapshot) => {
                 let version = snapshot.policy.version.clone();
@@ -148,7 +150,7 @@ impl PolicyStore {
 }
 
 /// All fallible work of a reload: validate, check listener constraints, build adapters.
-fn prepare(sources: &Sources, public_listener: bool) -> Result<Snapshot, Vec<String>> {
+fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Result<Snapshot, Vec<String>> {
     let policy = policy::validate(sources)?;
     if public_listener && policy.keys.is_empty() {
         return Err(vec![
@@ -156,5 +158,6 @@ fn prepare(sources: &Sources, public_listener: bool) -> Result<Snapshot, Vec<Str
         ]);
     }
     let providers = policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec))).collect();
-    Ok(Snapshot { policy, providers, loaded_at: SystemTime::now() })
+    let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
+    Ok(Snapshot { policy, providers, hot, loaded_at: SystemTime::now() })
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -217,25 +216,49 @@ fn spawn_proxy_worker(
                 return;
             }
         };
-        rt.block_on(async move {
-            let listener = match TcpListener::from_std(socket) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(worker = index, "cannot register the proxy socket: {e}");
-                    return;
-                }
-            };
-            // Responses go out in several writes (JSON framing around the payload): without
-            // NODELAY, Nagle's algorithm and delayed ACKs would add tens of ms to each answer.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let served = axum::serve(listener, proxy_router(app)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-            if let Err(e) = served {
-                tracing::error!(worker = index, "proxy worker stopped: {e}");
-            }
-        });
+        rt.block_on(serve_proxy(index, socket, proxy_router(app), shutdown));
     })
+}
+
+/// One worker's accept loop: HTTP/1.1 connections straight on hyper (the OpenAI SDKs speak
+/// HTTP/1.1; skipping protocol sniffing and upgrade support is measurably cheaper per request
+/// than `axum::serve`). On shutdown it stops accepting, lets in-flight requests finish and
+/// closes idle keep-alive connections.
+async fn serve_proxy(index: usize, socket: std::net::TcpListener, router: Router, shutdown: CancellationToken) {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(worker = index, "cannot register the proxy socket: {e}");
+            return;
+        }
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(worker = index, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Responses go out in several writes (JSON framing around the payload): without
+        // NODELAY, Nagle's algorithm and delayed ACKs would add tens of ms to each answer.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn sighup_reloads(store: Arc<PolicyStore>, shutdown: CancellationToken) {

@@ -26,9 +26,10 @@ thread_local! {
     static CLIENT: HttpClient = new_http_client();
 }
 
-/// The calling thread's HTTP client.
-pub fn http_client() -> HttpClient {
-    CLIENT.with(HttpClient::clone)
+/// Runs `f` with the calling thread's HTTP client (the request future it returns owns what it
+/// needs, so the client itself is not cloned per request).
+pub fn with_http_client<R>(f: impl FnOnce(&HttpClient) -> R) -> R {
+    CLIENT.with(f)
 }
 
 fn new_http_client() -> HttpClient {

@@ -8,7 +8,7 @@ use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
-use super::{http_client, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
+use super::{skim, with_http_client, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::UpstreamFormat;
 use crate::request::{GenerationRequest, Operation};
@@ -77,7 +77,7 @@ impl Provider for OpenAi {
         }
         let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
-        let resp = http_client().request(req).await.map_err(|e| {
+        let resp = with_http_client(|c| c.request(req)).await.map_err(|e| {
             if e.is_connect() {
                 ProviderError::Connect(source_chain(&e))
             } else {
