@@ -9,6 +9,7 @@
 //! - [`reload`]: the live policy snapshot, swapped atomically on poll, SIGHUP or admin reload.
 //! - [`routing`]: route selection, the weighted attempt plan, the fallback loop.
 //! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
+//! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request using them.
 //! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`.
 //! - [`metrics`]: the Prometheus registry.
@@ -31,3 +32,4 @@ pub mod reload;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod upstream;

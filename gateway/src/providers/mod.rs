@@ -14,46 +14,6 @@ pub mod builtin;
 pub mod openai;
 pub mod skim;
 
-/// The HTTP client every adapter shares (one connection pool per process).
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    crate::body::ChunkedBody,
->;
-
-thread_local! {
-    /// One client (connection pool) per thread: each proxy worker thread runs its own runtime,
-    /// so its upstream connections, and the tasks that drive them, never cross threads.
-    static CLIENT: HttpClient = new_http_client();
-}
-
-/// Runs `f` with the calling thread's HTTP client (the request future it returns owns what it
-/// needs, so the client itself is not cloned per request).
-pub fn with_http_client<R>(f: impl FnOnce(&HttpClient) -> R) -> R {
-    CLIENT.with(f)
-}
-
-fn new_http_client() -> HttpClient {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https)
-}
-
 /// One image as the provider gave it. Payloads stay `Bytes` slices of what was received.
 #[derive(Debug, Clone)]
 pub enum Image {

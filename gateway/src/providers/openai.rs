@@ -5,11 +5,11 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
-use super::{skim, with_http_client, AttemptRequest, Generation, Image, Provider, ProviderError};
+use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
+use crate::upstream;
 use crate::policy::UpstreamFormat;
 use crate::request::{GenerationRequest, Operation};
 
@@ -77,19 +77,11 @@ impl Provider for OpenAi {
         }
         let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
-        let resp = with_http_client(|c| c.request(req)).await.map_err(|e| {
-            if e.is_connect() {
-                ProviderError::Connect(source_chain(&e))
-            } else {
-                ProviderError::Transport(source_chain(&e))
-            }
+        let answer = upstream::send(req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
+            upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
         })?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| ProviderError::Transport(format!("reading the answer: {e}")))?
-            .to_bytes();
+        let (status, body) = (answer.status, answer.body);
         if status.is_success() {
             parse_answer(&body)
         } else {
@@ -256,16 +248,6 @@ fn upstream_message(body: &[u8]) -> String {
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,363 @@
+//! Upstream HTTP/1.1 connections, kept per proxy worker thread and driven by the request that
+//! uses them.
+//!
+//! hyper's pooled client runs every connection as a task of its own and talks to it over
+//! channels: each request then costs an extra task switch and several wake-ups. Here a request
+//! takes an idle connection of its thread, polls the connection's I/O itself while it waits for
+//! the answer, and puts the connection back when the answer is read. Connections never cross
+//! threads (each worker has its own runtime), so the pool needs no lock.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::body::ChunkedBody;
+
+/// Idle connections kept per upstream (scheme + authority) and thread.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is closed rather than reused (servers close theirs).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: nothing was sent.
+    #[error("{0}")]
+    Connect(String),
+    /// The connection failed after the request may have been sent.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// A status and a fully read body.
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// Sends `req` (absolute URI) and reads the whole answer, up to `max_body` bytes.
+pub async fn send(mut req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
+    let uri = req.uri().clone();
+    let key = pool_key(&uri)?;
+    // hyper's connection-level client sends the URI as given: use origin form and set Host.
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = Uri::try_from(path).map_err(|e| UpstreamError::Connect(format!("bad URI: {e}")))?;
+    if let Some(authority) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    // A pooled connection the server has since closed is only found out by using it: the
+    // request comes back unsent, and goes out once more on a fresh connection.
+    let mut req = req;
+    for _ in 0..3 {
+        let (conn, reused) = match take_idle(&key) {
+            Some(c) => (c, true),
+            None => (connect(&uri).await?, false),
+        };
+        match exchange(conn, req, max_body).await {
+            Ok((answer, Some(conn))) => {
+                put_idle(key, conn);
+                return Ok(answer);
+            }
+            Ok((answer, None)) => return Ok(answer),
+            Err(Exchange::Unsent(back)) if reused => req = back,
+            Err(Exchange::Unsent(_)) => return Err(UpstreamError::Transport("connection closed before the request was sent".into())),
+            Err(Exchange::Failed(e)) => return Err(e),
+        }
+    }
+    Err(UpstreamError::Transport("no usable connection to the upstream".into()))
+}
+
+struct Conn {
+    send: http1::SendRequest<ChunkedBody>,
+    driver: Pin<Box<http1::Connection<TokioIo<Stream>, ChunkedBody>>>,
+    idle_since: Instant,
+}
+
+enum Exchange {
+    /// The connection was unusable and the request was not sent; here it is back.
+    Unsent(Request<ChunkedBody>),
+    Failed(UpstreamError),
+}
+
+/// One request on one connection, polling the connection's I/O alongside. Returns the
+/// connection when it can carry another request.
+async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Result<(Answer, Option<Conn>), Exchange> {
+    let Conn { mut send, mut driver, .. } = conn;
+    let mut driver_done = false;
+    let result = {
+        let work = async {
+            let resp = match send.try_send_request(req).await {
+                Ok(r) => r,
+                Err(mut e) => {
+                    return Err(match e.take_message() {
+                        Some(back) => Exchange::Unsent(back),
+                        None => Exchange::Failed(UpstreamError::Transport(chain(e.error()))),
+                    })
+                }
+            };
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), max_body)
+                .collect()
+                .await
+                .map_err(|e| Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}"))))?
+                .to_bytes();
+            Ok(Answer { status, body })
+        };
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx: &mut Context<'_>| {
+            if !driver_done {
+                if let Poll::Ready(_) = driver.as_mut().poll(cx) {
+                    // Closed or broken: the request's own future now resolves with the error.
+                    driver_done = true;
+                }
+            }
+            work.as_mut().poll(cx)
+        })
+        .await
+    };
+    let answer = result?;
+    let reusable = !driver_done && send.is_ready();
+    Ok((answer, reusable.then(|| Conn { send, driver, idle_since: Instant::now() })))
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<String, Vec<Conn>>> = RefCell::new(HashMap::new());
+}
+
+fn take_idle(key: &str) -> Option<Conn> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.get_mut(key)?;
+        while let Some(mut c) = list.pop() {
+            if c.idle_since.elapsed() < IDLE_TIMEOUT && c.send.is_ready() && !closed(&mut c) {
+                return Some(c);
+            }
+        }
+        None
+    })
+}
+
+fn put_idle(key: String, conn: Conn) {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.entry(key).or_default();
+        if list.len() < MAX_IDLE {
+            list.push(conn);
+        }
+    });
+}
+
+/// Polls an idle connection once: a server that closed it (or sent garbage) is seen here.
+fn closed(c: &mut Conn) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    c.driver.as_mut().poll(&mut cx).is_ready()
+}
+
+fn pool_key(uri: &Uri) -> Result<String, UpstreamError> {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(s @ ("http" | "https")), Some(a)) => Ok(format!("{s}://{a}")),
+        _ => Err(UpstreamError::Connect(format!("not an absolute http(s) URL: {uri}"))),
+    }
+}
+
+async fn connect(uri: &Uri) -> Result<Conn, UpstreamError> {
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+    let tls = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+        .await
+        .map_err(|_| UpstreamError::Connect(format!("connecting to {host}:{port} timed out")))?
+        .map_err(|e| UpstreamError::Connect(format!("tcp connect error to {host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| UpstreamError::Connect(format!("invalid TLS server name {host}: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(tls_config());
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Connect(format!("TLS handshake with {host} timed out")))?
+            .map_err(|e| UpstreamError::Connect(format!("TLS handshake with {host}: {e}")))?;
+        Stream::Tls(Box::new(tls))
+    } else {
+        Stream::Plain(tcp)
+    };
+    let (send, driver) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamError::Connect(chain(&e)))?;
+    Ok(Conn { send, driver: Box::pin(driver), idle_since: Instant::now() })
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
+                .with_no_client_auth();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        })
+        .clone()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A plain or TLS TCP stream.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers one request per connection and then closes it without saying so
+    /// (no `Connection: close`), as servers do when their keep-alive timeout passes.
+    async fn one_shot_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<ChunkedBody> {
+        Request::get(format!("http://{addr}/x")).body(ChunkedBody::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_transparently() {
+        let (addr, accepted) = one_shot_server().await;
+        let a = send(get(addr), 1024).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, &b"ok"[..]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b = send(get(addr), 1024).await.unwrap();
+        assert_eq!(&b.body[..], b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_connections_are_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from_static(b"hi"))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+            }
+        });
+        for _ in 0..5 {
+            assert_eq!(&send(get(addr), 1024).await.unwrap().body[..], b"hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_connections_and_oversized_answers_are_errors() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = send(get(format!("127.0.0.1:{port}").parse().unwrap()), 1024).await.err().unwrap();
+        assert!(matches!(e, UpstreamError::Connect(_)), "{e}");
+        let (addr, _) = one_shot_server().await;
+        let e = send(get(addr), 1).await.err().unwrap();
+        assert!(matches!(e, UpstreamError::Transport(_)), "{e}");
+    }
+}
