@@ -73,7 +73,7 @@ pub async fn send(mut req: Request<ChunkedBody>, max_body: usize) -> Result<Answ
                 return Ok(answer);
             }
             Ok((answer, None)) => return Ok(answer),
-            Err(Exchange::Unsent(back)) if reused => req = back,
+            Err(Exchange::Unsent(back)) if reused => req = *back,
             Err(Exchange::Unsent(_)) => return Err(UpstreamError::Transport("connection closed before the request was sent".into())),
             Err(Exchange::Failed(e)) => return Err(e),
         }
@@ -89,7 +89,7 @@ struct Conn {
 
 enum Exchange {
     /// The connection was unusable and the request was not sent; here it is back.
-    Unsent(Request<ChunkedBody>),
+    Unsent(Box<Request<ChunkedBody>>),
     Failed(UpstreamError),
 }
 
@@ -104,7 +104,7 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
                 Ok(r) => r,
                 Err(mut e) => {
                     return Err(match e.take_message() {
-                        Some(back) => Exchange::Unsent(back),
+                        Some(back) => Exchange::Unsent(Box::new(back)),
                         None => Exchange::Failed(UpstreamError::Transport(chain(e.error()))),
                     })
                 }
@@ -120,7 +120,7 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {
             if !driver_done {
-                if let Poll::Ready(_) = driver.as_mut().poll(cx) {
+                if driver.as_mut().poll(cx).is_ready() {
                     // Closed or broken: the request's own future now resolves with the error.
                     driver_done = true;
                 }
