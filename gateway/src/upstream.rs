@@ -119,11 +119,9 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
         };
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {
-            if !driver_done {
-                if driver.as_mut().poll(cx).is_ready() {
-                    // Closed or broken: the request's own future now resolves with the error.
-                    driver_done = true;
-                }
+            // Closed or broken: the request's own future then resolves with the error.
+            if !driver_done && driver.as_mut().poll(cx).is_ready() {
+                driver_done = true;
             }
             work.as_mut().poll(cx)
         })
