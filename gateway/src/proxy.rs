@@ -35,8 +35,9 @@ struct RequestCtx {
     started: Instant,
     /// Index of the matched route in the snapshot's policy.
     route: Option<usize>,
-    provider: Option<String>,
-    attempts: Vec<(String, &'static str)>,
+    /// The target whose answer is returned.
+    provider: Option<Step>,
+    attempts: Vec<(Step, &'static str)>,
 }
 
 /// `POST /v1/images/generations` (JSON)
@@ -132,10 +133,9 @@ async fn generate(
     let req = &req;
     let outcome = routing::run_plan(&steps, deadline, timeout_of, |s| {
         let target = &policy.routes[s.route].targets[s.target];
-        let provider = snap.providers.get(&target.provider).cloned();
+        let provider = snap.target_providers[s.route][s.target].clone();
         let model = target.model.as_deref().unwrap_or(alias);
         async move {
-            let provider = provider.ok_or_else(|| ProviderError::Other("provider missing from snapshot".into()))?;
             let generation = provider.generate(&AttemptRequest { req, model }).await?;
             if needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
                 return Err(ProviderError::BadResponse(
@@ -153,7 +153,7 @@ async fn generate(
         return Err(failure(policy, &outcome));
     };
     let winner = &policy.routes[step.route];
-    ctx.provider = Some(winner.targets[step.target].provider.clone());
+    ctx.provider = Some(step);
     Ok(render(app, policy, winner.url_mode, req.response_format, generation, headers))
 }
 
@@ -224,7 +224,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
             tracing::info!(trace_id = %ctx.trace_id, route = %route, provider = %target.provider, result = label, "attempt failed: {e}");
         }
         prev = Some((&target.provider, label));
-        ctx.attempts.push((target.provider.clone(), label));
+        ctx.attempts.push((a.step, label));
     }
 }
 
@@ -366,16 +366,17 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
     if let Some(v) = ctx.route.and_then(|_| HeaderValue::from_str(route).ok()) {
         h.insert(ROUTE, v);
     }
-    if let Some(v) = ctx.provider.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+    let provider_of = |s: Step| snap.policy.routes[s.route].targets[s.target].provider.as_str();
+    if let Some(v) = ctx.provider.and_then(|s| HeaderValue::from_str(provider_of(s)).ok()) {
         h.insert(PROVIDER, v);
     }
     if !ctx.attempts.is_empty() {
         let mut list = String::with_capacity(32 * ctx.attempts.len());
-        for (i, (p, r)) in ctx.attempts.iter().enumerate() {
+        for (i, (s, r)) in ctx.attempts.iter().enumerate() {
             if i > 0 {
                 list.push_str(", ");
             }
-            list.push_str(p);
+            list.push_str(provider_of(*s));
             list.push(':');
             list.push_str(r);
         }

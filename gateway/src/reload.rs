@@ -20,6 +20,8 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
 pub struct Snapshot {
     pub policy: Policy,
     pub providers: HashMap<String, Arc<dyn Provider>>,
+    /// The adapter of each route's each target, indexed like `policy.routes[r].targets[t]`.
+    pub target_providers: Vec<Vec<Arc<dyn Provider>>>,
     /// Metric handles of the success path, resolved once per policy instead of per request.
     pub hot: Vec<RouteMetrics>,
     pub loaded_at: SystemTime,
@@ -157,7 +159,14 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Resul
             "keys: no API keys are configured, and the proxy listens beyond loopback; add [[keys]] or listen on 127.0.0.1".into(),
         ]);
     }
-    let providers = policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec))).collect();
+    let providers: HashMap<String, Arc<dyn Provider>> =
+        policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec))).collect();
+    // Validation guarantees every target names a defined provider.
+    let target_providers = policy
+        .routes
+        .iter()
+        .map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect())
+        .collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
-    Ok(Snapshot { policy, providers, hot, loaded_at: SystemTime::now() })
+    Ok(Snapshot { policy, providers, target_providers, hot, loaded_at: SystemTime::now() })
 }

@@ -30,9 +30,9 @@ impl std::fmt::Display for Size {
 /// Which Images API operation a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
-    Generate,
-    Edit,
-    Variation,
+    Generate = 0,
+    Edit = 1,
+    Variation = 2,
 }
 
 impl Operation {

@@ -47,29 +47,54 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-/// Sends `req` (absolute URI) and reads the whole answer, up to `max_body` bytes.
-pub async fn send(mut req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
-    let uri = req.uri().clone();
-    let key = pool_key(&uri)?;
-    // hyper's connection-level client sends the URI as given: use origin form and set Host.
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    *req.uri_mut() = Uri::try_from(path).map_err(|e| UpstreamError::Connect(format!("bad URI: {e}")))?;
-    if let Some(authority) = uri.authority() {
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
+/// Where requests go: resolved once per provider, not per request.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Pool key: `scheme://authority`.
+    key: String,
+    host: String,
+    port: u16,
+    tls: bool,
+    host_header: HeaderValue,
+    /// Origin-form request target (path and query).
+    path: Uri,
+}
+
+impl Endpoint {
+    /// An endpoint from an absolute `http`/`https` URL.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("invalid URL {url}: {e}"))?;
+        let (scheme, authority) = match (uri.scheme_str(), uri.authority()) {
+            (Some(s @ ("http" | "https")), Some(a)) => (s, a),
+            _ => return Err(format!("not an absolute http(s) URL: {url}")),
+        };
+        let tls = scheme == "https";
+        Ok(Endpoint {
+            key: format!("{scheme}://{authority}"),
+            host: authority.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            tls,
+            host_header: HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?,
+            path: Uri::try_from(uri.path_and_query().map_or("/", |p| p.as_str())).map_err(|e| e.to_string())?,
+        })
     }
+}
+
+/// Sends `req` to `endpoint` (the request's own URI is replaced) and reads the whole answer,
+/// up to `max_body` bytes.
+pub async fn send(endpoint: &Endpoint, mut req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
+    *req.uri_mut() = endpoint.path.clone();
+    req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
     // A pooled connection the server has since closed is only found out by using it: the
     // request comes back unsent, and goes out once more on a fresh connection.
-    let mut req = req;
     for _ in 0..3 {
-        let (conn, reused) = match take_idle(&key) {
+        let (conn, reused) = match take_idle(&endpoint.key) {
             Some(c) => (c, true),
-            None => (connect(&uri).await?, false),
+            None => (connect(endpoint).await?, false),
         };
         match exchange(conn, req, max_body).await {
             Ok((answer, Some(conn))) => {
-                put_idle(key, conn);
+                put_idle(&endpoint.key, conn);
                 return Ok(answer);
             }
             Ok((answer, None)) => return Ok(answer),
@@ -149,10 +174,13 @@ fn take_idle(key: &str) -> Option<Conn> {
     })
 }
 
-fn put_idle(key: String, conn: Conn) {
+fn put_idle(key: &str, conn: Conn) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.entry(key).or_default();
+        if !idle.contains_key(key) {
+            idle.insert(key.to_string(), Vec::new());
+        }
+        let Some(list) = idle.get_mut(key) else { return };
         if list.len() < MAX_IDLE {
             list.push(conn);
         }
@@ -165,24 +193,15 @@ fn closed(c: &mut Conn) -> bool {
     c.driver.as_mut().poll(&mut cx).is_ready()
 }
 
-fn pool_key(uri: &Uri) -> Result<String, UpstreamError> {
-    match (uri.scheme_str(), uri.authority()) {
-        (Some(s @ ("http" | "https")), Some(a)) => Ok(format!("{s}://{a}")),
-        _ => Err(UpstreamError::Connect(format!("not an absolute http(s) URL: {uri}"))),
-    }
-}
-
-async fn connect(uri: &Uri) -> Result<Conn, UpstreamError> {
-    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-    let tls = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+async fn connect(endpoint: &Endpoint) -> Result<Conn, UpstreamError> {
+    let (host, port, tls) = (endpoint.host.as_str(), endpoint.port, endpoint.tls);
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
         .await
         .map_err(|_| UpstreamError::Connect(format!("connecting to {host}:{port} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("tcp connect error to {host}:{port}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let stream = if tls {
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| UpstreamError::Connect(format!("invalid TLS server name {host}: {e}")))?;
         let connector = tokio_rustls::TlsConnector::from(tls_config());
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
@@ -312,17 +331,22 @@ mod tests {
         (addr, accepted)
     }
 
-    fn get(addr: std::net::SocketAddr) -> Request<ChunkedBody> {
-        Request::get(format!("http://{addr}/x")).body(ChunkedBody::default()).unwrap()
+    fn get(addr: std::net::SocketAddr) -> (Endpoint, Request<ChunkedBody>) {
+        (Endpoint::parse(&format!("http://{addr}/x")).unwrap(), Request::get("/").body(ChunkedBody::default()).unwrap())
+    }
+
+    async fn fetch(addr: std::net::SocketAddr, max: usize) -> Result<Answer, UpstreamError> {
+        let (e, r) = get(addr);
+        send(&e, r, max).await
     }
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced_transparently() {
         let (addr, accepted) = one_shot_server().await;
-        let a = send(get(addr), 1024).await.unwrap();
+        let a = fetch(addr, 1024).await.unwrap();
         assert_eq!((a.status, &a.body[..]), (StatusCode::OK, &b"ok"[..]));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let b = send(get(addr), 1024).await.unwrap();
+        let b = fetch(addr, 1024).await.unwrap();
         assert_eq!(&b.body[..], b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -344,7 +368,7 @@ mod tests {
             }
         });
         for _ in 0..5 {
-            assert_eq!(&send(get(addr), 1024).await.unwrap().body[..], b"hi");
+            assert_eq!(&fetch(addr, 1024).await.unwrap().body[..], b"hi");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -352,10 +376,10 @@ mod tests {
     #[tokio::test]
     async fn refused_connections_and_oversized_answers_are_errors() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let e = send(get(format!("127.0.0.1:{port}").parse().unwrap()), 1024).await.err().unwrap();
+        let e = fetch(format!("127.0.0.1:{port}").parse().unwrap(), 1024).await.err().unwrap();
         assert!(matches!(e, UpstreamError::Connect(_)), "{e}");
         let (addr, _) = one_shot_server().await;
-        let e = send(get(addr), 1).await.err().unwrap();
+        let e = fetch(addr, 1).await.err().unwrap();
         assert!(matches!(e, UpstreamError::Transport(_)), "{e}");
     }
 }

@@ -17,8 +17,8 @@ use crate::request::{GenerationRequest, Operation};
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
 pub struct OpenAi {
-    /// `{base_url}/images/`; the operation's path is appended.
-    images_url: String,
+    /// `{base_url}/images/{generations,edits,variations}`, resolved once.
+    endpoints: Result<[upstream::Endpoint; 3], String>,
     /// `Ok(header)` when the key variable is set, `Err(var)` when the policy names one that is not.
     auth: Option<Result<HeaderValue, String>>,
     upstream_format: UpstreamFormat,
@@ -36,7 +36,9 @@ impl OpenAi {
                 })
                 .ok_or_else(|| var.to_string())
         });
-        OpenAi { images_url: format!("{base_url}/images/"), auth, upstream_format }
+        let endpoint = |op: Operation| upstream::Endpoint::parse(&format!("{base_url}/images/{}", op.path()));
+        let endpoints = (|| Ok([endpoint(Operation::Generate)?, endpoint(Operation::Edit)?, endpoint(Operation::Variation)?]))();
+        OpenAi { endpoints, auth, upstream_format }
     }
 }
 
@@ -69,7 +71,9 @@ impl Provider for OpenAi {
             }
             Operation::Edit | Operation::Variation => multipart(&fields, req),
         };
-        let mut http_req = Request::post(format!("{}{}", self.images_url, req.op.path()))
+        let endpoints = self.endpoints.as_ref().map_err(|e| ProviderError::Other(e.clone()))?;
+        let endpoint = &endpoints[req.op as usize];
+        let mut http_req = Request::post("/")
             .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json");
         if let Some(h) = auth {
@@ -77,7 +81,7 @@ impl Provider for OpenAi {
         }
         let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
-        let answer = upstream::send(req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+        let answer = upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
             upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
             upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
         })?;
