@@ -7,13 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::artifacts::ArtifactStore;
 use crate::error::ApiError;
@@ -48,21 +44,21 @@ pub struct ServeConfig {
     pub workers: usize,
 }
 
-/// The proxy router with its edge layers; tests can drive it without a socket.
-pub fn proxy_router(app: Arc<App>) -> Router {
-    // Request logging happens in the pipeline (with the trace id), and load shedding is a
-    // counter checked there too: tower-http's TraceLayer and an axum `from_fn` middleware cost
-    // ~2 us per request on the proxy benchmark, for nothing the pipeline does not already do.
-    let edge = ServiceBuilder::new().layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error").into_response()));
-    Router::new()
-        .route("/v1/images/generations", post(proxy::generations))
-        .route("/v1/images/edits", post(proxy::edits))
-        .route("/v1/images/variations", post(proxy::variations))
-        .route("/v1/models", get(proxy::models))
-        .route("/v1/images/artifacts/{file}", get(proxy::artifact))
-        .fallback(proxy::not_found)
-        .layer(edge)
-        .with_state(app)
+/// Serves one proxy request: the pipeline's dispatcher, with a panic turned into an
+/// OpenAI-shaped 500 instead of a dropped connection.
+pub async fn handle_proxy<B>(app: Arc<App>, req: http::Request<B>) -> axum::response::Response
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(proxy::dispatch(app, req)).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::error!("a proxy request panicked; answered 500");
+            ApiError::internal("internal error").into_response()
+        }
+    }
 }
 
 /// Counts a request in flight for as long as it lives; `None` when the policy's `max_in_flight`
@@ -216,15 +212,15 @@ fn spawn_proxy_worker(
                 return;
             }
         };
-        rt.block_on(serve_proxy(index, socket, proxy_router(app), shutdown));
+        rt.block_on(serve_proxy(index, socket, app, shutdown));
     })
 }
 
 /// One worker's accept loop: HTTP/1.1 connections straight on hyper (the OpenAI SDKs speak
-/// HTTP/1.1; skipping protocol sniffing and upgrade support is measurably cheaper per request
-/// than `axum::serve`). On shutdown it stops accepting, lets in-flight requests finish and
+/// HTTP/1.1; skipping protocol sniffing, upgrades and a router is measurably cheaper per
+/// request than `axum::serve`). On shutdown it stops accepting, lets in-flight requests finish and
 /// closes idle keep-alive connections.
-async fn serve_proxy(index: usize, socket: std::net::TcpListener, router: Router, shutdown: CancellationToken) {
+async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>, shutdown: CancellationToken) {
     let listener = match TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -251,7 +247,11 @@ async fn serve_proxy(index: usize, socket: std::net::TcpListener, router: Router
         // Responses go out in several writes (JSON framing around the payload): without
         // NODELAY, Nagle's algorithm and delayed ACKs would add tens of ms to each answer.
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle_proxy(app, req).await) }
+        });
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
         tokio::spawn(async move {
             let _ = conn.await;
