@@ -9,3 +9,7 @@ cd "$root"
 scripts/python-env.sh >/dev/null
 
 cargo test --all-targets "$@"
+
+# deploy/: Prometheus rules (promtool check + unit tests), dashboard queries, Kubernetes policy,
+# and every metric they use checked against a running acc (installs promtool if missing).
+ACC_BIN=target/debug/acc scripts/check-deploy.sh
