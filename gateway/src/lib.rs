@@ -8,6 +8,7 @@
 //! - [`policy`]: policy files, parsed raw, then validated into runtime types.
 //! - [`reload`]: the live policy snapshot, swapped atomically on poll, SIGHUP or admin reload.
 //! - [`routing`]: route selection, the weighted attempt plan, the fallback loop.
+//! - [`eval`]: inline evaluation of artifacts on a thread pool of its own (sanity, ...).
 //! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
 //! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request using them.
 //! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod artifacts;
 pub mod body;
 pub mod error;
+pub mod eval;
 pub mod metrics;
 pub mod policy;
 pub mod providers;

@@ -46,11 +46,29 @@ enum Command {
         /// this process may use (cgroup quotas included).
         #[arg(long, env = "ACC_WORKERS")]
         workers: Option<usize>,
+        /// Evaluation threads (decoding, inference), each with its own model sessions.
+        /// Default: the CPUs this process may use.
+        #[arg(long, env = "ACC_EVAL_THREADS")]
+        eval_threads: Option<usize>,
     },
     /// Validate a policy directory (or one file): prints every error with its file and path.
     Check {
         /// Directory of *.toml policy files, or a single file.
         path: PathBuf,
+    },
+    /// Run the evaluators on one image file, for checking an artifact by hand.
+    Eval {
+        /// PNG, JPEG or WebP file.
+        image: PathBuf,
+        /// The size the request asked for (WxH), checked by `sanity`.
+        #[arg(long)]
+        size: Option<String>,
+        /// The prompt the image was generated from.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -78,7 +96,9 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
-        Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers } => {
+        Command::Eval { image, size, prompt, json } => eval(&image, size.as_deref(), prompt.as_deref(), json),
+        Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers, eval_threads } => {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             init_tracing();
             let source = match policies {
                 Some(dir) => PolicySource::Dir(dir),
@@ -93,9 +113,8 @@ async fn run() -> ExitCode {
                 artifact_store_bytes: artifact_store_mib.saturating_mul(1024 * 1024),
                 poll_every: Duration::from_secs(1),
                 drain_deadline: Duration::from_secs(drain_secs),
-                workers: workers
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                workers: workers.filter(|n| *n > 0).unwrap_or(cpus),
+                eval_threads: eval_threads.filter(|n| *n > 0).unwrap_or(cpus),
             };
             let ready = |proxy: SocketAddr, admin: SocketAddr| {
                 let mut out = std::io::stdout().lock();
@@ -137,6 +156,50 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("{} error(s): policy refused", errors.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+fn eval(path: &std::path::Path, size: Option<&str>, prompt: Option<&str>, json: bool) -> ExitCode {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => bytes::Bytes::from(b),
+        Err(e) => {
+            eprintln!("acc eval: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let expected = match size.map(acc::request::parse_size) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("acc eval: --size: {}", e.message);
+            return ExitCode::FAILURE;
+        }
+    };
+    let evaluators: Vec<_> = {
+        let mut all: Vec<_> = acc::eval::available().into_iter().collect();
+        all.sort_by_key(|(name, _)| *name);
+        all.into_iter().map(|(_, e)| e).collect()
+    };
+    let report = acc::eval::evaluate(&bytes, expected, &evaluators);
+    let failed = report.verdicts.iter().any(|v| v.verdict != acc::eval::Outcome::Pass);
+    if json {
+        let out = serde_json::json!({
+            "image": path.display().to_string(),
+            "prompt": prompt,
+            "evaluators": report.verdicts,
+            "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
+        });
+        println!("{out}");
+    } else {
+        println!("{:<12} {:>6}  {:<6} reason", "evaluator", "score", "verdict");
+        for v in &report.verdicts {
+            println!("{:<12} {:>6.2}  {:<6} {}", v.evaluator, v.score, v.verdict.label(), v.reason);
+        }
+    }
+    if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

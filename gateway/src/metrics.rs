@@ -32,6 +32,10 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub policy_info: IntGaugeVec,
     pub artifacts: IntCounterVec,
+    pub eval_total: IntCounterVec,
+    pub eval_score: HistogramVec,
+    pub eval_duration: HistogramVec,
+    pub eval_queue: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -80,6 +84,36 @@ impl Metrics {
             &["event"],
         )
         .expect("metric");
+        let eval_total = IntCounterVec::new(
+            Opts::new("acc_eval_total", "Evaluator verdicts on artifacts"),
+            &["evaluator", "route", "provider", "verdict"],
+        )
+        .expect("metric");
+        let eval_score = HistogramVec::new(
+            HistogramOpts::new("acc_eval_score", "Evaluator scores (1 is best)")
+                .buckets(vec![0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]),
+            &["evaluator", "provider"],
+        )
+        .expect("metric");
+        let eval_duration = HistogramVec::new(
+            HistogramOpts::new("acc_eval_duration_seconds", "Time an evaluator took on one artifact")
+                .buckets(exponential_buckets(0.0005, 2.0, 14).expect("static buckets")),
+            &["evaluator"],
+        )
+        .expect("metric");
+        let eval_queue = prometheus::Histogram::with_opts(
+            HistogramOpts::new("acc_eval_queue_seconds", "Time artifacts waited for an evaluation thread")
+                .buckets(exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
+        )
+        .expect("metric");
+        for c in [
+            Box::new(eval_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(eval_score.clone()),
+            Box::new(eval_duration.clone()),
+            Box::new(eval_queue.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -105,6 +139,10 @@ impl Metrics {
             policy_reloads,
             policy_info,
             artifacts,
+            eval_total,
+            eval_score,
+            eval_duration,
+            eval_queue,
         }
     }
 

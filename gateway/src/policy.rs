@@ -94,6 +94,18 @@ struct RawRoute {
     attempt_timeout_ms: Option<u64>,
     deadline_ms: Option<u64>,
     url_mode: Option<String>,
+    /// Evaluators every artifact of this route must pass, in order: "sanity" (more arrive
+    /// with later builds: "safety", "text", "adherence").
+    #[serde(default)]
+    evaluators: Vec<String>,
+    /// What a failed sanity check does: "fallback" (try the next target; default), "block"
+    /// (400 content_policy_violation) or "flag" (return it, marked).
+    on_sanity_fail: Option<String>,
+    /// Time allowed for evaluating one attempt's artifacts (queue wait included), ms.
+    eval_budget_ms: Option<u64>,
+    /// When an evaluator errors or runs out of budget: "fail_closed" (treat as failed; default)
+    /// or "fail_open" (treat as passed; the error is still reported and counted).
+    on_eval_error: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,7 +213,29 @@ pub struct Route {
     pub attempt_timeout: Duration,
     pub deadline: Duration,
     pub url_mode: UrlMode,
+    pub eval: EvalPolicy,
 }
+
+/// What a route does with an evaluator's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalAction {
+    Fallback,
+    Block,
+    Flag,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalPolicy {
+    /// Evaluator names, validated against what this build has.
+    pub evaluators: Vec<String>,
+    pub on_sanity_fail: EvalAction,
+    pub budget: Duration,
+    pub fail_open: bool,
+}
+
+/// Evaluators this build can run.
+pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity"];
+const PLANNED_EVALUATORS: &[&str] = &["safety", "text", "adherence"];
 
 /// A validated policy: everything the request path needs, with references resolved.
 #[derive(Debug, Clone)]
@@ -426,6 +460,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                     UrlMode::Gateway
                 }
             };
+            let eval = validate_eval(at, r, &mut errors);
             routes.push(Route {
                 name: r.name.clone(),
                 matcher: Matcher { model: r.matcher.model.clone(), cohort: r.matcher.cohort.clone(), key_tags: r.matcher.key_tags.clone() },
@@ -434,6 +469,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                 attempt_timeout,
                 deadline,
                 url_mode,
+                eval,
             });
         }
     }
@@ -567,6 +603,50 @@ fn validate_provider(
         }
     };
     (errors.len() == before).then(|| ProviderSpec { name: name.to_string(), kind, timeout })
+}
+
+fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy {
+    let mut evaluators: Vec<String> = Vec::new();
+    for (j, e) in r.evaluators.iter().enumerate() {
+        if evaluators.contains(e) {
+            errors.push(format!("{at}.evaluators[{j}]: \"{e}\" is listed twice"));
+        } else if PLANNED_EVALUATORS.contains(&e.as_str()) {
+            errors.push(format!(
+                "{at}.evaluators[{j}]: evaluator \"{e}\" is not available in this build yet (available: {})",
+                AVAILABLE_EVALUATORS.join(", ")
+            ));
+        } else if !AVAILABLE_EVALUATORS.contains(&e.as_str()) {
+            errors.push(format!("{at}.evaluators[{j}]: unknown evaluator \"{e}\" (available: {})", AVAILABLE_EVALUATORS.join(", ")));
+        } else {
+            evaluators.push(e.clone());
+        }
+    }
+    let on_sanity_fail = match r.on_sanity_fail.as_deref() {
+        None | Some("fallback") => EvalAction::Fallback,
+        Some("block") => EvalAction::Block,
+        Some("flag") => EvalAction::Flag,
+        Some("review") => {
+            errors.push(format!("{at}.on_sanity_fail: \"review\" needs the review queue, which this build does not have yet"));
+            EvalAction::Fallback
+        }
+        Some(other) => {
+            errors.push(format!("{at}.on_sanity_fail: unknown action \"{other}\" (expected \"fallback\", \"block\" or \"flag\")"));
+            EvalAction::Fallback
+        }
+    };
+    let fail_open = match r.on_eval_error.as_deref() {
+        None | Some("fail_closed") => false,
+        Some("fail_open") => true,
+        Some(other) => {
+            errors.push(format!("{at}.on_eval_error: unknown value \"{other}\" (expected \"fail_open\" or \"fail_closed\")"));
+            false
+        }
+    };
+    let budget = positive_ms(&format!("{at}.eval_budget_ms"), r.eval_budget_ms, 5_000, errors);
+    if evaluators.is_empty() && (r.on_sanity_fail.is_some() || r.eval_budget_ms.is_some() || r.on_eval_error.is_some()) {
+        errors.push(format!("{at}: evaluation settings given, but the route names no evaluators"));
+    }
+    EvalPolicy { evaluators, on_sanity_fail, budget, fail_open }
 }
 
 fn positive_ms(at: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> Duration {
@@ -712,6 +792,37 @@ url_mode = "cdn"
                 r#"p.toml: default_model: "nope" is not the match.model of any route"#,
             ]
         );
+    }
+
+    #[test]
+    fn evaluator_settings_are_checked() {
+        let routes = r#"
+[[routes]]
+name = "a"
+targets = [{ provider = "demo" }]
+evaluators = ["sanity", "safety", "vibes", "sanity"]
+on_sanity_fail = "review"
+on_eval_error = "maybe"
+"#;
+        let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"r.toml: routes[0].evaluators[1]: evaluator "safety" is not available in this build yet (available: sanity)"#,
+                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity)"#,
+                r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
+                r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
+                r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
+            ]
+        );
+        let ok = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"sanity\"]\non_sanity_fail = \"block\"\neval_budget_ms = 250\n";
+        let p = check(&[("p.toml", PROVIDERS), ("r.toml", ok)]).unwrap();
+        assert_eq!(p.routes[0].eval, EvalPolicy {
+            evaluators: vec!["sanity".into()],
+            on_sanity_fail: EvalAction::Block,
+            budget: Duration::from_millis(250),
+            fail_open: false,
+        });
     }
 
     #[test]

@@ -25,7 +25,99 @@ pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
 pub const PROVIDER: HeaderName = HeaderName::from_static("x-acc-provider");
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
 pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
+pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
+pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
 pub const COHORT: &str = "x-acc-cohort";
+
+/// Free text as a header value: printable ASCII only, bounded.
+fn header_text(s: &str) -> HeaderValue {
+    let clean: String = s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(1024).collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("(unprintable)"))
+}
+
+/// Evaluates one attempt's artifacts on the evaluation pool under the route's budget and
+/// applies the route's actions: `Ok` to return them (possibly flagged), `EvalFailed` to try
+/// the next target, `Blocked` to refuse the request.
+async fn evaluate_attempt(
+    app: &App,
+    generation: &mut Generation,
+    cfg: &crate::policy::EvalPolicy,
+    expected_size: Option<crate::request::Size>,
+    n: u32,
+    (route, provider): (&str, &str),
+) -> Result<(), ProviderError> {
+    use crate::eval::{Outcome, Verdict};
+    use crate::policy::EvalAction;
+    let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
+    let images = generation.images.clone();
+    let job = app.eval_pool.run(move || {
+        images
+            .iter()
+            .map(|image| {
+                let bytes = match image {
+                    Image::Base64(b64) => Bytes::from(base64_simd::STANDARD.decode_to_vec(b64).unwrap_or_default()),
+                    Image::Raw { bytes, .. } => bytes.clone(),
+                    Image::Url(_) => Bytes::new(),
+                };
+                crate::eval::evaluate(&bytes, expected_size, &evaluators)
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut verdicts: Vec<Verdict> = match tokio::time::timeout(cfg.budget, job).await {
+        Ok(Some((waited, reports))) => {
+            app.metrics.eval_queue.observe(waited);
+            for r in &reports {
+                for (v, secs) in r.verdicts.iter().zip(&r.durations) {
+                    app.metrics.eval_duration.with_label_values(&[v.evaluator]).observe(*secs);
+                }
+            }
+            reports.into_iter().flat_map(|r| r.verdicts).collect()
+        }
+        outcome => {
+            let why = match outcome {
+                Err(_) => format!("evaluation did not finish within its budget of {} ms", cfg.budget.as_millis()),
+                _ => "the evaluation pool is not running".to_string(),
+            };
+            cfg.evaluators
+                .iter()
+                .filter_map(|e| app.evaluators.get(e.as_str()))
+                .map(|e| Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Error, reason: why.clone() })
+                .collect()
+        }
+    };
+    if cfg.evaluators.iter().any(|e| e == "sanity") && (generation.images.len() as u32) < n {
+        verdicts.push(Verdict {
+            evaluator: "sanity",
+            score: 0.0,
+            verdict: Outcome::Fail,
+            reason: format!("the request asked for {n} images, the provider returned {}", generation.images.len()),
+        });
+    }
+    let mut failures = Vec::new();
+    for v in &verdicts {
+        app.metrics.eval_total.with_label_values(&[v.evaluator, route, provider, v.verdict.label()]).inc();
+        if v.verdict != Outcome::Error {
+            app.metrics.eval_score.with_label_values(&[v.evaluator, provider]).observe(v.score as f64);
+        }
+        let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !cfg.fail_open);
+        if failed {
+            failures.push(format!("{}: {}", v.evaluator, v.reason));
+        }
+    }
+    generation.verdicts = verdicts;
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let reasons = failures.join("; ");
+    match cfg.on_sanity_fail {
+        EvalAction::Fallback => Err(ProviderError::EvalFailed(reasons)),
+        EvalAction::Block => Err(ProviderError::Blocked(reasons)),
+        EvalAction::Flag => {
+            generation.flags = failures;
+            Ok(())
+        }
+    }
+}
 
 /// What the pipeline learns about one request as it goes; turned into headers and metrics at
 /// the end whatever the outcome.
@@ -37,6 +129,10 @@ struct RequestCtx {
     /// The target whose answer is returned.
     provider: Option<Step>,
     attempts: Vec<(Step, &'static str)>,
+    /// `x-acc-eval`: the returned artifacts' verdicts.
+    eval_summary: Option<String>,
+    /// Failed checks whose action is "flag": the answer is returned marked with them.
+    flags: Vec<String>,
 }
 
 /// The proxy listener's routes. The proxy serves a handful of fixed paths, so a plain match
@@ -108,6 +204,8 @@ where
         route: None,
         provider: None,
         attempts: Vec::new(),
+        eval_summary: None,
+        flags: Vec::new(),
     };
     let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
     finish(&app, &snapshot, ctx, result)
@@ -169,16 +267,23 @@ where
         provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
     };
     let req = &req;
+    let expected_size = req.size_given.then_some(req.size);
     let outcome = routing::run_plan(&steps, deadline, timeout_of, |s| {
-        let target = &policy.routes[s.route].targets[s.target];
+        let step_route = &policy.routes[s.route];
+        let target = &step_route.targets[s.target];
         let provider = snap.target_providers[s.route][s.target].clone();
         let model = target.model.as_deref().unwrap_or(alias);
+        let route_name = route.name.as_str();
         async move {
-            let generation = provider.generate(&AttemptRequest { req, model }).await?;
+            let mut generation = provider.generate(&AttemptRequest { req, model }).await?;
             if needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
                 return Err(ProviderError::BadResponse(
                     "the provider answered with a URL, which this build does not fetch; set upstream_response_format = \"b64_json\" or url_mode = \"provider\"".into(),
                 ));
+            }
+            if !step_route.eval.evaluators.is_empty() {
+                let labels = (route_name, target.provider.as_str());
+                evaluate_attempt(app, &mut generation, &step_route.eval, expected_size, req.n, labels).await?;
             }
             Ok(generation)
         }
@@ -187,11 +292,15 @@ where
     record_attempts(app, snap, route_idx, &outcome, ctx);
 
     // 5. The answer.
-    let Some((step, generation)) = outcome.success else {
+    let Some((step, mut generation)) = outcome.success else {
         return Err(failure(policy, &outcome));
     };
     let winner = &policy.routes[step.route];
     ctx.provider = Some(step);
+    if !generation.verdicts.is_empty() {
+        ctx.eval_summary = Some(crate::eval::summary(&generation.verdicts));
+    }
+    ctx.flags = std::mem::take(&mut generation.flags);
     Ok(render(app, policy, winner.url_mode, req.response_format, generation, headers))
 }
 
@@ -273,10 +382,21 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
 /// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504
 /// that lists each attempt's reason.
 fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
-    if let Some(ProviderError::Rejected { status, body }) = outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
-        let mut e = ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
-        e.raw_body = Some(body.clone());
-        return e;
+    match outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
+        Some(ProviderError::Rejected { status, body }) => {
+            let mut e = ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
+            e.raw_body = Some(body.clone());
+            return e;
+        }
+        Some(ProviderError::Blocked(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_policy_violation",
+                format!("the generated image was blocked by the gateway's policy: {reason}"),
+            )
+        }
+        _ => {}
     }
     let reasons: Vec<String> = outcome
         .attempts
@@ -384,7 +504,8 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
         Ok(body) => {
             let mut r = Response::new(Body::new(body));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r.headers_mut().insert(DECISION, HeaderValue::from_static("pass"));
+            let decision = if ctx.flags.is_empty() { "pass" } else { "flagged" };
+            r.headers_mut().insert(DECISION, HeaderValue::from_static(decision));
             (r, "ok")
         }
         Err(e) => {
@@ -393,11 +514,13 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
                 (Some("upstream_rejected"), _) => "upstream_rejected",
                 (Some("upstream_timeout"), _) => "upstream_timeout",
                 (Some("upstream_error"), _) => "upstream_error",
+                (Some("content_policy_violation"), _) => "blocked",
                 (_, 500..) => "internal_error",
                 _ => "client_error",
             };
+            let decision = if outcome == "blocked" { "blocked" } else { "error" };
             let mut r = e.into_response();
-            r.headers_mut().insert(DECISION, HeaderValue::from_static("error"));
+            r.headers_mut().insert(DECISION, HeaderValue::from_static(decision));
             (r, outcome)
         }
     };
@@ -407,6 +530,12 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
     }
     if let Some(v) = ctx.route.and_then(|_| HeaderValue::from_str(route).ok()) {
         h.insert(ROUTE, v);
+    }
+    if let Some(v) = ctx.eval_summary.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+        h.insert(EVAL, v);
+    }
+    if !ctx.flags.is_empty() {
+        h.insert(REASONS, header_text(&ctx.flags.join("; ")));
     }
     let provider_of = |s: Step| snap.policy.routes[s.route].targets[s.target].provider.as_str();
     if let Some(v) = ctx.provider.and_then(|s| HeaderValue::from_str(provider_of(s)).ok()) {

@@ -66,7 +66,8 @@ pub struct GenerationRequest {
     pub model: Option<String>,
     pub n: u32,
     pub size: Size,
-    /// Whether the client sent `size` at all (an upstream then gets it as sent).
+    /// Whether the client asked for this exact size (not "auto", not left to the default): the
+    /// sanity evaluator then checks the artifact's dimensions against it.
     pub size_given: bool,
     pub response_format: ResponseFormat,
     pub seed: Option<u64>,
@@ -185,7 +186,7 @@ impl GenerationRequest {
         };
         let (size, size_given) = match opt_string(&raw, "size")? {
             None => (Size { width: 1024, height: 1024 }, false),
-            Some(s) => (parse_size(&s)?, true),
+            Some(s) => (parse_size(&s)?, s != "auto"),
         };
         let response_format = match opt_string(&raw, "response_format")?.as_deref() {
             None | Some("url") => ResponseFormat::Url,

@@ -227,7 +227,7 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
     }
 
     fn ok() -> Result<Generation, ProviderError> {
-        Ok(Generation { images: vec![Image::Base64(Bytes::from_static(b"aGk="))] })
+        Ok(Generation { images: vec![Image::Base64(Bytes::from_static(b"aGk="))], ..Default::default() })
     }
 
     fn steps(n: usize) -> Vec<Step> {

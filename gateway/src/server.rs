@@ -26,6 +26,10 @@ pub struct App {
     pub admin_token_digest: Option<[u8; 32]>,
     pub in_flight: AtomicUsize,
     pub draining: AtomicBool,
+    /// Threads for decoding and evaluating artifacts.
+    pub eval_pool: crate::eval::pool::EvalPool,
+    /// The evaluators this process can run, by policy name.
+    pub evaluators: std::collections::HashMap<&'static str, Arc<dyn crate::eval::Evaluator>>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +46,8 @@ pub struct ServeConfig {
     pub drain_deadline: Duration,
     /// Proxy worker threads, each with its own runtime and listening socket.
     pub workers: usize,
+    /// Evaluation threads (image decoding, inference).
+    pub eval_threads: usize,
 }
 
 /// Serves one proxy request: the pipeline's dispatcher, with a panic turned into an
@@ -115,6 +121,8 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         }),
         in_flight: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        eval_pool: crate::eval::pool::EvalPool::new(cfg.eval_threads),
+        evaluators: crate::eval::available(),
     });
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");

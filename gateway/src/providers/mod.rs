@@ -28,6 +28,10 @@ pub enum Image {
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub images: Vec<Image>,
+    /// Every evaluator's verdict on every image, when the route evaluates.
+    pub verdicts: Vec<crate::eval::Verdict>,
+    /// Why the answer is returned flagged (a failed check whose action is "flag").
+    pub flags: Vec<String>,
 }
 
 /// What one attempt asks of a provider.
@@ -52,6 +56,12 @@ pub enum ProviderError {
     Rejected { status: StatusCode, body: Bytes },
     #[error("bad response: {0}")]
     BadResponse(String),
+    /// An artifact failed an evaluator whose action is "fallback": try the next target.
+    #[error("evaluation failed: {0}")]
+    EvalFailed(String),
+    /// An artifact failed an evaluator whose action is "block": the request ends here.
+    #[error("blocked by policy: {0}")]
+    Blocked(String),
     #[error("missing credential: {0}")]
     Credential(String),
     /// The connection broke after it was made (reset, closed mid-answer).
@@ -64,7 +74,7 @@ pub enum ProviderError {
 impl ProviderError {
     /// Whether the next target should be tried.
     pub fn retryable(&self) -> bool {
-        !matches!(self, ProviderError::Rejected { .. })
+        !matches!(self, ProviderError::Rejected { .. } | ProviderError::Blocked(_))
     }
 
     /// A short, bounded label for metrics and the `x-acc-attempts` header.
@@ -76,6 +86,8 @@ impl ProviderError {
             ProviderError::Status { status, .. } if status.is_server_error() => "status_5xx",
             ProviderError::Status { .. } | ProviderError::Rejected { .. } => "status_4xx",
             ProviderError::BadResponse(_) => "bad_response",
+            ProviderError::EvalFailed(_) => "eval_failed",
+            ProviderError::Blocked(_) => "blocked",
             ProviderError::Credential(_) => "credential_missing",
             ProviderError::Transport(_) => "transport_error",
             ProviderError::Other(_) => "error",

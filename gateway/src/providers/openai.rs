@@ -208,7 +208,7 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
         };
         images.push(image);
     }
-    Ok(Generation { images })
+    Ok(Generation { images, ..Default::default() })
 }
 
 /// Maps a non-2xx answer: the client's own mistakes are passed back, the rest may be retried

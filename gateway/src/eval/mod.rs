@@ -1,0 +1,142 @@
+//! Inline evaluation of generated images: every artifact is decoded once, on the evaluation
+//! pool (never on the async workers), and checked by the evaluators the route names. Each
+//! evaluator gives a score in [0, 1], a verdict and a reason a person can read.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use image::{ImageFormat, RgbImage};
+
+use crate::request::Size;
+
+pub mod pool;
+pub mod sanity;
+
+/// The evaluators this build can run, by the name policies use.
+pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>> {
+    let mut m: std::collections::HashMap<&'static str, Arc<dyn Evaluator>> = std::collections::HashMap::new();
+    m.insert("sanity", Arc::new(sanity::Sanity));
+    m
+}
+
+/// Largest side and pixel count an artifact may decode to: a decompression bomb (a small PNG
+/// that inflates to gigabytes) is refused before its pixels are allocated.
+pub const MAX_SIDE: u32 = 8192;
+pub const MAX_DECODED_BYTES: u64 = 256 * 1024 * 1024;
+
+/// An artifact decoded once and shared by every evaluator.
+pub struct Decoded {
+    pub format: ImageFormat,
+    pub rgb: RgbImage,
+}
+
+impl Decoded {
+    pub fn size(&self) -> Size {
+        Size { width: self.rgb.width(), height: self.rgb.height() }
+    }
+}
+
+/// Decodes PNG, JPEG or WebP within the limits above. CPU-bound: call it on the pool.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    let format = image::guess_format(bytes).map_err(|_| "not an image (unknown format)".to_string())?;
+    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) {
+        return Err(format!("unsupported image format {format:?} (expected PNG, JPEG or WebP)"));
+    }
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| format!("does not decode as {format:?}: {e}"))?;
+    Ok(Decoded { format, rgb: img.into_rgb8() })
+}
+
+/// What an evaluator concluded about one artifact.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Verdict {
+    pub evaluator: &'static str,
+    /// 1.0 is best.
+    pub score: f32,
+    pub verdict: Outcome,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    /// The evaluator could not run (missing model, error, out of budget).
+    Error,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// What an evaluator may look at.
+pub struct Subject<'a> {
+    pub image: &'a Decoded,
+    /// The exact size the client asked for, if it asked for one.
+    pub expected_size: Option<Size>,
+}
+
+/// One kind of check. Implementations are CPU-bound and run on the evaluation pool.
+pub trait Evaluator: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn evaluate(&self, subject: &Subject<'_>) -> Verdict;
+}
+
+/// The evaluation of one artifact: every evaluator's verdict, and how long it took.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub verdicts: Vec<Verdict>,
+    pub elapsed: Duration,
+    /// Per evaluator, seconds spent (same order as `verdicts`).
+    pub durations: Vec<f64>,
+}
+
+/// Decodes an artifact and runs `evaluators` on it. A decode failure fails every evaluator
+/// that needs pixels with the decode error as the reason (sanity reports it as its own).
+pub fn evaluate(bytes: &Bytes, expected_size: Option<Size>, evaluators: &[Arc<dyn Evaluator>]) -> Report {
+    let start = Instant::now();
+    let decoded = decode(bytes);
+    let mut verdicts = Vec::with_capacity(evaluators.len());
+    let mut durations = Vec::with_capacity(evaluators.len());
+    for e in evaluators {
+        let t = Instant::now();
+        let v = match &decoded {
+            Ok(image) => e.evaluate(&Subject { image, expected_size }),
+            Err(why) => Verdict {
+                evaluator: e.name(),
+                score: 0.0,
+                verdict: Outcome::Fail,
+                reason: format!("artifact {why}"),
+            },
+        };
+        durations.push(t.elapsed().as_secs_f64());
+        verdicts.push(v);
+    }
+    Report { verdicts, elapsed: start.elapsed(), durations }
+}
+
+/// `name=verdict(score)` for each verdict, for the `x-acc-eval` header.
+pub fn summary(verdicts: &[Verdict]) -> String {
+    let mut s = String::new();
+    for (i, v) in verdicts.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&format!("{}={}({:.2})", v.evaluator, v.verdict.label(), v.score));
+    }
+    s
+}

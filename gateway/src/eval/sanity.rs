@@ -1,0 +1,114 @@
+//! `sanity`: the artifact decodes (within limits, see `decode`), has the size the client asked
+//! for, and is not blank or near-uniform.
+
+use super::{Evaluator, Outcome, Subject, Verdict};
+
+/// Luma standard deviation (0-255 scale) below which an image counts as blank. A flat colour
+/// has 0; JPEG noise on a flat colour stays below 2; any real picture is far above.
+pub const MIN_LUMA_STDDEV: f64 = 3.0;
+
+pub struct Sanity;
+
+impl Evaluator for Sanity {
+    fn name(&self) -> &'static str {
+        "sanity"
+    }
+
+    fn evaluate(&self, s: &Subject<'_>) -> Verdict {
+        let size = s.image.size();
+        if let Some(want) = s.expected_size {
+            if want != size {
+                return fail(format!("image is {size}, the request asked for {want}"));
+            }
+        }
+        let sd = luma_stddev(&s.image.rgb);
+        if sd < MIN_LUMA_STDDEV {
+            return Verdict {
+                evaluator: "sanity",
+                score: (sd / MIN_LUMA_STDDEV / 2.0) as f32,
+                verdict: Outcome::Fail,
+                reason: format!("image is blank or near-uniform (luma std dev {sd:.2} < {MIN_LUMA_STDDEV})"),
+            };
+        }
+        Verdict {
+            evaluator: "sanity",
+            score: 1.0,
+            verdict: Outcome::Pass,
+            reason: format!("{:?} {size}, luma std dev {sd:.1}", s.image.format),
+        }
+    }
+}
+
+fn fail(reason: String) -> Verdict {
+    Verdict { evaluator: "sanity", score: 0.0, verdict: Outcome::Fail, reason }
+}
+
+/// Standard deviation of luma over a grid of at most ~64k sampled pixels.
+pub fn luma_stddev(img: &image::RgbImage) -> f64 {
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return 0.0;
+    }
+    let step = ((w as u64 * h as u64) / 65_536).max(1);
+    let step = (step as f64).sqrt().ceil() as u32;
+    let (mut n, mut sum, mut sum2) = (0f64, 0f64, 0f64);
+    for y in (0..h).step_by(step as usize) {
+        for x in (0..w).step_by(step as usize) {
+            let p = img.get_pixel(x, y).0;
+            let l = 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64;
+            n += 1.0;
+            sum += l;
+            sum2 += l * l;
+        }
+    }
+    let mean = sum / n;
+    (sum2 / n - mean * mean).max(0.0).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{decode, evaluate};
+    use crate::request::Size;
+    use std::sync::Arc;
+
+    fn png(img: &image::RgbImage) -> bytes::Bytes {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        bytes::Bytes::from(out.into_inner())
+    }
+
+    fn noisy(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8]))
+    }
+
+    #[test]
+    fn verdicts() {
+        let evs: Vec<Arc<dyn crate::eval::Evaluator>> = vec![Arc::new(Sanity)];
+        let size = |w, h| Some(Size { width: w, height: h });
+        let ok = evaluate(&png(&noisy(64, 48)), size(64, 48), &evs);
+        assert_eq!(ok.verdicts[0].verdict, Outcome::Pass, "{:?}", ok.verdicts);
+        let wrong = evaluate(&png(&noisy(64, 48)), size(64, 64), &evs);
+        assert_eq!(wrong.verdicts[0].reason, "image is 64x48, the request asked for 64x64");
+        let blank = evaluate(&png(&image::RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]))), None, &evs);
+        assert_eq!(blank.verdicts[0].verdict, Outcome::Fail);
+        assert!(blank.verdicts[0].reason.contains("near-uniform"), "{}", blank.verdicts[0].reason);
+        let broken = evaluate(&bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nnope"), None, &evs);
+        assert_eq!(broken.verdicts[0].verdict, Outcome::Fail);
+        assert!(broken.verdicts[0].reason.starts_with("artifact does not decode"), "{}", broken.verdicts[0].reason);
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_before_allocation() {
+        // A 20000x20000 PNG header: refused on its declared size, whatever follows.
+        let img = image::GrayImage::new(1, 1);
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        let mut b = out.into_inner();
+        b[16..20].copy_from_slice(&20000u32.to_be_bytes());
+        b[20..24].copy_from_slice(&20000u32.to_be_bytes());
+        let e = decode(&b).err().unwrap();
+        assert!(e.contains("does not decode"), "{e}");
+        assert!(decode(b"GIF89a....").is_err());
+    }
+}

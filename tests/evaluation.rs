@@ -1,0 +1,170 @@
+//! Inline evaluation through the running binary: a mock provider returns chosen images (blank,
+//! wrong size, corrupt, fine) and each route action (fallback, block, flag) and the
+//! fail-open / fail-closed rule are checked by what the client gets, which providers were hit,
+//! the x-acc-* headers and the metrics.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn noisy(w: u32, h: u32) -> Vec<u8> {
+    png(&image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])))
+}
+
+fn blank(w: u32, h: u32) -> Vec<u8> {
+    png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
+}
+
+/// Makes the mock answer with `image` (base64) for every request.
+fn answer_with(mock: &MockProvider, image: &[u8]) {
+    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
+    mock.set_body(Some(&body));
+}
+
+/// Route `main` (model "m") -> `first`, falling back to route `spare` -> `second`; both
+/// evaluate with `extra` route settings appended to `main`.
+async fn setup(extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
+    let first = MockProvider::start().await;
+    let second = MockProvider::start().await;
+    let policy = format!(
+        r#"{}{}
+[[routes]]
+name = "main"
+match = {{ model = "m" }}
+targets = [{{ provider = "first", model = "x" }}]
+fallbacks = ["spare"]
+evaluators = ["sanity"]
+{extra}
+
+[[routes]]
+name = "spare"
+match = {{ model = "spare" }}
+targets = [{{ provider = "second", model = "y" }}]
+evaluators = ["sanity"]
+"#,
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+    );
+    let dir = PolicyDir::with(&policy);
+    let gw = Gateway::start(dir.path()).await;
+    (first, second, gw, dir)
+}
+
+fn req() -> serde_json::Value {
+    json!({"model": "m", "prompt": "a product shot", "size": "256x256", "response_format": "b64_json"})
+}
+
+#[tokio::test]
+async fn a_blank_image_falls_back_and_is_never_returned() {
+    let (first, second, gw, _d) = setup("").await;
+    answer_with(&first, &blank(256, 256));
+    let good = noisy(256, 256);
+    answer_with(&second, &good);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![good], "the client gets the passing image, never the blank one");
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("second"));
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"));
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=pass(1.00)"));
+    assert_eq!((first.hits(), second.hits()), (1, 1));
+    let fail = [("evaluator", "sanity"), ("route", "main"), ("provider", "first"), ("verdict", "fail")];
+    assert_eq!(gw.metric("acc_eval_total", &fail).await, 1.0);
+    let pass = [("evaluator", "sanity"), ("route", "main"), ("provider", "second"), ("verdict", "pass")];
+    assert_eq!(gw.metric("acc_eval_total", &pass).await, 1.0);
+    assert_eq!(gw.metric("acc_fallbacks_total", &[("from", "first"), ("to", "second"), ("reason", "eval_failed")]).await, 1.0);
+    assert!(gw.metric("acc_eval_queue_seconds_count", &[]).await >= 2.0);
+}
+
+#[tokio::test]
+async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
+    let (first, second, gw, _d) = setup("").await;
+    answer_with(&first, &noisy(512, 512));
+    answer_with(&second, b"\x89PNG\r\n\x1a\n this is not a png");
+    let r = gw.generate(&req()).await;
+    let e = r.assert_error(502, "upstream_error");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("image is 512x512, the request asked for 256x256"), "{msg}");
+    assert!(msg.contains("does not decode"), "{msg}");
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
+    // Without an explicit size the provider's choice is accepted.
+    answer_with(&first, &noisy(512, 512));
+    let r = gw.generate(&json!({"model": "m", "prompt": "x", "response_format": "b64_json"})).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
+}
+
+#[tokio::test]
+async fn block_answers_content_policy_violation_and_tries_nothing_else() {
+    let (first, second, gw, _d) = setup("on_sanity_fail = \"block\"").await;
+    answer_with(&first, &blank(256, 256));
+    answer_with(&second, &noisy(256, 256));
+    let r = gw.generate(&req()).await;
+    let e = r.assert_error(400, "content_policy_violation");
+    assert!(e["message"].as_str().unwrap().contains("near-uniform"), "{}", r.describe());
+    assert!(!r.text().contains("b64_json"), "the blocked image never leaves the gateway");
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("blocked"));
+    assert_eq!(second.hits(), 0);
+    assert_eq!(gw.metric("acc_requests_total", &[("route", "main"), ("outcome", "blocked")]).await, 1.0);
+}
+
+#[tokio::test]
+async fn flag_returns_the_image_marked_with_the_reasons() {
+    let (first, second, gw, _d) = setup("on_sanity_fail = \"flag\"").await;
+    let img = blank(256, 256);
+    answer_with(&first, &img);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![img]);
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
+    let reasons = r.header("x-acc-reasons").unwrap_or_default();
+    assert!(reasons.starts_with("sanity: image is blank or near-uniform"), "{reasons}");
+    assert!(r.header("x-acc-eval").unwrap_or_default().starts_with("sanity=fail("));
+    assert_eq!(second.hits(), 0);
+}
+
+#[tokio::test]
+async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
+    // Decoding a 1792x1024 PNG takes far longer than 1 ms.
+    let big = noisy(1792, 1024);
+    let body = json!({"model": "m", "prompt": "x", "size": "1792x1024", "response_format": "b64_json"});
+
+    let (first, second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_closed\"").await;
+    answer_with(&first, &big);
+    answer_with(&second, &big);
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
+    let err = [("evaluator", "sanity"), ("route", "main"), ("provider", "first"), ("verdict", "error")];
+    assert_eq!(gw.metric("acc_eval_total", &err).await, 1.0);
+
+    let (first, second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_open\"").await;
+    answer_with(&first, &big);
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=error(0.00)"));
+    assert_eq!(second.hits(), 0);
+}
+
+#[tokio::test]
+async fn too_few_images_fail_sanity() {
+    let (first, second, gw, _d) = setup("").await;
+    answer_with(&first, &noisy(256, 256)); // one image, whatever n was asked
+    let two = noisy(256, 256);
+    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(&two)}, {"b64_json": b64_encode(&two)}]}).to_string();
+    second.set_body(Some(&body));
+    let mut r2 = req();
+    r2["n"] = json!(2);
+    let r = gw.generate(&r2).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r).len(), 2);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
+}
