@@ -140,3 +140,6 @@ pub fn summary(verdicts: &[Verdict]) -> String {
     }
     s
 }
+
+pub mod onnx;
+pub mod nudenet;

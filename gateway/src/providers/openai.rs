@@ -104,12 +104,13 @@ struct UpstreamFields<'a> {
 }
 
 impl UpstreamFields<'_> {
+    /// The client's own fields that pass through unchanged.
+    fn passthrough(&self) -> impl Iterator<Item = (&String, &serde_json::Value)> {
+        self.raw.iter().filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc"))
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&str, serde_json::Value)> + '_ {
-        let passthrough = self
-            .raw
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc"))
-            .map(|(k, v)| (k.as_str(), v.clone()));
+        let passthrough = self.passthrough().map(|(k, v)| (k.as_str(), v.clone()));
         let ours = [("model", Some(self.model)), ("response_format", self.response_format)]
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, serde_json::Value::from(v))));
@@ -121,7 +122,7 @@ impl serde::Serialize for UpstreamFields<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(None)?;
-        for (k, v) in self.raw.iter().filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc")) {
+        for (k, v) in self.passthrough() {
             map.serialize_entry(k, v)?;
         }
         map.serialize_entry("model", self.model)?;
