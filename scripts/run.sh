@@ -4,5 +4,6 @@
 # `acc serve`, e.g. `./scripts/run.sh --policies policies/examples/openai.toml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup-onnx.sh >/dev/null
 cargo build --release --locked --bin acc
 exec ./target/release/acc serve "$@"

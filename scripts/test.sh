@@ -7,6 +7,9 @@ cd "$root"
 
 # Python venv with the official openai SDK (tests/sdk.rs).
 scripts/python-env.sh >/dev/null
+# ONNX Runtime and evaluator models (PyPI wheels, SHA-256 checked) and the test photos.
+scripts/setup-onnx.sh >/dev/null
+scripts/fetch-testimages.sh >/dev/null
 
 cargo test --all-targets "$@"
 

@@ -98,7 +98,8 @@ async fn right_key_passes_wrong_or_missing_key_is_401() {
     assert_invalid_api_key(&r);
 
     // Not a bearer credential.
-    let r = s.gw.generate_with(&body(), &[("authorization", &format!("Basic {}", b64_encode(PLAIN_KEY.as_bytes())))]).await;
+    let r =
+        s.gw.generate_with(&body(), &[("authorization", &format!("Basic {}", b64_encode(PLAIN_KEY.as_bytes())))]).await;
     assert_invalid_api_key(&r);
 
     assert_eq!(s.beta.hits() + s.stable.hits(), 1, "rejected requests must never reach a provider");
@@ -128,9 +129,8 @@ async fn key_tags_select_the_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_image_urls_need_no_key() {
     let s = setup().await;
-    let r = s
-        .gw
-        .generate_with(
+    let r =
+        s.gw.generate_with(
             &json!({"model": "acc-demo", "prompt": "a kite", "response_format": "url", "size": "256x256"}),
             &[("authorization", &bearer(PLAIN_KEY))],
         )

@@ -55,9 +55,7 @@ targets = [{{ provider = "good", model = "x" }}]
 }
 
 async fn still_serves(gw: &Gateway) {
-    let r = gw
-        .generate(&json!({"prompt": "still alive?", "size": "256x256", "response_format": "b64_json"}))
-        .await;
+    let r = gw.generate(&json!({"prompt": "still alive?", "size": "256x256", "response_format": "b64_json"})).await;
     r.assert_status(200);
     assert_eq!(png_dims(&b64_images(&r)[0]), (256, 256));
 }

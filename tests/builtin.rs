@@ -33,7 +33,9 @@ async fn demo_png_has_the_requested_size() {
 
     for (size, dims) in [("256x256", (256, 256)), ("1792x1024", (1792, 1024)), ("512x768", (512, 768))] {
         let r = gw
-            .generate(&json!({"model": "acc-demo", "prompt": "a blue whale", "size": size, "response_format": "b64_json"}))
+            .generate(
+                &json!({"model": "acc-demo", "prompt": "a blue whale", "size": size, "response_format": "b64_json"}),
+            )
             .await;
         assert_eq!(png_dims(&b64_one(&r)), dims, "size {size}");
     }
@@ -64,9 +66,7 @@ async fn n_images_are_distinct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_prompt_and_seed_give_identical_bytes() {
     let gw = default_gateway().await;
-    let gen = |prompt: &str, seed: i64| {
-        json!({"model": "acc-demo", "prompt": prompt, "seed": seed, "size": "256x256", "response_format": "b64_json"})
-    };
+    let gen = |prompt: &str, seed: i64| json!({"model": "acc-demo", "prompt": prompt, "seed": seed, "size": "256x256", "response_format": "b64_json"});
     let a = b64_one(&gw.generate(&gen("a red fox", 7)).await);
     let b = b64_one(&gw.generate(&gen("a red fox", 7)).await);
     assert!(a == b, "same prompt + seed must give identical bytes");
@@ -79,7 +79,8 @@ async fn same_prompt_and_seed_give_identical_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_response_serves_the_png() {
     let gw = default_gateway().await;
-    let body = json!({"model": "acc-demo", "prompt": "a lantern", "seed": 3, "size": "256x256", "response_format": "url"});
+    let body =
+        json!({"model": "acc-demo", "prompt": "a lantern", "seed": 3, "size": "256x256", "response_format": "url"});
     let r = gw.generate(&body).await;
     r.assert_status(200);
     let v = r.json();

@@ -140,7 +140,11 @@ async fn edit_is_forwarded_as_multipart_with_the_same_files() {
     assert_eq!(m.data.as_ref(), mask().as_slice(), "mask bytes changed on the way");
     assert_eq!(m.filename.as_deref(), Some("the-mask.png"));
     assert_eq!(m.content_type.as_deref(), Some("image/png"));
-    assert_eq!(form_text(&parts, "model").as_deref(), Some("primary-edit-model"), "model must be the target's, not the alias");
+    assert_eq!(
+        form_text(&parts, "model").as_deref(),
+        Some("primary-edit-model"),
+        "model must be the target's, not the alias"
+    );
     assert_eq!(form_text(&parts, "response_format").as_deref(), Some("b64_json"));
     assert_eq!(form_text(&parts, "prompt").as_deref(), Some("add a red hat"));
     assert_eq!(form_text(&parts, "n").as_deref(), Some("2"));
@@ -152,10 +156,8 @@ async fn edit_is_forwarded_as_multipart_with_the_same_files() {
 async fn edit_asking_for_urls_still_asks_the_provider_for_b64_json() {
     let s = setup().await;
     // No response_format: the client gets URLs (OpenAI's default), served by the gateway.
-    let form = Form::new()
-        .text("model", "ed")
-        .text("prompt", "make it night")
-        .file("image", "day.png", "image/png", photo());
+    let form =
+        Form::new().text("model", "ed").text("prompt", "make it night").file("image", "day.png", "image/png", photo());
     let r = s.gw.edit(&form, &[]).await;
     r.assert_status(200);
     let parts = s.primary.last_request().expect("no request").form().await;
@@ -256,10 +258,12 @@ async fn failing_edit_provider_falls_back_to_the_next() {
     assert_eq!(d("acc_fallbacks_total", &[]), 1.0, "acc_fallbacks_total must grow by 1:\n{after}");
 
     // Variations fall back the same way.
-    let form = Form::new()
-        .text("model", "ed")
-        .text("response_format", "b64_json")
-        .file("image", "photo.png", "image/png", photo());
+    let form = Form::new().text("model", "ed").text("response_format", "b64_json").file(
+        "image",
+        "photo.png",
+        "image/png",
+        photo(),
+    );
     let r = s.gw.variation(&form, &[]).await;
     r.assert_status(200);
     assert_eq!((s.primary.hits(), s.backup.hits()), (2, 2));
@@ -326,11 +330,12 @@ async fn builtin_edits_honour_size_and_depend_on_the_input_image() {
 
     // Variations: no prompt, size honoured, input-dependent.
     let variation = |image: Vec<u8>| {
-        Form::new()
-            .text("model", "demo-edit")
-            .text("size", "256x384")
-            .text("response_format", "b64_json")
-            .file("image", "in.png", "image/png", image)
+        Form::new().text("model", "demo-edit").text("size", "256x384").text("response_format", "b64_json").file(
+            "image",
+            "in.png",
+            "image/png",
+            image,
+        )
     };
     let v_red = b64_one(&gw.variation(&variation(red), &[]).await);
     let v_blue = b64_one(&gw.variation(&variation(blue), &[]).await);
@@ -380,7 +385,8 @@ async fn bad_multipart_requests_are_rejected_with_openai_errors() {
         .await;
         r.assert_error(400, "invalid_multipart");
         // Truncated: the closing boundary never comes.
-        let (ct, body) = Form::new().text("model", "ed").text("prompt", "x").file("image", "a.png", "image/png", photo()).encode();
+        let (ct, body) =
+            Form::new().text("model", "ed").text("prompt", "x").file("image", "a.png", "image/png", photo()).encode();
         let cut = body[..body.len() / 2].to_vec();
         let r = send("POST", &url, &[("content-type", &ct)], cut).await;
         r.assert_error(400, "invalid_multipart");
@@ -409,7 +415,8 @@ async fn bad_multipart_requests_are_rejected_with_openai_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_model_alias_on_edit_is_404() {
     let s = setup().await;
-    let form = Form::new().text("model", "no-such-alias").text("prompt", "x").file("image", "a.png", "image/png", photo());
+    let form =
+        Form::new().text("model", "no-such-alias").text("prompt", "x").file("image", "a.png", "image/png", photo());
     s.gw.edit(&form, &[]).await.assert_error(404, "model_not_found");
     assert_eq!(s.primary.hits(), 0);
 }
@@ -430,17 +437,17 @@ async fn multipart_body_over_the_configured_limit_is_413_while_json_still_works(
     assert_eq!(s.primary.hits(), 0, "an oversized body must not reach a provider");
 
     // A small edit under the limit is fine.
-    let form = Form::new()
-        .text("model", "ed")
-        .text("prompt", "x")
-        .text("response_format", "b64_json")
-        .file("image", "small.png", "image/png", photo());
+    let form = Form::new().text("model", "ed").text("prompt", "x").text("response_format", "b64_json").file(
+        "image",
+        "small.png",
+        "image/png",
+        photo(),
+    );
     assert_eq!(b64_images(&s.gw.edit(&form, &[]).await).len(), 1);
 
     // The JSON limit is separate: a 100 KiB JSON generation (over the multipart limit) works.
-    let r = s
-        .gw
-        .generate(&json!({
+    let r =
+        s.gw.generate(&json!({
             "model": "ed",
             "prompt": "a JSON generation",
             "response_format": "b64_json",
@@ -458,11 +465,12 @@ async fn a_20_mib_image_reaches_the_provider_intact() {
     let s = setup().await;
     let big = big_blob(20 * 1024 * 1024);
     let want = sha256_bytes(&big);
-    let form = Form::new()
-        .text("model", "ed")
-        .text("prompt", "upscale")
-        .text("response_format", "b64_json")
-        .file("image", "huge.png", "image/png", big);
+    let form = Form::new().text("model", "ed").text("prompt", "upscale").text("response_format", "b64_json").file(
+        "image",
+        "huge.png",
+        "image/png",
+        big,
+    );
     let r = tokio::time::timeout(Duration::from_secs(120), s.gw.edit(&form, &[]))
         .await
         .expect("a 20 MiB edit took over 120 s");

@@ -15,7 +15,9 @@ fn png(img: &image::RgbImage) -> Vec<u8> {
 }
 
 fn noisy(w: u32, h: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])))
+    png(&image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])
+    }))
 }
 
 fn blank(w: u32, h: u32) -> Vec<u8> {
@@ -79,7 +81,10 @@ async fn a_blank_image_falls_back_and_is_never_returned() {
     assert_eq!(gw.metric("acc_eval_total", &fail).await, 1.0);
     let pass = [("evaluator", "sanity"), ("route", "main"), ("provider", "second"), ("verdict", "pass")];
     assert_eq!(gw.metric("acc_eval_total", &pass).await, 1.0);
-    assert_eq!(gw.metric("acc_fallbacks_total", &[("from", "first"), ("to", "second"), ("reason", "eval_failed")]).await, 1.0);
+    assert_eq!(
+        gw.metric("acc_fallbacks_total", &[("from", "first"), ("to", "second"), ("reason", "eval_failed")]).await,
+        1.0
+    );
     assert!(gw.metric("acc_eval_queue_seconds_count", &[]).await >= 2.0);
 }
 
@@ -159,7 +164,8 @@ async fn too_few_images_fail_sanity() {
     let (first, second, gw, _d) = setup("").await;
     answer_with(&first, &noisy(256, 256)); // one image, whatever n was asked
     let two = noisy(256, 256);
-    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(&two)}, {"b64_json": b64_encode(&two)}]}).to_string();
+    let body =
+        json!({"created": 1, "data": [{"b64_json": b64_encode(&two)}, {"b64_json": b64_encode(&two)}]}).to_string();
     second.set_body(Some(&body));
     let mut r2 = req();
     r2["n"] = json!(2);

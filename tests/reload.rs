@@ -192,14 +192,12 @@ async fn requests_in_flight_during_reloads_all_succeed() {
             let mut done = 0usize;
             let mut failures = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                let body = serde_json::to_vec(&json!({"model": "m", "prompt": format!("w{w}"), "response_format": "b64_json"})).unwrap();
-                match try_send(
-                    "POST",
-                    &gw.url("/v1/images/generations"),
-                    &[("content-type", "application/json")],
-                    body,
+                let body = serde_json::to_vec(
+                    &json!({"model": "m", "prompt": format!("w{w}"), "response_format": "b64_json"}),
                 )
-                .await
+                .unwrap();
+                match try_send("POST", &gw.url("/v1/images/generations"), &[("content-type", "application/json")], body)
+                    .await
                 {
                     Ok(r) if r.status == 200 => {}
                     Ok(r) => failures.push(r.describe()),
@@ -230,7 +228,12 @@ async fn requests_in_flight_during_reloads_all_succeed() {
         total += d;
         failures.extend(f);
     }
-    assert!(failures.is_empty(), "{} of {total} requests failed during reloads, e.g.:\n{}", failures.len(), failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed during reloads, e.g.:\n{}",
+        failures.len(),
+        failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
     assert!(total >= 20, "only {total} requests ran");
     assert!(one.hits() > 0 && two.hits() > 0, "reloads did not move traffic: one={} two={}", one.hits(), two.hits());
 }

@@ -12,11 +12,7 @@ const CLIENT_KEY: &str = "sk-acc-sdk-test-4e9d";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_sdk_works() {
-    let python_ok = Command::new("python3")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let python_ok = Command::new("python3").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(
         python_ok,
         "python3 is not installed: the OpenAI SDK compatibility test (tests/sdk.rs) needs python3 with the \

@@ -51,10 +51,7 @@ async fn live_version(gw: &Gateway) -> String {
 }
 
 async fn connect_refused(addr: std::net::SocketAddr) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
-        Ok(Err(_))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await, Ok(Err(_)))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,16 +27,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("unknown_url", "unknown admin path").into_response() })
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| ApiError::internal("internal error").into_response())),
-        )
+        .layer(tower::ServiceBuilder::new().layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::internal("internal error").into_response()
+        })))
         .with_state(app)
 }
 
 async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let Some(expected) = &app.admin_token_digest else {
-        return ApiError::unauthorized("admin endpoints are disabled: set ACC_ADMIN_TOKEN to enable them").into_response();
+        return ApiError::unauthorized("admin endpoints are disabled: set ACC_ADMIN_TOKEN to enable them")
+            .into_response();
     };
     let given = req
         .headers()
@@ -62,9 +62,23 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let snap = app.policy.snapshot();
     let draining = app.draining.load(Ordering::Relaxed);
     let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    // Which evaluators can run, and why not: a missing model is a degraded gateway, not a
+    // dead one (routes apply their fail-open/fail-closed rule), so readiness stays 200.
+    let evaluators: serde_json::Map<String, serde_json::Value> = app
+        .evaluator_status
+        .iter()
+        .map(|(name, state)| {
+            let v = match state {
+                Ok(()) => json!("ready"),
+                Err(why) => json!(format!("unavailable: {why}")),
+            };
+            (name.to_string(), v)
+        })
+        .collect();
     let body = json!({
         "status": if draining { "draining" } else { "ready" },
         "policy_version": snap.policy.version,
+        "evaluators": evaluators,
     });
     (status, Json(body)).into_response()
 }

@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "acc", version, about = "Agent Command Center: an image-generation gateway that looks at what it returns")]
+#[command(
+    name = "acc",
+    version,
+    about = "Agent Command Center: an image-generation gateway that looks at what it returns"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -180,7 +184,7 @@ fn eval(path: &std::path::Path, size: Option<&str>, prompt: Option<&str>, json: 
         all.sort_by_key(|(name, _)| *name);
         all.into_iter().map(|(_, e)| e).collect()
     };
-    let report = acc::eval::evaluate(&bytes, expected, &evaluators);
+    let report = acc::eval::evaluate(&bytes, expected, &Default::default(), &evaluators);
     let failed = report.verdicts.iter().any(|v| v.verdict != acc::eval::Outcome::Pass);
     if json {
         let out = serde_json::json!({

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub eval_score: HistogramVec,
     pub eval_duration: HistogramVec,
     pub eval_queue: prometheus::Histogram,
+    pub evaluator_available: IntGaugeVec,
 }
 
 impl Metrics {
@@ -69,16 +70,12 @@ impl Metrics {
             &["route", "from", "to", "reason"],
         )
         .expect("metric");
-        let policy_reloads = IntCounterVec::new(
-            Opts::new("acc_policy_reloads_total", "Policy reloads by result"),
-            &["result"],
-        )
-        .expect("metric");
-        let policy_info = IntGaugeVec::new(
-            Opts::new("acc_policy_info", "1 for the policy version being served"),
-            &["version"],
-        )
-        .expect("metric");
+        let policy_reloads =
+            IntCounterVec::new(Opts::new("acc_policy_reloads_total", "Policy reloads by result"), &["result"])
+                .expect("metric");
+        let policy_info =
+            IntGaugeVec::new(Opts::new("acc_policy_info", "1 for the policy version being served"), &["version"])
+                .expect("metric");
         let artifacts = IntCounterVec::new(
             Opts::new("acc_artifact_store_total", "Gateway-served image URLs: stored, served, expired, evicted"),
             &["event"],
@@ -106,8 +103,14 @@ impl Metrics {
                 .buckets(exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
         )
         .expect("metric");
+        let evaluator_available = IntGaugeVec::new(
+            Opts::new("acc_evaluator_available", "1 when the evaluator can run (runtime and model present)"),
+            &["evaluator"],
+        )
+        .expect("metric");
         for c in [
-            Box::new(eval_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(evaluator_available.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(eval_total.clone()),
             Box::new(eval_score.clone()),
             Box::new(eval_duration.clone()),
             Box::new(eval_queue.clone()),
@@ -143,6 +146,7 @@ impl Metrics {
             eval_score,
             eval_duration,
             eval_queue,
+            evaluator_available,
         }
     }
 
@@ -156,7 +160,8 @@ impl Metrics {
                 .map(|t| {
                     (
                         self.attempts.with_label_values(&[r.name.as_str(), t.provider.as_str(), "ok"]),
-                        self.provider_latency.with_label_values(&[t.provider.as_str(), model_label(t.model.as_deref())]),
+                        self.provider_latency
+                            .with_label_values(&[t.provider.as_str(), model_label(t.model.as_deref())]),
                     )
                 })
                 .collect(),

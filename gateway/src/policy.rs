@@ -11,16 +11,8 @@ use sha2::{Digest, Sha256};
 
 /// Provider kinds the design names. Only some have an adapter in this build; the others are
 /// refused with a clear message rather than accepted and silently ignored.
-const KNOWN_KINDS: &[&str] = &[
-    "openai",
-    "azure_openai",
-    "vertex_imagen",
-    "stability",
-    "fal",
-    "replicate",
-    "a1111",
-    "builtin",
-];
+const KNOWN_KINDS: &[&str] =
+    &["openai", "azure_openai", "vertex_imagen", "stability", "fal", "replicate", "a1111", "builtin"];
 const IMPLEMENTED_KINDS: &[&str] = &["openai", "builtin"];
 
 // ---------------------------------------------------------------------------------------------
@@ -106,6 +98,13 @@ struct RawRoute {
     /// When an evaluator errors or runs out of budget: "fail_closed" (treat as failed; default)
     /// or "fail_open" (treat as passed; the error is still reported and counted).
     on_eval_error: Option<String>,
+    /// What unsafe content does: "fallback" (default), "block" or "flag".
+    on_unsafe: Option<String>,
+    /// Highest NudeNet score of an unsafe class that still passes, in [0, 1]; default 0.5.
+    max_unsafe: Option<f32>,
+    /// NudeNet classes that count as unsafe; default: the exposed genitalia, breasts, buttocks
+    /// and anus classes.
+    unsafe_classes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,11 +166,7 @@ pub enum UpstreamFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
     Builtin,
-    OpenAi {
-        base_url: String,
-        api_key_env: Option<String>,
-        upstream_format: UpstreamFormat,
-    },
+    OpenAi { base_url: String, api_key_env: Option<String>, upstream_format: UpstreamFormat },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +198,7 @@ pub struct Matcher {
     pub key_tags: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub name: String,
     pub matcher: Matcher,
@@ -224,18 +219,30 @@ pub enum EvalAction {
     Flag,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvalPolicy {
     /// Evaluator names, validated against what this build has.
     pub evaluators: Vec<String>,
     pub on_sanity_fail: EvalAction,
+    pub on_unsafe: EvalAction,
     pub budget: Duration,
     pub fail_open: bool,
+    pub settings: crate::eval::Settings,
+}
+
+impl EvalPolicy {
+    /// The action for a failure of `evaluator`.
+    pub fn action(&self, evaluator: &str) -> EvalAction {
+        match evaluator {
+            "safety" => self.on_unsafe,
+            _ => self.on_sanity_fail,
+        }
+    }
 }
 
 /// Evaluators this build can run.
-pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity"];
-const PLANNED_EVALUATORS: &[&str] = &["safety", "text", "adherence"];
+pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity", "safety"];
+const PLANNED_EVALUATORS: &[&str] = &["text", "adherence"];
 
 /// A validated policy: everything the request path needs, with references resolved.
 #[derive(Debug, Clone)]
@@ -436,7 +443,11 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                 if t.model.as_deref() == Some("") {
                     errors.push(format!("{at}.targets[{j}].model: must not be empty"));
                 }
-                targets.push(Target { provider: t.provider.clone(), model: t.model.clone(), weight: t.weight.unwrap_or(1) });
+                targets.push(Target {
+                    provider: t.provider.clone(),
+                    model: t.model.clone(),
+                    weight: t.weight.unwrap_or(1),
+                });
             }
             if !targets.is_empty() && targets.iter().all(|t| t.weight == 0) {
                 errors.push(format!("{at}.targets: weights sum to zero"));
@@ -445,25 +456,36 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
             for (j, f) in r.fallbacks.iter().enumerate() {
                 match route_index.get(f.as_str()) {
                     None => errors.push(format!("{at}.fallbacks[{j}]: unknown route \"{f}\"")),
-                    Some(_) if *f == r.name => errors.push(format!("{at}.fallbacks[{j}]: a route cannot fall back to itself")),
-                    Some(idx) if fallbacks.contains(idx) => errors.push(format!("{at}.fallbacks[{j}]: route \"{f}\" is listed twice")),
+                    Some(_) if *f == r.name => {
+                        errors.push(format!("{at}.fallbacks[{j}]: a route cannot fall back to itself"))
+                    }
+                    Some(idx) if fallbacks.contains(idx) => {
+                        errors.push(format!("{at}.fallbacks[{j}]: route \"{f}\" is listed twice"))
+                    }
                     Some(idx) => fallbacks.push(*idx),
                 }
             }
-            let attempt_timeout = positive_ms(&format!("{at}.attempt_timeout_ms"), r.attempt_timeout_ms, 60_000, &mut errors);
+            let attempt_timeout =
+                positive_ms(&format!("{at}.attempt_timeout_ms"), r.attempt_timeout_ms, 60_000, &mut errors);
             let deadline = positive_ms(&format!("{at}.deadline_ms"), r.deadline_ms, 120_000, &mut errors);
             let url_mode = match r.url_mode.as_deref() {
                 None | Some("gateway") => UrlMode::Gateway,
                 Some("provider") => UrlMode::Provider,
                 Some(other) => {
-                    errors.push(format!("{at}.url_mode: unknown mode \"{other}\" (expected \"gateway\" or \"provider\")"));
+                    errors.push(format!(
+                        "{at}.url_mode: unknown mode \"{other}\" (expected \"gateway\" or \"provider\")"
+                    ));
                     UrlMode::Gateway
                 }
             };
             let eval = validate_eval(at, r, &mut errors);
             routes.push(Route {
                 name: r.name.clone(),
-                matcher: Matcher { model: r.matcher.model.clone(), cohort: r.matcher.cohort.clone(), key_tags: r.matcher.key_tags.clone() },
+                matcher: Matcher {
+                    model: r.matcher.model.clone(),
+                    cohort: r.matcher.cohort.clone(),
+                    key_tags: r.matcher.key_tags.clone(),
+                },
                 targets,
                 fallbacks,
                 attempt_timeout,
@@ -516,7 +538,12 @@ fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> Serve
     }
     ServerSettings {
         max_json_body_bytes: bytes("max_json_body_bytes", s.max_json_body_bytes, d.max_json_body_bytes, errors),
-        max_multipart_body_bytes: bytes("max_multipart_body_bytes", s.max_multipart_body_bytes, d.max_multipart_body_bytes, errors),
+        max_multipart_body_bytes: bytes(
+            "max_multipart_body_bytes",
+            s.max_multipart_body_bytes,
+            d.max_multipart_body_bytes,
+            errors,
+        ),
         url_ttl: Duration::from_secs(bytes("url_ttl_secs", s.url_ttl_secs, 3600, errors) as u64),
         public_base_url,
         max_in_flight: bytes("max_in_flight", s.max_in_flight, d.max_in_flight, errors),
@@ -616,37 +643,66 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
                 AVAILABLE_EVALUATORS.join(", ")
             ));
         } else if !AVAILABLE_EVALUATORS.contains(&e.as_str()) {
-            errors.push(format!("{at}.evaluators[{j}]: unknown evaluator \"{e}\" (available: {})", AVAILABLE_EVALUATORS.join(", ")));
+            errors.push(format!(
+                "{at}.evaluators[{j}]: unknown evaluator \"{e}\" (available: {})",
+                AVAILABLE_EVALUATORS.join(", ")
+            ));
         } else {
             evaluators.push(e.clone());
         }
     }
-    let on_sanity_fail = match r.on_sanity_fail.as_deref() {
+    let action = |field: &str, v: Option<&str>, errors: &mut Vec<String>| match v {
         None | Some("fallback") => EvalAction::Fallback,
         Some("block") => EvalAction::Block,
         Some("flag") => EvalAction::Flag,
         Some("review") => {
-            errors.push(format!("{at}.on_sanity_fail: \"review\" needs the review queue, which this build does not have yet"));
+            errors.push(format!("{at}.{field}: \"review\" needs the review queue, which this build does not have yet"));
             EvalAction::Fallback
         }
         Some(other) => {
-            errors.push(format!("{at}.on_sanity_fail: unknown action \"{other}\" (expected \"fallback\", \"block\" or \"flag\")"));
+            errors.push(format!(
+                "{at}.{field}: unknown action \"{other}\" (expected \"fallback\", \"block\" or \"flag\")"
+            ));
             EvalAction::Fallback
         }
     };
+    let on_sanity_fail = action("on_sanity_fail", r.on_sanity_fail.as_deref(), errors);
+    let on_unsafe = action("on_unsafe", r.on_unsafe.as_deref(), errors);
+    let max_unsafe = r.max_unsafe.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&max_unsafe) {
+        errors.push(format!("{at}.max_unsafe: {max_unsafe} is outside [0, 1]"));
+    }
+    if let Some(classes) = &r.unsafe_classes {
+        for (j, c) in classes.iter().enumerate() {
+            if !crate::eval::nudenet::CLASSES.contains(&c.as_str()) {
+                errors.push(format!("{at}.unsafe_classes[{j}]: unknown NudeNet class \"{c}\""));
+            }
+        }
+    }
     let fail_open = match r.on_eval_error.as_deref() {
         None | Some("fail_closed") => false,
         Some("fail_open") => true,
         Some(other) => {
-            errors.push(format!("{at}.on_eval_error: unknown value \"{other}\" (expected \"fail_open\" or \"fail_closed\")"));
+            errors.push(format!(
+                "{at}.on_eval_error: unknown value \"{other}\" (expected \"fail_open\" or \"fail_closed\")"
+            ));
             false
         }
     };
     let budget = positive_ms(&format!("{at}.eval_budget_ms"), r.eval_budget_ms, 5_000, errors);
-    if evaluators.is_empty() && (r.on_sanity_fail.is_some() || r.eval_budget_ms.is_some() || r.on_eval_error.is_some()) {
+    let safety_settings = r.on_unsafe.is_some() || r.max_unsafe.is_some() || r.unsafe_classes.is_some();
+    if evaluators.is_empty()
+        && (r.on_sanity_fail.is_some() || r.eval_budget_ms.is_some() || r.on_eval_error.is_some() || safety_settings)
+    {
         errors.push(format!("{at}: evaluation settings given, but the route names no evaluators"));
+    } else if safety_settings
+        && !evaluators.iter().any(|e| e == "safety")
+        && !r.evaluators.iter().any(|e| e == "safety")
+    {
+        errors.push(format!("{at}: on_unsafe, max_unsafe and unsafe_classes need \"safety\" in evaluators"));
     }
-    EvalPolicy { evaluators, on_sanity_fail, budget, fail_open }
+    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe };
+    EvalPolicy { evaluators, on_sanity_fail, on_unsafe, budget, fail_open, settings }
 }
 
 fn positive_ms(at: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> Duration {
@@ -749,7 +805,8 @@ url_mode = "cdn"
 
     #[test]
     fn kinds_are_checked() {
-        let errs = check(&[("p.toml", "[providers.s]\nkind = \"stabilty\"\n[providers.t]\nkind = \"fal\"\n")]).unwrap_err();
+        let errs =
+            check(&[("p.toml", "[providers.s]\nkind = \"stabilty\"\n[providers.t]\nkind = \"fal\"\n")]).unwrap_err();
         assert_eq!(
             errs,
             vec![
@@ -800,7 +857,7 @@ url_mode = "cdn"
 [[routes]]
 name = "a"
 targets = [{ provider = "demo" }]
-evaluators = ["sanity", "safety", "vibes", "sanity"]
+evaluators = ["sanity", "text", "vibes", "sanity"]
 on_sanity_fail = "review"
 on_eval_error = "maybe"
 "#;
@@ -808,8 +865,8 @@ on_eval_error = "maybe"
         assert_eq!(
             errs,
             vec![
-                r#"r.toml: routes[0].evaluators[1]: evaluator "safety" is not available in this build yet (available: sanity)"#,
-                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity)"#,
+                r#"r.toml: routes[0].evaluators[1]: evaluator "text" is not available in this build yet (available: sanity, safety)"#,
+                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety)"#,
                 r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
                 r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
                 r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
@@ -817,12 +874,26 @@ on_eval_error = "maybe"
         );
         let ok = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"sanity\"]\non_sanity_fail = \"block\"\neval_budget_ms = 250\n";
         let p = check(&[("p.toml", PROVIDERS), ("r.toml", ok)]).unwrap();
-        assert_eq!(p.routes[0].eval, EvalPolicy {
-            evaluators: vec!["sanity".into()],
-            on_sanity_fail: EvalAction::Block,
-            budget: Duration::from_millis(250),
-            fail_open: false,
-        });
+        assert_eq!(
+            p.routes[0].eval,
+            EvalPolicy {
+                evaluators: vec!["sanity".into()],
+                on_sanity_fail: EvalAction::Block,
+                on_unsafe: EvalAction::Fallback,
+                budget: Duration::from_millis(250),
+                fail_open: false,
+                settings: crate::eval::Settings::default(),
+            }
+        );
+        let bad = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"safety\"]\nmax_unsafe = 1.5\nunsafe_classes = [\"FACE_FEMALE\", \"NOSE\"]\non_unsafe = \"block\"\n";
+        let errs = check(&[("p.toml", PROVIDERS), ("r.toml", bad)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                "r.toml: routes[0].max_unsafe: 1.5 is outside [0, 1]",
+                r#"r.toml: routes[0].unsafe_classes[1]: unknown NudeNet class "NOSE""#,
+            ]
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ async fn evaluate_attempt(
     use crate::policy::EvalAction;
     let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
     let images = generation.images.clone();
+    let settings = cfg.settings.clone();
     let job = app.eval_pool.run(move || {
         images
             .iter()
@@ -59,7 +60,7 @@ async fn evaluate_attempt(
                     Image::Raw { bytes, .. } => bytes.clone(),
                     Image::Url(_) => Bytes::new(),
                 };
-                crate::eval::evaluate(&bytes, expected_size, &evaluators)
+                crate::eval::evaluate(&bytes, expected_size, &settings, &evaluators)
             })
             .collect::<Vec<_>>()
     });
@@ -94,6 +95,8 @@ async fn evaluate_attempt(
         });
     }
     let mut failures = Vec::new();
+    // The strictest action among the failed evaluators' actions applies.
+    let mut action: Option<EvalAction> = None;
     for v in &verdicts {
         app.metrics.eval_total.with_label_values(&[v.evaluator, route, provider, v.verdict.label()]).inc();
         if v.verdict != Outcome::Error {
@@ -102,6 +105,12 @@ async fn evaluate_attempt(
         let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !cfg.fail_open);
         if failed {
             failures.push(format!("{}: {}", v.evaluator, v.reason));
+            let a = cfg.action(v.evaluator);
+            action = Some(match (action, a) {
+                (Some(EvalAction::Block), _) | (_, EvalAction::Block) => EvalAction::Block,
+                (Some(EvalAction::Fallback), _) | (_, EvalAction::Fallback) => EvalAction::Fallback,
+                _ => EvalAction::Flag,
+            });
         }
     }
     generation.verdicts = verdicts;
@@ -109,7 +118,7 @@ async fn evaluate_attempt(
         return Ok(());
     }
     let reasons = failures.join("; ");
-    match cfg.on_sanity_fail {
+    match action.unwrap_or(EvalAction::Fallback) {
         EvalAction::Fallback => Err(ProviderError::EvalFailed(reasons)),
         EvalAction::Block => Err(ProviderError::Blocked(reasons)),
         EvalAction::Flag => {
@@ -194,7 +203,8 @@ where
     let limit = snapshot.policy.server.max_in_flight;
     let Some(_in_flight) = app.admit(limit) else {
         app.metrics.requests.with_label_values(&["none", "overloaded"]).inc();
-        return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight")).into_response();
+        return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight"))
+            .into_response();
     };
     let mut ctx = RequestCtx {
         // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
@@ -320,11 +330,7 @@ fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'
             ApiError::unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
         })?;
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    policy
-        .keys
-        .get(&digest)
-        .map(Some)
-        .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
+    policy.keys.get(&digest).map(Some).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
 }
 
 /// Reads a request body up to `limit` bytes; larger ones are refused with 413 before or while
@@ -342,7 +348,8 @@ where
             format!("request body is larger than the limit of {limit} bytes"),
         )
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -384,7 +391,8 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
 fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
     match outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
         Some(ProviderError::Rejected { status, body }) => {
-            let mut e = ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
+            let mut e =
+                ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
             e.raw_body = Some(body.clone());
             return e;
         }
@@ -427,7 +435,14 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
 /// `{"created": .., "data": [..]}` in the format the client asked for. Base64 the provider sent
 /// is written out as the same `Bytes`; raw bytes are encoded once; URLs point at the gateway
 /// unless the route hands provider URLs through.
-fn render(app: &App, policy: &Policy, url_mode: UrlMode, format: ResponseFormat, generation: Generation, headers: &HeaderMap) -> ChunkedBody {
+fn render(
+    app: &App,
+    policy: &Policy,
+    url_mode: UrlMode,
+    format: ResponseFormat,
+    generation: Generation,
+    headers: &HeaderMap,
+) -> ChunkedBody {
     let base = match format {
         ResponseFormat::Url => public_base(policy, headers),
         ResponseFormat::B64Json => String::new(),

@@ -38,7 +38,9 @@ impl PolicySource {
     fn read(&self) -> Result<Sources, Vec<String>> {
         match self {
             PolicySource::Dir(p) => Sources::read(p),
-            PolicySource::Embedded => Ok(Sources { files: vec![("default.toml (embedded)".into(), EMBEDDED_DEFAULT.into())] }),
+            PolicySource::Embedded => {
+                Ok(Sources { files: vec![("default.toml (embedded)".into(), EMBEDDED_DEFAULT.into())] })
+            }
         }
     }
 }
@@ -64,7 +66,11 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     /// Loads the initial policy; errors mean the gateway must not start.
-    pub fn open(source: PolicySource, metrics: Arc<Metrics>, public_listener: bool) -> Result<PolicyStore, Vec<String>> {
+    pub fn open(
+        source: PolicySource,
+        metrics: Arc<Metrics>,
+        public_listener: bool,
+    ) -> Result<PolicyStore, Vec<String>> {
         let sources = source.read()?;
         let snapshot = prepare(&sources, public_listener, &metrics)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
@@ -129,7 +135,8 @@ impl PolicyStore {
                 }
                 let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 st.last_error = Some(errors.clone());
-                st.last_error_at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+                st.last_error_at_unix =
+                    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
                 Err(errors)
             }
         }
@@ -162,11 +169,8 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Resul
     let providers: HashMap<String, Arc<dyn Provider>> =
         policy.providers.iter().map(|(name, spec)| (name.clone(), providers::build(spec))).collect();
     // Validation guarantees every target names a defined provider.
-    let target_providers = policy
-        .routes
-        .iter()
-        .map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect())
-        .collect();
+    let target_providers =
+        policy.routes.iter().map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect()).collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
     Ok(Snapshot { policy, providers, target_providers, hot, loaded_at: SystemTime::now() })
 }

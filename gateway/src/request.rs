@@ -104,8 +104,13 @@ impl GenerationRequest {
 
     /// Parses a `multipart/form-data` body of an edit or variation. File payloads stay slices
     /// of `body`.
-    pub async fn from_multipart(op: Operation, body: bytes::Bytes, boundary: &str) -> Result<GenerationRequest, ApiError> {
-        let bad = |e: multer::Error| ApiError::invalid("body", "invalid_multipart", format!("malformed multipart body: {e}"));
+    pub async fn from_multipart(
+        op: Operation,
+        body: bytes::Bytes,
+        boundary: &str,
+    ) -> Result<GenerationRequest, ApiError> {
+        let bad =
+            |e: multer::Error| ApiError::invalid("body", "invalid_multipart", format!("malformed multipart body: {e}"));
         let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
         let mut form = multer::Multipart::new(stream, boundary);
         let mut raw = Map::new();
@@ -119,7 +124,11 @@ impl GenerationRequest {
             match name.as_str() {
                 "image" | "image[]" | "mask" => {
                     if data.is_empty() {
-                        return Err(ApiError::invalid(if name == "mask" { "mask" } else { "image" }, "invalid_value", format!("{name} is an empty file")));
+                        return Err(ApiError::invalid(
+                            if name == "mask" { "mask" } else { "image" },
+                            "invalid_value",
+                            format!("{name} is an empty file"),
+                        ));
                     }
                     let part = FilePart {
                         field: name.clone(),
@@ -134,11 +143,14 @@ impl GenerationRequest {
                     }
                 }
                 _ => {
-                    let text = String::from_utf8(data.to_vec())
-                        .map_err(|_| ApiError::invalid("body", "invalid_multipart", format!("form field {name} is not UTF-8 text")))?;
+                    let text = String::from_utf8(data.to_vec()).map_err(|_| {
+                        ApiError::invalid("body", "invalid_multipart", format!("form field {name} is not UTF-8 text"))
+                    })?;
                     // Form fields are text; numbers are numbers when they parse as such.
                     let value = match name.as_str() {
-                        "n" | "seed" => text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text)),
+                        "n" | "seed" => {
+                            text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text))
+                        }
                         _ => Value::String(text),
                     };
                     raw.insert(name, value);
@@ -146,7 +158,11 @@ impl GenerationRequest {
             }
         }
         if images.is_empty() {
-            return Err(ApiError::invalid("image", "missing_required_parameter", "image is required (a file in the form field \"image\")"));
+            return Err(ApiError::invalid(
+                "image",
+                "missing_required_parameter",
+                "image is required (a file in the form field \"image\")",
+            ));
         }
         if op == Operation::Variation && images.len() > 1 {
             return Err(ApiError::invalid("image", "invalid_value", "a variation takes exactly one image"));
@@ -203,9 +219,7 @@ impl GenerationRequest {
             None | Some(Value::Null) => None,
             Some(Value::Number(num)) => match num.as_u64() {
                 Some(v) => Some(v),
-                None => {
-                    return Err(ApiError::invalid("seed", "invalid_value", "seed must be a non-negative integer"))
-                }
+                None => return Err(ApiError::invalid("seed", "invalid_value", "seed must be a non-negative integer")),
             },
             Some(other) => return Err(wrong_type("seed", "an integer", other)),
         };
@@ -328,7 +342,12 @@ mod tests {
 
     #[tokio::test]
     async fn multipart_forms_parse_into_the_same_request() {
-        let body = form(&[("image", Some("a.png"), b"PNGDATA"), ("prompt", None, b"add a hat"), ("n", None, b"2"), ("model", None, b"m")]);
+        let body = form(&[
+            ("image", Some("a.png"), b"PNGDATA"),
+            ("prompt", None, b"add a hat"),
+            ("n", None, b"2"),
+            ("model", None, b"m"),
+        ]);
         let r = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap();
         assert_eq!((r.prompt.as_str(), r.n, r.model.as_deref()), ("add a hat", 2, Some("m")));
         assert_eq!(&r.images[0].bytes[..], b"PNGDATA");
@@ -340,11 +359,21 @@ mod tests {
         let e = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap_err();
         assert_eq!(e.param, Some("prompt"));
 
-        let e = GenerationRequest::from_multipart(Operation::Edit, form(&[("prompt", None, b"x")]), "XyZ").await.unwrap_err();
+        let e = GenerationRequest::from_multipart(Operation::Edit, form(&[("prompt", None, b"x")]), "XyZ")
+            .await
+            .unwrap_err();
         assert_eq!((e.param, e.code), (Some("image"), Some("missing_required_parameter")));
-        let e = GenerationRequest::from_multipart(Operation::Edit, form(&[("image", Some("a"), b"x"), ("prompt", None, b"x"), ("n", None, b"two")]), "XyZ").await.unwrap_err();
+        let e = GenerationRequest::from_multipart(
+            Operation::Edit,
+            form(&[("image", Some("a"), b"x"), ("prompt", None, b"x"), ("n", None, b"two")]),
+            "XyZ",
+        )
+        .await
+        .unwrap_err();
         assert_eq!((e.param, e.code), (Some("n"), Some("invalid_type")));
-        let e = GenerationRequest::from_multipart(Operation::Edit, bytes::Bytes::from_static(b"garbage"), "XyZ").await.unwrap_err();
+        let e = GenerationRequest::from_multipart(Operation::Edit, bytes::Bytes::from_static(b"garbage"), "XyZ")
+            .await
+            .unwrap_err();
         assert_eq!(e.code, Some("invalid_multipart"));
     }
 

@@ -115,7 +115,12 @@ pub struct PlanOutcome {
 
 /// Walks the plan: each attempt gets `min(its timeout, time left)`; retryable failures move on,
 /// a non-retryable one (the client's own mistake) stops the walk.
-pub async fn run_plan<F, Fut>(steps: &[Step], deadline: Instant, timeout_of: impl Fn(Step) -> Duration, mut attempt: F) -> PlanOutcome
+pub async fn run_plan<F, Fut>(
+    steps: &[Step],
+    deadline: Instant,
+    timeout_of: impl Fn(Step) -> Duration,
+    mut attempt: F,
+) -> PlanOutcome
 where
     F: FnMut(Step) -> Fut,
     Fut: Future<Output = Result<Generation, ProviderError>>,
@@ -214,7 +219,10 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
         let mkt = 1;
         // weights a=1, b=3: draws below 0.25 pick a, the rest b.
         let names = |steps: Vec<Step>| -> Vec<String> {
-            steps.iter().map(|s| format!("{}/{}", p.routes[s.route].name, p.routes[s.route].targets[s.target].provider)).collect()
+            steps
+                .iter()
+                .map(|s| format!("{}/{}", p.routes[s.route].name, p.routes[s.route].targets[s.target].provider))
+                .collect()
         };
         assert_eq!(names(plan(&p, mkt, 0.1)), ["mkt/a", "mkt/b", "safe/a", "safe/c"]);
         assert_eq!(names(plan(&p, mkt, 0.3)), ["mkt/b", "mkt/a", "safe/a", "safe/c"]);
@@ -237,16 +245,21 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
     #[tokio::test(start_paused = true)]
     async fn slow_attempt_times_out_and_next_one_wins() {
         let start = Instant::now();
-        let out = run_plan(&steps(3), start + Duration::from_secs(100), |_| Duration::from_secs(10), |s| async move {
-            match s.target {
-                0 => {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    ok()
+        let out = run_plan(
+            &steps(3),
+            start + Duration::from_secs(100),
+            |_| Duration::from_secs(10),
+            |s| async move {
+                match s.target {
+                    0 => {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        ok()
+                    }
+                    1 => Err(ProviderError::Status { status: http::StatusCode::BAD_GATEWAY, message: "x".into() }),
+                    _ => ok(),
                 }
-                1 => Err(ProviderError::Status { status: http::StatusCode::BAD_GATEWAY, message: "x".into() }),
-                _ => ok(),
-            }
-        })
+            },
+        )
         .await;
         let labels: Vec<_> = out.attempts.iter().map(|a| a.label()).collect();
         assert_eq!(labels, ["timeout", "status_5xx", "ok"]);
@@ -258,10 +271,15 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
     #[tokio::test(start_paused = true)]
     async fn the_deadline_bounds_the_whole_walk() {
         let start = Instant::now();
-        let out = run_plan(&steps(5), start + Duration::from_secs(25), |_| Duration::from_secs(10), |_| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            ok()
-        })
+        let out = run_plan(
+            &steps(5),
+            start + Duration::from_secs(25),
+            |_| Duration::from_secs(10),
+            |_| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                ok()
+            },
+        )
         .await;
         assert!(out.success.is_none());
         assert!(out.deadline_exceeded);
@@ -272,9 +290,12 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
 
     #[tokio::test(start_paused = true)]
     async fn a_client_error_is_not_retried() {
-        let out = run_plan(&steps(3), Instant::now() + Duration::from_secs(60), |_| Duration::from_secs(10), |_| async {
-            Err(ProviderError::Rejected { status: http::StatusCode::BAD_REQUEST, body: Bytes::new() })
-        })
+        let out = run_plan(
+            &steps(3),
+            Instant::now() + Duration::from_secs(60),
+            |_| Duration::from_secs(10),
+            |_| async { Err(ProviderError::Rejected { status: http::StatusCode::BAD_REQUEST, body: Bytes::new() }) },
+        )
         .await;
         assert_eq!(out.attempts.len(), 1);
         assert!(!out.deadline_exceeded);

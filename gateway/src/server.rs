@@ -30,6 +30,8 @@ pub struct App {
     pub eval_pool: crate::eval::pool::EvalPool,
     /// The evaluators this process can run, by policy name.
     pub evaluators: std::collections::HashMap<&'static str, Arc<dyn crate::eval::Evaluator>>,
+    /// Whether each evaluator could run at start-up, and why not.
+    pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +113,17 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         }
         tracing::info!(version = %snap.policy.version, source = ?cfg.source, "policy loaded");
     }
+    // Load ONNX Runtime and check model files now, not on the first request; what is missing
+    // is logged with where it was looked for, and evaluators that cannot run answer "error"
+    // verdicts (the route's fail-open/fail-closed rule then applies).
+    let readiness = tokio::task::spawn_blocking(crate::eval::readiness).await.unwrap_or_default();
+    for (name, state) in &readiness {
+        let available = i64::from(state.is_ok());
+        metrics.evaluator_available.with_label_values(&[name]).set(available);
+        if let Err(why) = state {
+            tracing::warn!(evaluator = name, "evaluator unavailable: {why}");
+        }
+    }
     let app = Arc::new(App {
         policy: store.clone(),
         metrics: metrics.clone(),
@@ -123,6 +136,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         draining: AtomicBool::new(false),
         eval_pool: crate::eval::pool::EvalPool::new(cfg.eval_threads),
         evaluators: crate::eval::available(),
+        evaluator_status: readiness,
     });
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
@@ -166,7 +180,10 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     on_ready(proxy_addr, admin_addr);
 
     wait_for_stop().await;
-    tracing::info!(drain_deadline_s = cfg.drain_deadline.as_secs(), "shutting down: no new connections, draining in-flight requests");
+    tracing::info!(
+        drain_deadline_s = cfg.drain_deadline.as_secs(),
+        "shutting down: no new connections, draining in-flight requests"
+    );
     app.draining.store(true, Ordering::Relaxed);
     shutdown.cancel();
     tasks.close();
@@ -176,7 +193,10 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(in_flight = app.in_flight.load(Ordering::Relaxed), "drain deadline passed; exiting with requests in flight");
+        tracing::warn!(
+            in_flight = app.in_flight.load(Ordering::Relaxed),
+            "drain deadline passed; exiting with requests in flight"
+        );
     }
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
@@ -189,7 +209,11 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;

@@ -82,7 +82,11 @@ impl Endpoint {
 
 /// Sends `req` to `endpoint` (the request's own URI is replaced) and reads the whole answer,
 /// up to `max_body` bytes.
-pub async fn send(endpoint: &Endpoint, mut req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
+pub async fn send(
+    endpoint: &Endpoint,
+    mut req: Request<ChunkedBody>,
+    max_body: usize,
+) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
     // A pooled connection the server has since closed is only found out by using it: the
@@ -99,7 +103,9 @@ pub async fn send(endpoint: &Endpoint, mut req: Request<ChunkedBody>, max_body: 
             }
             Ok((answer, None)) => return Ok(answer),
             Err(Exchange::Unsent(back)) if reused => req = *back,
-            Err(Exchange::Unsent(_)) => return Err(UpstreamError::Transport("connection closed before the request was sent".into())),
+            Err(Exchange::Unsent(_)) => {
+                return Err(UpstreamError::Transport("connection closed before the request was sent".into()))
+            }
             Err(Exchange::Failed(e)) => return Err(e),
         }
     }
@@ -212,10 +218,8 @@ async fn connect(endpoint: &Endpoint) -> Result<Conn, UpstreamError> {
     } else {
         Stream::Plain(tcp)
     };
-    let (send, driver) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError::Connect(chain(&e)))?;
+    let (send, driver) =
+        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Connect(chain(&e)))?;
     Ok(Conn { send, driver: Box::pin(driver), idle_since: Instant::now() })
 }
 
@@ -268,7 +272,11 @@ impl AsyncWrite for Stream {
         }
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
@@ -362,7 +370,9 @@ mod tests {
                 let (s, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
                 let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from_static(b"hi"))))
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"hi"),
+                    )))
                 });
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
             }

@@ -68,8 +68,7 @@ fn spawn_serve_on(policy_dir: &Path, listen: &str, extra_args: &[&str], env: &[(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", acc_bin()))
+    cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {}: {e}", acc_bin()))
 }
 
 /// Collects a child's stderr in the background (so the pipe never fills up).
@@ -239,11 +238,7 @@ impl Gateway {
 
     /// SIGTERM to the gateway process (graceful shutdown).
     pub fn sigterm(&self) {
-        let st = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill -TERM");
+        let st = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("run kill -TERM");
         assert!(st.success(), "kill -TERM {} failed: {st}", self.pid());
     }
 
@@ -273,11 +268,7 @@ impl Gateway {
 
     /// SIGHUP to the gateway process.
     pub fn sighup(&self) {
-        let st = Command::new("kill")
-            .arg("-HUP")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill -HUP");
+        let st = Command::new("kill").arg("-HUP").arg(self.pid().to_string()).status().expect("run kill -HUP");
         assert!(st.success(), "kill -HUP {} failed: {st}", self.pid());
     }
 }
@@ -291,16 +282,9 @@ impl Drop for Gateway {
 
 fn parse_listening_line(line: &str) -> (SocketAddr, SocketAddr) {
     let parts: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        parts.len() == 3 && parts[0] == "listening",
-        "unexpected listening line: {line:?}"
-    );
-    let proxy = parts[1]
-        .strip_prefix("proxy=")
-        .unwrap_or_else(|| panic!("no proxy= in {line:?}"));
-    let admin = parts[2]
-        .strip_prefix("admin=")
-        .unwrap_or_else(|| panic!("no admin= in {line:?}"));
+    assert!(parts.len() == 3 && parts[0] == "listening", "unexpected listening line: {line:?}");
+    let proxy = parts[1].strip_prefix("proxy=").unwrap_or_else(|| panic!("no proxy= in {line:?}"));
+    let admin = parts[2].strip_prefix("admin=").unwrap_or_else(|| panic!("no admin= in {line:?}"));
     let proxy: SocketAddr = proxy.parse().unwrap_or_else(|e| panic!("bad proxy addr in {line:?}: {e}"));
     let admin: SocketAddr = admin.parse().unwrap_or_else(|e| panic!("bad admin addr in {line:?}: {e}"));
     assert_ne!(proxy.port(), 0, "proxy port 0 in {line:?}");
@@ -355,11 +339,7 @@ pub fn serve_expect_failure_on(policy_dir: &Path, listen: &str, extra_args: &[&s
 
 /// `acc check PATH`.
 pub fn acc_check(path: &Path) -> std::process::Output {
-    acc_command()
-        .arg("check")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run acc check: {e}"))
+    acc_command().arg("check").arg(path).output().unwrap_or_else(|e| panic!("cannot run acc check: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,9 +419,8 @@ impl Resp {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("response (status {}) is not JSON ({e}): {}", self.status, self.text())
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response (status {}) is not JSON ({e}): {}", self.status, self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
@@ -466,9 +445,8 @@ impl Resp {
 
     /// The `x-acc-attempts` header split into `provider:result` items.
     pub fn attempts(&self) -> Vec<String> {
-        let h = self
-            .header("x-acc-attempts")
-            .unwrap_or_else(|| panic!("no x-acc-attempts header: {}", self.describe()));
+        let h =
+            self.header("x-acc-attempts").unwrap_or_else(|| panic!("no x-acc-attempts header: {}", self.describe()));
         h.split(", ").map(|s| s.to_string()).collect()
     }
 
@@ -501,14 +479,9 @@ impl Resp {
     }
 }
 
-pub async fn try_send(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Result<Resp, String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
+pub async fn try_send(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Resp, String> {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut b = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -603,7 +576,8 @@ impl Form {
                 Some(f) => body.extend_from_slice(
                     format!("Content-Disposition: form-data; name=\"{}\"; filename=\"{f}\"\r\n", p.name).as_bytes(),
                 ),
-                None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{}\"\r\n", p.name).as_bytes()),
+                None => body
+                    .extend_from_slice(format!("Content-Disposition: form-data; name=\"{}\"\r\n", p.name).as_bytes()),
             }
             if let Some(ct) = &p.content_type {
                 body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
@@ -660,9 +634,7 @@ impl Captured {
             self.method,
             self.path
         );
-        parse_form(&ct, self.body.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
+        parse_form(&ct, self.body.clone()).await.unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
     }
 }
 
@@ -711,9 +683,7 @@ pub fn png_dims(bytes: &[u8]) -> (u32, u32) {
 }
 
 pub fn b64_decode(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .unwrap_or_else(|e| panic!("b64_json is not valid base64: {e}"))
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap_or_else(|e| panic!("b64_json is not valid base64: {e}"))
 }
 
 pub fn b64_encode(b: &[u8]) -> String {
@@ -727,9 +697,7 @@ pub fn b64_images(resp: &Resp) -> Vec<Vec<u8>> {
     let data = v["data"].as_array().unwrap_or_else(|| panic!("no data array: {}", resp.describe()));
     data.iter()
         .map(|d| {
-            let s = d["b64_json"]
-                .as_str()
-                .unwrap_or_else(|| panic!("data item without b64_json: {}", resp.describe()));
+            let s = d["b64_json"].as_str().unwrap_or_else(|| panic!("data item without b64_json: {}", resp.describe()));
             b64_decode(s)
         })
         .collect()
@@ -861,14 +829,12 @@ impl MockProvider {
 
     pub fn last_body_json(&self) -> Value {
         let r = self.last_request().expect("mock received no request");
-        serde_json::from_slice(&r.body).unwrap_or_else(|e| {
-            panic!("gateway sent a non-JSON body ({e}): {}", String::from_utf8_lossy(&r.body))
-        })
+        serde_json::from_slice(&r.body)
+            .unwrap_or_else(|e| panic!("gateway sent a non-JSON body ({e}): {}", String::from_utf8_lossy(&r.body)))
     }
 
     pub fn last_header(&self, name: &str) -> Option<String> {
-        self.last_request()
-            .and_then(|r| r.headers.get(name).map(|v| v.to_str().unwrap_or("").to_string()))
+        self.last_request().and_then(|r| r.headers.get(name).map(|v| v.to_str().unwrap_or("").to_string()))
     }
 }
 

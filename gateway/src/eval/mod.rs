@@ -11,14 +11,39 @@ use image::{ImageFormat, RgbImage};
 
 use crate::request::Size;
 
+pub mod nudenet;
+pub mod onnx;
 pub mod pool;
+pub mod safety;
 pub mod sanity;
 
 /// The evaluators this build can run, by the name policies use.
 pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>> {
     let mut m: std::collections::HashMap<&'static str, Arc<dyn Evaluator>> = std::collections::HashMap::new();
     m.insert("sanity", Arc::new(sanity::Sanity));
+    m.insert("safety", Arc::new(safety::Safety::new()));
     m
+}
+
+/// Whether each evaluator can run here, with the reason when it cannot (a missing runtime
+/// library or model file, and where it was looked for).
+pub fn readiness() -> Vec<(&'static str, Result<(), String>)> {
+    vec![("sanity", Ok(())), ("safety", safety::Safety::new().ready())]
+}
+
+/// Per-route settings evaluators read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// NudeNet classes that count as unsafe; `None` = `safety::DEFAULT_UNSAFE`.
+    pub unsafe_classes: Option<Vec<String>>,
+    /// Highest score of an unsafe class that still passes.
+    pub max_unsafe: f32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { unsafe_classes: None, max_unsafe: 0.5 }
+    }
 }
 
 /// Largest side and pixel count an artifact may decode to: a decompression bomb (a small PNG
@@ -88,6 +113,7 @@ pub struct Subject<'a> {
     pub image: &'a Decoded,
     /// The exact size the client asked for, if it asked for one.
     pub expected_size: Option<Size>,
+    pub settings: &'a Settings,
 }
 
 /// One kind of check. Implementations are CPU-bound and run on the evaluation pool.
@@ -107,7 +133,12 @@ pub struct Report {
 
 /// Decodes an artifact and runs `evaluators` on it. A decode failure fails every evaluator
 /// that needs pixels with the decode error as the reason (sanity reports it as its own).
-pub fn evaluate(bytes: &Bytes, expected_size: Option<Size>, evaluators: &[Arc<dyn Evaluator>]) -> Report {
+pub fn evaluate(
+    bytes: &Bytes,
+    expected_size: Option<Size>,
+    settings: &Settings,
+    evaluators: &[Arc<dyn Evaluator>],
+) -> Report {
     let start = Instant::now();
     let decoded = decode(bytes);
     let mut verdicts = Vec::with_capacity(evaluators.len());
@@ -115,13 +146,10 @@ pub fn evaluate(bytes: &Bytes, expected_size: Option<Size>, evaluators: &[Arc<dy
     for e in evaluators {
         let t = Instant::now();
         let v = match &decoded {
-            Ok(image) => e.evaluate(&Subject { image, expected_size }),
-            Err(why) => Verdict {
-                evaluator: e.name(),
-                score: 0.0,
-                verdict: Outcome::Fail,
-                reason: format!("artifact {why}"),
-            },
+            Ok(image) => e.evaluate(&Subject { image, expected_size, settings }),
+            Err(why) => {
+                Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason: format!("artifact {why}") }
+            }
         };
         durations.push(t.elapsed().as_secs_f64());
         verdicts.push(v);
@@ -140,6 +168,3 @@ pub fn summary(verdicts: &[Verdict]) -> String {
     }
     s
 }
-
-pub mod onnx;
-pub mod nudenet;

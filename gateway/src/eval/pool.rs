@@ -73,7 +73,8 @@ mod tests {
         let (_, other) = pool.run(move || std::thread::current().id() != caller).await.unwrap();
         assert!(other);
         let p2 = pool.clone();
-        let slow = tokio::spawn(async move { p2.run(|| std::thread::sleep(std::time::Duration::from_millis(200))).await });
+        let slow =
+            tokio::spawn(async move { p2.run(|| std::thread::sleep(std::time::Duration::from_millis(200))).await });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let (waited, _) = pool.run(|| ()).await.unwrap();
         assert!(waited > 0.1, "second job waited {waited}s for the only thread");

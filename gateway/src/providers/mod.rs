@@ -104,10 +104,8 @@ pub trait Provider: Send + Sync {
 pub fn build(spec: &ProviderSpec) -> Arc<dyn Provider> {
     match &spec.kind {
         ProviderKind::Builtin => Arc::new(builtin::Builtin),
-        ProviderKind::OpenAi { base_url, api_key_env, upstream_format } => Arc::new(openai::OpenAi::new(
-            base_url,
-            api_key_env.as_deref(),
-            *upstream_format,
-        )),
+        ProviderKind::OpenAi { base_url, api_key_env, upstream_format } => {
+            Arc::new(openai::OpenAi::new(base_url, api_key_env.as_deref(), *upstream_format))
+        }
     }
 }

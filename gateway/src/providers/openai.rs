@@ -9,9 +9,9 @@ use serde::Deserialize;
 
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
-use crate::upstream;
 use crate::policy::UpstreamFormat;
 use crate::request::{GenerationRequest, Operation};
+use crate::upstream;
 
 /// Ten 4096x4096 PNGs in base64 stay below this; anything larger is not an image answer.
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
@@ -37,7 +37,8 @@ impl OpenAi {
                 .ok_or_else(|| var.to_string())
         });
         let endpoint = |op: Operation| upstream::Endpoint::parse(&format!("{base_url}/images/{}", op.path()));
-        let endpoints = (|| Ok([endpoint(Operation::Generate)?, endpoint(Operation::Edit)?, endpoint(Operation::Variation)?]))();
+        let endpoints =
+            (|| Ok([endpoint(Operation::Generate)?, endpoint(Operation::Edit)?, endpoint(Operation::Variation)?]))();
         OpenAi { endpoints, auth, upstream_format }
     }
 }
@@ -46,9 +47,7 @@ impl OpenAi {
 impl Provider for OpenAi {
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
-            Some(Err(var)) => {
-                return Err(ProviderError::Credential(format!("environment variable {var} is not set")))
-            }
+            Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
             Some(Ok(h)) => Some(h),
             None => None,
         };
@@ -73,9 +72,8 @@ impl Provider for OpenAi {
         };
         let endpoints = self.endpoints.as_ref().map_err(|e| ProviderError::Other(e.clone()))?;
         let endpoint = &endpoints[req.op as usize];
-        let mut http_req = Request::post("/")
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::ACCEPT, "application/json");
+        let mut http_req =
+            Request::post("/").header(header::CONTENT_TYPE, content_type).header(header::ACCEPT, "application/json");
         if let Some(h) = auth {
             http_req = http_req.header(header::AUTHORIZATION, h.clone());
         }
@@ -144,7 +142,10 @@ fn multipart(fields: &UpstreamFields<'_>, req: &GenerationRequest) -> (String, C
             serde_json::Value::Null => continue,
             other => other.to_string(),
         };
-        body.push(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{text}\r\n", quote(name)));
+        body.push(format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{text}\r\n",
+            quote(name)
+        ));
     }
     for part in req.images.iter().chain(req.mask.iter()) {
         body.push(format!(
@@ -203,9 +204,7 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
                 skim::Raw::Plain(u) => Image::Url(u),
                 skim::Raw::Span(_) => return Err(ProviderError::BadResponse(format!("data[{i}].url is too long"))),
             },
-            (None, None) => {
-                return Err(ProviderError::BadResponse(format!("data[{i}] has neither b64_json nor url")))
-            }
+            (None, None) => return Err(ProviderError::BadResponse(format!("data[{i}] has neither b64_json nor url"))),
         };
         images.push(image);
     }
@@ -218,10 +217,7 @@ fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
     let message = upstream_message(&body);
     match status.as_u16() {
         429 | 500..=599 | 408 => ProviderError::Status { status, message },
-        401 | 403 => ProviderError::Status {
-            status,
-            message: "the provider refused the gateway's credentials".into(),
-        },
+        401 | 403 => ProviderError::Status { status, message: "the provider refused the gateway's credentials".into() },
         400..=499 => {
             let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
@@ -241,9 +237,9 @@ fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
 }
 
 fn upstream_message(body: &[u8]) -> String {
-    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
-        v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned)
-    });
+    let from_json = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned));
     let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
     let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
     if text.is_empty() {
@@ -252,7 +248,6 @@ fn upstream_message(body: &[u8]) -> String {
         text
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -305,7 +300,10 @@ mod tests {
         assert!(e.retryable());
         assert_eq!(e.label(), "status_429");
         assert_eq!(e.to_string(), "upstream answered 429 Too Many Requests: slow down");
-        let e = classify_error(StatusCode::UNAUTHORIZED, Bytes::from_static(br#"{"error":{"message":"Incorrect API key sk-123"}}"#));
+        let e = classify_error(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from_static(br#"{"error":{"message":"Incorrect API key sk-123"}}"#),
+        );
         assert!(e.retryable());
         assert!(!e.to_string().contains("sk-123"));
     }

@@ -1,0 +1,129 @@
+//! The `safety` evaluator through the running binary, with NudeNet run in-process.
+//!
+//! No explicit image is needed to prove the wiring: a route that counts `FACE_FEMALE` as
+//! unsafe turns a public-domain portrait (scikit-image's astronaut, fetched by
+//! scripts/fetch-testimages.sh) into an "unsafe" artifact. A gateway without the ONNX runtime
+//! or the model still starts, says what is missing, and applies fail-open / fail-closed.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn repo_file(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn portrait() -> Vec<u8> {
+    let p = repo_file(".cache/testimages/astronaut.png");
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!("{}: {e}; run scripts/fetch-testimages.sh and scripts/setup-onnx.sh (scripts/test.sh does)", p.display())
+    })
+}
+
+fn answer_with(mock: &MockProvider, image: &[u8]) {
+    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
+    mock.set_body(Some(&body));
+}
+
+async fn setup(extra: &str, env: &[(&str, &str)]) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
+    let first = MockProvider::start().await;
+    let second = MockProvider::start().await;
+    let policy = format!(
+        r#"{}{}
+[[routes]]
+name = "main"
+match = {{ model = "m" }}
+targets = [{{ provider = "first", model = "x" }}]
+fallbacks = ["spare"]
+evaluators = ["safety"]
+{extra}
+
+[[routes]]
+name = "spare"
+match = {{ model = "spare" }}
+targets = [{{ provider = "second", model = "y" }}]
+"#,
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+    );
+    let dir = PolicyDir::with(&policy);
+    let gw = Gateway::start_with_env(dir.path(), env).await;
+    (first, second, gw, dir)
+}
+
+fn req() -> serde_json::Value {
+    json!({"model": "m", "prompt": "a portrait", "response_format": "b64_json"})
+}
+
+#[tokio::test]
+async fn an_unsafe_class_above_the_limit_falls_back_or_blocks() {
+    let img = portrait();
+    let (first, second, gw, _d) = setup("unsafe_classes = [\"FACE_FEMALE\"]\nmax_unsafe = 0.3", &[]).await;
+    answer_with(&first, &img);
+    answer_with(&second, &img);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"), "{}", r.describe());
+    let unsafe_ = [("evaluator", "safety"), ("route", "main"), ("provider", "first"), ("verdict", "fail")];
+    assert_eq!(gw.metric("acc_eval_total", &unsafe_).await, 1.0);
+
+    let (first, second, gw, _d) =
+        setup("unsafe_classes = [\"FACE_FEMALE\"]\nmax_unsafe = 0.3\non_unsafe = \"block\"", &[]).await;
+    answer_with(&first, &img);
+    let r = gw.generate(&req()).await;
+    let e = r.assert_error(400, "content_policy_violation");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("safety: unsafe content: FACE_FEMALE"), "{msg}");
+    assert_eq!(second.hits(), 0);
+}
+
+#[tokio::test]
+async fn the_same_portrait_passes_with_the_default_classes() {
+    let img = portrait();
+    let (first, _second, gw, _d) = setup("", &[]).await;
+    answer_with(&first, &img);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![img]);
+    let eval = r.header("x-acc-eval").unwrap_or_default();
+    assert!(eval.starts_with("safety=pass("), "{eval}");
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.json()["evaluators"]["safety"], "ready", "{}", ready.describe());
+}
+
+#[tokio::test]
+async fn without_the_model_the_gateway_starts_and_applies_fail_open_or_closed() {
+    let empty = tempfile::tempdir().unwrap();
+    let env = [("ACC_MODELS_DIR", empty.path().to_str().unwrap())];
+    let img = portrait_or_noise();
+
+    let (first, second, gw, _d) = setup("on_eval_error = \"fail_closed\"", &env).await;
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    ready.assert_status(200);
+    let state = ready.json()["evaluators"]["safety"].as_str().unwrap_or_default().to_string();
+    assert!(state.starts_with("unavailable: ") && state.contains(empty.path().to_str().unwrap()), "{state}");
+    assert!(gw.stderr().contains("evaluator unavailable"), "start-up says what is missing");
+    assert_eq!(gw.metric("acc_evaluator_available", &[("evaluator", "safety")]).await, 0.0);
+    answer_with(&first, &img);
+    answer_with(&second, &img);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
+
+    let (first, second, gw, _d) = setup("on_eval_error = \"fail_open\"", &env).await;
+    answer_with(&first, &img);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("safety=error(0.00)"));
+    assert_eq!(second.hits(), 0);
+}
+
+/// Any decodable image will do when the model is absent.
+fn portrait_or_noise() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
