@@ -174,3 +174,80 @@ async fn too_few_images_fail_sanity() {
     assert_eq!(b64_images(&r).len(), 2);
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
 }
+
+/// A product shot: a red box on a plain background.
+fn product_shot(bg: [u8; 3]) -> Vec<u8> {
+    png(&image::RgbImage::from_fn(256, 256, |x, y| {
+        if (64..192).contains(&x) && (64..192).contains(&y) {
+            image::Rgb([200, 30, 30])
+        } else {
+            image::Rgb(bg)
+        }
+    }))
+}
+
+#[tokio::test]
+async fn the_prompt_contract_is_checked_from_body_or_header() {
+    let (first, second, gw, _d) = setup("").await;
+    // Both routes of `setup` evaluate sanity only: a route with adherence is added here.
+    let policy = format!(
+        r#"{}{}
+[[routes]]
+name = "shots"
+match = {{ model = "shot" }}
+targets = [{{ provider = "first", model = "x" }}]
+fallbacks = ["spare"]
+evaluators = ["sanity", "adherence"]
+
+[[routes]]
+name = "spare"
+match = {{ model = "spare" }}
+targets = [{{ provider = "second", model = "y" }}]
+evaluators = ["adherence"]
+"#,
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+    );
+    drop(gw);
+    let dir = PolicyDir::with(&policy);
+    let gw = Gateway::start(dir.path()).await;
+    let dark = product_shot([10, 10, 10]);
+    let white = product_shot([255, 255, 255]);
+    answer_with(&first, &dark);
+    answer_with(&second, &white);
+
+    // Body field `acc` (the SDKs send it through extra_body).
+    let body = json!({"model": "shot", "prompt": "a red box on white", "size": "256x256",
+                      "response_format": "b64_json", "acc": {"background": "white", "aspect": "1:1"}});
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![white.clone()]);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
+    assert!(r.header("x-acc-eval").unwrap_or_default().contains("adherence=pass(1.00)"));
+    // The contract never reaches the provider.
+    assert!(second.last_body_json().get("acc").is_none(), "{}", second.last_body_json());
+
+    // Header `x-acc-contract`; without one, adherence has nothing to check.
+    answer_with(&first, &white);
+    let plain = json!({"model": "shot", "prompt": "x", "size": "256x256", "response_format": "b64_json"});
+    let r = gw.generate_with(&plain, &[("x-acc-contract", r#"{"background": "black"}"#)]).await;
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
+    let e = r.assert_error(502, "upstream_error");
+    assert!(
+        e["message"].as_str().unwrap().contains("adherence: background: 0% of the border is black"),
+        "{}",
+        r.describe()
+    );
+    let r = gw.generate(&plain).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
+
+    // A malformed contract is the client's mistake.
+    let r = gw.generate_with(&plain, &[("x-acc-contract", r#"{"background": "mauve"}"#)]).await;
+    let e = r.assert_error(400, "invalid_contract");
+    assert_eq!(e["param"], "x-acc-contract");
+    let mut bad = plain.clone();
+    bad["acc"] = json!({"colour": "white"});
+    let e = gw.generate(&bad).await.assert_error(400, "invalid_contract");
+    assert_eq!(e["param"], "acc");
+}

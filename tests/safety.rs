@@ -127,3 +127,26 @@ fn portrait_or_noise() -> Vec<u8> {
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
 }
+
+#[tokio::test]
+async fn face_clauses_of_the_contract_count_nudenet_faces() {
+    let img = portrait();
+    let first = MockProvider::start().await;
+    let policy = format!(
+        "{}[[routes]]\nname = \"main\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"first\" }}]\nevaluators = [\"adherence\"]\non_low_adherence = \"flag\"\n",
+        openai_provider_at("first", &first.base_url())
+    );
+    let dir = PolicyDir::with(&policy);
+    let gw = Gateway::start(dir.path()).await;
+    answer_with(&first, &img);
+    let mut body = req();
+    body["acc"] = json!({"faces": 1});
+    let r = gw.generate(&body).await;
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{}", r.describe());
+    body["acc"] = json!({"max_faces": 0});
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
+    let reasons = r.header("x-acc-reasons").unwrap_or_default();
+    assert!(reasons.contains("max_faces: 1 faces, contract allows 0"), "{reasons}");
+}

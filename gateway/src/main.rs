@@ -70,6 +70,9 @@ enum Command {
         /// The prompt the image was generated from.
         #[arg(long)]
         prompt: Option<String>,
+        /// A prompt contract (JSON) checked by `adherence`.
+        #[arg(long)]
+        contract: Option<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -100,7 +103,9 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
-        Command::Eval { image, size, prompt, json } => eval(&image, size.as_deref(), prompt.as_deref(), json),
+        Command::Eval { image, size, prompt, contract, json } => {
+            eval(&image, size.as_deref(), prompt.as_deref(), contract.as_deref(), json)
+        }
         Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers, eval_threads } => {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             init_tracing();
@@ -163,7 +168,21 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn eval(path: &std::path::Path, size: Option<&str>, prompt: Option<&str>, json: bool) -> ExitCode {
+fn eval(
+    path: &std::path::Path,
+    size: Option<&str>,
+    prompt: Option<&str>,
+    contract: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let contract = match contract.map(|c| acc::eval::adherence::Contract::parse(c.as_bytes())) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("acc eval: --contract: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let bytes = match std::fs::read(path) {
         Ok(b) => bytes::Bytes::from(b),
         Err(e) => {
@@ -184,12 +203,13 @@ fn eval(path: &std::path::Path, size: Option<&str>, prompt: Option<&str>, json: 
         all.sort_by_key(|(name, _)| *name);
         all.into_iter().map(|(_, e)| e).collect()
     };
-    let report = acc::eval::evaluate(&bytes, expected, &Default::default(), &evaluators);
+    let report = acc::eval::evaluate(&bytes, expected, &Default::default(), contract.as_ref(), &evaluators);
     let failed = report.verdicts.iter().any(|v| v.verdict != acc::eval::Outcome::Pass);
     if json {
         let out = serde_json::json!({
             "image": path.display().to_string(),
             "prompt": prompt,
+            "contract": contract,
             "evaluators": report.verdicts,
             "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
         });

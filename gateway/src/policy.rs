@@ -105,6 +105,10 @@ struct RawRoute {
     /// NudeNet classes that count as unsafe; default: the exposed genitalia, breasts, buttocks
     /// and anus classes.
     unsafe_classes: Option<Vec<String>>,
+    /// What a failed prompt contract does: "fallback" (default), "block" or "flag".
+    on_low_adherence: Option<String>,
+    /// Lowest share of the contract's clauses that must hold, in [0, 1]; default 1 (all).
+    min_adherence: Option<f32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +229,7 @@ pub struct EvalPolicy {
     pub evaluators: Vec<String>,
     pub on_sanity_fail: EvalAction,
     pub on_unsafe: EvalAction,
+    pub on_low_adherence: EvalAction,
     pub budget: Duration,
     pub fail_open: bool,
     pub settings: crate::eval::Settings,
@@ -235,14 +240,15 @@ impl EvalPolicy {
     pub fn action(&self, evaluator: &str) -> EvalAction {
         match evaluator {
             "safety" => self.on_unsafe,
+            "adherence" => self.on_low_adherence,
             _ => self.on_sanity_fail,
         }
     }
 }
 
 /// Evaluators this build can run.
-pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity", "safety"];
-const PLANNED_EVALUATORS: &[&str] = &["text", "adherence"];
+pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity", "safety", "adherence"];
+const PLANNED_EVALUATORS: &[&str] = &["text"];
 
 /// A validated policy: everything the request path needs, with references resolved.
 #[derive(Debug, Clone)]
@@ -668,6 +674,11 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     };
     let on_sanity_fail = action("on_sanity_fail", r.on_sanity_fail.as_deref(), errors);
     let on_unsafe = action("on_unsafe", r.on_unsafe.as_deref(), errors);
+    let on_low_adherence = action("on_low_adherence", r.on_low_adherence.as_deref(), errors);
+    let min_adherence = r.min_adherence.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&min_adherence) {
+        errors.push(format!("{at}.min_adherence: {min_adherence} is outside [0, 1]"));
+    }
     let max_unsafe = r.max_unsafe.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&max_unsafe) {
         errors.push(format!("{at}.max_unsafe: {max_unsafe} is outside [0, 1]"));
@@ -701,8 +712,8 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     {
         errors.push(format!("{at}: on_unsafe, max_unsafe and unsafe_classes need \"safety\" in evaluators"));
     }
-    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe };
-    EvalPolicy { evaluators, on_sanity_fail, on_unsafe, budget, fail_open, settings }
+    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe, min_adherence };
+    EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, budget, fail_open, settings }
 }
 
 fn positive_ms(at: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> Duration {
@@ -865,8 +876,8 @@ on_eval_error = "maybe"
         assert_eq!(
             errs,
             vec![
-                r#"r.toml: routes[0].evaluators[1]: evaluator "text" is not available in this build yet (available: sanity, safety)"#,
-                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety)"#,
+                r#"r.toml: routes[0].evaluators[1]: evaluator "text" is not available in this build yet (available: sanity, safety, adherence)"#,
+                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety, adherence)"#,
                 r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
                 r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
                 r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
@@ -880,6 +891,7 @@ on_eval_error = "maybe"
                 evaluators: vec!["sanity".into()],
                 on_sanity_fail: EvalAction::Block,
                 on_unsafe: EvalAction::Fallback,
+                on_low_adherence: EvalAction::Fallback,
                 budget: Duration::from_millis(250),
                 fail_open: false,
                 settings: crate::eval::Settings::default(),

@@ -28,6 +28,7 @@ pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
 pub const COHORT: &str = "x-acc-cohort";
+pub const CONTRACT: &str = "x-acc-contract";
 
 /// Free text as a header value: printable ASCII only, bounded.
 fn header_text(s: &str) -> HeaderValue {
@@ -44,6 +45,7 @@ async fn evaluate_attempt(
     cfg: &crate::policy::EvalPolicy,
     expected_size: Option<crate::request::Size>,
     n: u32,
+    contract: Option<&Arc<crate::eval::adherence::Contract>>,
     (route, provider): (&str, &str),
 ) -> Result<(), ProviderError> {
     use crate::eval::{Outcome, Verdict};
@@ -51,6 +53,7 @@ async fn evaluate_attempt(
     let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
     let images = generation.images.clone();
     let settings = cfg.settings.clone();
+    let contract = contract.cloned();
     let job = app.eval_pool.run(move || {
         images
             .iter()
@@ -60,7 +63,7 @@ async fn evaluate_attempt(
                     Image::Raw { bytes, .. } => bytes.clone(),
                     Image::Url(_) => Bytes::new(),
                 };
-                crate::eval::evaluate(&bytes, expected_size, &settings, &evaluators)
+                crate::eval::evaluate(&bytes, expected_size, &settings, contract.as_deref(), &evaluators)
             })
             .collect::<Vec<_>>()
     });
@@ -258,6 +261,12 @@ where
             GenerationRequest::from_multipart(op, body, &boundary).await?
         }
     };
+    let mut req = req;
+    if let Some(h) = headers.get(CONTRACT) {
+        let c = crate::eval::adherence::Contract::parse(h.as_bytes())
+            .map_err(|e| ApiError::invalid("x-acc-contract", "invalid_contract", e))?;
+        req.contract = Some(Arc::new(c));
+    }
     // 3. Where it goes.
     let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
@@ -293,7 +302,8 @@ where
             }
             if !step_route.eval.evaluators.is_empty() {
                 let labels = (route_name, target.provider.as_str());
-                evaluate_attempt(app, &mut generation, &step_route.eval, expected_size, req.n, labels).await?;
+                evaluate_attempt(app, &mut generation, &step_route.eval, expected_size, req.n, req.contract.as_ref(), labels)
+                    .await?;
             }
             Ok(generation)
         }

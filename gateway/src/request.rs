@@ -78,6 +78,8 @@ pub struct GenerationRequest {
     /// Input images of an edit or variation.
     pub images: Vec<FilePart>,
     pub mask: Option<FilePart>,
+    /// The prompt contract (header `x-acc-contract` or body field `acc`).
+    pub contract: Option<std::sync::Arc<crate::eval::adherence::Contract>>,
 }
 
 impl GenerationRequest {
@@ -224,6 +226,15 @@ impl GenerationRequest {
             Some(other) => return Err(wrong_type("seed", "an integer", other)),
         };
         let negative_prompt = opt_string(&raw, "negative_prompt")?;
+        let contract = match raw.get("acc") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(crate::eval::adherence::Contract::parse(text.as_bytes())),
+            Some(v @ Value::Object(_)) => Some(crate::eval::adherence::Contract::from_value(v.clone())),
+            Some(other) => return Err(wrong_type("acc", "an object (the prompt contract)", other)),
+        }
+        .transpose()
+        .map_err(|e| ApiError::invalid("acc", "invalid_contract", e))?
+        .map(std::sync::Arc::new);
         for field in ["quality", "style", "user", "background", "output_format", "moderation"] {
             opt_string(&raw, field)?;
         }
@@ -240,6 +251,7 @@ impl GenerationRequest {
             raw,
             images: Vec::new(),
             mask: None,
+            contract,
         })
     }
 }

@@ -11,6 +11,7 @@ use image::{ImageFormat, RgbImage};
 
 use crate::request::Size;
 
+pub mod adherence;
 pub mod nudenet;
 pub mod onnx;
 pub mod pool;
@@ -22,13 +23,19 @@ pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>
     let mut m: std::collections::HashMap<&'static str, Arc<dyn Evaluator>> = std::collections::HashMap::new();
     m.insert("sanity", Arc::new(sanity::Sanity));
     m.insert("safety", Arc::new(safety::Safety::new()));
+    m.insert("adherence", Arc::new(adherence::Adherence::new()));
     m
 }
 
 /// Whether each evaluator can run here, with the reason when it cannot (a missing runtime
 /// library or model file, and where it was looked for).
 pub fn readiness() -> Vec<(&'static str, Result<(), String>)> {
-    vec![("sanity", Ok(())), ("safety", safety::Safety::new().ready())]
+    let safety = safety::Safety::new().ready();
+    vec![
+        ("sanity", Ok(())),
+        ("safety", safety.clone()),
+        ("adherence", safety.map_err(|e| format!("face clauses: {e}"))),
+    ]
 }
 
 /// Per-route settings evaluators read.
@@ -38,11 +45,13 @@ pub struct Settings {
     pub unsafe_classes: Option<Vec<String>>,
     /// Highest score of an unsafe class that still passes.
     pub max_unsafe: f32,
+    /// Lowest share of contract clauses that must hold.
+    pub min_adherence: f32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { unsafe_classes: None, max_unsafe: 0.5 }
+        Settings { unsafe_classes: None, max_unsafe: 0.5, min_adherence: 1.0 }
     }
 }
 
@@ -114,6 +123,8 @@ pub struct Subject<'a> {
     /// The exact size the client asked for, if it asked for one.
     pub expected_size: Option<Size>,
     pub settings: &'a Settings,
+    /// The request's prompt contract, if it has one.
+    pub contract: Option<&'a adherence::Contract>,
 }
 
 /// One kind of check. Implementations are CPU-bound and run on the evaluation pool.
@@ -137,6 +148,7 @@ pub fn evaluate(
     bytes: &Bytes,
     expected_size: Option<Size>,
     settings: &Settings,
+    contract: Option<&adherence::Contract>,
     evaluators: &[Arc<dyn Evaluator>],
 ) -> Report {
     let start = Instant::now();
@@ -146,7 +158,7 @@ pub fn evaluate(
     for e in evaluators {
         let t = Instant::now();
         let v = match &decoded {
-            Ok(image) => e.evaluate(&Subject { image, expected_size, settings }),
+            Ok(image) => e.evaluate(&Subject { image, expected_size, settings, contract }),
             Err(why) => {
                 Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason: format!("artifact {why}") }
             }

@@ -1,0 +1,304 @@
+//! `adherence`: checks an artifact against the request's prompt contract, a small JSON object
+//! that states what the image must satisfy, e.g.
+//! `{"background": "white", "max_faces": 0, "aspect": "1:1"}`. The score is the share of
+//! clauses that hold; each failed clause is named in the reason.
+
+use serde::Deserialize;
+
+use super::{nudenet, safety::Safety, Evaluator, Outcome, Subject, Verdict};
+use crate::request::Size;
+
+/// The prompt contract, from the `x-acc-contract` header or the body field `acc`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contract {
+    /// Colour of the image's border region: a name (white, black, grey, red, green, blue,
+    /// yellow) or `#rrggbb`.
+    #[serde(default)]
+    pub background: Option<String>,
+    /// At most this many faces (NudeNet's FACE_FEMALE / FACE_MALE).
+    #[serde(default)]
+    pub max_faces: Option<u32>,
+    /// Exactly this many faces.
+    #[serde(default)]
+    pub faces: Option<u32>,
+    /// Exact pixel size, `WxH`.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// Aspect ratio `W:H`, within 1%.
+    #[serde(default)]
+    pub aspect: Option<String>,
+    /// Strings that must appear in the image (needs the text evaluator).
+    #[serde(default)]
+    pub require_text: Vec<String>,
+    /// `true`: no text at all; a list: none of these strings (needs the text evaluator).
+    #[serde(default)]
+    pub forbid_text: Option<serde_json::Value>,
+}
+
+impl Contract {
+    /// Parses and checks a contract; the error says which clause is wrong.
+    pub fn parse(json: &[u8]) -> Result<Contract, String> {
+        let c: Contract = serde_json::from_slice(json).map_err(|e| format!("invalid prompt contract: {e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn from_value(v: serde_json::Value) -> Result<Contract, String> {
+        let c: Contract = serde_json::from_value(v).map_err(|e| format!("invalid prompt contract: {e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(b) = &self.background {
+            parse_colour(b).ok_or_else(|| {
+                format!("invalid prompt contract: background \"{b}\" is not a known colour or #rrggbb")
+            })?;
+        }
+        if let Some(s) = &self.size {
+            parse_wxh(s, 'x').ok_or_else(|| format!("invalid prompt contract: size \"{s}\" is not WxH"))?;
+        }
+        if let Some(a) = &self.aspect {
+            parse_wxh(a, ':').ok_or_else(|| format!("invalid prompt contract: aspect \"{a}\" is not W:H"))?;
+        }
+        match &self.forbid_text {
+            None | Some(serde_json::Value::Bool(_)) => {}
+            Some(serde_json::Value::Array(a)) if a.iter().all(|v| v.is_string()) => {}
+            Some(_) => {
+                return Err("invalid prompt contract: forbid_text must be true/false or a list of strings".into())
+            }
+        }
+        Ok(())
+    }
+
+    fn clauses(&self) -> usize {
+        [
+            self.background.is_some(),
+            self.max_faces.is_some(),
+            self.faces.is_some(),
+            self.size.is_some(),
+            self.aspect.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count()
+            + self.require_text.len()
+            + usize::from(self.forbid_text.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)))
+    }
+}
+
+fn parse_wxh(s: &str, sep: char) -> Option<(u32, u32)> {
+    let (w, h) = s.split_once(sep)?;
+    let (w, h) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
+    (w > 0 && h > 0).then_some((w, h))
+}
+
+pub fn parse_colour(s: &str) -> Option<[u8; 3]> {
+    let named = match s.to_ascii_lowercase().as_str() {
+        "white" => Some([255, 255, 255]),
+        "black" => Some([0, 0, 0]),
+        "grey" | "gray" => Some([128, 128, 128]),
+        "red" => Some([220, 30, 30]),
+        "green" => Some([30, 160, 60]),
+        "blue" => Some([30, 60, 200]),
+        "yellow" => Some([240, 220, 40]),
+        _ => None,
+    };
+    named.or_else(|| {
+        let h = s.strip_prefix('#')?;
+        if h.len() != 6 {
+            return None;
+        }
+        let v = u32::from_str_radix(h, 16).ok()?;
+        Some([(v >> 16) as u8, (v >> 8) as u8, v as u8])
+    })
+}
+
+/// Share of the border (outer 5% on each side) within `tolerance` of `colour`.
+pub fn border_match(img: &image::RgbImage, colour: [u8; 3], tolerance: f32) -> f32 {
+    let (w, h) = img.dimensions();
+    let m = (w.min(h) / 20).max(1);
+    let step = ((w.max(h) / 256).max(1)) as usize;
+    let (mut total, mut hits) = (0u32, 0u32);
+    for y in (0..h).step_by(step) {
+        for x in (0..w).step_by(step) {
+            if x >= m && x < w - m && y >= m && y < h - m {
+                continue;
+            }
+            let p = img.get_pixel(x, y).0;
+            let d: f32 = (0..3).map(|c| (p[c] as f32 - colour[c] as f32).powi(2)).sum::<f32>().sqrt();
+            total += 1;
+            hits += u32::from(d <= tolerance);
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        hits as f32 / total as f32
+    }
+}
+
+pub struct Adherence {
+    faces: Safety,
+}
+
+impl Adherence {
+    pub fn new() -> Adherence {
+        Adherence { faces: Safety::new() }
+    }
+}
+
+impl Default for Adherence {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Evaluator for Adherence {
+    fn name(&self) -> &'static str {
+        "adherence"
+    }
+
+    fn evaluate(&self, s: &Subject<'_>) -> Verdict {
+        let Some(c) = s.contract else {
+            return Verdict {
+                evaluator: "adherence",
+                score: 1.0,
+                verdict: Outcome::Pass,
+                reason: "no prompt contract".into(),
+            };
+        };
+        let total = c.clauses();
+        if total == 0 {
+            return Verdict {
+                evaluator: "adherence",
+                score: 1.0,
+                verdict: Outcome::Pass,
+                reason: "empty contract".into(),
+            };
+        }
+        let img = &s.image.rgb;
+        let size = Size { width: img.width(), height: img.height() };
+        let mut failed: Vec<String> = Vec::new();
+        if let Some(b) = &c.background {
+            let colour = parse_colour(b).unwrap_or([255, 255, 255]);
+            let share = border_match(img, colour, 48.0);
+            if share < 0.8 {
+                failed.push(format!("background: {:.0}% of the border is {b} (need 80%)", share * 100.0));
+            }
+        }
+        if let Some(want) = &c.size {
+            if parse_wxh(want, 'x') != Some((size.width, size.height)) {
+                failed.push(format!("size: image is {size}, contract says {want}"));
+            }
+        }
+        if let Some(a) = &c.aspect {
+            if let Some((aw, ah)) = parse_wxh(a, ':') {
+                let (want, got) = (aw as f64 / ah as f64, size.width as f64 / size.height as f64);
+                if (got / want - 1.0).abs() > 0.01 {
+                    failed.push(format!("aspect: image is {:.3}, contract says {a}", got));
+                }
+            }
+        }
+        if c.max_faces.is_some() || c.faces.is_some() {
+            let faces = self.faces.ready().and_then(|()| nudenet::detect(&self.faces.model, img)).map(|d| {
+                d.iter().filter(|d| matches!(d.class, "FACE_FEMALE" | "FACE_MALE") && d.score >= 0.4).count() as u32
+            });
+            match faces {
+                Err(e) => {
+                    return Verdict {
+                        evaluator: "adherence",
+                        score: 0.0,
+                        verdict: Outcome::Error,
+                        reason: format!("faces: {e}"),
+                    }
+                }
+                Ok(n) => {
+                    if let Some(max) = c.max_faces {
+                        if n > max {
+                            failed.push(format!("max_faces: {n} faces, contract allows {max}"));
+                        }
+                    }
+                    if let Some(exact) = c.faces {
+                        if n != exact {
+                            failed.push(format!("faces: {n} faces, contract says {exact}"));
+                        }
+                    }
+                }
+            }
+        }
+        if !c.require_text.is_empty() || c.forbid_text.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)) {
+            return Verdict {
+                evaluator: "adherence",
+                score: 0.0,
+                verdict: Outcome::Error,
+                reason: "text clauses need the text evaluator, which this build does not have yet".into(),
+            };
+        }
+        let score = (total - failed.len()) as f32 / total as f32;
+        if score < s.settings.min_adherence {
+            Verdict { evaluator: "adherence", score, verdict: Outcome::Fail, reason: failed.join("; ") }
+        } else {
+            let reason = if failed.is_empty() {
+                format!("all {total} clauses hold")
+            } else {
+                format!("{} of {total} clauses hold; {}", total - failed.len(), failed.join("; "))
+            };
+            Verdict { evaluator: "adherence", score, verdict: Outcome::Pass, reason }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{Decoded, Settings};
+
+    fn subject_eval(img: image::RgbImage, contract: &Contract) -> Verdict {
+        let decoded = Decoded { format: image::ImageFormat::Png, rgb: img };
+        let settings = Settings::default();
+        Adherence::new().evaluate(&Subject {
+            image: &decoded,
+            expected_size: None,
+            settings: &settings,
+            contract: Some(contract),
+        })
+    }
+
+    fn product_shot(bg: [u8; 3]) -> image::RgbImage {
+        image::RgbImage::from_fn(200, 100, |x, y| {
+            if (60..140).contains(&x) && (20..80).contains(&y) {
+                image::Rgb([200, 30, 30])
+            } else {
+                image::Rgb(bg)
+            }
+        })
+    }
+
+    #[test]
+    fn clauses_are_scored_and_named() {
+        let c = Contract::parse(br#"{"background": "white", "aspect": "2:1", "size": "200x100"}"#).unwrap();
+        let v = subject_eval(product_shot([250, 250, 250]), &c);
+        assert_eq!((v.verdict, v.score), (Outcome::Pass, 1.0), "{}", v.reason);
+        let v = subject_eval(product_shot([20, 20, 20]), &c);
+        assert_eq!(v.verdict, Outcome::Fail);
+        assert!((v.score - 2.0 / 3.0).abs() < 1e-6);
+        assert!(v.reason.starts_with("background: 0% of the border is white"), "{}", v.reason);
+    }
+
+    #[test]
+    fn contracts_are_validated() {
+        assert!(Contract::parse(br#"{"background": "mauve"}"#).unwrap_err().contains("background"));
+        assert!(Contract::parse(br#"{"colour": "white"}"#).unwrap_err().contains("unknown field"));
+        assert!(Contract::parse(br#"{"aspect": "wide"}"#).is_err());
+        assert!(Contract::parse(br#"{"forbid_text": 3}"#).is_err());
+        assert_eq!(parse_colour("#FF8000"), Some([255, 128, 0]));
+    }
+
+    #[test]
+    fn text_clauses_are_an_error_until_ocr_lands() {
+        let c = Contract::parse(br#"{"require_text": ["ACME"]}"#).unwrap();
+        assert_eq!(subject_eval(product_shot([255, 255, 255]), &c).verdict, Outcome::Error);
+    }
+}
