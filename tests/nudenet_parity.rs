@@ -189,26 +189,3 @@ fn an_empty_image_is_an_error() {
     let img = image::RgbImage::new(0, 0);
     assert!(nudenet::detect(&nudenet::default_model_path(), &img).is_err());
 }
-
-/// Time per image on one thread (not a timed test):
-/// `cargo test --release --test nudenet_parity -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn timing() {
-    let model = model();
-    for f in fixtures().iter().filter(|f| f.image == "astronaut.png" || f.image == "coffee.png") {
-        let img = load_image(f);
-        nudenet::detect(&model, &img).unwrap();
-        let n = 50;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            nudenet::preprocess(&img);
-        }
-        let pre = t.elapsed() / n;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            nudenet::detect(&model, &img).unwrap();
-        }
-        println!("{} {}x{}: detect {:?} per image (preprocess {:?})", f.image, f.width, f.height, t.elapsed() / n, pre);
-    }
-}

@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::{nudenet, safety::Safety, Evaluator, Outcome, Subject, Verdict};
+use super::{safety::Safety, Evaluator, Outcome, Subject, Verdict};
 use crate::request::Size;
 
 /// The prompt contract, from the `x-acc-contract` header or the body field `acc`.
@@ -202,7 +202,7 @@ impl Evaluator for Adherence {
             }
         }
         if c.max_faces.is_some() || c.faces.is_some() {
-            let faces = self.faces.ready().and_then(|()| nudenet::detect(&self.faces.model, img)).map(|d| {
+            let faces = self.faces.ready().and_then(|()| s.image.detections(&self.faces.model).clone()).map(|d| {
                 d.iter().filter(|d| matches!(d.class, "FACE_FEMALE" | "FACE_MALE") && d.score >= 0.4).count() as u32
             });
             match faces {
@@ -256,7 +256,7 @@ mod tests {
     use crate::eval::{Decoded, Settings};
 
     fn subject_eval(img: image::RgbImage, contract: &Contract) -> Verdict {
-        let decoded = Decoded { format: image::ImageFormat::Png, rgb: img };
+        let decoded = Decoded::new(image::ImageFormat::Png, img);
         let settings = Settings::default();
         Adherence::new().evaluate(&Subject {
             image: &decoded,

@@ -64,9 +64,21 @@ pub const MAX_DECODED_BYTES: u64 = 256 * 1024 * 1024;
 pub struct Decoded {
     pub format: ImageFormat,
     pub rgb: RgbImage,
+    /// NudeNet's detections, computed once for every evaluator that needs them (safety,
+    /// adherence's face clauses).
+    detections: std::sync::OnceLock<Result<Vec<nudenet::Detection>, String>>,
 }
 
 impl Decoded {
+    pub fn new(format: ImageFormat, rgb: RgbImage) -> Decoded {
+        Decoded { format, rgb, detections: std::sync::OnceLock::new() }
+    }
+
+    /// NudeNet's detections on this image (run on first use, then shared).
+    pub fn detections(&self, model: &std::path::Path) -> &Result<Vec<nudenet::Detection>, String> {
+        self.detections.get_or_init(|| nudenet::detect(model, &self.rgb))
+    }
+
     pub fn size(&self) -> Size {
         Size { width: self.rgb.width(), height: self.rgb.height() }
     }
@@ -85,7 +97,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     limits.max_alloc = Some(MAX_DECODED_BYTES);
     reader.limits(limits);
     let img = reader.decode().map_err(|e| format!("does not decode as {format:?}: {e}"))?;
-    Ok(Decoded { format, rgb: img.into_rgb8() })
+    Ok(Decoded::new(format, img.into_rgb8()))
 }
 
 /// What an evaluator concluded about one artifact.

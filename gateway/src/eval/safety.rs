@@ -47,7 +47,7 @@ impl Evaluator for Safety {
     }
 
     fn evaluate(&self, s: &Subject<'_>) -> Verdict {
-        let detections = match self.ready().and_then(|()| nudenet::detect(&self.model, &s.image.rgb)) {
+        let detections = match self.ready().and_then(|()| s.image.detections(&self.model).clone()) {
             Ok(d) => d,
             Err(e) => return Verdict { evaluator: "safety", score: 0.0, verdict: Outcome::Error, reason: e },
         };
