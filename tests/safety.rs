@@ -37,6 +37,7 @@ match = {{ model = "m" }}
 targets = [{{ provider = "first", model = "x" }}]
 fallbacks = ["spare"]
 evaluators = ["safety"]
+eval_budget_ms = 60000
 {extra}
 
 [[routes]]
@@ -133,7 +134,7 @@ async fn face_clauses_of_the_contract_count_nudenet_faces() {
     let img = portrait();
     let first = MockProvider::start().await;
     let policy = format!(
-        "{}[[routes]]\nname = \"main\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"first\" }}]\nevaluators = [\"adherence\"]\non_low_adherence = \"flag\"\n",
+        "{}[[routes]]\nname = \"main\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"first\" }}]\nevaluators = [\"adherence\"]\non_low_adherence = \"flag\"\neval_budget_ms = 60000\n",
         openai_provider_at("first", &first.base_url())
     );
     let dir = PolicyDir::with(&policy);

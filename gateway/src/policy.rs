@@ -109,6 +109,18 @@ struct RawRoute {
     on_low_adherence: Option<String>,
     /// Lowest share of the contract's clauses that must hold, in [0, 1]; default 1 (all).
     min_adherence: Option<f32>,
+    /// Text that every image of the route must show (read by OCR; case and small OCR errors
+    /// tolerated).
+    #[serde(default)]
+    require_text: Vec<String>,
+    /// Text no image of the route may show.
+    #[serde(default)]
+    forbid_text: Vec<String>,
+    /// No text at all in the image.
+    #[serde(default)]
+    forbid_any_text: bool,
+    /// What a failed text rule does: "fallback" (default), "block" or "flag".
+    on_text_fail: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +242,7 @@ pub struct EvalPolicy {
     pub on_sanity_fail: EvalAction,
     pub on_unsafe: EvalAction,
     pub on_low_adherence: EvalAction,
+    pub on_text_fail: EvalAction,
     pub budget: Duration,
     pub fail_open: bool,
     pub settings: crate::eval::Settings,
@@ -241,14 +254,14 @@ impl EvalPolicy {
         match evaluator {
             "safety" => self.on_unsafe,
             "adherence" => self.on_low_adherence,
+            "text" => self.on_text_fail,
             _ => self.on_sanity_fail,
         }
     }
 }
 
 /// Evaluators this build can run.
-pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity", "safety", "adherence"];
-const PLANNED_EVALUATORS: &[&str] = &["text"];
+pub const AVAILABLE_EVALUATORS: &[&str] = &["sanity", "safety", "text", "adherence"];
 
 /// A validated policy: everything the request path needs, with references resolved.
 #[derive(Debug, Clone)]
@@ -643,11 +656,6 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     for (j, e) in r.evaluators.iter().enumerate() {
         if evaluators.contains(e) {
             errors.push(format!("{at}.evaluators[{j}]: \"{e}\" is listed twice"));
-        } else if PLANNED_EVALUATORS.contains(&e.as_str()) {
-            errors.push(format!(
-                "{at}.evaluators[{j}]: evaluator \"{e}\" is not available in this build yet (available: {})",
-                AVAILABLE_EVALUATORS.join(", ")
-            ));
         } else if !AVAILABLE_EVALUATORS.contains(&e.as_str()) {
             errors.push(format!(
                 "{at}.evaluators[{j}]: unknown evaluator \"{e}\" (available: {})",
@@ -675,6 +683,15 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     let on_sanity_fail = action("on_sanity_fail", r.on_sanity_fail.as_deref(), errors);
     let on_unsafe = action("on_unsafe", r.on_unsafe.as_deref(), errors);
     let on_low_adherence = action("on_low_adherence", r.on_low_adherence.as_deref(), errors);
+    let on_text_fail = action("on_text_fail", r.on_text_fail.as_deref(), errors);
+    let text = crate::eval::text::TextRules {
+        require: r.require_text.clone(),
+        forbid: r.forbid_text.clone(),
+        forbid_any: r.forbid_any_text,
+    };
+    if !text.is_empty() && !r.evaluators.iter().any(|e| e == "text") {
+        errors.push(format!("{at}: require_text, forbid_text and forbid_any_text need \"text\" in evaluators"));
+    }
     let min_adherence = r.min_adherence.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&min_adherence) {
         errors.push(format!("{at}.min_adherence: {min_adherence} is outside [0, 1]"));
@@ -712,8 +729,8 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     {
         errors.push(format!("{at}: on_unsafe, max_unsafe and unsafe_classes need \"safety\" in evaluators"));
     }
-    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe, min_adherence };
-    EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, budget, fail_open, settings }
+    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe, min_adherence, text };
+    EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, on_text_fail, budget, fail_open, settings }
 }
 
 fn positive_ms(at: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> Duration {
@@ -868,7 +885,7 @@ url_mode = "cdn"
 [[routes]]
 name = "a"
 targets = [{ provider = "demo" }]
-evaluators = ["sanity", "text", "vibes", "sanity"]
+evaluators = ["sanity", "clip", "vibes", "sanity"]
 on_sanity_fail = "review"
 on_eval_error = "maybe"
 "#;
@@ -876,8 +893,8 @@ on_eval_error = "maybe"
         assert_eq!(
             errs,
             vec![
-                r#"r.toml: routes[0].evaluators[1]: evaluator "text" is not available in this build yet (available: sanity, safety, adherence)"#,
-                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety, adherence)"#,
+                r#"r.toml: routes[0].evaluators[1]: unknown evaluator "clip" (available: sanity, safety, text, adherence)"#,
+                r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety, text, adherence)"#,
                 r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
                 r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
                 r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
@@ -892,6 +909,7 @@ on_eval_error = "maybe"
                 on_sanity_fail: EvalAction::Block,
                 on_unsafe: EvalAction::Fallback,
                 on_low_adherence: EvalAction::Fallback,
+                on_text_fail: EvalAction::Fallback,
                 budget: Duration::from_millis(250),
                 fail_open: false,
                 settings: crate::eval::Settings::default(),

@@ -28,10 +28,10 @@ pub struct Contract {
     /// Aspect ratio `W:H`, within 1%.
     #[serde(default)]
     pub aspect: Option<String>,
-    /// Strings that must appear in the image (needs the text evaluator).
+    /// Strings that must appear in the image (read by OCR).
     #[serde(default)]
     pub require_text: Vec<String>,
-    /// `true`: no text at all; a list: none of these strings (needs the text evaluator).
+    /// `true`: no text at all; a list: none of these strings (read by OCR).
     #[serde(default)]
     pub forbid_text: Option<serde_json::Value>,
 }
@@ -72,6 +72,18 @@ impl Contract {
         Ok(())
     }
 
+    /// The contract's text clauses as rules for the text evaluator's matcher.
+    pub fn text_rules(&self) -> super::text::TextRules {
+        let (forbid, forbid_any) = match &self.forbid_text {
+            Some(serde_json::Value::Bool(b)) => (Vec::new(), *b),
+            Some(serde_json::Value::Array(a)) => {
+                (a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(), false)
+            }
+            _ => (Vec::new(), false),
+        };
+        super::text::TextRules { require: self.require_text.clone(), forbid, forbid_any }
+    }
+
     fn clauses(&self) -> usize {
         [
             self.background.is_some(),
@@ -83,8 +95,7 @@ impl Contract {
         .iter()
         .filter(|b| **b)
         .count()
-            + self.require_text.len()
-            + usize::from(self.forbid_text.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)))
+            + self.text_rules().clauses()
     }
 }
 
@@ -228,13 +239,19 @@ impl Evaluator for Adherence {
                 }
             }
         }
-        if !c.require_text.is_empty() || c.forbid_text.as_ref().is_some_and(|v| v != &serde_json::Value::Bool(false)) {
-            return Verdict {
-                evaluator: "adherence",
-                score: 0.0,
-                verdict: Outcome::Error,
-                reason: "text clauses need the text evaluator, which this build does not have yet".into(),
-            };
+        let rules = c.text_rules();
+        if !rules.is_empty() {
+            match super::text::ready().and_then(|()| super::text::read(s.image)) {
+                Err(e) => {
+                    return Verdict {
+                        evaluator: "adherence",
+                        score: 0.0,
+                        verdict: Outcome::Error,
+                        reason: format!("text: {e}"),
+                    }
+                }
+                Ok(read) => failed.extend(rules.failures(&read)),
+            }
         }
         let score = (total - failed.len()) as f32 / total as f32;
         if score < s.settings.min_adherence {
@@ -297,8 +314,13 @@ mod tests {
     }
 
     #[test]
-    fn text_clauses_are_an_error_until_ocr_lands() {
-        let c = Contract::parse(br#"{"require_text": ["ACME"]}"#).unwrap();
-        assert_eq!(subject_eval(product_shot([255, 255, 255]), &c).verdict, Outcome::Error);
+    fn text_clauses_count_like_the_others() {
+        let c =
+            Contract::parse(br#"{"require_text": ["ACME", "SALE"], "forbid_text": ["FREE"], "background": "white"}"#)
+                .unwrap();
+        assert_eq!(c.clauses(), 4);
+        assert_eq!(c.text_rules().require, vec!["ACME", "SALE"]);
+        let c = Contract::parse(br#"{"forbid_text": true}"#).unwrap();
+        assert!(c.text_rules().forbid_any);
     }
 }

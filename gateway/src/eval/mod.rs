@@ -13,10 +13,12 @@ use crate::request::Size;
 
 pub mod adherence;
 pub mod nudenet;
+pub mod ocr;
 pub mod onnx;
 pub mod pool;
 pub mod safety;
 pub mod sanity;
+pub mod text;
 
 /// The evaluators this build can run, by the name policies use.
 pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>> {
@@ -24,6 +26,7 @@ pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>
     m.insert("sanity", Arc::new(sanity::Sanity));
     m.insert("safety", Arc::new(safety::Safety::new()));
     m.insert("adherence", Arc::new(adherence::Adherence::new()));
+    m.insert("text", Arc::new(text::Text));
     m
 }
 
@@ -47,11 +50,13 @@ pub struct Settings {
     pub max_unsafe: f32,
     /// Lowest share of contract clauses that must hold.
     pub min_adherence: f32,
+    /// The route's rules for text inside the image.
+    pub text: text::TextRules,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { unsafe_classes: None, max_unsafe: 0.5, min_adherence: 1.0 }
+        Settings { unsafe_classes: None, max_unsafe: 0.5, min_adherence: 1.0, text: text::TextRules::default() }
     }
 }
 
@@ -67,11 +72,21 @@ pub struct Decoded {
     /// NudeNet's detections, computed once for every evaluator that needs them (safety,
     /// adherence's face clauses).
     detections: std::sync::OnceLock<Result<Vec<nudenet::Detection>, String>>,
+    /// The OCR'd text, computed once for every evaluator that needs it.
+    text: std::sync::OnceLock<Result<String, String>>,
 }
 
 impl Decoded {
     pub fn new(format: ImageFormat, rgb: RgbImage) -> Decoded {
-        Decoded { format, rgb, detections: std::sync::OnceLock::new() }
+        Decoded { format, rgb, detections: std::sync::OnceLock::new(), text: std::sync::OnceLock::new() }
+    }
+
+    /// The text read from this image, lines joined by spaces (OCR runs on first use).
+    pub fn text(&self, det: &std::path::Path, rec: &std::path::Path) -> &Result<String, String> {
+        self.text.get_or_init(|| {
+            ocr::read_text(det, rec, &self.rgb)
+                .map(|lines| lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join(" "))
+        })
     }
 
     /// NudeNet's detections on this image (run on first use, then shared).

@@ -1,0 +1,89 @@
+//! OCR reads rendered text in several fonts, sizes and colours with at least 95% character
+//! accuracy (1 - total edit distance / total expected characters, over every image's lines
+//! joined by spaces).
+//!
+//! The images and their expected strings (.cache/ocr-testimages/, with manifest.json) are made
+//! by `scripts/ocr-testimages.sh` (DejaVu fonts from the matplotlib wheel, rendered with Pillow);
+//! the models and ONNX Runtime by `scripts/setup-onnx.sh`. Nothing of it is committed. When they
+//! are missing this test fails and says which script to run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use acc::eval::ocr;
+
+const MIN_ACCURACY: f64 = 0.95;
+const SETUP_HINT: &str = "run scripts/setup-onnx.sh and scripts/ocr-testimages.sh first";
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    images: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    file: String,
+    lines: Vec<String>,
+}
+
+fn images_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/ocr-testimages")
+}
+
+#[test]
+fn ocr_reads_rendered_text() {
+    let dir = images_dir();
+    let manifest_path = dir.join("manifest.json");
+    let manifest = std::fs::read(&manifest_path)
+        .unwrap_or_else(|e| panic!("cannot read {} ({e}): {SETUP_HINT}", manifest_path.display()));
+    let manifest: Manifest = serde_json::from_slice(&manifest).expect("manifest.json does not parse");
+    assert!(!manifest.images.is_empty(), "{} lists no images", manifest_path.display());
+    let (det, rec) = ocr::default_models();
+    for m in [&det, &rec] {
+        assert!(m.is_file(), "OCR model {} is missing: {SETUP_HINT}", m.display());
+    }
+
+    let (mut edits, mut chars) = (0usize, 0usize);
+    let mut times = Vec::new();
+    for case in &manifest.images {
+        let path = dir.join(&case.file);
+        let img = image::open(&path).unwrap_or_else(|e| panic!("cannot open {} ({e}): {SETUP_HINT}", path.display()));
+        let img = img.into_rgb8();
+        let start = Instant::now();
+        let lines = ocr::read_text(&det, &rec, &img).unwrap_or_else(|e| panic!("{}: {e} ({SETUP_HINT})", case.file));
+        let elapsed = start.elapsed();
+        // The first image also pays for loading the models.
+        times.push(elapsed.as_secs_f64());
+        let expected = case.lines.join(" ");
+        let got = lines.iter().map(|l| l.text.trim()).collect::<Vec<_>>().join(" ");
+        let d = ocr::edit_distance(&expected, &got);
+        edits += d;
+        chars += expected.chars().count();
+        println!(
+            "{:<32} {:>6.1} ms  edits {d:>2}  expected {expected:?}  got {got:?}  conf [{}]",
+            case.file,
+            elapsed.as_secs_f64() * 1e3,
+            lines.iter().map(|l| format!("{:.2}", l.confidence)).collect::<Vec<_>>().join(", ")
+        );
+        assert!(
+            ocr::fuzzy_contains(&got, &expected, 5),
+            "{}: read {got:?}, far from the expected {expected:?}",
+            case.file
+        );
+    }
+    let accuracy = 1.0 - edits as f64 / chars as f64;
+    let warm = &times[1.min(times.len() - 1)..];
+    let mean_ms = warm.iter().sum::<f64>() / warm.len() as f64 * 1e3;
+    println!(
+        "character accuracy {:.2}% ({edits} edits over {chars} characters, {} images); mean {mean_ms:.1} ms per image after the first (first {:.1} ms, with model loading)",
+        accuracy * 100.0,
+        manifest.images.len(),
+        times[0] * 1e3
+    );
+    assert!(
+        accuracy >= MIN_ACCURACY,
+        "character accuracy {:.2}% is below {:.0}%",
+        accuracy * 100.0,
+        MIN_ACCURACY * 100.0
+    );
+}

@@ -1,0 +1,82 @@
+//! The `text` evaluator (PP-OCR in-process) through the running binary: required, forbidden
+//! and "no text" rules from the route, and text clauses of the prompt contract. Images are
+//! rendered by scripts/ocr-testimages.sh (scripts/test.sh runs it).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn rendered(file: &str) -> Vec<u8> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/ocr-testimages").join(file);
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!("{}: {e}; run scripts/setup-onnx.sh and scripts/ocr-testimages.sh (scripts/test.sh does)", p.display())
+    })
+}
+
+fn answer_with(mock: &MockProvider, image: &[u8]) {
+    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
+    mock.set_body(Some(&body));
+}
+
+async fn gateway(route_extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
+    let first = MockProvider::start().await;
+    let second = MockProvider::start().await;
+    let policy = format!(
+        "{}{}[[routes]]\nname = \"signs\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"first\" }}]\nfallbacks = [\"spare\"]\n# debug builds under parallel tests: room for OCR\neval_budget_ms = 60000\n{route_extra}\n\n[[routes]]\nname = \"spare\"\nmatch = {{ model = \"spare\" }}\ntargets = [{{ provider = \"second\" }}]\n",
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+    );
+    let dir = PolicyDir::with(&policy);
+    let gw = Gateway::start(dir.path()).await;
+    (first, second, gw, dir)
+}
+
+fn req() -> serde_json::Value {
+    json!({"model": "m", "prompt": "a shop sign", "response_format": "b64_json"})
+}
+
+#[tokio::test]
+async fn required_text_missing_falls_back_to_an_image_that_has_it() {
+    let (first, second, gw, _d) = gateway("evaluators = [\"text\"]\nrequire_text = [\"acme\"]").await;
+    answer_with(&first, &rendered("27-scene-1024x1024.png")); // OPEN BAKERY 24/7, SALE 50% OFF
+    let acme = rendered("28-scene-1024x1024.png"); // ACME, Hello World, 0123456789
+    answer_with(&second, &acme);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![acme]);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"), "{}", r.describe());
+}
+
+#[tokio::test]
+async fn forbidden_text_blocks_and_no_text_rule_flags() {
+    let (first, second, gw, _d) =
+        gateway("evaluators = [\"text\"]\nforbid_text = [\"SALE 50% OFF\"]\non_text_fail = \"block\"").await;
+    answer_with(&first, &rendered("27-scene-1024x1024.png"));
+    let r = gw.generate(&req()).await;
+    let e = r.assert_error(400, "content_policy_violation");
+    assert!(e["message"].as_str().unwrap().contains("forbidden text \"SALE 50% OFF\" found"), "{}", r.describe());
+    assert_eq!(second.hits(), 0);
+
+    let (first, _second, gw, _d) =
+        gateway("evaluators = [\"text\"]\nforbid_any_text = true\non_text_fail = \"flag\"").await;
+    answer_with(&first, &rendered("01-DejaVuSans-28.png"));
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
+    assert!(r.header("x-acc-reasons").unwrap_or_default().contains("none is allowed"));
+}
+
+#[tokio::test]
+async fn contract_text_clauses_use_ocr() {
+    let (first, _second, gw, _d) = gateway("evaluators = [\"adherence\"]\non_low_adherence = \"flag\"").await;
+    answer_with(&first, &rendered("28-scene-1024x1024.png"));
+    let mut body = req();
+    body["acc"] = json!({"require_text": ["Hello World"], "forbid_text": ["OPEN BAKERY"]});
+    let r = gw.generate(&body).await;
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{}", r.describe());
+    body["acc"] = json!({"require_text": ["OPEN BAKERY 24/7"]});
+    let r = gw.generate(&body).await;
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"), "{}", r.describe());
+    assert!(r.header("x-acc-reasons").unwrap_or_default().contains("required text \"OPEN BAKERY 24/7\" not found"));
+}
