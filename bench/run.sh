@@ -8,7 +8,7 @@ REPO="$(cd "$BENCH_DIR/.." && pwd)"
 
 SECONDS_PER_CELL="${BENCH_SECONDS:-10}"        # measured wrk duration per cell
 WARMUP="${BENCH_WARMUP:-2}"                     # un-measured wrk run before each cell
-TARGETS="${BENCH_TARGETS:-direct nginx acc}"
+TARGETS="${BENCH_TARGETS:-direct nginx acc acc-eval}"   # acc-eval: sanity+safety on, large payload only
 PAYLOADS="${BENCH_PAYLOADS:-small large}"
 CONCURRENCY="${BENCH_CONCURRENCY:-1 64}"
 MOCK_THREADS="${BENCH_MOCK_THREADS:-1}"
@@ -73,10 +73,13 @@ fi
 log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
-if has_target acc && [[ -z "$ACC_BIN" ]]; then
+if { has_target acc || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
     log "building acc (cargo build --release)"
     (cd "$REPO" && cargo build --release --quiet) || die "acc release build failed"
     ACC_BIN="$REPO/target/release/acc"
+fi
+if has_target acc-eval; then
+    "$REPO/scripts/setup-onnx.sh" >/dev/null || die "scripts/setup-onnx.sh failed (ONNX Runtime and models for acc-eval)"
 fi
 
 rm -rf "$RUN"
@@ -232,8 +235,10 @@ EOF
     log "nginx master $NGINX_PID + $((${#NGINX_PROCS[@]} - 1)) worker(s) on :$NGINX_PORT"
 }
 
+# start_acc PAYLOAD [ROUTE_EXTRA]: ROUTE_EXTRA is appended to the route (e.g. evaluators).
 start_acc() {
-    local pol="$RUN/acc-$1-policies" out="$RUN/acc-$1.out"
+    local name="$1${2:+-eval}"
+    local pol="$RUN/acc-$name-policies" out="$RUN/acc-$name.out"
     mkdir -p "$pol"
     cat >"$pol/bench.toml" <<EOF
 [providers.mock]
@@ -245,13 +250,14 @@ api_key_env = "BENCH_MOCK_API_KEY"
 name = "bench"
 match = { model = "bench" }
 targets = [{ provider = "mock", model = "mock-model" }]
+${2:-}
 EOF
     BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$pol" \
-        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/acc-$1.err" &
+        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/acc-$name.err" &
     ACC_PID=$!
     PIDS+=("$ACC_PID")
     wait_line "$out" '^listening proxy=' 30 "$ACC_PID" ||
-        die "acc did not start: $(tail -n 20 "$RUN/acc-$1.err")"
+        die "acc did not start: $(tail -n 20 "$RUN/acc-$name.err")"
     ACC_PORT="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
     log "acc pid $ACC_PID on :$ACC_PORT"
 }
@@ -323,12 +329,23 @@ for payload in $PAYLOADS; do
         start_acc "$payload"
         verify "acc-$payload" "http://127.0.0.1:$ACC_PORT" '^x-acc-route: *bench'
     fi
+    # The evaluated path: sanity + safety on every image (1024x1024 payload only: the request
+    # asks for 1024x1024, so sanity would rightly fail the small one).
+    if has_target acc-eval && [[ "$payload" == large ]]; then
+        ACC_PLAIN_PORT="${ACC_PORT:-}" ACC_PLAIN_PID="${ACC_PID:-}"
+        start_acc "$payload" 'evaluators = ["sanity", "safety"]
+eval_budget_ms = 30000'
+        EVAL_PORT="$ACC_PORT" EVAL_PID="$ACC_PID"
+        ACC_PORT="$ACC_PLAIN_PORT" ACC_PID="$ACC_PLAIN_PID"
+        verify "acc-eval-$payload" "http://127.0.0.1:$EVAL_PORT" '^x-acc-eval: *sanity=pass'
+    fi
     for conc in $CONCURRENCY; do
         for target in $TARGETS; do
             case $target in
             direct) run_cell "$payload" "$conc" direct "$MOCK_PORT" ;;
             nginx) run_cell "$payload" "$conc" nginx "$NGINX_PORT" "${NGINX_PROCS[@]}" ;;
             acc) run_cell "$payload" "$conc" acc "$ACC_PORT" "$ACC_PID" ;;
+            acc-eval) [[ "$payload" == large ]] && run_cell "$payload" "$conc" acc-eval "$EVAL_PORT" "$EVAL_PID" ;;
             *) die "unknown target $target" ;;
             esac
         done

@@ -8,6 +8,8 @@ import csv
 import datetime
 import sys
 
+EVAL_CPU_GOAL_MS = 25.0   # decode + sanity + safety, CPU ms per image (whole acc process)
+EVAL_RPS_GOAL = 85        # images/s at concurrency 64 with sanity + safety on
 CPU_GOAL = 1.5   # acc CPU/request <= 1.5x nginx's
 RPS_GOAL = 0.70  # acc req/s at c=64 >= 70% of nginx's
 
@@ -71,6 +73,16 @@ def main() -> None:
                 f"| {label(payload)} | {conc} | {r['target']} | {r['rps']:.1f} | {r['p50']:.2f} "
                 f"| {r['p90']:.2f} | {r['p99']:.2f} | {fmt(r['cpu'], 3)} "
                 f"| {fmt(r['mock_cpu'], 3)} | {r['requests']} | {r['errors']} | {fmt(r['other'], 0)} |")
+        ev = cell.get("acc-eval")
+        if ev:
+            if ev["cpu"] is not None:
+                ok = "PASS" if ev["cpu"] <= EVAL_CPU_GOAL_MS else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: acc with sanity+safety CPU/image = "
+                             f"{ev['cpu']:.1f} ms (goal <= {EVAL_CPU_GOAL_MS} ms)")
+            if conc == 64:
+                ok = "PASS" if ev["rps"] >= EVAL_RPS_GOAL else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: acc with sanity+safety = "
+                             f"{ev['rps']:.0f} images/s (goal >= {EVAL_RPS_GOAL})")
         acc, ngx = cell.get("acc"), cell.get("nginx")
         if acc and ngx:
             rps_ratio = acc["rps"] / ngx["rps"] if ngx["rps"] else None
@@ -116,6 +128,7 @@ def main() -> None:
     if noisy:
         text += ("\nWARNING: other processes used more than 10% of the machine during: "
                  + ", ".join(noisy) + ". Re-run on a quiet machine.\n")
+    goals = list(dict.fromkeys(goals))
     if goals:
         text += "\nGoals:\n\n" + "\n".join(goals) + "\n"
     with open(args.out, "w") as f:
