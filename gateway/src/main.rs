@@ -73,6 +73,13 @@ enum Command {
         /// A prompt contract (JSON) checked by `adherence`.
         #[arg(long)]
         contract: Option<String>,
+        /// Policy directory (or file): evaluate as this policy's route would (its evaluators,
+        /// thresholds and text rules). Without it, every evaluator runs with default settings.
+        #[arg(long, requires = "route")]
+        policy: Option<PathBuf>,
+        /// The route of `--policy` to take the evaluation settings from.
+        #[arg(long, requires = "policy")]
+        route: Option<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -103,8 +110,9 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
-        Command::Eval { image, size, prompt, contract, json } => {
-            eval(&image, size.as_deref(), prompt.as_deref(), contract.as_deref(), json)
+        Command::Eval { image, size, prompt, contract, policy, route, json } => {
+            let route = policy.as_deref().zip(route.as_deref());
+            eval(&image, size.as_deref(), prompt.as_deref(), contract.as_deref(), route, json)
         }
         Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers, eval_threads } => {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -173,6 +181,7 @@ fn eval(
     size: Option<&str>,
     prompt: Option<&str>,
     contract: Option<&str>,
+    route: Option<(&std::path::Path, &str)>,
     json: bool,
 ) -> ExitCode {
     let contract = match contract.map(|c| acc::eval::adherence::Contract::parse(c.as_bytes())) {
@@ -190,20 +199,42 @@ fn eval(
             return ExitCode::FAILURE;
         }
     };
-    let expected = match size.map(acc::request::parse_size) {
+    // Any WxH: an artifact under inspection may come from anywhere, not only from this gateway.
+    let expected = match size {
         None => None,
-        Some(Ok(s)) => Some(s),
-        Some(Err(e)) => {
-            eprintln!("acc eval: --size: {}", e.message);
-            return ExitCode::FAILURE;
+        Some(s) => match s.split_once('x').and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?))) {
+            Some((width, height)) if width > 0 && height > 0 => Some(acc::request::Size { width, height }),
+            _ => {
+                eprintln!("acc eval: --size: expected WIDTHxHEIGHT, got \"{s}\"");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let available = acc::eval::available();
+    let (evaluators, settings): (Vec<_>, acc::eval::Settings) = match route {
+        None => {
+            let mut all: Vec<_> = available.into_iter().collect();
+            all.sort_by_key(|(name, _)| *name);
+            (all.into_iter().map(|(_, e)| e).collect(), Default::default())
+        }
+        Some((dir, name)) => {
+            let policy = match acc::policy::load(dir) {
+                Ok(p) => p,
+                Err(errors) => {
+                    eprintln!("acc eval: --policy {}:\n  {}", dir.display(), errors.join("\n  "));
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Some(r) = policy.routes.iter().find(|r| r.name == name) else {
+                let names: Vec<&str> = policy.routes.iter().map(|r| r.name.as_str()).collect();
+                eprintln!("acc eval: no route \"{name}\" in {} (routes: {})", dir.display(), names.join(", "));
+                return ExitCode::FAILURE;
+            };
+            let evs = r.eval.evaluators.iter().filter_map(|e| available.get(e.as_str()).cloned()).collect();
+            (evs, r.eval.settings.clone())
         }
     };
-    let evaluators: Vec<_> = {
-        let mut all: Vec<_> = acc::eval::available().into_iter().collect();
-        all.sort_by_key(|(name, _)| *name);
-        all.into_iter().map(|(_, e)| e).collect()
-    };
-    let report = acc::eval::evaluate(&bytes, expected, &Default::default(), contract.as_ref(), &evaluators);
+    let report = acc::eval::evaluate(&bytes, expected, &settings, contract.as_ref(), &evaluators);
     let failed = report.verdicts.iter().any(|v| v.verdict != acc::eval::Outcome::Pass);
     if json {
         let out = serde_json::json!({

@@ -118,6 +118,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
 /// What an evaluator concluded about one artifact.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Verdict {
+    #[serde(rename = "name")]
     pub evaluator: &'static str,
     /// 1.0 is best.
     pub score: f32,
