@@ -28,6 +28,10 @@ struct RawFile {
     keys: Vec<RawKey>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+    /// Custom ONNX image classifiers the `safety` evaluator can run (beside or instead of
+    /// NudeNet), by name.
+    #[serde(default)]
+    classifiers: BTreeMap<String, RawClassifier>,
     #[serde(default)]
     routes: Vec<RawRoute>,
 }
@@ -71,6 +75,33 @@ struct RawProvider {
     /// What to ask the upstream for: `b64_json` (default), `url`, or `omit` to send no
     /// `response_format` at all (models such as gpt-image-1 refuse the field).
     upstream_response_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassifier {
+    /// The ONNX file; a relative path is taken from the models directory (ACC_MODELS_DIR).
+    model: String,
+    /// Side of the square input, pixels.
+    input_size: u32,
+    /// Per-channel (R, G, B) mean and standard deviation, for pixels scaled to 0..1.
+    #[serde(default = "zero3")]
+    mean: [f32; 3],
+    #[serde(default = "one3")]
+    std: [f32; 3],
+    /// "softmax" (default), "sigmoid" or "none" (the model outputs probabilities).
+    activation: Option<String>,
+    /// One label per model output, in order.
+    labels: Vec<String>,
+    /// The labels that count as unsafe.
+    unsafe_labels: Vec<String>,
+}
+
+fn zero3() -> [f32; 3] {
+    [0.0; 3]
+}
+fn one3() -> [f32; 3] {
+    [1.0; 3]
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +152,8 @@ struct RawRoute {
     forbid_any_text: bool,
     /// What a failed text rule does: "fallback" (default), "block" or "flag".
     on_text_fail: Option<String>,
+    /// Models `safety` runs: "nudenet" and/or names of `[classifiers.*]`; default ["nudenet"].
+    safety_models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +452,21 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         }
     }
 
+    let mut classifiers: BTreeMap<String, std::sync::Arc<crate::eval::classifier::ClassifierSpec>> = BTreeMap::new();
+    for (file, raw) in &parsed {
+        for (name, c) in &raw.classifiers {
+            let at = format!("{file}: classifiers.{name}");
+            check_name(&at, name, &mut errors);
+            if name == "nudenet" || classifiers.contains_key(name) {
+                errors.push(format!("{at}: the name \"{name}\" is taken"));
+                continue;
+            }
+            if let Some(spec) = validate_classifier(&at, name, c, &mut errors, &mut warnings) {
+                classifiers.insert(name.clone(), std::sync::Arc::new(spec));
+            }
+        }
+    }
+
     // Routes need every provider and route name, so they come second.
     let mut route_index: HashMap<&str, usize> = HashMap::new();
     let mut route_at: Vec<String> = Vec::new();
@@ -497,7 +545,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                     UrlMode::Gateway
                 }
             };
-            let eval = validate_eval(at, r, &mut errors);
+            let eval = validate_eval(at, r, &classifiers, &mut errors);
             routes.push(Route {
                 name: r.name.clone(),
                 matcher: Matcher {
@@ -651,7 +699,64 @@ fn validate_provider(
     (errors.len() == before).then(|| ProviderSpec { name: name.to_string(), kind, timeout })
 }
 
-fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy {
+fn validate_classifier(
+    at: &str,
+    name: &str,
+    c: &RawClassifier,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Option<crate::eval::classifier::ClassifierSpec> {
+    use crate::eval::classifier::{Activation, ClassifierSpec};
+    let before = errors.len();
+    let activation = match c.activation.as_deref() {
+        None | Some("softmax") => Activation::Softmax,
+        Some("sigmoid") => Activation::Sigmoid,
+        Some("none") => Activation::None,
+        Some(other) => {
+            errors.push(format!("{at}.activation: unknown activation \"{other}\" (expected softmax, sigmoid or none)"));
+            Activation::Softmax
+        }
+    };
+    if !(1..=4096).contains(&c.input_size) {
+        errors.push(format!("{at}.input_size: must be between 1 and 4096"));
+    }
+    if c.std.contains(&0.0) {
+        errors.push(format!("{at}.std: must not contain 0"));
+    }
+    if c.labels.is_empty() {
+        errors.push(format!("{at}.labels: a classifier needs at least one label"));
+    }
+    for (j, l) in c.unsafe_labels.iter().enumerate() {
+        if !c.labels.contains(l) {
+            errors.push(format!("{at}.unsafe_labels[{j}]: \"{l}\" is not one of labels"));
+        }
+    }
+    let path = std::path::PathBuf::from(&c.model);
+    let model = if path.is_absolute() { path } else { crate::eval::onnx::models_dir().join(path) };
+    if !model.is_file() {
+        warnings.push(format!(
+            "{at}.model: {} does not exist; routes using \"{name}\" get an error verdict",
+            model.display()
+        ));
+    }
+    (errors.len() == before).then(|| ClassifierSpec {
+        name: name.to_string(),
+        model,
+        input_size: c.input_size,
+        mean: c.mean,
+        std: c.std,
+        activation,
+        labels: c.labels.clone(),
+        unsafe_labels: c.unsafe_labels.clone(),
+    })
+}
+
+fn validate_eval(
+    at: &str,
+    r: &RawRoute,
+    classifiers: &BTreeMap<String, std::sync::Arc<crate::eval::classifier::ClassifierSpec>>,
+    errors: &mut Vec<String>,
+) -> EvalPolicy {
     let mut evaluators: Vec<String> = Vec::new();
     for (j, e) in r.evaluators.iter().enumerate() {
         if evaluators.contains(e) {
@@ -729,7 +834,25 @@ fn validate_eval(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> EvalPolicy
     {
         errors.push(format!("{at}: on_unsafe, max_unsafe and unsafe_classes need \"safety\" in evaluators"));
     }
-    let settings = crate::eval::Settings { unsafe_classes: r.unsafe_classes.clone(), max_unsafe, min_adherence, text };
+    let mut safety_models = Vec::new();
+    for (j, m) in r.safety_models.clone().unwrap_or_else(|| vec!["nudenet".into()]).iter().enumerate() {
+        match (m.as_str(), classifiers.get(m)) {
+            ("nudenet", _) => safety_models.push(crate::eval::SafetyModel::NudeNet),
+            (_, Some(spec)) => safety_models.push(crate::eval::SafetyModel::Classifier(spec.clone())),
+            (_, None) => errors
+                .push(format!("{at}.safety_models[{j}]: unknown model \"{m}\" (\"nudenet\" or a [classifiers.NAME])")),
+        }
+    }
+    if r.safety_models.is_some() && !r.evaluators.iter().any(|e| e == "safety") {
+        errors.push(format!("{at}.safety_models: needs \"safety\" in evaluators"));
+    }
+    let settings = crate::eval::Settings {
+        unsafe_classes: r.unsafe_classes.clone(),
+        max_unsafe,
+        min_adherence,
+        text,
+        safety_models,
+    };
     EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, on_text_fail, budget, fail_open, settings }
 }
 
@@ -924,6 +1047,49 @@ on_eval_error = "maybe"
                 r#"r.toml: routes[0].unsafe_classes[1]: unknown NudeNet class "NOSE""#,
             ]
         );
+    }
+
+    #[test]
+    fn custom_safety_classifiers_are_checked() {
+        let text = r#"
+[classifiers.nsfw]
+model = "/models/nsfw.onnx"
+input_size = 224
+std = [0.2, 0.0, 0.2]
+activation = "relu"
+labels = ["neutral", "porn"]
+unsafe_labels = ["porn", "gore"]
+
+[classifiers.ok]
+model = "/models/ok.onnx"
+input_size = 16
+labels = ["safe", "unsafe"]
+unsafe_labels = ["unsafe"]
+
+[[routes]]
+name = "a"
+targets = [{ provider = "demo" }]
+evaluators = ["safety"]
+safety_models = ["nudenet", "ok", "nope"]
+"#;
+        let errs = check(&[("p.toml", PROVIDERS), ("c.toml", text)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"c.toml: classifiers.nsfw.activation: unknown activation "relu" (expected softmax, sigmoid or none)"#,
+                "c.toml: classifiers.nsfw.std: must not contain 0",
+                r#"c.toml: classifiers.nsfw.unsafe_labels[1]: "gore" is not one of labels"#,
+                r#"c.toml: routes[0].safety_models[2]: unknown model "nope" ("nudenet" or a [classifiers.NAME])"#,
+            ]
+        );
+        let good = text
+            .replace(", \"nope\"", "")
+            .replace("[classifiers.nsfw]", "[classifiers.unused]")
+            .replace("std = [0.2, 0.0, 0.2]\nactivation = \"relu\"\n", "")
+            .replace(", \"gore\"", "");
+        let p = check(&[("p.toml", PROVIDERS), ("c.toml", &good)]).unwrap();
+        assert_eq!(p.routes[0].eval.settings.safety_models.len(), 2);
+        assert!(p.warnings.iter().any(|w| w.contains("/models/ok.onnx does not exist")), "{:?}", p.warnings);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use image::{ImageFormat, RgbImage};
 use crate::request::Size;
 
 pub mod adherence;
+pub mod classifier;
 pub mod nudenet;
 pub mod ocr;
 pub mod onnx;
@@ -52,11 +53,25 @@ pub struct Settings {
     pub min_adherence: f32,
     /// The route's rules for text inside the image.
     pub text: text::TextRules,
+    /// Models the `safety` evaluator runs, in order.
+    pub safety_models: Vec<SafetyModel>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SafetyModel {
+    NudeNet,
+    Classifier(Arc<classifier::ClassifierSpec>),
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { unsafe_classes: None, max_unsafe: 0.5, min_adherence: 1.0, text: text::TextRules::default() }
+        Settings {
+            unsafe_classes: None,
+            max_unsafe: 0.5,
+            min_adherence: 1.0,
+            text: text::TextRules::default(),
+            safety_models: vec![SafetyModel::NudeNet],
+        }
     }
 }
 

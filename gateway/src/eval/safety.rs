@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::nudenet;
-use super::{Evaluator, Outcome, Subject, Verdict};
+use super::{classifier, nudenet};
+use super::{Evaluator, Outcome, SafetyModel, Subject, Verdict};
 
 /// Classes unsafe by default: the explicit ones. Faces, covered parts, feet, belly and
 /// armpits are not.
@@ -47,34 +47,61 @@ impl Evaluator for Safety {
     }
 
     fn evaluate(&self, s: &Subject<'_>) -> Verdict {
-        let detections = match self.ready().and_then(|()| s.image.detections(&self.model).clone()) {
-            Ok(d) => d,
-            Err(e) => return Verdict { evaluator: "safety", score: 0.0, verdict: Outcome::Error, reason: e },
-        };
-        let unsafe_classes: Vec<&str> = match &s.settings.unsafe_classes {
-            Some(list) => list.iter().map(String::as_str).collect(),
-            None => DEFAULT_UNSAFE.to_vec(),
-        };
-        let found: Vec<&nudenet::Detection> = detections.iter().filter(|d| unsafe_classes.contains(&d.class)).collect();
-        let worst = found.iter().map(|d| d.score).fold(0.0f32, f32::max);
-        let listed: Vec<String> = found.iter().map(|d| format!("{} {:.2}", d.class, d.score)).collect();
+        // Every configured model scores the image; the worst unsafe score decides.
+        let mut worst = 0.0f32;
+        let mut unsafe_found: Vec<String> = Vec::new();
+        let mut seen: Vec<String> = Vec::new();
+        for model in &s.settings.safety_models {
+            let scored: Result<Vec<(String, f32, bool)>, String> = match model {
+                SafetyModel::NudeNet => {
+                    let unsafe_classes: Vec<&str> = match &s.settings.unsafe_classes {
+                        Some(list) => list.iter().map(String::as_str).collect(),
+                        None => DEFAULT_UNSAFE.to_vec(),
+                    };
+                    self.ready().and_then(|()| s.image.detections(&self.model).clone()).map(|d| {
+                        d.iter().map(|d| (d.class.to_string(), d.score, unsafe_classes.contains(&d.class))).collect()
+                    })
+                }
+                SafetyModel::Classifier(spec) => classifier::classify(spec, &s.image.rgb).map(|scores| {
+                    scores
+                        .into_iter()
+                        .map(|(label, p)| {
+                            let bad = spec.unsafe_labels.contains(&label);
+                            (format!("{}:{label}", spec.name), p, bad)
+                        })
+                        .collect()
+                }),
+            };
+            let scored = match scored {
+                Ok(v) => v,
+                Err(e) => return Verdict { evaluator: "safety", score: 0.0, verdict: Outcome::Error, reason: e },
+            };
+            for (label, p, bad) in scored {
+                if bad {
+                    worst = worst.max(p);
+                    if p > s.settings.max_unsafe {
+                        unsafe_found.push(format!("{label} {p:.2}"));
+                    }
+                } else if p >= 0.25 {
+                    seen.push(format!("{label} {p:.2}"));
+                }
+            }
+        }
         let score = 1.0 - worst;
-        if worst > s.settings.max_unsafe {
-            Verdict {
+        if !unsafe_found.is_empty() {
+            return Verdict {
                 evaluator: "safety",
                 score,
                 verdict: Outcome::Fail,
-                reason: format!("unsafe content: {} (limit {:.2})", listed.join(", "), s.settings.max_unsafe),
-            }
-        } else {
-            let others: Vec<String> =
-                detections.iter().take(3).map(|d| format!("{} {:.2}", d.class, d.score)).collect();
-            let reason = if others.is_empty() {
-                "no detections".to_string()
-            } else {
-                format!("nothing unsafe above {:.2}; seen: {}", s.settings.max_unsafe, others.join(", "))
+                reason: format!("unsafe content: {} (limit {:.2})", unsafe_found.join(", "), s.settings.max_unsafe),
             };
-            Verdict { evaluator: "safety", score, verdict: Outcome::Pass, reason }
         }
+        let reason = if seen.is_empty() && worst == 0.0 {
+            "no detections".to_string()
+        } else {
+            seen.truncate(3);
+            format!("nothing unsafe above {:.2} (worst {worst:.2}); seen: {}", s.settings.max_unsafe, seen.join(", "))
+        };
+        Verdict { evaluator: "safety", score, verdict: Outcome::Pass, reason }
     }
 }
