@@ -11,6 +11,9 @@ scripts/python-env.sh >/dev/null
 scripts/setup-onnx.sh >/dev/null
 scripts/fetch-testimages.sh >/dev/null
 scripts/ocr-testimages.sh >/dev/null
+# Tiny CLIP encoders and classifier with numpy reference outputs (no CLIP weights ship in any
+# package registry; tests/clip.rs and tests/models_configured.rs use these).
+scripts/tiny-models.sh >/dev/null
 
 cargo test --all-targets "$@"
 

@@ -234,7 +234,8 @@ fn eval(
             (evs, r.eval.settings.clone())
         }
     };
-    let report = acc::eval::evaluate(&bytes, expected, &settings, contract.as_ref(), &evaluators);
+    let report =
+        acc::eval::evaluate(&bytes, expected, &settings, contract.as_ref(), prompt.unwrap_or_default(), &evaluators);
     let failed = report.verdicts.iter().any(|v| v.verdict != acc::eval::Outcome::Pass);
     if json {
         let out = serde_json::json!({

@@ -28,6 +28,8 @@ struct RawFile {
     keys: Vec<RawKey>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+    /// CLIP image and text encoders (ONNX) for prompt-image similarity in `adherence`.
+    clip: Option<RawClip>,
     /// Custom ONNX image classifiers the `safety` evaluator can run (beside or instead of
     /// NudeNet), by name.
     #[serde(default)]
@@ -97,6 +99,17 @@ struct RawClassifier {
     unsafe_labels: Vec<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClip {
+    /// Vision encoder with projection (relative paths: the models directory).
+    image_model: String,
+    /// Text encoder with projection.
+    text_model: String,
+    /// Side of the square image input; default 224.
+    input_size: Option<u32>,
+}
+
 fn zero3() -> [f32; 3] {
     [0.0; 3]
 }
@@ -154,6 +167,8 @@ struct RawRoute {
     on_text_fail: Option<String>,
     /// Models `safety` runs: "nudenet" and/or names of `[classifiers.*]`; default ["nudenet"].
     safety_models: Option<Vec<String>>,
+    /// Lowest CLIP prompt-image cosine similarity `adherence` accepts (needs `[clip]`).
+    min_clip_similarity: Option<f32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -467,6 +482,40 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         }
     }
 
+    let mut clip: Option<std::sync::Arc<crate::eval::clip::ClipConfig>> = None;
+    for (file, raw) in &parsed {
+        if let Some(c) = &raw.clip {
+            if clip.is_some() {
+                errors.push(format!("{file}: clip: already set in another file"));
+                continue;
+            }
+            let resolve = |p: &str| {
+                let p = std::path::PathBuf::from(p);
+                if p.is_absolute() {
+                    p
+                } else {
+                    crate::eval::onnx::models_dir().join(p)
+                }
+            };
+            let mut cfg = crate::eval::clip::ClipConfig::new(resolve(&c.image_model), resolve(&c.text_model));
+            if let Some(s) = c.input_size {
+                if !(1..=4096).contains(&s) {
+                    errors.push(format!("{file}: clip.input_size: must be between 1 and 4096"));
+                }
+                cfg.input_size = s;
+            }
+            for m in [&cfg.image_model, &cfg.text_model] {
+                if !m.is_file() {
+                    warnings.push(format!(
+                        "{file}: clip: {} does not exist; CLIP clauses get an error verdict",
+                        m.display()
+                    ));
+                }
+            }
+            clip = Some(std::sync::Arc::new(cfg));
+        }
+    }
+
     // Routes need every provider and route name, so they come second.
     let mut route_index: HashMap<&str, usize> = HashMap::new();
     let mut route_at: Vec<String> = Vec::new();
@@ -545,7 +594,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                     UrlMode::Gateway
                 }
             };
-            let eval = validate_eval(at, r, &classifiers, &mut errors);
+            let eval = validate_eval(at, r, &classifiers, clip.as_ref(), &mut errors);
             routes.push(Route {
                 name: r.name.clone(),
                 matcher: Matcher {
@@ -755,6 +804,7 @@ fn validate_eval(
     at: &str,
     r: &RawRoute,
     classifiers: &BTreeMap<String, std::sync::Arc<crate::eval::classifier::ClassifierSpec>>,
+    clip: Option<&std::sync::Arc<crate::eval::clip::ClipConfig>>,
     errors: &mut Vec<String>,
 ) -> EvalPolicy {
     let mut evaluators: Vec<String> = Vec::new();
@@ -846,12 +896,29 @@ fn validate_eval(
     if r.safety_models.is_some() && !r.evaluators.iter().any(|e| e == "safety") {
         errors.push(format!("{at}.safety_models: needs \"safety\" in evaluators"));
     }
+    let clip = match (r.min_clip_similarity, clip) {
+        (None, _) => None,
+        (Some(_), None) => {
+            errors.push(format!("{at}.min_clip_similarity: needs a [clip] section with the encoder models"));
+            None
+        }
+        (Some(min), Some(cfg)) => {
+            if !(-1.0..=1.0).contains(&min) {
+                errors.push(format!("{at}.min_clip_similarity: {min} is outside [-1, 1]"));
+            }
+            if !r.evaluators.iter().any(|e| e == "adherence") {
+                errors.push(format!("{at}.min_clip_similarity: needs \"adherence\" in evaluators"));
+            }
+            Some((cfg.clone(), min))
+        }
+    };
     let settings = crate::eval::Settings {
         unsafe_classes: r.unsafe_classes.clone(),
         max_unsafe,
         min_adherence,
         text,
         safety_models,
+        clip,
     };
     EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, on_text_fail, budget, fail_open, settings }
 }

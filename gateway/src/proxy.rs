@@ -43,17 +43,18 @@ async fn evaluate_attempt(
     app: &App,
     generation: &mut Generation,
     cfg: &crate::policy::EvalPolicy,
-    expected_size: Option<crate::request::Size>,
-    n: u32,
-    contract: Option<&Arc<crate::eval::adherence::Contract>>,
+    req: &GenerationRequest,
     (route, provider): (&str, &str),
 ) -> Result<(), ProviderError> {
+    let expected_size = req.size_given.then_some(req.size);
+    let n = req.n;
     use crate::eval::{Outcome, Verdict};
     use crate::policy::EvalAction;
     let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
     let images = generation.images.clone();
     let settings = cfg.settings.clone();
-    let contract = contract.cloned();
+    let contract = req.contract.clone();
+    let prompt = req.prompt.clone();
     let job = app.eval_pool.run(move || {
         images
             .iter()
@@ -63,7 +64,7 @@ async fn evaluate_attempt(
                     Image::Raw { bytes, .. } => bytes.clone(),
                     Image::Url(_) => Bytes::new(),
                 };
-                crate::eval::evaluate(&bytes, expected_size, &settings, contract.as_deref(), &evaluators)
+                crate::eval::evaluate(&bytes, expected_size, &settings, contract.as_deref(), &prompt, &evaluators)
             })
             .collect::<Vec<_>>()
     });
@@ -286,7 +287,6 @@ where
         provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
     };
     let req = &req;
-    let expected_size = req.size_given.then_some(req.size);
     let outcome = routing::run_plan(&steps, deadline, timeout_of, |s| {
         let step_route = &policy.routes[s.route];
         let target = &step_route.targets[s.target];
@@ -302,7 +302,7 @@ where
             }
             if !step_route.eval.evaluators.is_empty() {
                 let labels = (route_name, target.provider.as_str());
-                evaluate_attempt(app, &mut generation, &step_route.eval, expected_size, req.n, req.contract.as_ref(), labels)
+                evaluate_attempt(app, &mut generation, &step_route.eval, req, labels)
                     .await?;
             }
             Ok(generation)

@@ -172,21 +172,16 @@ impl Evaluator for Adherence {
     }
 
     fn evaluate(&self, s: &Subject<'_>) -> Verdict {
-        let Some(c) = s.contract else {
-            return Verdict {
-                evaluator: "adherence",
-                score: 1.0,
-                verdict: Outcome::Pass,
-                reason: "no prompt contract".into(),
-            };
-        };
-        let total = c.clauses();
+        let empty = Contract::default();
+        let c = s.contract.unwrap_or(&empty);
+        // CLIP similarity, where configured, is one more clause.
+        let total = c.clauses() + usize::from(s.settings.clip.is_some());
         if total == 0 {
             return Verdict {
                 evaluator: "adherence",
                 score: 1.0,
                 verdict: Outcome::Pass,
-                reason: "empty contract".into(),
+                reason: "no prompt contract".into(),
             };
         }
         let img = &s.image.rgb;
@@ -239,6 +234,21 @@ impl Evaluator for Adherence {
                 }
             }
         }
+        let mut notes = Vec::new();
+        if let Some((cfg, min)) = &s.settings.clip {
+            match super::clip::similarity(cfg, img, s.prompt) {
+                Err(e) => {
+                    return Verdict {
+                        evaluator: "adherence",
+                        score: 0.0,
+                        verdict: Outcome::Error,
+                        reason: format!("clip: {e}"),
+                    }
+                }
+                Ok(sim) if sim < *min => failed.push(format!("clip: prompt-image similarity {sim:.3} < {min:.3}")),
+                Ok(sim) => notes.push(format!("clip similarity {sim:.3}")),
+            }
+        }
         let rules = c.text_rules();
         if !rules.is_empty() {
             match super::text::ready().and_then(|()| super::text::read(s.image)) {
@@ -258,7 +268,12 @@ impl Evaluator for Adherence {
             Verdict { evaluator: "adherence", score, verdict: Outcome::Fail, reason: failed.join("; ") }
         } else {
             let reason = if failed.is_empty() {
-                format!("all {total} clauses hold")
+                let mut r = format!("all {total} clauses hold");
+                for n in &notes {
+                    r.push_str("; ");
+                    r.push_str(n);
+                }
+                r
             } else {
                 format!("{} of {total} clauses hold; {}", total - failed.len(), failed.join("; "))
             };
@@ -280,6 +295,7 @@ mod tests {
             expected_size: None,
             settings: &settings,
             contract: Some(contract),
+            prompt: "a product shot",
         })
     }
 

@@ -13,6 +13,7 @@ use crate::request::Size;
 
 pub mod adherence;
 pub mod classifier;
+pub mod clip;
 pub mod nudenet;
 pub mod ocr;
 pub mod onnx;
@@ -55,6 +56,9 @@ pub struct Settings {
     pub text: text::TextRules,
     /// Models the `safety` evaluator runs, in order.
     pub safety_models: Vec<SafetyModel>,
+    /// CLIP encoders and the lowest prompt-image similarity `adherence` accepts, when the
+    /// policy configures `[clip]` and the route sets `min_clip_similarity`.
+    pub clip: Option<(Arc<clip::ClipConfig>, f32)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +75,7 @@ impl Default for Settings {
             min_adherence: 1.0,
             text: text::TextRules::default(),
             safety_models: vec![SafetyModel::NudeNet],
+            clip: None,
         }
     }
 }
@@ -168,6 +173,8 @@ pub struct Subject<'a> {
     pub settings: &'a Settings,
     /// The request's prompt contract, if it has one.
     pub contract: Option<&'a adherence::Contract>,
+    /// The request's prompt (for CLIP similarity).
+    pub prompt: &'a str,
 }
 
 /// One kind of check. Implementations are CPU-bound and run on the evaluation pool.
@@ -192,6 +199,7 @@ pub fn evaluate(
     expected_size: Option<Size>,
     settings: &Settings,
     contract: Option<&adherence::Contract>,
+    prompt: &str,
     evaluators: &[Arc<dyn Evaluator>],
 ) -> Report {
     let start = Instant::now();
@@ -201,7 +209,7 @@ pub fn evaluate(
     for e in evaluators {
         let t = Instant::now();
         let v = match &decoded {
-            Ok(image) => e.evaluate(&Subject { image, expected_size, settings, contract }),
+            Ok(image) => e.evaluate(&Subject { image, expected_size, settings, contract, prompt }),
             Err(why) => {
                 Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason: format!("artifact {why}") }
             }

@@ -88,21 +88,22 @@ mod tests {
     fn verdicts() {
         let evs: Vec<Arc<dyn crate::eval::Evaluator>> = vec![Arc::new(Sanity)];
         let size = |w, h| Some(Size { width: w, height: h });
-        let ok = evaluate(&png(&noisy(64, 48)), size(64, 48), &Default::default(), None, &evs);
+        let ok = evaluate(&png(&noisy(64, 48)), size(64, 48), &Default::default(), None, "", &evs);
         assert_eq!(ok.verdicts[0].verdict, Outcome::Pass, "{:?}", ok.verdicts);
-        let wrong = evaluate(&png(&noisy(64, 48)), size(64, 64), &Default::default(), None, &evs);
+        let wrong = evaluate(&png(&noisy(64, 48)), size(64, 64), &Default::default(), None, "", &evs);
         assert_eq!(wrong.verdicts[0].reason, "image is 64x48, the request asked for 64x64");
         let blank = evaluate(
             &png(&image::RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]))),
             None,
             &Default::default(),
             None,
+            "",
             &evs,
         );
         assert_eq!(blank.verdicts[0].verdict, Outcome::Fail);
         assert!(blank.verdicts[0].reason.contains("near-uniform"), "{}", blank.verdicts[0].reason);
         let broken =
-            evaluate(&bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nnope"), None, &Default::default(), None, &evs);
+            evaluate(&bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nnope"), None, &Default::default(), None, "", &evs);
         assert_eq!(broken.verdicts[0].verdict, Outcome::Fail);
         assert!(broken.verdicts[0].reason.starts_with("artifact does not decode"), "{}", broken.verdicts[0].reason);
     }
