@@ -24,12 +24,6 @@ fn blank(w: u32, h: u32) -> Vec<u8> {
     png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
 }
 
-/// Makes the mock answer with `image` (base64) for every request.
-fn answer_with(mock: &MockProvider, image: &[u8]) {
-    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
-    mock.set_body(Some(&body));
-}
-
 /// Route `main` (model "m") -> `first`, falling back to route `spare` -> `second`; both
 /// evaluate with `extra` route settings appended to `main`.
 async fn setup(extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
@@ -66,9 +60,9 @@ fn req() -> serde_json::Value {
 #[tokio::test]
 async fn a_blank_image_falls_back_and_is_never_returned() {
     let (first, second, gw, _d) = setup("").await;
-    answer_with(&first, &blank(256, 256));
+    first.answer_with(&blank(256, 256));
     let good = noisy(256, 256);
-    answer_with(&second, &good);
+    second.answer_with(&good);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![good], "the client gets the passing image, never the blank one");
@@ -91,8 +85,8 @@ async fn a_blank_image_falls_back_and_is_never_returned() {
 #[tokio::test]
 async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
     let (first, second, gw, _d) = setup("").await;
-    answer_with(&first, &noisy(512, 512));
-    answer_with(&second, b"\x89PNG\r\n\x1a\n this is not a png");
+    first.answer_with(&noisy(512, 512));
+    second.answer_with(b"\x89PNG\r\n\x1a\n this is not a png");
     let r = gw.generate(&req()).await;
     let e = r.assert_error(502, "upstream_error");
     let msg = e["message"].as_str().unwrap();
@@ -100,7 +94,7 @@ async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
     assert!(msg.contains("does not decode"), "{msg}");
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
     // Without an explicit size the provider's choice is accepted.
-    answer_with(&first, &noisy(512, 512));
+    first.answer_with(&noisy(512, 512));
     let r = gw.generate(&json!({"model": "m", "prompt": "x", "response_format": "b64_json"})).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
@@ -109,8 +103,8 @@ async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
 #[tokio::test]
 async fn block_answers_content_policy_violation_and_tries_nothing_else() {
     let (first, second, gw, _d) = setup("on_sanity_fail = \"block\"").await;
-    answer_with(&first, &blank(256, 256));
-    answer_with(&second, &noisy(256, 256));
+    first.answer_with(&blank(256, 256));
+    second.answer_with(&noisy(256, 256));
     let r = gw.generate(&req()).await;
     let e = r.assert_error(400, "content_policy_violation");
     assert!(e["message"].as_str().unwrap().contains("near-uniform"), "{}", r.describe());
@@ -124,7 +118,7 @@ async fn block_answers_content_policy_violation_and_tries_nothing_else() {
 async fn flag_returns_the_image_marked_with_the_reasons() {
     let (first, second, gw, _d) = setup("on_sanity_fail = \"flag\"").await;
     let img = blank(256, 256);
-    answer_with(&first, &img);
+    first.answer_with(&img);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![img]);
@@ -142,8 +136,8 @@ async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
     let body = json!({"model": "m", "prompt": "x", "size": "1792x1024", "response_format": "b64_json"});
 
     let (first, second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_closed\"").await;
-    answer_with(&first, &big);
-    answer_with(&second, &big);
+    first.answer_with(&big);
+    second.answer_with(&big);
     let r = gw.generate(&body).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
@@ -151,7 +145,7 @@ async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
     assert_eq!(gw.metric("acc_eval_total", &err).await, 1.0);
 
     let (first, second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_open\"").await;
-    answer_with(&first, &big);
+    first.answer_with(&big);
     let r = gw.generate(&body).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
@@ -162,7 +156,7 @@ async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
 #[tokio::test]
 async fn too_few_images_fail_sanity() {
     let (first, second, gw, _d) = setup("").await;
-    answer_with(&first, &noisy(256, 256)); // one image, whatever n was asked
+    first.answer_with(&noisy(256, 256)); // one image, whatever n was asked
     let two = noisy(256, 256);
     let body =
         json!({"created": 1, "data": [{"b64_json": b64_encode(&two)}, {"b64_json": b64_encode(&two)}]}).to_string();
@@ -213,8 +207,8 @@ evaluators = ["adherence"]
     let gw = Gateway::start(dir.path()).await;
     let dark = product_shot([10, 10, 10]);
     let white = product_shot([255, 255, 255]);
-    answer_with(&first, &dark);
-    answer_with(&second, &white);
+    first.answer_with(&dark);
+    second.answer_with(&white);
 
     // Body field `acc` (the SDKs send it through extra_body).
     let body = json!({"model": "shot", "prompt": "a red box on white", "size": "256x256",
@@ -228,7 +222,7 @@ evaluators = ["adherence"]
     assert!(second.last_body_json().get("acc").is_none(), "{}", second.last_body_json());
 
     // Header `x-acc-contract`; without one, adherence has nothing to check.
-    answer_with(&first, &white);
+    first.answer_with(&white);
     let plain = json!({"model": "shot", "prompt": "x", "size": "256x256", "response_format": "b64_json"});
     let r = gw.generate_with(&plain, &[("x-acc-contract", r#"{"background": "black"}"#)]).await;
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));

@@ -13,11 +13,6 @@ fn tiny(file: &str) -> std::path::PathBuf {
     p
 }
 
-fn answer_with(mock: &MockProvider, image: &[u8]) {
-    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
-    mock.set_body(Some(&body));
-}
-
 async fn gateway(extra_top: &str, route: &str) -> (MockProvider, Gateway, PolicyDir) {
     let mock = MockProvider::start().await;
     let policy = format!(
@@ -41,11 +36,11 @@ async fn a_custom_classifier_blocks_what_its_unsafe_labels_score_high() {
     );
     let (mock, gw, _d) =
         gateway(&classifier, "evaluators = [\"safety\"]\nsafety_models = [\"redness\"]\non_unsafe = \"block\"").await;
-    answer_with(&mock, &std::fs::read(tiny("red.png")).unwrap());
+    mock.answer_with(&std::fs::read(tiny("red.png")).unwrap());
     let r = gw.generate(&req()).await;
     let e = r.assert_error(400, "content_policy_violation");
     assert!(e["message"].as_str().unwrap().contains("redness:red 1.00"), "{}", r.describe());
-    answer_with(&mock, &std::fs::read(tiny("blue.png")).unwrap());
+    mock.answer_with(&std::fs::read(tiny("blue.png")).unwrap());
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert!(r.header("x-acc-eval").unwrap_or_default().starts_with("safety=pass("), "{}", r.describe());
@@ -60,12 +55,12 @@ async fn clip_similarity_is_a_clause_of_adherence() {
     );
     let (mock, gw, _d) =
         gateway(&clip, "evaluators = [\"adherence\"]\nmin_clip_similarity = -1.0\non_low_adherence = \"flag\"").await;
-    answer_with(&mock, &std::fs::read(tiny("red.png")).unwrap());
+    mock.answer_with(&std::fs::read(tiny("red.png")).unwrap());
     let r = gw.generate(&req()).await;
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{}", r.describe());
     let (mock, gw, _d) =
         gateway(&clip, "evaluators = [\"adherence\"]\nmin_clip_similarity = 1.0\non_low_adherence = \"flag\"").await;
-    answer_with(&mock, &std::fs::read(tiny("red.png")).unwrap());
+    mock.answer_with(&std::fs::read(tiny("red.png")).unwrap());
     let r = gw.generate(&req()).await;
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"), "{}", r.describe());
     let reasons = r.header("x-acc-reasons").unwrap_or_default();

@@ -21,11 +21,6 @@ fn portrait() -> Vec<u8> {
     })
 }
 
-fn answer_with(mock: &MockProvider, image: &[u8]) {
-    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
-    mock.set_body(Some(&body));
-}
-
 async fn setup(extra: &str, env: &[(&str, &str)]) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
@@ -61,8 +56,8 @@ fn req() -> serde_json::Value {
 async fn an_unsafe_class_above_the_limit_falls_back_or_blocks() {
     let img = portrait();
     let (first, second, gw, _d) = setup("unsafe_classes = [\"FACE_FEMALE\"]\nmax_unsafe = 0.3", &[]).await;
-    answer_with(&first, &img);
-    answer_with(&second, &img);
+    first.answer_with(&img);
+    second.answer_with(&img);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"), "{}", r.describe());
@@ -71,7 +66,7 @@ async fn an_unsafe_class_above_the_limit_falls_back_or_blocks() {
 
     let (first, second, gw, _d) =
         setup("unsafe_classes = [\"FACE_FEMALE\"]\nmax_unsafe = 0.3\non_unsafe = \"block\"", &[]).await;
-    answer_with(&first, &img);
+    first.answer_with(&img);
     let r = gw.generate(&req()).await;
     let e = r.assert_error(400, "content_policy_violation");
     let msg = e["message"].as_str().unwrap();
@@ -83,7 +78,7 @@ async fn an_unsafe_class_above_the_limit_falls_back_or_blocks() {
 async fn the_same_portrait_passes_with_the_default_classes() {
     let img = portrait();
     let (first, _second, gw, _d) = setup("", &[]).await;
-    answer_with(&first, &img);
+    first.answer_with(&img);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![img]);
@@ -106,14 +101,14 @@ async fn without_the_model_the_gateway_starts_and_applies_fail_open_or_closed() 
     assert!(state.starts_with("unavailable: ") && state.contains(empty.path().to_str().unwrap()), "{state}");
     assert!(gw.stderr().contains("evaluator unavailable"), "start-up says what is missing");
     assert_eq!(gw.metric("acc_evaluator_available", &[("evaluator", "safety")]).await, 0.0);
-    answer_with(&first, &img);
-    answer_with(&second, &img);
+    first.answer_with(&img);
+    second.answer_with(&img);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"));
 
     let (first, second, gw, _d) = setup("on_eval_error = \"fail_open\"", &env).await;
-    answer_with(&first, &img);
+    first.answer_with(&img);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
@@ -139,7 +134,7 @@ async fn face_clauses_of_the_contract_count_nudenet_faces() {
     );
     let dir = PolicyDir::with(&policy);
     let gw = Gateway::start(dir.path()).await;
-    answer_with(&first, &img);
+    first.answer_with(&img);
     let mut body = req();
     body["acc"] = json!({"faces": 1});
     let r = gw.generate(&body).await;

@@ -14,11 +14,6 @@ fn rendered(file: &str) -> Vec<u8> {
     })
 }
 
-fn answer_with(mock: &MockProvider, image: &[u8]) {
-    let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
-    mock.set_body(Some(&body));
-}
-
 async fn gateway(route_extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
@@ -39,9 +34,9 @@ fn req() -> serde_json::Value {
 #[tokio::test]
 async fn required_text_missing_falls_back_to_an_image_that_has_it() {
     let (first, second, gw, _d) = gateway("evaluators = [\"text\"]\nrequire_text = [\"acme\"]").await;
-    answer_with(&first, &rendered("27-scene-1024x1024.png")); // OPEN BAKERY 24/7, SALE 50% OFF
+    first.answer_with(&rendered("27-scene-1024x1024.png")); // OPEN BAKERY 24/7, SALE 50% OFF
     let acme = rendered("28-scene-1024x1024.png"); // ACME, Hello World, 0123456789
-    answer_with(&second, &acme);
+    second.answer_with(&acme);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![acme]);
@@ -52,7 +47,7 @@ async fn required_text_missing_falls_back_to_an_image_that_has_it() {
 async fn forbidden_text_blocks_and_no_text_rule_flags() {
     let (first, second, gw, _d) =
         gateway("evaluators = [\"text\"]\nforbid_text = [\"SALE 50% OFF\"]\non_text_fail = \"block\"").await;
-    answer_with(&first, &rendered("27-scene-1024x1024.png"));
+    first.answer_with(&rendered("27-scene-1024x1024.png"));
     let r = gw.generate(&req()).await;
     let e = r.assert_error(400, "content_policy_violation");
     assert!(e["message"].as_str().unwrap().contains("forbidden text \"SALE 50% OFF\" found"), "{}", r.describe());
@@ -60,7 +55,7 @@ async fn forbidden_text_blocks_and_no_text_rule_flags() {
 
     let (first, _second, gw, _d) =
         gateway("evaluators = [\"text\"]\nforbid_any_text = true\non_text_fail = \"flag\"").await;
-    answer_with(&first, &rendered("01-DejaVuSans-28.png"));
+    first.answer_with(&rendered("01-DejaVuSans-28.png"));
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
@@ -70,7 +65,7 @@ async fn forbidden_text_blocks_and_no_text_rule_flags() {
 #[tokio::test]
 async fn contract_text_clauses_use_ocr() {
     let (first, _second, gw, _d) = gateway("evaluators = [\"adherence\"]\non_low_adherence = \"flag\"").await;
-    answer_with(&first, &rendered("28-scene-1024x1024.png"));
+    first.answer_with(&rendered("28-scene-1024x1024.png"));
     let mut body = req();
     body["acc"] = json!({"require_text": ["Hello World"], "forbid_text": ["OPEN BAKERY"]});
     let r = gw.generate(&body).await;

@@ -815,6 +815,12 @@ impl MockProvider {
     }
 
     /// Answer 200 with exactly this body instead of the normal JSON (None = back to normal).
+    /// Answer every request with this one image (base64), whatever `n` was asked.
+    pub fn answer_with(&self, image: &[u8]) {
+        let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
+        self.set_body(Some(&body));
+    }
+
     pub fn set_body(&self, body: Option<&str>) {
         self.inner.config.lock().unwrap().body_override = body.map(|s| s.to_string());
     }
