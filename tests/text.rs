@@ -40,6 +40,8 @@ async fn required_text_missing_falls_back_to_an_image_that_has_it() {
     let r = gw.generate(&req()).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![acme]);
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.json()["evaluators"]["text"], "ready", "{}", ready.describe());
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:ok"), "{}", r.describe());
 }
 

@@ -36,11 +36,13 @@ pub fn available() -> std::collections::HashMap<&'static str, Arc<dyn Evaluator>
 /// library or model file, and where it was looked for).
 pub fn readiness() -> Vec<(&'static str, Result<(), String>)> {
     let safety = safety::Safety::new().ready();
-    vec![
-        ("sanity", Ok(())),
-        ("safety", safety.clone()),
-        ("adherence", safety.map_err(|e| format!("face clauses: {e}"))),
-    ]
+    let text = text::ready();
+    let adherence = match (&safety, &text) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), _) => Err(format!("face clauses: {e}")),
+        (_, Err(e)) => Err(format!("text clauses: {e}")),
+    };
+    vec![("sanity", Ok(())), ("safety", safety), ("text", text), ("adherence", adherence)]
 }
 
 /// Per-route settings evaluators read.
