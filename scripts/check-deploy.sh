@@ -222,6 +222,7 @@ name = "demo"
 match = { model = "acc-demo" }
 targets = [{ provider = "demo", model = "acc-demo-v1" }]
 deadline_ms = $2
+evaluators = ["sanity"]
 
 [[routes]]
 name = "flaky"
