@@ -19,7 +19,6 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
 /// Everything a request needs from the policy, fixed for the request's lifetime.
 pub struct Snapshot {
     pub policy: Policy,
-    pub providers: HashMap<String, Arc<dyn Provider>>,
     /// The adapter of each route's each target, indexed like `policy.routes[r].targets[t]`.
     pub target_providers: Vec<Vec<Arc<dyn Provider>>>,
     /// Metric handles of the success path, resolved once per policy instead of per request.
@@ -172,5 +171,5 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Resul
     let target_providers =
         policy.routes.iter().map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect()).collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
-    Ok(Snapshot { policy, providers, target_providers, hot, loaded_at: SystemTime::now() })
+    Ok(Snapshot { policy, target_providers, hot, loaded_at: SystemTime::now() })
 }
