@@ -239,9 +239,10 @@ name = "main"
 match = {{ model = "m" }}
 targets = [{{ provider = "a", model = "x", weight = 1 }}, {{ provider = "b", model = "x", weight = 5 }}, {{ provider = "c", model = "x", weight = 2 }}]
 "#,
-        openai_provider("a", &a),
-        openai_provider("b", &b),
-        openai_provider("c", &c)
+        // The breakers would open after five failures in a row; this test is about the order.
+        openai_provider_with("a", &a, "breaker = { enabled = false }"),
+        openai_provider_with("b", &b, "breaker = { enabled = false }"),
+        openai_provider_with("c", &c, "breaker = { enabled = false }")
     );
     let dir = PolicyDir::with(&policy);
     let gw = Gateway::start(dir.path()).await;

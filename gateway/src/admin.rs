@@ -13,6 +13,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::metrics::model_label;
 use crate::server::App;
 
 pub fn router(app: Arc<App>) -> Router {
@@ -53,6 +54,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    export_live(&app);
     let mut r = Response::new(axum::body::Body::from(app.metrics.render()));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
@@ -114,20 +116,89 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// Health windows, breakers and queues are read when scraped, not on every request.
+fn export_live(app: &App) {
+    let snap = app.policy.snapshot();
+    let m = &app.metrics;
+    let now = tokio::time::Instant::now();
+    for (r, route) in snap.policy.routes.iter().enumerate() {
+        for (t, target) in route.targets.iter().enumerate() {
+            let stats = snap.live[r][t].health().stats(now, &route.health);
+            let demoted = snap.live[r][t].health().demoted().is_some();
+            let labels = [route.name.as_str(), target.provider.as_str(), model_label(target.model.as_deref())];
+            for (q, v) in [("0.5", stats.p50_ms), ("0.95", stats.p95_ms), ("0.99", stats.p99_ms)] {
+                let g = m.target_latency.with_label_values(&[labels[0], labels[1], labels[2], q]);
+                g.set(v.unwrap_or(0.0) / 1000.0);
+            }
+            m.target_error_ratio.with_label_values(&labels).set(stats.error_ratio);
+            m.target_timeout_ratio.with_label_values(&labels).set(stats.timeout_ratio);
+            m.target_eval_fail_ratio.with_label_values(&labels).set(stats.eval_fail_ratio);
+            m.target_samples.with_label_values(&labels).set(stats.samples as i64);
+            m.target_demoted.with_label_values(&labels).set(i64::from(demoted));
+        }
+    }
+    for p in app.policy.live.providers() {
+        if !snap.policy.providers.contains_key(&p.name) {
+            continue;
+        }
+        let gauge = {
+            let b = p.breaker();
+            // An open breaker past its cooldown reads as half-open only once a request asks.
+            b.gauge()
+        };
+        m.breaker_state.with_label_values(&[&p.name]).set(gauge);
+        m.queue_depth.with_label_values(&[&p.name]).set(p.queued.load(Ordering::Relaxed) as i64);
+    }
+    m.tasks_alive.set(app.tasks_alive() as i64);
+}
+
 async fn routes(State(app): State<Arc<App>>) -> Response {
     let snap = app.policy.snapshot();
     let p = &snap.policy;
+    let now = tokio::time::Instant::now();
     let routes: Vec<_> = p
         .routes
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(ri, r)| {
+            let targets: Vec<_> = r
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(ti, t)| {
+                    let h = snap.live[ri][ti].health();
+                    let stats = h.stats(now, &r.health);
+                    json!({
+                        "provider": t.provider, "model": t.model, "weight": t.weight,
+                        "health": {
+                            "samples": stats.samples, "p50_ms": stats.p50_ms, "p95_ms": stats.p95_ms,
+                            "p99_ms": stats.p99_ms, "error_ratio": stats.error_ratio,
+                            "timeout_ratio": stats.timeout_ratio, "eval_fail_ratio": stats.eval_fail_ratio,
+                            "demoted": h.demoted().is_some(), "demoted_reason": h.demoted(),
+                        },
+                    })
+                })
+                .collect();
             json!({
                 "name": r.name,
                 "match": {"model": r.matcher.model, "cohort": r.matcher.cohort, "key_tags": r.matcher.key_tags},
-                "targets": r.targets.iter().map(|t| json!({"provider": t.provider, "model": t.model, "weight": t.weight})).collect::<Vec<_>>(),
+                "targets": targets,
                 "fallbacks": r.fallbacks.iter().map(|&i| p.routes[i].name.clone()).collect::<Vec<_>>(),
                 "attempt_timeout_ms": r.attempt_timeout.as_millis() as u64,
                 "deadline_ms": r.deadline.as_millis() as u64,
+                "thresholds": {
+                    "latency_slo_ms": r.health.latency_slo.map(|d| d.as_millis() as u64),
+                    "max_error_ratio": r.health.max_error_ratio,
+                    "max_eval_fail_ratio": r.health.max_eval_fail_ratio,
+                    "window": r.health.window,
+                    "window_secs": r.health.window_age.as_secs(),
+                    "min_samples": r.health.min_samples,
+                    "recover_below": crate::health::RECOVER,
+                },
+                "hedge": r.hedge.as_ref().map(|h| json!({
+                    "after_ms": h.after.as_millis() as u64, "after_p95": h.after_p95,
+                    "min_after_ms": h.min_after.as_millis() as u64, "max_parallel": h.max_parallel,
+                })),
             })
         })
         .collect();
@@ -139,7 +210,32 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                 crate::policy::ProviderKind::Builtin => "builtin",
                 crate::policy::ProviderKind::OpenAi { .. } => "openai",
             };
-            json!({"name": s.name, "kind": kind})
+            let live = app.policy.live.provider(&s.name);
+            let breaker = {
+                let b = live.breaker();
+                json!({
+                    "enabled": s.breaker.enabled,
+                    "state": b.state_label(),
+                    "consecutive_failures": b.consecutive_failures(),
+                    "open_until_ms": b.open_for(now).map(|d| d.as_millis() as u64),
+                    "last_transition_reason": b.last_reason(),
+                    "settings": {
+                        "consecutive_failures": s.breaker.consecutive_failures,
+                        "cooldown_ms": s.breaker.cooldown.as_millis() as u64,
+                        "probes": s.breaker.probes,
+                    },
+                })
+            };
+            json!({
+                "name": s.name, "kind": kind,
+                "breaker": breaker,
+                "paused_for_ms": live.paused_for(now).map(|d| d.as_millis() as u64),
+                "in_flight": live.in_flight.load(Ordering::Relaxed),
+                "queued": live.queued.load(Ordering::Relaxed),
+                "max_concurrency": s.concurrency.as_ref().map(|c| c.max),
+                "max_queue": s.concurrency.as_ref().map(|c| c.max_queue),
+                "price": s.price.as_ref().map(|pr| json!({"by_size": pr.by_size, "default": pr.default})),
+            })
         })
         .collect();
     Json(json!({"version": p.version, "routes": routes, "providers": providers})).into_response()

@@ -7,7 +7,11 @@
 //! - [`request`]: the client's JSON parsed and checked into one `GenerationRequest`.
 //! - [`policy`]: policy files, parsed raw, then validated into runtime types.
 //! - [`reload`]: the live policy snapshot, swapped atomically on poll, SIGHUP or admin reload.
-//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop.
+//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop with hedging.
+//! - [`live`]: provider and target state learnt while running: breakers, 429 pauses, queues.
+//! - [`health`]: rolling health windows with hysteresis, and the circuit breaker's state machine.
+//! - [`limits`]: rate limits per key and tenant, spend per tenant per day.
+//! - [`idempotency`]: `Idempotency-Key` answers kept for replay.
 //! - [`eval`]: inline evaluation of artifacts on a thread pool of its own (sanity, ...).
 //! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
 //! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request using them.
@@ -26,6 +30,10 @@ pub mod artifacts;
 pub mod body;
 pub mod error;
 pub mod eval;
+pub mod health;
+pub mod idempotency;
+pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod providers;

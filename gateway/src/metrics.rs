@@ -2,8 +2,8 @@
 //! interfere). Label values come from policy names and fixed enums, never from user input.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::policy::Route;
@@ -37,6 +37,43 @@ pub struct Metrics {
     pub eval_duration: HistogramVec,
     pub eval_queue: prometheus::Histogram,
     pub evaluator_available: IntGaugeVec,
+    // Resilience: breakers, health windows, pauses, queues, hedging, limits, cost.
+    pub breaker_state: IntGaugeVec,
+    pub breaker_transitions: IntCounterVec,
+    pub target_latency: GaugeVec,
+    pub target_error_ratio: GaugeVec,
+    pub target_timeout_ratio: GaugeVec,
+    pub target_eval_fail_ratio: GaugeVec,
+    pub target_samples: IntGaugeVec,
+    pub target_demoted: IntGaugeVec,
+    pub target_demotions: IntCounterVec,
+    pub provider_paused: IntCounterVec,
+    pub queue_seconds: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_rejected: IntCounterVec,
+    pub hedges: IntCounterVec,
+    pub cost: CounterVec,
+    pub idempotency: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub tasks_alive: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+    registry.register(Box::new(c.clone())).expect("unique metric names");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("metric");
+    registry.register(Box::new(g.clone())).expect("unique metric names");
+    g
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
+    registry.register(Box::new(g.clone())).expect("unique metric names");
+    g
 }
 
 impl Metrics {
@@ -132,7 +169,115 @@ impl Metrics {
         // Both results exist from the start, so alerts on rate() see a zero, not a gap.
         policy_reloads.with_label_values(&["ok"]);
         policy_reloads.with_label_values(&["error"]);
+        let target = &["route", "provider", "model"];
+        let r = &registry;
+        let breaker_state = int_gauge(
+            r,
+            "acc_breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+            &["provider"],
+        );
+        let breaker_transitions = counter(
+            r,
+            "acc_breaker_transitions_total",
+            "Circuit breaker moves, by the state entered",
+            &["provider", "to"],
+        );
+        let target_latency = gauge(
+            r,
+            "acc_target_latency_seconds",
+            "Attempt latency over a route target's health window, by quantile",
+            &["route", "provider", "model", "quantile"],
+        );
+        let target_error_ratio = gauge(
+            r,
+            "acc_target_error_ratio",
+            "Share of a target's recent attempts that failed (not timeouts)",
+            target,
+        );
+        let target_timeout_ratio =
+            gauge(r, "acc_target_timeout_ratio", "Share of a target's recent attempts that timed out", target);
+        let target_eval_fail_ratio = gauge(
+            r,
+            "acc_target_eval_fail_ratio",
+            "Share of a target's recent attempts whose images failed evaluation",
+            target,
+        );
+        let target_samples = int_gauge(r, "acc_target_samples", "Attempts in a target's health window", target);
+        let target_demoted = int_gauge(
+            r,
+            "acc_target_demoted",
+            "1 while a target is demoted to the back of its route's plan (latency SLO, error or eval-fail ratio)",
+            target,
+        );
+        let target_demotions = counter(
+            r,
+            "acc_target_demotions_total",
+            "Targets demoted (to=demoted) or restored (to=restored)",
+            &["route", "provider", "model", "to"],
+        );
+        let provider_paused =
+            counter(r, "acc_provider_paused_total", "Times a provider's 429 with Retry-After paused it", &["provider"]);
+        let queue_seconds = HistogramVec::new(
+            HistogramOpts::new("acc_queue_seconds", "Time attempts waited for a provider concurrency slot")
+                .buckets(exponential_buckets(0.001, 2.0, 16).expect("static buckets")),
+            &["provider"],
+        )
+        .expect("metric");
+        r.register(Box::new(queue_seconds.clone())).expect("unique metric names");
+        let queue_depth =
+            int_gauge(r, "acc_queue_depth", "Attempts waiting for a provider concurrency slot", &["provider"]);
+        let queue_rejected = counter(
+            r,
+            "acc_queue_rejected_total",
+            "Attempts refused a provider slot: queue full or waited too long",
+            &["provider", "reason"],
+        );
+        let hedges = counter(
+            r,
+            "acc_hedges_total",
+            "Hedged attempts: started, won (answered first) or lost (cancelled)",
+            &["route", "result"],
+        );
+        let cost = CounterVec::new(
+            Opts::new(
+                "acc_cost_usd_total",
+                "Spend at the providers' prices: images returned, discarded (failed evaluation) and hedges cancelled",
+            ),
+            &["route", "provider", "kind"],
+        )
+        .expect("metric");
+        r.register(Box::new(cost.clone())).expect("unique metric names");
+        let idempotency = counter(
+            r,
+            "acc_idempotency_total",
+            "Requests with an Idempotency-Key: new, replayed, waited (joined one in flight), conflict",
+            &["result"],
+        );
+        let rate_limited =
+            counter(r, "acc_rate_limited_total", "Requests refused by a rate or spend limit", &["tenant", "limit"]);
+        let tasks_alive =
+            IntGauge::new("acc_tasks_alive", "Live tokio tasks across the gateway's runtimes").expect("metric");
+        r.register(Box::new(tasks_alive.clone())).expect("unique metric names");
         Metrics {
+            breaker_state,
+            breaker_transitions,
+            target_latency,
+            target_error_ratio,
+            target_timeout_ratio,
+            target_eval_fail_ratio,
+            target_samples,
+            target_demoted,
+            target_demotions,
+            provider_paused,
+            queue_seconds,
+            queue_depth,
+            queue_rejected,
+            hedges,
+            cost,
+            idempotency,
+            rate_limited,
+            tasks_alive,
             registry,
             requests,
             request_duration,

@@ -26,6 +26,9 @@ struct RawFile {
     server: Option<RawServer>,
     #[serde(default)]
     keys: Vec<RawKey>,
+    /// Limits per tenant (the `tenant` of `[[keys]]`).
+    #[serde(default)]
+    tenants: BTreeMap<String, RawTenant>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     /// CLIP image and text encoders (ONNX) for prompt-image similarity in `adherence`.
@@ -52,6 +55,10 @@ struct RawServer {
     public_base_url: Option<String>,
     /// Requests handled at once; more are shed with 503 rather than queued without bound.
     max_in_flight: Option<u64>,
+    /// How long an `Idempotency-Key`'s answer is kept for replay, seconds (default one day).
+    idempotency_ttl_secs: Option<u64>,
+    /// Memory for kept answers, MiB (default 256); the oldest go first.
+    idempotency_max_mib: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +69,58 @@ struct RawKey {
     tenant: String,
     #[serde(default)]
     tags: Vec<String>,
+    /// Requests per minute this key may make.
+    requests_per_minute: Option<u32>,
+    /// Images per minute this key may ask for (`n` of each request).
+    images_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    requests_per_minute: Option<u32>,
+    images_per_minute: Option<u32>,
+    /// Spend per UTC day, from the providers' prices; over it, requests get 429 until midnight.
+    spend_usd_per_day: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    enabled: Option<bool>,
+    /// Failures in a row (connect errors, timeouts, 5xx, broken answers) that open it.
+    consecutive_failures: Option<u32>,
+    /// How long it stays open before letting probes through, ms.
+    cooldown_ms: Option<u64>,
+    /// Probes let through at once when half-open; as many successes close it.
+    probes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    /// One price, or a table by size (`"1024x1024" = 0.04`) with an optional `default`.
+    per_image_usd: RawPerImage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPerImage {
+    Flat(f64),
+    BySize(BTreeMap<String, f64>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHedge {
+    /// Start the next target when the first has not answered after this long, ms.
+    after_ms: Option<u64>,
+    /// "p95": wait the first target's observed p95 instead (after_ms until it has enough samples).
+    after: Option<String>,
+    /// Lower bound of the p95-based delay, ms.
+    min_after_ms: Option<u64>,
+    /// Attempts in flight at once (default 2).
+    max_parallel: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +136,18 @@ struct RawProvider {
     /// What to ask the upstream for: `b64_json` (default), `url`, or `omit` to send no
     /// `response_format` at all (models such as gpt-image-1 refuse the field).
     upstream_response_format: Option<String>,
+    /// Attempts in flight at once on this provider; more wait in a bounded queue.
+    max_concurrency: Option<u32>,
+    /// Attempts that may wait for a slot (default: max_concurrency).
+    max_queue: Option<u32>,
+    /// Longest wait for a slot, ms (default: the attempt's timeout).
+    queue_timeout_ms: Option<u64>,
+    /// When the queue is full: "fallback" (try the next target; default) or "reject" (503).
+    on_queue_full: Option<String>,
+    breaker: Option<RawBreaker>,
+    /// Cap on how long a 429's Retry-After pauses the provider, ms (default 300000).
+    max_pause_ms: Option<u64>,
+    price: Option<RawPrice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +240,20 @@ struct RawRoute {
     safety_models: Option<Vec<String>>,
     /// Lowest CLIP prompt-image cosine similarity `adherence` accepts (needs `[clip]`).
     min_clip_similarity: Option<f32>,
+    /// Rolling p99 latency of a target above this demotes it to the back of the plan, ms.
+    latency_slo_ms: Option<u64>,
+    /// Share of a target's recent attempts that errored or timed out above which it is demoted.
+    max_error_ratio: Option<f64>,
+    /// Share of a target's recent artifacts that failed evaluation above which it is demoted.
+    max_eval_fail_ratio: Option<f64>,
+    /// Attempts kept in each target's health window (default 100).
+    health_window: Option<u32>,
+    /// Age after which samples leave the window, seconds (default 300).
+    health_window_secs: Option<u64>,
+    /// Samples needed before a target is judged (default 20).
+    health_min_samples: Option<u32>,
+    /// Opt-in hedging: start the next target when the first is slow. May double the spend.
+    hedge: Option<RawHedge>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +285,8 @@ pub struct ServerSettings {
     pub url_ttl: Duration,
     pub public_base_url: Option<String>,
     pub max_in_flight: usize,
+    pub idempotency_ttl: Duration,
+    pub idempotency_max_bytes: usize,
 }
 
 impl Default for ServerSettings {
@@ -210,6 +297,8 @@ impl Default for ServerSettings {
             url_ttl: Duration::from_secs(3600),
             public_base_url: None,
             max_in_flight: 4096,
+            idempotency_ttl: Duration::from_secs(86_400),
+            idempotency_max_bytes: 256 << 20,
         }
     }
 }
@@ -218,6 +307,51 @@ impl Default for ServerSettings {
 pub struct ApiKey {
     pub tenant: String,
     pub tags: Vec<String>,
+    /// Short, non-secret name of the key for logs and limiter state: the digest's first 12 hex digits.
+    pub id: String,
+    pub requests_per_minute: Option<u32>,
+    pub images_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TenantLimits {
+    pub requests_per_minute: Option<u32>,
+    pub images_per_minute: Option<u32>,
+    pub spend_usd_per_day: Option<f64>,
+}
+
+/// What a provider charges per image.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Price {
+    pub by_size: BTreeMap<String, f64>,
+    pub default: Option<f64>,
+}
+
+impl Price {
+    /// USD for one image of `size` ("1024x1024"); `None` when the table has no price for it.
+    pub fn per_image(&self, size: &str) -> Option<f64> {
+        self.by_size.get(size).copied().or(self.default)
+    }
+}
+
+/// A provider's concurrency limit and wait queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concurrency {
+    pub max: u32,
+    pub max_queue: u32,
+    pub queue_timeout: Option<Duration>,
+    /// A full queue ends the request (503) instead of moving on to the next target.
+    pub reject_when_full: bool,
+}
+
+/// Hedging: a second attempt starts when the first is slow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hedge {
+    pub after: Duration,
+    /// Use the first target's observed p95 (bounded below by `min_after`) once it has enough samples.
+    pub after_p95: bool,
+    pub min_after: Duration,
+    pub max_parallel: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,11 +367,15 @@ pub enum ProviderKind {
     OpenAi { base_url: String, api_key_env: Option<String>, upstream_format: UpstreamFormat },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSpec {
     pub name: String,
     pub kind: ProviderKind,
     pub timeout: Option<Duration>,
+    pub concurrency: Option<Concurrency>,
+    pub breaker: crate::health::BreakerSettings,
+    pub max_pause: Duration,
+    pub price: Option<Price>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +411,8 @@ pub struct Route {
     pub deadline: Duration,
     pub url_mode: UrlMode,
     pub eval: EvalPolicy,
+    pub health: crate::health::HealthSettings,
+    pub hedge: Option<Hedge>,
 }
 
 /// What a route does with an evaluator's failure.
@@ -321,6 +461,7 @@ pub struct Policy {
     pub server: ServerSettings,
     /// Keyed by the SHA-256 digest of the API key.
     pub keys: HashMap<[u8; 32], ApiKey>,
+    pub tenants: BTreeMap<String, TenantLimits>,
     pub providers: BTreeMap<String, ProviderSpec>,
     /// In match order: files sorted by name, routes in file order.
     pub routes: Vec<Route>,
@@ -412,6 +553,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let mut default_model: Option<(String, &str)> = None;
     let mut server: Option<(ServerSettings, &str)> = None;
     let mut keys = HashMap::new();
+    let mut tenants = BTreeMap::new();
     let mut providers = BTreeMap::new();
     let mut provider_file: HashMap<String, &str> = HashMap::new();
     let mut warnings = Vec::new();
@@ -448,10 +590,48 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
             for (j, t) in k.tags.iter().enumerate() {
                 check_name(&format!("{at}.tags[{j}]"), t, &mut errors);
             }
-            let key = ApiKey { tenant: k.tenant.clone(), tags: k.tags.clone() };
+            for (field, v) in
+                [("requests_per_minute", k.requests_per_minute), ("images_per_minute", k.images_per_minute)]
+            {
+                if v == Some(0) {
+                    errors.push(format!("{at}.{field}: must be greater than 0 (leave it out for no limit)"));
+                }
+            }
+            let key = ApiKey {
+                tenant: k.tenant.clone(),
+                tags: k.tags.clone(),
+                id: hex::encode(&digest[..6]),
+                requests_per_minute: k.requests_per_minute,
+                images_per_minute: k.images_per_minute,
+            };
             if keys.insert(digest, key).is_some() {
                 errors.push(format!("{at}.sha256: duplicate key digest"));
             }
+        }
+        for (name, t) in &raw.tenants {
+            let at = format!("{file}: tenants.{name}");
+            if tenants.contains_key(name) {
+                errors.push(format!("{at}: tenant \"{name}\" is already configured"));
+                continue;
+            }
+            for (field, v) in
+                [("requests_per_minute", t.requests_per_minute), ("images_per_minute", t.images_per_minute)]
+            {
+                if v == Some(0) {
+                    errors.push(format!("{at}.{field}: must be greater than 0 (leave it out for no limit)"));
+                }
+            }
+            if let Some(v) = t.spend_usd_per_day {
+                if !(v.is_finite() && v >= 0.0) {
+                    errors.push(format!("{at}.spend_usd_per_day: must be a number >= 0"));
+                }
+            }
+            let limits = TenantLimits {
+                requests_per_minute: t.requests_per_minute,
+                images_per_minute: t.images_per_minute,
+                spend_usd_per_day: t.spend_usd_per_day,
+            };
+            tenants.insert(name.clone(), limits);
         }
         for (name, p) in &raw.providers {
             let at = format!("{file}: providers.{name}");
@@ -595,6 +775,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                 }
             };
             let eval = validate_eval(at, r, &classifiers, clip.as_ref(), &mut errors);
+            let health = validate_health(at, r, &mut errors);
+            let hedge = r.hedge.as_ref().and_then(|h| validate_hedge(at, h, &mut errors));
             routes.push(Route {
                 name: r.name.clone(),
                 matcher: Matcher {
@@ -608,6 +790,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                 deadline,
                 url_mode,
                 eval,
+                health,
+                hedge,
             });
         }
     }
@@ -629,6 +813,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         default_model: default_model.map(|d| d.0),
         server: server.map(|s| s.0).unwrap_or_default(),
         keys,
+        tenants,
         providers,
         routes,
         aliases,
@@ -663,6 +848,13 @@ fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> Serve
         url_ttl: Duration::from_secs(bytes("url_ttl_secs", s.url_ttl_secs, 3600, errors) as u64),
         public_base_url,
         max_in_flight: bytes("max_in_flight", s.max_in_flight, d.max_in_flight, errors),
+        idempotency_ttl: Duration::from_secs(bytes(
+            "idempotency_ttl_secs",
+            s.idempotency_ttl_secs,
+            d.idempotency_ttl.as_secs() as usize,
+            errors,
+        ) as u64),
+        idempotency_max_bytes: bytes("idempotency_max_mib", s.idempotency_max_mib, 256, errors).saturating_mul(1 << 20),
     }
 }
 
@@ -745,7 +937,183 @@ fn validate_provider(
             ProviderKind::OpenAi { base_url, api_key_env: p.api_key_env.clone(), upstream_format }
         }
     };
-    (errors.len() == before).then(|| ProviderSpec { name: name.to_string(), kind, timeout })
+    let concurrency = match p.max_concurrency {
+        None => {
+            for (field, set) in [
+                ("max_queue", p.max_queue.is_some()),
+                ("queue_timeout_ms", p.queue_timeout_ms.is_some()),
+                ("on_queue_full", p.on_queue_full.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("{at}.{field}: needs max_concurrency"));
+                }
+            }
+            None
+        }
+        Some(0) => {
+            errors.push(format!("{at}.max_concurrency: must be greater than 0 (leave it out for no limit)"));
+            None
+        }
+        Some(max) => {
+            let reject_when_full = match p.on_queue_full.as_deref() {
+                None | Some("fallback") => false,
+                Some("reject") => true,
+                Some(other) => {
+                    errors.push(format!(
+                        "{at}.on_queue_full: unknown action \"{other}\" (expected \"fallback\" or \"reject\")"
+                    ));
+                    false
+                }
+            };
+            let queue_timeout = match p.queue_timeout_ms {
+                Some(0) => {
+                    errors.push(format!("{at}.queue_timeout_ms: must be greater than 0"));
+                    None
+                }
+                t => t.map(Duration::from_millis),
+            };
+            Some(Concurrency { max, max_queue: p.max_queue.unwrap_or(max), queue_timeout, reject_when_full })
+        }
+    };
+    let mut breaker = crate::health::BreakerSettings::default();
+    if let Some(b) = &p.breaker {
+        if let Some(e) = b.enabled {
+            breaker.enabled = e;
+        }
+        match b.consecutive_failures {
+            Some(0) => errors.push(format!("{at}.breaker.consecutive_failures: must be greater than 0")),
+            Some(n) => breaker.consecutive_failures = n,
+            None => {}
+        }
+        match b.cooldown_ms {
+            Some(0) => errors.push(format!("{at}.breaker.cooldown_ms: must be greater than 0")),
+            Some(ms) => breaker.cooldown = Duration::from_millis(ms),
+            None => {}
+        }
+        match b.probes {
+            Some(0) => errors.push(format!("{at}.breaker.probes: must be greater than 0")),
+            Some(n) => breaker.probes = n,
+            None => {}
+        }
+    }
+    let max_pause = Duration::from_millis(p.max_pause_ms.unwrap_or(300_000));
+    let price = p.price.as_ref().map(|pr| {
+        let mut price = Price::default();
+        let (entries, flat): (Vec<(&str, f64)>, bool) = match &pr.per_image_usd {
+            RawPerImage::Flat(v) => (vec![("default", *v)], true),
+            RawPerImage::BySize(table) => (table.iter().map(|(k, v)| (k.as_str(), *v)).collect(), false),
+        };
+        for (size, v) in entries {
+            let field = if flat { String::new() } else { format!(".{size}") };
+            if !(v.is_finite() && v >= 0.0) {
+                errors.push(format!("{at}.price.per_image_usd{field}: must be a number >= 0"));
+            }
+            if size == "default" {
+                price.default = Some(v);
+            } else if crate::request::parse_size(size).is_err() {
+                errors.push(format!("{at}.price.per_image_usd{field}: not a size like \"1024x1024\" (or \"default\")"));
+            } else {
+                price.by_size.insert(size.to_string(), v);
+            }
+        }
+        price
+    });
+    (errors.len() == before).then(|| ProviderSpec {
+        name: name.to_string(),
+        kind,
+        timeout,
+        concurrency,
+        breaker,
+        max_pause,
+        price,
+    })
+}
+
+fn validate_health(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> crate::health::HealthSettings {
+    let mut h = crate::health::HealthSettings::default();
+    if let Some(ms) = r.latency_slo_ms {
+        if ms == 0 {
+            errors.push(format!("{at}.latency_slo_ms: must be greater than 0"));
+        }
+        h.latency_slo = Some(Duration::from_millis(ms));
+    }
+    for (field, v, slot) in [
+        ("max_error_ratio", r.max_error_ratio, &mut h.max_error_ratio),
+        ("max_eval_fail_ratio", r.max_eval_fail_ratio, &mut h.max_eval_fail_ratio),
+    ] {
+        if let Some(v) = v {
+            if !(0.0..=1.0).contains(&v) {
+                errors.push(format!("{at}.{field}: must be between 0 and 1"));
+            }
+            *slot = Some(v);
+        }
+    }
+    match r.health_window {
+        Some(n) if !(1..=10_000).contains(&n) => {
+            errors.push(format!("{at}.health_window: must be between 1 and 10000"))
+        }
+        Some(n) => h.window = n as usize,
+        None => {}
+    }
+    match r.health_window_secs {
+        Some(0) => errors.push(format!("{at}.health_window_secs: must be greater than 0")),
+        Some(s) => h.window_age = Duration::from_secs(s),
+        None => {}
+    }
+    match r.health_min_samples {
+        Some(0) => errors.push(format!("{at}.health_min_samples: must be greater than 0")),
+        Some(n) => h.min_samples = n as usize,
+        None => {}
+    }
+    if h.min_samples > h.window {
+        errors.push(format!(
+            "{at}.health_min_samples: {} is more than health_window ({}): the target would never be judged",
+            h.min_samples, h.window
+        ));
+    }
+    h
+}
+
+fn validate_hedge(at: &str, h: &RawHedge, errors: &mut Vec<String>) -> Option<Hedge> {
+    let before = errors.len();
+    let after_p95 = match h.after.as_deref() {
+        None => false,
+        Some("p95") => true,
+        Some(other) => {
+            errors.push(format!("{at}.hedge.after: unknown value \"{other}\" (expected \"p95\", or use after_ms)"));
+            false
+        }
+    };
+    let after = match h.after_ms {
+        Some(0) => {
+            errors.push(format!("{at}.hedge.after_ms: must be greater than 0"));
+            Duration::ZERO
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => {
+            errors.push(format!(
+                "{at}.hedge.after_ms: required (with after = \"p95\" it is used until the target has enough samples)"
+            ));
+            Duration::ZERO
+        }
+    };
+    if h.min_after_ms.is_some() && !after_p95 {
+        errors.push(format!("{at}.hedge.min_after_ms: only used with after = \"p95\""));
+    }
+    let max_parallel = match h.max_parallel {
+        None => 2,
+        Some(n) if (2..=8).contains(&n) => n as usize,
+        Some(_) => {
+            errors.push(format!("{at}.hedge.max_parallel: must be between 2 and 8"));
+            2
+        }
+    };
+    (errors.len() == before).then(|| Hedge {
+        after,
+        after_p95,
+        min_after: Duration::from_millis(h.min_after_ms.unwrap_or(0)),
+        max_parallel,
+    })
 }
 
 fn validate_classifier(
@@ -1034,6 +1402,94 @@ url_mode = "cdn"
         );
         let errs = check(&[("p.toml", "[providers.o]\nkind = \"openai\"\nbase_url = \"ftp://x\"\n")]).unwrap_err();
         assert_eq!(errs, vec![r#"p.toml: providers.o.base_url: "ftp://x" is not an http(s) URL"#]);
+    }
+
+    #[test]
+    fn resilience_settings_are_validated() {
+        let p = r#"
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 0
+breaker = { consecutive_failures = 0, cooldown_ms = 0 }
+price = { per_image_usd = { "1024x1024" = -1.0, "huge" = 0.1 } }
+[providers.q]
+kind = "openai"
+base_url = "http://x/v1"
+max_queue = 3
+[providers.r]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 2
+on_queue_full = "drop"
+[tenants.acme]
+spend_usd_per_day = -5.0
+[[routes]]
+name = "a"
+targets = [{ provider = "o" }]
+max_error_ratio = 1.5
+health_window = 10
+health_min_samples = 11
+hedge = { after = "p99", max_parallel = 1 }
+"#;
+        let errs = check(&[("p.toml", p)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                "p.toml: tenants.acme.spend_usd_per_day: must be a number >= 0",
+                "p.toml: providers.o.max_concurrency: must be greater than 0 (leave it out for no limit)",
+                "p.toml: providers.o.breaker.consecutive_failures: must be greater than 0",
+                "p.toml: providers.o.breaker.cooldown_ms: must be greater than 0",
+                "p.toml: providers.o.price.per_image_usd.1024x1024: must be a number >= 0",
+                r#"p.toml: providers.o.price.per_image_usd.huge: not a size like "1024x1024" (or "default")"#,
+                "p.toml: providers.q.max_queue: needs max_concurrency",
+                r#"p.toml: providers.r.on_queue_full: unknown action "drop" (expected "fallback" or "reject")"#,
+                "p.toml: routes[0].max_error_ratio: must be between 0 and 1",
+                "p.toml: routes[0].health_min_samples: 11 is more than health_window (10): the target would never be judged",
+                r#"p.toml: routes[0].hedge.after: unknown value "p99" (expected "p95", or use after_ms)"#,
+                r#"p.toml: routes[0].hedge.after_ms: required (with after = "p95" it is used until the target has enough samples)"#,
+                "p.toml: routes[0].hedge.max_parallel: must be between 2 and 8",
+            ]
+        );
+    }
+
+    #[test]
+    fn resilience_settings_have_defaults_and_are_read() {
+        let p = r#"
+[[keys]]
+sha256 = "904fc520be4ca9db80d0ffcc6bf7e01b4148e33d45bb6b422ad2e607815fb508"
+tenant = "acme"
+images_per_minute = 10
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 4
+price = { per_image_usd = { "1024x1024" = 0.04, default = 0.02 } }
+[providers.d]
+kind = "builtin"
+breaker = { enabled = false }
+[[routes]]
+name = "a"
+targets = [{ provider = "o" }, { provider = "d" }]
+latency_slo_ms = 3000
+hedge = { after_ms = 500 }
+"#;
+        let pol = check(&[("p.toml", p)]).unwrap();
+        let o = &pol.providers["o"];
+        assert_eq!(
+            o.concurrency,
+            Some(Concurrency { max: 4, max_queue: 4, queue_timeout: None, reject_when_full: false })
+        );
+        assert!(o.breaker.enabled && !pol.providers["d"].breaker.enabled);
+        let price = o.price.as_ref().unwrap();
+        assert_eq!((price.per_image("1024x1024"), price.per_image("512x512")), (Some(0.04), Some(0.02)));
+        let r = &pol.routes[0];
+        assert_eq!(r.health.latency_slo, Some(Duration::from_secs(3)));
+        assert_eq!(r.health.min_samples, 20);
+        let h = r.hedge.as_ref().unwrap();
+        assert_eq!((h.after, h.after_p95, h.max_parallel), (Duration::from_millis(500), false, 2));
+        let key = pol.keys.values().next().unwrap();
+        assert_eq!((key.images_per_minute, key.requests_per_minute, key.id.len()), (Some(10), None, 12));
     }
 
     #[test]

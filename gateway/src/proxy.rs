@@ -27,6 +27,9 @@ pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
 pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
+pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+pub const REPLAY: HeaderName = HeaderName::from_static("x-acc-idempotent-replay");
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const COHORT: &str = "x-acc-cohort";
 pub const CONTRACT: &str = "x-acc-contract";
 
@@ -55,9 +58,14 @@ async fn evaluate_attempt(
     let settings = cfg.settings.clone();
     let contract = req.contract.clone();
     let prompt = req.prompt.clone();
+    // Set when this future is dropped (client gone, hedge lost, timeout): the job stops before
+    // its next image.
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel = CancelOnDrop(cancelled.clone());
     let job = app.eval_pool.run(move || {
         images
             .iter()
+            .take_while(|_| !cancelled.load(std::sync::atomic::Ordering::Relaxed))
             .map(|image| {
                 let bytes = match image {
                     Image::Base64(b64) => Bytes::from(base64_simd::STANDARD.decode_to_vec(b64).unwrap_or_default()),
@@ -132,6 +140,14 @@ async fn evaluate_attempt(
     }
 }
 
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What the pipeline learns about one request as it goes; turned into headers and metrics at
 /// the end whatever the outcome.
 struct RequestCtx {
@@ -146,6 +162,40 @@ struct RequestCtx {
     eval_summary: Option<String>,
     /// Failed checks whose action is "flag": the answer is returned marked with them.
     flags: Vec<String>,
+    /// USD spent on this request at the providers' prices, when they have prices.
+    cost: Option<f64>,
+    /// Counts the request as `client_cancelled` if it is dropped before it finishes.
+    watch: Option<CancelWatch>,
+}
+
+/// Lives as long as a request is being answered: dropped with the request's future when the
+/// client goes away (which also drops the provider call and the evaluation in flight), it counts
+/// the request as `client_cancelled`. `finish` disarms it.
+struct CancelWatch {
+    snap: Arc<Snapshot>,
+    metrics: Arc<crate::metrics::Metrics>,
+    route: Option<usize>,
+    armed: bool,
+}
+
+impl RequestCtx {
+    /// The request is answered (or about to be): it was not cancelled.
+    fn disarm(&mut self) {
+        if let Some(w) = &mut self.watch {
+            w.armed = false;
+        }
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let route = self.route.map_or("none", |i| self.snap.policy.routes[i].name.as_str());
+        self.metrics.requests.with_label_values(&[route, "client_cancelled"]).inc();
+        tracing::info!(route, "client went away; request cancelled");
+    }
 }
 
 /// The proxy listener's routes. The proxy serves a handful of fixed paths, so a plain match
@@ -220,9 +270,262 @@ where
         attempts: Vec::new(),
         eval_summary: None,
         flags: Vec::new(),
+        cost: None,
+        watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
-    let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
-    finish(&app, &snapshot, ctx, result)
+    match idempotency_key(&headers) {
+        Ok(None) => {
+            let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
+            finish(&app, &snapshot, ctx, result)
+        }
+        Ok(Some(key)) => idempotent(&app, &snapshot, ctx, &headers, body, op, key).await,
+        Err(e) => finish(&app, &snapshot, ctx, Err(e)),
+    }
+}
+
+/// The `Idempotency-Key` header, checked.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    match v.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => {
+            Ok(Some(k.to_string()))
+        }
+        _ => Err(ApiError::invalid(
+            "Idempotency-Key",
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        )),
+    }
+}
+
+/// A request with an `Idempotency-Key`: the first with a given key and body generates; a retry
+/// while it runs waits for it, a retry after it gets the same answer, replayed; the same key with
+/// another body is a 409. Only answers that cost a generation are kept (success, blocked).
+async fn idempotent<B>(
+    app: &App,
+    snap: &Arc<Snapshot>,
+    mut ctx: RequestCtx,
+    headers: &HeaderMap,
+    body: B,
+    op: Operation,
+    key: String,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use crate::idempotency::{Begin, Stored};
+    let policy = &snap.policy;
+    let scope = match authenticate(policy, headers) {
+        Ok(k) => k.map_or("anonymous", |k| k.tenant.as_str()),
+        Err(e) => return finish(app, snap, ctx, Err(e)),
+    };
+    let limit = match op {
+        Operation::Generate => policy.server.max_json_body_bytes,
+        _ => policy.server.max_multipart_body_bytes,
+    };
+    let bytes = match read_body(headers, body, limit).await {
+        Ok(b) => b,
+        Err(e) => return finish(app, snap, ctx, Err(e)),
+    };
+    let mut h = Sha256::new();
+    h.update(op.path().as_bytes());
+    h.update([0]);
+    if op != Operation::Generate {
+        h.update(headers.get(header::CONTENT_TYPE).map_or(&b""[..], |v| v.as_bytes()));
+    }
+    h.update([0]);
+    h.update(&bytes);
+    let fingerprint: [u8; 32] = h.finalize().into();
+    let m = &app.metrics.idempotency;
+    match app.idempotency.begin(scope, &key, fingerprint).await {
+        Begin::Conflict => {
+            m.with_label_values(&["conflict"]).inc();
+            let e = ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body",
+            );
+            finish(app, snap, ctx, Err(e))
+        }
+        Begin::Replay { stored, waited } => {
+            m.with_label_values(&[if waited { "waited" } else { "replayed" }]).inc();
+            ctx.disarm();
+            replay(&stored)
+        }
+        Begin::Leader(lease) => {
+            m.with_label_values(&["new"]).inc();
+            let result = generate(app, snap, &mut ctx, headers, http_body_util::Full::new(bytes), op).await;
+            let resp = finish(app, snap, ctx, result);
+            let (parts, body) = resp.into_parts();
+            // The body is already in memory (JSON framing around the images' bytes).
+            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let blocked = parts.headers.get(DECISION).is_some_and(|d| d == "blocked");
+            let keep = parts.status.is_success() || blocked;
+            let stored = Stored {
+                status: parts.status,
+                headers: parts.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                body: body.clone(),
+            };
+            lease.complete(keep.then_some(stored));
+            Response::from_parts(parts, Body::from(body))
+        }
+    }
+}
+
+fn replay(stored: &crate::idempotency::Stored) -> Response {
+    let mut r = Response::new(Body::from(stored.body.clone()));
+    *r.status_mut() = stored.status;
+    let h = r.headers_mut();
+    for (k, v) in &stored.headers {
+        h.append(k.clone(), v.clone());
+    }
+    h.insert(REPLAY, HeaderValue::from_static("true"));
+    r
+}
+
+/// Everything one attempt needs besides its step.
+struct AttemptEnv<'a> {
+    app: &'a App,
+    snap: &'a Snapshot,
+    req: &'a GenerationRequest,
+    alias: &'a str,
+    /// The matched route's name, for metric labels.
+    route_name: &'a str,
+    needs_bytes: bool,
+}
+
+/// One attempt on one target: skipped when the provider is paused or its breaker is open,
+/// queued for a concurrency slot, sent, then evaluated; its result feeds the provider's breaker
+/// and the target's health window.
+async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant) -> Result<Generation, ProviderError> {
+    use crate::health::Sample;
+    let (app, policy) = (env.app, &env.snap.policy);
+    let step_route = &policy.routes[s.route];
+    let target = &step_route.targets[s.target];
+    let live = &env.snap.live[s.route][s.target];
+    let ps = &live.provider;
+    let spec = policy.providers.get(&target.provider);
+    let now = tokio::time::Instant::now();
+    if let Some(left) = ps.paused_for(now) {
+        return Err(ProviderError::Skipped { label: "paused", retry_in: left });
+    }
+    let breaker_cfg = spec.map(|p| p.breaker.clone()).unwrap_or_default();
+    let probe = {
+        let mut b = ps.breaker();
+        let (admit, moved) = b.admit(now, &breaker_cfg);
+        if let Some(t) = moved {
+            crate::live::breaker_moved(&app.metrics, &target.provider, &t, b.gauge());
+        }
+        match admit {
+            crate::health::Admit::No { retry_in } => {
+                return Err(ProviderError::Skipped { label: "breaker_open", retry_in })
+            }
+            crate::health::Admit::Probe => true,
+            crate::health::Admit::Yes => false,
+        }
+    };
+    let mut probe_guard = ProbeGuard { provider: ps, armed: probe };
+    let slot =
+        ps.acquire(spec.and_then(|p| p.concurrency.as_ref()), until.saturating_duration_since(now), &app.metrics);
+    let slot = slot.await?;
+    let provider = &env.snap.target_providers[s.route][s.target];
+    let model = target.model.as_deref().unwrap_or(env.alias);
+    let sent = tokio::time::Instant::now();
+    let result = match tokio::time::timeout_at(until, provider.generate(&AttemptRequest { req: env.req, model })).await
+    {
+        Ok(r) => r,
+        Err(_) => Err(ProviderError::Timeout),
+    };
+    drop(slot);
+    let latency = sent.elapsed();
+    let evidence = crate::live::breaker_evidence(&result.as_ref().map(|_| ()));
+    if let Some(ok) = evidence {
+        probe_guard.armed = false;
+        let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        let mut b = ps.breaker();
+        if let Some(t) = b.on_result(tokio::time::Instant::now(), ok, probe, &why, &breaker_cfg) {
+            crate::live::breaker_moved(&app.metrics, &target.provider, &t, b.gauge());
+        }
+    }
+    let record = |sample: Sample, latency: std::time::Duration| {
+        let moved = live.health().record(tokio::time::Instant::now(), latency, sample, &step_route.health);
+        if let Some(t) = moved {
+            health_moved(app, &step_route.name, target, &t);
+        }
+    };
+    let mut generation = match result {
+        Ok(g) => g,
+        Err(e) => {
+            if let ProviderError::Status { status, retry_after: Some(d), .. } = &e {
+                if *status == StatusCode::TOO_MANY_REQUESTS {
+                    let d = (*d).min(spec.map_or(std::time::Duration::from_secs(300), |p| p.max_pause));
+                    ps.pause(tokio::time::Instant::now(), d);
+                    app.metrics.provider_paused.with_label_values(&[&target.provider]).inc();
+                    tracing::warn!(provider = %target.provider, pause_ms = d.as_millis() as u64, "provider answered 429; paused");
+                }
+            }
+            match evidence {
+                Some(false) if matches!(e, ProviderError::Timeout) => record(Sample::Timeout, latency),
+                Some(false) => record(Sample::Error, latency),
+                _ => {}
+            }
+            return Err(e);
+        }
+    };
+    if env.needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
+        record(Sample::Error, latency);
+        return Err(ProviderError::BadResponse(
+            "the provider answered with a URL, which this build does not fetch; set upstream_response_format = \"b64_json\" or url_mode = \"provider\"".into(),
+        ));
+    }
+    if !step_route.eval.evaluators.is_empty() {
+        let labels = (env.route_name, target.provider.as_str());
+        let evaluated =
+            tokio::time::timeout_at(until, evaluate_attempt(app, &mut generation, &step_route.eval, env.req, labels))
+                .await;
+        match evaluated {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                record(Sample::EvalFailed, latency);
+                return Err(e);
+            }
+            Err(_) => return Err(ProviderError::Timeout),
+        }
+    }
+    record(Sample::Ok, latency);
+    Ok(generation)
+}
+
+/// Frees a half-open breaker's probe slot when the attempt ends without saying anything about
+/// the provider (cancelled, queued out).
+struct ProbeGuard<'a> {
+    provider: &'a crate::live::ProviderState,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.provider.breaker().probe_abandoned();
+        }
+    }
+}
+
+fn health_moved(app: &App, route: &str, target: &crate::policy::Target, t: &crate::health::Transition) {
+    let model = crate::metrics::model_label(target.model.as_deref());
+    let to = if t.demoted { "demoted" } else { "restored" };
+    app.metrics.target_demotions.with_label_values(&[route, &target.provider, model, to]).inc();
+    app.metrics.target_demoted.with_label_values(&[route, &target.provider, model]).set(i64::from(t.demoted));
+    tracing::warn!(route, provider = %target.provider, model, to, reason = %t.reason, "route target health changed");
+}
+
+/// USD per image of a target for a request's size, when its provider has a price.
+fn unit_price(policy: &Policy, step: Step, req: &GenerationRequest) -> Option<f64> {
+    let target = &policy.routes[step.route].targets[step.target];
+    let price = policy.providers.get(&target.provider)?.price.as_ref()?;
+    price.per_image(&format!("{}x{}", req.size.width, req.size.height))
 }
 
 async fn generate<B>(
@@ -268,50 +571,94 @@ where
             .map_err(|e| ApiError::invalid("x-acc-contract", "invalid_contract", e))?;
         req.contract = Some(Arc::new(c));
     }
-    // 3. Where it goes.
+    // 3. Within its limits.
+    let tenant_limits = key.and_then(|k| policy.tenants.get(&k.tenant));
+    if let Some(k) = key {
+        app.limits.admit(&app.metrics, k, tenant_limits, req.n)?;
+    }
+    // 4. Where it goes.
     let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
+    if let Some(w) = &mut ctx.watch {
+        w.route = Some(route_idx);
+    }
     let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
-    let steps = routing::plan(policy, route_idx, fastrand::f64());
+    let mut steps = routing::plan(policy, route_idx, fastrand::f64());
+    // Targets demoted by their health window go to the back, in plan order.
+    let now = tokio::time::Instant::now();
+    let mut demoted = Vec::new();
+    steps.retain(|s| {
+        let live = &snap.live[s.route][s.target];
+        let r = &policy.routes[s.route];
+        let mut h = live.health();
+        if let Some(t) = h.refresh(now, &r.health) {
+            health_moved(app, &r.name, &r.targets[s.target], &t);
+        }
+        let keep = h.demoted().is_none();
+        if !keep {
+            demoted.push(*s);
+        }
+        keep
+    });
+    steps.extend(demoted);
+    let estimate = steps.first().and_then(|&s| unit_price(policy, s, &req)).unwrap_or(0.0) * f64::from(req.n);
+    let reservation = match key {
+        Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate)?,
+        None => crate::limits::Reservation::none(),
+    };
     // The client's bytes are needed whenever the gateway itself must answer with them.
     let needs_bytes = req.response_format == ResponseFormat::B64Json || route.url_mode == UrlMode::Gateway;
 
-    // 4. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
+    // 5. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
     let deadline = tokio::time::Instant::now() + route.deadline;
     let timeout_of = |s: Step| {
         let r = &policy.routes[s.route];
         let provider_timeout = policy.providers.get(&r.targets[s.target].provider).and_then(|p| p.timeout);
         provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
     };
-    let req = &req;
-    let outcome = routing::run_plan(&steps, deadline, timeout_of, |s| {
-        let step_route = &policy.routes[s.route];
-        let target = &step_route.targets[s.target];
-        let provider = snap.target_providers[s.route][s.target].clone();
-        let model = target.model.as_deref().unwrap_or(alias);
-        let route_name = route.name.as_str();
-        async move {
-            let mut generation = provider.generate(&AttemptRequest { req, model }).await?;
-            if needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
-                return Err(ProviderError::BadResponse(
-                    "the provider answered with a URL, which this build does not fetch; set upstream_response_format = \"b64_json\" or url_mode = \"provider\"".into(),
-                ));
-            }
-            if !step_route.eval.evaluators.is_empty() {
-                let labels = (route_name, target.provider.as_str());
-                evaluate_attempt(app, &mut generation, &step_route.eval, req, labels)
-                    .await?;
-            }
-            Ok(generation)
-        }
-    })
-    .await;
+    let hedging = route.hedge.as_ref().map(|h| {
+        let observed = match (h.after_p95, steps.first()) {
+            (true, Some(s)) => snap.live[s.route][s.target]
+                .health()
+                .p95(now, &policy.routes[s.route].health)
+                .map(|p| p.max(h.min_after)),
+            _ => None,
+        };
+        routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
+    });
+    let env = AttemptEnv { app, snap, req: &req, alias, route_name: &route.name, needs_bytes };
+    let env = &env;
+    let outcome =
+        routing::run_plan(&steps, deadline, timeout_of, hedging, |s, until| attempt_step(env, s, until)).await;
     record_attempts(app, snap, route_idx, &outcome, ctx);
 
-    // 5. The answer.
+    // 6. What it cost: the images returned, those discarded after evaluation, and hedges
+    // cancelled (the provider most likely bills them).
+    let mut total = None;
+    for a in &outcome.attempts {
+        let kind = match &a.result {
+            Ok(()) => "returned",
+            Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => "discarded",
+            Err(ProviderError::HedgeCancelled) => "hedge",
+            Err(_) => continue,
+        };
+        let Some(unit) = unit_price(policy, a.step, &req) else { continue };
+        let images = match (&a.result, &outcome.success) {
+            (Ok(()), Some((_, g))) => g.images.len() as f64,
+            _ => f64::from(req.n),
+        };
+        let usd = unit * images;
+        let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
+        app.metrics.cost.with_label_values(&[&route.name, provider, kind]).inc_by(usd);
+        *total.get_or_insert(0.0) += usd;
+    }
+    reservation.settle(total.unwrap_or(0.0));
+    ctx.cost = total;
+
+    // 7. The answer.
     let Some((step, mut generation)) = outcome.success else {
         return Err(failure(policy, &outcome));
     };
@@ -384,7 +731,18 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
         } else {
             m.attempts.with_label_values(&[route.as_str(), &target.provider, label]).inc();
         }
-        latency.observe(a.elapsed.as_secs_f64());
+        // Only attempts that reached the provider and ended say anything about its latency.
+        let reached = !matches!(
+            a.result,
+            Err(ProviderError::Skipped { .. }
+                | ProviderError::QueueFull
+                | ProviderError::QueueTimeout
+                | ProviderError::Busy
+                | ProviderError::HedgeCancelled)
+        );
+        if reached {
+            latency.observe(a.elapsed.as_secs_f64());
+        }
         if let Some((from, reason)) = prev {
             m.fallbacks.with_label_values(&[route.as_str(), from, &target.provider, reason]).inc();
         }
@@ -393,6 +751,15 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
         }
         prev = Some((&target.provider, label));
         ctx.attempts.push((a.step, label));
+    }
+    if outcome.hedges_started > 0 {
+        let h = &m.hedges;
+        h.with_label_values(&[route.as_str(), "started"]).inc_by(u64::from(outcome.hedges_started));
+        let lost = outcome.attempts.iter().filter(|a| matches!(a.result, Err(ProviderError::HedgeCancelled))).count();
+        h.with_label_values(&[route.as_str(), "lost"]).inc_by(lost as u64);
+        if outcome.won_by_hedge {
+            h.with_label_values(&[route.as_str(), "won"]).inc();
+        }
     }
 }
 
@@ -406,6 +773,22 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
             e.raw_body = Some(body.clone());
             return e;
         }
+        Some(ProviderError::Busy) => {
+            let provider = outcome
+                .attempts
+                .last()
+                .map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "provider_busy",
+                format!(
+                    "provider \"{provider}\" is at its concurrency limit and its wait queue is full; retry shortly"
+                ),
+            );
+            e.retry_after = Some(1);
+            return e;
+        }
         Some(ProviderError::Blocked(reason)) => {
             return ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -415,6 +798,35 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
             )
         }
         _ => {}
+    }
+    // Nothing was sent: every target is behind an open breaker or paused by its provider.
+    let skipped: Vec<std::time::Duration> = outcome
+        .attempts
+        .iter()
+        .filter_map(|a| match &a.result {
+            Err(ProviderError::Skipped { retry_in, .. }) => Some(*retry_in),
+            _ => None,
+        })
+        .collect();
+    if !outcome.attempts.is_empty() && skipped.len() == outcome.attempts.len() {
+        let wait = skipped.iter().min().copied().unwrap_or_default();
+        let names: Vec<String> = outcome
+            .attempts
+            .iter()
+            .map(|a| format!("{} ({})", policy.routes[a.step.route].targets[a.step.target].provider, a.label()))
+            .collect();
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "no_healthy_target",
+            format!(
+                "no target can take this request now: {}; the first may be tried again in {} ms",
+                names.join(", "),
+                wait.as_millis()
+            ),
+        );
+        e.retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
+        return e;
     }
     let reasons: Vec<String> = outcome
         .attempts
@@ -523,7 +935,8 @@ fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
+fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
+    ctx.disarm();
     let route = ctx.route.map_or("none", |i| snap.policy.routes[i].name.as_str());
     let (mut resp, outcome) = match result {
         Ok(body) => {
@@ -540,6 +953,10 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
                 (Some("upstream_timeout"), _) => "upstream_timeout",
                 (Some("upstream_error"), _) => "upstream_error",
                 (Some("content_policy_violation"), _) => "blocked",
+                (Some("rate_limit_exceeded" | "spend_limit_exceeded"), _) => "rate_limited",
+                (Some("no_healthy_target"), _) => "no_healthy_target",
+                (Some("provider_busy"), _) => "provider_busy",
+                (Some("idempotency_key_reused"), _) => "idempotency_conflict",
                 (_, 500..) => "internal_error",
                 _ => "client_error",
             };
@@ -561,6 +978,11 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
     }
     if !ctx.flags.is_empty() {
         h.insert(REASONS, header_text(&ctx.flags.join("; ")));
+    }
+    if let Some(usd) = ctx.cost {
+        if let Ok(v) = HeaderValue::from_str(&format_usd(usd)) {
+            h.insert(COST, v);
+        }
     }
     let provider_of = |s: Step| snap.policy.routes[s.route].targets[s.target].provider.as_str();
     if let Some(v) = ctx.provider.and_then(|s| HeaderValue::from_str(provider_of(s)).ok()) {
@@ -597,6 +1019,13 @@ fn finish(app: &App, snap: &Snapshot, ctx: RequestCtx, result: Result<ChunkedBod
     }
     tracing::debug!(trace_id = %ctx.trace_id, route, outcome, elapsed_ms = ctx.started.elapsed().as_millis() as u64, "request done");
     resp
+}
+
+/// A dollar amount without float noise: at most 6 decimals, trailing zeros dropped.
+fn format_usd(usd: f64) -> String {
+    let s = format!("{usd:.6}");
+    let s = s.trim_end_matches('0');
+    s.strip_suffix('.').map_or_else(|| s.to_string(), |i| i.to_string())
 }
 
 /// `GET /v1/models`: the aliases the policies expose.

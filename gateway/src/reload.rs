@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::live::{Live, TargetLive};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::{self, Policy, Sources};
 use crate::providers::{self, Provider};
@@ -23,6 +24,8 @@ pub struct Snapshot {
     pub target_providers: Vec<Vec<Arc<dyn Provider>>>,
     /// Metric handles of the success path, resolved once per policy instead of per request.
     pub hot: Vec<RouteMetrics>,
+    /// Health window and provider state of each route target, indexed like `target_providers`.
+    pub live: Vec<Vec<TargetLive>>,
     pub loaded_at: SystemTime,
 }
 
@@ -54,6 +57,8 @@ pub struct PolicyStore {
     current: ArcSwap<Snapshot>,
     source: PolicySource,
     metrics: Arc<Metrics>,
+    /// Provider and target state learnt while running; outlives snapshots.
+    pub live: Arc<Live>,
     /// The proxy listens beyond loopback: a policy must then configure API keys.
     public_listener: bool,
     /// Sources of the last reload attempt, so polling retries nothing that has not changed.
@@ -71,12 +76,14 @@ impl PolicyStore {
         public_listener: bool,
     ) -> Result<PolicyStore, Vec<String>> {
         let sources = source.read()?;
-        let snapshot = prepare(&sources, public_listener, &metrics)?;
+        let live = Arc::new(Live::default());
+        let snapshot = prepare(&sources, public_listener, &metrics, &live)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(snapshot),
             source,
             metrics,
+            live,
             public_listener,
             last_seen: Mutex::new(Some(sources)),
             status: Mutex::new(ReloadStatus::default()),
@@ -111,7 +118,7 @@ impl PolicyStore {
         if !force && !changed {
             return Ok(self.current.load().policy.version.clone());
         }
-        let result = sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics));
+        let result = sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics, &self.live));
         match result {
             Ok(snapshot) => {
                 let version = snapshot.policy.version.clone();
@@ -158,7 +165,7 @@ impl PolicyStore {
 }
 
 /// All fallible work of a reload: validate, check listener constraints, build adapters.
-fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Result<Snapshot, Vec<String>> {
+fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics, live: &Live) -> Result<Snapshot, Vec<String>> {
     let policy = policy::validate(sources)?;
     if public_listener && policy.keys.is_empty() {
         return Err(vec![
@@ -171,5 +178,6 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics) -> Resul
     let target_providers =
         policy.routes.iter().map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect()).collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
-    Ok(Snapshot { policy, target_providers, hot, loaded_at: SystemTime::now() })
+    let live = live.resolve(&policy);
+    Ok(Snapshot { policy, target_providers, hot, live, loaded_at: SystemTime::now() })
 }

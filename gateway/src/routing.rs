@@ -106,53 +106,137 @@ impl AttemptRecord {
 /// What the fallback loop produced.
 #[derive(Debug)]
 pub struct PlanOutcome {
+    /// In the order they ended; hedged attempts cancelled by a winner come last.
     pub attempts: Vec<AttemptRecord>,
     /// The winning step and its generation, or `None` when no attempt succeeded.
     pub success: Option<(Step, Generation)>,
     /// The deadline ran out before every step was tried.
     pub deadline_exceeded: bool,
+    /// Attempts started early because the one before was slow.
+    pub hedges_started: u32,
+    /// The answer came from a hedged attempt.
+    pub won_by_hedge: bool,
 }
 
-/// Walks the plan: each attempt gets `min(its timeout, time left)`; retryable failures move on,
-/// a non-retryable one (the client's own mistake) stops the walk.
+/// Opt-in hedging: when the latest attempt has not answered after `after`, the next step
+/// starts alongside it, up to `max_parallel` attempts at once; the first success wins and the
+/// others are cancelled (dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct Hedging {
+    pub after: Duration,
+    pub max_parallel: usize,
+}
+
+/// One attempt of the plan under its own deadline, tagged with its index.
+async fn bounded<Fut>(id: usize, until: Instant, fut: Fut) -> (usize, Result<Generation, ProviderError>)
+where
+    Fut: Future<Output = Result<Generation, ProviderError>>,
+{
+    match tokio::time::timeout_at(until, fut).await {
+        Ok(r) => (id, r),
+        Err(_) => (id, Err(ProviderError::Timeout)),
+    }
+}
+
+/// Walks the plan: each attempt gets `min(its timeout, time left)` and is handed its own
+/// deadline; retryable failures move on, a non-retryable one (the client's own mistake, a
+/// blocked image, a provider that refuses to queue) ends the walk. With hedging, a slow attempt
+/// gets company instead of a successor.
 pub async fn run_plan<F, Fut>(
     steps: &[Step],
     deadline: Instant,
     timeout_of: impl Fn(Step) -> Duration,
+    hedging: Option<Hedging>,
     mut attempt: F,
 ) -> PlanOutcome
 where
-    F: FnMut(Step) -> Fut,
+    F: FnMut(Step, Instant) -> Fut,
     Fut: Future<Output = Result<Generation, ProviderError>>,
 {
-    let mut attempts = Vec::with_capacity(steps.len());
-    for &step in steps {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut out = PlanOutcome {
+        attempts: Vec::with_capacity(steps.len()),
+        success: None,
+        deadline_exceeded: false,
+        hedges_started: 0,
+        won_by_hedge: false,
+    };
+    let mut running = FuturesUnordered::new();
+    // Per started attempt: its step, when it started, whether it was a hedge, whether it ended.
+    let mut started: Vec<(Step, Instant, bool, bool)> = Vec::with_capacity(steps.len());
+    let mut next = 0;
+    let mut last_start = Instant::now();
+    let mut launch = |hedge: bool, next: &mut usize, running: &mut FuturesUnordered<_>, started: &mut Vec<_>| {
         let now = Instant::now();
-        if now >= deadline {
-            return PlanOutcome { attempts, success: None, deadline_exceeded: true };
-        }
-        let budget = timeout_of(step).min(deadline - now);
-        let result = match tokio::time::timeout(budget, attempt(step)).await {
-            Ok(r) => r,
-            Err(_) => Err(ProviderError::Timeout),
-        };
-        let elapsed = now.elapsed();
-        match result {
-            Ok(generation) => {
-                attempts.push(AttemptRecord { step, elapsed, result: Ok(()) });
-                return PlanOutcome { attempts, success: Some((step, generation)), deadline_exceeded: false };
+        let step = steps[*next];
+        *next += 1;
+        let until = now + timeout_of(step).min(deadline.saturating_duration_since(now));
+        started.push((step, now, hedge, false));
+        running.push(bounded(started.len() - 1, until, attempt(step, until)));
+        now
+    };
+    let mut stop = false;
+    loop {
+        if running.is_empty() {
+            if stop || next >= steps.len() {
+                break;
             }
-            Err(e) => {
-                let stop = !e.retryable();
-                attempts.push(AttemptRecord { step, elapsed, result: Err(e) });
-                if stop {
-                    break;
+            if Instant::now() >= deadline {
+                out.deadline_exceeded = true;
+                break;
+            }
+            last_start = launch(false, &mut next, &mut running, &mut started);
+        }
+        let hedge_at = hedging.map(|h| (last_start + h.after, h.max_parallel));
+        let can_hedge =
+            matches!(hedge_at, Some((at, max)) if next < steps.len() && running.len() < max && at < deadline);
+        tokio::select! {
+            biased;
+            Some((id, result)) = running.next() => {
+                let (step, at, hedge, _) = started[id];
+                started[id].3 = true;
+                let elapsed = at.elapsed();
+                match result {
+                    Ok(generation) => {
+                        out.attempts.push(AttemptRecord { step, elapsed, result: Ok(()) });
+                        out.success = Some((step, generation));
+                        out.won_by_hedge = hedge;
+                        break;
+                    }
+                    Err(e) => {
+                        stop = !e.retryable();
+                        out.attempts.push(AttemptRecord { step, elapsed, result: Err(e) });
+                        if stop {
+                            break;
+                        }
+                        // With hedging, a failure frees a parallel slot for the next step now.
+                        if hedging.is_some() && !running.is_empty() && next < steps.len() && Instant::now() < deadline {
+                            last_start = launch(false, &mut next, &mut running, &mut started);
+                        }
+                    }
                 }
+            }
+            _ = tokio::time::sleep_until(hedge_at.map_or(deadline, |h| h.0)), if can_hedge => {
+                last_start = launch(true, &mut next, &mut running, &mut started);
+                out.hedges_started += 1;
             }
         }
     }
-    let deadline_exceeded = Instant::now() >= deadline && attempts.len() < steps.len();
-    PlanOutcome { attempts, success: None, deadline_exceeded }
+    // Whatever still runs lost the race (or the walk stopped): cancelled by dropping it.
+    drop(running);
+    for (step, at, _, ended) in started {
+        if !ended {
+            out.attempts.push(AttemptRecord {
+                step,
+                elapsed: at.elapsed(),
+                result: Err(ProviderError::HedgeCancelled),
+            });
+        }
+    }
+    if out.success.is_none() && !stop && next < steps.len() && Instant::now() >= deadline {
+        out.deadline_exceeded = true;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -249,13 +333,18 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
             &steps(3),
             start + Duration::from_secs(100),
             |_| Duration::from_secs(10),
-            |s| async move {
+            None,
+            |s, _| async move {
                 match s.target {
                     0 => {
                         tokio::time::sleep(Duration::from_secs(60)).await;
                         ok()
                     }
-                    1 => Err(ProviderError::Status { status: http::StatusCode::BAD_GATEWAY, message: "x".into() }),
+                    1 => Err(ProviderError::Status {
+                        status: http::StatusCode::BAD_GATEWAY,
+                        message: "x".into(),
+                        retry_after: None,
+                    }),
                     _ => ok(),
                 }
             },
@@ -275,7 +364,8 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
             &steps(5),
             start + Duration::from_secs(25),
             |_| Duration::from_secs(10),
-            |_| async {
+            None,
+            |_, _| async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 ok()
             },
@@ -294,10 +384,104 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
             &steps(3),
             Instant::now() + Duration::from_secs(60),
             |_| Duration::from_secs(10),
-            |_| async { Err(ProviderError::Rejected { status: http::StatusCode::BAD_REQUEST, body: Bytes::new() }) },
+            None,
+            |_, _| async { Err(ProviderError::Rejected { status: http::StatusCode::BAD_REQUEST, body: Bytes::new() }) },
         )
         .await;
         assert_eq!(out.attempts.len(), 1);
         assert!(!out.deadline_exceeded);
+    }
+
+    /// Target i answers after `delays[i]` seconds (failing when negative).
+    async fn answer_after(delays: &[i64], s: Step) -> Result<Generation, ProviderError> {
+        let d = delays[s.target];
+        tokio::time::sleep(Duration::from_secs(d.unsigned_abs())).await;
+        if d < 0 {
+            Err(ProviderError::Transport("reset".into()))
+        } else {
+            ok()
+        }
+    }
+
+    fn labels(out: &PlanOutcome) -> Vec<(usize, &'static str)> {
+        out.attempts.iter().map(|a| (a.step.target, a.label())).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_attempt_is_hedged_and_the_loser_cancelled() {
+        let start = Instant::now();
+        let hedge = Some(Hedging { after: Duration::from_secs(2), max_parallel: 2 });
+        let delays = [30, 5, 1];
+        let out = run_plan(
+            &steps(3),
+            start + Duration::from_secs(100),
+            |_| Duration::from_secs(60),
+            hedge,
+            |s, _| answer_after(&delays, s),
+        )
+        .await;
+        // Target 1 starts at 2 s and answers at 7 s; target 0 is still running and is cancelled;
+        // target 2 never starts (two in flight is the limit).
+        assert_eq!(labels(&out), [(1, "ok"), (0, "hedge_cancelled")]);
+        assert_eq!(out.success.unwrap().0.target, 1);
+        assert!(out.won_by_hedge);
+        assert_eq!(out.hedges_started, 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_first_attempt_is_not_hedged() {
+        let hedge = Some(Hedging { after: Duration::from_secs(2), max_parallel: 2 });
+        let delays = [1, 1];
+        let out = run_plan(
+            &steps(2),
+            Instant::now() + Duration::from_secs(100),
+            |_| Duration::from_secs(60),
+            hedge,
+            |s, _| answer_after(&delays, s),
+        )
+        .await;
+        assert_eq!(labels(&out), [(0, "ok")]);
+        assert_eq!(out.hedges_started, 0);
+        assert!(!out.won_by_hedge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_hedging_a_failure_makes_room_for_the_next_target() {
+        let start = Instant::now();
+        let hedge = Some(Hedging { after: Duration::from_secs(2), max_parallel: 2 });
+        // 0 is slow, 1 (hedge at 2 s) fails at 3 s, so 2 starts at 3 s and answers at 4 s.
+        let delays = [30, -1, 1];
+        let out = run_plan(
+            &steps(3),
+            start + Duration::from_secs(100),
+            |_| Duration::from_secs(60),
+            hedge,
+            |s, _| answer_after(&delays, s),
+        )
+        .await;
+        assert_eq!(labels(&out), [(1, "transport_error"), (2, "ok"), (0, "hedge_cancelled")]);
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
+        assert!(!out.won_by_hedge, "target 2 started as a replacement, not a hedge");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_is_handed_its_own_deadline() {
+        let start = Instant::now();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let out = run_plan(
+            &steps(2),
+            start + Duration::from_secs(15),
+            |_| Duration::from_secs(10),
+            None,
+            |s, until| {
+                seen.lock().unwrap().push(until - start);
+                answer_after(&[60, 60], s)
+            },
+        )
+        .await;
+        assert_eq!(*seen.lock().unwrap(), [Duration::from_secs(10), Duration::from_secs(15)]);
+        assert!(out.deadline_exceeded || out.attempts.len() == 2);
+        assert!(out.success.is_none());
     }
 }

@@ -32,6 +32,17 @@ pub struct App {
     pub evaluators: std::collections::HashMap<&'static str, Arc<dyn crate::eval::Evaluator>>,
     /// Whether each evaluator could run at start-up, and why not.
     pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
+    pub limits: crate::limits::Limits,
+    pub idempotency: Arc<crate::idempotency::IdempotencyStore>,
+    /// Every runtime of the process, for `acc_tasks_alive`.
+    pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
+}
+
+impl App {
+    /// Live tasks across the process's runtimes.
+    pub fn tasks_alive(&self) -> usize {
+        self.runtimes.lock().map(|r| r.iter().map(|h| h.metrics().num_alive_tasks()).sum()).unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +148,12 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         eval_pool: crate::eval::pool::EvalPool::new(cfg.eval_threads),
         evaluators: crate::eval::available(),
         evaluator_status: readiness,
+        limits: crate::limits::Limits::default(),
+        idempotency: {
+            let s = &store.snapshot().policy.server;
+            Arc::new(crate::idempotency::IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
+        },
+        runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current()]),
     });
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
@@ -153,7 +170,12 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => app.artifacts.sweep(),
+                    _ = tick.tick() => {
+                        app.artifacts.sweep();
+                        let s = &app.policy.snapshot().policy.server;
+                        app.idempotency.set_limits(s.idempotency_ttl, s.idempotency_max_bytes);
+                        app.idempotency.sweep();
+                    }
                 }
             }
         });
@@ -244,6 +266,9 @@ fn spawn_proxy_worker(
                 return;
             }
         };
+        if let Ok(mut r) = app.runtimes.lock() {
+            r.push(rt.handle().clone());
+        }
         rt.block_on(serve_proxy(index, socket, app, shutdown));
     })
 }

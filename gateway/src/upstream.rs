@@ -44,6 +44,9 @@ pub enum UpstreamError {
 /// A status and a fully read body.
 pub struct Answer {
     pub status: StatusCode,
+    /// How long the upstream asked to be left alone (`Retry-After` and the like), read from a
+    /// non-2xx answer's headers.
+    pub retry_after: Option<std::time::Duration>,
     pub body: Bytes,
 }
 
@@ -141,12 +144,17 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
                 }
             };
             let status = resp.status();
+            let retry_after = if status.is_success() {
+                None
+            } else {
+                crate::health::retry_after(resp.headers(), std::time::SystemTime::now())
+            };
             let body = Limited::new(resp.into_body(), max_body)
                 .collect()
                 .await
                 .map_err(|e| Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}"))))?
                 .to_bytes();
-            Ok(Answer { status, body })
+            Ok(Answer { status, retry_after, body })
         };
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {

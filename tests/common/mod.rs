@@ -385,6 +385,12 @@ pub fn openai_provider(name: &str, mock: &MockProvider) -> String {
     format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{}\"\n\n", mock.base_url())
 }
 
+/// TOML for an `openai`-kind provider pointing at a mock, with extra settings (TOML lines such
+/// as `max_concurrency = 1`) in its table.
+pub fn openai_provider_with(name: &str, mock: &MockProvider, extra: &str) -> String {
+    format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{}\"\n{}\n\n", mock.base_url(), extra.trim())
+}
+
 /// TOML for an `openai`-kind provider pointing at an arbitrary base URL.
 pub fn openai_provider_at(name: &str, base_url: &str) -> String {
     format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{base_url}\"\n\n")
@@ -448,6 +454,12 @@ impl Resp {
         let h =
             self.header("x-acc-attempts").unwrap_or_else(|| panic!("no x-acc-attempts header: {}", self.describe()));
         h.split(", ").map(|s| s.to_string()).collect()
+    }
+
+    /// `Retry-After` as whole seconds (panics when absent or not an integer).
+    pub fn retry_after_secs(&self) -> u64 {
+        let v = self.header("retry-after").unwrap_or_else(|| panic!("no retry-after header: {}", self.describe()));
+        v.trim().parse().unwrap_or_else(|_| panic!("retry-after {v:?} is not integer seconds: {}", self.describe()))
     }
 
     pub fn assert_status(&self, status: u16) {
@@ -730,29 +742,123 @@ pub struct Captured {
     pub body: Bytes,
 }
 
+/// A transport-level misbehaviour of the mock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer normally.
+    #[default]
+    None,
+    /// Read the request (after the configured latency), then close the connection without
+    /// answering anything.
+    Reset,
+    /// Send 200, the headers and the first part of the JSON body, then never finish it (the
+    /// connection stays open until the other side gives up).
+    StallMidBody,
+}
+
+/// How the mock answers one generation request; `None` fields keep the configured default.
+#[derive(Clone, Debug, Default)]
+pub struct Step {
+    pub status: Option<u16>,
+    pub latency: Option<Duration>,
+    pub fault: Option<Fault>,
+    /// The exact body (for a 200 or an error status alike).
+    pub body: Option<String>,
+}
+
+impl Step {
+    pub fn new() -> Step {
+        Step::default()
+    }
+
+    /// A plain success, whatever the configured default is.
+    pub fn ok() -> Step {
+        Step::new().status(200).fault(Fault::None).latency(Duration::ZERO)
+    }
+
+    pub fn status(mut self, status: u16) -> Step {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn latency(mut self, latency: Duration) -> Step {
+        self.latency = Some(latency);
+        self
+    }
+
+    pub fn fault(mut self, fault: Fault) -> Step {
+        self.fault = Some(fault);
+        self
+    }
+
+    pub fn body(mut self, body: &str) -> Step {
+        self.body = Some(body.to_string());
+        self
+    }
+}
+
 #[derive(Clone, Debug)]
 struct MockConfig {
     status: u16,
     error_body: Option<String>,
     latency: Duration,
     body_override: Option<String>,
+    fault: Fault,
+    headers: Vec<(String, String)>,
+}
+
+impl MockConfig {
+    fn apply(&mut self, step: Step) {
+        if let Some(s) = step.status {
+            self.status = s;
+            self.error_body = None;
+            self.body_override = None;
+        }
+        if let Some(l) = step.latency {
+            self.latency = l;
+        }
+        if let Some(f) = step.fault {
+            self.fault = f;
+        }
+        if let Some(b) = step.body {
+            self.error_body = Some(b.clone());
+            self.body_override = Some(b);
+        }
+    }
 }
 
 struct MockInner {
     config: Mutex<MockConfig>,
+    script: Mutex<std::collections::VecDeque<Step>>,
     hits: AtomicUsize,
+    cancelled: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
     requests: Mutex<Vec<Captured>>,
     png: Vec<u8>,
 }
 
-/// An in-process OpenAI Images API on 127.0.0.1:0. Answers POST {base}/images/generations,
-/// {base}/images/edits and {base}/images/variations (multipart; `n` read from the form);
-/// its behaviour can be changed while it runs.
+/// An in-process OpenAI Images API on 127.0.0.1:0 (HTTP/1.1). Answers POST
+/// {base}/images/generations, {base}/images/edits and {base}/images/variations (multipart; `n`
+/// read from the form); its behaviour (status, latency, body, headers, transport faults, a
+/// script for the next hits) can be changed while it runs.
 #[derive(Clone)]
 pub struct MockProvider {
     inner: Arc<MockInner>,
     pub addr: SocketAddr,
 }
+
+/// Returned by the mock's service to make hyper drop the connection without an answer.
+#[derive(Debug)]
+struct MockReset;
+
+impl std::fmt::Display for MockReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mock: connection reset on purpose")
+    }
+}
+
+impl std::error::Error for MockReset {}
 
 impl MockProvider {
     pub async fn start() -> MockProvider {
@@ -764,18 +870,43 @@ impl MockProvider {
                 error_body: None,
                 latency: Duration::ZERO,
                 body_override: None,
+                fault: Fault::None,
+                headers: Vec::new(),
             }),
+            script: Mutex::new(std::collections::VecDeque::new()),
             hits: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             png: make_png(4, 4, [200, 40, 90]),
         });
         let state = inner.clone();
-        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-            let state = state.clone();
-            async move { handle_mock(state, req).await }
-        });
+        // Our own accept loop (rather than axum::serve) so that a handler can make the
+        // connection close without an answer (Fault::Reset): hyper drops the connection when the
+        // service fails.
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        // Out of file descriptors or similar: retry rather than spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move { handle_mock(state, req.map(axum::body::Body::new)).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
         });
         MockProvider { inner, addr }
     }
@@ -793,6 +924,22 @@ impl MockProvider {
     /// Number of POST .../images/{generations,edits,variations} received (counted on arrival).
     pub fn hits(&self) -> usize {
         self.inner.hits.load(Ordering::SeqCst)
+    }
+
+    /// Generation requests whose handler was dropped before it answered: the other side closed
+    /// the connection while the mock was still waiting out its latency.
+    pub fn cancelled(&self) -> usize {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Generation requests being handled right now (waiting out their latency).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The highest `in_flight` seen so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Answer every request with `status` and an OpenAI-shaped error body (200 = succeed).
@@ -814,13 +961,30 @@ impl MockProvider {
         self.inner.config.lock().unwrap().latency = latency;
     }
 
-    /// Answer 200 with exactly this body instead of the normal JSON (None = back to normal).
+    /// Misbehave at the transport level on every generation request (`Fault::None` = stop).
+    pub fn set_fault(&self, fault: Fault) {
+        self.inner.config.lock().unwrap().fault = fault;
+    }
+
+    /// Extra headers on every answer, e.g. `("retry-after", "2")` with `set_status(429)`
+    /// (an empty list = none).
+    pub fn set_headers(&self, headers: Vec<(String, String)>) {
+        self.inner.config.lock().unwrap().headers = headers;
+    }
+
+    /// Behaviours for the next generation requests, one consumed per hit, in order; after the
+    /// last one the configured default applies again. Replaces any script not yet consumed.
+    pub fn script(&self, steps: Vec<Step>) {
+        *self.inner.script.lock().unwrap() = steps.into();
+    }
+
     /// Answer every request with this one image (base64), whatever `n` was asked.
     pub fn answer_with(&self, image: &[u8]) {
         let body = json!({"created": 1, "data": [{"b64_json": b64_encode(image)}]}).to_string();
         self.set_body(Some(&body));
     }
 
+    /// Answer 200 with exactly this body instead of the normal JSON (None = back to normal).
     pub fn set_body(&self, body: Option<&str>) {
         self.inner.config.lock().unwrap().body_override = body.map(|s| s.to_string());
     }
@@ -844,7 +1008,37 @@ impl MockProvider {
     }
 }
 
-async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum::response::Response {
+/// Counts a generation request in flight; one dropped before `finish` was cancelled.
+struct InFlightGuard {
+    state: Arc<MockInner>,
+    finished: bool,
+}
+
+impl InFlightGuard {
+    fn new(state: Arc<MockInner>) -> InFlightGuard {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlightGuard { state, finished: false }
+    }
+
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.finished {
+            self.state.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn handle_mock(
+    state: Arc<MockInner>,
+    req: axum::extract::Request,
+) -> Result<axum::response::Response, MockReset> {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
     let path = parts.uri.path().to_string();
@@ -856,17 +1050,39 @@ async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum
         headers: parts.headers.clone(),
         body: body.clone(),
     });
+    let mut cfg = state.config.lock().unwrap().clone();
     if !is_generation {
-        return mock_reply(
+        return Ok(mock_reply(
             404,
             r#"{"error":{"message":"mock: no such endpoint","type":"invalid_request_error","param":null,"code":null}}"#
                 .to_string(),
-        );
+            &cfg.headers,
+        ));
     }
     state.hits.fetch_add(1, Ordering::SeqCst);
-    let cfg = state.config.lock().unwrap().clone();
+    if let Some(step) = state.script.lock().unwrap().pop_front() {
+        cfg.apply(step);
+    }
+    let guard = InFlightGuard::new(state.clone());
     if !cfg.latency.is_zero() {
         tokio::time::sleep(cfg.latency).await;
+    }
+    guard.finish();
+    match cfg.fault {
+        Fault::None => {}
+        Fault::Reset => return Err(MockReset),
+        Fault::StallMidBody => {
+            let first = Bytes::from(format!(r#"{{"created": 1, "data": [{{"b64_json": "{}"#, b64_encode(&state.png)));
+            let stream = futures_util::StreamExt::chain(
+                futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }),
+                futures_util::stream::pending(),
+            );
+            let mut b = axum::response::Response::builder().status(200).header("content-type", "application/json");
+            for (k, v) in &cfg.headers {
+                b = b.header(k.as_str(), v.as_str());
+            }
+            return Ok(b.body(axum::body::Body::from_stream(stream)).unwrap());
+        }
     }
     if cfg.status != 200 {
         let body = cfg.error_body.unwrap_or_else(|| {
@@ -878,10 +1094,10 @@ async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum
             }})
             .to_string()
         });
-        return mock_reply(cfg.status, body);
+        return Ok(mock_reply(cfg.status, body, &cfg.headers));
     }
     if let Some(b) = cfg.body_override {
-        return mock_reply(200, b);
+        return Ok(mock_reply(200, b, &cfg.headers));
     }
     let ct = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let n = if ct.starts_with("multipart/form-data") {
@@ -898,15 +1114,15 @@ async fn handle_mock(state: Arc<MockInner>, req: axum::extract::Request) -> axum
     let b64 = b64_encode(&state.png);
     let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": b64})).collect();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    mock_reply(200, json!({"created": created, "data": data}).to_string())
+    Ok(mock_reply(200, json!({"created": created, "data": data}).to_string(), &cfg.headers))
 }
 
-fn mock_reply(status: u16, body: String) -> axum::response::Response {
-    axum::response::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(body))
-        .unwrap()
+fn mock_reply(status: u16, body: String, headers: &[(String, String)]) -> axum::response::Response {
+    let mut b = axum::response::Response::builder().status(status).header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    b.body(axum::body::Body::from(body)).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

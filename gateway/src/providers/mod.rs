@@ -49,7 +49,7 @@ pub enum ProviderError {
     #[error("timed out")]
     Timeout,
     #[error("upstream answered {status}: {message}")]
-    Status { status: StatusCode, message: String },
+    Status { status: StatusCode, message: String, retry_after: Option<std::time::Duration> },
     /// The upstream refused the request itself (a 4xx that is the client's fault). Returned to
     /// the client as is and never retried: another provider would refuse it too, and it costs.
     #[error("upstream rejected the request with {status}")]
@@ -69,12 +69,27 @@ pub enum ProviderError {
     Transport(String),
     #[error("{0}")]
     Other(String),
+    /// Not sent: the provider's breaker is open (`breaker_open`) or it asked to be left alone
+    /// after a 429 (`paused`); it may be tried again after `retry_in`.
+    #[error("not tried: {label}, for another {} ms", retry_in.as_millis())]
+    Skipped { label: &'static str, retry_in: std::time::Duration },
+    /// Every concurrency slot of the provider is taken and its wait queue is full.
+    #[error("the provider's concurrency limit and wait queue are full")]
+    QueueFull,
+    #[error("waited too long for a free slot on the provider")]
+    QueueTimeout,
+    /// The queue is full and the provider's policy says to refuse rather than fall back.
+    #[error("the provider is at its concurrency limit and its queue is full")]
+    Busy,
+    /// A hedged attempt that lost the race and was cancelled.
+    #[error("cancelled: another attempt answered first")]
+    HedgeCancelled,
 }
 
 impl ProviderError {
     /// Whether the next target should be tried.
     pub fn retryable(&self) -> bool {
-        !matches!(self, ProviderError::Rejected { .. } | ProviderError::Blocked(_))
+        !matches!(self, ProviderError::Rejected { .. } | ProviderError::Blocked(_) | ProviderError::Busy)
     }
 
     /// A short, bounded label for metrics and the `x-acc-attempts` header.
@@ -91,6 +106,10 @@ impl ProviderError {
             ProviderError::Credential(_) => "credential_missing",
             ProviderError::Transport(_) => "transport_error",
             ProviderError::Other(_) => "error",
+            ProviderError::Skipped { label, .. } => label,
+            ProviderError::QueueFull | ProviderError::Busy => "queue_full",
+            ProviderError::QueueTimeout => "queue_timeout",
+            ProviderError::HedgeCancelled => "hedge_cancelled",
         }
     }
 }

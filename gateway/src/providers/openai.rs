@@ -83,11 +83,15 @@ impl Provider for OpenAi {
             upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
             upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
         })?;
-        let (status, body) = (answer.status, answer.body);
+        let (status, body) = (answer.status, answer.body.clone());
         if status.is_success() {
             parse_answer(&body)
         } else {
-            Err(classify_error(status, body))
+            let mut e = classify_error(status, body);
+            if let ProviderError::Status { retry_after, .. } = &mut e {
+                *retry_after = answer.retry_after;
+            }
+            Err(e)
         }
     }
 }
@@ -216,8 +220,12 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
 fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
     let message = upstream_message(&body);
     match status.as_u16() {
-        429 | 500..=599 | 408 => ProviderError::Status { status, message },
-        401 | 403 => ProviderError::Status { status, message: "the provider refused the gateway's credentials".into() },
+        429 | 500..=599 | 408 => ProviderError::Status { status, message, retry_after: None },
+        401 | 403 => ProviderError::Status {
+            status,
+            message: "the provider refused the gateway's credentials".into(),
+            retry_after: None,
+        },
         400..=499 => {
             let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
@@ -232,7 +240,7 @@ fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
             };
             ProviderError::Rejected { status, body }
         }
-        _ => ProviderError::Status { status, message },
+        _ => ProviderError::Status { status, message, retry_after: None },
     }
 }
 
