@@ -212,6 +212,7 @@ default_model = "acc-demo"
 
 [providers.demo]
 kind = "builtin"
+price = { per_image_usd = 0.01 }
 
 [providers.down]
 kind = "openai"

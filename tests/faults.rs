@@ -623,9 +623,9 @@ async fn latency_slo_demotes_a_slow_target() {
     }
     let h = assert_demoted(&s.gw).await;
     assert!(h["p99_ms"].as_f64().is_some_and(|ms| ms >= 250.0), "{h}");
-    let p99 = [("route", "main"), ("provider", "primary"), ("quantile", "0.99")];
+    let p99 = [("route", "main"), ("provider", "primary"), ("percentile", "p99")];
     let q = s.gw.metric("acc_target_latency_seconds", &p99).await;
-    assert!(q >= 0.25, "acc_target_latency_seconds{{quantile=\"0.99\"}} = {q}");
+    assert!(q >= 0.25, "acc_target_latency_seconds{{percentile=\"p99\"}} = {q}");
 
     let r = s.gw.generate(&req()).await;
     assert_eq!(served_by(&r, "backup"), ["backup:ok"], "the demoted slow target goes last");

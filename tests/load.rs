@@ -29,6 +29,8 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_are_all_answered_within_bounds() {
+    // This process holds both ends' sockets (client and mock provider): about 2,000 descriptors.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-file limit");
     let mock = MockProvider::start().await;
     mock.set_latency(Duration::from_millis(300));
     let dir = PolicyDir::with(&format!(

@@ -126,7 +126,7 @@ fn export_live(app: &App) {
             let stats = snap.live[r][t].health().stats(now, &route.health);
             let demoted = snap.live[r][t].health().demoted().is_some();
             let labels = [route.name.as_str(), target.provider.as_str(), model_label(target.model.as_deref())];
-            for (q, v) in [("0.5", stats.p50_ms), ("0.95", stats.p95_ms), ("0.99", stats.p99_ms)] {
+            for (q, v) in [("p50", stats.p50_ms), ("p95", stats.p95_ms), ("p99", stats.p99_ms)] {
                 let g = m.target_latency.with_label_values(&[labels[0], labels[1], labels[2], q]);
                 g.set(v.unwrap_or(0.0) / 1000.0);
             }

@@ -117,6 +117,13 @@ async fn run() -> ExitCode {
         Command::Serve { policies, listen, admin_listen, artifact_store_mib, drain_secs, workers, eval_threads } => {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             init_tracing();
+            // Each request in flight holds a client socket and an upstream one: a 1024 soft limit
+            // would cap the gateway near 500 concurrent requests. Raise it to the hard limit.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) if n < 4096 => tracing::warn!(limit = n, "open-file limit is low; raise it (ulimit -n)"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+            }
             let source = match policies {
                 Some(dir) => PolicySource::Dir(dir),
                 None if std::path::Path::new("policies").is_dir() => PolicySource::Dir(PathBuf::from("policies")),

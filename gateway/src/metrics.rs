@@ -186,8 +186,8 @@ impl Metrics {
         let target_latency = gauge(
             r,
             "acc_target_latency_seconds",
-            "Attempt latency over a route target's health window, by quantile",
-            &["route", "provider", "model", "quantile"],
+            "Attempt latency over a route target's health window, by percentile (p50, p95, p99)",
+            &["route", "provider", "model", "percentile"],
         );
         let target_error_ratio = gauge(
             r,
@@ -236,7 +236,7 @@ impl Metrics {
         let hedges = counter(
             r,
             "acc_hedges_total",
-            "Hedged attempts: started, won (answered first) or lost (cancelled)",
+            "Hedged attempts: started; won (the hedge answered the request); lost (cancelled: another attempt answered first)",
             &["route", "result"],
         );
         let cost = CounterVec::new(

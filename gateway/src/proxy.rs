@@ -755,7 +755,12 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
     if outcome.hedges_started > 0 {
         let h = &m.hedges;
         h.with_label_values(&[route.as_str(), "started"]).inc_by(u64::from(outcome.hedges_started));
-        let lost = outcome.attempts.iter().filter(|a| matches!(a.result, Err(ProviderError::HedgeCancelled))).count();
+        // Hedges cancelled because another attempt answered first.
+        let lost = outcome
+            .attempts
+            .iter()
+            .filter(|a| a.hedge && matches!(a.result, Err(ProviderError::HedgeCancelled)))
+            .count();
         h.with_label_values(&[route.as_str(), "lost"]).inc_by(lost as u64);
         if outcome.won_by_hedge {
             h.with_label_values(&[route.as_str(), "won"]).inc();

@@ -90,6 +90,8 @@ fn by_weight(r: &Route) -> impl Iterator<Item = usize> + '_ {
 #[derive(Debug)]
 pub struct AttemptRecord {
     pub step: Step,
+    /// Started early, alongside a slow attempt (hedging).
+    pub hedge: bool,
     pub elapsed: Duration,
     pub result: Result<(), ProviderError>,
 }
@@ -198,14 +200,14 @@ where
                 let elapsed = at.elapsed();
                 match result {
                     Ok(generation) => {
-                        out.attempts.push(AttemptRecord { step, elapsed, result: Ok(()) });
+                        out.attempts.push(AttemptRecord { step, hedge, elapsed, result: Ok(()) });
                         out.success = Some((step, generation));
                         out.won_by_hedge = hedge;
                         break;
                     }
                     Err(e) => {
                         stop = !e.retryable();
-                        out.attempts.push(AttemptRecord { step, elapsed, result: Err(e) });
+                        out.attempts.push(AttemptRecord { step, hedge, elapsed, result: Err(e) });
                         if stop {
                             break;
                         }
@@ -224,10 +226,11 @@ where
     }
     // Whatever still runs lost the race (or the walk stopped): cancelled by dropping it.
     drop(running);
-    for (step, at, _, ended) in started {
+    for (step, at, hedge, ended) in started {
         if !ended {
             out.attempts.push(AttemptRecord {
                 step,
+                hedge,
                 elapsed: at.elapsed(),
                 result: Err(ProviderError::HedgeCancelled),
             });
