@@ -9,6 +9,8 @@ use std::process::Command;
 use common::*;
 
 const CLIENT_KEY: &str = "sk-acc-sdk-test-4e9d";
+/// A key allowed one request per minute: the SDK must raise its RateLimitError on the second.
+const LIMITED_KEY: &str = "sk-acc-sdk-limited-77aa";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_sdk_works() {
@@ -46,7 +48,11 @@ async fn official_openai_python_sdk_works() {
     );
     dir.write(
         "keys.toml",
-        &format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"sdk\"\ntags = []\n", sha256_hex(CLIENT_KEY)),
+        &format!(
+            "[[keys]]\nsha256 = \"{}\"\ntenant = \"sdk\"\ntags = []\n\n[[keys]]\nsha256 = \"{}\"\ntenant = \"limited\"\nrequests_per_minute = 1\n",
+            sha256_hex(CLIENT_KEY),
+            sha256_hex(LIMITED_KEY)
+        ),
     );
     let gw = Gateway::start(dir.path()).await;
 
@@ -57,6 +63,7 @@ async fn official_openai_python_sdk_works() {
         cmd.arg(&script)
             .env("ACC_BASE_URL", &base_url)
             .env("ACC_API_KEY", CLIENT_KEY)
+            .env("ACC_LIMITED_KEY", LIMITED_KEY)
             .env("NO_PROXY", "127.0.0.1,localhost")
             .env("no_proxy", "127.0.0.1,localhost");
         for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"] {

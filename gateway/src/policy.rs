@@ -647,6 +647,12 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         }
     }
 
+    for name in tenants.keys() {
+        if !keys.values().any(|k: &ApiKey| &k.tenant == name) {
+            warnings.push(format!("tenants.{name}: no [[keys]] entry has tenant \"{name}\"; its limits apply to no one"));
+        }
+    }
+
     let mut classifiers: BTreeMap<String, std::sync::Arc<crate::eval::classifier::ClassifierSpec>> = BTreeMap::new();
     for (file, raw) in &parsed {
         for (name, c) in &raw.classifiers {

@@ -109,6 +109,41 @@ def main() -> int:
     else:
         raise AssertionError("wrong key did not raise openai.AuthenticationError")
     print("ok: AuthenticationError")
+
+    # Idempotency-Key through extra_headers: the retry is replayed, not generated again.
+    key = {"Idempotency-Key": "sdk-idem-1"}
+    first = client.images.with_raw_response.generate(
+        model="acc-demo", prompt="an idempotent fox", size="256x256", response_format="b64_json", extra_headers=key
+    )
+    again = client.images.with_raw_response.generate(
+        model="acc-demo", prompt="an idempotent fox", size="256x256", response_format="b64_json", extra_headers=key
+    )
+    assert first.headers.get("x-acc-idempotent-replay") is None, dict(first.headers)
+    assert again.headers.get("x-acc-idempotent-replay") == "true", dict(again.headers)
+    assert again.headers.get("x-acc-trace-id") == first.headers.get("x-acc-trace-id"), "a replay is the same answer"
+    assert again.parse().data[0].b64_json == first.parse().data[0].b64_json
+    try:
+        client.images.generate(
+            model="acc-demo", prompt="another prompt", size="256x256", response_format="b64_json", extra_headers=key
+        )
+    except openai.ConflictError as e:
+        assert e.status_code == 409 and e.code == "idempotency_key_reused", (e.status_code, e.code)
+    else:
+        raise AssertionError("a reused Idempotency-Key with another body did not raise openai.ConflictError")
+    print("ok: Idempotency-Key")
+
+    # Over a key's rate limit -> RateLimitError, with Retry-After for the SDK's own retries.
+    limited = OpenAI(base_url=base_url, api_key=os.environ["ACC_LIMITED_KEY"], max_retries=0, timeout=60)
+    limited.images.generate(model="acc-demo", prompt="x", size="256x256", response_format="b64_json")
+    try:
+        limited.images.generate(model="acc-demo", prompt="x", size="256x256", response_format="b64_json")
+    except openai.RateLimitError as e:
+        assert e.status_code == 429, e.status_code
+        assert e.code == "rate_limit_exceeded", e.code
+        assert int(e.response.headers["retry-after"]) >= 1, dict(e.response.headers)
+    else:
+        raise AssertionError("the second request in a minute did not raise openai.RateLimitError")
+    print("ok: RateLimitError")
     return 0
 
 
