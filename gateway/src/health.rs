@@ -193,7 +193,7 @@ impl TargetHealth {
 
     pub fn stats(&self, now: Instant, s: &HealthSettings) -> Stats {
         let mut latencies = Vec::new();
-        let c = self.collect(now, s, &mut latencies);
+        let c = self.collect(now, s, &mut latencies, true);
         let ms = |p| percentile(&latencies, p).map(millis);
         Stats {
             samples: c.samples,
@@ -214,7 +214,7 @@ impl TargetHealth {
     /// The window's p95 latency, None below min_samples (used as a hedging delay).
     pub fn p95(&self, now: Instant, s: &HealthSettings) -> Option<Duration> {
         let mut latencies = Vec::new();
-        let c = self.collect(now, s, &mut latencies);
+        let c = self.collect(now, s, &mut latencies, true);
         if c.samples < s.min_samples {
             return None;
         }
@@ -238,7 +238,7 @@ impl TargetHealth {
     /// Counts the live samples and fills `latencies` with theirs, sorted. Works on `&self` (the
     /// ring may still hold samples that aged out since the last prune, or more than a reloaded,
     /// smaller `window`).
-    fn collect(&self, now: Instant, s: &HealthSettings, latencies: &mut Vec<Duration>) -> Counts {
+    fn collect(&self, now: Instant, s: &HealthSettings, latencies: &mut Vec<Duration>, sort: bool) -> Counts {
         latencies.clear();
         let mut c = Counts::default();
         for &(at, latency, sample) in self.ring.iter().rev().take(s.window) {
@@ -254,14 +254,24 @@ impl TargetHealth {
                 Sample::EvalFailed => c.eval_failed += 1,
             }
         }
-        latencies.sort_unstable();
+        if sort {
+            latencies.sort_unstable();
+        }
         c
     }
 
     fn judge(&mut self, now: Instant, s: &HealthSettings) -> Option<Transition> {
         self.prune(now, s);
+        if s.latency_slo.is_none() && s.max_error_ratio.is_none() && s.max_eval_fail_ratio.is_none() {
+            // Nothing to judge against (the common case): no counting, no sorting per attempt.
+            self.crossed = [false; 3];
+            return self.demoted.take().map(|_| Transition {
+                demoted: false,
+                reason: "recovered: the thresholds that demoted it are no longer configured".to_string(),
+            });
+        }
         let mut latencies = std::mem::take(&mut self.scratch);
-        let c = self.collect(now, s, &mut latencies);
+        let c = self.collect(now, s, &mut latencies, s.latency_slo.is_some());
         let p99 = percentile(&latencies, 99);
         self.scratch = latencies;
 

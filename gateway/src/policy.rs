@@ -649,7 +649,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
 
     for name in tenants.keys() {
         if !keys.values().any(|k: &ApiKey| &k.tenant == name) {
-            warnings.push(format!("tenants.{name}: no [[keys]] entry has tenant \"{name}\"; its limits apply to no one"));
+            warnings
+                .push(format!("tenants.{name}: no [[keys]] entry has tenant \"{name}\"; its limits apply to no one"));
         }
     }
 
