@@ -123,8 +123,10 @@ fn export_live(app: &App) {
     let now = tokio::time::Instant::now();
     for (r, route) in snap.policy.routes.iter().enumerate() {
         for (t, target) in route.targets.iter().enumerate() {
-            let stats = snap.live[r][t].health().stats(now, &route.health);
-            let demoted = snap.live[r][t].health().demoted().is_some();
+            let (stats, demoted) = {
+                let h = snap.live[r][t].health.window(&route.health);
+                (h.stats(now, &route.health), h.demoted().is_some())
+            };
             let labels = [route.name.as_str(), target.provider.as_str(), model_label(target.model.as_deref())];
             for (q, v) in [("p50", stats.p50_ms), ("p95", stats.p95_ms), ("p99", stats.p99_ms)] {
                 let g = m.target_latency.with_label_values(&[labels[0], labels[1], labels[2], q]);
@@ -166,7 +168,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                 .iter()
                 .enumerate()
                 .map(|(ti, t)| {
-                    let h = snap.live[ri][ti].health();
+                    let h = snap.live[ri][ti].health.window(&r.health);
                     let stats = h.stats(now, &r.health);
                     json!({
                         "provider": t.provider, "model": t.model, "weight": t.weight,

@@ -3,15 +3,17 @@
 //! its concurrency slots with their bounded wait queue. Snapshots resolve their handles once, so
 //! a request only locks the small per-target and per-provider state it touches.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::health::{Breaker, BreakerTransition, TargetHealth};
+use crate::health::{Breaker, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition};
 use crate::metrics::Metrics;
 use crate::policy::{Concurrency, Policy};
 use crate::providers::ProviderError;
@@ -24,10 +26,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct ProviderState {
     pub name: String,
     breaker: Mutex<Breaker>,
-    paused_until: Mutex<Option<Instant>>,
+    /// Set while the breaker is closed with no failure counted: requests then skip its lock
+    /// (the proxy workers would otherwise contend for it on every attempt).
+    breaker_quiet: AtomicBool,
+    /// End of a 429 pause, as nanoseconds after `base()`; 0 for none.
+    paused_until: AtomicU64,
     /// The configured limit and its semaphore; replaced when a reload changes the limit
     /// (attempts holding a permit of the old one finish on it).
-    slots: Mutex<Option<(u32, Arc<Semaphore>)>>,
+    slots: ArcSwapOption<(u32, Arc<Semaphore>)>,
     /// Attempts waiting for a slot.
     pub queued: AtomicUsize,
     /// Attempts holding a slot (or in flight, with no limit).
@@ -59,39 +65,49 @@ impl ProviderState {
         ProviderState {
             name: name.to_string(),
             breaker: Mutex::new(Breaker::new()),
-            paused_until: Mutex::new(None),
-            slots: Mutex::new(None),
+            breaker_quiet: AtomicBool::new(true),
+            paused_until: AtomicU64::new(0),
+            slots: ArcSwapOption::empty(),
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
         }
     }
 
     fn configure(&self, c: Option<&Concurrency>) {
-        let mut slots = lock(&self.slots);
-        match (c, &*slots) {
-            (None, _) => *slots = None,
+        let current = self.slots.load();
+        match (c, current.as_deref()) {
+            (None, _) => self.slots.store(None),
             (Some(c), Some((max, _))) if *max == c.max => {}
-            (Some(c), _) => *slots = Some((c.max, Arc::new(Semaphore::new(c.max as usize)))),
+            (Some(c), _) => self.slots.store(Some(Arc::new((c.max, Arc::new(Semaphore::new(c.max as usize)))))),
         }
     }
 
     /// How long the provider stays paused after a 429, if it is.
     pub fn paused_for(&self, now: Instant) -> Option<Duration> {
-        let until = (*lock(&self.paused_until))?;
-        (until > now).then(|| until - now)
+        let until = self.paused_until.load(Ordering::Relaxed);
+        let now = now.saturating_duration_since(base()).as_nanos() as u64;
+        (until > now).then(|| Duration::from_nanos(until - now))
     }
 
     /// Pauses the provider for `d` (a later pause never shortens an earlier one).
     pub fn pause(&self, now: Instant, d: Duration) {
-        let mut p = lock(&self.paused_until);
-        let until = now + d;
-        if p.is_none_or(|old| old < until) {
-            *p = Some(until);
-        }
+        let until = (now + d).saturating_duration_since(base()).as_nanos() as u64;
+        self.paused_until.fetch_max(until.max(1), Ordering::Relaxed);
     }
 
     pub fn breaker(&self) -> MutexGuard<'_, Breaker> {
         lock(&self.breaker)
+    }
+
+    /// Whether the breaker is closed with nothing counted, so an attempt needs no lock.
+    pub fn breaker_quiet(&self) -> bool {
+        self.breaker_quiet.load(Ordering::Relaxed)
+    }
+
+    /// To call with the breaker's lock held, after it changed.
+    pub fn breaker_settled(&self, b: &Breaker) {
+        let quiet = b.state_label() == "closed" && b.consecutive_failures() == 0;
+        self.breaker_quiet.store(quiet, Ordering::Relaxed);
     }
 
     /// Waits for a slot under the provider's limit: at most `max_queue` attempts wait, each for
@@ -102,8 +118,8 @@ impl ProviderState {
         budget: Duration,
         metrics: &Metrics,
     ) -> Result<Slot, ProviderError> {
-        let sem = lock(&self.slots).as_ref().map(|(_, s)| s.clone());
-        let (Some(limit), Some(sem)) = (limit, sem) else {
+        let slots = self.slots.load();
+        let (Some(limit), Some((_, sem))) = (limit, slots.as_deref()) else {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             return Ok(Slot { _permit: None, provider: self.clone() });
         };
@@ -118,7 +134,7 @@ impl ProviderState {
                 }
                 let started = Instant::now();
                 let wait = limit.queue_timeout.map_or(budget, |t| t.min(budget));
-                let got = tokio::time::timeout(wait, sem.acquire_owned()).await;
+                let got = tokio::time::timeout(wait, sem.clone().acquire_owned()).await;
                 metrics.queue_seconds.with_label_values(&[&self.name]).observe(started.elapsed().as_secs_f64());
                 match got {
                     Ok(Ok(p)) => p,
@@ -134,17 +150,85 @@ impl ProviderState {
     }
 }
 
+/// The instant paused-until times count from.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// A route target's health window, shared by the proxy workers. Attempts push their samples on
+/// a lock-free queue; the window takes them in under its lock when it is judged (only routes
+/// with thresholds judge on every attempt, and skip it when another worker is at it) or read.
+pub struct HealthCell {
+    pending: ArrayQueue<(Instant, Duration, Sample)>,
+    window: Mutex<TargetHealth>,
+    demoted: AtomicBool,
+}
+
+impl Default for HealthCell {
+    fn default() -> Self {
+        HealthCell {
+            pending: ArrayQueue::new(1024),
+            window: Mutex::new(TargetHealth::new()),
+            demoted: AtomicBool::new(false),
+        }
+    }
+}
+
+impl HealthCell {
+    /// Takes in the pending samples; returns the demotion changes they caused.
+    fn drain(&self, h: &mut TargetHealth, s: &HealthSettings, moved: &mut Vec<Transition>) {
+        while let Some((at, latency, sample)) = self.pending.pop() {
+            if let Some(t) = h.record(at, latency, sample, s) {
+                moved.push(t);
+            }
+        }
+        self.demoted.store(h.demoted().is_some(), Ordering::Relaxed);
+    }
+
+    /// Records one attempt; with thresholds set, judges the window (unless another worker is).
+    pub fn record(&self, now: Instant, latency: Duration, sample: Sample, s: &HealthSettings) -> Vec<Transition> {
+        self.pending.force_push((now, latency, sample));
+        let mut moved = Vec::new();
+        let judged = s.latency_slo.is_some() || s.max_error_ratio.is_some() || s.max_eval_fail_ratio.is_some();
+        if judged || self.demoted.load(Ordering::Relaxed) {
+            if let Ok(mut h) = self.window.try_lock() {
+                self.drain(&mut h, s, &mut moved);
+            }
+        }
+        moved
+    }
+
+    /// Whether the target is demoted, re-judged first when it is (samples age out).
+    pub fn demoted(&self, now: Instant, s: &HealthSettings) -> (bool, Vec<Transition>) {
+        let mut moved = Vec::new();
+        if !self.demoted.load(Ordering::Relaxed) {
+            return (false, moved);
+        }
+        if let Ok(mut h) = self.window.try_lock() {
+            self.drain(&mut h, s, &mut moved);
+            if let Some(t) = h.refresh(now, s) {
+                moved.push(t);
+            }
+            self.demoted.store(h.demoted().is_some(), Ordering::Relaxed);
+        }
+        (self.demoted.load(Ordering::Relaxed), moved)
+    }
+
+    /// The window with every pending sample taken in, for reading (admin, metrics, hedging).
+    pub fn window(&self, s: &HealthSettings) -> MutexGuard<'_, TargetHealth> {
+        let mut h = lock(&self.window);
+        let mut moved = Vec::new();
+        self.drain(&mut h, s, &mut moved);
+        h
+    }
+}
+
 /// The state a snapshot's route target uses.
 #[derive(Clone)]
 pub struct TargetLive {
     pub provider: Arc<ProviderState>,
-    pub health: Arc<Mutex<TargetHealth>>,
-}
-
-impl TargetLive {
-    pub fn health(&self) -> MutexGuard<'_, TargetHealth> {
-        lock(&self.health)
-    }
+    pub health: Arc<HealthCell>,
 }
 
 /// The registry, by name.
@@ -152,7 +236,7 @@ impl TargetLive {
 pub struct Live {
     providers: DashMap<String, Arc<ProviderState>>,
     /// Keyed by (route, provider, model label).
-    targets: DashMap<(String, String, String), Arc<Mutex<TargetHealth>>>,
+    targets: DashMap<(String, String, String), Arc<HealthCell>>,
 }
 
 impl Live {

@@ -412,9 +412,12 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
         return Err(ProviderError::Skipped { label: "paused", retry_in: left });
     }
     let breaker_cfg = spec.map(|p| p.breaker.clone()).unwrap_or_default();
-    let probe = {
+    let probe = if ps.breaker_quiet() {
+        false
+    } else {
         let mut b = ps.breaker();
         let (admit, moved) = b.admit(now, &breaker_cfg);
+        ps.breaker_settled(&b);
         if let Some(t) = moved {
             crate::live::breaker_moved(&app.metrics, &target.provider, &t, b.gauge());
         }
@@ -441,17 +444,22 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
     drop(slot);
     let latency = sent.elapsed();
     let evidence = crate::live::breaker_evidence(&result.as_ref().map(|_| ()));
-    if let Some(ok) = evidence {
-        probe_guard.armed = false;
-        let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-        let mut b = ps.breaker();
-        if let Some(t) = b.on_result(tokio::time::Instant::now(), ok, probe, &why, &breaker_cfg) {
-            crate::live::breaker_moved(&app.metrics, &target.provider, &t, b.gauge());
+    match evidence {
+        // The common case: a closed breaker with nothing counted stays so, without its lock.
+        Some(true) if !probe && ps.breaker_quiet() => {}
+        Some(ok) => {
+            probe_guard.armed = false;
+            let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            let mut b = ps.breaker();
+            if let Some(t) = b.on_result(tokio::time::Instant::now(), ok, probe, &why, &breaker_cfg) {
+                crate::live::breaker_moved(&app.metrics, &target.provider, &t, b.gauge());
+            }
+            ps.breaker_settled(&b);
         }
+        None => {}
     }
     let record = |sample: Sample, latency: std::time::Duration| {
-        let moved = live.health().record(tokio::time::Instant::now(), latency, sample, &step_route.health);
-        if let Some(t) = moved {
+        for t in live.health.record(tokio::time::Instant::now(), latency, sample, &step_route.health) {
             health_moved(app, &step_route.name, target, &t);
         }
     };
@@ -593,11 +601,11 @@ where
     steps.retain(|s| {
         let live = &snap.live[s.route][s.target];
         let r = &policy.routes[s.route];
-        let mut h = live.health();
-        if let Some(t) = h.refresh(now, &r.health) {
+        let (is_demoted, moved) = live.health.demoted(now, &r.health);
+        for t in moved {
             health_moved(app, &r.name, &r.targets[s.target], &t);
         }
-        let keep = h.demoted().is_none();
+        let keep = !is_demoted;
         if !keep {
             demoted.push(*s);
         }
@@ -622,7 +630,8 @@ where
     let hedging = route.hedge.as_ref().map(|h| {
         let observed = match (h.after_p95, steps.first()) {
             (true, Some(s)) => snap.live[s.route][s.target]
-                .health()
+                .health
+                .window(&policy.routes[s.route].health)
                 .p95(now, &policy.routes[s.route].health)
                 .map(|p| p.max(h.min_after)),
             _ => None,
