@@ -21,6 +21,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/policies", get(policies))
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
+        .route("/admin/mirror/report", get(mirror_report))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -152,6 +153,46 @@ fn export_live(app: &App) {
         m.queue_depth.with_label_values(&[&p.name]).set(p.queued.load(Ordering::Relaxed) as i64);
     }
     m.tasks_alive.set(app.tasks_alive() as i64);
+    for (r, route) in snap.policy.routes.iter().enumerate() {
+        let cands = &snap.candidates[r];
+        let compared = route
+            .mirrors
+            .iter()
+            .zip(&cands.mirrors)
+            .map(|(mi, st)| (mi.label.as_str(), st.comparison.lock().map(|c| c.clone()).unwrap_or_default()))
+            .chain(route.canary.as_ref().zip(cands.canary.as_ref()).map(|(_, st)| {
+                m.canary_state.with_label_values(&[&route.name]).set(i64::from(st.active()));
+                ("canary", st.comparison.lock().map(|c| c.clone()).unwrap_or_default())
+            }));
+        for (candidate, cmp) in compared {
+            for (side, s) in [("primary", cmp.primary.summary()), ("candidate", cmp.candidate.summary())] {
+                let l = [route.name.as_str(), candidate, side];
+                m.mirror_samples.with_label_values(&l).set(s.samples as i64);
+                m.mirror_error_rate.with_label_values(&l).set(s.error_rate);
+                for (p, v) in [("p50", s.p50_ms), ("p95", s.p95_ms), ("p99", s.p99_ms)] {
+                    m.mirror_latency_p.with_label_values(&[l[0], l[1], l[2], p]).set(v.unwrap_or(0.0) / 1000.0);
+                }
+                for (evaluator, rate) in &s.eval_fail_rate {
+                    m.mirror_eval_fail_rate.with_label_values(&[l[0], l[1], l[2], evaluator]).set(*rate);
+                }
+                if let Some(c) = s.cost_per_image_usd {
+                    m.mirror_cost_per_image.with_label_values(&l).set(c);
+                }
+            }
+        }
+    }
+}
+
+async fn mirror_report(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
+    let snap = app.policy.snapshot();
+    // `?route=NAME`: route names are plain words, so no percent-decoding is needed.
+    let route = uri.query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("route="));
+    if let Some(r) = route {
+        if !snap.policy.routes.iter().any(|x| x.name == r) {
+            return ApiError::not_found("route_not_found", format!("no route named \"{r}\"")).into_response();
+        }
+    }
+    Json(crate::mirror::report(&snap.policy, &app.policy.live, route)).into_response()
 }
 
 async fn routes(State(app): State<Arc<App>>) -> Response {
@@ -171,7 +212,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                     let h = snap.live[ri][ti].health.window(&r.health);
                     let stats = h.stats(now, &r.health);
                     json!({
-                        "provider": t.provider, "model": t.model, "weight": t.weight,
+                        "provider": t.provider, "model": t.model, "weight": t.weight, "role": t.role.label(),
                         "health": {
                             "samples": stats.samples, "p50_ms": stats.p50_ms, "p95_ms": stats.p95_ms,
                             "p99_ms": stats.p99_ms, "error_ratio": stats.error_ratio,
@@ -197,6 +238,27 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                     "min_samples": r.health.min_samples,
                     "recover_below": crate::health::RECOVER,
                 },
+                "mirrors": r.mirrors.iter().zip(&snap.candidates[ri].mirrors).map(|(m, st)| json!({
+                    "candidate": m.label, "sample": m.sample, "max_in_flight": m.max_in_flight,
+                    "spend_usd_per_day": m.spend_usd_per_day, "in_flight": st.in_flight(),
+                    "spent_today_usd": st.spent_today(),
+                })).collect::<Vec<_>>(),
+                "canary": r.canary.as_ref().zip(snap.candidates[ri].canary.as_ref()).map(|(c, st)| {
+                    let cmp = st.comparison.lock().map(|c| c.clone()).unwrap_or_default();
+                    json!({
+                        "candidate": c.label, "share": c.share,
+                        "state": if st.active() { "active" } else { "rolled_back" },
+                        "reason": st.rolled_back(),
+                        "samples": {"primary": cmp.primary.samples(), "canary": cmp.candidate.samples()},
+                        "guard": {
+                            "min_samples": c.guard.min_samples,
+                            "max_eval_fail_increase": c.guard.max_eval_fail_increase,
+                            "max_error_increase": c.guard.max_error_increase,
+                            "max_p99_ratio": c.guard.max_p99_ratio,
+                            "alpha": c.guard.alpha,
+                        },
+                    })
+                }),
                 "hedge": r.hedge.as_ref().map(|h| json!({
                     "after_ms": h.after.as_millis() as u64, "after_p95": h.after_p95,
                     "min_after_ms": h.min_after.as_millis() as u64, "max_parallel": h.max_parallel,

@@ -12,6 +12,7 @@
 //! - [`health`]: rolling health windows with hysteresis, and the circuit breaker's state machine.
 //! - [`limits`]: rate limits per key and tenant, spend per tenant per day.
 //! - [`idempotency`]: `Idempotency-Key` answers kept for replay.
+//! - [`mirror`]: mirrors and canaries for provider migrations; [`compare`]: their statistics.
 //! - [`eval`]: inline evaluation of artifacts on a thread pool of its own (sanity, ...).
 //! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
 //! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request using them.
@@ -28,6 +29,7 @@
 pub mod admin;
 pub mod artifacts;
 pub mod body;
+pub mod compare;
 pub mod error;
 pub mod eval;
 pub mod health;
@@ -35,6 +37,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod mirror;
 pub mod policy;
 pub mod providers;
 pub mod proxy;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::health::{Breaker, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition};
 use crate::metrics::Metrics;
+use crate::mirror::{CanaryState, MirrorState};
 use crate::policy::{Concurrency, Policy};
 use crate::providers::ProviderError;
 
@@ -237,6 +238,18 @@ pub struct Live {
     providers: DashMap<String, Arc<ProviderState>>,
     /// Keyed by (route, provider, model label).
     targets: DashMap<(String, String, String), Arc<HealthCell>>,
+    /// Keyed by (route, candidate label).
+    mirrors: DashMap<(String, String), Arc<MirrorState>>,
+    /// Keyed by route; replaced when the canary's settings change.
+    canaries: DashMap<String, Arc<CanaryState>>,
+}
+
+/// A snapshot's mirror and canary state, per route.
+#[derive(Default)]
+pub struct RouteCandidates {
+    /// Indexed like the route's `mirrors`.
+    pub mirrors: Vec<Arc<MirrorState>>,
+    pub canary: Option<Arc<CanaryState>>,
 }
 
 impl Live {
@@ -269,6 +282,32 @@ impl Live {
                         TargetLive { provider: self.provider(&t.provider), health }
                     })
                     .collect()
+            })
+            .collect()
+    }
+
+    pub fn mirror(&self, route: &str, label: &str) -> Arc<MirrorState> {
+        self.mirrors.entry((route.to_string(), label.to_string())).or_default().clone()
+    }
+
+    /// The canary state of a route for these settings: kept while they stay the same (a rolled
+    /// back canary stays rolled back), fresh after an edit.
+    pub fn canary(&self, route: &str, fingerprint: &str) -> Arc<CanaryState> {
+        let mut e = self.canaries.entry(route.to_string()).or_insert_with(|| Arc::new(CanaryState::new(fingerprint)));
+        if e.fingerprint != fingerprint {
+            *e = Arc::new(CanaryState::new(fingerprint));
+        }
+        e.clone()
+    }
+
+    /// The mirror and canary state of each route of `policy`.
+    pub fn candidates(&self, policy: &Policy) -> Vec<RouteCandidates> {
+        policy
+            .routes
+            .iter()
+            .map(|r| RouteCandidates {
+                mirrors: r.mirrors.iter().map(|m| self.mirror(&r.name, &m.label)).collect(),
+                canary: r.canary.as_ref().map(|c| self.canary(&r.name, &c.fingerprint)),
             })
             .collect()
     }

@@ -60,6 +60,18 @@ enum Command {
         /// Directory of *.toml policy files, or a single file.
         path: PathBuf,
     },
+    /// Print a running gateway's mirror and canary report: primary and candidates side by side.
+    Report {
+        /// The gateway's admin listener.
+        #[arg(long, env = "ACC_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Print the JSON the admin endpoint answers instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the evaluators on one image file, for checking an artifact by hand.
     Eval {
         /// PNG, JPEG or WebP file.
@@ -110,6 +122,7 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
+        Command::Report { admin, route, json } => report(&admin, route.as_deref(), json).await,
         Command::Eval { image, size, prompt, contract, policy, route, json } => {
             let route = policy.as_deref().zip(route.as_deref());
             eval(&image, size.as_deref(), prompt.as_deref(), contract.as_deref(), route, json)
@@ -154,6 +167,56 @@ async fn run() -> ExitCode {
             }
         }
     }
+}
+
+/// `acc report`: GET /admin/mirror/report (token from ACC_ADMIN_TOKEN) and print it.
+async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {
+    let mut url = format!("{}/admin/mirror/report", admin.trim_end_matches('/'));
+    if let Some(r) = route {
+        if !r.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            eprintln!("acc report: \"{r}\" is not a route name");
+            return ExitCode::from(2);
+        }
+        url.push_str("?route=");
+        url.push_str(r);
+    }
+    let endpoint = match acc::upstream::Endpoint::parse(&url) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("acc report: --admin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut req = http::Request::get("/");
+    if let Ok(token) = std::env::var("ACC_ADMIN_TOKEN") {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let Ok(req) = req.body(acc::body::ChunkedBody::default()) else { return ExitCode::FAILURE };
+    let answer = match acc::upstream::send(&endpoint, req, 64 << 20).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("acc report: cannot reach {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let body: serde_json::Value = match serde_json::from_slice(&answer.body) {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("acc report: {url} answered {} with a body that is not JSON", answer.status);
+            return ExitCode::FAILURE;
+        }
+    };
+    if !answer.status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
+        eprintln!("acc report: {url} answered {}: {msg}", answer.status);
+        return ExitCode::FAILURE;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+    } else {
+        print!("{}", acc::mirror::render_table(&body));
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

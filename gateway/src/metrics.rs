@@ -56,6 +56,18 @@ pub struct Metrics {
     pub idempotency: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub tasks_alive: IntGauge,
+    // Mirrors and canaries.
+    pub mirror_requests: IntCounterVec,
+    pub mirror_dropped: IntCounterVec,
+    pub mirror_latency: HistogramVec,
+    pub mirror_cost: CounterVec,
+    pub mirror_samples: IntGaugeVec,
+    pub mirror_error_rate: GaugeVec,
+    pub mirror_latency_p: GaugeVec,
+    pub mirror_eval_fail_rate: GaugeVec,
+    pub mirror_cost_per_image: GaugeVec,
+    pub canary_rollbacks: IntCounterVec,
+    pub canary_state: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -259,7 +271,70 @@ impl Metrics {
         let tasks_alive =
             IntGauge::new("acc_tasks_alive", "Live tokio tasks across the gateway's runtimes").expect("metric");
         r.register(Box::new(tasks_alive.clone())).expect("unique metric names");
+        let mirror_requests = counter(
+            r,
+            "acc_mirror_requests_total",
+            "Mirrored attempts on candidates, by result (ok, eval_failed, or the attempt's error)",
+            &["route", "candidate", "result"],
+        );
+        let mirror_dropped = counter(
+            r,
+            "acc_mirror_dropped_total",
+            "Sampled requests not mirrored: in_flight limit, spend cap, shutdown",
+            &["route", "candidate", "reason"],
+        );
+        let mirror_latency = HistogramVec::new(
+            HistogramOpts::new("acc_mirror_latency_seconds", "Latency of mirrored attempts, evaluation included")
+                .buckets(exponential_buckets(0.005, 2.0, 16).expect("static buckets")),
+            &["route", "candidate"],
+        )
+        .expect("metric");
+        r.register(Box::new(mirror_latency.clone())).expect("unique metric names");
+        let mirror_cost = CounterVec::new(
+            Opts::new("acc_mirror_cost_usd_total", "Spend on mirrored attempts at the candidates' prices"),
+            &["route", "candidate"],
+        )
+        .expect("metric");
+        r.register(Box::new(mirror_cost.clone())).expect("unique metric names");
+        let side = &["route", "candidate", "side"];
+        let mirror_samples =
+            int_gauge(r, "acc_mirror_samples", "Compared requests per side (primary, candidate)", side);
+        let mirror_error_rate =
+            gauge(r, "acc_mirror_error_rate", "Share of compared requests that failed, per side", side);
+        let mirror_latency_p = gauge(
+            r,
+            "acc_mirror_latency_p_seconds",
+            "Latency percentiles of compared requests, per side",
+            &["route", "candidate", "side", "percentile"],
+        );
+        let mirror_eval_fail_rate = gauge(
+            r,
+            "acc_mirror_eval_fail_rate",
+            "Share of compared images failing an evaluator, per side",
+            &["route", "candidate", "side", "evaluator"],
+        );
+        let mirror_cost_per_image =
+            gauge(r, "acc_mirror_cost_per_image_usd", "Cost per image of compared requests, per side", side);
+        let canary_rollbacks =
+            counter(r, "acc_canary_rollbacks_total", "Canaries rolled back by their guard", &["route"]);
+        let canary_state = int_gauge(
+            r,
+            "acc_canary_state",
+            "1 while a route's canary serves its share, 0 once rolled back",
+            &["route"],
+        );
         Metrics {
+            mirror_requests,
+            mirror_dropped,
+            mirror_latency,
+            mirror_cost,
+            mirror_samples,
+            mirror_error_rate,
+            mirror_latency_p,
+            mirror_eval_fail_rate,
+            mirror_cost_per_image,
+            canary_rollbacks,
+            canary_state,
             breaker_state,
             breaker_transitions,
             target_latency,

@@ -254,6 +254,41 @@ struct RawRoute {
     health_min_samples: Option<u32>,
     /// Opt-in hedging: start the next target when the first is slow. May double the spend.
     hedge: Option<RawHedge>,
+    /// Candidates that get a copy of a sample of this route's requests (never seen by clients).
+    #[serde(default)]
+    mirror: Vec<RawMirror>,
+    /// A candidate that serves a share of the live traffic, rolled back automatically when worse.
+    canary: Option<RawCanary>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    provider: String,
+    model: Option<String>,
+    /// Share of requests copied to the candidate, in [0, 1].
+    sample: f64,
+    /// Mirrored attempts in flight at once; more are skipped (default 4).
+    max_in_flight: Option<u32>,
+    /// Spend on this candidate per UTC day, at its provider's price; beyond it mirrors are skipped.
+    spend_usd_per_day: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    provider: String,
+    model: Option<String>,
+    /// Share of live requests the candidate serves, in (0, 1].
+    share: f64,
+    /// Samples both sides need before the guard judges (default 50).
+    min_samples: Option<u64>,
+    /// Largest tolerated rise of the eval-fail rate over the primary's, absolute (default 0.05).
+    max_eval_fail_increase: Option<f64>,
+    /// Largest tolerated rise of the error rate over the primary's, absolute (default 0.05).
+    max_error_increase: Option<f64>,
+    /// Largest tolerated ratio of the candidate's p99 latency to the primary's (default 1.5).
+    max_p99_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +426,49 @@ pub struct Target {
     pub provider: String,
     pub model: Option<String>,
     pub weight: u32,
+    pub role: TargetRole,
+}
+
+/// Why a target is in its route: a configured target, or a mirror or canary candidate
+/// (appended with weight 0, so plans only reach them on purpose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRole {
+    Serve,
+    Mirror,
+    Canary,
+}
+
+impl TargetRole {
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetRole::Serve => "serve",
+            TargetRole::Mirror => "mirror",
+            TargetRole::Canary => "canary",
+        }
+    }
+}
+
+/// A mirror candidate of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    /// Index of the candidate in the route's targets.
+    pub target: usize,
+    /// `provider/model`, or the provider alone when the alias is passed on.
+    pub label: String,
+    pub sample: f64,
+    pub max_in_flight: usize,
+    pub spend_usd_per_day: Option<f64>,
+}
+
+/// A canary candidate of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    pub target: usize,
+    pub label: String,
+    pub share: f64,
+    pub guard: crate::compare::Guard,
+    /// Changes whenever the canary's settings do: a rolled-back canary stays so until then.
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -413,6 +491,8 @@ pub struct Route {
     pub eval: EvalPolicy,
     pub health: crate::health::HealthSettings,
     pub hedge: Option<Hedge>,
+    pub mirrors: Vec<Mirror>,
+    pub canary: Option<Canary>,
 }
 
 /// What a route does with an evaluator's failure.
@@ -750,6 +830,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                     provider: t.provider.clone(),
                     model: t.model.clone(),
                     weight: t.weight.unwrap_or(1),
+                    role: TargetRole::Serve,
                 });
             }
             if !targets.is_empty() && targets.iter().all(|t| t.weight == 0) {
@@ -784,6 +865,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
             let eval = validate_eval(at, r, &classifiers, clip.as_ref(), &mut errors);
             let health = validate_health(at, r, &mut errors);
             let hedge = r.hedge.as_ref().and_then(|h| validate_hedge(at, h, &mut errors));
+            let known = |p: &str| providers.contains_key(p) || provider_file.contains_key(p);
+            let (mirrors, canary) = validate_candidates(at, r, &mut targets, &known, &mut errors);
             routes.push(Route {
                 name: r.name.clone(),
                 matcher: Matcher {
@@ -799,6 +882,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
                 eval,
                 health,
                 hedge,
+                mirrors,
+                canary,
             });
         }
     }
@@ -1079,6 +1164,103 @@ fn validate_health(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> crate::h
         ));
     }
     h
+}
+
+/// Mirror and canary candidates, appended to the route's targets with weight 0.
+fn validate_candidates(
+    at: &str,
+    r: &RawRoute,
+    targets: &mut Vec<Target>,
+    known: &dyn Fn(&str) -> bool,
+    errors: &mut Vec<String>,
+) -> (Vec<Mirror>, Option<Canary>) {
+    let label = |p: &str, m: Option<&str>| m.map_or_else(|| p.to_string(), |m| format!("{p}/{m}"));
+    let mut mirrors: Vec<Mirror> = Vec::new();
+    for (i, m) in r.mirror.iter().enumerate() {
+        let at = format!("{at}.mirror[{i}]");
+        let before = errors.len();
+        if !known(&m.provider) {
+            errors.push(format!("{at}.provider: unknown provider \"{}\"", m.provider));
+        }
+        if m.model.as_deref() == Some("") {
+            errors.push(format!("{at}.model: must not be empty"));
+        }
+        if !(0.0..=1.0).contains(&m.sample) {
+            errors.push(format!("{at}.sample: must be between 0 and 1"));
+        }
+        if m.max_in_flight == Some(0) {
+            errors.push(format!("{at}.max_in_flight: must be greater than 0"));
+        }
+        if m.spend_usd_per_day.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            errors.push(format!("{at}.spend_usd_per_day: must be a number >= 0"));
+        }
+        let name = label(&m.provider, m.model.as_deref());
+        if mirrors.iter().any(|x| x.label == name) {
+            errors.push(format!("{at}: candidate \"{name}\" is mirrored twice"));
+        }
+        if errors.len() > before {
+            continue;
+        }
+        targets.push(Target {
+            provider: m.provider.clone(),
+            model: m.model.clone(),
+            weight: 0,
+            role: TargetRole::Mirror,
+        });
+        mirrors.push(Mirror {
+            target: targets.len() - 1,
+            label: name,
+            sample: m.sample,
+            max_in_flight: m.max_in_flight.unwrap_or(4) as usize,
+            spend_usd_per_day: m.spend_usd_per_day,
+        });
+    }
+    let canary = r.canary.as_ref().and_then(|c| {
+        let at = format!("{at}.canary");
+        let before = errors.len();
+        if !known(&c.provider) {
+            errors.push(format!("{at}.provider: unknown provider \"{}\"", c.provider));
+        }
+        if c.model.as_deref() == Some("") {
+            errors.push(format!("{at}.model: must not be empty"));
+        }
+        if !(c.share > 0.0 && c.share <= 1.0) {
+            errors.push(format!("{at}.share: must be greater than 0 and at most 1"));
+        }
+        if c.min_samples == Some(0) {
+            errors.push(format!("{at}.min_samples: must be greater than 0"));
+        }
+        for (field, v) in
+            [("max_eval_fail_increase", c.max_eval_fail_increase), ("max_error_increase", c.max_error_increase)]
+        {
+            if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+                errors.push(format!("{at}.{field}: must be between 0 and 1"));
+            }
+        }
+        if c.max_p99_ratio.is_some_and(|v| !(v.is_finite() && v >= 1.0)) {
+            errors.push(format!("{at}.max_p99_ratio: must be at least 1"));
+        }
+        if errors.len() > before {
+            return None;
+        }
+        let guard = crate::compare::Guard {
+            min_samples: c.min_samples.unwrap_or(50),
+            max_eval_fail_increase: c.max_eval_fail_increase.unwrap_or(0.05),
+            max_error_increase: c.max_error_increase.unwrap_or(0.05),
+            max_p99_ratio: c.max_p99_ratio.unwrap_or(1.5),
+            alpha: 0.05,
+        };
+        let name = label(&c.provider, c.model.as_deref());
+        let fingerprint = format!("{name}|{}|{:?}", c.share, guard);
+        targets.push(Target {
+            provider: c.provider.clone(),
+            model: c.model.clone(),
+            weight: 0,
+            role: TargetRole::Canary,
+        });
+        Some(Canary { target: targets.len() - 1, label: name, share: c.share, guard, fingerprint })
+    });
+    (mirrors, canary)
 }
 
 fn validate_hedge(at: &str, h: &RawHedge, errors: &mut Vec<String>) -> Option<Hedge> {
@@ -1497,6 +1679,56 @@ hedge = { after_ms = 500 }
         assert_eq!((h.after, h.after_p95, h.max_parallel), (Duration::from_millis(500), false, 2));
         let key = pol.keys.values().next().unwrap();
         assert_eq!((key.images_per_minute, key.requests_per_minute, key.id.len()), (Some(10), None, 12));
+    }
+
+    #[test]
+    fn mirrors_and_canaries_are_validated_and_appended_as_weightless_targets() {
+        let bad = r#"
+[providers.a]
+kind = "builtin"
+[[routes]]
+name = "r"
+targets = [{ provider = "a" }]
+mirror = [{ provider = "nope", sample = 1.5 }, { provider = "a", model = "x", sample = 0.1, max_in_flight = 0 },
+          { provider = "a", sample = 0.1 }, { provider = "a", sample = 0.2 }]
+canary = { provider = "a", share = 0.0, max_p99_ratio = 0.5 }
+"#;
+        let errs = check(&[("p.toml", bad)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"p.toml: routes[0].mirror[0].provider: unknown provider "nope""#,
+                "p.toml: routes[0].mirror[0].sample: must be between 0 and 1",
+                "p.toml: routes[0].mirror[1].max_in_flight: must be greater than 0",
+                r#"p.toml: routes[0].mirror[3]: candidate "a" is mirrored twice"#,
+                "p.toml: routes[0].canary.share: must be greater than 0 and at most 1",
+                "p.toml: routes[0].canary.max_p99_ratio: must be at least 1",
+            ]
+        );
+        let good = r#"
+[providers.a]
+kind = "builtin"
+[providers.b]
+kind = "builtin"
+[[routes]]
+name = "r"
+match = { model = "m" }
+targets = [{ provider = "a" }]
+mirror = [{ provider = "b", model = "v2", sample = 0.25 }]
+canary = { provider = "b", share = 0.1 }
+"#;
+        let p = check(&[("p.toml", good)]).unwrap();
+        let r = &p.routes[0];
+        let roles: Vec<_> = r.targets.iter().map(|t| (t.provider.as_str(), t.weight, t.role)).collect();
+        assert_eq!(roles, [("a", 1, TargetRole::Serve), ("b", 0, TargetRole::Mirror), ("b", 0, TargetRole::Canary)]);
+        assert_eq!((r.mirrors[0].label.as_str(), r.mirrors[0].target, r.mirrors[0].max_in_flight), ("b/v2", 1, 4));
+        let c = r.canary.as_ref().unwrap();
+        assert_eq!((c.target, c.guard.min_samples, c.guard.max_p99_ratio), (2, 50, 1.5));
+        // Weightless candidates are never planned by weight.
+        for i in 0..100 {
+            let steps = crate::routing::plan(&p, 0, i as f64 / 100.0);
+            assert_eq!(steps, [crate::routing::Step { route: 0, target: 0 }]);
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
 pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
 pub const REPLAY: HeaderName = HeaderName::from_static("x-acc-idempotent-replay");
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const COHORT: &str = "x-acc-cohort";
@@ -48,6 +49,7 @@ async fn evaluate_attempt(
     cfg: &crate::policy::EvalPolicy,
     req: &GenerationRequest,
     (route, provider): (&str, &str),
+    mirror: bool,
 ) -> Result<(), ProviderError> {
     let expected_size = req.size_given.then_some(req.size);
     let n = req.n;
@@ -62,6 +64,8 @@ async fn evaluate_attempt(
     // its next image.
     let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _cancel = CancelOnDrop(cancelled.clone());
+    // Mirrors use at most half the evaluation threads, so they cannot starve live requests.
+    let _mirror_permit = if mirror { app.mirror_eval.acquire().await.ok() } else { None };
     let job = app.eval_pool.run(move || {
         images
             .iter()
@@ -110,9 +114,12 @@ async fn evaluate_attempt(
     // The strictest action among the failed evaluators' actions applies.
     let mut action: Option<EvalAction> = None;
     for v in &verdicts {
-        app.metrics.eval_total.with_label_values(&[v.evaluator, route, provider, v.verdict.label()]).inc();
-        if v.verdict != Outcome::Error {
-            app.metrics.eval_score.with_label_values(&[v.evaluator, provider]).observe(v.score as f64);
+        // A mirror's verdicts go to its comparison, not to the route's evaluation metrics.
+        if !mirror {
+            app.metrics.eval_total.with_label_values(&[v.evaluator, route, provider, v.verdict.label()]).inc();
+            if v.verdict != Outcome::Error {
+                app.metrics.eval_score.with_label_values(&[v.evaluator, provider]).observe(v.score as f64);
+            }
         }
         let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !cfg.fail_open);
         if failed {
@@ -166,6 +173,8 @@ struct RequestCtx {
     cost: Option<f64>,
     /// Counts the request as `client_cancelled` if it is dropped before it finishes.
     watch: Option<CancelWatch>,
+    /// Served by the route's canary first.
+    canary: bool,
 }
 
 /// Lives as long as a request is being answered: dropped with the request's future when the
@@ -263,7 +272,7 @@ where
     let mut ctx = RequestCtx {
         // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
         // a getrandom syscall per request.
-        trace_id: format!("{:032x}", fastrand::u128(..)),
+        trace_id: client_trace_id(&headers).unwrap_or_else(|| format!("{:032x}", fastrand::u128(..))),
         started: Instant::now(),
         route: None,
         provider: None,
@@ -271,6 +280,7 @@ where
         eval_summary: None,
         flags: Vec::new(),
         cost: None,
+        canary: false,
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
     match idempotency_key(&headers) {
@@ -281,6 +291,13 @@ where
         Ok(Some(key)) => idempotent(&app, &snapshot, ctx, &headers, body, op, key).await,
         Err(e) => finish(&app, &snapshot, ctx, Err(e)),
     }
+}
+
+/// A trace id the client chose (`x-acc-trace-id`, 32 lowercase hex digits), so reruns of a request
+/// keep it (and its mirror and canary sampling); anything else is ignored.
+fn client_trace_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(TRACE_ID)?.to_str().ok()?;
+    (v.len() == 32 && v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| v.to_string())
 }
 
 /// The `Idempotency-Key` header, checked.
@@ -302,7 +319,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// while it runs waits for it, a retry after it gets the same answer, replayed; the same key with
 /// another body is a 409. Only answers that cost a generation are kept (success, blocked).
 async fn idempotent<B>(
-    app: &App,
+    app: &Arc<App>,
     snap: &Arc<Snapshot>,
     mut ctx: RequestCtx,
     headers: &HeaderMap,
@@ -385,6 +402,9 @@ fn replay(stored: &crate::idempotency::Stored) -> Response {
     r
 }
 
+/// Each evaluated attempt's step and verdicts, in the order they were evaluated.
+type VerdictSink = std::sync::Mutex<Vec<(Step, Vec<crate::eval::Verdict>)>>;
+
 /// Everything one attempt needs besides its step.
 struct AttemptEnv<'a> {
     app: &'a App,
@@ -394,6 +414,10 @@ struct AttemptEnv<'a> {
     /// The matched route's name, for metric labels.
     route_name: &'a str,
     needs_bytes: bool,
+    /// A mirror's attempt: its verdicts stay out of the route's evaluation metrics.
+    mirror: bool,
+    /// Where attempts leave their verdicts (pass or fail), when mirrors or a canary compare them.
+    verdicts: Option<&'a VerdictSink>,
 }
 
 /// One attempt on one target: skipped when the provider is paused or its breaker is open,
@@ -490,9 +514,16 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
     }
     if !step_route.eval.evaluators.is_empty() {
         let labels = (env.route_name, target.provider.as_str());
-        let evaluated =
-            tokio::time::timeout_at(until, evaluate_attempt(app, &mut generation, &step_route.eval, env.req, labels))
-                .await;
+        let evaluated = tokio::time::timeout_at(
+            until,
+            evaluate_attempt(app, &mut generation, &step_route.eval, env.req, labels, env.mirror),
+        )
+        .await;
+        if let Some(sink) = env.verdicts {
+            if let Ok(mut v) = sink.lock() {
+                v.push((s, generation.verdicts.clone()));
+            }
+        }
         match evaluated {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -529,6 +560,143 @@ fn health_moved(app: &App, route: &str, target: &crate::policy::Target, t: &crat
     tracing::warn!(route, provider = %target.provider, model, to, reason = %t.reason, "route target health changed");
 }
 
+/// An attempt's time limit: the route's, or the provider's when shorter.
+fn attempt_timeout(policy: &Policy, s: Step) -> std::time::Duration {
+    let r = &policy.routes[s.route];
+    let provider_timeout = policy.providers.get(&r.targets[s.target].provider).and_then(|p| p.timeout);
+    provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
+}
+
+/// Per evaluator, whether any image failed it and the lowest score, from one attempt's verdicts.
+fn eval_summary(policy: &Policy, step: Step, verdicts: &[crate::eval::Verdict]) -> Vec<(String, bool, f32)> {
+    use crate::eval::Outcome;
+    let fail_open = policy.routes[step.route].eval.fail_open;
+    let mut out: Vec<(String, bool, f32)> = Vec::new();
+    for v in verdicts {
+        let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !fail_open);
+        match out.iter_mut().find(|(name, ..)| name == v.evaluator) {
+            Some(e) => {
+                e.1 |= failed;
+                e.2 = e.2.min(v.score);
+            }
+            None => out.push((v.evaluator.to_string(), failed, v.score)),
+        }
+    }
+    out
+}
+
+/// What the first target of a plan did with a request, for mirror and canary comparisons.
+fn first_observation(
+    policy: &Policy,
+    req: &GenerationRequest,
+    outcome: &PlanOutcome,
+    first: Step,
+    verdicts: &[(Step, Vec<crate::eval::Verdict>)],
+) -> crate::compare::Observation {
+    use crate::compare::Observation;
+    let Some(rec) = outcome.attempts.iter().find(|a| a.step == first) else {
+        return Observation { error: true, ..Default::default() };
+    };
+    let (error, images) = match (&rec.result, &outcome.success) {
+        (Ok(()), Some((_, g))) => (false, g.images.len() as u32),
+        (Ok(()), None) => (false, req.n),
+        (Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)), _) => (false, req.n),
+        (Err(_), _) => (true, 0),
+    };
+    let evals = verdicts.iter().rev().find(|(s, _)| *s == first).map(|(_, v)| eval_summary(policy, first, v));
+    Observation {
+        error,
+        latency_ms: rec.elapsed.as_secs_f64() * 1000.0,
+        evals: evals.unwrap_or_default(),
+        cost_usd: unit_price(policy, first, req).map(|u| u * f64::from(images)),
+        images,
+    }
+}
+
+/// A mirror: the candidate's attempt on a copy of the request, scored like the primary's, then
+/// paired with the primary's outcome for the report. The client never waits for it.
+#[allow(clippy::too_many_arguments)]
+async fn mirror_attempt(
+    app: Arc<App>,
+    snap: Arc<Snapshot>,
+    req: Arc<GenerationRequest>,
+    step: Step,
+    alias: String,
+    index: usize,
+    mut ticket: crate::mirror::Ticket,
+    primary: tokio::sync::oneshot::Receiver<crate::compare::Observation>,
+) {
+    use crate::compare::Observation;
+    let policy = &snap.policy;
+    let route = &policy.routes[step.route];
+    let m = &route.mirrors[index];
+    let labels = [route.name.as_str(), m.label.as_str()];
+    let sink = std::sync::Mutex::new(Vec::new());
+    let env = AttemptEnv {
+        app: &app,
+        snap: &snap,
+        req: &req,
+        alias: &alias,
+        route_name: &route.name,
+        needs_bytes: true,
+        mirror: true,
+        verdicts: Some(&sink),
+    };
+    let started = Instant::now();
+    let until = tokio::time::Instant::now() + attempt_timeout(policy, step);
+    let result = tokio::select! {
+        r = tokio::time::timeout_at(until, attempt_step(&env, step, until)) => r.unwrap_or(Err(ProviderError::Timeout)),
+        _ = app.mirror_stop.cancelled() => {
+            app.metrics.mirror_dropped.with_label_values(&[labels[0], labels[1], crate::mirror::Skip::Shutdown.label()]).inc();
+            return;
+        }
+    };
+    let latency = started.elapsed();
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    let m_ = &app.metrics;
+    m_.mirror_requests.with_label_values(&[labels[0], labels[1], label]).inc();
+    m_.mirror_latency.with_label_values(&labels).observe(latency.as_secs_f64());
+    let (error, images) = match &result {
+        Ok(g) => (false, g.images.len() as u32),
+        Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => (false, req.n),
+        Err(_) => (true, 0),
+    };
+    let cost = unit_price(policy, step, &req).map(|u| u * f64::from(images));
+    if let Some(usd) = cost {
+        ticket.charge(usd);
+        m_.mirror_cost.with_label_values(&labels).inc_by(usd);
+        m_.cost.with_label_values(&[labels[0], &route.targets[step.target].provider, "mirror"]).inc_by(usd);
+    }
+    // The slot is free once the candidate answered; pairing is bookkeeping.
+    drop(ticket);
+    let verdicts = sink.lock().map(|v| v.clone()).unwrap_or_default();
+    let evals = verdicts.iter().rev().find(|(s, _)| *s == step).map(|(_, v)| eval_summary(policy, step, v));
+    let candidate = Observation {
+        error,
+        latency_ms: latency.as_secs_f64() * 1000.0,
+        evals: evals.unwrap_or_default(),
+        cost_usd: cost,
+        images,
+    };
+    tracing::debug!(route = %route.name, candidate = %m.label, result = label, latency_ms = candidate.latency_ms, "mirror done");
+    let wait = crate::mirror::pair_wait(route.deadline);
+    let primary = tokio::select! {
+        p = tokio::time::timeout(wait, primary) => p,
+        _ = app.mirror_stop.cancelled() => return,
+    };
+    match primary {
+        Ok(Ok(p)) => {
+            let state = &snap.candidates[step.route].mirrors[index];
+            state.comparison.lock().unwrap_or_else(|e| e.into_inner()).record(Some(&p), Some(&candidate));
+        }
+        // The client went away before its primary attempt ended: no pair to compare.
+        _ => tracing::debug!(route = %route.name, candidate = %m.label, "mirror unpaired: the primary did not finish"),
+    }
+}
+
 /// USD per image of a target for a request's size, when its provider has a price.
 fn unit_price(policy: &Policy, step: Step, req: &GenerationRequest) -> Option<f64> {
     let target = &policy.routes[step.route].targets[step.target];
@@ -537,8 +705,8 @@ fn unit_price(policy: &Policy, step: Step, req: &GenerationRequest) -> Option<f6
 }
 
 async fn generate<B>(
-    app: &App,
-    snap: &Snapshot,
+    app: &Arc<App>,
+    snap: &Arc<Snapshot>,
     ctx: &mut RequestCtx,
     headers: &HeaderMap,
     body: B,
@@ -612,6 +780,19 @@ where
         keep
     });
     steps.extend(demoted);
+    // A canary serves its share of the route's requests first; the plan stays as fallback.
+    let candidates = &snap.candidates[route_idx];
+    let canary = match (&route.canary, &candidates.canary) {
+        (Some(c), Some(state)) if state.active() => {
+            let on = crate::mirror::draw(&ctx.trace_id, "canary") < c.share;
+            if on {
+                steps.insert(0, Step { route: route_idx, target: c.target });
+            }
+            Some((c, state, on))
+        }
+        _ => None,
+    };
+    ctx.canary = canary.as_ref().is_some_and(|c| c.2);
     let estimate = steps.first().and_then(|&s| unit_price(policy, s, &req)).unwrap_or(0.0) * f64::from(req.n);
     let reservation = match key {
         Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate)?,
@@ -620,13 +801,41 @@ where
     // The client's bytes are needed whenever the gateway itself must answer with them.
     let needs_bytes = req.response_format == ResponseFormat::B64Json || route.url_mode == UrlMode::Gateway;
 
-    // 5. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
+    // 5. Mirrors: sampled copies to candidates, started now and never awaited here.
+    let mut primary_side = Vec::new();
+    let mut shared_req: Option<Arc<GenerationRequest>> = None;
+    // A canary-served request is not mirrored: its first attempt is not the primary's.
+    let mirrors = if ctx.canary { &[][..] } else { &route.mirrors[..] };
+    for (i, m) in mirrors.iter().enumerate() {
+        if crate::mirror::draw(&ctx.trace_id, &m.label) >= m.sample {
+            continue;
+        }
+        let step = Step { route: route_idx, target: m.target };
+        let dropped = |why: crate::mirror::Skip| {
+            app.metrics.mirror_dropped.with_label_values(&[&route.name, &m.label, why.label()]).inc();
+        };
+        if app.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            dropped(crate::mirror::Skip::Shutdown);
+            continue;
+        }
+        let estimate = unit_price(policy, step, &req).unwrap_or(0.0) * f64::from(req.n);
+        let ticket = match candidates.mirrors[i].admit(m.max_in_flight, m.spend_usd_per_day, estimate) {
+            Ok(t) => t,
+            Err(why) => {
+                dropped(why);
+                continue;
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        primary_side.push(tx);
+        let shared = shared_req.get_or_insert_with(|| Arc::new(req.clone())).clone();
+        let task = mirror_attempt(app.clone(), snap.clone(), shared, step, alias.to_string(), i, ticket, rx);
+        tokio::spawn(app.mirror_tasks.track_future(task));
+    }
+
+    // 6. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
     let deadline = tokio::time::Instant::now() + route.deadline;
-    let timeout_of = |s: Step| {
-        let r = &policy.routes[s.route];
-        let provider_timeout = policy.providers.get(&r.targets[s.target].provider).and_then(|p| p.timeout);
-        provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
-    };
+    let timeout_of = |s: Step| attempt_timeout(policy, s);
     let hedging = route.hedge.as_ref().map(|h| {
         let observed = match (h.after_p95, steps.first()) {
             (true, Some(s)) => snap.live[s.route][s.target]
@@ -638,13 +847,38 @@ where
         };
         routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
     });
-    let env = AttemptEnv { app, snap, req: &req, alias, route_name: &route.name, needs_bytes };
+    let compared = !primary_side.is_empty() || canary.is_some();
+    let verdicts = compared.then(|| std::sync::Mutex::new(Vec::new()));
+    let env = AttemptEnv {
+        app,
+        snap,
+        req: &req,
+        alias,
+        route_name: &route.name,
+        needs_bytes,
+        mirror: false,
+        verdicts: verdicts.as_ref(),
+    };
     let env = &env;
     let outcome =
         routing::run_plan(&steps, deadline, timeout_of, hedging, |s, until| attempt_step(env, s, until)).await;
     record_attempts(app, snap, route_idx, &outcome, ctx);
+    if let (Some(first), Some(verdicts)) = (steps.first(), &verdicts) {
+        let verdicts = verdicts.lock().map(|v| v.clone()).unwrap_or_default();
+        let o = first_observation(policy, &req, &outcome, *first, &verdicts);
+        for tx in primary_side {
+            let _ = tx.send(o.clone());
+        }
+        if let Some((c, state, on)) = &canary {
+            if let Some(reason) = state.record(*on, &o, &c.guard) {
+                app.metrics.canary_rollbacks.with_label_values(&[&route.name]).inc();
+                app.metrics.canary_state.with_label_values(&[&route.name]).set(0);
+                tracing::warn!(route = %route.name, candidate = %c.label, %reason, "canary rolled back: all traffic to the primary until the canary settings are edited");
+            }
+        }
+    }
 
-    // 6. What it cost: the images returned, those discarded after evaluation, and hedges
+    // 7. What it cost: the images returned, those discarded after evaluation, and hedges
     // cancelled (the provider most likely bills them).
     let mut total = None;
     for a in &outcome.attempts {
@@ -667,7 +901,7 @@ where
     reservation.settle(total.unwrap_or(0.0));
     ctx.cost = total;
 
-    // 7. The answer.
+    // 8. The answer.
     let Some((step, mut generation)) = outcome.success else {
         return Err(failure(policy, &outcome));
     };
@@ -992,6 +1226,9 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     }
     if !ctx.flags.is_empty() {
         h.insert(REASONS, header_text(&ctx.flags.join("; ")));
+    }
+    if ctx.canary {
+        h.insert(CANARY, HeaderValue::from_static("true"));
     }
     if let Some(usd) = ctx.cost {
         if let Ok(v) = HeaderValue::from_str(&format_usd(usd)) {

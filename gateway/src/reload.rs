@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub hot: Vec<RouteMetrics>,
     /// Health window and provider state of each route target, indexed like `target_providers`.
     pub live: Vec<Vec<TargetLive>>,
+    /// Mirror and canary state of each route.
+    pub candidates: Vec<crate::live::RouteCandidates>,
     pub loaded_at: SystemTime,
 }
 
@@ -178,6 +180,7 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics, live: &L
     let target_providers =
         policy.routes.iter().map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect()).collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
+    let candidates = live.candidates(&policy);
     let live = live.resolve(&policy);
-    Ok(Snapshot { policy, target_providers, hot, live, loaded_at: SystemTime::now() })
+    Ok(Snapshot { policy, target_providers, hot, live, candidates, loaded_at: SystemTime::now() })
 }

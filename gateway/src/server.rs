@@ -36,6 +36,12 @@ pub struct App {
     pub idempotency: Arc<crate::idempotency::IdempotencyStore>,
     /// Every runtime of the process, for `acc_tasks_alive`.
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
+    /// Mirrors in flight (on the proxy workers' runtimes), waited for on shutdown.
+    pub mirror_tasks: TaskTracker,
+    /// Cancels mirrors still running when the drain deadline passes.
+    pub mirror_stop: CancellationToken,
+    /// Evaluation threads mirrors may use at once (half the pool), so live requests keep theirs.
+    pub mirror_eval: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -154,6 +160,9 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             Arc::new(crate::idempotency::IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
         },
         runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current()]),
+        mirror_tasks: TaskTracker::new(),
+        mirror_stop: CancellationToken::new(),
+        mirror_eval: tokio::sync::Semaphore::new((cfg.eval_threads / 2).max(1)),
     });
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
@@ -209,16 +218,21 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     app.draining.store(true, Ordering::Relaxed);
     shutdown.cancel();
     tasks.close();
+    app.mirror_tasks.close();
+    let mut proxy_task = proxy_task;
     let drained = tokio::time::timeout(cfg.drain_deadline, async {
-        let _ = proxy_task.await;
+        let _ = (&mut proxy_task).await;
         tasks.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             in_flight = app.in_flight.load(Ordering::Relaxed),
-            "drain deadline passed; exiting with requests in flight"
+            mirrors = app.mirror_tasks.len(),
+            "drain deadline passed; cancelling mirrors, exiting with requests in flight"
         );
+        app.mirror_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
@@ -316,6 +330,11 @@ async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>,
     }
     drop(listener);
     graceful.shutdown().await;
+    // Mirrors run on this worker's runtime: let them finish (or be cancelled at the deadline).
+    tokio::select! {
+        _ = app.mirror_tasks.wait() => {}
+        _ = app.mirror_stop.cancelled() => {}
+    }
 }
 
 async fn sighup_reloads(store: Arc<PolicyStore>, shutdown: CancellationToken) {
