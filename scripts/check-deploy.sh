@@ -224,6 +224,8 @@ match = { model = "acc-demo" }
 targets = [{ provider = "demo", model = "acc-demo-v1" }]
 deadline_ms = $2
 evaluators = ["sanity"]
+mirror = [{ provider = "demo", model = "acc-demo-v2", sample = 1.0 }]
+canary = { provider = "demo", model = "acc-demo-v3", share = 0.5 }
 
 [[routes]]
 name = "flaky"
