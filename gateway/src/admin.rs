@@ -195,6 +195,19 @@ async fn mirror_report(State(app): State<Arc<App>>, uri: http::Uri) -> Response 
     Json(crate::mirror::report(&snap.policy, &app.policy.live, route)).into_response()
 }
 
+fn price_json(p: &crate::policy::Price) -> serde_json::Value {
+    let table = |t: &crate::policy::PriceTable| {
+        let sized = |s: &crate::policy::SizePrice| json!({"by_size": s.by_size, "default": s.default});
+        json!({
+            "per_image_usd": t.per_image.as_ref().map(sized),
+            "quality": t.quality.iter().map(|(q, s)| (q.clone(), sized(s))).collect::<serde_json::Map<_, _>>(),
+            "per_step_usd": t.per_step,
+            "per_gpu_second_usd": t.per_gpu_second,
+        })
+    };
+    json!({"base": table(&p.base), "models": p.models.iter().map(|(m, t)| (m.clone(), table(t))).collect::<serde_json::Map<_, _>>()})
+}
+
 async fn routes(State(app): State<Arc<App>>) -> Response {
     let snap = app.policy.snapshot();
     let p = &snap.policy;
@@ -270,10 +283,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
         .providers
         .values()
         .map(|s| {
-            let kind = match &s.kind {
-                crate::policy::ProviderKind::Builtin => "builtin",
-                crate::policy::ProviderKind::OpenAi { .. } => "openai",
-            };
+            let kind = s.kind.name();
             let live = app.policy.live.provider(&s.name);
             let breaker = {
                 let b = live.breaker();
@@ -298,7 +308,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                 "queued": live.queued.load(Ordering::Relaxed),
                 "max_concurrency": s.concurrency.as_ref().map(|c| c.max),
                 "max_queue": s.concurrency.as_ref().map(|c| c.max_queue),
-                "price": s.price.as_ref().map(|pr| json!({"by_size": pr.by_size, "default": pr.default})),
+                "price": s.price.as_ref().map(|pr| price_json(pr)),
             })
         })
         .collect();

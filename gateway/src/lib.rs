@@ -32,6 +32,7 @@ pub mod body;
 pub mod compare;
 pub mod error;
 pub mod eval;
+pub mod fetch;
 pub mod health;
 pub mod idempotency;
 pub mod limits;

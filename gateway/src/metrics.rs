@@ -68,6 +68,7 @@ pub struct Metrics {
     pub mirror_cost_per_image: GaugeVec,
     pub canary_rollbacks: IntCounterVec,
     pub canary_state: IntGaugeVec,
+    pub fetch_refused: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -323,7 +324,14 @@ impl Metrics {
             "1 while a route's canary serves its share, 0 once rolled back",
             &["route"],
         );
+        let fetch_refused = counter(
+            r,
+            "acc_fetch_refused_total",
+            "Provider image URLs not fetched: scheme, private address, redirect, size, time, status",
+            &["provider", "reason"],
+        );
         Metrics {
+            fetch_refused,
             mirror_requests,
             mirror_dropped,
             mirror_latency,

@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 /// refused with a clear message rather than accepted and silently ignored.
 const KNOWN_KINDS: &[&str] =
     &["openai", "azure_openai", "vertex_imagen", "stability", "fal", "replicate", "a1111", "builtin"];
-const IMPLEMENTED_KINDS: &[&str] = &["openai", "builtin"];
+const IMPLEMENTED_KINDS: &[&str] =
+    &["openai", "azure_openai", "vertex_imagen", "stability", "fal", "replicate", "a1111", "builtin"];
 
 // ---------------------------------------------------------------------------------------------
 // Raw shapes, as written by ops.
@@ -100,7 +101,43 @@ struct RawBreaker {
 #[serde(deny_unknown_fields)]
 struct RawPrice {
     /// One price, or a table by size (`"1024x1024" = 0.04`) with an optional `default`.
-    per_image_usd: RawPerImage,
+    per_image_usd: Option<RawPerImage>,
+    /// Per image by `quality` ("hd", "high", ...): a price or a table by size; beats per_image_usd.
+    #[serde(default)]
+    quality: BTreeMap<String, RawPerImage>,
+    /// Per sampling step per image (self-hosted diffusion), added to the per-image price.
+    per_step_usd: Option<f64>,
+    /// Per GPU-second the provider reports (e.g. Replicate's predict_time), added too.
+    per_gpu_second_usd: Option<f64>,
+    /// Prices of one model (the target's model name), same fields; beat the provider's own.
+    #[serde(default)]
+    models: BTreeMap<String, RawModelPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelPrice {
+    per_image_usd: Option<RawPerImage>,
+    #[serde(default)]
+    quality: BTreeMap<String, RawPerImage>,
+    per_step_usd: Option<f64>,
+    per_gpu_second_usd: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFetch {
+    /// Fetch plain-http URLs too (default: https only).
+    allow_http: Option<bool>,
+    /// Fetch from private, loopback and link-local addresses too (default: refused).
+    allow_private: Option<bool>,
+    /// Hosts fetched whatever their scheme or address (exact names, e.g. "127.0.0.1", "cdn.internal").
+    #[serde(default)]
+    allow_hosts: Vec<String>,
+    /// Largest image fetched, bytes (default 32 MiB).
+    max_bytes: Option<u64>,
+    /// Time for one fetch, redirects included, ms (default 30000).
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +185,25 @@ struct RawProvider {
     /// Cap on how long a 429's Retry-After pauses the provider, ms (default 300000).
     max_pause_ms: Option<u64>,
     price: Option<RawPrice>,
+    /// azure_openai: the `api-version` query parameter.
+    api_version: Option<String>,
+    /// vertex_imagen: Google Cloud project and region.
+    project: Option<String>,
+    location: Option<String>,
+    /// vertex_imagen: environment variable holding an OAuth2 access token...
+    token_env: Option<String>,
+    /// ... or a command printing one (e.g. ["gcloud", "auth", "print-access-token"]), cached.
+    token_command: Option<Vec<String>>,
+    /// a1111: environment variable holding "user:password" for the API's basic auth.
+    auth_env: Option<String>,
+    /// fal, replicate: first poll delay and the cap of its exponential backoff, ms.
+    poll_interval_ms: Option<u64>,
+    max_poll_interval_ms: Option<u64>,
+    /// A request parameter this kind cannot honour: "drop" it and say so in x-acc-dropped-params
+    /// (default), or "reject" the request with 400.
+    unsupported_params: Option<String>,
+    /// How image URLs this provider answers with are fetched (SSRF guard).
+    fetch: Option<RawFetch>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,17 +411,67 @@ pub struct TenantLimits {
     pub spend_usd_per_day: Option<f64>,
 }
 
-/// What a provider charges per image.
+/// A price by size: one number (`default`) or a table with an optional default.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Price {
+pub struct SizePrice {
     pub by_size: BTreeMap<String, f64>,
     pub default: Option<f64>,
+}
+
+impl SizePrice {
+    pub fn get(&self, size: &str) -> Option<f64> {
+        self.by_size.get(size).copied().or(self.default)
+    }
+}
+
+/// One price table: per image (by quality, then by size), per step, per GPU-second.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PriceTable {
+    pub per_image: Option<SizePrice>,
+    pub quality: BTreeMap<String, SizePrice>,
+    pub per_step: Option<f64>,
+    pub per_gpu_second: Option<f64>,
+}
+
+/// What a provider charges: its own table, and tables of given models that replace it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Price {
+    pub base: PriceTable,
+    pub models: BTreeMap<String, PriceTable>,
+}
+
+/// What was generated, as far as price goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Billable<'a> {
+    pub model: &'a str,
+    pub size: &'a str,
+    pub quality: Option<&'a str>,
+    pub images: u32,
+    pub steps: Option<u32>,
+    pub gpu_seconds: Option<f64>,
 }
 
 impl Price {
     /// USD for one image of `size` ("1024x1024"); `None` when the table has no price for it.
     pub fn per_image(&self, size: &str) -> Option<f64> {
-        self.by_size.get(size).copied().or(self.default)
+        self.base.per_image.as_ref().and_then(|p| p.get(size))
+    }
+
+    /// USD for what was generated; `None` when nothing in the tables applies.
+    pub fn cost(&self, b: &Billable<'_>) -> Option<f64> {
+        let t = self.models.get(b.model).unwrap_or(&self.base);
+        let images = f64::from(b.images);
+        let per_image = b
+            .quality
+            .and_then(|q| t.quality.get(q))
+            .and_then(|p| p.get(b.size))
+            .or_else(|| t.per_image.as_ref().and_then(|p| p.get(b.size)));
+        let parts = [
+            per_image.map(|p| p * images),
+            t.per_step.zip(b.steps).map(|(p, s)| p * f64::from(s) * images),
+            t.per_gpu_second.zip(b.gpu_seconds).map(|(p, s)| p * s),
+        ];
+        parts.iter().flatten().copied().reduce(|a, b| a + b)
     }
 }
 
@@ -396,16 +502,120 @@ pub enum UpstreamFormat {
     Omit,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
     Builtin,
-    OpenAi { base_url: String, api_key_env: Option<String>, upstream_format: UpstreamFormat },
+    OpenAi,
+    AzureOpenAi,
+    VertexImagen,
+    Stability,
+    Fal,
+    Replicate,
+    A1111,
+}
+
+impl ProviderKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Builtin => "builtin",
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::AzureOpenAi => "azure_openai",
+            ProviderKind::VertexImagen => "vertex_imagen",
+            ProviderKind::Stability => "stability",
+            ProviderKind::Fal => "fal",
+            ProviderKind::Replicate => "replicate",
+            ProviderKind::A1111 => "a1111",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ProviderKind> {
+        Some(match s {
+            "builtin" => ProviderKind::Builtin,
+            "openai" => ProviderKind::OpenAi,
+            "azure_openai" => ProviderKind::AzureOpenAi,
+            "vertex_imagen" => ProviderKind::VertexImagen,
+            "stability" => ProviderKind::Stability,
+            "fal" => ProviderKind::Fal,
+            "replicate" => ProviderKind::Replicate,
+            "a1111" => ProviderKind::A1111,
+            _ => return None,
+        })
+    }
+}
+
+/// How to reach and authenticate to a provider; each kind uses the fields it documents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connection {
+    /// Root of the provider's API, without a trailing slash.
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    /// openai / azure_openai: what to ask the upstream for.
+    pub upstream_format: UpstreamFormat,
+    pub api_version: Option<String>,
+    pub project: Option<String>,
+    pub location: Option<String>,
+    pub token_env: Option<String>,
+    pub token_command: Vec<String>,
+    pub auth_env: Option<String>,
+    /// Asynchronous kinds: first poll delay, and the cap of its doubling.
+    pub poll_interval: Duration,
+    pub max_poll_interval: Duration,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Connection {
+            base_url: String::new(),
+            api_key_env: None,
+            upstream_format: UpstreamFormat::B64Json,
+            api_version: None,
+            project: None,
+            location: None,
+            token_env: None,
+            token_command: Vec::new(),
+            auth_env: None,
+            poll_interval: Duration::from_millis(500),
+            max_poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a provider's image URLs may be fetched from (checked after DNS, on every redirect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPolicy {
+    pub allow_http: bool,
+    pub allow_private: bool,
+    pub allow_hosts: Vec<String>,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        FetchPolicy {
+            allow_http: false,
+            allow_private: false,
+            allow_hosts: Vec::new(),
+            max_bytes: 32 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What to do with a request parameter a provider kind cannot honour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamAction {
+    Drop,
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSpec {
     pub name: String,
     pub kind: ProviderKind,
+    pub conn: Connection,
+    pub fetch: FetchPolicy,
+    pub unsupported: ParamAction,
     pub timeout: Option<Duration>,
     pub concurrency: Option<Concurrency>,
     pub breaker: crate::health::BreakerSettings,
@@ -977,56 +1187,31 @@ fn validate_provider(
         }
         t => t.map(Duration::from_millis),
     };
-    let kind = match p.kind.as_str() {
-        "builtin" => {
-            for (field, set) in [
-                ("base_url", p.base_url.is_some()),
-                ("api_key_env", p.api_key_env.is_some()),
-                ("upstream_response_format", p.upstream_response_format.is_some()),
-            ] {
-                if set {
-                    errors.push(format!("{at}.{field}: not used by kind \"builtin\""));
-                }
-            }
-            ProviderKind::Builtin
+    let kind = ProviderKind::parse(&p.kind).unwrap_or(ProviderKind::Builtin);
+    let conn = validate_connection(at, name, kind, p, errors, warnings);
+    let fetch = p.fetch.as_ref().map_or_else(FetchPolicy::default, |f| {
+        let d = FetchPolicy::default();
+        if f.max_bytes == Some(0) {
+            errors.push(format!("{at}.fetch.max_bytes: must be greater than 0"));
         }
-        _ => {
-            let base_url = match &p.base_url {
-                None => {
-                    errors.push(format!("{at}.base_url: required for kind \"{}\"", p.kind));
-                    String::new()
-                }
-                Some(u) => {
-                    let u = u.trim_end_matches('/').to_string();
-                    match u.parse::<http::Uri>() {
-                        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
-                        _ => errors.push(format!("{at}.base_url: \"{u}\" is not an http(s) URL")),
-                    }
-                    u
-                }
-            };
-            if let Some(var) = &p.api_key_env {
-                let valid = !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                if !valid {
-                    errors.push(format!("{at}.api_key_env: \"{var}\" is not an environment variable name"));
-                } else if std::env::var_os(var).is_none() {
-                    warnings.push(format!(
-                        "{at}.api_key_env: environment variable {var} is not set; attempts on provider \"{name}\" will fail"
-                    ));
-                }
-            }
-            let upstream_format = match p.upstream_response_format.as_deref() {
-                None | Some("b64_json") => UpstreamFormat::B64Json,
-                Some("url") => UpstreamFormat::Url,
-                Some("omit") => UpstreamFormat::Omit,
-                Some(other) => {
-                    errors.push(format!(
-                        "{at}.upstream_response_format: unknown value \"{other}\" (expected \"b64_json\", \"url\" or \"omit\")"
-                    ));
-                    UpstreamFormat::B64Json
-                }
-            };
-            ProviderKind::OpenAi { base_url, api_key_env: p.api_key_env.clone(), upstream_format }
+        if f.timeout_ms == Some(0) {
+            errors.push(format!("{at}.fetch.timeout_ms: must be greater than 0"));
+        }
+        FetchPolicy {
+            allow_http: f.allow_http.unwrap_or(false),
+            allow_private: f.allow_private.unwrap_or(false),
+            allow_hosts: f.allow_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
+            max_bytes: f.max_bytes.map_or(d.max_bytes, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+            timeout: f.timeout_ms.map_or(d.timeout, Duration::from_millis),
+        }
+    });
+    let unsupported = match p.unsupported_params.as_deref() {
+        None | Some("drop") => ParamAction::Drop,
+        Some("reject") => ParamAction::Reject,
+        Some(other) => {
+            errors
+                .push(format!("{at}.unsupported_params: unknown action \"{other}\" (expected \"drop\" or \"reject\")"));
+            ParamAction::Drop
         }
     };
     let concurrency = match p.max_concurrency {
@@ -1090,35 +1275,210 @@ fn validate_provider(
     }
     let max_pause = Duration::from_millis(p.max_pause_ms.unwrap_or(300_000));
     let price = p.price.as_ref().map(|pr| {
-        let mut price = Price::default();
-        let (entries, flat): (Vec<(&str, f64)>, bool) = match &pr.per_image_usd {
-            RawPerImage::Flat(v) => (vec![("default", *v)], true),
-            RawPerImage::BySize(table) => (table.iter().map(|(k, v)| (k.as_str(), *v)).collect(), false),
-        };
-        for (size, v) in entries {
-            let field = if flat { String::new() } else { format!(".{size}") };
-            if !(v.is_finite() && v >= 0.0) {
-                errors.push(format!("{at}.price.per_image_usd{field}: must be a number >= 0"));
-            }
-            if size == "default" {
-                price.default = Some(v);
-            } else if crate::request::parse_size(size).is_err() {
-                errors.push(format!("{at}.price.per_image_usd{field}: not a size like \"1024x1024\" (or \"default\")"));
-            } else {
-                price.by_size.insert(size.to_string(), v);
-            }
-        }
-        price
+        let base = price_table(
+            &format!("{at}.price"),
+            (pr.per_image_usd.as_ref(), &pr.quality, pr.per_step_usd, pr.per_gpu_second_usd),
+            errors,
+        );
+        let models = pr
+            .models
+            .iter()
+            .map(|(m, t)| {
+                let at = format!("{at}.price.models.{m}");
+                (
+                    m.clone(),
+                    price_table(
+                        &at,
+                        (t.per_image_usd.as_ref(), &t.quality, t.per_step_usd, t.per_gpu_second_usd),
+                        errors,
+                    ),
+                )
+            })
+            .collect();
+        Price { base, models }
     });
     (errors.len() == before).then(|| ProviderSpec {
         name: name.to_string(),
         kind,
+        conn,
+        fetch,
+        unsupported,
         timeout,
         concurrency,
         breaker,
         max_pause,
         price,
     })
+}
+
+type RawTable<'a> = (Option<&'a RawPerImage>, &'a BTreeMap<String, RawPerImage>, Option<f64>, Option<f64>);
+
+fn price_table(
+    at: &str,
+    (per_image, quality, per_step, per_gpu): RawTable<'_>,
+    errors: &mut Vec<String>,
+) -> PriceTable {
+    let mut check = |field: &str, v: f64| {
+        if !(v.is_finite() && v >= 0.0) {
+            errors.push(format!("{at}.{field}: must be a number >= 0"));
+        }
+        v
+    };
+    let per_step = per_step.map(|v| check("per_step_usd", v));
+    let per_gpu_second = per_gpu.map(|v| check("per_gpu_second_usd", v));
+    let sized = |field: &str, raw: &RawPerImage, errors: &mut Vec<String>| {
+        let mut out = SizePrice::default();
+        let entries: Vec<(&str, f64)> = match raw {
+            RawPerImage::Flat(v) => vec![("default", *v)],
+            RawPerImage::BySize(t) => t.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        };
+        for (size, v) in entries {
+            let path = if matches!(raw, RawPerImage::Flat(_)) { field.to_string() } else { format!("{field}.{size}") };
+            if !(v.is_finite() && v >= 0.0) {
+                errors.push(format!("{at}.{path}: must be a number >= 0"));
+            }
+            if size == "default" {
+                out.default = Some(v);
+            } else if crate::request::parse_size(size).is_err() {
+                errors.push(format!("{at}.{path}: not a size like \"1024x1024\" (or \"default\")"));
+            } else {
+                out.by_size.insert(size.to_string(), v);
+            }
+        }
+        out
+    };
+    let per_image = per_image.map(|r| sized("per_image_usd", r, errors));
+    let quality = quality.iter().map(|(q, r)| (q.clone(), sized(&format!("quality.{q}"), r, errors))).collect();
+    PriceTable { per_image, quality, per_step, per_gpu_second }
+}
+
+/// The connection fields of a provider: required ones present, unused ones refused.
+fn validate_connection(
+    at: &str,
+    name: &str,
+    kind: ProviderKind,
+    p: &RawProvider,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Connection {
+    use ProviderKind as K;
+    let mut c = Connection::default();
+    let kind_name = kind.name();
+    let used: &[&str] = match kind {
+        K::Builtin => &[],
+        K::OpenAi => &["base_url", "api_key_env", "upstream_response_format"],
+        K::AzureOpenAi => &["base_url", "api_key_env", "upstream_response_format", "api_version"],
+        K::VertexImagen => &["base_url", "project", "location", "token_env", "token_command"],
+        K::Stability => &["base_url", "api_key_env"],
+        K::Fal | K::Replicate => &["base_url", "api_key_env", "poll_interval_ms", "max_poll_interval_ms"],
+        K::A1111 => &["base_url", "auth_env"],
+    };
+    let set = [
+        ("base_url", p.base_url.is_some()),
+        ("api_key_env", p.api_key_env.is_some()),
+        ("upstream_response_format", p.upstream_response_format.is_some()),
+        ("api_version", p.api_version.is_some()),
+        ("project", p.project.is_some()),
+        ("location", p.location.is_some()),
+        ("token_env", p.token_env.is_some()),
+        ("token_command", p.token_command.is_some()),
+        ("auth_env", p.auth_env.is_some()),
+        ("poll_interval_ms", p.poll_interval_ms.is_some()),
+        ("max_poll_interval_ms", p.max_poll_interval_ms.is_some()),
+    ];
+    for (field, is_set) in set {
+        if is_set && !used.contains(&field) {
+            errors.push(format!("{at}.{field}: not used by kind \"{kind_name}\""));
+        }
+    }
+    let default_base = match kind {
+        K::Stability => Some("https://api.stability.ai".to_string()),
+        K::Fal => Some("https://queue.fal.run".to_string()),
+        K::Replicate => Some("https://api.replicate.com/v1".to_string()),
+        K::VertexImagen => p.location.as_ref().map(|l| format!("https://{l}-aiplatform.googleapis.com/v1")),
+        _ => None,
+    };
+    if kind != K::Builtin {
+        c.base_url = match (&p.base_url, default_base) {
+            (Some(u), _) => {
+                let u = u.trim_end_matches('/').to_string();
+                match u.parse::<http::Uri>() {
+                    Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+                    _ => errors.push(format!("{at}.base_url: \"{u}\" is not an http(s) URL")),
+                }
+                u
+            }
+            (None, Some(d)) => d,
+            (None, None) if kind == K::VertexImagen => String::new(),
+            (None, None) => {
+                errors.push(format!("{at}.base_url: required for kind \"{kind_name}\""));
+                String::new()
+            }
+        };
+    }
+    let env_var = |field: &str, var: &Option<String>, errors: &mut Vec<String>, warnings: &mut Vec<String>| {
+        if let Some(var) = var {
+            let valid = !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                errors.push(format!("{at}.{field}: \"{var}\" is not an environment variable name"));
+            } else if std::env::var_os(var).is_none() {
+                warnings.push(format!(
+                    "{at}.{field}: environment variable {var} is not set; attempts on provider \"{name}\" will fail"
+                ));
+            }
+        }
+        var.clone()
+    };
+    c.api_key_env = env_var("api_key_env", &p.api_key_env, errors, warnings);
+    c.token_env = env_var("token_env", &p.token_env, errors, warnings);
+    c.auth_env = env_var("auth_env", &p.auth_env, errors, warnings);
+    c.upstream_format = match p.upstream_response_format.as_deref() {
+        None | Some("b64_json") => UpstreamFormat::B64Json,
+        Some("url") => UpstreamFormat::Url,
+        Some("omit") => UpstreamFormat::Omit,
+        Some(other) => {
+            errors.push(format!(
+                "{at}.upstream_response_format: unknown value \"{other}\" (expected \"b64_json\", \"url\" or \"omit\")"
+            ));
+            UpstreamFormat::B64Json
+        }
+    };
+    match kind {
+        K::AzureOpenAi => c.api_version = Some(p.api_version.clone().unwrap_or_else(|| "2024-10-21".to_string())),
+        K::VertexImagen => {
+            for (field, v) in [("project", &p.project), ("location", &p.location)] {
+                match v.as_deref() {
+                    None | Some("") => errors.push(format!("{at}.{field}: required for kind \"vertex_imagen\"")),
+                    Some(x) if !x.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+                        errors.push(format!("{at}.{field}: \"{x}\" is not a valid {field} id"))
+                    }
+                    _ => {}
+                }
+            }
+            c.project = p.project.clone();
+            c.location = p.location.clone();
+            c.token_command = p.token_command.clone().unwrap_or_default();
+            if p.token_command.as_ref().is_some_and(|v| v.is_empty() || v[0].is_empty()) {
+                errors.push(format!(
+                    "{at}.token_command: needs a program, e.g. [\"gcloud\", \"auth\", \"print-access-token\"]"
+                ));
+            }
+            if c.token_env.is_none() && c.token_command.is_empty() {
+                errors.push(format!("{at}: kind \"vertex_imagen\" needs token_env or token_command"));
+            }
+        }
+        K::Fal | K::Replicate => {
+            let first = p.poll_interval_ms.unwrap_or(500);
+            let max = p.max_poll_interval_ms.unwrap_or(5000);
+            if first == 0 || max < first {
+                errors.push(format!("{at}.poll_interval_ms: must be > 0 and at most max_poll_interval_ms"));
+            }
+            c.poll_interval = Duration::from_millis(first.max(1));
+            c.max_poll_interval = Duration::from_millis(max.max(first.max(1)));
+        }
+        _ => {}
+    }
+    c
 }
 
 fn validate_health(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> crate::health::HealthSettings {
@@ -1586,9 +1946,42 @@ url_mode = "cdn"
             errs,
             vec![
                 r#"p.toml: providers.s.kind: unknown kind "stabilty" (expected one of openai, azure_openai, vertex_imagen, stability, fal, replicate, a1111, builtin)"#,
-                r#"p.toml: providers.t.kind: kind "fal" has no adapter in this build yet (available: openai, builtin)"#,
             ]
         );
+        // Each kind takes its own connection fields, and needs the ones it cannot do without.
+        let p = r#"
+[providers.v]
+kind = "vertex_imagen"
+location = "us-central1"
+[providers.o]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_version = "2024-10-21"
+[providers.a]
+kind = "a1111"
+[providers.r]
+kind = "replicate"
+poll_interval_ms = 900
+max_poll_interval_ms = 100
+"#;
+        let errs = check(&[("p.toml", p)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"p.toml: providers.a.base_url: required for kind "a1111""#,
+                r#"p.toml: providers.o.api_version: not used by kind "openai""#,
+                "p.toml: providers.r.poll_interval_ms: must be > 0 and at most max_poll_interval_ms",
+                r#"p.toml: providers.v.project: required for kind "vertex_imagen""#,
+                r#"p.toml: providers.v: kind "vertex_imagen" needs token_env or token_command"#,
+            ]
+        );
+        let ok = check(&[(
+            "p.toml",
+            "[providers.f]\nkind = \"fal\"\n[providers.z]\nkind = \"azure_openai\"\nbase_url = \"https://x.openai.azure.com\"\n[[routes]]\nname = \"r\"\ntargets = [{ provider = \"f\" }]\n",
+        )])
+        .unwrap();
+        assert_eq!(ok.providers["f"].conn.base_url, "https://queue.fal.run");
+        assert_eq!(ok.providers["z"].conn.api_version.as_deref(), Some("2024-10-21"));
         let errs = check(&[("p.toml", "[providers.o]\nkind = \"openai\"\nbase_url = \"ftp://x\"\n")]).unwrap_err();
         assert_eq!(errs, vec![r#"p.toml: providers.o.base_url: "ftp://x" is not an http(s) URL"#]);
     }

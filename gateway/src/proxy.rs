@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::body::ChunkedBody;
 use crate::error::ApiError;
 use crate::policy::{ApiKey, Policy, UrlMode};
-use crate::providers::{AttemptRequest, Generation, Image, ProviderError};
+use crate::providers::{AttemptRequest, Generation, Image, Param, ProviderError};
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
@@ -28,6 +28,8 @@ pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
 pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+pub const GENERATION: HeaderName = HeaderName::from_static("x-acc-generation");
+pub const DROPPED: HeaderName = HeaderName::from_static("x-acc-dropped-params");
 pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
 pub const REPLAY: HeaderName = HeaderName::from_static("x-acc-idempotent-replay");
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -175,6 +177,10 @@ struct RequestCtx {
     watch: Option<CancelWatch>,
     /// Served by the route's canary first.
     canary: bool,
+    /// `x-acc-generation`: the settings the winning provider used.
+    generation: Option<String>,
+    /// `x-acc-dropped-params`: parameters the winning provider could not honour.
+    dropped: Vec<&'static str>,
 }
 
 /// Lives as long as a request is being answered: dropped with the request's future when the
@@ -281,6 +287,8 @@ where
         flags: Vec::new(),
         cost: None,
         canary: false,
+        generation: None,
+        dropped: Vec::new(),
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
     match idempotency_key(&headers) {
@@ -432,6 +440,25 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
     let ps = &live.provider;
     let spec = policy.providers.get(&target.provider);
     let now = tokio::time::Instant::now();
+    let provider = &env.snap.target_providers[s.route][s.target];
+    let kind = spec.map_or("?", |p| p.kind.name());
+    if !provider.supports_op(env.req.op) {
+        return Err(ProviderError::Unsupported(format!(
+            "provider \"{}\" (kind {kind}) does not do /v1/images/{}",
+            target.provider,
+            env.req.op.path()
+        )));
+    }
+    // Parameters the provider cannot honour: dropped (and said so), or the request is refused.
+    let dropped: Vec<Param> = Param::ALL.into_iter().filter(|p| env.req.has(*p) && !provider.supports(*p)).collect();
+    if !dropped.is_empty() && spec.is_some_and(|p| p.unsupported == crate::policy::ParamAction::Reject) {
+        let names: Vec<&str> = dropped.iter().map(|p| p.name()).collect();
+        return Err(ProviderError::UnsupportedParams(format!(
+            "provider \"{}\" (kind {kind}) cannot honour {}",
+            target.provider,
+            names.join(", ")
+        )));
+    }
     if let Some(left) = ps.paused_for(now) {
         return Err(ProviderError::Skipped { label: "paused", retry_in: left });
     }
@@ -457,11 +484,12 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
     let slot =
         ps.acquire(spec.and_then(|p| p.concurrency.as_ref()), until.saturating_duration_since(now), &app.metrics);
     let slot = slot.await?;
-    let provider = &env.snap.target_providers[s.route][s.target];
     let model = target.model.as_deref().unwrap_or(env.alias);
     let sent = tokio::time::Instant::now();
-    let result = match tokio::time::timeout_at(until, provider.generate(&AttemptRequest { req: env.req, model })).await
-    {
+    let default_fetch = crate::policy::FetchPolicy::default();
+    let fetch = spec.map_or(&default_fetch, |p| &p.fetch);
+    let attempt = AttemptRequest { req: env.req, model, dropped: &dropped, fetch };
+    let result = match tokio::time::timeout_at(until, provider.generate(&attempt)).await {
         Ok(r) => r,
         Err(_) => Err(ProviderError::Timeout),
     };
@@ -506,11 +534,34 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
             return Err(e);
         }
     };
-    if env.needs_bytes && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
-        record(Sample::Error, latency);
-        return Err(ProviderError::BadResponse(
-            "the provider answered with a URL, which this build does not fetch; set upstream_response_format = \"b64_json\" or url_mode = \"provider\"".into(),
-        ));
+    // What was used, as the provider reports it, completed from what was sent.
+    let st = &mut generation.settings;
+    let sent_if = |p: Param| !dropped.contains(&p);
+    st.seed = st.seed.or(env.req.seed.filter(|_| sent_if(Param::Seed)));
+    st.steps = st.steps.or(env.req.steps.filter(|_| sent_if(Param::Steps)));
+    st.guidance = st.guidance.or(env.req.guidance_scale.filter(|_| sent_if(Param::Guidance)));
+    if st.sampler.is_none() && sent_if(Param::Sampler) {
+        st.sampler = env.req.sampler.clone();
+    }
+    if st.model.is_none() {
+        st.model = Some(model.to_string());
+    }
+    generation.dropped = dropped.iter().map(|p| p.name()).collect();
+    // A provider URL is fetched (SSRF-guarded) when the gateway needs the bytes: to evaluate
+    // them, or to answer b64_json or gateway-served URLs.
+    let evaluates = !step_route.eval.evaluators.is_empty();
+    if (env.needs_bytes || evaluates) && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
+        let fetched = tokio::time::timeout_at(until, crate::fetch::fetch_images(&mut generation.images, fetch)).await;
+        match fetched {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                app.metrics.fetch_refused.with_label_values(&[&target.provider, e.reason()]).inc();
+                tracing::warn!(provider = %target.provider, "image URL refused: {e}");
+                record(Sample::Error, latency);
+                return Err(ProviderError::FetchRefused(e.to_string()));
+            }
+            Err(_) => return Err(ProviderError::Timeout),
+        }
     }
     if !step_route.eval.evaluators.is_empty() {
         let labels = (env.route_name, target.provider.as_str());
@@ -608,7 +659,13 @@ fn first_observation(
         error,
         latency_ms: rec.elapsed.as_secs_f64() * 1000.0,
         evals: evals.unwrap_or_default(),
-        cost_usd: unit_price(policy, first, req).map(|u| u * f64::from(images)),
+        cost_usd: cost_of(
+            policy,
+            first,
+            req,
+            images,
+            outcome.success.as_ref().filter(|(s, _)| *s == first).map(|(_, g)| g),
+        ),
         images,
     }
 }
@@ -664,7 +721,7 @@ async fn mirror_attempt(
         Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => (false, req.n),
         Err(_) => (true, 0),
     };
-    let cost = unit_price(policy, step, &req).map(|u| u * f64::from(images));
+    let cost = cost_of(policy, step, &req, images, result.as_ref().ok());
     if let Some(usd) = cost {
         ticket.charge(usd);
         m_.mirror_cost.with_label_values(&labels).inc_by(usd);
@@ -698,10 +755,27 @@ async fn mirror_attempt(
 }
 
 /// USD per image of a target for a request's size, when its provider has a price.
-fn unit_price(policy: &Policy, step: Step, req: &GenerationRequest) -> Option<f64> {
+/// What `images` images of a request cost on a target, at its provider's price (by model, size
+/// and quality, plus steps and GPU time when the generation reports them); `None` when unpriced.
+fn cost_of(
+    policy: &Policy,
+    step: Step,
+    req: &GenerationRequest,
+    images: u32,
+    used: Option<&Generation>,
+) -> Option<f64> {
     let target = &policy.routes[step.route].targets[step.target];
     let price = policy.providers.get(&target.provider)?.price.as_ref()?;
-    price.per_image(&format!("{}x{}", req.size.width, req.size.height))
+    let model = target.model.as_deref().or(req.model.as_deref()).unwrap_or_default();
+    let size = req.size_text();
+    price.cost(&crate::policy::Billable {
+        model,
+        size: &size,
+        quality: req.quality.as_deref(),
+        images,
+        steps: used.and_then(|g| g.settings.steps).or(req.steps),
+        gpu_seconds: used.and_then(|g| g.gpu_seconds),
+    })
 }
 
 async fn generate<B>(
@@ -793,7 +867,7 @@ where
         _ => None,
     };
     ctx.canary = canary.as_ref().is_some_and(|c| c.2);
-    let estimate = steps.first().and_then(|&s| unit_price(policy, s, &req)).unwrap_or(0.0) * f64::from(req.n);
+    let estimate = steps.first().and_then(|&s| cost_of(policy, s, &req, req.n, None)).unwrap_or(0.0);
     let reservation = match key {
         Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate)?,
         None => crate::limits::Reservation::none(),
@@ -818,7 +892,7 @@ where
             dropped(crate::mirror::Skip::Shutdown);
             continue;
         }
-        let estimate = unit_price(policy, step, &req).unwrap_or(0.0) * f64::from(req.n);
+        let estimate = cost_of(policy, step, &req, req.n, None).unwrap_or(0.0);
         let ticket = match candidates.mirrors[i].admit(m.max_in_flight, m.spend_usd_per_day, estimate) {
             Ok(t) => t,
             Err(why) => {
@@ -888,12 +962,12 @@ where
             Err(ProviderError::HedgeCancelled) => "hedge",
             Err(_) => continue,
         };
-        let Some(unit) = unit_price(policy, a.step, &req) else { continue };
-        let images = match (&a.result, &outcome.success) {
-            (Ok(()), Some((_, g))) => g.images.len() as f64,
-            _ => f64::from(req.n),
+        let winner = match (&a.result, &outcome.success) {
+            (Ok(()), Some((_, g))) => Some(g),
+            _ => None,
         };
-        let usd = unit * images;
+        let images = winner.map_or(req.n, |g| g.images.len() as u32);
+        let Some(usd) = cost_of(policy, a.step, &req, images, winner) else { continue };
         let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
         app.metrics.cost.with_label_values(&[&route.name, provider, kind]).inc_by(usd);
         *total.get_or_insert(0.0) += usd;
@@ -911,6 +985,8 @@ where
         ctx.eval_summary = Some(crate::eval::summary(&generation.verdicts));
     }
     ctx.flags = std::mem::take(&mut generation.flags);
+    ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
+    ctx.dropped = std::mem::take(&mut generation.dropped);
     Ok(render(app, policy, winner.url_mode, req.response_format, generation, headers))
 }
 
@@ -1021,6 +1097,22 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
             e.raw_body = Some(body.clone());
             return e;
         }
+        Some(ProviderError::ContentFiltered(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_policy_violation",
+                format!("the provider's content filter refused this request: {reason}"),
+            )
+        }
+        Some(ProviderError::UnsupportedParams(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "unsupported_parameter",
+                reason.clone(),
+            )
+        }
         Some(ProviderError::Busy) => {
             let provider = outcome
                 .attempts
@@ -1046,6 +1138,19 @@ fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
             )
         }
         _ => {}
+    }
+    // No target of the plan does what the request asks (an edit on generate-only providers).
+    if !outcome.attempts.is_empty()
+        && outcome.attempts.iter().all(|a| matches!(a.result, Err(ProviderError::Unsupported(_))))
+    {
+        let why: Vec<String> =
+            outcome.attempts.iter().filter_map(|a| a.result.as_ref().err().map(|e| e.to_string())).collect();
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "unsupported_operation",
+            format!("no target of this route can do it: {}", why.join("; ")),
+        );
     }
     // Nothing was sent: every target is behind an open breaker or paused by its provider.
     let skipped: Vec<std::time::Duration> = outcome
@@ -1205,6 +1310,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (Some("no_healthy_target"), _) => "no_healthy_target",
                 (Some("provider_busy"), _) => "provider_busy",
                 (Some("idempotency_key_reused"), _) => "idempotency_conflict",
+                (Some("unsupported_parameter" | "unsupported_operation"), _) => "client_error",
                 (_, 500..) => "internal_error",
                 _ => "client_error",
             };
@@ -1229,6 +1335,14 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     }
     if ctx.canary {
         h.insert(CANARY, HeaderValue::from_static("true"));
+    }
+    if let Some(v) = ctx.generation.as_deref().and_then(|g| HeaderValue::from_str(g).ok()) {
+        h.insert(GENERATION, v);
+    }
+    if !ctx.dropped.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&ctx.dropped.join(", ")) {
+            h.insert(DROPPED, v);
+        }
     }
     if let Some(usd) = ctx.cost {
         if let Ok(v) = HeaderValue::from_str(&format_usd(usd)) {

@@ -72,6 +72,13 @@ pub struct GenerationRequest {
     pub response_format: ResponseFormat,
     pub seed: Option<u64>,
     pub negative_prompt: Option<String>,
+    /// `quality` and `style` as OpenAI defines them (passed on where the provider has them).
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    /// Diffusion settings (extensions): sampling steps, guidance (CFG) scale, sampler name.
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub sampler: Option<String>,
     /// The client's body (JSON, or the text fields of a form), kept so fields the gateway does
     /// not model pass through to OpenAI-compatible upstreams unchanged.
     pub raw: Map<String, Value>,
@@ -226,6 +233,37 @@ impl GenerationRequest {
             Some(other) => return Err(wrong_type("seed", "an integer", other)),
         };
         let negative_prompt = opt_string(&raw, "negative_prompt")?;
+        let quality = opt_string(&raw, "quality")?;
+        let style = opt_string(&raw, "style")?;
+        let sampler = opt_string(&raw, "sampler")?;
+        let steps = match raw.get("steps") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(num)) => match num.as_u64() {
+                Some(v) if (1..=500).contains(&v) => Some(v as u32),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "steps",
+                        "invalid_value",
+                        format!("steps must be an integer between 1 and 500, got {num}"),
+                    ))
+                }
+            },
+            Some(other) => return Err(wrong_type("steps", "an integer", other)),
+        };
+        let guidance_scale = match raw.get("guidance_scale") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(num)) => match num.as_f64() {
+                Some(v) if (0.0..=50.0).contains(&v) => Some(v),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "guidance_scale",
+                        "invalid_value",
+                        format!("guidance_scale must be a number between 0 and 50, got {num}"),
+                    ))
+                }
+            },
+            Some(other) => return Err(wrong_type("guidance_scale", "a number", other)),
+        };
         let contract = match raw.get("acc") {
             None | Some(Value::Null) => None,
             Some(Value::String(text)) => Some(crate::eval::adherence::Contract::parse(text.as_bytes())),
@@ -248,11 +286,37 @@ impl GenerationRequest {
             response_format,
             seed,
             negative_prompt,
+            quality,
+            style,
+            steps,
+            guidance_scale,
+            sampler,
             raw,
             images: Vec::new(),
             mask: None,
             contract,
         })
+    }
+}
+
+impl GenerationRequest {
+    /// Whether the request sets `p`.
+    pub fn has(&self, p: crate::providers::Param) -> bool {
+        use crate::providers::Param;
+        match p {
+            Param::NegativePrompt => self.negative_prompt.is_some(),
+            Param::Seed => self.seed.is_some(),
+            Param::Steps => self.steps.is_some(),
+            Param::Guidance => self.guidance_scale.is_some(),
+            Param::Sampler => self.sampler.is_some(),
+            Param::Quality => self.quality.is_some(),
+            Param::Style => self.style.is_some(),
+        }
+    }
+
+    /// `WxH`.
+    pub fn size_text(&self) -> String {
+        format!("{}x{}", self.size.width, self.size.height)
     }
 }
 

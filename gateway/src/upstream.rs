@@ -231,7 +231,7 @@ async fn connect(endpoint: &Endpoint) -> Result<Conn, UpstreamError> {
     Ok(Conn { send, driver: Box::pin(driver), idle_since: Instant::now() })
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
+pub(crate) fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -258,7 +258,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A plain or TLS TCP stream.
-enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

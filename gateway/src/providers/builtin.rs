@@ -7,13 +7,22 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{AttemptRequest, Generation, Image, Provider, ProviderError};
+use super::{AttemptRequest, Generation, Image, Param, Provider, ProviderError};
 use crate::request::Size;
 
 pub struct Builtin;
 
 #[async_trait]
 impl Provider for Builtin {
+    /// The demo renderer takes a seed; other diffusion settings mean nothing to it.
+    fn supports(&self, param: Param) -> bool {
+        param == Param::Seed
+    }
+
+    fn supports_op(&self, _op: crate::request::Operation) -> bool {
+        true
+    }
+
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let req = attempt.req;
         // Edits and variations are rendered from the prompt plus a digest of the input image, so

@@ -8,11 +8,17 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::policy::{ProviderKind, ProviderSpec};
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, Operation};
 
+pub mod a1111;
+pub mod azure;
 pub mod builtin;
+pub mod fal;
 pub mod openai;
+pub mod replicate;
 pub mod skim;
+pub mod stability;
+pub mod vertex;
 
 /// One image as the provider gave it. Payloads stay `Bytes` slices of what was received.
 #[derive(Debug, Clone)]
@@ -25,9 +31,50 @@ pub enum Image {
     Url(String),
 }
 
+/// The generation settings a provider actually used, as far as it reports them (filled from the
+/// request where it does not), for traces and `x-acc-generation`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    pub seed: Option<u64>,
+    pub steps: Option<u32>,
+    pub guidance: Option<f64>,
+    pub sampler: Option<String>,
+    /// The model (and version) that generated, when the provider names it.
+    pub model: Option<String>,
+}
+
+impl Settings {
+    /// `seed=7; steps=30; guidance=7.5; sampler=Euler a; model=sdxl` (printable ASCII only).
+    pub fn header(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(v) = self.seed {
+            parts.push(format!("seed={v}"));
+        }
+        if let Some(v) = self.steps {
+            parts.push(format!("steps={v}"));
+        }
+        if let Some(v) = self.guidance {
+            parts.push(format!("guidance={v}"));
+        }
+        if let Some(v) = &self.sampler {
+            parts.push(format!("sampler={v}"));
+        }
+        if let Some(v) = &self.model {
+            parts.push(format!("model={v}"));
+        }
+        parts.join("; ").chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(512).collect()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub images: Vec<Image>,
+    /// What the provider says it used (seed, steps, ...).
+    pub settings: Settings,
+    /// GPU time the provider reports for the job (priced per GPU-second for some providers).
+    pub gpu_seconds: Option<f64>,
+    /// Request parameters that were not sent because the provider cannot honour them.
+    pub dropped: Vec<&'static str>,
     /// Every evaluator's verdict on every image, when the route evaluates.
     pub verdicts: Vec<crate::eval::Verdict>,
     /// Why the answer is returned flagged (a failed check whose action is "flag").
@@ -39,6 +86,55 @@ pub struct AttemptRequest<'a> {
     pub req: &'a GenerationRequest,
     /// The provider's model name for this target.
     pub model: &'a str,
+    /// Parameters of the request this provider cannot honour, dropped by policy: the adapter
+    /// must not send them.
+    pub dropped: &'a [Param],
+    /// Where the provider's image URLs may be fetched from.
+    pub fetch: &'a crate::policy::FetchPolicy,
+}
+
+impl AttemptRequest<'_> {
+    /// Whether `p` is to be sent (present in the request and not dropped).
+    pub fn sends(&self, p: Param) -> bool {
+        !self.dropped.contains(&p) && self.req.has(p)
+    }
+}
+
+/// Request parameters that not every provider kind can honour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    NegativePrompt,
+    Seed,
+    Steps,
+    Guidance,
+    Sampler,
+    Quality,
+    Style,
+}
+
+impl Param {
+    pub const ALL: [Param; 7] = [
+        Param::NegativePrompt,
+        Param::Seed,
+        Param::Steps,
+        Param::Guidance,
+        Param::Sampler,
+        Param::Quality,
+        Param::Style,
+    ];
+
+    /// The request field's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Param::NegativePrompt => "negative_prompt",
+            Param::Seed => "seed",
+            Param::Steps => "steps",
+            Param::Guidance => "guidance_scale",
+            Param::Sampler => "sampler",
+            Param::Quality => "quality",
+            Param::Style => "style",
+        }
+    }
 }
 
 /// Why an attempt failed. Each variant says whether trying another target makes sense.
@@ -84,12 +180,33 @@ pub enum ProviderError {
     /// A hedged attempt that lost the race and was cancelled.
     #[error("cancelled: another attempt answered first")]
     HedgeCancelled,
+    /// This provider kind cannot do what the request asks (an edit on a generate-only API):
+    /// the next target may.
+    #[error("not supported by this provider: {0}")]
+    Unsupported(String),
+    /// The request has parameters this provider cannot honour and its policy says to refuse.
+    #[error("unsupported parameters: {0}")]
+    UnsupportedParams(String),
+    /// The provider's own content filter refused the prompt or the image. Answered like
+    /// OpenAI's 400 content_policy_violation and not retried.
+    #[error("the provider's content filter refused it: {0}")]
+    ContentFiltered(String),
+    /// A URL the provider answered with was not fetched (SSRF guard, size, time).
+    #[error("image URL refused: {0}")]
+    FetchRefused(String),
 }
 
 impl ProviderError {
     /// Whether the next target should be tried.
     pub fn retryable(&self) -> bool {
-        !matches!(self, ProviderError::Rejected { .. } | ProviderError::Blocked(_) | ProviderError::Busy)
+        !matches!(
+            self,
+            ProviderError::Rejected { .. }
+                | ProviderError::Blocked(_)
+                | ProviderError::Busy
+                | ProviderError::UnsupportedParams(_)
+                | ProviderError::ContentFiltered(_)
+        )
     }
 
     /// A short, bounded label for metrics and the `x-acc-attempts` header.
@@ -110,6 +227,10 @@ impl ProviderError {
             ProviderError::QueueFull | ProviderError::Busy => "queue_full",
             ProviderError::QueueTimeout => "queue_timeout",
             ProviderError::HedgeCancelled => "hedge_cancelled",
+            ProviderError::Unsupported(_) => "unsupported",
+            ProviderError::UnsupportedParams(_) => "unsupported_params",
+            ProviderError::ContentFiltered(_) => "content_filtered",
+            ProviderError::FetchRefused(_) => "fetch_refused",
         }
     }
 }
@@ -117,14 +238,44 @@ impl ProviderError {
 #[async_trait]
 pub trait Provider: Send + Sync {
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError>;
+
+    /// Whether this kind can honour `param` (default: every parameter).
+    fn supports(&self, _param: Param) -> bool {
+        true
+    }
+
+    /// Whether this kind can do `op` (default: generations only).
+    fn supports_op(&self, op: Operation) -> bool {
+        op == Operation::Generate
+    }
 }
 
 /// Builds the adapter for a provider of the policy.
 pub fn build(spec: &ProviderSpec) -> Arc<dyn Provider> {
-    match &spec.kind {
+    let c = &spec.conn;
+    match spec.kind {
         ProviderKind::Builtin => Arc::new(builtin::Builtin),
-        ProviderKind::OpenAi { base_url, api_key_env, upstream_format } => {
-            Arc::new(openai::OpenAi::new(base_url, api_key_env.as_deref(), *upstream_format))
-        }
+        ProviderKind::OpenAi => Arc::new(openai::OpenAi::new(&c.base_url, c.api_key_env.as_deref(), c.upstream_format)),
+        ProviderKind::AzureOpenAi => Arc::new(azure::Azure::new(c)),
+        ProviderKind::VertexImagen => Arc::new(vertex::Vertex::new(c)),
+        ProviderKind::Stability => Arc::new(stability::Stability::new(c)),
+        ProviderKind::Fal => Arc::new(fal::Fal::new(c)),
+        ProviderKind::Replicate => Arc::new(replicate::Replicate::new(c)),
+        ProviderKind::A1111 => Arc::new(a1111::A1111::new(c)),
     }
+}
+
+/// The API key in the environment variable `var`, as a header value (marked sensitive).
+/// `Err` names the variable when it is not set.
+pub fn key_header(var: Option<&str>, prefix: &str) -> Option<Result<http::HeaderValue, String>> {
+    var.map(|var| {
+        std::env::var(var)
+            .ok()
+            .and_then(|key| http::HeaderValue::from_str(&format!("{prefix}{key}")).ok())
+            .map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+            .ok_or_else(|| var.to_string())
+    })
 }

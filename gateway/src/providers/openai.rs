@@ -45,6 +45,11 @@ impl OpenAi {
 
 #[async_trait]
 impl Provider for OpenAi {
+    /// Servers that speak the OpenAI API get the client's own fields as they are.
+    fn supports_op(&self, _op: Operation) -> bool {
+        true
+    }
+
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
             Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
