@@ -2125,6 +2125,41 @@ canary = { provider = "b", share = 0.1 }
     }
 
     #[test]
+    fn prices_by_model_size_quality_step_and_gpu_second() {
+        let p = r#"
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+price = { per_image_usd = { "1024x1024" = 0.04, default = 0.05 }, quality = { hd = { "1024x1024" = 0.08 } }, models = { "sdxl" = { per_step_usd = 0.0001, per_gpu_second_usd = 0.002 } } }
+[[routes]]
+name = "r"
+targets = [{ provider = "o" }]
+"#;
+        let pol = check(&[("p.toml", p)]).unwrap();
+        let price = pol.providers["o"].price.as_ref().unwrap();
+        let b = |model, size, quality, images, steps, gpu| Billable {
+            model,
+            size,
+            quality,
+            images,
+            steps,
+            gpu_seconds: gpu,
+        };
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-12);
+        assert!(close(price.cost(&b("dall-e-3", "1024x1024", None, 2, None, None)), 0.08));
+        assert!(close(price.cost(&b("dall-e-3", "1024x1024", Some("hd"), 2, None, None)), 0.16));
+        assert!(
+            close(price.cost(&b("dall-e-3", "1792x1024", Some("hd"), 1, None, None)), 0.05),
+            "no hd price for the size"
+        );
+        // A model's table replaces the provider's: 30 steps x 2 images x 0.0001 + 4 s x 0.002.
+        assert!(close(price.cost(&b("sdxl", "1024x1024", None, 2, Some(30), Some(4.0))), 0.006 + 0.008));
+        assert_eq!(price.cost(&b("sdxl", "1024x1024", None, 1, None, None)), None, "nothing applies");
+        let errs = check(&[("p.toml", &p.replace("0.0001", "-1.0"))]).unwrap_err();
+        assert_eq!(errs, vec!["p.toml: providers.o.price.models.sdxl.per_step_usd: must be a number >= 0"]);
+    }
+
+    #[test]
     fn duplicates_across_files_are_refused() {
         let a = "[providers.demo]\nkind = \"builtin\"\n[[routes]]\nname = \"r\"\ntargets = [{ provider = \"demo\" }]\n";
         let errs = check(&[("a.toml", a), ("b.toml", a)]).unwrap_err();
