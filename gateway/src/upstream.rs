@@ -47,6 +47,8 @@ pub struct Answer {
     /// How long the upstream asked to be left alone (`Retry-After` and the like), read from a
     /// non-2xx answer's headers.
     pub retry_after: Option<std::time::Duration>,
+    /// The answer's headers (moved out of the response, not copied).
+    pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -143,18 +145,20 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
                     })
                 }
             };
-            let status = resp.status();
+            let (parts, body) = resp.into_parts();
+            let status = parts.status;
             let retry_after = if status.is_success() {
                 None
             } else {
-                crate::health::retry_after(resp.headers(), std::time::SystemTime::now())
+                crate::health::retry_after(&parts.headers, std::time::SystemTime::now())
             };
-            let body = Limited::new(resp.into_body(), max_body)
+            let headers = parts.headers;
+            let body = Limited::new(body, max_body)
                 .collect()
                 .await
                 .map_err(|e| Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}"))))?
                 .to_bytes();
-            Ok(Answer { status, retry_after, body })
+            Ok(Answer { status, retry_after, headers, body })
         };
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {

@@ -1,21 +1,389 @@
-//! Placeholder while the adapter is written: every attempt is refused as unsupported.
+//! `kind = "vertex_imagen"`: Imagen on Google Cloud Vertex AI.
+//!
+//! POST `{base_url}/projects/{project}/locations/{location}/publishers/google/models/{model}:predict`
+//! with `{"instances":[{"prompt"}],"parameters":{..}}` and an OAuth2 bearer token, taken from the
+//! environment variable `token_env` or printed by `token_command` (cached for 50 minutes, and
+//! fetched again once when the API answers 401).
+//!
+//! What Imagen cannot do:
+//! - Sizes: it draws one of five aspect ratios (1:1, 3:4, 4:3, 9:16, 16:9) at its own fixed
+//!   resolution (1024x1024, 896x1280, 1280x896, 768x1408, 1408x768 on Imagen 3). The nearest
+//!   ratio to the requested size is asked for; any other size comes back at that resolution, and
+//!   the sanity evaluator flags the difference when the client asked for an exact size.
+//! - More than 4 images per call: `sampleCount` is capped at 4 and fewer images come back.
+//! - Steps, guidance, sampler, quality and style are not parameters of `:predict` (dropped).
+//!   `negativePrompt` is only honoured by older models; newer ones ignore it.
+//! - A seed only applies without the invisible watermark, so `addWatermark: false` goes with it.
+//!   Imagen does not report the seed it used.
+
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
 
-use super::{AttemptRequest, Generation, Provider, ProviderError};
+use super::{skim, AttemptRequest, Generation, Image, Param, Provider, ProviderError};
+use crate::body::ChunkedBody;
 use crate::policy::Connection;
+use crate::upstream;
 
-pub struct Vertex;
+/// Four 2048x2048 PNGs in base64 stay well below this.
+const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+/// The most images one `:predict` call returns.
+const MAX_SAMPLES: u32 = 4;
+/// Access tokens printed by `gcloud auth print-access-token` live an hour; refreshing after
+/// 50 minutes keeps a request from going out with one about to expire.
+const TOKEN_TTL: Duration = Duration::from_secs(50 * 60);
+/// A token command that hangs must not hold attempts forever.
+const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The aspect ratios Imagen draws.
+const RATIOS: [(u32, u32); 5] = [(1, 1), (3, 4), (4, 3), (9, 16), (16, 9)];
+
+pub struct Vertex {
+    /// `{base_url}/projects/{project}/locations/{location}/publishers/google/models/`; the model
+    /// and `:predict` follow per request.
+    models_url: String,
+    token: TokenSource,
+}
 
 impl Vertex {
-    pub fn new(_c: &Connection) -> Self {
-        Vertex
+    pub fn new(c: &Connection) -> Self {
+        let project = c.project.as_deref().unwrap_or_default();
+        let location = c.location.as_deref().unwrap_or_default();
+        Vertex {
+            models_url: format!(
+                "{}/projects/{project}/locations/{location}/publishers/google/models/",
+                c.base_url.trim_end_matches('/')
+            ),
+            token: TokenSource {
+                env: c.token_env.clone(),
+                command: c.token_command.clone(),
+                cached: std::sync::Mutex::new(None),
+                refresh: tokio::sync::Mutex::new(()),
+            },
+        }
     }
 }
 
 #[async_trait]
 impl Provider for Vertex {
-    async fn generate(&self, _attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
-        Err(ProviderError::Unsupported("adapter not built yet".into()))
+    fn supports(&self, param: Param) -> bool {
+        matches!(param, Param::NegativePrompt | Param::Seed)
+    }
+
+    async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let model = attempt.model;
+        if model.is_empty() || !model.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@')) {
+            return Err(ProviderError::Other(format!("\"{model}\" is not a Vertex AI model id")));
+        }
+        let endpoint =
+            upstream::Endpoint::parse(&format!("{}{model}:predict", self.models_url)).map_err(ProviderError::Other)?;
+        let body = Bytes::from(predict_body(attempt).to_string());
+
+        let (token, refreshable) = self.token.get(None).await?;
+        let mut answer = predict(&endpoint, body.clone(), token.clone()).await?;
+        if answer.status == StatusCode::UNAUTHORIZED && refreshable {
+            // The cached token was revoked or expired early: one fresh token, one more try.
+            let (fresh, _) = self.token.get(Some(&token)).await?;
+            answer = predict(&endpoint, body, fresh).await?;
+        }
+        if answer.status.is_success() {
+            parse_answer(&answer.body)
+        } else {
+            let mut e = classify_error(answer.status, &answer.body);
+            if let ProviderError::Status { retry_after, .. } = &mut e {
+                *retry_after = answer.retry_after;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn predict(
+    endpoint: &upstream::Endpoint,
+    body: Bytes,
+    token: HeaderValue,
+) -> Result<upstream::Answer, ProviderError> {
+    let mut chunked = ChunkedBody::default();
+    chunked.push(body);
+    let req = Request::post("/")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json")
+        .header(header::AUTHORIZATION, token)
+        .body(chunked)
+        .map_err(|e| ProviderError::Other(e.to_string()))?;
+    upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+        upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
+        upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
+    })
+}
+
+/// The `:predict` request: only what the request sets and this attempt may send.
+fn predict_body(attempt: &AttemptRequest<'_>) -> serde_json::Value {
+    let req = attempt.req;
+    let (w, h) = nearest_ratio(req.size.width, req.size.height, &RATIOS);
+    let mut parameters = json!({
+        "sampleCount": req.n.clamp(1, MAX_SAMPLES),
+        "aspectRatio": format!("{w}:{h}"),
+        "includeRaiReason": true,
+        "outputOptions": {"mimeType": "image/png"},
+    });
+    if attempt.sends(Param::NegativePrompt) {
+        parameters["negativePrompt"] = json!(req.negative_prompt);
+    }
+    if attempt.sends(Param::Seed) {
+        parameters["seed"] = json!(req.seed);
+        parameters["addWatermark"] = json!(false);
+    }
+    json!({"instances": [{"prompt": req.prompt}], "parameters": parameters})
+}
+
+/// The ratio of `ratios` nearest to `width:height` (compared in log space, so 2:1 and 1:2 are
+/// equally far from 1:1).
+pub(crate) fn nearest_ratio(width: u32, height: u32, ratios: &[(u32, u32)]) -> (u32, u32) {
+    let want = (f64::from(width.max(1)) / f64::from(height.max(1))).ln();
+    let distance = |&(a, b): &(u32, u32)| (want - (f64::from(a) / f64::from(b)).ln()).abs();
+    ratios.iter().copied().min_by(|x, y| distance(x).total_cmp(&distance(y))).unwrap_or((1, 1))
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    predictions: Vec<Prediction>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Prediction {
+    #[serde(default)]
+    bytes_base64_encoded: Option<String>,
+    #[serde(default)]
+    rai_filtered_reason: Option<String>,
+}
+
+/// Parses a 2xx answer; image payloads stay slices of `body` (see `skim`). A filtered image is
+/// a prediction with only a reason; when every image was filtered the attempt is refused with
+/// the reasons, and fewer images than asked are returned as they are.
+fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
+    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+    let answer: Answer = serde_json::from_slice(&skimmed.remainder)
+        .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
+    let mut images = Vec::with_capacity(answer.predictions.len());
+    let mut reasons: Vec<String> = Vec::new();
+    for (i, p) in answer.predictions.into_iter().enumerate() {
+        match (p.bytes_base64_encoded, p.rai_filtered_reason) {
+            (Some(b64), _) => match skim::base64_value(skimmed.resolve(&b64)) {
+                Some(bytes) => images.push(Image::Base64(bytes)),
+                None => {
+                    return Err(ProviderError::BadResponse(format!(
+                        "predictions[{i}].bytesBase64Encoded is not valid base64 (truncated or corrupt)"
+                    )))
+                }
+            },
+            (None, Some(reason)) => reasons.push(reason.chars().filter(|c| !c.is_control()).take(300).collect()),
+            (None, None) => {
+                return Err(ProviderError::BadResponse(format!(
+                    "predictions[{i}] has neither bytesBase64Encoded nor raiFilteredReason"
+                )))
+            }
+        }
+    }
+    if images.is_empty() {
+        // Imagen answers `{}` when its filters removed every image and no reason was asked for.
+        let why = if reasons.is_empty() {
+            "Imagen returned no images (its safety filters removed them all)".to_string()
+        } else {
+            reasons.join("; ")
+        };
+        return Err(ProviderError::ContentFiltered(why));
+    }
+    Ok(Generation { images, ..Default::default() })
+}
+
+/// Maps a Google API error `{"error":{"code","message","status"}}`: the client's own mistakes
+/// are passed back (OpenAI-shaped), a prompt Google's Responsible AI filter refused is a content
+/// filter answer, the rest may be retried elsewhere.
+fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
+    let (message, google_status) = google_error(body);
+    let status_error = |message: String| ProviderError::Status { status, message, retry_after: None };
+    match status.as_u16() {
+        401 | 403 => status_error(format!(
+            "the provider refused the gateway's credentials ({})",
+            google_status.as_deref().unwrap_or("no status")
+        )),
+        // A model the region does not serve: another target may.
+        404 | 408 | 429 | 500..=599 => status_error(message),
+        400..=499 if filtered_prompt(&message) => ProviderError::ContentFiltered(message),
+        400..=499 => {
+            let v = json!({"error": {
+                "message": format!("upstream rejected the request: {message}"),
+                "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
+            ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
+        }
+        _ => status_error(message),
+    }
+}
+
+/// Imagen refuses some prompts with a 400 that names its Responsible AI practices.
+fn filtered_prompt(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("responsible ai") || m.contains("sensitive words") || m.contains("usage guidelines")
+}
+
+/// The error's message (control characters removed, at most 300 characters) and its status
+/// name (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`, ...).
+fn google_error(body: &[u8]) -> (String, Option<String>) {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let field = |name: &str| v.as_ref().and_then(|v| v["error"][name].as_str()).map(str::to_owned);
+    let text = field("message").unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    let status = field("status").filter(|s| s.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+    (if text.is_empty() { "(empty body)".into() } else { text }, status)
+}
+
+/// Where the bearer token comes from.
+struct TokenSource {
+    /// Environment variable holding a token, read on every attempt.
+    env: Option<String>,
+    /// A command printing a token, used when `env` is not set.
+    command: Vec<String>,
+    /// The command's last token and when it was fetched.
+    cached: std::sync::Mutex<Option<(HeaderValue, Instant)>>,
+    /// One command run at a time: concurrent attempts wait for it rather than run their own.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl TokenSource {
+    /// The `Authorization` header and whether a fresh one can be had on a 401. `stale`: the
+    /// header the API just refused, not to be handed out again.
+    async fn get(&self, stale: Option<&HeaderValue>) -> Result<(HeaderValue, bool), ProviderError> {
+        if let Some(var) = &self.env {
+            match std::env::var(var).ok().filter(|t| !t.trim().is_empty()) {
+                Some(token) => return bearer(token.trim()).map(|h| (h, false)),
+                None if self.command.is_empty() => {
+                    return Err(ProviderError::Credential(format!("environment variable {var} is not set")))
+                }
+                None => {}
+            }
+        }
+        if self.command.is_empty() {
+            return Err(ProviderError::Credential("no token_env or token_command".into()));
+        }
+        let usable = |c: &Option<(HeaderValue, Instant)>| {
+            c.as_ref().filter(|(h, at)| at.elapsed() < TOKEN_TTL && Some(h) != stale).map(|(h, _)| h.clone())
+        };
+        if let Some(h) = usable(&self.cached.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok((h, true));
+        }
+        let _one_at_a_time = self.refresh.lock().await;
+        // Someone else may have refreshed it while this attempt waited.
+        if let Some(h) = usable(&self.cached.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok((h, true));
+        }
+        let h = run_token_command(&self.command).await?;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((h.clone(), Instant::now()));
+        Ok((h, true))
+    }
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, ProviderError> {
+    let mut h = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| ProviderError::Credential("the access token is not a valid header value".into()))?;
+    h.set_sensitive(true);
+    Ok(h)
+}
+
+/// Runs the token command (killed if the attempt is dropped or it takes too long). Its output is
+/// the token, so only its exit status and stderr ever reach a message.
+async fn run_token_command(argv: &[String]) -> Result<HeaderValue, ProviderError> {
+    let program = &argv[0];
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| {
+            ProviderError::Credential(format!(
+                "token_command {program} did not finish within {} s",
+                TOKEN_COMMAND_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| ProviderError::Credential(format!("cannot run token_command {program}: {e}")))?;
+    if !out.status.success() {
+        let stderr: String =
+            String::from_utf8_lossy(&out.stderr).chars().filter(|c| !c.is_control()).take(200).collect();
+        return Err(ProviderError::Credential(format!("token_command {program} failed ({}): {stderr}", out.status)));
+    }
+    let token = std::str::from_utf8(&out.stdout).map(str::trim).unwrap_or_default();
+    if token.is_empty() {
+        return Err(ProviderError::Credential(format!("token_command {program} printed no token")));
+    }
+    bearer(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_map_to_the_nearest_ratio() {
+        for (w, h, want) in [
+            (1024, 1024, (1, 1)),
+            (1792, 1024, (16, 9)),
+            (1024, 1792, (9, 16)),
+            (1280, 896, (4, 3)),
+            (768, 1024, (3, 4)),
+            (1536, 1024, (4, 3)), // 3:2 is nearer 4:3 than 16:9
+            (1100, 1000, (1, 1)),
+        ] {
+            assert_eq!(nearest_ratio(w, h, &RATIOS), want, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn filtered_and_partial_answers() {
+        let g = parse_answer(&Bytes::from_static(
+            br#"{"predictions":[{"bytesBase64Encoded":"aGk=","mimeType":"image/png"},{"raiFilteredReason":"x"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(g.images.len(), 1);
+        let e = parse_answer(&Bytes::from_static(br#"{"predictions":[{"raiFilteredReason":"Bad prompt 58061214"}]}"#))
+            .unwrap_err();
+        assert!(matches!(&e, ProviderError::ContentFiltered(m) if m.contains("58061214")), "{e}");
+        assert_eq!(parse_answer(&Bytes::from_static(b"{}")).unwrap_err().label(), "content_filtered");
+        for bad in [&b"<html>"[..], br#"{"predictions":[{}]}"#, br#"{"predictions":[{"bytesBase64Encoded":"!!"}]}"#] {
+            assert_eq!(parse_answer(&Bytes::copy_from_slice(bad)).unwrap_err().label(), "bad_response");
+        }
+    }
+
+    #[test]
+    fn google_errors_are_classified() {
+        let body = br#"{"error":{"code":400,"message":"sampleCount must be <= 4","status":"INVALID_ARGUMENT"}}"#;
+        match classify_error(StatusCode::BAD_REQUEST, body) {
+            ProviderError::Rejected { body, .. } => {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["error"]["code"], "upstream_rejected");
+                assert!(v["error"]["message"].as_str().unwrap().contains("sampleCount must be <= 4"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = classify_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            br#"{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}"#,
+        );
+        assert_eq!((e.label(), e.retryable()), ("status_429", true));
+        let e = classify_error(StatusCode::FORBIDDEN, br#"{"error":{"message":"token ya29.secret denied"}}"#);
+        assert!(!e.to_string().contains("ya29"), "{e}");
+        let e = classify_error(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":{"message":"The prompt could not be submitted. It contains sensitive words that violate Google's Responsible AI practices."}}"#,
+        );
+        assert_eq!(e.label(), "content_filtered");
+        assert_eq!(classify_error(StatusCode::SERVICE_UNAVAILABLE, b"").label(), "status_5xx");
     }
 }

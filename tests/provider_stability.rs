@@ -1,0 +1,468 @@
+//! `kind = "stability"` end to end: the real binary against a mock of Stability AI's v2beta
+//! Stable Image generate endpoints that checks what Stability documents (endpoint per model,
+//! bearer key, `accept`, multipart fields and their allowed values) and answers the way the API
+//! does: `{"image","finish_reason","seed"}` JSON, or raw image bytes with `finish-reason` and
+//! `seed` headers, `{"id","name","errors"}` error bodies, 403 content_moderation, 429.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::response::Response;
+use common::*;
+use serde_json::json;
+
+const KEY: &str = "sk-stability-test-91";
+const RATIOS: [&str; 9] = ["16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21"];
+const PRESETS: [&str; 17] = [
+    "3d-model",
+    "analog-film",
+    "anime",
+    "cinematic",
+    "comic-book",
+    "digital-art",
+    "enhance",
+    "fantasy-art",
+    "isometric",
+    "line-art",
+    "low-poly",
+    "modeling-compound",
+    "neon-punk",
+    "origami",
+    "photographic",
+    "pixel-art",
+    "tile-texture",
+];
+const SD3_MODELS: [&str; 4] = ["sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "sd3.5-flash"];
+/// The mock's seed when the request names none.
+const FIRST_RANDOM_SEED: u64 = 3_141_592;
+
+struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+struct StabilityState {
+    requests: Mutex<Vec<Captured>>,
+    /// Answers for the next requests, in order, before any checking.
+    script: Mutex<VecDeque<Reply>>,
+    /// Answer with the image bytes (what `accept: image/*` gets) instead of JSON.
+    bytes: Mutex<bool>,
+    next_seed: AtomicU64,
+    png: Vec<u8>,
+}
+
+#[derive(Clone)]
+struct StabilityMock {
+    state: Arc<StabilityState>,
+    addr: std::net::SocketAddr,
+}
+
+impl StabilityMock {
+    async fn start() -> StabilityMock {
+        let state = Arc::new(StabilityState {
+            requests: Mutex::new(Vec::new()),
+            script: Mutex::new(VecDeque::new()),
+            bytes: Mutex::new(false),
+            next_seed: AtomicU64::new(FIRST_RANDOM_SEED),
+            png: make_png(6, 6, [250, 180, 20]),
+        });
+        let app = axum::Router::new().fallback(handle).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        StabilityMock { state, addr }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<Captured> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    fn hits(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    fn last(&self) -> Captured {
+        self.requests().pop().expect("the mock received no request")
+    }
+
+    fn script(&self, replies: Vec<Reply>) {
+        *self.state.script.lock().unwrap() = replies.into();
+    }
+
+    fn png(&self) -> Vec<u8> {
+        self.state.png.clone()
+    }
+}
+
+fn header(c: &Captured, name: &str) -> Option<String> {
+    c.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// A Stability error body.
+fn stability_error(status: u16, name: &str, error: &str) -> Reply {
+    Reply {
+        status,
+        headers: Vec::new(),
+        body: json!({"id": "4f1c0b1e9d2a4c7e8b3f5a6d7e8f9a0b", "name": name, "errors": [error]})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
+async fn handle(State(state): State<Arc<StabilityState>>, req: axum::extract::Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
+    state.requests.lock().unwrap().push(Captured {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let scripted = state.script.lock().unwrap().pop_front();
+    let reply = match scripted {
+        Some(r) => r,
+        None => generate(&state, &parts, body).await,
+    };
+    let json = reply.body.first() == Some(&b'{');
+    let mut b = Response::builder()
+        .status(reply.status)
+        .header("content-type", if json { "application/json" } else { "image/png" });
+    for (k, v) in reply.headers {
+        b = b.header(k, v);
+    }
+    b.body(axum::body::Body::from(reply.body)).unwrap()
+}
+
+/// What the generate endpoints answer, after checking the request the way the API does.
+async fn generate(state: &StabilityState, parts: &http::request::Parts, body: bytes::Bytes) -> Reply {
+    let endpoint = parts.uri.path().strip_prefix("/v2beta/stable-image/generate/");
+    let Some(endpoint @ ("ultra" | "core" | "sd3")) = endpoint.filter(|_| parts.method == http::Method::POST) else {
+        return stability_error(404, "not_found", &format!("mock: no such endpoint {}", parts.uri.path()));
+    };
+    let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {KEY}")) {
+        return stability_error(401, "unauthorized", "missing or invalid API key");
+    }
+    let accept = parts.headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept != "application/json" && accept != "image/*" {
+        return stability_error(400, "bad_request", "accept: must be application/json or image/*");
+    }
+    let ct = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let form = match parse_form(ct, body).await {
+        Ok(f) => f,
+        Err(e) => return stability_error(400, "bad_request", &format!("body must be multipart/form-data: {e}")),
+    };
+    let field =
+        |name: &str| form.iter().find(|p| p.name == name).map(|p| String::from_utf8_lossy(&p.data).into_owned());
+    let allowed: &[&str] = match endpoint {
+        "sd3" => &[
+            "prompt",
+            "negative_prompt",
+            "aspect_ratio",
+            "seed",
+            "output_format",
+            "style_preset",
+            "model",
+            "mode",
+            "cfg_scale",
+        ],
+        _ => &["prompt", "negative_prompt", "aspect_ratio", "seed", "output_format", "style_preset"],
+    };
+    if let Some(p) = form.iter().find(|p| !allowed.contains(&p.name.as_str())) {
+        return stability_error(400, "bad_request", &format!("{}: unknown parameter", p.name));
+    }
+    let prompt = field("prompt").unwrap_or_default();
+    if prompt.trim().is_empty() {
+        return stability_error(400, "bad_request", "prompt: cannot be empty");
+    }
+    if let Some(r) = field("aspect_ratio").filter(|r| !RATIOS.contains(&r.as_str())) {
+        return stability_error(400, "bad_request", &format!("aspect_ratio: {r} is not one of {RATIOS:?}"));
+    }
+    if let Some(s) = field("style_preset").filter(|s| !PRESETS.contains(&s.as_str())) {
+        return stability_error(400, "bad_request", &format!("style_preset: {s} is not a preset"));
+    }
+    if let Some(m) = field("model").filter(|m| !SD3_MODELS.contains(&m.as_str())) {
+        return stability_error(400, "bad_request", &format!("model: {m} is not an SD3 model"));
+    }
+    if field("output_format").is_some_and(|f| !["png", "jpeg", "webp"].contains(&f.as_str())) {
+        return stability_error(400, "bad_request", "output_format: must be png, jpeg or webp");
+    }
+    let seed = match field("seed") {
+        None => state.next_seed.fetch_add(1, Ordering::SeqCst),
+        Some(s) => match s.parse::<u64>() {
+            Ok(v) if v <= 4_294_967_294 => v,
+            _ => return stability_error(400, "bad_request", "seed: must be an integer from 0 to 4294967294"),
+        },
+    };
+    // Prompts moderation refuses outright, and outputs it blurs and marks.
+    if prompt.contains("forbidden") {
+        return stability_error(
+            403,
+            "content_moderation",
+            "Your request was flagged by the content moderation system and denied; you were not charged.",
+        );
+    }
+    let finish = if prompt.contains("blurred") { "CONTENT_FILTERED" } else { "SUCCESS" };
+    if *state.bytes.lock().unwrap() {
+        return Reply {
+            status: 200,
+            headers: vec![("finish-reason", finish.to_string()), ("seed", seed.to_string())],
+            body: state.png.clone(),
+        };
+    }
+    Reply {
+        status: 200,
+        headers: Vec::new(),
+        body: json!({"image": b64_encode(&state.png), "finish_reason": finish, "seed": seed}).to_string().into_bytes(),
+    }
+}
+
+/// `stability` for the aliases "core", "ultra" and "large", falling back to `backup`.
+fn policy(mock: &StabilityMock, backup: &MockProvider) -> String {
+    let route = |name: &str, model: &str| {
+        format!(
+            r#"[[routes]]
+name = "{name}"
+match = {{ model = "{name}" }}
+targets = [{{ provider = "stability", model = "{model}" }}]
+fallbacks = ["spare"]
+attempt_timeout_ms = 20000
+deadline_ms = 40000
+
+"#
+        )
+    };
+    format!(
+        r#"[providers.stability]
+kind = "stability"
+base_url = "{}"
+api_key_env = "ACC_TEST_STABILITY_KEY"
+price = {{ per_image_usd = 0.03, models = {{ "ultra" = {{ per_image_usd = 0.08 }} }} }}
+breaker = {{ enabled = false }}
+
+{}
+{}{}{}[[routes]]
+name = "spare"
+match = {{ model = "spare-only" }}
+targets = [{{ provider = "backup", model = "backup-model" }}]
+"#,
+        mock.base_url(),
+        openai_provider_at("backup", &backup.base_url()),
+        route("core", "core"),
+        route("ultra", "ultra"),
+        route("large", "sd3.5-large"),
+    )
+}
+
+struct Setup {
+    mock: StabilityMock,
+    backup: MockProvider,
+    gw: Gateway,
+    _dir: PolicyDir,
+}
+
+async fn setup() -> Setup {
+    let mock = StabilityMock::start().await;
+    let backup = MockProvider::start().await;
+    let dir = PolicyDir::with(&policy(&mock, &backup));
+    let gw = Gateway::start_with_env(dir.path(), &[("ACC_TEST_STABILITY_KEY", KEY)]).await;
+    Setup { mock, backup, gw, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_images_are_n_multipart_calls_with_the_mapped_fields() {
+    let s = setup().await;
+    let r =
+        s.gw.generate(&json!({
+            "model": "core", "prompt": "a koi pond at dawn", "n": 2, "size": "1024x1792",
+            "seed": 100, "negative_prompt": "text, watermark", "style": "natural",
+            "steps": 40, "sampler": "DPM++ 2M", "response_format": "b64_json",
+        }))
+        .await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![s.mock.png(), s.mock.png()], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["stability:ok"], "{}", r.describe());
+    assert_eq!(s.mock.hits(), 2, "one call per image");
+    assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("steps, sampler"), "{}", r.describe());
+    let generation = r.header("x-acc-generation").unwrap_or_default();
+    assert!(generation.starts_with("seed=100;"), "x-acc-generation: {generation}");
+    assert!(generation.contains("model=core"), "x-acc-generation: {generation}");
+    assert!(!generation.contains("steps") && !generation.contains("sampler"), "x-acc-generation: {generation}");
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.06"), "2 images at 0.03: {}", r.describe());
+
+    let mut seeds = Vec::new();
+    for c in s.mock.requests() {
+        assert_eq!((c.method.as_str(), c.path.as_str()), ("POST", "/v2beta/stable-image/generate/core"));
+        assert_eq!(header(&c, "authorization"), Some(format!("Bearer {KEY}")));
+        assert_eq!(header(&c, "accept").as_deref(), Some("application/json"));
+        let form = c.form().await;
+        assert_eq!(form_text(&form, "prompt").as_deref(), Some("a koi pond at dawn"));
+        assert_eq!(form_text(&form, "negative_prompt").as_deref(), Some("text, watermark"));
+        assert_eq!(form_text(&form, "aspect_ratio").as_deref(), Some("9:16"), "1024x1792 is nearest 9:16");
+        assert_eq!(form_text(&form, "output_format").as_deref(), Some("png"));
+        assert_eq!(form_text(&form, "style_preset").as_deref(), Some("photographic"), "natural maps to photographic");
+        assert_eq!(form_text(&form, "model"), None, "core takes no model field");
+        for dropped in ["steps", "sampler", "n", "size", "response_format"] {
+            assert_eq!(form_text(&form, dropped), None, "{dropped} must not be sent");
+        }
+        seeds.push(form_text(&form, "seed").unwrap());
+    }
+    seeds.sort();
+    assert_eq!(seeds, vec!["100", "101"], "image i gets seed + i, so the two images differ");
+
+    // No seed asked: the seed the provider reports is the one in x-acc-generation.
+    let r = s.gw.generate(&json!({"model": "core", "prompt": "a koi pond", "response_format": "b64_json"})).await;
+    r.assert_status(200);
+    let generation = r.header("x-acc-generation").unwrap_or_default();
+    assert!(generation.starts_with(&format!("seed={FIRST_RANDOM_SEED};")), "x-acc-generation: {generation}");
+    let form = s.mock.last().form().await;
+    assert_eq!(form_text(&form, "seed"), None);
+    assert_eq!(form_text(&form, "aspect_ratio").as_deref(), Some("1:1"));
+    assert_eq!(form_text(&form, "negative_prompt"), None);
+    assert_eq!(form_text(&form, "style_preset"), None);
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.03"));
+
+    // response_format=url: the gateway serves the provider's bytes.
+    let r = s.gw.generate(&json!({"model": "core", "prompt": "a koi", "n": 2, "response_format": "url"})).await;
+    r.assert_status(200);
+    let data = r.json()["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(data.len(), 2, "{}", r.describe());
+    for item in data {
+        let url = item["url"].as_str().unwrap_or_else(|| panic!("no url: {}", r.describe())).to_string();
+        let image = get(&url, &[]).await;
+        image.assert_status(200);
+        assert_eq!(image.body.to_vec(), s.mock.png(), "GET {url}");
+    }
+    assert_eq!(s.backup.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_picks_the_endpoint_and_byte_answers_are_taken() {
+    let s = setup().await;
+    let r = s
+        .gw
+        .generate(&json!({"model": "ultra", "prompt": "a glacier", "size": "1792x1024", "style": "pixel_art", "response_format": "b64_json"}))
+        .await;
+    r.assert_status(200);
+    let c = s.mock.last();
+    assert_eq!(c.path, "/v2beta/stable-image/generate/ultra");
+    let form = c.form().await;
+    assert_eq!(form_text(&form, "model"), None);
+    assert_eq!(form_text(&form, "aspect_ratio").as_deref(), Some("16:9"));
+    assert_eq!(form_text(&form, "style_preset").as_deref(), Some("pixel-art"));
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.08"), "the model's own price: {}", r.describe());
+
+    let r = s
+        .gw
+        .generate(&json!({"model": "large", "prompt": "a glacier", "size": "1024x1536", "seed": 5, "response_format": "b64_json"}))
+        .await;
+    r.assert_status(200);
+    let c = s.mock.last();
+    assert_eq!(c.path, "/v2beta/stable-image/generate/sd3");
+    let form = c.form().await;
+    assert_eq!(form_text(&form, "model").as_deref(), Some("sd3.5-large"));
+    assert_eq!(form_text(&form, "aspect_ratio").as_deref(), Some("2:3"));
+    assert_eq!(form_text(&form, "seed").as_deref(), Some("5"));
+    assert!(r.header("x-acc-generation").unwrap_or_default().contains("model=sd3.5-large"), "{}", r.describe());
+
+    // A style that is no preset is not sent (Stability would refuse it).
+    let r =
+        s.gw.generate(&json!({"model": "core", "prompt": "x", "style": "watercolour", "response_format": "b64_json"}))
+            .await;
+    r.assert_status(200);
+    assert_eq!(form_text(&s.mock.last().form().await, "style_preset"), None);
+
+    // The provider answers with the image bytes themselves.
+    *s.mock.state.bytes.lock().unwrap() = true;
+    for format in ["b64_json", "url"] {
+        let r =
+            s.gw.generate(&json!({"model": "core", "prompt": "a glacier", "n": 2, "response_format": format})).await;
+        r.assert_status(200);
+        let images = match format {
+            "b64_json" => b64_images(&r),
+            _ => {
+                let mut out = Vec::new();
+                for item in r.json()["data"].as_array().unwrap() {
+                    out.push(get(item["url"].as_str().unwrap(), &[]).await.body.to_vec());
+                }
+                out
+            }
+        };
+        assert_eq!(images, vec![s.mock.png(), s.mock.png()], "{format}: {}", r.describe());
+    }
+    assert_eq!(s.backup.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_errors_and_rate_limits() {
+    let s = setup().await;
+    let req = |prompt: &str, n: u32| json!({"model": "core", "prompt": prompt, "n": n, "response_format": "b64_json"});
+
+    // 403 content_moderation: content_policy_violation, no other provider asked.
+    let r = s.gw.generate(&req("something forbidden", 1)).await;
+    let err = r.assert_error(400, "content_policy_violation");
+    assert!(err["message"].as_str().unwrap().contains("flagged"), "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["stability:content_filtered"], "{}", r.describe());
+
+    // finish_reason CONTENT_FILTERED on a 200: the same.
+    let r = s.gw.generate(&req("something blurred", 2)).await;
+    r.assert_error(400, "content_policy_violation");
+    assert_eq!(r.attempts(), vec!["stability:content_filtered"], "{}", r.describe());
+
+    // One of two calls filtered: the other image comes back, and only it is billed.
+    s.mock.script(vec![Reply {
+        status: 200,
+        headers: Vec::new(),
+        body: json!({"image": b64_encode(&s.mock.png()), "finish_reason": "CONTENT_FILTERED", "seed": 9})
+            .to_string()
+            .into_bytes(),
+    }]);
+    let r = s.gw.generate(&req("a meadow", 2)).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r).len(), 1, "{}", r.describe());
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.03"), "{}", r.describe());
+
+    // 400 bad_request: the client's fault, OpenAI-shaped with Stability's own words, not retried.
+    s.mock.script(vec![stability_error(400, "bad_request", "prompt: must be at most 10000 characters")]);
+    let r = s.gw.generate(&req("a meadow", 1)).await;
+    let err = r.assert_error(400, "upstream_rejected");
+    assert!(err["message"].as_str().unwrap().contains("at most 10000 characters"), "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["stability:status_4xx"], "{}", r.describe());
+
+    // A refused key or a server error: retryable, the fallback answers; the key never shows.
+    for (reply, label) in [
+        (stability_error(401, "unauthorized", &format!("invalid key {KEY}")), "status_4xx"),
+        (stability_error(500, "internal_error", "An unexpected server error occurred."), "status_5xx"),
+    ] {
+        s.mock.script(vec![reply]);
+        let r = s.gw.generate(&req("a meadow", 1)).await;
+        r.assert_status(200);
+        assert_eq!(r.attempts(), vec![format!("stability:{label}"), "backup:ok".to_string()], "{}", r.describe());
+        assert!(!r.text().contains(KEY) && !r.describe().contains(KEY), "{}", r.describe());
+    }
+    assert!(!s.gw.stderr().contains(KEY), "the key is never logged");
+    assert_eq!(s.backup.hits(), 2);
+
+    // 429 with Retry-After: the fallback answers, then Stability is left alone as it asked.
+    let mut limited =
+        stability_error(429, "rate_limit_exceeded", "You have exceeded the rate limit of 150 requests per 10 seconds.");
+    limited.headers.push(("retry-after", "60".to_string()));
+    s.mock.script(vec![limited]);
+    let r = s.gw.generate(&req("a meadow", 1)).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["stability:status_429", "backup:ok"], "{}", r.describe());
+    let hits = s.mock.hits();
+    let r = s.gw.generate(&req("a meadow", 1)).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["stability:paused", "backup:ok"], "{}", r.describe());
+    assert_eq!(s.mock.hits(), hits);
+}
