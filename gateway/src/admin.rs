@@ -308,7 +308,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                 "queued": live.queued.load(Ordering::Relaxed),
                 "max_concurrency": s.concurrency.as_ref().map(|c| c.max),
                 "max_queue": s.concurrency.as_ref().map(|c| c.max_queue),
-                "price": s.price.as_ref().map(|pr| price_json(pr)),
+                "price": s.price.as_ref().map(price_json),
             })
         })
         .collect();

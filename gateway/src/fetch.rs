@@ -105,7 +105,7 @@ async fn follow(url: &str, policy: &FetchPolicy) -> Result<(Bytes, &'static str)
         let shown = shorten(&uri.to_string());
         let host = uri.host().ok_or_else(|| FetchError::BadUrl(format!("{shown}: no host")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        let named = policy.allow_hosts.iter().any(|h| *h == host);
+        let named = policy.allow_hosts.contains(&host);
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") if policy.allow_http || named => false,

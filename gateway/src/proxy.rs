@@ -488,7 +488,8 @@ async fn attempt_step(env: &AttemptEnv<'_>, s: Step, until: tokio::time::Instant
     let sent = tokio::time::Instant::now();
     let default_fetch = crate::policy::FetchPolicy::default();
     let fetch = spec.map_or(&default_fetch, |p| &p.fetch);
-    let attempt = AttemptRequest { req: env.req, model, dropped: &dropped, fetch };
+    let attempt =
+        AttemptRequest { req: env.req, model, target_model: target.model.as_deref(), dropped: &dropped, fetch };
     let result = match tokio::time::timeout_at(until, provider.generate(&attempt)).await {
         Ok(r) => r,
         Err(_) => Err(ProviderError::Timeout),

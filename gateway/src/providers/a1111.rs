@@ -1,21 +1,430 @@
-//! Placeholder while the adapter is written: every attempt is refused as unsupported.
+//! `kind = "a1111"`: a self-hosted AUTOMATIC1111 / Forge web UI started with `--api`.
+//!
+//! Generations POST `{base_url}/sdapi/v1/txt2img`; edits and variations POST
+//! `{base_url}/sdapi/v1/img2img` with the input images (and the mask) inline as base64. The
+//! answer carries base64 PNGs and, in `info` (a JSON document inside a string), the seed,
+//! sampler, steps, CFG scale and checkpoint actually used. Optional basic auth (`--api-auth`)
+//! from the environment variable `auth_env` names, holding `user:password`.
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::{AttemptRequest, Generation, Provider, ProviderError};
+use super::{openai, skim, AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
+use crate::body::ChunkedBody;
 use crate::policy::Connection;
+use crate::request::{FilePart, Operation};
+use crate::upstream;
 
-pub struct A1111;
+/// How far img2img may move away from the input: an edit repaints freely inside its mask, a
+/// variation keeps the input's composition.
+const EDIT_DENOISING: f64 = 0.75;
+const VARIATION_DENOISING: f64 = 0.6;
+
+pub struct A1111 {
+    /// `[txt2img, img2img]`, resolved once.
+    endpoints: Result<[upstream::Endpoint; 2], String>,
+    /// `Ok(header)` when `auth_env` holds `user:password`, `Err(why)` when it does not.
+    auth: Option<Result<HeaderValue, String>>,
+}
 
 impl A1111 {
-    pub fn new(_c: &Connection) -> Self {
-        A1111
+    pub fn new(c: &Connection) -> Self {
+        let endpoint = |path: &str| upstream::Endpoint::parse(&format!("{}/sdapi/v1/{path}", c.base_url));
+        let endpoints = (|| Ok([endpoint("txt2img")?, endpoint("img2img")?]))();
+        let auth = c.auth_env.as_deref().map(|var| match std::env::var(var) {
+            Ok(cred) if cred.contains(':') => {
+                let mut h = HeaderValue::from_str(&format!("Basic {}", base64_simd::STANDARD.encode_to_string(&cred)))
+                    .map_err(|_| format!("environment variable {var} does not hold user:password"))?;
+                h.set_sensitive(true);
+                Ok(h)
+            }
+            Ok(_) => Err(format!("environment variable {var} does not hold user:password")),
+            Err(_) => Err(format!("environment variable {var} is not set")),
+        });
+        A1111 { endpoints, auth }
     }
+}
+
+/// The fields of `txt2img` and `img2img` the gateway sets; anything else keeps the web UI's
+/// defaults. Unset options are left out rather than sent as null.
+#[derive(Serialize)]
+struct Payload<'a> {
+    prompt: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    negative_prompt: Option<&'a str>,
+    /// `-1` asks for a random seed; `info` then says which one was drawn.
+    seed: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cfg_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampler_name: Option<&'a str>,
+    width: u32,
+    height: u32,
+    batch_size: u32,
+    n_iter: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    override_settings: Option<Checkpoint<'a>>,
+    send_images: bool,
+    save_images: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    denoising_strength: Option<f64>,
+    /// 1 when the mask marks the area to repaint by transparency (OpenAI's convention) rather
+    /// than by white pixels (the web UI's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inpainting_mask_invert: Option<u8>,
+}
+
+#[derive(Serialize)]
+struct Checkpoint<'a> {
+    sd_model_checkpoint: &'a str,
 }
 
 #[async_trait]
 impl Provider for A1111 {
-    async fn generate(&self, _attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
-        Err(ProviderError::Unsupported("adapter not built yet".into()))
+    fn supports(&self, param: Param) -> bool {
+        !matches!(param, Param::Quality | Param::Style)
+    }
+
+    fn supports_op(&self, _op: Operation) -> bool {
+        true
+    }
+
+    async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let auth = match &self.auth {
+            Some(Err(why)) => return Err(ProviderError::Credential(why.clone())),
+            Some(Ok(h)) => Some(h),
+            None => None,
+        };
+        let endpoints = self.endpoints.as_ref().map_err(|e| ProviderError::Other(e.clone()))?;
+        let req = attempt.req;
+        let (endpoint, body) = match req.op {
+            Operation::Generate => (&endpoints[0], payload_body(&payload(attempt), &[], None)?),
+            Operation::Edit | Operation::Variation => {
+                let mut p = payload(attempt);
+                p.denoising_strength =
+                    Some(if req.op == Operation::Edit { EDIT_DENOISING } else { VARIATION_DENOISING });
+                let mask = req.mask.as_ref().filter(|_| req.op == Operation::Edit);
+                if mask.is_some_and(|m| png_has_alpha(&m.bytes)) {
+                    p.inpainting_mask_invert = Some(1);
+                }
+                if !req.size_given {
+                    // Without a size asked for, the result keeps the input's.
+                    if let Some((w, h)) = req.images.first().and_then(|i| dimensions(&i.bytes)) {
+                        (p.width, p.height) = (w, h);
+                    }
+                }
+                (&endpoints[1], payload_body(&p, &req.images, mask)?)
+            }
+        };
+        let mut http_req = Request::post("/")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(h) = auth {
+            http_req = http_req.header(header::AUTHORIZATION, h.clone());
+        }
+        let http_req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
+        let answer = upstream::send(endpoint, http_req, openai::MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
+            upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
+        })?;
+        if answer.status.is_success() {
+            parse_answer(&answer.body, req.n as usize)
+        } else {
+            Err(classify_error(answer.status, &answer.body, answer.retry_after))
+        }
+    }
+}
+
+/// The payload of one attempt; parameters the policy dropped are never sent.
+fn payload<'a>(attempt: &'a AttemptRequest<'a>) -> Payload<'a> {
+    let req = attempt.req;
+    Payload {
+        prompt: &req.prompt,
+        negative_prompt: req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)),
+        seed: req.seed.filter(|_| attempt.sends(Param::Seed)).map_or(Value::from(-1), Value::from),
+        steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
+        cfg_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
+        sampler_name: req.sampler.as_deref().filter(|_| attempt.sends(Param::Sampler)),
+        width: req.size.width,
+        height: req.size.height,
+        batch_size: req.n,
+        n_iter: 1,
+        override_settings: checkpoint(attempt).map(|sd_model_checkpoint| Checkpoint { sd_model_checkpoint }),
+        send_images: true,
+        save_images: false,
+        denoising_strength: None,
+        inpainting_mask_invert: None,
+    }
+}
+
+/// The checkpoint to switch to. The adapter only sees the target's model name, which is the
+/// client's alias when the target names none; the alias is not a checkpoint, so the web UI keeps
+/// the checkpoint it has loaded then (it would otherwise load some fallback, silently).
+fn checkpoint<'a>(attempt: &'a AttemptRequest<'a>) -> Option<&'a str> {
+    attempt.target_model.filter(|m| !m.is_empty())
+}
+
+/// The JSON body. Input images are base64-encoded straight into their own chunks after the
+/// small fields, so each is encoded once and never copied through a JSON serializer (base64
+/// needs no escaping).
+fn payload_body(p: &Payload<'_>, images: &[FilePart], mask: Option<&FilePart>) -> Result<ChunkedBody, ProviderError> {
+    let mut head = serde_json::to_vec(p).map_err(|e| ProviderError::Other(e.to_string()))?;
+    let mut body = ChunkedBody::default();
+    if images.is_empty() {
+        body.push(head);
+        return Ok(body);
+    }
+    head.pop(); // the closing brace
+    head.extend_from_slice(b",\"init_images\":[");
+    body.push(head);
+    for (i, image) in images.iter().enumerate() {
+        body.push(if i == 0 { &b"\""[..] } else { &b",\""[..] });
+        body.push(base64_simd::STANDARD.encode_type::<Vec<u8>>(&image.bytes));
+        body.push(&b"\""[..]);
+    }
+    body.push(&b"]"[..]);
+    if let Some(mask) = mask {
+        body.push(&b",\"mask\":\""[..]);
+        body.push(base64_simd::STANDARD.encode_type::<Vec<u8>>(&mask.bytes));
+        body.push(&b"\""[..]);
+    }
+    body.push(&b"}"[..]);
+    Ok(body)
+}
+
+/// Whether `bytes` is a PNG with an RGBA colour type: the web UI then reads the mask from its
+/// alpha channel (opaque = repaint), the opposite of OpenAI's (transparent = edit).
+fn png_has_alpha(bytes: &[u8]) -> bool {
+    bytes.len() > 25 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" && bytes[25] == 6
+}
+
+/// Width and height from the image's header (no decoding).
+fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    images: Vec<String>,
+    #[serde(default)]
+    info: Option<String>,
+}
+
+/// Parses a 2xx answer: the first `n` images (extensions such as ControlNet append their own
+/// maps after the batch) as slices of `body`, and the settings `info` reports.
+fn parse_answer(body: &Bytes, n: usize) -> Result<Generation, ProviderError> {
+    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+    let answer: Answer = serde_json::from_slice(&skimmed.remainder)
+        .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
+    if answer.images.is_empty() {
+        return Err(ProviderError::BadResponse("answer holds no images".into()));
+    }
+    let mut images = Vec::with_capacity(n.min(answer.images.len()));
+    for (i, text) in answer.images.iter().take(n.max(1)).enumerate() {
+        let raw = match skimmed.resolve(text) {
+            skim::Raw::Span(s) => skim::Raw::Span(strip_data_url(s)),
+            plain => plain,
+        };
+        match skim::base64_value(raw) {
+            Some(b64) => images.push(Image::Base64(b64)),
+            None => return Err(ProviderError::BadResponse(format!("images[{i}] is not valid base64"))),
+        }
+    }
+    let settings = answer.info.map(|info| info_settings(&skimmed.resolve(&info))).unwrap_or_default();
+    Ok(Generation { images, settings, ..Default::default() })
+}
+
+/// Some forks answer `data:image/png;base64,...` rather than bare base64.
+fn strip_data_url(span: Bytes) -> Bytes {
+    if span.starts_with(b"data:") {
+        if let Some(comma) = memchr::memchr(b',', &span[..span.len().min(64)]) {
+            return span.slice(comma + 1..);
+        }
+    }
+    span
+}
+
+/// The settings `info` reports. It is best effort: a web UI whose `info` cannot be read still
+/// produced the images, and the proxy fills what is missing from the request.
+fn info_settings(info: &skim::Raw) -> Settings {
+    let text = match info {
+        skim::Raw::Plain(s) => s.clone(),
+        // A long string is still JSON-escaped: unescape it as the JSON string it is.
+        skim::Raw::Span(span) => {
+            let mut quoted = Vec::with_capacity(span.len() + 2);
+            quoted.push(b'"');
+            quoted.extend_from_slice(span);
+            quoted.push(b'"');
+            match serde_json::from_slice::<String>(&quoted) {
+                Ok(s) => s,
+                Err(_) => return Settings::default(),
+            }
+        }
+    };
+    let Ok(v) = serde_json::from_str::<Value>(&text) else { return Settings::default() };
+    let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+    let model = match (text("sd_model_name"), text("sd_model_hash")) {
+        (Some(name), Some(hash)) => Some(format!("{name} [{hash}]")),
+        (Some(name), None) => Some(name.to_string()),
+        (None, Some(hash)) => Some(format!("[{hash}]")),
+        (None, None) => None,
+    };
+    Settings {
+        seed: v.get("seed").and_then(Value::as_u64),
+        steps: v.get("steps").and_then(Value::as_u64).and_then(|s| u32::try_from(s).ok()),
+        guidance: v.get("cfg_scale").and_then(Value::as_f64),
+        sampler: text("sampler_name").map(str::to_owned),
+        model,
+    }
+}
+
+/// Maps a non-2xx answer. The web UI's own refusals of a request (422 validation, an unknown
+/// sampler) go back to the client as 400; a web UI started without `--api` (404 Not Found),
+/// refused credentials, overload and its 500s (out of memory, a failed script) may be tried
+/// elsewhere.
+fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time::Duration>) -> ProviderError {
+    let message = error_message(body);
+    let status_error = |message: String| ProviderError::Status { status, message, retry_after };
+    match status.as_u16() {
+        401 | 403 => status_error("the web UI refused the gateway's credentials (auth_env)".into()),
+        404 if message == "Not Found" => status_error("no /sdapi/v1 here: is the web UI started with --api?".into()),
+        408 | 429 => status_error(message),
+        400..=499 => {
+            let v = serde_json::json!({"error": {
+                "message": format!("upstream rejected the request: {message}"),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "upstream_rejected",
+            }});
+            ProviderError::Rejected { status: StatusCode::BAD_REQUEST, body: Bytes::from(v.to_string()) }
+        }
+        _ => status_error(message),
+    }
+}
+
+/// The web UI's error text: FastAPI's `detail` (a string, or a list of validation errors with
+/// `loc` and `msg`), or the API's 500 body (`error` names the exception, `errors` says what).
+fn error_message(body: &[u8]) -> String {
+    let v = serde_json::from_slice::<Value>(body).ok();
+    let from_json = v.as_ref().and_then(|v| match v.get("detail") {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Array(items)) if !items.is_empty() => Some(
+            items
+                .iter()
+                .take(5)
+                .map(|item| {
+                    let loc: Vec<String> = item
+                        .get("loc")
+                        .and_then(Value::as_array)
+                        .map(|l| l.iter().map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned)).collect())
+                        .unwrap_or_default();
+                    let msg = item.get("msg").and_then(Value::as_str).unwrap_or("invalid");
+                    if loc.is_empty() {
+                        msg.to_string()
+                    } else {
+                        format!("{}: {msg}", loc.join("."))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        _ => {
+            let kind = v.get("error").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let what = v.get("errors").and_then(Value::as_str).filter(|s| !s.is_empty());
+            match (kind, what) {
+                (Some(k), Some(w)) => Some(format!("{k}: {w}")),
+                (k, w) => k.or(w).map(str::to_owned),
+            }
+        }
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_and_settings_come_from_the_answer() {
+        let png = "iVBORw0KGgo".to_string() + &"A".repeat(400) + "=";
+        let info = serde_json::json!({"seed": 1234, "all_seeds": [1234, 1235], "steps": 25, "cfg_scale": 6.5,
+            "sampler_name": "DPM++ 2M", "sd_model_name": "sd_xl_base_1.0", "sd_model_hash": "31e35c80fc",
+            "infotexts": ["x".repeat(400)]})
+        .to_string();
+        let body = serde_json::json!({"images": [png, png, "aGk="], "parameters": {}, "info": info}).to_string();
+        let body = Bytes::from(body);
+        let g = parse_answer(&body, 2).unwrap();
+        assert_eq!(g.images.len(), 2, "only the batch, not what extensions append");
+        assert!(matches!(&g.images[0], Image::Base64(b) if b.len() == png.len()));
+        assert_eq!(
+            g.settings,
+            Settings {
+                seed: Some(1234),
+                steps: Some(25),
+                guidance: Some(6.5),
+                sampler: Some("DPM++ 2M".into()),
+                model: Some("sd_xl_base_1.0 [31e35c80fc]".into()),
+            }
+        );
+        // A short info and a data URL image.
+        let body = Bytes::from(format!(r#"{{"images":["data:image/png;base64,{png}"],"info":"{{\"seed\":7}}"}}"#));
+        let g = parse_answer(&body, 1).unwrap();
+        assert_eq!(g.settings.seed, Some(7));
+        assert!(matches!(&g.images[0], Image::Base64(b) if b.len() == png.len()));
+    }
+
+    #[test]
+    fn bad_answers_are_bad_responses() {
+        for body in [r#"{"images":[]}"#, r#"{"images":["!!!!"]}"#, "<html>", r#"{"images":"x"}"#] {
+            let e = parse_answer(&Bytes::from(body), 1).unwrap_err();
+            assert_eq!(e.label(), "bad_response", "{body}");
+        }
+        // An unreadable info costs the settings, not the images.
+        let g = parse_answer(&Bytes::from(r#"{"images":["aGk="],"info":"not json"}"#), 1).unwrap();
+        assert_eq!(g.settings, Settings::default());
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let e = classify_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            br#"{"detail":[{"loc":["body","steps"],"msg":"value is not a valid integer","type":"type_error.integer"}]}"#,
+            None,
+        );
+        let ProviderError::Rejected { status, body } = &e else { panic!("{e:?}") };
+        assert_eq!(*status, StatusCode::BAD_REQUEST);
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("body.steps: value is not a valid integer"), "{v}");
+        let e = classify_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory."}"#,
+            None,
+        );
+        assert_eq!(e.to_string(), "upstream answered 500 Internal Server Error: OutOfMemoryError: CUDA out of memory.");
+        assert!(classify_error(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#, None).retryable());
+        assert!(!classify_error(StatusCode::NOT_FOUND, br#"{"detail":"Sampler not found"}"#, None).retryable());
+        assert!(classify_error(StatusCode::UNAUTHORIZED, br#"{"detail":"Incorrect username or password"}"#, None)
+            .retryable());
+    }
+
+    #[test]
+    fn mask_alpha_is_read_from_the_png_header() {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x04\0\0\0\x04\x08\x06".to_vec();
+        assert!(png_has_alpha(&png), "colour type 6: RGBA");
+        png[25] = 2;
+        assert!(!png_has_alpha(&png), "colour type 2: RGB");
+        assert!(!png_has_alpha(b"GIF89a"));
     }
 }

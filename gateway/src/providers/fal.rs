@@ -1,21 +1,575 @@
-//! Placeholder while the adapter is written: every attempt is refused as unsupported.
+//! `kind = "fal"`: fal.ai's queue API. The job is submitted with POST `{base_url}/{model_id}`
+//! (`Authorization: Key ...`), its status polled with backoff until `COMPLETED`, and its result
+//! read from the response URL: image URLs at fal's CDN, which the proxy fetches (SSRF-guarded)
+//! when it needs the bytes. A job left behind (client gone, deadline passed, hedge lost) is
+//! cancelled with PUT `.../requests/{id}/cancel`.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use serde::{Deserialize, Serialize};
 
-use super::{AttemptRequest, Generation, Provider, ProviderError};
+use super::{AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
 use crate::policy::Connection;
 
-pub struct Fal;
+pub struct Fal {
+    /// `https://queue.fal.run` unless the policy says otherwise.
+    base_url: String,
+    /// `scheme://authority` of `base_url`: the only origin the key is ever sent to.
+    origin: Option<String>,
+    /// `Ok(header)` when the key variable is set, `Err(var)` when the policy names one that is not.
+    auth: Option<Result<HeaderValue, String>>,
+    first_poll: Duration,
+    max_poll: Duration,
+}
 
 impl Fal {
-    pub fn new(_c: &Connection) -> Self {
-        Fal
+    pub fn new(c: &Connection) -> Self {
+        Fal {
+            base_url: c.base_url.clone(),
+            origin: jobs::origin(&c.base_url),
+            auth: super::key_header(c.api_key_env.as_deref(), "Key "),
+            first_poll: c.poll_interval,
+            max_poll: c.max_poll_interval,
+        }
     }
+}
+
+/// The model's input, as fal's image models name their fields.
+#[derive(Serialize)]
+struct Input<'a> {
+    prompt: &'a str,
+    image_size: ImageSize,
+    num_images: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    negative_prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_inference_steps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guidance_scale: Option<f64>,
+    enable_safety_checker: bool,
+}
+
+#[derive(Serialize)]
+struct ImageSize {
+    width: u32,
+    height: u32,
+}
+
+/// The answer to a submission.
+#[derive(Deserialize)]
+struct Queued {
+    request_id: String,
+    #[serde(default)]
+    status_url: Option<String>,
+    #[serde(default)]
+    response_url: Option<String>,
+    #[serde(default)]
+    cancel_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct QueueStatus {
+    status: String,
+    /// Set when the request failed (with `COMPLETED`): a text, sometimes an object.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    error_type: Option<String>,
+    #[serde(default)]
+    metrics: Option<StatusMetrics>,
+}
+
+#[derive(Deserialize)]
+struct StatusMetrics {
+    #[serde(default)]
+    inference_time: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct Output {
+    #[serde(default)]
+    images: Vec<OutputImage>,
+    #[serde(default)]
+    seed: Option<serde_json::Value>,
+    #[serde(default)]
+    has_nsfw_concepts: Vec<bool>,
+    #[serde(default)]
+    timings: Option<Timings>,
+}
+
+#[derive(Deserialize)]
+struct OutputImage {
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct Timings {
+    #[serde(default)]
+    inference: Option<f64>,
 }
 
 #[async_trait]
 impl Provider for Fal {
-    async fn generate(&self, _attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
-        Err(ProviderError::Unsupported("adapter not built yet".into()))
+    fn supports(&self, param: Param) -> bool {
+        !matches!(param, Param::Quality | Param::Style | Param::Sampler)
+    }
+
+    async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let auth = match &self.auth {
+            Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
+            Some(Ok(h)) => Some(h),
+            None => None,
+        };
+        let model = attempt.model;
+        let app = app_id(model).ok_or_else(|| {
+            ProviderError::Other(format!("{:?} is not a fal model id (owner/app[/path])", jobs::clean(model)))
+        })?;
+        let req = attempt.req;
+        let input = Input {
+            prompt: &req.prompt,
+            image_size: ImageSize { width: req.size.width, height: req.size.height },
+            num_images: req.n,
+            seed: req.seed.filter(|_| attempt.sends(Param::Seed)),
+            negative_prompt: req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)),
+            num_inference_steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
+            guidance_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
+            enable_safety_checker: true,
+        };
+        let json = serde_json::to_vec(&input).map_err(|e| ProviderError::Other(e.to_string()))?;
+
+        // 1. Submit.
+        let answer = jobs::call(Method::POST, &format!("{}/{model}", self.base_url), auth, Some(json)).await?;
+        if !answer.status.is_success() {
+            return Err(error(answer.status, answer.retry_after, &answer.body));
+        }
+        let queued: Queued = jobs::parse(&answer.body, "submission")?;
+        let id = queued.request_id;
+        if !jobs::valid_id(&id) {
+            return Err(ProviderError::BadResponse("the submission's request_id is not a plain id".into()));
+        }
+        // fal keeps a request under its app (owner/alias), whatever path the model has.
+        let at = |tail: &str| format!("{}/{app}/requests/{id}{tail}", self.base_url);
+        let origin = self.origin.as_deref();
+        let status_url = jobs::same_origin_or(queued.status_url, origin, || at("/status"));
+        let response_url = jobs::same_origin_or(queued.response_url, origin, || at(""));
+        let cancel_url = jobs::same_origin_or(queued.cancel_url, origin, || at("/cancel"));
+        let mut guard = jobs::CancelOnDrop::new("fal", Method::PUT, cancel_url, auth.cloned());
+
+        // 2. Poll until the queue says it is done.
+        let mut backoff = jobs::Backoff::new(self.first_poll, self.max_poll);
+        let status = loop {
+            backoff.wait().await;
+            let answer = backoff.poll(jobs::call(Method::GET, &status_url, auth, None)).await?;
+            let Some(answer) = answer else { continue };
+            if !answer.status.is_success() {
+                let e = error(answer.status, answer.retry_after, &answer.body);
+                if backoff.tolerates(&e) {
+                    continue;
+                }
+                return Err(e);
+            }
+            let s: QueueStatus = jobs::parse(&answer.body, "status")?;
+            match s.status.as_str() {
+                "IN_QUEUE" | "IN_PROGRESS" => continue,
+                _ => break s,
+            }
+        };
+        guard.disarm();
+        let failed = status.error.as_ref().map(error_text);
+        let fail = |why: Option<String>| {
+            let why = why.unwrap_or_default();
+            let kind = status.error_type.as_deref().unwrap_or_default();
+            if is_content_policy(&why) || is_content_policy(kind) {
+                return ProviderError::ContentFiltered(jobs::clean(&why));
+            }
+            ProviderError::Status {
+                status: StatusCode::BAD_GATEWAY,
+                message: format!("the fal job ended with {}: {}", jobs::clean(&status.status), jobs::clean(&why)),
+                retry_after: None,
+            }
+        };
+        if status.status != "COMPLETED" {
+            return Err(fail(failed));
+        }
+
+        // 3. The result (for a failed job, its error answer says best whose fault it was).
+        let answer = jobs::call(Method::GET, &response_url, auth, None).await?;
+        if !answer.status.is_success() {
+            return Err(error(answer.status, answer.retry_after, &answer.body));
+        }
+        if failed.is_some() {
+            return Err(fail(failed));
+        }
+        let output: Output = jobs::parse(&answer.body, "result")?;
+        let mut generation = generation(output)?;
+        if generation.gpu_seconds.is_none() {
+            generation.gpu_seconds = status.metrics.and_then(|m| m.inference_time).filter(|s| s.is_finite());
+        }
+        Ok(generation)
+    }
+}
+
+/// The images of a completed job. Images fal's safety checker flagged are blacked out by it:
+/// they are left out, and a job whose every image was flagged is a content-filter refusal.
+fn generation(output: Output) -> Result<Generation, ProviderError> {
+    if output.images.is_empty() {
+        return Err(ProviderError::BadResponse("the fal result holds no images".into()));
+    }
+    let flagged = |i: usize| output.has_nsfw_concepts.get(i).copied().unwrap_or(false);
+    let total = output.images.len();
+    let mut images = Vec::with_capacity(total);
+    for (i, image) in output.images.into_iter().enumerate() {
+        if image.url.is_empty() {
+            return Err(ProviderError::BadResponse(format!("images[{i}].url is empty")));
+        }
+        if !flagged(i) {
+            images.push(Image::Url(image.url));
+        }
+    }
+    if images.is_empty() {
+        return Err(ProviderError::ContentFiltered("fal's safety checker flagged every image".into()));
+    }
+    if images.len() < total {
+        tracing::info!(flagged = total - images.len(), "fal's safety checker flagged images; they are left out");
+    }
+    Ok(Generation {
+        images,
+        settings: Settings { seed: output.seed.as_ref().and_then(serde_json::Value::as_u64), ..Default::default() },
+        gpu_seconds: output.timings.and_then(|t| t.inference).filter(|s| s.is_finite() && *s >= 0.0),
+        ..Default::default()
+    })
+}
+
+/// `owner/alias` of a model id `owner/alias[/path...]`, or `None` when it is not a safe path.
+fn app_id(model: &str) -> Option<&str> {
+    let segments: Vec<&str> = model.split('/').collect();
+    let safe = |s: &&str| {
+        !s.is_empty() && *s != "." && *s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if segments.len() < 2 || !segments.iter().all(safe) {
+        return None;
+    }
+    Some(&model[..segments[0].len() + 1 + segments[1].len()])
+}
+
+/// Maps a non-2xx answer. fal's validation errors (422) carry `{"detail": [{"loc", "msg",
+/// "type"}]}`; its request errors `{"detail": "...", "error_type": "..."}`.
+fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> ProviderError {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let detail = v.as_ref().and_then(|v| v.get("detail"));
+    let mut filtered = false;
+    let message = match detail {
+        Some(serde_json::Value::Array(items)) => {
+            let parts: Vec<String> = items
+                .iter()
+                .take(5)
+                .map(|item| {
+                    let kind = item.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+                    filtered |= is_content_policy(kind);
+                    let field = item
+                        .get("loc")
+                        .and_then(|l| l.as_array())
+                        .and_then(|l| l.last())
+                        .and_then(|f| f.as_str())
+                        .map(|f| format!("{f}: "))
+                        .unwrap_or_default();
+                    format!("{field}{}", item.get("msg").map(error_text).unwrap_or_default())
+                })
+                .collect();
+            parts.join("; ")
+        }
+        Some(d) => error_text(d),
+        None => match v.as_ref().and_then(|v| v.get("error")) {
+            Some(e) => error_text(e),
+            None => String::from_utf8_lossy(&body[..body.len().min(400)]).into_owned(),
+        },
+    };
+    let message = jobs::clean(&message);
+    if filtered && status.is_client_error() {
+        return ProviderError::ContentFiltered(message);
+    }
+    jobs::classify(status, retry_after, message)
+}
+
+/// An error value as text: a string as is, an object's `message`/`msg`/`detail`, else its JSON.
+fn error_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(o) => o
+            .get("message")
+            .or_else(|| o.get("msg"))
+            .or_else(|| o.get("detail"))
+            .and_then(|m| m.as_str())
+            .map_or_else(|| v.to_string(), str::to_owned),
+        other => other.to_string(),
+    }
+}
+
+fn is_content_policy(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("content_policy") || t.contains("content policy") || t.contains("nsfw")
+}
+
+/// What the two job-queue kinds (fal, replicate) share: one JSON exchange, polling with backoff,
+/// error classification, and a best-effort cancel of a job left behind.
+pub(super) mod jobs {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{header, HeaderValue, Method, Request, StatusCode};
+    use serde::de::DeserializeOwned;
+
+    use crate::body::ChunkedBody;
+    use crate::providers::ProviderError;
+    use crate::upstream;
+
+    /// Largest answer read from a job API (a result lists URLs, not image bytes).
+    const MAX_ANSWER_BYTES: usize = 16 << 20;
+    /// Poll answers that fail in a row (connection trouble, 5xx, 429) before the attempt gives up.
+    const MAX_POLL_FAILURES: u32 = 3;
+    /// Time a cancel request may take, after the attempt it belongs to has ended.
+    const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// One exchange with the provider's API: JSON in and out, the key in `Authorization`.
+    pub async fn call(
+        method: Method,
+        url: &str,
+        auth: Option<&HeaderValue>,
+        json: Option<Vec<u8>>,
+    ) -> Result<upstream::Answer, ProviderError> {
+        // Never the URL itself in the message: job URLs may be signed.
+        let endpoint = upstream::Endpoint::parse(url)
+            .map_err(|_| ProviderError::Other(format!("not a usable URL: {}", clean(without_query(url)))))?;
+        let method_has_body = method != Method::GET;
+        let mut req = Request::builder().method(method).uri("/").header(header::ACCEPT, "application/json");
+        if let Some(h) = auth {
+            req = req.header(header::AUTHORIZATION, h.clone());
+        }
+        let mut body = ChunkedBody::default();
+        match json {
+            Some(json) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                body.push(json);
+            }
+            None if method_has_body => req = req.header(header::CONTENT_LENGTH, "0"),
+            None => {}
+        }
+        let req = req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
+        upstream::send(&endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
+            upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
+        })
+    }
+
+    /// A 2xx answer's JSON.
+    pub fn parse<T: DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ProviderError> {
+        serde_json::from_slice(body)
+            .map_err(|e| ProviderError::BadResponse(format!("the {what} answer is not the expected JSON: {e}")))
+    }
+
+    /// Maps a non-2xx answer whose error text is `message`: the client's own mistakes are
+    /// passed back (never retried), the rest may be tried elsewhere.
+    pub fn classify(status: StatusCode, retry_after: Option<Duration>, message: String) -> ProviderError {
+        let message = if message.is_empty() { "(empty body)".to_string() } else { message };
+        match status.as_u16() {
+            401 | 403 => ProviderError::Status {
+                status,
+                message: "the provider refused the gateway's credentials".into(),
+                retry_after: None,
+            },
+            // Not the client's fault: the account (402) or the policy's model name (404).
+            402 | 404 | 408 | 429 => ProviderError::Status { status, message, retry_after },
+            400..=499 => {
+                let body = serde_json::json!({"error": {
+                    "message": format!("upstream rejected the request: {message}"),
+                    "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
+                ProviderError::Rejected { status, body: Bytes::from(body.to_string()) }
+            }
+            _ => ProviderError::Status { status, message, retry_after },
+        }
+    }
+
+    /// Provider text made safe for messages: no control characters, bounded.
+    pub fn clean(text: &str) -> String {
+        text.chars().filter(|c| !c.is_control()).take(300).collect()
+    }
+
+    fn without_query(url: &str) -> &str {
+        url.split(['?', '#']).next().unwrap_or(url)
+    }
+
+    /// `scheme://authority` of a URL, lowercased.
+    pub fn origin(url: &str) -> Option<String> {
+        let uri: http::Uri = url.parse().ok()?;
+        Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?).to_ascii_lowercase())
+    }
+
+    /// The URL the provider named for a job, when it is on the provider's own origin (the key
+    /// goes with every call and must never reach another host); else the documented one.
+    pub fn same_origin_or(given: Option<String>, base: Option<&str>, documented: impl FnOnce() -> String) -> String {
+        match (given, base) {
+            (Some(u), Some(b)) if origin(&u).as_deref() == Some(b) => u,
+            _ => documented(),
+        }
+    }
+
+    /// Whether a job id from an answer can go into a URL path as it is.
+    pub fn valid_id(id: &str) -> bool {
+        (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }
+
+    /// Poll delays, doubling from the first up to the cap, and the count of failed polls.
+    pub struct Backoff {
+        next: Duration,
+        max: Duration,
+        failures: u32,
+    }
+
+    impl Backoff {
+        pub fn new(first: Duration, max: Duration) -> Backoff {
+            Backoff { next: first, max: max.max(first), failures: 0 }
+        }
+
+        pub async fn wait(&mut self) {
+            tokio::time::sleep(self.next).await;
+            self.next = (self.next * 2).min(self.max);
+        }
+
+        /// One poll: `Ok(None)` when it failed in a way the next poll may not (a lost poll
+        /// does not hurt the job), the error once that happened too often in a row.
+        pub async fn poll(
+            &mut self,
+            call: impl Future<Output = Result<upstream::Answer, ProviderError>>,
+        ) -> Result<Option<upstream::Answer>, ProviderError> {
+            match call.await {
+                Ok(a) => {
+                    if a.status.is_success() {
+                        self.failures = 0;
+                    }
+                    Ok(Some(a))
+                }
+                Err(e) if self.tolerates(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+
+        /// Whether a failed poll is passed over (and counts it).
+        pub fn tolerates(&mut self, e: &ProviderError) -> bool {
+            let transient = match e {
+                ProviderError::Connect(_) | ProviderError::Transport(_) => true,
+                ProviderError::Status { status, .. } => {
+                    status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+                }
+                _ => false,
+            };
+            self.failures += 1;
+            transient && self.failures < MAX_POLL_FAILURES
+        }
+    }
+
+    /// Cancels the provider's job when dropped while armed: the attempt was abandoned (client
+    /// gone, deadline, hedge lost) or failed before the job finished, which would otherwise run
+    /// on, and be billed, for nobody.
+    pub struct CancelOnDrop {
+        provider: &'static str,
+        cancel: Option<(Method, String, Option<HeaderValue>)>,
+    }
+
+    impl CancelOnDrop {
+        pub fn new(provider: &'static str, method: Method, url: String, auth: Option<HeaderValue>) -> CancelOnDrop {
+            CancelOnDrop { provider, cancel: Some((method, url, auth)) }
+        }
+
+        /// The job reached an end of its own: nothing to cancel.
+        pub fn disarm(&mut self) {
+            self.cancel = None;
+        }
+    }
+
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            let Some((method, url, auth)) = self.cancel.take() else { return };
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+            let provider = self.provider;
+            runtime.spawn(async move {
+                match tokio::time::timeout(CANCEL_TIMEOUT, call(method, &url, auth.as_ref(), None)).await {
+                    Ok(Ok(a)) if a.status.is_success() => tracing::debug!(provider, "abandoned job cancelled"),
+                    Ok(Ok(a)) => tracing::info!(provider, status = a.status.as_u16(), "job cancel refused"),
+                    Ok(Err(e)) => tracing::info!(provider, "job cancel failed: {e}"),
+                    Err(_) => tracing::info!(provider, "job cancel timed out"),
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_ids_are_the_first_two_segments_of_safe_model_ids() {
+        assert_eq!(app_id("fal-ai/flux/dev"), Some("fal-ai/flux"));
+        assert_eq!(app_id("fal-ai/fast-sdxl"), Some("fal-ai/fast-sdxl"));
+        for bad in ["flux", "fal-ai//dev", "fal-ai/../x", "fal-ai/flux?x=1", "/fal-ai/flux", "fal ai/flux"] {
+            assert_eq!(app_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let body = Bytes::from_static(
+            br#"{"detail":[{"loc":["body","num_images"],"msg":"must be at most 4","type":"value_error"}]}"#,
+        );
+        match error(StatusCode::UNPROCESSABLE_ENTITY, None, &body) {
+            ProviderError::Rejected { status, body } => {
+                assert_eq!(status, 422);
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["error"]["code"], "upstream_rejected");
+                assert!(v["error"]["message"].as_str().unwrap().contains("num_images: must be at most 4"), "{v}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let body = Bytes::from_static(br#"{"detail":[{"msg":"flagged","type":"content_policy_violation"}]}"#);
+        assert_eq!(error(StatusCode::UNPROCESSABLE_ENTITY, None, &body).label(), "content_filtered");
+        let e = error(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3)), &Bytes::from_static(b"slow"));
+        assert!(matches!(e, ProviderError::Status { retry_after: Some(d), .. } if d == Duration::from_secs(3)));
+        let e = error(StatusCode::UNAUTHORIZED, None, &Bytes::from_static(br#"{"detail":"bad key abc-123"}"#));
+        assert!(e.retryable() && !e.to_string().contains("abc-123"), "{e}");
+        let e = error(StatusCode::SERVICE_UNAVAILABLE, None, &Bytes::from_static(br#"{"detail":"no runner"}"#));
+        assert_eq!((e.label(), e.retryable()), ("status_5xx", true));
+    }
+
+    #[test]
+    fn flagged_images_are_left_out_and_all_flagged_is_filtered() {
+        let out = |flags: Vec<bool>| Output {
+            images: vec![OutputImage { url: "https://x/a.png".into() }, OutputImage { url: "https://x/b.png".into() }],
+            seed: Some(serde_json::json!(42)),
+            has_nsfw_concepts: flags,
+            timings: Some(Timings { inference: Some(1.25) }),
+        };
+        let g = generation(out(vec![false, true])).unwrap();
+        assert!(matches!(&g.images[..], [Image::Url(u)] if u == "https://x/a.png"));
+        assert_eq!((g.settings.seed, g.gpu_seconds), (Some(42), Some(1.25)));
+        assert_eq!(generation(out(vec![])).unwrap().images.len(), 2);
+        assert_eq!(generation(out(vec![true, true])).unwrap_err().label(), "content_filtered");
+    }
+
+    #[test]
+    fn job_urls_stay_on_the_providers_origin() {
+        let base = jobs::origin("https://queue.fal.run");
+        let doc = || "https://queue.fal.run/a/b/requests/1/status".to_string();
+        let own = "https://queue.fal.run/a/b/requests/1/status?x=1".to_string();
+        assert_eq!(jobs::same_origin_or(Some(own.clone()), base.as_deref(), doc), own);
+        let elsewhere = Some("https://evil.example/steal".to_string());
+        assert_eq!(jobs::same_origin_or(elsewhere, base.as_deref(), doc), doc());
+        assert!(jobs::valid_id("764cabcf-b745-4b3e-ae38-1200304cf45b"));
+        assert!(!jobs::valid_id("../x") && !jobs::valid_id(""));
     }
 }

@@ -84,8 +84,10 @@ pub struct Generation {
 /// What one attempt asks of a provider.
 pub struct AttemptRequest<'a> {
     pub req: &'a GenerationRequest,
-    /// The provider's model name for this target.
+    /// The provider's model name for this target: the target's `model`, or the client's alias.
     pub model: &'a str,
+    /// The target's own `model`, when the policy names one (no alias fallback).
+    pub target_model: Option<&'a str>,
     /// Parameters of the request this provider cannot honour, dropped by policy: the adapter
     /// must not send them.
     pub dropped: &'a [Param],

@@ -14,7 +14,7 @@ use crate::request::{GenerationRequest, Operation};
 use crate::upstream;
 
 /// Ten 4096x4096 PNGs in base64 stay below this; anything larger is not an image answer.
-const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
 pub struct OpenAi {
     /// `{base_url}/images/{generations,edits,variations}`, resolved once.
@@ -170,7 +170,7 @@ fn multipart(fields: &UpstreamFields<'_>, req: &GenerationRequest) -> (String, C
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     s.replace(['"', '\r', '\n'], "_")
 }
 
@@ -249,7 +249,7 @@ fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
     }
 }
 
-fn upstream_message(body: &[u8]) -> String {
+pub(crate) fn upstream_message(body: &[u8]) -> String {
     let from_json = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned));
