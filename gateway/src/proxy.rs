@@ -905,7 +905,7 @@ where
         primary_side.push(tx);
         let shared = shared_req.get_or_insert_with(|| Arc::new(req.clone())).clone();
         let task = mirror_attempt(app.clone(), snap.clone(), shared, step, alias.to_string(), i, ticket, rx);
-        tokio::spawn(app.mirror_tasks.track_future(task));
+        app.mirror_rt.spawn(app.mirror_tasks.track_future(task));
     }
 
     // 6. Attempts, in plan order, under per-attempt timeouts and the route's deadline.

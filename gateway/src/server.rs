@@ -36,8 +36,11 @@ pub struct App {
     pub idempotency: Arc<crate::idempotency::IdempotencyStore>,
     /// Every runtime of the process, for `acc_tasks_alive`.
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
-    /// Mirrors in flight (on the proxy workers' runtimes), waited for on shutdown.
+    /// Mirrors in flight, waited for on shutdown.
     pub mirror_tasks: TaskTracker,
+    /// The runtime mirrors run on: a thread of its own at idle CPU priority, so shadow traffic
+    /// never delays live requests on the proxy workers (it gets the CPU they leave).
+    pub mirror_rt: tokio::runtime::Handle,
     /// Cancels mirrors still running when the drain deadline passes.
     pub mirror_stop: CancellationToken,
     /// Evaluation threads mirrors may use at once (half the pool), so live requests keep theirs.
@@ -141,6 +144,8 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             tracing::warn!(evaluator = name, "evaluator unavailable: {why}");
         }
     }
+    let mirror_stop_rt = CancellationToken::new();
+    let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
     let app = Arc::new(App {
         policy: store.clone(),
         metrics: metrics.clone(),
@@ -159,8 +164,9 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             let s = &store.snapshot().policy.server;
             Arc::new(crate::idempotency::IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
         },
-        runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current()]),
+        runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current(), mirror_rt.clone()]),
         mirror_tasks: TaskTracker::new(),
+        mirror_rt,
         mirror_stop: CancellationToken::new(),
         mirror_eval: tokio::sync::Semaphore::new((cfg.eval_threads / 2).max(1)),
     });
@@ -234,9 +240,37 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         app.mirror_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
+    app.mirror_stop.cancel();
+    mirror_stop_rt.cancel();
+    let _ = tokio::task::spawn_blocking(move || mirror_thread.join()).await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
+}
+
+/// The mirrors' runtime: one thread at idle scheduling priority (Linux `SCHED_IDLE`: it runs
+/// only when no live work wants the CPU), serving until `stop`.
+fn spawn_mirror_runtime(
+    stop: CancellationToken,
+) -> std::io::Result<(tokio::runtime::Handle, std::thread::JoinHandle<()>)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = rt.handle().clone();
+    let thread = std::thread::Builder::new().name("acc-mirror".into()).spawn(move || {
+        #[cfg(target_os = "linux")]
+        {
+            use thread_priority::unix::{
+                set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadSchedulePolicy,
+            };
+            let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+            if let Err(e) =
+                set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, idle)
+            {
+                tracing::warn!("mirror thread keeps normal CPU priority: {e:?}");
+            }
+        }
+        rt.block_on(stop.cancelled());
+    })?;
+    Ok((handle, thread))
 }
 
 /// Binds `n` proxy sockets to the same address with SO_REUSEPORT: the kernel spreads incoming
