@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Performance benchmark: direct mock vs nginx reverse proxy vs acc, loopback only.
+# Performance benchmark: direct mock vs nginx reverse proxy vs acc (plain, with a 100% mirror to a
+# slow candidate, with evaluators), loopback only.
 # See bench/README.md. Usage: bench/run.sh   (env knobs below)
 set -euo pipefail
 
@@ -8,7 +9,11 @@ REPO="$(cd "$BENCH_DIR/.." && pwd)"
 
 SECONDS_PER_CELL="${BENCH_SECONDS:-10}"        # measured wrk duration per cell
 WARMUP="${BENCH_WARMUP:-2}"                     # un-measured wrk run before each cell
-TARGETS="${BENCH_TARGETS:-direct nginx acc acc-eval}"   # acc-eval: sanity+safety on, large payload only
+# acc-mirror: acc + every request mirrored to a slow second mock; acc-eval: sanity+safety on, large payload only
+TARGETS="${BENCH_TARGETS:-direct nginx acc acc-mirror acc-eval}"
+REPEAT="${BENCH_REPEAT:-1}"                     # rounds of every cell, interleaved (medians reported)
+MIRROR_LATENCY_MS="${BENCH_MIRROR_LATENCY_MS:-200}"   # the slow candidate's answer delay
+MIRROR_MAX_IN_FLIGHT="${BENCH_MIRROR_MAX_IN_FLIGHT:-4}"   # the policy default; mirrors beyond it are dropped, counted
 PAYLOADS="${BENCH_PAYLOADS:-small large}"
 CONCURRENCY="${BENCH_CONCURRENCY:-1 64}"
 MOCK_THREADS="${BENCH_MOCK_THREADS:-1}"
@@ -31,6 +36,10 @@ NCPU="$(nproc)"
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+[[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive integer"
+for t in $TARGETS; do
+    case $t in direct | nginx | acc | acc-mirror | acc-eval) ;; *) die "unknown target $t" ;; esac
+done
 
 # ---------------------------------------------------------------- cleanup ---
 PIDS=()
@@ -73,7 +82,7 @@ fi
 log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
-if { has_target acc || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
+if { has_target acc || has_target acc-mirror || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
     log "building acc (cargo build --release)"
     (cd "$REPO" && cargo build --release --quiet) || die "acc release build failed"
     ACC_BIN="$REPO/target/release/acc"
@@ -86,7 +95,10 @@ rm -rf "$RUN"
 mkdir -p "$RUN"
 python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" | sed 's/^/[bench] payload /' >&2
 RAW="$RUN/raw.tsv"
-printf 'payload\tconcurrency\ttarget\trequests\tduration_us\tp50_us\tp90_us\tp99_us\tproxy_ticks\tmock_ticks\terrors\tclk_tck\twrk_ticks\tsystem_ticks\tncpu\n' >"$RAW"
+# peak_rss_kib: the proxy's VmHWM over the cell (sum over nginx's processes); cand_ticks: CPU of the
+# slow mirror candidate; mirrored/mirror_ok/mirror_dropped: acc_mirror_* counter deltas over the
+# measured run ("-" where they do not apply).
+printf 'payload\tconcurrency\ttarget\trequests\tduration_us\tp50_us\tp90_us\tp99_us\tproxy_ticks\tmock_ticks\terrors\tclk_tck\twrk_ticks\tsystem_ticks\tncpu\trep\tpeak_rss_kib\tcand_ticks\tmirrored\tmirror_ok\tmirror_dropped\n' >"$RAW"
 
 # ---------------------------------------------------------------- helpers ---
 free_port() {
@@ -129,6 +141,32 @@ cpu_ticks() {
 # busy ticks of the whole machine (user+nice+system+irq+softirq+steal, all CPUs)
 sys_ticks() { awk '/^cpu /{ print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
+# reset_peak_rss PID...: restart the processes' VmHWM from their current RSS (Linux >= 4.0)
+reset_peak_rss() {
+    local p
+    for p in "$@"; do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || RSS_NOT_RESET=1; done
+}
+RSS_NOT_RESET=""
+
+# peak_rss_kib PID...: sum of the processes' VmHWM in KiB
+peak_rss_kib() {
+    local total=0 p v
+    for p in "$@"; do
+        v="$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null)" || die "process $p vanished during the run"
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+# mirror_counts ADMIN_PORT: "requests ok dropped" summed over acc_mirror_requests_total /
+# acc_mirror_dropped_total (all routes, candidates, results and reasons) from acc's /metrics
+mirror_counts() {
+    curl -sS --max-time 10 "http://127.0.0.1:$1/metrics" | awk '
+        $1 ~ /^acc_mirror_requests_total([{]|$)/ { r += $NF; if ($1 ~ /result="ok"/) ok += $NF }
+        $1 ~ /^acc_mirror_dropped_total([{]|$)/ { d += $NF }
+        END { printf "%d %d %d\n", r, ok, d }'
+}
+
 # CHILD_TICKS := CPU ticks used so far by this shell's waited-for children (bash `times`,
 # 2nd line). Must not run in a subshell: a subshell's `times` starts from zero.
 child_ticks() {
@@ -166,13 +204,15 @@ verify() {
 }
 
 # --------------------------------------------------------------- servers ----
+# start_mock PNG NAME [LATENCY_MS]: sets STARTED_PID and STARTED_PORT
 start_mock() {
     local png=$1 out="$RUN/mock-$2.out"
-    "$MOCK_BIN" --listen 127.0.0.1:0 --png "$png" --threads "$MOCK_THREADS" >"$out" 2>"$RUN/mock-$2.err" &
-    MOCK_PID=$!
-    PIDS+=("$MOCK_PID")
-    wait_line "$out" '^listening ' 10 "$MOCK_PID" || die "mock did not start: $(cat "$RUN/mock-$2.err")"
-    MOCK_PORT="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
+    "$MOCK_BIN" --listen 127.0.0.1:0 --png "$png" --threads "$MOCK_THREADS" --latency-ms "${3:-0}" \
+        >"$out" 2>"$RUN/mock-$2.err" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_line "$out" '^listening ' 10 "$STARTED_PID" || die "mock did not start: $(cat "$RUN/mock-$2.err")"
+    STARTED_PORT="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
 }
 
 start_nginx() {
@@ -235,16 +275,18 @@ EOF
     log "nginx master $NGINX_PID + $((${#NGINX_PROCS[@]} - 1)) worker(s) on :$NGINX_PORT"
 }
 
-# start_acc PAYLOAD [ROUTE_EXTRA]: ROUTE_EXTRA is appended to the route (e.g. evaluators).
+# start_acc NAME [ROUTE_EXTRA [PROVIDERS_EXTRA]]: ROUTE_EXTRA is appended to the route (evaluators,
+# mirror), PROVIDERS_EXTRA to the provider tables. Sets STARTED_PID, STARTED_PORT, STARTED_ADMIN.
 start_acc() {
-    local name="$1${2:+-eval}"
-    local pol="$RUN/acc-$name-policies" out="$RUN/acc-$name.out"
+    local name="$1"
+    local pol="$RUN/$name-policies" out="$RUN/$name.out"
     mkdir -p "$pol"
     cat >"$pol/bench.toml" <<EOF
 [providers.mock]
 kind = "openai"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 api_key_env = "BENCH_MOCK_API_KEY"
+${3:-}
 
 [[routes]]
 name = "bench"
@@ -253,36 +295,47 @@ targets = [{ provider = "mock", model = "mock-model" }]
 ${2:-}
 EOF
     BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$pol" \
-        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/acc-$name.err" &
-    ACC_PID=$!
-    PIDS+=("$ACC_PID")
-    wait_line "$out" '^listening proxy=' 30 "$ACC_PID" ||
-        die "acc did not start: $(tail -n 20 "$RUN/acc-$name.err")"
-    ACC_PORT="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
-    log "acc pid $ACC_PID on :$ACC_PORT"
+        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/$name.err" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_line "$out" '^listening proxy=' 30 "$STARTED_PID" ||
+        die "acc did not start: $(tail -n 20 "$RUN/$name.err")"
+    STARTED_PORT="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
+    STARTED_ADMIN="$(sed -n 's/^listening proxy=.* admin=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
+    log "$name pid $STARTED_PID on :$STARTED_PORT (admin :$STARTED_ADMIN)"
 }
 
 # --------------------------------------------------------------- measure ----
-# run_cell PAYLOAD CONC TARGET PORT PROXY_PID...
+# Per target, set for each payload by the main loop: the port wrk hits, the proxy processes whose
+# CPU and peak RSS are measured, the acc admin port whose mirror counters are read, and the
+# mirror candidate's process (its CPU is recorded apart, so it is not "other" load).
+declare -A T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=()
+
+# run_cell PAYLOAD CONC TARGET REP
 run_cell() {
-    local payload=$1 conc=$2 target=$3 port=$4
-    shift 4
-    local -a proxy=("$@")
-    local threads=1 out="$RUN/wrk-$payload-c$conc-$target.txt"
+    local payload=$1 conc=$2 target=$3 rep=$4
+    local -a proxy=()
+    read -r -a proxy <<<"${T_PROCS[$target]:-}"
+    local admin=${T_ADMIN[$target]:-} cand=${T_CAND[$target]:-}
+    local threads=1 out="$RUN/wrk-$payload-c$conc-$target-r$rep.txt"
     ((conc > 1)) && threads=2
-    local url="http://127.0.0.1:$port"
+    local url="http://127.0.0.1:${T_PORT[$target]}"
+    # peak RSS covers the whole cell, warm-up included
+    ((${#proxy[@]})) && reset_peak_rss "${proxy[@]}"
     if ((WARMUP > 0)); then
         wrk -t"$threads" -c"$conc" -d"${WARMUP}s" --timeout 10s -s "$LUA" "$url" >/dev/null
     fi
-    local p0=0 p1=0 m0 m1 s0 s1 w0 w1
+    local p0=0 p1=0 m0 m1 s0 s1 w0 w1 c0=0 c1=0 mc0="" mc1=""
+    [[ -n "$admin" ]] && mc0="$(mirror_counts "$admin")"
     ((${#proxy[@]})) && p0="$(cpu_ticks "${proxy[@]}")"
+    [[ -n "$cand" ]] && c0="$(cpu_ticks "$cand")"
     m0="$(cpu_ticks "$MOCK_PID")"
     child_ticks
     w0=$CHILD_TICKS
     s0="$(sys_ticks)"
     local perf_pid=""
     if [[ -n "$PERF" && "$target" == acc ]]; then
-        perf record -q -F 999 -p "$ACC_PID" -o "$RUN/perf-$payload-c$conc.data" \
+        perf record -q -F 999 -p "${proxy[0]}" -o "$RUN/perf-$payload-c$conc-r$rep.data" \
             -- sleep "$SECONDS_PER_CELL" >/dev/null 2>&1 &
         perf_pid=$!
     fi
@@ -291,13 +344,17 @@ run_cell() {
     child_ticks
     w1=$CHILD_TICKS
     ((${#proxy[@]})) && p1="$(cpu_ticks "${proxy[@]}")"
+    [[ -n "$cand" ]] && c1="$(cpu_ticks "$cand")"
     m1="$(cpu_ticks "$MOCK_PID")"
+    [[ -n "$admin" ]] && mc1="$(mirror_counts "$admin")"
+    local rss="-"
+    ((${#proxy[@]})) && rss="$(peak_rss_kib "${proxy[@]}")"
     if [[ -n "$perf_pid" ]]; then
         wait "$perf_pid" || true
-        perf report -i "$RUN/perf-$payload-c$conc.data" --stdio --percent-limit 0.5 \
+        perf report -i "$RUN/perf-$payload-c$conc-r$rep.data" --stdio --percent-limit 0.5 \
             --sort dso,symbol 2>/dev/null | grep -v '^#' | sed 's/[ -]*$//' | grep . \
-            >"$RUN/perf-$payload-c$conc.txt" || true
-        log "perf profile: $RUN/perf-$payload-c$conc.txt"
+            >"$RUN/perf-$payload-c$conc-r$rep.txt" || true
+        log "perf profile: $RUN/perf-$payload-c$conc-r$rep.txt"
     fi
     local line
     line="$(grep '^BENCH ' "$out")" || die "no BENCH line in $out"
@@ -305,49 +362,100 @@ run_cell() {
     local kv
     for kv in ${line#BENCH }; do v[${kv%%=*}]=${kv#*=}; done
     local errors=$((v[err_connect] + v[err_read] + v[err_write] + v[err_status] + v[err_timeout]))
-    local pt="-"
+    local pt="-" ct="-" mirrored="-" mok="-" mdrop="-"
     ((${#proxy[@]})) && pt=$((p1 - p0))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$payload" "$conc" "$target" \
+    [[ -n "$cand" ]] && ct=$((c1 - c0))
+    if [[ -n "$admin" ]]; then
+        local -a a0 a1
+        read -r -a a0 <<<"$mc0"
+        read -r -a a1 <<<"$mc1"
+        mirrored=$((a1[0] - a0[0])) mok=$((a1[1] - a0[1])) mdrop=$((a1[2] - a0[2]))
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$payload" "$conc" "$target" \
         "${v[requests]}" "${v[duration_us]}" "${v[p50_us]}" "${v[p90_us]}" "${v[p99_us]}" \
-        "$pt" "$((m1 - m0))" "$errors" "$CLK_TCK" "$((w1 - w0))" "$((s1 - s0))" "$NCPU" >>"$RAW"
-    log "$(awk -v p="$payload" -v c="$conc" -v t="$target" -v n="${v[requests]}" -v d="${v[duration_us]}" \
+        "$pt" "$((m1 - m0))" "$errors" "$CLK_TCK" "$((w1 - w0))" "$((s1 - s0))" "$NCPU" \
+        "$rep" "$rss" "$ct" "$mirrored" "$mok" "$mdrop" >>"$RAW"
+    local extra=""
+    [[ "$rss" != - ]] && extra+="  peak RSS $((rss / 1024)) MiB"
+    [[ -n "$admin" ]] && extra+="  mirrored $mirrored (ok $mok) dropped $mdrop"
+    log "$(awk -v p="$payload" -v c="$conc" -v t="$target" -v r="$rep" -v n="${v[requests]}" -v d="${v[duration_us]}" \
         -v p50="${v[p50_us]}" -v p99="${v[p99_us]}" -v e="$errors" \
-        'BEGIN { printf "%-5s c=%-3s %-6s %9.1f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d", p, c, t, n * 1e6 / d, p50 / 1e3, p99 / 1e3, e }')"
+        'BEGIN { printf "%-5s c=%-3s %-10s r%-2s %9.1f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d", p, c, t, r, n * 1e6 / d, p50 / 1e3, p99 / 1e3, e }')$extra"
 }
 
-log "targets: $TARGETS | payloads: $PAYLOADS | concurrency: $CONCURRENCY | ${SECONDS_PER_CELL}s/cell (+${WARMUP}s warm-up)"
+# wait_mirrored ADMIN_PORT N: until acc has finished N mirrors with result ok (10 s at most)
+wait_mirrored() {
+    local i c
+    local -a a
+    for ((i = 0; i < 100; i++)); do
+        c="$(mirror_counts "$1")"
+        read -r -a a <<<"$c"
+        ((a[1] >= $2)) && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+log "targets: $TARGETS | payloads: $PAYLOADS | concurrency: $CONCURRENCY | ${SECONDS_PER_CELL}s/cell (+${WARMUP}s warm-up) x $REPEAT round(s)"
 for payload in $PAYLOADS; do
     png="$WORK/payloads/$payload.png"
     [[ -f "$png" ]] || die "unknown payload $payload (have: small large)"
+    T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=()
     start_mock "$png" "$payload"
+    MOCK_PID=$STARTED_PID MOCK_PORT=$STARTED_PORT
+    T_PORT[direct]=$MOCK_PORT
     verify "direct-$payload" "http://127.0.0.1:$MOCK_PORT"
     if has_target nginx; then
         start_nginx "$payload"
+        T_PORT[nginx]=$NGINX_PORT T_PROCS[nginx]="${NGINX_PROCS[*]}"
         verify "nginx-$payload" "http://127.0.0.1:$NGINX_PORT"
     fi
     if has_target acc; then
-        start_acc "$payload"
-        verify "acc-$payload" "http://127.0.0.1:$ACC_PORT" '^x-acc-route: *bench'
+        start_acc "acc-$payload"
+        T_PORT[acc]=$STARTED_PORT T_PROCS[acc]=$STARTED_PID
+        verify "acc-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
+    fi
+    # The same route with every request also sent to a slow candidate (a second mock that waits
+    # MIRROR_LATENCY_MS before answering the same body); the client only ever waits for the primary.
+    if has_target acc-mirror; then
+        start_mock "$png" "$payload-slow" "$MIRROR_LATENCY_MS"
+        SLOW_PID=$STARTED_PID SLOW_PORT=$STARTED_PORT
+        start_acc "acc-mirror-$payload" \
+            "mirror = [{ provider = \"slow\", model = \"mock-model\", sample = 1.0, max_in_flight = $MIRROR_MAX_IN_FLIGHT }]" \
+            "[providers.slow]
+kind = \"openai\"
+base_url = \"http://127.0.0.1:$SLOW_PORT/v1\"
+api_key_env = \"BENCH_MOCK_API_KEY\""
+        T_PORT[acc-mirror]=$STARTED_PORT T_PROCS[acc-mirror]=$STARTED_PID
+        T_ADMIN[acc-mirror]=$STARTED_ADMIN T_CAND[acc-mirror]=$SLOW_PID
+        verify "acc-mirror-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
+        wait_mirrored "$STARTED_ADMIN" 1 ||
+            die "acc-mirror: the verify request was not mirrored to the slow mock (metrics: $(mirror_counts "$STARTED_ADMIN"); $(tail -n 5 "$RUN/acc-mirror-$payload.err"))"
+        log "acc-mirror-$payload ok: verify request mirrored to the slow mock (${MIRROR_LATENCY_MS} ms)"
     fi
     # The evaluated path: sanity + safety on every image (1024x1024 payload only: the request
     # asks for 1024x1024, so sanity would rightly fail the small one).
     if has_target acc-eval && [[ "$payload" == large ]]; then
-        ACC_PLAIN_PORT="${ACC_PORT:-}" ACC_PLAIN_PID="${ACC_PID:-}"
-        start_acc "$payload" 'evaluators = ["sanity", "safety"]
+        start_acc "acc-eval-$payload" 'evaluators = ["sanity", "safety"]
 eval_budget_ms = 30000'
-        EVAL_PORT="$ACC_PORT" EVAL_PID="$ACC_PID"
-        ACC_PORT="$ACC_PLAIN_PORT" ACC_PID="$ACC_PLAIN_PID"
-        verify "acc-eval-$payload" "http://127.0.0.1:$EVAL_PORT" '^x-acc-eval: *sanity=pass'
+        T_PORT[acc-eval]=$STARTED_PORT T_PROCS[acc-eval]=$STARTED_PID
+        verify "acc-eval-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-eval: *sanity=pass'
     fi
+    read -r -a order <<<"$TARGETS"
     for conc in $CONCURRENCY; do
-        for target in $TARGETS; do
-            case $target in
-            direct) run_cell "$payload" "$conc" direct "$MOCK_PORT" ;;
-            nginx) run_cell "$payload" "$conc" nginx "$NGINX_PORT" "${NGINX_PROCS[@]}" ;;
-            acc) run_cell "$payload" "$conc" acc "$ACC_PORT" "$ACC_PID" ;;
-            acc-eval) [[ "$payload" == large ]] && run_cell "$payload" "$conc" acc-eval "$EVAL_PORT" "$EVAL_PID" ;;
-            *) die "unknown target $target" ;;
-            esac
+        for ((rep = 1; rep <= REPEAT; rep++)); do
+            # ABBA: every other round runs the targets in reverse order, so a slow drift of the
+            # machine's speed does not favour whichever target comes first.
+            local_order=("${order[@]}")
+            if ((rep % 2 == 0)); then
+                local_order=()
+                for ((i = ${#order[@]} - 1; i >= 0; i--)); do local_order+=("${order[i]}"); done
+            fi
+            for target in "${local_order[@]}"; do
+                [[ "$target" == acc-eval && "$payload" != large ]] && continue
+                run_cell "$payload" "$conc" "$target" "$rep"
+            done
         done
     done
     if has_target nginx && grep -q 'buffered to a temporary file' "$RUN/nginx-$payload/error.log"; then
@@ -355,7 +463,9 @@ eval_budget_ms = 30000'
     fi
     stop_all
 done
-
+if [[ -n "$RSS_NOT_RESET" ]]; then
+    log "WARNING: could not reset VmHWM (/proc/PID/clear_refs): peak RSS is since process start, not per cell"
+fi
 python3 "$BENCH_DIR/lib/report.py" "$RAW" "$RESULTS" \
     --meta "cpus=$(nproc)" \
     --meta "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)" \

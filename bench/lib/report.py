@@ -6,16 +6,47 @@ usage: report.py RAW_TSV OUT_MD [--meta key=value]...
 import argparse
 import csv
 import datetime
+import statistics
 import sys
 
 EVAL_CPU_GOAL_MS = 25.0   # decode + sanity + safety, CPU ms per image (whole acc process)
 EVAL_RPS_GOAL = 85        # images/s at concurrency 64 with sanity + safety on
 CPU_GOAL = 1.5   # acc CPU/request <= 1.5x nginx's
 RPS_GOAL = 0.70  # acc req/s at c=64 >= 70% of nginx's
+MIRROR_P99_GOAL = 1.05    # acc-mirror p99 <= 1.05x acc p99 (medians over the rounds)
+MIRROR_RSS_GOAL_MIB = 64  # acc-mirror peak RSS <= acc's + 64 MiB
 
 
 def fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def num(r, key):
+    """An optional integer column (absent in older raw files, "-" where it does not apply)."""
+    v = r.get(key)
+    return None if v in (None, "", "-") else int(v)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def aggregate(reps):
+    """One table row from the rounds of a cell: medians of rates, latencies and CPU; sums of
+    counts; the highest peak RSS."""
+    out = {k: reps[0][k] for k in ("payload", "conc", "target")}
+    for k in ("rps", "p50", "p90", "p99", "cpu", "mock_cpu", "other"):
+        out[k] = median([r[k] for r in reps])
+    for k in ("requests", "errors"):
+        out[k] = sum(r[k] for r in reps)
+    for k in ("mirrored", "mirror_ok", "mirror_dropped"):
+        vals = [r[k] for r in reps if r[k] is not None]
+        out[k] = sum(vals) if vals else None
+    rss = [r["rss_mib"] for r in reps if r["rss_mib"] is not None]
+    out["rss_mib"] = max(rss) if rss else None
+    out["reps"] = reps
+    return out
 
 
 def main() -> None:
@@ -33,7 +64,8 @@ def main() -> None:
             n = int(r["requests"])
             dur = int(r["duration_us"]) / 1e6
             proxy = None if r["proxy_ticks"] == "-" else int(r["proxy_ticks"])
-            ours = (proxy or 0) + int(r["mock_ticks"]) + int(r["wrk_ticks"])
+            ours = ((proxy or 0) + int(r["mock_ticks"]) + int(r["wrk_ticks"])
+                    + (num(r, "cand_ticks") or 0))
             capacity = dur * clk * int(r["ncpu"])
             other = (100.0 * max(0, int(r["system_ticks"]) - ours) / capacity) if capacity else None
             rows.append({
@@ -49,16 +81,28 @@ def main() -> None:
                 "errors": int(r["errors"]),
                 "requests": n,
                 "other": other,
+                "rep": num(r, "rep") or 1,
+                "rss_mib": None if num(r, "peak_rss_kib") is None else num(r, "peak_rss_kib") / 1024,
+                "mirrored": num(r, "mirrored"),
+                "mirror_ok": num(r, "mirror_ok"),
+                "mirror_dropped": num(r, "mirror_dropped"),
             })
+    rounds = max((r["rep"] for r in rows), default=1)
 
     def label(payload):
         size = meta.get(payload)
         return f"{payload} ({int(size) / 1024:.0f} KiB PNG)" if size else payload
 
+    def mirror_cell(r):
+        if r["mirrored"] is None:
+            return "-"
+        return f"{r['mirrored']} / {r['mirror_dropped']}"
+
     lines = [
         "| payload | concurrency | target | req/s | p50 ms | p90 ms | p99 ms "
-        "| CPU ms/request (proxy process) | mock CPU ms/request | requests | errors | other CPU % |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/request (proxy process) | mock CPU ms/request | peak RSS MiB (proxy) "
+        "| mirrored / dropped | requests | errors | other CPU % |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     goals = []
     keys = []
@@ -67,12 +111,17 @@ def main() -> None:
         if k not in keys:
             keys.append(k)
     for payload, conc in keys:
-        cell = {r["target"]: r for r in rows if (r["payload"], r["conc"]) == (payload, conc)}
+        grouped = {}
+        for r in rows:
+            if (r["payload"], r["conc"]) == (payload, conc):
+                grouped.setdefault(r["target"], []).append(r)
+        cell = {t: aggregate(reps) for t, reps in grouped.items()}
         for r in cell.values():
             lines.append(
                 f"| {label(payload)} | {conc} | {r['target']} | {r['rps']:.1f} | {r['p50']:.2f} "
                 f"| {r['p90']:.2f} | {r['p99']:.2f} | {fmt(r['cpu'], 3)} "
-                f"| {fmt(r['mock_cpu'], 3)} | {r['requests']} | {r['errors']} | {fmt(r['other'], 0)} |")
+                f"| {fmt(r['mock_cpu'], 3)} | {fmt(r['rss_mib'], 1)} | {mirror_cell(r)} "
+                f"| {r['requests']} | {r['errors']} | {fmt(r['other'], 0)} |")
         ev = cell.get("acc-eval")
         if ev:
             if ev["cpu"] is not None:
@@ -93,7 +142,7 @@ def main() -> None:
                 f"{fmt(acc['p50'] / ngx['p50'] if ngx['p50'] else None)}x | "
                 f"{fmt(acc['p90'] / ngx['p90'] if ngx['p90'] else None)}x | "
                 f"{fmt(acc['p99'] / ngx['p99'] if ngx['p99'] else None)}x | "
-                f"**{fmt(cpu_ratio)}x** | | | | |")
+                f"**{fmt(cpu_ratio)}x** | | | | | | |")
             if cpu_ratio is not None:
                 ok = "PASS" if cpu_ratio <= CPU_GOAL else "FAIL"
                 goals.append(f"- {ok}: {payload} c={conc}: acc CPU/request = "
@@ -102,6 +151,43 @@ def main() -> None:
                 ok = "PASS" if rps_ratio >= RPS_GOAL else "FAIL"
                 goals.append(f"- {ok}: {payload} c={conc}: acc req/s = "
                              f"{rps_ratio * 100:.0f}% of nginx (goal >= {RPS_GOAL * 100:.0f}%)")
+
+        mir = cell.get("acc-mirror")
+        if acc and mir:
+            p99_ratio = mir["p99"] / acc["p99"] if acc["p99"] else None
+            rss_delta = (mir["rss_mib"] - acc["rss_mib"]
+                         if mir["rss_mib"] is not None and acc["rss_mib"] is not None else None)
+            cpu_ratio = (mir["cpu"] / acc["cpu"]
+                         if mir["cpu"] is not None and acc["cpu"] else None)
+            lines.append(
+                f"| {label(payload)} | {conc} | **acc-mirror/acc** | "
+                f"{fmt(mir['rps'] / acc['rps'] if acc['rps'] else None)}x | "
+                f"{fmt(mir['p50'] / acc['p50'] if acc['p50'] else None)}x | "
+                f"{fmt(mir['p90'] / acc['p90'] if acc['p90'] else None)}x | "
+                f"**{fmt(p99_ratio)}x** | {fmt(cpu_ratio)}x | | "
+                f"{'-' if rss_delta is None else f'{rss_delta:+.1f}'} | | | | |")
+            by_rep = {r["rep"]: r for r in acc["reps"]}
+            per = [f"{m['p99'] / by_rep[m['rep']]['p99']:.2f}" for m in mir["reps"]
+                   if m["rep"] in by_rep and by_rep[m["rep"]]["p99"]]
+            n = len(mir["reps"])
+            basis = f"median of {n} rounds" if n > 1 else "1 round"
+            if p99_ratio is not None:
+                ok = "PASS" if p99_ratio <= MIRROR_P99_GOAL else "FAIL"
+                goals.append(
+                    f"- {ok}: {payload} c={conc}: with a 100% mirror, acc p99 = {mir['p99']:.2f} ms vs "
+                    f"{acc['p99']:.2f} ms without = {p99_ratio:.2f}x (goal <= {MIRROR_P99_GOAL}x; "
+                    f"{basis}; per-round ratios {' '.join(per)})")
+            if rss_delta is not None:
+                rss_rounds = " ".join(f"{m['rss_mib']:.0f}" for m in mir["reps"] if m["rss_mib"] is not None)
+                ok = "PASS" if rss_delta <= MIRROR_RSS_GOAL_MIB else "FAIL"
+                goals.append(
+                    f"- {ok}: {payload} c={conc}: with a 100% mirror, acc peak RSS = "
+                    f"{mir['rss_mib']:.1f} MiB vs {acc['rss_mib']:.1f} MiB without "
+                    f"({rss_delta:+.1f} MiB, goal <= +{MIRROR_RSS_GOAL_MIB} MiB; per-round peaks "
+                    f"{rss_rounds}"
+                    f" MiB); mirrored "
+                    f"{mir['mirrored']} (ok {mir['mirror_ok']}), dropped at the in-flight cap "
+                    f"{mir['mirror_dropped']}, of {mir['requests']} requests")
 
     header = [
         "# acc benchmark results",
@@ -119,11 +205,20 @@ def main() -> None:
         "other CPU % = machine-wide busy CPU time not used by the proxy, the mock or wrk, "
         "as % of all CPUs over the cell (kernel softirq work on loopback lands here too; "
         "tens of % mean something else was running and the cell is not trustworthy).",
-        "Ratio rows: acc value divided by nginx value.",
+        "peak RSS MiB = the proxy's VmHWM over the cell (reset through /proc/PID/clear_refs "
+        "before the warm-up; nginx: sum over its processes). mirrored / dropped (acc-mirror): "
+        "acc_mirror_requests_total and acc_mirror_dropped_total deltas over the measured run.",
+        f"Rounds: {rounds}" + (
+            " (cells interleaved, every other round in reverse target order; rates, latencies "
+            "and CPU are medians over the rounds, counts are sums, peak RSS the highest)."
+            if rounds > 1 else "."),
+        "Ratio rows: acc value divided by nginx value; acc-mirror value divided by acc value "
+        "(peak RSS: difference in MiB).",
         "",
     ]
     text = "\n".join(header + lines) + "\n"
-    noisy = [f"{r['payload']} c={r['conc']} {r['target']} ({r['other']:.0f}%)"
+    noisy = [f"{r['payload']} c={r['conc']} {r['target']}"
+             + (f" round {r['rep']}" if rounds > 1 else "") + f" ({r['other']:.0f}%)"
              for r in rows if r["other"] is not None and r["other"] > 10]
     if noisy:
         text += ("\nWARNING: other processes used more than 10% of the machine during: "

@@ -4,10 +4,13 @@
 //! `200 application/json {"created":1700000000,"data":[{"b64_json":"<base64 of --png>"}]}`.
 //! The body is built once at start-up; per request we only drain the request
 //! body and clone a `Bytes` handle, so the mock costs as little CPU as possible.
+//! `--latency-ms N` makes it wait N ms (a timer, no CPU) before answering each request, to play
+//! a slow provider (the mirror candidate of the `acc-mirror` benchmark target).
 
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -43,10 +46,11 @@ struct Args {
     listen: SocketAddr,
     png: String,
     threads: usize,
+    latency: Duration,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mock-provider --listen 127.0.0.1:PORT --png FILE [--threads N]");
+    eprintln!("usage: mock-provider --listen 127.0.0.1:PORT --png FILE [--threads N] [--latency-ms N]");
     std::process::exit(2);
 }
 
@@ -54,6 +58,7 @@ fn parse_args() -> Args {
     let mut listen = None;
     let mut png = None;
     let mut threads = 1usize;
+    let mut latency_ms = 0u64;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
@@ -61,6 +66,7 @@ fn parse_args() -> Args {
             "--listen" => listen = Some(val().parse().unwrap_or_else(|_| usage())),
             "--png" => png = Some(val()),
             "--threads" => threads = val().parse().unwrap_or_else(|_| usage()),
+            "--latency-ms" => latency_ms = val().parse().unwrap_or_else(|_| usage()),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -69,12 +75,20 @@ fn parse_args() -> Args {
         listen: listen.unwrap_or_else(|| usage()),
         png: png.unwrap_or_else(|| usage()),
         threads: threads.max(1),
+        latency: Duration::from_millis(latency_ms),
     }
 }
 
-async fn handle(req: Request<Incoming>, body: Bytes) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    body: Bytes,
+    latency: Duration,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     // Drain the request body completely so the connection can be reused.
     let _ = req.into_body().collect().await;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let mut resp = Response::new(Full::new(body));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -99,8 +113,9 @@ async fn serve(args: Args, body: Bytes) -> std::io::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
+        let latency = args.latency;
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, body.clone()));
+            let svc = service_fn(move |req| handle(req, body.clone(), latency));
             let _ = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc)
