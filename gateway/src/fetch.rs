@@ -282,15 +282,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn sniff(b: &[u8]) -> &'static str {
-    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
-        "image/png"
-    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        "image/jpeg"
-    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
-        "image/webp"
-    } else {
-        "application/octet-stream"
-    }
+    crate::providers::sniff_image(b).map_or("application/octet-stream", |(mime, _)| mime)
 }
 
 /// A URL for messages: bounded, without its query (signed URLs carry credentials there).

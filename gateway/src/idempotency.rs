@@ -9,10 +9,11 @@
 //! guard or while holding nothing, and no map access happens while it is locked, so the only lock
 //! order is shard, then `order`: no deadlock.
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,12 +98,6 @@ impl fmt::Debug for IdempotencyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyStore").field("len", &self.len()).field("bytes", &self.bytes()).finish()
     }
-}
-
-/// A mutex poisoned by a panic elsewhere still holds consistent data here (every critical section
-/// is a single map or field update), so keep going rather than spread the panic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl IdempotencyStore {

@@ -47,3 +47,9 @@ pub mod request;
 pub mod routing;
 pub mod server;
 pub mod upstream;
+
+/// Locks a mutex, taking over one a panicking thread poisoned: the state guarded with it
+/// (counters, windows, caches) stays usable after a panic elsewhere.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -2,6 +2,7 @@
 //! and an optional spend limit per tenant per UTC day. State lives in memory per replica and
 //! survives policy reloads; a limiter is rebuilt only when its quota changes.
 
+use crate::lock;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -49,15 +50,47 @@ struct Spend {
     day: u64,
     /// Settled spend of the day.
     spent: f64,
-    /// Estimates of requests in flight.
+    /// Estimates of work in flight.
     reserved: f64,
+}
+
+/// Spend per UTC day against a limit: work reserves its estimate before it starts, then is
+/// charged what it cost. Used for tenants' daily limits and mirrors' daily caps.
+#[derive(Default)]
+pub struct DailyBudget(Mutex<Spend>);
+
+impl DailyBudget {
+    /// Holds `estimate` USD of today's `limit`; `Err(spent today)` when it does not fit. Work
+    /// whose price is unknown (estimate 0) may still not start once the budget is spent.
+    pub fn reserve(self: &Arc<Self>, limit: f64, estimate: f64) -> Result<Reservation, f64> {
+        let (today, _) = utc_day(SystemTime::now());
+        let mut s = lock(&self.0);
+        if s.day != today {
+            *s = Spend { day: today, ..Default::default() };
+        }
+        if s.spent >= limit || s.spent + s.reserved + estimate > limit + 1e-9 {
+            return Err(s.spent);
+        }
+        s.reserved += estimate;
+        Ok(Reservation { budget: Some(self.clone()), day: today, estimate })
+    }
+
+    /// Settled spend today, USD.
+    pub fn spent_today(&self) -> f64 {
+        let s = lock(&self.0);
+        if s.day == utc_day(SystemTime::now()).0 {
+            s.spent
+        } else {
+            0.0
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Limits {
     keys: DashMap<String, Arc<Mutex<Pair>>>,
     tenants: DashMap<String, Arc<Mutex<Pair>>>,
-    spend: DashMap<String, Arc<Mutex<Spend>>>,
+    spend: DashMap<String, Arc<DailyBudget>>,
 }
 
 /// Which limit refused a request.
@@ -76,10 +109,6 @@ impl Limit {
             Limit::Spend => "spend",
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn retry_secs(d: Duration) -> u64 {
@@ -115,37 +144,39 @@ fn utc_day(now: SystemTime) -> (u64, Duration) {
     (secs / 86_400, Duration::from_secs(86_400 - secs % 86_400))
 }
 
-/// An estimated spend held while a request runs; settled with what it really cost.
+/// An estimate held on a daily budget while work runs; the estimate is released when it is
+/// dropped, and what the work cost is charged with `charge` or `settle`.
 pub struct Reservation {
-    state: Option<Arc<Mutex<Spend>>>,
+    budget: Option<Arc<DailyBudget>>,
     day: u64,
     estimate: f64,
 }
 
 impl Reservation {
     pub fn none() -> Reservation {
-        Reservation { state: None, day: 0, estimate: 0.0 }
+        Reservation { budget: None, day: 0, estimate: 0.0 }
     }
 
-    /// Replaces the estimate by the request's actual cost.
-    pub fn settle(mut self, actual: f64) {
-        if let Some(state) = self.state.take() {
-            let mut s = lock(&state);
-            if s.day == self.day {
-                s.reserved = (s.reserved - self.estimate).max(0.0);
-            }
-            let (today, _) = utc_day(SystemTime::now());
-            if s.day == today {
-                s.spent += actual;
+    /// Charges `usd` to today's spend (the estimate stays held until the reservation ends).
+    pub fn charge(&mut self, usd: f64) {
+        if let Some(b) = &self.budget {
+            let mut s = lock(&b.0);
+            if s.day == utc_day(SystemTime::now()).0 {
+                s.spent += usd;
             }
         }
+    }
+
+    /// Replaces the estimate by the work's actual cost.
+    pub fn settle(mut self, actual: f64) {
+        self.charge(actual);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(state) = self.state.take() {
-            let mut s = lock(&state);
+        if let Some(b) = self.budget.take() {
+            let mut s = lock(&b.0);
             if s.day == self.day {
                 s.reserved = (s.reserved - self.estimate).max(0.0);
             }
@@ -236,40 +267,21 @@ impl Limits {
         estimate: f64,
     ) -> Result<Reservation, ApiError> {
         let Some(limit) = limits.and_then(|l| l.spend_usd_per_day) else { return Ok(Reservation::none()) };
-        let state = match self.spend.get(tenant) {
+        let budget = match self.spend.get(tenant) {
             Some(s) => s.clone(),
             None => self.spend.entry(tenant.to_string()).or_default().clone(),
         };
-        let (today, until_midnight) = utc_day(SystemTime::now());
-        let mut s = lock(&state);
-        if s.day != today {
-            *s = Spend { day: today, spent: 0.0, reserved: 0.0 };
-        }
-        // A request whose price is unknown (estimate 0) may still not start once the budget is spent.
-        if s.spent >= limit || s.spent + s.reserved + estimate > limit + 1e-9 {
+        budget.reserve(limit, estimate).map_err(|spent| {
             let msg = format!(
-                "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({:.4} USD spent); it resets at 00:00 UTC",
-                s.spent
+                "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({spent:.4} USD spent); it resets at 00:00 UTC"
             );
-            drop(s);
-            return Err(refusal(metrics, tenant, Limit::Spend, until_midnight, msg));
-        }
-        s.reserved += estimate;
-        drop(s);
-        Ok(Reservation { state: Some(state), day: today, estimate })
+            refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
+        })
     }
 
     /// Settled spend of a tenant today, USD.
     pub fn spent_today(&self, tenant: &str) -> f64 {
-        let (today, _) = utc_day(SystemTime::now());
-        self.spend.get(tenant).map_or(0.0, |s| {
-            let s = lock(&s);
-            if s.day == today {
-                s.spent
-            } else {
-                0.0
-            }
-        })
+        self.spend.get(tenant).map_or(0.0, |b| b.spent_today())
     }
 }
 

@@ -3,6 +3,7 @@
 //! its concurrency slots with their bounded wait queue. Snapshots resolve their handles once, so
 //! a request only locks the small per-target and per-provider state it touches.
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -18,10 +19,6 @@ use crate::metrics::Metrics;
 use crate::mirror::{CanaryState, MirrorState};
 use crate::policy::{Concurrency, Policy};
 use crate::providers::ProviderError;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One provider's shared state.
 pub struct ProviderState {

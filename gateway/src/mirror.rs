@@ -3,18 +3,16 @@
 //! primary) and canaries (a share of live traffic served by a candidate, rolled back when its
 //! guard says it is worse).
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
 
 use crate::compare::{Comparison, Observation};
+use crate::limits::{DailyBudget, Reservation};
 use crate::policy::Policy;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A deterministic draw in `[0, 1)` from a request's trace id and a salt (the candidate), so a
 /// rerun of the same request (same trace id) is sampled the same way.
@@ -29,22 +27,11 @@ pub fn draw(trace_id: &str, salt: &str) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn utc_day() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400)
-}
-
-#[derive(Default)]
-struct Spend {
-    day: u64,
-    spent: f64,
-    reserved: f64,
-}
-
 /// One mirror candidate of one route: its in-flight count, daily spend and comparison.
 #[derive(Default)]
 pub struct MirrorState {
     in_flight: AtomicUsize,
-    spend: Mutex<Spend>,
+    budget: Arc<DailyBudget>,
     pub comparison: Mutex<Comparison>,
 }
 
@@ -69,8 +56,7 @@ impl Skip {
 /// A mirror's claim on its candidate's in-flight slots and daily budget, released on drop.
 pub struct Ticket {
     state: Arc<MirrorState>,
-    day: u64,
-    reserved: f64,
+    spend: Reservation,
 }
 
 impl MirrorState {
@@ -80,20 +66,15 @@ impl MirrorState {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Skip::InFlight);
         }
-        let day = utc_day();
-        if let Some(budget) = budget {
-            let mut s = lock(&self.spend);
-            if s.day != day {
-                *s = Spend { day, ..Default::default() };
-            }
-            if s.spent >= budget || s.spent + s.reserved + estimate > budget + 1e-9 {
-                drop(s);
+        // Without a cap the spend is still tracked (the report shows it).
+        let spend = match self.budget.reserve(budget.unwrap_or(f64::INFINITY), estimate) {
+            Ok(r) => r,
+            Err(_) => {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
                 return Err(Skip::Spend);
             }
-            s.reserved += estimate;
-        }
-        Ok(Ticket { state: self.clone(), day, reserved: if budget.is_some() { estimate } else { 0.0 } })
+        };
+        Ok(Ticket { state: self.clone(), spend })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -101,35 +82,20 @@ impl MirrorState {
     }
 
     pub fn spent_today(&self) -> f64 {
-        let s = lock(&self.spend);
-        if s.day == utc_day() {
-            s.spent
-        } else {
-            0.0
-        }
+        self.budget.spent_today()
     }
 }
 
 impl Ticket {
     /// Charges what the mirror actually cost (its reservation is released either way).
     pub fn charge(&mut self, usd: f64) {
-        let mut s = lock(&self.state.spend);
-        if s.day != self.day {
-            *s = Spend { day: self.day, ..Default::default() };
-        }
-        s.spent += usd;
+        self.spend.charge(usd);
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if self.reserved > 0.0 {
-            let mut s = lock(&self.state.spend);
-            if s.day == self.day {
-                s.reserved = (s.reserved - self.reserved).max(0.0);
-            }
-        }
     }
 }
 

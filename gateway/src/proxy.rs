@@ -730,7 +730,7 @@ async fn mirror_attempt(
     }
     // The slot is free once the candidate answered; pairing is bookkeeping.
     drop(ticket);
-    let verdicts = sink.lock().map(|v| v.clone()).unwrap_or_default();
+    let verdicts = sink.into_inner().unwrap_or_default();
     let evals = verdicts.iter().rev().find(|(s, _)| *s == step).map(|(_, v)| eval_summary(policy, step, v));
     let candidate = Observation {
         error,
@@ -939,7 +939,7 @@ where
         routing::run_plan(&steps, deadline, timeout_of, hedging, |s, until| attempt_step(env, s, until)).await;
     record_attempts(app, snap, route_idx, &outcome, ctx);
     if let (Some(first), Some(verdicts)) = (steps.first(), &verdicts) {
-        let verdicts = verdicts.lock().map(|v| v.clone()).unwrap_or_default();
+        let verdicts = verdicts.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
         let o = first_observation(policy, &req, &outcome, *first, &verdicts);
         for tx in primary_side {
             let _ = tx.send(o.clone());
@@ -1260,21 +1260,9 @@ fn render(
 }
 
 fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
-    let (mime, ext) = sniff(&bytes);
+    let (mime, ext) = crate::providers::sniff_image(&bytes).unwrap_or(("application/octet-stream", "bin"));
     let id = app.artifacts.put(bytes, mime, policy.server.url_ttl);
     format!("{base}/v1/images/artifacts/{id}.{ext}")
-}
-
-fn sniff(b: &[u8]) -> (&'static str, &'static str) {
-    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
-        ("image/png", "png")
-    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        ("image/jpeg", "jpg")
-    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
-        ("image/webp", "webp")
-    } else {
-        ("application/octet-stream", "bin")
-    }
 }
 
 fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
@@ -1337,8 +1325,8 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     if ctx.canary {
         h.insert(CANARY, HeaderValue::from_static("true"));
     }
-    if let Some(v) = ctx.generation.as_deref().and_then(|g| HeaderValue::from_str(g).ok()) {
-        h.insert(GENERATION, v);
+    if let Some(g) = ctx.generation.as_deref() {
+        h.insert(GENERATION, header_text(g));
     }
     if !ctx.dropped.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&ctx.dropped.join(", ")) {

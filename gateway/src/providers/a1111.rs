@@ -295,15 +295,7 @@ fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time
         401 | 403 => status_error("the web UI refused the gateway's credentials (auth_env)".into()),
         404 if message == "Not Found" => status_error("no /sdapi/v1 here: is the web UI started with --api?".into()),
         408 | 429 => status_error(message),
-        400..=499 => {
-            let v = serde_json::json!({"error": {
-                "message": format!("upstream rejected the request: {message}"),
-                "type": "invalid_request_error",
-                "param": null,
-                "code": "upstream_rejected",
-            }});
-            ProviderError::Rejected { status: StatusCode::BAD_REQUEST, body: Bytes::from(v.to_string()) }
-        }
+        400..=499 => super::rejected(StatusCode::BAD_REQUEST, &message),
         _ => status_error(message),
     }
 }
@@ -343,13 +335,7 @@ fn error_message(body: &[u8]) -> String {
             }
         }
     });
-    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
-    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-    if text.is_empty() {
-        "(empty body)".into()
-    } else {
-        text
-    }
+    super::error_text(from_json, body)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod a1111;
 pub mod azure;
 pub mod builtin;
 pub mod fal;
+pub mod jobs;
 pub mod openai;
 pub mod replicate;
 pub mod skim;
@@ -44,25 +45,23 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// `seed=7; steps=30; guidance=7.5; sampler=Euler a; model=sdxl` (printable ASCII only).
+    /// `seed=7; steps=30; guidance=7.5; sampler=Euler a; model=sdxl` (the caller makes it a
+    /// header value).
     pub fn header(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(v) = self.seed {
-            parts.push(format!("seed={v}"));
-        }
-        if let Some(v) = self.steps {
-            parts.push(format!("steps={v}"));
-        }
-        if let Some(v) = self.guidance {
-            parts.push(format!("guidance={v}"));
-        }
-        if let Some(v) = &self.sampler {
-            parts.push(format!("sampler={v}"));
-        }
-        if let Some(v) = &self.model {
-            parts.push(format!("model={v}"));
-        }
-        parts.join("; ").chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(512).collect()
+        use std::fmt::{Display, Write};
+        let mut s = String::new();
+        let mut put = |k: &str, v: Option<&dyn Display>| {
+            if let Some(v) = v {
+                let sep = if s.is_empty() { "" } else { "; " };
+                let _ = write!(s, "{sep}{k}={v}");
+            }
+        };
+        put("seed", self.seed.as_ref().map(|v| v as &dyn Display));
+        put("steps", self.steps.as_ref().map(|v| v as &dyn Display));
+        put("guidance", self.guidance.as_ref().map(|v| v as &dyn Display));
+        put("sampler", self.sampler.as_ref().map(|v| v as &dyn Display));
+        put("model", self.model.as_ref().map(|v| v as &dyn Display));
+        s
     }
 }
 
@@ -264,6 +263,40 @@ pub fn build(spec: &ProviderSpec) -> Arc<dyn Provider> {
         ProviderKind::Fal => Arc::new(fal::Fal::new(c)),
         ProviderKind::Replicate => Arc::new(replicate::Replicate::new(c)),
         ProviderKind::A1111 => Arc::new(a1111::A1111::new(c)),
+    }
+}
+
+/// A provider's error text for messages: `found` (the text its error body carries) or the
+/// body's start, without control characters, at most 300 characters, never empty.
+pub(crate) fn error_text(found: Option<String>, body: &[u8]) -> String {
+    let text = found.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text
+    }
+}
+
+/// The client's own mistake as the upstream described it, answered in the OpenAI error shape
+/// (`code` upstream_rejected) and never retried.
+pub(crate) fn rejected(status: StatusCode, message: &str) -> ProviderError {
+    let v = serde_json::json!({"error": {
+        "message": format!("upstream rejected the request: {message}"),
+        "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
+    ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
+}
+
+/// The media type and file extension of PNG, JPEG or WebP bytes, by their magic numbers.
+pub fn sniff_image(b: &[u8]) -> Option<(&'static str, &'static str)> {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(("image/png", "png"))
+    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(("image/jpeg", "jpg"))
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some(("image/webp", "webp"))
+    } else {
+        None
     }
 }
 

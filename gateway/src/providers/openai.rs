@@ -26,16 +26,7 @@ pub struct OpenAi {
 
 impl OpenAi {
     pub fn new(base_url: &str, api_key_env: Option<&str>, upstream_format: UpstreamFormat) -> Self {
-        let auth = api_key_env.map(|var| {
-            std::env::var(var)
-                .ok()
-                .and_then(|key| HeaderValue::from_str(&format!("Bearer {key}")).ok())
-                .map(|mut h| {
-                    h.set_sensitive(true);
-                    h
-                })
-                .ok_or_else(|| var.to_string())
-        });
+        let auth = super::key_header(api_key_env, "Bearer ");
         let endpoint = |op: Operation| upstream::Endpoint::parse(&format!("{base_url}/images/{}", op.path()));
         let endpoints =
             (|| Ok([endpoint(Operation::Generate)?, endpoint(Operation::Edit)?, endpoint(Operation::Variation)?]))();
@@ -235,15 +226,11 @@ fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
             let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
-            let body = if openai_shaped {
-                body
+            if openai_shaped {
+                ProviderError::Rejected { status, body }
             } else {
-                let v = serde_json::json!({"error": {
-                    "message": format!("upstream rejected the request: {message}"),
-                    "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
-                Bytes::from(v.to_string())
-            };
-            ProviderError::Rejected { status, body }
+                super::rejected(status, &message)
+            }
         }
         _ => ProviderError::Status { status, message, retry_after: None },
     }
@@ -253,13 +240,7 @@ pub(crate) fn upstream_message(body: &[u8]) -> String {
     let from_json = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned));
-    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
-    let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
-    if text.is_empty() {
-        "(empty body)".into()
-    } else {
-        text
-    }
+    super::error_text(from_json, body)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::fal::jobs;
+use super::jobs;
 use super::{AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
 use crate::policy::Connection;
 

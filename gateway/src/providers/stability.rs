@@ -224,7 +224,7 @@ struct Answer {
 /// Parses a 2xx answer: JSON with the base64 image (kept a slice of `body`), or the image bytes
 /// themselves.
 fn parse_answer(body: &Bytes, headers: &http::HeaderMap) -> Result<(Image, Option<u64>), ProviderError> {
-    if let Some(mime) = image_mime(body) {
+    if let Some((mime, _)) = super::sniff_image(body) {
         // Image bytes carry the finish reason and the seed in headers.
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
         if header("finish-reason") == Some("CONTENT_FILTERED") {
@@ -256,18 +256,6 @@ fn parse_answer(body: &Bytes, headers: &http::HeaderMap) -> Result<(Image, Optio
     Ok((Image::Base64(bytes), answer.seed))
 }
 
-fn image_mime(b: &[u8]) -> Option<&'static str> {
-    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some("image/png")
-    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        Some("image/jpeg")
-    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
-        Some("image/webp")
-    } else {
-        None
-    }
-}
-
 /// Maps Stability's `{"id","name","errors":[..]}` answers: the client's own mistakes are passed
 /// back (OpenAI-shaped), its content moderation is a content filter answer, the rest may be
 /// retried elsewhere.
@@ -279,27 +267,17 @@ fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
         .and_then(|v| v["errors"].as_array())
         .map(|a| a.iter().filter_map(|e| e.as_str()).collect())
         .unwrap_or_default();
-    let text = if errors.is_empty() {
-        v.as_ref()
-            .and_then(|v| v["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
+    let found = if errors.is_empty() {
+        v.as_ref().and_then(|v| v["message"].as_str().map(str::to_owned))
     } else {
-        errors.join("; ")
+        Some(errors.join("; "))
     };
-    let mut message: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-    if message.is_empty() {
-        message = "(empty body)".into();
-    }
+    let message = super::error_text(found, body);
     if name == "content_moderation" {
         return ProviderError::ContentFiltered(message);
     }
     match status.as_u16() {
-        400 | 413 | 422 => {
-            let v = serde_json::json!({"error": {
-                "message": format!("upstream rejected the request: {message}"),
-                "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
-            ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
-        }
+        400 | 413 | 422 => super::rejected(status, &message),
         401 | 403 => ProviderError::Status {
             status,
             message: "the provider refused the gateway's credentials".into(),

@@ -216,12 +216,7 @@ fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
         // A model the region does not serve: another target may.
         404 | 408 | 429 | 500..=599 => status_error(message),
         400..=499 if filtered_prompt(&message) => ProviderError::ContentFiltered(message),
-        400..=499 => {
-            let v = json!({"error": {
-                "message": format!("upstream rejected the request: {message}"),
-                "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
-            ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
-        }
+        400..=499 => super::rejected(status, &message),
         _ => status_error(message),
     }
 }
@@ -237,10 +232,8 @@ fn filtered_prompt(message: &str) -> bool {
 fn google_error(body: &[u8]) -> (String, Option<String>) {
     let v = serde_json::from_slice::<serde_json::Value>(body).ok();
     let field = |name: &str| v.as_ref().and_then(|v| v["error"][name].as_str()).map(str::to_owned);
-    let text = field("message").unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
-    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
     let status = field("status").filter(|s| s.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
-    (if text.is_empty() { "(empty body)".into() } else { text }, status)
+    (super::error_text(field("message"), body), status)
 }
 
 /// Where the bearer token comes from.

@@ -1,0 +1,187 @@
+//! What the two job-queue kinds (fal, replicate) share: one JSON exchange, polling with backoff,
+//! error classification, and a best-effort cancel of a job left behind.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::body::ChunkedBody;
+use crate::providers::ProviderError;
+use crate::upstream;
+
+/// Largest answer read from a job API (a result lists URLs, not image bytes).
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// Poll answers that fail in a row (connection trouble, 5xx, 429) before the attempt gives up.
+const MAX_POLL_FAILURES: u32 = 3;
+/// Time a cancel request may take, after the attempt it belongs to has ended.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One exchange with the provider's API: JSON in and out, the key in `Authorization`.
+pub async fn call(
+    method: Method,
+    url: &str,
+    auth: Option<&HeaderValue>,
+    json: Option<Vec<u8>>,
+) -> Result<upstream::Answer, ProviderError> {
+    // Never the URL itself in the message: job URLs may be signed.
+    let endpoint = upstream::Endpoint::parse(url)
+        .map_err(|_| ProviderError::Other(format!("not a usable URL: {}", clean(without_query(url)))))?;
+    let method_has_body = method != Method::GET;
+    let mut req = Request::builder().method(method).uri("/").header(header::ACCEPT, "application/json");
+    if let Some(h) = auth {
+        req = req.header(header::AUTHORIZATION, h.clone());
+    }
+    let mut body = ChunkedBody::default();
+    match json {
+        Some(json) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            body.push(json);
+        }
+        None if method_has_body => req = req.header(header::CONTENT_LENGTH, "0"),
+        None => {}
+    }
+    let req = req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
+    upstream::send(&endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+        upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
+        upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
+    })
+}
+
+/// A 2xx answer's JSON.
+pub fn parse<T: DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ProviderError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ProviderError::BadResponse(format!("the {what} answer is not the expected JSON: {e}")))
+}
+
+/// Maps a non-2xx answer whose error text is `message`: the client's own mistakes are
+/// passed back (never retried), the rest may be tried elsewhere.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, message: String) -> ProviderError {
+    let message = if message.is_empty() { "(empty body)".to_string() } else { message };
+    match status.as_u16() {
+        401 | 403 => ProviderError::Status {
+            status,
+            message: "the provider refused the gateway's credentials".into(),
+            retry_after: None,
+        },
+        // Not the client's fault: the account (402) or the policy's model name (404).
+        402 | 404 | 408 | 429 => ProviderError::Status { status, message, retry_after },
+        400..=499 => super::rejected(status, &message),
+        _ => ProviderError::Status { status, message, retry_after },
+    }
+}
+
+/// Provider text made safe for messages: no control characters, bounded.
+pub fn clean(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(300).collect()
+}
+
+fn without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
+/// `scheme://authority` of a URL, lowercased.
+pub fn origin(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?).to_ascii_lowercase())
+}
+
+/// The URL the provider named for a job, when it is on the provider's own origin (the key
+/// goes with every call and must never reach another host); else the documented one.
+pub fn same_origin_or(given: Option<String>, base: Option<&str>, documented: impl FnOnce() -> String) -> String {
+    match (given, base) {
+        (Some(u), Some(b)) if origin(&u).as_deref() == Some(b) => u,
+        _ => documented(),
+    }
+}
+
+/// Whether a job id from an answer can go into a URL path as it is.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Poll delays, doubling from the first up to the cap, and the count of failed polls.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff { next: first, max: max.max(first), failures: 0 }
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    /// One poll: `Ok(None)` when it failed in a way the next poll may not (a lost poll
+    /// does not hurt the job), the error once that happened too often in a row.
+    pub async fn poll(
+        &mut self,
+        call: impl Future<Output = Result<upstream::Answer, ProviderError>>,
+    ) -> Result<Option<upstream::Answer>, ProviderError> {
+        match call.await {
+            Ok(a) => {
+                if a.status.is_success() {
+                    self.failures = 0;
+                }
+                Ok(Some(a))
+            }
+            Err(e) if self.tolerates(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a failed poll is passed over (and counts it).
+    pub fn tolerates(&mut self, e: &ProviderError) -> bool {
+        let transient = match e {
+            ProviderError::Connect(_) | ProviderError::Transport(_) => true,
+            ProviderError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        };
+        self.failures += 1;
+        transient && self.failures < MAX_POLL_FAILURES
+    }
+}
+
+/// Cancels the provider's job when dropped while armed: the attempt was abandoned (client
+/// gone, deadline, hedge lost) or failed before the job finished, which would otherwise run
+/// on, and be billed, for nobody.
+pub struct CancelOnDrop {
+    provider: &'static str,
+    cancel: Option<(Method, String, Option<HeaderValue>)>,
+}
+
+impl CancelOnDrop {
+    pub fn new(provider: &'static str, method: Method, url: String, auth: Option<HeaderValue>) -> CancelOnDrop {
+        CancelOnDrop { provider, cancel: Some((method, url, auth)) }
+    }
+
+    /// The job reached an end of its own: nothing to cancel.
+    pub fn disarm(&mut self) {
+        self.cancel = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some((method, url, auth)) = self.cancel.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let provider = self.provider;
+        runtime.spawn(async move {
+            match tokio::time::timeout(CANCEL_TIMEOUT, call(method, &url, auth.as_ref(), None)).await {
+                Ok(Ok(a)) if a.status.is_success() => tracing::debug!(provider, "abandoned job cancelled"),
+                Ok(Ok(a)) => tracing::info!(provider, status = a.status.as_u16(), "job cancel refused"),
+                Ok(Err(e)) => tracing::info!(provider, "job cancel failed: {e}"),
+                Err(_) => tracing::info!(provider, "job cancel timed out"),
+            }
+        });
+    }
+}
