@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use acc::eval::{self, adherence::Contract, Evaluator};
+use acc::eval::{self, Evaluator};
+use acc::request::contract::Contract;
 
 fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/testimages");

@@ -12,9 +12,9 @@ use http::{header, HeaderValue, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::app::App;
 use crate::error::ApiError;
 use crate::metrics::model_label;
-use crate::server::App;
 
 pub fn router(app: Arc<App>) -> Router {
     let protected = Router::new()
@@ -192,7 +192,7 @@ async fn mirror_report(State(app): State<Arc<App>>, uri: http::Uri) -> Response 
             return ApiError::not_found("route_not_found", format!("no route named \"{r}\"")).into_response();
         }
     }
-    Json(crate::mirror::report(&snap.policy, &app.policy.live, route)).into_response()
+    Json(crate::mirror::report(&snap.policy, &snap.candidates, route)).into_response()
 }
 
 fn price_json(p: &crate::policy::Price) -> serde_json::Value {

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
+
+/// Where gateway-served images live on the proxy listener: `{PATH}{id}.{ext}`.
+pub const PATH: &str = "/v1/images/artifacts/";
 
 struct Entry {
     bytes: Bytes,
@@ -54,6 +58,31 @@ impl ArtifactStore {
         }
         self.metrics.artifacts.with_label_values(&["stored"]).inc();
         id
+    }
+
+    /// Stores an image (`mime` and file extension `ext` as sniffed from its bytes) and returns
+    /// its URL under `base` (scheme and authority, no trailing slash).
+    pub fn publish(&self, bytes: Bytes, (mime, ext): (&'static str, &str), ttl: Duration, base: &str) -> String {
+        let id = self.put(bytes, mime, ttl);
+        format!("{base}{PATH}{id}.{ext}")
+    }
+
+    /// `GET {PATH}{id}.{ext}`: the image with its media type, or 404 `artifact_not_found` in the
+    /// OpenAI error shape when unknown or expired.
+    pub fn serve(&self, file: &str) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        use http::{header, HeaderValue};
+        let id = file.split('.').next().unwrap_or_default();
+        match self.get(id) {
+            Some((bytes, mime)) => {
+                let mut r = axum::response::Response::new(axum::body::Body::from(bytes));
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+                r
+            }
+            None => ApiError::not_found("artifact_not_found", "no such image, or its URL has expired").into_response(),
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<(Bytes, &'static str)> {

@@ -31,6 +31,39 @@ pub struct Stored {
     pub body: Bytes,
 }
 
+/// The name of the request header that carries the client's key.
+pub const HEADER: &str = "idempotency-key";
+/// Set to `true` on an answer that is a replay of a stored one.
+pub const REPLAYED: HeaderName = HeaderName::from_static("x-acc-idempotent-replay");
+
+/// A request's fingerprint, so a key reused with another request is told apart: SHA-256 over
+/// the endpoint path, the content type (for multipart bodies, whose boundary differs per
+/// request), and the body bytes.
+pub fn fingerprint(path: &str, content_type: Option<&[u8]>, body: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(path.as_bytes());
+    h.update([0]);
+    h.update(content_type.unwrap_or(b""));
+    h.update([0]);
+    h.update(body);
+    h.finalize().into()
+}
+
+impl Stored {
+    /// The stored answer as a response again, marked `x-acc-idempotent-replay: true`.
+    pub fn replay(&self) -> axum::response::Response {
+        let mut r = axum::response::Response::new(axum::body::Body::from(self.body.clone()));
+        *r.status_mut() = self.status;
+        let h = r.headers_mut();
+        for (k, v) in &self.headers {
+            h.append(k.clone(), v.clone());
+        }
+        h.insert(REPLAYED, HeaderValue::from_static("true"));
+        r
+    }
+}
+
 /// What [`IdempotencyStore::begin`] decided for one request.
 #[derive(Debug)]
 pub enum Begin {

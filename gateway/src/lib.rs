@@ -1,43 +1,109 @@
 //! Agent Command Center (ACC): a gateway in front of image-generation providers.
 //!
 //! # Layout
-//! In the order a request meets them:
-//! - [`server`]: listeners, edge layers (tracing, panic catcher, load shedding), signals, shutdown.
-//! - [`proxy`]: the pipeline for one image request, read top to bottom.
-//! - [`request`]: the client's JSON parsed and checked into one `GenerationRequest`.
-//! - [`policy`]: policy files, parsed raw, then validated into runtime types.
-//! - [`reload`]: the live policy snapshot, swapped atomically on poll, SIGHUP or admin reload.
-//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop with hedging.
-//! - [`live`]: provider and target state learnt while running: breakers, 429 pauses, queues.
-//! - [`health`]: rolling health windows with hysteresis, and the circuit breaker's state machine.
-//! - [`limits`]: rate limits per key and tenant, spend per tenant per day.
-//! - [`idempotency`]: `Idempotency-Key` answers kept for replay.
-//! - [`mirror`]: mirrors and canaries for provider migrations; [`compare`]: their statistics.
-//! - [`eval`]: inline evaluation of artifacts on a thread pool of its own (sanity, ...).
-//! - [`providers`]: the adapter trait and one adapter per API family (builtin demo, OpenAI).
-//! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request using them.
-//! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
+//! Every module, from the highest layer to the lowest. A module may import (`use crate::...`)
+//! only modules listed below it, never one above it or itself through another: imports run
+//! downward and there are no cycles. `tests/layers.rs` reads every `crate::` path in
+//! `gateway/src` and fails the build's tests on an arrow that points up; keep this list in that
+//! order when adding a module. Each line says what the module owns, then (after "uses") what it
+//! imports.
+//!
+//! ## Listeners and endpoints
+//! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
+//!   shedding), signals and the drain on shutdown. Uses `admin`, `proxy`, `app`.
+//! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
+//!   mirror views). Uses `app` and the state modules it reports on.
+//! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
+//!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
+//!   record), plus `Idempotency-Key` handling. Uses the phase modules below.
+//!
+//! ## One request's phases (called by `proxy`, never calling back)
+//! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
+//!   the mirrors' runtime, the primary's outcome handed to them. Uses `attempt`, `cost`, `mirror`.
+//! - [`attempt`]: one attempt on one target: capabilities, admission (pause, breaker), slot,
+//!   adapter call, breaker and health feedback, URL fetch, evaluation. Uses `live`, `fetch`,
+//!   `evaluation`, `providers`.
+//! - [`evaluation`]: a route's `[eval]` policy applied to one attempt's images: evaluators on
+//!   the pool under the budget, then pass, flag, fall back or block. Uses `eval`, `app`.
+//! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `policy`.
+//! - [`answer`]: the answer body in the client's `response_format`, the OpenAI-shaped error
+//!   when every attempt failed, and the `x-acc-*` header names. Uses `artifacts` through `app`.
+//!
+//! ## The running gateway's state (request-independent, shared by both listeners)
+//! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
+//!   Uses `reload`, `artifacts`, `limits`, `idempotency`, `eval`, `metrics`.
+//! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
+//!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload.
+//! - [`live`]: provider and target state learnt while running, kept across reloads: breakers,
+//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts.
+//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop with hedging
+//!   (pure over the policy, generic over the attempt). Uses `policy`, `providers`.
+//! - [`fetch`]: SSRF-guarded fetching of provider image URLs. Uses `upstream`.
+//! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `compare`,
+//!   `limits`.
+//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`).
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`.
-//! - [`metrics`]: the Prometheus registry.
-//! - [`admin`]: the admin listener (metrics, probes, reload, policy and route views).
-//! - [`error`]: the OpenAI-shaped error every failure becomes.
+//! - [`metrics`]: the Prometheus registry and per-route metric handles.
+//!
+//! ## Adapters
+//! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter
+//!   per API family. Uses `policy` (connection settings), `request`, `upstream`.
+//!
+//! ## Policy
+//! - [`policy`]: policy files read raw, validated into runtime types, cross-checked. Uses the
+//!   plain data types of `eval`, `request`, `health` and `compare` it configures.
+//!
+//! ## Evaluators and the request model
+//! - [`eval`]: the evaluators (sanity, safety, text, adherence) and their thread pool;
+//!   `Verdict` and evaluator settings. Uses `request`.
+//! - [`request`]: the client's request parsed and checked into `GenerationRequest`, with its
+//!   plain data types (`Size`, `Operation`, `Param`) and the prompt contract. Uses `error`.
+//!
+//! ## Foundations (plain data and I/O helpers, nothing above)
+//! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request.
+//! - [`idempotency`]: `Idempotency-Key` leases and answers kept for replay.
+//! - [`health`]: health windows with hysteresis, the breaker state machine, `Retry-After`.
+//! - [`compare`]: the statistics of mirror and canary comparisons.
+//! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
+//! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes.
+//!
+//! # Where the next parts go
+//! Each is a new module at the layer named, so an issue adds files, not tangles:
+//! - trace records and their store (SQLite, PostgreSQL): `trace` (the record a request builds,
+//!   a phase module beside `answer`) over `store` (the writer task and both backends, a state
+//!   module below `app`, with migrations in `gateway/migrations/`).
+//! - telemetry export (OTLP spans in the GenAI conventions): `telemetry`, a state module below
+//!   `app`, fed by `trace`; attribute names as constants there.
+//! - review queue: `review` (withheld images, decisions, expiry; state, below `app`), polled by
+//!   a `proxy` endpoint and decided through `admin`; feedback and regenerations in `feedback`.
+//! - provenance (C2PA manifests, IPTC metadata): `provenance`, a phase module called by `answer`.
+//! - shared state across replicas (Redis): `cluster`, a foundation-level client with a local
+//!   fallback that `limits`, `idempotency` and `live` use.
+//! - the ops console: `console`, an endpoint module beside `admin` (served by the admin
+//!   listener), with its templates and assets under `gateway/console/`.
 #![forbid(unsafe_code)]
 // ApiError is returned on the cold path only (a request that is refused); boxing it would cost
 // an allocation on every error for no gain on the hot path.
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod answer;
+pub mod app;
 pub mod artifacts;
+pub mod attempt;
 pub mod body;
 pub mod compare;
+pub mod cost;
 pub mod error;
 pub mod eval;
+pub mod evaluation;
 pub mod fetch;
 pub mod health;
 pub mod idempotency;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod migration;
 pub mod mirror;
 pub mod policy;
 pub mod providers;

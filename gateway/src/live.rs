@@ -14,11 +14,13 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::health::{Breaker, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition};
+use crate::health::{
+    Admit, Breaker, BreakerSettings, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition,
+};
 use crate::metrics::Metrics;
-use crate::mirror::{CanaryState, MirrorState};
 use crate::policy::{Concurrency, Policy};
 use crate::providers::ProviderError;
+use crate::routing::Step;
 
 /// One provider's shared state.
 pub struct ProviderState {
@@ -148,6 +150,93 @@ impl ProviderState {
     }
 }
 
+/// A provider's admission of one attempt, past its 429 pause and its breaker. When it holds a
+/// half-open breaker's probe slot and is dropped without [`Admission::settle`] (the attempt was
+/// cancelled or queued out), the slot is freed.
+pub struct Admission<'a> {
+    provider: &'a ProviderState,
+    probe: bool,
+}
+
+impl ProviderState {
+    /// Whether an attempt may go to this provider now: not while a 429 pause lasts
+    /// (`Skipped { label: "paused" }`), not while its breaker is open
+    /// (`Skipped { label: "breaker_open" }`), each with how long is left; a half-open breaker
+    /// admits it as a probe. Breaker moves are logged and counted.
+    pub fn admit(
+        &self,
+        now: Instant,
+        cfg: &BreakerSettings,
+        metrics: &Metrics,
+    ) -> Result<Admission<'_>, ProviderError> {
+        if let Some(left) = self.paused_for(now) {
+            return Err(ProviderError::Skipped { label: "paused", retry_in: left });
+        }
+        // The common case, a closed breaker with nothing counted, needs no lock.
+        if self.breaker_quiet() {
+            return Ok(Admission { provider: self, probe: false });
+        }
+        let mut b = self.breaker();
+        let (admit, moved) = b.admit(now, cfg);
+        self.breaker_settled(&b);
+        if let Some(t) = moved {
+            breaker_moved(metrics, &self.name, &t, b.gauge());
+        }
+        match admit {
+            Admit::No { retry_in } => Err(ProviderError::Skipped { label: "breaker_open", retry_in }),
+            Admit::Probe => Ok(Admission { provider: self, probe: true }),
+            Admit::Yes => Ok(Admission { provider: self, probe: false }),
+        }
+    }
+}
+
+impl Admission<'_> {
+    /// Feeds the provider's answer to its breaker (what counts: [`breaker_evidence`]) and, for
+    /// a 429 with a retry hint, pauses the provider for that long, at most `max_pause`. Returns
+    /// the evidence: `Some(true)` the provider answered, `Some(false)` it failed, `None` neither.
+    pub fn settle(
+        mut self,
+        result: Result<(), &ProviderError>,
+        cfg: &BreakerSettings,
+        max_pause: Duration,
+        metrics: &Metrics,
+    ) -> Option<bool> {
+        let ps = self.provider;
+        let evidence = breaker_evidence(&result);
+        match evidence {
+            // A closed breaker with nothing counted stays so, without its lock.
+            Some(true) if !self.probe && ps.breaker_quiet() => {}
+            Some(ok) => {
+                let probe = std::mem::take(&mut self.probe);
+                let why = result.err().map(|e| e.to_string()).unwrap_or_default();
+                let mut b = ps.breaker();
+                if let Some(t) = b.on_result(Instant::now(), ok, probe, &why, cfg) {
+                    breaker_moved(metrics, &ps.name, &t, b.gauge());
+                }
+                ps.breaker_settled(&b);
+            }
+            None => {}
+        }
+        if let Err(ProviderError::Status { status, retry_after: Some(d), .. }) = result {
+            if *status == http::StatusCode::TOO_MANY_REQUESTS {
+                let d = (*d).min(max_pause);
+                ps.pause(Instant::now(), d);
+                metrics.provider_paused.with_label_values(&[&ps.name]).inc();
+                tracing::warn!(provider = %ps.name, pause_ms = d.as_millis() as u64, "provider answered 429; paused");
+            }
+        }
+        evidence
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.provider.breaker().probe_abandoned();
+        }
+    }
+}
+
 /// The instant paused-until times count from.
 fn base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -227,6 +316,36 @@ impl HealthCell {
 pub struct TargetLive {
     pub provider: Arc<ProviderState>,
     pub health: Arc<HealthCell>,
+    /// (route, provider, model label): the target's metric labels.
+    labels: Arc<(String, String, String)>,
+}
+
+impl TargetLive {
+    /// Records one attempt in the target's health window (`latency` as the provider took it);
+    /// demotions and restorations it causes are logged and counted.
+    pub fn record(&self, latency: Duration, sample: Sample, s: &HealthSettings, metrics: &Metrics) {
+        for t in self.health.record(Instant::now(), latency, sample, s) {
+            self.health_moved(metrics, &t);
+        }
+    }
+
+    /// Whether the target is demoted now (re-judged first when it is); changes are logged and
+    /// counted.
+    pub fn demoted(&self, now: Instant, s: &HealthSettings, metrics: &Metrics) -> bool {
+        let (demoted, moved) = self.health.demoted(now, s);
+        for t in moved {
+            self.health_moved(metrics, &t);
+        }
+        demoted
+    }
+
+    fn health_moved(&self, metrics: &Metrics, t: &Transition) {
+        let (route, provider, model) = (&self.labels.0, &self.labels.1, &self.labels.2);
+        let to = if t.demoted { "demoted" } else { "restored" };
+        metrics.target_demotions.with_label_values(&[route, provider, model, to]).inc();
+        metrics.target_demoted.with_label_values(&[route, provider, model]).set(i64::from(t.demoted));
+        tracing::warn!(route, provider, model, to, reason = %t.reason, "route target health changed");
+    }
 }
 
 /// The registry, by name.
@@ -235,18 +354,6 @@ pub struct Live {
     providers: DashMap<String, Arc<ProviderState>>,
     /// Keyed by (route, provider, model label).
     targets: DashMap<(String, String, String), Arc<HealthCell>>,
-    /// Keyed by (route, candidate label).
-    mirrors: DashMap<(String, String), Arc<MirrorState>>,
-    /// Keyed by route; replaced when the canary's settings change.
-    canaries: DashMap<String, Arc<CanaryState>>,
-}
-
-/// A snapshot's mirror and canary state, per route.
-#[derive(Default)]
-pub struct RouteCandidates {
-    /// Indexed like the route's `mirrors`.
-    pub mirrors: Vec<Arc<MirrorState>>,
-    pub canary: Option<Arc<CanaryState>>,
 }
 
 impl Live {
@@ -275,36 +382,10 @@ impl Live {
                             t.provider.clone(),
                             crate::metrics::model_label(t.model.as_deref()).to_string(),
                         );
-                        let health = self.targets.entry(key).or_default().clone();
-                        TargetLive { provider: self.provider(&t.provider), health }
+                        let health = self.targets.entry(key.clone()).or_default().clone();
+                        TargetLive { provider: self.provider(&t.provider), health, labels: Arc::new(key) }
                     })
                     .collect()
-            })
-            .collect()
-    }
-
-    pub fn mirror(&self, route: &str, label: &str) -> Arc<MirrorState> {
-        self.mirrors.entry((route.to_string(), label.to_string())).or_default().clone()
-    }
-
-    /// The canary state of a route for these settings: kept while they stay the same (a rolled
-    /// back canary stays rolled back), fresh after an edit.
-    pub fn canary(&self, route: &str, fingerprint: &str) -> Arc<CanaryState> {
-        let mut e = self.canaries.entry(route.to_string()).or_insert_with(|| Arc::new(CanaryState::new(fingerprint)));
-        if e.fingerprint != fingerprint {
-            *e = Arc::new(CanaryState::new(fingerprint));
-        }
-        e.clone()
-    }
-
-    /// The mirror and canary state of each route of `policy`.
-    pub fn candidates(&self, policy: &Policy) -> Vec<RouteCandidates> {
-        policy
-            .routes
-            .iter()
-            .map(|r| RouteCandidates {
-                mirrors: r.mirrors.iter().map(|m| self.mirror(&r.name, &m.label)).collect(),
-                canary: r.canary.as_ref().map(|c| self.canary(&r.name, &c.fingerprint)),
             })
             .collect()
     }
@@ -314,6 +395,27 @@ impl Live {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
+}
+
+/// Reorders a plan so that targets demoted by their health window go
+/// to the back, each group keeping plan order. `targets` is a snapshot's state, indexed like
+/// `policy.routes[r].targets[t]`.
+pub fn healthy_first(
+    policy: &Policy,
+    targets: &[Vec<TargetLive>],
+    steps: &mut Vec<Step>,
+    now: Instant,
+    metrics: &Metrics,
+) {
+    let mut demoted = Vec::new();
+    steps.retain(|s| {
+        let is_demoted = targets[s.route][s.target].demoted(now, &policy.routes[s.route].health, metrics);
+        if is_demoted {
+            demoted.push(*s);
+        }
+        !is_demoted
+    });
+    steps.extend(demoted);
 }
 
 /// Logs and counts a breaker transition.

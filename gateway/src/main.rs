@@ -254,7 +254,7 @@ fn eval(
     route: Option<(&std::path::Path, &str)>,
     json: bool,
 ) -> ExitCode {
-    let contract = match contract.map(|c| acc::eval::adherence::Contract::parse(c.as_bytes())) {
+    let contract = match contract.map(|c| acc::request::contract::Contract::parse(c.as_bytes())) {
         None => None,
         Some(Ok(c)) => Some(c),
         Some(Err(e)) => {

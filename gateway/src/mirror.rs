@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use serde_json::json;
 
 use crate::compare::{Comparison, Observation};
@@ -149,21 +150,69 @@ impl CanaryState {
     }
 }
 
+/// Mirror and canary state by name, kept across policy reloads like the provider state in
+/// [`crate::live`]: a candidate keeps its comparison while its route and label stay.
+#[derive(Default)]
+pub struct Registry {
+    /// Keyed by (route, candidate label).
+    mirrors: DashMap<(String, String), Arc<MirrorState>>,
+    /// Keyed by route; replaced when the canary's settings change.
+    canaries: DashMap<String, Arc<CanaryState>>,
+}
+
+/// A snapshot's mirror and canary state, per route.
+#[derive(Default)]
+pub struct RouteCandidates {
+    /// Indexed like the route's `mirrors`.
+    pub mirrors: Vec<Arc<MirrorState>>,
+    pub canary: Option<Arc<CanaryState>>,
+}
+
+impl Registry {
+    pub fn mirror(&self, route: &str, label: &str) -> Arc<MirrorState> {
+        self.mirrors.entry((route.to_string(), label.to_string())).or_default().clone()
+    }
+
+    /// The canary state of a route for these settings: kept while they stay the same (a rolled
+    /// back canary stays rolled back), fresh after an edit.
+    pub fn canary(&self, route: &str, fingerprint: &str) -> Arc<CanaryState> {
+        let mut e = self.canaries.entry(route.to_string()).or_insert_with(|| Arc::new(CanaryState::new(fingerprint)));
+        if e.fingerprint != fingerprint {
+            *e = Arc::new(CanaryState::new(fingerprint));
+        }
+        e.clone()
+    }
+
+    /// The mirror and canary state of each route of `policy`.
+    pub fn candidates(&self, policy: &Policy) -> Vec<RouteCandidates> {
+        policy
+            .routes
+            .iter()
+            .map(|r| RouteCandidates {
+                mirrors: r.mirrors.iter().map(|m| self.mirror(&r.name, &m.label)).collect(),
+                canary: r.canary.as_ref().map(|c| self.canary(&r.name, &c.fingerprint)),
+            })
+            .collect()
+    }
+}
+
 /// `GET /admin/mirror/report` (and `acc report`): per route and mirror candidate, the primary
 /// and the candidate side by side, with significance tests; canaries likewise.
-pub fn report(policy: &Policy, live: &crate::live::Live, route: Option<&str>) -> serde_json::Value {
+/// `candidates` is the snapshot's state of `policy`, indexed like its routes.
+pub fn report(policy: &Policy, candidates: &[RouteCandidates], route: Option<&str>) -> serde_json::Value {
     const ALPHA: f64 = 0.05;
     let routes: Vec<_> = policy
         .routes
         .iter()
-        .filter(|r| route.is_none_or(|n| n == r.name))
-        .filter(|r| !r.mirrors.is_empty() || r.canary.is_some())
-        .map(|r| {
+        .zip(candidates)
+        .filter(|(r, _)| route.is_none_or(|n| n == r.name))
+        .filter(|(r, _)| !r.mirrors.is_empty() || r.canary.is_some())
+        .map(|(r, states)| {
             let candidates: Vec<_> = r
                 .mirrors
                 .iter()
-                .map(|m| {
-                    let state = live.mirror(&r.name, &m.label);
+                .zip(&states.mirrors)
+                .map(|(m, state)| {
                     let c = lock(&state.comparison);
                     let mut v = c.report(ALPHA);
                     v["name"] = json!(m.label);
@@ -173,8 +222,7 @@ pub fn report(policy: &Policy, live: &crate::live::Live, route: Option<&str>) ->
                     v
                 })
                 .collect();
-            let canary = r.canary.as_ref().map(|c| {
-                let state = live.canary(&r.name, &c.fingerprint);
+            let canary = r.canary.as_ref().zip(states.canary.as_ref()).map(|(c, state)| {
                 let cmp = lock(&state.comparison);
                 let mut v = cmp.report(ALPHA);
                 v["name"] = json!(c.label);

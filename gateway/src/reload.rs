@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::live::{Live, TargetLive};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::mirror::{self, RouteCandidates};
 use crate::policy::{self, Policy, Sources};
 use crate::providers::{self, Provider};
 
@@ -27,7 +28,7 @@ pub struct Snapshot {
     /// Health window and provider state of each route target, indexed like `target_providers`.
     pub live: Vec<Vec<TargetLive>>,
     /// Mirror and canary state of each route.
-    pub candidates: Vec<crate::live::RouteCandidates>,
+    pub candidates: Vec<RouteCandidates>,
     pub loaded_at: SystemTime,
 }
 
@@ -61,6 +62,8 @@ pub struct PolicyStore {
     metrics: Arc<Metrics>,
     /// Provider and target state learnt while running; outlives snapshots.
     pub live: Arc<Live>,
+    /// Mirror and canary state; outlives snapshots.
+    migrations: mirror::Registry,
     /// The proxy listens beyond loopback: a policy must then configure API keys.
     public_listener: bool,
     /// Sources of the last reload attempt, so polling retries nothing that has not changed.
@@ -79,13 +82,15 @@ impl PolicyStore {
     ) -> Result<PolicyStore, Vec<String>> {
         let sources = source.read()?;
         let live = Arc::new(Live::default());
-        let snapshot = prepare(&sources, public_listener, &metrics, &live)?;
+        let migrations = mirror::Registry::default();
+        let snapshot = prepare(&sources, public_listener, &metrics, &live, &migrations)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(snapshot),
             source,
             metrics,
             live,
+            migrations,
             public_listener,
             last_seen: Mutex::new(Some(sources)),
             status: Mutex::new(ReloadStatus::default()),
@@ -120,7 +125,8 @@ impl PolicyStore {
         if !force && !changed {
             return Ok(self.current.load().policy.version.clone());
         }
-        let result = sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics, &self.live));
+        let result =
+            sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics, &self.live, &self.migrations));
         match result {
             Ok(snapshot) => {
                 let version = snapshot.policy.version.clone();
@@ -167,7 +173,13 @@ impl PolicyStore {
 }
 
 /// All fallible work of a reload: validate, check listener constraints, build adapters.
-fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics, live: &Live) -> Result<Snapshot, Vec<String>> {
+fn prepare(
+    sources: &Sources,
+    public_listener: bool,
+    metrics: &Metrics,
+    live: &Live,
+    migrations: &mirror::Registry,
+) -> Result<Snapshot, Vec<String>> {
     let policy = policy::validate(sources)?;
     if public_listener && policy.keys.is_empty() {
         return Err(vec![
@@ -180,7 +192,7 @@ fn prepare(sources: &Sources, public_listener: bool, metrics: &Metrics, live: &L
     let target_providers =
         policy.routes.iter().map(|r| r.targets.iter().map(|t| providers[&t.provider].clone()).collect()).collect();
     let hot = policy.routes.iter().map(|r| metrics.route_metrics(r)).collect();
-    let candidates = live.candidates(&policy);
+    let candidates = migrations.candidates(&policy);
     let live = live.resolve(&policy);
     Ok(Snapshot { policy, target_providers, hot, live, candidates, loaded_at: SystemTime::now() })
 }

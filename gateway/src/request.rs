@@ -5,6 +5,8 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
+pub mod contract;
+
 pub const MAX_N: u64 = 10;
 pub const MIN_SIDE: u32 = 256;
 pub const MAX_SIDE: u32 = 1792;
@@ -86,7 +88,7 @@ pub struct GenerationRequest {
     pub images: Vec<FilePart>,
     pub mask: Option<FilePart>,
     /// The prompt contract (header `x-acc-contract` or body field `acc`).
-    pub contract: Option<std::sync::Arc<crate::eval::adherence::Contract>>,
+    pub contract: Option<std::sync::Arc<contract::Contract>>,
 }
 
 impl GenerationRequest {
@@ -266,8 +268,8 @@ impl GenerationRequest {
         };
         let contract = match raw.get("acc") {
             None | Some(Value::Null) => None,
-            Some(Value::String(text)) => Some(crate::eval::adherence::Contract::parse(text.as_bytes())),
-            Some(v @ Value::Object(_)) => Some(crate::eval::adherence::Contract::from_value(v.clone())),
+            Some(Value::String(text)) => Some(contract::Contract::parse(text.as_bytes())),
+            Some(v @ Value::Object(_)) => Some(contract::Contract::from_value(v.clone())),
             Some(other) => return Err(wrong_type("acc", "an object (the prompt contract)", other)),
         }
         .transpose()
@@ -299,10 +301,46 @@ impl GenerationRequest {
     }
 }
 
+/// Request parameters that not every provider kind can honour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    NegativePrompt,
+    Seed,
+    Steps,
+    Guidance,
+    Sampler,
+    Quality,
+    Style,
+}
+
+impl Param {
+    pub const ALL: [Param; 7] = [
+        Param::NegativePrompt,
+        Param::Seed,
+        Param::Steps,
+        Param::Guidance,
+        Param::Sampler,
+        Param::Quality,
+        Param::Style,
+    ];
+
+    /// The request field's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Param::NegativePrompt => "negative_prompt",
+            Param::Seed => "seed",
+            Param::Steps => "steps",
+            Param::Guidance => "guidance_scale",
+            Param::Sampler => "sampler",
+            Param::Quality => "quality",
+            Param::Style => "style",
+        }
+    }
+}
+
 impl GenerationRequest {
     /// Whether the request sets `p`.
-    pub fn has(&self, p: crate::providers::Param) -> bool {
-        use crate::providers::Param;
+    pub fn has(&self, p: Param) -> bool {
         match p {
             Param::NegativePrompt => self.negative_prompt.is_some(),
             Param::Seed => self.seed.is_some(),

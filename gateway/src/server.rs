@@ -2,7 +2,7 @@
 //! panic catcher, load shedding), signals (SIGHUP reloads, SIGTERM drains) and shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,48 +11,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::artifacts::ArtifactStore;
+use crate::app::{App, AppParts};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::reload::{PolicySource, PolicyStore};
 use crate::{admin, proxy};
-
-/// Shared state of the running gateway.
-pub struct App {
-    pub policy: Arc<PolicyStore>,
-    pub metrics: Arc<Metrics>,
-    pub artifacts: Arc<ArtifactStore>,
-    /// SHA-256 of `ACC_ADMIN_TOKEN`; `None` disables the protected admin endpoints.
-    pub admin_token_digest: Option<[u8; 32]>,
-    pub in_flight: AtomicUsize,
-    pub draining: AtomicBool,
-    /// Threads for decoding and evaluating artifacts.
-    pub eval_pool: crate::eval::pool::EvalPool,
-    /// The evaluators this process can run, by policy name.
-    pub evaluators: std::collections::HashMap<&'static str, Arc<dyn crate::eval::Evaluator>>,
-    /// Whether each evaluator could run at start-up, and why not.
-    pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
-    pub limits: crate::limits::Limits,
-    pub idempotency: Arc<crate::idempotency::IdempotencyStore>,
-    /// Every runtime of the process, for `acc_tasks_alive`.
-    pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
-    /// Mirrors in flight, waited for on shutdown.
-    pub mirror_tasks: TaskTracker,
-    /// The runtime mirrors run on: a thread of its own at idle CPU priority, so shadow traffic
-    /// never delays live requests on the proxy workers (it gets the CPU they leave).
-    pub mirror_rt: tokio::runtime::Handle,
-    /// Cancels mirrors still running when the drain deadline passes.
-    pub mirror_stop: CancellationToken,
-    /// Evaluation threads mirrors may use at once (half the pool), so live requests keep theirs.
-    pub mirror_eval: tokio::sync::Semaphore,
-}
-
-impl App {
-    /// Live tasks across the process's runtimes.
-    pub fn tasks_alive(&self) -> usize {
-        self.runtimes.lock().map(|r| r.iter().map(|h| h.metrics().num_alive_tasks()).sum()).unwrap_or(0)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -86,24 +49,6 @@ where
             tracing::error!("a proxy request panicked; answered 500");
             ApiError::internal("internal error").into_response()
         }
-    }
-}
-
-/// Counts a request in flight for as long as it lives; `None` when the policy's `max_in_flight`
-/// is reached, and the request is shed with a 503 rather than queued.
-pub struct InFlight<'a>(&'a AtomicUsize);
-
-impl App {
-    pub fn admit(&self, limit: usize) -> Option<InFlight<'_>> {
-        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        let guard = InFlight(&self.in_flight);
-        (now <= limit).then_some(guard)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -146,30 +91,15 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     let mirror_stop_rt = CancellationToken::new();
     let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
-    let app = Arc::new(App {
+    let app = Arc::new(App::new(AppParts {
         policy: store.clone(),
         metrics: metrics.clone(),
-        artifacts: Arc::new(ArtifactStore::new(cfg.artifact_store_bytes, metrics.clone())),
-        admin_token_digest: cfg.admin_token.as_deref().filter(|t| !t.is_empty()).map(|t| {
-            use sha2::Digest;
-            sha2::Sha256::digest(t.as_bytes()).into()
-        }),
-        in_flight: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
-        eval_pool: crate::eval::pool::EvalPool::new(cfg.eval_threads),
-        evaluators: crate::eval::available(),
+        artifact_store_bytes: cfg.artifact_store_bytes,
+        admin_token: cfg.admin_token.as_deref(),
+        eval_threads: cfg.eval_threads,
         evaluator_status: readiness,
-        limits: crate::limits::Limits::default(),
-        idempotency: {
-            let s = &store.snapshot().policy.server;
-            Arc::new(crate::idempotency::IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
-        },
-        runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current(), mirror_rt.clone()]),
-        mirror_tasks: TaskTracker::new(),
         mirror_rt,
-        mirror_stop: CancellationToken::new(),
-        mirror_eval: tokio::sync::Semaphore::new((cfg.eval_threads / 2).max(1)),
-    });
+    }));
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
     }

@@ -174,7 +174,7 @@ pub struct Subject<'a> {
     pub expected_size: Option<Size>,
     pub settings: &'a Settings,
     /// The request's prompt contract, if it has one.
-    pub contract: Option<&'a adherence::Contract>,
+    pub contract: Option<&'a crate::request::contract::Contract>,
     /// The request's prompt (for CLIP similarity).
     pub prompt: &'a str,
 }
@@ -200,7 +200,7 @@ pub fn evaluate(
     bytes: &Bytes,
     expected_size: Option<Size>,
     settings: &Settings,
-    contract: Option<&adherence::Contract>,
+    contract: Option<&crate::request::contract::Contract>,
     prompt: &str,
     evaluators: &[Arc<dyn Evaluator>],
 ) -> Report {

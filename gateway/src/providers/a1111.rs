@@ -12,9 +12,10 @@ use http::{header, HeaderValue, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{openai, skim, AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
+use super::{openai, skim, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
+use crate::request::Param;
 use crate::request::{FilePart, Operation};
 use crate::upstream;
 

@@ -11,10 +11,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
 use serde_json::{Map, Value};
 
-use super::{key_header, openai, AttemptRequest, Generation, Param, Provider, ProviderError};
+use super::{key_header, openai, AttemptRequest, Generation, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::{Connection, UpstreamFormat};
 use crate::request::Operation;
+use crate::request::Param;
 use crate::upstream;
 
 /// The GA version the policy defaults to as well; used only if a `Connection` comes without one.

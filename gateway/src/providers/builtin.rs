@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{AttemptRequest, Generation, Image, Param, Provider, ProviderError};
+use super::{AttemptRequest, Generation, Image, Provider, ProviderError};
+use crate::request::Param;
 use crate::request::Size;
 
 pub struct Builtin;

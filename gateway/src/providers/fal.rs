@@ -11,8 +11,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::{jobs, AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
+use super::{jobs, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
+use crate::request::Param;
 
 pub struct Fal {
     /// `https://queue.fal.run` unless the policy says otherwise.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::policy::{ProviderKind, ProviderSpec};
-use crate::request::{GenerationRequest, Operation};
+use crate::request::{GenerationRequest, Operation, Param};
 
 pub mod a1111;
 pub mod azure;
@@ -98,43 +98,6 @@ impl AttemptRequest<'_> {
     /// Whether `p` is to be sent (present in the request and not dropped).
     pub fn sends(&self, p: Param) -> bool {
         !self.dropped.contains(&p) && self.req.has(p)
-    }
-}
-
-/// Request parameters that not every provider kind can honour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Param {
-    NegativePrompt,
-    Seed,
-    Steps,
-    Guidance,
-    Sampler,
-    Quality,
-    Style,
-}
-
-impl Param {
-    pub const ALL: [Param; 7] = [
-        Param::NegativePrompt,
-        Param::Seed,
-        Param::Steps,
-        Param::Guidance,
-        Param::Sampler,
-        Param::Quality,
-        Param::Style,
-    ];
-
-    /// The request field's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Param::NegativePrompt => "negative_prompt",
-            Param::Seed => "seed",
-            Param::Steps => "steps",
-            Param::Guidance => "guidance_scale",
-            Param::Sampler => "sampler",
-            Param::Quality => "quality",
-            Param::Style => "style",
-        }
     }
 }
 

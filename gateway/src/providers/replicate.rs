@@ -13,8 +13,9 @@ use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::jobs;
-use super::{AttemptRequest, Generation, Image, Param, Provider, ProviderError, Settings};
+use super::{AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
+use crate::request::Param;
 
 pub struct Replicate {
     /// `https://api.replicate.com/v1` unless the policy says otherwise.

@@ -22,9 +22,10 @@ use http::{header, HeaderValue, Request, StatusCode};
 use serde::Deserialize;
 
 use super::vertex::nearest_ratio;
-use super::{key_header, skim, AttemptRequest, Generation, Image, Param, Provider, ProviderError};
+use super::{key_header, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
+use crate::request::Param;
 use crate::upstream;
 
 /// One image, as PNG bytes or their base64, stays below this.

@@ -24,9 +24,10 @@ use http::{header, HeaderValue, Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{skim, AttemptRequest, Generation, Image, Param, Provider, ProviderError};
+use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
+use crate::request::Param;
 use crate::upstream;
 
 /// Four 2048x2048 PNGs in base64 stay well below this.

@@ -1,0 +1,231 @@
+//! What the client gets back: the OpenAI Images answer body in the format it asked for
+//! ([`render`]), the OpenAI-shaped error when no attempt succeeded ([`failure`]), and the
+//! `x-acc-*` header names and value helpers the pipeline writes on every answer.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::app::App;
+use crate::body::ChunkedBody;
+use crate::error::ApiError;
+use crate::policy::{Policy, UrlMode};
+use crate::providers::{Generation, Image, ProviderError};
+use crate::request::ResponseFormat;
+use crate::routing::PlanOutcome;
+
+pub const TRACE_ID: HeaderName = HeaderName::from_static("x-acc-trace-id");
+pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
+pub const PROVIDER: HeaderName = HeaderName::from_static("x-acc-provider");
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
+pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
+pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
+pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
+pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+pub const GENERATION: HeaderName = HeaderName::from_static("x-acc-generation");
+pub const DROPPED: HeaderName = HeaderName::from_static("x-acc-dropped-params");
+pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
+
+/// Free text as a header value: printable ASCII only, bounded.
+pub fn header_text(s: &str) -> HeaderValue {
+    let clean: String = s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(1024).collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("(unprintable)"))
+}
+
+/// `{"created": .., "data": [..]}` in the format the client asked for. Base64 the provider sent
+/// is written out as the same `Bytes`; raw bytes are encoded once; URLs point at the gateway
+/// unless the route hands provider URLs through.
+pub fn render(
+    app: &App,
+    policy: &Policy,
+    url_mode: UrlMode,
+    format: ResponseFormat,
+    generation: Generation,
+    headers: &HeaderMap,
+) -> ChunkedBody {
+    let base = match format {
+        ResponseFormat::Url => public_base(policy, headers),
+        ResponseFormat::B64Json => String::new(),
+    };
+    let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut out = ChunkedBody::default();
+    out.push(format!("{{\"created\":{created},\"data\":["));
+    for (i, image) in generation.images.into_iter().enumerate() {
+        if i > 0 {
+            out.push(Bytes::from_static(b","));
+        }
+        match format {
+            ResponseFormat::B64Json => {
+                out.push(Bytes::from_static(b"{\"b64_json\":\""));
+                out.push(match image {
+                    Image::Base64(b) => b,
+                    Image::Raw { bytes, .. } => Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes)),
+                    Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
+                });
+                out.push(Bytes::from_static(b"\"}"));
+            }
+            ResponseFormat::Url => {
+                let url = match image {
+                    Image::Url(u) if url_mode == UrlMode::Provider => u,
+                    Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
+                    Image::Base64(b) => {
+                        // Validated when the answer was parsed.
+                        let bytes = Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default());
+                        store(app, policy, bytes, &base)
+                    }
+                    Image::Raw { bytes, .. } => store(app, policy, bytes, &base),
+                };
+                out.push(format!("{{\"url\":{}}}", serde_json::Value::String(url)));
+            }
+        }
+    }
+    out.push(Bytes::from_static(b"]}"));
+    out
+}
+
+/// Keeps an image in the artifact store and returns its URL.
+fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
+    let kind = crate::providers::sniff_image(&bytes).unwrap_or(("application/octet-stream", "bin"));
+    app.artifacts.publish(bytes, kind, policy.server.url_ttl, base)
+}
+
+/// The scheme and authority image URLs start with: `public_base_url`, or the request's `Host`.
+fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
+    if let Some(base) = &policy.server.public_base_url {
+        return base.clone();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .unwrap_or("127.0.0.1:8080");
+    format!("http://{host}")
+}
+
+/// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504
+/// that lists each attempt's reason.
+pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
+    match outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
+        Some(ProviderError::Rejected { status, body }) => {
+            let mut e =
+                ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
+            e.raw_body = Some(body.clone());
+            return e;
+        }
+        Some(ProviderError::ContentFiltered(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_policy_violation",
+                format!("the provider's content filter refused this request: {reason}"),
+            )
+        }
+        Some(ProviderError::UnsupportedParams(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "unsupported_parameter",
+                reason.clone(),
+            )
+        }
+        Some(ProviderError::Busy) => {
+            let provider = outcome
+                .attempts
+                .last()
+                .map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "provider_busy",
+                format!(
+                    "provider \"{provider}\" is at its concurrency limit and its wait queue is full; retry shortly"
+                ),
+            );
+            e.retry_after = Some(1);
+            return e;
+        }
+        Some(ProviderError::Blocked(reason)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_policy_violation",
+                format!("the generated image was blocked by the gateway's policy: {reason}"),
+            )
+        }
+        _ => {}
+    }
+    // No target of the plan does what the request asks (an edit on generate-only providers).
+    if !outcome.attempts.is_empty()
+        && outcome.attempts.iter().all(|a| matches!(a.result, Err(ProviderError::Unsupported(_))))
+    {
+        let why: Vec<String> =
+            outcome.attempts.iter().filter_map(|a| a.result.as_ref().err().map(|e| e.to_string())).collect();
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "unsupported_operation",
+            format!("no target of this route can do it: {}", why.join("; ")),
+        );
+    }
+    // Nothing was sent: every target is behind an open breaker or paused by its provider.
+    let skipped: Vec<std::time::Duration> = outcome
+        .attempts
+        .iter()
+        .filter_map(|a| match &a.result {
+            Err(ProviderError::Skipped { retry_in, .. }) => Some(*retry_in),
+            _ => None,
+        })
+        .collect();
+    if !outcome.attempts.is_empty() && skipped.len() == outcome.attempts.len() {
+        let wait = skipped.iter().min().copied().unwrap_or_default();
+        let names: Vec<String> = outcome
+            .attempts
+            .iter()
+            .map(|a| format!("{} ({})", policy.routes[a.step.route].targets[a.step.target].provider, a.label()))
+            .collect();
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "no_healthy_target",
+            format!(
+                "no target can take this request now: {}; the first may be tried again in {} ms",
+                names.join(", "),
+                wait.as_millis()
+            ),
+        );
+        e.retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
+        return e;
+    }
+    let reasons: Vec<String> = outcome
+        .attempts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
+            a.result.as_ref().err().map(|e| format!("attempt {} ({provider}, {}): {e}", i + 1, a.label()))
+        })
+        .collect();
+    let timed_out = outcome.deadline_exceeded
+        || outcome.attempts.last().is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));
+    let mut message = format!("all {} attempts failed", outcome.attempts.len());
+    if outcome.deadline_exceeded {
+        message.push_str(" before the route's deadline ran out");
+    }
+    if !reasons.is_empty() {
+        message.push_str(": ");
+        message.push_str(&reasons.join("; "));
+    }
+    if timed_out {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout", message)
+    } else {
+        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_error", message)
+    }
+}
+
+/// A dollar amount without float noise: at most 6 decimals, trailing zeros dropped.
+pub fn format_usd(usd: f64) -> String {
+    let s = format!("{usd:.6}");
+    let s = s.trim_end_matches('0');
+    s.strip_suffix('.').map_or_else(|| s.to_string(), |i| i.to_string())
+}

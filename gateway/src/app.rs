@@ -1,0 +1,120 @@
+//! The running gateway's request-independent state, shared by both listeners: the live policy,
+//! metrics, stores (artifacts, idempotency), limits, the evaluation pool and the mirrors'
+//! runtime. Built once at start-up by [`App::new`]; the listeners ([`crate::server`]) and the
+//! endpoints ([`crate::proxy`], [`crate::admin`]) take it as `Arc<App>`.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::artifacts::ArtifactStore;
+use crate::eval::pool::EvalPool;
+use crate::eval::Evaluator;
+use crate::idempotency::IdempotencyStore;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::reload::PolicyStore;
+
+/// Shared state of the running gateway.
+pub struct App {
+    pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    pub artifacts: Arc<ArtifactStore>,
+    /// SHA-256 of `ACC_ADMIN_TOKEN`; `None` disables the protected admin endpoints.
+    pub admin_token_digest: Option<[u8; 32]>,
+    pub in_flight: AtomicUsize,
+    pub draining: AtomicBool,
+    /// Threads for decoding and evaluating artifacts.
+    pub eval_pool: EvalPool,
+    /// The evaluators this process can run, by policy name.
+    pub evaluators: std::collections::HashMap<&'static str, Arc<dyn Evaluator>>,
+    /// Whether each evaluator could run at start-up, and why not.
+    pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
+    pub limits: Limits,
+    pub idempotency: Arc<IdempotencyStore>,
+    /// Every runtime of the process, for `acc_tasks_alive`.
+    pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
+    /// Mirrors in flight, waited for on shutdown.
+    pub mirror_tasks: TaskTracker,
+    /// The runtime mirrors run on: a thread of its own at idle CPU priority, so shadow traffic
+    /// never delays live requests on the proxy workers (it gets the CPU they leave).
+    pub mirror_rt: tokio::runtime::Handle,
+    /// Cancels mirrors still running when the drain deadline passes.
+    pub mirror_stop: CancellationToken,
+    /// Evaluation threads mirrors may use at once (half the pool), so live requests keep theirs.
+    pub mirror_eval: tokio::sync::Semaphore,
+}
+
+impl App {
+    /// Live tasks across the process's runtimes.
+    pub fn tasks_alive(&self) -> usize {
+        self.runtimes.lock().map(|r| r.iter().map(|h| h.metrics().num_alive_tasks()).sum()).unwrap_or(0)
+    }
+}
+
+/// What [`App::new`] is built from; the rest starts empty.
+pub struct AppParts<'a> {
+    pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    /// Memory budget of gateway-served images, bytes.
+    pub artifact_store_bytes: usize,
+    /// The admin bearer token (`ACC_ADMIN_TOKEN`); only its SHA-256 is kept. Empty or `None`
+    /// disables the protected admin endpoints.
+    pub admin_token: Option<&'a str>,
+    /// Evaluation threads (image decoding, inference).
+    pub eval_threads: usize,
+    /// Whether each evaluator could run at start-up, and why not (`eval::readiness`).
+    pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
+    /// The mirrors' runtime (one thread at idle CPU priority).
+    pub mirror_rt: tokio::runtime::Handle,
+}
+
+impl App {
+    pub fn new(p: AppParts<'_>) -> App {
+        let idempotency = {
+            let s = &p.policy.snapshot().policy.server;
+            Arc::new(IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
+        };
+        App {
+            artifacts: Arc::new(ArtifactStore::new(p.artifact_store_bytes, p.metrics.clone())),
+            policy: p.policy,
+            metrics: p.metrics,
+            admin_token_digest: p.admin_token.filter(|t| !t.is_empty()).map(|t| {
+                use sha2::Digest;
+                sha2::Sha256::digest(t.as_bytes()).into()
+            }),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            eval_pool: EvalPool::new(p.eval_threads),
+            evaluators: crate::eval::available(),
+            evaluator_status: p.evaluator_status,
+            limits: Limits::default(),
+            idempotency,
+            runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current(), p.mirror_rt.clone()]),
+            mirror_tasks: TaskTracker::new(),
+            mirror_rt: p.mirror_rt,
+            mirror_stop: CancellationToken::new(),
+            mirror_eval: tokio::sync::Semaphore::new((p.eval_threads / 2).max(1)),
+        }
+    }
+}
+
+/// Counts a request in flight for as long as it lives; `None` when the policy's `max_in_flight`
+/// is reached, and the request is shed with a 503 rather than queued.
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl App {
+    pub fn admit(&self, limit: usize) -> Option<InFlight<'_>> {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        let guard = InFlight(&self.in_flight);
+        (now <= limit).then_some(guard)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,177 @@
+//! One attempt on one route target, as a short sequence of calls into modules that do not call
+//! back: the adapter's capabilities (`providers`), the provider's pause and breaker
+//! ([`crate::live::ProviderState::admit`]), a concurrency slot, the adapter call, the answer fed
+//! back to the breaker and the target's health window (`live`), provider URLs fetched (`fetch`),
+//! then the route's evaluation (`evaluation`). `routing::run_plan` runs attempts in plan order.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::eval::Verdict;
+use crate::health::Sample;
+use crate::policy::{FetchPolicy, ParamAction, Policy};
+use crate::providers::{AttemptRequest, Generation, Image, Provider, ProviderError};
+use crate::reload::Snapshot;
+use crate::request::{GenerationRequest, Param};
+use crate::routing::Step;
+
+/// Each evaluated attempt's step and verdicts, in the order they were evaluated.
+pub type VerdictSink = std::sync::Mutex<Vec<(Step, Vec<Verdict>)>>;
+
+/// Everything one attempt needs besides its step.
+pub struct AttemptEnv<'a> {
+    pub app: &'a App,
+    pub snap: &'a Snapshot,
+    pub req: &'a GenerationRequest,
+    /// The model alias the client asked for (or the policy's default).
+    pub alias: &'a str,
+    /// The matched route's name, for metric labels.
+    pub route_name: &'a str,
+    /// The gateway must hold the images' bytes (to answer `b64_json` or serve the URL itself).
+    pub needs_bytes: bool,
+    /// A mirror's attempt: its verdicts stay out of the route's evaluation metrics.
+    pub mirror: bool,
+    /// Where attempts leave their verdicts (pass or fail), when mirrors or a canary compare them.
+    pub verdicts: Option<&'a VerdictSink>,
+}
+
+/// One attempt on the target `s` names, until `until`: refused when the provider cannot do the
+/// operation (`Unsupported`) or the request's parameters under a `reject` policy
+/// (`UnsupportedParams`); skipped while the provider is paused or its breaker open (`Skipped`);
+/// queued for a concurrency slot; sent; then its images fetched and evaluated when needed. Its
+/// result feeds the provider's breaker and the target's health window.
+pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Generation, ProviderError> {
+    let (app, policy) = (env.app, &env.snap.policy);
+    let route = &policy.routes[s.route];
+    let target = &route.targets[s.target];
+    let live = &env.snap.live[s.route][s.target];
+    let adapter = &env.snap.target_providers[s.route][s.target];
+    let spec = policy.providers.get(&target.provider);
+
+    // 1. Can this provider do it at all?
+    let dropped = capabilities(env.req, adapter.as_ref(), &target.provider, spec)?;
+    // 2. Will it take it now?
+    let breaker = spec.map(|p| p.breaker.clone()).unwrap_or_default();
+    let admission = live.provider.admit(Instant::now(), &breaker, &app.metrics)?;
+    let budget = until.saturating_duration_since(Instant::now());
+    let slot = live.provider.acquire(spec.and_then(|p| p.concurrency.as_ref()), budget, &app.metrics).await?;
+    // 3. Send it.
+    let model = target.model.as_deref().unwrap_or(env.alias);
+    let default_fetch = FetchPolicy::default();
+    let fetch = spec.map_or(&default_fetch, |p| &p.fetch);
+    let request =
+        AttemptRequest { req: env.req, model, target_model: target.model.as_deref(), dropped: &dropped, fetch };
+    let sent = Instant::now();
+    let result = match tokio::time::timeout_at(until, adapter.generate(&request)).await {
+        Ok(r) => r,
+        Err(_) => Err(ProviderError::Timeout),
+    };
+    drop(slot);
+    let latency = sent.elapsed();
+    // 4. What the answer says about the provider.
+    let max_pause = spec.map_or(Duration::from_secs(300), |p| p.max_pause);
+    let evidence = admission.settle(result.as_ref().map(|_| ()), &breaker, max_pause, &app.metrics);
+    let record = |sample: Sample| live.record(latency, sample, &route.health, &app.metrics);
+    let mut generation = match result {
+        Ok(g) => g,
+        Err(e) => {
+            match evidence {
+                Some(false) if matches!(e, ProviderError::Timeout) => record(Sample::Timeout),
+                Some(false) => record(Sample::Error),
+                _ => {}
+            }
+            return Err(e);
+        }
+    };
+    used_settings(&mut generation, env.req, model, &dropped);
+    // 5. A provider URL is fetched (SSRF-guarded) when the gateway needs the bytes: to evaluate
+    // them, or to answer b64_json or gateway-served URLs.
+    let evaluates = !route.eval.evaluators.is_empty();
+    if (env.needs_bytes || evaluates) && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
+        match tokio::time::timeout_at(until, crate::fetch::fetch_images(&mut generation.images, fetch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                app.metrics.fetch_refused.with_label_values(&[&target.provider, e.reason()]).inc();
+                tracing::warn!(provider = %target.provider, "image URL refused: {e}");
+                record(Sample::Error);
+                return Err(ProviderError::FetchRefused(e.to_string()));
+            }
+            Err(_) => return Err(ProviderError::Timeout),
+        }
+    }
+    // 6. What the route's evaluators say about the images.
+    if evaluates {
+        let labels = (env.route_name, target.provider.as_str());
+        let evaluated = tokio::time::timeout_at(
+            until,
+            crate::evaluation::evaluate_attempt(app, &mut generation, &route.eval, env.req, labels, env.mirror),
+        )
+        .await;
+        if let Some(sink) = env.verdicts {
+            if let Ok(mut v) = sink.lock() {
+                v.push((s, generation.verdicts.clone()));
+            }
+        }
+        match evaluated {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                record(Sample::EvalFailed);
+                return Err(e);
+            }
+            Err(_) => return Err(ProviderError::Timeout),
+        }
+    }
+    record(Sample::Ok);
+    Ok(generation)
+}
+
+/// The request's parameters this provider cannot honour, to drop; an error when it cannot do the
+/// operation, or when its policy says to refuse such parameters rather than drop them.
+fn capabilities(
+    req: &GenerationRequest,
+    adapter: &dyn Provider,
+    name: &str,
+    spec: Option<&crate::policy::ProviderSpec>,
+) -> Result<Vec<Param>, ProviderError> {
+    let kind = spec.map_or("?", |p| p.kind.name());
+    if !adapter.supports_op(req.op) {
+        return Err(ProviderError::Unsupported(format!(
+            "provider \"{name}\" (kind {kind}) does not do /v1/images/{}",
+            req.op.path()
+        )));
+    }
+    let dropped: Vec<Param> = Param::ALL.into_iter().filter(|p| req.has(*p) && !adapter.supports(*p)).collect();
+    if !dropped.is_empty() && spec.is_some_and(|p| p.unsupported == ParamAction::Reject) {
+        let names: Vec<&str> = dropped.iter().map(|p| p.name()).collect();
+        return Err(ProviderError::UnsupportedParams(format!(
+            "provider \"{name}\" (kind {kind}) cannot honour {}",
+            names.join(", ")
+        )));
+    }
+    Ok(dropped)
+}
+
+/// The generation settings used, as the provider reports them, completed from what was sent.
+fn used_settings(generation: &mut Generation, req: &GenerationRequest, model: &str, dropped: &[Param]) {
+    let st = &mut generation.settings;
+    let sent = |p: Param| !dropped.contains(&p);
+    st.seed = st.seed.or(req.seed.filter(|_| sent(Param::Seed)));
+    st.steps = st.steps.or(req.steps.filter(|_| sent(Param::Steps)));
+    st.guidance = st.guidance.or(req.guidance_scale.filter(|_| sent(Param::Guidance)));
+    if st.sampler.is_none() && sent(Param::Sampler) {
+        st.sampler = req.sampler.clone();
+    }
+    if st.model.is_none() {
+        st.model = Some(model.to_string());
+    }
+    generation.dropped = dropped.iter().map(|p| p.name()).collect();
+}
+
+/// An attempt's time limit: the route's, or the provider's when shorter.
+pub fn attempt_timeout(policy: &Policy, s: Step) -> Duration {
+    let r = &policy.routes[s.route];
+    let provider_timeout = policy.providers.get(&r.targets[s.target].provider).and_then(|p| p.timeout);
+    provider_timeout.map_or(r.attempt_timeout, |t| t.min(r.attempt_timeout))
+}

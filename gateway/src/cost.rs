@@ -1,0 +1,64 @@
+//! What attempts cost at the providers' prices (`[providers.X.price]`): the estimate a tenant's
+//! spend reservation is made with, and the charge per attempt once the plan has run, by kind:
+//! images returned, images discarded after evaluation, hedges cancelled (the provider most likely
+//! bills them), mirrors.
+
+use crate::app::App;
+use crate::policy::{Billable, Policy};
+use crate::providers::{Generation, ProviderError};
+use crate::request::GenerationRequest;
+use crate::routing::{PlanOutcome, Step};
+
+/// What `images` images of a request cost on a target, at its provider's price (by model, size
+/// and quality, plus steps and GPU time when the generation reports them); `None` when unpriced.
+pub fn cost_of(
+    policy: &Policy,
+    step: Step,
+    req: &GenerationRequest,
+    images: u32,
+    used: Option<&Generation>,
+) -> Option<f64> {
+    let target = &policy.routes[step.route].targets[step.target];
+    let price = policy.providers.get(&target.provider)?.price.as_ref()?;
+    let model = target.model.as_deref().or(req.model.as_deref()).unwrap_or_default();
+    let size = req.size_text();
+    price.cost(&Billable {
+        model,
+        size: &size,
+        quality: req.quality.as_deref(),
+        images,
+        steps: used.and_then(|g| g.settings.steps).or(req.steps),
+        gpu_seconds: used.and_then(|g| g.gpu_seconds),
+    })
+}
+
+/// Charges every attempt of a plan that the provider most likely billed, counted in
+/// `acc_cost_usd_total{route,provider,kind}`; returns the request's total in USD, `None` when
+/// nothing it used has a price.
+pub fn charge_attempts(
+    app: &App,
+    policy: &Policy,
+    route: &str,
+    req: &GenerationRequest,
+    outcome: &PlanOutcome,
+) -> Option<f64> {
+    let mut total = None;
+    for a in &outcome.attempts {
+        let kind = match &a.result {
+            Ok(()) => "returned",
+            Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => "discarded",
+            Err(ProviderError::HedgeCancelled) => "hedge",
+            Err(_) => continue,
+        };
+        let winner = match (&a.result, &outcome.success) {
+            (Ok(()), Some((_, g))) => Some(g),
+            _ => None,
+        };
+        let images = winner.map_or(req.n, |g| g.images.len() as u32);
+        let Some(usd) = cost_of(policy, a.step, req, images, winner) else { continue };
+        let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
+        app.metrics.cost.with_label_values(&[route, provider, kind]).inc_by(usd);
+        *total.get_or_insert(0.0) += usd;
+    }
+    total
+}

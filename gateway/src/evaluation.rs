@@ -1,0 +1,143 @@
+//! A route's `[eval]` policy applied to one attempt: its images go through the route's evaluators
+//! on the evaluation pool (`crate::eval`) within the route's budget, and the verdicts decide
+//! what happens to the attempt: pass, flag, fall back to the next target, or block the request.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::app::App;
+use crate::eval::{Outcome, Verdict};
+use crate::policy::{EvalAction, EvalPolicy};
+use crate::providers::{Generation, Image, ProviderError};
+use crate::request::GenerationRequest;
+
+/// Evaluates one attempt's artifacts on the evaluation pool under the route's budget and
+/// applies the route's actions: `Ok` to return them (possibly flagged), `EvalFailed` to try
+/// the next target, `Blocked` to refuse the request.
+pub async fn evaluate_attempt(
+    app: &App,
+    generation: &mut Generation,
+    cfg: &EvalPolicy,
+    req: &GenerationRequest,
+    (route, provider): (&str, &str),
+    mirror: bool,
+) -> Result<(), ProviderError> {
+    let expected_size = req.size_given.then_some(req.size);
+    let n = req.n;
+    let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
+    let images = generation.images.clone();
+    let settings = cfg.settings.clone();
+    let contract = req.contract.clone();
+    let prompt = req.prompt.clone();
+    // Set when this future is dropped (client gone, hedge lost, timeout): the job stops before
+    // its next image.
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel = CancelOnDrop(cancelled.clone());
+    // Mirrors use at most half the evaluation threads, so they cannot starve live requests.
+    let _mirror_permit = if mirror { app.mirror_eval.acquire().await.ok() } else { None };
+    let job = app.eval_pool.run(move || {
+        images
+            .iter()
+            .take_while(|_| !cancelled.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|image| {
+                let bytes = match image {
+                    Image::Base64(b64) => Bytes::from(base64_simd::STANDARD.decode_to_vec(b64).unwrap_or_default()),
+                    Image::Raw { bytes, .. } => bytes.clone(),
+                    Image::Url(_) => Bytes::new(),
+                };
+                crate::eval::evaluate(&bytes, expected_size, &settings, contract.as_deref(), &prompt, &evaluators)
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut verdicts: Vec<Verdict> = match tokio::time::timeout(cfg.budget, job).await {
+        Ok(Some((waited, reports))) => {
+            app.metrics.eval_queue.observe(waited);
+            for r in &reports {
+                for (v, secs) in r.verdicts.iter().zip(&r.durations) {
+                    app.metrics.eval_duration.with_label_values(&[v.evaluator]).observe(*secs);
+                }
+            }
+            reports.into_iter().flat_map(|r| r.verdicts).collect()
+        }
+        outcome => {
+            let why = match outcome {
+                Err(_) => format!("evaluation did not finish within its budget of {} ms", cfg.budget.as_millis()),
+                _ => "the evaluation pool is not running".to_string(),
+            };
+            cfg.evaluators
+                .iter()
+                .filter_map(|e| app.evaluators.get(e.as_str()))
+                .map(|e| Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Error, reason: why.clone() })
+                .collect()
+        }
+    };
+    if cfg.evaluators.iter().any(|e| e == "sanity") && (generation.images.len() as u32) < n {
+        verdicts.push(Verdict {
+            evaluator: "sanity",
+            score: 0.0,
+            verdict: Outcome::Fail,
+            reason: format!("the request asked for {n} images, the provider returned {}", generation.images.len()),
+        });
+    }
+    let mut failures = Vec::new();
+    // The strictest action among the failed evaluators' actions applies.
+    let mut action: Option<EvalAction> = None;
+    for v in &verdicts {
+        // A mirror's verdicts go to its comparison, not to the route's evaluation metrics.
+        if !mirror {
+            app.metrics.eval_total.with_label_values(&[v.evaluator, route, provider, v.verdict.label()]).inc();
+            if v.verdict != Outcome::Error {
+                app.metrics.eval_score.with_label_values(&[v.evaluator, provider]).observe(v.score as f64);
+            }
+        }
+        let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !cfg.fail_open);
+        if failed {
+            failures.push(format!("{}: {}", v.evaluator, v.reason));
+            let a = cfg.action(v.evaluator);
+            action = Some(match (action, a) {
+                (Some(EvalAction::Block), _) | (_, EvalAction::Block) => EvalAction::Block,
+                (Some(EvalAction::Fallback), _) | (_, EvalAction::Fallback) => EvalAction::Fallback,
+                _ => EvalAction::Flag,
+            });
+        }
+    }
+    generation.verdicts = verdicts;
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let reasons = failures.join("; ");
+    match action.unwrap_or(EvalAction::Fallback) {
+        EvalAction::Fallback => Err(ProviderError::EvalFailed(reasons)),
+        EvalAction::Block => Err(ProviderError::Blocked(reasons)),
+        EvalAction::Flag => {
+            generation.flags = failures;
+            Ok(())
+        }
+    }
+}
+
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Per evaluator, whether any image failed it and the lowest score, from one attempt's verdicts.
+pub fn per_evaluator(cfg: &EvalPolicy, verdicts: &[Verdict]) -> Vec<(String, bool, f32)> {
+    let fail_open = cfg.fail_open;
+    let mut out: Vec<(String, bool, f32)> = Vec::new();
+    for v in verdicts {
+        let failed = v.verdict == Outcome::Fail || (v.verdict == Outcome::Error && !fail_open);
+        match out.iter_mut().find(|(name, ..)| name == v.evaluator) {
+            Some(e) => {
+                e.1 |= failed;
+                e.2 = e.2.min(v.score);
+            }
+            None => out.push((v.evaluator.to_string(), failed, v.score)),
+        }
+    }
+    out
+}
