@@ -34,7 +34,7 @@ pub struct Observation {
     pub error: bool,
     /// Attempt latency in milliseconds, evaluation included.
     pub latency_ms: f64,
-    /// Per evaluator that ran: (name, failed, score in [0,1]). Empty when error or no evaluators.
+    /// Per evaluator that ran: (name, failed, score in \[0, 1\]). Empty when error or no evaluators.
     pub evals: Vec<(String, bool, f32)>,
     /// What the attempt cost at the provider's price, in USD; `None` when unpriced.
     pub cost_usd: Option<f64>,

@@ -1,5 +1,22 @@
-//! The request pipeline for image generations, read top to bottom: authenticate, read and parse
-//! the body, pick a route, walk the attempt plan, shape the answer, record what happened.
+//! The proxy listener's endpoints: `POST /v1/images/{generations,edits,variations}`,
+//! `GET /v1/models` and the gateway-served image URLs.
+//!
+//! An image request's pipeline reads top to bottom in `generate`, each phase a call into a
+//! module below that does not call back:
+//! 1. who is asking (client key, by SHA-256 digest);
+//! 2. what they ask for (`request`: JSON or multipart, the prompt contract);
+//! 3. within its limits (`limits`: rate per key and tenant);
+//! 4. where it goes (`routing` picks the route and plan, `live` puts demoted targets last,
+//!    `migration` draws the canary);
+//! 5. spend reserved against the tenant's daily limit (`cost`, `limits`);
+//! 6. mirrors started (`migration`);
+//! 7. attempts in plan order (`routing::run_plan` over `attempt`), then the primary's outcome
+//!    handed to mirrors and the canary guard;
+//! 8. what it cost (`cost`);
+//! 9. the answer (`answer`).
+//!
+//! `finish` then writes the `x-acc-*` headers and the request metrics whatever the outcome.
+//! A request with an `Idempotency-Key` goes through `idempotent` first.
 
 use std::sync::Arc;
 use std::time::Instant;

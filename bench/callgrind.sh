@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: repeatable for the same
+# binary and inputs whatever else the machine does, so two builds can be compared without the
+# noise of wall-clock runs. Starts the mock provider and `acc serve --workers 1` under callgrind
+# (loopback, free ports), sends CALLGRIND_WARMUP requests, zeroes the counters, sends
+# CALLGRIND_REQUESTS requests one at a time on one keep-alive connection, dumps, and prints
+# `instructions/request` for each payload. Everything it started is stopped on exit.
+#
+#   bench/callgrind.sh                              # target/release/acc (built if missing)
+#   ACC_BIN=/path/to/other/acc bench/callgrind.sh   # another build, for an A/B
+#
+# Knobs: CALLGRIND_REQUESTS (default 2000), CALLGRIND_WARMUP (200), CALLGRIND_PAYLOADS
+# ("small large"). Output lines: `callgrind payload=small requests=2000 instructions_per_request=N`.
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$BENCH_DIR/.." && pwd)"
+REQUESTS="${CALLGRIND_REQUESTS:-2000}"
+WARMUP="${CALLGRIND_WARMUP:-200}"
+PAYLOADS="${CALLGRIND_PAYLOADS:-small large}"
+ACC_BIN="${ACC_BIN:-}"
+WORK="$BENCH_DIR/.work"
+RUN="$WORK/callgrind"
+
+log() { echo "[callgrind] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+command -v valgrind >/dev/null || { log "installing valgrind"; apt-get install -y valgrind >/dev/null; }
+command -v callgrind_control >/dev/null || die "callgrind_control not found (valgrind package)"
+[[ "$REQUESTS" =~ ^[1-9][0-9]*$ ]] || die "CALLGRIND_REQUESTS must be a positive integer"
+
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+(cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
+MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
+if [[ -z "$ACC_BIN" ]]; then
+    (cd "$REPO" && cargo build --release --quiet --bin acc)
+    ACC_BIN="$REPO/target/release/acc"
+fi
+rm -rf "$RUN"
+mkdir -p "$RUN"
+python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" >/dev/null
+
+# wait_line FILE REGEX SECONDS
+wait_line() {
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        grep -Eq "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+for payload in $PAYLOADS; do
+    png="$WORK/payloads/$payload.png"
+    [[ -f "$png" ]] || die "no payload $png"
+    "$MOCK_BIN" --listen 127.0.0.1:0 --png "$png" --threads 1 --latency-ms 0 >"$RUN/mock-$payload.out" 2>&1 &
+    mock_pid=$!
+    PIDS+=("$mock_pid")
+    wait_line "$RUN/mock-$payload.out" '^listening ' 10 || die "mock did not start"
+    mock_port="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/mock-$payload.out")"
+    pol="$RUN/policies-$payload"
+    mkdir -p "$pol"
+    cat >"$pol/bench.toml" <<EOF
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:$mock_port/v1"
+api_key_env = "BENCH_MOCK_API_KEY"
+
+[[routes]]
+name = "bench"
+match = { model = "bench" }
+targets = [{ provider = "mock", model = "mock-model" }]
+EOF
+    out="$RUN/acc-$payload.out"
+    prof="$RUN/callgrind.out.$payload"
+    BENCH_MOCK_API_KEY=bench-dummy-key valgrind --tool=callgrind --callgrind-out-file="$prof" \
+        "$ACC_BIN" serve --policies "$pol" --workers 1 --eval-threads 1 \
+        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/acc-$payload.err" &
+    acc_pid=$!
+    PIDS+=("$acc_pid")
+    wait_line "$out" '^listening proxy=' 120 || die "acc did not start: $(tail -n 20 "$RUN/acc-$payload.err")"
+    port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
+    python3 - "$port" "$WARMUP" <<'EOF'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+body = b'{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for _ in range(n):
+    c.request("POST", "/v1/images/generations", body, {"content-type": "application/json"})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+EOF
+    callgrind_control --zero "$acc_pid" >/dev/null
+    python3 - "$port" "$REQUESTS" <<'EOF'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+body = b'{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for _ in range(n):
+    c.request("POST", "/v1/images/generations", body, {"content-type": "application/json"})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+EOF
+    callgrind_control --dump="measured" "$acc_pid" >/dev/null
+    kill "$acc_pid" "$mock_pid" 2>/dev/null || true
+    wait "$acc_pid" 2>/dev/null || true
+    # The dump taken after zeroing holds exactly the measured requests (all threads).
+    total=0
+    for f in "$prof"*; do
+        grep -q '^desc: Trigger: Client Request: measured' "$f" 2>/dev/null || continue
+        n="$(sed -n 's/^summary: //p; s/^totals: //p' "$f" | head -n 1 | awk '{print $1}')"
+        total=$((total + ${n:-0}))
+    done
+    ((total > 0)) || die "no measured dump found in $prof*"
+    echo "callgrind payload=$payload requests=$REQUESTS instructions_per_request=$((total / REQUESTS))"
+done
