@@ -245,7 +245,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{validate, Sources};
+    use crate::policy::{validate, Sources, TargetRole};
     use crate::providers::Image;
     use bytes::Bytes;
 
@@ -486,5 +486,60 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
         assert_eq!(*seen.lock().unwrap(), [Duration::from_secs(10), Duration::from_secs(15)]);
         assert!(out.deadline_exceeded || out.attempts.len() == 2);
         assert!(out.success.is_none());
+    }
+
+    /// A policy from files, or every error in it (the helper of the policy module's tests).
+    fn check(files: &[(&str, &str)]) -> Result<Policy, Vec<String>> {
+        validate(&Sources { files: files.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect() })
+    }
+
+    #[test]
+    fn mirrors_and_canaries_are_validated_and_appended_as_weightless_targets() {
+        let bad = r#"
+[providers.a]
+kind = "builtin"
+[[routes]]
+name = "r"
+targets = [{ provider = "a" }]
+mirror = [{ provider = "nope", sample = 1.5 }, { provider = "a", model = "x", sample = 0.1, max_in_flight = 0 },
+          { provider = "a", sample = 0.1 }, { provider = "a", sample = 0.2 }]
+canary = { provider = "a", share = 0.0, max_p99_ratio = 0.5 }
+"#;
+        let errs = check(&[("p.toml", bad)]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![
+                r#"p.toml: routes[0].mirror[0].provider: unknown provider "nope""#,
+                "p.toml: routes[0].mirror[0].sample: must be between 0 and 1",
+                "p.toml: routes[0].mirror[1].max_in_flight: must be greater than 0",
+                r#"p.toml: routes[0].mirror[3]: candidate "a" is mirrored twice"#,
+                "p.toml: routes[0].canary.share: must be greater than 0 and at most 1",
+                "p.toml: routes[0].canary.max_p99_ratio: must be at least 1",
+            ]
+        );
+        let good = r#"
+[providers.a]
+kind = "builtin"
+[providers.b]
+kind = "builtin"
+[[routes]]
+name = "r"
+match = { model = "m" }
+targets = [{ provider = "a" }]
+mirror = [{ provider = "b", model = "v2", sample = 0.25 }]
+canary = { provider = "b", share = 0.1 }
+"#;
+        let p = check(&[("p.toml", good)]).unwrap();
+        let r = &p.routes[0];
+        let roles: Vec<_> = r.targets.iter().map(|t| (t.provider.as_str(), t.weight, t.role)).collect();
+        assert_eq!(roles, [("a", 1, TargetRole::Serve), ("b", 0, TargetRole::Mirror), ("b", 0, TargetRole::Canary)]);
+        assert_eq!((r.mirrors[0].label.as_str(), r.mirrors[0].target, r.mirrors[0].max_in_flight), ("b/v2", 1, 4));
+        let c = r.canary.as_ref().unwrap();
+        assert_eq!((c.target, c.guard.min_samples, c.guard.max_p99_ratio), (2, 50, 1.5));
+        // Weightless candidates are never planned by weight.
+        for i in 0..100 {
+            let steps = crate::routing::plan(&p, 0, i as f64 / 100.0);
+            assert_eq!(steps, [crate::routing::Step { route: 0, target: 0 }]);
+        }
     }
 }

@@ -1,0 +1,149 @@
+//! Policy files: what the gateway serves, where requests go, and how answers are judged.
+//!
+//! A policy is one or more TOML files of a directory, read in order of their names; a section
+//! may be in any of them (providers in one file, routes in another), but each thing is defined
+//! once. It is read in four steps, one file of this folder each:
+//! - `raw.rs`: each file parsed into serde structs that refuse unknown fields; a syntax error or
+//!   a misspelt field stops here, with its line and column.
+//! - `validate.rs`: each part checked on its own and converted into the runtime types.
+//! - `types.rs`: those runtime types, what the request path reads from a [`Policy`] snapshot.
+//! - `xref.rs`: the checks that relate one part to another (a target's provider, a fallback
+//!   route, the default model's route), run where each reference is read.
+//!
+//! Validation is all or nothing and every error names the file and the path inside it, e.g.
+//! `routes.toml: routes[1].targets[0].provider: unknown provider "opnai"`.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod types;
+mod validate;
+mod xref;
+
+pub use types::{
+    ApiKey, Billable, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
+    ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, Route, ServerSettings, SizePrice, Target,
+    TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+};
+
+use raw::RawFile;
+
+/// The policy files of a directory (or one file), read but not yet parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    /// (file name, contents), sorted by name: the order sections and routes are read in.
+    pub files: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Reads every `*.toml` directly in `path` (sorted by name), or `path` itself if it is a file.
+    /// Paths are resolved on every call, so a Kubernetes ConfigMap's symlink swap is seen.
+    pub fn read(path: &Path) -> Result<Sources, Vec<String>> {
+        let meta = std::fs::metadata(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let mut paths: Vec<PathBuf> = if meta.is_file() {
+            vec![path.to_path_buf()]
+        } else {
+            let rd = std::fs::read_dir(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+            let mut v = Vec::new();
+            for entry in rd {
+                let entry = entry.map_err(|e| vec![format!("{}: {e}", path.display())])?;
+                let p = entry.path();
+                let is_toml = p.extension().is_some_and(|x| x == "toml");
+                let hidden = entry.file_name().to_string_lossy().starts_with('.');
+                if is_toml && !hidden && p.is_file() {
+                    v.push(p);
+                }
+            }
+            v
+        };
+        paths.sort();
+        if paths.is_empty() {
+            return Err(vec![format!("{}: no *.toml policy files found", path.display())]);
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for p in paths {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            match std::fs::read_to_string(&p) {
+                Ok(text) => files.push((name, text)),
+                Err(e) => errors.push(format!("{name}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Sources { files })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Short SHA-256 (12 hex digits) of the files' names and contents: the policy's version.
+    pub fn version(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, text) in &self.files {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(text.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(&h.finalize()[..6])
+    }
+}
+
+/// Reads and validates a policy directory (or file).
+pub fn load(path: &Path) -> Result<Policy, Vec<String>> {
+    let sources = Sources::read(path)?;
+    validate(&sources)
+}
+
+/// Parses and validates policy sources: every error found, or a policy.
+pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
+    // Raw: every file parsed, or every syntax error and unknown field of them all.
+    let mut errors = Vec::new();
+    let mut parsed: Vec<(&str, RawFile)> = Vec::new();
+    for (name, text) in &sources.files {
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((name, raw)),
+            Err(e) => errors.push(format!("{name}: {}", validate::toml_error(text, &e))),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    // The parts that stand alone, then the routes, which refer to them and to one another.
+    let mut warnings = Vec::new();
+    let sections = validate::sections(&parsed, &mut errors, &mut warnings);
+    xref::tenants_without_keys(&sections.tenants, &sections.keys, &mut warnings);
+    let classifiers = validate::classifiers(&parsed, &mut errors, &mut warnings);
+    let clip = validate::clip(&parsed, &mut errors, &mut warnings);
+    let names = xref::Names::gather(&parsed, &mut errors);
+    let mut routes = Vec::new();
+    for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
+        routes.push(validate::route(at, r, &names, &classifiers, clip.as_ref(), &mut errors));
+    }
+    let aliases = xref::aliases(&routes);
+    if routes.is_empty() && errors.is_empty() {
+        errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
+    }
+    xref::default_model(sections.default_model.as_ref(), &aliases, &mut errors);
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        version: sources.version(),
+        files: sources.files.iter().map(|f| f.0.clone()).collect(),
+        default_model: sections.default_model.map(|d| d.0),
+        server: sections.server.unwrap_or_default(),
+        keys: sections.keys,
+        tenants: sections.tenants,
+        providers: sections.providers,
+        routes,
+        aliases,
+        warnings,
+    })
+}

@@ -1,0 +1,373 @@
+//! Policies checked end to end through [`super::validate()`]: exact error lists (messages, paths
+//! and their order) for bad policies, and the runtime values read from good ones.
+
+use std::time::Duration;
+
+use super::*;
+
+fn check(files: &[(&str, &str)]) -> Result<Policy, Vec<String>> {
+    validate(&Sources { files: files.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect() })
+}
+
+const PROVIDERS: &str = r#"
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+[providers.demo]
+kind = "builtin"
+"#;
+
+#[test]
+fn unknown_provider_names_file_and_path() {
+    let routes = r#"
+[[routes]]
+name = "a"
+match = { model = "m1" }
+targets = [{ provider = "demo" }]
+[[routes]]
+name = "b"
+match = { model = "m2" }
+targets = [{ provider = "opnai", model = "x" }]
+"#;
+    let errs = check(&[("providers.toml", PROVIDERS), ("routes.toml", routes)]).unwrap_err();
+    assert_eq!(errs, vec![r#"routes.toml: routes[1].targets[0].provider: unknown provider "opnai""#]);
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let routes = r#"
+[[routes]]
+name = "a"
+targets = [{ provider = "demo", weight = 0 }]
+fallbacks = ["a", "nope"]
+attempt_timeout_ms = 0
+url_mode = "cdn"
+"#;
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml: routes[0].targets: weights sum to zero",
+            "r.toml: routes[0].fallbacks[0]: a route cannot fall back to itself",
+            r#"r.toml: routes[0].fallbacks[1]: unknown route "nope""#,
+            "r.toml: routes[0].attempt_timeout_ms: must be greater than 0",
+            r#"r.toml: routes[0].url_mode: unknown mode "cdn" (expected "gateway" or "provider")"#,
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_and_syntax_errors_give_line_and_column() {
+    let errs = check(&[("a.toml", "[providers.x]\nkind = \"builtin\"\ncolour = 3\n")]).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("a.toml: line 3, column 1: unknown field `colour`"), "{}", errs[0]);
+    let errs = check(&[("b.toml", "[[routes]\n")]).unwrap_err();
+    assert!(errs[0].starts_with("b.toml: line 1, column"), "{}", errs[0]);
+}
+
+#[test]
+fn kinds_are_checked() {
+    let errs = check(&[("p.toml", "[providers.s]\nkind = \"stabilty\"\n[providers.t]\nkind = \"fal\"\n")]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"p.toml: providers.s.kind: unknown kind "stabilty" (expected one of openai, azure_openai, vertex_imagen, stability, fal, replicate, a1111, builtin)"#,
+        ]
+    );
+    // Each kind takes its own connection fields, and needs the ones it cannot do without.
+    let p = r#"
+[providers.v]
+kind = "vertex_imagen"
+location = "us-central1"
+[providers.o]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_version = "2024-10-21"
+[providers.a]
+kind = "a1111"
+[providers.r]
+kind = "replicate"
+poll_interval_ms = 900
+max_poll_interval_ms = 100
+"#;
+    let errs = check(&[("p.toml", p)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"p.toml: providers.a.base_url: required for kind "a1111""#,
+            r#"p.toml: providers.o.api_version: not used by kind "openai""#,
+            "p.toml: providers.r.poll_interval_ms: must be > 0 and at most max_poll_interval_ms",
+            r#"p.toml: providers.v.project: required for kind "vertex_imagen""#,
+            r#"p.toml: providers.v: kind "vertex_imagen" needs token_env or token_command"#,
+        ]
+    );
+    let ok = check(&[(
+        "p.toml",
+        "[providers.f]\nkind = \"fal\"\n[providers.z]\nkind = \"azure_openai\"\nbase_url = \"https://x.openai.azure.com\"\n[[routes]]\nname = \"r\"\ntargets = [{ provider = \"f\" }]\n",
+    )])
+    .unwrap();
+    assert_eq!(ok.providers["f"].conn.base_url, "https://queue.fal.run");
+    assert_eq!(ok.providers["z"].conn.api_version.as_deref(), Some("2024-10-21"));
+    let errs = check(&[("p.toml", "[providers.o]\nkind = \"openai\"\nbase_url = \"ftp://x\"\n")]).unwrap_err();
+    assert_eq!(errs, vec![r#"p.toml: providers.o.base_url: "ftp://x" is not an http(s) URL"#]);
+}
+
+#[test]
+fn resilience_settings_are_validated() {
+    let p = r#"
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 0
+breaker = { consecutive_failures = 0, cooldown_ms = 0 }
+price = { per_image_usd = { "1024x1024" = -1.0, "huge" = 0.1 } }
+[providers.q]
+kind = "openai"
+base_url = "http://x/v1"
+max_queue = 3
+[providers.r]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 2
+on_queue_full = "drop"
+[tenants.acme]
+spend_usd_per_day = -5.0
+[[routes]]
+name = "a"
+targets = [{ provider = "o" }]
+max_error_ratio = 1.5
+health_window = 10
+health_min_samples = 11
+hedge = { after = "p99", max_parallel = 1 }
+"#;
+    let errs = check(&[("p.toml", p)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "p.toml: tenants.acme.spend_usd_per_day: must be a number >= 0",
+            "p.toml: providers.o.max_concurrency: must be greater than 0 (leave it out for no limit)",
+            "p.toml: providers.o.breaker.consecutive_failures: must be greater than 0",
+            "p.toml: providers.o.breaker.cooldown_ms: must be greater than 0",
+            "p.toml: providers.o.price.per_image_usd.1024x1024: must be a number >= 0",
+            r#"p.toml: providers.o.price.per_image_usd.huge: not a size like "1024x1024" (or "default")"#,
+            "p.toml: providers.q.max_queue: needs max_concurrency",
+            r#"p.toml: providers.r.on_queue_full: unknown action "drop" (expected "fallback" or "reject")"#,
+            "p.toml: routes[0].max_error_ratio: must be between 0 and 1",
+            "p.toml: routes[0].health_min_samples: 11 is more than health_window (10): the target would never be judged",
+            r#"p.toml: routes[0].hedge.after: unknown value "p99" (expected "p95", or use after_ms)"#,
+            r#"p.toml: routes[0].hedge.after_ms: required (with after = "p95" it is used until the target has enough samples)"#,
+            "p.toml: routes[0].hedge.max_parallel: must be between 2 and 8",
+        ]
+    );
+}
+
+#[test]
+fn resilience_settings_have_defaults_and_are_read() {
+    let p = r#"
+[[keys]]
+sha256 = "904fc520be4ca9db80d0ffcc6bf7e01b4148e33d45bb6b422ad2e607815fb508"
+tenant = "acme"
+images_per_minute = 10
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+max_concurrency = 4
+price = { per_image_usd = { "1024x1024" = 0.04, default = 0.02 } }
+[providers.d]
+kind = "builtin"
+breaker = { enabled = false }
+[[routes]]
+name = "a"
+targets = [{ provider = "o" }, { provider = "d" }]
+latency_slo_ms = 3000
+hedge = { after_ms = 500 }
+"#;
+    let pol = check(&[("p.toml", p)]).unwrap();
+    let o = &pol.providers["o"];
+    assert_eq!(o.concurrency, Some(Concurrency { max: 4, max_queue: 4, queue_timeout: None, reject_when_full: false }));
+    assert!(o.breaker.enabled && !pol.providers["d"].breaker.enabled);
+    let price = o.price.as_ref().unwrap();
+    assert_eq!((price.per_image("1024x1024"), price.per_image("512x512")), (Some(0.04), Some(0.02)));
+    let r = &pol.routes[0];
+    assert_eq!(r.health.latency_slo, Some(Duration::from_secs(3)));
+    assert_eq!(r.health.min_samples, 20);
+    let h = r.hedge.as_ref().unwrap();
+    assert_eq!((h.after, h.after_p95, h.max_parallel), (Duration::from_millis(500), false, 2));
+    let key = pol.keys.values().next().unwrap();
+    assert_eq!((key.images_per_minute, key.requests_per_minute, key.id.len()), (Some(10), None, 12));
+}
+
+#[test]
+fn prices_by_model_size_quality_step_and_gpu_second() {
+    let p = r#"
+[providers.o]
+kind = "openai"
+base_url = "http://x/v1"
+price = { per_image_usd = { "1024x1024" = 0.04, default = 0.05 }, quality = { hd = { "1024x1024" = 0.08 } }, models = { "sdxl" = { per_step_usd = 0.0001, per_gpu_second_usd = 0.002 } } }
+[[routes]]
+name = "r"
+targets = [{ provider = "o" }]
+"#;
+    let pol = check(&[("p.toml", p)]).unwrap();
+    let price = pol.providers["o"].price.as_ref().unwrap();
+    let b =
+        |model, size, quality, images, steps, gpu| Billable { model, size, quality, images, steps, gpu_seconds: gpu };
+    let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-12);
+    assert!(close(price.cost(&b("dall-e-3", "1024x1024", None, 2, None, None)), 0.08));
+    assert!(close(price.cost(&b("dall-e-3", "1024x1024", Some("hd"), 2, None, None)), 0.16));
+    assert!(
+        close(price.cost(&b("dall-e-3", "1792x1024", Some("hd"), 1, None, None)), 0.05),
+        "no hd price for the size"
+    );
+    // A model's table replaces the provider's: 30 steps x 2 images x 0.0001 + 4 s x 0.002.
+    assert!(close(price.cost(&b("sdxl", "1024x1024", None, 2, Some(30), Some(4.0))), 0.006 + 0.008));
+    assert_eq!(price.cost(&b("sdxl", "1024x1024", None, 1, None, None)), None, "nothing applies");
+    let errs = check(&[("p.toml", &p.replace("0.0001", "-1.0"))]).unwrap_err();
+    assert_eq!(errs, vec!["p.toml: providers.o.price.models.sdxl.per_step_usd: must be a number >= 0"]);
+}
+
+#[test]
+fn duplicates_across_files_are_refused() {
+    let a = "[providers.demo]\nkind = \"builtin\"\n[[routes]]\nname = \"r\"\ntargets = [{ provider = \"demo\" }]\n";
+    let errs = check(&[("a.toml", a), ("b.toml", a)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"b.toml: providers.demo: provider "demo" is already defined in a.toml"#,
+            r#"b.toml: routes[0].name: duplicate route name "r""#,
+        ]
+    );
+}
+
+#[test]
+fn keys_need_a_digest_and_default_model_an_alias() {
+    let p = format!(
+        "{PROVIDERS}default_model = \"nope\"\n[[keys]]\nsha256 = \"abc\"\ntenant = \"t\"\n[[routes]]\nname = \"r\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"demo\" }}]\n"
+    );
+    // default_model after a table header belongs to that table: TOML rejects it as unknown.
+    assert!(check(&[("p.toml", &p)]).is_err());
+    let p = format!(
+        "default_model = \"nope\"\n{PROVIDERS}[[keys]]\nsha256 = \"abc\"\ntenant = \"t\"\n[[routes]]\nname = \"r\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"demo\" }}]\n"
+    );
+    let errs = check(&[("p.toml", &p)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "p.toml: keys[0].sha256: expected 64 hex characters (the SHA-256 of the key)",
+            r#"p.toml: default_model: "nope" is not the match.model of any route"#,
+        ]
+    );
+}
+
+#[test]
+fn evaluator_settings_are_checked() {
+    let routes = r#"
+[[routes]]
+name = "a"
+targets = [{ provider = "demo" }]
+evaluators = ["sanity", "clip", "vibes", "sanity"]
+on_sanity_fail = "review"
+on_eval_error = "maybe"
+"#;
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"r.toml: routes[0].evaluators[1]: unknown evaluator "clip" (available: sanity, safety, text, adherence)"#,
+            r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety, text, adherence)"#,
+            r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
+            r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
+            r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
+        ]
+    );
+    let ok = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"sanity\"]\non_sanity_fail = \"block\"\neval_budget_ms = 250\n";
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", ok)]).unwrap();
+    assert_eq!(
+        p.routes[0].eval,
+        EvalPolicy {
+            evaluators: vec!["sanity".into()],
+            on_sanity_fail: EvalAction::Block,
+            on_unsafe: EvalAction::Fallback,
+            on_low_adherence: EvalAction::Fallback,
+            on_text_fail: EvalAction::Fallback,
+            budget: Duration::from_millis(250),
+            fail_open: false,
+            settings: crate::eval::Settings::default(),
+        }
+    );
+    let bad = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"safety\"]\nmax_unsafe = 1.5\nunsafe_classes = [\"FACE_FEMALE\", \"NOSE\"]\non_unsafe = \"block\"\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", bad)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml: routes[0].max_unsafe: 1.5 is outside [0, 1]",
+            r#"r.toml: routes[0].unsafe_classes[1]: unknown NudeNet class "NOSE""#,
+        ]
+    );
+}
+
+#[test]
+fn custom_safety_classifiers_are_checked() {
+    let text = r#"
+[classifiers.nsfw]
+model = "/models/nsfw.onnx"
+input_size = 224
+std = [0.2, 0.0, 0.2]
+activation = "relu"
+labels = ["neutral", "porn"]
+unsafe_labels = ["porn", "gore"]
+
+[classifiers.ok]
+model = "/models/ok.onnx"
+input_size = 16
+labels = ["safe", "unsafe"]
+unsafe_labels = ["unsafe"]
+
+[[routes]]
+name = "a"
+targets = [{ provider = "demo" }]
+evaluators = ["safety"]
+safety_models = ["nudenet", "ok", "nope"]
+"#;
+    let errs = check(&[("p.toml", PROVIDERS), ("c.toml", text)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"c.toml: classifiers.nsfw.activation: unknown activation "relu" (expected softmax, sigmoid or none)"#,
+            "c.toml: classifiers.nsfw.std: must not contain 0",
+            r#"c.toml: classifiers.nsfw.unsafe_labels[1]: "gore" is not one of labels"#,
+            r#"c.toml: routes[0].safety_models[2]: unknown model "nope" ("nudenet" or a [classifiers.NAME])"#,
+        ]
+    );
+    let good = text
+        .replace(", \"nope\"", "")
+        .replace("[classifiers.nsfw]", "[classifiers.unused]")
+        .replace("std = [0.2, 0.0, 0.2]\nactivation = \"relu\"\n", "")
+        .replace(", \"gore\"", "");
+    let p = check(&[("p.toml", PROVIDERS), ("c.toml", &good)]).unwrap();
+    assert_eq!(p.routes[0].eval.settings.safety_models.len(), 2);
+    assert!(p.warnings.iter().any(|w| w.contains("/models/ok.onnx does not exist")), "{:?}", p.warnings);
+}
+
+#[test]
+fn a_valid_policy_resolves_references() {
+    let routes = r#"
+default_model = "m"
+[[routes]]
+name = "main"
+match = { model = "m", cohort = "c" }
+targets = [{ provider = "openai", model = "gpt-image-1", weight = 3 }, { provider = "demo" }]
+fallbacks = ["safe"]
+[[routes]]
+name = "safe"
+targets = [{ provider = "demo" }]
+"#;
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap();
+    assert_eq!(p.routes.len(), 2);
+    assert_eq!(p.routes[0].fallbacks, vec![1]);
+    assert_eq!(p.routes[0].targets[0].weight, 3);
+    assert_eq!(p.routes[0].attempt_timeout, Duration::from_secs(60));
+    assert_eq!(p.aliases.iter().collect::<Vec<_>>(), vec!["m"]);
+    assert_eq!(p.server, ServerSettings::default());
+    assert_eq!(p.version.len(), 12);
+}

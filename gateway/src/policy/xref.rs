@@ -1,0 +1,101 @@
+//! Cross-references: the checks that relate one part of a policy to another. A route's targets,
+//! mirrors and canary name providers, its fallbacks name other routes, the default model names a
+//! route's alias, and a tenant is meant to be named by some key. Names may be defined in any file
+//! of the policy, so they are gathered first; each reference is then checked where the part that
+//! holds it is validated, which keeps the errors in the order of the files.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use super::raw::{RawFile, RawRoute};
+use super::types::{ApiKey, Route, TenantLimits};
+
+/// The names routes may refer to, gathered from every file before any route is validated.
+pub(super) struct Names<'a> {
+    /// Every provider defined, valid or not: a route naming a provider whose own definition has
+    /// errors is not reported a second time.
+    providers: HashSet<&'a str>,
+    /// Route name to its index in the policy's routes (the first route, for a duplicated name).
+    routes: HashMap<&'a str, usize>,
+    /// Where each route is (`file: routes[i]`), in policy order: files by name, routes in file order.
+    pub(super) route_at: Vec<String>,
+}
+
+impl<'a> Names<'a> {
+    /// Gathers provider and route names; a route name used twice is an error.
+    pub(super) fn gather(parsed: &'a [(&'a str, RawFile)], errors: &mut Vec<String>) -> Names<'a> {
+        let providers = parsed.iter().flat_map(|(_, raw)| raw.providers.keys().map(String::as_str)).collect();
+        let mut routes: HashMap<&str, usize> = HashMap::new();
+        let mut route_at: Vec<String> = Vec::new();
+        for (file, raw) in parsed {
+            for (i, r) in raw.routes.iter().enumerate() {
+                let at = format!("{file}: routes[{i}]");
+                if routes.contains_key(r.name.as_str()) {
+                    errors.push(format!("{at}.name: duplicate route name \"{}\"", r.name));
+                } else {
+                    routes.insert(&r.name, route_at.len());
+                }
+                route_at.push(at);
+            }
+        }
+        Names { providers, routes, route_at }
+    }
+
+    /// The `provider` named at `at` (a target, mirror or canary) must be defined.
+    pub(super) fn provider(&self, at: &str, provider: &str, errors: &mut Vec<String>) {
+        if !self.providers.contains(provider) {
+            errors.push(format!("{at}.provider: unknown provider \"{provider}\""));
+        }
+    }
+
+    /// A route's fallbacks as indices into the policy's routes, in order: each must name another
+    /// route, once.
+    pub(super) fn fallbacks(&self, at: &str, r: &RawRoute, errors: &mut Vec<String>) -> Vec<usize> {
+        let mut fallbacks = Vec::new();
+        for (j, f) in r.fallbacks.iter().enumerate() {
+            match self.routes.get(f.as_str()) {
+                None => errors.push(format!("{at}.fallbacks[{j}]: unknown route \"{f}\"")),
+                Some(_) if *f == r.name => {
+                    errors.push(format!("{at}.fallbacks[{j}]: a route cannot fall back to itself"))
+                }
+                Some(idx) if fallbacks.contains(idx) => {
+                    errors.push(format!("{at}.fallbacks[{j}]: route \"{f}\" is listed twice"))
+                }
+                Some(idx) => fallbacks.push(*idx),
+            }
+        }
+        fallbacks
+    }
+}
+
+/// A tenant no key belongs to limits no one: likely a typo, so worth a warning (not an error).
+pub(super) fn tenants_without_keys(
+    tenants: &BTreeMap<String, TenantLimits>,
+    keys: &HashMap<[u8; 32], ApiKey>,
+    warnings: &mut Vec<String>,
+) {
+    for name in tenants.keys() {
+        if !keys.values().any(|k| &k.tenant == name) {
+            warnings
+                .push(format!("tenants.{name}: no [[keys]] entry has tenant \"{name}\"; its limits apply to no one"));
+        }
+    }
+}
+
+/// Every model alias a route matches on.
+pub(super) fn aliases(routes: &[Route]) -> BTreeSet<String> {
+    routes.iter().filter_map(|r| r.matcher.model.clone()).collect()
+}
+
+/// The default model, if set, must be the alias of some route (`default_model` holds the alias
+/// and the file that set it).
+pub(super) fn default_model(
+    default_model: Option<&(String, &str)>,
+    aliases: &BTreeSet<String>,
+    errors: &mut Vec<String>,
+) {
+    if let Some((m, file)) = default_model {
+        if !aliases.contains(m) {
+            errors.push(format!("{file}: default_model: \"{m}\" is not the match.model of any route"));
+        }
+    }
+}
