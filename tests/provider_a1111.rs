@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-
-use bytes::Bytes;
+use common::mock::a1111::{WebUi, DRAWN_SEED};
 use common::*;
 use serde_json::{json, Value};
 
@@ -19,216 +15,12 @@ const AUTH: &str = "webui:s3cret-0b7d41";
 const WRONG_AUTH_VAR: &str = "A1111_TEST_API_AUTH_WRONG";
 const WRONG_AUTH: &str = "webui:not-the-password-5521";
 const UNSET_VAR: &str = "A1111_TEST_API_AUTH_NEVER_SET";
-/// What the mock draws for `seed: -1`.
-const DRAWN_SEED: u64 = 3_141_592_653;
-/// The checkpoints the mock web UI has: (title as the API lists it, model name, hash).
-const CHECKPOINTS: [(&str, &str, &str); 2] = [
-    ("sd_xl_base_1.0.safetensors [31e35c80fc]", "sd_xl_base_1.0", "31e35c80fc"),
-    ("dreamshaper_8.safetensors [879db523c3]", "dreamshaper_8", "879db523c3"),
-];
-const SAMPLERS: [&str; 4] = ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras"];
-
-// ---------------------------------------------------------------------------------------------
-// Mock web UI
-
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Seen {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{}: body is not JSON ({e})", self.path))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
-    }
-}
-
-struct Reply {
-    status: u16,
-    body: Value,
-    headers: Vec<(&'static str, String)>,
-}
-
-struct MockState {
-    addr: SocketAddr,
-    seen: Mutex<Vec<Seen>>,
-    script: Mutex<VecDeque<Reply>>,
-    /// The checkpoint loaded now (index into CHECKPOINTS); `override_settings` switches it.
-    loaded: Mutex<usize>,
-    /// Images appended after the batch, as extensions such as ControlNet do.
-    extra_images: Mutex<usize>,
-    png: Vec<u8>,
-}
-
-#[derive(Clone)]
-struct WebUi {
-    state: Arc<MockState>,
-}
-
-impl WebUi {
-    async fn start() -> WebUi {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(MockState {
-            addr,
-            seen: Mutex::new(Vec::new()),
-            script: Mutex::new(VecDeque::new()),
-            loaded: Mutex::new(0),
-            extra_images: Mutex::new(0),
-            png: make_png(4, 4, [220, 180, 40]),
-        });
-        let app = axum::Router::new().fallback(webui_api).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        WebUi { state }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.state.addr)
-    }
-
-    fn png(&self) -> &[u8] {
-        &self.state.png
-    }
-
-    fn then(&self, status: u16, body: Value, headers: &[(&'static str, &str)]) {
-        let headers = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.state.script.lock().unwrap().push_back(Reply { status, body, headers });
-    }
-
-    fn calls(&self) -> Vec<Seen> {
-        self.state.seen.lock().unwrap().clone()
-    }
-
-    fn last_call(&self) -> Seen {
-        self.calls().pop().expect("the web UI received no call")
-    }
-}
-
-fn answer(status: u16, body: Value, headers: &[(&'static str, String)]) -> axum::response::Response {
-    let mut b = axum::response::Response::builder().status(status).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(*k, v.as_str());
-    }
-    b.body(axum::body::Body::from(body.to_string())).unwrap()
-}
-
-/// FastAPI's answer to a body that does not fit the request model.
-fn unprocessable(field: &str, msg: &str, kind: &str) -> axum::response::Response {
-    answer(422, json!({"detail": [{"loc": ["body", field], "msg": msg, "type": kind}]}), &[])
-}
-
-/// What the web UI does: basic auth, FastAPI routing and validation, then a batch.
-async fn webui_api(
-    axum::extract::State(s): axum::extract::State<Arc<MockState>>,
-    req: axum::extract::Request,
-) -> axum::response::Response {
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap();
-    let path = parts.uri.path().to_string();
-    s.seen.lock().unwrap().push(Seen {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
-    let expected = format!("Basic {}", b64_encode(AUTH.as_bytes()));
-    if parts.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-        let h = [("www-authenticate", "Basic".to_string())];
-        return answer(401, json!({"detail": "Incorrect username or password"}), &h);
-    }
-    let img2img = match (parts.method.as_str(), path.as_str()) {
-        ("POST", "/sdapi/v1/txt2img") => false,
-        ("POST", "/sdapi/v1/img2img") => true,
-        _ => return answer(404, json!({"detail": "Not Found"}), &[]),
-    };
-    if let Some(r) = s.script.lock().unwrap().pop_front() {
-        return answer(r.status, r.body, &r.headers);
-    }
-    let Ok(Value::Object(p)) = serde_json::from_slice::<Value>(&body) else {
-        return answer(
-            422,
-            json!({"detail": [{"loc": ["body"], "msg": "field required", "type": "value_error.missing"}]}),
-            &[],
-        );
-    };
-    let mut ints = Vec::new();
-    for (k, default) in [("seed", -1), ("steps", 20), ("width", 512), ("height", 512), ("batch_size", 1), ("n_iter", 1)]
-    {
-        match p.get(k).map_or(Some(default), Value::as_i64) {
-            Some(v) => ints.push(v),
-            None => return unprocessable(k, "value is not a valid integer", "type_error.integer"),
-        }
-    }
-    let [seed, steps, width, height, batch_size, n_iter] = ints[..] else { unreachable!() };
-    let cfg = match p.get("cfg_scale") {
-        None => 7.0,
-        Some(v) => match v.as_f64() {
-            Some(f) => f,
-            None => return unprocessable("cfg_scale", "value is not a valid float", "type_error.float"),
-        },
-    };
-    for k in ["prompt", "negative_prompt", "sampler_name"] {
-        if p.get(k).is_some_and(|v| !v.is_string()) {
-            return unprocessable(k, "str type expected", "type_error.str");
-        }
-    }
-    let sampler = p.get("sampler_name").and_then(Value::as_str).unwrap_or("Euler a").to_string();
-    if !SAMPLERS.contains(&sampler.as_str()) {
-        return answer(404, json!({"detail": "Sampler not found"}), &[]);
-    }
-    if img2img {
-        let inits = p.get("init_images").and_then(Value::as_array);
-        if inits.is_none_or(|a| a.is_empty() || a.iter().any(|i| !i.is_string())) {
-            return unprocessable("init_images", "field required", "value_error.missing");
-        }
-    }
-    if let Some(name) = p.get("override_settings").and_then(|o| o.get("sd_model_checkpoint")).and_then(Value::as_str) {
-        if let Some(i) = CHECKPOINTS.iter().position(|(title, n, _)| *title == name || *n == name) {
-            *s.loaded.lock().unwrap() = i;
-        }
-    }
-    let (_, model_name, model_hash) = CHECKPOINTS[*s.loaded.lock().unwrap()];
-    let seed = if seed < 0 { DRAWN_SEED } else { seed as u64 };
-    let count = (batch_size * n_iter) as usize;
-    let seeds: Vec<u64> = (0..count as u64).map(|i| seed + i).collect();
-    let prompt = p.get("prompt").and_then(Value::as_str).unwrap_or("");
-    let infotext = format!(
-        "{prompt}\nSteps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, \
-         Model hash: {model_hash}, Model: {model_name}, Version: v1.10.1"
-    );
-    let info = json!({
-        "prompt": prompt, "all_prompts": vec![prompt; count],
-        "negative_prompt": p.get("negative_prompt").and_then(Value::as_str).unwrap_or(""),
-        "seed": seed, "all_seeds": seeds, "subseed": 1_304_004_720u64, "all_subseeds": vec![1_304_004_720u64; count],
-        "subseed_strength": 0, "width": width, "height": height, "sampler_name": sampler, "cfg_scale": cfg,
-        "steps": steps, "batch_size": batch_size, "restore_faces": false, "face_restoration_model": null,
-        "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": null, "sd_vae_hash": null,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.get("denoising_strength").cloned().unwrap_or(json!(0)),
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": vec![infotext; count],
-        "styles": [], "job_timestamp": "20250101120000", "clip_skip": 1, "is_using_inpainting_conditioning": false,
-        "version": "v1.10.1",
-    });
-    let extra = *s.extra_images.lock().unwrap();
-    let images: Vec<String> = (0..count + extra).map(|_| b64_encode(&s.png)).collect();
-    // The request echoed back with the web UI's defaults filled in (init_images included).
-    let mut parameters = p.clone();
-    parameters.entry("steps").or_insert(json!(steps));
-    parameters.entry("cfg_scale").or_insert(json!(cfg));
-    answer(200, json!({"images": images, "parameters": parameters, "info": info.to_string()}), &[])
-}
 
 // ---------------------------------------------------------------------------------------------
 // Gateway set-up
 
 struct Setup {
-    webui: WebUi,
+    webui: Mock<WebUi>,
     backup: MockProvider,
     gw: Gateway,
     _dir: PolicyDir,
@@ -250,7 +42,11 @@ fn route(alias: &str, provider: &str, model: Option<&str>) -> String {
 }
 
 async fn setup() -> Setup {
-    let webui = WebUi::start().await;
+    let webui = Mock::builder(WebUi::default())
+        .png(make_png(4, 4, [220, 180, 40]))
+        .credential("authorization", [format!("Basic {}", b64_encode(AUTH.as_bytes()))])
+        .start()
+        .await;
     let backup = MockProvider::start().await;
     let url = webui.base_url();
     let dead = format!("http://127.0.0.1:{}", closed_port());
@@ -294,7 +90,7 @@ async fn txt2img_gets_every_setting_and_info_reports_what_was_used() {
     assert_eq!(b64_images(&r), vec![s.webui.png().to_vec(), s.webui.png().to_vec()], "{}", r.describe());
     assert_eq!(r.attempts(), vec!["sd:ok"], "{}", r.describe());
 
-    let call = s.webui.last_call();
+    let call = s.webui.last();
     assert_eq!((call.method.as_str(), call.path.as_str()), ("POST", "/sdapi/v1/txt2img"));
     assert_eq!(call.header("authorization"), Some(format!("Basic {}", b64_encode(AUTH.as_bytes()))));
     assert_eq!(
@@ -324,7 +120,7 @@ async fn the_drawn_seed_and_the_web_uis_defaults_are_reported() {
     let r = s.gw.generate(&body).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("quality, style"), "{}", r.describe());
-    let sent = s.webui.last_call().json();
+    let sent = s.webui.last().json();
     assert_eq!(sent["seed"], json!(-1), "no seed asked for: a random one ({sent})");
     for absent in ["quality", "style", "steps", "cfg_scale", "sampler_name", "negative_prompt", "override_settings"] {
         assert!(sent.get(absent).is_none(), "{absent} must not be sent: {sent}");
@@ -344,7 +140,7 @@ async fn the_drawn_seed_and_the_web_uis_defaults_are_reported() {
     );
 
     // Extensions append their own images after the batch: the client gets the batch.
-    *s.webui.state.extra_images.lock().unwrap() = 1;
+    s.webui.shape().set_extra_images(1);
     let mut body = gen("sd");
     body["n"] = json!(2);
     let r = s.gw.generate(&body).await;
@@ -396,7 +192,7 @@ async fn edits_and_variations_go_to_img2img_with_the_images_inline() {
         .file("mask", "mask.png", "image/png", mask.clone());
     let r = s.gw.edit(&form, &[]).await;
     assert_eq!(b64_images(&r), vec![s.webui.png().to_vec()], "{}", r.describe());
-    let call = s.webui.last_call();
+    let call = s.webui.last();
     assert_eq!(call.path, "/sdapi/v1/img2img");
     assert!(call.header("authorization").is_some());
     let sent = call.json();
@@ -425,8 +221,8 @@ async fn edits_and_variations_go_to_img2img_with_the_images_inline() {
     );
     let r = s.gw.variation(&form, &[]).await;
     assert_eq!(b64_images(&r), vec![s.webui.png().to_vec()], "{}", r.describe());
-    let sent = s.webui.last_call().json();
-    assert_eq!(s.webui.last_call().path, "/sdapi/v1/img2img");
+    let sent = s.webui.last().json();
+    assert_eq!(s.webui.last().path, "/sdapi/v1/img2img");
     assert_eq!(sent["init_images"], json!([b64_encode(&photo)]));
     assert!(sent.get("mask").is_none() && sent.get("inpainting_mask_invert").is_none(), "{sent}");
     assert_eq!(sent["denoising_strength"], json!(0.6));
@@ -438,11 +234,7 @@ async fn edits_and_variations_go_to_img2img_with_the_images_inline() {
 async fn the_web_uis_refusals_come_back_as_400() {
     let s = setup().await;
     // FastAPI's validation answer.
-    s.webui.then(
-        422,
-        json!({"detail": [{"loc": ["body", "steps"], "msg": "value is not a valid integer", "type": "type_error.integer"}]}),
-        &[],
-    );
+    s.webui.then(Step::reply(422, json!({"detail": [{"loc": ["body", "steps"], "msg": "value is not a valid integer", "type": "type_error.integer"}]})));
     let r = s.gw.generate(&gen("sd")).await;
     let err = r.assert_error(400, "upstream_rejected");
     assert!(err["message"].as_str().unwrap().contains("body.steps: value is not a valid integer"), "{}", r.describe());
@@ -452,7 +244,7 @@ async fn the_web_uis_refusals_come_back_as_400() {
     let r = s.gw.generate(&body).await;
     let err = r.assert_error(400, "upstream_rejected");
     assert!(err["message"].as_str().unwrap().contains("Sampler not found"), "{}", r.describe());
-    assert_eq!(s.webui.last_call().json()["sampler_name"], json!("Heun++ 9000"));
+    assert_eq!(s.webui.last().json()["sampler_name"], json!("Heun++ 9000"));
     assert_eq!(s.backup.hits(), 0, "the client's mistakes are not retried elsewhere");
 }
 
@@ -460,24 +252,23 @@ async fn the_web_uis_refusals_come_back_as_400() {
 async fn server_errors_rate_limits_and_dead_servers_fall_back() {
     let s = setup().await;
     // The API's answer to an exception (here the GPU ran out of memory).
-    s.webui.then(
+    s.webui.then(Step::reply(
         500,
         json!({"error": "OutOfMemoryError", "detail": "", "body": "",
             "errors": "CUDA out of memory. Tried to allocate 2.00 GiB"}),
-        &[],
-    );
+    ));
     let r = s.gw.generate(&gen("sd")).await;
     r.assert_status(200);
     assert_eq!(r.attempts(), vec!["sd:status_5xx", "backup:ok"], "{}", r.describe());
 
     // A rate-limiting proxy in front of the web UI.
-    s.webui.then(429, json!({"detail": "Too Many Requests"}), &[("retry-after", "30")]);
+    s.webui.then(Step::reply(429, json!({"detail": "Too Many Requests"})).header("retry-after", "30"));
     let r = s.gw.generate(&gen("sd")).await;
     assert_eq!(r.attempts(), vec!["sd:status_429", "backup:ok"], "{}", r.describe());
-    let calls = s.webui.calls().len();
+    let calls = s.webui.requests().len();
     let r = s.gw.generate(&gen("sd")).await;
     assert_eq!(r.attempts(), vec!["sd:paused", "backup:ok"], "{}", r.describe());
-    assert_eq!(s.webui.calls().len(), calls, "a paused provider is not called");
+    assert_eq!(s.webui.requests().len(), calls, "a paused provider is not called");
     assert_eq!(s.gw.metric("acc_provider_paused_total", &[("provider", "sd")]).await, 1.0);
 
     // Nothing listening.
@@ -486,7 +277,7 @@ async fn server_errors_rate_limits_and_dead_servers_fall_back() {
     // A web UI started without --api.
     let r = s.gw.generate(&gen("sd-noapi")).await;
     assert_eq!(r.attempts(), vec!["sd_noapi:status_4xx", "backup:ok"], "{}", r.describe());
-    assert_eq!(s.webui.last_call().path, "/webui/sdapi/v1/txt2img");
+    assert_eq!(s.webui.last().path, "/webui/sdapi/v1/txt2img");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,12 +286,12 @@ async fn credential_problems_are_clear_and_leak_nothing() {
     let r = s.gw.generate(&gen("sd-noauth")).await;
     r.assert_status(200);
     assert_eq!(r.attempts(), vec!["sd_noauth:credential_missing", "backup:ok"], "{}", r.describe());
-    assert!(s.webui.calls().is_empty(), "no credentials, no call");
+    assert!(s.webui.requests().is_empty(), "no credentials, no call");
 
     let r = s.gw.generate(&gen("sd-wrongauth")).await;
     assert_eq!(r.attempts(), vec!["sd_wrongauth:status_4xx", "backup:ok"], "{}", r.describe());
     let wrong = format!("Basic {}", b64_encode(WRONG_AUTH.as_bytes()));
-    assert_eq!(s.webui.last_call().header("authorization"), Some(wrong));
+    assert_eq!(s.webui.last().header("authorization"), Some(wrong));
 
     // When every target fails, the client hears why, and nothing of the credentials.
     s.backup.set_status(500);

@@ -5,12 +5,9 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::mock::azure::AzureOpenAi;
 use common::*;
 use serde_json::{json, Value};
 
@@ -24,202 +21,10 @@ const API_VERSION: &str = "2024-10-21";
 const DEPLOYMENTS: [&str; 2] = ["dalle3-prod", "gpt-image-eu"];
 
 // ---------------------------------------------------------------------------------------------
-// Mock Azure OpenAI resource
-
-/// One request the mock received.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    query: Option<String>,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Seen {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{} {}: body is not JSON ({e})", self.method, self.path))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
-    }
-
-    async fn form(&self) -> Vec<FormPart> {
-        let ct = self.header("content-type").unwrap_or_default();
-        assert!(ct.starts_with("multipart/form-data"), "content-type {ct:?} is not multipart");
-        parse_form(&ct, self.body.clone()).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-/// An answer the mock gives instead of generating (one per request, in order).
-struct Reply {
-    status: u16,
-    body: String,
-    headers: Vec<(&'static str, String)>,
-}
-
-struct MockState {
-    addr: SocketAddr,
-    seen: Mutex<Vec<Seen>>,
-    script: Mutex<VecDeque<Reply>>,
-    png: Vec<u8>,
-}
-
-#[derive(Clone)]
-struct AzureMock {
-    state: Arc<MockState>,
-}
-
-impl AzureMock {
-    async fn start() -> AzureMock {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(MockState {
-            addr,
-            seen: Mutex::new(Vec::new()),
-            script: Mutex::new(VecDeque::new()),
-            png: make_png(4, 4, [30, 160, 90]),
-        });
-        let app = axum::Router::new().fallback(azure_api).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        AzureMock { state }
-    }
-
-    /// `http://127.0.0.1:PORT` (an Azure resource endpoint has no path).
-    fn base_url(&self) -> String {
-        format!("http://{}", self.state.addr)
-    }
-
-    fn png(&self) -> &[u8] {
-        &self.state.png
-    }
-
-    fn then(&self, status: u16, body: Value, headers: &[(&'static str, &str)]) {
-        let headers = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.state.script.lock().unwrap().push_back(Reply { status, body: body.to_string(), headers });
-    }
-
-    /// Image API calls received (POSTs; URL fetches are GETs).
-    fn calls(&self) -> Vec<Seen> {
-        self.state.seen.lock().unwrap().iter().filter(|s| s.method == "POST").cloned().collect()
-    }
-
-    fn last_call(&self) -> Seen {
-        self.calls().pop().expect("the mock received no call")
-    }
-
-    fn fetches(&self) -> usize {
-        self.state.seen.lock().unwrap().iter().filter(|s| s.method == "GET").count()
-    }
-}
-
-fn azure_error(status: u16, code: &str, message: &str) -> axum::response::Response {
-    reply(status, json!({"error": {"code": code, "message": message}}).to_string(), &[])
-}
-
-fn reply(status: u16, body: String, headers: &[(&'static str, String)]) -> axum::response::Response {
-    let mut b = axum::response::Response::builder().status(status).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(*k, v.as_str());
-    }
-    b.body(axum::body::Body::from(body)).unwrap()
-}
-
-/// What Azure does with a request: route by deployment and api-version, check the key, then
-/// answer with the next scripted reply or generate.
-async fn azure_api(
-    axum::extract::State(s): axum::extract::State<Arc<MockState>>,
-    req: axum::extract::Request,
-) -> axum::response::Response {
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap();
-    let path = parts.uri.path().to_string();
-    s.seen.lock().unwrap().push(Seen {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
-    // Where the answers with `url` point (a stand-in for Azure's blob storage).
-    if parts.method == http::Method::GET && path.starts_with("/blobs/") {
-        let mut b = axum::response::Response::builder().status(200).header("content-type", "image/png");
-        b = b.header("content-length", s.png.len());
-        return b.body(axum::body::Body::from(s.png.clone())).unwrap();
-    }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (deployment, op) = match segments.as_slice() {
-        ["openai", "deployments", d, "images", op @ ("generations" | "edits")]
-            if parts.method == http::Method::POST =>
-        {
-            (d.to_string(), op.to_string())
-        }
-        _ => return azure_error(404, "404", "Resource not found"),
-    };
-    let version = parts.uri.query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("api-version="));
-    if version.is_none_or(|v| v.is_empty()) {
-        return azure_error(404, "404", "Resource not found");
-    }
-    if parts.headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(KEY) {
-        return azure_error(
-            401,
-            "401",
-            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
-        );
-    }
-    if !DEPLOYMENTS.contains(&deployment.as_str()) {
-        return azure_error(
-            404,
-            "DeploymentNotFound",
-            "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
-        );
-    }
-    if let Some(r) = s.script.lock().unwrap().pop_front() {
-        return reply(r.status, r.body, &r.headers);
-    }
-    let (n, format) = if op == "generations" {
-        let v: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(_) => return azure_error(400, "BadRequest", "The request body is not valid JSON."),
-        };
-        (v["n"].as_u64().unwrap_or(1), v["response_format"].as_str().unwrap_or("b64_json").to_string())
-    } else {
-        let ct = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let form = match parse_form(&ct, body.clone()).await {
-            Ok(f) => f,
-            Err(e) => return azure_error(400, "BadRequest", &e),
-        };
-        if !form.iter().any(|p| p.name.starts_with("image") && p.filename.is_some()) {
-            return azure_error(400, "invalid_request_error", "image is required");
-        }
-        let text =
-            |name: &str| form.iter().find(|p| p.name == name).map(|p| String::from_utf8_lossy(&p.data).into_owned());
-        (text("n").and_then(|n| n.parse().ok()).unwrap_or(1), text("response_format").unwrap_or("b64_json".into()))
-    };
-    let filter = json!({"hate": {"filtered": false, "severity": "safe"}, "sexual": {"filtered": false, "severity": "safe"},
-        "violence": {"filtered": false, "severity": "safe"}, "self_harm": {"filtered": false, "severity": "safe"}});
-    let data: Vec<Value> = (0..n)
-        .map(|i| {
-            let mut item = json!({"revised_prompt": "a revised prompt", "content_filter_results": filter,
-                "prompt_filter_results": filter});
-            if format == "url" {
-                item["url"] = json!(format!("http://{}/blobs/{deployment}-{i}.png?sig=abc", s.addr));
-            } else {
-                item["b64_json"] = json!(b64_encode(&s.png));
-            }
-            item
-        })
-        .collect();
-    reply(200, json!({"created": 1_700_000_000u64, "data": data}).to_string(), &[])
-}
-
-// ---------------------------------------------------------------------------------------------
 // Gateway set-up
 
 struct Setup {
-    az: AzureMock,
+    az: Mock<AzureOpenAi>,
     backup: MockProvider,
     gw: Gateway,
     _dir: PolicyDir,
@@ -244,7 +49,11 @@ fn route(alias: &str, provider: &str, model: &str, fallback: bool) -> String {
 }
 
 async fn setup() -> Setup {
-    let az = AzureMock::start().await;
+    let az = Mock::builder(AzureOpenAi::new(&DEPLOYMENTS))
+        .png(make_png(4, 4, [30, 160, 90]))
+        .credential("api-key", [KEY])
+        .start()
+        .await;
     let backup = MockProvider::start().await;
     let url = az.base_url();
     let price = "price = { per_image_usd = 0.04, quality = { hd = 0.08 } }";
@@ -362,7 +171,7 @@ async fn url_answers_are_fetched_for_b64_json_and_served_for_url() {
     let r = s.gw.generate(&gen("dalle-url")).await;
     assert_eq!(b64_images(&r), vec![s.az.png().to_vec()], "{}", r.describe());
     assert_eq!(s.az.last_call().json()["response_format"], json!("url"));
-    assert_eq!(s.az.fetches(), 1);
+    assert_eq!(s.az.count("blob"), 1);
 
     // The client wants a URL: it points at the gateway, which serves the fetched image.
     let mut body = gen("dalle-url");
@@ -388,14 +197,13 @@ async fn url_answers_are_fetched_for_b64_json_and_served_for_url() {
 async fn the_content_filter_is_a_content_policy_violation_and_not_retried() {
     let s = setup().await;
     // DALL-E 3's answer when the prompt or the image trips the filter.
-    s.az.then(
+    s.az.then(Step::reply(
         400,
         json!({"error": {"code": "contentFilter", "message": "Your task failed as a result of our safety system.",
             "param": "prompt", "type": null, "inner_error": {"code": "ResponsibleAIPolicyViolation",
             "content_filter_results": {"sexual": {"filtered": true, "severity": "high"},
                 "violence": {"filtered": false, "severity": "safe"}}}}}),
-        &[],
-    );
+    ));
     let r = s.gw.generate(&gen("dalle")).await;
     let err = r.assert_error(400, "content_policy_violation");
     let msg = err["message"].as_str().unwrap();
@@ -405,14 +213,13 @@ async fn the_content_filter_is_a_content_policy_violation_and_not_retried() {
     assert_eq!(s.backup.hits(), 0, "another provider must not be asked to draw what the filter refused");
 
     // The newer shape of the same refusal.
-    s.az.then(
+    s.az.then(Step::reply(
         400,
         json!({"error": {"code": "content_policy_violation", "type": "invalid_request_error", "param": null,
             "message": "Your request was rejected as a result of our safety system.",
             "inner_error": {"code": "ResponsibleAIPolicyViolation", "revised_prompt": "x",
                 "content_filter_results": {"violence": {"filtered": true, "severity": "medium"}}}}}),
-        &[],
-    );
+    ));
     let r = s.gw.generate(&gen("dalle")).await;
     let err = r.assert_error(400, "content_policy_violation");
     assert!(err["message"].as_str().unwrap().contains("violence"), "{}", r.describe());
@@ -422,11 +229,7 @@ async fn the_content_filter_is_a_content_policy_violation_and_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_pauses_the_provider_for_its_retry_after() {
     let s = setup().await;
-    s.az.then(
-        429,
-        json!({"error": {"code": "429", "message": "Requests to the ImageGenerations_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after 30 seconds."}}),
-        &[("retry-after", "30"), ("retry-after-ms", "30000")],
-    );
+    s.az.then(Step::reply(429, json!({"error": {"code": "429", "message": "Requests to the ImageGenerations_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after 30 seconds."}})).header("retry-after", "30").header("retry-after-ms", "30000"));
     let r = s.gw.generate(&gen("dalle")).await;
     r.assert_status(200);
     assert_eq!(r.attempts(), vec!["az:status_429", "backup:ok"], "{}", r.describe());
@@ -441,23 +244,21 @@ async fn a_429_pauses_the_provider_for_its_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_errors_come_back_and_server_errors_fall_back() {
     let s = setup().await;
-    s.az.then(
+    s.az.then(Step::reply(
         400,
         json!({"error": {"code": "invalid_size", "param": "size", "type": "invalid_request_error",
             "message": "The size is not supported by this model."}}),
-        &[],
-    );
+    ));
     let r = s.gw.generate(&gen("dalle")).await;
     let err = r.assert_error(400, "invalid_size");
     assert!(err["message"].as_str().unwrap().contains("not supported by this model"), "{}", r.describe());
     assert_eq!(err["param"], json!("size"));
     assert_eq!(s.backup.hits(), 0, "the client's mistake is not retried elsewhere");
 
-    s.az.then(
+    s.az.then(Step::reply(
         500,
         json!({"error": {"code": "InternalServerError", "message": "Backend returned unexpected response."}}),
-        &[],
-    );
+    ));
     let r = s.gw.generate(&gen("dalle")).await;
     r.assert_status(200);
     assert_eq!(r.attempts(), vec!["az:status_5xx", "backup:ok"], "{}", r.describe());
@@ -530,7 +331,7 @@ async fn key_problems_are_clear_and_leak_nothing() {
 
     // A working key is used too, then nothing the client or the logs see holds either key.
     s.gw.generate(&gen("dalle")).await.assert_status(200);
-    s.az.then(500, json!({"error": {"code": "InternalServerError", "message": "boom"}}), &[]);
+    s.az.then(Step::reply(500, json!({"error": {"code": "InternalServerError", "message": "boom"}})));
     let failed = s.gw.generate(&gen("dalle")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = s.gw.stderr();

@@ -3,234 +3,28 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::response::Response;
+use common::mock::fal::{png_for, request_id, FalQueue, ANSWER_SEED};
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 const KEY: &str = "fal-test-key-0c9d";
 const KEY_VAR: &str = "FAL_TEST_KEY";
-/// The seed the mock reports, unlike any the tests ask for.
-const ANSWER_SEED: u64 = 4242;
-
-/// An answer to give as it is: status, JSON body, headers.
-type Canned = (u16, Value, Vec<(String, String)>);
-
-#[derive(Default)]
-struct FalState {
-    addr: Mutex<Option<SocketAddr>>,
-    /// Status answers in order, per job; the last one repeats.
-    statuses: Mutex<Vec<Value>>,
-    /// The result answer (status, body) instead of a normal one.
-    result: Mutex<Option<(u16, Value)>>,
-    /// The submission answer (status, body, headers) instead of a normal one.
-    submit_answer: Mutex<Option<Canned>>,
-    /// Image URLs the result names instead of the mock's own.
-    image_urls: Mutex<Option<Vec<String>>>,
-    submits: Mutex<Vec<Captured>>,
-    polls: Mutex<HashMap<String, usize>>,
-    results: AtomicUsize,
-    /// (method, path, authorization) of each cancel.
-    cancels: Mutex<Vec<(String, String, Option<String>)>>,
-    files: AtomicUsize,
-    /// The `authorization` of each request with a wrong or missing key.
-    unauthorized: Mutex<Vec<Option<String>>>,
-}
-
-#[derive(Clone)]
-struct FalMock {
-    state: Arc<FalState>,
-    addr: SocketAddr,
-}
-
-fn png_for(i: usize) -> Vec<u8> {
-    make_png(8, 8, [40 * i as u8 + 10, 200, 30])
-}
-
-impl FalMock {
-    async fn start() -> FalMock {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(FalState::default());
-        *state.addr.lock().unwrap() = Some(addr);
-        *state.statuses.lock().unwrap() = vec![
-            json!({"status": "IN_QUEUE", "queue_position": 1}),
-            json!({"status": "IN_PROGRESS", "logs": []}),
-            json!({"status": "COMPLETED", "logs": [], "metrics": {"inference_time": 9.0}}),
-        ];
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        FalMock { state, addr }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn file_url(&self, name: &str) -> String {
-        format!("http://{}/files/{name}", self.addr)
-    }
-
-    fn statuses(&self, s: Vec<Value>) {
-        *self.state.statuses.lock().unwrap() = s;
-    }
-
-    fn result(&self, status: u16, body: Value) {
-        *self.state.result.lock().unwrap() = Some((status, body));
-    }
-
-    fn image_urls(&self, urls: Vec<String>) {
-        *self.state.image_urls.lock().unwrap() = Some(urls);
-    }
-
-    fn submits(&self) -> Vec<Captured> {
-        self.state.submits.lock().unwrap().clone()
-    }
-
-    fn submitted_input(&self) -> Value {
-        let s = self.submits();
-        let last = s.last().expect("nothing was submitted");
-        serde_json::from_slice(&last.body).expect("the submission is JSON")
-    }
-
-    fn polls(&self) -> usize {
-        self.state.polls.lock().unwrap().values().sum()
-    }
-
-    fn cancels(&self) -> Vec<(String, String, Option<String>)> {
-        self.state.cancels.lock().unwrap().clone()
-    }
-
-    fn results(&self) -> usize {
-        self.state.results.load(Ordering::SeqCst)
-    }
-
-    fn files(&self) -> usize {
-        self.state.files.load(Ordering::SeqCst)
-    }
-}
-
-fn reply(status: u16, body: &Value, headers: &[(String, String)]) -> Response {
-    let mut b = Response::builder().status(status).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(k.as_str(), v.as_str());
-    }
-    b.body(axum::body::Body::from(body.to_string())).unwrap()
-}
-
-/// fal's queue API: POST /{model_id}; GET /{owner}/{app}/requests/{id}/status; GET
-/// /{owner}/{app}/requests/{id}; PUT /{owner}/{app}/requests/{id}/cancel. Plus /files/*.
-async fn handle(
-    State(s): State<Arc<FalState>>,
-    method: http::Method,
-    uri: http::Uri,
-    headers: http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_string();
-    let addr = s.addr.lock().unwrap().unwrap();
-    if let Some(name) = path.strip_prefix("/files/") {
-        s.files.fetch_add(1, Ordering::SeqCst);
-        if name == "redirect" {
-            // Somewhere the gateway must not go: loopback under another name.
-            let to = format!("http://localhost:{}/files/img-0.png", addr.port());
-            return Response::builder().status(302).header("location", to).body(axum::body::Body::empty()).unwrap();
-        }
-        let i: usize = name.trim_start_matches("img-").trim_end_matches(".png").parse().unwrap_or(0);
-        return Response::builder()
-            .status(200)
-            .header("content-type", "image/png")
-            .body(axum::body::Body::from(png_for(i)))
-            .unwrap();
-    }
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if auth.as_deref() != Some(&format!("Key {KEY}")) {
-        s.unauthorized.lock().unwrap().push(auth);
-        return reply(401, &json!({"detail": "Invalid or missing credentials"}), &[]);
-    }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let app = segments.iter().take(2).copied().collect::<Vec<_>>().join("/");
-    match (method.as_str(), segments.get(2).copied()) {
-        ("POST", _) => {
-            s.submits.lock().unwrap().push(Captured {
-                method: method.to_string(),
-                path: path.clone(),
-                headers: headers.clone(),
-                body: body.clone(),
-            });
-            if let Some((status, body, hs)) = s.submit_answer.lock().unwrap().clone() {
-                return reply(status, &body, &hs);
-            }
-            let id = format!("764cabcf-b745-4b3e-ae38-{:012}", s.submits.lock().unwrap().len());
-            let at = format!("http://{addr}/{app}/requests/{id}");
-            reply(
-                200,
-                &json!({"request_id": id, "response_url": at, "status_url": format!("{at}/status"),
-                    "cancel_url": format!("{at}/cancel"), "queue_position": 0}),
-                &[],
-            )
-        }
-        ("GET", Some("requests")) if segments.len() == 5 && segments[4] == "status" => {
-            let n = {
-                let mut polls = s.polls.lock().unwrap();
-                let n = polls.entry(segments[3].to_string()).or_insert(0);
-                *n += 1;
-                *n
-            };
-            let statuses = s.statuses.lock().unwrap().clone();
-            let answer = statuses[(n - 1).min(statuses.len() - 1)].clone();
-            let code = if answer["status"] == "COMPLETED" { 200 } else { 202 };
-            reply(code, &answer, &[])
-        }
-        ("GET", Some("requests")) if segments.len() == 4 => {
-            s.results.fetch_add(1, Ordering::SeqCst);
-            if let Some((status, body)) = s.result.lock().unwrap().clone() {
-                return reply(status, &body, &[]);
-            }
-            let submitted: Value =
-                serde_json::from_slice(&s.submits.lock().unwrap().last().unwrap().body).unwrap_or_default();
-            let n = submitted["num_images"].as_u64().unwrap_or(1) as usize;
-            let urls = s
-                .image_urls
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_else(|| (0..n).map(|i| format!("http://{addr}/files/img-{i}.png")).collect());
-            let images: Vec<Value> =
-                urls.iter().map(|u| json!({"url": u, "width": 8, "height": 8, "content_type": "image/png"})).collect();
-            let flags: Vec<bool> = urls.iter().map(|_| false).collect();
-            reply(
-                200,
-                &json!({"images": images, "seed": ANSWER_SEED, "has_nsfw_concepts": flags,
-                    "timings": {"inference": 1.5}, "prompt": submitted["prompt"]}),
-                &[],
-            )
-        }
-        ("PUT", Some("requests")) if segments.len() == 5 && segments[4] == "cancel" => {
-            s.cancels.lock().unwrap().push((method.to_string(), path.clone(), auth));
-            reply(202, &json!({"status": "CANCELLATION_REQUESTED"}), &[])
-        }
-        _ => reply(404, &json!({"detail": "Not Found"}), &[]),
-    }
+/// fal's queue with the test key.
+async fn fal() -> Mock<FalQueue> {
+    Mock::builder(FalQueue::default()).credential("authorization", [format!("Key {KEY}")]).start().await
 }
 
 struct Setup {
-    mock: FalMock,
+    mock: Mock<FalQueue>,
     gw: Gateway,
     _dir: PolicyDir,
 }
 
 /// Provider `fal` (fetching from 127.0.0.1 allowed unless `fetch` says otherwise), route "m"
 /// (10 s per attempt) and route "t" (600 ms per attempt), both on fal-ai/flux/dev.
-fn policy(mock: &FalMock, fetch: &str, extra: &str) -> String {
+fn policy(mock: &Mock<FalQueue>, fetch: &str, extra: &str) -> String {
     format!(
         r#"[providers.fal]
 kind = "fal"
@@ -263,7 +57,7 @@ deadline_ms = 600
 const ALLOW_LOCAL: &str = r#"fetch = { allow_hosts = ["127.0.0.1"] }"#;
 
 async fn setup_with(fetch: &str, extra: &str) -> Setup {
-    let mock = FalMock::start().await;
+    let mock = fal().await;
     let dir = PolicyDir::with(&policy(&mock, fetch, extra));
     let gw = Gateway::start_with_env(dir.path(), &[(KEY_VAR, KEY)]).await;
     Setup { mock, gw, _dir: dir }
@@ -277,25 +71,8 @@ fn req(format: &str) -> Value {
     json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "1024x1024", "response_format": format})
 }
 
-async fn settles(what: &str, f: impl Fn() -> bool) {
-    assert!(eventually(Duration::from_secs(10), || async { f() }).await, "{what}");
-}
-
-/// Sends a generation request on a raw connection and returns the connection unread.
-async fn raw_post(addr: SocketAddr, body: &Value) -> tokio::net::TcpStream {
-    let body = serde_json::to_vec(body).unwrap();
-    let head = format!(
-        "POST /v1/images/generations HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&body).await.unwrap();
-    s
-}
-
-fn assert_cancelled(mock: &FalMock, job: usize) {
-    let id = format!("764cabcf-b745-4b3e-ae38-{job:012}");
+fn assert_cancelled(mock: &Mock<FalQueue>, job: usize) {
+    let id = request_id(job);
     let cancels = mock.cancels();
     let want = ("PUT".to_string(), format!("/fal-ai/flux/requests/{id}/cancel"), Some(format!("Key {KEY}")));
     assert!(cancels.contains(&want), "expected {want:?} among the cancels {cancels:?}");
@@ -325,7 +102,7 @@ async fn a_job_is_submitted_polled_through_its_states_and_its_images_fetched() {
         "the sampler is not sent: fal has none"
     );
     assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("sampler"), "{}", r.describe());
-    assert!(s.mock.state.unauthorized.lock().unwrap().is_empty(), "every call carries the key");
+    assert!(s.mock.rejected().is_empty(), "every call carries the key");
 
     // Queued -> in progress -> completed: one poll per state, then the result once.
     assert_eq!(s.mock.polls(), 3, "polled until COMPLETED");
@@ -363,7 +140,7 @@ async fn response_format_url_is_served_by_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_url_mode_provider_the_providers_url_is_handed_through_unfetched() {
     // No fetch allowance at all: handing through must not need one.
-    let mock = FalMock::start().await;
+    let mock = fal().await;
     let text = policy(&mock, "", "").replace(
         "name = \"main\"\nmatch = { model = \"m\" }",
         "name = \"main\"\nmatch = { model = \"m\" }\nurl_mode = \"provider\"",
@@ -378,7 +155,7 @@ async fn with_url_mode_provider_the_providers_url_is_handed_through_unfetched() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loopback_result_url_without_allowance_is_refused_and_the_next_target_answers() {
-    let mock = FalMock::start().await;
+    let mock = fal().await;
     let backup = MockProvider::start().await;
     let extra = format!(
         "{}\n[[routes]]\nname = \"spare\"\nmatch = {{ model = \"spare-only\" }}\ntargets = [{{ provider = \"backup\" }}]\n",
@@ -425,7 +202,7 @@ async fn failed_filtered_and_rejected_jobs() {
     assert!(e["message"].as_str().unwrap().contains("num_images: ensure this value"), "{}", r.describe());
 
     // A job that completed with an error: the provider failed, a 502 listing the attempt.
-    *s.mock.state.result.lock().unwrap() = None;
+    s.mock.normal_result();
     s.mock.statuses(vec![
         json!({"status": "IN_PROGRESS"}),
         json!({"status": "COMPLETED", "error": "Runner crashed", "error_type": "runner_disconnected"}),
@@ -436,8 +213,8 @@ async fn failed_filtered_and_rejected_jobs() {
     assert!(s.mock.cancels().is_empty(), "a job that ended is not cancelled");
 
     // A rate-limited submission: retryable, and its Retry-After pauses the provider.
-    *s.mock.state.submit_answer.lock().unwrap() =
-        Some((429, json!({"detail": "Too many requests"}), vec![("retry-after".into(), "30".into())]));
+    s.mock.set_error(429, &json!({"detail": "Too many requests"}).to_string());
+    s.mock.set_headers(vec![("retry-after".into(), "30".into())]);
     let r = s.gw.generate(&req("b64_json")).await;
     assert_eq!(r.attempts(), vec!["fal:status_429"], "{}", r.describe());
     assert_eq!(s.gw.metric("acc_provider_paused_total", &[("provider", "fal")]).await, 1.0);
@@ -445,13 +222,13 @@ async fn failed_filtered_and_rejected_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_is_a_provider_failure_that_names_no_key() {
-    let mock = FalMock::start().await;
+    let mock = fal().await;
     let dir = PolicyDir::with(&policy(&mock, ALLOW_LOCAL, ""));
     let gw = Gateway::start_with_env(dir.path(), &[(KEY_VAR, "not-the-key-77aa")]).await;
     let r = gw.generate(&req("b64_json")).await;
     r.assert_status(502);
     assert_eq!(r.attempts(), vec!["fal:status_4xx"], "{}", r.describe());
-    let sent = mock.state.unauthorized.lock().unwrap().clone();
+    let sent: Vec<Option<String>> = mock.rejected().iter().map(|c| c.header("authorization")).collect();
     assert_eq!(sent, vec![Some("Key not-the-key-77aa".to_string())]);
     assert!(!r.text().contains("not-the-key-77aa") && !gw.stderr().contains("not-the-key-77aa"));
 }
@@ -460,7 +237,7 @@ async fn a_wrong_key_is_a_provider_failure_that_names_no_key() {
 async fn a_client_that_leaves_cancels_the_job() {
     let s = setup().await;
     s.mock.statuses(vec![json!({"status": "IN_QUEUE", "queue_position": 3}), json!({"status": "IN_PROGRESS"})]);
-    let conn = raw_post(s.gw.proxy_addr, &req("b64_json")).await;
+    let conn = raw_post(s.gw.proxy_addr, "/v1/images/generations", &req("b64_json"), &[]).await;
     settles("the job is submitted and polled", || s.mock.polls() >= 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.mock.cancels().is_empty(), "nothing is cancelled while the client waits");

@@ -4,217 +4,21 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::response::Response;
+use common::mock::replicate::{png_for, prediction_id, Predictions, LOGGED_SEED, VERSION};
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "r8_test_token_51be";
 const TOKEN_VAR: &str = "REPLICATE_TEST_TOKEN";
-/// The seed the model "reports" in its logs, unlike any the tests ask for.
-const LOGGED_SEED: u64 = 31337;
-/// The version the mock says it ran.
-const VERSION: &str = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa";
-
-/// An answer to give as it is: status, JSON body, headers.
-type Canned = (u16, Value, Vec<(String, String)>);
-
-#[derive(Default)]
-struct ReplicateState {
-    addr: Mutex<Option<SocketAddr>>,
-    /// Prediction statuses the polls see, in order, per prediction; the last one repeats.
-    statuses: Mutex<Vec<&'static str>>,
-    /// The `error` of a failed prediction.
-    error: Mutex<Option<String>>,
-    /// The `output` of a succeeded prediction instead of the mock's own image URLs.
-    output: Mutex<Option<Value>>,
-    /// The create answer (status, body, headers) instead of a normal one.
-    create_answer: Mutex<Option<Canned>>,
-    creates: Mutex<Vec<Captured>>,
-    polls: Mutex<HashMap<String, usize>>,
-    /// (method, path, authorization) of each cancel.
-    cancels: Mutex<Vec<(String, String, Option<String>)>>,
-    files: Mutex<Vec<String>>,
-    unauthorized: Mutex<Vec<Option<String>>>,
-}
-
-#[derive(Clone)]
-struct ReplicateMock {
-    state: Arc<ReplicateState>,
-    addr: SocketAddr,
-}
-
-fn png_for(i: usize) -> Vec<u8> {
-    make_png(8, 8, [30, 40 * i as u8 + 10, 220])
-}
-
-impl ReplicateMock {
-    async fn start() -> ReplicateMock {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(ReplicateState::default());
-        *state.addr.lock().unwrap() = Some(addr);
-        *state.statuses.lock().unwrap() = vec!["starting", "processing", "succeeded"];
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        ReplicateMock { state, addr }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn statuses(&self, s: Vec<&'static str>) {
-        *self.state.statuses.lock().unwrap() = s;
-    }
-
-    fn output(&self, v: Value) {
-        *self.state.output.lock().unwrap() = Some(v);
-    }
-
-    fn creates(&self) -> Vec<Captured> {
-        self.state.creates.lock().unwrap().clone()
-    }
-
-    fn created_body(&self) -> Value {
-        let c = self.creates();
-        serde_json::from_slice(&c.last().expect("nothing was created").body).expect("the create body is JSON")
-    }
-
-    fn polls(&self) -> usize {
-        self.state.polls.lock().unwrap().values().sum()
-    }
-
-    fn cancels(&self) -> Vec<(String, String, Option<String>)> {
-        self.state.cancels.lock().unwrap().clone()
-    }
-
-    fn files(&self) -> Vec<String> {
-        self.state.files.lock().unwrap().clone()
-    }
-}
-
-fn reply(status: u16, body: &Value, headers: &[(String, String)]) -> Response {
-    let mut b = Response::builder().status(status).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(k.as_str(), v.as_str());
-    }
-    b.body(axum::body::Body::from(body.to_string())).unwrap()
-}
-
-fn prediction_id(n: usize) -> String {
-    format!("gm3qorzdhgbfurvjtvhg6dckhu{n:02}")
-}
-
-/// A prediction object as Replicate's API shows it.
-fn prediction(s: &ReplicateState, id: &str, status: &str, input: &Value) -> Value {
-    let addr = s.addr.lock().unwrap().unwrap();
-    let base = format!("http://{addr}/v1");
-    let n = input["num_outputs"].as_u64().unwrap_or(1) as usize;
-    let (output, error, logs, metrics) = match status {
-        "succeeded" => (
-            s.output.lock().unwrap().clone().unwrap_or_else(|| {
-                json!((0..n).map(|i| format!("http://{addr}/files/{id}/out-{i}.png")).collect::<Vec<_>>())
-            }),
-            Value::Null,
-            format!("Using seed: {LOGGED_SEED}\n  0%|          | 0/4\n100%|##########| 4/4\n"),
-            json!({"predict_time": 2.5}),
-        ),
-        "failed" => (Value::Null, json!(s.error.lock().unwrap().clone()), String::new(), json!({})),
-        "processing" => (Value::Null, Value::Null, format!("Using seed: {LOGGED_SEED}\n"), json!({})),
-        _ => (Value::Null, Value::Null, String::new(), json!({})),
-    };
-    json!({"id": id, "model": "acme/sdxl", "version": VERSION, "input": input, "logs": logs,
-        "output": output, "error": error, "status": status, "created_at": "2025-01-01T00:00:00.000Z",
-        "data_removed": false, "metrics": metrics,
-        "urls": {"get": format!("{base}/predictions/{id}"), "cancel": format!("{base}/predictions/{id}/cancel"),
-            "stream": "https://stream.replicate.com/v1/files/x"}})
-}
-
-/// POST /v1/models/{owner}/{name}/predictions and /v1/predictions; GET /v1/predictions/{id};
-/// POST /v1/predictions/{id}/cancel. Plus /files/*.
-async fn handle(
-    State(s): State<Arc<ReplicateState>>,
-    method: http::Method,
-    uri: http::Uri,
-    headers: http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_string();
-    let addr = s.addr.lock().unwrap().unwrap();
-    if let Some(name) = path.strip_prefix("/files/") {
-        s.files.lock().unwrap().push(path.clone());
-        if name == "redirect" {
-            let to = format!("http://localhost:{}/files/x/out-0.png", addr.port());
-            return Response::builder().status(302).header("location", to).body(axum::body::Body::empty()).unwrap();
-        }
-        let i: usize = name.rsplit("out-").next().unwrap_or("0").trim_end_matches(".png").parse().unwrap_or(0);
-        return Response::builder()
-            .status(200)
-            .header("content-type", "image/png")
-            .body(axum::body::Body::from(png_for(i)))
-            .unwrap();
-    }
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
-        s.unauthorized.lock().unwrap().push(auth);
-        return reply(
-            401,
-            &json!({"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401}),
-            &[],
-        );
-    }
-    let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
-    let is_create = method == http::Method::POST
-        && (segments == ["predictions"]
-            || (segments.len() == 4 && segments[0] == "models" && segments[3] == "predictions"));
-    if is_create {
-        s.creates.lock().unwrap().push(Captured {
-            method: method.to_string(),
-            path: path.clone(),
-            headers: headers.clone(),
-            body: body.clone(),
-        });
-        if let Some((status, body, hs)) = s.create_answer.lock().unwrap().clone() {
-            return reply(status, &body, &hs);
-        }
-        let input = serde_json::from_slice::<Value>(&body).unwrap_or_default()["input"].clone();
-        let id = prediction_id(s.creates.lock().unwrap().len());
-        return reply(201, &prediction(&s, &id, "starting", &input), &[]);
-    }
-    let input_of = |s: &ReplicateState| {
-        let creates = s.creates.lock().unwrap();
-        serde_json::from_slice::<Value>(&creates.last().unwrap().body).unwrap_or_default()["input"].clone()
-    };
-    match (method.as_str(), segments.as_slice()) {
-        ("GET", ["predictions", id]) => {
-            let n = {
-                let mut polls = s.polls.lock().unwrap();
-                let n = polls.entry(id.to_string()).or_insert(0);
-                *n += 1;
-                *n
-            };
-            let statuses = s.statuses.lock().unwrap().clone();
-            let status = statuses[(n - 1).min(statuses.len() - 1)];
-            reply(200, &prediction(&s, id, status, &input_of(&s)), &[])
-        }
-        ("POST", ["predictions", id, "cancel"]) => {
-            s.cancels.lock().unwrap().push((method.to_string(), path.clone(), auth));
-            reply(200, &prediction(&s, id, "canceled", &input_of(&s)), &[])
-        }
-        _ => reply(404, &json!({"title": "Not found", "detail": "Not found", "status": 404}), &[]),
-    }
+/// Replicate's predictions API with the test token.
+async fn replicate() -> Mock<Predictions> {
+    Mock::builder(Predictions::default()).credential("authorization", [format!("Bearer {TOKEN}")]).start().await
 }
 
 /// Provider `rep` (GPU-second priced), route "m" (10 s per attempt) and route "t" (600 ms).
-fn policy(mock: &ReplicateMock, model: &str, fetch: &str) -> String {
+fn policy(mock: &Mock<Predictions>, model: &str, fetch: &str) -> String {
     format!(
         r#"[providers.rep]
 kind = "replicate"
@@ -246,13 +50,13 @@ deadline_ms = 600
 const ALLOW_LOCAL: &str = r#"fetch = { allow_hosts = ["127.0.0.1"] }"#;
 
 struct Setup {
-    mock: ReplicateMock,
+    mock: Mock<Predictions>,
     gw: Gateway,
     _dir: PolicyDir,
 }
 
 async fn setup_with(model: &str, fetch: &str) -> Setup {
-    let mock = ReplicateMock::start().await;
+    let mock = replicate().await;
     let dir = PolicyDir::with(&policy(&mock, model, fetch));
     let gw = Gateway::start_with_env(dir.path(), &[(TOKEN_VAR, TOKEN)]).await;
     Setup { mock, gw, _dir: dir }
@@ -266,23 +70,7 @@ fn req(format: &str) -> Value {
     json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "1024x1024", "response_format": format})
 }
 
-async fn settles(what: &str, f: impl Fn() -> bool) {
-    assert!(eventually(Duration::from_secs(10), || async { f() }).await, "{what}");
-}
-
-async fn raw_post(addr: SocketAddr, body: &Value) -> tokio::net::TcpStream {
-    let body = serde_json::to_vec(body).unwrap();
-    let head = format!(
-        "POST /v1/images/generations HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&body).await.unwrap();
-    s
-}
-
-fn assert_cancelled(mock: &ReplicateMock, n: usize) {
+fn assert_cancelled(mock: &Mock<Predictions>, n: usize) {
     let want =
         ("POST".to_string(), format!("/v1/predictions/{}/cancel", prediction_id(n)), Some(format!("Bearer {TOKEN}")));
     let cancels = mock.cancels();
@@ -310,7 +98,7 @@ async fn a_prediction_is_created_polled_until_it_succeeds_and_priced_by_gpu_time
         "an official model runs without a version; style is not sent"
     );
     assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("style"), "{}", r.describe());
-    assert!(s.mock.state.unauthorized.lock().unwrap().is_empty(), "every call carries the token");
+    assert!(s.mock.rejected().is_empty(), "every call carries the token");
 
     // starting (the create answer) -> starting -> processing -> succeeded.
     assert_eq!(s.mock.polls(), 3, "polled until it succeeded");
@@ -359,37 +147,37 @@ async fn failed_filtered_and_rejected_predictions() {
     let s = setup().await;
     // The model's safety checker: a content-policy refusal, not retried.
     s.mock.statuses(vec!["processing", "failed"]);
-    *s.mock.state.error.lock().unwrap() =
-        Some("NSFW content detected. Try running it again, or try a different prompt.".into());
+    s.mock.set_prediction_error("NSFW content detected. Try running it again, or try a different prompt.");
     let r = s.gw.generate(&req("b64_json")).await;
     r.assert_error(400, "content_policy_violation");
     assert_eq!(r.attempts(), vec!["rep:content_filtered"], "{}", r.describe());
 
     // Any other failure: the provider's, a 502 that lists the attempt.
-    *s.mock.state.error.lock().unwrap() = Some("CUDA error: out of memory".into());
+    s.mock.set_prediction_error("CUDA error: out of memory");
     let r = s.gw.generate(&req("b64_json")).await;
     r.assert_status(502);
     assert_eq!(r.attempts(), vec!["rep:status_5xx"], "{}", r.describe());
     assert!(s.mock.cancels().is_empty(), "an ended prediction is not cancelled");
 
     // Invalid input: the client's fault, passed back with Replicate's own explanation.
-    *s.mock.state.create_answer.lock().unwrap() = Some((
+    s.mock.set_error(
         422,
-        json!({"detail": "- input.num_outputs: Must be less than or equal to 4", "status": 422,
+        &json!({"detail": "- input.num_outputs: Must be less than or equal to 4", "status": 422,
             "title": "Input validation failed", "invalid_fields": [{"type": "less_than_equal",
-            "field": "input.num_outputs", "description": "Must be less than or equal to 4"}]}),
-        vec![],
-    ));
+            "field": "input.num_outputs", "description": "Must be less than or equal to 4"}]})
+        .to_string(),
+    );
     let r = s.gw.generate(&req("b64_json")).await;
     let e = r.assert_error(422, "upstream_rejected");
     assert!(e["message"].as_str().unwrap().contains("Must be less than or equal to 4"), "{}", r.describe());
 
     // Throttled: retryable, and the Retry-After pauses the provider.
-    *s.mock.state.create_answer.lock().unwrap() = Some((
+    s.mock.set_error(
         429,
-        json!({"title": "Request was throttled.", "detail": "Request was throttled. Expected available in 12 seconds.", "status": 429}),
-        vec![("retry-after".into(), "12".into())],
-    ));
+        &json!({"title": "Request was throttled.", "detail": "Request was throttled. Expected available in 12 seconds.", "status": 429})
+        .to_string(),
+    );
+    s.mock.set_headers(vec![("retry-after".into(), "12".into())]);
     let r = s.gw.generate(&req("b64_json")).await;
     assert_eq!(r.attempts(), vec!["rep:status_429"], "{}", r.describe());
     assert_eq!(s.gw.metric("acc_provider_paused_total", &[("provider", "rep")]).await, 1.0);
@@ -399,7 +187,7 @@ async fn failed_filtered_and_rejected_predictions() {
 async fn a_client_that_leaves_cancels_the_prediction() {
     let s = setup().await;
     s.mock.statuses(vec!["starting", "processing"]);
-    let conn = raw_post(s.gw.proxy_addr, &req("b64_json")).await;
+    let conn = raw_post(s.gw.proxy_addr, "/v1/images/generations", &req("b64_json"), &[]).await;
     settles("the prediction is created and polled", || s.mock.polls() >= 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.mock.cancels().is_empty(), "nothing is cancelled while the client waits");

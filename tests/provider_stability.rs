@@ -6,228 +6,14 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-use axum::extract::State;
-use axum::response::Response;
+use common::mock::stability::{stability_error, StableImage, FIRST_RANDOM_SEED};
 use common::*;
 use serde_json::json;
 
 const KEY: &str = "sk-stability-test-91";
-const RATIOS: [&str; 9] = ["16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21"];
-const PRESETS: [&str; 17] = [
-    "3d-model",
-    "analog-film",
-    "anime",
-    "cinematic",
-    "comic-book",
-    "digital-art",
-    "enhance",
-    "fantasy-art",
-    "isometric",
-    "line-art",
-    "low-poly",
-    "modeling-compound",
-    "neon-punk",
-    "origami",
-    "photographic",
-    "pixel-art",
-    "tile-texture",
-];
-const SD3_MODELS: [&str; 4] = ["sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "sd3.5-flash"];
-/// The mock's seed when the request names none.
-const FIRST_RANDOM_SEED: u64 = 3_141_592;
-
-struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: Vec<u8>,
-}
-
-struct StabilityState {
-    requests: Mutex<Vec<Captured>>,
-    /// Answers for the next requests, in order, before any checking.
-    script: Mutex<VecDeque<Reply>>,
-    /// Answer with the image bytes (what `accept: image/*` gets) instead of JSON.
-    bytes: Mutex<bool>,
-    next_seed: AtomicU64,
-    png: Vec<u8>,
-}
-
-#[derive(Clone)]
-struct StabilityMock {
-    state: Arc<StabilityState>,
-    addr: std::net::SocketAddr,
-}
-
-impl StabilityMock {
-    async fn start() -> StabilityMock {
-        let state = Arc::new(StabilityState {
-            requests: Mutex::new(Vec::new()),
-            script: Mutex::new(VecDeque::new()),
-            bytes: Mutex::new(false),
-            next_seed: AtomicU64::new(FIRST_RANDOM_SEED),
-            png: make_png(6, 6, [250, 180, 20]),
-        });
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        StabilityMock { state, addr }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Captured> {
-        self.state.requests.lock().unwrap().clone()
-    }
-
-    fn hits(&self) -> usize {
-        self.state.requests.lock().unwrap().len()
-    }
-
-    fn last(&self) -> Captured {
-        self.requests().pop().expect("the mock received no request")
-    }
-
-    fn script(&self, replies: Vec<Reply>) {
-        *self.state.script.lock().unwrap() = replies.into();
-    }
-
-    fn png(&self) -> Vec<u8> {
-        self.state.png.clone()
-    }
-}
-
-fn header(c: &Captured, name: &str) -> Option<String> {
-    c.headers.get(name).map(|v| v.to_str().unwrap().to_string())
-}
-
-/// A Stability error body.
-fn stability_error(status: u16, name: &str, error: &str) -> Reply {
-    Reply {
-        status,
-        headers: Vec::new(),
-        body: json!({"id": "4f1c0b1e9d2a4c7e8b3f5a6d7e8f9a0b", "name": name, "errors": [error]})
-            .to_string()
-            .into_bytes(),
-    }
-}
-
-async fn handle(State(state): State<Arc<StabilityState>>, req: axum::extract::Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
-    state.requests.lock().unwrap().push(Captured {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
-    let scripted = state.script.lock().unwrap().pop_front();
-    let reply = match scripted {
-        Some(r) => r,
-        None => generate(&state, &parts, body).await,
-    };
-    let json = reply.body.first() == Some(&b'{');
-    let mut b = Response::builder()
-        .status(reply.status)
-        .header("content-type", if json { "application/json" } else { "image/png" });
-    for (k, v) in reply.headers {
-        b = b.header(k, v);
-    }
-    b.body(axum::body::Body::from(reply.body)).unwrap()
-}
-
-/// What the generate endpoints answer, after checking the request the way the API does.
-async fn generate(state: &StabilityState, parts: &http::request::Parts, body: bytes::Bytes) -> Reply {
-    let endpoint = parts.uri.path().strip_prefix("/v2beta/stable-image/generate/");
-    let Some(endpoint @ ("ultra" | "core" | "sd3")) = endpoint.filter(|_| parts.method == http::Method::POST) else {
-        return stability_error(404, "not_found", &format!("mock: no such endpoint {}", parts.uri.path()));
-    };
-    let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
-    if auth != Some(&format!("Bearer {KEY}")) {
-        return stability_error(401, "unauthorized", "missing or invalid API key");
-    }
-    let accept = parts.headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if accept != "application/json" && accept != "image/*" {
-        return stability_error(400, "bad_request", "accept: must be application/json or image/*");
-    }
-    let ct = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let form = match parse_form(ct, body).await {
-        Ok(f) => f,
-        Err(e) => return stability_error(400, "bad_request", &format!("body must be multipart/form-data: {e}")),
-    };
-    let field =
-        |name: &str| form.iter().find(|p| p.name == name).map(|p| String::from_utf8_lossy(&p.data).into_owned());
-    let allowed: &[&str] = match endpoint {
-        "sd3" => &[
-            "prompt",
-            "negative_prompt",
-            "aspect_ratio",
-            "seed",
-            "output_format",
-            "style_preset",
-            "model",
-            "mode",
-            "cfg_scale",
-        ],
-        _ => &["prompt", "negative_prompt", "aspect_ratio", "seed", "output_format", "style_preset"],
-    };
-    if let Some(p) = form.iter().find(|p| !allowed.contains(&p.name.as_str())) {
-        return stability_error(400, "bad_request", &format!("{}: unknown parameter", p.name));
-    }
-    let prompt = field("prompt").unwrap_or_default();
-    if prompt.trim().is_empty() {
-        return stability_error(400, "bad_request", "prompt: cannot be empty");
-    }
-    if let Some(r) = field("aspect_ratio").filter(|r| !RATIOS.contains(&r.as_str())) {
-        return stability_error(400, "bad_request", &format!("aspect_ratio: {r} is not one of {RATIOS:?}"));
-    }
-    if let Some(s) = field("style_preset").filter(|s| !PRESETS.contains(&s.as_str())) {
-        return stability_error(400, "bad_request", &format!("style_preset: {s} is not a preset"));
-    }
-    if let Some(m) = field("model").filter(|m| !SD3_MODELS.contains(&m.as_str())) {
-        return stability_error(400, "bad_request", &format!("model: {m} is not an SD3 model"));
-    }
-    if field("output_format").is_some_and(|f| !["png", "jpeg", "webp"].contains(&f.as_str())) {
-        return stability_error(400, "bad_request", "output_format: must be png, jpeg or webp");
-    }
-    let seed = match field("seed") {
-        None => state.next_seed.fetch_add(1, Ordering::SeqCst),
-        Some(s) => match s.parse::<u64>() {
-            Ok(v) if v <= 4_294_967_294 => v,
-            _ => return stability_error(400, "bad_request", "seed: must be an integer from 0 to 4294967294"),
-        },
-    };
-    // Prompts moderation refuses outright, and outputs it blurs and marks.
-    if prompt.contains("forbidden") {
-        return stability_error(
-            403,
-            "content_moderation",
-            "Your request was flagged by the content moderation system and denied; you were not charged.",
-        );
-    }
-    let finish = if prompt.contains("blurred") { "CONTENT_FILTERED" } else { "SUCCESS" };
-    if *state.bytes.lock().unwrap() {
-        return Reply {
-            status: 200,
-            headers: vec![("finish-reason", finish.to_string()), ("seed", seed.to_string())],
-            body: state.png.clone(),
-        };
-    }
-    Reply {
-        status: 200,
-        headers: Vec::new(),
-        body: json!({"image": b64_encode(&state.png), "finish_reason": finish, "seed": seed}).to_string().into_bytes(),
-    }
-}
 
 /// `stability` for the aliases "core", "ultra" and "large", falling back to `backup`.
-fn policy(mock: &StabilityMock, backup: &MockProvider) -> String {
+fn policy(mock: &Mock<StableImage>, backup: &MockProvider) -> String {
     let route = |name: &str, model: &str| {
         format!(
             r#"[[routes]]
@@ -264,14 +50,18 @@ targets = [{{ provider = "backup", model = "backup-model" }}]
 }
 
 struct Setup {
-    mock: StabilityMock,
+    mock: Mock<StableImage>,
     backup: MockProvider,
     gw: Gateway,
     _dir: PolicyDir,
 }
 
 async fn setup() -> Setup {
-    let mock = StabilityMock::start().await;
+    let mock = Mock::builder(StableImage::default())
+        .png(make_png(6, 6, [250, 180, 20]))
+        .credential("authorization", [format!("Bearer {KEY}")])
+        .start()
+        .await;
     let backup = MockProvider::start().await;
     let dir = PolicyDir::with(&policy(&mock, &backup));
     let gw = Gateway::start_with_env(dir.path(), &[("ACC_TEST_STABILITY_KEY", KEY)]).await;
@@ -302,8 +92,8 @@ async fn n_images_are_n_multipart_calls_with_the_mapped_fields() {
     let mut seeds = Vec::new();
     for c in s.mock.requests() {
         assert_eq!((c.method.as_str(), c.path.as_str()), ("POST", "/v2beta/stable-image/generate/core"));
-        assert_eq!(header(&c, "authorization"), Some(format!("Bearer {KEY}")));
-        assert_eq!(header(&c, "accept").as_deref(), Some("application/json"));
+        assert_eq!(c.header("authorization"), Some(format!("Bearer {KEY}")));
+        assert_eq!(c.header("accept").as_deref(), Some("application/json"));
         let form = c.form().await;
         assert_eq!(form_text(&form, "prompt").as_deref(), Some("a koi pond at dawn"));
         assert_eq!(form_text(&form, "negative_prompt").as_deref(), Some("text, watermark"));
@@ -382,7 +172,7 @@ async fn the_model_picks_the_endpoint_and_byte_answers_are_taken() {
     assert_eq!(form_text(&s.mock.last().form().await, "style_preset"), None);
 
     // The provider answers with the image bytes themselves.
-    *s.mock.state.bytes.lock().unwrap() = true;
+    s.mock.shape().answer_bytes(true);
     for format in ["b64_json", "url"] {
         let r =
             s.gw.generate(&json!({"model": "core", "prompt": "a glacier", "n": 2, "response_format": format})).await;
@@ -419,13 +209,10 @@ async fn moderation_errors_and_rate_limits() {
     assert_eq!(r.attempts(), vec!["stability:content_filtered"], "{}", r.describe());
 
     // One of two calls filtered: the other image comes back, and only it is billed.
-    s.mock.script(vec![Reply {
-        status: 200,
-        headers: Vec::new(),
-        body: json!({"image": b64_encode(&s.mock.png()), "finish_reason": "CONTENT_FILTERED", "seed": 9})
-            .to_string()
-            .into_bytes(),
-    }]);
+    s.mock.script(vec![Step::reply(
+        200,
+        json!({"image": b64_encode(s.mock.png()), "finish_reason": "CONTENT_FILTERED", "seed": 9}),
+    )]);
     let r = s.gw.generate(&req("a meadow", 2)).await;
     r.assert_status(200);
     assert_eq!(b64_images(&r).len(), 1, "{}", r.describe());
@@ -453,9 +240,9 @@ async fn moderation_errors_and_rate_limits() {
     assert_eq!(s.backup.hits(), 2);
 
     // 429 with Retry-After: the fallback answers, then Stability is left alone as it asked.
-    let mut limited =
-        stability_error(429, "rate_limit_exceeded", "You have exceeded the rate limit of 150 requests per 10 seconds.");
-    limited.headers.push(("retry-after", "60".to_string()));
+    let limited =
+        stability_error(429, "rate_limit_exceeded", "You have exceeded the rate limit of 150 requests per 10 seconds.")
+            .header("retry-after", "60");
     s.mock.script(vec![limited]);
     let r = s.gw.generate(&req("a meadow", 1)).await;
     r.assert_status(200);
