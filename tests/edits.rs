@@ -13,26 +13,13 @@ use sha2::Digest as _;
 /// Route `edit` (model "ed") -> provider `primary` (model "primary-edit-model"), falling back to
 /// route `spare` -> provider `backup` (model "backup-edit-model").
 fn openai_policy(primary_url: &str, backup_url: &str, server: &str) -> String {
+    let timeouts = "attempt_timeout_ms = 30000\ndeadline_ms = 60000";
     format!(
-        r#"{server}
-{}{}
-[[routes]]
-name = "edit"
-match = {{ model = "ed" }}
-targets = [{{ provider = "primary", model = "primary-edit-model" }}]
-fallbacks = ["spare"]
-attempt_timeout_ms = 30000
-deadline_ms = 60000
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare-only" }}
-targets = [{{ provider = "backup", model = "backup-edit-model" }}]
-attempt_timeout_ms = 30000
-deadline_ms = 60000
-"#,
+        "{server}\n{}{}{}{}",
         openai_provider_at("primary", primary_url),
         openai_provider_at("backup", backup_url),
+        route_toml("edit", "ed").target("primary", "primary-edit-model").fallback("spare").with(timeouts),
+        route_toml("spare", "spare-only").target("backup", "backup-edit-model").with(timeouts),
     )
 }
 

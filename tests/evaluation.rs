@@ -30,26 +30,13 @@ async fn setup(extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) 
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
     let policy = format!(
-        r#"{}{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "first", model = "x" }}]
-fallbacks = ["spare"]
-evaluators = ["sanity"]
-{extra}
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare" }}
-targets = [{{ provider = "second", model = "y" }}]
-evaluators = ["sanity"]
-"#,
+        "{}{}{}{}",
         openai_provider_at("first", &first.base_url()),
         openai_provider_at("second", &second.base_url()),
+        route_toml("main", "m").target("first", "x").fallback("spare").with("evaluators = [\"sanity\"]").with(extra),
+        route_toml("spare", "spare").target("second", "y").with("evaluators = [\"sanity\"]"),
     );
-    let dir = PolicyDir::with(&policy);
-    let gw = Gateway::start(dir.path()).await;
+    let (gw, dir) = serve_policy(&policy, &[]).await;
     (first, second, gw, dir)
 }
 

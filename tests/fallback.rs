@@ -10,25 +10,13 @@ use serde_json::json;
 
 /// `main` (model "m") -> provider `primary`, falling back to route `spare` -> provider `backup`.
 fn primary_backup_policy(primary_url: &str, backup_url: &str, attempt_timeout_ms: u64, deadline_ms: u64) -> String {
+    let timeouts = format!("attempt_timeout_ms = {attempt_timeout_ms}\ndeadline_ms = {deadline_ms}");
     format!(
-        r#"{}{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "primary", model = "primary-model" }}]
-fallbacks = ["spare"]
-attempt_timeout_ms = {attempt_timeout_ms}
-deadline_ms = {deadline_ms}
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare-only" }}
-targets = [{{ provider = "backup", model = "backup-model" }}]
-attempt_timeout_ms = {attempt_timeout_ms}
-deadline_ms = {deadline_ms}
-"#,
+        "{}{}{}{}",
         openai_provider_at("primary", primary_url),
         openai_provider_at("backup", backup_url),
+        route_toml("main", "m").target("primary", "primary-model").fallback("spare").with(&timeouts),
+        route_toml("spare", "spare-only").target("backup", "backup-model").with(&timeouts),
     )
 }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 // ---------------------------------------------------------------------------------------------
 // Set-up
@@ -35,30 +34,13 @@ struct Extras<'a> {
 /// "spare-only") -> provider `backup`; route `solo` (model "solo") -> `primary` alone.
 fn policy(primary: &MockProvider, backup: &MockProvider, x: Extras) -> String {
     format!(
-        r#"{top}
-
-{p}{b}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "primary", model = "primary-model" }}]
-fallbacks = ["spare"]
-{main}
-
-[[routes]]
-name = "solo"
-match = {{ model = "solo" }}
-targets = [{{ provider = "primary", model = "primary-model" }}]
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare-only" }}
-targets = [{{ provider = "backup", model = "backup-model" }}]
-"#,
-        top = x.top,
-        p = openai_provider_with("primary", primary, x.primary),
-        b = openai_provider_with("backup", backup, x.backup),
-        main = x.main,
+        "{}\n\n{}{}{}{}{}",
+        x.top,
+        openai_provider_with("primary", primary, x.primary),
+        openai_provider_with("backup", backup, x.backup),
+        route_toml("main", "m").target("primary", "primary-model").fallback("spare").with(x.main),
+        route_toml("solo", "solo").target("primary", "primary-model"),
+        route_toml("spare", "spare-only").target("backup", "backup-model"),
     )
 }
 
@@ -128,56 +110,12 @@ async fn metric_becomes(gw: &Gateway, name: &str, labels: &[(&str, &str)], want:
     }
 }
 
-/// Waits (10 s at most) until `f` holds; panics with `what` if not.
-async fn settles(what: &str, f: impl Fn() -> bool) {
-    assert!(eventually(Duration::from_secs(10), || async { f() }).await, "{what}");
-}
-
 async fn sleep_until(t: Instant) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The mock itself
-
-/// POST to `url` and return the status and the unread body.
-async fn post_head(url: &str, body: &Value) -> (u16, http::HeaderMap, hyper::body::Incoming) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let req = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(body).unwrap())))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .expect("mock answered no headers within 10 s")
-        .expect("request to the mock");
-    let (parts, body) = resp.into_parts();
-    (parts.status.as_u16(), parts.headers, body)
-}
-
-/// Sends a generation request on a raw connection to `addr` and leaves the connection open;
-/// dropping the returned stream closes it.
-async fn raw_post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> tokio::net::TcpStream {
-    let body = serde_json::to_vec(body).unwrap();
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(head.as_bytes()).await.expect("write head");
-    s.write_all(&body).await.expect("write body");
-    s
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mock_faults_behave_as_documented() {

@@ -91,11 +91,6 @@ async fn mirrors_settle(gw: &Gateway, route: &str, cand: &str, mock: &MockProvid
     );
 }
 
-/// Waits (10 s at most) until `f` holds; panics with `what` if not.
-async fn settles(what: &str, f: impl Fn() -> bool) {
-    assert!(eventually(Duration::from_secs(10), || async { f() }).await, "{what}");
-}
-
 /// Sends `n` copies of `body`, `parallel` at a time; answers in completion order.
 async fn burst(gw: &Gateway, body: &Value, headers: &[(&str, &str)], n: usize, parallel: usize) -> Vec<Resp> {
     futures_util::stream::iter(0..n).map(|_| gw.generate_with(body, headers)).buffer_unordered(parallel).collect().await

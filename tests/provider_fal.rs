@@ -35,22 +35,13 @@ max_poll_interval_ms = 80
 price = {{ per_gpu_second_usd = 0.01 }}
 {fetch}
 
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "fal", model = "fal-ai/flux/dev" }}]
-attempt_timeout_ms = 10000
-deadline_ms = 20000
-
-[[routes]]
-name = "short"
-match = {{ model = "t" }}
-targets = [{{ provider = "fal", model = "fal-ai/flux/dev" }}]
-attempt_timeout_ms = 600
-deadline_ms = 600
-{extra}
+{}{}{extra}
 "#,
-        mock.base_url()
+        mock.base_url(),
+        route_toml("main", "m")
+            .target("fal", "fal-ai/flux/dev")
+            .with("attempt_timeout_ms = 10000\ndeadline_ms = 20000"),
+        route_toml("short", "t").target("fal", "fal-ai/flux/dev").with("attempt_timeout_ms = 600\ndeadline_ms = 600"),
     )
 }
 

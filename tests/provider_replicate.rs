@@ -29,21 +29,10 @@ max_poll_interval_ms = 80
 price = {{ per_gpu_second_usd = 0.0014 }}
 {fetch}
 
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "rep", model = "{model}" }}]
-attempt_timeout_ms = 10000
-deadline_ms = 20000
-
-[[routes]]
-name = "short"
-match = {{ model = "t" }}
-targets = [{{ provider = "rep", model = "{model}" }}]
-attempt_timeout_ms = 600
-deadline_ms = 600
-"#,
-        mock.base_url()
+{}{}"#,
+        mock.base_url(),
+        route_toml("main", "m").target("rep", model).with("attempt_timeout_ms = 10000\ndeadline_ms = 20000"),
+        route_toml("short", "t").target("rep", model).with("attempt_timeout_ms = 600\ndeadline_ms = 600"),
     )
 }
 

@@ -15,17 +15,10 @@ const KEY: &str = "sk-stability-test-91";
 /// `stability` for the aliases "core", "ultra" and "large", falling back to `backup`.
 fn policy(mock: &Mock<StableImage>, backup: &MockProvider) -> String {
     let route = |name: &str, model: &str| {
-        format!(
-            r#"[[routes]]
-name = "{name}"
-match = {{ model = "{name}" }}
-targets = [{{ provider = "stability", model = "{model}" }}]
-fallbacks = ["spare"]
-attempt_timeout_ms = 20000
-deadline_ms = 40000
-
-"#
-        )
+        route_toml(name, name)
+            .target("stability", model)
+            .fallback("spare")
+            .with("attempt_timeout_ms = 20000\ndeadline_ms = 40000")
     };
     format!(
         r#"[providers.stability]
@@ -35,17 +28,13 @@ api_key_env = "ACC_TEST_STABILITY_KEY"
 price = {{ per_image_usd = 0.03, models = {{ "ultra" = {{ per_image_usd = 0.08 }} }} }}
 breaker = {{ enabled = false }}
 
-{}
-{}{}{}[[routes]]
-name = "spare"
-match = {{ model = "spare-only" }}
-targets = [{{ provider = "backup", model = "backup-model" }}]
-"#,
+{}{}{}{}{}"#,
         mock.base_url(),
         openai_provider_at("backup", &backup.base_url()),
         route("core", "core"),
         route("ultra", "ultra"),
         route("large", "sd3.5-large"),
+        route_toml("spare", "spare-only").target("backup", "backup-model"),
     )
 }
 

@@ -34,24 +34,16 @@ location = "{LOCATION}"
 price = {{ per_image_usd = 0.04 }}
 breaker = {{ enabled = false }}
 
-{}
-[[routes]]
-name = "imagen"
-match = {{ model = "imagen" }}
-targets = [{{ provider = "vertex", model = "{MODEL}" }}]
-fallbacks = ["spare"]
-attempt_timeout_ms = 20000
-deadline_ms = 40000
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare-only" }}
-targets = [{{ provider = "backup", model = "backup-model" }}]
-"#,
+{}{}{}"#,
         mock.base_url(),
         openai_provider_at("backup", &backup.base_url()),
+        route_toml("imagen", "imagen").target("vertex", MODEL).fallback("spare").with(TIMEOUTS),
+        route_toml("spare", "spare-only").target("backup", "backup-model"),
     )
 }
+
+/// Per attempt and per request.
+const TIMEOUTS: &str = "attempt_timeout_ms = 20000\ndeadline_ms = 40000";
 
 fn parameters(c: &Captured) -> serde_json::Map<String, Value> {
     c.json()["parameters"].as_object().cloned().unwrap_or_else(|| panic!("no parameters: {}", c.json()))

@@ -12,30 +12,13 @@ use serde_json::json;
 
 /// Route `main` (model "m") to provider `name` at `mock`.
 fn route_to(name: &str, mock: &MockProvider) -> String {
-    format!(
-        r#"{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "{name}", model = "x" }}]
-attempt_timeout_ms = 10000
-deadline_ms = 20000
-"#,
-        openai_provider(name, mock)
-    )
+    let main = route_toml("main", "m").target(name, "x").with("attempt_timeout_ms = 10000\ndeadline_ms = 20000");
+    format!("{}{main}", openai_provider(name, mock))
 }
 
 /// Same as a valid policy but the target names a provider that does not exist.
 fn broken_policy(mock: &MockProvider) -> String {
-    format!(
-        r#"{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "opnai", model = "x" }}]
-"#,
-        openai_provider("one", mock)
-    )
+    format!("{}{}", openai_provider("one", mock), route_toml("main", "m").target("opnai", "x"))
 }
 
 fn body() -> serde_json::Value {

@@ -24,27 +24,15 @@ fn portrait() -> Vec<u8> {
 async fn setup(extra: &str, env: &[(&str, &str)]) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
+    let main = route_toml("main", "m").target("first", "x").fallback("spare");
     let policy = format!(
-        r#"{}{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "first", model = "x" }}]
-fallbacks = ["spare"]
-evaluators = ["safety"]
-eval_budget_ms = 60000
-{extra}
-
-[[routes]]
-name = "spare"
-match = {{ model = "spare" }}
-targets = [{{ provider = "second", model = "y" }}]
-"#,
+        "{}{}{}{}",
         openai_provider_at("first", &first.base_url()),
         openai_provider_at("second", &second.base_url()),
+        main.with("evaluators = [\"safety\"]\neval_budget_ms = 60000").with(extra),
+        route_toml("spare", "spare").target("second", "y"),
     );
-    let dir = PolicyDir::with(&policy);
-    let gw = Gateway::start_with_env(dir.path(), env).await;
+    let (gw, dir) = serve_policy(&policy, env).await;
     (first, second, gw, dir)
 }
 

@@ -149,17 +149,9 @@ async fn reload_removing_all_keys_on_loopback_is_allowed() {
 // ---------------------------------------------------------------------------------------------
 
 fn slow_policy(mock: &MockProvider) -> String {
-    format!(
-        r#"{}
-[[routes]]
-name = "main"
-match = {{ model = "m" }}
-targets = [{{ provider = "slow", model = "slow-model" }}]
-attempt_timeout_ms = 60000
-deadline_ms = 60000
-"#,
-        openai_provider("slow", mock)
-    )
+    let main =
+        route_toml("main", "m").target("slow", "slow-model").with("attempt_timeout_ms = 60000\ndeadline_ms = 60000");
+    format!("{}{main}", openai_provider("slow", mock))
 }
 
 fn slow_req() -> serde_json::Value {

@@ -17,13 +17,16 @@ fn rendered(file: &str) -> Vec<u8> {
 async fn gateway(route_extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
+    // debug builds under parallel tests: room for OCR
+    let signs = route_toml("signs", "m").target_default("first").fallback("spare").with("eval_budget_ms = 60000");
     let policy = format!(
-        "{}{}[[routes]]\nname = \"signs\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"first\" }}]\nfallbacks = [\"spare\"]\n# debug builds under parallel tests: room for OCR\neval_budget_ms = 60000\n{route_extra}\n\n[[routes]]\nname = \"spare\"\nmatch = {{ model = \"spare\" }}\ntargets = [{{ provider = \"second\" }}]\n",
+        "{}{}{}{}",
         openai_provider_at("first", &first.base_url()),
         openai_provider_at("second", &second.base_url()),
+        signs.with(route_extra),
+        route_toml("spare", "spare").target_default("second"),
     );
-    let dir = PolicyDir::with(&policy);
-    let gw = Gateway::start(dir.path()).await;
+    let (gw, dir) = serve_policy(&policy, &[]).await;
     (first, second, gw, dir)
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use super::{Mock, Shape};
+use super::{Gateway, Mock, Shape};
 
 /// A temporary policy directory.
 pub struct PolicyDir {
@@ -67,4 +67,74 @@ pub fn closed_port() -> u16 {
 
 pub fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// A `[[routes]]` table under construction (`Display` writes it, with a blank line after).
+#[derive(Clone, Debug)]
+pub struct RouteToml {
+    name: String,
+    model: String,
+    targets: Vec<String>,
+    fallbacks: Vec<String>,
+    extra: Vec<String>,
+}
+
+/// Route `name`, matching requests for `model`; add targets, fallbacks and settings.
+pub fn route_toml(name: &str, model: &str) -> RouteToml {
+    RouteToml {
+        name: name.to_string(),
+        model: model.to_string(),
+        targets: Vec::new(),
+        fallbacks: Vec::new(),
+        extra: Vec::new(),
+    }
+}
+
+impl RouteToml {
+    /// One more target: `provider` asked for the upstream `model`.
+    pub fn target(mut self, provider: &str, model: &str) -> RouteToml {
+        self.targets.push(format!("{{ provider = \"{provider}\", model = \"{model}\" }}"));
+        self
+    }
+
+    /// One more target: `provider` with its default model.
+    pub fn target_default(mut self, provider: &str) -> RouteToml {
+        self.targets.push(format!("{{ provider = \"{provider}\" }}"));
+        self
+    }
+
+    /// One more fallback route.
+    pub fn fallback(mut self, route: &str) -> RouteToml {
+        self.fallbacks.push(format!("\"{route}\""));
+        self
+    }
+
+    /// More TOML lines in the table (e.g. `attempt_timeout_ms = 300`; empty = none).
+    pub fn with(mut self, lines: &str) -> RouteToml {
+        if !lines.trim().is_empty() {
+            self.extra.push(lines.trim().to_string());
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for RouteToml {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "[[routes]]\nname = \"{}\"\nmatch = {{ model = \"{}\" }}", self.name, self.model)?;
+        writeln!(f, "targets = [{}]", self.targets.join(", "))?;
+        if !self.fallbacks.is_empty() {
+            writeln!(f, "fallbacks = [{}]", self.fallbacks.join(", "))?;
+        }
+        for e in &self.extra {
+            writeln!(f, "{e}")?;
+        }
+        writeln!(f)
+    }
+}
+
+/// `acc serve` on a policy directory holding `policy` as policy.toml, with `env` set.
+pub async fn serve_policy(policy: &str, env: &[(&str, &str)]) -> (Gateway, PolicyDir) {
+    let dir = PolicyDir::with(policy);
+    let gw = Gateway::start_with_env(dir.path(), env).await;
+    (gw, dir)
 }
