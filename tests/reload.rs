@@ -21,6 +21,15 @@ fn broken_policy(mock: &MockProvider) -> String {
     format!("{}{}", openai_provider("one", mock), route_toml("main", "m").target("opnai", "x"))
 }
 
+/// Mocks `one` and `two`, and a gateway whose policy routes `main` to `one`.
+async fn serving_one() -> (MockProvider, MockProvider, PolicyDir, Gateway) {
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let dir = PolicyDir::with(&route_to("one", &one));
+    let gw = Gateway::start(dir.path()).await;
+    (one, two, dir, gw)
+}
+
 fn body() -> serde_json::Value {
     json!({"model": "m", "prompt": "reload me", "response_format": "b64_json"})
 }
@@ -31,24 +40,9 @@ async fn provider_of(gw: &Gateway) -> String {
     r.header("x-acc-provider").unwrap_or_else(|| panic!("no x-acc-provider: {}", r.describe()))
 }
 
-/// The version label of the acc_policy_info series whose value is 1 (exactly one must be).
-async fn live_version(gw: &Gateway) -> String {
-    let text = gw.metrics().await;
-    let live: Vec<String> = metric_samples(&text, "acc_policy_info")
-        .into_iter()
-        .filter(|(_, v)| *v == 1.0)
-        .map(|(l, _)| l.get("version").cloned().unwrap_or_default())
-        .collect();
-    assert_eq!(live.len(), 1, "exactly one live acc_policy_info series expected:\n{text}");
-    live[0].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_policy_file_takes_effect_within_two_seconds() {
-    let one = MockProvider::start().await;
-    let two = MockProvider::start().await;
-    let dir = PolicyDir::with(&route_to("one", &one));
-    let gw = Gateway::start(dir.path()).await;
+    let (one, two, dir, gw) = serving_one().await;
     assert_eq!(provider_of(&gw).await, "one");
     let v1 = live_version(&gw).await;
     let ok_before = gw.metric("acc_policy_reloads_total", &[("result", "ok")]).await;
@@ -71,10 +65,7 @@ async fn edited_policy_file_takes_effect_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_edit_is_refused_and_old_policy_keeps_serving() {
-    let one = MockProvider::start().await;
-    let two = MockProvider::start().await;
-    let dir = PolicyDir::with(&route_to("one", &one));
-    let gw = Gateway::start(dir.path()).await;
+    let (one, two, dir, gw) = serving_one().await;
     assert_eq!(provider_of(&gw).await, "one");
     let v1 = live_version(&gw).await;
     let errors_before = gw.metric("acc_policy_reloads_total", &[("result", "error")]).await;
@@ -107,10 +98,7 @@ async fn broken_edit_is_refused_and_old_policy_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_reload_needs_token_and_applies_at_once() {
-    let one = MockProvider::start().await;
-    let two = MockProvider::start().await;
-    let dir = PolicyDir::with(&route_to("one", &one));
-    let gw = Gateway::start(dir.path()).await;
+    let (one, two, dir, gw) = serving_one().await;
 
     let r = send("POST", &gw.admin_url("/admin/reload"), &[], Vec::new()).await;
     r.assert_status(401);
@@ -140,10 +128,7 @@ async fn admin_reload_needs_token_and_applies_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_does_not_kill() {
-    let one = MockProvider::start().await;
-    let two = MockProvider::start().await;
-    let dir = PolicyDir::with(&route_to("one", &one));
-    let mut gw = Gateway::start(dir.path()).await;
+    let (_one, two, dir, mut gw) = serving_one().await;
 
     gw.sighup();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -248,10 +233,7 @@ async fn request_in_flight_finishes_on_a_provider_the_new_policy_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_edit_is_picked_up() {
     // Editors and `echo >` rewrite the file in place rather than renaming a new one over it.
-    let one = MockProvider::start().await;
-    let two = MockProvider::start().await;
-    let dir = PolicyDir::with(&route_to("one", &one));
-    let gw = Gateway::start(dir.path()).await;
+    let (_one, two, dir, gw) = serving_one().await;
     assert_eq!(provider_of(&gw).await, "one");
     std::fs::write(dir.path().join("policy.toml"), route_to("two", &two)).unwrap();
     let switched = eventually(Duration::from_secs(2), || async { provider_of(&gw).await == "two" }).await;

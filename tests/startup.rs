@@ -38,18 +38,6 @@ fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
-/// The version label of the live acc_policy_info series.
-async fn live_version(gw: &Gateway) -> String {
-    let text = gw.metrics().await;
-    let live: Vec<String> = metric_samples(&text, "acc_policy_info")
-        .into_iter()
-        .filter(|(_, v)| *v == 1.0)
-        .map(|(l, _)| l.get("version").cloned().unwrap_or_default())
-        .collect();
-    assert_eq!(live.len(), 1, "exactly one live acc_policy_info series expected:\n{text}");
-    live[0].clone()
-}
-
 async fn connect_refused(addr: std::net::SocketAddr) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await, Ok(Err(_)))
 }

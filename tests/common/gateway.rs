@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{get, metric_sum, post_form, post_json, send, Form, Resp};
+use super::{get, metric_samples, metric_sum, post_form, post_json, send, Form, Resp};
 
 /// Bearer token every test gateway requires on /admin/*.
 pub const ADMIN_TOKEN: &str = "test-admin-token-5f2c";
@@ -331,6 +331,18 @@ pub fn serve_expect_failure_on(policy_dir: &Path, listen: &str, extra_args: &[&s
 /// `acc check PATH`.
 pub fn acc_check(path: &Path) -> std::process::Output {
     acc_command().arg("check").arg(path).output().unwrap_or_else(|e| panic!("cannot run acc check: {e}"))
+}
+
+/// The version label of the acc_policy_info series whose value is 1 (exactly one must be).
+pub async fn live_version(gw: &Gateway) -> String {
+    let text = gw.metrics().await;
+    let live: Vec<String> = metric_samples(&text, "acc_policy_info")
+        .into_iter()
+        .filter(|(_, v)| *v == 1.0)
+        .map(|(l, _)| l.get("version").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(live.len(), 1, "exactly one live acc_policy_info series expected:\n{text}");
+    live[0].clone()
 }
 
 // ---------------------------------------------------------------------------------------------

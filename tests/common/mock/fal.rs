@@ -6,12 +6,11 @@
 //! localhost). The submit is the generation call: the mock's status, script and faults apply to
 //! it.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::{Call, Captured, Endpoint, Mock, Reply, Shape};
+use super::{Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
 use crate::common::make_png;
 
 /// The seed the mock reports, unlike any the tests ask for.
@@ -30,27 +29,24 @@ pub fn request_id(n: usize) -> String {
 /// The queue and its jobs.
 pub struct FalQueue {
     /// Status answers in order, per job; the last one repeats.
-    statuses: Mutex<Vec<Value>>,
+    statuses: Jobs<Value>,
     /// The result answer (status, body) instead of a normal one.
     result: Mutex<Option<(u16, Value)>>,
     /// Image URLs the result names instead of the mock's own.
     image_urls: Mutex<Option<Vec<String>>>,
-    /// Status polls so far, per request id.
-    polls: Mutex<HashMap<String, usize>>,
 }
 
 impl Default for FalQueue {
     /// Queued, in progress, then completed.
     fn default() -> FalQueue {
         FalQueue {
-            statuses: Mutex::new(vec![
+            statuses: Jobs::new(vec![
                 json!({"status": "IN_QUEUE", "queue_position": 1}),
                 json!({"status": "IN_PROGRESS", "logs": []}),
                 json!({"status": "COMPLETED", "logs": [], "metrics": {"inference_time": 9.0}}),
             ]),
             result: Mutex::new(None),
             image_urls: Mutex::new(None),
-            polls: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -100,14 +96,7 @@ impl Shape for FalQueue {
                 Reply::raw(200, "image/png", png_for(i))
             }
             "status" => {
-                let n = {
-                    let mut polls = self.polls.lock().unwrap();
-                    let n = polls.entry(segments[3].to_string()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                let statuses = self.statuses.lock().unwrap().clone();
-                let answer = statuses[(n - 1).min(statuses.len() - 1)].clone();
+                let answer = self.statuses.poll(segments[3]);
                 let code = if answer["status"] == "COMPLETED" { 200 } else { 202 };
                 Reply::json(code, &answer)
             }
@@ -161,7 +150,7 @@ impl Mock<FalQueue> {
 
     /// The status answers every job goes through from now on; the last one repeats.
     pub fn statuses(&self, s: Vec<Value>) {
-        *self.shape().statuses.lock().unwrap() = s;
+        self.shape().statuses.set_states(s);
     }
 
     /// Answer result requests with this (status, body) from now on.

@@ -364,6 +364,37 @@ pub trait Shape: Send + Sync + 'static {
     }
 }
 
+/// The job state machine of a queue-style API (fal, Replicate): every job goes through the same
+/// list of states, one per poll; the last one repeats.
+pub struct Jobs<T> {
+    states: Mutex<Vec<T>>,
+    /// Polls so far, per job id.
+    polls: Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl<T: Clone> Jobs<T> {
+    pub fn new(states: Vec<T>) -> Jobs<T> {
+        Jobs { states: Mutex::new(states), polls: Mutex::default() }
+    }
+
+    /// The states every job goes through from now on.
+    pub fn set_states(&self, states: Vec<T>) {
+        *self.states.lock().unwrap() = states;
+    }
+
+    /// Counts a poll of job `id` and returns the state it sees.
+    pub fn poll(&self, id: &str) -> T {
+        let n = {
+            let mut polls = self.polls.lock().unwrap();
+            let n = polls.entry(id.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let states = self.states.lock().unwrap();
+        states[(n - 1).min(states.len() - 1)].clone()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The server
 // ---------------------------------------------------------------------------------------------

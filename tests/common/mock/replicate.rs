@@ -6,12 +6,11 @@
 //! /files/{id}/out-{i}.png, no token; /files/redirect sends to localhost). The create is the
 //! generation call: the mock's status, script and faults apply to it.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::{Call, Captured, Endpoint, Mock, Reply, Shape};
+use super::{Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
 use crate::common::make_png;
 
 /// The seed the model "reports" in its logs, unlike any the tests ask for.
@@ -32,23 +31,20 @@ pub fn prediction_id(n: usize) -> String {
 /// The predictions.
 pub struct Predictions {
     /// Prediction statuses the polls see, in order, per prediction; the last one repeats.
-    statuses: Mutex<Vec<&'static str>>,
+    statuses: Jobs<&'static str>,
     /// The `error` of a failed prediction.
     error: Mutex<Option<String>>,
     /// The `output` of a succeeded prediction instead of the mock's own image URLs.
     output: Mutex<Option<Value>>,
-    /// Polls so far, per prediction id.
-    polls: Mutex<HashMap<String, usize>>,
 }
 
 impl Default for Predictions {
     /// Starting, processing, then succeeded.
     fn default() -> Predictions {
         Predictions {
-            statuses: Mutex::new(vec!["starting", "processing", "succeeded"]),
+            statuses: Jobs::new(vec!["starting", "processing", "succeeded"]),
             error: Mutex::new(None),
             output: Mutex::new(None),
-            polls: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -127,14 +123,7 @@ impl Shape for Predictions {
             }
             "get" => {
                 let id = segments[1];
-                let n = {
-                    let mut polls = self.polls.lock().unwrap();
-                    let n = polls.entry(id.to_string()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                let statuses = self.statuses.lock().unwrap().clone();
-                let status = statuses[(n - 1).min(statuses.len() - 1)];
+                let status = self.statuses.poll(id);
                 Reply::json(200, &self.prediction(addr, id, status, &last_input(&call)))
             }
             "cancel" => Reply::json(200, &self.prediction(addr, segments[1], "canceled", &last_input(&call))),
@@ -162,7 +151,7 @@ impl Shape for Predictions {
 impl Mock<Predictions> {
     /// The statuses every prediction goes through from now on; the last one repeats.
     pub fn statuses(&self, s: Vec<&'static str>) {
-        *self.shape().statuses.lock().unwrap() = s;
+        self.shape().statuses.set_states(s);
     }
 
     /// The `error` of failed predictions from now on.
