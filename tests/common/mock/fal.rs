@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::{Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
+use super::{hosted_file, Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
 use crate::common::make_png;
 
 /// The seed the mock reports, unlike any the tests ask for.
@@ -85,16 +85,9 @@ impl Shape for FalQueue {
         let path = call.req.path.as_str();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match endpoint {
-            "file" => {
-                let name = path.strip_prefix("/files/").unwrap_or_default();
-                if name == "redirect" {
-                    // Somewhere the gateway must not go: loopback under another name.
-                    let to = format!("http://localhost:{}/files/img-0.png", addr.port());
-                    return Reply::raw(302, "", "").header("location", to);
-                }
-                let i: usize = name.trim_start_matches("img-").trim_end_matches(".png").parse().unwrap_or(0);
-                Reply::raw(200, "image/png", png_for(i))
-            }
+            "file" => hosted_file(&call, "/files/img-0.png", |name| {
+                png_for(name.trim_start_matches("img-").trim_end_matches(".png").parse().unwrap_or(0))
+            }),
             "status" => {
                 let answer = self.statuses.poll(segments[3]);
                 let code = if answer["status"] == "COMPLETED" { 200 } else { 202 };

@@ -326,6 +326,18 @@ impl Call<'_> {
     }
 }
 
+/// A file the mock hosts at /files/{name}, for shapes whose answers name image URLs: `redirect`
+/// sends to `redirect_to` on localhost (loopback under another name, where a gateway must not
+/// go); any other name is `image(name)` as image/png.
+pub fn hosted_file(call: &Call<'_>, redirect_to: &str, image: impl Fn(&str) -> Vec<u8>) -> Reply {
+    let name = call.req.path.strip_prefix("/files/").unwrap_or_default();
+    if name == "redirect" {
+        return Reply::raw(302, "", "")
+            .header("location", format!("http://localhost:{}{redirect_to}", call.addr.port()));
+    }
+    Reply::raw(200, "image/png", image(name))
+}
+
 /// One provider kind's API: routing, answers and API state. The kit does the rest.
 #[async_trait::async_trait]
 pub trait Shape: Send + Sync + 'static {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::{Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
+use super::{hosted_file, Call, Captured, Endpoint, Jobs, Mock, Reply, Shape};
 use crate::common::make_png;
 
 /// The seed the model "reports" in its logs, unlike any the tests ask for.
@@ -112,15 +112,9 @@ impl Shape for Predictions {
         let path = call.req.path.as_str();
         let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
         match endpoint {
-            "file" => {
-                let name = path.strip_prefix("/files/").unwrap_or_default();
-                if name == "redirect" {
-                    let to = format!("http://localhost:{}/files/x/out-0.png", addr.port());
-                    return Reply::raw(302, "", "").header("location", to);
-                }
-                let i: usize = name.rsplit("out-").next().unwrap_or("0").trim_end_matches(".png").parse().unwrap_or(0);
-                Reply::raw(200, "image/png", png_for(i))
-            }
+            "file" => hosted_file(&call, "/files/x/out-0.png", |name| {
+                png_for(name.rsplit("out-").next().unwrap_or("0").trim_end_matches(".png").parse().unwrap_or(0))
+            }),
             "get" => {
                 let id = segments[1];
                 let status = self.statuses.poll(id);
