@@ -114,7 +114,7 @@ EOF
     # The dump taken after zeroing holds exactly the measured requests (all threads).
     total=0
     for f in "$prof"*; do
-        grep -q '^desc: Trigger: Client Request: measured' "$f" 2>/dev/null || continue
+        grep -q '^desc: Trigger: .*measured' "$f" 2>/dev/null || continue
         n="$(sed -n 's/^summary: //p; s/^totals: //p' "$f" | head -n 1 | awk '{print $1}')"
         total=$((total + ${n:-0}))
     done

@@ -54,8 +54,9 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
     let dropped = capabilities(env.req, adapter.as_ref(), &target.provider, spec)?;
     // 2. Will it take it now?
     let breaker = spec.map(|p| p.breaker.clone()).unwrap_or_default();
-    let admission = live.provider.admit(Instant::now(), &breaker, &app.metrics)?;
-    let budget = until.saturating_duration_since(Instant::now());
+    let now = Instant::now();
+    let admission = live.provider.admit(now, &breaker, &app.metrics)?;
+    let budget = until.saturating_duration_since(now);
     let slot = live.provider.acquire(spec.and_then(|p| p.concurrency.as_ref()), budget, &app.metrics).await?;
     // 3. Send it.
     let model = target.model.as_deref().unwrap_or(env.alias);
