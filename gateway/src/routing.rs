@@ -163,6 +163,37 @@ where
         hedges_started: 0,
         won_by_hedge: false,
     };
+    let Some(hedging) = hedging else {
+        // Without hedging one attempt runs at a time: each is awaited in place, so its future is
+        // never moved into a `FuturesUnordered` task (measured: ~4k instructions per request of
+        // copying and bookkeeping, bench/callgrind.sh).
+        for &step in steps {
+            let now = Instant::now();
+            if now >= deadline {
+                out.deadline_exceeded = true;
+                break;
+            }
+            let until = now + timeout_of(step).min(deadline.saturating_duration_since(now));
+            let (_, result) = bounded(0, until, attempt(step, until)).await;
+            let elapsed = now.elapsed();
+            match result {
+                Ok(generation) => {
+                    out.attempts.push(AttemptRecord { step, hedge: false, elapsed, result: Ok(()) });
+                    out.success = Some((step, generation));
+                    break;
+                }
+                Err(e) => {
+                    let stop = !e.retryable();
+                    out.attempts.push(AttemptRecord { step, hedge: false, elapsed, result: Err(e) });
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        return out;
+    };
+    let hedging = Some(hedging);
     let mut running = FuturesUnordered::new();
     // Per started attempt: its step, when it started, whether it was a hedge, whether it ended.
     let mut started: Vec<(Step, Instant, bool, bool)> = Vec::with_capacity(steps.len());
