@@ -29,6 +29,11 @@ pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
 
 /// Free text as a header value: printable ASCII only, bounded.
 pub fn header_text(s: &str) -> HeaderValue {
+    if s.len() <= 1024 && s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        if let Ok(v) = HeaderValue::from_str(s) {
+            return v;
+        }
+    }
     let clean: String = s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(1024).collect();
     HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("(unprintable)"))
 }

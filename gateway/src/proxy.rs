@@ -535,6 +535,9 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
         }
     };
     let h = resp.headers_mut();
+    // Room for every x-acc-* header at once: growing the map on each insert cost more than the
+    // inserts themselves (bench/callgrind.sh).
+    h.reserve(16);
     if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
         h.insert(TRACE_ID, v);
     }

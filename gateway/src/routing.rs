@@ -174,7 +174,9 @@ where
                 break;
             }
             let until = now + timeout_of(step).min(deadline.saturating_duration_since(now));
-            let (_, result) = bounded(0, until, attempt(step, until)).await;
+            // Pinned where it is made: only a pointer moves into the timeout.
+            let fut = std::pin::pin!(attempt(step, until));
+            let result = tokio::time::timeout_at(until, fut).await.unwrap_or(Err(ProviderError::Timeout));
             let elapsed = now.elapsed();
             match result {
                 Ok(generation) => {

@@ -68,12 +68,18 @@ impl Provider for OpenAi {
         };
         let endpoints = self.endpoints.as_ref().map_err(|e| ProviderError::Other(e.clone()))?;
         let endpoint = &endpoints[req.op as usize];
-        let mut http_req =
-            Request::post("/").header(header::CONTENT_TYPE, content_type).header(header::ACCEPT, "application/json");
-        if let Some(h) = auth {
-            http_req = http_req.header(header::AUTHORIZATION, h.clone());
+        let content_type = HeaderValue::try_from(content_type).map_err(|e| ProviderError::Other(e.to_string()))?;
+        // Headers inserted into a map sized for them (the request builder re-checked and grew it
+        // per header).
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        let h = req.headers_mut();
+        h.reserve(4);
+        h.insert(header::CONTENT_TYPE, content_type);
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.clone());
         }
-        let req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
 
         let answer = upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
             upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
