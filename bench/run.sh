@@ -24,6 +24,7 @@ NGINX_WORKERS="${BENCH_NGINX_WORKERS:-auto}"
 NGINX_GLIBC_TUNABLES="${BENCH_NGINX_GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456}"
 RESULTS="${BENCH_RESULTS:-$BENCH_DIR/results.md}"
 ACC_BIN="${ACC_BIN:-}"                          # prebuilt acc binary; default: cargo build --release
+LOADGEN="${BENCH_LOADGEN:-wrk}"                 # wrk, or hey (a second load generator, Go, from Debian)
 PERF="${BENCH_PERF:-}"                          # 1: perf record acc during its measured cells
 
 WORK="$BENCH_DIR/.work"
@@ -60,7 +61,8 @@ trap 'exit 130' INT TERM
 NGINX_BIN="$(command -v nginx || true)"
 [[ -z "$NGINX_BIN" && -x /usr/sbin/nginx ]] && NGINX_BIN=/usr/sbin/nginx
 need_pkgs=()
-command -v wrk >/dev/null || need_pkgs+=(wrk)
+case $LOADGEN in wrk | hey) ;; *) die "BENCH_LOADGEN must be wrk or hey" ;; esac
+command -v "$LOADGEN" >/dev/null || need_pkgs+=("$LOADGEN")
 if has_target nginx && [[ -z "$NGINX_BIN" ]]; then need_pkgs+=(nginx); fi
 command -v curl >/dev/null || need_pkgs+=(curl)
 if ((${#need_pkgs[@]})); then
@@ -311,6 +313,33 @@ EOF
 # mirror candidate's process (its CPU is recorded apart, so it is not "other" load).
 declare -A T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=()
 
+# load THREADS CONC SECONDS URL OUT: the load generator's run, ending with one line
+# `BENCH requests=.. duration_us=.. p50_us=.. p90_us=.. p99_us=.. err_*=..` in OUT (wrk: from
+# lib/post.lua's done(); hey: computed from its per-request CSV, the same request body).
+load() {
+    local threads=$1 conc=$2 secs=$3 url=$4 out=$5
+    if [[ "$LOADGEN" == wrk ]]; then
+        wrk -t"$threads" -c"$conc" -d"${secs}s" --timeout 10s --latency -s "$LUA" "$url" >"$out"
+        return
+    fi
+    hey -z "${secs}s" -c "$conc" -t 10 -m POST -T application/json -d "$HEY_BODY" -o csv \
+        "$url/v1/images/generations" >"$out.csv"
+    python3 - "$out.csv" "$secs" >"$out" <<'PY'
+import csv, sys
+lat, errors = [], 0
+with open(sys.argv[1]) as f:
+    for row in csv.DictReader(f):
+        lat.append(float(row["response-time"]))
+        errors += row["status-code"] != "200"
+lat.sort()
+pct = lambda p: int(lat[min(len(lat) - 1, int(len(lat) * p / 100))] * 1e6) if lat else 0
+print(f"BENCH requests={len(lat)} duration_us={int(float(sys.argv[2]) * 1e6)} bytes=0 "
+      f"p50_us={pct(50)} p90_us={pct(90)} p99_us={pct(99)} max_us={pct(100)} "
+      f"err_connect=0 err_read=0 err_write=0 err_status={errors} err_timeout=0")
+PY
+}
+HEY_BODY='{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
+
 # run_cell PAYLOAD CONC TARGET REP
 run_cell() {
     local payload=$1 conc=$2 target=$3 rep=$4
@@ -323,7 +352,7 @@ run_cell() {
     # peak RSS covers the whole cell, warm-up included
     ((${#proxy[@]})) && reset_peak_rss "${proxy[@]}"
     if ((WARMUP > 0)); then
-        wrk -t"$threads" -c"$conc" -d"${WARMUP}s" --timeout 10s -s "$LUA" "$url" >/dev/null
+        load "$threads" "$conc" "$WARMUP" "$url" /dev/null
     fi
     local p0=0 p1=0 m0 m1 s0 s1 w0 w1 c0=0 c1=0 mc0="" mc1=""
     [[ -n "$admin" ]] && mc0="$(mirror_counts "$admin")"
@@ -339,7 +368,7 @@ run_cell() {
             -- sleep "$SECONDS_PER_CELL" >/dev/null 2>&1 &
         perf_pid=$!
     fi
-    wrk -t"$threads" -c"$conc" -d"${SECONDS_PER_CELL}s" --timeout 10s --latency -s "$LUA" "$url" >"$out"
+    load "$threads" "$conc" "$SECONDS_PER_CELL" "$url" "$out"
     s1="$(sys_ticks)"
     child_ticks
     w1=$CHILD_TICKS
@@ -471,7 +500,7 @@ python3 "$BENCH_DIR/lib/report.py" "$RAW" "$RESULTS" \
     --meta "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)" \
     --meta "seconds=$SECONDS_PER_CELL" --meta "warmup=$WARMUP" \
     --meta "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's/.*version: //')" \
-    --meta "wrk=$(wrk -v 2>&1 | head -n1 | awk '{print $2}')" \
+    --meta "wrk=$(if [[ "$LOADGEN" == wrk ]]; then wrk -v 2>&1 | head -n1 | awk '{print $2}'; else echo "not used: hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null) generated the load"; fi)" \
     --meta "small=$(wc -c <"$WORK/payloads/small.png")" \
     --meta "large=$(wc -c <"$WORK/payloads/large.png")"
 log "raw results: $RAW; table written to $RESULTS"
