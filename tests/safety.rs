@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::abstract_images;
 use common::*;
 use serde_json::json;
 
@@ -133,4 +134,111 @@ async fn face_clauses_of_the_contract_count_nudenet_faces() {
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
     let reasons = r.header("x-acc-reasons").unwrap_or_default();
     assert!(reasons.contains("max_faces: 1 faces, contract allows 0"), "{reasons}");
+}
+
+// False "unsafe" on abstract images (issue 11): NudeNet reports BUTTOCKS_EXPOSED 0.83 on
+// scikit-image's colour wheel. An unsafe detection counts only with evidence of a body (skin
+// tones in its box, another body part, or no colour to judge); the route can turn that off.
+
+fn testimage(name: &str) -> Vec<u8> {
+    let p = repo_file(&format!(".cache/testimages/{name}"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-testimages.sh", p.display()))
+}
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// The `safety` verdict on `bytes` with `settings`, in-process.
+fn safety_verdict(bytes: Vec<u8>, settings: &acc::eval::Settings) -> acc::eval::Verdict {
+    let safety: std::sync::Arc<dyn acc::eval::Evaluator> = std::sync::Arc::new(acc::eval::safety::Safety::new());
+    let report = acc::eval::evaluate(&bytes.into(), None, settings, None, "", &[safety]);
+    report.verdicts.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn the_colour_wheel_passes_unless_the_route_turns_corroboration_off() {
+    let wheel = testimage("color.png");
+    let (first, second, gw, _d) = setup("on_unsafe = \"block\"", &[]).await;
+    first.answer_with(&wheel);
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![wheel.clone()]);
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("safety=pass(1.00)"), "{}", r.describe());
+    assert_eq!(second.hits(), 0);
+
+    // Off: the raw detection decides, as before.
+    let (first, second, gw, _d) = setup("on_unsafe = \"block\"\ncorroborate_unsafe = false", &[]).await;
+    first.answer_with(&wheel);
+    let r = gw.generate(&req()).await;
+    let e = r.assert_error(400, "content_policy_violation");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("safety: unsafe content: BUTTOCKS_EXPOSED 0.8"), "{msg}");
+    assert_eq!(second.hits(), 0);
+
+    // Tuned below the wheel's 7% of skin-toned pixels: its detection is corroborated.
+    let (first, _second, gw, _d) = setup("on_unsafe = \"block\"\nmin_skin_in_box = 0.05", &[]).await;
+    first.answer_with(&wheel);
+    gw.generate(&req()).await.assert_error(400, "content_policy_violation");
+}
+
+#[test]
+fn the_reason_says_what_was_discounted_and_why() {
+    let v = safety_verdict(testimage("color.png"), &Default::default());
+    assert_eq!(v.verdict, acc::eval::Outcome::Pass, "{v:?}");
+    assert_eq!(v.score, 1.0);
+    assert!(
+        v.reason.ends_with("BUTTOCKS_EXPOSED 0.83 discounted: 7% skin in box < 15%, no other body part detected"),
+        "{}",
+        v.reason
+    );
+    // The same through `acc eval`, where ops check an artifact by hand.
+    let out = std::process::Command::new(acc_bin())
+        .args(["eval", repo_file(".cache/testimages/color.png").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let safety = out["evaluators"].as_array().unwrap().iter().find(|e| e["name"] == "safety").unwrap().clone();
+    assert_eq!(safety["verdict"], "pass", "{safety}");
+    assert!(safety["reason"].as_str().unwrap().contains("BUTTOCKS_EXPOSED 0.83 discounted: 7% skin"), "{safety}");
+}
+
+#[test]
+fn generated_abstract_images_pass_with_the_default_settings() {
+    let defaults = acc::eval::Settings::default();
+    let off = acc::eval::Settings { corroboration: None, ..Default::default() };
+    let mut failures = Vec::new();
+    let mut blocked_without = Vec::new();
+    for (name, img) in abstract_images::all() {
+        let bytes = png(&img);
+        let v = safety_verdict(bytes.clone(), &defaults);
+        println!("{name}: {:?} {:.2} {}", v.verdict, v.score, v.reason);
+        if v.verdict != acc::eval::Outcome::Pass {
+            failures.push(format!("{name}: {}", v.reason));
+        }
+        if safety_verdict(bytes, &off).verdict == acc::eval::Outcome::Fail {
+            blocked_without.push(name);
+        }
+    }
+    assert!(failures.is_empty(), "abstract images judged unsafe:\n{}", failures.join("\n"));
+    // The set holds false positives the check removes: the colour wheels.
+    assert!(blocked_without.len() >= 3, "without corroboration only {blocked_without:?} fail");
+}
+
+#[test]
+fn real_bodies_still_count_in_colour_and_in_black_and_white() {
+    // Faces stand in for body parts here (the test photos show no exposed ones): the astronaut's
+    // face box is 90% skin-toned, the cameraman's photo has no colour at all.
+    for (image, class) in [("astronaut.png", "FACE_FEMALE"), ("camera.png", "FACE_MALE")] {
+        let settings = acc::eval::Settings { unsafe_classes: Some(vec![class.into()]), ..Default::default() };
+        let v = safety_verdict(testimage(image), &settings);
+        assert_eq!(v.verdict, acc::eval::Outcome::Fail, "{image}: {v:?}");
+        assert!(v.reason.starts_with(&format!("unsafe content: {class}")), "{}", v.reason);
+    }
+    // A grey copy of the colour wheel is not discounted either: colour cannot tell.
+    let grey = image::load_from_memory(&testimage("color.png")).unwrap().into_luma8();
+    let v = safety_verdict(png(&image::DynamicImage::ImageLuma8(grey).into_rgb8()), &Default::default());
+    assert_eq!(v.verdict, acc::eval::Outcome::Fail, "{v:?}");
 }

@@ -12,6 +12,7 @@
 //! all of it (the provider shapes stay under `common::mock::*`).
 #![allow(dead_code, unused_imports)]
 
+pub mod abstract_images;
 mod client;
 mod form;
 mod gateway;

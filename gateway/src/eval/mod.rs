@@ -52,6 +52,9 @@ pub struct Settings {
     pub unsafe_classes: Option<Vec<String>>,
     /// Highest score of an unsafe class that still passes.
     pub max_unsafe: f32,
+    /// What an unsafe-class NudeNet detection needs to count (evidence of a body); `None`:
+    /// every detection counts.
+    pub corroboration: Option<safety::Corroboration>,
     /// Lowest share of contract clauses that must hold.
     pub min_adherence: f32,
     /// The route's rules for text inside the image.
@@ -74,6 +77,7 @@ impl Default for Settings {
         Settings {
             unsafe_classes: None,
             max_unsafe: 0.5,
+            corroboration: Some(safety::Corroboration::default()),
             min_adherence: 1.0,
             text: text::TextRules::default(),
             safety_models: vec![SafetyModel::NudeNet],

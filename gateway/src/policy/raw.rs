@@ -278,6 +278,15 @@ pub(super) struct RawRoute {
     /// NudeNet classes that count as unsafe; default: the exposed genitalia, breasts, buttocks
     /// and anus classes.
     pub(super) unsafe_classes: Option<Vec<String>>,
+    /// Whether an unsafe-class NudeNet detection needs evidence of a body to count (enough
+    /// skin-toned pixels in its box, another detected body part, or a box without colour);
+    /// one without is discounted and the verdict's reason says why. Default true: NudeNet
+    /// reports exposed parts on colour wheels and other abstract images.
+    pub(super) corroborate_unsafe: Option<bool>,
+    /// Share of skin-toned pixels (Chai and Ngan's YCbCr skin map, plus warm pixels of low
+    /// chroma) inside an unsafe detection's box that corroborates it, a fraction in [0, 1];
+    /// default 0.15. Needs corroborate_unsafe (on by default).
+    pub(super) min_skin_in_box: Option<f32>,
     /// What a failed prompt contract does: "fallback" (default), "block" or "flag".
     pub(super) on_low_adherence: Option<String>,
     /// Lowest share of the contract's clauses that must hold, in [0, 1]; default 1 (all).

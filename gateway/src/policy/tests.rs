@@ -350,6 +350,41 @@ safety_models = ["nudenet", "ok", "nope"]
 }
 
 #[test]
+fn corroboration_of_unsafe_detections_is_checked() {
+    let route = |extra: &str| {
+        format!("[[routes]]\nname = \"a\"\ntargets = [{{ provider = \"demo\" }}]\nevaluators = [\"safety\"]\n{extra}")
+    };
+    let bad = [
+        route("min_skin_in_box = 1.5\n"),
+        route("corroborate_unsafe = false\nmin_skin_in_box = 0.2\n"),
+        "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"sanity\"]\ncorroborate_unsafe = true\n".to_string(),
+        format!(
+            "[classifiers.ok]\nmodel = \"/m/ok.onnx\"\ninput_size = 16\nlabels = [\"safe\", \"unsafe\"]\nunsafe_labels = [\"unsafe\"]\n{}",
+            route("safety_models = [\"ok\"]\nmin_skin_in_box = 0.3\n")
+        ),
+    ];
+    let errs: Vec<String> =
+        bad.iter().flat_map(|r| check(&[("p.toml", PROVIDERS), ("r.toml", r)]).unwrap_err()).collect();
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml: routes[0].min_skin_in_box: 1.5 is outside [0, 1]",
+            "r.toml: routes[0].min_skin_in_box: needs corroborate_unsafe = true",
+            r#"r.toml: routes[0].corroborate_unsafe: needs "safety" in evaluators"#,
+            r#"r.toml: routes[0].min_skin_in_box: needs "nudenet" in safety_models"#,
+        ]
+    );
+    let settings = |extra: &str| {
+        check(&[("p.toml", PROVIDERS), ("r.toml", &route(extra))]).unwrap().routes[0].eval.settings.clone()
+    };
+    use crate::eval::safety::Corroboration;
+    assert_eq!(settings("").corroboration, Some(Corroboration { min_skin: 0.15 }), "on by default");
+    assert_eq!(settings("min_skin_in_box = 0.3\n").corroboration, Some(Corroboration { min_skin: 0.3 }));
+    assert_eq!(settings("corroborate_unsafe = true\n").corroboration, Some(Corroboration { min_skin: 0.15 }));
+    assert_eq!(settings("corroborate_unsafe = false\n").corroboration, None);
+}
+
+#[test]
 fn a_valid_policy_resolves_references() {
     let routes = r#"
 default_model = "m"

@@ -950,6 +950,17 @@ fn validate_eval(
             }
         }
     }
+    let min_skin = r.min_skin_in_box.unwrap_or(crate::eval::safety::DEFAULT_MIN_SKIN);
+    if !(0.0..=1.0).contains(&min_skin) {
+        errors.push(format!("{at}.min_skin_in_box: {min_skin} is outside [0, 1]"));
+    }
+    if r.corroborate_unsafe == Some(false) && r.min_skin_in_box.is_some() {
+        errors.push(format!("{at}.min_skin_in_box: needs corroborate_unsafe = true"));
+    }
+    let corroboration = match r.corroborate_unsafe {
+        Some(false) => None,
+        _ => Some(crate::eval::safety::Corroboration { min_skin }),
+    };
     let fail_open = match r.on_eval_error.as_deref() {
         None | Some("fail_closed") => false,
         Some("fail_open") => true,
@@ -984,6 +995,18 @@ fn validate_eval(
     if r.safety_models.is_some() && !r.evaluators.iter().any(|e| e == "safety") {
         errors.push(format!("{at}.safety_models: needs \"safety\" in evaluators"));
     }
+    for (field, given) in
+        [("corroborate_unsafe", r.corroborate_unsafe.is_some()), ("min_skin_in_box", r.min_skin_in_box.is_some())]
+    {
+        if !given {
+            continue;
+        }
+        if !r.evaluators.iter().any(|e| e == "safety") {
+            errors.push(format!("{at}.{field}: needs \"safety\" in evaluators"));
+        } else if !safety_models.contains(&crate::eval::SafetyModel::NudeNet) {
+            errors.push(format!("{at}.{field}: needs \"nudenet\" in safety_models"));
+        }
+    }
     let clip = match (r.min_clip_similarity, clip) {
         (None, _) => None,
         (Some(_), None) => {
@@ -1003,6 +1026,7 @@ fn validate_eval(
     let settings = crate::eval::Settings {
         unsafe_classes: r.unsafe_classes.clone(),
         max_unsafe,
+        corroboration,
         min_adherence,
         text,
         safety_models,
