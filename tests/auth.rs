@@ -70,10 +70,6 @@ fn body() -> serde_json::Value {
     json!({"model": "m", "prompt": "a red bicycle", "response_format": "b64_json"})
 }
 
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
-
 fn assert_invalid_api_key(r: &Resp) {
     let err = r.assert_error(401, "invalid_api_key");
     assert_eq!(err["type"], json!("invalid_request_error"), "{}", r.describe());

@@ -12,12 +12,6 @@ async fn default_gateway() -> Gateway {
     Gateway::start(&repo_root().join("policies")).await
 }
 
-fn b64_one(r: &Resp) -> Vec<u8> {
-    let mut imgs = b64_images(r);
-    assert_eq!(imgs.len(), 1, "{}", r.describe());
-    imgs.remove(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_png_has_the_requested_size() {
     let gw = default_gateway().await;

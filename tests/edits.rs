@@ -278,12 +278,6 @@ async fn edit_provider_4xx_is_returned_not_retried() {
 // builtin provider
 // ---------------------------------------------------------------------------------------------
 
-fn b64_one(r: &Resp) -> Vec<u8> {
-    let mut imgs = b64_images(r);
-    assert_eq!(imgs.len(), 1, "{}", r.describe());
-    imgs.remove(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_edits_honour_size_and_depend_on_the_input_image() {
     let dir = PolicyDir::with(BUILTIN_POLICY);

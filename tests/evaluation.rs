@@ -8,22 +8,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn noisy(w: u32, h: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8])
-    }))
-}
-
-fn blank(w: u32, h: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
-}
-
 /// Route `main` (model "m") -> `first`, falling back to route `spare` -> `second`; both
 /// evaluate with `extra` route settings appended to `main`.
 async fn setup(extra: &str) -> (MockProvider, MockProvider, Gateway, PolicyDir) {
@@ -48,7 +32,7 @@ fn req() -> serde_json::Value {
 async fn a_blank_image_falls_back_and_is_never_returned() {
     let (first, second, gw, _d) = setup("").await;
     first.answer_with(&blank(256, 256));
-    let good = noisy(256, 256);
+    let good = noisy(256, 256, 0);
     second.answer_with(&good);
     let r = gw.generate(&req()).await;
     r.assert_status(200);
@@ -72,7 +56,7 @@ async fn a_blank_image_falls_back_and_is_never_returned() {
 #[tokio::test]
 async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
     let (first, second, gw, _d) = setup("").await;
-    first.answer_with(&noisy(512, 512));
+    first.answer_with(&noisy(512, 512, 0));
     second.answer_with(b"\x89PNG\r\n\x1a\n this is not a png");
     let r = gw.generate(&req()).await;
     let e = r.assert_error(502, "upstream_error");
@@ -81,7 +65,7 @@ async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
     assert!(msg.contains("does not decode"), "{msg}");
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
     // Without an explicit size the provider's choice is accepted.
-    first.answer_with(&noisy(512, 512));
+    first.answer_with(&noisy(512, 512, 0));
     let r = gw.generate(&json!({"model": "m", "prompt": "x", "response_format": "b64_json"})).await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("first"));
@@ -91,7 +75,7 @@ async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
 async fn block_answers_content_policy_violation_and_tries_nothing_else() {
     let (first, second, gw, _d) = setup("on_sanity_fail = \"block\"").await;
     first.answer_with(&blank(256, 256));
-    second.answer_with(&noisy(256, 256));
+    second.answer_with(&noisy(256, 256, 0));
     let r = gw.generate(&req()).await;
     let e = r.assert_error(400, "content_policy_violation");
     assert!(e["message"].as_str().unwrap().contains("near-uniform"), "{}", r.describe());
@@ -119,7 +103,7 @@ async fn flag_returns_the_image_marked_with_the_reasons() {
 #[tokio::test]
 async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
     // Decoding a 1792x1024 PNG takes far longer than 1 ms.
-    let big = noisy(1792, 1024);
+    let big = noisy(1792, 1024, 0);
     let body = json!({"model": "m", "prompt": "x", "size": "1792x1024", "response_format": "b64_json"});
 
     let (first, second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_closed\"").await;
@@ -143,8 +127,8 @@ async fn out_of_budget_evaluation_follows_fail_open_or_fail_closed() {
 #[tokio::test]
 async fn too_few_images_fail_sanity() {
     let (first, second, gw, _d) = setup("").await;
-    first.answer_with(&noisy(256, 256)); // one image, whatever n was asked
-    let two = noisy(256, 256);
+    first.answer_with(&noisy(256, 256, 0)); // one image, whatever n was asked
+    let two = noisy(256, 256, 0);
     let body =
         json!({"created": 1, "data": [{"b64_json": b64_encode(&two)}, {"b64_json": b64_encode(&two)}]}).to_string();
     second.set_body(Some(&body));

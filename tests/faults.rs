@@ -474,16 +474,6 @@ async fn a_429_without_a_reset_header_does_not_pause() {
 // ---------------------------------------------------------------------------------------------
 // Target health: demotion by evaluation failures, errors, latency
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn blank(w: u32, h: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
-}
-
 /// Asserts that `main`'s primary target is demoted, in the metric and in /admin/routes.
 async fn assert_demoted(gw: &Gateway) -> Value {
     let labels = [("route", "main"), ("provider", "primary")];

@@ -11,11 +11,13 @@ fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway/src")
 }
 
-/// Module names in map order (highest layer first) from `lib.rs`'s `# Layout` section: the
-/// first `[`name`]` link of every `//! - ` bullet.
-fn map_order(lib: &str) -> Vec<String> {
-    let mut order = Vec::new();
+/// The `# Layout` section of `lib.rs`: one entry per `//! - ` bullet, in map order (highest layer
+/// first), with the module its first `[`name`]` link names and the bullet's whole text
+/// (continuation lines joined).
+fn map_bullets(lib: &str) -> Vec<(String, String)> {
+    let mut bullets: Vec<(String, String)> = Vec::new();
     let mut in_layout = false;
+    let mut open = false;
     for line in lib.lines() {
         let Some(doc) = line.strip_prefix("//!") else {
             if in_layout {
@@ -23,22 +25,50 @@ fn map_order(lib: &str) -> Vec<String> {
             }
             continue;
         };
-        let doc = doc.trim();
-        if doc.starts_with("# ") {
-            in_layout = doc == "# Layout";
+        let text = doc.trim();
+        if text.starts_with("# ") {
+            in_layout = text == "# Layout";
+            open = false;
             continue;
         }
-        if !in_layout || !doc.starts_with("- ") {
+        if !in_layout {
             continue;
         }
-        // The bullet's first `[`name`]` link names its module.
-        if let Some(name) = doc.split("[`").nth(1).and_then(|r| r.split("`]").next()) {
-            if name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-                order.push(name.to_string());
+        if let Some(rest) = text.strip_prefix("- ") {
+            let name = rest.split("[`").nth(1).and_then(|r| r.split("`]").next()).unwrap_or_default();
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                bullets.push((name.to_string(), rest.to_string()));
+                open = true;
+                continue;
             }
         }
+        if text.is_empty() || text.starts_with('#') {
+            open = false;
+        } else if open && doc.starts_with("   ") {
+            let last = bullets.last_mut().unwrap();
+            last.1.push(' ');
+            last.1.push_str(text);
+        }
     }
-    order
+    bullets
+}
+
+/// Module names in map order (highest layer first).
+fn map_order(lib: &str) -> Vec<String> {
+    map_bullets(lib).into_iter().map(|(m, _)| m).collect()
+}
+
+/// What a bullet says its module imports: the backticked lowercase names after its last "Uses "
+/// (`Uses nothing.` is the empty set); `None` when the bullet does not say.
+fn stated_uses(bullet: &str) -> Option<BTreeSet<String>> {
+    let at = bullet.rfind("Uses ")?;
+    let tail = &bullet[at + "Uses ".len()..];
+    if tail.starts_with("nothing") {
+        return Some(BTreeSet::new());
+    }
+    // Backticked module names; other backticked words (`Verdict`) are notes, not modules.
+    let is_module = |w: &&str| w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    Some(tail.split('`').skip(1).step_by(2).filter(is_module).map(str::to_string).collect())
 }
 
 /// The `pub mod` / `mod` declarations of `lib.rs`.
@@ -81,7 +111,10 @@ fn code_only(src: &str) -> String {
                 }
             }
             out.push(' ');
-        } else if c == b'r' && (b.get(i + 1) == Some(&b'"') || b.get(i + 1) == Some(&b'#')) && !ident_before(b, i) {
+        } else if c == b'r'
+            && (b.get(i + 1) == Some(&b'"') || b.get(i + 1) == Some(&b'#'))
+            && (!ident_before(b, i) || (b[i - 1] == b'b' && !ident_before(b, i - 1)))
+        {
             // Raw string r"..." or r#"..."#.
             let mut j = i + 1;
             let mut hashes = 0;
@@ -203,8 +236,99 @@ fn crate_refs(code: &str) -> BTreeSet<String> {
     refs
 }
 
+/// Spans (start, end) of inline `mod name { ... }` blocks in `code`.
+fn inline_mods(code: &str) -> Vec<(usize, usize)> {
+    let b = code.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(off) = code[i..].find("mod ") {
+        let at = i + off;
+        i = at + 4;
+        if ident_before(b, at) {
+            continue;
+        }
+        let rest = &code[at + 4..];
+        let name_len = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
+        let after = rest[name_len..].trim_start();
+        if name_len == 0 || !after.starts_with('{') {
+            continue;
+        }
+        let open = at + 4 + name_len + (rest[name_len..].len() - after.len());
+        let mut depth = 0;
+        for (k, ch) in code[open..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        out.push((open, open + k));
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Top-level modules reached through `super::` paths that climb to the crate root: `super::x`
+/// in a top-level module's file, `super::super::x` one level down, and so on (`depth` is the
+/// file's module depth: 1 for `a.rs` or `a/mod.rs`, 2 for `a/b.rs`; inline `mod` blocks add one).
+fn super_refs(code: &str, depth: usize) -> BTreeSet<String> {
+    let mods = inline_mods(code);
+    let b = code.as_bytes();
+    let mut refs = BTreeSet::new();
+    let mut i = 0;
+    while let Some(off) = code[i..].find("super::") {
+        let at = i + off;
+        if ident_before(b, at) {
+            i = at + 7;
+            continue;
+        }
+        let mut k = 0;
+        let mut j = at;
+        while code[j..].starts_with("super::") {
+            k += 1;
+            j += "super::".len();
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+        }
+        i = j;
+        let level = depth + mods.iter().filter(|(s, e)| *s < at && at < *e).count();
+        if k >= level {
+            let name: String = code[j..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() {
+                refs.insert(name);
+            }
+        }
+    }
+    refs
+}
+
+/// `crate::` paths written inside string literals of attributes (`#[serde(default =
+/// "crate::x::f")]`), which name code as surely as a `use`.
+fn attribute_string_refs(src: &str) -> BTreeSet<String> {
+    let mut refs = BTreeSet::new();
+    let mut rest = src;
+    while let Some(at) = rest.find("#[") {
+        let attr = &rest[at..];
+        let end = attr.find(']').unwrap_or(attr.len());
+        for (n, piece) in attr[..end].split('"').enumerate() {
+            if n % 2 == 1 {
+                refs.extend(crate_refs(piece));
+            }
+        }
+        rest = &attr[2..];
+    }
+    refs
+}
+
 /// Module -> modules it refers to, for every `.rs` file under `dir` (the top-level module a file
-/// belongs to is its first path component; `lib.rs` and `main.rs` are the crate root).
+/// belongs to is its first path component; `lib.rs` and `main.rs` are the crate root). Panics on
+/// the forms that would hide a path from this reader (`crate as`, `extern crate self`,
+/// `#[path]`).
 fn import_graph(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
     fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).expect("read gateway/src") {
@@ -221,14 +345,22 @@ fn import_graph(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for f in files {
         let rel = f.strip_prefix(dir).unwrap();
-        let first = rel.components().next().unwrap().as_os_str().to_string_lossy().to_string();
-        let module = first.strip_suffix(".rs").unwrap_or(&first).to_string();
+        let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().to_string()).collect();
+        let first = &parts[0];
+        let module = first.strip_suffix(".rs").unwrap_or(first).to_string();
         if module == "lib" || module == "main" {
             continue;
         }
-        let code = code_only(&std::fs::read_to_string(&f).unwrap());
+        // a.rs, a/mod.rs: depth 1; a/b.rs, a/b/mod.rs: depth 2; ...
+        let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod.rs"));
+        let src = std::fs::read_to_string(&f).unwrap();
+        let code = code_only(&src);
+        for hidden in ["crate as ", "extern crate self", "#[path"] {
+            assert!(!code.contains(hidden), "{}: `{hidden}` hides module paths from tests/layers.rs", rel.display());
+        }
         let entry = graph.entry(module.clone()).or_default();
-        for r in crate_refs(&code) {
+        let refs = crate_refs(&code).into_iter().chain(super_refs(&code, depth)).chain(attribute_string_refs(&src));
+        for r in refs {
             if r != module {
                 entry.insert(r);
             }
@@ -332,16 +464,56 @@ fn imports_run_down_the_module_map() {
     let declared = declared_modules(&lib);
     let mapped: BTreeSet<String> = order.iter().cloned().collect();
     assert_eq!(order.len(), mapped.len(), "a module is listed twice in lib.rs's map: {order:?}");
+    assert_eq!(declared, mapped, "lib.rs's `mod` declarations and its `# Layout` map must name the same modules");
+    // A re-export at the root would let `crate::name` reach a module without naming it.
+    let lib_code = code_only(&lib);
+    assert!(
+        !lib_code.lines().any(|l| l.trim_start().starts_with("use ") || l.trim_start().starts_with("pub use ")),
+        "lib.rs must not `use` or re-export anything: every path names its module"
+    );
     let graph = import_graph(&src_dir());
     // `cargo test --test layers -- --nocapture` prints the graph.
     for (from, tos) in &graph {
         eprintln!("{from} -> {}", tos.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
     }
-    assert_eq!(declared, mapped, "lib.rs's `mod` declarations and its `# Layout` map must name the same modules");
+    // Root items a path may name besides the modules: what lib.rs itself defines.
+    let root_items: BTreeSet<String> = lib_code
+        .lines()
+        .filter_map(|l| {
+            l.trim_start().strip_prefix("pub(crate) fn ").or_else(|| l.trim_start().strip_prefix("pub fn "))
+        })
+        .map(|l| l.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect())
+        .collect();
+    for (from, tos) in &graph {
+        for to in tos {
+            assert!(
+                mapped.contains(to) || root_items.contains(to),
+                "`{from}` refers to `crate::{to}`, which is neither a module nor an item of lib.rs"
+            );
+        }
+    }
     let cyc = cycles(&graph);
     assert!(cyc.is_empty(), "import cycles in gateway/src: {cyc:?}");
     let bad = violations(&order, &graph);
     assert!(bad.is_empty(), "imports against the layer map in lib.rs:\n  {}", bad.join("\n  "));
+    // Each bullet's "Uses ..." names exactly the modules its module imports.
+    let mut wrong = Vec::new();
+    for (module, text) in map_bullets(&lib) {
+        let actual: BTreeSet<String> =
+            graph.get(&module).map(|t| t.iter().filter(|m| mapped.contains(*m)).cloned().collect()).unwrap_or_default();
+        match stated_uses(&text) {
+            Some(stated) if stated == actual => {}
+            stated => wrong.push(format!(
+                "{module}: the map says {stated:?}, the code imports {actual:?} (end the bullet with `Uses {}.`)",
+                if actual.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    actual.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                }
+            )),
+        }
+    }
+    assert!(wrong.is_empty(), "lib.rs's map is out of date:\n  {}", wrong.join("\n  "));
 }
 
 #[test]
@@ -371,4 +543,31 @@ fn f() -> crate::j::K { todo!() }
 "##;
     let refs: Vec<String> = crate_refs(&code_only(src)).into_iter().collect();
     assert_eq!(refs, ["a", "d", "e", "h", "j"]);
+}
+
+#[test]
+fn super_paths_raw_byte_strings_and_attribute_strings_are_read() {
+    // `super::x` in a top-level module's file is `crate::x`; one level down it stays inside.
+    assert_eq!(super_refs("use super::proxy::dispatch;", 1).into_iter().collect::<Vec<_>>(), ["proxy"]);
+    assert!(super_refs("use super::xref::Names;", 2).is_empty());
+    assert_eq!(super_refs("use super::super::proxy::x;", 2).into_iter().collect::<Vec<_>>(), ["proxy"]);
+    // Inside an inline `mod tests`, `super::` is the file's own module.
+    assert!(super_refs("mod tests { use super::*; }", 1).is_empty());
+    assert_eq!(super_refs("mod tests { use super::super::admin; }", 1).into_iter().collect::<Vec<_>>(), ["admin"]);
+    // A raw byte string ends where its closing quote is, not at an escape.
+    let refs: Vec<String> = crate_refs(&code_only("let x = br\"\\\"; crate::after::f();")).into_iter().collect();
+    assert_eq!(refs, ["after"]);
+    let attr = "#[serde(default = \"crate::proxy::x\")]\nstruct S;";
+    assert_eq!(attribute_string_refs(attr).into_iter().collect::<Vec<_>>(), ["proxy"]);
+}
+
+#[test]
+fn uses_lists_are_read_from_the_bullet() {
+    let lib = "//! # Layout\n//! - [`a`]: the top. Uses `b`,\n//!   `c`.\n//! - [`b`]: leaf. Uses nothing.\n//! - [`c`]: says nothing\n";
+    let bullets = map_bullets(lib);
+    assert_eq!(bullets.len(), 3);
+    let uses: Vec<Option<BTreeSet<String>>> = bullets.iter().map(|(_, t)| stated_uses(t)).collect();
+    assert_eq!(uses[0], Some(["b".to_string(), "c".to_string()].into_iter().collect()));
+    assert_eq!(uses[1], Some(BTreeSet::new()));
+    assert_eq!(uses[2], None);
 }

@@ -18,28 +18,6 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------------------------------------
 // Set-up
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-/// A busy (sanity-passing) image; different seeds give different images.
-fn noisy(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 13 + seed * 17) % 256) as u8,
-            ((x ^ y ^ seed) % 256) as u8,
-        ])
-    }))
-}
-
-/// A uniform white image: fails sanity ("blank or near-uniform").
-fn blank(w: u32, h: u32) -> Vec<u8> {
-    png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
-}
-
 fn req(model: &str) -> Value {
     json!({"model": model, "prompt": "a lighthouse at dusk", "n": 1, "size": "256x256", "response_format": "b64_json"})
 }

@@ -145,12 +145,6 @@ fn testimage(name: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-testimages.sh", p.display()))
 }
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
 /// The `safety` verdict on `bytes` with `settings`, in-process.
 fn safety_verdict(bytes: Vec<u8>, settings: &acc::eval::Settings) -> acc::eval::Verdict {
     let safety: std::sync::Arc<dyn acc::eval::Evaluator> = std::sync::Arc::new(acc::eval::safety::Safety::new());

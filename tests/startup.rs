@@ -34,10 +34,6 @@ fn demo_req() -> serde_json::Value {
     json!({"model": "acc-demo", "prompt": "a quiet harbour", "size": "256x256", "response_format": "b64_json"})
 }
 
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
-
 async fn connect_refused(addr: std::net::SocketAddr) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await, Ok(Err(_)))
 }

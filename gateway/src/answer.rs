@@ -15,16 +15,27 @@ use crate::providers::{Generation, Image, ProviderError};
 use crate::request::ResponseFormat;
 use crate::routing::PlanOutcome;
 
+/// `x-acc-trace-id`: the request's trace id (32 lowercase hex digits; a client may send its own).
 pub const TRACE_ID: HeaderName = HeaderName::from_static("x-acc-trace-id");
+/// `x-acc-route`: the name of the route that served the request.
 pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
+/// `x-acc-provider`: the provider whose answer was returned.
 pub const PROVIDER: HeaderName = HeaderName::from_static("x-acc-provider");
+/// `x-acc-attempts`: every attempt as `provider:result`, in the order they ended.
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
+/// `x-acc-decision`: `pass`, `flagged`, `blocked` or `error`.
 pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
+/// `x-acc-eval`: every verdict on the returned images, `name=verdict(score)` comma-separated.
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
+/// `x-acc-reasons`: why a flagged answer was flagged.
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
+/// `x-acc-cost-usd`: what the request cost in USD at the providers' prices.
 pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+/// `x-acc-generation`: the settings the winning provider used (`seed=7; steps=30; ...`).
 pub const GENERATION: HeaderName = HeaderName::from_static("x-acc-generation");
+/// `x-acc-dropped-params`: request parameters the winning provider could not honour and that were not sent.
 pub const DROPPED: HeaderName = HeaderName::from_static("x-acc-dropped-params");
+/// `x-acc-canary`: `true` when the route's canary served the request first.
 pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
 
 /// Free text as a header value: printable ASCII only, bounded.

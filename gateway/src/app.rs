@@ -19,12 +19,17 @@ use crate::reload::PolicyStore;
 
 /// Shared state of the running gateway.
 pub struct App {
+    /// The live policy and the provider state learnt while running.
     pub policy: Arc<PolicyStore>,
+    /// Every metric of the process (one registry, served at `/admin/metrics`).
     pub metrics: Arc<Metrics>,
+    /// Images served at `/v1/images/artifacts/` for `response_format = "url"`.
     pub artifacts: Arc<ArtifactStore>,
     /// SHA-256 of `ACC_ADMIN_TOKEN`; `None` disables the protected admin endpoints.
     pub admin_token_digest: Option<[u8; 32]>,
+    /// Proxy requests being answered now (see [`App::admit`]).
     pub in_flight: AtomicUsize,
+    /// Set on SIGTERM: `/readyz` answers 503 and no new mirrors start.
     pub draining: AtomicBool,
     /// Threads for decoding and evaluating artifacts.
     pub eval_pool: EvalPool,
@@ -32,7 +37,9 @@ pub struct App {
     pub evaluators: std::collections::HashMap<&'static str, Arc<dyn Evaluator>>,
     /// Whether each evaluator could run at start-up, and why not.
     pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
+    /// Rate and daily spend limits per key and tenant.
     pub limits: Limits,
+    /// `Idempotency-Key` leases and answers kept for replay.
     pub idempotency: Arc<IdempotencyStore>,
     /// Every runtime of the process, for `acc_tasks_alive`.
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
@@ -56,7 +63,9 @@ impl App {
 
 /// What [`App::new`] is built from; the rest starts empty.
 pub struct AppParts<'a> {
+    /// The policy store, opened (its first snapshot validated).
     pub policy: Arc<PolicyStore>,
+    /// The registry the policy store already reports into.
     pub metrics: Arc<Metrics>,
     /// Memory budget of gateway-served images, bytes.
     pub artifact_store_bytes: usize,
@@ -72,6 +81,8 @@ pub struct AppParts<'a> {
 }
 
 impl App {
+    /// The gateway's state at start-up: empty stores sized from the policy's `[server]`
+    /// settings, the evaluation pool started with `eval_threads` threads.
     pub fn new(p: AppParts<'_>) -> App {
         let idempotency = {
             let s = &p.policy.snapshot().policy.server;
@@ -106,6 +117,7 @@ impl App {
 pub struct InFlight<'a>(&'a AtomicUsize);
 
 impl App {
+    /// Counts a request in flight; `None` (shed it with a 503) when `limit` are already.
     pub fn admit(&self, limit: usize) -> Option<InFlight<'_>> {
         let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         let guard = InFlight(&self.in_flight);

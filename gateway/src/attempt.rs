@@ -22,8 +22,11 @@ pub type VerdictSink = std::sync::Mutex<Vec<(Step, Vec<Verdict>)>>;
 
 /// Everything one attempt needs besides its step.
 pub struct AttemptEnv<'a> {
+    /// The gateway's state (metrics, evaluation pool).
     pub app: &'a App,
+    /// The policy snapshot the request started with.
     pub snap: &'a Snapshot,
+    /// The client's request.
     pub req: &'a GenerationRequest,
     /// The model alias the client asked for (or the policy's default).
     pub alias: &'a str,

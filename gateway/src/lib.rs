@@ -3,55 +3,71 @@
 //! # Layout
 //! Every module, from the highest layer to the lowest. A module may import (`use crate::...`)
 //! only modules listed below it, never one above it or itself through another: imports run
-//! downward and there are no cycles. `tests/layers.rs` reads every `crate::` path in
-//! `gateway/src` and fails the build's tests on an arrow that points up; keep this list in that
-//! order when adding a module. Each line says what the module owns, then (after "uses") what it
-//! imports.
+//! downward and there are no cycles. Each line says what the module owns, then, after "Uses",
+//! exactly which modules it imports. `tests/layers.rs` reads every `crate::` and `super::` path
+//! in `gateway/src` and fails on an arrow that points up and on a "Uses" list that differs from
+//! the code; a new module goes into this list at its layer.
 //!
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
-//!   shedding), signals and the drain on shutdown. Uses `admin`, `proxy`, `app`.
+//!   shedding), signals and the drain on shutdown. Uses `admin`, `app`, `error`, `eval`,
+//!   `metrics`, `proxy`, `reload`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
-//!   mirror views). Uses `app` and the state modules it reports on.
+//!   mirror views). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
-//!   record), plus `Idempotency-Key` handling. Uses the phase modules below.
+//!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
+//!   `body`, `cost`, `error`, `eval`, `idempotency`, `limits`, `live`, `metrics`, `migration`,
+//!   `policy`, `providers`, `reload`, `request`, `routing`.
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
-//!   the mirrors' runtime, the primary's outcome handed to them. Uses `attempt`, `cost`, `mirror`.
-//! - [`attempt`]: one attempt on one target: capabilities, admission (pause, breaker), slot,
-//!   adapter call, breaker and health feedback, URL fetch, evaluation. Uses `live`, `fetch`,
-//!   `evaluation`, `providers`.
+//!   the mirrors' runtime, the primary's outcome handed to them. Uses `app`, `attempt`,
+//!   `compare`, `cost`, `eval`, `evaluation`, `mirror`, `policy`, `providers`, `reload`,
+//!   `request`, `routing`.
+//! - [`attempt`]: one attempt on one target: capabilities, admission (pause, breaker, through
+//!   the snapshot's `live` state), slot, adapter call, breaker and health feedback, URL fetch,
+//!   evaluation. Uses `app`, `eval`, `evaluation`, `fetch`, `health`, `policy`, `providers`,
+//!   `reload`, `request`, `routing`.
 //! - [`evaluation`]: a route's `[eval]` policy applied to one attempt's images: evaluators on
-//!   the pool under the budget, then pass, flag, fall back or block. Uses `eval`, `app`.
-//! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `policy`.
+//!   the pool under the budget, then pass, flag, fall back or block. Uses `app`, `eval`,
+//!   `policy`, `providers`, `request`.
+//! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `app`,
+//!   `policy`, `providers`, `request`, `routing`.
 //! - [`answer`]: the answer body in the client's `response_format`, the OpenAI-shaped error
-//!   when every attempt failed, and the `x-acc-*` header names. Uses `artifacts` through `app`.
+//!   when every attempt failed, and the names of the `x-acc-*` response headers. Uses `app`,
+//!   `body`, `error`, `policy`, `providers`, `request`, `routing`.
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `reload`, `artifacts`, `limits`, `idempotency`, `eval`, `metrics`.
+//!   Uses `artifacts`, `eval`, `idempotency`, `limits`, `metrics`, `reload`.
 //! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
-//!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload.
+//!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
+//!   `metrics`, `mirror`, `policy`, `providers`.
 //! - [`live`]: provider and target state learnt while running, kept across reloads: breakers,
-//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts.
-//! - [`routing`]: route selection, the weighted attempt plan, the fallback loop with hedging
-//!   (pure over the policy, generic over the attempt). Uses `policy`, `providers`.
-//! - [`fetch`]: SSRF-guarded fetching of provider image URLs. Uses `upstream`.
+//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts. Uses
+//!   `health`, `metrics`, `policy`, `providers`, `routing`.
+//! - [`routing`]: route selection, the weighted attempt plan (`Step`), the fallback loop with
+//!   hedging (pure over the policy, generic over the attempt). Uses `error`, `policy`,
+//!   `providers`.
+//! - [`fetch`]: SSRF-guarded fetching of provider image URLs. Uses `policy`, `providers`,
+//!   `upstream`.
 //! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `compare`,
-//!   `limits`.
-//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`).
-//! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`.
-//! - [`metrics`]: the Prometheus registry and per-route metric handles.
+//!   `limits`, `policy`.
+//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`). Uses
+//!   `error`, `metrics`, `policy`.
+//! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
+//!   `error`, `metrics`.
+//! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
 //!
 //! ## Adapters
 //! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter
-//!   per API family. Uses `policy` (connection settings), `request`, `upstream`.
+//!   per API family. Uses `body`, `eval` (`Verdict`), `policy` (connection settings),
+//!   `request`, `upstream`.
 //!
 //! ## Policy
 //! - [`policy`]: policy files read raw, validated into runtime types, cross-checked. Uses the
-//!   plain data types of `eval`, `request`, `health` and `compare` it configures.
+//!   plain data types it configures: `compare`, `eval`, `health`, `request`.
 //!
 //! ## Evaluators and the request model
 //! - [`eval`]: the evaluators (sanity, safety, text, adherence) and their thread pool;
@@ -59,13 +75,15 @@
 //! - [`request`]: the client's request parsed and checked into `GenerationRequest`, with its
 //!   plain data types (`Size`, `Operation`, `Param`) and the prompt contract. Uses `error`.
 //!
-//! ## Foundations (plain data and I/O helpers, nothing above)
-//! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request.
-//! - [`idempotency`]: `Idempotency-Key` leases and answers kept for replay.
-//! - [`health`]: health windows with hysteresis, the breaker state machine, `Retry-After`.
-//! - [`compare`]: the statistics of mirror and canary comparisons.
-//! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied).
-//! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes.
+//! ## Foundations (plain data and I/O helpers)
+//! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request. Uses
+//!   `body`, `health` (`Retry-After`).
+//! - [`idempotency`]: `Idempotency-Key` leases and answers kept for replay. Uses nothing.
+//! - [`health`]: health windows with hysteresis, the breaker state machine, `Retry-After`. Uses
+//!   nothing.
+//! - [`compare`]: the statistics of mirror and canary comparisons. Uses nothing.
+//! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied). Uses nothing.
+//! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes. Uses nothing.
 //!
 //! # Where the next parts go
 //! Each is a new module at the layer named, so an issue adds files, not tangles:

@@ -314,7 +314,9 @@ impl HealthCell {
 /// The state a snapshot's route target uses.
 #[derive(Clone)]
 pub struct TargetLive {
+    /// The state of the target's provider (shared by every target naming it).
     pub provider: Arc<ProviderState>,
+    /// The target's own health window.
     pub health: Arc<HealthCell>,
     /// (route, provider, model label): the target's metric labels.
     labels: Arc<(String, String, String)>,
@@ -357,6 +359,7 @@ pub struct Live {
 }
 
 impl Live {
+    /// The state of provider `name`, made on first use.
     pub fn provider(&self, name: &str) -> Arc<ProviderState> {
         if let Some(p) = self.providers.get(name) {
             return p.clone();
@@ -390,6 +393,7 @@ impl Live {
             .collect()
     }
 
+    /// Every provider's state, by name.
     pub fn providers(&self) -> Vec<Arc<ProviderState>> {
         let mut v: Vec<_> = self.providers.iter().map(|e| e.value().clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

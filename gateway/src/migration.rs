@@ -70,7 +70,6 @@ impl<'a> Migration<'a> {
         &mut self,
         app: &Arc<App>,
         snap: &Arc<Snapshot>,
-        route_idx: usize,
         trace_id: &str,
         req: &GenerationRequest,
         alias: &str,
@@ -78,6 +77,7 @@ impl<'a> Migration<'a> {
         if self.served_by_canary() {
             return;
         }
+        let route_idx = self.route;
         let policy = &snap.policy;
         let route = &policy.routes[route_idx];
         let mut shared_req: Option<Arc<GenerationRequest>> = None;

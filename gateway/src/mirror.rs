@@ -165,10 +165,12 @@ pub struct Registry {
 pub struct RouteCandidates {
     /// Indexed like the route's `mirrors`.
     pub mirrors: Vec<Arc<MirrorState>>,
+    /// The route's canary, when it has one.
     pub canary: Option<Arc<CanaryState>>,
 }
 
 impl Registry {
+    /// The state of mirror candidate `label` of `route`, made on first use.
     pub fn mirror(&self, route: &str, label: &str) -> Arc<MirrorState> {
         self.mirrors.entry((route.to_string(), label.to_string())).or_default().clone()
     }
@@ -201,6 +203,7 @@ impl Registry {
 /// `candidates` is the snapshot's state of `policy`, indexed like its routes.
 pub fn report(policy: &Policy, candidates: &[RouteCandidates], route: Option<&str>) -> serde_json::Value {
     const ALPHA: f64 = 0.05;
+    debug_assert_eq!(policy.routes.len(), candidates.len(), "the candidates of another policy");
     let routes: Vec<_> = policy
         .routes
         .iter()

@@ -350,7 +350,7 @@ where
         None => crate::limits::Reservation::none(),
     };
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
-    migration.start_mirrors(app, snap, route_idx, &ctx.trace_id, &req, alias);
+    migration.start_mirrors(app, snap, &ctx.trace_id, &req, alias);
 
     // 7. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
     let deadline = tokio::time::Instant::now() + route.deadline;

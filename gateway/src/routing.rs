@@ -195,7 +195,6 @@ where
         }
         return out;
     };
-    let hedging = Some(hedging);
     let mut running = FuturesUnordered::new();
     // Per started attempt: its step, when it started, whether it was a hedge, whether it ended.
     let mut started: Vec<(Step, Instant, bool, bool)> = Vec::with_capacity(steps.len());
@@ -222,9 +221,8 @@ where
             }
             last_start = launch(false, &mut next, &mut running, &mut started);
         }
-        let hedge_at = hedging.map(|h| (last_start + h.after, h.max_parallel));
-        let can_hedge =
-            matches!(hedge_at, Some((at, max)) if next < steps.len() && running.len() < max && at < deadline);
+        let hedge_at = last_start + hedging.after;
+        let can_hedge = next < steps.len() && running.len() < hedging.max_parallel && hedge_at < deadline;
         tokio::select! {
             biased;
             Some((id, result)) = running.next() => {
@@ -245,13 +243,13 @@ where
                             break;
                         }
                         // With hedging, a failure frees a parallel slot for the next step now.
-                        if hedging.is_some() && !running.is_empty() && next < steps.len() && Instant::now() < deadline {
+                        if !running.is_empty() && next < steps.len() && Instant::now() < deadline {
                             last_start = launch(false, &mut next, &mut running, &mut started);
                         }
                     }
                 }
             }
-            _ = tokio::time::sleep_until(hedge_at.map_or(deadline, |h| h.0)), if can_hedge => {
+            _ = tokio::time::sleep_until(hedge_at), if can_hedge => {
                 last_start = launch(true, &mut next, &mut running, &mut started);
                 out.hedges_started += 1;
             }

@@ -169,3 +169,8 @@ pub async fn raw_post(
     s.write_all(&body).await.expect("write body");
     s
 }
+
+/// An `Authorization` header value for a client key.
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}

@@ -50,3 +50,33 @@ pub fn make_png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     }
     out
 }
+
+/// `img` encoded as PNG.
+pub fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A busy PNG that passes sanity; different seeds give different images.
+pub fn noisy(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    png(&image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 7 + seed * 31) % 256) as u8,
+            ((y * 13 + seed * 17) % 256) as u8,
+            ((x ^ y ^ seed) % 256) as u8,
+        ])
+    }))
+}
+
+/// A uniform white PNG: fails sanity ("blank or near-uniform").
+pub fn blank(w: u32, h: u32) -> Vec<u8> {
+    png(&image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255])))
+}
+
+/// The only image of a 200 `b64_json` answer (panics unless there is exactly one).
+pub fn b64_one(r: &Resp) -> Vec<u8> {
+    let mut imgs = b64_images(r);
+    assert_eq!(imgs.len(), 1, "{}", r.describe());
+    imgs.remove(0)
+}

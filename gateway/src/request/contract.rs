@@ -41,6 +41,8 @@ impl Contract {
         Ok(c)
     }
 
+    /// A contract given as a JSON value (the body field `acc`); the error says which clause is
+    /// wrong.
     pub fn from_value(v: serde_json::Value) -> Result<Contract, String> {
         let c: Contract = serde_json::from_value(v).map_err(|e| format!("invalid prompt contract: {e}"))?;
         c.check()?;
