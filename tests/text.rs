@@ -80,3 +80,24 @@ async fn contract_text_clauses_use_ocr() {
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"), "{}", r.describe());
     assert!(r.header("x-acc-reasons").unwrap_or_default().contains("required text \"OPEN BAKERY 24/7\" not found"));
 }
+
+/// Text-free photographs from the scikit-image wheel (`scripts/fetch-testimages.sh`): OCR reads
+/// no text in any of them, so a rule that forbids all text passes them. `coffee.png` used to read
+/// a single "O" off the cup's rim.
+#[tokio::test]
+async fn text_free_photos_pass_a_no_text_rule() {
+    let (first, _second, gw, _d) =
+        gateway("evaluators = [\"text\", \"adherence\"]\nforbid_any_text = true\non_text_fail = \"block\"\non_low_adherence = \"block\"").await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/testimages");
+    for photo in ["coffee.png", "astronaut.png", "camera.png", "chelsea.png", "color.png"] {
+        let bytes = std::fs::read(dir.join(photo))
+            .unwrap_or_else(|e| panic!("{photo}: {e}; run scripts/fetch-testimages.sh (scripts/test.sh does)"));
+        first.answer_with(&bytes);
+        let r = gw.generate(&req()).await;
+        assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{photo}: {}", r.describe());
+        let mut body = req();
+        body["acc"] = json!({"forbid_text": true});
+        let r = gw.generate(&body).await;
+        assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{photo} with a contract: {}", r.describe());
+    }
+}
