@@ -101,3 +101,33 @@ async fn text_free_photos_pass_a_no_text_rule() {
         assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{photo} with a contract: {}", r.describe());
     }
 }
+
+/// OCR runs only when something asks a question about text: a prompt contract without a text
+/// clause, or a route whose text rules are empty, leaves the OCR models unloaded on the
+/// evaluating thread; a text clause loads and runs them.
+#[test]
+fn ocr_runs_only_for_text_clauses() {
+    use acc::eval::{self, ocr, onnx};
+    use acc::request::contract::Contract;
+    let photo = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/testimages/chelsea.png"))
+        .expect("run scripts/fetch-testimages.sh (scripts/test.sh does)");
+    let bytes = bytes::Bytes::from(photo);
+    let (det, _rec) = ocr::default_models();
+    let available = eval::available();
+    let evaluators: Vec<_> = ["adherence", "text"].iter().map(|n| available[n].clone()).collect();
+    let run = move |contract: &'static str| {
+        let (bytes, evaluators, det) = (bytes.clone(), evaluators.clone(), det.clone());
+        // A fresh thread has no ONNX sessions yet: a session afterwards means OCR ran.
+        std::thread::spawn(move || {
+            let contract = Contract::parse(contract.as_bytes()).unwrap();
+            let report = eval::evaluate(&bytes, None, &eval::Settings::default(), Some(&contract), "", &evaluators);
+            (report.verdicts, onnx::has_session(&det))
+        })
+        .join()
+        .unwrap()
+    };
+    let (verdicts, ocr_ran) = run(r#"{"aspect": "3:2"}"#);
+    assert!(!ocr_ran, "no text clause, yet OCR ran: {verdicts:?}");
+    let (verdicts, ocr_ran) = run(r#"{"forbid_text": true}"#);
+    assert!(ocr_ran, "a text clause, yet OCR did not run: {verdicts:?}");
+}

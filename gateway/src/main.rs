@@ -285,7 +285,10 @@ fn eval(
         None => {
             let mut all: Vec<_> = available.into_iter().collect();
             all.sort_by_key(|(name, _)| *name);
-            (all.into_iter().map(|(_, e)| e).collect(), Default::default())
+            // Without a policy every evaluator runs with default settings, and `text` shows what
+            // OCR reads even with no rule to check it against.
+            let settings = acc::eval::Settings { report_text: true, ..Default::default() };
+            (all.into_iter().map(|(_, e)| e).collect(), settings)
         }
         Some((dir, name)) => {
             let policy = match acc::policy::load(dir) {

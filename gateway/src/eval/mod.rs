@@ -64,6 +64,9 @@ pub struct Settings {
     /// CLIP encoders and the lowest prompt-image similarity `adherence` accepts, when the
     /// policy configures `[clip]` and the route sets `min_clip_similarity`.
     pub clip: Option<(Arc<clip::ClipConfig>, f32)>,
+    /// `text` reads and reports the image's text even without rules (`acc eval IMAGE` without
+    /// a policy, to show what OCR sees). Off for routes: without a text rule OCR never runs.
+    pub report_text: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,7 @@ impl Default for Settings {
             text: text::TextRules::default(),
             safety_models: vec![SafetyModel::NudeNet],
             clip: None,
+            report_text: false,
         }
     }
 }

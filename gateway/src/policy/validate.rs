@@ -1031,6 +1031,7 @@ fn validate_eval(
         text,
         safety_models,
         clip,
+        report_text: false,
     };
     EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, on_text_fail, budget, fail_open, settings }
 }
