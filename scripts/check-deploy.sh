@@ -296,6 +296,28 @@ def expect(what, got, want):
         sys.exit(f"{what}: got HTTP {got}, want {want}")
 
 expect("demo request (b64_json)", post("acc-demo")[0], 200)
+
+# The demo route has a canary (share 0.5) and a mirror; a canary-served request is not mirrored.
+# Which requests the canary serves is drawn from the trace id (SHA-256 of "canary", NUL, trace id;
+# gateway/src/mirror.rs `draw`), so two chosen trace ids make sure both paths run, whatever the
+# draws of the other requests: without them all of them were canary-served one run in eight, and
+# the mirror metrics the dashboard uses never appeared.
+import hashlib
+def canary_draw(trace_id):
+    d = hashlib.sha256(b"canary\0" + trace_id.encode()).digest()
+    return (int.from_bytes(d[:8], "big") >> 11) / float(1 << 53)
+ids = (f"{i:032x}" for i in range(1000))
+mirrored = next(t for t in ids if canary_draw(t) >= 0.5)
+canaried = next(t for t in (f"{i:032x}" for i in range(1000)) if canary_draw(t) < 0.5)
+for trace_id in (mirrored, canaried):
+    req = urllib.request.Request(
+        f"http://{proxy}/v1/images/generations",
+        data=json.dumps({"model": "acc-demo", "prompt": "check-deploy", "size": "256x256"}).encode(),
+        headers={"content-type": "application/json", "x-acc-trace-id": trace_id})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        canary = r.headers.get("x-acc-canary") == "true"
+        if canary != (trace_id == canaried):
+            sys.exit(f"trace id {trace_id}: x-acc-canary is {canary}, the draw says {trace_id == canaried}")
 status, body = post("acc-demo", fmt="url")
 expect("demo request (url)", status, 200)
 expect("fetching the gateway-served URL", get(body["data"][0]["url"])[0], 200)
