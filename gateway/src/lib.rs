@@ -59,6 +59,8 @@
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
 //!   `error`, `metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
+//! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
+//!   and the trace queries. Uses nothing.
 //!
 //! ## Adapters
 //! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter
@@ -130,6 +132,7 @@ pub mod reload;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod store;
 pub mod upstream;
 
 /// Locks a mutex, taking over one a panicking thread poisoned: the state guarded with it

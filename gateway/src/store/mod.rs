@@ -1,0 +1,13 @@
+//! The trace store: one durable record per request that reaches routing
+//! ([`record::TraceRecord`]), written off the request path and read back by the admin API and
+//! `acc traces`.
+//!
+//! - [`record`]: the record's shape (serde JSON).
+//! - `db`: the database behind it — an embedded SQLite file by default (`[store] path`,
+//!   default `data/acc.db`), PostgreSQL when `[store] url = "postgres://..."` is set; schema
+//!   created or migrated on open from the versioned migrations in `gateway/migrations/`.
+//! - `writer`: the bounded queue and the batching writer task; losses counted in
+//!   `acc_trace_dropped_total{reason}`; retention by age and row count in the background.
+//! - `query`: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
+
+pub mod record;
