@@ -12,7 +12,7 @@ set -euo pipefail
 PILLOW_VERSION="11.3.0"
 MPL_VERSION="3.10.3"
 # Bump when the rendered set changes, so that an older set is re-rendered.
-SET_VERSION="2"
+SET_VERSION="3"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/.cache/ocr-testimages"

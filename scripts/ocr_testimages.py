@@ -96,8 +96,17 @@ def main():
         name = "%02d-scene-%dx%d.png" % (len(images), w, h)
         img.save(os.path.join(out_dir, name))
         images.append({"file": name, "lines": [t for _, _, t in texts], "font": font_file, "size": size})
+    # Fine print (not in the accuracy set): 12 px lines on a 1024x1024 scene, below what OCR's
+    # default detector size finds; a route's larger ocr_max_side reads them.
+    font = ImageFont.truetype(os.path.join(fonts_dir, "DejaVuSans.ttf"), 12)
+    img = Image.new("RGB", (1024, 1024), (230, 220, 200))
+    draw = ImageDraw.Draw(img)
+    draw.text((100, 300), "FRESH COFFEE", font=font, fill=(20, 20, 20))
+    draw.text((500, 700), "Open 7 days", font=font, fill=(120, 20, 20))
+    img.save(os.path.join(out_dir, "fineprint-1024x1024.png"))
+    extras = [{"file": "fineprint-1024x1024.png", "lines": ["FRESH COFFEE", "Open 7 days"], "font": "DejaVuSans.ttf", "size": 12}]
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump({"images": images}, f, indent=1)
+        json.dump({"images": images, "extras": extras}, f, indent=1)
     print("ocr_testimages.py: wrote %d images to %s" % (len(images), out_dir), file=sys.stderr)
 
 

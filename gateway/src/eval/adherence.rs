@@ -168,7 +168,7 @@ impl Evaluator for Adherence {
         }
         let rules = c.text_rules();
         if !rules.is_empty() {
-            match super::text::ready().and_then(|()| super::text::read(s.image)) {
+            match super::text::ready().and_then(|()| super::text::read(s.image, s.settings.ocr_max_side)) {
                 Err(e) => {
                     return Verdict {
                         evaluator: "adherence",

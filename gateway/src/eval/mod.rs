@@ -67,6 +67,10 @@ pub struct Settings {
     /// `text` reads and reports the image's text even without rules (`acc eval IMAGE` without
     /// a policy, to show what OCR sees). Off for routes: without a text rule OCR never runs.
     pub report_text: bool,
+    /// Longest side, in pixels, of the image as OCR's text detector sees it (a route's
+    /// `ocr_max_side`; default [`ocr::DET_MAX_SIDE`]). Larger finds smaller print and costs
+    /// more CPU, about quadratically.
+    pub ocr_max_side: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +90,7 @@ impl Default for Settings {
             safety_models: vec![SafetyModel::NudeNet],
             clip: None,
             report_text: false,
+            ocr_max_side: ocr::DET_MAX_SIDE,
         }
     }
 }
@@ -112,9 +117,11 @@ impl Decoded {
     }
 
     /// The text read from this image, lines joined by spaces (OCR runs on first use).
-    pub fn text(&self, det: &std::path::Path, rec: &std::path::Path) -> &Result<String, String> {
+    /// `max_side` is the detector's input bound ([`ocr::DET_MAX_SIDE`] by default); the first
+    /// call's value holds for the image.
+    pub fn text(&self, det: &std::path::Path, rec: &std::path::Path, max_side: u32) -> &Result<String, String> {
         self.text.get_or_init(|| {
-            ocr::read_text(det, rec, &self.rgb)
+            ocr::read_text(det, rec, &self.rgb, max_side)
                 .map(|lines| lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join(" "))
         })
     }

@@ -4,7 +4,7 @@
 //!
 //! The pipeline, reimplemented after the package's pre- and post-processing:
 //! 1. **Detection** (DB, differentiable binarization): the image is resized (bilinear) so that
-//!    its longer side is at most [`DET_MAX_SIDE`], each side rounded to a multiple of 32, fed as
+//!    its longer side is at most `max_side` ([`DET_MAX_SIDE`] by default; a route's `ocr_max_side`), each side rounded to a multiple of 32, fed as
 //!    float32 NCHW in B, G, R order normalised as `(v / 255 - 0.5) / 0.5`; the output
 //!    `[1, 1, H, W]` text probability map is binarized at [`DET_THRESH`] and dilated with a 2x2
 //!    kernel.
@@ -16,7 +16,8 @@
 //!    package fits rotated rectangles instead; generated images almost always have horizontal
 //!    text, and rotated or curved text is read worse here.
 //! 3. **Recognition** (CRNN/SVTR with CTC): each box is cropped and resized (bilinear) to
-//!    height 48 keeping its aspect ratio, padded with zeros to a width of at least 320, and fed
+//!    height 48 keeping its aspect ratio (no padding: the package pads to 320, which changed no
+//!    character of the rendered set and cost a third of recognition time), and fed
 //!    as `x` `[1, 3, 48, W]`; the output `[1, T, 6625]` is decoded greedily (argmax per step,
 //!    repeats merged, blank index 0). The character list is the model's metadata `character`
 //!    (one per line) with the blank before it and a space after it. A crop at least 1.5 times
@@ -42,9 +43,14 @@ use super::onnx;
 pub const DET_MODEL_FILE: &str = "ch_PP-OCRv4_det_infer.onnx";
 pub const REC_MODEL_FILE: &str = "ch_PP-OCRv4_rec_infer.onnx";
 
-/// Longest side of the detector's input (images larger than this are shrunk; smaller ones are
-/// not enlarged).
-pub const DET_MAX_SIDE: u32 = 960;
+/// Default longest side of the detector's input (images larger than this are shrunk; smaller
+/// ones are not enlarged). The package uses 960; at 416 detection costs a fifth as much on a
+/// 1024x1024 image and the rendered set reads as well (99.4% of characters against 99.0%):
+/// lines down to about 20 px high on a 1024 px image are found, smaller print may be missed
+/// (`bench/eval.rs`, README "Evaluation cost"). A route's `ocr_max_side` raises it.
+pub const DET_MAX_SIDE: u32 = 416;
+/// Bounds of a route's `ocr_max_side`.
+pub const DET_MAX_SIDE_RANGE: std::ops::RangeInclusive<u32> = 128..=4096;
 /// Probability above which a map pixel is text.
 pub const DET_THRESH: f32 = 0.3;
 /// Mean probability a box needs to be kept.
@@ -53,8 +59,6 @@ pub const DET_BOX_THRESH: f32 = 0.5;
 pub const UNCLIP_RATIO: f32 = 1.6;
 /// Height of the recogniser's input.
 pub const REC_HEIGHT: u32 = 48;
-/// Smallest width of the recogniser's input (shorter lines are padded).
-pub const REC_MIN_WIDTH: u32 = 320;
 /// Lines read with a lower confidence are dropped.
 pub const TEXT_SCORE: f32 = 0.5;
 /// A line of a single glyph counts as text only with at least this confidence. Shapes in
@@ -80,13 +84,14 @@ pub fn default_models() -> (PathBuf, PathBuf) {
 }
 
 /// Reads the text in `img`: lines in reading order (top to bottom, then left to right within
-/// a row). One session per model per calling thread. A missing library or model is an `Err`
-/// naming it.
-pub fn read_text(det_model: &Path, rec_model: &Path, img: &RgbImage) -> Result<Vec<TextLine>, String> {
+/// a row). Detection sees the image shrunk to at most `max_side` pixels on its longer side
+/// (see [`DET_MAX_SIDE`]). One session per model per calling thread. A missing library or
+/// model is an `Err` naming it.
+pub fn read_text(det_model: &Path, rec_model: &Path, img: &RgbImage, max_side: u32) -> Result<Vec<TextLine>, String> {
     if img.width() == 0 || img.height() == 0 {
         return Err("empty image (0 pixels)".to_string());
     }
-    let boxes = detect(det_model, img)?;
+    let boxes = detect(det_model, img, max_side)?;
     let boxes = reading_order(boxes);
     let charset = charset(rec_model)?;
     let mut lines = Vec::with_capacity(boxes.len());
@@ -205,15 +210,16 @@ fn norm(v: f32) -> f32 {
 }
 
 /// The detector's input size for a `w` x `h` image.
-fn det_size(w: u32, h: u32) -> (usize, usize) {
-    let ratio = if w.max(h) > DET_MAX_SIDE { DET_MAX_SIDE as f32 / w.max(h) as f32 } else { 1.0 };
+fn det_size(w: u32, h: u32, max_side: u32) -> (usize, usize) {
+    let max_side = max_side.max(32);
+    let ratio = if w.max(h) > max_side { max_side as f32 / w.max(h) as f32 } else { 1.0 };
     let round32 = |v: u32| ((((v as f32 * ratio) as u32) as f32 / 32.0).round() as usize * 32).max(32);
     (round32(w), round32(h))
 }
 
-fn detect(det_model: &Path, img: &RgbImage) -> Result<Vec<Box>, String> {
+fn detect(det_model: &Path, img: &RgbImage, max_side: u32) -> Result<Vec<Box>, String> {
     let (w, h) = (img.width(), img.height());
-    let (dw, dh) = det_size(w, h);
+    let (dw, dh) = det_size(w, h, max_side);
     let mut input = vec![0f32; 3 * dw * dh];
     let (sx, sy) = (w as f32 / dw as f32, h as f32 / dh as f32);
     for y in 0..dh {
@@ -345,7 +351,7 @@ fn rec_input(img: &RgbImage, b: &Box) -> (Vec<f32>, usize) {
     let (tw, th) = if rotate { (ch, cw) } else { (cw, ch) };
     let hh = REC_HEIGHT as usize;
     let resized_w = ((hh as f32 * tw / th).ceil() as usize).clamp(1, 4096);
-    let width = resized_w.max(REC_MIN_WIDTH as usize);
+    let width = resized_w;
     let mut input = vec![0f32; 3 * hh * width];
     let (sx, sy) = (tw / resized_w as f32, th / hh as f32);
     for y in 0..hh {
@@ -483,10 +489,12 @@ mod tests {
 
     #[test]
     fn det_size_is_a_multiple_of_32_within_the_limit() {
-        assert_eq!(det_size(512, 512), (512, 512));
-        assert_eq!(det_size(1024, 1024), (960, 960));
-        assert_eq!(det_size(1920, 1080), (960, 544));
-        assert_eq!(det_size(10, 10), (32, 32));
+        assert_eq!(det_size(512, 512, 960), (512, 512));
+        assert_eq!(det_size(1024, 1024, 960), (960, 960));
+        assert_eq!(det_size(1920, 1080, 960), (960, 544));
+        assert_eq!(det_size(10, 10, 960), (32, 32));
+        assert_eq!(det_size(1024, 1024, DET_MAX_SIDE), (416, 416));
+        assert_eq!(det_size(1536, 1024, DET_MAX_SIDE), (416, 288));
     }
 
     #[test]

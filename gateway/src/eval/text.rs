@@ -47,9 +47,9 @@ impl TextRules {
 }
 
 /// The OCR'd text of an image, one string (lines joined by spaces), shared by evaluators.
-pub fn read(image: &Decoded) -> Result<String, String> {
+pub fn read(image: &Decoded, max_side: u32) -> Result<String, String> {
     let (det, rec) = ocr::default_models();
-    image.text(&det, &rec).clone()
+    image.text(&det, &rec, max_side).clone()
 }
 
 /// `Ok` when the runtime and both OCR models are there.
@@ -77,7 +77,7 @@ impl Evaluator for Text {
             // Nothing to check: OCR is not run (it costs tens of ms per image).
             return Verdict { evaluator: "text", score: 1.0, verdict: Outcome::Pass, reason: "no text rules".into() };
         }
-        let read = match ready().and_then(|()| read(s.image)) {
+        let read = match ready().and_then(|()| read(s.image, s.settings.ocr_max_side)) {
             Ok(t) => t,
             Err(e) => return Verdict { evaluator: "text", score: 0.0, verdict: Outcome::Error, reason: e },
         };

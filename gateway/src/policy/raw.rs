@@ -301,6 +301,10 @@ pub(super) struct RawRoute {
     /// No text at all in the image.
     #[serde(default)]
     pub(super) forbid_any_text: bool,
+    /// Longest side in pixels of the image as OCR's text detector sees it, 128 to 4096; default
+    /// 416 (text down to about 20 px high on a 1024 px image). Larger reads smaller print at
+    /// about quadratic CPU cost (960 costs ~5x the default).
+    pub(super) ocr_max_side: Option<u32>,
     /// What a failed text rule does: "fallback" (default), "block" or "flag".
     pub(super) on_text_fail: Option<String>,
     /// Models `safety` runs: "nudenet" and/or names of `[classifiers.*]`; default ["nudenet"].

@@ -304,6 +304,12 @@ on_eval_error = "maybe"
             r#"r.toml: routes[0].unsafe_classes[1]: unknown NudeNet class "NOSE""#,
         ]
     );
+    let small = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 64\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", small)]).unwrap_err();
+    assert_eq!(errs, vec!["r.toml: routes[0].ocr_max_side: 64 is outside [128, 4096]"]);
+    let fine = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 1024\n";
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", fine)]).unwrap();
+    assert_eq!(p.routes[0].eval.settings.ocr_max_side, 1024);
 }
 
 #[test]

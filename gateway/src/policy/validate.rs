@@ -935,6 +935,14 @@ fn validate_eval(
     if !text.is_empty() && !r.evaluators.iter().any(|e| e == "text") {
         errors.push(format!("{at}: require_text, forbid_text and forbid_any_text need \"text\" in evaluators"));
     }
+    let ocr_max_side = r.ocr_max_side.unwrap_or(crate::eval::ocr::DET_MAX_SIDE);
+    if !crate::eval::ocr::DET_MAX_SIDE_RANGE.contains(&ocr_max_side) {
+        errors.push(format!(
+            "{at}.ocr_max_side: {ocr_max_side} is outside [{}, {}]",
+            crate::eval::ocr::DET_MAX_SIDE_RANGE.start(),
+            crate::eval::ocr::DET_MAX_SIDE_RANGE.end()
+        ));
+    }
     let min_adherence = r.min_adherence.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&min_adherence) {
         errors.push(format!("{at}.min_adherence: {min_adherence} is outside [0, 1]"));
@@ -1032,6 +1040,7 @@ fn validate_eval(
         safety_models,
         clip,
         report_text: false,
+        ocr_max_side,
     };
     EvalPolicy { evaluators, on_sanity_fail, on_unsafe, on_low_adherence, on_text_fail, budget, fail_open, settings }
 }
