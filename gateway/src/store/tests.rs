@@ -936,3 +936,41 @@ async fn sqlite_survives_kill_9_under_load() {
     assert_eq!(db.insert_batch(&[rec(&id(1_000_000_000), T)]).await.expect("write again"), 1);
     db.close().await;
 }
+
+/// Sets `PRAGMA max_page_count` on every connection of the pool (it is per connection).
+async fn set_max_pages(db: &TraceDb, pages: u64) {
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(db.pool().acquire().await.expect("acquire"));
+    }
+    for c in &mut conns {
+        c.execute(format!("PRAGMA max_page_count = {pages}").as_str()).await.expect("pragma");
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_mid_run_counts_store_error_then_writing_resumes() {
+    // SQLite's max_page_count caps the file at its current size: inserts then fail with
+    // SQLITE_FULL ("database or disk is full"), as on a full disk.
+    let s = sqlite_store();
+    let (writer, d, w) = spawn(s.cfg.clone());
+    let big = |n: u64| TraceRecord { prompt: Some("x".repeat(64 * 1024)), ..rec(&id(n), T + n) };
+    writer.submit(big(0));
+    assert!(writer.flush().await);
+    assert_eq!(w.get(), 1);
+    let db = writer.db().expect("open");
+    set_max_pages(&db, 1).await;
+    let e = db.insert_batch(&[big(99)]).await.expect_err("full");
+    assert!(e.to_string().contains("full") && !e.is_unavailable(), "{e}");
+    writer.submit(big(1));
+    writer.submit(big(2));
+    assert!(writer.flush().await);
+    assert_eq!(dropped(&d, "store_error"), 2);
+    assert!(writer.is_available());
+    set_max_pages(&db, 1_073_741_823).await;
+    writer.submit(big(3));
+    assert!(writer.flush().await);
+    assert_eq!(w.get(), 2);
+    assert_eq!(ids(&db, "").await, vec![id(3), id(0)]);
+    writer.shutdown(Duration::from_secs(5)).await;
+}
