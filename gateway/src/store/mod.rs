@@ -3,11 +3,22 @@
 //! `acc traces`.
 //!
 //! - [`record`]: the record's shape (serde JSON).
-//! - `db`: the database behind it — an embedded SQLite file by default (`[store] path`,
+//! - [`db`]: the database behind it — an embedded SQLite file by default (`[store] path`,
 //!   default `data/acc.db`), PostgreSQL when `[store] url = "postgres://..."` is set; schema
 //!   created or migrated on open from the versioned migrations in `gateway/migrations/`.
-//! - `writer`: the bounded queue and the batching writer task; losses counted in
+//! - [`writer`]: the bounded queue and the batching writer task; losses counted in
 //!   `acc_trace_dropped_total{reason}`; retention by age and row count in the background.
-//! - `query`: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
+//! - [`query`]: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
 
+pub mod db;
+pub mod query;
 pub mod record;
+pub mod writer;
+
+pub use db::{mask_url, Backend, StoreConfig, StoreError, TraceDb};
+pub use query::{Cursor, TraceFilter, TracePage};
+pub use record::TraceRecord;
+pub use writer::{DropReason, RecordHook, TraceWriter};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,688 @@
+//! The trace database: one code path over SQLite (an embedded file, the default) and
+//! PostgreSQL (`[store] url`), through sqlx's `Any` driver with numbered placeholders (`$1`),
+//! which both engines accept.
+//!
+//! Schema (`gateway/migrations/`, embedded in the binary, run on every open):
+//! - `traces`: one row per record; `trace_id` is the primary key, the filtered fields
+//!   (`start_time_unix_nano`, `kind`, `route`, `tenant`, `cohort`, `prompt_template`,
+//!   `asset_type`, `decision`) are indexed columns, `record` holds the whole record as JSON.
+//! - `trace_tags`: the multi-valued filters, one row per `(trace_id, tag, value)` with tag
+//!   `provider` ([`TraceRecord::providers`]) or `verdict` ([`TraceRecord::verdicts`]),
+//!   matched by equality.
+//!
+//! A record is written once: inserting a trace id the store already has is ignored (the first
+//! write wins, and a batch replayed after an ambiguous failure changes nothing).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Row};
+
+use super::query::{TraceFilter, TracePage};
+use super::record::TraceRecord;
+
+/// How the store is reached and kept (the `[store]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The SQLite file, used when `url` is unset; its parent directories are created on open.
+    /// Default `data/acc.db` (relative to the working directory).
+    pub path: PathBuf,
+    /// `postgres://user:password@host:port/db` (or `postgresql://`): use PostgreSQL instead of
+    /// the file. The password never appears in logs or errors.
+    pub url: Option<String>,
+    /// Records whose `start_time_unix_nano` is older than this many days are deleted in the
+    /// background; `None` keeps them forever.
+    pub retention_days: Option<u32>,
+    /// At most this many records are kept (the newest); `None`: no limit.
+    pub max_rows: Option<u64>,
+    /// Records waiting for the writer; a record submitted while it is full is dropped and counted
+    /// (`reason="queue_full"`). Default 10 000.
+    pub queue_capacity: usize,
+    /// Records inserted in one transaction at most. Default 256.
+    pub batch_max: usize,
+    /// How long the writer waits to fill a batch after its first record. Default 200 ms.
+    pub flush_interval: Duration,
+    /// How often retention runs. Default 60 s.
+    pub retention_interval: Duration,
+    /// The writer's first wait before opening the store again after a failure; doubled on each
+    /// failure up to 30 s. Default 1 s.
+    pub reopen_backoff: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/acc.db"),
+            url: None,
+            retention_days: None,
+            max_rows: None,
+            queue_capacity: 10_000,
+            batch_max: 256,
+            flush_interval: Duration::from_millis(200),
+            retention_interval: Duration::from_secs(60),
+            reopen_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks what can be checked without connecting: the URL's scheme, and that the sizes are
+    /// not zero. Errors: [`StoreError::Config`].
+    pub fn check(&self) -> Result<(), StoreError> {
+        if let Some(url) = &self.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(StoreError::Config(format!(
+                    "store url {}: only postgres:// URLs are supported (leave it unset for SQLite)",
+                    mask_url(url)
+                )));
+            }
+        }
+        if self.queue_capacity == 0 || self.batch_max == 0 {
+            return Err(StoreError::Config("store queue_capacity and batch_max must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Where the store is, for logs: the file's path, or the URL with its password masked.
+    pub fn target(&self) -> String {
+        match &self.url {
+            Some(url) => mask_url(url),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// Which engine a [`TraceDb`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded file (`[store] path`).
+    Sqlite,
+    /// The server `[store] url` names.
+    Postgres,
+}
+
+/// A failure of the store. Messages name the store by [`StoreConfig::target`] and never carry
+/// the URL's password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The configuration can never work (a URL of another scheme, a zero size). Not retryable.
+    #[error("{0}")]
+    Config(String),
+    /// The store's directory could not be created. Retryable (a full or read-only disk).
+    #[error("trace store {path}: cannot create its directory: {source}", path = path.display())]
+    Dir { path: PathBuf, source: std::io::Error },
+    /// The store cannot be reached: connection refused or lost, pool timeout, file not openable.
+    /// Retryable: the writer reopens the store with backoff.
+    #[error("trace store {target} unavailable: {message}")]
+    Unavailable { target: String, message: String },
+    /// Migrating the schema failed (or the database's schema is newer than this binary's).
+    #[error("trace store {target}: migration failed: {message}")]
+    Migrate { target: String, message: String },
+    /// A statement failed (disk full, constraint, ...); the connection is still usable.
+    #[error("trace store {target}: {op} failed: {message}")]
+    Query { target: String, op: &'static str, message: String },
+    /// A stored record's JSON does not decode into this binary's [`TraceRecord`].
+    #[error("trace store {target}: record {trace_id} does not decode: {message}")]
+    Corrupt { target: String, trace_id: String, message: String },
+}
+
+impl StoreError {
+    /// True when the store could not be reached (reopen it), false for an error of one
+    /// statement or of the configuration.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. } | StoreError::Dir { .. })
+    }
+
+    /// A short label for metrics and logs: `config`, `unavailable`, `migrate`, `query`,
+    /// `corrupt`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreError::Config(_) => "config",
+            StoreError::Dir { .. } | StoreError::Unavailable { .. } => "unavailable",
+            StoreError::Migrate { .. } => "migrate",
+            StoreError::Query { .. } => "query",
+            StoreError::Corrupt { .. } => "corrupt",
+        }
+    }
+
+    /// The HTTP status an endpoint reading the store answers with: 503 while unavailable,
+    /// 500 otherwise.
+    pub fn status(&self) -> u16 {
+        if self.is_unavailable() {
+            503
+        } else {
+            500
+        }
+    }
+}
+
+/// `url` with the password (in the user info or a `password=` parameter) replaced by `***`.
+pub fn mask_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let auth_end = out[rest..].find(['/', '?', '#']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..auth_end].rfind('@') {
+            let at = rest + at;
+            if let Some(colon) = out[rest..at].find(':') {
+                out.replace_range(rest + colon + 1..at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", masked.join("&"));
+    }
+    out
+}
+
+/// The password in `url`, raw and percent-decoded, to scrub from driver messages.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let auth = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some(at) = auth.rfind('@') {
+            if let Some((_, pw)) = auth[..at].split_once(':') {
+                secrets.push(pw.to_string());
+            }
+        }
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if k.eq_ignore_ascii_case("password") {
+                secrets.push(v.into_owned());
+            }
+        }
+    }
+    let decoded: Vec<String> = secrets
+        .iter()
+        .flat_map(|s| {
+            form_urlencoded::parse(format!("x={s}").as_bytes()).map(|(_, v)| v.into_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    secrets.extend(decoded);
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort_unstable();
+    secrets.dedup();
+    secrets
+}
+
+fn scrub(message: String, secrets: &[String]) -> String {
+    secrets.iter().fold(message, |m, s| m.replace(s.as_str(), "***"))
+}
+
+/// Whether a driver error means the connection (or the file) is gone rather than the statement
+/// failed.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: class 08 connection exceptions, 57P01..03 shutdown / cannot connect now.
+            // SQLite: 14 SQLITE_CANTOPEN.
+            code.starts_with("08") || code.starts_with("57P") || code == "14"
+        }
+        _ => false,
+    }
+}
+
+/// The migrations in `gateway/migrations/`, compiled into the binary: (version, description,
+/// SQL). A new file gets a line here (a test checks that the two agree).
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "traces", include_str!("../../migrations/0001_traces.sql"))];
+
+#[derive(Debug)]
+struct Embedded;
+
+impl<'s> MigrationSource<'s> for Embedded {
+    #[allow(clippy::type_complexity)]
+    fn resolve(self) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, sqlx::error::BoxDynError>> + Send + 's>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// A connection pool to the trace database, schema migrated. Cheap to clone (one pool).
+#[derive(Clone)]
+pub struct TraceDb {
+    pool: AnyPool,
+    backend: Backend,
+    target: Arc<str>,
+    secrets: Arc<[String]>,
+}
+
+impl std::fmt::Debug for TraceDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceDb").field("backend", &self.backend).field("target", &self.target).finish()
+    }
+}
+
+/// Connections per pool: one writer plus readers for the admin API.
+const POOL_SIZE: u32 = 4;
+/// How long a statement waits for a connection (and a connect attempt may take) before the
+/// store counts as unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records per INSERT statement (10 parameters each; well under both engines' limits).
+const ROWS_PER_STATEMENT: usize = 100;
+
+/// One bind parameter of a statement built at run time.
+enum Arg {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+}
+
+fn bind_all<'q>(sql: &'q str, args: Vec<Arg>) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    args.into_iter().fold(sqlx::query::<Any>(sql), |q, a| match a {
+        Arg::Text(s) => q.bind(s),
+        Arg::OptText(s) => q.bind(s),
+        Arg::Int(i) => q.bind(i),
+    })
+}
+
+/// Nanoseconds as the database's BIGINT (saturating: i64 holds times until 2262).
+pub(crate) fn nanos_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl TraceDb {
+    /// Opens the store `cfg` names and migrates its schema: PostgreSQL when `cfg.url` is set,
+    /// else the SQLite file `cfg.path` (its directories and the file are created; WAL journal,
+    /// `synchronous=NORMAL`, `busy_timeout` 5 s, so a killed process leaves a consistent file).
+    ///
+    /// Errors: [`StoreError::Config`] for a URL of another scheme, [`StoreError::Dir`] when the
+    /// directory cannot be created, [`StoreError::Unavailable`] when the store cannot be reached
+    /// within 5 s, [`StoreError::Migrate`] when the schema cannot be brought up to date.
+    pub async fn open(cfg: &StoreConfig) -> Result<TraceDb, StoreError> {
+        cfg.check()?;
+        sqlx::any::install_default_drivers();
+        let target = cfg.target();
+        let (backend, options, secrets) = match &cfg.url {
+            Some(url) => {
+                let secrets = url_secrets(url);
+                let options = AnyConnectOptions::from_str(url)
+                    .map_err(|e| StoreError::Config(scrub(format!("store url {target}: {e}"), &secrets)))?;
+                (Backend::Postgres, options, secrets)
+            }
+            None => (Backend::Sqlite, sqlite_options(&cfg.path)?, Vec::new()),
+        };
+        let unavailable = |e: sqlx::Error| StoreError::Unavailable {
+            target: target.clone(),
+            message: scrub(e.to_string(), &secrets),
+        };
+        let mut pool_options =
+            AnyPoolOptions::new().max_connections(POOL_SIZE).min_connections(0).acquire_timeout(ACQUIRE_TIMEOUT);
+        if backend == Backend::Sqlite {
+            pool_options = pool_options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    Ok(())
+                })
+            });
+        }
+        // One direct attempt first: the pool would retry a refused connection until its timeout
+        // and then report only that it timed out, not why.
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, options.connect()).await {
+            Err(_) => {
+                return Err(StoreError::Unavailable {
+                    target: target.clone(),
+                    message: format!("no connection within {} s", ACQUIRE_TIMEOUT.as_secs()),
+                })
+            }
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+        }
+        let pool = pool_options.connect_with(options).await.map_err(unavailable)?;
+        if backend == Backend::Sqlite {
+            // Persistent in the file; set once here rather than on every connection (changing the
+            // mode takes a lock that busy_timeout does not wait for).
+            pool.execute("PRAGMA journal_mode = WAL").await.map_err(unavailable)?;
+        }
+        let migrate =
+            |message: String| StoreError::Migrate { target: target.clone(), message: scrub(message, &secrets) };
+        let migrator = Migrator::new(Embedded).await.map_err(|e| migrate(e.to_string()))?;
+        if let Err(e) = migrator.run(&pool).await {
+            return Err(match e {
+                sqlx::migrate::MigrateError::Execute(inner) if is_connection_error(&inner) => unavailable(inner),
+                e => migrate(e.to_string()),
+            });
+        }
+        Ok(TraceDb { pool, backend, target: target.into(), secrets: secrets.into() })
+    }
+
+    /// The pool, for tests that look under the store's API.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The engine behind this pool.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The store's path or masked URL, for logs.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+        move |e| {
+            let message = scrub(e.to_string(), &self.secrets);
+            if is_connection_error(&e) {
+                StoreError::Unavailable { target: self.target.to_string(), message }
+            } else {
+                StoreError::Query { target: self.target.to_string(), op, message }
+            }
+        }
+    }
+
+    /// Inserts `records` in one transaction and returns how many were new. A record whose
+    /// trace id the store already has (or that appeared earlier in `records`) is ignored:
+    /// the first write wins. Errors: [`StoreError::Unavailable`] (nothing written, reopen),
+    /// [`StoreError::Query`] (nothing written).
+    pub async fn insert_batch(&self, records: &[TraceRecord]) -> Result<u64, StoreError> {
+        let mut seen = HashSet::with_capacity(records.len());
+        let unique: Vec<&TraceRecord> = records.iter().filter(|r| seen.insert(r.trace_id.as_str())).collect();
+        if unique.is_empty() {
+            return Ok(0);
+        }
+        let fail = self.fail("insert");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        let mut inserted = 0u64;
+        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "INSERT INTO traces (trace_id, start_time_unix_nano, kind, route, tenant, cohort, \
+                 prompt_template, asset_type, decision, record) VALUES ",
+            );
+            let mut args = Vec::with_capacity(chunk.len() * 10);
+            for (i, r) in chunk.iter().enumerate() {
+                let record = serde_json::to_string(r).map_err(|e| StoreError::Query {
+                    target: self.target.to_string(),
+                    op: "insert",
+                    message: format!("record {} does not encode: {e}", r.trace_id),
+                })?;
+                let b = i * 10;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                sql.push_str(&(1..=10).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(","));
+                sql.push(')');
+                args.extend([
+                    Arg::Text(r.trace_id.clone()),
+                    Arg::Int(nanos_i64(r.start_time_unix_nano)),
+                    Arg::Text(r.kind.clone()),
+                    Arg::OptText(r.route.clone()),
+                    Arg::OptText(r.tenant.clone()),
+                    Arg::OptText(r.cohort.clone()),
+                    Arg::OptText(r.prompt_template.clone()),
+                    Arg::OptText(r.asset_type.clone()),
+                    Arg::Text(r.decision.clone()),
+                    Arg::Text(record),
+                ]);
+            }
+            sql.push_str(" ON CONFLICT (trace_id) DO NOTHING RETURNING trace_id");
+            let rows = bind_all(&sql, args).fetch_all(&mut *tx).await.map_err(&fail)?;
+            let new: HashSet<String> = rows.iter().filter_map(|row| row.try_get::<String, _>(0).ok()).collect();
+            inserted += new.len() as u64;
+            let tags: Vec<(&str, &'static str, String)> = chunk
+                .iter()
+                .filter(|r| new.contains(&r.trace_id))
+                .flat_map(|r| {
+                    let providers = r.providers().into_iter().map(|p| (r.trace_id.as_str(), "provider", p.to_string()));
+                    let verdicts = r.verdicts().into_iter().map(|v| (r.trace_id.as_str(), "verdict", v));
+                    providers.chain(verdicts).collect::<Vec<_>>()
+                })
+                .collect();
+            for tag_chunk in tags.chunks(ROWS_PER_STATEMENT * 3) {
+                let mut sql = String::from("INSERT INTO trace_tags (trace_id, tag, value) VALUES ");
+                let mut args = Vec::with_capacity(tag_chunk.len() * 3);
+                for (i, (id, tag, value)) in tag_chunk.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(',');
+                    }
+                    sql.push_str(&format!("(${},${},${})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+                    args.extend([Arg::Text(id.to_string()), Arg::Text(tag.to_string()), Arg::Text(value.clone())]);
+                }
+                sql.push_str(" ON CONFLICT DO NOTHING");
+                bind_all(&sql, args).execute(&mut *tx).await.map_err(&fail)?;
+            }
+        }
+        tx.commit().await.map_err(&fail)?;
+        Ok(inserted)
+    }
+
+    /// The record with this trace id, if stored. Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Query`], [`StoreError::Corrupt`].
+    pub async fn get(&self, trace_id: &str) -> Result<Option<TraceRecord>, StoreError> {
+        let row = sqlx::query::<Any>("SELECT record FROM traces WHERE trace_id = $1")
+            .bind(trace_id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.fail("get"))?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let json: String = row.try_get(0).map_err(self.fail("get"))?;
+                self.decode(trace_id, &json).map(Some)
+            }
+        }
+    }
+
+    fn decode(&self, trace_id: &str, json: &str) -> Result<TraceRecord, StoreError> {
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+            target: self.target.to_string(),
+            trace_id: trace_id.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// One page of the records `filter` selects, newest first (`start_time_unix_nano`, then
+    /// `trace_id`, both descending), at most `filter.limit` (clamped to 1..=500), with the
+    /// cursor of the next page when there may be more. Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Query`], [`StoreError::Corrupt`].
+    pub async fn list(&self, filter: &TraceFilter) -> Result<TracePage, StoreError> {
+        let limit = filter.limit.clamp(1, super::query::MAX_LIMIT);
+        let mut sql = String::from("SELECT trace_id, record FROM traces WHERE 1 = 1");
+        let mut args: Vec<Arg> = Vec::new();
+        let next = |args: &mut Vec<Arg>, a: Arg| {
+            args.push(a);
+            args.len()
+        };
+        let columns = [
+            ("route", &filter.route),
+            ("tenant", &filter.tenant),
+            ("cohort", &filter.cohort),
+            ("prompt_template", &filter.template),
+            ("asset_type", &filter.asset_type),
+            ("decision", &filter.decision),
+        ];
+        for (column, value) in columns {
+            if let Some(v) = value {
+                let n = next(&mut args, Arg::Text(v.clone()));
+                sql.push_str(&format!(" AND {column} = ${n}"));
+            }
+        }
+        for (tag, value) in [("provider", &filter.provider), ("verdict", &filter.verdict)] {
+            if let Some(v) = value {
+                let n = next(&mut args, Arg::Text(v.clone()));
+                sql.push_str(&format!(
+                    " AND trace_id IN (SELECT trace_id FROM trace_tags WHERE tag = '{tag}' AND value = ${n})"
+                ));
+            }
+        }
+        if let Some(since) = filter.since {
+            let n = next(&mut args, Arg::Int(nanos_i64(since)));
+            sql.push_str(&format!(" AND start_time_unix_nano >= ${n}"));
+        }
+        if let Some(until) = filter.until {
+            let n = next(&mut args, Arg::Int(nanos_i64(until)));
+            sql.push_str(&format!(" AND start_time_unix_nano < ${n}"));
+        }
+        if let Some(cursor) = &filter.cursor {
+            let t = next(&mut args, Arg::Int(nanos_i64(cursor.start_time_unix_nano)));
+            let id = next(&mut args, Arg::Text(cursor.trace_id.clone()));
+            sql.push_str(&format!(
+                " AND (start_time_unix_nano < ${t} OR (start_time_unix_nano = ${t} AND trace_id < ${id}))"
+            ));
+        }
+        let n = next(&mut args, Arg::Int(limit as i64 + 1));
+        sql.push_str(&format!(" ORDER BY start_time_unix_nano DESC, trace_id DESC LIMIT ${n}"));
+        let rows = bind_all(&sql, args).fetch_all(&self.pool).await.map_err(self.fail("list"))?;
+        let more = rows.len() > limit;
+        let mut records = Vec::with_capacity(rows.len().min(limit));
+        for row in rows.iter().take(limit) {
+            let fail = self.fail("list");
+            let trace_id: String = row.try_get(0).map_err(&fail)?;
+            let json: String = row.try_get(1).map_err(&fail)?;
+            records.push(self.decode(&trace_id, &json)?);
+        }
+        let next_cursor = match (more, records.last()) {
+            (true, Some(last)) => Some(
+                super::query::Cursor {
+                    start_time_unix_nano: last.start_time_unix_nano,
+                    trace_id: last.trace_id.clone(),
+                }
+                .encode(),
+            ),
+            _ => None,
+        };
+        Ok(TracePage { records, next_cursor })
+    }
+
+    /// Deletes the records older than `retention_days` before `now_unix_nano`, then all but the
+    /// newest `max_rows`; returns how many were deleted. `None` skips that rule. Errors:
+    /// [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn prune(
+        &self,
+        now_unix_nano: u64,
+        retention_days: Option<u32>,
+        max_rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let fail = self.fail("prune");
+        let mut deleted = 0;
+        if let Some(days) = retention_days {
+            let cutoff = now_unix_nano.saturating_sub(u64::from(days) * 86_400 * 1_000_000_000);
+            let cutoff = nanos_i64(cutoff);
+            let mut tx = self.pool.begin().await.map_err(&fail)?;
+            sqlx::query::<Any>(
+                "DELETE FROM trace_tags WHERE trace_id IN \
+                 (SELECT trace_id FROM traces WHERE start_time_unix_nano < $1)",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+            let done = sqlx::query::<Any>("DELETE FROM traces WHERE start_time_unix_nano < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            tx.commit().await.map_err(&fail)?;
+            deleted += done.rows_affected();
+        }
+        if let Some(max) = max_rows {
+            let mut tx = self.pool.begin().await.map_err(&fail)?;
+            // The newest row past the limit: it and everything older go.
+            let first_out = sqlx::query::<Any>(
+                "SELECT start_time_unix_nano, trace_id FROM traces \
+                 ORDER BY start_time_unix_nano DESC, trace_id DESC LIMIT 1 OFFSET $1",
+            )
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(&fail)?;
+            if let Some(row) = first_out {
+                let t: i64 = row.try_get(0).map_err(&fail)?;
+                let id: String = row.try_get(1).map_err(&fail)?;
+                let older = "start_time_unix_nano < $1 OR (start_time_unix_nano = $1 AND trace_id <= $2)";
+                sqlx::query::<Any>(&format!(
+                    "DELETE FROM trace_tags WHERE trace_id IN (SELECT trace_id FROM traces WHERE {older})"
+                ))
+                .bind(t)
+                .bind(id.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+                let done = sqlx::query::<Any>(&format!("DELETE FROM traces WHERE {older}"))
+                    .bind(t)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+                deleted += done.rows_affected();
+            }
+            tx.commit().await.map_err(&fail)?;
+        }
+        Ok(deleted)
+    }
+
+    /// How many records the store holds. Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Query`].
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query::<Any>("SELECT COUNT(*) FROM traces")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.fail("count"))?;
+        let n: i64 = row.try_get(0).map_err(self.fail("count"))?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+/// The Any driver's options for the SQLite file at `path`, its directories created first.
+fn sqlite_options(path: &Path) -> Result<AnyConnectOptions, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
+    }
+    let path = std::path::absolute(path).map_err(|source| StoreError::Dir { path: path.to_path_buf(), source })?;
+    let path = path
+        .to_str()
+        .ok_or_else(|| StoreError::Config(format!("trace store {}: the path must be UTF-8", path.display())))?;
+    // `sqlite:` + the percent-encoded path (the driver percent-decodes it), so no character
+    // of the path can be read as URL syntax. byte_serialize writes a space as '+' and a '+' as
+    // %2B, so every '+' left is a space.
+    let encoded: String = form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>().replace('+', "%20");
+    AnyConnectOptions::from_str(&format!("sqlite:{encoded}?mode=rwc"))
+        .map_err(|e| StoreError::Config(format!("trace store {path}: {e}")))
+}
