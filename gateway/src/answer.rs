@@ -59,7 +59,9 @@ pub fn render(
     format: ResponseFormat,
     generation: Generation,
     headers: &HeaderMap,
+    sent: Option<&mut Vec<Sent>>,
 ) -> ChunkedBody {
+    let mut sent = sent;
     let base = match format {
         ResponseFormat::Url => public_base(policy, headers),
         ResponseFormat::B64Json => String::new(),
@@ -74,30 +76,47 @@ pub fn render(
         match format {
             ResponseFormat::B64Json => {
                 out.push(Bytes::from_static(b"{\"b64_json\":\""));
-                out.push(match image {
+                let b64 = match image {
                     Image::Base64(b) => b,
                     Image::Raw { bytes, .. } => Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes)),
                     Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
-                });
+                };
+                if let Some(s) = sent.as_deref_mut() {
+                    s.push(Sent { url: None, base64: Some(b64.clone()), bytes: None });
+                }
+                out.push(b64);
                 out.push(Bytes::from_static(b"\"}"));
             }
             ResponseFormat::Url => {
-                let url = match image {
-                    Image::Url(u) if url_mode == UrlMode::Provider => u,
+                let (url, bytes) = match image {
+                    Image::Url(u) if url_mode == UrlMode::Provider => (u, None),
                     Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
                     Image::Base64(b) => {
                         // Validated when the answer was parsed.
                         let bytes = Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default());
-                        store(app, policy, bytes, &base)
+                        (store(app, policy, bytes.clone(), &base), Some(bytes))
                     }
-                    Image::Raw { bytes, .. } => store(app, policy, bytes, &base),
+                    Image::Raw { bytes, .. } => (store(app, policy, bytes.clone(), &base), Some(bytes)),
                 };
+                if let Some(s) = sent.as_deref_mut() {
+                    s.push(Sent { url: Some(url.clone()), base64: None, bytes });
+                }
                 out.push(format!("{{\"url\":{}}}", serde_json::Value::String(url)));
             }
         }
     }
     out.push(Bytes::from_static(b"]}"));
     out
+}
+
+/// One image as it was sent, for the trace record: the URL served, and the image's bytes
+/// (or their base64 text) when the gateway held them. `Bytes` clones share the answer's
+/// buffers.
+#[derive(Debug, Clone, Default)]
+pub struct Sent {
+    pub url: Option<String>,
+    pub base64: Option<Bytes>,
+    pub bytes: Option<Bytes>,
 }
 
 /// Keeps an image in the artifact store and returns its URL.

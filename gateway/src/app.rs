@@ -16,6 +16,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::reload::PolicyStore;
+use crate::store::TraceWriter;
 
 /// Shared state of the running gateway.
 pub struct App {
@@ -52,6 +53,8 @@ pub struct App {
     pub mirror_stop: CancellationToken,
     /// Evaluation threads mirrors may use at once (half the pool), so live requests keep theirs.
     pub mirror_eval: tokio::sync::Semaphore,
+    /// Where trace records go (`None`: `[store] enabled = false`).
+    pub traces: Option<TraceWriter>,
 }
 
 impl App {
@@ -78,6 +81,8 @@ pub struct AppParts<'a> {
     pub evaluator_status: Vec<(&'static str, Result<(), String>)>,
     /// The mirrors' runtime (one thread at idle CPU priority).
     pub mirror_rt: tokio::runtime::Handle,
+    /// The trace writer, started on the current runtime.
+    pub traces: Option<TraceWriter>,
 }
 
 impl App {
@@ -108,6 +113,7 @@ impl App {
             mirror_rt: p.mirror_rt,
             mirror_stop: CancellationToken::new(),
             mirror_eval: tokio::sync::Semaphore::new((p.eval_threads / 2).max(1)),
+            traces: p.traces,
         }
     }
 }

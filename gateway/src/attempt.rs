@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::app::App;
@@ -19,6 +20,42 @@ use crate::routing::Step;
 
 /// Each evaluated attempt's step and verdicts, in the order they were evaluated.
 pub type VerdictSink = std::sync::Mutex<Vec<(Step, Vec<Verdict>)>>;
+
+/// What the trace records of one attempt beyond how it ended (`routing::AttemptRecord`).
+#[derive(Debug, Clone)]
+pub struct AttemptNote {
+    pub step: Step,
+    /// The attempt's span id (nonzero), sent to the provider in `traceparent`.
+    pub span_id: u64,
+    /// When the attempt started.
+    pub started: Instant,
+    /// Time waiting for the provider's concurrency slot.
+    pub queue: Duration,
+    /// The model asked of the provider.
+    pub model: String,
+    /// The model (version) the provider says generated.
+    pub model_version: Option<String>,
+    /// Every evaluator's verdict on the attempt's images, and the image each is about.
+    pub verdicts: Vec<Verdict>,
+    pub verdict_images: Vec<usize>,
+}
+
+/// Every attempt's note, in the order the attempts ended (a cancelled one's too).
+pub type NoteSink = std::sync::Mutex<Vec<AttemptNote>>;
+
+/// Puts its note into the sink when the attempt ends, however it ends (a lost hedge is dropped).
+struct NoteGuard<'a> {
+    sink: &'a NoteSink,
+    note: Option<AttemptNote>,
+}
+
+impl Drop for NoteGuard<'_> {
+    fn drop(&mut self) {
+        if let (Some(n), Ok(mut sink)) = (self.note.take(), self.sink.lock()) {
+            sink.push(n);
+        }
+    }
+}
 
 /// Everything one attempt needs besides its step.
 pub struct AttemptEnv<'a> {
@@ -38,6 +75,9 @@ pub struct AttemptEnv<'a> {
     pub mirror: bool,
     /// Where attempts leave their verdicts (pass or fail), when mirrors or a canary compare them.
     pub verdicts: Option<&'a VerdictSink>,
+    /// Where attempts leave their notes for the trace record, with the request's trace id (32
+    /// hex digits) for the `traceparent` sent to providers; `None` when nothing is recorded.
+    pub notes: Option<(&'a NoteSink, &'a str)>,
 }
 
 /// One attempt on the target `s` names, until `until`: refused when the provider cannot do the
@@ -46,6 +86,32 @@ pub struct AttemptEnv<'a> {
 /// queued for a concurrency slot; sent; then its images fetched and evaluated when needed. Its
 /// result feeds the provider's breaker and the target's health window.
 pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Generation, ProviderError> {
+    let Some((sink, trace_id)) = env.notes else { return run(env, s, until, None, None).await };
+    let span_id = fastrand::u64(1..);
+    let mut guard = NoteGuard {
+        sink,
+        note: Some(AttemptNote {
+            step: s,
+            span_id,
+            started: Instant::now(),
+            queue: Duration::ZERO,
+            model: String::new(),
+            model_version: None,
+            verdicts: Vec::new(),
+            verdict_images: Vec::new(),
+        }),
+    };
+    let traceparent = HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok();
+    run(env, s, until, guard.note.as_mut(), traceparent).await
+}
+
+async fn run(
+    env: &AttemptEnv<'_>,
+    s: Step,
+    until: Instant,
+    mut note: Option<&mut AttemptNote>,
+    traceparent: Option<HeaderValue>,
+) -> Result<Generation, ProviderError> {
     let (app, policy) = (env.app, &env.snap.policy);
     let route = &policy.routes[s.route];
     let target = &route.targets[s.target];
@@ -60,15 +126,21 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
     let now = Instant::now();
     let admission = live.provider.admit(now, &breaker, &app.metrics)?;
     let budget = until.saturating_duration_since(now);
-    let slot = live.provider.acquire(spec.and_then(|p| p.concurrency.as_ref()), budget, &app.metrics).await?;
-    // 3. Send it.
+    let slot = live.provider.acquire(spec.and_then(|p| p.concurrency.as_ref()), budget, &app.metrics).await;
     let model = target.model.as_deref().unwrap_or(env.alias);
+    if let Some(n) = note.as_deref_mut() {
+        n.queue = now.elapsed();
+        n.model = model.to_string();
+    }
+    let slot = slot?;
+    // 3. Send it.
     let default_fetch = FetchPolicy::default();
     let fetch = spec.map_or(&default_fetch, |p| &p.fetch);
     let request =
         AttemptRequest { req: env.req, model, target_model: target.model.as_deref(), dropped: &dropped, fetch };
     let sent = Instant::now();
-    let result = match tokio::time::timeout_at(until, adapter.generate(&request)).await {
+    let call = crate::upstream::with_traceparent(traceparent, adapter.generate(&request));
+    let result = match tokio::time::timeout_at(until, call).await {
         Ok(r) => r,
         Err(_) => Err(ProviderError::Timeout),
     };
@@ -89,6 +161,9 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             return Err(e);
         }
     };
+    if let Some(n) = note.as_deref_mut() {
+        n.model_version = generation.settings.model.clone();
+    }
     used_settings(&mut generation, env.req, model, &dropped);
     // 5. A provider URL is fetched (SSRF-guarded) when the gateway needs the bytes: to evaluate
     // them, or to answer b64_json or gateway-served URLs.
@@ -117,6 +192,10 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             if let Ok(mut v) = sink.lock() {
                 v.push((s, generation.verdicts.clone()));
             }
+        }
+        if let Some(n) = note.as_deref_mut() {
+            n.verdicts = generation.verdicts.clone();
+            n.verdict_images = generation.verdict_images.clone();
         }
         match evaluated {
             Ok(Ok(())) => {}

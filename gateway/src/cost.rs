@@ -34,16 +34,17 @@ pub fn cost_of(
 
 /// Charges every attempt of a plan that the provider most likely billed, counted in
 /// `acc_cost_usd_total{route,provider,kind}`; returns the request's total in USD, `None` when
-/// nothing it used has a price.
+/// nothing it used has a price, and each attempt's charge (same order as `outcome.attempts`).
 pub fn charge_attempts(
     app: &App,
     policy: &Policy,
     route: &str,
     req: &GenerationRequest,
     outcome: &PlanOutcome,
-) -> Option<f64> {
+) -> (Option<f64>, Vec<Option<f64>>) {
     let mut total = None;
-    for a in &outcome.attempts {
+    let mut each = vec![None; outcome.attempts.len()];
+    for (i, a) in outcome.attempts.iter().enumerate() {
         let kind = match &a.result {
             Ok(()) => "returned",
             Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => "discarded",
@@ -59,6 +60,7 @@ pub fn charge_attempts(
         let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
         app.metrics.cost.with_label_values(&[route, provider, kind]).inc_by(usd);
         *total.get_or_insert(0.0) += usd;
+        each[i] = Some(usd);
     }
-    total
+    (total, each)
 }

@@ -50,6 +50,7 @@ pub async fn evaluate_attempt(
             })
             .collect::<Vec<_>>()
     });
+    let mut verdict_images = Vec::new();
     let mut verdicts: Vec<Verdict> = match tokio::time::timeout(cfg.budget, job).await {
         Ok(Some((waited, reports))) => {
             app.metrics.eval_queue.observe(waited);
@@ -57,6 +58,9 @@ pub async fn evaluate_attempt(
                 for (v, secs) in r.verdicts.iter().zip(&r.durations) {
                     app.metrics.eval_duration.with_label_values(&[v.evaluator]).observe(*secs);
                 }
+            }
+            for (i, r) in reports.iter().enumerate() {
+                verdict_images.extend(std::iter::repeat_n(i, r.verdicts.len()));
             }
             reports.into_iter().flat_map(|r| r.verdicts).collect()
         }
@@ -102,7 +106,10 @@ pub async fn evaluate_attempt(
             });
         }
     }
+    let last = generation.images.len().saturating_sub(1);
+    verdict_images.resize(verdicts.len(), last);
     generation.verdicts = verdicts;
+    generation.verdict_images = verdict_images;
     if failures.is_empty() {
         return Ok(());
     }

@@ -10,25 +10,29 @@
 //!
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
-//!   shedding), signals and the drain on shutdown. Uses `admin`, `app`, `error`, `eval`,
-//!   `metrics`, `proxy`, `reload`.
+//!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
+//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
 //!   mirror views). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
 //!   `body`, `cost`, `error`, `eval`, `idempotency`, `limits`, `live`, `metrics`, `migration`,
-//!   `policy`, `providers`, `reload`, `request`, `routing`.
+//!   `policy`, `providers`, `reload`, `request`, `routing`, `store`, `trace`.
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
+//! - [`trace`]: the request's trace record, drafted once routed, completed with its attempts,
+//!   images and outcome, handed to the store's writer; the client's `traceparent`. Uses
+//!   `answer`, `attempt`, `policy`, `providers`, `request`, `routing`, `store`.
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
 //!   the mirrors' runtime, the primary's outcome handed to them. Uses `app`, `attempt`,
 //!   `compare`, `cost`, `eval`, `evaluation`, `mirror`, `policy`, `providers`, `reload`,
 //!   `request`, `routing`.
 //! - [`attempt`]: one attempt on one target: capabilities, admission (pause, breaker, through
 //!   the snapshot's `live` state), slot, adapter call, breaker and health feedback, URL fetch,
-//!   evaluation. Uses `app`, `eval`, `evaluation`, `fetch`, `health`, `policy`, `providers`,
-//!   `reload`, `request`, `routing`.
+//!   evaluation, the attempt's note for the trace and its `traceparent`. Uses `app`, `eval`,
+//!   `evaluation`, `fetch`, `health`, `policy`, `providers`, `reload`, `request`, `routing`,
+//!   `upstream`.
 //! - [`evaluation`]: a route's `[eval]` policy applied to one attempt's images: evaluators on
 //!   the pool under the budget, then pass, flag, fall back or block. Uses `app`, `eval`,
 //!   `policy`, `providers`, `request`.
@@ -40,7 +44,7 @@
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `artifacts`, `eval`, `idempotency`, `limits`, `metrics`, `reload`.
+//!   Uses `artifacts`, `eval`, `idempotency`, `limits`, `metrics`, `reload`, `store`.
 //! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
@@ -133,6 +137,7 @@ pub mod request;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod trace;
 pub mod upstream;
 
 /// Locks a mutex, taking over one a panicking thread poisoned: the state guarded with it

@@ -69,6 +69,19 @@ pub struct Metrics {
     pub canary_rollbacks: IntCounterVec,
     pub canary_state: IntGaugeVec,
     pub fetch_refused: IntCounterVec,
+    // Traces and cohorts.
+    /// `acc_trace_dropped_total{reason}`: records lost (queue full, store down or failing,
+    /// writer closed), and records kept without image digests.
+    pub trace_dropped: IntCounterVec,
+    /// `acc_trace_written_total`: records in committed batches.
+    pub trace_written: IntCounter,
+    /// `acc_cohort_requests_total{route,cohort,template,asset_type,outcome}`.
+    pub cohort_requests: IntCounterVec,
+    /// `acc_cohort_eval_total{route,cohort,template,asset_type,evaluator,verdict}`: every
+    /// verdict on every evaluated attempt's images (fallbacks' too; mirrors not).
+    pub cohort_eval: IntCounterVec,
+    /// `acc_cohort_fallbacks_total{route,cohort,template,asset_type}`: attempts after the first.
+    pub cohort_fallbacks: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -267,6 +280,34 @@ impl Metrics {
             "Requests with an Idempotency-Key: new, replayed, waited (joined one in flight), conflict",
             &["result"],
         );
+        let trace_dropped = counter(
+            r,
+            "acc_trace_dropped_total",
+            "Trace records lost (queue_full, store_unavailable, store_error, closed) or kept without image digests (images_not_digested)",
+            &["reason"],
+        );
+        let trace_written =
+            IntCounter::new("acc_trace_written_total", "Trace records written to the store").expect("metric");
+        r.register(Box::new(trace_written.clone())).expect("unique metric names");
+        let cohort = ["route", "cohort", "template", "asset_type"];
+        let cohort_requests = counter(
+            r,
+            "acc_cohort_requests_total",
+            "Requests that reached routing by cohort, prompt template and asset type (values outside the policy's [cohorts] lists are \"other\")",
+            &[cohort[0], cohort[1], cohort[2], cohort[3], "outcome"],
+        );
+        let cohort_eval = counter(
+            r,
+            "acc_cohort_eval_total",
+            "Evaluator verdicts on the images of every evaluated attempt (not mirrors) by cohort, prompt template and asset type",
+            &[cohort[0], cohort[1], cohort[2], cohort[3], "evaluator", "verdict"],
+        );
+        let cohort_fallbacks = counter(
+            r,
+            "acc_cohort_fallbacks_total",
+            "Attempts after a request's first, by cohort, prompt template and asset type",
+            &cohort,
+        );
         let rate_limited =
             counter(r, "acc_rate_limited_total", "Requests refused by a rate or spend limit", &["tenant", "limit"]);
         let tasks_alive =
@@ -361,6 +402,11 @@ impl Metrics {
             idempotency,
             rate_limited,
             tasks_alive,
+            trace_dropped,
+            trace_written,
+            cohort_requests,
+            cohort_eval,
+            cohort_fallbacks,
             registry,
             requests,
             request_duration,

@@ -193,6 +193,7 @@ async fn mirror_attempt(
     let labels = [route.name.as_str(), m.label.as_str()];
     let sink = std::sync::Mutex::new(Vec::new());
     let env = AttemptEnv {
+        notes: None,
         app: &app,
         snap: &snap,
         req: &req,

@@ -19,7 +19,7 @@
 //! A request with an `Idempotency-Key` goes through `idempotent` first.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -32,7 +32,7 @@ use crate::answer::{
     self, header_text, ATTEMPTS, CANARY, COST, DECISION, DROPPED, EVAL, GENERATION, PROVIDER, REASONS, ROUTE, TRACE_ID,
 };
 use crate::app::App;
-use crate::attempt::{attempt, attempt_timeout, AttemptEnv, VerdictSink};
+use crate::attempt::{attempt, attempt_timeout, AttemptEnv, NoteSink, VerdictSink};
 use crate::body::ChunkedBody;
 use crate::cost;
 use crate::error::ApiError;
@@ -43,6 +43,8 @@ use crate::providers::ProviderError;
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
+use crate::store::record::TraceRecord;
+use crate::trace;
 
 pub const COHORT: &str = "x-acc-cohort";
 pub const CONTRACT: &str = "x-acc-contract";
@@ -71,6 +73,14 @@ struct RequestCtx {
     generation: Option<String>,
     /// `x-acc-dropped-params`: parameters the winning provider could not honour.
     dropped: Vec<&'static str>,
+    /// When the request arrived, wall clock (for the trace record).
+    wall_start: SystemTime,
+    /// The span id of the client's `traceparent`, when it sent one.
+    parent_span_id: Option<String>,
+    /// The trace record, from the moment the request reaches routing (when records are kept).
+    record: Option<Box<TraceRecord>>,
+    /// `(cohort, template, asset_type)` labels once routed, bounded by the policy's `[cohorts]`.
+    cohort_labels: Option<[String; 3]>,
 }
 
 /// Lives as long as a request is being answered: dropped with the request's future when the
@@ -164,10 +174,21 @@ where
         return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight"))
             .into_response();
     };
+    // A client's W3C traceparent is continued: its trace id is the request's.
+    let (traceparent_id, parent_span_id) = match trace::client_traceparent(&headers) {
+        Some((t, s)) => (Some(t), Some(s)),
+        None => (None, None),
+    };
     let mut ctx = RequestCtx {
         // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
         // a getrandom syscall per request.
-        trace_id: client_trace_id(&headers).unwrap_or_else(|| format!("{:032x}", fastrand::u128(..))),
+        trace_id: traceparent_id
+            .or_else(|| client_trace_id(&headers))
+            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(1..))),
+        wall_start: SystemTime::now(),
+        parent_span_id,
+        record: None,
+        cohort_labels: None,
         started: Instant::now(),
         route: None,
         provider: None,
@@ -334,6 +355,18 @@ where
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
+    let labels = policy.cohorts.labels(
+        cohort,
+        headers.get(trace::PROMPT_TEMPLATE).and_then(|v| v.to_str().ok()),
+        headers.get(trace::ASSET_TYPE).and_then(|v| v.to_str().ok()),
+    );
+    ctx.cohort_labels = Some(labels.map(str::to_string));
+    if app.traces.is_some() {
+        let caller = trace::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };
+        let parent = ctx.parent_span_id.take();
+        let rec = trace::draft(&ctx.trace_id, parent, ctx.wall_start, caller, &route.name, route.record_prompt, &req, headers);
+        ctx.record = Some(Box::new(rec));
+    }
     if let Some(w) = &mut ctx.watch {
         w.route = Some(route_idx);
     }
@@ -365,7 +398,10 @@ where
         routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
+    let notes = NoteSink::default();
+    let trace_id = ctx.record.is_some().then(|| ctx.trace_id.clone());
     let env = AttemptEnv {
+        notes: trace_id.as_deref().map(|t| (&notes, t)),
         app,
         snap,
         req: &req,
@@ -386,9 +422,13 @@ where
     }
 
     // 8. What it cost.
-    let total = cost::charge_attempts(app, policy, &route.name, &req, &outcome);
+    let (total, each) = cost::charge_attempts(app, policy, &route.name, &req, &outcome);
     reservation.settle(total.unwrap_or(0.0));
     ctx.cost = total;
+    if let Some(rec) = ctx.record.as_deref_mut() {
+        let notes = notes.into_inner().unwrap_or_default();
+        trace::attempts(rec, policy, &outcome, notes, ctx.started, ctx.canary, &each);
+    }
 
     // 9. The answer.
     let Some((step, mut generation)) = outcome.success else {
@@ -402,7 +442,14 @@ where
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
     ctx.dropped = std::mem::take(&mut generation.dropped);
-    Ok(answer::render(app, policy, winner.url_mode, req.response_format, generation, headers))
+    let Some(rec) = ctx.record.as_deref_mut() else {
+        return Ok(answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, None));
+    };
+    let settings = generation.settings.clone();
+    let mut sent = Vec::with_capacity(generation.images.len());
+    let body = answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, Some(&mut sent));
+    trace::images(rec, &settings, sent);
+    Ok(body)
 }
 
 /// Client keys are checked by their SHA-256 digest. With no keys configured the gateway serves
@@ -505,6 +552,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
 fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
     ctx.disarm();
     let route = ctx.route.map_or("none", |i| snap.policy.routes[i].name.as_str());
+    let mut error_code: Option<&'static str> = None;
     let (mut resp, outcome) = match result {
         Ok(body) => {
             let mut r = Response::new(Body::new(body));
@@ -514,6 +562,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
             (r, "ok")
         }
         Err(e) => {
+            error_code = e.code;
             let outcome = match (e.code, e.status.as_u16()) {
                 (Some("invalid_api_key"), _) => "unauthorized",
                 (Some("upstream_rejected"), _) => "upstream_rejected",
@@ -600,6 +649,26 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
         }
     }
     tracing::debug!(trace_id = %ctx.trace_id, route, outcome, elapsed_ms = ctx.started.elapsed().as_millis() as u64, "request done");
+    if let Some([cohort, template, asset]) = &ctx.cohort_labels {
+        let m = &app.metrics;
+        let c = [route, cohort.as_str(), template.as_str(), asset.as_str()];
+        m.cohort_requests.with_label_values(&[c[0], c[1], c[2], c[3], outcome]).inc();
+        let after_first = ctx.attempts.len().saturating_sub(1);
+        if after_first > 0 {
+            m.cohort_fallbacks.with_label_values(&c).inc_by(after_first as u64);
+        }
+        if let Some(rec) = &ctx.record {
+            for e in rec.attempts.iter().flat_map(|a| &a.evaluations) {
+                m.cohort_eval.with_label_values(&[c[0], c[1], c[2], c[3], &e.evaluator, &e.verdict]).inc();
+            }
+        }
+    }
+    if let (Some(mut rec), Some(writer)) = (ctx.record.take(), app.traces.as_ref()) {
+        let decision = resp.headers().get(DECISION).and_then(|v| v.to_str().ok()).unwrap_or("error");
+        let status = resp.status().as_u16();
+        trace::finish(&mut rec, status, decision, outcome, error_code, elapsed * 1e3, ctx.cost);
+        writer.submit(*rec);
+    }
     resp
 }
 

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use crate::app::{App, AppParts};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::policy::StoreSettings;
 use crate::reload::{PolicySource, PolicyStore};
+use crate::store::{StoreConfig, TraceWriter};
 use crate::{admin, proxy};
 
 #[derive(Debug, Clone)]
@@ -91,6 +93,14 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     let mirror_stop_rt = CancellationToken::new();
     let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
+    let traces = {
+        let settings = store.snapshot().policy.store.clone();
+        settings.enabled.then(|| {
+            let cfg = store_config(&settings);
+            tracing::info!(store = %cfg.target(), "trace records go to this store");
+            TraceWriter::spawn(cfg, metrics.trace_dropped.clone(), metrics.trace_written.clone(), None)
+        })
+    };
     let app = Arc::new(App::new(AppParts {
         policy: store.clone(),
         metrics: metrics.clone(),
@@ -99,6 +109,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         eval_threads: cfg.eval_threads,
         evaluator_status: readiness,
         mirror_rt,
+        traces,
     }));
     if app.admin_token_digest.is_none() {
         tracing::warn!("ACC_ADMIN_TOKEN is not set: /admin/* endpoints answer 401");
@@ -171,11 +182,44 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
     app.mirror_stop.cancel();
+    // Records of the requests just answered: written within a few seconds, or lost uncounted.
+    if let Some(t) = &app.traces {
+        if !t.shutdown(Duration::from_secs(5)).await {
+            tracing::warn!(queued = t.queued(), "trace records still queued at exit were not written");
+        }
+    }
     mirror_stop_rt.cancel();
     let _ = tokio::task::spawn_blocking(move || mirror_thread.join()).await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
+}
+
+/// The trace store's settings as the writer takes them: PostgreSQL's password, when
+/// `password_env` names a variable, goes into the URL's query (`password=`), never into logs.
+pub fn store_config(s: &StoreSettings) -> StoreConfig {
+    let url = s.url.as_ref().map(|u| match s.password_env.as_deref().map(|v| (v, std::env::var(v))) {
+        Some((_, Ok(pw))) => {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            let pw: String = form_urlencoded::byte_serialize(pw.as_bytes()).collect();
+            format!("{u}{sep}password={pw}")
+        }
+        Some((var, Err(_))) => {
+            tracing::error!(variable = var, "store.password_env names a variable that is not set; connecting without a password");
+            u.clone()
+        }
+        None => u.clone(),
+    });
+    StoreConfig {
+        path: s.path.clone(),
+        url,
+        retention_days: s.retention_days,
+        max_rows: s.max_rows,
+        queue_capacity: s.queue_capacity,
+        batch_max: s.batch_max,
+        flush_interval: s.flush_interval,
+        ..StoreConfig::default()
+    }
 }
 
 /// The mirrors' runtime: one thread at idle scheduling priority (Linux `SCHED_IDLE`: it runs

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, StatusCode, Uri};
+use http::{header, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -85,8 +85,20 @@ impl Endpoint {
     }
 }
 
+tokio::task_local! {
+    /// The W3C `traceparent` of the attempt being sent ([`with_traceparent`]).
+    static TRACEPARENT: Option<HeaderValue>;
+}
+
+/// Runs `fut` (an adapter's call) so that every request [`send`] makes for it carries
+/// `traceparent: value` (W3C Trace Context, <https://www.w3.org/TR/trace-context/>); `None`
+/// sends none.
+pub async fn with_traceparent<F: Future>(value: Option<HeaderValue>, fut: F) -> F::Output {
+    TRACEPARENT.scope(value, fut).await
+}
+
 /// Sends `req` to `endpoint` (the request's own URI is replaced) and reads the whole answer,
-/// up to `max_body` bytes.
+/// up to `max_body` bytes. Inside [`with_traceparent`] the request carries that `traceparent`.
 pub async fn send(
     endpoint: &Endpoint,
     mut req: Request<ChunkedBody>,
@@ -94,6 +106,9 @@ pub async fn send(
 ) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
+    if let Ok(Some(tp)) = TRACEPARENT.try_with(|v| v.clone()) {
+        req.headers_mut().insert(HeaderName::from_static("traceparent"), tp);
+    }
     // A pooled connection the server has since closed is only found out by using it: the
     // request comes back unsent, and goes out once more on a fresh connection.
     for _ in 0..3 {

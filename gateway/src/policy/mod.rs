@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod observe;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -25,8 +26,8 @@ mod validate;
 mod xref;
 
 pub use types::{
-    ApiKey, Billable, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
-    ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, Route, ServerSettings, SizePrice, Target,
+    ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
+    OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route, ServerSettings, StoreSettings, TelemetrySettings, SizePrice, Target,
     TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 
@@ -120,6 +121,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     xref::tenants_without_keys(&sections.tenants, &sections.keys, &mut warnings);
     let classifiers = validate::classifiers(&parsed, &mut errors, &mut warnings);
     let clip = validate::clip(&parsed, &mut errors, &mut warnings);
+    let observe = observe::sections(&parsed, &mut errors);
     let names = xref::Names::gather(&parsed, &mut errors);
     let mut routes = Vec::new();
     for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
@@ -145,5 +147,8 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         routes,
         aliases,
         warnings,
+        store: observe.store,
+        telemetry: observe.telemetry,
+        cohorts: observe.cohorts,
     })
 }

@@ -29,6 +29,65 @@ pub(super) struct RawFile {
     pub(super) classifiers: BTreeMap<String, RawClassifier>,
     #[serde(default)]
     pub(super) routes: Vec<RawRoute>,
+    /// Where trace records are kept.
+    pub(super) store: Option<RawStore>,
+    /// OTLP export of request spans.
+    pub(super) telemetry: Option<RawTelemetry>,
+    /// The cohort, prompt template and asset type values metric labels accept.
+    pub(super) cohorts: Option<RawCohorts>,
+}
+
+/// `[store]`: the trace store (at most one file sets it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    /// Whether requests are recorded at all (default true).
+    pub(super) enabled: Option<bool>,
+    /// The SQLite file (default `data/acc.db`, relative to the working directory).
+    pub(super) path: Option<String>,
+    /// `postgres://user@host:port/db`: PostgreSQL instead of SQLite. No password here.
+    pub(super) url: Option<String>,
+    /// Environment variable holding the PostgreSQL password.
+    pub(super) password_env: Option<String>,
+    /// Records older than this many days are deleted (default 30).
+    pub(super) retention_days: Option<u64>,
+    /// At most this many records are kept, the oldest deleted first (default 1,000,000).
+    pub(super) max_rows: Option<u64>,
+    /// Records waiting for the writer; beyond it they are dropped and counted (default 10,000).
+    pub(super) queue_capacity: Option<u64>,
+    /// Records per insert transaction, at most (default 256).
+    pub(super) batch_max: Option<u64>,
+    /// How long the writer waits to fill a batch, ms (default 200).
+    pub(super) flush_interval_ms: Option<u64>,
+}
+
+/// `[telemetry]`: OTLP export (at most one file sets it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    /// `http://collector:4318` (OTLP/HTTP; `/v1/traces` is appended unless given) or the gRPC
+    /// endpoint with `protocol = "grpc"`.
+    pub(super) otlp_endpoint: Option<String>,
+    /// `"http/protobuf"` (default) or `"grpc"`.
+    pub(super) protocol: Option<String>,
+    /// Per export request, ms (default 10,000).
+    pub(super) timeout_ms: Option<u64>,
+    /// Headers sent with each export, each value read from the named environment variable.
+    #[serde(default)]
+    pub(super) headers_env: BTreeMap<String, String>,
+}
+
+/// `[cohorts]`: accepted label values; anything else is counted as `other`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCohorts {
+    #[serde(default)]
+    pub(super) cohorts: Vec<String>,
+    /// `name@version`.
+    #[serde(default)]
+    pub(super) templates: Vec<String>,
+    #[serde(default)]
+    pub(super) asset_types: Vec<String>,
 }
 
 /// `[server]`: listener limits and URL settings (at most one file sets it).
@@ -259,6 +318,9 @@ pub(super) struct RawRoute {
     pub(super) attempt_timeout_ms: Option<u64>,
     pub(super) deadline_ms: Option<u64>,
     pub(super) url_mode: Option<String>,
+    /// What of the prompt is recorded anywhere (trace store, logs, spans, provenance):
+    /// "full" (default), "sha256" (its digest only) or "none".
+    pub(super) record_prompt: Option<String>,
     /// Evaluators every artifact of this route must pass, in order: "sanity" (more arrive
     /// with later builds: "safety", "text", "adherence").
     #[serde(default)]

@@ -451,6 +451,126 @@ pub struct Route {
     pub mirrors: Vec<Mirror>,
     /// Its canary candidate.
     pub canary: Option<Canary>,
+    /// What of the prompt may be written anywhere.
+    pub record_prompt: RecordPrompt,
+}
+
+/// A route's `record_prompt`: what of a prompt (and negative prompt) the gateway writes to the
+/// trace store, logs, spans and provenance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordPrompt {
+    /// The prompt as sent (default).
+    #[default]
+    Full,
+    /// Only the lowercase hex SHA-256 of its UTF-8 bytes.
+    Sha256,
+    /// Nothing.
+    None,
+}
+
+impl RecordPrompt {
+    /// `"full"`, `"sha256"` or `"none"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordPrompt::Full => "full",
+            RecordPrompt::Sha256 => "sha256",
+            RecordPrompt::None => "none",
+        }
+    }
+}
+
+/// `[store]`: where trace records go. Read at start-up; a reload that changes it is logged
+/// and takes effect on the next restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSettings {
+    /// `enabled = false` records nothing (default true).
+    pub enabled: bool,
+    /// The SQLite file (default `data/acc.db`, relative to the working directory).
+    pub path: std::path::PathBuf,
+    /// PostgreSQL instead of SQLite (`postgres://user@host:port/db`, no password).
+    pub url: Option<String>,
+    /// Environment variable with the PostgreSQL password.
+    pub password_env: Option<String>,
+    /// Records older than this are deleted (default 30 days).
+    pub retention_days: Option<u32>,
+    /// At most this many records are kept (default 1,000,000).
+    pub max_rows: Option<u64>,
+    /// Records waiting for the writer before new ones are dropped (default 10,000).
+    pub queue_capacity: usize,
+    /// Records per insert transaction (default 256).
+    pub batch_max: usize,
+    /// Longest wait to fill a batch (default 200 ms).
+    pub flush_interval: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            enabled: true,
+            path: std::path::PathBuf::from("data/acc.db"),
+            url: None,
+            password_env: None,
+            retention_days: Some(30),
+            max_rows: Some(1_000_000),
+            queue_capacity: 10_000,
+            batch_max: 256,
+            flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `[telemetry]`: OTLP export of each request's spans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// Base URL of the OTLP receiver (no trailing slash).
+    pub otlp_endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Per export request.
+    pub timeout: Duration,
+    /// (header name, environment variable with its value).
+    pub headers_env: Vec<(String, String)>,
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`POST {endpoint}/v1/traces`).
+    HttpProtobuf,
+    /// OTLP/gRPC.
+    Grpc,
+}
+
+/// `[cohorts]`: the values of `x-acc-cohort`, `x-acc-prompt-template` and `x-acc-asset-type`
+/// that metric labels carry; any other value is labelled [`Cohorts::OTHER`] (and kept as sent
+/// in the trace record), an absent one `none`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Cohorts {
+    pub cohorts: BTreeSet<String>,
+    pub templates: BTreeSet<String>,
+    pub asset_types: BTreeSet<String>,
+}
+
+impl Cohorts {
+    /// The label of a value not in the lists.
+    pub const OTHER: &'static str = "other";
+    /// The label of an absent value.
+    pub const NONE: &'static str = "none";
+
+    fn label<'a>(set: &'a BTreeSet<String>, v: Option<&str>) -> &'a str {
+        match v {
+            None => Cohorts::NONE,
+            Some(v) => set.get(v).map_or(Cohorts::OTHER, String::as_str),
+        }
+    }
+
+    /// `(cohort, template, asset_type)` metric labels for the values a request sent.
+    pub fn labels<'a>(&'a self, cohort: Option<&str>, template: Option<&str>, asset_type: Option<&str>) -> [&'a str; 3] {
+        [
+            Self::label(&self.cohorts, cohort),
+            Self::label(&self.templates, template),
+            Self::label(&self.asset_types, asset_type),
+        ]
+    }
 }
 
 /// What a route does with an evaluator's failure.
@@ -523,4 +643,10 @@ pub struct Policy {
     pub aliases: BTreeSet<String>,
     /// Things worth a log line that do not make the policy invalid (a missing key variable).
     pub warnings: Vec<String>,
+    /// Where trace records go.
+    pub store: StoreSettings,
+    /// OTLP export, when configured.
+    pub telemetry: Option<TelemetrySettings>,
+    /// Accepted cohort label values.
+    pub cohorts: Cohorts,
 }

@@ -14,7 +14,7 @@ use crate::eval::clip::ClipConfig;
 use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvider, RawRoute, RawServer, RawTenant};
 use super::types::{
     ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror, ParamAction,
-    Price, PriceTable, ProviderKind, ProviderSpec, Route, ServerSettings, SizePrice, Target, TargetRole, TenantLimits,
+    Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route, ServerSettings, SizePrice, Target, TargetRole, TenantLimits,
     UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 use super::xref::Names;
@@ -265,6 +265,17 @@ pub(super) fn route(
         }
     };
     let eval = validate_eval(at, r, classifiers, clip, errors);
+    let record_prompt = match r.record_prompt.as_deref() {
+        None | Some("full") => RecordPrompt::Full,
+        Some("sha256") => RecordPrompt::Sha256,
+        Some("none") => RecordPrompt::None,
+        Some(other) => {
+            errors.push(format!(
+                "{at}.record_prompt: unknown value \"{other}\" (expected \"full\", \"sha256\" or \"none\")"
+            ));
+            RecordPrompt::None
+        }
+    };
     let health = validate_health(at, r, errors);
     let hedge = r.hedge.as_ref().and_then(|h| validate_hedge(at, h, errors));
     let (mirrors, canary) = validate_candidates(at, r, &mut targets, names, errors);
@@ -285,6 +296,7 @@ pub(super) fn route(
         hedge,
         mirrors,
         canary,
+        record_prompt,
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Generation {
     pub dropped: Vec<&'static str>,
     /// Every evaluator's verdict on every image, when the route evaluates.
     pub verdicts: Vec<crate::eval::Verdict>,
+    /// The index of the image each verdict is about, parallel to `verdicts` (a verdict about
+    /// the answer as a whole, such as too few images, names the last image).
+    pub verdict_images: Vec<usize>,
     /// Why the answer is returned flagged (a failed check whose action is "flag").
     pub flags: Vec<String>,
 }

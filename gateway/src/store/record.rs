@@ -72,6 +72,32 @@ pub struct TraceRecord {
     pub cost_usd: Option<f64>,
     /// Served by the route's canary.
     pub canary: bool,
+    /// The returned images' bytes (or base64 text), by image index, whose SHA-256 and size
+    /// [`TraceRecord::settle_images`] fills in off the request path. Never serialized.
+    #[serde(skip)]
+    pub pending_images: Vec<(usize, PendingImage)>,
+}
+
+/// An image whose digest is still to be computed (shares the answer's buffers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PendingImage {
+    /// Standard base64 text of the image.
+    Base64(bytes::Bytes),
+    /// The image's bytes.
+    Raw(bytes::Bytes),
+}
+
+impl PendingImage {
+    /// Bytes held (for the writer's memory budget).
+    pub fn len(&self) -> usize {
+        match self {
+            PendingImage::Base64(b) | PendingImage::Raw(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One attempt on one target.
@@ -147,6 +173,34 @@ pub struct ImageRecord {
 }
 
 impl TraceRecord {
+    /// Computes each pending image's SHA-256 (hex) and size into [`TraceRecord::images`] and
+    /// drops the bytes. Base64 that does not decode leaves the digest empty.
+    pub fn settle_images(&mut self) {
+        use sha2::Digest;
+        for (index, image) in std::mem::take(&mut self.pending_images) {
+            let decoded;
+            let bytes: &[u8] = match &image {
+                PendingImage::Raw(b) => b,
+                PendingImage::Base64(b) => match base64_simd::STANDARD.decode_to_vec(b) {
+                    Ok(d) => {
+                        decoded = d;
+                        &decoded
+                    }
+                    Err(_) => continue,
+                },
+            };
+            if let Some(rec) = self.images.iter_mut().find(|i| i.index == index) {
+                rec.sha256 = Some(hex::encode(sha2::Sha256::digest(bytes)));
+                rec.bytes = Some(bytes.len() as u64);
+            }
+        }
+    }
+
+    /// Bytes of image data still held for digests.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_images.iter().map(|(_, p)| p.len()).sum()
+    }
+
     /// The distinct provider names of all attempts (the store's `provider` filter).
     pub fn providers(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.attempts.iter().map(|a| a.provider.as_str()).collect();

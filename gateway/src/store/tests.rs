@@ -222,6 +222,7 @@ fn full_record() -> TraceRecord {
         ],
         cost_usd: Some(0.065),
         canary: true,
+        pending_images: Vec::new(),
     }
 }
 

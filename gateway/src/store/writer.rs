@@ -7,7 +7,7 @@
 //! most every 10 s giving the count since the last. The task reopens the store with backoff
 //! and writing resumes by itself. A second task applies retention while the store is open.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,19 +33,29 @@ pub enum DropReason {
     StoreError,
     /// The writer had been shut down.
     Closed,
+    /// Not a lost record: one kept without its images' digests, because queued records held
+    /// [`PENDING_IMAGE_BUDGET`] bytes of images already.
+    ImagesNotDigested,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] =
-        [DropReason::QueueFull, DropReason::StoreUnavailable, DropReason::StoreError, DropReason::Closed];
+    const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::StoreUnavailable,
+        DropReason::StoreError,
+        DropReason::Closed,
+        DropReason::ImagesNotDigested,
+    ];
 
-    /// The label value: `queue_full`, `store_unavailable`, `store_error`, `closed`.
+    /// The label value: `queue_full`, `store_unavailable`, `store_error`, `closed`,
+    /// `images_not_digested`.
     pub fn label(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
             DropReason::StoreUnavailable => "store_unavailable",
             DropReason::StoreError => "store_error",
             DropReason::Closed => "closed",
+            DropReason::ImagesNotDigested => "images_not_digested",
         }
     }
 }
@@ -70,7 +80,7 @@ struct DropSlot {
 
 /// Counts and logs dropped records; shared by the handles (queue full) and the task.
 struct Drops {
-    slots: [DropSlot; 4],
+    slots: [DropSlot; 5],
     base: Instant,
     target: String,
 }
@@ -153,6 +163,7 @@ struct Shared {
     drops: Arc<Drops>,
     db: watch::Receiver<Option<TraceDb>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    pending: Arc<AtomicUsize>,
 }
 
 /// The handle requests submit records through. Cheap to clone; the writer task ends once the
@@ -180,11 +191,18 @@ impl TraceWriter {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let (db_tx, db_rx) = watch::channel(None);
         let drops = Arc::new(Drops::new(&dropped, cfg.target()));
-        let shared = Arc::new(Shared { tx, drops: drops.clone(), db: db_rx.clone(), tasks: Mutex::new(Vec::new()) });
+        let pending = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            tx,
+            drops: drops.clone(),
+            db: db_rx.clone(),
+            tasks: Mutex::new(Vec::new()),
+            pending: pending.clone(),
+        });
         let writer = TraceWriter { shared: shared.clone() };
         // The task holds no sender: dropping the last handle closes the queue, and the task ends
         // once it has written what was queued.
-        let task = Task { cfg: cfg.clone(), rx, written, on_record, db_tx, drops };
+        let task = Task { cfg: cfg.clone(), rx, written, on_record, db_tx, drops, pending };
         let mut tasks = vec![tokio::spawn(task.run())];
         if cfg.retention_days.is_some() || cfg.max_rows.is_some() {
             tasks.push(tokio::spawn(retention(cfg, db_rx)));
@@ -195,11 +213,27 @@ impl TraceWriter {
 
     /// Queues `record` for the store without waiting: when the queue is full (or the writer
     /// has shut down) the record is dropped and counted.
-    pub fn submit(&self, record: TraceRecord) {
+    pub fn submit(&self, mut record: TraceRecord) {
+        let held = record.pending_bytes();
+        if held > 0 {
+            let before = self.shared.pending.fetch_add(held, Ordering::Relaxed);
+            if before + held > PENDING_IMAGE_BUDGET {
+                self.shared.pending.fetch_sub(held, Ordering::Relaxed);
+                record.pending_images.clear();
+                self.shared.drops.add(DropReason::ImagesNotDigested, 1, None);
+            }
+        }
+        let held = record.pending_bytes();
         match self.shared.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.shared.drops.add(DropReason::QueueFull, 1, None),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.shared.drops.add(DropReason::Closed, 1, None),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.pending.fetch_sub(held, Ordering::Relaxed);
+                self.shared.drops.add(DropReason::QueueFull, 1, None)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.pending.fetch_sub(held, Ordering::Relaxed);
+                self.shared.drops.add(DropReason::Closed, 1, None)
+            }
         }
     }
 
@@ -252,7 +286,14 @@ struct Task {
     on_record: Option<RecordHook>,
     db_tx: watch::Sender<Option<TraceDb>>,
     drops: Arc<Drops>,
+    /// Image bytes held by queued records (see [`PENDING_IMAGE_BUDGET`]).
+    pending: Arc<AtomicUsize>,
 }
+
+/// Image bytes queued records may hold for their digests; a record submitted beyond it is
+/// kept without its images' SHA-256 and size (the loss counted as `images_not_digested`), so
+/// a slow store cannot pile up answers' images in memory.
+pub const PENDING_IMAGE_BUDGET: usize = 256 << 20;
 
 impl Task {
     async fn run(mut self) {
@@ -292,6 +333,14 @@ impl Task {
             };
             let open = self.collect(&mut batch, &mut flushes, batch_max, idle).await;
             if !batch.is_empty() {
+                // Image digests, off the request path.
+                let held: usize = batch.iter().map(|r| r.pending_bytes()).sum();
+                if held > 0 {
+                    for r in batch.iter_mut() {
+                        r.settle_images();
+                    }
+                    self.pending.fetch_sub(held, Ordering::Relaxed);
+                }
                 if let Some(hook) = &self.on_record {
                     batch.iter().for_each(|r| hook(r));
                 }

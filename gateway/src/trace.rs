@@ -1,0 +1,320 @@
+//! The request's trace record ([`TraceRecord`]), built as the pipeline goes: drafted once the
+//! route is known ([`draft`]), its attempts added after the plan ran ([`attempts`]), the
+//! answer's images ([`images`]), then finished with the status sent ([`finish`]) and handed to
+//! the store's writer. Nothing here does I/O: digests of the images are computed by the
+//! writer, off the request path.
+//!
+//! A route's `record_prompt` decides what of the prompt goes into the record: `"full"`, only
+//! its SHA-256 (`"sha256"`), or nothing (`"none"`).
+
+use std::time::{Instant, SystemTime};
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::answer::Sent;
+use crate::attempt::AttemptNote;
+use crate::policy::{Policy, RecordPrompt};
+use crate::providers::{ProviderError, Settings};
+use crate::request::{GenerationRequest, Operation, ResponseFormat};
+use crate::routing::PlanOutcome;
+use crate::store::record::{
+    AttemptRecord, EvaluationRecord, GenerationRecord, ImageRecord, PendingImage, TraceRecord,
+};
+
+/// `x-acc-prompt-template`: the prompt template the client used, `name@version`.
+pub const PROMPT_TEMPLATE: &str = "x-acc-prompt-template";
+/// `x-acc-asset-type`: what the image is for (`banner`, `avatar`, ...).
+pub const ASSET_TYPE: &str = "x-acc-asset-type";
+/// `x-acc-cohort`: the client's cohort (also matched by routes).
+pub const COHORT: &str = "x-acc-cohort";
+/// Longest cohort field value kept; longer ones are cut (at a character boundary).
+pub const MAX_FIELD_CHARS: usize = 256;
+
+/// The client's W3C `traceparent`, when valid: (trace id, parent span id), lowercase hex.
+/// Version `00` layout; an all-zero id, another length or a non-hex digit is ignored
+/// (<https://www.w3.org/TR/trace-context/#traceparent-header>).
+pub fn client_traceparent(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers.get("traceparent")?.to_str().ok()?.trim();
+    let mut parts = v.split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    if !hex(version, 2) || version == "ff" || !hex(flags, 2) || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    if !hex(trace, 32) || !hex(span, 16) || zero(trace) || zero(span) {
+        return None;
+    }
+    Some((trace.to_string(), span.to_string()))
+}
+
+/// A header's value as text, cut to [`MAX_FIELD_CHARS`]; `None` when absent, empty or not
+/// visible ASCII.
+fn field(headers: &HeaderMap, name: &str) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    (!v.is_empty()).then(|| v.chars().take(MAX_FIELD_CHARS).collect())
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Nanoseconds since the Unix epoch of `t`.
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Who asked, for the record: the key's tenant and name.
+pub struct Caller<'a> {
+    pub tenant: Option<&'a str>,
+    pub key_name: Option<&'a str>,
+}
+
+/// The record as far as the request itself says: everything but attempts and outcome.
+#[allow(clippy::too_many_arguments)]
+pub fn draft(
+    trace_id: &str,
+    parent_span_id: Option<String>,
+    started: SystemTime,
+    caller: Caller<'_>,
+    route: &str,
+    record_prompt: RecordPrompt,
+    req: &GenerationRequest,
+    headers: &HeaderMap,
+) -> TraceRecord {
+    let (prompt, prompt_sha256) = recorded(record_prompt, Some(&req.prompt).filter(|p| !p.is_empty()));
+    let (negative_prompt, negative_prompt_sha256) = recorded(record_prompt, req.negative_prompt.as_ref());
+    TraceRecord {
+        trace_id: trace_id.to_string(),
+        span_id: format!("{:016x}", fastrand::u64(1..)),
+        parent_span_id,
+        parent_trace_id: None,
+        kind: "primary".to_string(),
+        start_time_unix_nano: unix_nanos(started),
+        tenant: caller.tenant.map(str::to_string),
+        key_name: caller.key_name.map(str::to_string),
+        route: Some(route.to_string()),
+        operation: operation_name(req.op).to_string(),
+        cohort: field(headers, COHORT),
+        prompt_template: field(headers, PROMPT_TEMPLATE),
+        asset_type: field(headers, ASSET_TYPE),
+        end_user: req.raw.get("user").and_then(|u| u.as_str()).map(|u| u.chars().take(MAX_FIELD_CHARS).collect()),
+        record_prompt: record_prompt.name().to_string(),
+        prompt,
+        negative_prompt,
+        prompt_sha256,
+        negative_prompt_sha256,
+        parameters: parameters(req),
+        contract: req.contract.as_ref().and_then(|c| serde_json::to_value(c.as_ref()).ok()),
+        ..TraceRecord::default()
+    }
+}
+
+/// `(text, sha256)` of a prompt under `record_prompt`.
+fn recorded(how: RecordPrompt, prompt: Option<&String>) -> (Option<String>, Option<String>) {
+    match (how, prompt) {
+        (_, None) | (RecordPrompt::None, _) => (None, None),
+        (RecordPrompt::Sha256, Some(p)) => (None, Some(sha256_hex(p))),
+        (RecordPrompt::Full, Some(p)) => (Some(p.clone()), Some(sha256_hex(p))),
+    }
+}
+
+/// `generations`, `edits` or `variations` (the endpoint's last path segment).
+pub fn operation_name(op: Operation) -> &'static str {
+    match op {
+        Operation::Generate => "generations",
+        Operation::Edit => "edits",
+        Operation::Variation => "variations",
+    }
+}
+
+/// The requested parameters other than prompts and files, as a JSON object.
+fn parameters(req: &GenerationRequest) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        if !v.is_null() {
+            m.insert(k.to_string(), v);
+        }
+    };
+    put("model", req.model.clone().into());
+    put("n", req.n.into());
+    put("size", req.size_given.then(|| format!("{}x{}", req.size.width, req.size.height)).into());
+    put(
+        "response_format",
+        match req.response_format {
+            ResponseFormat::Url => "url",
+            ResponseFormat::B64Json => "b64_json",
+        }
+        .into(),
+    );
+    put("quality", req.quality.clone().into());
+    put("style", req.style.clone().into());
+    put("seed", req.seed.into());
+    put("steps", req.steps.into());
+    put("guidance_scale", req.guidance_scale.into());
+    put("sampler", req.sampler.clone().into());
+    if !req.images.is_empty() {
+        put("input_images", req.images.len().into());
+    }
+    if req.mask.is_some() {
+        put("mask", true.into());
+    }
+    serde_json::Value::Object(m)
+}
+
+/// Adds every attempt of `outcome` with its note (queue time, model, verdicts, span id),
+/// the generation settings of the winner, and what the attempts cost.
+pub fn attempts(
+    rec: &mut TraceRecord,
+    policy: &Policy,
+    outcome: &PlanOutcome,
+    notes: Vec<AttemptNote>,
+    request_start: Instant,
+    canary: bool,
+    costs: &[Option<f64>],
+) {
+    let mut notes: Vec<Option<AttemptNote>> = notes.into_iter().map(Some).collect();
+    let first_route = outcome.attempts.first().map(|a| a.step.route);
+    for (i, a) in outcome.attempts.iter().enumerate() {
+        let route = &policy.routes[a.step.route];
+        let target = &route.targets[a.step.target];
+        let note = notes.iter_mut().find(|n| n.as_ref().is_some_and(|n| n.step == a.step)).and_then(Option::take);
+        let kind = policy.providers.get(&target.provider).map_or("?", |p| p.kind.name());
+        let role = if a.hedge {
+            "hedge"
+        } else if i == 0 && canary {
+            "canary"
+        } else if i == 0 || Some(a.step.route) != first_route && i == 0 {
+            "primary"
+        } else {
+            "fallback"
+        };
+        let started = note.as_ref().map_or(Instant::now() - a.elapsed, |n| n.started.into_std());
+        let mut r = AttemptRecord {
+            span_id: note.as_ref().map_or_else(|| format!("{:016x}", fastrand::u64(1..)), |n| format!("{:016x}", n.span_id)),
+            route: route.name.clone(),
+            target: a.step.target,
+            provider: target.provider.clone(),
+            provider_kind: kind.to_string(),
+            model: note.as_ref().map(|n| n.model.clone()).filter(|m| !m.is_empty()).or_else(|| target.model.clone()).unwrap_or_default(),
+            model_version: note.as_ref().and_then(|n| n.model_version.clone()),
+            start_offset_ms: started.saturating_duration_since(request_start).as_secs_f64() * 1e3,
+            latency_ms: a.elapsed.as_secs_f64() * 1e3,
+            queue_ms: note.as_ref().map_or(0.0, |n| n.queue.as_secs_f64() * 1e3),
+            result: a.label().to_string(),
+            error: a.result.as_ref().err().map(error_text),
+            cost_usd: costs.get(i).copied().flatten(),
+            role: role.to_string(),
+            evaluations: Vec::new(),
+        };
+        if let Some(n) = note {
+            r.evaluations = n
+                .verdicts
+                .iter()
+                .zip(n.verdict_images.iter().chain(std::iter::repeat(&0)))
+                .map(|(v, &image)| EvaluationRecord {
+                    image,
+                    evaluator: v.evaluator.to_string(),
+                    score: v.score,
+                    verdict: v.verdict.label().to_string(),
+                    reason: v.reason.clone(),
+                })
+                .collect();
+        }
+        rec.attempts.push(r);
+    }
+    rec.canary = canary;
+}
+
+/// An attempt's failure as recorded: the error's text without a provider's body (which may
+/// echo what it was sent).
+fn error_text(e: &ProviderError) -> String {
+    match e {
+        ProviderError::Rejected { status, .. } => format!("upstream rejected the request with {status}"),
+        other => other.to_string().chars().take(1000).collect(),
+    }
+}
+
+/// The winner's generation settings, and the images as sent (digests computed later).
+pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>) {
+    rec.generation = Some(GenerationRecord {
+        seed: st.seed,
+        sampler: st.sampler.clone(),
+        steps: st.steps,
+        guidance: st.guidance,
+        model_version: st.model.clone(),
+    });
+    for (index, s) in sent.into_iter().enumerate() {
+        rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url });
+        if let Some(b) = s.bytes {
+            rec.pending_images.push((index, PendingImage::Raw(b)));
+        } else if let Some(b) = s.base64 {
+            rec.pending_images.push((index, PendingImage::Base64(b)));
+        }
+    }
+}
+
+/// Closes the record: the status, decision and outcome sent, the error code, the time taken
+/// and the total cost.
+pub fn finish(
+    rec: &mut TraceRecord,
+    status: u16,
+    decision: &str,
+    outcome: &str,
+    error_code: Option<&str>,
+    elapsed_ms: f64,
+    cost: Option<f64>,
+) {
+    rec.status = status;
+    rec.decision = decision.to_string();
+    rec.outcome = outcome.to_string();
+    rec.error_code = error_code.map(str::to_string);
+    rec.duration_ms = elapsed_ms;
+    rec.cost_usd = cost;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(v: &str) -> Option<(String, String)> {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", v.parse().unwrap());
+        client_traceparent(&h)
+    }
+
+    #[test]
+    fn traceparent_is_parsed_per_w3c() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            tp(ok),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736".into(), "00f067aa0ba902b7".into()))
+        );
+        // A later version may add fields.
+        assert!(tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            assert_eq!(tp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn record_prompt_decides_what_is_kept() {
+        let p = "a red fox".to_string();
+        let digest = "5d5ab3d1aa5d1a4ac3c6d1b2f4fe39fd9d0d9d86a2b1d32a1fdcbc8e4b2e0b0c".len();
+        let (text, sha) = recorded(RecordPrompt::Full, Some(&p));
+        assert_eq!(text.as_deref(), Some("a red fox"));
+        assert_eq!(sha.as_ref().map(String::len), Some(digest));
+        let (text, sha2) = recorded(RecordPrompt::Sha256, Some(&p));
+        assert_eq!((text, sha2), (None, sha));
+        assert_eq!(recorded(RecordPrompt::None, Some(&p)), (None, None));
+    }
+}
