@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::metrics::model_label;
+use crate::store::{StoreError, TraceDb, TraceFilter};
 
 pub fn router(app: Arc<App>) -> Router {
     let protected = Router::new()
@@ -22,6 +23,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
         .route("/admin/mirror/report", get(mirror_report))
+        .route("/admin/traces", get(traces))
+        .route("/admin/traces/{trace_id}", get(trace))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -78,12 +81,92 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             (name.to_string(), v)
         })
         .collect();
+    // A trace store that is down does not make the gateway unready: requests are served and
+    // the lost records counted.
+    let trace_store = match &app.traces {
+        None => json!({"state": "disabled"}),
+        Some(w) => json!({
+            "state": if w.is_available() { "ready" } else { "unavailable" },
+            "queued": w.queued(),
+        }),
+    };
     let body = json!({
         "status": if draining { "draining" } else { "ready" },
         "policy_version": snap.policy.version,
         "evaluators": evaluators,
+        "trace_store": trace_store,
     });
     (status, Json(body)).into_response()
+}
+
+/// The open trace store, or the error a client gets when there is none.
+fn trace_db(app: &App) -> Result<TraceDb, Response> {
+    let Some(w) = &app.traces else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "traces_disabled",
+            "trace records are not kept: [store] enabled = false",
+        )
+        .into_response());
+    };
+    w.db().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "store_unavailable",
+            "the trace store is unavailable now; requests are still served and the lost records counted in acc_trace_dropped_total",
+        )
+        .into_response()
+    })
+}
+
+fn store_error(e: StoreError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    tracing::warn!("trace store read failed: {e}");
+    ApiError::new(status, "server_error", "store_error", format!("reading the trace store failed: {e}")).into_response()
+}
+
+/// `GET /admin/traces/{trace_id}`: the whole record as JSON (see `store::record`).
+async fn trace(State(app): State<Arc<App>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
+            .into_response();
+    }
+    let db = match trace_db(&app) {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
+    match db.get(&id).await {
+        Ok(Some(rec)) => Json(rec).into_response(),
+        Ok(None) => ApiError::not_found("trace_not_found", format!("no trace record {id} (never made, pruned, or lost: see acc_trace_dropped_total)"))
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /admin/traces?route=&tenant=&cohort=&template=&asset_type=&provider=&decision=&verdict=&since=&until=&limit=&cursor=`:
+/// newest first, `{"object": "list", "data": [record...], "next_cursor": string|null}`; pass
+/// `next_cursor` back as `cursor` for the next page. A bad filter is a 400 `invalid_filter`.
+async fn traces(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
+    let filter = match TraceFilter::from_query(uri.query().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return ApiError::invalid("query", "invalid_filter", e).into_response(),
+    };
+    let db = match trace_db(&app) {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
+    match db.list(&filter).await {
+        Ok(page) => Json(json!({
+            "object": "list",
+            "data": page.records,
+            "has_more": page.next_cursor.is_some(),
+            "next_cursor": page.next_cursor,
+        }))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
 }
 
 async fn policies(State(app): State<Arc<App>>) -> Response {

@@ -13,7 +13,8 @@
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
 //!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
-//!   mirror views). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`.
+//!   mirror views, trace queries). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`,
+//!   `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,

@@ -72,6 +72,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Trace records from a running gateway's store (needs ACC_ADMIN_TOKEN): one record
+    /// whole, or a page of records newest first with the filters given.
+    Traces {
+        /// The gateway's admin listener.
+        #[arg(long, env = "ACC_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// Print this trace's whole record.
+        trace_id: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        cohort: Option<String>,
+        /// Prompt template, name@version.
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long)]
+        asset_type: Option<String>,
+        /// Any attempt's provider (policy name).
+        #[arg(long)]
+        provider: Option<String>,
+        /// pass, flagged, blocked or error.
+        #[arg(long)]
+        decision: Option<String>,
+        /// evaluator:verdict, e.g. safety:fail.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// From this time (RFC 3339, or Unix nanoseconds), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (RFC 3339, or Unix nanoseconds).
+        #[arg(long)]
+        until: Option<String>,
+        /// Records per page (1 to 500, default 50).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The next page: the cursor the previous page printed.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print the JSON the admin endpoint answers instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the evaluators on one image file, for checking an artifact by hand.
     Eval {
         /// PNG, JPEG or WebP file.
@@ -123,6 +167,39 @@ async fn run() -> ExitCode {
     match cli.command {
         Command::Check { path } => check(&path),
         Command::Report { admin, route, json } => report(&admin, route.as_deref(), json).await,
+        Command::Traces {
+            admin,
+            trace_id,
+            route,
+            tenant,
+            cohort,
+            template,
+            asset_type,
+            provider,
+            decision,
+            verdict,
+            since,
+            until,
+            limit,
+            cursor,
+            json,
+        } => {
+            let filters = [
+                ("route", route),
+                ("tenant", tenant),
+                ("cohort", cohort),
+                ("template", template),
+                ("asset_type", asset_type),
+                ("provider", provider),
+                ("decision", decision),
+                ("verdict", verdict),
+                ("since", since),
+                ("until", until),
+                ("limit", limit.map(|l| l.to_string())),
+                ("cursor", cursor),
+            ];
+            traces(&admin, trace_id.as_deref(), &filters, json).await
+        }
         Command::Eval { image, size, prompt, contract, policy, route, json } => {
             let route = policy.as_deref().zip(route.as_deref());
             eval(&image, size.as_deref(), prompt.as_deref(), contract.as_deref(), route, json)
@@ -170,6 +247,98 @@ async fn run() -> ExitCode {
 }
 
 /// `acc report`: GET /admin/mirror/report (token from ACC_ADMIN_TOKEN) and print it.
+/// `GET url` on the admin listener with `ACC_ADMIN_TOKEN`: the JSON answer, or the exit code
+/// after printing why not (prefixed with `what`).
+async fn admin_get(what: &str, url: &str) -> Result<serde_json::Value, ExitCode> {
+    let endpoint = acc::upstream::Endpoint::parse(url).map_err(|e| {
+        eprintln!("{what}: --admin: {e}");
+        ExitCode::from(2)
+    })?;
+    let mut req = http::Request::get("/");
+    if let Ok(token) = std::env::var("ACC_ADMIN_TOKEN") {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(acc::body::ChunkedBody::default()).map_err(|_| ExitCode::FAILURE)?;
+    let answer = acc::upstream::send(&endpoint, req, 256 << 20).await.map_err(|e| {
+        eprintln!("{what}: cannot reach {url}: {e}");
+        ExitCode::FAILURE
+    })?;
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|_| {
+        eprintln!("{what}: {url} answered {} with a body that is not JSON", answer.status);
+        ExitCode::FAILURE
+    })?;
+    if !answer.status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
+        eprintln!("{what}: {url} answered {}: {msg}", answer.status);
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(body)
+}
+
+/// `acc traces`: one record (pretty JSON), or a page as a table (`--json`: the answer as is).
+async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<String>)], json: bool) -> ExitCode {
+    let base = admin.trim_end_matches('/');
+    if let Some(id) = trace_id {
+        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            eprintln!("acc traces: \"{id}\" is not a trace id (32 hex digits)");
+            return ExitCode::from(2);
+        }
+        return match admin_get("acc traces", &format!("{base}/admin/traces/{}", id.to_ascii_lowercase())).await {
+            Ok(body) => {
+                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
+    let query: String = {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in filters {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+        q.finish()
+    };
+    let body = match admin_get("acc traces", &format!("{base}/admin/traces?{query}")).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {}", "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS", "COHORT / TEMPLATE / ASSET");
+    for r in body["data"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let nanos = r["start_time_unix_nano"].as_u64().unwrap_or(0);
+        let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .map(|s| s.chars().take(19).collect::<String>())
+            .unwrap_or_default();
+        let mut providers: Vec<&str> =
+            r["attempts"].as_array().into_iter().flatten().filter_map(|a| a["provider"].as_str()).collect();
+        providers.dedup();
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {} / {} / {}",
+            s(&r["trace_id"]),
+            start,
+            s(&r["route"]),
+            s(&r["decision"]),
+            r["status"].as_u64().unwrap_or(0),
+            providers.join(","),
+            s(&r["cohort"]),
+            s(&r["prompt_template"]),
+            s(&r["asset_type"]),
+        );
+    }
+    if let Some(c) = body["next_cursor"].as_str() {
+        println!("more: acc traces --cursor {c}");
+    }
+    ExitCode::SUCCESS
+}
+
 async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {
     let mut url = format!("{}/admin/mirror/report", admin.trim_end_matches('/'));
     if let Some(r) = route {
@@ -180,37 +349,10 @@ async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {
         url.push_str("?route=");
         url.push_str(r);
     }
-    let endpoint = match acc::upstream::Endpoint::parse(&url) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("acc report: --admin: {e}");
-            return ExitCode::from(2);
-        }
+    let body = match admin_get("acc report", &url).await {
+        Ok(b) => b,
+        Err(code) => return code,
     };
-    let mut req = http::Request::get("/");
-    if let Ok(token) = std::env::var("ACC_ADMIN_TOKEN") {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let Ok(req) = req.body(acc::body::ChunkedBody::default()) else { return ExitCode::FAILURE };
-    let answer = match acc::upstream::send(&endpoint, req, 64 << 20).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("acc report: cannot reach {url}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let body: serde_json::Value = match serde_json::from_slice(&answer.body) {
-        Ok(v) => v,
-        Err(_) => {
-            eprintln!("acc report: {url} answered {} with a body that is not JSON", answer.status);
-            return ExitCode::FAILURE;
-        }
-    };
-    if !answer.status.is_success() {
-        let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
-        eprintln!("acc report: {url} answered {}: {msg}", answer.status);
-        return ExitCode::FAILURE;
-    }
     if json {
         println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
     } else {

@@ -56,6 +56,11 @@ fn spawn_serve_on(policy_dir: &Path, listen: &str, extra_args: &[&str], env: &[(
         .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The default trace store (`data/acc.db`) is relative to the working directory: each
+    // gateway keeps its own, beside its policy files, never in the repository.
+    if policy_dir.is_absolute() && policy_dir.is_dir() {
+        cmd.current_dir(policy_dir);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -1,0 +1,327 @@
+//! Trace records through the running binary: one record per routed request with every field
+//! the issue lists (values asserted), kept across a restart, read back by filters and pages,
+//! prompts kept only as `record_prompt` says, and losses counted when the store is down.
+//! The same record test runs against a real PostgreSQL in `tests/traces_postgres.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+const KEY: &str = "sk-trace-test-key-1";
+
+fn policy(first: &MockProvider, second: &MockProvider, extra: &str) -> String {
+    // Images the sanity evaluator passes (a mock's default is a blank 4x4 PNG).
+    first.answer_with(&noisy(256, 256, 1));
+    second.answer_with(&noisy(256, 256, 2));
+    format!(
+        "{}{}[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n\n[cohorts]\ncohorts = [\"beta\"]\ntemplates = [\"hero@3\"]\nasset_types = [\"banner\"]\n\n{}{}{extra}",
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+        sha256_hex(KEY),
+        route_toml("main", "m").target_default("first").fallback("spare").with("evaluators = [\"sanity\"]"),
+        route_toml("spare", "spare").target_default("second").with("evaluators = [\"sanity\"]"),
+    )
+}
+
+fn headers<'a>(auth: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("authorization", auth),
+        ("x-acc-cohort", "beta"),
+        ("x-acc-prompt-template", "hero@3"),
+        ("x-acc-asset-type", "banner"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ]
+}
+
+fn body() -> Value {
+    json!({
+        "model": "m", "prompt": "a red fox in the snow", "negative_prompt": "blurry",
+        "n": 1, "size": "256x256", "seed": 42, "user": "end-user-7",
+        "response_format": "b64_json", "acc": {"aspect": "1:1"},
+    })
+}
+
+/// Waits for the record of `trace_id` to be readable (the writer batches every 200 ms).
+pub async fn record(gw: &Gateway, trace_id: &str) -> Value {
+    let mut last = None;
+    for _ in 0..100 {
+        let r = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await;
+        if r.status == 200 {
+            return r.json();
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no record for {trace_id}: {}", last.unwrap().describe());
+}
+
+/// The record of a request with a fallback, every field asserted.
+pub async fn check_full_record(gw: &Gateway, first: &MockProvider, second: &MockProvider) {
+    first.set_status(500);
+    let auth = bearer(KEY);
+    let r = gw.generate_with(&body(), &headers(&auth)).await;
+    r.assert_status(200);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    assert_eq!(r.header("x-acc-trace-id").as_deref(), Some(trace_id), "the client's traceparent is continued");
+    // Providers get a traceparent naming the same trace, one span per attempt.
+    let tp_first = first.last_header("traceparent").expect("traceparent sent to the first provider");
+    let tp_second = second.last_header("traceparent").expect("traceparent sent to the second provider");
+    assert!(tp_first.starts_with(&format!("00-{trace_id}-")) && tp_first.ends_with("-01"), "{tp_first}");
+    assert_ne!(tp_first, tp_second, "each attempt has its own span");
+
+    let rec = record(gw, trace_id).await;
+    let image = &b64_images(&r)[0];
+    assert_eq!(rec["trace_id"], trace_id);
+    assert_eq!(rec["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(rec["kind"], "primary");
+    assert_eq!(rec["tenant"], "acme");
+    assert_eq!(rec["key_name"], &sha256_hex(KEY)[..12]);
+    assert!(!rec.to_string().contains(KEY), "the key itself is never recorded");
+    assert_eq!(rec["route"], "main");
+    assert_eq!(rec["operation"], "generations");
+    assert_eq!(rec["cohort"], "beta");
+    assert_eq!(rec["prompt_template"], "hero@3");
+    assert_eq!(rec["asset_type"], "banner");
+    assert_eq!(rec["end_user"], "end-user-7");
+    assert_eq!(rec["record_prompt"], "full");
+    assert_eq!(rec["prompt"], "a red fox in the snow");
+    assert_eq!(rec["negative_prompt"], "blurry");
+    assert_eq!(rec["prompt_sha256"], sha256_hex("a red fox in the snow"));
+    assert_eq!(rec["negative_prompt_sha256"], sha256_hex("blurry"));
+    assert_eq!(
+        rec["parameters"],
+        json!({"model": "m", "n": 1, "size": "256x256", "seed": 42, "response_format": "b64_json"})
+    );
+    assert_eq!(rec["contract"]["aspect"], "1:1");
+    assert_eq!(rec["decision"], "pass");
+    assert_eq!(rec["outcome"], "ok");
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["error_code"], Value::Null);
+    assert!(rec["duration_ms"].as_f64().unwrap() > 0.0);
+    let start = rec["start_time_unix_nano"].as_u64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    assert!(start < now && now - start < 60_000_000_000, "start {start}, now {now}");
+
+    let attempts = rec["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{rec:#}");
+    let (a, b) = (&attempts[0], &attempts[1]);
+    assert_eq!((a["route"].as_str(), a["provider"].as_str(), a["provider_kind"].as_str()), (Some("main"), Some("first"), Some("openai")));
+    assert_eq!(a["result"], "status_5xx", "{a:#}");
+    assert_eq!(a["role"], "primary");
+    assert!(a["error"].as_str().unwrap().contains("500"), "{a:#}");
+    assert_eq!(a["evaluations"], json!([]));
+    assert_eq!(tp_first, format!("00-{trace_id}-{}-01", a["span_id"].as_str().unwrap()));
+    assert_eq!((b["route"].as_str(), b["provider"].as_str()), (Some("spare"), Some("second")));
+    assert_eq!(b["result"], "ok");
+    assert_eq!(b["role"], "fallback");
+    assert_eq!(tp_second, format!("00-{trace_id}-{}-01", b["span_id"].as_str().unwrap()));
+    assert!(b["start_offset_ms"].as_f64().unwrap() >= a["start_offset_ms"].as_f64().unwrap());
+    assert!(b["latency_ms"].as_f64().unwrap() > 0.0 && b["queue_ms"].as_f64().unwrap() >= 0.0);
+    let evals = b["evaluations"].as_array().unwrap();
+    assert_eq!(evals.len(), 1);
+    assert_eq!((evals[0]["image"].as_u64(), evals[0]["evaluator"].as_str(), evals[0]["verdict"].as_str()), (Some(0), Some("sanity"), Some("pass")));
+    assert_eq!(evals[0]["score"], 1.0);
+    assert_eq!(rec["generation"]["seed"], 42);
+    let images = rec["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["sha256"], hex::encode(sha2::Sha256::digest(image)));
+    assert_eq!(images[0]["bytes"], image.len());
+}
+
+#[tokio::test]
+async fn a_record_holds_everything_about_its_request_and_survives_a_restart() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    check_full_record(&gw, &first, &second).await;
+    let before = record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await;
+    assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 1.0);
+    assert_eq!(
+        gw.metric("acc_cohort_requests_total", &[("cohort", "beta"), ("template", "hero@3"), ("asset_type", "banner"), ("outcome", "ok")]).await,
+        1.0
+    );
+    assert_eq!(gw.metric("acc_cohort_fallbacks_total", &[("cohort", "beta")]).await, 1.0);
+    assert_eq!(gw.metric("acc_cohort_eval_total", &[("cohort", "beta"), ("evaluator", "sanity"), ("verdict", "pass")]).await, 1.0);
+    let ready = get(&gw.admin_url("/readyz"), &[]).await.json();
+    assert_eq!(ready["trace_store"]["state"], "ready", "{ready}");
+    drop(gw);
+    // The same directory (and so the same data/acc.db) after a restart.
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await, before);
+    // Values outside the [cohorts] lists are recorded as sent, labelled "other".
+    let auth = bearer(KEY);
+    let r = gw.generate_with(&json!({"model": "m", "prompt": "p"}), &[("authorization", &auth), ("x-acc-cohort", "gamma")]).await;
+    r.assert_status(200);
+    let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
+    assert_eq!(rec["cohort"], "gamma");
+    assert_eq!(gw.metric("acc_cohort_requests_total", &[("cohort", "other"), ("template", "none")]).await, 1.0);
+}
+
+#[tokio::test]
+async fn filters_and_pages_return_exactly_the_matching_records() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, _dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    let auth = bearer(KEY);
+    let mut by_cohort: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    let mut fallbacks = Vec::new();
+    for i in 0..12 {
+        let cohort = if i % 3 == 0 { "beta" } else { "alpha" };
+        // Every fourth request fails over to the second provider.
+        first.set_status(if i % 4 == 0 { 500 } else { 200 });
+        let r = gw
+            .generate_with(&json!({"model": "m", "prompt": format!("p{i}")}), &[("authorization", &auth), ("x-acc-cohort", cohort)])
+            .await;
+        r.assert_status(200);
+        let id = r.header("x-acc-trace-id").unwrap();
+        by_cohort.entry(cohort).or_default().push(id.clone());
+        if i % 4 == 0 {
+            fallbacks.push(id);
+        }
+    }
+    let mut all: Vec<String> = by_cohort.values().flatten().cloned().collect();
+    let _ = record(&gw, by_cohort["alpha"].last().unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"].as_array().unwrap().iter().map(|r| r["trace_id"].as_str().unwrap().to_string()).collect()
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // By cohort, by provider (any attempt), by tenant, by route of the record.
+    let beta = gw.admin("GET", "/admin/traces?cohort=beta").await.json();
+    assert_eq!(sorted(ids(&beta)), sorted(by_cohort["beta"].clone()));
+    let second_used = gw.admin("GET", "/admin/traces?provider=second").await.json();
+    assert_eq!(sorted(ids(&second_used)), sorted(fallbacks.clone()));
+    let acme = gw.admin("GET", "/admin/traces?tenant=acme&limit=500").await.json();
+    assert_eq!(sorted(ids(&acme)), sorted(all.clone()));
+    assert_eq!(ids(&gw.admin("GET", "/admin/traces?tenant=nobody").await.json()), Vec::<String>::new());
+    assert_eq!(ids(&gw.admin("GET", "/admin/traces?decision=blocked").await.json()), Vec::<String>::new());
+    let passed = gw.admin("GET", "/admin/traces?verdict=sanity:pass&limit=500").await.json();
+    assert_eq!(sorted(ids(&passed)), sorted(all.clone()));
+    // Pages of 5, newest first: every record exactly once.
+    let mut paged = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let q = if cursor.is_empty() { "/admin/traces?limit=5".to_string() } else { format!("/admin/traces?limit=5&cursor={cursor}") };
+        let page = gw.admin("GET", &q).await.json();
+        paged.extend(ids(&page));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let starts: Vec<u64> = {
+        let all_page = gw.admin("GET", "/admin/traces?limit=500").await.json();
+        all_page["data"].as_array().unwrap().iter().map(|r| r["start_time_unix_nano"].as_u64().unwrap()).collect()
+    };
+    assert!(starts.windows(2).all(|w| w[0] >= w[1]), "newest first: {starts:?}");
+    assert_eq!(sorted(paged.clone()), sorted(std::mem::take(&mut all)));
+    // Bad filters are 400s in the OpenAI error shape.
+    gw.admin("GET", "/admin/traces?cursor=!!").await.assert_error(400, "invalid_filter");
+    gw.admin("GET", "/admin/traces?limit=0").await.assert_error(400, "invalid_filter");
+    gw.admin("GET", "/admin/traces?colour=red").await.assert_error(400, "invalid_filter");
+    gw.admin("GET", "/admin/traces/not-a-trace").await.assert_error(400, "invalid_trace_id");
+    gw.admin("GET", "/admin/traces/00000000000000000000000000000001").await.assert_error(404, "trace_not_found");
+    // The admin token is needed.
+    let r = get(&gw.admin_url("/admin/traces"), &[]).await;
+    r.assert_status(401);
+    // `acc traces` prints the same.
+    let out = acc_command()
+        .args(["traces", "--admin", &gw.admin, "--cohort", "beta", "--json"])
+        .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sorted(ids(&printed)), sorted(by_cohort["beta"].clone()));
+    let table = acc_command().args(["traces", "--admin", &gw.admin, "--provider", "second"]).env("ACC_ADMIN_TOKEN", ADMIN_TOKEN).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    for id in &fallbacks {
+        assert!(table.contains(id.as_str()), "{table}");
+    }
+    assert_eq!(table.lines().count(), fallbacks.len() + 1, "{table}");
+    let one = acc_command().args(["traces", "--admin", &gw.admin, &fallbacks[0]]).env("ACC_ADMIN_TOKEN", ADMIN_TOKEN).output().unwrap();
+    let one: Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!(one["trace_id"], fallbacks[0].as_str());
+    let denied = acc_command().args(["traces", "--admin", &gw.admin]).output().unwrap();
+    assert!(!denied.status.success());
+}
+
+/// `record_prompt = "sha256"` and `"none"`: the prompt is nowhere: not in the record, not in the
+/// store's file, not in the logs (at debug level), not in the metrics.
+#[tokio::test]
+async fn record_prompt_sha256_and_none_never_write_the_prompt() {
+    for how in ["sha256", "none"] {
+        let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+        let policy = format!(
+            "{}{}",
+            openai_provider_at("first", &first.base_url()),
+            route_toml("main", "m").target_default("first").with(&format!("record_prompt = \"{how}\"")),
+        );
+        let _ = second;
+        first.answer_with(&noisy(64, 64, 3));
+        let (gw, dir) = serve_policy(&policy, &[("RUST_LOG", "debug")]).await;
+        let secret = format!("zebra-on-unicycle-{how}-7f3a");
+        let r = gw.generate(&json!({"model": "m", "prompt": secret, "negative_prompt": format!("{secret}-neg")})).await;
+        r.assert_status(200);
+        let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
+        assert_eq!(rec["record_prompt"], how);
+        assert_eq!(rec["prompt"], Value::Null);
+        assert_eq!(rec["negative_prompt"], Value::Null);
+        let digest = if how == "sha256" { json!(sha256_hex(&secret)) } else { Value::Null };
+        assert_eq!(rec["prompt_sha256"], digest);
+        assert!(!rec.to_string().contains(&secret));
+        let metrics = gw.metrics().await;
+        assert!(!metrics.contains(&secret));
+        let logs = gw.stderr();
+        assert!(logs.contains("request done"), "debug logs are on: {logs}");
+        assert!(!logs.contains(&secret), "{logs}");
+        drop(gw);
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir.path().join("data")).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+        assert!(!files.is_empty());
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} holds the prompt", f.display());
+        }
+    }
+}
+
+/// The store unreachable: requests are served as before, every lost record counted, reads
+/// answer 503, readiness says so.
+#[tokio::test]
+async fn a_store_that_is_down_never_fails_a_request_and_losses_are_counted() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let store = format!("\n[store]\nurl = \"postgres://acc@127.0.0.1:{}/acc\"\nqueue_capacity = 4\n", closed_port());
+    let (gw, _dir) = serve_policy(&policy(&first, &second, &store), &[]).await;
+    let auth = bearer(KEY);
+    let n = 20;
+    for i in 0..n {
+        let r = gw.generate_with(&json!({"model": "m", "prompt": format!("p{i}")}), &[("authorization", &auth)]).await;
+        r.assert_status(200);
+    }
+    let counted = eventually(Duration::from_secs(20), || async {
+        let dropped = gw.metric("acc_trace_dropped_total", &[]).await;
+        let written = gw.metric("acc_trace_written_total", &[]).await;
+        dropped + written == n as f64
+    })
+    .await;
+    let m = gw.metrics().await;
+    assert!(counted, "records + dropped != requests:\n{}", m.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 0.0);
+    assert!(gw.metric("acc_trace_dropped_total", &[("reason", "store_unavailable")]).await >= 1.0);
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    ready.assert_status(200);
+    assert_eq!(ready.json()["trace_store"]["state"], "unavailable");
+    gw.admin("GET", "/admin/traces").await.assert_error(503, "store_unavailable");
+    assert!(gw.stderr().contains("trace records dropped"), "losses are logged");
+}
