@@ -267,7 +267,7 @@ async fn record_prompt_sha256_and_none_never_write_the_prompt() {
         );
         let _ = second;
         first.answer_with(&noisy(64, 64, 3));
-        let (gw, dir) = serve_policy(&policy, &[("RUST_LOG", "debug")]).await;
+        let (gw, dir) = serve_policy(&policy, &[("ACC_LOG", "debug")]).await;
         let secret = format!("zebra-on-unicycle-{how}-7f3a");
         let r = gw.generate(&json!({"model": "m", "prompt": secret, "negative_prompt": format!("{secret}-neg")})).await;
         r.assert_status(200);
