@@ -14,6 +14,16 @@ scripts/ocr-testimages.sh >/dev/null
 # Tiny CLIP encoders and classifier with numpy reference outputs (no CLIP weights ship in any
 # package registry; tests/clip.rs and tests/models_configured.rs use these).
 scripts/tiny-models.sh >/dev/null
+# The OTLP receiver's venv (opentelemetry-proto from PyPI; tests start their own receivers).
+scripts/otlp-receiver.sh setup >/dev/null
+# A real PostgreSQL (Debian's package, installed when missing) on a free loopback port in a
+# temporary directory, for the trace store's tests; stopped and removed on exit.
+pg_dir="$(mktemp -d)"
+trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+ACC_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
+export ACC_TEST_POSTGRES_URL
+# Tests that need PostgreSQL fail, rather than skip, when the URL is missing.
+export ACC_REQUIRE_POSTGRES=1
 
 cargo test --all-targets "$@"
 

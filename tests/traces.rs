@@ -325,3 +325,33 @@ async fn a_store_that_is_down_never_fails_a_request_and_losses_are_counted() {
     gw.admin("GET", "/admin/traces").await.assert_error(503, "store_unavailable");
     assert!(gw.stderr().contains("trace records dropped"), "losses are logged");
 }
+
+/// The PostgreSQL store, for real (scripts/test.sh starts a server and sets
+/// `ACC_TEST_POSTGRES_URL`): the same record, every field, in a database of its own that the
+/// gateway migrates on start-up; kept across a restart; filters work there too.
+#[tokio::test]
+async fn postgres_store_keeps_the_same_records() {
+    use sqlx::Connection;
+    let Some(url) = std::env::var("ACC_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty()) else {
+        assert!(std::env::var("ACC_REQUIRE_POSTGRES").as_deref() != Ok("1"), "ACC_TEST_POSTGRES_URL is unset");
+        eprintln!("note: ACC_TEST_POSTGRES_URL is unset: skipped (scripts/test.sh sets it)");
+        return;
+    };
+    let db = format!("acc_e2e_{:016x}", fastrand::u64(..));
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect to ACC_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await.expect("create database");
+    let db_url = format!("{}/{db}", url.rsplit_once('/').unwrap().0);
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, dir) = serve_policy(&policy(&first, &second, &format!("\n[store]\nurl = \"{db_url}\"\n")), &[]).await;
+    check_full_record(&gw, &first, &second).await;
+    assert!(!dir.path().join("data").exists(), "no SQLite file when PostgreSQL is configured");
+    let before = record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await;
+    drop(gw);
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await, before);
+    let second_used = gw.admin("GET", "/admin/traces?provider=second&cohort=beta").await.json();
+    assert_eq!(second_used["data"].as_array().unwrap().len(), 1);
+    assert_eq!(gw.admin("GET", "/admin/traces?provider=first&decision=error").await.json()["data"], json!([]));
+    drop(gw);
+    let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await;
+}

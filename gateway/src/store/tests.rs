@@ -50,8 +50,14 @@ fn fast_config() -> StoreConfig {
     }
 }
 
+/// The test database's URL; with `ACC_REQUIRE_POSTGRES=1` (scripts/test.sh sets it) a missing
+/// one fails the test instead of skipping its PostgreSQL half.
 fn pg_url() -> Option<String> {
-    std::env::var(PG_ENV).ok().filter(|u| !u.is_empty())
+    let url = std::env::var(PG_ENV).ok().filter(|u| !u.is_empty());
+    if url.is_none() && std::env::var("ACC_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+        panic!("{PG_ENV} is unset but ACC_REQUIRE_POSTGRES=1: scripts/test.sh starts the server");
+    }
+    url
 }
 
 /// A fresh schema in the test database, and a URL whose connections use it.
