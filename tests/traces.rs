@@ -355,3 +355,81 @@ async fn postgres_store_keeps_the_same_records() {
     drop(gw);
     let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await;
 }
+
+/// A burst with the store stuck (a PostgreSQL address that accepts connections and never
+/// answers): requests are answered at once, the queue fills, and every record is either
+/// written or counted as dropped.
+#[tokio::test]
+async fn a_burst_that_fills_the_queue_is_counted_not_waited_for() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = hole.accept().await {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let store = format!("\n[store]\nurl = \"postgres://acc@127.0.0.1:{port}/acc\"\nqueue_capacity = 3\n");
+    let (gw, _dir) = serve_policy(&policy(&first, &second, &store), &[]).await;
+    let auth = bearer(KEY);
+    let n = 40;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (url, auth) = (gw.url("/v1/images/generations"), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::to_vec(&json!({"model": "m", "prompt": format!("p{i}")})).unwrap();
+            send("POST", &url, &[("authorization", &auth), ("content-type", "application/json")], body).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "requests waited for the store: {:?}", started.elapsed());
+    assert!(gw.metric("acc_trace_dropped_total", &[("reason", "queue_full")]).await >= (n - 3 - 1) as f64 - 5.0);
+    let counted = eventually(Duration::from_secs(30), || async {
+        gw.metric("acc_trace_dropped_total", &[]).await + gw.metric("acc_trace_written_total", &[]).await == n as f64
+    })
+    .await;
+    assert!(counted, "{}", gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+}
+
+/// `kill -9` while requests are being recorded, then a restart on the same file: the store
+/// opens, what was committed reads back, and new records are written.
+#[tokio::test]
+async fn kill_9_under_load_then_restart_opens_the_same_file() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, dir) = serve_policy(&policy(&first, &second, "\n[store]\nflush_interval_ms = 5\nbatch_max = 8\n"), &[]).await;
+    let auth = bearer(KEY);
+    let url = gw.url("/v1/images/generations");
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (url, auth) = (url.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1000 {
+                let body = serde_json::to_vec(&json!({"model": "m", "prompt": format!("w{w} p{i}")})).unwrap();
+                if try_send("POST", &url, &[("authorization", &auth), ("content-type", "application/json")], body).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    // Let records flow, then kill the gateway mid-write.
+    let flowing = eventually(Duration::from_secs(20), || async { gw.metric("acc_trace_written_total", &[]).await >= 100.0 }).await;
+    assert!(flowing);
+    drop(gw); // SIGKILL
+    for t in tasks {
+        let _ = t.await;
+    }
+    let gw = Gateway::start(dir.path()).await;
+    let page = gw.admin("GET", "/admin/traces?limit=500").await;
+    page.assert_status(200);
+    let before = page.json()["data"].as_array().unwrap().len();
+    assert!(before >= 100, "{before} records after the restart");
+    let r = gw.generate_with(&json!({"model": "m", "prompt": "after"}), &[("authorization", &auth)]).await;
+    r.assert_status(200);
+    let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
+    assert_eq!(rec["prompt"], "after");
+}
