@@ -22,13 +22,13 @@
 //!   `policy`, `providers`, `reload`, `request`, `routing`, `store`, `trace`.
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
-//! - [`trace`]: the request's trace record, drafted once routed, completed with its attempts,
-//!   images and outcome, handed to the store's writer; the client's `traceparent`. Uses
-//!   `answer`, `attempt`, `policy`, `providers`, `request`, `routing`, `store`.
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
 //!   the mirrors' runtime, the primary's outcome handed to them. Uses `app`, `attempt`,
 //!   `compare`, `cost`, `eval`, `evaluation`, `mirror`, `policy`, `providers`, `reload`,
-//!   `request`, `routing`.
+//!   `request`, `routing`, `trace`.
+//! - [`trace`]: the request's trace record, drafted once routed (a mirror's too), completed with its attempts,
+//!   images and outcome, handed to the store's writer; the client's `traceparent`. Uses
+//!   `answer`, `attempt`, `policy`, `providers`, `request`, `routing`, `store`.
 //! - [`attempt`]: one attempt on one target: capabilities, admission (pause, breaker, through
 //!   the snapshot's `live` state), slot, adapter call, breaker and health feedback, URL fetch,
 //!   evaluation, the attempt's note for the trace and its `traceparent`. Uses `app`, `eval`,

@@ -105,7 +105,10 @@ impl<'a> Migration<'a> {
             let (tx, rx) = oneshot::channel();
             self.mirrors.push(tx);
             let shared = shared_req.get_or_insert_with(|| Arc::new(req.clone())).clone();
-            let task = mirror_attempt(app.clone(), snap.clone(), shared, step, alias.to_string(), i, ticket, rx);
+            // A mirror's trace record names its primary's trace.
+            let parent = app.traces.is_some().then(|| trace_id.to_string());
+            let task =
+                mirror_attempt(app.clone(), snap.clone(), shared, step, alias.to_string(), i, ticket, rx, parent);
             app.mirror_rt.spawn(app.mirror_tasks.track_future(task));
         }
     }
@@ -186,14 +189,18 @@ async fn mirror_attempt(
     index: usize,
     mut ticket: Ticket,
     primary: oneshot::Receiver<Observation>,
+    parent_trace: Option<String>,
 ) {
     let policy = &snap.policy;
+    let wall_start = std::time::SystemTime::now();
+    let notes = crate::attempt::NoteSink::default();
+    let trace_id = parent_trace.as_ref().map(|_| format!("{:032x}", fastrand::u128(1..)));
     let route = &policy.routes[step.route];
     let m = &route.mirrors[index];
     let labels = [route.name.as_str(), m.label.as_str()];
     let sink = std::sync::Mutex::new(Vec::new());
     let env = AttemptEnv {
-        notes: None,
+        notes: trace_id.as_deref().map(|t| (&notes, t)),
         app: &app,
         snap: &snap,
         req: &req,
@@ -226,6 +233,24 @@ async fn mirror_attempt(
         Err(_) => (true, 0),
     };
     let cost = cost_of(policy, step, &req, images, result.as_ref().ok());
+    if let (Some(parent), Some(trace_id), Some(writer)) = (parent_trace, trace_id.as_deref(), app.traces.as_ref()) {
+        let caller = crate::trace::Caller { tenant: None, key_name: None };
+        let mut rec = crate::trace::draft(
+            trace_id,
+            None,
+            wall_start,
+            caller,
+            &route.name,
+            route.record_prompt,
+            &req,
+            &http::HeaderMap::new(),
+        );
+        rec.kind = "mirror".to_string();
+        rec.parent_trace_id = Some(parent);
+        let notes = notes.into_inner().unwrap_or_default();
+        crate::trace::mirror_attempt(&mut rec, policy, step, latency, &result, notes, cost);
+        writer.submit(rec);
+    }
     if let Some(usd) = cost {
         ticket.charge(usd);
         m_.mirror_cost.with_label_values(&labels).inc_by(usd);

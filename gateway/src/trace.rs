@@ -227,6 +227,50 @@ pub fn attempts(
     rec.canary = canary;
 }
 
+/// A mirror's record: its one attempt (role `mirror`), with the candidate's verdicts; the
+/// decision says how the candidate did (`pass`, or `error` for a failed or rejected attempt),
+/// nothing was sent to a client (status 0).
+pub fn mirror_attempt(
+    rec: &mut TraceRecord,
+    policy: &Policy,
+    step: crate::routing::Step,
+    latency: std::time::Duration,
+    result: &Result<crate::providers::Generation, ProviderError>,
+    notes: Vec<AttemptNote>,
+    cost: Option<f64>,
+) {
+    let attempt = crate::routing::AttemptRecord {
+        step,
+        hedge: false,
+        elapsed: latency,
+        result: match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ProviderError::Other(error_text(e))),
+        },
+    };
+    let label = match result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    let start = notes.first().map_or_else(Instant::now, |n| n.started.into_std());
+    let outcome = PlanOutcome {
+        attempts: vec![attempt],
+        success: None,
+        deadline_exceeded: false,
+        hedges_started: 0,
+        won_by_hedge: false,
+    };
+    attempts(rec, policy, &outcome, notes, start, false, &[cost]);
+    if let Some(a) = rec.attempts.first_mut() {
+        a.role = "mirror".to_string();
+        a.result = label.to_string();
+    }
+    rec.decision = if result.is_ok() { "pass" } else { "error" }.to_string();
+    rec.outcome = label.to_string();
+    rec.duration_ms = latency.as_secs_f64() * 1e3;
+    rec.cost_usd = cost;
+}
+
 /// An attempt's failure as recorded: the error's text without a provider's body (which may
 /// echo what it was sent).
 fn error_text(e: &ProviderError) -> String {
