@@ -59,6 +59,9 @@
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
 //!   `error`, `metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
+//! - [`telemetry`]: OTLP export of finished trace records as spans in the OpenTelemetry GenAI
+//!   conventions (bounded queue, one batching task, losses counted), W3C `traceparent` read from
+//!   clients and written for providers, the attribute names. Uses `store`.
 //! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
 //!   and the trace queries. Uses nothing.
 //!
@@ -133,6 +136,7 @@ pub mod request;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 
 /// Locks a mutex, taking over one a panicking thread poisoned: the state guarded with it

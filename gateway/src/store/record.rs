@@ -87,6 +87,9 @@ pub struct AttemptRecord {
     /// The provider's name in the policy, and its kind (`openai`, `azure`, `stability`, ...).
     pub provider: String,
     pub provider_kind: String,
+    /// The host of the provider endpoint called (exported as `server.address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_host: Option<String>,
     /// The model asked of the provider.
     pub model: String,
     /// The model (version) the provider says generated, where it reports one.
