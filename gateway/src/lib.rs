@@ -61,7 +61,8 @@
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
 //! - [`telemetry`]: OTLP export of finished trace records as spans in the OpenTelemetry GenAI
 //!   conventions (bounded queue, one batching task, losses counted), W3C `traceparent` read from
-//!   clients and written for providers, the attribute names. Uses `store`.
+//!   clients and written for providers, the attribute names. Uses `store`, `upstream` (its TLS
+//!   streams).
 //! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
 //!   and the trace queries. Uses nothing.
 //!
