@@ -101,7 +101,7 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             verdict_images: Vec::new(),
         }),
     };
-    let traceparent = HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok();
+    let traceparent = Some(crate::telemetry::traceparent(trace_id, &format!("{span_id:016x}")));
     run(env, s, until, guard.note.as_mut(), traceparent).await
 }
 

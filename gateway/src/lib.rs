@@ -11,7 +11,8 @@
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
-//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`.
+//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
+//!   `telemetry`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
 //!   mirror views, trace queries). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`,
 //!   `store`.
@@ -19,7 +20,7 @@
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
 //!   `body`, `cost`, `error`, `eval`, `idempotency`, `limits`, `live`, `metrics`, `migration`,
-//!   `policy`, `providers`, `reload`, `request`, `routing`, `store`, `trace`.
+//!   `policy`, `providers`, `reload`, `request`, `routing`, `store`, `telemetry`, `trace`.
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
@@ -33,7 +34,7 @@
 //!   the snapshot's `live` state), slot, adapter call, breaker and health feedback, URL fetch,
 //!   evaluation, the attempt's note for the trace and its `traceparent`. Uses `app`, `eval`,
 //!   `evaluation`, `fetch`, `health`, `policy`, `providers`, `reload`, `request`, `routing`,
-//!   `upstream`.
+//!   `telemetry`, `upstream`.
 //! - [`evaluation`]: a route's `[eval]` policy applied to one attempt's images: evaluators on
 //!   the pool under the budget, then pass, flag, fall back or block. Uses `app`, `eval`,
 //!   `policy`, `providers`, `request`.
@@ -64,6 +65,10 @@
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
 //!   `error`, `metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
+//! - [`telemetry`]: OTLP export of finished trace records as spans in the OpenTelemetry GenAI
+//!   conventions (bounded queue, one batching task, losses counted), W3C `traceparent` read from
+//!   clients and written for providers, the attribute names. Uses `store`, `upstream` (its TLS
+//!   streams).
 //! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
 //!   and the trace queries. Uses nothing.
 //!
@@ -138,6 +143,7 @@ pub mod request;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod trace;
 pub mod upstream;
 

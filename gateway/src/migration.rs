@@ -71,6 +71,7 @@ impl<'a> Migration<'a> {
         app: &Arc<App>,
         snap: &Arc<Snapshot>,
         trace_id: &str,
+        primary_span: Option<&str>,
         req: &GenerationRequest,
         alias: &str,
     ) {
@@ -106,7 +107,7 @@ impl<'a> Migration<'a> {
             self.mirrors.push(tx);
             let shared = shared_req.get_or_insert_with(|| Arc::new(req.clone())).clone();
             // A mirror's trace record names its primary's trace.
-            let parent = app.traces.is_some().then(|| trace_id.to_string());
+            let parent = primary_span.map(|s| (trace_id.to_string(), s.to_string()));
             let task =
                 mirror_attempt(app.clone(), snap.clone(), shared, step, alias.to_string(), i, ticket, rx, parent);
             app.mirror_rt.spawn(app.mirror_tasks.track_future(task));
@@ -189,7 +190,7 @@ async fn mirror_attempt(
     index: usize,
     mut ticket: Ticket,
     primary: oneshot::Receiver<Observation>,
-    parent_trace: Option<String>,
+    parent_trace: Option<(String, String)>,
 ) {
     let policy = &snap.policy;
     let wall_start = std::time::SystemTime::now();
@@ -246,7 +247,9 @@ async fn mirror_attempt(
             &http::HeaderMap::new(),
         );
         rec.kind = "mirror".to_string();
-        rec.parent_trace_id = Some(parent);
+        // The primary's trace, and its server span (the span link OTLP exports).
+        rec.parent_trace_id = Some(parent.0);
+        rec.parent_span_id = Some(parent.1);
         let notes = notes.into_inner().unwrap_or_default();
         crate::trace::mirror_attempt(&mut rec, policy, step, latency, &result, notes, cost);
         writer.submit(rec);

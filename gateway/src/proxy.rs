@@ -175,7 +175,7 @@ where
             .into_response();
     };
     // A client's W3C traceparent is continued: its trace id is the request's.
-    let (traceparent_id, parent_span_id) = match trace::client_traceparent(&headers) {
+    let (traceparent_id, parent_span_id) = match crate::telemetry::parse_traceparent(&headers) {
         Some((t, s)) => (Some(t), Some(s)),
         None => (None, None),
     };
@@ -383,7 +383,8 @@ where
         None => crate::limits::Reservation::none(),
     };
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
-    migration.start_mirrors(app, snap, &ctx.trace_id, &req, alias);
+    let primary_span = ctx.record.as_ref().map(|r| r.span_id.as_str());
+    migration.start_mirrors(app, snap, &ctx.trace_id, primary_span, &req, alias);
 
     // 7. Attempts, in plan order, under per-attempt timeouts and the route's deadline.
     let deadline = tokio::time::Instant::now() + route.deadline;

@@ -14,7 +14,10 @@ use tokio_util::task::TaskTracker;
 use crate::app::{App, AppParts};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::policy::StoreSettings;
+use crate::policy::{OtlpProtocol, StoreSettings, TelemetrySettings};
+use crate::store::record::TraceRecord;
+use crate::store::RecordHook;
+use crate::telemetry::{Exporter, Protocol, TelemetryConfig};
 use crate::reload::{PolicySource, PolicyStore};
 use crate::store::{StoreConfig, TraceWriter};
 use crate::{admin, proxy};
@@ -93,13 +96,39 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     let mirror_stop_rt = CancellationToken::new();
     let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
+    let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| {
+        match Exporter::new(&telemetry_config(t)) {
+            Ok(e) => {
+                if let Err(err) = e.register_metrics(&metrics.registry) {
+                    tracing::warn!("cannot register the OTLP exporter's metrics: {err}");
+                }
+                tracing::info!(endpoint = %t.otlp_endpoint, "spans are exported over OTLP");
+                Some(Arc::new(e))
+            }
+            Err(e) => {
+                tracing::error!("OTLP export is off: {e}");
+                None
+            }
+        }
+    });
     let traces = {
         let settings = store.snapshot().policy.store.clone();
-        settings.enabled.then(|| {
+        // Spans are made from the finished records, by the writer task, off the request path.
+        let hook: Option<RecordHook> = exporter.clone().map(|e| {
+            let hook: RecordHook = Arc::new(move |r: &TraceRecord| e.export(std::slice::from_ref(r)));
+            hook
+        });
+        if settings.enabled {
             let cfg = store_config(&settings);
             tracing::info!(store = %cfg.target(), "trace records go to this store");
-            TraceWriter::spawn(cfg, metrics.trace_dropped.clone(), metrics.trace_written.clone(), None)
-        })
+            Some(TraceWriter::spawn(cfg, metrics.trace_dropped.clone(), metrics.trace_written.clone(), hook))
+        } else {
+            if hook.is_some() {
+                // Spans are made from the records: no records, no spans.
+                tracing::warn!("[store] enabled = false: no trace records are made, so no spans are exported either");
+            }
+            None
+        }
     };
     let app = Arc::new(App::new(AppParts {
         policy: store.clone(),
@@ -182,11 +211,15 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
     app.mirror_stop.cancel();
-    // Records of the requests just answered: written within a few seconds, or lost uncounted.
+    // Records of the requests just answered: written within a few seconds, or lost uncounted;
+    // then their spans.
     if let Some(t) = &app.traces {
         if !t.shutdown(Duration::from_secs(5)).await {
             tracing::warn!(queued = t.queued(), "trace records still queued at exit were not written");
         }
+    }
+    if let Some(e) = &exporter {
+        e.shutdown().await;
     }
     mirror_stop_rt.cancel();
     let _ = tokio::task::spawn_blocking(move || mirror_thread.join()).await;
@@ -219,6 +252,32 @@ pub fn store_config(s: &StoreSettings) -> StoreConfig {
         batch_max: s.batch_max,
         flush_interval: s.flush_interval,
         ..StoreConfig::default()
+    }
+}
+
+/// The exporter's settings from `[telemetry]`: header values read from the environment
+/// variables the policy names (a missing one is logged and left out).
+pub fn telemetry_config(t: &TelemetrySettings) -> TelemetryConfig {
+    let headers = t
+        .headers_env
+        .iter()
+        .filter_map(|(name, var)| match std::env::var(var) {
+            Ok(v) => Some((name.clone(), v)),
+            Err(_) => {
+                tracing::error!(header = %name, variable = %var, "telemetry.headers_env names a variable that is not set");
+                None
+            }
+        })
+        .collect();
+    TelemetryConfig {
+        otlp_endpoint: t.otlp_endpoint.clone(),
+        protocol: match t.protocol {
+            OtlpProtocol::HttpProtobuf => Protocol::Http,
+            OtlpProtocol::Grpc => Protocol::Grpc,
+        },
+        timeout: t.timeout,
+        headers,
+        ..TelemetryConfig::default()
     }
 }
 

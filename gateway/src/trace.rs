@@ -31,24 +31,6 @@ pub const COHORT: &str = "x-acc-cohort";
 /// Longest cohort field value kept; longer ones are cut (at a character boundary).
 pub const MAX_FIELD_CHARS: usize = 256;
 
-/// The client's W3C `traceparent`, when valid: (trace id, parent span id), lowercase hex.
-/// Version `00` layout; an all-zero id, another length or a non-hex digit is ignored
-/// (<https://www.w3.org/TR/trace-context/#traceparent-header>).
-pub fn client_traceparent(headers: &HeaderMap) -> Option<(String, String)> {
-    let v = headers.get("traceparent")?.to_str().ok()?.trim();
-    let mut parts = v.split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let zero = |s: &str| s.bytes().all(|b| b == b'0');
-    if !hex(version, 2) || version == "ff" || !hex(flags, 2) || (version == "00" && parts.next().is_some()) {
-        return None;
-    }
-    if !hex(trace, 32) || !hex(span, 16) || zero(trace) || zero(span) {
-        return None;
-    }
-    Some((trace.to_string(), span.to_string()))
-}
-
 /// A header's value as text, cut to [`MAX_FIELD_CHARS`]; `None` when absent, empty or not
 /// visible ASCII.
 fn field(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -180,7 +162,19 @@ pub fn attempts(
         let route = &policy.routes[a.step.route];
         let target = &route.targets[a.step.target];
         let note = notes.iter_mut().find(|n| n.as_ref().is_some_and(|n| n.step == a.step)).and_then(Option::take);
-        let kind = policy.providers.get(&target.provider).map_or("?", |p| p.kind.name());
+        let spec = policy.providers.get(&target.provider);
+        let kind = spec.map_or("?", |p| p.kind.name());
+        // The host of the provider's base URL (OpenTelemetry's `server.address`).
+        let endpoint_host = spec.and_then(|p| {
+            let rest = p.conn.base_url.split_once("://")?.1;
+            let authority = rest.split(['/', '?']).next()?;
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let host = match host.strip_prefix('[') {
+                Some(v6) => v6.split(']').next()?,
+                None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+            };
+            (!host.is_empty()).then(|| host.to_string())
+        });
         let role = if a.hedge {
             "hedge"
         } else if i == 0 && canary {
@@ -207,6 +201,7 @@ pub fn attempts(
             cost_usd: costs.get(i).copied().flatten(),
             role: role.to_string(),
             evaluations: Vec::new(),
+            endpoint_host,
         };
         if let Some(n) = note {
             r.evaluations = n
@@ -321,34 +316,6 @@ pub fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tp(v: &str) -> Option<(String, String)> {
-        let mut h = HeaderMap::new();
-        h.insert("traceparent", v.parse().unwrap());
-        client_traceparent(&h)
-    }
-
-    #[test]
-    fn traceparent_is_parsed_per_w3c() {
-        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(
-            tp(ok),
-            Some(("4bf92f3577b34da6a3ce929d0e0e4736".into(), "00f067aa0ba902b7".into()))
-        );
-        // A later version may add fields.
-        assert!(tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
-        for bad in [
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "garbage",
-        ] {
-            assert_eq!(tp(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn record_prompt_decides_what_is_kept() {

@@ -16,7 +16,8 @@ pub struct TraceRecord {
     pub trace_id: String,
     /// The server span's id (16 lowercase hex digits), exported over OTLP.
     pub span_id: String,
-    /// The span id of the client's `traceparent`, when the request continued one.
+    /// The span id of the client's `traceparent`, when the request continued one; for a
+    /// mirror, the primary request's server span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_span_id: Option<String>,
     /// For a mirror copy: the primary request's trace id.
@@ -113,6 +114,9 @@ pub struct AttemptRecord {
     /// The provider's name in the policy, and its kind (`openai`, `azure`, `stability`, ...).
     pub provider: String,
     pub provider_kind: String,
+    /// The host of the provider endpoint called (exported as `server.address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_host: Option<String>,
     /// The model asked of the provider.
     pub model: String,
     /// The model (version) the provider says generated, where it reports one.

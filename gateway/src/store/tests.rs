@@ -171,6 +171,7 @@ fn full_record() -> TraceRecord {
                 error: Some("timed out after 300 ms".into()),
                 cost_usd: None,
                 role: "primary".into(),
+                endpoint_host: Some("api.example.com".into()),
                 evaluations: vec![],
             },
             AttemptRecord {
@@ -188,6 +189,7 @@ fn full_record() -> TraceRecord {
                 error: None,
                 cost_usd: Some(0.065),
                 role: "fallback".into(),
+                endpoint_host: Some("api.example.com".into()),
                 evaluations: vec![
                     EvaluationRecord {
                         image: 0,

@@ -1,0 +1,125 @@
+//! W3C trace context: the client's `traceparent` read with OpenTelemetry's own propagator, and
+//! the `traceparent` the gateway sends to providers.
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
+use opentelemetry_http::HeaderExtractor;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+/// The client's trace id (32 lowercase hex digits) and parent span id (16) from its
+/// `traceparent` header, or `None` when there is none or it is not valid W3C trace context
+/// (unknown shape for version 00, version `ff`, all-zero ids, upper-case hex, wrong lengths):
+/// an invalid header is ignored and the request starts a trace of its own.
+///
+/// OpenTelemetry's `TraceContextPropagator` does the parsing; it accepts shorter ids (it parses
+/// them as numbers), so the lengths the W3C format fixes are checked here first.
+pub fn parse_traceparent(headers: &HeaderMap) -> Option<(String, String)> {
+    let raw = headers.get("traceparent")?.to_str().ok()?.trim();
+    let mut fields = raw.split('-');
+    let lengths_ok = fields.next().is_some_and(|v| v.len() == 2)
+        && fields.next().is_some_and(|t| t.len() == 32)
+        && fields.next().is_some_and(|s| s.len() == 16)
+        && fields.next().is_some_and(|f| f.len() == 2);
+    if !lengths_ok {
+        return None;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let span = cx.span();
+    let sc = span.span_context();
+    // The propagator hands back an invalid (all-zero) context when it refused the header.
+    sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// The `traceparent` value sent to a provider for an attempt: version 00, the request's trace id,
+/// the attempt's span id, sampled (`00-<trace>-<span>-01`).
+///
+/// The ids are the gateway's own (hex, as in the trace record) and are written back in canonical
+/// form (lowercase, zero-padded); an id that does not parse becomes all zeros, which a receiver
+/// ignores as invalid rather than joining the wrong trace.
+pub fn traceparent(trace_id: &str, span_id: &str) -> HeaderValue {
+    let trace = TraceId::from_hex(trace_id).unwrap_or(TraceId::INVALID);
+    let span = SpanId::from_hex(span_id).unwrap_or(SpanId::INVALID);
+    let value = format!("00-{trace}-{span}-01");
+    // Hex digits and dashes only: always a valid header value.
+    HeaderValue::from_str(&value)
+        .unwrap_or(HeaderValue::from_static("00-00000000000000000000000000000000-0000000000000000-01"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SPAN: &str = "00f067aa0ba902b7";
+
+    fn parse(value: &str) -> Option<(String, String)> {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_str(value).unwrap());
+        parse_traceparent(&h)
+    }
+
+    #[test]
+    fn valid_traceparent_is_read() {
+        let want = Some((TRACE.to_string(), SPAN.to_string()));
+        assert_eq!(parse(&format!("00-{TRACE}-{SPAN}-01")), want);
+        // Not sampled: still the caller's trace (the gateway records every request).
+        assert_eq!(parse(&format!("00-{TRACE}-{SPAN}-00")), want);
+        // A later version may append fields; the first four are read as version 00's.
+        assert_eq!(parse(&format!("01-{TRACE}-{SPAN}-01-whatever")), want);
+        // Surrounding whitespace is tolerated.
+        assert_eq!(parse(&format!("  00-{TRACE}-{SPAN}-01 ")), want);
+    }
+
+    #[test]
+    fn no_header_or_all_zero_ids_are_ignored() {
+        assert_eq!(parse_traceparent(&HeaderMap::new()), None);
+        assert_eq!(parse(&format!("00-{}-{SPAN}-01", "0".repeat(32))), None);
+        assert_eq!(parse(&format!("00-{TRACE}-{}-01", "0".repeat(16))), None);
+    }
+
+    #[test]
+    fn bad_versions_are_ignored() {
+        assert_eq!(parse(&format!("ff-{TRACE}-{SPAN}-01")), None, "version ff is forbidden");
+        assert_eq!(parse(&format!("0g-{TRACE}-{SPAN}-01")), None, "not hex");
+        assert_eq!(parse(&format!("000-{TRACE}-{SPAN}-01")), None, "three digits");
+        assert_eq!(parse(&format!("00-{TRACE}-{SPAN}-01-extra")), None, "version 00 has exactly four fields");
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        for bad in [
+            "",
+            "garbage",
+            "00",
+            "00-abc-def-01",
+            &format!("00-{}-{SPAN}-01", TRACE.to_uppercase()),
+            &format!("00-{TRACE}-{}-01", SPAN.to_uppercase()),
+            &format!("00-{TRACE}-{SPAN}"),
+            &format!("00-{TRACE}-{SPAN}-1"),
+            &format!("00-{TRACE}-{SPAN}-zz"),
+            &format!("00-{}x-{SPAN}-01", &TRACE[..31]),
+            &format!("00_{TRACE}_{SPAN}_01"),
+            &format!("00-{TRACE}0-{SPAN}-01"),
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        // Not visible ASCII: not a string header value at all.
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_bytes(b"00-\xff").unwrap());
+        assert_eq!(parse_traceparent(&h), None);
+    }
+
+    #[test]
+    fn traceparent_is_formatted_for_providers() {
+        assert_eq!(traceparent(TRACE, SPAN), format!("00-{TRACE}-{SPAN}-01"));
+        // Canonical form: lowercase, zero-padded.
+        assert_eq!(traceparent(&TRACE.to_uppercase(), "f067aa0ba902b7"), format!("00-{TRACE}-{SPAN}-01"));
+        // What the gateway sends, it reads back.
+        assert_eq!(parse(traceparent(TRACE, SPAN).to_str().unwrap()), Some((TRACE.to_string(), SPAN.to_string())));
+        // An id that does not parse is sent as zeros (invalid, so never joined).
+        let bad = traceparent("not-hex", SPAN);
+        assert_eq!(bad, format!("00-{}-{SPAN}-01", "0".repeat(32)));
+        assert_eq!(parse(bad.to_str().unwrap()), None);
+    }
+}
