@@ -18,6 +18,10 @@ REPO="$(cd "$BENCH_DIR/.." && pwd)"
 REQUESTS="${CALLGRIND_REQUESTS:-2000}"
 WARMUP="${CALLGRIND_WARMUP:-200}"
 PAYLOADS="${CALLGRIND_PAYLOADS:-small large}"
+# on: trace records written (the default SQLite store, in the run directory); off: [store]
+# enabled = false.
+TRACES="${CALLGRIND_TRACES:-on}"
+[[ "$TRACES" == on || "$TRACES" == off ]] || { echo "callgrind.sh: CALLGRIND_TRACES must be on or off" >&2; exit 2; }
 ACC_BIN="${ACC_BIN:-}"
 WORK="$BENCH_DIR/.work"
 RUN="$WORK/callgrind"
@@ -77,7 +81,11 @@ api_key_env = "BENCH_MOCK_API_KEY"
 name = "bench"
 match = { model = "bench" }
 targets = [{ provider = "mock", model = "mock-model" }]
+
+[store]
+$(if [[ "$TRACES" == on ]]; then echo "path = \"$RUN/traces-$payload.db\""; else echo "enabled = false"; fi)
 EOF
+    rm -f "$RUN/traces-$payload.db"*
     out="$RUN/acc-$payload.out"
     prof="$RUN/callgrind.out.$payload"
     BENCH_MOCK_API_KEY=bench-dummy-key valgrind --tool=callgrind --callgrind-out-file="$prof" \
@@ -119,5 +127,5 @@ EOF
         total=$((total + ${n:-0}))
     done
     ((total > 0)) || die "no measured dump found in $prof*"
-    echo "callgrind payload=$payload requests=$REQUESTS instructions_per_request=$((total / REQUESTS))"
+    echo "callgrind payload=$payload traces=$TRACES requests=$REQUESTS instructions_per_request=$((total / REQUESTS))"
 done

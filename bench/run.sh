@@ -9,8 +9,11 @@ REPO="$(cd "$BENCH_DIR/.." && pwd)"
 
 SECONDS_PER_CELL="${BENCH_SECONDS:-10}"        # measured wrk duration per cell
 WARMUP="${BENCH_WARMUP:-2}"                     # un-measured wrk run before each cell
-# acc-mirror: acc + every request mirrored to a slow second mock; acc-eval: sanity+safety on, large payload only
-TARGETS="${BENCH_TARGETS:-direct nginx acc acc-mirror acc-eval}"
+# acc: trace records on (the default SQLite store, in the run directory); acc-notrace: [store]
+# enabled = false; nginx-log: nginx with a buffered access log (the like-for-like baseline of acc
+# with traces); acc-mirror: acc + every request mirrored to a slow second mock; acc-eval:
+# sanity+safety on, large payload only
+TARGETS="${BENCH_TARGETS:-direct nginx nginx-log acc acc-notrace acc-mirror acc-eval}"
 REPEAT="${BENCH_REPEAT:-1}"                     # rounds of every cell, interleaved (medians reported)
 MIRROR_LATENCY_MS="${BENCH_MIRROR_LATENCY_MS:-200}"   # the slow candidate's answer delay
 MIRROR_MAX_IN_FLIGHT="${BENCH_MIRROR_MAX_IN_FLIGHT:-4}"   # the policy default; mirrors beyond it are dropped, counted
@@ -39,7 +42,7 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive integer"
 for t in $TARGETS; do
-    case $t in direct | nginx | acc | acc-mirror | acc-eval) ;; *) die "unknown target $t" ;; esac
+    case $t in direct | nginx | nginx-log | acc | acc-notrace | acc-mirror | acc-eval) ;; *) die "unknown target $t" ;; esac
 done
 
 # ---------------------------------------------------------------- cleanup ---
@@ -84,7 +87,7 @@ fi
 log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
-if { has_target acc || has_target acc-mirror || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
+if { has_target acc || has_target acc-notrace || has_target acc-mirror || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
     log "building acc (cargo build --release)"
     (cd "$REPO" && cargo build --release --quiet) || die "acc release build failed"
     ACC_BIN="$REPO/target/release/acc"
@@ -217,9 +220,11 @@ start_mock() {
     STARTED_PORT="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
 }
 
+# start_nginx NAME [log]: with "log", a buffered access log (64 KiB buffer, flushed every second).
 start_nginx() {
-    local prefix="$RUN/nginx-$1" user_line=""
+    local prefix="$RUN/nginx-$1" user_line="" access="access_log off;"
     mkdir -p "$prefix"
+    [[ "${2:-}" == log ]] && access="access_log $prefix/access.log combined buffer=64k flush=1s;"
     NGINX_PORT="$(free_port)"
     [[ "$(id -u)" -eq 0 ]] && user_line="user root;"
     cat >"$prefix/nginx.conf" <<EOF
@@ -231,7 +236,7 @@ pid $prefix/nginx.pid;
 error_log $prefix/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
+    $access
     tcp_nodelay on;
     keepalive_timeout 75s;
     keepalive_requests 1000000;
@@ -295,6 +300,9 @@ name = "bench"
 match = { model = "bench" }
 targets = [{ provider = "mock", model = "mock-model" }]
 ${2:-}
+
+[store]
+${4:-path = \"$RUN/$name.db\"}
 EOF
     BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$pol" \
         --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out" 2>"$RUN/$name.err" &
@@ -440,10 +448,20 @@ for payload in $PAYLOADS; do
         T_PORT[nginx]=$NGINX_PORT T_PROCS[nginx]="${NGINX_PROCS[*]}"
         verify "nginx-$payload" "http://127.0.0.1:$NGINX_PORT"
     fi
+    if has_target nginx-log; then
+        start_nginx "log-$payload" log
+        T_PORT[nginx-log]=$NGINX_PORT T_PROCS[nginx-log]="${NGINX_PROCS[*]}"
+        verify "nginx-log-$payload" "http://127.0.0.1:$NGINX_PORT"
+    fi
     if has_target acc; then
         start_acc "acc-$payload"
         T_PORT[acc]=$STARTED_PORT T_PROCS[acc]=$STARTED_PID
         verify "acc-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
+    fi
+    if has_target acc-notrace; then
+        start_acc "acc-notrace-$payload" "" "" "enabled = false"
+        T_PORT[acc-notrace]=$STARTED_PORT T_PROCS[acc-notrace]=$STARTED_PID
+        verify "acc-notrace-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
     fi
     # The same route with every request also sent to a slow candidate (a second mock that waits
     # MIRROR_LATENCY_MS before answering the same body); the client only ever waits for the primary.

@@ -56,7 +56,7 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     let receiver = Receiver::start();
     let (first, second) = (MockProvider::start().await, MockProvider::start().await);
     first.set_status(500);
-    second.answer_with(&noisy(64, 64, 5));
+    second.answer_with(&noisy(256, 256, 5));
     let policy = format!(
         "[telemetry]\notlp_endpoint = \"{}\"\n\n{}{}{}{}",
         receiver.url,
@@ -69,7 +69,7 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let r = gw
         .generate_with(
-            &json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "64x64", "seed": 9, "quality": "high"}),
+            &json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "256x256", "seed": 9, "quality": "high"}),
             &[("traceparent", &format!("00-{trace_id}-b7ad6b7169203331-01")), ("x-acc-cohort", "beta")],
         )
         .await;
@@ -88,7 +88,7 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     assert_eq!(attr(server, "gen_ai.request.seed"), 9);
     assert_eq!(attr(server, "gen_ai.request.choice.count"), 1);
     assert_eq!(attr(server, "gen_ai.image.prompt"), "a lighthouse at dusk");
-    assert_eq!(attr(server, "gen_ai.image.size"), "64x64");
+    assert_eq!(attr(server, "gen_ai.image.size"), "256x256");
     assert_eq!(attr(server, "gen_ai.image.quality"), "high");
     assert_eq!(attr(server, "acc.route"), "main");
     assert_eq!(attr(server, "acc.cohort"), "beta");
@@ -120,7 +120,7 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     assert_eq!(events[0]["attributes"]["gen_ai.evaluation.name"], "sanity");
     assert_eq!(events[0]["attributes"]["gen_ai.evaluation.score.label"], "pass");
     assert_eq!(events[0]["attributes"]["gen_ai.evaluation.score.value"], 1.0);
-    assert!(events[0]["attributes"]["gen_ai.evaluation.explanation"].as_str().unwrap().contains("64x64"));
+    assert!(events[0]["attributes"]["gen_ai.evaluation.explanation"].as_str().unwrap().contains("256x256"));
     // Times: attempts inside the request, in order.
     let t = |s: &Value, k: &str| s[k].as_u64().unwrap();
     assert!(t(server, "start_time_unix_nano") <= t(failed, "start_time_unix_nano"));

@@ -13,6 +13,8 @@ EVAL_CPU_GOAL_MS = 25.0   # decode + sanity + safety, CPU ms per image (whole ac
 EVAL_RPS_GOAL = 85        # images/s at concurrency 64 with sanity + safety on
 CPU_GOAL = 1.25  # acc CPU/request <= 1.25x nginx's (issue #11; #2 asked 1.5x)
 RPS_GOAL = 0.85  # acc req/s at c=64 >= 85% of nginx's (issue #11; #2 asked 70%)
+TRACE_CPU_GOAL = 1.10    # acc (traces on) CPU/request <= 1.10x acc-notrace's (issue #12)
+TRACE_LOG_GOAL = 1.35    # acc (traces on) CPU/request <= 1.35x nginx-log's (issue #12)
 MIRROR_P99_GOAL = 1.05    # acc-mirror p99 <= 1.05x acc p99 (medians over the rounds)
 MIRROR_RSS_GOAL_MIB = 64  # acc-mirror peak RSS <= acc's + 64 MiB
 
@@ -133,6 +135,35 @@ def main() -> None:
                 goals.append(f"- {ok}: {payload} c={conc}: acc with sanity+safety = "
                              f"{ev['rps']:.0f} images/s (goal >= {EVAL_RPS_GOAL})")
         acc, ngx = cell.get("acc"), cell.get("nginx")
+        notrace, ngx_log = cell.get("acc-notrace"), cell.get("nginx-log")
+
+        def ratio_row(name, a, b):
+            cpu = a["cpu"] / b["cpu"] if a["cpu"] is not None and b["cpu"] else None
+            lines.append(
+                f"| {label(payload)} | {conc} | **{name}** | {fmt(a['rps'] / b['rps'] if b['rps'] else None)}x | "
+                f"{fmt(a['p50'] / b['p50'] if b['p50'] else None)}x | "
+                f"{fmt(a['p90'] / b['p90'] if b['p90'] else None)}x | "
+                f"{fmt(a['p99'] / b['p99'] if b['p99'] else None)}x | **{fmt(cpu)}x** | | | | | | |")
+            return cpu
+
+        if acc and notrace:
+            cpu = ratio_row("acc/acc-notrace", acc, notrace)
+            if cpu is not None:
+                ok = "PASS" if cpu <= TRACE_CPU_GOAL else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: traces on cost {cpu:.2f}x the CPU/request of "
+                             f"traces off (goal <= {TRACE_CPU_GOAL}x)")
+        if acc and ngx_log:
+            cpu = ratio_row("acc/nginx-log", acc, ngx_log)
+            if cpu is not None:
+                ok = "PASS" if cpu <= TRACE_LOG_GOAL else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: acc with traces CPU/request = {cpu:.2f}x nginx "
+                             f"with a buffered access log (goal <= {TRACE_LOG_GOAL}x)")
+        if notrace and ngx:
+            cpu = ratio_row("acc-notrace/nginx", notrace, ngx)
+            if cpu is not None:
+                ok = "PASS" if cpu <= CPU_GOAL else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: acc with traces off CPU/request = "
+                             f"{cpu:.2f}x nginx (goal <= {CPU_GOAL}x)")
         if acc and ngx:
             rps_ratio = acc["rps"] / ngx["rps"] if ngx["rps"] else None
             cpu_ratio = (acc["cpu"] / ngx["cpu"]
