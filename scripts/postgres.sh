@@ -16,7 +16,7 @@
 # PostgreSQL refuses to run as root: as root the server runs as the user $ACC_PG_USER (default
 # `postgres` when that user exists, else `nobody`): DIR is chown'ed to it, and root-owned parent
 # directories it cannot pass (a `mktemp -d` holding DIR) get search permission (o+x).
-# $ACC_PG_BIN overrides the binaries' directory. Durability is switched off (fsync=off): test data only.
+# $ACC_PG_BIN overrides the binaries' directory; $ACC_PG_PORT picks the port (else a free one). Durability is switched off (fsync=off): test data only.
 # Everything but the URL (and `install`'s directory) goes to stderr.
 set -euo pipefail
 
@@ -200,7 +200,8 @@ EOF
     fi
     local attempt
     for attempt in 1 2 3 4 5; do
-        port="$(free_port)" || die "found no free port on 127.0.0.1"
+        # $ACC_PG_PORT: this port (a restart on the port clients already know), else a free one.
+        port="${ACC_PG_PORT:-$(free_port)}" || die "found no free port on 127.0.0.1"
         as_pg sh -c 'cat > "$1"' sh "$dir/data/acc-test.conf" <<EOF
 # Written by scripts/postgres.sh start; rewritten on every start.
 listen_addresses = '127.0.0.1'
