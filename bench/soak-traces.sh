@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Trace soak: acc with the default SQLite trace store under wrk at the proxy benchmark's rate
+# for SOAK_SECONDS (default 600), then checks that every request was either recorded or counted
+# as lost: acc_trace_written_total + acc_trace_dropped_total (all reasons but
+# images_not_digested, which loses no record) = requests that reached routing
+# (acc_requests_total{route="bench"}), and that the store holds as many rows as were written.
+# Prints one line `soak seconds=.. requests=.. written=.. dropped=.. rows=..` and exits 1 on a
+# mismatch. Loopback only. Knobs: SOAK_SECONDS, SOAK_CONCURRENCY (64), SOAK_PAYLOAD (small),
+# ACC_BIN (default: cargo build --release). Disk: about 2 KB per record written.
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$BENCH_DIR/.." && pwd)"
+SECONDS_RUN="${SOAK_SECONDS:-600}"
+CONC="${SOAK_CONCURRENCY:-64}"
+PAYLOAD="${SOAK_PAYLOAD:-small}"
+ACC_BIN="${ACC_BIN:-}"
+RUN="$BENCH_DIR/.work/soak"
+PNG="$BENCH_DIR/.work/payloads/$PAYLOAD.png"
+
+log() { printf '[soak] %s\n' "$*" >&2; }
+die() { printf '[soak] ERROR: %s\n' "$*" >&2; exit 1; }
+[[ -f "$PNG" ]] || die "no payload $PNG: run bench/run.sh once (it makes the payloads)"
+command -v wrk >/dev/null || die "wrk is missing (bench/run.sh installs it)"
+(cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
+MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
+if [[ -z "$ACC_BIN" ]]; then
+    (cd "$REPO" && cargo build --release --quiet)
+    ACC_BIN="$REPO/target/release/acc"
+fi
+rm -rf "$RUN"
+mkdir -p "$RUN/policies"
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
+
+wait_line() {
+    local file=$1 re=$2 i
+    for ((i = 0; i < 600; i++)); do
+        grep -Eq "$re" "$file" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+"$MOCK_BIN" --listen 127.0.0.1:0 --png "$PNG" --threads 1 --latency-ms 0 >"$RUN/mock.out" 2>&1 &
+PIDS+=($!)
+wait_line "$RUN/mock.out" '^listening ' || die "mock did not start"
+mock_port="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/mock.out")"
+cat >"$RUN/policies/bench.toml" <<EOF
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:$mock_port/v1"
+api_key_env = "BENCH_MOCK_API_KEY"
+
+[[routes]]
+name = "bench"
+match = { model = "bench" }
+targets = [{ provider = "mock", model = "mock-model" }]
+
+[store]
+path = "$RUN/traces.db"
+max_rows = 1000000000    # no pruning during the soak (rows are compared with records written)
+EOF
+BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$RUN/policies" \
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$RUN/acc.out" 2>"$RUN/acc.err" &
+acc_pid=$!
+PIDS+=("$acc_pid")
+wait_line "$RUN/acc.out" '^listening proxy=' || die "acc did not start: $(tail -n 5 "$RUN/acc.err")"
+port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
+admin="$(sed -n 's/^listening proxy=.* admin=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
+
+log "wrk -c$CONC for ${SECONDS_RUN}s on the $PAYLOAD payload, traces to $RUN/traces.db"
+wrk -t2 -c"$CONC" -d"${SECONDS_RUN}s" --timeout 10s -s "$BENCH_DIR/lib/post.lua" "http://127.0.0.1:$port" >"$RUN/wrk.out"
+
+# requests, written, dropped (lost records only) from one scrape.
+counts() {
+    python3 - "$admin" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+req = written = dropped = 0
+for line in text.splitlines():
+    if line.startswith("#") or not line.strip():
+        continue
+    name, value = line.rsplit(" ", 1)
+    if name.startswith("acc_requests_total{") and 'route="bench"' in name:
+        req += float(value)
+    elif name == "acc_trace_written_total":
+        written += float(value)
+    elif name.startswith("acc_trace_dropped_total{") and "images_not_digested" not in name:
+        dropped += float(value)
+print(int(req), int(written), int(dropped))
+PY
+}
+for ((i = 0; i < 120; i++)); do
+    read -r req written dropped < <(counts)
+    ((written + dropped == req)) && break
+    sleep 0.5
+done
+rows="$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from traces").fetchone()[0])' "$RUN/traces.db")"
+echo "soak seconds=$SECONDS_RUN concurrency=$CONC payload=$PAYLOAD requests=$req written=$written dropped=$dropped rows=$rows"
+((written + dropped == req)) || die "records + dropped ($written + $dropped) != requests ($req)"
+((rows == written)) || die "the store holds $rows rows, $written were written"
