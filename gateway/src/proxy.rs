@@ -449,7 +449,7 @@ where
     let settings = generation.settings.clone();
     let mut sent = Vec::with_capacity(generation.images.len());
     let body = answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, Some(&mut sent));
-    trace::images(rec, &settings, sent);
+    trace::images(rec, &settings, sent, policy.store.image_sha256);
     Ok(body)
 }
 

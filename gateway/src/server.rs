@@ -96,6 +96,11 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     let mirror_stop_rt = CancellationToken::new();
     let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
+    // The trace writer, its database connections (SQLite's worker threads are spawned from it
+    // and inherit its policy) and the OTLP exporter run on the mirrors' runtime, at idle CPU
+    // priority: records and spans take the CPU requests leave, never the other way round; when
+    // none is left the queue fills and the loss is counted.
+    let idle_rt = mirror_rt.enter();
     let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| {
         match Exporter::new(&telemetry_config(t)) {
             Ok(e) => {
@@ -130,6 +135,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             None
         }
     };
+    drop(idle_rt);
     let app = Arc::new(App::new(AppParts {
         policy: store.clone(),
         metrics: metrics.clone(),

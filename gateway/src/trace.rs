@@ -275,8 +275,9 @@ fn error_text(e: &ProviderError) -> String {
     }
 }
 
-/// The winner's generation settings, and the images as sent (digests computed later).
-pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>) {
+/// The winner's generation settings, and the images as sent (digests computed later by the
+/// writer, when `digests`).
+pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>, digests: bool) {
     rec.generation = Some(GenerationRecord {
         seed: st.seed,
         sampler: st.sampler.clone(),
@@ -286,6 +287,9 @@ pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>) {
     });
     for (index, s) in sent.into_iter().enumerate() {
         rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url });
+        if !digests {
+            continue;
+        }
         if let Some(b) = s.bytes {
             rec.pending_images.push((index, PendingImage::Raw(b)));
         } else if let Some(b) = s.base64 {

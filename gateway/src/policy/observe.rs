@@ -96,6 +96,7 @@ fn validate_store(file: &str, s: &RawStore, errors: &mut Vec<String>) -> StoreSe
         queue_capacity: queue.map_or(d.queue_capacity, |v| v.min(1 << 24) as usize),
         batch_max: batch.map_or(d.batch_max, |v| v.min(10_000) as usize),
         flush_interval: flush.map_or(d.flush_interval, Duration::from_millis),
+        image_sha256: s.image_sha256.unwrap_or(d.image_sha256),
     }
 }
 

@@ -59,6 +59,9 @@ pub(super) struct RawStore {
     pub(super) batch_max: Option<u64>,
     /// How long the writer waits to fill a batch, ms (default 200).
     pub(super) flush_interval_ms: Option<u64>,
+    /// Whether records carry each returned image's SHA-256 and size (default true; hashing a
+    /// 1.5 MB image costs about 0.7 ms of CPU).
+    pub(super) image_sha256: Option<bool>,
 }
 
 /// `[telemetry]`: OTLP export (at most one file sets it).

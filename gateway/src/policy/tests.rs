@@ -412,3 +412,75 @@ targets = [{ provider = "demo" }]
     assert_eq!(p.server, ServerSettings::default());
     assert_eq!(p.version.len(), 12);
 }
+
+#[test]
+fn store_telemetry_and_cohorts_are_checked() {
+    let route = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\n";
+    // Defaults: SQLite at data/acc.db, no export, empty cohort lists, full prompts.
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", route)]).unwrap();
+    assert_eq!(p.store, crate::policy::StoreSettings::default());
+    assert_eq!(p.store.path, std::path::PathBuf::from("data/acc.db"));
+    assert!(p.telemetry.is_none());
+    assert_eq!(p.cohorts.labels(Some("beta"), None, Some("x")), ["other", "none", "other"]);
+    assert_eq!(p.routes[0].record_prompt, crate::policy::RecordPrompt::Full);
+
+    let good = r#"
+[store]
+url = "postgres://acc@db:5432/acc"
+password_env = "ACC_STORE_PASSWORD"
+retention_days = 7
+max_rows = 5000
+image_sha256 = false
+[telemetry]
+otlp_endpoint = "http://collector:4318/"
+protocol = "grpc"
+headers_env = { "x-api-key" = "OTLP_KEY" }
+[cohorts]
+cohorts = ["beta"]
+templates = ["hero@3"]
+asset_types = ["banner"]
+"#;
+    let p = check(&[("p.toml", PROVIDERS), ("o.toml", good), ("r.toml", &format!("{route}record_prompt = \"sha256\"\n"))])
+        .unwrap();
+    assert_eq!(p.store.url.as_deref(), Some("postgres://acc@db:5432/acc"));
+    assert_eq!((p.store.retention_days, p.store.max_rows, p.store.image_sha256), (Some(7), Some(5000), false));
+    let t = p.telemetry.unwrap();
+    assert_eq!(t.otlp_endpoint, "http://collector:4318");
+    assert_eq!(t.protocol, crate::policy::OtlpProtocol::Grpc);
+    assert_eq!(t.headers_env, vec![("x-api-key".to_string(), "OTLP_KEY".to_string())]);
+    assert_eq!(p.cohorts.labels(Some("beta"), Some("hero@3"), Some("banner")), ["beta", "hero@3", "banner"]);
+    assert_eq!(p.cohorts.labels(Some("Beta"), Some("hero@4"), None), ["other", "other", "none"]);
+    assert_eq!(p.routes[0].record_prompt, crate::policy::RecordPrompt::Sha256);
+
+    let bad = r#"
+[store]
+url = "postgres://acc:hunter2@db/acc"
+max_rows = 0
+[telemetry]
+otlp_endpoint = "collector:4318"
+protocol = "thrift"
+[cohorts]
+cohorts = ["beta", "beta", "other", "has space"]
+templates = ["hero"]
+"#;
+    let errs = check(&[("p.toml", PROVIDERS), ("o.toml", bad), ("r.toml", &format!("{route}record_prompt = \"all\"\n"))])
+        .unwrap_err();
+    let expected = [
+        "o.toml: store.url: must not contain a password",
+        "o.toml: store.max_rows: must be greater than 0",
+        "o.toml: telemetry.otlp_endpoint: must start with http:// or https://",
+        "o.toml: telemetry.protocol: unknown protocol \"thrift\"",
+        "o.toml: cohorts.cohorts[1]: \"beta\" is listed twice",
+        "o.toml: cohorts.cohorts[2]: \"other\" must be",
+        "o.toml: cohorts.cohorts[3]: \"has space\" must be",
+        "o.toml: cohorts.templates[0]: \"hero\" must be name@version",
+        "r.toml: routes[0].record_prompt: unknown value \"all\"",
+    ];
+    for e in expected {
+        assert!(errs.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errs:#?}");
+    }
+    assert!(!errs.iter().any(|e| e.contains("hunter2")), "the password is never echoed: {errs:#?}");
+    // Each section once across the files.
+    let twice = check(&[("p.toml", PROVIDERS), ("a.toml", "[store]\n"), ("b.toml", "[store]\n"), ("r.toml", route)]).unwrap_err();
+    assert_eq!(twice, vec!["b.toml: store: already set in a.toml"]);
+}

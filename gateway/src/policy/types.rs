@@ -501,6 +501,8 @@ pub struct StoreSettings {
     pub batch_max: usize,
     /// Longest wait to fill a batch (default 200 ms).
     pub flush_interval: Duration,
+    /// Records carry each returned image's SHA-256 and size (default true).
+    pub image_sha256: bool,
 }
 
 impl Default for StoreSettings {
@@ -515,6 +517,7 @@ impl Default for StoreSettings {
             queue_capacity: 10_000,
             batch_max: 256,
             flush_interval: Duration::from_millis(200),
+            image_sha256: true,
         }
     }
 }
