@@ -70,7 +70,7 @@ port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out
 admin="$(sed -n 's/^listening proxy=.* admin=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
 
 log "wrk -c$CONC for ${SECONDS_RUN}s on the $PAYLOAD payload, traces to $RUN/traces.db"
-wrk -t2 -c"$CONC" -d"${SECONDS_RUN}s" --timeout 10s -s "$BENCH_DIR/lib/post.lua" "http://127.0.0.1:$port" >"$RUN/wrk.out"
+wrk -t"$(( CONC > 1 ? 2 : 1 ))" -c"$CONC" -d"${SECONDS_RUN}s" --timeout 10s -s "$BENCH_DIR/lib/post.lua" "http://127.0.0.1:$port" >"$RUN/wrk.out"
 
 # requests, written, dropped (lost records only) from one scrape.
 counts() {
