@@ -13,26 +13,16 @@ CREATE TABLE IF NOT EXISTS traces (
     prompt_template TEXT,
     asset_type TEXT,
     decision TEXT NOT NULL,
+    -- The multi-valued filters as one delimited text: ",provider=openai,provider=spare,
+    -- verdict=safety:pass," (TraceRecord::providers and ::verdicts). Matched with LIKE on a
+    -- whole ",tag=value," (the value escaped), so a value never matches a longer one.
+    tags TEXT NOT NULL,
     record TEXT NOT NULL
 );
 
--- Newest first, with trace_id breaking ties: the keyset every listing pages on.
+-- Newest first, with trace_id breaking ties: the keyset every listing pages on, and the path
+-- every filter takes (rows are checked newest first until a page is full). One index only:
+-- each index is a B-tree insert per record on the request rate, the trace store's main cost.
+-- A deployment whose queries filter on a rare value over millions of rows can add its own,
+-- e.g. CREATE INDEX traces_cohort ON traces (cohort, start_time_unix_nano).
 CREATE INDEX IF NOT EXISTS traces_time ON traces (start_time_unix_nano, trace_id);
-CREATE INDEX IF NOT EXISTS traces_route ON traces (route, start_time_unix_nano);
-CREATE INDEX IF NOT EXISTS traces_tenant ON traces (tenant, start_time_unix_nano);
-CREATE INDEX IF NOT EXISTS traces_cohort ON traces (cohort, start_time_unix_nano);
-CREATE INDEX IF NOT EXISTS traces_template ON traces (prompt_template, start_time_unix_nano);
-CREATE INDEX IF NOT EXISTS traces_asset_type ON traces (asset_type, start_time_unix_nano);
-CREATE INDEX IF NOT EXISTS traces_decision ON traces (decision, start_time_unix_nano);
-
--- The multi-valued filters, one row per value: tag 'provider' (every attempt's provider,
--- TraceRecord::providers) and tag 'verdict' ('evaluator:verdict', TraceRecord::verdicts).
--- Matched by equality, so a value never matches a longer one that contains it.
-CREATE TABLE IF NOT EXISTS trace_tags (
-    trace_id TEXT NOT NULL,
-    tag TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (trace_id, tag, value)
-);
-
-CREATE INDEX IF NOT EXISTS trace_tags_value ON trace_tags (tag, value, trace_id);

@@ -5,10 +5,11 @@
 //! Schema (`gateway/migrations/`, embedded in the binary, run on every open):
 //! - `traces`: one row per record; `trace_id` is the primary key, the filtered fields
 //!   (`start_time_unix_nano`, `kind`, `route`, `tenant`, `cohort`, `prompt_template`,
-//!   `asset_type`, `decision`) are indexed columns, `record` holds the whole record as JSON.
-//! - `trace_tags`: the multi-valued filters, one row per `(trace_id, tag, value)` with tag
-//!   `provider` ([`TraceRecord::providers`]) or `verdict` ([`TraceRecord::verdicts`]),
-//!   matched by equality.
+//!   `asset_type`, `decision`) are columns, `tags` holds the multi-valued filters as
+//!   `,provider=a,verdict=safety:pass,` ([`TraceRecord::providers`],
+//!   [`TraceRecord::verdicts`]) matched with `LIKE` on a whole `,tag=value,` (case-sensitive on
+//!   both engines), and `record` holds the whole record as JSON. Only the time is indexed:
+//!   filters walk the rows newest first (see the migration).
 //!
 //! A record is written once: inserting a trace id the store already has is ignored (the first
 //! write wins, and a batch replayed after an ambiguous failure changes nothing).
@@ -347,6 +348,8 @@ impl TraceDb {
                 Box::pin(async move {
                     conn.execute("PRAGMA busy_timeout = 5000").await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    // LIKE on the tags column must be exact as in PostgreSQL.
+                    conn.execute("PRAGMA case_sensitive_like = ON").await?;
                     Ok(())
                 })
             });
@@ -432,9 +435,8 @@ impl TraceDb {
         // connection prepares it once and reuses it (a statement shaped by the batch's size was
         // parsed anew per batch: a third of the writer's instructions on bench/callgrind.sh).
         const INSERT_TRACE: &str = "INSERT INTO traces (trace_id, start_time_unix_nano, kind, route, tenant, cohort, \
-             prompt_template, asset_type, decision, record) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \
+             prompt_template, asset_type, decision, tags, record) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
              ON CONFLICT (trace_id) DO NOTHING";
-        const INSERT_TAG: &str = "INSERT INTO trace_tags (trace_id, tag, value) VALUES ($1,$2,$3) ON CONFLICT DO NOTHING";
         for r in unique {
             let record = serde_json::to_string(r).map_err(|e| StoreError::Query {
                 target: self.target.to_string(),
@@ -451,19 +453,12 @@ impl TraceDb {
                 Arg::OptText(r.prompt_template.clone()),
                 Arg::OptText(r.asset_type.clone()),
                 Arg::Text(r.decision.clone()),
+                Arg::Text(tags_of(r)),
                 Arg::Text(record),
             ];
             let done = bind_all(INSERT_TRACE, args).execute(&mut *tx).await.map_err(&fail)?;
-            if done.rows_affected() == 0 {
-                continue; // already stored: the first write wins, its tags stay as they are
-            }
-            inserted += 1;
-            let providers = r.providers().into_iter().map(|p| ("provider", p.to_string()));
-            let verdicts = r.verdicts().into_iter().map(|v| ("verdict", v));
-            for (tag, value) in providers.chain(verdicts) {
-                let args = vec![Arg::Text(r.trace_id.clone()), Arg::Text(tag.to_string()), Arg::Text(value)];
-                bind_all(INSERT_TAG, args).execute(&mut *tx).await.map_err(&fail)?;
-            }
+            // 0: already stored; the first write wins.
+            inserted += done.rows_affected();
         }
         tx.commit().await.map_err(&fail)?;
         Ok(inserted)
@@ -522,10 +517,13 @@ impl TraceDb {
         }
         for (tag, value) in [("provider", &filter.provider), ("verdict", &filter.verdict)] {
             if let Some(v) = value {
-                let n = next(&mut args, Arg::Text(v.clone()));
-                sql.push_str(&format!(
-                    " AND trace_id IN (SELECT trace_id FROM trace_tags WHERE tag = '{tag}' AND value = ${n})"
-                ));
+                if v.contains(',') {
+                    // No stored value has a comma (it delimits them): nothing matches.
+                    sql.push_str(" AND 1 = 0");
+                    continue;
+                }
+                let n = next(&mut args, Arg::Text(format!("%,{tag}={},%", like_escape(v))));
+                sql.push_str(&format!(" AND tags LIKE ${n} ESCAPE '!'"));
             }
         }
         if let Some(since) = filter.since {
@@ -582,14 +580,6 @@ impl TraceDb {
             let cutoff = now_unix_nano.saturating_sub(u64::from(days) * 86_400 * 1_000_000_000);
             let cutoff = nanos_i64(cutoff);
             let mut tx = self.pool.begin().await.map_err(&fail)?;
-            sqlx::query::<Any>(
-                "DELETE FROM trace_tags WHERE trace_id IN \
-                 (SELECT trace_id FROM traces WHERE start_time_unix_nano < $1)",
-            )
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await
-            .map_err(&fail)?;
             let done = sqlx::query::<Any>("DELETE FROM traces WHERE start_time_unix_nano < $1")
                 .bind(cutoff)
                 .execute(&mut *tx)
@@ -613,14 +603,6 @@ impl TraceDb {
                 let t: i64 = row.try_get(0).map_err(&fail)?;
                 let id: String = row.try_get(1).map_err(&fail)?;
                 let older = "start_time_unix_nano < $1 OR (start_time_unix_nano = $1 AND trace_id <= $2)";
-                sqlx::query::<Any>(&format!(
-                    "DELETE FROM trace_tags WHERE trace_id IN (SELECT trace_id FROM traces WHERE {older})"
-                ))
-                .bind(t)
-                .bind(id.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(&fail)?;
                 let done = sqlx::query::<Any>(&format!("DELETE FROM traces WHERE {older}"))
                     .bind(t)
                     .bind(id)
@@ -661,4 +643,33 @@ fn sqlite_options(path: &Path) -> Result<AnyConnectOptions, StoreError> {
     let encoded: String = form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>().replace('+', "%20");
     AnyConnectOptions::from_str(&format!("sqlite:{encoded}?mode=rwc"))
         .map_err(|e| StoreError::Config(format!("trace store {path}: {e}")))
+}
+
+/// The `tags` column of a record: `,provider=a,provider=b,verdict=safety:pass,` (empty
+/// between the commas when there is nothing: `,`).
+pub(crate) fn tags_of(r: &TraceRecord) -> String {
+    let mut s = String::from(",");
+    for p in r.providers() {
+        s.push_str("provider=");
+        s.push_str(p);
+        s.push(',');
+    }
+    for v in r.verdicts() {
+        s.push_str("verdict=");
+        s.push_str(&v);
+        s.push(',');
+    }
+    s
+}
+
+/// `v` with LIKE's wildcards (`%`, `_`) and the escape character `!` escaped by `!`.
+fn like_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if matches!(c, '%' | '_' | '!') {
+            out.push('!');
+        }
+        out.push(c);
+    }
+    out
 }
