@@ -511,3 +511,42 @@ async fn a_store_that_goes_down_mid_run_loses_only_the_outage_and_resumes() {
     assert!(counted);
     stop();
 }
+
+/// A client that continues one W3C trace over several requests (an SDK retrying, several image
+/// calls in one user action) sends the same trace id each time: each request keeps its own
+/// record, the trace lists them, and the filters find each.
+#[tokio::test]
+async fn requests_that_share_a_client_trace_keep_a_record_each() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, _dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    let auth = bearer(KEY);
+    let trace_id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let tp1 = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let r1 = gw.generate_with(&json!({"model": "m", "prompt": "one"}), &[("authorization", &auth), ("traceparent", &tp1)]).await;
+    r1.assert_status(200);
+    first.set_status(500);
+    second.set_status(500);
+    let tp2 = format!("00-{trace_id}-1111111111111111-01");
+    let r2 = gw.generate_with(&json!({"model": "m", "prompt": "two"}), &[("authorization", &auth), ("traceparent", &tp2)]).await;
+    r2.assert_status(502);
+    assert_eq!(r2.header("x-acc-trace-id").as_deref(), Some(trace_id));
+    let mut newest = Value::Null;
+    for _ in 0..100 {
+        newest = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await.json();
+        if newest["records_in_trace"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(newest["records_in_trace"], 2, "{newest:#}");
+    assert_eq!(newest["prompt"], "two");
+    assert_eq!(newest["status"], 502);
+    let spans: Vec<String> = newest["span_ids"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let oldest = gw.admin("GET", &format!("/admin/traces/{trace_id}?span_id={}", spans[0])).await.json();
+    assert_eq!((oldest["prompt"].as_str(), oldest["parent_span_id"].as_str()), (Some("one"), Some("00f067aa0ba902b7")));
+    gw.admin("GET", &format!("/admin/traces/{trace_id}?span_id=0000000000000001")).await.assert_error(404, "trace_not_found");
+    let failed = gw.admin("GET", "/admin/traces?provider=second&decision=error").await.json();
+    let ids: Vec<&str> = failed["data"].as_array().unwrap().iter().map(|r| r["prompt"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["two"]);
+    assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 2.0);
+}

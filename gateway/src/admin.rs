@@ -124,11 +124,22 @@ fn trace_db(app: &App) -> Result<TraceDb, Response> {
 fn store_error(e: StoreError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     tracing::warn!("trace store read failed: {e}");
-    ApiError::new(status, "server_error", "store_error", format!("reading the trace store failed: {e}")).into_response()
+    let code = if e.is_unavailable() { "store_unavailable" } else { "store_error" };
+    ApiError::new(status, "server_error", code, format!("reading the trace store failed: {e}")).into_response()
 }
 
-/// `GET /admin/traces/{trace_id}`: the whole record as JSON (see `store::record`).
-async fn trace(State(app): State<Arc<App>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+/// `GET /admin/traces/{trace_id}[?span_id=...]`: the whole record as JSON (see
+/// `store::record`). A trace a client continued over several requests holds one record per
+/// request: without `span_id` the newest is answered, with `records_in_trace` and `span_ids`
+/// (oldest first) added; `span_id` (the record's `span_id`) picks one.
+async fn trace(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    uri: http::Uri,
+) -> Response {
+    let span = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "span_id")
+        .map(|(_, v)| v.into_owned());
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
             .into_response();
@@ -137,12 +148,33 @@ async fn trace(State(app): State<Arc<App>>, axum::extract::Path(id): axum::extra
         Ok(db) => db,
         Err(r) => return r,
     };
-    match db.get(&id).await {
-        Ok(Some(rec)) => Json(rec).into_response(),
-        Ok(None) => ApiError::not_found("trace_not_found", format!("no trace record {id} (never made, pruned, or lost: see acc_trace_dropped_total)"))
-            .into_response(),
-        Err(e) => store_error(e),
+    let missing = || {
+        ApiError::not_found(
+            "trace_not_found",
+            format!("no trace record {id} (never made, pruned, or lost: see acc_trace_dropped_total)"),
+        )
+        .into_response()
+    };
+    let mut records = match db.get_all(&id).await {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    if let Some(span) = span {
+        return match records.into_iter().find(|r| r.span_id == span) {
+            Some(rec) => Json(rec).into_response(),
+            None => missing(),
+        };
     }
+    let n = records.len();
+    let span_ids: Vec<String> = records.iter().map(|r| r.span_id.clone()).collect();
+    let Some(newest) = records.pop() else { return missing() };
+    if n == 1 {
+        return Json(newest).into_response();
+    }
+    let mut v = serde_json::to_value(newest).unwrap_or_default();
+    v["records_in_trace"] = json!(n);
+    v["span_ids"] = json!(span_ids);
+    Json(v).into_response()
 }
 
 /// `GET /admin/traces?route=&tenant=&cohort=&template=&asset_type=&provider=&decision=&verdict=&since=&until=&limit=&cursor=`:

@@ -424,7 +424,8 @@ impl TraceDb {
     /// [`StoreError::Query`] (nothing written).
     pub async fn insert_batch(&self, records: &[TraceRecord]) -> Result<u64, StoreError> {
         let mut seen = HashSet::with_capacity(records.len());
-        let unique: Vec<&TraceRecord> = records.iter().filter(|r| seen.insert(r.trace_id.as_str())).collect();
+        let unique: Vec<&TraceRecord> =
+            records.iter().filter(|r| seen.insert((r.trace_id.as_str(), r.span_id.as_str()))).collect();
         if unique.is_empty() {
             return Ok(0);
         }
@@ -434,9 +435,9 @@ impl TraceDb {
         // One fixed statement per row (and per tag): the same SQL text every time, so each
         // connection prepares it once and reuses it (a statement shaped by the batch's size was
         // parsed anew per batch: a third of the writer's instructions on bench/callgrind.sh).
-        const INSERT_TRACE: &str = "INSERT INTO traces (trace_id, start_time_unix_nano, kind, route, tenant, cohort, \
-             prompt_template, asset_type, decision, tags, record) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
-             ON CONFLICT (trace_id) DO NOTHING";
+        const INSERT_TRACE: &str = "INSERT INTO traces (trace_id, span_id, start_time_unix_nano, kind, route, tenant, \
+             cohort, prompt_template, asset_type, decision, tags, record) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT (trace_id, span_id) DO NOTHING";
         for r in unique {
             let record = serde_json::to_string(r).map_err(|e| StoreError::Query {
                 target: self.target.to_string(),
@@ -445,6 +446,7 @@ impl TraceDb {
             })?;
             let args = vec![
                 Arg::Text(r.trace_id.clone()),
+                Arg::Text(r.span_id.clone()),
                 Arg::Int(nanos_i64(r.start_time_unix_nano)),
                 Arg::Text(r.kind.clone()),
                 Arg::OptText(r.route.clone()),
@@ -464,21 +466,28 @@ impl TraceDb {
         Ok(inserted)
     }
 
-    /// The record with this trace id, if stored. Errors: [`StoreError::Unavailable`],
+    /// The newest record with this trace id, if stored. Errors: [`StoreError::Unavailable`],
     /// [`StoreError::Query`], [`StoreError::Corrupt`].
     pub async fn get(&self, trace_id: &str) -> Result<Option<TraceRecord>, StoreError> {
-        let row = sqlx::query::<Any>("SELECT record FROM traces WHERE trace_id = $1")
-            .bind(trace_id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(self.fail("get"))?;
-        match row {
-            None => Ok(None),
-            Some(row) => {
-                let json: String = row.try_get(0).map_err(self.fail("get"))?;
-                self.decode(trace_id, &json).map(Some)
-            }
+        Ok(self.get_all(trace_id).await?.pop())
+    }
+
+    /// Every record of the trace `trace_id`, oldest first (several when a client continued
+    /// one W3C trace over several requests). Errors as [`TraceDb::get`].
+    pub async fn get_all(&self, trace_id: &str) -> Result<Vec<TraceRecord>, StoreError> {
+        let rows = sqlx::query::<Any>(
+            "SELECT record FROM traces WHERE trace_id = $1 ORDER BY start_time_unix_nano, span_id LIMIT 1000",
+        )
+        .bind(trace_id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.fail("get"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let json: String = row.try_get(0).map_err(self.fail("get"))?;
+            out.push(self.decode(trace_id, &json)?);
         }
+        Ok(out)
     }
 
     fn decode(&self, trace_id: &str, json: &str) -> Result<TraceRecord, StoreError> {
@@ -537,12 +546,14 @@ impl TraceDb {
         if let Some(cursor) = &filter.cursor {
             let t = next(&mut args, Arg::Int(nanos_i64(cursor.start_time_unix_nano)));
             let id = next(&mut args, Arg::Text(cursor.trace_id.clone()));
+            let sp = next(&mut args, Arg::Text(cursor.span_id.clone()));
             sql.push_str(&format!(
-                " AND (start_time_unix_nano < ${t} OR (start_time_unix_nano = ${t} AND trace_id < ${id}))"
+                " AND (start_time_unix_nano < ${t} OR (start_time_unix_nano = ${t} AND \
+                 (trace_id < ${id} OR (trace_id = ${id} AND span_id < ${sp}))))"
             ));
         }
         let n = next(&mut args, Arg::Int(limit as i64 + 1));
-        sql.push_str(&format!(" ORDER BY start_time_unix_nano DESC, trace_id DESC LIMIT ${n}"));
+        sql.push_str(&format!(" ORDER BY start_time_unix_nano DESC, trace_id DESC, span_id DESC LIMIT ${n}"));
         let rows = bind_all(&sql, args).fetch_all(&self.pool).await.map_err(self.fail("list"))?;
         let more = rows.len() > limit;
         let mut records = Vec::with_capacity(rows.len().min(limit));
@@ -557,6 +568,7 @@ impl TraceDb {
                 super::query::Cursor {
                     start_time_unix_nano: last.start_time_unix_nano,
                     trace_id: last.trace_id.clone(),
+                    span_id: last.span_id.clone(),
                 }
                 .encode(),
             ),
@@ -592,8 +604,8 @@ impl TraceDb {
             let mut tx = self.pool.begin().await.map_err(&fail)?;
             // The newest row past the limit: it and everything older go.
             let first_out = sqlx::query::<Any>(
-                "SELECT start_time_unix_nano, trace_id FROM traces \
-                 ORDER BY start_time_unix_nano DESC, trace_id DESC LIMIT 1 OFFSET $1",
+                "SELECT start_time_unix_nano, trace_id, span_id FROM traces \
+                 ORDER BY start_time_unix_nano DESC, trace_id DESC, span_id DESC LIMIT 1 OFFSET $1",
             )
             .bind(i64::try_from(max).unwrap_or(i64::MAX))
             .fetch_optional(&mut *tx)
@@ -602,10 +614,13 @@ impl TraceDb {
             if let Some(row) = first_out {
                 let t: i64 = row.try_get(0).map_err(&fail)?;
                 let id: String = row.try_get(1).map_err(&fail)?;
-                let older = "start_time_unix_nano < $1 OR (start_time_unix_nano = $1 AND trace_id <= $2)";
+                let span: String = row.try_get(2).map_err(&fail)?;
+                let older = "start_time_unix_nano < $1 OR (start_time_unix_nano = $1 AND \
+                             (trace_id < $2 OR (trace_id = $2 AND span_id <= $3)))";
                 let done = sqlx::query::<Any>(&format!("DELETE FROM traces WHERE {older}"))
                     .bind(t)
                     .bind(id)
+                    .bind(span)
                     .execute(&mut *tx)
                     .await
                     .map_err(&fail)?;

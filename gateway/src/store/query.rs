@@ -75,12 +75,13 @@ pub struct TracePage {
 pub struct Cursor {
     pub(crate) start_time_unix_nano: u64,
     pub(crate) trace_id: String,
+    pub(crate) span_id: String,
 }
 
 impl Cursor {
     /// The cursor's opaque string form.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("{}:{}", self.start_time_unix_nano, self.trace_id))
+        URL_SAFE_NO_PAD.encode(format!("{}:{}:{}", self.start_time_unix_nano, self.trace_id, self.span_id))
     }
 
     /// Reads a cursor from [`Cursor::encode`]'s form. Errors: a message saying the cursor is
@@ -89,12 +90,14 @@ impl Cursor {
         let bad = || format!("cursor {s:?} is malformed (pass a next_cursor as given)");
         let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
-        let (nanos, trace_id) = text.split_once(':').ok_or_else(bad)?;
+        let (nanos, rest) = text.split_once(':').ok_or_else(bad)?;
+        let (trace_id, span_id) = rest.rsplit_once(':').ok_or_else(bad)?;
         let start_time_unix_nano = nanos.parse::<u64>().map_err(|_| bad())?;
-        if trace_id.is_empty() || trace_id.chars().any(char::is_control) {
+        let ok = |v: &str| !v.is_empty() && !v.chars().any(char::is_control);
+        if !ok(trace_id) || !ok(span_id) {
             return Err(bad());
         }
-        Ok(Cursor { start_time_unix_nano, trace_id: trace_id.to_string() })
+        Ok(Cursor { start_time_unix_nano, trace_id: trace_id.to_string(), span_id: span_id.to_string() })
     }
 }
 

@@ -660,7 +660,7 @@ fn query_strings_parse_and_bad_values_are_named() {
 
 #[test]
 fn cursors_round_trip_and_reject_garbage() {
-    let c = Cursor { start_time_unix_nano: T + 7, trace_id: id(7) };
+    let c = Cursor { start_time_unix_nano: T + 7, trace_id: id(7), span_id: "00f067aa0ba902b7".into() };
     let s = c.encode();
     assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {s}");
     assert_eq!(Cursor::decode(&s), Ok(c.clone()));
