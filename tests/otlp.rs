@@ -108,6 +108,8 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     assert_eq!(failed["status"]["code"], "STATUS_CODE_ERROR");
     assert_eq!(attr(failed, "error.type"), "status_5xx");
     assert_eq!(attr(failed, "acc.attempt.model"), "gpt-image-1");
+    assert_eq!(attr(failed, "gen_ai.request.model"), "gpt-image-1");
+    assert_eq!(failed["name"], "generate_content gpt-image-1");
     assert_eq!(failed["events"], json!([]));
     assert_eq!(attr(ok, "acc.attempt.model"), "dall-e-3");
     assert_eq!(attr(ok, "gen_ai.response.model"), "dall-e-3");

@@ -227,6 +227,7 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
     gw.admin("GET", "/admin/traces?cursor=!!").await.assert_error(400, "invalid_filter");
     gw.admin("GET", "/admin/traces?limit=0").await.assert_error(400, "invalid_filter");
     gw.admin("GET", "/admin/traces?colour=red").await.assert_error(400, "invalid_filter");
+    gw.admin("GET", "/admin/traces?decision=Pass").await.assert_error(400, "invalid_filter");
     gw.admin("GET", "/admin/traces/not-a-trace").await.assert_error(400, "invalid_trace_id");
     gw.admin("GET", "/admin/traces/00000000000000000000000000000001").await.assert_error(404, "trace_not_found");
     // The admin token is needed.
@@ -549,4 +550,20 @@ async fn requests_that_share_a_client_trace_keep_a_record_each() {
     let ids: Vec<&str> = failed["data"].as_array().unwrap().iter().map(|r| r["prompt"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["two"]);
     assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 2.0);
+}
+
+/// `[store]` and `[telemetry]` are read at start-up: a reload that changes them is served (the
+/// rest of the policy applies) and says, in its warnings, that they wait for a restart.
+#[tokio::test]
+async fn a_reload_that_changes_the_store_says_it_waits_for_a_restart() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    let before = live_version(&gw).await;
+    dir.write("store.toml", "[store]\nretention_days = 3\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:9\"\n");
+    let reloaded = eventually(Duration::from_secs(20), || async { live_version(&gw).await != before }).await;
+    assert!(reloaded, "{}", gw.stderr());
+    let p = gw.admin("GET", "/admin/policies").await.json();
+    let warnings = p["warnings"].to_string();
+    assert!(warnings.contains("[store] differs") && warnings.contains("[telemetry] differs"), "{p:#}");
+    assert!(gw.stderr().contains("takes effect at the next restart"));
 }

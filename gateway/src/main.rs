@@ -334,7 +334,19 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         );
     }
     if let Some(c) = body["next_cursor"].as_str() {
-        println!("more: acc traces --cursor {c}");
+        // The same filters again, so the printed line pages on through the same selection.
+        let mut line = String::from("acc traces");
+        for (k, v) in filters {
+            if let (Some(v), false) = (v, *k == "cursor") {
+                let quoted = if v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@/".contains(c)) {
+                    v.clone()
+                } else {
+                    format!("'{}'", v.replace('\'', "'\\''"))
+                };
+                line.push_str(&format!(" --{} {quoted}", k.replace('_', "-")));
+            }
+        }
+        println!("more: {line} --cursor {c}");
     }
     ExitCode::SUCCESS
 }

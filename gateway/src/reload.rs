@@ -71,6 +71,9 @@ pub struct PolicyStore {
     status: Mutex<ReloadStatus>,
     /// One reload at a time (poll, SIGHUP and the admin endpoint can coincide).
     reloading: tokio::sync::Mutex<()>,
+    /// `[store]` and `[telemetry]` as the gateway started with them: they take effect at start-up
+    /// only, and a reload that changes them says so.
+    started_with: (crate::policy::StoreSettings, Option<crate::policy::TelemetrySettings>),
 }
 
 impl PolicyStore {
@@ -85,7 +88,9 @@ impl PolicyStore {
         let migrations = mirror::Registry::default();
         let snapshot = prepare(&sources, public_listener, &metrics, &live, &migrations)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
+        let started_with = (snapshot.policy.store.clone(), snapshot.policy.telemetry.clone());
         Ok(PolicyStore {
+            started_with,
             current: ArcSwap::from_pointee(snapshot),
             source,
             metrics,
@@ -128,7 +133,18 @@ impl PolicyStore {
         let result =
             sources.and_then(|s| prepare(&s, self.public_listener, &self.metrics, &self.live, &self.migrations));
         match result {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
+                // Settings read once at start-up: the running ones stay until a restart.
+                if snapshot.policy.store != self.started_with.0 {
+                    snapshot.policy.warnings.push(
+                        "[store] differs from the one the gateway started with; it takes effect at the next restart".into(),
+                    );
+                }
+                if snapshot.policy.telemetry != self.started_with.1 {
+                    snapshot.policy.warnings.push(
+                        "[telemetry] differs from the one the gateway started with; it takes effect at the next restart".into(),
+                    );
+                }
                 let version = snapshot.policy.version.clone();
                 let old = self.current.load().policy.version.clone();
                 for w in &snapshot.policy.warnings {
@@ -139,6 +155,7 @@ impl PolicyStore {
                 self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
                 let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 st.last_error = None;
+                st.last_error_at_unix = None;
                 tracing::info!(trigger, version = %version, previous = %old, "policy reloaded");
                 Ok(version)
             }

@@ -286,10 +286,18 @@ pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>, digests: bo
         model_version: st.model.clone(),
     });
     for (index, s) in sent.into_iter().enumerate() {
-        rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url });
         if !digests {
+            // Without digests the size is still known: the bytes', or the base64 text's.
+            let size = s.bytes.as_ref().map(|b| b.len() as u64).or_else(|| {
+                s.base64.as_ref().map(|b| {
+                    let pad = b.iter().rev().take(2).filter(|&&c| c == b'=').count();
+                    (b.len() / 4 * 3).saturating_sub(pad) as u64
+                })
+            });
+            rec.images.push(ImageRecord { index, sha256: None, bytes: size, url: s.url });
             continue;
         }
+        rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url });
         if let Some(b) = s.bytes {
             rec.pending_images.push((index, PendingImage::Raw(b)));
         } else if let Some(b) = s.base64 {

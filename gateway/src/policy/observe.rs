@@ -45,6 +45,13 @@ pub(super) fn sections(parsed: &[(&str, RawFile)], errors: &mut Vec<String>) -> 
             }
         }
     }
+    if let (Some((_, tfile)), Some((s, _))) = (&telemetry, &store) {
+        if !s.enabled {
+            errors.push(format!(
+                "{tfile}: telemetry: spans are made from trace records, and [store] enabled = false makes none; enable the store or remove [telemetry]"
+            ));
+        }
+    }
     Observe {
         store: store.map(|s| s.0).unwrap_or_default(),
         telemetry: telemetry.map(|t| t.0),
@@ -59,15 +66,26 @@ fn validate_store(file: &str, s: &RawStore, errors: &mut Vec<String>) -> StoreSe
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             errors.push(format!("{at}.url: must start with postgres:// or postgresql://"));
         }
-        // A password belongs in an environment variable, never in a policy file.
+        // A password belongs in an environment variable, never in a policy file: neither in
+        // the user-info nor as a `password` (or `sslpassword`) query parameter.
         if let Some(rest) = url.split_once("://").map(|x| x.1) {
             let authority = rest.split(['/', '?']).next().unwrap_or("");
-            if authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':')) {
+            let in_userinfo = authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
+            let in_query = rest.split_once('?').is_some_and(|(_, q)| {
+                form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword"))
+            });
+            if in_userinfo || in_query {
                 errors.push(format!(
                     "{at}.url: must not contain a password; name an environment variable in store.password_env"
                 ));
             }
         }
+        if s.path.is_some() {
+            errors.push(format!("{at}: set path (SQLite) or url (PostgreSQL), not both"));
+        }
+    }
+    if s.password_env.as_deref() == Some("") {
+        errors.push(format!("{at}.password_env: must name an environment variable"));
     }
     if s.password_env.is_some() && s.url.is_none() {
         errors.push(format!("{at}.password_env: only used with store.url (PostgreSQL)"));
@@ -106,6 +124,12 @@ fn validate_telemetry(file: &str, t: &RawTelemetry, errors: &mut Vec<String>) ->
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         errors.push(format!("{at}.otlp_endpoint: must start with http:// or https://"));
     }
+    let authority = endpoint.split_once("://").map_or("", |x| x.1).split(['/', '?']).next().unwrap_or("");
+    if authority.contains('@') {
+        errors.push(format!(
+            "{at}.otlp_endpoint: must not contain credentials; send them as a header with telemetry.headers_env"
+        ));
+    }
     let protocol = match t.protocol.as_deref() {
         None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
         Some("grpc") => OtlpProtocol::Grpc,
@@ -121,6 +145,9 @@ fn validate_telemetry(file: &str, t: &RawTelemetry, errors: &mut Vec<String>) ->
     for (name, env) in &t.headers_env {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             errors.push(format!("{at}.headers_env.{name}: not a valid header name"));
+        }
+        if env.is_empty() {
+            errors.push(format!("{at}.headers_env.{name}: must name an environment variable"));
         }
         headers.push((name.clone(), env.clone()));
     }
@@ -139,10 +166,11 @@ fn validate_cohorts(file: &str, c: &RawCohorts, errors: &mut Vec<String>) -> Coh
             let ok = !v.is_empty()
                 && v.len() <= 128
                 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@:/".contains(&b))
-                && v != Cohorts::OTHER;
+                && v != Cohorts::OTHER
+                && v != Cohorts::NONE;
             if !ok {
                 errors.push(format!(
-                    "{file}: cohorts.{field}[{i}]: \"{v}\" must be 1 to 128 of A-Z a-z 0-9 - _ . @ : / (and not \"other\")"
+                    "{file}: cohorts.{field}[{i}]: \"{v}\" must be 1 to 128 of A-Z a-z 0-9 - _ . @ : / (and not \"other\" or \"none\", the labels of values outside the lists and of absent ones)"
                 ));
             }
             if !set.insert(v.clone()) {
@@ -153,7 +181,8 @@ fn validate_cohorts(file: &str, c: &RawCohorts, errors: &mut Vec<String>) -> Coh
     };
     let templates = list("templates", &c.templates, errors);
     for (i, t) in c.templates.iter().enumerate() {
-        if !t.contains('@') {
+        let parts: Vec<&str> = t.split('@').collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
             errors.push(format!("{file}: cohorts.templates[{i}]: \"{t}\" must be name@version"));
         }
     }

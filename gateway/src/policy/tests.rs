@@ -480,6 +480,37 @@ templates = ["hero"]
         assert!(errs.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errs:#?}");
     }
     assert!(!errs.iter().any(|e| e.contains("hunter2")), "the password is never echoed: {errs:#?}");
+    let more = r#"
+[store]
+url = "postgres://acc@db/acc?sslmode=disable&password=hunter2"
+path = "x.db"
+password_env = ""
+[telemetry]
+otlp_endpoint = "http://user:secret@collector:4318"
+headers_env = { "x-key" = "" }
+[cohorts]
+cohorts = ["none"]
+templates = ["hero@", "@3", "a@b@c"]
+"#;
+    let errs = check(&[("p.toml", PROVIDERS), ("o.toml", more), ("r.toml", route)]).unwrap_err();
+    let expected = [
+        "o.toml: store.url: must not contain a password",
+        "o.toml: store: set path (SQLite) or url (PostgreSQL), not both",
+        "o.toml: store.password_env: must name an environment variable",
+        "o.toml: telemetry.otlp_endpoint: must not contain credentials",
+        "o.toml: telemetry.headers_env.x-key: must name an environment variable",
+        "o.toml: cohorts.cohorts[0]: \"none\" must be",
+        "o.toml: cohorts.templates[0]: \"hero@\" must be name@version",
+        "o.toml: cohorts.templates[1]: \"@3\" must be name@version",
+        "o.toml: cohorts.templates[2]: \"a@b@c\" must be name@version",
+    ];
+    for e in expected {
+        assert!(errs.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errs:#?}");
+    }
+    assert!(!errs.iter().any(|e| e.contains("hunter2") || e.contains("secret")), "{errs:#?}");
+    let off = "[store]\nenabled = false\n[telemetry]\notlp_endpoint = \"http://c:4318\"\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("o.toml", off), ("r.toml", route)]).unwrap_err();
+    assert!(errs[0].starts_with("o.toml: telemetry: spans are made from trace records"), "{errs:#?}");
     // Each section once across the files.
     let twice = check(&[("p.toml", PROVIDERS), ("a.toml", "[store]\n"), ("b.toml", "[store]\n"), ("r.toml", route)]).unwrap_err();
     assert_eq!(twice, vec!["b.toml: store: already set in a.toml"]);

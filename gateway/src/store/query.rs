@@ -129,7 +129,10 @@ impl TraceFilter {
                 "template" => f.template = text,
                 "asset_type" => f.asset_type = text,
                 "provider" => f.provider = text,
-                "decision" => f.decision = text,
+                "decision" => match value.as_ref() {
+                    "" | "pass" | "flagged" | "blocked" | "error" => f.decision = text,
+                    _ => return Err(format!("decision {value:?}: expected pass, flagged, blocked or error")),
+                },
                 "verdict" => match value.split_once(':') {
                     Some((e, v)) if !e.is_empty() && !v.is_empty() && !v.contains(':') => f.verdict = text,
                     _ => return Err(format!("verdict {value:?}: expected evaluator:verdict, e.g. safety:fail")),

@@ -290,7 +290,8 @@ impl Exporter {
     /// if it has not finished within a few export deadlines.
     pub async fn shutdown(&self) {
         let Some(worker) = crate::lock(&self.worker).take() else { return };
-        let deadline = self.timeout * 3 + Duration::from_secs(1);
+        // At most 5 s: a collector that hangs must not hold the gateway's exit (and its ports).
+        let deadline = (self.timeout * 3 + Duration::from_secs(1)).min(Duration::from_secs(5));
         let (done, wait) = oneshot::channel();
         let stopped = tokio::time::timeout(deadline, async {
             if self.tx.send(Msg::Shutdown(done)).await.is_ok() {

@@ -14,9 +14,10 @@
 //!   links to the primary's trace (`parent_trace_id`; the linked span is the record's
 //!   `parent_span_id`, the primary's server span, when the record names it).
 //!
-//! Both kinds of span carry the request (`gen_ai.request.*`, `gen_ai.image.*`, with
-//! `gen_ai.request.model` the model the client named; the model a target asked of its provider
-//! is `acc.attempt.model`). The prompt appears once per trace, on the server span, and only when
+//! Both kinds of span carry the request (`gen_ai.request.*`, `gen_ai.image.*`); a server
+//! span's `gen_ai.request.model` is the model the client named, a client span's the model its
+//! attempt asked of the provider (also `acc.attempt.model`), as the conventions define it for
+//! the call each span describes. The prompt appears once per trace, on the server span, and only when
 //! the store kept it in full (`record.prompt` is `Some` only under `record_prompt = "full"`); the
 //! OpenAI `user` field stays in the store.
 //!
@@ -102,7 +103,10 @@ pub(super) fn record_spans(r: &TraceRecord, scope: &InstrumentationScope) -> Res
             parent_span_id: span_id,
             parent_span_is_remote: false,
             span_kind: SpanKind::Client,
-            name: Cow::Owned(format!("{OPERATION_GENERATE_CONTENT} {}", request.model.as_deref().unwrap_or(&a.model))),
+            name: Cow::Owned(format!(
+                "{OPERATION_GENERATE_CONTENT} {}",
+                Some(a.model.as_str()).filter(|m| !m.is_empty()).or(request.model.as_deref()).unwrap_or_default()
+            )),
             start_time: a_start,
             end_time: a_end,
             attributes: client_attributes(a, &request),
@@ -179,11 +183,12 @@ impl RequestParams {
         RequestParams { model, n, seed, image }
     }
 
-    /// The attributes both kinds of span carry.
-    fn common(&self, out: &mut Vec<KeyValue>, model_fallback: Option<&str>) {
+    /// The attributes both kinds of span carry; `asked` is the model a client span's attempt
+    /// asked of its provider (its `gen_ai.request.model`; the server span's is the client's).
+    fn common(&self, out: &mut Vec<KeyValue>, asked: Option<&str>) {
         out.push(KeyValue::new(GEN_AI_OPERATION_NAME, OPERATION_GENERATE_CONTENT));
         out.push(KeyValue::new(GEN_AI_OUTPUT_TYPE, OUTPUT_TYPE_IMAGE));
-        if let Some(m) = self.model.as_deref().or(model_fallback) {
+        if let Some(m) = asked.filter(|m| !m.is_empty()).or(self.model.as_deref()) {
             out.push(KeyValue::new(GEN_AI_REQUEST_MODEL, m.to_string()));
         }
         if let Some(n) = self.n {

@@ -397,7 +397,9 @@ async fn failures_mirrors_and_unrecorded_prompts() {
     assert!(attr(server, GEN_AI_REQUEST_SEED).is_null());
     assert!(attr(server, GEN_AI_REQUEST_CHOICE_COUNT).is_null());
     let attempt = by_span_id(&spans, "e1e1e1e1e1e1e1e1");
-    assert_eq!(attempt["name"], "generate_content sd3");
+    assert_eq!(attempt["name"], "generate_content sd3-large", "the model the attempt asked of its provider");
+    assert_eq!(attr(attempt, GEN_AI_REQUEST_MODEL), "sd3-large");
+    assert_eq!(attr(server, GEN_AI_REQUEST_MODEL), "sd3");
     assert_eq!(attr(attempt, GEN_AI_PROVIDER_NAME), "stability");
     assert_eq!(attr(attempt, ERROR_TYPE), "status_5xx");
     assert!(attr(attempt, SERVER_ADDRESS).is_null());
