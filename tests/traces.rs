@@ -425,6 +425,11 @@ async fn kill_9_under_load_then_restart_opens_the_same_file() {
         let _ = t.await;
     }
     let gw = Gateway::start(dir.path()).await;
+    let opened = eventually(Duration::from_secs(30), || async {
+        get(&gw.admin_url("/readyz"), &[]).await.json()["trace_store"]["state"] == "ready"
+    })
+    .await;
+    assert!(opened, "the store did not open after the restart: {}", gw.stderr());
     let page = gw.admin("GET", "/admin/traces?limit=500").await;
     page.assert_status(200);
     let before = page.json()["data"].as_array().unwrap().len();

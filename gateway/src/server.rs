@@ -95,12 +95,14 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         }
     }
     let mirror_stop_rt = CancellationToken::new();
-    let (mirror_rt, mirror_thread) = spawn_mirror_runtime(mirror_stop_rt.clone())?;
+    let (mirror_rt, mirror_thread) = spawn_background_runtime("acc-mirror", Background::Idle, mirror_stop_rt.clone())?;
+    let (trace_rt, trace_thread) = spawn_background_runtime("acc-trace", Background::Nice, mirror_stop_rt.clone())?;
     // The trace writer, its database connections (SQLite's worker threads are spawned from it
-    // and inherit its policy) and the OTLP exporter run on the mirrors' runtime, at idle CPU
-    // priority: records and spans take the CPU requests leave, never the other way round; when
-    // none is left the queue fills and the loss is counted.
-    let idle_rt = mirror_rt.enter();
+    // and inherit its priority) and the OTLP exporter run on a thread of their own at a lower
+    // CPU priority (nice ~10): under load requests get most of the CPU, records and spans a
+    // share that never drops to nothing; when the share is not enough the queue fills and the
+    // loss is counted.
+    let idle_rt = trace_rt.enter();
     let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| {
         match Exporter::new(&telemetry_config(t)) {
             Ok(e) => {
@@ -228,7 +230,11 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         e.shutdown().await;
     }
     mirror_stop_rt.cancel();
-    let _ = tokio::task::spawn_blocking(move || mirror_thread.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = mirror_thread.join();
+        let _ = trace_thread.join();
+    })
+    .await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
@@ -287,24 +293,47 @@ pub fn telemetry_config(t: &TelemetrySettings) -> TelemetryConfig {
     }
 }
 
-/// The mirrors' runtime: one thread at idle scheduling priority (Linux `SCHED_IDLE`: it runs
-/// only when no live work wants the CPU), serving until `stop`.
-fn spawn_mirror_runtime(
+/// How a background runtime's thread is scheduled.
+#[derive(Clone, Copy)]
+enum Background {
+    /// Linux `SCHED_IDLE`: it runs only when nothing else wants the CPU (mirrors).
+    Idle,
+    /// `SCHED_OTHER` at nice ~10: a small share of a busy CPU, never none (trace writer).
+    Nice,
+}
+
+/// A background runtime: one thread, its own current-thread runtime, at the priority `kind`
+/// says (threads it starts inherit it); runs until `stop`. Mirrors run on the `Idle` one, so
+/// shadow traffic never delays live requests on the proxy workers (it gets the CPU they leave);
+/// the trace writer on the `Nice` one.
+fn spawn_background_runtime(
+    name: &str,
+    kind: Background,
     stop: CancellationToken,
 ) -> std::io::Result<(tokio::runtime::Handle, std::thread::JoinHandle<()>)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let handle = rt.handle().clone();
-    let thread = std::thread::Builder::new().name("acc-mirror".into()).spawn(move || {
+    let label = name.to_string();
+    let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
         #[cfg(target_os = "linux")]
         {
             use thread_priority::unix::{
                 set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadSchedulePolicy,
             };
-            let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-            if let Err(e) =
-                set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, idle)
-            {
-                tracing::warn!("mirror thread keeps normal CPU priority: {e:?}");
+            let (policy, priority) = match kind {
+                Background::Idle => {
+                    (ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle), thread_priority::ThreadPriority::Min)
+                }
+                // 25 of 0..=99 maps to nice 9 or 10 (the crate maps the range onto -20..=19).
+                Background::Nice => (
+                    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
+                    thread_priority::ThreadPriority::Crossplatform(
+                        25u8.try_into().unwrap_or(thread_priority::ThreadPriorityValue::MIN),
+                    ),
+                ),
+            };
+            if let Err(e) = set_thread_priority_and_policy(thread_native_id(), priority, policy) {
+                tracing::warn!(thread = %label, "keeps normal CPU priority: {e:?}");
             }
         }
         rt.block_on(stop.cancelled());
