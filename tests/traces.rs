@@ -486,6 +486,14 @@ async fn a_store_that_goes_down_mid_run_loses_only_the_outage_and_resumes() {
     let before = send_n(5, "before").await;
     let _ = record(&gw, before.last().unwrap()).await;
     stop();
+    // Idle, the writer checks the store every 10 s: readiness learns of the outage without a
+    // request having to fail first.
+    let noticed = eventually(Duration::from_secs(40), || async {
+        get(&gw.admin_url("/readyz"), &[]).await.json()["trace_store"]["state"] == "unavailable"
+    })
+    .await;
+    assert!(noticed, "readiness still says the store is ready: {}", gw.stderr());
+    gw.admin("GET", "/admin/traces").await.assert_error(503, "store_unavailable");
     let during = send_n(5, "during").await;
     let lost = eventually(Duration::from_secs(20), || async {
         gw.metric("acc_trace_dropped_total", &[]).await >= during.len() as f64

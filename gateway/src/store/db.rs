@@ -641,6 +641,13 @@ impl TraceDb {
         let n: i64 = row.try_get(0).map_err(self.fail("count"))?;
         Ok(n.max(0) as u64)
     }
+
+    /// Whether the store answers a trivial query (`SELECT 1`). Errors: [`StoreError::Unavailable`]
+    /// when it cannot be reached, [`StoreError::Query`] otherwise.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query::<Any>("SELECT 1").fetch_one(&self.pool).await.map_err(self.fail("ping"))?;
+        Ok(())
+    }
 }
 
 /// The Any driver's options for the SQLite file at `path`, its directories created first.

@@ -64,6 +64,8 @@ impl DropReason {
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The longest wait between two attempts to open the store.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often an idle writer checks that its store still answers.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Before the one retry of a failed insert.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -301,6 +303,7 @@ impl Task {
         let mut backoff = self.cfg.reopen_backoff;
         let mut next_open = Instant::now();
         let mut open_logged: Option<Instant> = None;
+        let mut last_checked = Instant::now();
         let batch_max = self.cfg.batch_max.max(1);
         let mut batch: Vec<TraceRecord> = Vec::with_capacity(batch_max);
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
@@ -349,6 +352,21 @@ impl Task {
                     next_open = Instant::now();
                 }
                 batch.clear();
+                last_checked = Instant::now();
+            } else if db.is_some() && last_checked.elapsed() >= HEALTH_CHECK_INTERVAL {
+                // Idle: check the store is still there, so readiness and admin reads learn of an
+                // outage before the next record does.
+                last_checked = Instant::now();
+                if let Some(store) = db.clone() {
+                    if let Err(e) = store.ping().await {
+                        if e.is_unavailable() {
+                            tracing::warn!(error = %e, "trace store went away while idle; reopening");
+                            db = None;
+                            self.db_tx.send_replace(None);
+                            next_open = Instant::now();
+                        }
+                    }
+                }
             }
             for f in flushes.drain(..) {
                 let _ = f.send(());
