@@ -166,14 +166,7 @@ def main() -> None:
                              f"{cpu:.2f}x nginx (goal <= {CPU_GOAL}x)")
         if acc and ngx:
             rps_ratio = acc["rps"] / ngx["rps"] if ngx["rps"] else None
-            cpu_ratio = (acc["cpu"] / ngx["cpu"]
-                         if acc["cpu"] is not None and ngx["cpu"] else None)
-            lines.append(
-                f"| {label(payload)} | {conc} | **acc/nginx** | **{fmt(rps_ratio)}x** | "
-                f"{fmt(acc['p50'] / ngx['p50'] if ngx['p50'] else None)}x | "
-                f"{fmt(acc['p90'] / ngx['p90'] if ngx['p90'] else None)}x | "
-                f"{fmt(acc['p99'] / ngx['p99'] if ngx['p99'] else None)}x | "
-                f"**{fmt(cpu_ratio)}x** | | | | | | |")
+            cpu_ratio = ratio_row("acc/nginx", acc, ngx)
             if cpu_ratio is not None:
                 ok = "PASS" if cpu_ratio <= CPU_GOAL else "FAIL"
                 goals.append(f"- {ok}: {payload} c={conc}: acc CPU/request = "
