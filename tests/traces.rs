@@ -580,3 +580,27 @@ async fn a_reload_that_changes_the_store_says_it_waits_for_a_restart() {
     assert!(warnings.contains("[store] differs") && warnings.contains("[telemetry] differs"), "{p:#}");
     assert!(gw.stderr().contains("takes effect at the next restart"));
 }
+
+/// A client that goes away while its request is at the provider: the request is cancelled, and
+/// its record is still written (`client_cancelled`, 499), so routed requests = records +
+/// counted losses.
+#[tokio::test]
+async fn a_cancelled_request_still_leaves_its_record() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, _dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    first.set_latency(Duration::from_secs(5));
+    let trace_id = "cccccccccccccccccccccccccccccccc";
+    let tp = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let auth = bearer(KEY);
+    let body = serde_json::to_vec(&json!({"model": "m", "prompt": "never mind"})).unwrap();
+    let url = gw.url("/v1/images/generations");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json"), ("traceparent", tp.as_str())];
+    let call = send("POST", &url, &headers, body);
+    assert!(tokio::time::timeout(Duration::from_millis(500), call).await.is_err(), "the request should still be running");
+    let rec = record(&gw, trace_id).await;
+    assert_eq!((rec["status"].as_u64(), rec["outcome"].as_str()), (Some(499), Some("client_cancelled")));
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["prompt"], "never mind");
+    assert_eq!(gw.metric("acc_requests_total", &[("outcome", "client_cancelled")]).await, 1.0);
+    assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 1.0);
+}

@@ -44,6 +44,7 @@ use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
 use crate::store::record::TraceRecord;
+use crate::store::TraceWriter;
 use crate::trace;
 
 pub const COHORT: &str = "x-acc-cohort";
@@ -81,6 +82,21 @@ struct RequestCtx {
     record: Option<Box<TraceRecord>>,
     /// `(cohort, template, asset_type)` labels once routed, bounded by the policy's `[cohorts]`.
     cohort_labels: Option<[String; 3]>,
+    /// Where the record goes, once there is one (also when the request is dropped unfinished).
+    writer: Option<TraceWriter>,
+}
+
+impl Drop for RequestCtx {
+    /// A request dropped before `finish` (the client went away): its record, when it has one,
+    /// is still written, as `client_cancelled` (status 499, nginx's code for it), so every
+    /// routed request is recorded or counted as dropped.
+    fn drop(&mut self) {
+        if let (Some(mut rec), Some(writer)) = (self.record.take(), self.writer.take()) {
+            let elapsed = self.started.elapsed().as_secs_f64() * 1e3;
+            trace::finish(&mut rec, 499, "error", "client_cancelled", Some("client_cancelled"), elapsed, self.cost);
+            writer.submit(*rec);
+        }
+    }
 }
 
 /// Lives as long as a request is being answered: dropped with the request's future when the
@@ -189,6 +205,7 @@ where
         parent_span_id,
         record: None,
         cohort_labels: None,
+        writer: None,
         started: Instant::now(),
         route: None,
         provider: None,
@@ -366,6 +383,7 @@ where
         let parent = ctx.parent_span_id.take();
         let rec = trace::draft(&ctx.trace_id, parent, ctx.wall_start, caller, &route.name, route.record_prompt, &req, headers);
         ctx.record = Some(Box::new(rec));
+        ctx.writer = app.traces.clone();
     }
     if let Some(w) = &mut ctx.watch {
         w.route = Some(route_idx);
