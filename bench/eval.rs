@@ -64,9 +64,8 @@ fn thread_cpu() -> std::time::Duration {
 /// warm-up; p50 and p95 of CPU ms per image on this thread.
 fn ocr_cpu() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/ocr-testimages");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
     // The rendered set's scenes (numbered); not the fine print below the default detector size.
     files.retain(|p| p.to_string_lossy().ends_with("-1024x1024.png") && !p.to_string_lossy().contains("fineprint"));
     files.sort();

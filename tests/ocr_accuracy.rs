@@ -50,7 +50,8 @@ fn ocr_reads_rendered_text() {
         let img = image::open(&path).unwrap_or_else(|e| panic!("cannot open {} ({e}): {SETUP_HINT}", path.display()));
         let img = img.into_rgb8();
         let start = Instant::now();
-        let lines = ocr::read_text(&det, &rec, &img, ocr::DET_MAX_SIDE).unwrap_or_else(|e| panic!("{}: {e} ({SETUP_HINT})", case.file));
+        let lines = ocr::read_text(&det, &rec, &img, ocr::DET_MAX_SIDE)
+            .unwrap_or_else(|e| panic!("{}: {e} ({SETUP_HINT})", case.file));
         let elapsed = start.elapsed();
         // The first image also pays for loading the models.
         times.push(elapsed.as_secs_f64());

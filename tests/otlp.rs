@@ -93,7 +93,9 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     assert_eq!(attr(server, "acc.route"), "main");
     assert_eq!(attr(server, "acc.cohort"), "beta");
     assert_eq!(attr(server, "acc.decision"), "pass");
-    let (failed, ok) = if attr(clients[0], "gen_ai.provider.name") == "openai" && clients[0]["status"]["code"] == "STATUS_CODE_ERROR" {
+    let (failed, ok) = if attr(clients[0], "gen_ai.provider.name") == "openai"
+        && clients[0]["status"]["code"] == "STATUS_CODE_ERROR"
+    {
         (clients[0], clients[1])
     } else {
         (clients[1], clients[0])
@@ -114,8 +116,14 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     assert_eq!(attr(ok, "acc.attempt.model"), "dall-e-3");
     assert_eq!(attr(ok, "gen_ai.response.model"), "dall-e-3");
     // The providers saw the attempts' own span ids in their traceparent.
-    assert_eq!(first.last_header("traceparent"), Some(format!("00-{trace_id}-{}-01", failed["span_id"].as_str().unwrap())));
-    assert_eq!(second.last_header("traceparent"), Some(format!("00-{trace_id}-{}-01", ok["span_id"].as_str().unwrap())));
+    assert_eq!(
+        first.last_header("traceparent"),
+        Some(format!("00-{trace_id}-{}-01", failed["span_id"].as_str().unwrap()))
+    );
+    assert_eq!(
+        second.last_header("traceparent"),
+        Some(format!("00-{trace_id}-{}-01", ok["span_id"].as_str().unwrap()))
+    );
     let events = ok["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "{ok:#}");
     assert_eq!(events[0]["name"], "gen_ai.evaluation.result");
@@ -147,5 +155,8 @@ async fn record_prompt_none_exports_no_prompt() {
     let spans = receiver.spans(&r.header("x-acc-trace-id").unwrap(), 2).await;
     let text = serde_json::to_string(&spans).unwrap();
     assert!(!text.contains("quokka"), "{text}");
-    assert_eq!(attr(&spans[0], "acc.record_prompt").as_str().or(attr(&spans[1], "acc.record_prompt").as_str()), Some("none"));
+    assert_eq!(
+        attr(&spans[0], "acc.record_prompt").as_str().or(attr(&spans[1], "acc.record_prompt").as_str()),
+        Some("none")
+    );
 }

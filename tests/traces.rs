@@ -109,7 +109,10 @@ pub async fn check_full_record(gw: &Gateway, first: &MockProvider, second: &Mock
     let attempts = rec["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{rec:#}");
     let (a, b) = (&attempts[0], &attempts[1]);
-    assert_eq!((a["route"].as_str(), a["provider"].as_str(), a["provider_kind"].as_str()), (Some("main"), Some("first"), Some("openai")));
+    assert_eq!(
+        (a["route"].as_str(), a["provider"].as_str(), a["provider_kind"].as_str()),
+        (Some("main"), Some("first"), Some("openai"))
+    );
     assert_eq!(a["result"], "status_5xx", "{a:#}");
     assert_eq!(a["role"], "primary");
     assert!(a["error"].as_str().unwrap().contains("500"), "{a:#}");
@@ -123,7 +126,10 @@ pub async fn check_full_record(gw: &Gateway, first: &MockProvider, second: &Mock
     assert!(b["latency_ms"].as_f64().unwrap() > 0.0 && b["queue_ms"].as_f64().unwrap() >= 0.0);
     let evals = b["evaluations"].as_array().unwrap();
     assert_eq!(evals.len(), 1);
-    assert_eq!((evals[0]["image"].as_u64(), evals[0]["evaluator"].as_str(), evals[0]["verdict"].as_str()), (Some(0), Some("sanity"), Some("pass")));
+    assert_eq!(
+        (evals[0]["image"].as_u64(), evals[0]["evaluator"].as_str(), evals[0]["verdict"].as_str()),
+        (Some(0), Some("sanity"), Some("pass"))
+    );
     assert_eq!(evals[0]["score"], 1.0);
     assert_eq!(rec["generation"]["seed"], 42);
     let images = rec["images"].as_array().unwrap();
@@ -140,11 +146,18 @@ async fn a_record_holds_everything_about_its_request_and_survives_a_restart() {
     let before = record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await;
     assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 1.0);
     assert_eq!(
-        gw.metric("acc_cohort_requests_total", &[("cohort", "beta"), ("template", "hero@3"), ("asset_type", "banner"), ("outcome", "ok")]).await,
+        gw.metric(
+            "acc_cohort_requests_total",
+            &[("cohort", "beta"), ("template", "hero@3"), ("asset_type", "banner"), ("outcome", "ok")]
+        )
+        .await,
         1.0
     );
     assert_eq!(gw.metric("acc_cohort_fallbacks_total", &[("cohort", "beta")]).await, 1.0);
-    assert_eq!(gw.metric("acc_cohort_eval_total", &[("cohort", "beta"), ("evaluator", "sanity"), ("verdict", "pass")]).await, 1.0);
+    assert_eq!(
+        gw.metric("acc_cohort_eval_total", &[("cohort", "beta"), ("evaluator", "sanity"), ("verdict", "pass")]).await,
+        1.0
+    );
     let ready = get(&gw.admin_url("/readyz"), &[]).await.json();
     assert_eq!(ready["trace_store"]["state"], "ready", "{ready}");
     drop(gw);
@@ -153,7 +166,9 @@ async fn a_record_holds_everything_about_its_request_and_survives_a_restart() {
     assert_eq!(record(&gw, "4bf92f3577b34da6a3ce929d0e0e4736").await, before);
     // Values outside the [cohorts] lists are recorded as sent, labelled "other".
     let auth = bearer(KEY);
-    let r = gw.generate_with(&json!({"model": "m", "prompt": "p"}), &[("authorization", &auth), ("x-acc-cohort", "gamma")]).await;
+    let r = gw
+        .generate_with(&json!({"model": "m", "prompt": "p"}), &[("authorization", &auth), ("x-acc-cohort", "gamma")])
+        .await;
     r.assert_status(200);
     let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
     assert_eq!(rec["cohort"], "gamma");
@@ -172,7 +187,10 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
         // Every fourth request fails over to the second provider.
         first.set_status(if i % 4 == 0 { 500 } else { 200 });
         let r = gw
-            .generate_with(&json!({"model": "m", "prompt": format!("p{i}")}), &[("authorization", &auth), ("x-acc-cohort", cohort)])
+            .generate_with(
+                &json!({"model": "m", "prompt": format!("p{i}")}),
+                &[("authorization", &auth), ("x-acc-cohort", cohort)],
+            )
             .await;
         r.assert_status(200);
         let id = r.header("x-acc-trace-id").unwrap();
@@ -207,7 +225,11 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
     let mut cursor = String::new();
     let mut pages = 0;
     loop {
-        let q = if cursor.is_empty() { "/admin/traces?limit=5".to_string() } else { format!("/admin/traces?limit=5&cursor={cursor}") };
+        let q = if cursor.is_empty() {
+            "/admin/traces?limit=5".to_string()
+        } else {
+            format!("/admin/traces?limit=5&cursor={cursor}")
+        };
         let page = gw.admin("GET", &q).await.json();
         paged.extend(ids(&page));
         pages += 1;
@@ -242,13 +264,21 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sorted(ids(&printed)), sorted(by_cohort["beta"].clone()));
-    let table = acc_command().args(["traces", "--admin", &gw.admin, "--provider", "second"]).env("ACC_ADMIN_TOKEN", ADMIN_TOKEN).output().unwrap();
+    let table = acc_command()
+        .args(["traces", "--admin", &gw.admin, "--provider", "second"])
+        .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     for id in &fallbacks {
         assert!(table.contains(id.as_str()), "{table}");
     }
     assert_eq!(table.lines().count(), fallbacks.len() + 1, "{table}");
-    let one = acc_command().args(["traces", "--admin", &gw.admin, &fallbacks[0]]).env("ACC_ADMIN_TOKEN", ADMIN_TOKEN).output().unwrap();
+    let one = acc_command()
+        .args(["traces", "--admin", &gw.admin, &fallbacks[0]])
+        .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
     let one: Value = serde_json::from_slice(&one.stdout).unwrap();
     assert_eq!(one["trace_id"], fallbacks[0].as_str());
     let denied = acc_command().args(["traces", "--admin", &gw.admin]).output().unwrap();
@@ -317,7 +347,11 @@ async fn a_store_that_is_down_never_fails_a_request_and_losses_are_counted() {
     })
     .await;
     let m = gw.metrics().await;
-    assert!(counted, "records + dropped != requests:\n{}", m.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        counted,
+        "records + dropped != requests:\n{}",
+        m.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 0.0);
     assert!(gw.metric("acc_trace_dropped_total", &[("reason", "store_unavailable")]).await >= 1.0);
     let ready = get(&gw.admin_url("/readyz"), &[]).await;
@@ -394,7 +428,11 @@ async fn a_burst_that_fills_the_queue_is_counted_not_waited_for() {
         gw.metric("acc_trace_dropped_total", &[]).await + gw.metric("acc_trace_written_total", &[]).await == n as f64
     })
     .await;
-    assert!(counted, "{}", gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        counted,
+        "{}",
+        gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// `kill -9` while requests are being recorded, then a restart on the same file: the store
@@ -402,7 +440,8 @@ async fn a_burst_that_fills_the_queue_is_counted_not_waited_for() {
 #[tokio::test]
 async fn kill_9_under_load_then_restart_opens_the_same_file() {
     let (first, second) = (MockProvider::start().await, MockProvider::start().await);
-    let (gw, dir) = serve_policy(&policy(&first, &second, "\n[store]\nflush_interval_ms = 5\nbatch_max = 8\n"), &[]).await;
+    let (gw, dir) =
+        serve_policy(&policy(&first, &second, "\n[store]\nflush_interval_ms = 5\nbatch_max = 8\n"), &[]).await;
     let auth = bearer(KEY);
     let url = gw.url("/v1/images/generations");
     let mut tasks = Vec::new();
@@ -411,14 +450,19 @@ async fn kill_9_under_load_then_restart_opens_the_same_file() {
         tasks.push(tokio::spawn(async move {
             for i in 0..1000 {
                 let body = serde_json::to_vec(&json!({"model": "m", "prompt": format!("w{w} p{i}")})).unwrap();
-                if try_send("POST", &url, &[("authorization", &auth), ("content-type", "application/json")], body).await.is_err() {
+                if try_send("POST", &url, &[("authorization", &auth), ("content-type", "application/json")], body)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
         }));
     }
     // Let records flow, then kill the gateway mid-write.
-    let flowing = eventually(Duration::from_secs(20), || async { gw.metric("acc_trace_written_total", &[]).await >= 100.0 }).await;
+    let flowing =
+        eventually(Duration::from_secs(20), || async { gw.metric("acc_trace_written_total", &[]).await >= 100.0 })
+            .await;
     assert!(flowing);
     drop(gw); // SIGKILL
     for t in tasks {
@@ -476,7 +520,9 @@ async fn a_store_that_goes_down_mid_run_loses_only_the_outage_and_resumes() {
         async move {
             let mut ids = Vec::new();
             for i in 0..n {
-                let r = gw.generate_with(&json!({"model": "m", "prompt": format!("{tag} {i}")}), &[("authorization", &auth)]).await;
+                let r = gw
+                    .generate_with(&json!({"model": "m", "prompt": format!("{tag} {i}")}), &[("authorization", &auth)])
+                    .await;
                 r.assert_status(200);
                 ids.push(r.header("x-acc-trace-id").unwrap());
             }
@@ -499,7 +545,11 @@ async fn a_store_that_goes_down_mid_run_loses_only_the_outage_and_resumes() {
         gw.metric("acc_trace_dropped_total", &[]).await >= during.len() as f64
     })
     .await;
-    assert!(lost, "{}", gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        lost,
+        "{}",
+        gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n")
+    );
     // The same server comes back on the same port; the writer reconnects on its own.
     let again = start(Some(&port));
     assert_eq!(again, url);
@@ -536,12 +586,16 @@ async fn requests_that_share_a_client_trace_keep_a_record_each() {
     let auth = bearer(KEY);
     let trace_id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let tp1 = format!("00-{trace_id}-00f067aa0ba902b7-01");
-    let r1 = gw.generate_with(&json!({"model": "m", "prompt": "one"}), &[("authorization", &auth), ("traceparent", &tp1)]).await;
+    let r1 = gw
+        .generate_with(&json!({"model": "m", "prompt": "one"}), &[("authorization", &auth), ("traceparent", &tp1)])
+        .await;
     r1.assert_status(200);
     first.set_status(500);
     second.set_status(500);
     let tp2 = format!("00-{trace_id}-1111111111111111-01");
-    let r2 = gw.generate_with(&json!({"model": "m", "prompt": "two"}), &[("authorization", &auth), ("traceparent", &tp2)]).await;
+    let r2 = gw
+        .generate_with(&json!({"model": "m", "prompt": "two"}), &[("authorization", &auth), ("traceparent", &tp2)])
+        .await;
     r2.assert_status(502);
     assert_eq!(r2.header("x-acc-trace-id").as_deref(), Some(trace_id));
     let mut newest = Value::Null;
@@ -555,10 +609,13 @@ async fn requests_that_share_a_client_trace_keep_a_record_each() {
     assert_eq!(newest["records_in_trace"], 2, "{newest:#}");
     assert_eq!(newest["prompt"], "two");
     assert_eq!(newest["status"], 502);
-    let spans: Vec<String> = newest["span_ids"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let spans: Vec<String> =
+        newest["span_ids"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
     let oldest = gw.admin("GET", &format!("/admin/traces/{trace_id}?span_id={}", spans[0])).await.json();
     assert_eq!((oldest["prompt"].as_str(), oldest["parent_span_id"].as_str()), (Some("one"), Some("00f067aa0ba902b7")));
-    gw.admin("GET", &format!("/admin/traces/{trace_id}?span_id=0000000000000001")).await.assert_error(404, "trace_not_found");
+    gw.admin("GET", &format!("/admin/traces/{trace_id}?span_id=0000000000000001"))
+        .await
+        .assert_error(404, "trace_not_found");
     let failed = gw.admin("GET", "/admin/traces?provider=second&decision=error").await.json();
     let ids: Vec<&str> = failed["data"].as_array().unwrap().iter().map(|r| r["prompt"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["two"]);
@@ -594,9 +651,13 @@ async fn a_cancelled_request_still_leaves_its_record() {
     let auth = bearer(KEY);
     let body = serde_json::to_vec(&json!({"model": "m", "prompt": "never mind"})).unwrap();
     let url = gw.url("/v1/images/generations");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json"), ("traceparent", tp.as_str())];
+    let headers =
+        [("authorization", auth.as_str()), ("content-type", "application/json"), ("traceparent", tp.as_str())];
     let call = send("POST", &url, &headers, body);
-    assert!(tokio::time::timeout(Duration::from_millis(500), call).await.is_err(), "the request should still be running");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), call).await.is_err(),
+        "the request should still be running"
+    );
     let rec = record(&gw, trace_id).await;
     assert_eq!((rec["status"].as_u64(), rec["outcome"].as_str()), (Some(499), Some("client_cancelled")));
     assert_eq!(rec["decision"], "error");

@@ -308,7 +308,10 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    println!("{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {}", "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS", "COHORT / TEMPLATE / ASSET");
+    println!(
+        "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {}",
+        "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS", "COHORT / TEMPLATE / ASSET"
+    );
     for r in body["data"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let nanos = r["start_time_unix_nano"].as_u64().unwrap_or(0);
         let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))

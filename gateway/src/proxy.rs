@@ -80,8 +80,9 @@ struct RequestCtx {
     parent_span_id: Option<String>,
     /// The trace record, from the moment the request reaches routing (when records are kept).
     record: Option<Box<TraceRecord>>,
-    /// `(cohort, template, asset_type)` labels once routed, bounded by the policy's `[cohorts]`.
-    cohort_labels: Option<[String; 3]>,
+    /// Once routed: the `x-acc-cohort`, `x-acc-prompt-template` and `x-acc-asset-type` values
+    /// sent (labelled in `finish`, bounded by the policy's `[cohorts]`).
+    cohort_fields: Option<[Option<String>; 3]>,
     /// Where the record goes, once there is one (also when the request is dropped unfinished).
     writer: Option<TraceWriter>,
 }
@@ -204,7 +205,7 @@ where
         wall_start: SystemTime::now(),
         parent_span_id,
         record: None,
-        cohort_labels: None,
+        cohort_fields: None,
         writer: None,
         started: Instant::now(),
         route: None,
@@ -372,16 +373,21 @@ where
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
-    let labels = policy.cohorts.labels(
-        cohort,
-        headers.get(trace::PROMPT_TEMPLATE).and_then(|v| v.to_str().ok()),
-        headers.get(trace::ASSET_TYPE).and_then(|v| v.to_str().ok()),
-    );
-    ctx.cohort_labels = Some(labels.map(str::to_string));
+    let sent = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    ctx.cohort_fields = Some([cohort.map(str::to_string), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
     if app.traces.is_some() {
         let caller = trace::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };
         let parent = ctx.parent_span_id.take();
-        let rec = trace::draft(&ctx.trace_id, parent, ctx.wall_start, caller, &route.name, route.record_prompt, &req, headers);
+        let rec = trace::draft(
+            &ctx.trace_id,
+            parent,
+            ctx.wall_start,
+            caller,
+            &route.name,
+            route.record_prompt,
+            &req,
+            headers,
+        );
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
     }
@@ -668,9 +674,11 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
         }
     }
     tracing::debug!(trace_id = %ctx.trace_id, route, outcome, elapsed_ms = ctx.started.elapsed().as_millis() as u64, "request done");
-    if let Some([cohort, template, asset]) = &ctx.cohort_labels {
+    if let Some([cohort, template, asset]) = &ctx.cohort_fields {
         let m = &app.metrics;
-        let c = [route, cohort.as_str(), template.as_str(), asset.as_str()];
+        let [cohort, template, asset] =
+            snap.policy.cohorts.labels(cohort.as_deref(), template.as_deref(), asset.as_deref());
+        let c = [route, cohort, template, asset];
         m.cohort_requests.with_label_values(&[c[0], c[1], c[2], c[3], outcome]).inc();
         let after_first = ctx.attempts.len().saturating_sub(1);
         if after_first > 0 {

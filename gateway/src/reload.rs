@@ -137,7 +137,8 @@ impl PolicyStore {
                 // Settings read once at start-up: the running ones stay until a restart.
                 if snapshot.policy.store != self.started_with.0 {
                     snapshot.policy.warnings.push(
-                        "[store] differs from the one the gateway started with; it takes effect at the next restart".into(),
+                        "[store] differs from the one the gateway started with; it takes effect at the next restart"
+                            .into(),
                     );
                 }
                 if snapshot.policy.telemetry != self.started_with.1 {

@@ -15,11 +15,11 @@ use crate::app::{App, AppParts};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{OtlpProtocol, StoreSettings, TelemetrySettings};
+use crate::reload::{PolicySource, PolicyStore};
 use crate::store::record::TraceRecord;
 use crate::store::RecordHook;
-use crate::telemetry::{Exporter, Protocol, TelemetryConfig};
-use crate::reload::{PolicySource, PolicyStore};
 use crate::store::{StoreConfig, TraceWriter};
+use crate::telemetry::{Exporter, Protocol, TelemetryConfig};
 use crate::{admin, proxy};
 
 #[derive(Debug, Clone)]
@@ -103,19 +103,17 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     // share that never drops to nothing; when the share is not enough the queue fills and the
     // loss is counted.
     let idle_rt = trace_rt.enter();
-    let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| {
-        match Exporter::new(&telemetry_config(t)) {
-            Ok(e) => {
-                if let Err(err) = e.register_metrics(&metrics.registry) {
-                    tracing::warn!("cannot register the OTLP exporter's metrics: {err}");
-                }
-                tracing::info!(endpoint = %t.otlp_endpoint, "spans are exported over OTLP");
-                Some(Arc::new(e))
+    let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| match Exporter::new(&telemetry_config(t)) {
+        Ok(e) => {
+            if let Err(err) = e.register_metrics(&metrics.registry) {
+                tracing::warn!("cannot register the OTLP exporter's metrics: {err}");
             }
-            Err(e) => {
-                tracing::error!("OTLP export is off: {e}");
-                None
-            }
+            tracing::info!(endpoint = %t.otlp_endpoint, "spans are exported over OTLP");
+            Some(Arc::new(e))
+        }
+        Err(e) => {
+            tracing::error!("OTLP export is off: {e}");
+            None
         }
     });
     let traces = {
@@ -250,7 +248,10 @@ pub fn store_config(s: &StoreSettings) -> StoreConfig {
             format!("{u}{sep}password={pw}")
         }
         Some((var, Err(_))) => {
-            tracing::error!(variable = var, "store.password_env names a variable that is not set; connecting without a password");
+            tracing::error!(
+                variable = var,
+                "store.password_env names a variable that is not set; connecting without a password"
+            );
             u.clone()
         }
         None => u.clone(),
@@ -321,9 +322,10 @@ fn spawn_background_runtime(
                 set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadSchedulePolicy,
             };
             let (policy, priority) = match kind {
-                Background::Idle => {
-                    (ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle), thread_priority::ThreadPriority::Min)
-                }
+                Background::Idle => (
+                    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+                    thread_priority::ThreadPriority::Min,
+                ),
                 // 25 of 0..=99 maps to nice 9 or 10 (the crate maps the range onto -20..=19).
                 Background::Nice => (
                     ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),

@@ -18,9 +18,7 @@ use crate::policy::{Policy, RecordPrompt};
 use crate::providers::{ProviderError, Settings};
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::PlanOutcome;
-use crate::store::record::{
-    AttemptRecord, EvaluationRecord, GenerationRecord, ImageRecord, PendingImage, TraceRecord,
-};
+use crate::store::record::{AttemptRecord, EvaluationRecord, GenerationRecord, ImageRecord, PendingImage, TraceRecord};
 
 /// `x-acc-prompt-template`: the prompt template the client used, `name@version`.
 pub const PROMPT_TEMPLATE: &str = "x-acc-prompt-template";
@@ -157,7 +155,6 @@ pub fn attempts(
     costs: &[Option<f64>],
 ) {
     let mut notes: Vec<Option<AttemptNote>> = notes.into_iter().map(Some).collect();
-    let first_route = outcome.attempts.first().map(|a| a.step.route);
     for (i, a) in outcome.attempts.iter().enumerate() {
         let route = &policy.routes[a.step.route];
         let target = &route.targets[a.step.target];
@@ -165,33 +162,33 @@ pub fn attempts(
         let spec = policy.providers.get(&target.provider);
         let kind = spec.map_or("?", |p| p.kind.name());
         // The host of the provider's base URL (OpenTelemetry's `server.address`).
-        let endpoint_host = spec.and_then(|p| {
-            let rest = p.conn.base_url.split_once("://")?.1;
-            let authority = rest.split(['/', '?']).next()?;
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            let host = match host.strip_prefix('[') {
-                Some(v6) => v6.split(']').next()?,
-                None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-            };
-            (!host.is_empty()).then(|| host.to_string())
-        });
+        let endpoint_host = spec
+            .and_then(|p| p.conn.base_url.parse::<http::Uri>().ok())
+            .and_then(|u| u.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()));
         let role = if a.hedge {
             "hedge"
         } else if i == 0 && canary {
             "canary"
-        } else if i == 0 || Some(a.step.route) != first_route && i == 0 {
+        } else if i == 0 {
             "primary"
         } else {
             "fallback"
         };
         let started = note.as_ref().map_or(Instant::now() - a.elapsed, |n| n.started.into_std());
         let mut r = AttemptRecord {
-            span_id: note.as_ref().map_or_else(|| format!("{:016x}", fastrand::u64(1..)), |n| format!("{:016x}", n.span_id)),
+            span_id: note
+                .as_ref()
+                .map_or_else(|| format!("{:016x}", fastrand::u64(1..)), |n| format!("{:016x}", n.span_id)),
             route: route.name.clone(),
             target: a.step.target,
             provider: target.provider.clone(),
             provider_kind: kind.to_string(),
-            model: note.as_ref().map(|n| n.model.clone()).filter(|m| !m.is_empty()).or_else(|| target.model.clone()).unwrap_or_default(),
+            model: note
+                .as_ref()
+                .map(|n| n.model.clone())
+                .filter(|m| !m.is_empty())
+                .or_else(|| target.model.clone())
+                .unwrap_or_default(),
             model_version: note.as_ref().and_then(|n| n.model_version.clone()),
             start_offset_ms: started.saturating_duration_since(request_start).as_secs_f64() * 1e3,
             latency_ms: a.elapsed.as_secs_f64() * 1e3,

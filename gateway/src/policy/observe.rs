@@ -72,7 +72,8 @@ fn validate_store(file: &str, s: &RawStore, errors: &mut Vec<String>) -> StoreSe
             let authority = rest.split(['/', '?']).next().unwrap_or("");
             let in_userinfo = authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
             let in_query = rest.split_once('?').is_some_and(|(_, q)| {
-                form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword"))
+                form_urlencoded::parse(q.as_bytes())
+                    .any(|(k, _)| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword"))
             });
             if in_userinfo || in_query {
                 errors.push(format!(
@@ -134,7 +135,8 @@ fn validate_telemetry(file: &str, t: &RawTelemetry, errors: &mut Vec<String>) ->
         None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
         Some("grpc") => OtlpProtocol::Grpc,
         Some(other) => {
-            errors.push(format!("{at}.protocol: unknown protocol \"{other}\" (expected \"http/protobuf\" or \"grpc\")"));
+            errors
+                .push(format!("{at}.protocol: unknown protocol \"{other}\" (expected \"http/protobuf\" or \"grpc\")"));
             OtlpProtocol::HttpProtobuf
         }
     };

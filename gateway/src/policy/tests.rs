@@ -304,10 +304,12 @@ on_eval_error = "maybe"
             r#"r.toml: routes[0].unsafe_classes[1]: unknown NudeNet class "NOSE""#,
         ]
     );
-    let small = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 64\n";
+    let small =
+        "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 64\n";
     let errs = check(&[("p.toml", PROVIDERS), ("r.toml", small)]).unwrap_err();
     assert_eq!(errs, vec!["r.toml: routes[0].ocr_max_side: 64 is outside [128, 4096]"]);
-    let fine = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 1024\n";
+    let fine =
+        "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"text\"]\nocr_max_side = 1024\n";
     let p = check(&[("p.toml", PROVIDERS), ("r.toml", fine)]).unwrap();
     assert_eq!(p.routes[0].eval.settings.ocr_max_side, 1024);
 }
@@ -440,8 +442,9 @@ cohorts = ["beta"]
 templates = ["hero@3"]
 asset_types = ["banner"]
 "#;
-    let p = check(&[("p.toml", PROVIDERS), ("o.toml", good), ("r.toml", &format!("{route}record_prompt = \"sha256\"\n"))])
-        .unwrap();
+    let p =
+        check(&[("p.toml", PROVIDERS), ("o.toml", good), ("r.toml", &format!("{route}record_prompt = \"sha256\"\n"))])
+            .unwrap();
     assert_eq!(p.store.url.as_deref(), Some("postgres://acc@db:5432/acc"));
     assert_eq!((p.store.retention_days, p.store.max_rows, p.store.image_sha256), (Some(7), Some(5000), false));
     let t = p.telemetry.unwrap();
@@ -463,8 +466,9 @@ protocol = "thrift"
 cohorts = ["beta", "beta", "other", "has space"]
 templates = ["hero"]
 "#;
-    let errs = check(&[("p.toml", PROVIDERS), ("o.toml", bad), ("r.toml", &format!("{route}record_prompt = \"all\"\n"))])
-        .unwrap_err();
+    let errs =
+        check(&[("p.toml", PROVIDERS), ("o.toml", bad), ("r.toml", &format!("{route}record_prompt = \"all\"\n"))])
+            .unwrap_err();
     let expected = [
         "o.toml: store.url: must not contain a password",
         "o.toml: store.max_rows: must be greater than 0",
@@ -512,6 +516,7 @@ templates = ["hero@", "@3", "a@b@c"]
     let errs = check(&[("p.toml", PROVIDERS), ("o.toml", off), ("r.toml", route)]).unwrap_err();
     assert!(errs[0].starts_with("o.toml: telemetry: spans are made from trace records"), "{errs:#?}");
     // Each section once across the files.
-    let twice = check(&[("p.toml", PROVIDERS), ("a.toml", "[store]\n"), ("b.toml", "[store]\n"), ("r.toml", route)]).unwrap_err();
+    let twice = check(&[("p.toml", PROVIDERS), ("a.toml", "[store]\n"), ("b.toml", "[store]\n"), ("r.toml", route)])
+        .unwrap_err();
     assert_eq!(twice, vec!["b.toml: store: already set in a.toml"]);
 }

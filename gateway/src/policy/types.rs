@@ -567,7 +567,12 @@ impl Cohorts {
     }
 
     /// `(cohort, template, asset_type)` metric labels for the values a request sent.
-    pub fn labels<'a>(&'a self, cohort: Option<&str>, template: Option<&str>, asset_type: Option<&str>) -> [&'a str; 3] {
+    pub fn labels<'a>(
+        &'a self,
+        cohort: Option<&str>,
+        template: Option<&str>,
+        asset_type: Option<&str>,
+    ) -> [&'a str; 3] {
         [
             Self::label(&self.cohorts, cohort),
             Self::label(&self.templates, template),
