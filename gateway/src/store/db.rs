@@ -20,7 +20,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -296,6 +296,62 @@ const POOL_SIZE: u32 = 4;
 /// store counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The `traces` columns one record fills, in the order `insert_batch` binds them.
+const TRACE_COLUMNS: [&str; 12] = [
+    "trace_id",
+    "span_id",
+    "start_time_unix_nano",
+    "kind",
+    "route",
+    "tenant",
+    "cohort",
+    "prompt_template",
+    "asset_type",
+    "decision",
+    "tags",
+    "record",
+];
+
+/// The row counts one INSERT statement carries, largest first: a batch is cut into groups of
+/// these sizes (64 rows bind 768 parameters, within SQLite's 32,766 and PostgreSQL's 65,535).
+const INSERT_GROUPS: [usize; 4] = [64, 16, 4, 1];
+
+/// The INSERT statement for `rows` records (one of [`INSERT_GROUPS`]), built once per size
+/// and engine. SQLite gets anonymous `?` parameters: sqlx binds a numbered one (`$7`) by asking
+/// SQLite its name, a walk of the statement's parameter list, so binding numbered parameters
+/// costs the square of their count (a fifth of the writer's instructions at 64 rows).
+fn insert_sql(backend: Backend, rows: usize) -> &'static str {
+    static SQL: OnceLock<[Vec<String>; 2]> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        [Backend::Sqlite, Backend::Postgres].map(|engine| {
+            INSERT_GROUPS
+                .iter()
+                .map(|&n| {
+                    let width = TRACE_COLUMNS.len();
+                    let values: Vec<String> = (0..n)
+                        .map(|row| {
+                            let params: Vec<String> = (1..=width)
+                                .map(|c| match engine {
+                                    Backend::Sqlite => "?".to_string(),
+                                    Backend::Postgres => format!("${}", row * width + c),
+                                })
+                                .collect();
+                            format!("({})", params.join(","))
+                        })
+                        .collect();
+                    format!(
+                        "INSERT INTO traces ({}) VALUES {} ON CONFLICT (trace_id, span_id) DO NOTHING",
+                        TRACE_COLUMNS.join(", "),
+                        values.join(",")
+                    )
+                })
+                .collect()
+        })
+    });
+    let i = INSERT_GROUPS.iter().position(|&g| g == rows).expect("rows is one of INSERT_GROUPS");
+    &all[usize::from(backend == Backend::Postgres)][i]
+}
+
 /// One bind parameter of a statement built at run time.
 enum Arg {
     Text(String),
@@ -432,34 +488,40 @@ impl TraceDb {
         let fail = self.fail("insert");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
         let mut inserted = 0u64;
-        // One fixed statement per row (and per tag): the same SQL text every time, so each
-        // connection prepares it once and reuses it (a statement shaped by the batch's size was
-        // parsed anew per batch: a third of the writer's instructions on bench/callgrind.sh).
-        const INSERT_TRACE: &str = "INSERT INTO traces (trace_id, span_id, start_time_unix_nano, kind, route, tenant, \
-             cohort, prompt_template, asset_type, decision, tags, record) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT (trace_id, span_id) DO NOTHING";
-        for r in unique {
-            let record = serde_json::to_string(r).map_err(|e| StoreError::Query {
-                target: self.target.to_string(),
-                op: "insert",
-                message: format!("record {} does not encode: {e}", r.trace_id),
-            })?;
-            let args = vec![
-                Arg::Text(r.trace_id.clone()),
-                Arg::Text(r.span_id.clone()),
-                Arg::Int(nanos_i64(r.start_time_unix_nano)),
-                Arg::Text(r.kind.clone()),
-                Arg::OptText(r.route.clone()),
-                Arg::OptText(r.tenant.clone()),
-                Arg::OptText(r.cohort.clone()),
-                Arg::OptText(r.prompt_template.clone()),
-                Arg::OptText(r.asset_type.clone()),
-                Arg::Text(r.decision.clone()),
-                Arg::Text(tags_of(r)),
-                Arg::Text(record),
-            ];
-            let done = bind_all(INSERT_TRACE, args).execute(&mut *tx).await.map_err(&fail)?;
-            // 0: already stored; the first write wins.
+        // Rows go in groups of a few fixed sizes, each with the same SQL text every time, so
+        // each connection prepares it once and reuses it (a statement shaped by the batch's
+        // size was parsed anew per batch: a third of the writer's instructions on
+        // bench/callgrind.sh), and one statement carries many rows (with SQLite each statement
+        // is a round trip to sqlx's worker thread: two context switches a row, one at a time).
+        let mut rest = &unique[..];
+        while !rest.is_empty() {
+            let rows = INSERT_GROUPS.iter().copied().find(|&g| g <= rest.len()).unwrap_or(1);
+            let (group, tail) = rest.split_at(rows);
+            rest = tail;
+            let mut args = Vec::with_capacity(rows * TRACE_COLUMNS.len());
+            for r in group {
+                let record = serde_json::to_string(r).map_err(|e| StoreError::Query {
+                    target: self.target.to_string(),
+                    op: "insert",
+                    message: format!("record {} does not encode: {e}", r.trace_id),
+                })?;
+                args.extend([
+                    Arg::Text(r.trace_id.clone()),
+                    Arg::Text(r.span_id.clone()),
+                    Arg::Int(nanos_i64(r.start_time_unix_nano)),
+                    Arg::Text(r.kind.clone()),
+                    Arg::OptText(r.route.clone()),
+                    Arg::OptText(r.tenant.clone()),
+                    Arg::OptText(r.cohort.clone()),
+                    Arg::OptText(r.prompt_template.clone()),
+                    Arg::OptText(r.asset_type.clone()),
+                    Arg::Text(r.decision.clone()),
+                    Arg::Text(tags_of(r)),
+                    Arg::Text(record),
+                ]);
+            }
+            let done = bind_all(insert_sql(self.backend, rows), args).execute(&mut *tx).await.map_err(&fail)?;
+            // Fewer than the rows sent: some were already stored; the first write wins.
             inserted += done.rows_affected();
         }
         tx.commit().await.map_err(&fail)?;

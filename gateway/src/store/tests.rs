@@ -466,6 +466,46 @@ async fn a_duplicate_trace_id_is_ignored_not_failed() {
     }
 }
 
+async fn check_large_batches(s: &TestStore) {
+    let db = TraceDb::open(&s.cfg).await.expect("open");
+    // 64 + 16 + 4 + 1 + 1 + 1 rows: every statement size a batch is cut into, with distinct
+    // field values per row so a row bound to the wrong record would show.
+    let first: Vec<TraceRecord> = (0..87u64)
+        .map(|i| {
+            let mut r = rec(&id(1000 + i), T + i);
+            r.route = Some(format!("route-{i}"));
+            r.attempts = vec![attempt(&format!("provider-{i}"), "ok", &[])];
+            r
+        })
+        .collect();
+    assert_eq!(db.insert_batch(&first).await.expect("insert"), 87, "{}", s.name);
+    // Again with 40 of them (changed) among 50 new ones: only the new ones count.
+    let mut again: Vec<TraceRecord> = first[20..60]
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.decision = "blocked".into();
+            r
+        })
+        .collect();
+    again.extend((0..50u64).map(|i| rec(&id(2000 + i), T + 100 + i)));
+    assert_eq!(db.insert_batch(&again).await.expect("insert again"), 50, "{}", s.name);
+    assert_eq!(db.count().await.expect("count"), 137, "{}", s.name);
+    for r in first.iter().step_by(7).chain([&first[86]]) {
+        assert_eq!(db.get(&r.trace_id).await.expect("get").as_ref(), Some(r), "{}", s.name);
+    }
+    assert_eq!(ids(&db, "provider=provider-85").await, vec![first[85].trace_id.clone()], "{}", s.name);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn large_batches_insert_every_row_once() {
+    for s in stores().await {
+        check_large_batches(&s).await;
+        s.cleanup().await;
+    }
+}
+
 /// Tags stored, over every row (each `tag=value` between the commas of `tags`).
 async fn tag_rows(db: &TraceDb) -> i64 {
     let rows = sqlx::query("SELECT tags FROM traces").fetch_all(db.pool()).await.expect("read tags");

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{IntCounter, IntCounterVec};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::db::{StoreConfig, StoreError, TraceDb};
@@ -166,6 +166,8 @@ struct Shared {
     db: watch::Receiver<Option<TraceDb>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pending: Arc<AtomicUsize>,
+    /// Wakes the writer from its batch sleep (flush requests).
+    wake: Arc<Notify>,
 }
 
 /// The handle requests submit records through. Cheap to clone; the writer task ends once the
@@ -194,17 +196,19 @@ impl TraceWriter {
         let (db_tx, db_rx) = watch::channel(None);
         let drops = Arc::new(Drops::new(&dropped, cfg.target()));
         let pending = Arc::new(AtomicUsize::new(0));
+        let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             tx,
             drops: drops.clone(),
             db: db_rx.clone(),
             tasks: Mutex::new(Vec::new()),
             pending: pending.clone(),
+            wake: wake.clone(),
         });
         let writer = TraceWriter { shared: shared.clone() };
         // The task holds no sender: dropping the last handle closes the queue, and the task ends
         // once it has written what was queued.
-        let task = Task { cfg: cfg.clone(), rx, written, on_record, db_tx, drops, pending };
+        let task = Task { cfg: cfg.clone(), rx, written, on_record, db_tx, drops, pending, wake };
         let mut tasks = vec![tokio::spawn(task.run())];
         if cfg.retention_days.is_some() || cfg.max_rows.is_some() {
             tasks.push(tokio::spawn(retention(cfg, db_rx)));
@@ -246,6 +250,7 @@ impl TraceWriter {
         if self.shared.tx.send(Msg::Flush(done)).await.is_err() {
             return false;
         }
+        self.shared.wake.notify_one();
         wait.await.is_ok()
     }
 
@@ -290,6 +295,7 @@ struct Task {
     drops: Arc<Drops>,
     /// Image bytes held by queued records (see [`PENDING_IMAGE_BUDGET`]).
     pending: Arc<AtomicUsize>,
+    wake: Arc<Notify>,
 }
 
 /// Image bytes queued records may hold for their digests; a record submitted beyond it is
@@ -401,16 +407,38 @@ impl Task {
                 return true;
             }
         }
+        if self.drain(batch, flushes, batch_max) {
+            return true;
+        }
+        // Sleep rather than wait on the queue: a waiting receiver is woken by every record sent
+        // (a futex wake on the request's thread and a wake-up of this one, per request), while
+        // a sleeping one is not. A flush request wakes it early.
         let deadline = tokio::time::Instant::now() + self.cfg.flush_interval;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = self.wake.notified() => {}
+        }
+        self.drain(batch, flushes, batch_max);
+        true
+    }
+
+    /// Moves what the queue holds now into `batch`, up to `batch_max` records, without
+    /// waiting. Returns true when the batch is due: full, or a flush request was reached.
+    fn drain(
+        &mut self,
+        batch: &mut Vec<TraceRecord>,
+        flushes: &mut Vec<oneshot::Sender<()>>,
+        batch_max: usize,
+    ) -> bool {
         while batch.len() < batch_max {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Err(_) => break,
-                Ok(None) => return !batch.is_empty(),
-                Ok(Some(Msg::Record(r))) => batch.push(*r),
-                Ok(Some(Msg::Flush(f))) => {
+            match self.rx.try_recv() {
+                Ok(Msg::Record(r)) => batch.push(*r),
+                Ok(Msg::Flush(f)) => {
                     flushes.push(f);
-                    break;
+                    return true;
                 }
+                // Empty, or closed: the next `collect` sees the closed queue.
+                Err(_) => return false,
             }
         }
         true
