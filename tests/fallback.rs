@@ -256,18 +256,76 @@ targets = [{{ provider = "a", model = "x", weight = 1 }}, {{ provider = "b", mod
 async fn upstream_400_is_returned_as_is_and_not_retried() {
     let s = setup(10_000, 30_000).await;
     let upstream_error = json!({"error": {
-        "message": "Your request was rejected as a result of our safety system.",
+        "message": "The size is not supported by this model.",
         "type": "invalid_request_error",
-        "param": "prompt",
-        "code": "content_policy_violation"
+        "param": "size",
+        "code": "invalid_size"
     }});
     s.primary.set_error(400, &upstream_error.to_string());
     let r = s.gw.generate(&req()).await;
-    let err = r.assert_error(400, "content_policy_violation");
+    let err = r.assert_error(400, "invalid_size");
     assert_eq!(err, upstream_error["error"], "the upstream error must reach the client unchanged");
     assert_eq!(s.primary.hits(), 1, "a 400 must not be retried");
     assert_eq!(s.backup.hits(), 0, "a 400 is the client's fault: the backup must not be hit");
     assert_eq!(r.attempts(), vec!["primary:status_4xx"], "{}", r.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_filter_refusal_is_content_policy_violation_and_not_retried() {
+    let s = setup(10_000, 30_000).await;
+    s.primary.set_error(
+        400,
+        &json!({"error": {
+            "message": "Your request was rejected by the safety system. safety_violations=[violence].",
+            "type": "image_generation_user_error", "param": null, "code": "moderation_blocked"
+        }})
+        .to_string(),
+    );
+    let r = s.gw.generate(&req()).await;
+    let err = r.assert_error(400, "content_policy_violation");
+    assert!(err["message"].as_str().unwrap().contains("safety_violations=[violence]"), "{err}");
+    assert_eq!((s.primary.hits(), s.backup.hits()), (1, 0), "another provider must not be asked to draw it");
+    assert_eq!(r.attempts(), vec!["primary:content_filtered"], "{}", r.describe());
+}
+
+/// Issue 14's failing input: a provider account problem answered as a 400 (or a 429 that
+/// waiting does not fix, or a model the account cannot use) is not the client's fault: the
+/// route's fallback is tried, and the client gets the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_account_problems_fall_back() {
+    let cases = [
+        (
+            400,
+            json!({"error": {"code": "billing_hard_limit_reached", "type": "invalid_request_error", "message": "Billing hard limit has been reached", "param": null}}),
+        ),
+        (
+            429,
+            json!({"error": {"code": "insufficient_quota", "type": "insufficient_quota", "message": "You exceeded your current quota, please check your plan and billing details."}}),
+        ),
+        (
+            403,
+            json!({"error": {"code": null, "type": "invalid_request_error", "message": "Your organization must be verified to use the model `gpt-image-1`."}}),
+        ),
+        (
+            404,
+            json!({"error": {"code": "model_not_found", "type": "invalid_request_error", "message": "The model `primary-model` does not exist or you do not have access to it."}}),
+        ),
+    ];
+    for (status, body) in cases {
+        let s = setup(10_000, 30_000).await;
+        s.primary.set_error(status, &body.to_string());
+        let r = s.gw.generate(&req()).await;
+        r.assert_status(200);
+        assert_eq!((s.primary.hits(), s.backup.hits()), (1, 1), "{status} {body}");
+        assert_eq!(r.header("x-acc-provider").as_deref(), Some("backup"), "{}", r.describe());
+        assert_eq!(r.attempts(), vec!["primary:account_error", "backup:ok"], "{status}: {}", r.describe());
+        let m = s.gw.metrics().await;
+        assert_eq!(
+            metric_sum(&m, "acc_attempts_total", &[("provider", "primary"), ("result", "account_error")]),
+            1.0,
+            "{status}:\n{m}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,7 +276,7 @@ async fn server_errors_rate_limits_and_dead_servers_fall_back() {
     assert_eq!(r.attempts(), vec!["sd_dead:connect_error", "backup:ok"], "{}", r.describe());
     // A web UI started without --api.
     let r = s.gw.generate(&gen("sd-noapi")).await;
-    assert_eq!(r.attempts(), vec!["sd_noapi:status_4xx", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["sd_noapi:account_error", "backup:ok"], "{}", r.describe());
     assert_eq!(s.webui.last().path, "/webui/sdapi/v1/txt2img");
 }
 
@@ -289,7 +289,7 @@ async fn credential_problems_are_clear_and_leak_nothing() {
     assert!(s.webui.requests().is_empty(), "no credentials, no call");
 
     let r = s.gw.generate(&gen("sd-wrongauth")).await;
-    assert_eq!(r.attempts(), vec!["sd_wrongauth:status_4xx", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["sd_wrongauth:account_error", "backup:ok"], "{}", r.describe());
     let wrong = format!("Basic {}", b64_encode(WRONG_AUTH.as_bytes()));
     assert_eq!(s.webui.last().header("authorization"), Some(wrong));
 

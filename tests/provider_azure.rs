@@ -266,7 +266,7 @@ async fn client_errors_come_back_and_server_errors_fall_back() {
     // A deployment the resource does not have is the policy's mistake: try elsewhere.
     let r = s.gw.generate(&gen("dalle-missing")).await;
     r.assert_status(200);
-    assert_eq!(r.attempts(), vec!["az:status_4xx", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["az:account_error", "backup:ok"], "{}", r.describe());
     assert_eq!(s.az.last_call().path, "/openai/deployments/no-such-deployment/images/generations");
 }
 
@@ -326,7 +326,7 @@ async fn key_problems_are_clear_and_leak_nothing() {
     // A key Azure refuses: tried elsewhere; the key is never echoed.
     let r = s.gw.generate(&gen("dalle-wrongkey")).await;
     r.assert_status(200);
-    assert_eq!(r.attempts(), vec!["az_wrongkey:status_4xx", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["az_wrongkey:account_error", "backup:ok"], "{}", r.describe());
     assert_eq!(s.az.last_call().header("api-key").as_deref(), Some(WRONG_KEY));
 
     // A working key is used too, then nothing the client or the logs see holds either key.

@@ -218,7 +218,7 @@ async fn a_wrong_key_is_a_provider_failure_that_names_no_key() {
     let gw = Gateway::start_with_env(dir.path(), &[(KEY_VAR, "not-the-key-77aa")]).await;
     let r = gw.generate(&req("b64_json")).await;
     r.assert_status(502);
-    assert_eq!(r.attempts(), vec!["fal:status_4xx"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["fal:account_error"], "{}", r.describe());
     let sent: Vec<Option<String>> = mock.rejected().iter().map(|c| c.header("authorization")).collect();
     assert_eq!(sent, vec![Some("Key not-the-key-77aa".to_string())]);
     assert!(!r.text().contains("not-the-key-77aa") && !gw.stderr().contains("not-the-key-77aa"));

@@ -216,7 +216,7 @@ async fn moderation_errors_and_rate_limits() {
 
     // A refused key or a server error: retryable, the fallback answers; the key never shows.
     for (reply, label) in [
-        (stability_error(401, "unauthorized", &format!("invalid key {KEY}")), "status_4xx"),
+        (stability_error(401, "unauthorized", &format!("invalid key {KEY}")), "account_error"),
         (stability_error(500, "internal_error", "An unexpected server error occurred."), "status_5xx"),
     ] {
         s.mock.script(vec![reply]);

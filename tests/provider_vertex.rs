@@ -158,7 +158,7 @@ async fn token_command_is_cached_and_run_again_once_on_401() {
     let before = mock.hits();
     let r = gw.generate(&req).await;
     r.assert_status(200);
-    assert_eq!(r.attempts(), vec!["vertex:status_4xx", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["vertex:account_error", "backup:ok"], "{}", r.describe());
     assert_eq!(mock.hits() - before, 2, "one try with the cached token, one with a fresh one");
     assert_eq!(count_runs(), 3);
     assert!(!r.text().contains("tok-"), "no token in the answer: {}", r.text());
@@ -232,9 +232,23 @@ async fn filters_errors_and_rate_limits() {
     let r = gw.generate(&req("a cat", 1)).await;
     r.assert_error(400, "content_policy_violation");
 
+    // Issue 14's failing input: an output refusal that names no Responsible AI practice, only
+    // the policies and a numeric support code. Not retried elsewhere; the reason is kept.
+    mock.script(vec![google_error(
+        400,
+        "INVALID_ARGUMENT",
+        "Image generation failed with the following error: The response is blocked, as it may violate our policies. If you believe this is an error, please send feedback to your account team. Error Code: 63429089",
+    )]);
+    let hits = mock.hits();
+    let r = gw.generate(&req("a cat", 1)).await;
+    let err = r.assert_error(400, "content_policy_violation");
+    assert!(err["message"].as_str().unwrap().contains("Error Code: 63429089"), "{}", r.describe());
+    assert_eq!(r.attempts(), vec!["vertex:content_filtered"], "{}", r.describe());
+    assert_eq!(mock.hits() - hits, 1, "a content refusal is not retried");
+
     // Credentials refused, or a server error: retryable, the fallback answers.
     for (reply, label) in [
-        (google_error(403, "PERMISSION_DENIED", "Permission 'aiplatform.endpoints.predict' denied"), "status_4xx"),
+        (google_error(403, "PERMISSION_DENIED", "Permission 'aiplatform.endpoints.predict' denied"), "account_error"),
         (google_error(500, "INTERNAL", "Internal error encountered."), "status_5xx"),
         (google_error(503, "UNAVAILABLE", "The service is currently unavailable."), "status_5xx"),
     ] {

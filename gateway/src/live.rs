@@ -441,6 +441,8 @@ pub fn breaker_evidence(result: &Result<(), &ProviderError>) -> Option<bool> {
             | ProviderError::Transport(_)
             | ProviderError::BadResponse(_) => Some(false),
             ProviderError::Status { status, .. } if status.is_server_error() => Some(false),
+            // Billing, credits, a revoked key: every request fails until someone acts.
+            ProviderError::Account { provider_wide: true, .. } => Some(false),
             ProviderError::EvalFailed(_) | ProviderError::Blocked(_) => Some(true),
             _ => None,
         },

@@ -12,6 +12,7 @@ use http::{header, HeaderValue, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{openai, skim, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
@@ -285,19 +286,50 @@ fn info_settings(info: &skim::Raw) -> Settings {
     }
 }
 
-/// Maps a non-2xx answer. The web UI's own refusals of a request (422 validation, an unknown
-/// sampler) go back to the client as 400; a web UI started without `--api` (404 Not Found),
-/// refused credentials, overload and its 500s (out of memory, a failed script) may be tried
-/// elsewhere.
+/// The web UI's answers that the status alone does not decide. Source: the AUTOMATIC1111
+/// stable-diffusion-webui API (FastAPI: 422 validation errors with `detail`, 404 `{"detail":
+/// "Not Found"}` for a route that does not exist, i.e. a web UI started without `--api`).
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::One(404),
+        Matcher::MessageIs("Not Found"),
+        ErrorClass::Account { provider_wide: true },
+        "no /sdapi/v1 here: the web UI was started without --api",
+    ),
+    rule(
+        Statuses::One(404),
+        Matcher::Status,
+        ErrorClass::Client,
+        "a sampler, checkpoint or script the request names does not exist",
+    ),
+    rule(
+        Statuses::One(500),
+        Matcher::Message("invalid encoded image"),
+        ErrorClass::Client,
+        "the input image or mask is not valid base64 (a 500 that is the request's fault)",
+    ),
+    rule(
+        Statuses::One(500),
+        Matcher::Message("invalid image"),
+        ErrorClass::Client,
+        "the input image is not a valid image (\"Invalid image url\", \"Invalid image format\")",
+    ),
+];
+
+/// Maps a non-2xx answer by [`ERRORS`]. The web UI's own refusals of a request (422
+/// validation, an unknown sampler) go back to the client as 400; a web UI started without
+/// `--api`, refused credentials (`auth_env`), overload and its 500s (out of memory, a failed
+/// script) may be tried elsewhere.
 fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time::Duration>) -> ProviderError {
     let message = error_message(body);
-    let status_error = |message: String| ProviderError::Status { status, message, retry_after };
-    match status.as_u16() {
-        401 | 403 => status_error("the web UI refused the gateway's credentials (auth_env)".into()),
-        404 if message == "Not Found" => status_error("no /sdapi/v1 here: is the web UI started with --api?".into()),
-        408 | 429 => status_error(message),
-        400..=499 => super::rejected(StatusCode::BAD_REQUEST, &message),
-        _ => status_error(message),
+    match errors::classify(ERRORS, status.as_u16(), &[], &message) {
+        ErrorClass::Client => super::rejected(StatusCode::BAD_REQUEST, &message),
+        ErrorClass::Account { provider_wide: true } if status == StatusCode::NOT_FOUND => ProviderError::Account {
+            status,
+            provider_wide: true,
+            message: "no /sdapi/v1 here: is the web UI started with --api?".into(),
+        },
+        class => errors::to_error(class, status, None, None, &message, retry_after),
     }
 }
 
@@ -413,5 +445,35 @@ mod tests {
         png[25] = 2;
         assert!(!png_has_alpha(&png), "colour type 2: RGB");
         assert!(!png_has_alpha(b"GIF89a"));
+    }
+
+    /// Each documented error answer gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                422,
+                r#"{"detail":[{"loc":["body","steps"],"msg":"value is not a valid integer","type":"type_error.integer"}]}"#,
+                "client",
+            ),
+            (422, r#"{"error":"HTTPException","detail":"Script 'x' not found","body":"","errors":""}"#, "client"),
+            (404, r#"{"error":"HTTPException","detail":"Sampler not found","body":"","errors":""}"#, "client"),
+            (404, r#"{"detail":"Not Found"}"#, "account"),
+            (
+                401,
+                r#"{"error":"HTTPException","detail":"Incorrect username or password","body":"","errors":""}"#,
+                "account",
+            ),
+            (500, r#"{"error":"HTTPException","detail":"Invalid encoded image","body":"","errors":""}"#, "client"),
+            (
+                500,
+                r#"{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory. Tried to allocate 2.00 GiB"}"#,
+                "transient",
+            ),
+        ];
+        for (status, body, want) in cases {
+            let e = classify_error(StatusCode::from_u16(*status).unwrap(), body.as_bytes(), None);
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }

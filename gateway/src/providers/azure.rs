@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
 use serde_json::{Map, Value};
 
+use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{key_header, openai, AttemptRequest, Generation, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::{Connection, UpstreamFormat};
@@ -168,35 +169,87 @@ fn multipart(fields: &Map<String, Value>, req: &crate::request::GenerationReques
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-/// Maps a non-2xx answer. A content-filter refusal ends the request (another provider would
-/// be asked to draw the same thing); a missing deployment, a bad key, 429 and 5xx may be tried
-/// elsewhere; any other 4xx is the client's and goes back to it OpenAI-shaped.
+/// Azure OpenAI's documented error codes (`error.code`, and `inner_error.code` /
+/// `innererror.code`) that the status alone does not decide. Sources: learn.microsoft.com's
+/// Azure OpenAI REST reference, content filtering and quota pages.
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::One(403),
+        Matcher::Message("temporarily blocked"),
+        WIDE,
+        "the resource is blocked for suspected content-policy abuse (not this request's content)",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("moderation_blocked"),
+        ErrorClass::Content,
+        "gpt-image's moderation refused the request",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("content_policy_violation"),
+        ErrorClass::Content,
+        "the content filter refused the prompt or image",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("contentFilter"),
+        ErrorClass::Content,
+        "the content filter refused the prompt or image",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("content_filter"),
+        ErrorClass::Content,
+        "the content filter refused the prompt or image",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("ResponsibleAIPolicyViolation"),
+        ErrorClass::Content,
+        "inner code of a content filter refusal",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("DeploymentNotFound"),
+        TARGET,
+        "the target's deployment does not exist in this resource",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("OperationNotSupported"),
+        TARGET,
+        "the deployment's model cannot generate images",
+    ),
+    rule(Statuses::Any, Matcher::Code("insufficient_quota"), WIDE, "the resource's quota is used up"),
+    rule(Statuses::Any, Matcher::Code("QuotaExceeded"), WIDE, "the subscription's quota is used up"),
+];
+
+const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
+const TARGET: ErrorClass = ErrorClass::Account { provider_wide: false };
+
+/// Maps a non-2xx answer by [`ERRORS`]. A content-filter refusal ends the request (another
+/// provider would be asked to draw the same thing) with the categories it flagged; a missing
+/// deployment, a bad key, 429 and 5xx may be tried elsewhere; any other 4xx is the client's and
+/// goes back to it OpenAI-shaped.
 fn classify_error(status: StatusCode, body: &Bytes, retry_after: Option<std::time::Duration>) -> ProviderError {
     let json = serde_json::from_slice::<Value>(body).ok();
     let error = json.as_ref().and_then(|v| v.get("error")).filter(|e| e.is_object());
     let message = openai::upstream_message(body);
-    if status.is_client_error() {
-        if let Some(reason) = error.and_then(|e| content_filter_reason(e, &message)) {
-            return ProviderError::ContentFiltered(reason);
+    let inner = error.and_then(|e| e.get("inner_error").or_else(|| e.get("innererror")));
+    let codes: Vec<&str> = [code_of(error), code_of(inner)].into_iter().flatten().collect();
+    let param = error.and_then(|e| e.get("param")).and_then(Value::as_str).filter(|s| !s.is_empty());
+    match errors::classify(ERRORS, status.as_u16(), &codes, &message) {
+        ErrorClass::Content => {
+            ProviderError::ContentFiltered(error.and_then(|e| content_filter_reason(e, &message)).unwrap_or(message))
         }
+        class => errors::to_error(class, status, code_of(error), param, &message, retry_after),
     }
-    let status_error = |message: String| ProviderError::Status { status, message, retry_after };
-    match status.as_u16() {
-        401 | 403 => status_error("the provider refused the gateway's api-key".into()),
-        // The deployment or the api-version does not exist: the policy's mistake, not the client's.
-        404 => status_error(format!("deployment or api-version not found: {message}")),
-        400..=499 if !matches!(status.as_u16(), 408 | 429) => {
-            let text = |k: &str| error.and_then(|e| e.get(k)).and_then(Value::as_str).filter(|s| !s.is_empty());
-            let v = serde_json::json!({"error": {
-                "message": format!("upstream rejected the request: {message}"),
-                "type": "invalid_request_error",
-                "param": text("param"),
-                "code": text("code").unwrap_or("upstream_rejected"),
-            }});
-            ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
-        }
-        _ => status_error(message),
-    }
+}
+
+/// The non-empty `code` of an error object.
+fn code_of(v: Option<&Value>) -> Option<&str> {
+    v.and_then(|c| c.get("code")).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
 /// Why Azure's content filter refused, when `error` is such a refusal: its message and the
@@ -291,5 +344,63 @@ mod tests {
     fn deployment_and_version_are_encoded() {
         assert_eq!(percent_encode("dall-e-3_v1.2"), "dall-e-3_v1.2");
         assert_eq!(percent_encode("a b/c?d"), "a%20b%2Fc%3Fd");
+    }
+
+    /// Each documented error answer (bodies as Azure OpenAI sends them) gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                400,
+                r#"{"error":{"code":"content_policy_violation","message":"Your request was rejected as a result of our safety system.","inner_error":{"code":"ResponsibleAIPolicyViolation","content_filter_results":{"sexual":{"filtered":true,"severity":"high"}}},"type":"invalid_request_error"}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"contentFilter","message":"Your task failed as a result of our safety system."}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"moderation_blocked","type":"image_generation_user_error","message":"Your request was rejected by the safety system."}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"OperationNotSupported","message":"The images_generations operation does not work with the specified model, gpt-4o. Please choose different model and try again."}}"#,
+                "account (target)",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+                "account (target)",
+            ),
+            (404, r#"{"error":{"code":"404","message":"Resource not found"}}"#, "account (target)"),
+            (
+                401,
+                r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint."}}"#,
+                "account",
+            ),
+            (
+                403,
+                r#"{"error":{"code":"Forbidden","message":"Your resource has been temporarily blocked because we detected behavior that may violate our content policy."}}"#,
+                "account",
+            ),
+            (
+                429,
+                r#"{"error":{"code":"429","message":"Requests to the Images_Generations Operation have exceeded call rate limit. Please retry after 6 seconds."}}"#,
+                "transient",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"invalid_request_error","param":"size","message":"size must be one of 1024x1024"}}"#,
+                "client",
+            ),
+            (503, "The server is currently overloaded. Please try again later.", "transient"),
+        ];
+        for (status, body, want) in cases {
+            let e = classify_error(StatusCode::from_u16(*status).unwrap(), &Bytes::from_static(body.as_bytes()), None);
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::errors::{rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{jobs, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
 use crate::request::Param;
@@ -258,6 +259,33 @@ fn app_id(model: &str) -> Option<&str> {
     Some(&model[..segments[0].len() + 1 + segments[1].len()])
 }
 
+/// fal's error answers that the status alone does not decide (`error_type`, the message).
+/// Sources: docs.fal.ai (queue API errors, the model APIs' 422 validation shape); a content
+/// policy refusal is a `detail[].type` of `content_policy_violation` (matched before this table).
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("exhausted balance"),
+        WIDE,
+        "the account's balance is used up (\"User is locked. Reason: Exhausted balance\")",
+    ),
+    rule(Statuses::Range(400, 499), Matcher::Message("user is locked"), WIDE, "the account is locked"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("content_policy_violation"),
+        ErrorClass::Content,
+        "the prompt or image was refused by fal's content policy",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("downstream_service_error"),
+        ErrorClass::Transient,
+        "a partner API behind the model failed",
+    ),
+];
+
+const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
+
 /// Maps a non-2xx answer. fal's validation errors (422) carry `{"detail": [{"loc", "msg",
 /// "type"}]}`; its request errors `{"detail": "...", "error_type": "..."}`.
 fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> ProviderError {
@@ -294,7 +322,8 @@ fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> Pro
     if filtered && status.is_client_error() {
         return ProviderError::ContentFiltered(message);
     }
-    jobs::classify(status, retry_after, message)
+    let error_type = v.as_ref().and_then(|v| v.get("error_type")).and_then(|t| t.as_str());
+    jobs::classify(ERRORS, status, error_type.as_slice(), retry_after, message)
 }
 
 /// An error value as text: a string as is, an object's `message`/`msg`/`detail`, else its JSON.
@@ -378,5 +407,37 @@ mod tests {
         assert_eq!(jobs::same_origin_or(elsewhere, base.as_deref(), doc), doc());
         assert!(jobs::valid_id("764cabcf-b745-4b3e-ae38-1200304cf45b"));
         assert!(!jobs::valid_id("../x") && !jobs::valid_id(""));
+    }
+
+    /// Each documented error answer gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                422,
+                r#"{"detail":[{"loc":["body","prompt"],"msg":"The content could not be processed because it contained material flagged by a content checker.","type":"content_policy_violation"}]}"#,
+                "content",
+            ),
+            (
+                422,
+                r#"{"detail":[{"loc":["body","image_size"],"msg":"Input should be greater than 0","type":"greater_than"}]}"#,
+                "client",
+            ),
+            (
+                403,
+                r#"{"detail":"User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."}"#,
+                "account",
+            ),
+            (403, r#"{"detail":"User is locked. Reason: Admin lock. Please contact support@fal.ai"}"#, "account"),
+            (401, r#"{"detail":"Unauthorized"}"#, "account"),
+            (404, r#"{"detail":"Application 'x' not found"}"#, "account (target)"),
+            (400, r#"{"detail":"Partner API failed","error_type":"downstream_service_error"}"#, "transient"),
+            (504, r#"{"detail":"Request timed out","error_type":"request_timeout"}"#, "transient"),
+            (429, r#"{"detail":"Too many concurrent requests"}"#, "transient"),
+        ];
+        for (status, body, want) in cases {
+            let e = error(StatusCode::from_u16(*status).unwrap(), None, &Bytes::from_static(body.as_bytes()));
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }

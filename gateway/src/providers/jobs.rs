@@ -56,21 +56,19 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, Provide
         .map_err(|e| ProviderError::BadResponse(format!("the {what} answer is not the expected JSON: {e}")))
 }
 
-/// Maps a non-2xx answer whose error text is `message`: the client's own mistakes are
-/// passed back (never retried), the rest may be tried elsewhere.
-pub fn classify(status: StatusCode, retry_after: Option<Duration>, message: String) -> ProviderError {
+/// Maps a non-2xx answer whose error text is `message` and whose codes (read by the adapter)
+/// are `codes`, by the adapter's `table` (see [`super::errors`]): the client's own mistakes are
+/// passed back (never retried), the account's and transient ones may be tried elsewhere.
+pub fn classify(
+    table: &[super::errors::Rule],
+    status: StatusCode,
+    codes: &[&str],
+    retry_after: Option<Duration>,
+    message: String,
+) -> ProviderError {
     let message = if message.is_empty() { "(empty body)".to_string() } else { message };
-    match status.as_u16() {
-        401 | 403 => ProviderError::Status {
-            status,
-            message: "the provider refused the gateway's credentials".into(),
-            retry_after: None,
-        },
-        // Not the client's fault: the account (402) or the policy's model name (404).
-        402 | 404 | 408 | 429 => ProviderError::Status { status, message, retry_after },
-        400..=499 => super::rejected(status, &message),
-        _ => ProviderError::Status { status, message, retry_after },
-    }
+    let class = super::errors::classify(table, status.as_u16(), codes, &message);
+    super::errors::to_error(class, status, None, None, &message, retry_after)
 }
 
 /// Provider text made safe for messages: no control characters, bounded.

@@ -13,6 +13,7 @@ use crate::request::{GenerationRequest, Operation, Param};
 pub mod a1111;
 pub mod azure;
 pub mod builtin;
+pub mod errors;
 pub mod fal;
 pub mod jobs;
 pub mod openai;
@@ -161,6 +162,12 @@ pub enum ProviderError {
     /// A URL the provider answered with was not fetched (SSRF guard, size, time).
     #[error("image URL refused: {0}")]
     FetchRefused(String),
+    /// The provider account or deployment cannot serve: quota, billing, credits, a revoked key
+    /// (`provider_wide`), or a model, deployment or region the target names (not provider-wide).
+    /// The next target is tried; provider-wide ones count against the breaker. See
+    /// [`errors`] for the tables that decide it.
+    #[error("the provider account cannot serve ({status}): {message}")]
+    Account { status: StatusCode, provider_wide: bool, message: String },
 }
 
 impl ProviderError {
@@ -198,6 +205,7 @@ impl ProviderError {
             ProviderError::UnsupportedParams(_) => "unsupported_params",
             ProviderError::ContentFiltered(_) => "content_filtered",
             ProviderError::FetchRefused(_) => "fetch_refused",
+            ProviderError::Account { .. } => "account_error",
         }
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
 use serde::Deserialize;
 
+use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::UpstreamFormat;
@@ -89,11 +90,7 @@ impl Provider for OpenAi {
         if status.is_success() {
             parse_answer(&body)
         } else {
-            let mut e = classify_error(status, body);
-            if let ProviderError::Status { retry_after, .. } = &mut e {
-                *retry_after = answer.retry_after;
-            }
-            Err(e)
+            Err(classify_error(status, body, answer.retry_after))
         }
     }
 }
@@ -217,28 +214,125 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
     Ok(Generation { images, ..Default::default() })
 }
 
-/// Maps a non-2xx answer: the client's own mistakes are passed back, the rest may be retried
+/// OpenAI's documented error codes (`error.code`, else `error.type`) that the status alone
+/// does not decide. Sources: platform.openai.com/docs/guides/error-codes and the Images API
+/// reference; `moderation_blocked` and the "safety system" message are gpt-image-1's and
+/// DALL·E's refusals.
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::Any,
+        Matcher::Code("content_policy_violation"),
+        ErrorClass::Content,
+        "the prompt or image was refused by OpenAI's content filter",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("moderation_blocked"),
+        ErrorClass::Content,
+        "gpt-image's moderation refused the request",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("safety system"),
+        ErrorClass::Content,
+        "\"rejected as a result of our safety system\"",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("blocked by our content filters"),
+        ErrorClass::Content,
+        "\"This request has been blocked by our content filters\"",
+    ),
+    rule(Statuses::Any, Matcher::Code("billing_hard_limit_reached"), WIDE, "the account's billing limit is reached"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("insufficient_quota"),
+        WIDE,
+        "the account's quota or credit is used up (a 429 that waiting does not fix)",
+    ),
+    rule(Statuses::Any, Matcher::Code("billing_not_active"), WIDE, "the account has no active billing"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("credit_balance_exhausted"),
+        WIDE,
+        "prepaid credit is used up (429, type insufficient_quota)",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("organization_spend_limit_exceeded"),
+        WIDE,
+        "the organization's spend limit is reached",
+    ),
+    rule(Statuses::Any, Matcher::Code("project_spend_limit_exceeded"), WIDE, "the project's spend limit is reached"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("organization_usage_limit_exceeded"),
+        WIDE,
+        "the organization's usage limit is reached",
+    ),
+    rule(
+        Statuses::One(429),
+        Matcher::Message("Limit: 0/1min"),
+        WIDE,
+        "the account's tier has no image access (a rate limit of zero)",
+    ),
+    rule(Statuses::Any, Matcher::Code("invalid_api_key"), WIDE, "the key is wrong or revoked"),
+    rule(Statuses::Any, Matcher::Code("account_deactivated"), WIDE, "the account is deactivated"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("unsupported_country_region_territory"),
+        WIDE,
+        "the account's region is not served",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("model_not_found"),
+        TARGET,
+        "the target's model does not exist or the account has no access",
+    ),
+    rule(
+        Statuses::One(403),
+        Matcher::Message("must be verified"),
+        TARGET,
+        "the organization must be verified to use this model",
+    ),
+    rule(
+        Statuses::One(403),
+        Matcher::Message("not allowed to sample from this model"),
+        TARGET,
+        "the account has no access to this model",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("rate_limit_exceeded"),
+        ErrorClass::Transient,
+        "requests or images per minute exceeded",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("image_generation_user_error"),
+        ErrorClass::Client,
+        "the request cannot be drawn as asked",
+    ),
+];
+
+const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
+const TARGET: ErrorClass = ErrorClass::Account { provider_wide: false };
+
+/// Maps a non-2xx answer by [`ERRORS`]: the client's own mistakes are passed back as the
+/// provider sent them (when OpenAI-shaped), the account's and transient ones may be tried
 /// elsewhere. Messages keep only the upstream's error text, never its headers or our key.
-fn classify_error(status: StatusCode, body: Bytes) -> ProviderError {
+fn classify_error(status: StatusCode, body: Bytes, retry_after: Option<std::time::Duration>) -> ProviderError {
     let message = upstream_message(&body);
-    match status.as_u16() {
-        429 | 500..=599 | 408 => ProviderError::Status { status, message, retry_after: None },
-        401 | 403 => ProviderError::Status {
-            status,
-            message: "the provider refused the gateway's credentials".into(),
-            retry_after: None,
-        },
-        400..=499 => {
-            let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
-            if openai_shaped {
-                ProviderError::Rejected { status, body }
-            } else {
-                super::rejected(status, &message)
-            }
-        }
-        _ => ProviderError::Status { status, message, retry_after: None },
+    let v = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let error = v.as_ref().and_then(|v| v.get("error")).filter(|e| e.is_object());
+    let text = |k: &str| error.and_then(|e| e.get(k)).and_then(|c| c.as_str()).filter(|c| !c.is_empty());
+    let codes: Vec<&str> = [text("code"), text("type")].into_iter().flatten().collect();
+    let class = errors::classify(ERRORS, status.as_u16(), &codes, &message);
+    match class {
+        // OpenAI-shaped already: the client gets it as the provider sent it.
+        ErrorClass::Client if error.is_some() => ProviderError::Rejected { status, body },
+        _ => errors::to_error(class, status, text("code"), text("param"), &message, retry_after),
     }
 }
 
@@ -293,18 +387,99 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        let e = classify_error(StatusCode::BAD_REQUEST, Bytes::from_static(br#"{"error":{"message":"bad prompt"}}"#));
+        let e =
+            classify_error(StatusCode::BAD_REQUEST, Bytes::from_static(br#"{"error":{"message":"bad prompt"}}"#), None);
         assert!(!e.retryable());
         assert!(matches!(e, ProviderError::Rejected { ref body, .. } if body.starts_with(b"{\"error\"")));
-        let e = classify_error(StatusCode::TOO_MANY_REQUESTS, Bytes::from_static(b"slow down"));
+        let e = classify_error(StatusCode::TOO_MANY_REQUESTS, Bytes::from_static(b"slow down"), None);
         assert!(e.retryable());
         assert_eq!(e.label(), "status_429");
         assert_eq!(e.to_string(), "upstream answered 429 Too Many Requests: slow down");
         let e = classify_error(
             StatusCode::UNAUTHORIZED,
             Bytes::from_static(br#"{"error":{"message":"Incorrect API key sk-123"}}"#),
+            None,
         );
         assert!(e.retryable());
         assert!(!e.to_string().contains("sk-123"));
+    }
+
+    /// Each documented error answer (bodies as OpenAI sends them) gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                400,
+                r#"{"error":{"code":"billing_hard_limit_reached","type":"invalid_request_error","message":"Billing hard limit has been reached","param":null}}"#,
+                "account",
+            ),
+            (
+                429,
+                r#"{"error":{"code":"insufficient_quota","type":"insufficient_quota","message":"You exceeded your current quota, please check your plan and billing details."}}"#,
+                "account",
+            ),
+            (
+                429,
+                r#"{"error":{"code":"credit_balance_exhausted","type":"insufficient_quota","message":"Your credit balance is exhausted."}}"#,
+                "account",
+            ),
+            (
+                429,
+                r#"{"error":{"code":"rate_limit_exceeded","type":"requests","message":"Rate limit exceeded for images per minute in organization org-x. Limit: 0/1min. Current: 1/1min."}}"#,
+                "account",
+            ),
+            (
+                429,
+                r#"{"error":{"code":"rate_limit_exceeded","type":"requests","message":"Rate limit exceeded for images per minute in organization org-x. Limit: 5/1min. Current: 6/1min."}}"#,
+                "transient",
+            ),
+            (
+                401,
+                r#"{"error":{"code":"invalid_api_key","type":"invalid_request_error","message":"Incorrect API key provided: sk-abc. You can find your API key at https://platform.openai.com/account/api-keys."}}"#,
+                "account",
+            ),
+            (
+                403,
+                r#"{"error":{"code":"unsupported_country_region_territory","type":"request_forbidden","message":"Country, region, or territory not supported"}}"#,
+                "account",
+            ),
+            (
+                403,
+                r#"{"error":{"code":null,"type":"invalid_request_error","message":"Your organization must be verified to use the model `gpt-image-1`."}}"#,
+                "account (target)",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"model_not_found","type":"invalid_request_error","message":"The model `gpt-image-9` does not exist or you do not have access to it."}}"#,
+                "account (target)",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"content_policy_violation","type":"invalid_request_error","message":"Your request was rejected as a result of our safety system."}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"moderation_blocked","type":"image_generation_user_error","message":"Your request was rejected by the safety system. safety_violations=[violence]."}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"invalid_size","type":"invalid_request_error","param":"size","message":"The size is not supported by this model."}}"#,
+                "client",
+            ),
+            (400, r#"{"error":{"code":null,"type":"image_generation_user_error","message":null}}"#, "client"),
+            (
+                500,
+                r#"{"error":{"code":null,"type":"server_error","message":"The server had an error while processing your request."}}"#,
+                "transient",
+            ),
+            (503, "The engine is currently overloaded. Please try again later.", "transient"),
+        ];
+        for (status, body, want) in cases {
+            let e = classify_error(StatusCode::from_u16(*status).unwrap(), Bytes::from_static(body.as_bytes()), None);
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+            assert!(!e.to_string().contains("sk-abc"), "{e}");
+        }
     }
 }

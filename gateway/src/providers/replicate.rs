@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::errors::{rule, ErrorClass, Matcher, Rule, Statuses};
 use super::jobs;
 use super::{AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
@@ -285,7 +286,22 @@ fn aspect_ratio(width: u32, height: u32) -> Option<&'static str> {
     RATIOS.iter().find(|(w, h, _)| u64::from(width) * u64::from(*h) == u64::from(height) * u64::from(*w)).map(|r| r.2)
 }
 
-/// Maps a non-2xx answer. Replicate's errors are problem details: `{"title", "detail",
+/// Replicate's error answers that the status alone does not decide (problem details' `title`,
+/// the `detail` message). Source: replicate.com/docs/reference/http (errors are RFC 7807 problem
+/// details; 401, 402, 404, 422, 429). A failed prediction whose error says NSFW is a content
+/// filter answer (read from the prediction, not from here).
+pub const ERRORS: &[Rule] = &[
+    rule(Statuses::Any, Matcher::Code("Insufficient credit"), WIDE, "the account's credit is used up (402)"),
+    rule(Statuses::Any, Matcher::Code("Billing required"), WIDE, "the account needs billing set up (402)"),
+    rule(Statuses::Any, Matcher::Code("Invalid version or not permitted"), TARGET, "the target's model version does not exist or the account may not use it (a 422 that is not the request's fault)"),
+    rule(Statuses::Range(400, 499), Matcher::Message("version does not exist"), TARGET, "the target's model version does not exist"),
+    rule(Statuses::Range(400, 499), Matcher::Message("nsfw"), ErrorClass::Content, "the input was flagged as NSFW"),
+];
+
+const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
+const TARGET: ErrorClass = ErrorClass::Account { provider_wide: false };
+
+/// Maps a non-2xx answer by [`ERRORS`]. Replicate's errors are problem details: `{"title", "detail",
 /// "status"}`, with `invalid_fields` on a 422.
 fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> ProviderError {
     let v = serde_json::from_slice::<serde_json::Value>(body).ok();
@@ -300,7 +316,8 @@ fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> Pro
             message.push_str(&format!("; {field}: {what}"));
         }
     }
-    jobs::classify(status, retry_after, jobs::clean(&message))
+    let title = text("title");
+    jobs::classify(ERRORS, status, title.as_deref().as_slice(), retry_after, jobs::clean(&message))
 }
 
 #[cfg(test)]
@@ -364,5 +381,48 @@ mod tests {
         assert!(matches!(e, ProviderError::Rejected { status, .. } if status == 422));
         let e = error(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(5)), &Bytes::new());
         assert!(matches!(e, ProviderError::Status { retry_after: Some(d), .. } if d == Duration::from_secs(5)));
+    }
+
+    /// Each documented error answer (problem details) gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                401,
+                r#"{"title":"Unauthenticated","detail":"You did not pass an authentication token","status":401}"#,
+                "account",
+            ),
+            (
+                402,
+                r#"{"title":"Billing required","detail":"You need to set up billing to run this model.","status":402}"#,
+                "account",
+            ),
+            (
+                402,
+                r#"{"title":"Insufficient credit","detail":"You have insufficient credit to run this model.","status":402}"#,
+                "account",
+            ),
+            (404, r#"{"detail":"Not found."}"#, "account (target)"),
+            (
+                422,
+                r#"{"title":"Invalid version or not permitted","detail":"The specified version does not exist (or perhaps you don't have permission to use it?)","status":422}"#,
+                "account (target)",
+            ),
+            (
+                422,
+                r#"{"title":"Input validation failed","detail":"- input.width: Must be less than or equal to 1440","status":422}"#,
+                "client",
+            ),
+            (
+                429,
+                r#"{"detail":"Request was throttled. Your rate limit resets in ~5s.","status":429,"retry_after":5}"#,
+                "transient",
+            ),
+            (500, r#"{"detail":"Internal server error"}"#, "transient"),
+        ];
+        for (status, body, want) in cases {
+            let e = error(StatusCode::from_u16(*status).unwrap(), None, &Bytes::from_static(body.as_bytes()));
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, StatusCode};
 use serde::Deserialize;
 
+use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::vertex::nearest_ratio;
 use super::{key_header, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
@@ -204,11 +205,7 @@ async fn one_image(
     if answer.status.is_success() {
         parse_answer(&answer.body, &answer.headers)
     } else {
-        let mut e = classify_error(answer.status, &answer.body);
-        if let ProviderError::Status { retry_after, .. } = &mut e {
-            *retry_after = answer.retry_after;
-        }
-        Err(e)
+        Err(classify_error(answer.status, &answer.body, answer.retry_after))
     }
 }
 
@@ -257,10 +254,35 @@ fn parse_answer(body: &Bytes, headers: &http::HeaderMap) -> Result<(Image, Optio
     Ok((Image::Base64(bytes), answer.seed))
 }
 
-/// Maps Stability's `{"id","name","errors":[..]}` answers: the client's own mistakes are passed
-/// back (OpenAI-shaped), its content moderation is a content filter answer, the rest may be
-/// retried elsewhere.
-fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
+/// Stability's documented error names (`name` of `{"id","name","errors":[..]}`) that the
+/// status alone does not decide. Source: platform.stability.ai/docs/api-reference (each
+/// endpoint's 400, 402, 403, 413, 422, 429 and 500 answers).
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::Any,
+        Matcher::Code("content_moderation"),
+        ErrorClass::Content,
+        "the prompt or input image was flagged by content moderation (403)",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("payment_required"),
+        ErrorClass::Account { provider_wide: true },
+        "the account has too few credits (402)",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("insufficient_balance"),
+        ErrorClass::Account { provider_wide: true },
+        "the account has too few credits",
+    ),
+    rule(Statuses::One(413), Matcher::Status, ErrorClass::Client, "the request (an input image) is too large"),
+];
+
+/// Maps Stability's `{"id","name","errors":[..]}` answers by [`ERRORS`]: the client's own
+/// mistakes are passed back (OpenAI-shaped), its content moderation is a content filter answer,
+/// the account's and transient ones may be retried elsewhere.
+fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time::Duration>) -> ProviderError {
     let v = serde_json::from_slice::<serde_json::Value>(body).ok();
     let name = v.as_ref().and_then(|v| v["name"].as_str()).unwrap_or_default();
     let errors: Vec<&str> = v
@@ -274,18 +296,11 @@ fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
         Some(errors.join("; "))
     };
     let message = super::error_text(found, body);
-    if name == "content_moderation" {
-        return ProviderError::ContentFiltered(message);
-    }
-    match status.as_u16() {
-        400 | 413 | 422 => super::rejected(status, &message),
-        401 | 403 => ProviderError::Status {
-            status,
-            message: "the provider refused the gateway's credentials".into(),
-            retry_after: None,
-        },
-        _ => ProviderError::Status { status, message, retry_after: None },
-    }
+    let name = (!name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .then_some(name);
+    let class = errors::classify(ERRORS, status.as_u16(), name.as_slice(), &message);
+    let code = if class == ErrorClass::Client || class == ErrorClass::Content { None } else { name };
+    errors::to_error(class, status, code, None, &message, retry_after)
 }
 
 #[cfg(test)]
@@ -340,16 +355,50 @@ mod tests {
         let e = classify_error(
             StatusCode::BAD_REQUEST,
             br#"{"id":"a1","name":"bad_request","errors":["aspect_ratio: must be one of ..."]}"#,
+            None,
         );
         assert!(matches!(&e, ProviderError::Rejected { body, .. } if body.windows(12).any(|w| w == b"aspect_ratio")));
         let e = classify_error(
             StatusCode::FORBIDDEN,
             br#"{"id":"a2","name":"content_moderation","errors":["Your request was flagged"]}"#,
+            None,
         );
         assert_eq!(e.label(), "content_filtered");
-        let e = classify_error(StatusCode::UNAUTHORIZED, br#"{"name":"unauthorized","errors":["bad key sk-1"]}"#);
+        let e = classify_error(StatusCode::UNAUTHORIZED, br#"{"name":"unauthorized","errors":["bad key sk-1"]}"#, None);
         assert!(e.retryable() && !e.to_string().contains("sk-1"));
-        assert_eq!(classify_error(StatusCode::TOO_MANY_REQUESTS, b"{}").label(), "status_429");
-        assert_eq!(classify_error(StatusCode::BAD_GATEWAY, b"").label(), "status_5xx");
+        assert_eq!(classify_error(StatusCode::TOO_MANY_REQUESTS, b"{}", None).label(), "status_429");
+        assert_eq!(classify_error(StatusCode::BAD_GATEWAY, b"", None).label(), "status_5xx");
+    }
+
+    /// Each documented error answer (`{"id","name","errors"}`) gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (400, r#"{"id":"a","name":"bad_request","errors":["prompt: cannot be empty"]}"#, "client"),
+            (
+                402,
+                r#"{"id":"a","name":"payment_required","errors":["You lack sufficient credits to make this request."]}"#,
+                "account",
+            ),
+            (
+                403,
+                r#"{"id":"a","name":"content_moderation","errors":["Your request was flagged by our content moderation system."]}"#,
+                "content",
+            ),
+            (413, r#"{"id":"a","name":"payload_too_large","errors":["Request Too Large"]}"#, "client"),
+            (
+                422,
+                r#"{"id":"a","name":"invalid_language","errors":["English is the only supported language"]}"#,
+                "client",
+            ),
+            (401, r#"{"id":"a","name":"unauthorized","errors":["authorization missing"]}"#, "account"),
+            (404, r#"{"id":"a","name":"not_found","errors":["Not Found"]}"#, "account (target)"),
+            (429, r#"{"id":"a","name":"rate_limit_exceeded","errors":["Rate Limit Exceeded"]}"#, "transient"),
+            (500, r#"{"id":"a","name":"internal_error","errors":["Internal Error"]}"#, "transient"),
+        ];
+        for (status, body, want) in cases {
+            let e = classify_error(StatusCode::from_u16(*status).unwrap(), body.as_bytes(), None);
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }

@@ -24,6 +24,7 @@ use http::{header, HeaderValue, Request, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
@@ -93,11 +94,7 @@ impl Provider for Vertex {
         if answer.status.is_success() {
             parse_answer(&answer.body)
         } else {
-            let mut e = classify_error(answer.status, &answer.body);
-            if let ProviderError::Status { retry_after, .. } = &mut e {
-                *retry_after = answer.retry_after;
-            }
-            Err(e)
+            Err(classify_error(answer.status, &answer.body, answer.retry_after))
         }
     }
 }
@@ -203,38 +200,113 @@ fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
     Ok(Generation { images, ..Default::default() })
 }
 
-/// Maps a Google API error `{"error":{"code","message","status"}}`: the client's own mistakes
-/// are passed back (OpenAI-shaped), a prompt Google's Responsible AI filter refused is a content
-/// filter answer, the rest may be retried elsewhere.
-fn classify_error(status: StatusCode, body: &[u8]) -> ProviderError {
-    let (message, google_status) = google_error(body);
-    let status_error = |message: String| ProviderError::Status { status, message, retry_after: None };
-    match status.as_u16() {
-        401 | 403 => status_error(format!(
-            "the provider refused the gateway's credentials ({})",
-            google_status.as_deref().unwrap_or("no status")
-        )),
-        // A model the region does not serve: another target may.
-        404 | 408 | 429 | 500..=599 => status_error(message),
-        400..=499 if filtered_prompt(&message) => ProviderError::ContentFiltered(message),
-        400..=499 => super::rejected(status, &message),
-        _ => status_error(message),
-    }
+/// Google's documented error statuses and `ErrorInfo` reasons (`error.status`,
+/// `error.details[].reason`) and Imagen's refusal messages that the HTTP status alone does not
+/// decide. Sources: cloud.google.com/apis/design/errors, the Vertex AI Imagen "Responsible AI"
+/// page (blocked prompts answer 400 with a support code), cloud.google.com/vertex-ai/docs/quotas.
+pub const ERRORS: &[Rule] = &[
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("sensitive words"),
+        ErrorClass::Content,
+        "Imagen refused the prompt (\"sensitive words ... Responsible AI practices\", with support codes)",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("responsible ai"),
+        ErrorClass::Content,
+        "Imagen's Responsible AI filter refused the prompt or the image",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("usage guidelines"),
+        ErrorClass::Content,
+        "the prompt violates the usage guidelines",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("response is blocked"),
+        ErrorClass::Content,
+        "\"The response is blocked, as it may violate our policies\" (an output filter, with an error code)",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("safety filter threshold"),
+        ErrorClass::Content,
+        "the route's safety filter threshold prohibited words of the prompt",
+    ),
+    rule(
+        Statuses::Range(400, 499),
+        Matcher::Message("support codes"),
+        ErrorClass::Content,
+        "an Imagen refusal with support codes",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("PUBLIC_ERROR_UNSAFE_GENERATION"),
+        ErrorClass::Content,
+        "an unsafe generation, by ErrorInfo reason",
+    ),
+    rule(Statuses::Any, Matcher::Code("BILLING_DISABLED"), WIDE, "the project's billing is disabled"),
+    rule(Statuses::Any, Matcher::Code("SERVICE_DISABLED"), WIDE, "the Vertex AI API is not enabled in the project"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("ACCESS_TOKEN_SCOPE_INSUFFICIENT"),
+        WIDE,
+        "the token lacks the cloud-platform scope",
+    ),
+    rule(
+        Statuses::Any,
+        Matcher::Code("IAM_PERMISSION_DENIED"),
+        WIDE,
+        "the service account lacks aiplatform permissions",
+    ),
+    rule(Statuses::Any, Matcher::Code("CONSUMER_INVALID"), WIDE, "the project is wrong or unknown"),
+    rule(Statuses::Any, Matcher::Code("CONSUMER_SUSPENDED"), WIDE, "the project is suspended"),
+    rule(Statuses::Any, Matcher::Code("USER_PROJECT_DENIED"), WIDE, "the caller may not use the project"),
+    rule(Statuses::Range(400, 499), Matcher::Message("requires billing"), WIDE, "the project has no billing account"),
+    rule(
+        Statuses::Any,
+        Matcher::Code("FAILED_PRECONDITION"),
+        WIDE,
+        "the project is not set up for the call (billing, terms)",
+    ),
+    rule(Statuses::Any, Matcher::Code("NOT_FOUND"), TARGET, "the model does not exist in this region or project"),
+    rule(Statuses::Any, Matcher::Code("RESOURCE_EXHAUSTED"), ErrorClass::Transient, "the per-minute quota is used up"),
+    rule(Statuses::Any, Matcher::Code("UNAVAILABLE"), ErrorClass::Transient, "the service is overloaded or down"),
+];
+
+const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
+const TARGET: ErrorClass = ErrorClass::Account { provider_wide: false };
+
+/// Maps a Google API error `{"error":{"code","message","status","details"}}` by [`ERRORS`]:
+/// the client's own mistakes are passed back (OpenAI-shaped, code `upstream_rejected`), a
+/// prompt Google's Responsible AI filter refused is a content filter answer, the account's and
+/// transient ones may be tried elsewhere.
+fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time::Duration>) -> ProviderError {
+    let (message, codes) = google_error(body);
+    let codes: Vec<&str> = codes.iter().map(String::as_str).collect();
+    let class = errors::classify(ERRORS, status.as_u16(), &codes, &message);
+    // The Google status (then the reason) names the failure in messages; a client error keeps
+    // OpenAI's `upstream_rejected` code, since Google's statuses are not OpenAI codes.
+    let code = if class == ErrorClass::Client { None } else { codes.first().copied() };
+    errors::to_error(class, status, code, None, &message, retry_after)
 }
 
-/// Imagen refuses some prompts with a 400 that names its Responsible AI practices.
-fn filtered_prompt(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("responsible ai") || m.contains("sensitive words") || m.contains("usage guidelines")
-}
-
-/// The error's message (control characters removed, at most 300 characters) and its status
-/// name (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`, ...).
-fn google_error(body: &[u8]) -> (String, Option<String>) {
+/// The error's message (control characters removed, at most 300 characters), then its status
+/// name (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`, ...) and the `ErrorInfo` reasons of its
+/// details (`BILLING_DISABLED`, ...), each only when made of capitals and underscores.
+fn google_error(body: &[u8]) -> (String, Vec<String>) {
     let v = serde_json::from_slice::<serde_json::Value>(body).ok();
-    let field = |name: &str| v.as_ref().and_then(|v| v["error"][name].as_str()).map(str::to_owned);
-    let status = field("status").filter(|s| s.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
-    (super::error_text(field("message"), body), status)
+    let error = v.as_ref().map(|v| &v["error"]);
+    let field = |name: &str| error.and_then(|e| e[name].as_str()).map(str::to_owned);
+    let is_name = |s: &String| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+    let mut codes: Vec<String> = field("status").into_iter().collect();
+    if let Some(details) = error.and_then(|e| e["details"].as_array()) {
+        codes.extend(details.iter().take(8).filter_map(|d| d["reason"].as_str()).map(str::to_owned));
+    }
+    codes.retain(is_name);
+    (super::error_text(field("message"), body), codes)
 }
 
 /// Where the bearer token comes from.
@@ -358,7 +430,7 @@ mod tests {
     #[test]
     fn google_errors_are_classified() {
         let body = br#"{"error":{"code":400,"message":"sampleCount must be <= 4","status":"INVALID_ARGUMENT"}}"#;
-        match classify_error(StatusCode::BAD_REQUEST, body) {
+        match classify_error(StatusCode::BAD_REQUEST, body, None) {
             ProviderError::Rejected { body, .. } => {
                 let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 assert_eq!(v["error"]["code"], "upstream_rejected");
@@ -369,15 +441,78 @@ mod tests {
         let e = classify_error(
             StatusCode::TOO_MANY_REQUESTS,
             br#"{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}"#,
+            None,
         );
         assert_eq!((e.label(), e.retryable()), ("status_429", true));
-        let e = classify_error(StatusCode::FORBIDDEN, br#"{"error":{"message":"token ya29.secret denied"}}"#);
+        let e = classify_error(StatusCode::FORBIDDEN, br#"{"error":{"message":"token ya29.secret denied"}}"#, None);
         assert!(!e.to_string().contains("ya29"), "{e}");
         let e = classify_error(
             StatusCode::BAD_REQUEST,
             br#"{"error":{"message":"The prompt could not be submitted. It contains sensitive words that violate Google's Responsible AI practices."}}"#,
+            None,
         );
         assert_eq!(e.label(), "content_filtered");
-        assert_eq!(classify_error(StatusCode::SERVICE_UNAVAILABLE, b"").label(), "status_5xx");
+        assert_eq!(classify_error(StatusCode::SERVICE_UNAVAILABLE, b"", None).label(), "status_5xx");
+    }
+
+    /// Each documented error answer (Google's error model, Imagen's refusals) gets its class.
+    #[test]
+    fn documented_errors_get_their_class() {
+        let cases: &[(u16, &str, &str)] = &[
+            (
+                400,
+                r#"{"error":{"code":400,"message":"Image generation failed with the following error: The prompt could not be submitted. This prompt contains sensitive words that violate Google's Responsible AI practices. Try rephrasing the prompt. Support codes: 42876398","status":"INVALID_ARGUMENT"}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"Image generation failed with the following error: The response is blocked, as it may violate our policies. Error Code: 58061214","status":"INVALID_ARGUMENT"}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"The prompt could not be submitted. Your current safety filter threshold prohibited one or more words in this prompt. Support codes: 61493863","status":"INVALID_ARGUMENT"}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"Request contains an invalid argument.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"PUBLIC_ERROR_UNSAFE_GENERATION"}]}}"#,
+                "content",
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"sampleCount must be <= 4","status":"INVALID_ARGUMENT"}}"#,
+                "client",
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"Vertex AI API has not been used in project 1 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED"}]}}"#,
+                "account",
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"This API method requires billing to be enabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"BILLING_DISABLED"}]}}"#,
+                "account",
+            ),
+            (
+                404,
+                r#"{"error":{"code":404,"message":"Publisher Model `projects/p/locations/l/publishers/google/models/imagen-9` was not found or your project does not have access to it.","status":"NOT_FOUND"}}"#,
+                "account (target)",
+            ),
+            (
+                429,
+                r#"{"error":{"code":429,"message":"Quota exceeded for aiplatform.googleapis.com/online_prediction_requests_per_base_model.","status":"RESOURCE_EXHAUSTED"}}"#,
+                "transient",
+            ),
+            (
+                503,
+                r#"{"error":{"code":503,"message":"The service is currently unavailable.","status":"UNAVAILABLE"}}"#,
+                "transient",
+            ),
+        ];
+        for (status, body, want) in cases {
+            let e = classify_error(StatusCode::from_u16(*status).unwrap(), body.as_bytes(), None);
+            assert_eq!(super::super::errors::class_of(&e), *want, "{status} {body}");
+        }
     }
 }
