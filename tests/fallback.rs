@@ -268,6 +268,7 @@ async fn upstream_400_is_returned_as_is_and_not_retried() {
     assert_eq!(s.primary.hits(), 1, "a 400 must not be retried");
     assert_eq!(s.backup.hits(), 0, "a 400 is the client's fault: the backup must not be hit");
     assert_eq!(r.attempts(), vec!["primary:status_4xx"], "{}", r.describe());
+    assert_eq!(r.header("x-should-retry").as_deref(), Some("false"), "{}", r.describe());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,6 +341,25 @@ async fn all_attempts_failing_gives_502_listing_each_attempt() {
     assert_eq!(r.attempts(), vec!["primary:status_5xx", "backup:status_5xx"], "{}", r.describe());
     assert_eq!((s.primary.hits(), s.backup.hits()), (1, 1), "each target is tried once");
     assert!(r.header("x-acc-trace-id").is_some(), "error answers carry a trace id too");
+    // Server errors may pass: the client may retry, and is told when.
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{}", r.describe());
+    assert_eq!(r.header("x-should-retry"), None, "{}", r.describe());
+}
+
+/// When every target failed on its account (billing, key), retrying soon fails the same way:
+/// the answer tells the SDKs not to retry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_targets_failing_on_their_accounts_is_not_retried_by_sdks() {
+    let s = setup(10_000, 30_000).await;
+    let billing = json!({"error": {"code": "billing_hard_limit_reached", "type": "invalid_request_error", "message": "Billing hard limit has been reached"}});
+    s.primary.set_error(400, &billing.to_string());
+    s.backup.set_error(401, &json!({"error": {"code": "invalid_api_key", "message": "Incorrect API key provided: sk-zzz"}}).to_string());
+    let r = s.gw.generate(&req()).await;
+    let err = r.assert_error(502, "upstream_error");
+    assert!(!err["message"].as_str().unwrap().contains("sk-zzz"), "{err}");
+    assert_eq!(r.attempts(), vec!["primary:account_error", "backup:account_error"], "{}", r.describe());
+    assert_eq!(r.header("x-should-retry").as_deref(), Some("false"), "{}", r.describe());
+    assert_eq!(r.header("retry-after"), None, "{}", r.describe());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -882,6 +882,9 @@ async fn an_idempotency_key_reused_for_another_body_is_409() {
     let r = s.gw.generate_with(&other, &key).await;
     let err = r.assert_error(409, "idempotency_key_reused");
     assert_eq!(err["type"], json!("invalid_request_error"), "{}", r.describe());
+    // The official SDKs retry a 409 unless told not to: this one would fail the same way.
+    assert_eq!(r.header("x-should-retry").as_deref(), Some("false"), "{}", r.describe());
+    assert_eq!(r.header("retry-after"), None, "{}", r.describe());
     assert_eq!(s.primary.hits(), 1);
     assert_eq!(s.gw.metric("acc_idempotency_total", &[("result", "conflict")]).await, 1.0);
 }

@@ -251,11 +251,40 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         message.push_str(": ");
         message.push_str(&reasons.join("; "));
     }
-    if timed_out {
+    let mut e = if timed_out {
         ApiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout", message)
     } else {
         ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_error", message)
+    };
+    e.retry_after = retry_later(outcome);
+    e
+}
+
+/// When a client may retry a request every attempt of which failed: when some failure was
+/// transient (a timeout, a refused or broken connection, a 429 or 5xx), after the longest
+/// `Retry-After` a provider asked for, at least 1 s; `None` when none was (account problems,
+/// bad answers): retrying soon would fail the same way, so the answer says not to.
+fn retry_later(outcome: &PlanOutcome) -> Option<u64> {
+    let mut transient = outcome.deadline_exceeded;
+    let mut wait = std::time::Duration::ZERO;
+    for a in &outcome.attempts {
+        match &a.result {
+            Err(ProviderError::Status { retry_after, .. }) => {
+                transient = true;
+                wait = wait.max(retry_after.unwrap_or_default());
+            }
+            Err(
+                ProviderError::Timeout
+                | ProviderError::Connect(_)
+                | ProviderError::Transport(_)
+                | ProviderError::QueueFull
+                | ProviderError::QueueTimeout
+                | ProviderError::Skipped { .. },
+            ) => transient = true,
+            _ => {}
+        }
     }
+    transient.then(|| (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
 }
 
 /// A dollar amount without float noise: at most 6 decimals, trailing zeros dropped.

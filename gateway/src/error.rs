@@ -3,7 +3,7 @@
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderName, HeaderValue, StatusCode};
 
 /// An error answered to the client. Every failure on the proxy path ends up as one of these, so
 /// the outermost service never fails and clients always get a body their SDK can parse.
@@ -18,7 +18,9 @@ pub struct ApiError {
     /// A body to send verbatim instead of one built from the fields above: an upstream's own
     /// OpenAI-shaped 4xx answer, passed through as is.
     pub raw_body: Option<Bytes>,
-    /// Seconds for a `Retry-After` header, where the client should wait before retrying.
+    /// Seconds for a `Retry-After` header, where the client may retry after waiting; `None`
+    /// sends `x-should-retry: false` instead, so that the official SDKs do not retry an answer
+    /// that would fail the same way.
     pub retry_after: Option<u64>,
 }
 
@@ -89,8 +91,18 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, self.body()).into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(secs) = self.retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self.retry_after {
+            Some(secs) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            // The official OpenAI SDKs retry 408, 409, 429 and 5xx answers unless told not to
+            // (openai-python `_should_retry`, openai-node `shouldRetry`: the `x-should-retry`
+            // header decides first). An error without a Retry-After would fail the same way
+            // again: an Idempotency-Key conflict (409), a bad request, a failure no provider
+            // can fix soon.
+            None => {
+                h.insert(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"));
+            }
         }
         resp
     }
