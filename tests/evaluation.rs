@@ -41,6 +41,8 @@ async fn a_blank_image_falls_back_and_is_never_returned() {
     assert_eq!(r.header("x-acc-provider").as_deref(), Some("second"));
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"));
     assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=pass(1.00)"));
+    // The settings of the attempt whose image was returned, not of the first.
+    assert_eq!(r.header("x-acc-generation").as_deref(), Some("model=y"), "{}", r.describe());
     assert_eq!((first.hits(), second.hits()), (1, 1));
     let fail = [("evaluator", "sanity"), ("route", "main"), ("provider", "first"), ("verdict", "fail")];
     assert_eq!(gw.metric("acc_eval_total", &fail).await, 1.0);

@@ -104,6 +104,8 @@ async fn upstream_500_falls_back_to_backup_once() {
     assert_eq!(r.attempts(), vec!["primary:status_5xx", "backup:ok"], "{}", r.describe());
     assert_eq!(b64_images(&r), vec![s.backup.png().to_vec()]);
     assert_eq!(s.backup.last_body_json()["model"], json!("backup-model"));
+    // The settings header describes the attempt whose image was returned, not the first one.
+    assert_eq!(r.header("x-acc-generation").as_deref(), Some("model=backup-model"), "{}", r.describe());
 
     let after = s.gw.metrics().await;
     let d = |name: &str, labels: &[(&str, &str)]| metric_sum(&after, name, labels) - metric_sum(&before, name, labels);
