@@ -54,16 +54,36 @@ async fn official_openai_python_sdk_works() {
             sha256_hex(LIMITED_KEY)
         ),
     );
+    // An OpenAI-compatible upstream answering as gpt-image-1 does: b64_json only, with usage
+    // and the other top-level fields of the response object (issue 14's failing inputs 1, 2).
+    let upstream = MockProvider::start().await;
+    let answer = serde_json::json!({
+        "created": 1_750_000_000u64,
+        "data": [{"b64_json": b64_encode(upstream.png())}],
+        "background": "opaque", "output_format": "png", "quality": "medium", "size": "1024x1024",
+        "usage": {"input_tokens": 22, "output_tokens": 272, "total_tokens": 294,
+                  "input_tokens_details": {"text_tokens": 22, "image_tokens": 0}}
+    });
+    upstream.set_body(Some(&answer.to_string()));
+    dir.write(
+        "gpt.toml",
+        &format!(
+            "{}\nupstream_response_format = \"omit\"\n\n[[routes]]\nname = \"gpt\"\nmatch = {{ model = \"gpt-image-1\" }}\ntargets = [{{ provider = \"gptimage\", model = \"gpt-image-1\" }}]\n",
+            openai_provider_at("gptimage", &upstream.base_url()).trim_end()
+        ),
+    );
     let gw = Gateway::start(dir.path()).await;
 
     let script = root.join("tests").join("sdk").join("test_openai_sdk.py");
     let base_url = gw.url("/v1");
+    let upstream_png = b64_encode(upstream.png());
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new(&python);
         cmd.arg(&script)
             .env("ACC_BASE_URL", &base_url)
             .env("ACC_API_KEY", CLIENT_KEY)
             .env("ACC_LIMITED_KEY", LIMITED_KEY)
+            .env("ACC_GPT_IMAGE_B64", &upstream_png)
             .env("NO_PROXY", "127.0.0.1,localhost")
             .env("no_proxy", "127.0.0.1,localhost");
         for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"] {

@@ -69,10 +69,16 @@ pub fn render(
     let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut out = ChunkedBody::default();
     out.push(format!("{{\"created\":{created},\"data\":["));
+    let mut revised = generation.revised_prompts.into_iter();
     for (i, image) in generation.images.into_iter().enumerate() {
         if i > 0 {
             out.push(Bytes::from_static(b","));
         }
+        // `revised_prompt` goes inside the image's object, before its closing brace.
+        let extra = match revised.next().flatten() {
+            Some(p) => format!(",\"revised_prompt\":{}}}", serde_json::Value::String(p)),
+            None => "}".to_string(),
+        };
         match format {
             ResponseFormat::B64Json => {
                 out.push(Bytes::from_static(b"{\"b64_json\":\""));
@@ -85,7 +91,8 @@ pub fn render(
                     s.push(Sent { url: None, base64: Some(b64.clone()), bytes: None });
                 }
                 out.push(b64);
-                out.push(Bytes::from_static(b"\"}"));
+                out.push(Bytes::from_static(b"\""));
+                out.push(extra);
             }
             ResponseFormat::Url => {
                 let (url, bytes) = match image {
@@ -101,11 +108,15 @@ pub fn render(
                 if let Some(s) = sent.as_deref_mut() {
                     s.push(Sent { url: Some(url.clone()), base64: None, bytes });
                 }
-                out.push(format!("{{\"url\":{}}}", serde_json::Value::String(url)));
+                out.push(format!("{{\"url\":{}{extra}", serde_json::Value::String(url)));
             }
         }
     }
-    out.push(Bytes::from_static(b"]}"));
+    out.push(Bytes::from_static(b"]"));
+    for (name, value) in &generation.answer_fields {
+        out.push(format!(",\"{name}\":{value}"));
+    }
+    out.push(Bytes::from_static(b"}"));
     out
 }
 

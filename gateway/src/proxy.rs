@@ -38,7 +38,7 @@ use crate::cost;
 use crate::error::ApiError;
 use crate::idempotency;
 use crate::migration::Migration;
-use crate::policy::{ApiKey, Policy, UrlMode};
+use crate::policy::{AnswerFormat, ApiKey, Policy, UrlMode};
 use crate::providers::ProviderError;
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
@@ -163,6 +163,22 @@ where
         };
     }
     not_found()
+}
+
+/// The `response_format` of a request that sent none: the route's `default_response_format`,
+/// else OpenAI's own default for the model the client names: the GPT image models
+/// (`gpt-image-1`, `gpt-image-1-mini`, ...) always answer `b64_json` and take no
+/// `response_format`; DALL·E and everything else default to `url` (OpenAI Images API
+/// reference, `response_format`).
+fn default_format(route: Option<AnswerFormat>, model: Option<&str>) -> ResponseFormat {
+    match route {
+        Some(AnswerFormat::B64Json) => ResponseFormat::B64Json,
+        Some(AnswerFormat::Url) => ResponseFormat::Url,
+        None if model.and_then(|m| m.get(..9)).is_some_and(|p| p.eq_ignore_ascii_case("gpt-image")) => {
+            ResponseFormat::B64Json
+        }
+        None => ResponseFormat::Url,
+    }
 }
 
 fn method_not_allowed(allowed: &'static str) -> Response {
@@ -373,6 +389,9 @@ where
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
+    if !req.response_format_given {
+        req.response_format = default_format(route.default_response_format, req.model.as_deref());
+    }
     let sent = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     ctx.cohort_fields = Some([cohort.map(str::to_string), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
     if app.traces.is_some() {
@@ -718,4 +737,26 @@ fn models(app: &App, headers: &HeaderMap) -> Response {
 fn not_found() -> Response {
     ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations, /v1/images/edits, /v1/images/variations and /v1/models")
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_response_format_gets_the_route_or_model_default() {
+        let b64 = ResponseFormat::B64Json;
+        let url = ResponseFormat::Url;
+        // OpenAI's own defaults by model family.
+        assert_eq!(default_format(None, Some("gpt-image-1")), b64);
+        assert_eq!(default_format(None, Some("GPT-Image-1-mini")), b64);
+        assert_eq!(default_format(None, Some("dall-e-3")), url);
+        assert_eq!(default_format(None, Some("brand-image")), url);
+        assert_eq!(default_format(None, None), url);
+        // Not a char boundary at 9 bytes: no panic, no match.
+        assert_eq!(default_format(None, Some("gpt-imagé")), url);
+        // A route's statement wins.
+        assert_eq!(default_format(Some(AnswerFormat::Url), Some("gpt-image-1")), url);
+        assert_eq!(default_format(Some(AnswerFormat::B64Json), Some("brand-image")), b64);
+    }
 }

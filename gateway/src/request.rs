@@ -71,6 +71,9 @@ pub struct GenerationRequest {
     /// Whether the client asked for this exact size (not "auto", not left to the default): the
     /// sanity evaluator then checks the artifact's dimensions against it.
     pub size_given: bool,
+    /// Whether the client sent `response_format` (else the route's or the model's default
+    /// applies once routed).
+    pub response_format_given: bool,
     pub response_format: ResponseFormat,
     pub seed: Option<u64>,
     pub negative_prompt: Option<String>,
@@ -216,6 +219,7 @@ impl GenerationRequest {
             None => (Size { width: 1024, height: 1024 }, false),
             Some(s) => (parse_size(&s)?, s != "auto"),
         };
+        let response_format_given = f.response_format.is_some_and(|v| !v.is_null());
         let response_format = match opt_string(f.response_format, "response_format")?.as_deref() {
             None | Some("url") => ResponseFormat::Url,
             Some("b64_json") => ResponseFormat::B64Json,
@@ -293,6 +297,7 @@ impl GenerationRequest {
             n,
             size,
             size_given,
+            response_format_given,
             response_format,
             seed,
             negative_prompt,

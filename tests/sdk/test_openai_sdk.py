@@ -73,6 +73,22 @@ def main() -> int:
     assert base64.b64decode(again.data[0].b64_json) == first, "same prompt + seed must give the same image"
     print("ok: seed + headers")
 
+    # gpt-image-1 code: no response_format (OpenAI always answers that model with b64_json),
+    # reads data[0].b64_json and the response object's other fields, usage included.
+    resp = client.images.generate(model="gpt-image-1", prompt="a product shot")
+    assert resp.data[0].b64_json == os.environ["ACC_GPT_IMAGE_B64"], "the upstream's image, as b64_json"
+    assert resp.data[0].url is None, resp.data[0]
+    assert resp.usage is not None, resp
+    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens) == (22, 272, 294), resp.usage
+    assert resp.usage.input_tokens_details.text_tokens == 22, resp.usage
+    assert resp.usage.input_tokens_details.image_tokens == 0, resp.usage
+    assert (resp.background, resp.output_format, resp.quality, resp.size) == ("opaque", "png", "medium", "1024x1024"), resp
+    # Asked for explicitly, url still wins over the model's default.
+    resp = client.images.generate(model="gpt-image-1", prompt="a product shot", response_format="url")
+    assert resp.data[0].url and resp.data[0].b64_json is None, resp.data[0]
+    assert resp.usage.total_tokens == 294, resp.usage
+    print("ok: gpt-image-1 defaults and usage")
+
     # models
     ids = [m.id for m in client.models.list()]
     assert "acc-demo" in ids, ids

@@ -26,7 +26,7 @@ mod validate;
 mod xref;
 
 pub use types::{
-    ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher,
+    AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher,
     Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route,
     ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings, TenantLimits, UpstreamFormat,
     UrlMode, AVAILABLE_EVALUATORS,

@@ -321,6 +321,9 @@ pub(super) struct RawRoute {
     pub(super) attempt_timeout_ms: Option<u64>,
     pub(super) deadline_ms: Option<u64>,
     pub(super) url_mode: Option<String>,
+    /// The `response_format` of a request that sends none: "url" or "b64_json". Default: by
+    /// the model the client names (OpenAI's own: `gpt-image-*` answer b64_json, others url).
+    pub(super) default_response_format: Option<String>,
     /// What of the prompt is recorded anywhere (trace store, logs, spans, provenance):
     /// "full" (default), "sha256" (its digest only) or "none".
     pub(super) record_prompt: Option<String>,

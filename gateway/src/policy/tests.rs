@@ -42,6 +42,7 @@ targets = [{ provider = "demo", weight = 0 }]
 fallbacks = ["a", "nope"]
 attempt_timeout_ms = 0
 url_mode = "cdn"
+default_response_format = "png"
 "#;
     let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
     assert_eq!(
@@ -52,6 +53,7 @@ url_mode = "cdn"
             r#"r.toml: routes[0].fallbacks[1]: unknown route "nope""#,
             "r.toml: routes[0].attempt_timeout_ms: must be greater than 0",
             r#"r.toml: routes[0].url_mode: unknown mode "cdn" (expected "gateway" or "provider")"#,
+            r#"r.toml: routes[0].default_response_format: unknown format "png" (expected "url" or "b64_json")"#,
         ]
     );
 }

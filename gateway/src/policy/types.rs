@@ -338,6 +338,13 @@ pub struct ProviderSpec {
     pub price: Option<Price>,
 }
 
+/// A `response_format` a route states as the default (`default_response_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerFormat {
+    Url,
+    B64Json,
+}
+
 /// What a route answers `response_format = "url"` with (`url_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UrlMode {
@@ -441,6 +448,9 @@ pub struct Route {
     pub deadline: Duration,
     /// What `response_format = "url"` is answered with.
     pub url_mode: UrlMode,
+    /// The `response_format` of requests that send none; `None`: by the model the client
+    /// names, as OpenAI does (`gpt-image-*`: b64_json; others: url).
+    pub default_response_format: Option<AnswerFormat>,
     /// How its artifacts are evaluated.
     pub eval: EvalPolicy,
     /// When a target's recent health demotes it to the back of the plan.

@@ -13,7 +13,7 @@ use crate::eval::clip::ClipConfig;
 
 use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvider, RawRoute, RawServer, RawTenant};
 use super::types::{
-    ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror, ParamAction,
+    AnswerFormat, ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror, ParamAction,
     Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route, ServerSettings, SizePrice, Target, TargetRole,
     TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
@@ -264,6 +264,17 @@ pub(super) fn route(
             UrlMode::Gateway
         }
     };
+    let default_response_format = match r.default_response_format.as_deref() {
+        None => None,
+        Some("url") => Some(AnswerFormat::Url),
+        Some("b64_json") => Some(AnswerFormat::B64Json),
+        Some(other) => {
+            errors.push(format!(
+                "{at}.default_response_format: unknown format \"{other}\" (expected \"url\" or \"b64_json\")"
+            ));
+            None
+        }
+    };
     let eval = validate_eval(at, r, classifiers, clip, errors);
     let record_prompt = match r.record_prompt.as_deref() {
         None | Some("full") => RecordPrompt::Full,
@@ -291,6 +302,7 @@ pub(super) fn route(
         attempt_timeout,
         deadline,
         url_mode,
+        default_response_format,
         eval,
         health,
         hedge,

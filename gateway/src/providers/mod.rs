@@ -82,7 +82,19 @@ pub struct Generation {
     pub verdict_images: Vec<usize>,
     /// Why the answer is returned flagged (a failed check whose action is "flag").
     pub flags: Vec<String>,
+    /// Fields of the OpenAI Images response object besides `created` and `data`, as the
+    /// provider gave them or as its adapter maps its own: `usage` (an object: `input_tokens`,
+    /// `output_tokens`, `total_tokens`, `input_tokens_details`), `background`, `output_format`,
+    /// `quality`, `size` (strings). Sent to the client as they are (OpenAI Images API
+    /// reference, "The image generation response").
+    pub answer_fields: Vec<(&'static str, serde_json::Value)>,
+    /// Per image, parallel to `images` (shorter when none): the `revised_prompt` the provider
+    /// drew from (DALL·E 3's rewrite, Imagen's enhanced prompt).
+    pub revised_prompts: Vec<Option<String>>,
 }
+
+/// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
+pub const ANSWER_FIELDS: [&str; 5] = ["background", "output_format", "quality", "size", "usage"];
 
 /// What one attempt asks of a provider.
 pub struct AttemptRequest<'a> {

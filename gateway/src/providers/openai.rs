@@ -172,6 +172,10 @@ pub(crate) fn quote(s: &str) -> String {
 struct Answer {
     #[serde(default)]
     data: Option<Vec<Item>>,
+    /// The response object's other documented fields (`usage`, `background`, ...): kept in
+    /// the order of [`super::ANSWER_FIELDS`] when well-formed.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +184,8 @@ struct Item {
     b64_json: Option<String>,
     #[serde(default)]
     url: Option<String>,
+    #[serde(default)]
+    revised_prompt: Option<String>,
 }
 
 /// Parses a 2xx answer. Base64 payloads stay slices of `body` (no copy) and each is walked
@@ -193,6 +199,10 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
         return Err(ProviderError::BadResponse("answer holds no images".into()));
     }
     let mut images = Vec::with_capacity(items.len());
+    let mut revised_prompts = Vec::new();
+    if items.iter().any(|i| i.revised_prompt.is_some()) {
+        revised_prompts = items.iter().map(|i| i.revised_prompt.clone()).collect();
+    }
     for (i, item) in items.into_iter().enumerate() {
         let image = match (item.b64_json, item.url) {
             (Some(b64), _) => match skim::base64_value(skimmed.resolve(&b64)) {
@@ -211,7 +221,16 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
         };
         images.push(image);
     }
-    Ok(Generation { images, ..Default::default() })
+    let mut rest = answer.rest;
+    let answer_fields = super::ANSWER_FIELDS
+        .iter()
+        .filter_map(|&k| {
+            let v = rest.remove(k)?;
+            let well_formed = if k == "usage" { v.is_object() } else { v.is_string() };
+            well_formed.then_some((k, v))
+        })
+        .collect();
+    Ok(Generation { images, answer_fields, revised_prompts, ..Default::default() })
 }
 
 /// OpenAI's documented error codes (`error.code`, else `error.type`) that the status alone

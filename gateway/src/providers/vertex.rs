@@ -159,6 +159,12 @@ struct Prediction {
     bytes_base64_encoded: Option<String>,
     #[serde(default)]
     rai_filtered_reason: Option<String>,
+    /// `image/png` or `image/jpeg`.
+    #[serde(default)]
+    mime_type: Option<String>,
+    /// The enhanced prompt Imagen drew from (when prompt enhancement is on).
+    #[serde(default)]
+    prompt: Option<String>,
 }
 
 /// Parses a 2xx answer; image payloads stay slices of `body` (see `skim`). A filtered image is
@@ -170,10 +176,16 @@ fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     let mut images = Vec::with_capacity(answer.predictions.len());
     let mut reasons: Vec<String> = Vec::new();
+    let mut revised_prompts = Vec::new();
+    let mut formats = Vec::new();
     for (i, p) in answer.predictions.into_iter().enumerate() {
         match (p.bytes_base64_encoded, p.rai_filtered_reason) {
             (Some(b64), _) => match skim::base64_value(skimmed.resolve(&b64)) {
-                Some(bytes) => images.push(Image::Base64(bytes)),
+                Some(bytes) => {
+                    images.push(Image::Base64(bytes));
+                    revised_prompts.push(p.prompt.filter(|s| !s.is_empty()));
+                    formats.push(p.mime_type.as_deref().and_then(|m| m.strip_prefix("image/")).map(str::to_owned));
+                }
                 None => {
                     return Err(ProviderError::BadResponse(format!(
                         "predictions[{i}].bytesBase64Encoded is not valid base64 (truncated or corrupt)"
@@ -197,7 +209,18 @@ fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
         };
         return Err(ProviderError::ContentFiltered(why));
     }
-    Ok(Generation { images, ..Default::default() })
+    // The OpenAI response object's equivalents: `output_format` when every image has the same
+    // one, the enhanced prompts as `revised_prompt`.
+    let mut answer_fields = Vec::new();
+    if let Some(Some(f)) = formats.first() {
+        if formats.iter().all(|g| g.as_deref() == Some(f.as_str())) && matches!(f.as_str(), "png" | "jpeg" | "webp") {
+            answer_fields.push(("output_format", serde_json::Value::String(f.clone())));
+        }
+    }
+    if revised_prompts.iter().all(Option::is_none) {
+        revised_prompts.clear();
+    }
+    Ok(Generation { images, answer_fields, revised_prompts, ..Default::default() })
 }
 
 /// Google's documented error statuses and `ErrorInfo` reasons (`error.status`,
