@@ -61,10 +61,14 @@ async fn wrong_size_and_corrupt_images_fail_sanity_with_a_reason() {
     first.answer_with(&noisy(512, 512, 0));
     second.answer_with(b"\x89PNG\r\n\x1a\n this is not a png");
     let r = gw.generate(&req()).await;
-    let e = r.assert_error(502, "upstream_error");
+    // Every provider answered; every image failed the evaluation: its own error, naming the
+    // evaluator and the reason per attempt (issue 14's failing input 7), not an upstream error.
+    let e = r.assert_error(422, "evaluation_failed");
     let msg = e["message"].as_str().unwrap();
-    assert!(msg.contains("image is 512x512, the request asked for 256x256"), "{msg}");
-    assert!(msg.contains("does not decode"), "{msg}");
+    assert!(msg.contains("attempt 1 (first): sanity: image is 512x512, the request asked for 256x256"), "{msg}");
+    assert!(msg.contains("attempt 2 (second): sanity:") && msg.contains("does not decode"), "{msg}");
+    assert_eq!(e["type"], "invalid_request_error", "{}", r.describe());
+    assert_eq!(gw.metric("acc_requests_total", &[("route", "main"), ("outcome", "eval_failed")]).await, 1.0);
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
     // Without an explicit size the provider's choice is accepted.
     first.answer_with(&noisy(512, 512, 0));
@@ -199,7 +203,8 @@ evaluators = ["adherence"]
     let plain = json!({"model": "shot", "prompt": "x", "size": "256x256", "response_format": "b64_json"});
     let r = gw.generate_with(&plain, &[("x-acc-contract", r#"{"background": "black"}"#)]).await;
     assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:eval_failed, second:eval_failed"));
-    let e = r.assert_error(502, "upstream_error");
+    let e = r.assert_error(422, "evaluation_failed");
+    assert_eq!(r.header("x-acc-contract-checked").as_deref(), Some("true"), "{}", r.describe());
     assert!(
         e["message"].as_str().unwrap().contains("adherence: background: 0% of the border is black"),
         "{}",
@@ -217,4 +222,21 @@ evaluators = ["adherence"]
     bad["acc"] = json!({"colour": "white"});
     let e = gw.generate(&bad).await.assert_error(400, "invalid_contract");
     assert_eq!(e["param"], "acc");
+}
+
+/// Issue 14's failing input 7: a prompt contract on a route that does not run the adherence
+/// evaluator is not checked; the answer says so and it is counted.
+#[tokio::test]
+async fn a_contract_the_route_does_not_evaluate_is_reported_unchecked() {
+    let (first, _second, gw, _d) = setup("").await;
+    first.answer_with(&noisy(256, 256, 0));
+    let r = gw.generate_with(&req(), &[("x-acc-contract", r#"{"background": "white"}"#)]).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-contract-checked").as_deref(), Some("false"), "{}", r.describe());
+    assert_eq!(gw.metric("acc_contract_unchecked_total", &[("route", "main")]).await, 1.0);
+    // No contract, no header, nothing counted.
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-contract-checked"), None, "{}", r.describe());
+    assert_eq!(gw.metric("acc_contract_unchecked_total", &[("route", "main")]).await, 1.0);
 }

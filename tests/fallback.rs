@@ -355,7 +355,10 @@ async fn all_targets_failing_on_their_accounts_is_not_retried_by_sdks() {
     let s = setup(10_000, 30_000).await;
     let billing = json!({"error": {"code": "billing_hard_limit_reached", "type": "invalid_request_error", "message": "Billing hard limit has been reached"}});
     s.primary.set_error(400, &billing.to_string());
-    s.backup.set_error(401, &json!({"error": {"code": "invalid_api_key", "message": "Incorrect API key provided: sk-zzz"}}).to_string());
+    s.backup.set_error(
+        401,
+        &json!({"error": {"code": "invalid_api_key", "message": "Incorrect API key provided: sk-zzz"}}).to_string(),
+    );
     let r = s.gw.generate(&req()).await;
     let err = r.assert_error(502, "upstream_error");
     assert!(!err["message"].as_str().unwrap().contains("sk-zzz"), "{err}");

@@ -31,6 +31,10 @@ pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");
 pub const REASONS: HeaderName = HeaderName::from_static("x-acc-reasons");
 /// `x-acc-cost-usd`: what the request cost in USD at the providers' prices.
 pub const COST: HeaderName = HeaderName::from_static("x-acc-cost-usd");
+/// `x-acc-contract-checked`: `true` when the request's prompt contract was evaluated, `false`
+/// when its route does not run the `adherence` evaluator (absent without a contract).
+pub const CONTRACT_CHECKED: HeaderName = HeaderName::from_static("x-acc-contract-checked");
+
 /// `x-acc-generation`: the settings the winning provider used (`seed=7; steps=30; ...`).
 pub const GENERATION: HeaderName = HeaderName::from_static("x-acc-generation");
 /// `x-acc-dropped-params`: request parameters the winning provider could not honour and that were not sent.
@@ -242,6 +246,38 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         );
         e.retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
         return e;
+    }
+    // Every provider answered, and every answer failed the route's evaluation: not an upstream
+    // failure, but images that do not meet the policy (or the request's contract).
+    let tried: Vec<&ProviderError> = outcome
+        .attempts
+        .iter()
+        .filter_map(|a| a.result.as_ref().err())
+        .filter(|e| !matches!(e, ProviderError::Skipped { .. }))
+        .collect();
+    if !outcome.deadline_exceeded
+        && !tried.is_empty()
+        && tried.iter().all(|e| matches!(e, ProviderError::EvalFailed(_)))
+    {
+        let why: Vec<String> = outcome
+            .attempts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match &a.result {
+                Err(ProviderError::EvalFailed(reasons)) => Some(format!(
+                    "attempt {} ({}): {reasons}",
+                    i + 1,
+                    policy.routes[a.step.route].targets[a.step.target].provider
+                )),
+                _ => None,
+            })
+            .collect();
+        return ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "evaluation_failed",
+            format!("every generated image failed the route's evaluation: {}", why.join("; ")),
+        );
     }
     let reasons: Vec<String> = outcome
         .attempts

@@ -82,6 +82,9 @@ pub struct Metrics {
     pub cohort_eval: IntCounterVec,
     /// `acc_cohort_fallbacks_total{route,cohort,template,asset_type}`: attempts after the first.
     pub cohort_fallbacks: IntCounterVec,
+    /// `acc_contract_unchecked_total{route}`: requests with a prompt contract on a route that
+    /// does not run the `adherence` evaluator (the answer says `x-acc-contract-checked: false`).
+    pub contract_unchecked: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -308,6 +311,12 @@ impl Metrics {
             "Attempts after a request's first, by cohort, prompt template and asset type",
             &cohort,
         );
+        let contract_unchecked = counter(
+            r,
+            "acc_contract_unchecked_total",
+            "Requests with a prompt contract on a route that does not run the adherence evaluator",
+            &["route"],
+        );
         let rate_limited =
             counter(r, "acc_rate_limited_total", "Requests refused by a rate or spend limit", &["tenant", "limit"]);
         let tasks_alive =
@@ -407,6 +416,7 @@ impl Metrics {
             cohort_requests,
             cohort_eval,
             cohort_fallbacks,
+            contract_unchecked,
             registry,
             requests,
             request_duration,

@@ -29,7 +29,8 @@ use http_body_util::{BodyExt, Limited};
 use sha2::{Digest, Sha256};
 
 use crate::answer::{
-    self, header_text, ATTEMPTS, CANARY, COST, DECISION, DROPPED, EVAL, GENERATION, PROVIDER, REASONS, ROUTE, TRACE_ID,
+    self, header_text, ATTEMPTS, CANARY, CONTRACT_CHECKED, COST, DECISION, DROPPED, EVAL, GENERATION, PROVIDER,
+    REASONS, ROUTE, TRACE_ID,
 };
 use crate::app::App;
 use crate::attempt::{attempt, attempt_timeout, AttemptEnv, NoteSink, VerdictSink};
@@ -72,6 +73,9 @@ struct RequestCtx {
     canary: bool,
     /// `x-acc-generation`: the settings the winning provider used.
     generation: Option<String>,
+    /// `x-acc-contract-checked`: whether the request's contract is evaluated (`None`: no
+    /// contract).
+    contract_checked: Option<bool>,
     /// `x-acc-dropped-params`: parameters the winning provider could not honour.
     dropped: Vec<&'static str>,
     /// When the request arrived, wall clock (for the trace record).
@@ -230,6 +234,7 @@ where
         eval_summary: None,
         flags: Vec::new(),
         cost: None,
+        contract_checked: None,
         canary: false,
         generation: None,
         dropped: Vec::new(),
@@ -391,6 +396,15 @@ where
     ctx.route = Some(route_idx);
     if !req.response_format_given {
         req.response_format = default_format(route.default_response_format, req.model.as_deref());
+    }
+    if req.contract.is_some() {
+        // Only the adherence evaluator reads a contract: on a route without it, the contract
+        // is not checked, and the answer says so.
+        let checked = route.eval.evaluators.iter().any(|e| e == "adherence");
+        if !checked {
+            app.metrics.contract_unchecked.with_label_values(&[route.name.as_str()]).inc();
+        }
+        ctx.contract_checked = Some(checked);
     }
     let sent = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     ctx.cohort_fields = Some([cohort.map(str::to_string), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
@@ -612,6 +626,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (Some("upstream_rejected"), _) => "upstream_rejected",
                 (Some("upstream_timeout"), _) => "upstream_timeout",
                 (Some("upstream_error"), _) => "upstream_error",
+                (Some("evaluation_failed"), _) => "eval_failed",
                 (Some("content_policy_violation"), _) => "blocked",
                 (Some("rate_limit_exceeded" | "spend_limit_exceeded"), _) => "rate_limited",
                 (Some("no_healthy_target"), _) => "no_healthy_target",
@@ -645,6 +660,9 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     }
     if ctx.canary {
         h.insert(CANARY, HeaderValue::from_static("true"));
+    }
+    if let Some(checked) = ctx.contract_checked {
+        h.insert(CONTRACT_CHECKED, HeaderValue::from_static(if checked { "true" } else { "false" }));
     }
     if let Some(g) = ctx.generation.as_deref() {
         h.insert(GENERATION, header_text(g));
