@@ -59,6 +59,29 @@ default_response_format = "png"
 }
 
 #[test]
+fn a_deadline_below_the_attempt_timeout_is_refused() {
+    let route = |extra: &str| format!("[[routes]]\nname = \"a\"\ntargets = [{{ provider = \"demo\" }}]\n{extra}\n");
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", &route("attempt_timeout_ms = 30000\ndeadline_ms = 10000"))])
+        .unwrap_err();
+    assert_eq!(
+        errs,
+        vec!["r.toml: routes[0].deadline_ms: 10000 ms is below attempt_timeout_ms (30000 ms): the request would end before its first attempt may"]
+    );
+    // The default deadline (120 s) is below an attempt timeout of 200 s too.
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", &route("attempt_timeout_ms = 200000"))]).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("r.toml: routes[0].deadline_ms: 120000 ms is below"), "{errs:?}");
+    // Equal, above, or only a deadline (the attempt timeout then defaults): accepted.
+    for extra in [
+        "attempt_timeout_ms = 10000\ndeadline_ms = 10000",
+        "attempt_timeout_ms = 1000\ndeadline_ms = 5000",
+        "deadline_ms = 500",
+    ] {
+        check(&[("p.toml", PROVIDERS), ("r.toml", &route(extra))]).unwrap_or_else(|e| panic!("{extra}: {e:?}"));
+    }
+}
+
+#[test]
 fn unknown_fields_and_syntax_errors_give_line_and_column() {
     let errs = check(&[("a.toml", "[providers.x]\nkind = \"builtin\"\ncolour = 3\n")]).unwrap_err();
     assert_eq!(errs.len(), 1);

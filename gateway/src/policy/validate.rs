@@ -256,6 +256,13 @@ pub(super) fn route(
     let fallbacks = names.fallbacks(at, r, errors);
     let attempt_timeout = positive_ms(&format!("{at}.attempt_timeout_ms"), r.attempt_timeout_ms, 60_000, errors);
     let deadline = positive_ms(&format!("{at}.deadline_ms"), r.deadline_ms, 120_000, errors);
+    if r.attempt_timeout_ms.is_some_and(|a| a > 0) && r.deadline_ms != Some(0) && deadline < attempt_timeout {
+        errors.push(format!(
+            "{at}.deadline_ms: {} ms is below attempt_timeout_ms ({} ms): the request would end before its first attempt may",
+            deadline.as_millis(),
+            attempt_timeout.as_millis()
+        ));
+    }
     let url_mode = match r.url_mode.as_deref() {
         None | Some("gateway") => UrlMode::Gateway,
         Some("provider") => UrlMode::Provider,
