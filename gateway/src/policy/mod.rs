@@ -27,9 +27,9 @@ mod xref;
 
 pub use types::{
     ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher,
-    Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route,
-    ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings, TenantLimits, UpstreamFormat,
-    UrlMode, AVAILABLE_EVALUATORS,
+    Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt,
+    Regeneration, Route, ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings, TenantLimits,
+    UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 
 use raw::RawFile;
