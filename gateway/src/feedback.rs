@@ -284,7 +284,7 @@ impl Feedback {
         let Some(trace) = trace.filter(|t| t.tenant.as_deref() == caller.tenant) else {
             return Err(ApiError::not_found(
                 "trace_not_found",
-                format!("no trace {} for this API key's tenant (never made, another tenant's, or pruned)", r.trace_id),
+                "no such trace for this API key's tenant (never made, made with another tenant's key, or pruned)",
             ));
         };
         if let Some(i) = r.image_index {
