@@ -404,6 +404,28 @@ async fn implicit_regeneration_needs_the_same_tenant_user_route_and_a_near_ident
     assert_eq!(gw.metric("acc_regenerations_total", &[]).await, 1.0);
     // The implicit -1 is no thumbs-down: acc_feedback_total counts what users said.
     assert_eq!(gw.metric("acc_feedback_total", &[]).await, 0.0);
+
+    // `acc traces` marks the regeneration in its table and prints the feedback with a record.
+    let acc_traces = |args: &[&str]| {
+        let out = acc_command()
+            .args(["traces", "--admin", &gw.admin])
+            .args(args)
+            .env("ACC_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = acc_traces(&["--route", "main", "--tenant", "acme"]);
+    let marked: Vec<&str> = table.lines().filter(|l| l.contains("regenerates")).collect();
+    assert_eq!(marked.len(), 1, "{table}");
+    assert!(
+        marked[0].starts_with(&again) && marked[0].ends_with(&format!("regenerates {first} (implicit)")),
+        "{table}"
+    );
+    let one: Value = serde_json::from_str(&acc_traces(&[&first])).unwrap();
+    assert_eq!(one["feedback"], v["feedback"]);
+    assert_eq!(one["regenerated_by"][0]["trace_id"], again.as_str());
 }
 
 #[tokio::test]
