@@ -199,7 +199,10 @@ fn cut(s: &str, chars: usize) -> String {
 /// Who sent a rating or a request: the client key's tenant and name (`None` without keys).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Caller<'a> {
+    /// The key's tenant: only its traces may be rated.
     pub tenant: Option<&'a str>,
+    /// The key's name (first 12 hex digits of its SHA-256): the end user when the body names
+    /// none.
     pub key_name: Option<&'a str>,
 }
 

@@ -118,7 +118,9 @@ pub struct Seen<'a> {
     pub tenant: &'a str,
     /// The OpenAI `user` field, else the key's name.
     pub end_user: &'a str,
+    /// The matched route's name.
     pub route: &'a str,
+    /// The prompt as sent (normalised here, never kept).
     pub prompt: &'a str,
     /// Only exact matches, and no word hashes kept (`record_prompt` is not `"full"`).
     pub exact_only: bool,
@@ -128,6 +130,7 @@ pub struct Seen<'a> {
     pub threshold: f64,
     /// This request's trace id (32 hex digits).
     pub trace_id: &'a str,
+    /// When the request arrived.
     pub now: Instant,
 }
 

@@ -17,10 +17,13 @@ const SHARDS: usize = 16;
 pub struct RecentTrace {
     /// The client key's tenant.
     pub tenant: Option<String>,
+    /// The matched route.
     pub route: Option<String>,
-    /// Cohort fields as sent.
+    /// `x-acc-cohort` as sent.
     pub cohort: Option<String>,
+    /// `x-acc-prompt-template` as sent.
     pub prompt_template: Option<String>,
+    /// `x-acc-asset-type` as sent.
     pub asset_type: Option<String>,
     /// The provider whose answer was returned (the last successful attempt's).
     pub provider: Option<String>,

@@ -21,13 +21,15 @@ pub struct FeedbackEntry {
     pub image_index: i64,
     /// Who rated: the OpenAI `user` the app sent, else the client key's name.
     pub end_user: String,
-    /// Copied from the trace record: the key's tenant, the route, the cohort fields as sent
-    /// and the provider whose answer was returned.
+    /// The trace's tenant (its client key's), copied from the record.
     pub tenant: Option<String>,
+    /// The trace's route.
     pub route: Option<String>,
+    /// The trace's `x-acc-cohort`, `x-acc-prompt-template` and `x-acc-asset-type` as sent.
     pub cohort: Option<String>,
     pub prompt_template: Option<String>,
     pub asset_type: Option<String>,
+    /// The provider whose answer was returned (none when every attempt failed).
     pub provider: Option<String>,
     /// In [-1, 1]: `"up"` is 1, `"down"` -1.
     pub rating: f64,
