@@ -226,6 +226,14 @@ async fn tenants_cannot_see_or_rate_each_others_traces() {
             "source": "explicit",
         })
     );
+    // Explicit links are checked against the store too: the other tenant's is ignored, the
+    // same tenant's made.
+    let theirs = generate(&gw, KEY_B, "m", "a lighthouse", Some("u9"), &[("x-acc-regenerate-of", &id)]).await;
+    let ours = generate(&gw, KEY_A, "m", "a lighthouse", Some("u9"), &[("x-acc-regenerate-of", &id)]).await;
+    assert_eq!(trace(&gw, &theirs, None).await.get("regeneration"), None);
+    assert_eq!(trace(&gw, &ours, None).await["regeneration"], json!({"of": id, "how": "explicit", "similarity": 1.0}));
+    let v = trace(&gw, &id, Some(3)).await;
+    assert_eq!(v["regenerated_by"], json!([{"trace_id": ours, "how": "explicit", "end_user": "u9"}]));
 }
 
 #[tokio::test]
