@@ -131,7 +131,10 @@ fn store_error(e: StoreError) -> Response {
 /// `GET /admin/traces/{trace_id}[?span_id=...]`: the whole record as JSON (see
 /// `store::record`). A trace a client continued over several requests holds one record per
 /// request: without `span_id` the newest is answered, with `records_in_trace` and `span_ids`
-/// (oldest first) added; `span_id` (the record's `span_id`) picks one.
+/// (oldest first) added; `span_id` (the record's `span_id`) picks one. Every answer adds the
+/// trace's `feedback` entries (the `feedback` table's rows) and `regenerated_by` (the requests
+/// that regenerated it, `{trace_id, how, end_user}`, the latest per end user); the record's own
+/// `regeneration` says what it regenerated.
 async fn trace(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -159,21 +162,31 @@ async fn trace(
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
+    // The trace's ratings, and the requests that regenerated it (from their implicit ratings).
+    let feedback = match db.feedback_of(&id).await {
+        Ok(f) => f,
+        Err(e) => return store_error(e),
+    };
+    let with_feedback = |rec: crate::store::TraceRecord| {
+        let mut v = serde_json::to_value(rec).unwrap_or_default();
+        v["regenerated_by"] = json!(crate::feedback::regenerated_by(&feedback));
+        v["feedback"] = json!(feedback);
+        v
+    };
     if let Some(span) = span {
         return match records.into_iter().find(|r| r.span_id == span) {
-            Some(rec) => Json(rec).into_response(),
+            Some(rec) => Json(with_feedback(rec)).into_response(),
             None => missing(),
         };
     }
     let n = records.len();
     let span_ids: Vec<String> = records.iter().map(|r| r.span_id.clone()).collect();
     let Some(newest) = records.pop() else { return missing() };
-    if n == 1 {
-        return Json(newest).into_response();
+    let mut v = with_feedback(newest);
+    if n > 1 {
+        v["records_in_trace"] = json!(n);
+        v["span_ids"] = json!(span_ids);
     }
-    let mut v = serde_json::to_value(newest).unwrap_or_default();
-    v["records_in_trace"] = json!(n);
-    v["span_ids"] = json!(span_ids);
     Json(v).into_response()
 }
 

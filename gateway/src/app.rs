@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::artifacts::ArtifactStore;
 use crate::eval::pool::EvalPool;
 use crate::eval::Evaluator;
+use crate::feedback::Feedback;
 use crate::idempotency::IdempotencyStore;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ pub struct App {
     pub mirror_eval: tokio::sync::Semaphore,
     /// Where trace records go (`None`: `[store] enabled = false`).
     pub traces: Option<TraceWriter>,
+    /// Feedback on traces and regeneration detection.
+    pub feedback: Feedback,
 }
 
 impl App {
@@ -93,6 +96,7 @@ impl App {
             let s = &p.policy.snapshot().policy.server;
             Arc::new(IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
         };
+        let feedback = Feedback::new(p.traces.clone(), &p.metrics.feedback);
         App {
             artifacts: Arc::new(ArtifactStore::new(p.artifact_store_bytes, p.metrics.clone())),
             policy: p.policy,
@@ -113,6 +117,7 @@ impl App {
             mirror_rt: p.mirror_rt,
             mirror_stop: CancellationToken::new(),
             mirror_eval: tokio::sync::Semaphore::new((p.eval_threads / 2).max(1)),
+            feedback,
             traces: p.traces,
         }
     }

@@ -14,13 +14,14 @@
 //!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
 //!   `telemetry`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
-//!   mirror views, trace queries). Uses `app`, `error`, `health`, `metrics`, `mirror`, `policy`,
-//!   `store`.
+//!   mirror views, trace queries with their feedback). Uses `app`, `error`, `feedback`,
+//!   `health`, `metrics`, `mirror`, `policy`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
-//!   `body`, `cost`, `error`, `eval`, `idempotency`, `limits`, `live`, `metrics`, `migration`,
-//!   `policy`, `providers`, `reload`, `request`, `routing`, `store`, `telemetry`, `trace`.
+//!   `body`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
+//!   `migration`, `policy`, `providers`, `reload`, `request`, `routing`, `store`, `telemetry`,
+//!   `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
@@ -46,7 +47,12 @@
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `artifacts`, `eval`, `idempotency`, `limits`, `metrics`, `reload`, `store`.
+//!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `limits`, `metrics`, `reload`,
+//!   `store`.
+//! - [`feedback`]: ratings of traces (`POST /v1/feedback`, checked and stored, tenant by
+//!   tenant), regenerations (explicit links and implicit detection over a bounded memory of
+//!   recent prompts), the newest traces' essentials in memory. Uses `error`, `metrics`,
+//!   `policy`, `request`, `store`.
 //! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
@@ -127,6 +133,7 @@ pub mod cost;
 pub mod error;
 pub mod eval;
 pub mod evaluation;
+pub mod feedback;
 pub mod fetch;
 pub mod health;
 pub mod idempotency;

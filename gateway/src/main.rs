@@ -323,8 +323,13 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
             r["attempts"].as_array().into_iter().flatten().filter_map(|a| a["provider"].as_str()).collect();
         providers.dedup();
         let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+        // A regeneration says which trace it regenerates, at the end of its line.
+        let regenerates = match (r["regeneration"]["of"].as_str(), r["regeneration"]["how"].as_str()) {
+            (Some(of), Some(how)) => format!("  regenerates {of} ({how})"),
+            _ => String::new(),
+        };
         println!(
-            "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {} / {} / {}",
+            "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {} / {} / {}{regenerates}",
             s(&r["trace_id"]),
             start,
             s(&r["route"]),

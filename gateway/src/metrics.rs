@@ -85,6 +85,52 @@ pub struct Metrics {
     /// `acc_contract_unchecked_total{route}`: requests with a prompt contract on a route that
     /// does not run the `adherence` evaluator (the answer says `x-acc-contract-checked: false`).
     pub contract_unchecked: IntCounterVec,
+    /// Feedback and regenerations ([`FeedbackMetrics`]).
+    pub feedback: FeedbackMetrics,
+}
+
+/// Feedback on traces and regenerations. The cohort labels are bounded by the policy's
+/// `[cohorts]` lists exactly as in `acc_cohort_requests_total` (`other` outside them, `none`
+/// when not sent).
+pub struct FeedbackMetrics {
+    /// `acc_feedback_total{route,rating,cohort,template,asset_type}`: ratings accepted by
+    /// `POST /v1/feedback` (a replacement counts again), `rating` = `up` (> 0), `down` (< 0) or
+    /// `neutral` (0). A regeneration's implicit -1 is not counted here (see
+    /// `acc_regenerations_total`).
+    pub feedback: IntCounterVec,
+    /// `acc_regenerations_total{route,cohort,how}`: requests linked to an earlier trace of the
+    /// same tenant, `how` = `explicit` or `implicit`.
+    pub regenerations: IntCounterVec,
+    /// `acc_feedback_failed_total{source,reason}`: feedback not stored, `source` = `explicit`
+    /// or `regeneration`, `reason` = `store_unavailable`, `store_error`, `store_disabled` or
+    /// `queue_full` (the regeneration writer's queue).
+    pub failed: IntCounterVec,
+}
+
+impl FeedbackMetrics {
+    /// Registers the feedback metrics in `r`.
+    pub fn new(r: &Registry) -> FeedbackMetrics {
+        FeedbackMetrics {
+            feedback: counter(
+                r,
+                "acc_feedback_total",
+                "Ratings accepted by POST /v1/feedback by route, rating (up, down, neutral) and cohort labels",
+                &["route", "rating", "cohort", "template", "asset_type"],
+            ),
+            regenerations: counter(
+                r,
+                "acc_regenerations_total",
+                "Requests that regenerate an earlier trace of the same tenant, by route, cohort and how detected (explicit, implicit)",
+                &["route", "cohort", "how"],
+            ),
+            failed: counter(
+                r,
+                "acc_feedback_failed_total",
+                "Feedback entries not stored, by source (explicit, regeneration) and reason",
+                &["source", "reason"],
+            ),
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -417,6 +463,7 @@ impl Metrics {
             cohort_eval,
             cohort_fallbacks,
             contract_unchecked,
+            feedback: FeedbackMetrics::new(&registry),
             registry,
             requests,
             request_duration,

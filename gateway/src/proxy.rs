@@ -1,5 +1,5 @@
 //! The proxy listener's endpoints: `POST /v1/images/{generations,edits,variations}`,
-//! `GET /v1/models` and the gateway-served image URLs.
+//! `GET /v1/models`, `POST /v1/feedback` and the gateway-served image URLs.
 //!
 //! An image request's pipeline reads top to bottom in `generate`, each phase a call into a
 //! module below that does not call back:
@@ -50,6 +50,10 @@ use crate::trace;
 
 pub const COHORT: &str = "x-acc-cohort";
 pub const CONTRACT: &str = "x-acc-contract";
+/// `x-acc-regenerate-of`: the trace id of the request this one regenerates.
+pub const REGENERATE_OF: &str = "x-acc-regenerate-of";
+/// Where apps send ratings of traces.
+pub const FEEDBACK_PATH: &str = "/v1/feedback";
 
 /// What the pipeline learns about one request as it goes; turned into headers and metrics at
 /// the end whatever the outcome.
@@ -158,6 +162,12 @@ where
         return match *req.method() {
             Method::GET => models(&app, req.headers()),
             _ => method_not_allowed("GET"),
+        };
+    }
+    if path == FEEDBACK_PATH {
+        return match *req.method() {
+            Method::POST => feedback(app, req).await,
+            _ => method_not_allowed("POST"),
         };
     }
     if let Some(file) = path.strip_prefix(crate::artifacts::PATH) {
@@ -383,6 +393,16 @@ where
             .map_err(|e| ApiError::invalid("x-acc-contract", "invalid_contract", e))?;
         req.contract = Some(Arc::new(c));
     }
+    if let Some(h) = headers.get(REGENERATE_OF) {
+        let id = h.to_str().ok().map(str::trim).filter(|v| crate::request::is_trace_id(v)).ok_or_else(|| {
+            ApiError::invalid(
+                "x-acc-regenerate-of",
+                "invalid_value",
+                "x-acc-regenerate-of must be a trace id: 32 hex digits (the x-acc-trace-id of the request regenerated)",
+            )
+        })?;
+        req.regenerate_of = Some(id.to_ascii_lowercase());
+    }
     // 3. Within its limits.
     let tenant_limits = key.and_then(|k| policy.tenants.get(&k.tenant));
     if let Some(k) = key {
@@ -423,6 +443,11 @@ where
         );
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
+    }
+    // 4b. Whether it regenerates an earlier request (recorded with the trace).
+    if let Some(rec) = ctx.record.as_deref_mut() {
+        let explicit = req.regenerate_of.as_deref();
+        app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, explicit, rec).await;
     }
     if let Some(w) = &mut ctx.watch {
         w.route = Some(route_idx);
@@ -731,9 +756,40 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
         let decision = resp.headers().get(DECISION).and_then(|v| v.to_str().ok()).unwrap_or("error");
         let status = resp.status().as_u16();
         trace::finish(&mut rec, status, decision, outcome, error_code, elapsed * 1e3, ctx.cost);
+        app.feedback.remember(&rec);
         writer.submit(*rec);
     }
     resp
+}
+
+/// `POST /v1/feedback`: a rating of a trace of the key's tenant (see `feedback::Feedback::rate`),
+/// answered 200 with the entry as stored (`object: "feedback"`).
+async fn feedback<B>(app: Arc<App>, req: Request<B>) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let snap = app.policy.snapshot();
+    let (parts, body) = req.into_parts();
+    let key = match authenticate(&snap.policy, &parts.headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_body(&parts.headers, body, crate::feedback::MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let caller =
+        crate::feedback::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };
+    match app.feedback.rate(&snap.policy, &app.metrics.feedback, caller, &body).await {
+        Ok(entry) => {
+            let mut v = serde_json::to_value(&entry).unwrap_or_default();
+            v["object"] = "feedback".into();
+            v["rating_label"] = entry.rating_label().into();
+            axum::Json(v).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `GET /v1/models`: the aliases the policies expose.
@@ -753,7 +809,7 @@ fn models(app: &App, headers: &HeaderMap) -> Response {
 
 /// Fallback for unknown proxy paths, in the OpenAI error shape.
 fn not_found() -> Response {
-    ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations, /v1/images/edits, /v1/images/variations and /v1/models")
+    ApiError::not_found("unknown_url", "unknown path; this gateway serves /v1/images/generations, /v1/images/edits, /v1/images/variations, /v1/models and /v1/feedback")
         .into_response()
 }
 

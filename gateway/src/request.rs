@@ -92,6 +92,9 @@ pub struct GenerationRequest {
     pub mask: Option<FilePart>,
     /// The prompt contract (header `x-acc-contract` or body field `acc`).
     pub contract: Option<std::sync::Arc<contract::Contract>>,
+    /// The trace this request regenerates, as the body said (`acc.regenerate_of`: 32 hex
+    /// digits, lowercased here); the header `x-acc-regenerate-of` is read by the proxy.
+    pub regenerate_of: Option<String>,
 }
 
 impl GenerationRequest {
@@ -271,15 +274,7 @@ impl GenerationRequest {
             },
             Some(other) => return Err(wrong_type("guidance_scale", "a number", other)),
         };
-        let contract = match f.acc {
-            None | Some(Value::Null) => None,
-            Some(Value::String(text)) => Some(contract::Contract::parse(text.as_bytes())),
-            Some(v @ Value::Object(_)) => Some(contract::Contract::from_value(v.clone())),
-            Some(other) => return Err(wrong_type("acc", "an object (the prompt contract)", other)),
-        }
-        .transpose()
-        .map_err(|e| ApiError::invalid("acc", "invalid_contract", e))?
-        .map(std::sync::Arc::new);
+        let (contract, regenerate_of) = acc_field(f.acc)?;
         for (value, field) in [
             (f.quality, "quality"),
             (f.style, "style"),
@@ -310,6 +305,7 @@ impl GenerationRequest {
             images: Vec::new(),
             mask: None,
             contract,
+            regenerate_of,
         })
     }
 }
@@ -445,6 +441,43 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The body field `acc`: the prompt contract (an object, or its JSON text) and the key
+/// `regenerate_of` taken out of it before the contract is checked. An `acc` holding nothing but
+/// `regenerate_of` is no contract.
+type AccField = (Option<std::sync::Arc<contract::Contract>>, Option<String>);
+
+fn acc_field(acc: Option<&Value>) -> Result<AccField, ApiError> {
+    let invalid = |e: String| ApiError::invalid("acc", "invalid_contract", e);
+    let mut value = match acc {
+        None | Some(Value::Null) => return Ok((None, None)),
+        Some(Value::String(text)) => {
+            serde_json::from_str::<Value>(text).map_err(|e| invalid(format!("invalid prompt contract: {e}")))?
+        }
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(other) => return Err(wrong_type("acc", "an object (the prompt contract)", other)),
+    };
+    let regenerate_of =
+        match value.as_object_mut().and_then(|m| m.remove("regenerate_of")) {
+            None => None,
+            Some(Value::String(id)) if is_trace_id(&id) => Some(id.to_ascii_lowercase()),
+            Some(_) => return Err(ApiError::invalid(
+                "acc.regenerate_of",
+                "invalid_value",
+                "acc.regenerate_of must be a trace id: 32 hex digits (the x-acc-trace-id of the request regenerated)",
+            )),
+        };
+    if regenerate_of.is_some() && value.as_object().is_some_and(|m| m.is_empty()) {
+        return Ok((None, regenerate_of));
+    }
+    let contract = contract::Contract::from_value(value).map_err(invalid)?;
+    Ok((Some(std::sync::Arc::new(contract)), regenerate_of))
+}
+
+/// Whether `s` is a trace id: 32 hex digits (either case).
+pub fn is_trace_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn opt_string(value: Option<&Value>, field: &'static str) -> Result<Option<String>, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(None),
@@ -471,6 +504,32 @@ mod tests {
 
     fn err(body: &str) -> ApiError {
         GenerationRequest::from_json(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn acc_takes_regenerate_of_beside_the_contract() {
+        let id = "4BF92F3577B34DA6A3CE929D0E0E4736";
+        let r =
+            GenerationRequest::from_json(format!(r#"{{"prompt":"x","acc":{{"regenerate_of":"{id}"}}}}"#).as_bytes())
+                .unwrap();
+        assert_eq!((r.regenerate_of.as_deref(), r.contract.is_none()), (Some(id.to_ascii_lowercase().as_str()), true));
+        let body = format!(r#"{{"prompt":"x","acc":{{"aspect":"1:1","regenerate_of":"{id}"}}}}"#);
+        let r = GenerationRequest::from_json(body.as_bytes()).unwrap();
+        assert_eq!(r.contract.as_ref().and_then(|c| c.aspect.as_deref()), Some("1:1"));
+        assert_eq!(r.regenerate_of.as_deref(), Some(id.to_ascii_lowercase().as_str()));
+        // As JSON text, too.
+        let text = serde_json::json!({"prompt": "x", "acc": format!(r#"{{"max_faces":0,"regenerate_of":"{id}"}}"#)});
+        let r = GenerationRequest::from_json(text.to_string().as_bytes()).unwrap();
+        assert_eq!((r.contract.as_ref().and_then(|c| c.max_faces), r.regenerate_of.is_some()), (Some(0), true));
+        // A contract alone is unchanged; an empty one is still a contract.
+        let r = GenerationRequest::from_json(br#"{"prompt":"x","acc":{}}"#).unwrap();
+        assert_eq!((r.contract.is_some(), r.regenerate_of), (true, None));
+        for bad in [r#""abc""#, "5", r#""4bf92f3577b34da6a3ce929d0e0e473g""#] {
+            let e = err(&format!(r#"{{"prompt":"x","acc":{{"regenerate_of":{bad}}}}}"#));
+            assert_eq!((e.param, e.code), (Some("acc.regenerate_of"), Some("invalid_value")), "{bad}");
+        }
+        let e = err(r#"{"prompt":"x","acc":{"regenerate":"x"}}"#);
+        assert_eq!((e.param, e.code), (Some("acc"), Some("invalid_contract")));
     }
 
     #[test]

@@ -28,8 +28,8 @@ mod xref;
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
     Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec,
-    RecordPrompt, Route, ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings, TenantLimits,
-    UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    RecordPrompt, Regeneration, Route, ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings,
+    TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 
 use raw::RawFile;

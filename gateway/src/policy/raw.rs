@@ -327,6 +327,13 @@ pub(super) struct RawRoute {
     /// What of the prompt is recorded anywhere (trace store, logs, spans, provenance):
     /// "full" (default), "sha256" (its digest only) or "none".
     pub(super) record_prompt: Option<String>,
+    /// How long after a request the same end user's same or nearly the same prompt on this
+    /// route counts as an implicit regeneration of it, s (default 600; 0 turns implicit
+    /// detection off; at most 86400).
+    pub(super) regeneration_window_secs: Option<u64>,
+    /// Least Jaccard similarity of the two prompts' normalised word sets that counts as
+    /// "nearly the same", in (0, 1] (default 0.8; 1 takes only the same words).
+    pub(super) regeneration_similarity: Option<f64>,
     /// Evaluators every artifact of this route must pass, in order: "sanity" (more arrive
     /// with later builds: "safety", "text", "adherence").
     #[serde(default)]

@@ -545,3 +545,28 @@ templates = ["hero@", "@3", "a@b@c"]
         .unwrap_err();
     assert_eq!(twice, vec!["b.toml: store: already set in a.toml"]);
 }
+
+#[test]
+fn regeneration_settings_are_checked() {
+    let route = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\n";
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", route)]).unwrap();
+    let d = p.routes[0].regeneration;
+    assert_eq!((d.window, d.similarity), (std::time::Duration::from_secs(600), 0.8));
+    let set = format!("{route}regeneration_window_secs = 0\nregeneration_similarity = 1.0\n");
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", &set)]).unwrap();
+    let r = p.routes[0].regeneration;
+    assert_eq!((r.window, r.similarity), (std::time::Duration::ZERO, 1.0));
+    let bad = format!("{route}regeneration_window_secs = 86401\nregeneration_similarity = 0.0\n");
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", &bad)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml: routes[0].regeneration_window_secs: 86401 is more than a day (86400); 0 turns implicit detection off"
+                .to_string(),
+            "r.toml: routes[0].regeneration_similarity: 0 is not in (0, 1]".to_string(),
+        ]
+    );
+    let errs =
+        check(&[("p.toml", PROVIDERS), ("r.toml", &format!("{route}regeneration_similarity = 1.5\n"))]).unwrap_err();
+    assert_eq!(errs, vec!["r.toml: routes[0].regeneration_similarity: 1.5 is not in (0, 1]".to_string()]);
+}

@@ -463,6 +463,25 @@ pub struct Route {
     pub canary: Option<Canary>,
     /// What of the prompt may be written anywhere.
     pub record_prompt: RecordPrompt,
+    /// Implicit regeneration detection on this route.
+    pub regeneration: Regeneration,
+}
+
+/// A route's implicit regeneration detection: the same tenant and end user sending the same or
+/// nearly the same prompt on the route within `window`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Regeneration {
+    /// `regeneration_window_secs` (default 600 s); zero turns implicit detection off.
+    pub window: Duration,
+    /// `regeneration_similarity`: least Jaccard similarity of the normalised word sets, in
+    /// (0, 1] (default 0.8).
+    pub similarity: f64,
+}
+
+impl Default for Regeneration {
+    fn default() -> Self {
+        Regeneration { window: Duration::from_secs(600), similarity: 0.8 }
+    }
 }
 
 /// A route's `record_prompt`: what of a prompt (and negative prompt) the gateway writes to the

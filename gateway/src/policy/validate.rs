@@ -14,8 +14,8 @@ use crate::eval::clip::ClipConfig;
 use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvider, RawRoute, RawServer, RawTenant};
 use super::types::{
     AnswerFormat, ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
-    ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Route, ServerSettings, SizePrice, Target,
-    TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Regeneration, Route, ServerSettings,
+    SizePrice, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 use super::xref::Names;
 
@@ -294,6 +294,7 @@ pub(super) fn route(
             RecordPrompt::None
         }
     };
+    let regeneration = validate_regeneration(at, r, errors);
     let health = validate_health(at, r, errors);
     let hedge = r.hedge.as_ref().and_then(|h| validate_hedge(at, h, errors));
     let (mirrors, canary) = validate_candidates(at, r, &mut targets, names, errors);
@@ -316,7 +317,32 @@ pub(super) fn route(
         mirrors,
         canary,
         record_prompt,
+        regeneration,
     }
+}
+
+/// A route's `regeneration_window_secs` (0..=86400) and `regeneration_similarity` ((0, 1]).
+fn validate_regeneration(at: &str, r: &RawRoute, errors: &mut Vec<String>) -> Regeneration {
+    let d = Regeneration::default();
+    let window = match r.regeneration_window_secs {
+        None => d.window,
+        Some(s) if s <= 86_400 => Duration::from_secs(s),
+        Some(s) => {
+            errors.push(format!(
+                "{at}.regeneration_window_secs: {s} is more than a day (86400); 0 turns implicit detection off"
+            ));
+            d.window
+        }
+    };
+    let similarity = match r.regeneration_similarity {
+        None => d.similarity,
+        Some(v) if v > 0.0 && v <= 1.0 => v,
+        Some(v) => {
+            errors.push(format!("{at}.regeneration_similarity: {v} is not in (0, 1]"));
+            d.similarity
+        }
+    };
+    Regeneration { window, similarity }
 }
 
 /// `[server]`, with the defaults of [`ServerSettings`] for what is left out.

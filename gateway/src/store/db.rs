@@ -250,7 +250,10 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 
 /// The migrations in `gateway/migrations/`, compiled into the binary: (version, description,
 /// SQL). A new file gets a line here (a test checks that the two agree).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "traces", include_str!("../../migrations/0001_traces.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "traces", include_str!("../../migrations/0001_traces.sql")),
+    (3, "feedback", include_str!("../../migrations/0003_feedback.sql")),
+];
 
 #[derive(Debug)]
 struct Embedded;
@@ -278,7 +281,7 @@ impl<'s> MigrationSource<'s> for Embedded {
 /// A connection pool to the trace database, schema migrated. Cheap to clone (one pool).
 #[derive(Clone)]
 pub struct TraceDb {
-    pool: AnyPool,
+    pub(super) pool: AnyPool,
     backend: Backend,
     target: Arc<str>,
     secrets: Arc<[String]>,
@@ -463,7 +466,7 @@ impl TraceDb {
         self.pool.close().await;
     }
 
-    fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    pub(super) fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
         move |e| {
             let message = scrub(e.to_string(), &self.secrets);
             if is_connection_error(&e) {

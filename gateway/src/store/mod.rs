@@ -8,14 +8,18 @@
 //!   created or migrated on open from the versioned migrations in `gateway/migrations/`.
 //! - [`writer`]: the bounded queue and the batching writer task; losses counted in
 //!   `acc_trace_dropped_total{reason}`; retention by age and row count in the background.
+//! - [`feedback`]: the `feedback` table: ratings tied to a trace (one per trace, image and
+//!   end user), from `POST /v1/feedback` and regeneration detection.
 //! - [`query`]: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
 
 pub mod db;
+pub mod feedback;
 pub mod query;
 pub mod record;
 pub mod writer;
 
 pub use db::{mask_url, Backend, StoreConfig, StoreError, TraceDb};
+pub use feedback::FeedbackEntry;
 pub use query::{Cursor, TraceFilter, TracePage};
 pub use record::TraceRecord;
 pub use writer::{DropReason, RecordHook, TraceWriter};

@@ -73,10 +73,27 @@ pub struct TraceRecord {
     pub cost_usd: Option<f64>,
     /// Served by the route's canary.
     pub canary: bool,
+    /// Set when this request regenerates an earlier one of the same tenant: which, how it
+    /// was detected and how similar the prompts were. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regeneration: Option<RegenerationLink>,
     /// The returned images' bytes (or base64 text), by image index, whose SHA-256 and size
     /// [`TraceRecord::settle_images`] fills in off the request path. Never serialized.
     #[serde(skip)]
     pub pending_images: Vec<(usize, PendingImage)>,
+}
+
+/// The link from a regeneration to the trace it regenerates.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RegenerationLink {
+    /// The regenerated (earlier) trace's id.
+    pub of: String,
+    /// `"explicit"` (`x-acc-regenerate-of` or body `acc.regenerate_of`) or `"implicit"` (the
+    /// same end user sent the same or nearly the same prompt on the same route in the window).
+    pub how: String,
+    /// Similarity of the two normalised prompts in [0, 1] (1 for an explicit link and for an
+    /// exact match).
+    pub similarity: f64,
 }
 
 /// An image whose digest is still to be computed (shares the answer's buffers).

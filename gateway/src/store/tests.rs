@@ -230,6 +230,11 @@ fn full_record() -> TraceRecord {
         ],
         cost_usd: Some(0.065),
         canary: true,
+        regeneration: Some(super::record::RegenerationLink {
+            of: "0af7651916cd43dd8448eb211c80319c".into(),
+            how: "implicit".into(),
+            similarity: 0.875,
+        }),
         pending_images: Vec::new(),
     }
 }
@@ -1026,3 +1031,5 @@ async fn a_full_disk_mid_run_counts_store_error_then_writing_resumes() {
     assert_eq!(ids(&db, "").await, vec![id(3), id(0)]);
     writer.shutdown(Duration::from_secs(5)).await;
 }
+
+mod feedback;

@@ -179,6 +179,7 @@ fn fallback_record(trace_id: &str) -> TraceRecord {
         images: vec![ImageRecord { index: 0, ..Default::default() }, ImageRecord { index: 1, ..Default::default() }],
         cost_usd: Some(0.12),
         canary: false,
+        regeneration: None,
         pending_images: Vec::new(),
     }
 }

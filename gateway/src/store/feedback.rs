@@ -1,0 +1,140 @@
+//! The `feedback` table (migration `0003_feedback.sql`): ratings tied to a trace, one per
+//! (trace, image, end user), written by `POST /v1/feedback` and by regeneration detection,
+//! read by `GET /admin/traces/{trace_id}` and the release gate (`acc gate --store`).
+
+use serde::{Deserialize, Serialize};
+use sqlx::{Any, Row};
+
+use super::db::{nanos_i64, StoreError, TraceDb};
+
+/// `source` of an entry the app sent (`POST /v1/feedback`).
+pub const EXPLICIT: &str = "explicit";
+/// `source` of the implicit -1 a regeneration leaves on the trace it regenerated.
+pub const REGENERATION: &str = "regeneration";
+
+/// One rating of one trace (or one of its images) by one end user: a row of `feedback`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackEntry {
+    /// The rated trace (32 lowercase hex digits).
+    pub trace_id: String,
+    /// The rated image's index in the answer; -1 rates the whole answer.
+    pub image_index: i64,
+    /// Who rated: the OpenAI `user` the app sent, else the client key's name.
+    pub end_user: String,
+    /// The trace's tenant (its client key's), copied from the record.
+    pub tenant: Option<String>,
+    /// The trace's route.
+    pub route: Option<String>,
+    /// The trace's `x-acc-cohort`, `x-acc-prompt-template` and `x-acc-asset-type` as sent.
+    pub cohort: Option<String>,
+    pub prompt_template: Option<String>,
+    pub asset_type: Option<String>,
+    /// The provider whose answer was returned (none when every attempt failed).
+    pub provider: Option<String>,
+    /// In [-1, 1]: `"up"` is 1, `"down"` -1.
+    pub rating: f64,
+    /// Free text from the app (explicit entries only).
+    pub comment: Option<String>,
+    /// Short tags from the app; for a regeneration entry `regenerated_by:<trace id>` and
+    /// `how:<explicit|implicit>`.
+    pub labels: Vec<String>,
+    /// [`EXPLICIT`] or [`REGENERATION`].
+    pub source: String,
+    /// When it was written (last replaced), Unix nanoseconds.
+    pub created_unix_nano: u64,
+}
+
+impl FeedbackEntry {
+    /// `up` (rating > 0), `down` (< 0) or `neutral` (0): the `rating` label of
+    /// `acc_feedback_total`.
+    pub fn rating_label(&self) -> &'static str {
+        rating_label(self.rating)
+    }
+}
+
+/// `up` for a rating above 0, `down` below 0, `neutral` for 0.
+pub fn rating_label(rating: f64) -> &'static str {
+    if rating > 0.0 {
+        "up"
+    } else if rating < 0.0 {
+        "down"
+    } else {
+        "neutral"
+    }
+}
+
+const COLUMNS: &str = "trace_id, image_index, end_user, tenant, route, cohort, prompt_template, asset_type, \
+                       provider, rating, comment, labels, source, created_unix_nano";
+
+impl TraceDb {
+    /// Writes `entry`, replacing the entry of the same (trace, image, end user) if there is
+    /// one, except that a [`REGENERATION`] entry never replaces an [`EXPLICIT`] one (what the
+    /// user said outranks what the gateway inferred). Returns whether the row was written.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn upsert_feedback(&self, entry: &FeedbackEntry) -> Result<bool, StoreError> {
+        let only_implicit = if entry.source == REGENERATION { " WHERE feedback.source = 'regeneration'" } else { "" };
+        let sql = format!(
+            "INSERT INTO feedback ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (trace_id, image_index, end_user) DO UPDATE SET tenant = excluded.tenant, \
+             route = excluded.route, cohort = excluded.cohort, prompt_template = excluded.prompt_template, \
+             asset_type = excluded.asset_type, provider = excluded.provider, rating = excluded.rating, \
+             comment = excluded.comment, labels = excluded.labels, source = excluded.source, \
+             created_unix_nano = excluded.created_unix_nano{only_implicit}"
+        );
+        let labels = serde_json::to_string(&entry.labels).unwrap_or_else(|_| "[]".into());
+        let done = sqlx::query::<Any>(&sql)
+            .bind(entry.trace_id.clone())
+            .bind(entry.image_index)
+            .bind(entry.end_user.clone())
+            .bind(entry.tenant.clone())
+            .bind(entry.route.clone())
+            .bind(entry.cohort.clone())
+            .bind(entry.prompt_template.clone())
+            .bind(entry.asset_type.clone())
+            .bind(entry.provider.clone())
+            .bind(entry.rating)
+            .bind(entry.comment.clone())
+            .bind(labels)
+            .bind(entry.source.clone())
+            .bind(nanos_i64(entry.created_unix_nano))
+            .execute(&self.pool)
+            .await
+            .map_err(self.fail("feedback"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every feedback entry of `trace_id`, by image index then end user (at most 1000).
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn feedback_of(&self, trace_id: &str) -> Result<Vec<FeedbackEntry>, StoreError> {
+        let rows = sqlx::query::<Any>(&format!(
+            "SELECT {COLUMNS} FROM feedback WHERE trace_id = $1 ORDER BY image_index, end_user LIMIT 1000"
+        ))
+        .bind(trace_id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.fail("feedback"))?;
+        let fail = self.fail("feedback");
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let labels: Option<String> = row.try_get(11).map_err(&fail)?;
+            let created: i64 = row.try_get(13).map_err(&fail)?;
+            out.push(FeedbackEntry {
+                trace_id: row.try_get(0).map_err(&fail)?,
+                image_index: row.try_get(1).map_err(&fail)?,
+                end_user: row.try_get(2).map_err(&fail)?,
+                tenant: row.try_get(3).map_err(&fail)?,
+                route: row.try_get(4).map_err(&fail)?,
+                cohort: row.try_get(5).map_err(&fail)?,
+                prompt_template: row.try_get(6).map_err(&fail)?,
+                asset_type: row.try_get(7).map_err(&fail)?,
+                provider: row.try_get(8).map_err(&fail)?,
+                rating: row.try_get(9).map_err(&fail)?,
+                comment: row.try_get(10).map_err(&fail)?,
+                labels: labels.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default(),
+                source: row.try_get(12).map_err(&fail)?,
+                created_unix_nano: created.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+}
