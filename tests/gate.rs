@@ -79,7 +79,7 @@ async fn start_prometheus(bin: &Path, target: &str) -> Prometheus {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            if get(&format!("{url}/-/ready"), &[]).await.status == 200 {
+            if try_send("GET", &format!("{url}/-/ready"), &[], Vec::new()).await.is_ok_and(|r| r.status == 200) {
                 return Prometheus { child, url, _dir: dir };
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
