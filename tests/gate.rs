@@ -164,10 +164,8 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     send(&gw, "alpha").await;
     assert_eq!(bad.hits(), 1, "the beta cohort goes to the bad mock");
     assert_eq!(good.hits(), 1, "the alpha cohort goes to the good mock");
-    let seen = eventually(Duration::from_secs(30), || async {
-        query(&prom, "acc_cohort_eval_total").await.len() == 2
-    })
-    .await;
+    let seen =
+        eventually(Duration::from_secs(30), || async { query(&prom, "acc_cohort_eval_total").await.len() == 2 }).await;
     assert!(seen, "Prometheus never scraped acc_cohort_eval_total for both cohorts");
     for _ in 0..LATER {
         send(&gw, "beta").await;
@@ -178,10 +176,13 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     assert_eq!(gw.metric("acc_cohort_eval_total", &[("cohort", "alpha"), ("verdict", "pass")]).await, 13.0);
 
     // Prometheus: fails, naming the beta cohort (every one of its verdicts failed).
-    let args = ["--prometheus", &prom.url, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--since", "5m"];
+    let args =
+        ["--prometheus", &prom.url, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--since", "5m"];
     let (out, _) = gate_until(1, &args).await;
     assert!(
-        out.contains("FAIL (exit 1)\n  eval_fail_rate 1.0000 > 0.1 for route=beta cohort=beta template=none asset_type=none ("),
+        out.contains(
+            "FAIL (exit 1)\n  eval_fail_rate 1.0000 > 0.1 for route=beta cohort=beta template=none asset_type=none ("
+        ),
         "{out}"
     );
     let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("eval_fail_rate")).collect();
@@ -202,7 +203,10 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     assert_eq!(j["thresholds"], json!({"eval_fail_rate": 0.1}));
     let failing: Vec<&Value> = j["rows"].as_array().unwrap().iter().filter(|r| r["verdict"] == "fail").collect();
     assert_eq!(failing.len(), 1, "{j:#}");
-    assert_eq!(failing[0]["labels"], json!({"route": "beta", "cohort": "beta", "template": "none", "asset_type": "none"}));
+    assert_eq!(
+        failing[0]["labels"],
+        json!({"route": "beta", "cohort": "beta", "template": "none", "asset_type": "none"})
+    );
     assert_eq!(failing[0]["value"], 1.0);
     assert!(failing[0]["samples"].as_f64().unwrap() >= 8.0, "{j:#}");
 
@@ -219,9 +223,13 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     few[5] = "1000";
     let (code, out, _) = gate(&few);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("UNDECIDED (exit 2)\n  eval_fail_rate: no cohort has 1000 verdicts or more in the window"), "{out}");
+    assert!(
+        out.contains("UNDECIDED (exit 2)\n  eval_fail_rate: no cohort has 1000 verdicts or more in the window"),
+        "{out}"
+    );
     // A signal with no data at all (no feedback metric on this gateway): cannot decide.
-    let (code, out, _) = gate(&["--prometheus", &prom.url, "--max-thumbs-down-rate", "0.5", "--min-samples", "1", "--since", "5m"]);
+    let (code, out, _) =
+        gate(&["--prometheus", &prom.url, "--max-thumbs-down-rate", "0.5", "--min-samples", "1", "--since", "5m"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("thumbs_down_rate: no cohort has 1 ratings or more in the window"), "{out}");
 
@@ -234,7 +242,8 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     // The trace store of the same gateway: the same verdicts, with exact counts.
     let db = dir.path().join("data/acc.db");
     let db = db.to_str().unwrap();
-    let store_args = ["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--since", "5m", "--json"];
+    let store_args =
+        ["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--since", "5m", "--json"];
     let all_written = eventually(Duration::from_secs(20), || async {
         let (_, out, _) = gate(&store_args);
         let j: Value = serde_json::from_str(&out).unwrap_or_default();
@@ -250,7 +259,8 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
         json!(["eval_fail_rate 1.0000 > 0.1 for route=beta cohort=beta template=none asset_type=none (13 verdicts)"])
     );
     assert_eq!(j["source"], json!({"store": db}));
-    let (code, out, _) = gate(&["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--cohort", "alpha"]);
+    let (code, out, _) =
+        gate(&["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--cohort", "alpha"]);
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = gate(&["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", "14"]);
     assert_eq!(code, 2, "{out}");
@@ -265,11 +275,23 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
 fn bad_arguments_exit_2_with_the_reason() {
     let cases: &[(&[&str], &str)] = &[
         (&["--prometheus", "http://127.0.0.1:1"], "acc gate: give at least one threshold"),
-        (&["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "1.2"], "acc gate: --max-eval-fail-rate 1.2: must be a fraction from 0 to 1"),
-        (&["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "0.1", "--since", "tomorrow"], "acc gate: --since \"tomorrow\": not a duration"),
-        (&["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "0.1", "--provider", "openai"], "acc gate: --provider works only with --store"),
+        (
+            &["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "1.2"],
+            "acc gate: --max-eval-fail-rate 1.2: must be a fraction from 0 to 1",
+        ),
+        (
+            &["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "0.1", "--since", "tomorrow"],
+            "acc gate: --since \"tomorrow\": not a duration",
+        ),
+        (
+            &["--prometheus", "http://127.0.0.1:1", "--max-eval-fail-rate", "0.1", "--provider", "openai"],
+            "acc gate: --provider works only with --store",
+        ),
         (&["--max-eval-fail-rate", "0.1"], "acc gate: give a source: --prometheus URL or --store PATH|URL"),
-        (&["--store", "/nonexistent/acc.db", "--max-eval-fail-rate", "0.1"], "acc gate: cannot decide: --store /nonexistent/acc.db: no such file"),
+        (
+            &["--store", "/nonexistent/acc.db", "--max-eval-fail-rate", "0.1"],
+            "acc gate: cannot decide: --store /nonexistent/acc.db: no such file",
+        ),
     ];
     for (args, want) in cases {
         let (code, out, err) = gate(args);
@@ -277,6 +299,12 @@ fn bad_arguments_exit_2_with_the_reason() {
         assert!(err.starts_with(want), "{args:?}: {err}");
         assert_eq!(out, "", "{args:?}");
     }
+    // An unreachable Prometheus whose URL carries a password: cannot decide, password masked.
+    let down = format!("http://gate:s3cret@127.0.0.1:{}", closed_port());
+    let (code, out, err) = gate(&["--prometheus", &down, "--max-eval-fail-rate", "0.1"]);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(err.starts_with("acc gate: cannot decide: cannot reach Prometheus at http://gate:***@127.0.0.1:"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
     // clap's own refusals exit 2 as well.
     let (code, _, err) = gate(&["--prometheus", "http://p", "--store", "x.db", "--max-eval-fail-rate", "0.1"]);
     assert_eq!(code, 2, "{err}");
@@ -300,10 +328,18 @@ fn the_gates_promql_is_the_text_of_the_recording_rules_and_the_rollout_templates
     let flagger = squeeze(&deploy_file("deploy/kubernetes/rollouts/acc-flagger-metric-templates.yaml"));
     for s in Signal::ALL {
         let recorded = format!("-record:{}expr:|{}", s.recording_rule(), squeeze(&s.ratio_promql("5m")));
-        assert!(rules.contains(&recorded), "the recording rule {} is not the gate's PromQL with [5m]", s.recording_rule());
+        assert!(
+            rules.contains(&recorded),
+            "the recording rule {} is not the gate's PromQL with [5m]",
+            s.recording_rule()
+        );
         for (file, text, window) in [("Argo", &argo, "{{args.window}}"), ("Flagger", &flagger, "{{interval}}")] {
             assert!(text.contains(&squeeze(&s.ratio_promql(window))), "{file}: no {} ratio with {window}", s.name());
-            assert!(text.contains(&squeeze(&s.samples_promql(window))), "{file}: no {} samples with {window}", s.name());
+            assert!(
+                text.contains(&squeeze(&s.samples_promql(window))),
+                "{file}: no {} samples with {window}",
+                s.name()
+            );
         }
     }
 }

@@ -244,6 +244,7 @@ impl RawArgs {
         let source = match (self.prometheus, self.store) {
             (Some(p), None) => {
                 if !(p.starts_with("http://") || p.starts_with("https://")) {
+                    let p = crate::store::mask_url(&p);
                     return Err(GateError::Args(format!("--prometheus {p:?}: expected an http:// or https:// URL")));
                 }
                 Source::Prometheus(p)
@@ -433,7 +434,7 @@ pub fn render_table(report: &Report) -> String {
 pub fn render_json(gate: &Gate, report: &Report) -> serde_json::Value {
     let thresholds: BTreeMap<&str, f64> = gate.thresholds.iter().map(|(s, v)| (s.name(), *v)).collect();
     let source = match &gate.source {
-        Source::Prometheus(u) => serde_json::json!({"prometheus": u}),
+        Source::Prometheus(u) => serde_json::json!({"prometheus": crate::store::mask_url(u)}),
         Source::Store(s) => serde_json::json!({"store": crate::store::mask_url(s)}),
     };
     serde_json::json!({
@@ -470,15 +471,45 @@ fn now_unix_nano() -> u64 {
 /// How long one query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Prometheus' base URL without its user info, the URL as shown (password masked), and the
+/// HTTP basic `Authorization` value (RFC 7617) the user info gives, used as written (not
+/// percent-decoded).
+struct PromTarget {
+    url: String,
+    shown: String,
+    authorization: Option<String>,
+}
+
+impl PromTarget {
+    fn new(url: &str) -> PromTarget {
+        use base64::Engine as _;
+        let shown = crate::store::mask_url(url);
+        if let Some(scheme_end) = url.find("://") {
+            let rest = scheme_end + 3;
+            let auth_end = url[rest..].find(['/', '?', '#']).map_or(url.len(), |i| rest + i);
+            if let Some(at) = url[rest..auth_end].rfind('@') {
+                let userinfo = &url[rest..rest + at];
+                let clean = format!("{}{}", &url[..rest], &url[rest + at + 1..]);
+                let token = base64::engine::general_purpose::STANDARD.encode(userinfo);
+                return PromTarget { url: clean, shown, authorization: Some(format!("Basic {token}")) };
+            }
+        }
+        PromTarget { url: url.to_string(), shown, authorization: None }
+    }
+}
+
 /// One instant query (`GET /api/v1/query`) and its vector: (labels, value) per series.
-async fn instant_query(base: &str, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>, GateError> {
+async fn instant_query(target: &PromTarget, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>, GateError> {
+    let base = target.shown.as_str();
     let query: String = form_urlencoded::Serializer::new(String::new()).append_pair("query", promql).finish();
-    let url = format!("{}/api/v1/query?{query}", base.trim_end_matches('/'));
-    let endpoint = crate::upstream::Endpoint::parse(&url).map_err(|e| GateError::Args(format!("--prometheus: {e}")))?;
-    let req = http::Request::get("/")
-        .header(http::header::ACCEPT, "application/json")
-        .body(crate::body::ChunkedBody::default())
-        .map_err(|e| GateError::Source(e.to_string()))?;
+    let url = format!("{}/api/v1/query?{query}", target.url.trim_end_matches('/'));
+    let endpoint = crate::upstream::Endpoint::parse(&url)
+        .map_err(|_| GateError::Args(format!("--prometheus {base}: not a valid http(s) URL")))?;
+    let mut req = http::Request::get("/").header(http::header::ACCEPT, "application/json");
+    if let Some(auth) = &target.authorization {
+        req = req.header(http::header::AUTHORIZATION, auth);
+    }
+    let req = req.body(crate::body::ChunkedBody::default()).map_err(|e| GateError::Source(e.to_string()))?;
     let answer = tokio::time::timeout(QUERY_TIMEOUT, crate::upstream::send(&endpoint, req, 64 << 20))
         .await
         .map_err(|_| GateError::Source(format!("Prometheus at {base} did not answer within {QUERY_TIMEOUT:?}")))?
@@ -515,7 +546,8 @@ async fn instant_query(base: &str, promql: &str) -> Result<Vec<(BTreeMap<String,
     Ok(out)
 }
 
-async fn prometheus_rows(gate: &Gate, base: &str) -> Result<Vec<Row>, GateError> {
+async fn prometheus_rows(gate: &Gate, url: &str) -> Result<Vec<Row>, GateError> {
+    let base = &PromTarget::new(url);
     let window = promql_duration(gate.window);
     let mut rows = Vec::new();
     for &signal in gate.thresholds.keys() {

@@ -306,3 +306,17 @@ async fn the_store_gives_each_cohorts_rates_over_the_window() {
     assert_eq!(e, format!("--store {missing_path}: no such file"));
     assert!(!dir.path().join("nope.db").exists());
 }
+
+#[test]
+fn prometheus_user_info_becomes_basic_auth_and_is_never_shown() {
+    let t = PromTarget::new("https://gate:s3cret@prom.example:9090/prometheus");
+    assert_eq!(t.url, "https://prom.example:9090/prometheus");
+    assert_eq!(t.shown, "https://gate:***@prom.example:9090/prometheus");
+    // base64("gate:s3cret")
+    assert_eq!(t.authorization.as_deref(), Some("Basic Z2F0ZTpzM2NyZXQ="));
+    let t = PromTarget::new("http://127.0.0.1:9090");
+    assert_eq!(
+        (t.url.as_str(), t.shown.as_str(), t.authorization),
+        ("http://127.0.0.1:9090", "http://127.0.0.1:9090", None)
+    );
+}
