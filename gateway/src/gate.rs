@@ -583,14 +583,9 @@ fn tally_rows(signal: Signal, tally: Tally) -> impl Iterator<Item = Row> {
     })
 }
 
-/// The rows from the trace store's records (and its `feedback` table) since `now - window`.
-/// Cohort fields are grouped as recorded (an absent one as `none`; the metrics' `other` for
-/// values outside the policy's `[cohorts]` lists does not apply).
-async fn store_rows(
-    gate: &Gate,
-    target: &str,
-    now_unix_nano: u64,
-) -> Result<(Vec<Row>, Vec<(Signal, String)>), GateError> {
+/// The store `--store` names: a `postgres://` (or `postgresql://`) URL, else an existing SQLite
+/// file (never created here). Errors: [`GateError::Source`] for a file that does not exist.
+fn store_config(target: &str) -> Result<StoreConfig, GateError> {
     let mut cfg = StoreConfig::default();
     if target.starts_with("postgres://") || target.starts_with("postgresql://") {
         cfg.url = Some(target.to_string());
@@ -601,6 +596,18 @@ async fn store_rows(
         }
         cfg.path = path.to_path_buf();
     }
+    Ok(cfg)
+}
+
+/// The rows from the trace store's records (and its `feedback` table) since `now - window`.
+/// Cohort fields are grouped as recorded (an absent one as `none`; the metrics' `other` for
+/// values outside the policy's `[cohorts]` lists does not apply).
+async fn store_rows(
+    gate: &Gate,
+    target: &str,
+    now_unix_nano: u64,
+) -> Result<(Vec<Row>, Vec<(Signal, String)>), GateError> {
+    let cfg = store_config(target)?;
     let db = TraceDb::open(&cfg).await.map_err(|e| GateError::Source(format!("--store: {e}")))?;
     let since = now_unix_nano.saturating_sub(u64::try_from(gate.window.as_nanos()).unwrap_or(u64::MAX));
     let want = |s: Signal| gate.thresholds.contains_key(&s);

@@ -195,11 +195,54 @@ fn record(trace_id: &str, start: u64, cohort: Option<&str>, verdicts: &[&str], p
 const NOW: u64 = 1_800_000_000_000_000_000;
 const MIN: u64 = 60_000_000_000;
 
+/// The test database of `ACC_TEST_POSTGRES_URL`, if set; with `ACC_REQUIRE_POSTGRES=1`
+/// (scripts/test.sh) a missing one fails the test instead of skipping its PostgreSQL half.
+fn pg_url() -> Option<String> {
+    let url = std::env::var("ACC_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() && std::env::var("ACC_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+        panic!("ACC_TEST_POSTGRES_URL is unset but ACC_REQUIRE_POSTGRES=1");
+    }
+    url
+}
+
 #[tokio::test]
-async fn the_store_gives_each_cohorts_rates_over_the_window() {
+async fn the_store_gives_each_cohorts_rates_over_the_window_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("acc.db");
-    let db = TraceDb::open(&StoreConfig { path: path.clone(), ..StoreConfig::default() }).await.unwrap();
+    // Open (and so create) the file first: the gate refuses a path that does not exist.
+    TraceDb::open(&StoreConfig { path: path.clone(), ..StoreConfig::default() }).await.unwrap().close().await;
+    store_rates_over_the_window(path.to_str().unwrap()).await;
+
+    // A path that does not exist is refused, not created.
+    let missing_path = dir.path().join("nope.db").to_str().unwrap().to_string();
+    let g = Gate {
+        source: Source::Store(missing_path.clone()),
+        ..gate(&[(Signal::EvalFailRate, 0.1)], 2, Filters::default())
+    };
+    let e = store_rows(&g, &missing_path, NOW).await.unwrap_err().to_string();
+    assert_eq!(e, format!("--store {missing_path}: no such file"));
+    assert!(!dir.path().join("nope.db").exists());
+}
+
+#[tokio::test]
+async fn the_store_gives_each_cohorts_rates_over_the_window_postgres() {
+    let Some(url) = pg_url() else {
+        eprintln!("note: ACC_TEST_POSTGRES_URL is unset: the PostgreSQL half of the gate's store test is skipped");
+        return;
+    };
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let schema = format!("acc_gate_{:016x}", fastrand::u64(..));
+    let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to ACC_TEST_POSTGRES_URL");
+    conn.execute(format!("CREATE SCHEMA {schema}").as_str()).await.unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    store_rates_over_the_window(&format!("{url}{sep}options[search_path]={schema}")).await;
+    conn.execute(format!("DROP SCHEMA {schema} CASCADE").as_str()).await.unwrap();
+}
+
+/// Records and ratings written to the store `target`, read back by the gate.
+async fn store_rates_over_the_window(target: &str) {
+    let db = TraceDb::open(&store_config(target).unwrap()).await.unwrap();
     let mut records = vec![
         // beta: 3 of 4 verdicts fail (one request with two images).
         record(&format!("{:032x}", 1), NOW - MIN, Some("beta"), &["fail", "fail"], "first"),
@@ -224,7 +267,7 @@ async fn the_store_gives_each_cohorts_rates_over_the_window() {
         .await
         .unwrap();
 
-    let target = path.to_str().unwrap().to_string();
+    let target = target.to_string();
     let all = [(Signal::EvalFailRate, 0.5), (Signal::RegenerationRate, 0.4), (Signal::ThumbsDownRate, 0.5)];
     let g = Gate { source: Source::Store(target.clone()), ..gate(&all, 2, Filters::default()) };
     let (rows, missing) = store_rows(&g, &target, NOW).await.unwrap();
@@ -298,13 +341,6 @@ async fn the_store_gives_each_cohorts_rates_over_the_window() {
         [(Signal::EvalFailRate, "beta", Some(0.75), 4.0), (Signal::ThumbsDownRate, "beta", Some(0.5), 2.0)]
     );
     db.close().await;
-
-    // A path that does not exist is refused, not created.
-    let missing_path = dir.path().join("nope.db").to_str().unwrap().to_string();
-    let g = Gate { source: Source::Store(missing_path.clone()), ..gate(&all, 2, Filters::default()) };
-    let e = store_rows(&g, &missing_path, NOW).await.unwrap_err().to_string();
-    assert_eq!(e, format!("--store {missing_path}: no such file"));
-    assert!(!dir.path().join("nope.db").exists());
 }
 
 #[test]
