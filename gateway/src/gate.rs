@@ -173,9 +173,13 @@ pub fn parse_window(s: &str) -> Result<Duration, GateError> {
 /// The filters: a row is kept only when each given filter equals its label.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Filters {
+    /// `--route`: the matched route's name.
     pub route: Option<String>,
+    /// `--cohort`: the `cohort` label (`x-acc-cohort`; `other`/`none` in Prometheus).
     pub cohort: Option<String>,
+    /// `--template`: the prompt template, `name@version`.
     pub template: Option<String>,
+    /// `--asset-type`.
     pub asset_type: Option<String>,
     /// Only with `--store`: records with an attempt on this provider, ratings of images it
     /// made. No gate metric in Prometheus has a provider label.
@@ -213,12 +217,17 @@ pub enum Source {
 /// The gate's arguments as given on the command line, before validation.
 #[derive(Debug, Clone, Default)]
 pub struct RawArgs {
+    /// `--prometheus`: Prometheus' base URL.
     pub prometheus: Option<String>,
+    /// `--store`: a SQLite file or a `postgres://` URL.
     pub store: Option<String>,
+    /// `--max-eval-fail-rate`, `--max-thumbs-down-rate`, `--max-regeneration-rate`: fractions.
     pub max_eval_fail_rate: Option<f64>,
     pub max_thumbs_down_rate: Option<f64>,
     pub max_regeneration_rate: Option<f64>,
+    /// `--min-samples`: per cohort, per signal.
     pub min_samples: u64,
+    /// `--since`: the window, e.g. `30m`.
     pub since: String,
     pub filters: Filters,
 }
@@ -226,12 +235,15 @@ pub struct RawArgs {
 /// Validated arguments.
 #[derive(Debug, Clone)]
 pub struct Gate {
+    /// Where the figures come from.
     pub source: Source,
     /// The thresholds asked for, by signal (fractions in [0, 1]).
     pub thresholds: BTreeMap<Signal, f64>,
     /// Samples a row needs to be decided (at least 1).
     pub min_samples: u64,
+    /// The window, ending now.
     pub window: Duration,
+    /// Which cohorts are judged.
     pub filters: Filters,
 }
 
@@ -306,6 +318,8 @@ pub struct Row {
     pub labels: BTreeMap<String, String>,
     /// The figure, in [0, 1]; `None` when there was nothing to divide by.
     pub value: Option<f64>,
+    /// Verdicts, ratings or requests ([`Signal::sample_unit`]) in the window; from Prometheus
+    /// an extrapolated `increase()`, so possibly fractional.
     pub samples: f64,
 }
 
@@ -314,6 +328,7 @@ pub struct Row {
 pub struct Judged {
     #[serde(flatten)]
     pub row: Row,
+    /// The threshold it was judged against.
     pub max: f64,
     /// `pass`, `fail` or `too_few_samples`.
     pub verdict: &'static str,
@@ -324,7 +339,9 @@ pub struct Judged {
 pub struct Report {
     /// `pass`, `fail` or `undecided`.
     pub verdict: &'static str,
+    /// [`EXIT_PASS`], [`EXIT_FAIL`] or [`EXIT_UNDECIDED`].
     pub exit_code: u8,
+    /// Every row of a signal asked for that the filters keep, by signal then cohort.
     pub rows: Vec<Judged>,
     /// Why: the failing cohorts, or the signals without a decided row.
     pub reasons: Vec<String>,

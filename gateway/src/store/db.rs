@@ -716,11 +716,14 @@ impl TraceDb {
 /// provider as stored; `rating` in [-1, 1], below 0 is a thumbs-down).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RatingRow {
+    /// The rated trace's route and cohort fields, as recorded.
     pub route: Option<String>,
     pub cohort: Option<String>,
     pub prompt_template: Option<String>,
     pub asset_type: Option<String>,
+    /// The provider (policy name) that made the rated image.
     pub provider: Option<String>,
+    /// Up 1, down -1, or a number in [-1, 1].
     pub rating: f64,
 }
 
