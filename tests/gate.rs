@@ -175,6 +175,15 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     assert_eq!(gw.metric("acc_cohort_eval_total", &[("cohort", "beta"), ("verdict", "fail")]).await, 13.0);
     assert_eq!(gw.metric("acc_cohort_eval_total", &[("cohort", "alpha"), ("verdict", "pass")]).await, 13.0);
 
+    // Wait until Prometheus has scraped every verdict of both cohorts, so each gate run below
+    // sees the same counts.
+    let scraped = eventually(Duration::from_secs(30), || async {
+        let series = query(&prom, "sum by (cohort) (acc_cohort_eval_total)").await;
+        series.len() == 2 && series.iter().all(|s| s["value"][1] == "13")
+    })
+    .await;
+    assert!(scraped, "Prometheus never scraped 13 verdicts per cohort");
+
     // Prometheus: fails, naming the beta cohort (every one of its verdicts failed).
     let args =
         ["--prometheus", &prom.url, "--max-eval-fail-rate", "0.1", "--min-samples", MIN_SAMPLES, "--since", "5m"];
