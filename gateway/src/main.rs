@@ -123,7 +123,7 @@ enum Command {
     /// enough samples for a signal asked for, source unreachable, bad query or arguments).
     Gate {
         /// Prometheus' base URL (its HTTP API /api/v1/query), e.g. http://prometheus:9090.
-        #[arg(long, env = "ACC_GATE_PROMETHEUS", conflicts_with = "store")]
+        #[arg(long, conflicts_with = "store")]
         prometheus: Option<String>,
         /// Read the trace store instead: a SQLite file (the gateway's data/acc.db) or a
         /// postgres:// URL.
