@@ -10,8 +10,13 @@
 #      reloads), scrapes /metrics, runs promtool check metrics on the scrape, and fails if a rule,
 #      rule test or dashboard uses an acc_* metric (or a label in a selector) the gateway does not
 #      export.
+#      A real Prometheus (the same Debian package) scrapes that acc every second with both rule
+#      files loaded, and every recording rule must return series from the live scrape (rules
+#      over metrics this build does not export yet are named and skipped: see PENDING_METRICS).
 #   4. Kubernetes: the ConfigMap's policy passes `acc check`; the manifests agree with each other
 #      (ports, probes, volume, Secret, grace period > drain); `kubectl kustomize` if kubectl exists.
+#      The release-gate templates (Argo Rollouts AnalysisTemplate, Flagger MetricTemplates) parse,
+#      have their key fields, and their queries are valid PromQL.
 #
 # Installs what it needs when missing (Debian 12: prometheus for promtool, python3, python3-yaml),
 # as root or through sudo. Idempotent; leaves nothing behind. Exits non-zero on the first failure.
@@ -26,17 +31,26 @@ DEPLOY=deploy
 PROM="$DEPLOY/prometheus"
 K8S="$DEPLOY/kubernetes"
 DASH="$DEPLOY/grafana/acc-dashboard.json"
+ROLLOUTS="$K8S/rollouts"
+# Metrics that issue 13's review and feedback work adds (review queue, feedback, regenerations).
+# The rules, tests and panels over them are written against these names; while a build does not
+# export one yet, the checks against a running acc name it and skip it instead of failing. Once
+# exported, they are checked like every other metric.
+PENDING_METRICS="acc_reviews_total acc_review_queue_depth acc_review_wait_seconds acc_review_webhooks_total acc_feedback_total acc_regenerations_total"
 
 step() { printf '==> %s\n' "$*"; }
 fail() { printf 'check-deploy: FAIL: %s\n' "$*" >&2; exit 1; }
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/acc-check-deploy.XXXXXX")"
 acc_pid=""
+prom_pid=""
 cleanup() {
-    if [[ -n "$acc_pid" ]] && kill -0 "$acc_pid" 2>/dev/null; then
-        kill "$acc_pid" 2>/dev/null || true
-        wait "$acc_pid" 2>/dev/null || true
-    fi
+    for pid in "$acc_pid" "$prom_pid" "${slow_pid:-}"; do
+        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -85,7 +99,8 @@ step "using $(promtool --version 2>&1 | head -n 1)"
 
 for f in "$PROM/acc-rules.yml" "$PROM/acc-recording-rules.yml" "$PROM/acc-rules.test.yml" \
          "$PROM/prometheus.yml" "$PROM/prometheus-kubernetes.yml" "$DASH" \
-         "$K8S/configmap.yaml" "$K8S/deployment.yaml" "$K8S/kustomization.yaml"; do
+         "$K8S/configmap.yaml" "$K8S/deployment.yaml" "$K8S/kustomization.yaml" \
+         "$ROLLOUTS/acc-analysis-template.yaml" "$ROLLOUTS/acc-flagger-metric-templates.yaml"; do
     [[ -f "$f" ]] || fail "missing $f"
 done
 
@@ -206,6 +221,23 @@ step "metric names against a running acc ($ACC_BIN)"
 
 # A closed local port stands in for a provider that is down.
 dead_port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+# A provider that answers 500 after half a second (the "slow" provider below).
+slow_port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+"$PY" - "$slow_port" >"$tmp/slow.log" 2>&1 <<'PY' &
+import http.server, sys, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        time.sleep(0.5)
+        body = b'{"error": {"message": "slow mock", "type": "server_error"}}'
+        self.send_response(500)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Slow).serve_forever()
+PY
+slow_pid=$!
 write_policy() { # $1 = file, $2 = demo route deadline_ms (any change gives a new version)
     cat >"$1" <<EOF
 default_model = "acc-demo"
@@ -213,6 +245,13 @@ default_model = "acc-demo"
 [providers.demo]
 kind = "builtin"
 price = { per_image_usd = 0.01 }
+
+# One slot, and a provider that takes half a second: of two requests at once, one waits for
+# the slot (acc_queue_seconds).
+[providers.slow]
+kind = "openai"
+base_url = "http://127.0.0.1:$slow_port/v1"
+max_concurrency = 1
 
 [providers.down]
 kind = "openai"
@@ -232,6 +271,11 @@ name = "flaky"
 match = { model = "acc-flaky" }
 targets = [{ provider = "down", model = "m" }]
 fallbacks = ["demo"]
+
+[[routes]]
+name = "queued"
+match = { model = "acc-queued" }
+targets = [{ provider = "slow", model = "m" }]
 
 [[routes]]
 name = "broken"
@@ -268,6 +312,42 @@ fi
 proxy="$(sed -E 's/.*proxy=([^ ]+).*/\1/' <<<"$line")"
 admin="$(sed -E 's/.*admin=([^ ]+).*/\1/' <<<"$line")"
 echo "    $line"
+
+# A real Prometheus scraping this acc every second, with the rules loaded (evaluated every
+# second), so that every recording rule is evaluated on the live scrape of the traffic below.
+prom_port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+cat >"$tmp/prometheus-live.yml" <<EOF
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $root/$PROM/acc-recording-rules.yml
+  - $root/$PROM/acc-rules.yml
+scrape_configs:
+  - job_name: acc
+    static_configs:
+      - targets: ['$admin']
+EOF
+command -v prometheus >/dev/null || fail "no prometheus binary (Debian package prometheus) to evaluate the rules with"
+prometheus --config.file="$tmp/prometheus-live.yml" --storage.tsdb.path="$tmp/prometheus-data" \
+    --web.listen-address="127.0.0.1:$prom_port" >"$tmp/prometheus.log" 2>&1 &
+prom_pid=$!
+"$PY" - "http://127.0.0.1:$prom_port" <<'PY' || { tail -n 20 "$tmp/prometheus.log" >&2; fail "Prometheus did not start scraping acc (its log is above)"; }
+import json, sys, time, urllib.parse, urllib.request
+base = sys.argv[1]
+end = time.time() + 60
+while time.time() < end:
+    try:
+        q = urllib.parse.urlencode({"query": 'up{job="acc"} == 1'})
+        with urllib.request.urlopen(f"{base}/api/v1/query?{q}", timeout=5) as r:
+            if json.load(r)["data"]["result"]:
+                print(f"    Prometheus on {base} scrapes acc every second")
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.25)
+sys.exit("Prometheus never scraped acc within 60 s")
+PY
 
 "$PY" - "$proxy" "$admin" "$pol" "$tmp/scrape.txt" <<'PY' || fail "smoke traffic against acc failed (see above)"
 import json, os, re, shutil, sys, time, urllib.error, urllib.request
@@ -324,6 +404,15 @@ expect("fetching the gateway-served URL", get(body["data"][0]["url"])[0], 200)
 expect("request that falls back to demo", post("acc-flaky")[0], 200)
 expect("request whose only provider is down", post("acc-broken")[0], 502)
 expect("malformed JSON", post(None, body=b"{")[0], 400)
+# Two requests at once on a provider with one slot: one of them waits for it.
+import threading
+codes = []
+threads = [threading.Thread(target=lambda: codes.append(post("acc-queued")[0])) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+expect("requests on the one-slot provider", sorted(codes), [502, 502])
 
 def scrape():
     status, text = get(f"http://{admin}/metrics")
@@ -384,10 +473,12 @@ step "promtool check metrics on the scrape"
 promtool check metrics <"$tmp/scrape.txt" || fail "promtool check metrics found problems in acc's /metrics output"
 
 step "every acc_* metric and selector label used in deploy/ exists in the scrape"
-"$PY" - "$tmp/scrape.txt" "$PROM/acc-rules.yml" "$PROM/acc-recording-rules.yml" "$PROM/acc-rules.test.yml" "$DASH" <<'PY' \
+PENDING_METRICS="$PENDING_METRICS" "$PY" - "$tmp/scrape.txt" "$PROM/acc-rules.yml" "$PROM/acc-recording-rules.yml" \
+    "$PROM/acc-rules.test.yml" "$DASH" "$ROLLOUTS/acc-analysis-template.yaml" "$ROLLOUTS/acc-flagger-metric-templates.yaml" <<'PY' \
     || fail "deploy/ uses metrics or labels that acc does not export (see above)"
-import re, sys
+import os, re, sys
 scrape, files = sys.argv[1], sys.argv[2:]
+pending = set(os.environ["PENDING_METRICS"].split())
 exported = {}  # metric name -> label names
 for line in open(scrape):
     line = line.strip()
@@ -414,6 +505,10 @@ for path in files:
         if tok.startswith("acc_") and len(tok) > 4 and ":" not in tok:
             used.add(tok)
     for name in sorted(used - exported.keys()):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if name in pending or base in pending:
+            print(f"    note: {path}: {name} is not exported by this build yet (issue 13's review/feedback work); skipped")
+            continue
         problems.append(f"{path}: metric {name} is not in acc's /metrics output")
     for name, sel in re.findall(r'(?<![A-Za-z0-9_:])(acc_[A-Za-z0-9_]+)\{([^}]*)\}', text):
         if name not in exported:
@@ -427,6 +522,45 @@ if problems:
     sys.exit(1)
 PY
 
+step "every recording rule evaluated by Prometheus on the live scrape"
+PENDING_METRICS="$PENDING_METRICS" "$PY" - "http://127.0.0.1:$prom_port" "$PROM/acc-recording-rules.yml" "$tmp/scrape.txt" <<'PY' \
+    || { tail -n 20 "$tmp/prometheus.log" >&2; fail "recording rules that give no series on a live scrape (see above)"; }
+import json, os, re, sys, time, urllib.parse, urllib.request
+import yaml
+base, rules_path, scrape = sys.argv[1:4]
+pending = set(os.environ["PENDING_METRICS"].split())
+exported = {m.group(1) for m in re.finditer(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)', open(scrape).read(), re.M)}
+def query(q):
+    with urllib.request.urlopen(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q}), timeout=10) as r:
+        body = json.load(r)
+    if body.get("status") != "success":
+        sys.exit(f"query {q!r}: {body}")
+    return body["data"]["result"]
+rules = [r for g in yaml.safe_load(open(rules_path))["groups"] for r in g["rules"] if "record" in r]
+todo, skipped = {}, []
+for r in rules:
+    names = set(re.findall(r'\b(acc_[A-Za-z0-9_]+)', r["expr"]))
+    missing = {n for n in names if n not in exported}
+    if missing and all(n in pending or re.sub(r"_(bucket|sum|count)$", "", n) in pending for n in missing):
+        skipped.append(f"{r['record']} (needs {', '.join(sorted(missing))})")
+        continue
+    todo[r["record"]] = r["expr"]
+end = time.time() + 60
+while todo and time.time() < end:
+    for name in list(todo):
+        if query(name):
+            del todo[name]
+    time.sleep(0.5)
+for s in skipped:
+    print(f"    note: {s}: not exported by this build yet (issue 13's review/feedback work); skipped")
+if todo:
+    sys.exit("no series within 60 s for: " + ", ".join(sorted(todo)))
+print(f"    {len(rules) - len(skipped)} recording rules give series on the live scrape; {len(skipped)} skipped")
+PY
+
+kill "$prom_pid" 2>/dev/null || true
+wait "$prom_pid" 2>/dev/null || true
+prom_pid=""
 kill "$acc_pid" 2>/dev/null || true
 wait "$acc_pid" 2>/dev/null || true
 acc_pid=""
@@ -569,7 +703,74 @@ if errors:
 print(f"    {sum(len(v) for v in objs.values())} objects: " + ", ".join(sorted(objs)))
 PY
 
+step "release-gate templates ($ROLLOUTS): Argo Rollouts AnalysisTemplate, Flagger MetricTemplates"
+"$PY" - "$K8S" "$ROLLOUTS/acc-analysis-template.yaml" "$ROLLOUTS/acc-flagger-metric-templates.yaml" "$tmp/rollout-rules.yml" <<'PY' \
+    || fail "$ROLLOUTS: see above"
+import os, re, sys, yaml
+k8s, argo_path, flagger_path, out = sys.argv[1:5]
+errors, exprs = [], []
+kust = yaml.safe_load(open(os.path.join(k8s, "kustomization.yaml")))
+for res in kust.get("resources", []):
+    if "rollouts" in res:
+        errors.append(f"kustomization.yaml lists {res}: the rollout templates need CRDs and are applied on their own")
+signals = ("eval-fail-rate", "thumbs-down-rate", "regeneration-rate")
+argo = [d for d in yaml.safe_load_all(open(argo_path)) if d]
+if len(argo) != 1 or argo[0].get("apiVersion") != "argoproj.io/v1alpha1" or argo[0].get("kind") != "AnalysisTemplate":
+    errors.append(f"{argo_path}: expected one argoproj.io/v1alpha1 AnalysisTemplate")
+else:
+    spec = argo[0]["spec"]
+    args = {a["name"]: a.get("value") for a in spec.get("args", [])}
+    for a in ("prometheus-address", "window", "min-samples") + tuple(f"max-{s}" for s in signals):
+        if a not in args:
+            errors.append(f"{argo_path}: no arg {a}")
+    metrics = {m["name"]: m for m in spec.get("metrics", [])}
+    if set(metrics) != set(signals):
+        errors.append(f"{argo_path}: metrics {sorted(metrics)}, expected {sorted(signals)}")
+    for name, m in metrics.items():
+        prom = m.get("provider", {}).get("prometheus", {})
+        q = prom.get("query", "")
+        if prom.get("address") != "{{args.prometheus-address}}":
+            errors.append(f"{argo_path}: metric {name}: address must be {{{{args.prometheus-address}}}}")
+        for want in ("{{args.window}}", "{{args.min-samples}}"):
+            if want not in q:
+                errors.append(f"{argo_path}: metric {name}: the query does not use {want}")
+        for cond in ("successCondition", "failureCondition"):
+            if f"{{{{args.max-{name}}}}}" not in m.get(cond, ""):
+                errors.append(f"{argo_path}: metric {name}: {cond} does not compare with {{{{args.max-{name}}}}}")
+        for used in re.findall(r"\{\{args\.([a-z0-9-]+)\}\}", yaml.safe_dump(m)):
+            if used not in args:
+                errors.append(f"{argo_path}: metric {name} uses undeclared arg {used}")
+        exprs.append((f"argo {name}", q.replace("{{args.window}}", "5m").replace("{{args.min-samples}}", "30")))
+flagger = [d for d in yaml.safe_load_all(open(flagger_path)) if d]
+names = set()
+for d in flagger:
+    if d.get("apiVersion") != "flagger.app/v1beta1" or d.get("kind") != "MetricTemplate":
+        errors.append(f"{flagger_path}: expected flagger.app/v1beta1 MetricTemplate, got {d.get('apiVersion')} {d.get('kind')}")
+        continue
+    name = d["metadata"]["name"]
+    names.add(name)
+    spec = d["spec"]
+    if spec.get("provider", {}).get("type") != "prometheus" or not spec["provider"].get("address"):
+        errors.append(f"{flagger_path}: {name}: provider must be prometheus with an address")
+    q = spec.get("query", "")
+    for want in ("{{ interval }}", "{{ variables.min_samples }}"):
+        if want not in q:
+            errors.append(f"{flagger_path}: {name}: the query does not use {want}")
+    exprs.append((f"flagger {name}", q.replace("{{ interval }}", "5m").replace("{{ variables.min_samples }}", "30")))
+if names != {f"acc-{s}" for s in signals}:
+    errors.append(f"{flagger_path}: templates {sorted(names)}, expected acc-<signal> for {signals}")
+if errors:
+    print("\n".join(errors), file=sys.stderr)
+    sys.exit(1)
+yaml.safe_dump({"groups": [{"name": "rollout-queries", "rules": [
+    {"record": f"rollout:query_{i}:check", "expr": e} for i, (_, e) in enumerate(exprs)]}]}, open(out, "w"))
+print(f"    {len(exprs)} queries: " + ", ".join(n for n, _ in exprs))
+PY
+promtool check rules "$tmp/rollout-rules.yml" >"$tmp/rollout-rules.log" 2>&1 \
+    || { cat "$tmp/rollout-rules.log" >&2; fail "$ROLLOUTS: a query is not valid PromQL (see above)"; }
+
 if command -v kubectl >/dev/null; then
+
     step "kubectl kustomize $K8S"
     kubectl kustomize "$K8S" >"$tmp/kustomized.yaml" 2>"$tmp/kustomize.err" \
         || { cat "$tmp/kustomize.err" >&2; fail "kubectl kustomize $K8S failed"; }

@@ -25,6 +25,17 @@ export ACC_TEST_POSTGRES_URL
 # Tests that need PostgreSQL fail, rather than skip, when the URL is missing.
 export ACC_REQUIRE_POSTGRES=1
 
+# A real Prometheus for tests/gate.rs (Debian's package; the test starts its own server on a
+# free loopback port). Installed when missing; the test fails, rather than skips, without it.
+if ! command -v prometheus >/dev/null; then
+    sudo=()
+    [[ "$(id -u)" == 0 ]] || sudo=(sudo -n)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+        || { "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+fi
+export ACC_REQUIRE_PROMETHEUS=1
+
 cargo test --all-targets "$@"
 
 # deploy/: Prometheus rules (promtool check + unit tests), dashboard queries, Kubernetes policy,

@@ -8,6 +8,12 @@
 //! in `gateway/src` and fails on an arrow that points up and on a "Uses" list that differs from
 //! the code; a new module goes into this list at its layer.
 //!
+//! ## Commands (run by `main.rs`, beside the gateway)
+//! - [`gate`]: `acc gate`, the release gate: eval-fail, thumbs-down and regeneration rates by
+//!   cohort over a window, from Prometheus (the same PromQL as the recording rules) or from
+//!   the trace store, against thresholds; pass, fail or cannot decide. Uses `body`, `store`,
+//!   `upstream`.
+//!
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
@@ -135,6 +141,7 @@ pub mod eval;
 pub mod evaluation;
 pub mod feedback;
 pub mod fetch;
+pub mod gate;
 pub mod health;
 pub mod idempotency;
 pub mod limits;

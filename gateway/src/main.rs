@@ -1,4 +1,5 @@
-//! The `acc` command: `serve` runs the gateway, `check` validates a policy directory.
+//! The `acc` command: `serve` runs the gateway, `check` validates a policy directory, `gate`
+//! is the release gate.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -116,6 +117,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Release gate: each cohort's eval-fail, thumbs-down and regeneration rates over a window
+    /// against thresholds. Exit 0: every cohort with enough samples is within its thresholds;
+    /// 1: some cohort with enough samples crosses one (named); 2: cannot decide (no cohort has
+    /// enough samples for a signal asked for, source unreachable, bad query or arguments).
+    Gate {
+        /// Prometheus' base URL (its HTTP API /api/v1/query), e.g. http://prometheus:9090.
+        #[arg(long, conflicts_with = "store")]
+        prometheus: Option<String>,
+        /// Read the trace store instead: a SQLite file (the gateway's data/acc.db) or a
+        /// postgres:// URL.
+        #[arg(long)]
+        store: Option<String>,
+        /// Highest eval-fail rate allowed (failed verdicts / all verdicts), 0 to 1.
+        #[arg(long)]
+        max_eval_fail_rate: Option<f64>,
+        /// Highest thumbs-down rate allowed (down ratings / all ratings), 0 to 1.
+        #[arg(long)]
+        max_thumbs_down_rate: Option<f64>,
+        /// Highest regeneration rate allowed (regenerations / requests), 0 to 1.
+        #[arg(long)]
+        max_regeneration_rate: Option<f64>,
+        /// Samples (verdicts, ratings or requests) a cohort needs, per signal, to be judged.
+        #[arg(long, default_value_t = 30)]
+        min_samples: u64,
+        /// The window, ending now: 30m, 6h, 1d (1m to 90d).
+        #[arg(long, default_value = "1h")]
+        since: String,
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        cohort: Option<String>,
+        /// Prompt template, name@version.
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long)]
+        asset_type: Option<String>,
+        /// Only with --store: records with an attempt on this provider (policy name).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the evaluators on one image file, for checking an artifact by hand.
     Eval {
         /// PNG, JPEG or WebP file.
@@ -199,6 +243,33 @@ async fn run() -> ExitCode {
                 ("cursor", cursor),
             ];
             traces(&admin, trace_id.as_deref(), &filters, json).await
+        }
+        Command::Gate {
+            prometheus,
+            store,
+            max_eval_fail_rate,
+            max_thumbs_down_rate,
+            max_regeneration_rate,
+            min_samples,
+            since,
+            route,
+            cohort,
+            template,
+            asset_type,
+            provider,
+            json,
+        } => {
+            let raw = acc::gate::RawArgs {
+                prometheus,
+                store,
+                max_eval_fail_rate,
+                max_thumbs_down_rate,
+                max_regeneration_rate,
+                min_samples,
+                since,
+                filters: acc::gate::Filters { route, cohort, template, asset_type, provider },
+            };
+            gate(raw, json).await
         }
         Command::Eval { image, size, prompt, contract, policy, route, json } => {
             let route = policy.as_deref().zip(route.as_deref());
@@ -357,6 +428,34 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         println!("more: {line} --cursor {c}");
     }
     ExitCode::SUCCESS
+}
+
+/// `acc gate`: validate, read, decide; the report on stdout, errors on stderr.
+async fn gate(raw: acc::gate::RawArgs, json: bool) -> ExitCode {
+    let gate = match raw.validate() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("acc gate: {e}");
+            return ExitCode::from(acc::gate::EXIT_UNDECIDED);
+        }
+    };
+    match acc::gate::run(&gate).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&acc::gate::render_json(&gate, &report)).unwrap_or_default()
+                );
+            } else {
+                print!("{}", acc::gate::render_table(&report));
+            }
+            ExitCode::from(report.exit_code)
+        }
+        Err(e) => {
+            eprintln!("acc gate: cannot decide: {e}");
+            ExitCode::from(acc::gate::EXIT_UNDECIDED)
+        }
+    }
 }
 
 async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {

@@ -715,6 +715,83 @@ impl TraceDb {
     }
 }
 
+/// One row of the `feedback` table as `acc gate --store` reads it (the cohort fields and the
+/// provider as stored; `rating` in [-1, 1], below 0 is a thumbs-down).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RatingRow {
+    /// The rated trace's route and cohort fields, as recorded.
+    pub route: Option<String>,
+    pub cohort: Option<String>,
+    pub prompt_template: Option<String>,
+    pub asset_type: Option<String>,
+    /// The provider (policy name) that made the rated image.
+    pub provider: Option<String>,
+    /// Up 1, down -1, or a number in [-1, 1].
+    pub rating: f64,
+}
+
+// Reads for `acc gate --store`: whole windows, streamed, never on the request path.
+impl TraceDb {
+    /// Calls `f` with the `record` JSON of every primary record (mirror copies left out, as
+    /// the cohort metrics leave them out) that started at or after `since_unix_nano`; returns
+    /// how many there were. Rows are streamed, not collected. Errors:
+    /// [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn for_each_primary_record(
+        &self,
+        since_unix_nano: u64,
+        mut f: impl FnMut(&str),
+    ) -> Result<u64, StoreError> {
+        use futures_util::TryStreamExt;
+        let sql = "SELECT record FROM traces WHERE start_time_unix_nano >= $1 AND kind = 'primary'";
+        let mut rows = sqlx::query::<Any>(sql).bind(nanos_i64(since_unix_nano)).fetch(&self.pool);
+        let mut n = 0;
+        while let Some(row) = rows.try_next().await.map_err(self.fail("scan"))? {
+            let json: String = row.try_get(0).map_err(self.fail("scan"))?;
+            f(&json);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The ratings of the `feedback` table created at or after `since_unix_nano`, or `None`
+    /// when the store has no `feedback` table (a gateway from before feedback existed).
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn ratings_since(&self, since_unix_nano: u64) -> Result<Option<Vec<RatingRow>>, StoreError> {
+        let exists = match self.backend {
+            Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'feedback'",
+            Backend::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'feedback'"
+            }
+        };
+        let row = sqlx::query::<Any>(exists).fetch_one(&self.pool).await.map_err(self.fail("ratings"))?;
+        let n: i64 = row.try_get(0).map_err(self.fail("ratings"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let sql = "SELECT route, cohort, prompt_template, asset_type, provider, rating FROM feedback \
+                   WHERE created_unix_nano >= $1";
+        let rows = sqlx::query::<Any>(sql)
+            .bind(nanos_i64(since_unix_nano))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.fail("ratings"))?;
+        let fail = self.fail("ratings");
+        rows.iter()
+            .map(|r| {
+                Ok(RatingRow {
+                    route: r.try_get(0).map_err(&fail)?,
+                    cohort: r.try_get(1).map_err(&fail)?,
+                    prompt_template: r.try_get(2).map_err(&fail)?,
+                    asset_type: r.try_get(3).map_err(&fail)?,
+                    provider: r.try_get(4).map_err(&fail)?,
+                    rating: r.try_get(5).map_err(&fail)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map(Some)
+    }
+}
+
 /// The Any driver's options for the SQLite file at `path`, its directories created first.
 fn sqlite_options(path: &Path) -> Result<AnyConnectOptions, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -18,7 +18,7 @@ pub mod query;
 pub mod record;
 pub mod writer;
 
-pub use db::{mask_url, Backend, StoreConfig, StoreError, TraceDb};
+pub use db::{mask_url, Backend, RatingRow, StoreConfig, StoreError, TraceDb};
 pub use feedback::FeedbackEntry;
 pub use query::{Cursor, TraceFilter, TracePage};
 pub use record::TraceRecord;
