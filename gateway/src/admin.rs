@@ -25,6 +25,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/mirror/report", get(mirror_report))
         .route("/admin/traces", get(traces))
         .route("/admin/traces/{trace_id}", get(trace))
+        .merge(crate::review_api::admin_routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -168,10 +169,18 @@ async fn trace(
     let n = records.len();
     let span_ids: Vec<String> = records.iter().map(|r| r.span_id.clone()).collect();
     let Some(newest) = records.pop() else { return missing() };
-    if n == 1 {
+    // A held answer's review state (held, decided, reviewer, reason) next to the record.
+    let review = crate::review_api::trace_review(&app, &id).await;
+    if n == 1 && review.is_none() {
         return Json(newest).into_response();
     }
     let mut v = serde_json::to_value(newest).unwrap_or_default();
+    if let Some(review) = review {
+        v["review"] = review;
+    }
+    if n == 1 {
+        return Json(v).into_response();
+    }
     v["records_in_trace"] = json!(n);
     v["span_ids"] = json!(span_ids);
     Json(v).into_response()

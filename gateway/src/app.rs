@@ -16,6 +16,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::reload::PolicyStore;
+use crate::review::ReviewQueue;
 use crate::store::TraceWriter;
 
 /// Shared state of the running gateway.
@@ -55,6 +56,8 @@ pub struct App {
     pub mirror_eval: tokio::sync::Semaphore,
     /// Where trace records go (`None`: `[store] enabled = false`).
     pub traces: Option<TraceWriter>,
+    /// Answers withheld for human review, in the trace store.
+    pub reviews: Arc<ReviewQueue>,
 }
 
 impl App {
@@ -93,7 +96,9 @@ impl App {
             let s = &p.policy.snapshot().policy.server;
             Arc::new(IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
         };
+        let reviews = Arc::new(ReviewQueue::new(p.traces.clone(), &p.metrics.registry));
         App {
+            reviews,
             artifacts: Arc::new(ArtifactStore::new(p.artifact_store_bytes, p.metrics.clone())),
             policy: p.policy,
             metrics: p.metrics,

@@ -38,10 +38,11 @@ use crate::cost;
 use crate::error::ApiError;
 use crate::idempotency;
 use crate::migration::Migration;
-use crate::policy::{ApiKey, Policy, UrlMode};
+use crate::policy::{ApiKey, Policy, ReviewOverflow, UrlMode};
 use crate::providers::ProviderError;
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
+use crate::review_api;
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
 use crate::store::record::TraceRecord;
 use crate::store::TraceWriter;
@@ -153,6 +154,12 @@ where
     if path == "/v1/models" {
         return match *req.method() {
             Method::GET => models(&app, req.headers()),
+            _ => method_not_allowed("GET"),
+        };
+    }
+    if let Some(id) = path.strip_prefix(review_api::POLL_PATH) {
+        return match *req.method() {
+            Method::GET => poll_review(&app, id, req.headers()).await,
             _ => method_not_allowed("GET"),
         };
     }
@@ -467,6 +474,32 @@ where
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
     ctx.dropped = std::mem::take(&mut generation.dropped);
+    // A failed check whose action is "review": the answer is withheld, held in the store
+    // until a reviewer decides, and the client told so at once.
+    if !generation.review.is_empty() {
+        let fields = ctx.cohort_fields.as_ref();
+        let field = |i: usize| fields.and_then(|f| f[i].as_deref());
+        let origin = review_api::Origin {
+            trace_id: &ctx.trace_id,
+            tenant: key.map(|k| k.tenant.as_str()),
+            cohort_fields: [field(0), field(1), field(2)],
+        };
+        match review_api::hold(app, winner, origin, &req, &generation).await {
+            Ok(()) => return Err(review_api::pending_error(&ctx.trace_id)),
+            Err(_) if winner.review.overflow == ReviewOverflow::Flag => {
+                ctx.flags = std::mem::take(&mut generation.review);
+            }
+            // "block", and "fallback" once the attempts are over: nothing unreviewed goes out.
+            Err(e) => return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_policy_violation",
+                format!(
+                    "the generated image needs human review and the review queue cannot take it ({e}): it is withheld"
+                ),
+            )),
+        }
+    }
     let Some(rec) = ctx.record.as_deref_mut() else {
         return Ok(answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, None));
     };
@@ -594,6 +627,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (Some("upstream_timeout"), _) => "upstream_timeout",
                 (Some("upstream_error"), _) => "upstream_error",
                 (Some("content_policy_violation"), _) => "blocked",
+                (Some("pending_review"), _) => "pending_review",
                 (Some("rate_limit_exceeded" | "spend_limit_exceeded"), _) => "rate_limited",
                 (Some("no_healthy_target"), _) => "no_healthy_target",
                 (Some("provider_busy"), _) => "provider_busy",
@@ -602,8 +636,15 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (_, 500..) => "internal_error",
                 _ => "client_error",
             };
-            let decision = if outcome == "blocked" { "blocked" } else { "error" };
+            let decision = match outcome {
+                "blocked" => "blocked",
+                "pending_review" => "review",
+                _ => "error",
+            };
             let mut r = e.into_response();
+            if outcome == "pending_review" {
+                review_api::mark_pending(&mut r);
+            }
             r.headers_mut().insert(DECISION, HeaderValue::from_static(decision));
             (r, outcome)
         }
@@ -697,6 +738,17 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
         writer.submit(*rec);
     }
     resp
+}
+
+/// `GET /v1/images/reviews/{trace_id}`: the outcome of an answer held for review, for the
+/// tenant of the key that asked (see `review_api::poll`).
+async fn poll_review(app: &App, id: &str, headers: &HeaderMap) -> Response {
+    let snap = app.policy.snapshot();
+    let tenant = match authenticate(&snap.policy, headers) {
+        Ok(k) => k.map(|k| k.tenant.clone()),
+        Err(e) => return e.into_response(),
+    };
+    review_api::poll(app, id, tenant.as_deref(), headers).await
 }
 
 /// `GET /v1/models`: the aliases the policies expose.

@@ -81,6 +81,9 @@ pub struct Generation {
     pub verdict_images: Vec<usize>,
     /// Why the answer is returned flagged (a failed check whose action is "flag").
     pub flags: Vec<String>,
+    /// Why the answer is withheld for human review (a failed check whose action is "review");
+    /// empty when it is not.
+    pub review: Vec<String>,
 }
 
 /// What one attempt asks of a provider.

@@ -250,7 +250,10 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 
 /// The migrations in `gateway/migrations/`, compiled into the binary: (version, description,
 /// SQL). A new file gets a line here (a test checks that the two agree).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "traces", include_str!("../../migrations/0001_traces.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "traces", include_str!("../../migrations/0001_traces.sql")),
+    (2, "reviews", include_str!("../../migrations/0002_reviews.sql")),
+];
 
 #[derive(Debug)]
 struct Embedded;
@@ -463,7 +466,12 @@ impl TraceDb {
         self.pool.close().await;
     }
 
-    fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    /// The pool, for the store's other tables (`store::review`).
+    pub(super) fn any_pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub(super) fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
         move |e| {
             let message = scrub(e.to_string(), &self.secrets);
             if is_connection_error(&e) {

@@ -8,17 +8,23 @@
 //!   created or migrated on open from the versioned migrations in `gateway/migrations/`.
 //! - [`writer`]: the bounded queue and the batching writer task; losses counted in
 //!   `acc_trace_dropped_total{reason}`; retention by age and row count in the background.
+//! - [`review`]: the review queue's tables (held answers, their images, decisions), written
+//!   on the request path, not through the writer.
 //! - [`query`]: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
 
 pub mod db;
 pub mod query;
 pub mod record;
+pub mod review;
 pub mod writer;
 
 pub use db::{mask_url, Backend, StoreConfig, StoreError, TraceDb};
 pub use query::{Cursor, TraceFilter, TracePage};
 pub use record::TraceRecord;
+pub use review::{HeldImage, ReviewFilter, ReviewItem, ReviewState};
 pub use writer::{DropReason, RecordHook, TraceWriter};
 
+#[cfg(test)]
+mod review_tests;
 #[cfg(test)]
 mod tests;
