@@ -120,7 +120,6 @@ pub async fn evaluate_attempt(
     if failures.is_empty() {
         return Ok(());
     }
-    let reasons = failures.join("; ");
     let mut action = action.unwrap_or(EvalAction::Fallback);
     if action == EvalAction::Review {
         if mirror {
@@ -129,9 +128,11 @@ pub async fn evaluate_attempt(
         } else if !app.reviews.has_room(held_bytes(generation), &app.policy.snapshot().policy.review) {
             app.reviews.count_overflow(route);
             tracing::warn!(route, "review queue full or unavailable: review_overflow applies");
+            failures.push("review: the review queue cannot take the image now (review_overflow applies)".into());
             action = overflow.action();
         }
     }
+    let reasons = failures.join("; ");
     match action {
         EvalAction::Review => {
             generation.review = failures;

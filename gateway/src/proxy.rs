@@ -490,14 +490,16 @@ where
                 ctx.flags = std::mem::take(&mut generation.review);
             }
             // "block", and "fallback" once the attempts are over: nothing unreviewed goes out.
-            Err(e) => return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "content_policy_violation",
-                format!(
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "content_policy_violation",
+                    format!(
                     "the generated image needs human review and the review queue cannot take it ({e}): it is withheld"
                 ),
-            )),
+                ))
+            }
         }
     }
     let Some(rec) = ctx.record.as_deref_mut() else {

@@ -132,9 +132,11 @@ pub struct ReviewQueue {
     /// Bytes of held images in the store, as far as this process knows (read from the store
     /// once it opens, then kept up to date by holds and decisions).
     used: AtomicU64,
-    /// Set once the totals were read from the store: holds wait for it, so the budget and the
-    /// depth gauge start right.
+    /// Set once the totals were read from the store: holds wait for it (at most
+    /// [`LOAD_WAIT`]), so the budget and the depth gauge start right.
     loaded: AtomicBool,
+    /// Signals `loaded`.
+    loaded_tx: tokio::sync::watch::Sender<bool>,
     /// Webhook deliveries in flight, waited for (briefly) on shutdown.
     deliveries: TaskTracker,
 }
@@ -143,6 +145,10 @@ pub struct ReviewQueue {
 pub fn now_unix_nano() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
+
+/// How long a hold waits for the queue's totals to be read from a store that is just opening
+/// (at start-up) before it counts as unavailable.
+pub const LOAD_WAIT: Duration = Duration::from_secs(5);
 
 /// How often pending items are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -156,6 +162,7 @@ impl ReviewQueue {
             metrics: ReviewMetrics::new(registry),
             used: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
+            loaded_tx: tokio::sync::watch::channel(false).0,
             deliveries: TaskTracker::new(),
         }
     }
@@ -170,22 +177,38 @@ impl ReviewQueue {
         self.traces.is_some()
     }
 
-    /// Whether `bytes` more of held images would fit now (store open, totals read, budget not
-    /// exceeded). Checked while an attempt is evaluated, so `review_overflow = "fallback"` can
-    /// still try the next target; [`ReviewQueue::hold`] reserves for real.
+    /// Whether `bytes` more of held images would fit now (store open, budget not exceeded).
+    /// Checked while an attempt is evaluated, so `review_overflow = "fallback"` can still try
+    /// the next target; [`ReviewQueue::hold`] reserves for real. While the store is still
+    /// opening (start-up) the answer is yes when the images fit the budget at all: the hold
+    /// then waits for it.
     pub fn has_room(&self, bytes: u64, budget: &ReviewBudget) -> bool {
-        self.loaded.load(Ordering::Acquire)
-            && self.db().is_some()
-            && self.used.load(Ordering::Relaxed).saturating_add(bytes) <= budget.max_bytes
+        if !self.enabled() {
+            return false;
+        }
+        if !self.loaded.load(Ordering::Acquire) {
+            return bytes <= budget.max_bytes;
+        }
+        self.db().is_some() && self.used.load(Ordering::Relaxed).saturating_add(bytes) <= budget.max_bytes
+    }
+
+    /// Waits (at most [`LOAD_WAIT`]) for the totals to be read from the store.
+    async fn wait_loaded(&self) -> bool {
+        if self.loaded.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut rx = self.loaded_tx.subscribe();
+        let loaded = tokio::time::timeout(LOAD_WAIT, rx.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok());
+        loaded
     }
 
     /// Holds `item` (pending) with its `images` in the store, within the byte budget. Counted as
     /// `outcome="held"`; the caller counts an error as overflow ([`ReviewQueue::count_overflow`]).
     pub async fn hold(&self, item: &ReviewItem, images: &[HeldImage], budget: &ReviewBudget) -> Result<(), HoldError> {
-        let db = match self.db() {
-            Some(db) if self.loaded.load(Ordering::Acquire) => db,
-            _ => return Err(HoldError::Unavailable),
-        };
+        if !self.enabled() || !self.wait_loaded().await {
+            return Err(HoldError::Unavailable);
+        }
+        let db = self.db().ok_or(HoldError::Unavailable)?;
         let wanted = item.bytes_held;
         let before = self.used.fetch_add(wanted, Ordering::AcqRel);
         if before.saturating_add(wanted) > budget.max_bytes {
@@ -272,6 +295,7 @@ impl ReviewQueue {
         self.used.store(bytes, Ordering::Release);
         self.metrics.held_bytes.set(bytes as i64);
         self.loaded.store(true, Ordering::Release);
+        self.loaded_tx.send_replace(true);
         Ok(())
     }
 
