@@ -391,3 +391,48 @@ async fn decisions_reach_the_webhook_signed_and_retried_after_a_failure() {
     assert!(!gw.stderr().contains(SECRET), "the secret never appears in the logs");
     assert!(!gw.metrics().await.contains(SECRET));
 }
+
+/// Runs tests/sdk/test_review_sdk.py with the venv's python (scripts/python-env.sh) and returns
+/// its last stdout line.
+async fn sdk(gw: &Gateway, args: &[&str]) -> String {
+    let root = repo_root();
+    let setup = std::process::Command::new("bash")
+        .arg(root.join("scripts").join("python-env.sh"))
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(setup.status.success(), "scripts/python-env.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
+    let python = String::from_utf8_lossy(&setup.stdout).lines().last().expect("python path").trim().to_string();
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(root.join("tests").join("sdk").join("test_review_sdk.py"))
+        .args(args)
+        .env("ACC_BASE_URL", gw.url("/v1"))
+        .env("ACC_API_KEY", KEY_A)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
+    for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run python")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "test_review_sdk.py {args:?} failed\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// The README's Python snippet, with the official SDK: `pending_review` is raised, not retried
+/// (the provider is called once although the client allows 3 retries), and the approved image
+/// is collected by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_raises_pending_review_without_retrying_and_collects_the_image() {
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, &review_route("main", "m", ""), ""), &[]).await;
+    let id = sdk(&gw, &["hold"]).await;
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(mock.hits(), 1, "the SDK did not retry");
+    assert_eq!(gw.metric("acc_requests_total", &[("route", "main"), ("outcome", "pending_review")]).await, 1.0);
+    decide(&gw, &id, "approve", &json!({"reviewer": "rita"})).await.assert_status(200);
+    assert_eq!(sdk(&gw, &["collect", &id, &b64_encode(mock.png())]).await, "collected");
+}
