@@ -436,3 +436,62 @@ async fn the_openai_python_sdk_raises_pending_review_without_retrying_and_collec
     decide(&gw, &id, "approve", &json!({"reviewer": "rita"})).await.assert_status(200);
     assert_eq!(sdk(&gw, &["collect", &id, &b64_encode(mock.png())]).await, "collected");
 }
+
+/// A hold whose write fails after the attempts (here: the client reused a trace id that is
+/// already held) gets the route's overflow action too: `block` refuses, `flag` returns the image
+/// flagged; the item already held is untouched.
+#[tokio::test]
+async fn a_hold_that_cannot_be_written_applies_review_overflow_after_the_attempts() {
+    let mock = MockProvider::start().await;
+    let routes = format!(
+        "{}{}",
+        review_route("strict", "block", ""),
+        review_route("lenient", "flag", "review_overflow = \"flag\"")
+    );
+    let (gw, _dir) = serve_policy(&policy(&mock, &routes, ""), &[]).await;
+    let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let auth = bearer(KEY_A);
+    let send = |model: &'static str| {
+        let (gw, auth) = (&gw, auth.clone());
+        async move {
+            gw.generate_with(
+                &json!({"model": model, "prompt": "a lighthouse", "response_format": "b64_json"}),
+                &[("authorization", &auth), ("x-acc-trace-id", id)],
+            )
+            .await
+        }
+    };
+    assert_eq!(assert_pending(&send("block").await), id);
+    let again = send("block").await;
+    let err = again.assert_error(400, "content_policy_violation");
+    assert_eq!(
+        err["message"],
+        "the generated image needs human review and the review queue cannot take it (a review of this trace id already exists): it is withheld"
+    );
+    let flagged = send("flag").await;
+    flagged.assert_status(200);
+    assert_eq!(flagged.header("x-acc-decision").as_deref(), Some("flagged"));
+    assert_eq!(b64_images(&flagged), vec![mock.png().to_vec()]);
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "strict"), ("outcome", "overflow")]).await, 1.0);
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "lenient"), ("outcome", "overflow")]).await, 1.0);
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "strict"), ("outcome", "held")]).await, 1.0);
+    assert_eq!(gw.metric("acc_review_queue_depth", &[("route", "strict")]).await, 1.0);
+    let item = &gw.admin("GET", "/admin/reviews").await.json()["data"][0];
+    assert_eq!((item["trace_id"].as_str(), item["route"].as_str()), (Some(id), Some("strict")));
+}
+
+/// A retry with the same `Idempotency-Key` replays the held answer: same trace id to poll, no
+/// second generation, no second item.
+#[tokio::test]
+async fn an_idempotent_retry_replays_pending_review() {
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, &review_route("main", "m", ""), ""), &[]).await;
+    let auth = bearer(KEY_A);
+    let body = json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"});
+    let headers = [("authorization", auth.as_str()), ("idempotency-key", "order-77")];
+    let first = assert_pending(&gw.generate_with(&body, &headers).await);
+    let second = gw.generate_with(&body, &headers).await;
+    assert_eq!(assert_pending(&second), first);
+    assert_eq!(mock.hits(), 1);
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "held")]).await, 1.0);
+}

@@ -260,7 +260,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// A request with an `Idempotency-Key`: the first with a given key and body generates; a retry
 /// while it runs waits for it, a retry after it gets the same answer, replayed; the same key with
-/// another body is a 409. Only answers that cost a generation are kept (success, blocked).
+/// another body is a 409. Only answers that cost a generation are kept (success, blocked,
+/// held for review).
 async fn idempotent<B>(
     app: &Arc<App>,
     snap: &Arc<Snapshot>,
@@ -313,7 +314,9 @@ where
             let (parts, body) = resp.into_parts();
             // The body is already in memory (JSON framing around the images' bytes).
             let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let blocked = parts.headers.get(DECISION).is_some_and(|d| d == "blocked");
+            // A held answer cost a generation too: a retry gets the same pending_review (and
+            // trace id to poll) rather than a second generation.
+            let blocked = parts.headers.get(DECISION).is_some_and(|d| d == "blocked" || d == "review");
             let keep = parts.status.is_success() || blocked;
             let stored = idempotency::Stored {
                 status: parts.status,

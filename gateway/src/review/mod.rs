@@ -139,6 +139,8 @@ pub struct ReviewQueue {
     loaded_tx: tokio::sync::watch::Sender<bool>,
     /// Webhook deliveries in flight, waited for (briefly) on shutdown.
     deliveries: TaskTracker,
+    /// Routes the depth gauge has a value for (set to 0 when a refresh finds none pending).
+    routes: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Now, Unix nanoseconds.
@@ -153,6 +155,9 @@ pub const LOAD_WAIT: Duration = Duration::from_secs(5);
 /// How often pending items are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// How often the queue's totals are read again from the store.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
 impl ReviewQueue {
     /// A queue over the trace store `traces` writes to (`None`: no store, nothing can be held),
     /// its metrics registered in `registry`.
@@ -164,6 +169,7 @@ impl ReviewQueue {
             loaded: AtomicBool::new(false),
             loaded_tx: tokio::sync::watch::channel(false).0,
             deliveries: TaskTracker::new(),
+            routes: std::sync::Mutex::default(),
         }
     }
 
@@ -212,7 +218,7 @@ impl ReviewQueue {
         let wanted = item.bytes_held;
         let before = self.used.fetch_add(wanted, Ordering::AcqRel);
         if before.saturating_add(wanted) > budget.max_bytes {
-            self.used.fetch_sub(wanted, Ordering::AcqRel);
+            self.release(wanted);
             return Err(HoldError::Full { used: before, max: budget.max_bytes, wanted });
         }
         let result = match db.insert_review(item, images).await {
@@ -224,11 +230,10 @@ impl ReviewQueue {
             Ok(()) => {
                 self.metrics.reviews.with_label_values(&[&item.route, "held"]).inc();
                 self.metrics.depth.with_label_values(&[&item.route]).inc();
+                crate::lock(&self.routes).insert(item.route.clone());
                 self.metrics.held_bytes.set(self.used.load(Ordering::Relaxed) as i64);
             }
-            Err(_) => {
-                self.used.fetch_sub(wanted, Ordering::AcqRel);
-            }
+            Err(_) => self.release(wanted),
         }
         result
     }
@@ -287,11 +292,21 @@ impl ReviewQueue {
     }
 
     /// Reads the queue's totals from the store: the depth gauge per route and the bytes held.
+    /// Run at start-up and then every [`REFRESH_EVERY`], so the gauge also follows decisions
+    /// taken by other replicas on a shared store.
     async fn load(&self, db: &TraceDb) -> Result<(), StoreError> {
         let (pending, bytes) = db.review_totals().await?;
+        let mut known = crate::lock(&self.routes);
+        for route in known.iter() {
+            if !pending.iter().any(|(r, _)| r == route) {
+                self.metrics.depth.with_label_values(&[route]).set(0);
+            }
+        }
         for (route, n) in pending {
             self.metrics.depth.with_label_values(&[&route]).set(n as i64);
+            known.insert(route);
         }
+        drop(known);
         self.used.store(bytes, Ordering::Release);
         self.metrics.held_bytes.set(bytes as i64);
         self.loaded.store(true, Ordering::Release);
@@ -331,6 +346,7 @@ impl ReviewQueue {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut wait = tokio::time::interval(Duration::from_millis(50));
+        let mut last_refresh = tokio::time::Instant::now();
         loop {
             let pause = if self.loaded.load(Ordering::Acquire) { tick.tick() } else { wait.tick() };
             tokio::select! {
@@ -342,11 +358,20 @@ impl ReviewQueue {
                     if let Err(e) = self.load(&db).await {
                         tracing::warn!("review queue: cannot read its totals from the store: {e}");
                     }
+                    last_refresh = tokio::time::Instant::now();
                 }
                 continue;
             }
             if let Err(e) = self.sweep(&policy.snapshot().policy).await {
                 tracing::warn!("review queue: expiry sweep failed: {e}");
+            }
+            if last_refresh.elapsed() >= REFRESH_EVERY {
+                last_refresh = tokio::time::Instant::now();
+                if let Some(db) = self.db() {
+                    if let Err(e) = self.load(&db).await {
+                        tracing::warn!("review queue: cannot read its totals from the store: {e}");
+                    }
+                }
             }
         }
         self.deliveries.close();
