@@ -56,7 +56,9 @@ pub fn pending_error(trace_id: &str) -> ApiError {
 
 /// Who asked and what, for the review item.
 pub struct Origin<'a> {
+    /// The request's trace id (the review's key).
     pub trace_id: &'a str,
+    /// The client key's tenant (`None`: a gateway without keys).
     pub tenant: Option<&'a str>,
     /// `x-acc-cohort`, `x-acc-prompt-template`, `x-acc-asset-type` as sent.
     pub cohort_fields: [Option<&'a str>; 3],

@@ -12,9 +12,13 @@ use super::db::{nanos_i64, StoreError, TraceDb};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReviewState {
+    /// Held, waiting for a reviewer.
     Pending,
+    /// A reviewer let it out: the client's poll answers the images.
     Approved,
+    /// A reviewer refused it: the images are deleted.
     Rejected,
+    /// Nobody decided within the route's `review_ttl_secs`: the images are deleted.
     Expired,
 }
 
@@ -50,13 +54,15 @@ pub struct ReviewItem {
     pub route: String,
     /// The client key's tenant (`None`: a gateway without keys).
     pub tenant: Option<String>,
-    /// Cohort fields as the client sent them.
+    /// Cohort fields as the client sent them: `x-acc-cohort`, `x-acc-prompt-template`,
+    /// `x-acc-asset-type`, and the OpenAI `user` field.
     pub cohort: Option<String>,
     pub prompt_template: Option<String>,
     pub asset_type: Option<String>,
     pub end_user: Option<String>,
     /// The client's `response_format`: `b64_json` or `url`.
     pub response_format: String,
+    /// Where it stands.
     pub state: ReviewState,
     /// When it was held, Unix nanoseconds.
     pub held_unix_nano: u64,
@@ -68,6 +74,7 @@ pub struct ReviewItem {
     pub reviewer: Option<String>,
     /// The reviewer's reason (or why it expired).
     pub reason: Option<String>,
+    /// How many images the answer has.
     pub image_count: u32,
     /// Decoded bytes of the images when held.
     pub bytes: u64,
@@ -84,14 +91,19 @@ pub struct ReviewItem {
 /// answered in `b64_json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldImage {
+    /// `image/png`, `image/jpeg`, `image/webp` (sniffed), or `application/octet-stream`.
     pub content_type: String,
+    /// Standard base64 with padding, as the provider sent it (or as the gateway encoded raw
+    /// bytes for `b64_json`).
     pub b64: String,
 }
 
 /// Which items [`TraceDb::list_reviews`] answers, oldest first.
 #[derive(Debug, Clone, Default)]
 pub struct ReviewFilter {
+    /// Only items in this state (`None`: every state).
     pub state: Option<ReviewState>,
+    /// Only items held by this route.
     pub route: Option<String>,
     /// Items held after this `(held_unix_nano, trace_id)` (the last item of the previous page).
     pub after: Option<(u64, String)>,
