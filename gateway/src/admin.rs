@@ -25,6 +25,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/mirror/report", get(mirror_report))
         .route("/admin/traces", get(traces))
         .route("/admin/traces/{trace_id}", get(trace))
+        .merge(crate::review_api::admin_routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -183,6 +184,10 @@ async fn trace(
     let span_ids: Vec<String> = records.iter().map(|r| r.span_id.clone()).collect();
     let Some(newest) = records.pop() else { return missing() };
     let mut v = with_feedback(newest);
+    // A held answer's review state (held, decided, reviewer, reason) next to the record.
+    if let Some(review) = crate::review_api::trace_review(&app, &id).await {
+        v["review"] = review;
+    }
     if n > 1 {
         v["records_in_trace"] = json!(n);
         v["span_ids"] = json!(span_ids);

@@ -23,7 +23,7 @@ pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
 pub const PROVIDER: HeaderName = HeaderName::from_static("x-acc-provider");
 /// `x-acc-attempts`: every attempt as `provider:result`, in the order they ended.
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-acc-attempts");
-/// `x-acc-decision`: `pass`, `flagged`, `blocked` or `error`.
+/// `x-acc-decision`: `pass`, `flagged`, `blocked`, `review` (held for human review) or `error`.
 pub const DECISION: HeaderName = HeaderName::from_static("x-acc-decision");
 /// `x-acc-eval`: every verdict on the returned images, `name=verdict(score)` comma-separated.
 pub const EVAL: HeaderName = HeaderName::from_static("x-acc-eval");

@@ -17,6 +17,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::reload::PolicyStore;
+use crate::review::ReviewQueue;
 use crate::store::TraceWriter;
 
 /// Shared state of the running gateway.
@@ -58,6 +59,8 @@ pub struct App {
     pub traces: Option<TraceWriter>,
     /// Feedback on traces and regeneration detection.
     pub feedback: Feedback,
+    /// Answers withheld for human review, in the trace store.
+    pub reviews: Arc<ReviewQueue>,
 }
 
 impl App {
@@ -97,7 +100,9 @@ impl App {
             Arc::new(IdempotencyStore::new(s.idempotency_ttl, s.idempotency_max_bytes))
         };
         let feedback = Feedback::new(p.traces.clone(), &p.metrics.feedback);
+        let reviews = Arc::new(ReviewQueue::new(p.traces.clone(), &p.metrics.registry));
         App {
+            reviews,
             artifacts: Arc::new(ArtifactStore::new(p.artifact_store_bytes, p.metrics.clone())),
             policy: p.policy,
             metrics: p.metrics,

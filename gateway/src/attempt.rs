@@ -185,7 +185,15 @@ async fn run(
         let labels = (env.route_name, target.provider.as_str());
         let evaluated = tokio::time::timeout_at(
             until,
-            crate::evaluation::evaluate_attempt(app, &mut generation, &route.eval, env.req, labels, env.mirror),
+            crate::evaluation::evaluate_attempt(
+                app,
+                &mut generation,
+                &route.eval,
+                route.review.overflow,
+                env.req,
+                labels,
+                env.mirror,
+            ),
         )
         .await;
         if let Some(sink) = env.verdicts {

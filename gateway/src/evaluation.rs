@@ -1,6 +1,8 @@
 //! A route's `[eval]` policy applied to one attempt: its images go through the route's evaluators
 //! on the evaluation pool (`crate::eval`) within the route's budget, and the verdicts decide
-//! what happens to the attempt: pass, flag, fall back to the next target, or block the request.
+//! what happens to the attempt: pass, flag, fall back to the next target, block the request, or
+//! hold the answer for human review (`generation.review`; the route's `review_overflow` action
+//! instead when the review queue has no room).
 
 use std::sync::Arc;
 
@@ -8,17 +10,20 @@ use bytes::Bytes;
 
 use crate::app::App;
 use crate::eval::{Outcome, Verdict};
-use crate::policy::{EvalAction, EvalPolicy};
+use crate::policy::{EvalAction, EvalPolicy, ReviewOverflow};
 use crate::providers::{Generation, Image, ProviderError};
 use crate::request::GenerationRequest;
 
 /// Evaluates one attempt's artifacts on the evaluation pool under the route's budget and
-/// applies the route's actions: `Ok` to return them (possibly flagged), `EvalFailed` to try
-/// the next target, `Blocked` to refuse the request.
+/// applies the route's actions: `Ok` to return them (possibly flagged, or marked for review in
+/// `generation.review`), `EvalFailed` to try the next target, `Blocked` to refuse the request.
+/// `overflow` is the route's `review_overflow`, applied in place of "review" when the review
+/// queue cannot take the images now (counted as `acc_reviews_total{outcome="overflow"}`).
 pub async fn evaluate_attempt(
     app: &App,
     generation: &mut Generation,
     cfg: &EvalPolicy,
+    overflow: ReviewOverflow,
     req: &GenerationRequest,
     (route, provider): (&str, &str),
     mirror: bool,
@@ -101,6 +106,8 @@ pub async fn evaluate_attempt(
             let a = cfg.action(v.evaluator);
             action = Some(match (action, a) {
                 (Some(EvalAction::Block), _) | (_, EvalAction::Block) => EvalAction::Block,
+                // A person must see what any failed check sends to review.
+                (Some(EvalAction::Review), _) | (_, EvalAction::Review) => EvalAction::Review,
                 (Some(EvalAction::Fallback), _) | (_, EvalAction::Fallback) => EvalAction::Fallback,
                 _ => EvalAction::Flag,
             });
@@ -113,8 +120,24 @@ pub async fn evaluate_attempt(
     if failures.is_empty() {
         return Ok(());
     }
+    let mut action = action.unwrap_or(EvalAction::Fallback);
+    if action == EvalAction::Review {
+        if mirror {
+            // Nobody reviews a mirror's images: for its comparison they failed.
+            action = EvalAction::Fallback;
+        } else if !app.reviews.has_room(held_bytes(generation), &app.policy.snapshot().policy.review) {
+            app.reviews.count_overflow(route);
+            tracing::warn!(route, "review queue full or unavailable: review_overflow applies");
+            failures.push("review: the review queue cannot take the image now (review_overflow applies)".into());
+            action = overflow.action();
+        }
+    }
     let reasons = failures.join("; ");
-    match action.unwrap_or(EvalAction::Fallback) {
+    match action {
+        EvalAction::Review => {
+            generation.review = failures;
+            Ok(())
+        }
         EvalAction::Fallback => Err(ProviderError::EvalFailed(reasons)),
         EvalAction::Block => Err(ProviderError::Blocked(reasons)),
         EvalAction::Flag => {
@@ -122,6 +145,19 @@ pub async fn evaluate_attempt(
             Ok(())
         }
     }
+}
+
+/// The decoded size of an attempt's images, bytes (base64 counted at 3/4 of its length).
+pub fn held_bytes(generation: &Generation) -> u64 {
+    generation
+        .images
+        .iter()
+        .map(|i| match i {
+            Image::Base64(b) => (b.len() as u64) / 4 * 3,
+            Image::Raw { bytes, .. } => bytes.len() as u64,
+            Image::Url(_) => 0,
+        })
+        .sum()
 }
 
 struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);

@@ -20,16 +20,21 @@
 //!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
 //!   `telemetry`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
-//!   mirror views, trace queries with their feedback). Uses `app`, `error`, `feedback`,
-//!   `health`, `metrics`, `mirror`, `policy`, `store`.
+//!   mirror views, trace queries with their feedback; the review endpoints through
+//!   `review_api`). Uses `app`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`,
+//!   `review_api`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
 //!   `body`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
-//!   `migration`, `policy`, `providers`, `reload`, `request`, `routing`, `store`, `telemetry`,
-//!   `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
+//!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `store`,
+//!   `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
+//! - [`review_api`]: human review over HTTP: the hold phase (a winning answer whose checks say
+//!   "review" is stored and answered `pending_review`), the client's poll
+//!   `GET /v1/images/reviews/{id}`, and the reviewers' `/admin/reviews` endpoints. Uses
+//!   `answer`, `app`, `error`, `policy`, `providers`, `request`, `review`, `store`.
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
 //!   the mirrors' runtime, the primary's outcome handed to them. Uses `app`, `attempt`,
 //!   `compare`, `cost`, `eval`, `evaluation`, `mirror`, `policy`, `providers`, `reload`,
@@ -54,11 +59,14 @@
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
 //!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `limits`, `metrics`, `reload`,
-//!   `store`.
+//!   `review`, `store`.
 //! - [`feedback`]: ratings of traces (`POST /v1/feedback`, checked and stored, tenant by
 //!   tenant), regenerations (explicit links and implicit detection over a bounded memory of
 //!   recent prompts), the newest traces' essentials in memory. Uses `error`, `metrics`,
 //!   `policy`, `request`, `store`.
+//! - [`review`]: the review queue: held answers in the store within a byte budget, decisions
+//!   (once), expiry, the signed webhook, the review metrics. Uses `policy`, `reload`, `store`,
+//!   `upstream`.
 //! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
@@ -154,6 +162,8 @@ pub mod providers;
 pub mod proxy;
 pub mod reload;
 pub mod request;
+pub mod review;
+pub mod review_api;
 pub mod routing;
 pub mod server;
 pub mod store;

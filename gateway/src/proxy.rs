@@ -39,10 +39,11 @@ use crate::cost;
 use crate::error::ApiError;
 use crate::idempotency;
 use crate::migration::Migration;
-use crate::policy::{AnswerFormat, ApiKey, Policy, UrlMode};
+use crate::policy::{AnswerFormat, ApiKey, Policy, ReviewOverflow, UrlMode};
 use crate::providers::ProviderError;
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
+use crate::review_api;
 use crate::routing::{self, PlanOutcome, RouteQuery, Step};
 use crate::store::record::TraceRecord;
 use crate::store::TraceWriter;
@@ -170,6 +171,12 @@ where
             _ => method_not_allowed("POST"),
         };
     }
+    if let Some(id) = path.strip_prefix(review_api::POLL_PATH) {
+        return match *req.method() {
+            Method::GET => poll_review(&app, id, req.headers()).await,
+            _ => method_not_allowed("GET"),
+        };
+    }
     if let Some(file) = path.strip_prefix(crate::artifacts::PATH) {
         return match *req.method() {
             Method::GET | Method::HEAD => app.artifacts.serve(file),
@@ -284,7 +291,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// A request with an `Idempotency-Key`: the first with a given key and body generates; a retry
 /// while it runs waits for it, a retry after it gets the same answer, replayed; the same key with
-/// another body is a 409. Only answers that cost a generation are kept (success, blocked).
+/// another body is a 409. Only answers that cost a generation are kept (success, blocked,
+/// held for review).
 async fn idempotent<B>(
     app: &Arc<App>,
     snap: &Arc<Snapshot>,
@@ -337,7 +345,9 @@ where
             let (parts, body) = resp.into_parts();
             // The body is already in memory (JSON framing around the images' bytes).
             let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let blocked = parts.headers.get(DECISION).is_some_and(|d| d == "blocked");
+            // A held answer cost a generation too: a retry gets the same pending_review (and
+            // trace id to poll) rather than a second generation.
+            let blocked = parts.headers.get(DECISION).is_some_and(|d| d == "blocked" || d == "review");
             let keep = parts.status.is_success() || blocked;
             let stored = idempotency::Stored {
                 status: parts.status,
@@ -525,6 +535,34 @@ where
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
     ctx.dropped = std::mem::take(&mut generation.dropped);
+    // A failed check whose action is "review": the answer is withheld, held in the store
+    // until a reviewer decides, and the client told so at once.
+    if !generation.review.is_empty() {
+        let fields = ctx.cohort_fields.as_ref();
+        let field = |i: usize| fields.and_then(|f| f[i].as_deref());
+        let origin = review_api::Origin {
+            trace_id: &ctx.trace_id,
+            tenant: key.map(|k| k.tenant.as_str()),
+            cohort_fields: [field(0), field(1), field(2)],
+        };
+        match review_api::hold(app, winner, origin, &req, &generation).await {
+            Ok(()) => return Err(review_api::pending_error(&ctx.trace_id)),
+            Err(_) if winner.review.overflow == ReviewOverflow::Flag => {
+                ctx.flags = std::mem::take(&mut generation.review);
+            }
+            // "block", and "fallback" once the attempts are over: nothing unreviewed goes out.
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "content_policy_violation",
+                    format!(
+                    "the generated image needs human review and the review queue cannot take it ({e}): it is withheld"
+                ),
+                ))
+            }
+        }
+    }
     let Some(rec) = ctx.record.as_deref_mut() else {
         return Ok(answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, None));
     };
@@ -653,6 +691,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (Some("upstream_error"), _) => "upstream_error",
                 (Some("evaluation_failed"), _) => "eval_failed",
                 (Some("content_policy_violation"), _) => "blocked",
+                (Some("pending_review"), _) => "pending_review",
                 (Some("rate_limit_exceeded" | "spend_limit_exceeded"), _) => "rate_limited",
                 (Some("no_healthy_target"), _) => "no_healthy_target",
                 (Some("provider_busy"), _) => "provider_busy",
@@ -661,8 +700,15 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (_, 500..) => "internal_error",
                 _ => "client_error",
             };
-            let decision = if outcome == "blocked" { "blocked" } else { "error" };
+            let decision = match outcome {
+                "blocked" => "blocked",
+                "pending_review" => "review",
+                _ => "error",
+            };
             let mut r = e.into_response();
+            if outcome == "pending_review" {
+                review_api::mark_pending(&mut r);
+            }
             r.headers_mut().insert(DECISION, HeaderValue::from_static(decision));
             (r, outcome)
         }
@@ -790,6 +836,17 @@ where
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// `GET /v1/images/reviews/{trace_id}`: the outcome of an answer held for review, for the
+/// tenant of the key that asked (see `review_api::poll`).
+async fn poll_review(app: &App, id: &str, headers: &HeaderMap) -> Response {
+    let snap = app.policy.snapshot();
+    let tenant = match authenticate(&snap.policy, headers) {
+        Ok(k) => k.map(|k| k.tenant.clone()),
+        Err(e) => return e.into_response(),
+    };
+    review_api::poll(app, id, tenant.as_deref(), headers).await
 }
 
 /// `GET /v1/models`: the aliases the policies expose.

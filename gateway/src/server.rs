@@ -172,6 +172,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         });
     }
     tasks.spawn(sighup_reloads(store.clone(), shutdown.clone()));
+    tasks.spawn(app.reviews.clone().run(store.clone(), shutdown.clone()));
 
     let proxy_workers: Vec<_> = proxy_sockets
         .into_iter()

@@ -19,12 +19,14 @@ use sha2::{Digest, Sha256};
 
 mod observe;
 mod raw;
+mod review;
 #[cfg(test)]
 mod tests;
 mod types;
 mod validate;
 mod xref;
 
+pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SECS};
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
     Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec,
@@ -123,10 +125,13 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let classifiers = validate::classifiers(&parsed, &mut errors, &mut warnings);
     let clip = validate::clip(&parsed, &mut errors, &mut warnings);
     let observe = observe::sections(&parsed, &mut errors);
+    let review = review::section(&parsed, &mut errors);
     let names = xref::Names::gather(&parsed, &mut errors);
     let mut routes = Vec::new();
     for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
-        routes.push(validate::route(at, r, &names, &classifiers, clip.as_ref(), &mut errors));
+        let route = validate::route(at, r, &names, &classifiers, clip.as_ref(), &mut errors);
+        review::needs_store(at, &route.eval, &observe.store, &mut errors);
+        routes.push(route);
     }
     let aliases = xref::aliases(&routes);
     if routes.is_empty() && errors.is_empty() {
@@ -151,5 +156,6 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         store: observe.store,
         telemetry: observe.telemetry,
         cohorts: observe.cohorts,
+        review,
     })
 }

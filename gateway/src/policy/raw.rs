@@ -35,6 +35,8 @@ pub(super) struct RawFile {
     pub(super) telemetry: Option<RawTelemetry>,
     /// The cohort, prompt template and asset type values metric labels accept.
     pub(super) cohorts: Option<RawCohorts>,
+    /// The review queue's byte budget and webhook delivery settings.
+    pub(super) review: Option<super::review::RawReview>,
 }
 
 /// `[store]`: the trace store (at most one file sets it).
@@ -339,7 +341,8 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) evaluators: Vec<String>,
     /// What a failed sanity check does: "fallback" (try the next target; default), "block"
-    /// (400 content_policy_violation) or "flag" (return it, marked).
+    /// (400 content_policy_violation), "flag" (return it, marked) or "review" (withhold it
+    /// until a person approves it).
     pub(super) on_sanity_fail: Option<String>,
     /// Time allowed for evaluating one attempt's artifacts (queue wait included), ms.
     pub(super) eval_budget_ms: Option<u64>,
@@ -405,6 +408,15 @@ pub(super) struct RawRoute {
     pub(super) mirror: Vec<RawMirror>,
     /// A candidate that serves a share of the live traffic, rolled back automatically when worse.
     pub(super) canary: Option<RawCanary>,
+    /// What applies when an image sent to review cannot be held (byte budget full, store
+    /// unavailable): "block" (default), "fallback" or "flag".
+    pub(super) review_overflow: Option<String>,
+    /// How long a held image waits for a reviewer before it expires, seconds (default 86400).
+    pub(super) review_ttl_secs: Option<u64>,
+    /// Where review decisions are POSTed, signed with HMAC-SHA256 (`http://` or `https://`).
+    pub(super) review_webhook_url: Option<String>,
+    /// The environment variable holding the webhook's HMAC secret (required with the URL).
+    pub(super) review_webhook_secret_env: Option<String>,
 }
 
 /// `mirror` of a route: a candidate that gets a copy of a sample of the requests.

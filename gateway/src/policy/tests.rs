@@ -291,7 +291,7 @@ fn evaluator_settings_are_checked() {
 name = "a"
 targets = [{ provider = "demo" }]
 evaluators = ["sanity", "clip", "vibes", "sanity"]
-on_sanity_fail = "review"
+on_sanity_fail = "hold"
 on_eval_error = "maybe"
 "#;
     let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap_err();
@@ -301,7 +301,7 @@ on_eval_error = "maybe"
             r#"r.toml: routes[0].evaluators[1]: unknown evaluator "clip" (available: sanity, safety, text, adherence)"#,
             r#"r.toml: routes[0].evaluators[2]: unknown evaluator "vibes" (available: sanity, safety, text, adherence)"#,
             r#"r.toml: routes[0].evaluators[3]: "sanity" is listed twice"#,
-            r#"r.toml: routes[0].on_sanity_fail: "review" needs the review queue, which this build does not have yet"#,
+            r#"r.toml: routes[0].on_sanity_fail: unknown action "hold" (expected "fallback", "block", "flag" or "review")"#,
             r#"r.toml: routes[0].on_eval_error: unknown value "maybe" (expected "fail_open" or "fail_closed")"#,
         ]
     );
@@ -569,4 +569,138 @@ fn regeneration_settings_are_checked() {
     let errs =
         check(&[("p.toml", PROVIDERS), ("r.toml", &format!("{route}regeneration_similarity = 1.5\n"))]).unwrap_err();
     assert_eq!(errs, vec!["r.toml: routes[0].regeneration_similarity: 1.5 is not in (0, 1]".to_string()]);
+}
+
+#[test]
+fn review_settings_are_read_with_their_defaults() {
+    let routes = r#"
+[[routes]]
+name = "a"
+match = { model = "a" }
+targets = [{ provider = "demo" }]
+evaluators = ["sanity", "safety"]
+on_sanity_fail = "review"
+[[routes]]
+name = "b"
+match = { model = "b" }
+targets = [{ provider = "demo" }]
+evaluators = ["safety"]
+on_unsafe = "review"
+review_overflow = "fallback"
+review_ttl_secs = 3600
+review_webhook_url = "https://hooks.example.com/acc?x=1"
+review_webhook_secret_env = "ACC_REVIEW_SECRET"
+"#;
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", routes)]).unwrap();
+    assert_eq!(p.routes[0].eval.on_sanity_fail, EvalAction::Review);
+    assert_eq!(p.routes[0].eval.on_unsafe, EvalAction::Fallback);
+    assert!(p.routes[0].eval.reviews());
+    assert_eq!(p.routes[0].review, ReviewSettings::default());
+    assert_eq!(
+        p.routes[0].review,
+        ReviewSettings {
+            overflow: ReviewOverflow::Block,
+            ttl: Duration::from_secs(86_400),
+            webhook_url: None,
+            webhook_secret_env: None
+        }
+    );
+    assert_eq!(
+        p.routes[1].review,
+        ReviewSettings {
+            overflow: ReviewOverflow::Fallback,
+            ttl: Duration::from_secs(3600),
+            webhook_url: Some("https://hooks.example.com/acc?x=1".into()),
+            webhook_secret_env: Some("ACC_REVIEW_SECRET".into()),
+        }
+    );
+    assert_eq!(
+        p.review,
+        ReviewBudget {
+            max_bytes: 268_435_456,
+            webhook_max_attempts: 5,
+            webhook_backoff: Duration::from_secs(1),
+            webhook_timeout: Duration::from_secs(5),
+        }
+    );
+    let global =
+        "[review]\nmax_bytes = 1000\nwebhook_max_attempts = 2\nwebhook_backoff_ms = 50\nwebhook_timeout_ms = 700\n";
+    let p = check(&[("p.toml", PROVIDERS), ("r.toml", routes), ("s.toml", global)]).unwrap();
+    assert_eq!(
+        p.review,
+        ReviewBudget {
+            max_bytes: 1000,
+            webhook_max_attempts: 2,
+            webhook_backoff: Duration::from_millis(50),
+            webhook_timeout: Duration::from_millis(700),
+        }
+    );
+}
+
+#[test]
+fn bad_review_settings_name_file_and_path() {
+    let routes = r#"
+[[routes]]
+name = "a"
+match = { model = "a" }
+targets = [{ provider = "demo" }]
+evaluators = ["sanity"]
+on_sanity_fail = "review"
+review_overflow = "review"
+review_ttl_secs = 0
+review_webhook_url = "ftp://hooks.example.com/x"
+[[routes]]
+name = "b"
+match = { model = "b" }
+targets = [{ provider = "demo" }]
+evaluators = ["sanity"]
+on_sanity_fail = "review"
+review_ttl_secs = 2592001
+review_webhook_url = "https://user:pw@hooks.example.com/x"
+review_webhook_secret_env = "1BAD-NAME"
+[[routes]]
+name = "c"
+match = { model = "c" }
+targets = [{ provider = "demo" }]
+evaluators = ["sanity"]
+on_sanity_fail = "block"
+review_ttl_secs = 60
+review_webhook_secret_env = "SECRET"
+"#;
+    let global = "[review]\nmax_bytes = 0\nwebhook_max_attempts = 21\nwebhook_backoff_ms = 0\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes), ("s.toml", global)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "s.toml: review.max_bytes: must be greater than 0",
+            "s.toml: review.webhook_max_attempts: 21 is outside [1, 20]",
+            "s.toml: review.webhook_backoff_ms: must be greater than 0",
+            r#"r.toml: routes[0].review_overflow: unknown action "review" (expected "block", "fallback" or "flag")"#,
+            "r.toml: routes[0].review_ttl_secs: 0 is outside [1, 2592000] (30 days)",
+            "r.toml: routes[0].review_webhook_url: must start with http:// or https://",
+            "r.toml: routes[0].review_webhook_secret_env: required with review_webhook_url (the environment variable holding the HMAC secret)",
+            "r.toml: routes[1].review_ttl_secs: 2592001 is outside [1, 2592000] (30 days)",
+            "r.toml: routes[1].review_webhook_url: must not contain credentials (the HMAC signature authenticates the gateway)",
+            r#"r.toml: routes[1].review_webhook_secret_env: "1BAD-NAME" is not an environment variable name (A-Z, a-z, 0-9, _; not starting with a digit)"#,
+            "r.toml: routes[2].review_webhook_secret_env: only used with review_webhook_url",
+            r#"r.toml: routes[2]: review_* settings given, but no on_* action of the route is "review""#,
+        ]
+    );
+    // Unknown fields in [review] are refused with their place.
+    let errs = check(&[("p.toml", PROVIDERS), ("s.toml", "[review]\nmax_byte = 1\n")]).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("s.toml: ") && errs[0].contains("unknown field `max_byte`"), "{errs:?}");
+}
+
+#[test]
+fn review_needs_the_store() {
+    let routes = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"sanity\"]\non_sanity_fail = \"review\"\n";
+    let store = "[store]\nenabled = false\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", routes), ("s.toml", store)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"r.toml: routes[0]: "review" keeps held images in the trace store, and [store] enabled = false turns it off"#
+        ]
+    );
 }

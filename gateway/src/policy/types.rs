@@ -463,6 +463,8 @@ pub struct Route {
     pub canary: Option<Canary>,
     /// What of the prompt may be written anywhere.
     pub record_prompt: RecordPrompt,
+    /// Human review: overflow action, time to live, webhook.
+    pub review: super::review::ReviewSettings,
     /// Implicit regeneration detection on this route.
     pub regeneration: Regeneration,
 }
@@ -619,6 +621,8 @@ pub enum EvalAction {
     Block,
     /// Return the artifact, marked as failed.
     Flag,
+    /// Withhold the artifact until a person approves it (the client gets `pending_review`).
+    Review,
 }
 
 /// How a route evaluates its artifacts, and what a failure does.
@@ -686,4 +690,6 @@ pub struct Policy {
     pub telemetry: Option<TelemetrySettings>,
     /// Accepted cohort label values.
     pub cohorts: Cohorts,
+    /// The review queue's byte budget and webhook delivery settings (`[review]`).
+    pub review: super::review::ReviewBudget,
 }

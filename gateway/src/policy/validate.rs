@@ -283,6 +283,7 @@ pub(super) fn route(
         }
     };
     let eval = validate_eval(at, r, classifiers, clip, errors);
+    let review = super::review::route(at, r, &eval, errors);
     let record_prompt = match r.record_prompt.as_deref() {
         None | Some("full") => RecordPrompt::Full,
         Some("sha256") => RecordPrompt::Sha256,
@@ -318,6 +319,7 @@ pub(super) fn route(
         canary,
         record_prompt,
         regeneration,
+        review,
     }
 }
 
@@ -969,13 +971,10 @@ fn validate_eval(
         None | Some("fallback") => EvalAction::Fallback,
         Some("block") => EvalAction::Block,
         Some("flag") => EvalAction::Flag,
-        Some("review") => {
-            errors.push(format!("{at}.{field}: \"review\" needs the review queue, which this build does not have yet"));
-            EvalAction::Fallback
-        }
+        Some("review") => EvalAction::Review,
         Some(other) => {
             errors.push(format!(
-                "{at}.{field}: unknown action \"{other}\" (expected \"fallback\", \"block\" or \"flag\")"
+                "{at}.{field}: unknown action \"{other}\" (expected \"fallback\", \"block\", \"flag\" or \"review\")"
             ));
             EvalAction::Fallback
         }

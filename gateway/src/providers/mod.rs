@@ -91,6 +91,9 @@ pub struct Generation {
     /// Per image, parallel to `images` (shorter when none): the `revised_prompt` the provider
     /// drew from (DALL·E 3's rewrite, Imagen's enhanced prompt).
     pub revised_prompts: Vec<Option<String>>,
+    /// Why the answer is withheld for human review (a failed check whose action is "review");
+    /// empty when it is not.
+    pub review: Vec<String>,
 }
 
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.

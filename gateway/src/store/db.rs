@@ -252,6 +252,7 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 /// SQL). A new file gets a line here (a test checks that the two agree).
 pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "traces", include_str!("../../migrations/0001_traces.sql")),
+    (2, "reviews", include_str!("../../migrations/0002_reviews.sql")),
     (3, "feedback", include_str!("../../migrations/0003_feedback.sql")),
 ];
 
@@ -464,6 +465,11 @@ impl TraceDb {
     /// Closes the pool, waiting for connections in use to come back.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// The pool, for the store's other tables (`store::review`).
+    pub(super) fn any_pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub(super) fn fail(&self, op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + '_ {

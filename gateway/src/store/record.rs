@@ -59,7 +59,8 @@ pub struct TraceRecord {
     pub attempts: Vec<AttemptRecord>,
     /// The settings the winning provider actually used.
     pub generation: Option<GenerationRecord>,
-    /// `"pass"`, `"flagged"`, `"blocked"` or `"error"` (as `x-acc-decision`).
+    /// `"pass"`, `"flagged"`, `"blocked"`, `"review"` (held for human review) or `"error"` (as
+    /// `x-acc-decision`).
     pub decision: String,
     /// The request's outcome as counted in `acc_requests_total{outcome}`.
     pub outcome: String,

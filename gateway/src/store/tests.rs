@@ -18,16 +18,16 @@ const T: u64 = 1_700_000_000_000_000_000;
 const PG_ENV: &str = "ACC_TEST_POSTGRES_URL";
 
 /// One backend a test runs against.
-struct TestStore {
-    name: &'static str,
-    cfg: StoreConfig,
+pub(super) struct TestStore {
+    pub(super) name: &'static str,
+    pub(super) cfg: StoreConfig,
     _dir: tempfile::TempDir,
     /// (admin URL, schema) to drop at the end.
     pg: Option<(String, String)>,
 }
 
 impl TestStore {
-    async fn cleanup(self) {
+    pub(super) async fn cleanup(self) {
         if let Some((url, schema)) = self.pg {
             let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect to drop the test schema");
             conn.execute(format!("DROP SCHEMA {schema} CASCADE").as_str()).await.expect("drop schema");
@@ -77,7 +77,7 @@ async fn pg_store(url: &str) -> TestStore {
 }
 
 /// SQLite, plus PostgreSQL when the environment names one.
-async fn stores() -> Vec<TestStore> {
+pub(super) async fn stores() -> Vec<TestStore> {
     let mut v = vec![sqlite_store()];
     match pg_url() {
         Some(url) => v.push(pg_store(&url).await),
