@@ -236,6 +236,39 @@ async fn tenants_cannot_see_or_rate_each_others_traces() {
     assert_eq!(v["regenerated_by"], json!([{"trace_id": ours, "how": "explicit", "end_user": "u9"}]));
 }
 
+/// A client may continue any W3C trace, another tenant's too (`traceparent` or
+/// `x-acc-trace-id` with a known id): the trace stays its first tenant's. The other tenant can
+/// neither replace the owner's rating nor lock the owner out, in memory or from the store.
+#[tokio::test]
+async fn another_tenant_reusing_a_trace_id_cannot_take_its_ratings_over() {
+    let mock = MockProvider::start().await;
+    let (gw, dir) = serve(&policy(&mock, "")).await;
+    let id = generate(&gw, KEY_A, "m", "a red fox", Some("u7"), &[]).await;
+    rate(&gw, KEY_A, &json!({"trace_id": id, "rating": "up", "user": "u7"})).await.assert_status(200);
+    let parent = format!("00-{id}-00f067aa0ba902b7-01");
+    let theirs = generate(&gw, KEY_B, "m", "a blue fox", Some("u7"), &[("traceparent", &parent)]).await;
+    assert_eq!(theirs, id, "the gateway continues the client's trace");
+    let check = |gw: Gateway, id: String| async move {
+        let b =
+            rate(&gw, KEY_B, &json!({"trace_id": id, "rating": "down", "user": "u7", "comment": "B was here"})).await;
+        b.assert_error(404, "trace_not_found");
+        let a = rate(&gw, KEY_A, &json!({"trace_id": id, "rating": "up", "user": "u7"})).await;
+        a.assert_status(200);
+        assert_eq!(a.json()["tenant"], "acme", "{}", a.describe());
+        let v = trace(&gw, &id, Some(1)).await;
+        let feedback = v["feedback"].as_array().cloned().unwrap_or_default();
+        assert_eq!(feedback.len(), 1, "{v:#}");
+        assert_eq!((feedback[0]["tenant"].as_str(), feedback[0]["comment"].as_str()), (Some("acme"), None), "{v:#}");
+        gw
+    };
+    let gw = check(gw, id.clone()).await;
+    // From the store alone, after a restart: the same.
+    drop(gw);
+    let gw = Gateway::start(dir.path()).await;
+    wait_store(&gw).await;
+    check(gw, id).await;
+}
+
 #[tokio::test]
 async fn bad_feedback_gets_an_openai_error_naming_the_field() {
     let mock = MockProvider::start().await;

@@ -257,7 +257,7 @@ impl Feedback {
         let db = writer
             .db()
             .ok_or_else(|| StoreError::Unavailable { target: "trace store".into(), message: "not open".into() })?;
-        Ok(db.get(trace_id).await?.filter(|r| r.kind == "primary").map(|r| Arc::new(RecentTrace::of(&r))))
+        Ok(owned(db.get_all(trace_id).await?))
     }
 
     /// `POST /v1/feedback`: stores `body`'s rating of a trace of `caller`'s tenant and returns
@@ -359,10 +359,10 @@ impl Feedback {
             return t.tenant.as_deref() == tenant;
         }
         let Some(db) = self.traces.as_ref().and_then(TraceWriter::db) else { return false };
-        matches!(
-            tokio::time::timeout(LINK_LOOKUP_TIMEOUT, db.get(trace_id)).await,
-            Ok(Ok(Some(r))) if r.kind == "primary" && r.tenant.as_deref() == tenant
-        )
+        match tokio::time::timeout(LINK_LOOKUP_TIMEOUT, db.get_all(trace_id)).await {
+            Ok(Ok(records)) => owned(records).is_some_and(|t| t.tenant.as_deref() == tenant),
+            _ => false,
+        }
     }
 
     /// Decides whether the routed request `rec` regenerates an earlier one and records it:
@@ -485,6 +485,17 @@ pub fn regenerated_by(entries: &[FeedbackEntry]) -> Vec<Value> {
             Some(serde_json::json!({"trace_id": by, "how": how, "end_user": e.end_user}))
         })
         .collect()
+}
+
+/// The essentials of a trace from its stored records (oldest first; a client's requests, not
+/// mirrors): the trace is its first request's tenant's, and described by that tenant's newest
+/// request. A client may continue any W3C trace, another tenant's too: the later requests of
+/// another tenant carrying the id are ignored, so no rating or link crosses tenants.
+fn owned(records: Vec<TraceRecord>) -> Option<Arc<RecentTrace>> {
+    let mut primary = records.iter().filter(|r| r.kind == "primary");
+    let owner = primary.next()?.tenant.clone();
+    let newest = records.iter().rev().find(|r| r.kind == "primary" && r.tenant == owner)?;
+    Some(Arc::new(RecentTrace::of(newest)))
 }
 
 #[cfg(test)]

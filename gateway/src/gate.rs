@@ -367,7 +367,12 @@ pub fn decide(gate: &Gate, rows: Vec<Row>, missing: &[(Signal, String)]) -> Repo
         if !gate.filters.keeps(&row.labels) {
             continue;
         }
-        let verdict = if row.samples < gate.min_samples as f64 {
+        // A rate is a fraction: a source answering NaN, an infinity or a value outside [0, 1]
+        // (or a sample count that is no count) decides nothing.
+        let valid = row.samples.is_finite() && row.value.is_none_or(|v| v.is_finite() && (0.0..=1.0).contains(&v));
+        let verdict = if !valid {
+            "invalid_value"
+        } else if row.samples < gate.min_samples as f64 {
             "too_few_samples"
         } else if row.value.is_some_and(|v| v > max) {
             "fail"
@@ -395,7 +400,7 @@ pub fn decide(gate: &Gate, rows: Vec<Row>, missing: &[(Signal, String)]) -> Repo
     for &signal in gate.thresholds.keys() {
         if let Some((_, why)) = missing.iter().find(|(s, _)| *s == signal) {
             undecided.push(format!("{}: {why}", signal.name()));
-        } else if !judged.iter().any(|j| j.row.signal == signal && j.verdict != "too_few_samples") {
+        } else if !judged.iter().any(|j| j.row.signal == signal && matches!(j.verdict, "pass" | "fail")) {
             undecided.push(format!(
                 "{}: no cohort has {} {} or more in the window",
                 signal.name(),

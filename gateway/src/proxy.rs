@@ -552,14 +552,8 @@ where
             }
             // "block", and "fallback" once the attempts are over: nothing unreviewed goes out.
             Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "content_policy_violation",
-                    format!(
-                    "the generated image needs human review and the review queue cannot take it ({e}): it is withheld"
-                ),
-                ))
+                tracing::warn!(trace_id = %ctx.trace_id, route = %winner.name, error = %e, "an answer needing review could not be held; withheld");
+                return Err(review_api::withheld_error(&e));
             }
         }
     }

@@ -42,6 +42,23 @@ pub const POLL_PATH: &str = "/v1/images/reviews/";
 /// The status of `pending_review`: 423 Locked (see the module's notes).
 pub const PENDING_STATUS: StatusCode = StatusCode::LOCKED;
 
+/// The client's error when an answer needing review could not be held and the route's
+/// `review_overflow` withholds it: 400 `content_policy_violation`. The reason is named only
+/// when it is the byte budget; "already held" would tell the client that another request
+/// (perhaps another tenant's) carried the same trace id, so it goes to the log only.
+pub fn withheld_error(e: &HoldError) -> ApiError {
+    let why = match e {
+        HoldError::Full { .. } => " (its byte budget is full)",
+        _ => "",
+    };
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "content_policy_violation",
+        format!("the generated image needs human review and the review queue cannot take it{why}: it is withheld"),
+    )
+}
+
 /// The client's error while its answer waits for a reviewer.
 pub fn pending_error(trace_id: &str) -> ApiError {
     ApiError::new(

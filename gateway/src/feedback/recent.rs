@@ -83,6 +83,11 @@ impl RecentTraces {
     pub fn insert(&self, trace_id: &str, trace: RecentTrace) {
         let Ok(id) = u128::from_str_radix(trace_id, 16) else { return };
         let mut s = crate::lock(self.shard(id));
+        // A client may continue any W3C trace, another tenant's too: the trace stays the first
+        // tenant's, and another tenant's request carrying its id changes nothing here.
+        if s.map.get(&id).is_some_and(|old| old.tenant != trace.tenant) {
+            return;
+        }
         if s.map.insert(id, Arc::new(trace)).is_none() {
             s.order.push_back(id);
             while s.order.len() > self.per_shard {

@@ -140,6 +140,14 @@ fn verdicts_fail_on_a_decided_cohort_above_its_threshold_and_otherwise_need_ever
     assert_eq!(r.reasons, ["eval_fail_rate: no cohort has 20 verdicts or more in the window"]);
     // No data at all: undecided.
     assert_eq!(decide(&g, vec![], &[]).exit_code, 2);
+    // A source answering NaN, an infinity or a rate outside [0, 1] decides nothing (a pass on
+    // such a row would let a broken source wave a release through).
+    for bad in [f64::NAN, f64::INFINITY, -5.0, 1.5] {
+        let r = decide(&g, vec![row(eval, "beta", Some(bad), 100.0)], &[]);
+        assert_eq!((r.verdict, r.exit_code, r.rows[0].verdict), ("undecided", 2, "invalid_value"), "{bad}");
+    }
+    let r = decide(&g, vec![row(eval, "beta", Some(0.0), f64::NAN)], &[]);
+    assert_eq!((r.exit_code, r.rows[0].verdict), (2, "invalid_value"));
     // A filter that leaves out the failing cohort passes on the other.
     let only_alpha = gate(&[(eval, 0.1)], 20, Filters { cohort: Some("alpha".into()), ..Filters::default() });
     let r = decide(&only_alpha, vec![row(eval, "beta", Some(1.0), 24.0), row(eval, "alpha", Some(0.0), 24.0)], &[]);
@@ -324,6 +332,16 @@ async fn store_rates_over_the_window(target: &str) {
         .await
         .unwrap();
     }
+    // A regeneration's implicit -1 is not a user's rating: not counted.
+    sqlx::query::<sqlx::Any>(
+        "INSERT INTO feedback (trace_id, image_index, end_user, route, cohort, provider, rating, source, created_unix_nano) \
+         VALUES ($1, -1, 'u9', 'images', 'beta', 'first', -1.0, 'regeneration', $2)",
+    )
+    .bind(format!("{:032x}", 99))
+    .bind((NOW - MIN) as i64)
+    .execute(db.pool())
+    .await
+    .unwrap();
     let only_down =
         Gate { source: Source::Store(target.clone()), ..gate(&[(Signal::ThumbsDownRate, 0.5)], 2, Filters::default()) };
     let (rows, missing) = store_rows(&only_down, &target, NOW).await.unwrap();

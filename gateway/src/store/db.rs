@@ -774,8 +774,10 @@ impl TraceDb {
         if n == 0 {
             return Ok(None);
         }
+        // What users said only, as `acc_feedback_total` counts: a regeneration's implicit -1
+        // (source 'regeneration') is the regeneration rate's, not a thumbs-down.
         let sql = "SELECT route, cohort, prompt_template, asset_type, provider, rating FROM feedback \
-                   WHERE created_unix_nano >= $1";
+                   WHERE created_unix_nano >= $1 AND source = 'explicit'";
         let rows = sqlx::query::<Any>(sql)
             .bind(nanos_i64(since_unix_nano))
             .fetch_all(&self.pool)
