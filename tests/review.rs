@@ -177,6 +177,15 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
     let (held, decided) =
         (rec["review"]["held_unix_nano"].as_u64().unwrap(), rec["review"]["decided_unix_nano"].as_u64().unwrap());
     assert!(decided >= held, "{rec:#}");
+    // The image the client got after approval can be rated like any other.
+    let rating = post_json(
+        &gw.url("/v1/feedback"),
+        &json!({"trace_id": id, "rating": "up", "image_index": 0}),
+        &[("authorization", &bearer(KEY_A))],
+    )
+    .await;
+    rating.assert_status(200);
+    assert_eq!(rating.json()["image_index"], 0, "{}", rating.describe());
 }
 
 #[tokio::test]

@@ -41,9 +41,24 @@ impl RecentTrace {
             prompt_template: rec.prompt_template.clone(),
             asset_type: rec.asset_type.clone(),
             provider: rec.attempts.iter().rev().find(|a| a.result == "ok").map(|a| a.provider.clone()),
-            images: rec.images.len(),
+            images: images_of(rec),
         }
     }
+}
+
+/// How many images a trace's answer has: those returned, or, for an answer held for review
+/// (returned later, if approved: its record lists none), those its last successful attempt's
+/// evaluations name.
+fn images_of(rec: &TraceRecord) -> usize {
+    if !rec.images.is_empty() || rec.decision != "review" {
+        return rec.images.len();
+    }
+    rec.attempts
+        .iter()
+        .rev()
+        .find(|a| a.result == "ok")
+        .and_then(|a| a.evaluations.iter().map(|e| e.image + 1).max())
+        .unwrap_or(0)
 }
 
 #[derive(Default)]
