@@ -11,6 +11,8 @@ use crate::routing::{PlanOutcome, Step};
 
 /// What `images` images of a request cost on a target, at its provider's price (by model, size
 /// and quality, plus steps and GPU time when the generation reports them); `None` when unpriced.
+/// The quality is the one the provider says it drew at (a GPT image model answers `quality`,
+/// which tells what `auto` became), else the one asked for.
 pub fn cost_of(
     policy: &Policy,
     step: Step,
@@ -25,11 +27,16 @@ pub fn cost_of(
     price.cost(&Billable {
         model,
         size: &size,
-        quality: req.quality.as_deref(),
+        quality: used.and_then(reported_quality).or(req.quality.as_deref()),
         images,
         steps: used.and_then(|g| g.settings.steps).or(req.steps),
         gpu_seconds: used.and_then(|g| g.gpu_seconds),
     })
+}
+
+/// The `quality` field of the provider's answer, when it gave one.
+fn reported_quality(g: &Generation) -> Option<&str> {
+    g.answer_fields.iter().find(|(k, _)| *k == "quality").and_then(|(_, v)| v.as_str())
 }
 
 /// Charges every attempt of a plan that the provider most likely billed, counted in
