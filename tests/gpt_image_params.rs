@@ -414,3 +414,84 @@ targets = [{ provider = "strict", model = "demo" }]
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Azure (the GPT image fields but moderation), fal and Replicate (their own output fields)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_fal_and_replicate_carry_what_they_have() {
+    use common::mock::azure::AzureOpenAi;
+    use common::mock::fal::FalQueue;
+    use common::mock::replicate::Predictions;
+    let az = Mock::builder(AzureOpenAi::new(&["gpt-image-prod"])).credential("api-key", ["az-key-1"]).start().await;
+    let fal = Mock::builder(FalQueue::default()).credential("authorization", ["Key fal-key-1"]).start().await;
+    let rep = Mock::builder(Predictions::default()).credential("authorization", ["Bearer r8-key-1"]).start().await;
+    let jobs = "poll_interval_ms = 20\nmax_poll_interval_ms = 80\nfetch = { allow_hosts = [\"127.0.0.1\"] }";
+    let policy = format!(
+        r#"[providers.az]
+kind = "azure_openai"
+base_url = "{}"
+api_key_env = "ACC_TEST_AZ_KEY"
+
+[providers.fal]
+kind = "fal"
+base_url = "{}"
+api_key_env = "ACC_TEST_FAL_KEY"
+{jobs}
+
+[providers.rep]
+kind = "replicate"
+base_url = "{}"
+api_key_env = "ACC_TEST_REP_KEY"
+{jobs}
+
+{}{}{}"#,
+        az.base_url(),
+        fal.base_url(),
+        rep.base_url(),
+        route_toml("az", "az").target("az", "gpt-image-prod").with(TIMEOUTS),
+        route_toml("fal", "fal").target("fal", "fal-ai/flux/dev").with(TIMEOUTS),
+        route_toml("rep", "rep").target("rep", "black-forest-labs/flux-dev").with(TIMEOUTS),
+    );
+    let env = [("ACC_TEST_AZ_KEY", "az-key-1"), ("ACC_TEST_FAL_KEY", "fal-key-1"), ("ACC_TEST_REP_KEY", "r8-key-1")];
+    let (gw, _dir) = serve_policy(&policy, &env).await;
+    let body = |model: &str, format: &str| {
+        json!({"model": model, "prompt": "a fox", "output_format": format, "output_compression": 35,
+            "background": "opaque", "moderation": "low", "response_format": "b64_json"})
+    };
+
+    let r = gw.generate(&body("az", "webp")).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("moderation"), "{}", r.describe());
+    assert_eq!(
+        az.last_call().json(),
+        json!({"prompt": "a fox", "n": 1, "response_format": "b64_json", "background": "opaque",
+            "output_format": "webp", "output_compression": 35}),
+    );
+
+    let r = gw.generate(&body("fal", "jpeg")).await;
+    r.assert_status(200);
+    assert_eq!(
+        r.header("x-acc-dropped-params").as_deref(),
+        Some("background, output_compression, moderation"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(fal.submitted_input()["output_format"], json!("jpeg"));
+    let r = gw.generate(&body("fal", "webp")).await;
+    r.assert_status(200);
+    assert_eq!(
+        r.header("x-acc-dropped-params").as_deref(),
+        Some("background, output_format, output_compression, moderation"),
+        "fal's FLUX models have no webp: {}",
+        r.describe()
+    );
+    assert_eq!(fal.submitted_input().get("output_format"), None);
+
+    let r = gw.generate(&body("rep", "jpeg")).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("background, moderation"), "{}", r.describe());
+    let input = rep.created_body()["input"].clone();
+    assert_eq!((&input["output_format"], &input["output_quality"]), (&json!("jpg"), &json!(35)), "{input}");
+}
