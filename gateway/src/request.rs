@@ -880,7 +880,8 @@ mod tests {
         let e = GenerationRequest::from_multipart(Operation::Edit, form(&parts), "XyZ").await.unwrap_err();
         assert_eq!((e.param, e.code), (Some("image"), Some("invalid_value")));
         assert_eq!(e.message, "an edit takes at most 16 images, got 17");
-        let cases: [(&[(&str, Option<&str>, &[u8])], &str, &str); 3] = [
+        type Parts<'a> = &'a [(&'a str, Option<&'a str>, &'a [u8])];
+        let cases: [(Parts, &str, &str); 3] = [
             (
                 &[("image", Some("a"), b"I"), ("prompt", None, b"x"), ("mask", Some("m.jpg"), b"\xFF\xD8\xFFJ")],
                 "mask",

@@ -93,7 +93,7 @@ impl Shape for VertexImagen {
             return google_error(400, "INVALID_ARGUMENT", &format!("unsupported outputOptions.mimeType {mime}"));
         }
         if let Some(q) = params.get("outputOptions").and_then(|o| o.get("compressionQuality")) {
-            if mime != "image/jpeg" || !q.as_u64().is_some_and(|q| q <= 100) {
+            if mime != "image/jpeg" || q.as_u64().is_none_or(|q| q > 100) {
                 return google_error(
                     400,
                     "INVALID_ARGUMENT",
