@@ -139,9 +139,13 @@ pub struct GenerationRequest {
     /// [`INPUT_FIDELITIES`]). Passed as they are to OpenAI-compatible targets, mapped or dropped
     /// elsewhere (see [`Param`]).
     pub background: Option<&'static str>,
+    /// The image format asked for (OpenAI draws PNG without it).
     pub output_format: Option<OutputFormat>,
+    /// JPEG or WebP compression, 0-100 (only with one of those formats).
     pub output_compression: Option<u8>,
+    /// How strict the provider's moderation is: `low` or `auto`.
     pub moderation: Option<&'static str>,
+    /// How closely an edit keeps its input images' features: `high` or `low` (edits only).
     pub input_fidelity: Option<&'static str>,
     /// The client's body (JSON, or the text fields of a form), kept so fields the gateway does
     /// not model pass through to OpenAI-compatible upstreams unchanged.
