@@ -36,11 +36,11 @@ fn text(parts: &[FormPart], name: &str) -> Option<String> {
 // OpenAI kind: unchanged, and every bad value refused before any provider is called
 // ---------------------------------------------------------------------------------------------
 
-/// Route "gi" -> `openai` (model gpt-image-1), priced by quality the way OpenAI prices
-/// gpt-image-1 at 1024x1024.
+/// Route "gi" -> `openai` (model gpt-image-1), priced by quality (and, for medium, size) the
+/// way OpenAI prices gpt-image-1.
 async fn openai_setup() -> (MockProvider, Gateway, PolicyDir) {
     let mock = MockProvider::start().await;
-    let price = r#"price = { per_image_usd = 0.04, quality = { low = 0.011, medium = 0.042, high = 0.167 } }"#;
+    let price = r#"price = { per_image_usd = 0.04, quality = { low = 0.011, medium = { "1024x1024" = 0.042, "1536x1024" = 0.063 }, high = 0.167 } }"#;
     let policy = format!(
         "{}{}",
         openai_provider_with("openai", &mock, price),
@@ -72,15 +72,16 @@ async fn gpt_image_parameters_reach_openai_unchanged() {
     // Priced at the quality asked: one high image.
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.167"), "{}", r.describe());
 
-    // quality "auto": priced at the quality gpt-image-1 says it drew at.
+    // quality and size "auto": priced at the quality and size gpt-image-1 says it drew at.
     let answer = json!({"created": 1, "data": [{"b64_json": b64_encode(mock.png())}], "quality": "medium",
-        "output_format": "png", "size": "1024x1024", "background": "opaque"});
+        "output_format": "png", "size": "1536x1024", "background": "opaque"});
     mock.set_body(Some(&answer.to_string()));
-    let r =
-        gw.generate(&json!({"model": "gi", "prompt": "a fox", "quality": "auto", "response_format": "b64_json"})).await;
+    let auto =
+        json!({"model": "gi", "prompt": "a fox", "quality": "auto", "size": "auto", "response_format": "b64_json"});
+    let r = gw.generate(&auto).await;
     r.assert_status(200);
     assert_eq!(mock.last_call().json()["quality"], json!("auto"));
-    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.042"), "{}", r.describe());
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.063"), "{}", r.describe());
     assert_eq!(r.json()["quality"], json!("medium"), "{}", r.describe());
 }
 
