@@ -13,11 +13,11 @@
 //! - More than 4 images per call: `sampleCount` is capped at 4 and fewer images come back.
 //! - Steps, guidance, sampler, quality and style are not parameters of `:predict` (dropped),
 //!   nor are `background` and `input_fidelity`.
+//!   `negativePrompt` is only honoured by older models; newer ones ignore it.
 //! - `output_format` becomes `outputOptions.mimeType` (`image/png` or `image/jpeg`: Imagen has
 //!   no WebP, so webp is dropped or refused by the policy) and `output_compression` on JPEG
 //!   becomes `outputOptions.compressionQuality`. `moderation: "low"` (less restrictive)
 //!   becomes `safetySetting: "block_only_high"`; `auto` keeps Imagen's default.
-//!   `negativePrompt` is only honoured by older models; newer ones ignore it.
 //! - A seed only applies without the invisible watermark, so `addWatermark: false` goes with it.
 //!   Imagen does not report the seed it used.
 
