@@ -120,7 +120,8 @@ async fn run(
     let spec = policy.providers.get(&target.provider);
 
     // 1. Can this provider do it at all?
-    let dropped = capabilities(env.req, adapter.as_ref(), &target.provider, spec)?;
+    let dropped =
+        capabilities(env.req, adapter.as_ref(), target.model.as_deref().unwrap_or(env.alias), &target.provider, spec)?;
     // 2. Will it take it now?
     let breaker = spec.map(|p| p.breaker.clone()).unwrap_or_default();
     let now = Instant::now();
@@ -223,6 +224,7 @@ async fn run(
 fn capabilities(
     req: &GenerationRequest,
     adapter: &dyn Provider,
+    model: &str,
     name: &str,
     spec: Option<&crate::policy::ProviderSpec>,
 ) -> Result<Vec<Param>, ProviderError> {
@@ -233,7 +235,8 @@ fn capabilities(
             req.op.path()
         )));
     }
-    let dropped: Vec<Param> = Param::ALL.into_iter().filter(|p| req.has(*p) && !adapter.supports(*p)).collect();
+    let dropped: Vec<Param> =
+        Param::ALL.into_iter().filter(|p| req.has(*p) && !adapter.supports_value(*p, model, req)).collect();
     if !dropped.is_empty() && spec.is_some_and(|p| p.unsupported == ParamAction::Reject) {
         let names: Vec<&str> = dropped.iter().map(|p| p.name()).collect();
         return Err(ProviderError::UnsupportedParams(format!(

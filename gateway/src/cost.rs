@@ -11,6 +11,8 @@ use crate::routing::{PlanOutcome, Step};
 
 /// What `images` images of a request cost on a target, at its provider's price (by model, size
 /// and quality, plus steps and GPU time when the generation reports them); `None` when unpriced.
+/// The quality and size are the ones the provider says it drew at (a GPT image model answers
+/// `quality` and `size`, which tell what `auto` became), else the ones asked for.
 pub fn cost_of(
     policy: &Policy,
     step: Step,
@@ -21,15 +23,20 @@ pub fn cost_of(
     let target = &policy.routes[step.route].targets[step.target];
     let price = policy.providers.get(&target.provider)?.price.as_ref()?;
     let model = target.model.as_deref().or(req.model.as_deref()).unwrap_or_default();
-    let size = req.size_text();
+    let size = used.and_then(|g| reported(g, "size")).map_or_else(|| req.size_text(), str::to_owned);
     price.cost(&Billable {
         model,
         size: &size,
-        quality: req.quality.as_deref(),
+        quality: used.and_then(|g| reported(g, "quality")).or(req.quality.as_deref()),
         images,
         steps: used.and_then(|g| g.settings.steps).or(req.steps),
         gpu_seconds: used.and_then(|g| g.gpu_seconds),
     })
+}
+
+/// A text field of the provider's answer (`quality`, `size`), when it gave one.
+fn reported<'a>(g: &'a Generation, field: &str) -> Option<&'a str> {
+    g.answer_fields.iter().find(|(k, _)| *k == field).and_then(|(_, v)| v.as_str())
 }
 
 /// Charges every attempt of a plan that the provider most likely billed, counted in

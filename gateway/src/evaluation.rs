@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::eval::{Outcome, Verdict};
 use crate::policy::{EvalAction, EvalPolicy, ReviewOverflow};
 use crate::providers::{Generation, Image, ProviderError};
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, Param};
 
 /// Evaluates one attempt's artifacts on the evaluation pool under the route's budget and
 /// applies the route's actions: `Ok` to return them (possibly flagged, or marked for review in
@@ -29,6 +29,8 @@ pub async fn evaluate_attempt(
     mirror: bool,
 ) -> Result<(), ProviderError> {
     let expected_size = req.size_given.then_some(req.size);
+    // A format the provider was not asked for (dropped) is not expected of it.
+    let expected_format = req.output_format.filter(|_| !generation.dropped.contains(&Param::OutputFormat.name()));
     let n = req.n;
     let evaluators: Vec<_> = cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str()).cloned()).collect();
     let images = generation.images.clone();
@@ -51,7 +53,15 @@ pub async fn evaluate_attempt(
                     Image::Raw { bytes, .. } => bytes.clone(),
                     Image::Url(_) => Bytes::new(),
                 };
-                crate::eval::evaluate(&bytes, expected_size, &settings, contract.as_deref(), &prompt, &evaluators)
+                crate::eval::evaluate_as(
+                    &bytes,
+                    expected_size,
+                    expected_format,
+                    &settings,
+                    contract.as_deref(),
+                    &prompt,
+                    &evaluators,
+                )
             })
             .collect::<Vec<_>>()
     });

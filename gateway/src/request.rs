@@ -10,6 +10,54 @@ pub mod contract;
 pub const MAX_N: u64 = 10;
 pub const MIN_SIDE: u32 = 256;
 pub const MAX_SIDE: u32 = 1792;
+/// Most input images one edit takes: OpenAI's GPT image models accept up to 16 (`image[]`).
+pub const MAX_EDIT_IMAGES: usize = 16;
+/// `quality` values: the GPT image models' (`low`, `medium`, `high`, `auto`) and DALL·E's
+/// (`standard`, `hd`).
+pub const QUALITIES: [&str; 6] = ["low", "medium", "high", "auto", "standard", "hd"];
+/// `background` values (GPT image models).
+pub const BACKGROUNDS: [&str; 3] = ["transparent", "opaque", "auto"];
+/// `moderation` values (GPT image models).
+pub const MODERATIONS: [&str; 2] = ["low", "auto"];
+/// `input_fidelity` values (edits on GPT image models).
+pub const INPUT_FIDELITIES: [&str; 2] = ["high", "low"];
+
+/// The image format a client asks the provider for (`output_format`; OpenAI's default is PNG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    /// The value of `output_format`: `png`, `jpeg` or `webp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    /// The media type: `image/png`, `image/jpeg` or `image/webp`.
+    pub fn mime(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    fn parse(s: &str) -> Option<OutputFormat> {
+        match s {
+            "png" => Some(OutputFormat::Png),
+            "jpeg" => Some(OutputFormat::Jpeg),
+            "webp" => Some(OutputFormat::Webp),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFormat {
@@ -77,13 +125,28 @@ pub struct GenerationRequest {
     pub response_format: ResponseFormat,
     pub seed: Option<u64>,
     pub negative_prompt: Option<String>,
-    /// `quality` and `style` as OpenAI defines them (passed on where the provider has them).
+    /// `quality` as OpenAI defines it, one of [`QUALITIES`] (passed on where the provider has
+    /// it), and `style`.
     pub quality: Option<String>,
     pub style: Option<String>,
     /// Diffusion settings (extensions): sampling steps, guidance (CFG) scale, sampler name.
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub sampler: Option<String>,
+    /// The GPT image models' parameters, checked against OpenAI's allowed values: `background`
+    /// (one of [`BACKGROUNDS`]), `output_format`, `output_compression` (0-100, JPEG and WebP
+    /// only), `moderation` (one of [`MODERATIONS`]) and, on edits, `input_fidelity` (one of
+    /// [`INPUT_FIDELITIES`]). Passed as they are to OpenAI-compatible targets, mapped or dropped
+    /// elsewhere (see [`Param`]).
+    pub background: Option<&'static str>,
+    /// The image format asked for (OpenAI draws PNG without it).
+    pub output_format: Option<OutputFormat>,
+    /// JPEG or WebP compression, 0-100 (only with one of those formats).
+    pub output_compression: Option<u8>,
+    /// How strict the provider's moderation is: `low` or `auto`.
+    pub moderation: Option<&'static str>,
+    /// How closely an edit keeps its input images' features: `high` or `low` (edits only).
+    pub input_fidelity: Option<&'static str>,
     /// The client's body (JSON, or the text fields of a form), kept so fields the gateway does
     /// not model pass through to OpenAI-compatible upstreams unchanged.
     pub raw: Map<String, Value>,
@@ -154,6 +217,16 @@ impl GenerationRequest {
                         bytes: data,
                     };
                     if name == "mask" {
+                        if mask.is_some() {
+                            return Err(ApiError::invalid("mask", "invalid_value", "an edit takes one mask"));
+                        }
+                        if !part.bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+                            return Err(ApiError::invalid(
+                                "mask",
+                                "invalid_image_format",
+                                "mask must be a PNG file (its fully transparent areas mark where to edit)",
+                            ));
+                        }
                         mask = Some(part);
                     } else {
                         images.push(part);
@@ -165,7 +238,7 @@ impl GenerationRequest {
                     })?;
                     // Form fields are text; numbers are numbers when they parse as such.
                     let value = match name.as_str() {
-                        "n" | "seed" => {
+                        "n" | "seed" | "output_compression" => {
                             text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text))
                         }
                         _ => Value::String(text),
@@ -183,6 +256,16 @@ impl GenerationRequest {
         }
         if op == Operation::Variation && images.len() > 1 {
             return Err(ApiError::invalid("image", "invalid_value", "a variation takes exactly one image"));
+        }
+        if op == Operation::Variation && mask.is_some() {
+            return Err(ApiError::invalid("mask", "invalid_value", "a variation takes no mask"));
+        }
+        if images.len() > MAX_EDIT_IMAGES {
+            return Err(ApiError::invalid(
+                "image",
+                "invalid_value",
+                format!("an edit takes at most {MAX_EDIT_IMAGES} images, got {}", images.len()),
+            ));
         }
         let mut req = Self::from_map(op, raw)?;
         req.images = images;
@@ -243,7 +326,7 @@ impl GenerationRequest {
             Some(other) => return Err(wrong_type("seed", "an integer", other)),
         };
         let negative_prompt = opt_string(f.negative_prompt, "negative_prompt")?;
-        let quality = opt_string(f.quality, "quality")?;
+        let quality = one_of(f.quality, "quality", &QUALITIES)?.map(str::to_owned);
         let style = opt_string(f.style, "style")?;
         let sampler = opt_string(f.sampler, "sampler")?;
         let steps = match f.steps {
@@ -275,16 +358,8 @@ impl GenerationRequest {
             Some(other) => return Err(wrong_type("guidance_scale", "a number", other)),
         };
         let (contract, regenerate_of) = acc_field(f.acc)?;
-        for (value, field) in [
-            (f.quality, "quality"),
-            (f.style, "style"),
-            (f.user, "user"),
-            (f.background, "background"),
-            (f.output_format, "output_format"),
-            (f.moderation, "moderation"),
-        ] {
-            opt_string(value, field)?;
-        }
+        opt_string(f.user, "user")?;
+        let gpt_image = GptImage::of(op, &f)?;
         Ok(GenerationRequest {
             op,
             prompt,
@@ -301,6 +376,11 @@ impl GenerationRequest {
             steps,
             guidance_scale,
             sampler,
+            background: gpt_image.background,
+            output_format: gpt_image.output_format,
+            output_compression: gpt_image.output_compression,
+            moderation: gpt_image.moderation,
+            input_fidelity: gpt_image.input_fidelity,
             raw,
             images: Vec::new(),
             mask: None,
@@ -320,10 +400,21 @@ pub enum Param {
     Sampler,
     Quality,
     Style,
+    /// `background` (transparent, opaque, auto).
+    Background,
+    /// `output_format` (png, jpeg, webp).
+    OutputFormat,
+    /// `output_compression` (0-100, with jpeg or webp).
+    OutputCompression,
+    /// `moderation` (low, auto).
+    Moderation,
+    /// `input_fidelity` (high, low; edits).
+    InputFidelity,
 }
 
 impl Param {
-    pub const ALL: [Param; 7] = [
+    /// Every parameter, in the order `x-acc-dropped-params` lists them.
+    pub const ALL: [Param; 12] = [
         Param::NegativePrompt,
         Param::Seed,
         Param::Steps,
@@ -331,6 +422,11 @@ impl Param {
         Param::Sampler,
         Param::Quality,
         Param::Style,
+        Param::Background,
+        Param::OutputFormat,
+        Param::OutputCompression,
+        Param::Moderation,
+        Param::InputFidelity,
     ];
 
     /// The request field's name.
@@ -343,6 +439,11 @@ impl Param {
             Param::Sampler => "sampler",
             Param::Quality => "quality",
             Param::Style => "style",
+            Param::Background => "background",
+            Param::OutputFormat => "output_format",
+            Param::OutputCompression => "output_compression",
+            Param::Moderation => "moderation",
+            Param::InputFidelity => "input_fidelity",
         }
     }
 }
@@ -358,6 +459,11 @@ impl GenerationRequest {
             Param::Sampler => self.sampler.is_some(),
             Param::Quality => self.quality.is_some(),
             Param::Style => self.style.is_some(),
+            Param::Background => self.background.is_some(),
+            Param::OutputFormat => self.output_format.is_some(),
+            Param::OutputCompression => self.output_compression.is_some(),
+            Param::Moderation => self.moderation.is_some(),
+            Param::InputFidelity => self.input_fidelity.is_some(),
         }
     }
 
@@ -409,6 +515,8 @@ struct Fields<'a> {
     background: Option<&'a Value>,
     output_format: Option<&'a Value>,
     moderation: Option<&'a Value>,
+    output_compression: Option<&'a Value>,
+    input_fidelity: Option<&'a Value>,
 }
 
 impl<'a> Fields<'a> {
@@ -433,11 +541,99 @@ impl<'a> Fields<'a> {
                 "background" => &mut f.background,
                 "output_format" => &mut f.output_format,
                 "moderation" => &mut f.moderation,
+                "output_compression" => &mut f.output_compression,
+                "input_fidelity" => &mut f.input_fidelity,
                 _ => continue,
             };
             *slot = Some(v);
         }
         f
+    }
+}
+
+/// The GPT image models' parameters of a request, each checked against OpenAI's documented
+/// values and the combinations it refuses (Images API reference: `output_compression` only
+/// for JPEG and WebP, a transparent `background` only in PNG or WebP, `input_fidelity` only
+/// on edits).
+struct GptImage {
+    background: Option<&'static str>,
+    output_format: Option<OutputFormat>,
+    output_compression: Option<u8>,
+    moderation: Option<&'static str>,
+    input_fidelity: Option<&'static str>,
+}
+
+impl GptImage {
+    fn of(op: Operation, f: &Fields<'_>) -> Result<GptImage, ApiError> {
+        let background = one_of(f.background, "background", &BACKGROUNDS)?;
+        let output_format = match opt_string(f.output_format, "output_format")? {
+            None => None,
+            Some(s) => Some(OutputFormat::parse(&s).ok_or_else(|| {
+                ApiError::invalid(
+                    "output_format",
+                    "invalid_value",
+                    format!("output_format must be one of \"png\", \"jpeg\", \"webp\"; got \"{s}\""),
+                )
+            })?),
+        };
+        let output_compression = match f.output_compression {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(num)) => match num.as_u64() {
+                Some(v) if v <= 100 => Some(v as u8),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "output_compression",
+                        "invalid_value",
+                        format!("output_compression must be an integer between 0 and 100, got {num}"),
+                    ))
+                }
+            },
+            Some(other) => return Err(wrong_type("output_compression", "an integer", other)),
+        };
+        if output_compression.is_some() && !matches!(output_format, Some(OutputFormat::Jpeg | OutputFormat::Webp)) {
+            return Err(ApiError::invalid(
+                "output_compression",
+                "invalid_value",
+                "output_compression applies only to output_format \"jpeg\" or \"webp\"",
+            ));
+        }
+        if background == Some("transparent") && output_format == Some(OutputFormat::Jpeg) {
+            return Err(ApiError::invalid(
+                "background",
+                "invalid_value",
+                "a transparent background needs output_format \"png\" or \"webp\" (JPEG has no transparency)",
+            ));
+        }
+        let moderation = one_of(f.moderation, "moderation", &MODERATIONS)?;
+        let input_fidelity = one_of(f.input_fidelity, "input_fidelity", &INPUT_FIDELITIES)?;
+        if input_fidelity.is_some() && op != Operation::Edit {
+            return Err(ApiError::invalid(
+                "input_fidelity",
+                "unknown_parameter",
+                format!("input_fidelity applies to /v1/images/edits only, not /v1/images/{}", op.path()),
+            ));
+        }
+        Ok(GptImage { background, output_format, output_compression, moderation, input_fidelity })
+    }
+}
+
+/// A string field that must be one of `allowed`: the allowed value itself (static).
+fn one_of(
+    value: Option<&Value>,
+    field: &'static str,
+    allowed: &[&'static str],
+) -> Result<Option<&'static str>, ApiError> {
+    let Some(s) = opt_string(value, field)? else { return Ok(None) };
+    match allowed.iter().find(|a| **a == s) {
+        Some(a) => Ok(Some(a)),
+        None => {
+            let list: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+            Err(ApiError::invalid(
+                field,
+                "invalid_value",
+                format!("{field} must be one of {}; got \"{s}\"", list.join(", ")),
+            ))
+        }
     }
 }
 
@@ -556,12 +752,68 @@ mod tests {
             (r#"{"prompt":"x","response_format":"gif"}"#, Some("response_format"), "invalid_value"),
             (r#"{"prompt":"x","seed":-1}"#, Some("seed"), "invalid_value"),
             (r#"{"prompt":"x","model":["a"]}"#, Some("model"), "invalid_type"),
+            (r#"{"prompt":"x","quality":"ultra"}"#, Some("quality"), "invalid_value"),
+            (r#"{"prompt":"x","background":"clear"}"#, Some("background"), "invalid_value"),
+            (r#"{"prompt":"x","background":true}"#, Some("background"), "invalid_type"),
+            (r#"{"prompt":"x","output_format":"gif"}"#, Some("output_format"), "invalid_value"),
+            (
+                r#"{"prompt":"x","output_format":"jpeg","output_compression":101}"#,
+                Some("output_compression"),
+                "invalid_value",
+            ),
+            (
+                r#"{"prompt":"x","output_format":"jpeg","output_compression":-1}"#,
+                Some("output_compression"),
+                "invalid_value",
+            ),
+            (
+                r#"{"prompt":"x","output_format":"jpeg","output_compression":"50"}"#,
+                Some("output_compression"),
+                "invalid_type",
+            ),
+            (r#"{"prompt":"x","output_compression":50}"#, Some("output_compression"), "invalid_value"),
+            (
+                r#"{"prompt":"x","output_format":"png","output_compression":50}"#,
+                Some("output_compression"),
+                "invalid_value",
+            ),
+            (
+                r#"{"prompt":"x","output_format":"jpeg","background":"transparent"}"#,
+                Some("background"),
+                "invalid_value",
+            ),
+            (r#"{"prompt":"x","moderation":"high"}"#, Some("moderation"), "invalid_value"),
+            (r#"{"prompt":"x","input_fidelity":"high"}"#, Some("input_fidelity"), "unknown_parameter"),
         ];
         for (body, param, code) in cases {
             let e = err(body);
             assert_eq!((e.param, e.code), (param, Some(code)), "{body}: {}", e.message);
             assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn gpt_image_parameters_parse_to_their_values() {
+        let r = GenerationRequest::from_json(
+            br#"{"prompt":"x","quality":"medium","background":"transparent","output_format":"webp","output_compression":0,"moderation":"low"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.quality.as_deref(), Some("medium"));
+        assert_eq!(
+            (r.background, r.output_format, r.output_compression, r.moderation, r.input_fidelity),
+            (Some("transparent"), Some(OutputFormat::Webp), Some(0), Some("low"), None)
+        );
+        let set: Vec<&str> = Param::ALL.into_iter().filter(|p| r.has(*p)).map(Param::name).collect();
+        assert_eq!(set, ["quality", "background", "output_format", "output_compression", "moderation"]);
+        for q in QUALITIES {
+            let r = GenerationRequest::from_json(format!(r#"{{"prompt":"x","quality":"{q}"}}"#).as_bytes()).unwrap();
+            assert_eq!(r.quality.as_deref(), Some(q));
+        }
+        let r =
+            GenerationRequest::from_json(br#"{"prompt":"x","output_format":"jpeg","output_compression":100}"#).unwrap();
+        assert_eq!((r.output_format.map(OutputFormat::mime), r.output_compression), (Some("image/jpeg"), Some(100)));
+        let e = err(r#"{"prompt":"x","background":"clear"}"#);
+        assert_eq!(e.message, r#"background must be one of "transparent", "opaque", "auto"; got "clear""#);
     }
 
     fn form(parts: &[(&str, Option<&str>, &[u8])]) -> bytes::Bytes {
@@ -610,6 +862,69 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!((e.param, e.code), (Some("n"), Some("invalid_type")));
+        let png: &[u8] = b"\x89PNG\r\n\x1a\nMASK";
+        let body = form(&[
+            ("image[]", Some("a.png"), b"ONE"),
+            ("image[]", Some("b.webp"), b"TWO"),
+            ("mask", Some("m.png"), png),
+            ("prompt", None, b"merge them"),
+            ("output_format", None, b"jpeg"),
+            ("output_compression", None, b"40"),
+            ("input_fidelity", None, b"high"),
+        ]);
+        let r = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap();
+        let files: Vec<(&str, &[u8])> = r.images.iter().map(|p| (p.field.as_str(), &p.bytes[..])).collect();
+        assert_eq!(files, [("image[]", &b"ONE"[..]), ("image[]", &b"TWO"[..])]);
+        assert_eq!(r.mask.as_ref().map(|m| &m.bytes[..]), Some(png));
+        assert_eq!((r.output_compression, r.input_fidelity), (Some(40), Some("high")));
+        assert_eq!(r.raw["output_compression"], serde_json::json!(40));
+
+        let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![("prompt", None, b"x")];
+        parts.extend(std::iter::repeat_n(("image[]", Some("a.png"), &b"I"[..]), MAX_EDIT_IMAGES + 1));
+        let e = GenerationRequest::from_multipart(Operation::Edit, form(&parts), "XyZ").await.unwrap_err();
+        assert_eq!((e.param, e.code), (Some("image"), Some("invalid_value")));
+        assert_eq!(e.message, "an edit takes at most 16 images, got 17");
+        type Parts<'a> = &'a [(&'a str, Option<&'a str>, &'a [u8])];
+        let cases: [(Parts, &str, &str); 3] = [
+            (
+                &[("image", Some("a"), b"I"), ("prompt", None, b"x"), ("mask", Some("m.jpg"), b"\xFF\xD8\xFFJ")],
+                "mask",
+                "invalid_image_format",
+            ),
+            (
+                &[
+                    ("image", Some("a"), b"I"),
+                    ("prompt", None, b"x"),
+                    ("mask", Some("m"), png),
+                    ("mask", Some("n"), png),
+                ],
+                "mask",
+                "invalid_value",
+            ),
+            (
+                &[
+                    ("image", Some("a"), b"I"),
+                    ("prompt", None, b"x"),
+                    ("output_format", None, b"png"),
+                    ("output_compression", None, b"9"),
+                ],
+                "output_compression",
+                "invalid_value",
+            ),
+        ];
+        for (parts, param, code) in cases {
+            let e = GenerationRequest::from_multipart(Operation::Edit, form(parts), "XyZ").await.unwrap_err();
+            assert_eq!((e.param, e.code), (Some(param), Some(code)), "{}", e.message);
+        }
+        let e = GenerationRequest::from_multipart(
+            Operation::Variation,
+            form(&[("image", Some("a"), b"I"), ("mask", Some("m"), png)]),
+            "XyZ",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!((e.param, e.code), (Some("mask"), Some("invalid_value")));
+
         let e = GenerationRequest::from_multipart(Operation::Edit, bytes::Bytes::from_static(b"garbage"), "XyZ")
             .await
             .unwrap_err();

@@ -208,6 +208,7 @@ mod tests {
         let decoded = Decoded::new(image::ImageFormat::Png, img);
         let settings = Settings::default();
         Adherence::new().evaluate(&Subject {
+            expected_format: None,
             image: &decoded,
             expected_size: None,
             settings: &settings,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use image::{ImageFormat, RgbImage};
 
-use crate::request::Size;
+use crate::request::{OutputFormat, Size};
 
 pub mod adherence;
 pub mod classifier;
@@ -187,6 +187,9 @@ pub struct Subject<'a> {
     pub image: &'a Decoded,
     /// The exact size the client asked for, if it asked for one.
     pub expected_size: Option<Size>,
+    /// The `output_format` the provider was asked for, if the client asked for one and it was
+    /// sent (not dropped).
+    pub expected_format: Option<OutputFormat>,
     pub settings: &'a Settings,
     /// The request's prompt contract, if it has one.
     pub contract: Option<&'a crate::request::contract::Contract>,
@@ -219,6 +222,19 @@ pub fn evaluate(
     prompt: &str,
     evaluators: &[Arc<dyn Evaluator>],
 ) -> Report {
+    evaluate_as(bytes, expected_size, None, settings, contract, prompt, evaluators)
+}
+
+/// [`evaluate`], with the `output_format` the artifact must be in (sanity checks it).
+pub fn evaluate_as(
+    bytes: &Bytes,
+    expected_size: Option<Size>,
+    expected_format: Option<OutputFormat>,
+    settings: &Settings,
+    contract: Option<&crate::request::contract::Contract>,
+    prompt: &str,
+    evaluators: &[Arc<dyn Evaluator>],
+) -> Report {
     let start = Instant::now();
     let decoded = decode(bytes);
     let mut verdicts = Vec::with_capacity(evaluators.len());
@@ -226,7 +242,7 @@ pub fn evaluate(
     for e in evaluators {
         let t = Instant::now();
         let v = match &decoded {
-            Ok(image) => e.evaluate(&Subject { image, expected_size, settings, contract, prompt }),
+            Ok(image) => e.evaluate(&Subject { image, expected_size, expected_format, settings, contract, prompt }),
             Err(why) => {
                 Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason: format!("artifact {why}") }
             }

@@ -1,5 +1,6 @@
 //! `sanity`: the artifact decodes (within limits, see `decode`), has the size the client asked
-//! for, and is not blank or near-uniform.
+//! for, is in the `output_format` the provider was asked for, and is not blank or
+//! near-uniform.
 
 use super::{Evaluator, Outcome, Subject, Verdict};
 
@@ -16,6 +17,12 @@ impl Evaluator for Sanity {
 
     fn evaluate(&self, s: &Subject<'_>) -> Verdict {
         let size = s.image.size();
+        if let Some(want) = s.expected_format {
+            let got = format_name(s.image.format);
+            if got != want.name() {
+                return fail(format!("image is {got}, the request asked for output_format {}", want.name()));
+            }
+        }
         if let Some(want) = s.expected_size {
             if want != size {
                 return fail(format!("image is {size}, the request asked for {want}"));
@@ -36,6 +43,16 @@ impl Evaluator for Sanity {
             verdict: Outcome::Pass,
             reason: format!("{:?} {size}, luma std dev {sd:.1}", s.image.format),
         }
+    }
+}
+
+/// The `output_format` name of a decoded format (`decode` takes PNG, JPEG and WebP only).
+fn format_name(f: image::ImageFormat) -> &'static str {
+    match f {
+        image::ImageFormat::Png => "png",
+        image::ImageFormat::Jpeg => "jpeg",
+        image::ImageFormat::WebP => "webp",
+        _ => "another format",
     }
 }
 
@@ -106,6 +123,62 @@ mod tests {
             evaluate(&bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nnope"), None, &Default::default(), None, "", &evs);
         assert_eq!(broken.verdicts[0].verdict, Outcome::Fail);
         assert!(broken.verdicts[0].reason.starts_with("artifact does not decode"), "{}", broken.verdicts[0].reason);
+    }
+
+    fn encoded(img: &image::RgbImage, format: image::ImageFormat) -> bytes::Bytes {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        bytes::Bytes::from(out.into_inner())
+    }
+
+    /// JPEG and WebP artifacts are decoded and evaluated like PNG ones, and one in another
+    /// format than the `output_format` asked for fails.
+    #[test]
+    fn jpeg_and_webp_are_evaluated_and_must_match_output_format() {
+        use crate::eval::evaluate_as;
+        use crate::request::OutputFormat;
+        let evs: Vec<Arc<dyn crate::eval::Evaluator>> = vec![Arc::new(Sanity)];
+        let size = Some(Size { width: 64, height: 48 });
+        let img = noisy(64, 48);
+        let cases = [
+            (image::ImageFormat::Jpeg, OutputFormat::Jpeg, "Jpeg 64x48"),
+            (image::ImageFormat::WebP, OutputFormat::Webp, "WebP 64x48"),
+            (image::ImageFormat::Png, OutputFormat::Png, "Png 64x48"),
+        ];
+        for (format, asked, reason) in cases {
+            let bytes = encoded(&img, format);
+            let r = evaluate_as(&bytes, size, Some(asked), &Default::default(), None, "", &evs);
+            assert_eq!((r.verdicts[0].verdict, r.verdicts[0].reason.split(',').next()), (Outcome::Pass, Some(reason)));
+            // Without output_format, any of the three passes.
+            let r = evaluate_as(&bytes, size, None, &Default::default(), None, "", &evs);
+            assert_eq!(r.verdicts[0].verdict, Outcome::Pass, "{:?}", r.verdicts);
+        }
+        let r = evaluate_as(&png(&img), size, Some(OutputFormat::Jpeg), &Default::default(), None, "", &evs);
+        assert_eq!(
+            (r.verdicts[0].verdict, r.verdicts[0].reason.as_str()),
+            (Outcome::Fail, "image is png, the request asked for output_format jpeg")
+        );
+        let r = evaluate_as(
+            &encoded(&img, image::ImageFormat::Jpeg),
+            size,
+            Some(OutputFormat::Webp),
+            &Default::default(),
+            None,
+            "",
+            &evs,
+        );
+        assert_eq!(r.verdicts[0].reason, "image is jpeg, the request asked for output_format webp");
+        // The right format at the wrong size still fails on its size.
+        let r = evaluate_as(
+            &encoded(&img, image::ImageFormat::WebP),
+            Some(Size { width: 64, height: 64 }),
+            Some(OutputFormat::Webp),
+            &Default::default(),
+            None,
+            "",
+            &evs,
+        );
+        assert_eq!(r.verdicts[0].reason, "image is 64x48, the request asked for 64x64");
     }
 
     #[test]

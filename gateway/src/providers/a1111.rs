@@ -89,7 +89,16 @@ struct Checkpoint<'a> {
 #[async_trait]
 impl Provider for A1111 {
     fn supports(&self, param: Param) -> bool {
-        !matches!(param, Param::Quality | Param::Style)
+        !matches!(
+            param,
+            Param::Quality
+                | Param::Style
+                | Param::Background
+                | Param::OutputFormat
+                | Param::OutputCompression
+                | Param::Moderation
+                | Param::InputFidelity
+        )
     }
 
     fn supports_op(&self, _op: Operation) -> bool {

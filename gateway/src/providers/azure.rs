@@ -4,7 +4,9 @@
 //! where the deployment is the target's model name, with the key in an `api-key` header. The
 //! bodies and answers are the OpenAI Images API's (JSON for generations, multipart for edits);
 //! Azure adds its content filter, whose refusals come back as `ContentFiltered`. Azure offers
-//! no variations, and no seed, steps, guidance, sampler or negative prompt.
+//! no variations, and no seed, steps, guidance, sampler, negative prompt or `moderation`; the
+//! GPT image models' `background`, `output_format`, `output_compression` and (edits)
+//! `input_fidelity` pass as the client sent them.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,7 +26,9 @@ const DEFAULT_API_VERSION: &str = "2024-10-21";
 
 /// OpenAI fields Azure's image models take that the gateway does not model itself: passed on
 /// when the client set them.
-const PASSTHROUGH: [&str; 4] = ["user", "background", "output_format", "output_compression"];
+const PASSTHROUGH: [&str; 1] = ["user"];
+/// The GPT image models' parameters Azure takes, passed as the client sent them unless dropped.
+const GPT_IMAGE: [Param; 4] = [Param::Background, Param::OutputFormat, Param::OutputCompression, Param::InputFidelity];
 
 pub struct Azure {
     base_url: String,
@@ -88,6 +92,11 @@ impl Azure {
                 m.insert(key.into(), v.clone());
             }
         }
+        for p in GPT_IMAGE.into_iter().filter(|p| attempt.sends(*p)) {
+            if let Some(v) = req.raw.get(p.name()) {
+                m.insert(p.name().into(), v.clone());
+            }
+        }
         m
     }
 }
@@ -95,7 +104,7 @@ impl Azure {
 #[async_trait]
 impl Provider for Azure {
     fn supports(&self, param: Param) -> bool {
-        matches!(param, Param::Quality | Param::Style)
+        matches!(param, Param::Quality | Param::Style) || GPT_IMAGE.contains(&param)
     }
 
     fn supports_op(&self, op: Operation) -> bool {

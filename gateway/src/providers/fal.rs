@@ -3,6 +3,10 @@
 //! read from the response URL: image URLs at fal's CDN, which the proxy fetches (SSRF-guarded)
 //! when it needs the bytes. A job left behind (client gone, deadline passed, hedge lost) is
 //! cancelled with PUT `.../requests/{id}/cancel`.
+//!
+//! `output_format` png or jpeg passes as the FLUX models' `output_format` (which has no webp:
+//! webp is dropped or refused by the policy); `background`, `output_compression`, `moderation`
+//! and `input_fidelity` have no equivalent.
 
 use std::time::Duration;
 
@@ -14,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::errors::{rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{jobs, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
-use crate::request::Param;
+use crate::request::{GenerationRequest, OutputFormat, Param};
 
 pub struct Fal {
     /// `https://queue.fal.run` unless the policy says otherwise.
@@ -54,6 +58,9 @@ struct Input<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     guidance_scale: Option<f64>,
     enable_safety_checker: bool,
+    /// `png` or `jpeg` (fal's FLUX models default to jpeg).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_format: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -118,7 +125,24 @@ struct Timings {
 #[async_trait]
 impl Provider for Fal {
     fn supports(&self, param: Param) -> bool {
-        !matches!(param, Param::Quality | Param::Style | Param::Sampler)
+        !matches!(
+            param,
+            Param::Quality
+                | Param::Style
+                | Param::Sampler
+                | Param::Background
+                | Param::OutputCompression
+                | Param::Moderation
+                | Param::InputFidelity
+        )
+    }
+
+    /// fal's FLUX models write PNG or JPEG.
+    fn supports_value(&self, param: Param, _model: &str, req: &GenerationRequest) -> bool {
+        match param {
+            Param::OutputFormat => req.output_format != Some(OutputFormat::Webp),
+            p => self.supports(p),
+        }
     }
 
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
@@ -141,6 +165,7 @@ impl Provider for Fal {
             num_inference_steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
             guidance_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
             enable_safety_checker: true,
+            output_format: req.output_format.filter(|_| attempt.sends(Param::OutputFormat)).map(OutputFormat::name),
         };
         let json = serde_json::to_vec(&input).map_err(|e| ProviderError::Other(e.to_string()))?;
 

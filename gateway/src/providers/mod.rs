@@ -234,6 +234,13 @@ pub trait Provider: Send + Sync {
         true
     }
 
+    /// Whether this kind can honour `param` with the value `req` gives it on `model` (default:
+    /// [`supports`](Self::supports)); for values only some of a kind's models take, such as
+    /// WebP output, which Stability's SD3 endpoint does not offer.
+    fn supports_value(&self, param: Param, _model: &str, _req: &GenerationRequest) -> bool {
+        self.supports(param)
+    }
+
     /// Whether this kind can do `op` (default: generations only).
     fn supports_op(&self, op: Operation) -> bool {
         op == Operation::Generate

@@ -4,6 +4,10 @@
 //! succeeds, fails or is canceled, and its output URLs are handed to the proxy, which fetches
 //! them (SSRF-guarded) when it needs the bytes. A prediction left behind (client gone, deadline
 //! passed, hedge lost) is cancelled with POST `.../predictions/{id}/cancel`.
+//!
+//! The image models' `output_format` (`png`, `jpg`, `webp`; png unless the client asks) and
+//! `output_quality` (0-100, from `output_compression`) carry the GPT image parameters of the same
+//! meaning; `background`, `moderation`, `input_fidelity` have no equivalent.
 
 use std::time::Duration;
 
@@ -16,7 +20,7 @@ use super::errors::{rule, ErrorClass, Matcher, Rule, Statuses};
 use super::jobs;
 use super::{AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
 use crate::policy::Connection;
-use crate::request::Param;
+use crate::request::{OutputFormat, Param};
 
 pub struct Replicate {
     /// `https://api.replicate.com/v1` unless the policy says otherwise.
@@ -68,6 +72,9 @@ struct Input<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     guidance_scale: Option<f64>,
     output_format: &'static str,
+    /// JPEG and WebP quality, 0-100.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_quality: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -137,7 +144,15 @@ impl<'a> Model<'a> {
 #[async_trait]
 impl Provider for Replicate {
     fn supports(&self, param: Param) -> bool {
-        !matches!(param, Param::Quality | Param::Style | Param::Sampler)
+        !matches!(
+            param,
+            Param::Quality
+                | Param::Style
+                | Param::Sampler
+                | Param::Background
+                | Param::Moderation
+                | Param::InputFidelity
+        )
     }
 
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
@@ -169,7 +184,12 @@ impl Provider for Replicate {
                 negative_prompt: req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)),
                 num_inference_steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
                 guidance_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
-                output_format: "png",
+                output_format: match req.output_format.filter(|_| attempt.sends(Param::OutputFormat)) {
+                    None | Some(OutputFormat::Png) => "png",
+                    Some(OutputFormat::Jpeg) => "jpg",
+                    Some(OutputFormat::Webp) => "webp",
+                },
+                output_quality: req.output_compression.filter(|_| attempt.sends(Param::OutputCompression)),
             },
         };
         let json = serde_json::to_vec(&create).map_err(|e| ProviderError::Other(e.to_string()))?;

@@ -14,7 +14,10 @@
 //! Sizes become the nearest of Stability's aspect ratios; the output resolution is the model's
 //! own (about one megapixel). OpenAI's `style` values map to presets (`natural` ->
 //! `photographic`, `vivid` -> `cinematic`), and a preset name passes as it is; any other style
-//! is not sent. Steps, guidance, sampler and quality are not parameters of these endpoints.
+//! is not sent. `output_format` passes as it is (png, jpeg, webp; the SD3 endpoint has no webp,
+//! so webp there is dropped or refused by the policy) and is png otherwise. Steps, guidance,
+//! sampler, quality, `background`, `output_compression`, `moderation` and `input_fidelity` are
+//! not parameters of these endpoints.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,7 +29,7 @@ use super::vertex::nearest_ratio;
 use super::{key_header, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
-use crate::request::Param;
+use crate::request::{GenerationRequest, OutputFormat, Param};
 use crate::upstream;
 
 /// One image, as PNG bytes or their base64, stays below this.
@@ -81,7 +84,17 @@ impl Stability {
 #[async_trait]
 impl Provider for Stability {
     fn supports(&self, param: Param) -> bool {
-        matches!(param, Param::NegativePrompt | Param::Seed | Param::Style)
+        matches!(param, Param::NegativePrompt | Param::Seed | Param::Style | Param::OutputFormat)
+    }
+
+    /// SD3 draws PNG or JPEG only.
+    fn supports_value(&self, param: Param, model: &str, req: &GenerationRequest) -> bool {
+        match param {
+            Param::OutputFormat => {
+                !(req.output_format == Some(OutputFormat::Webp) && api_for(model).is_some_and(|(a, _)| a == Api::Sd3))
+            }
+            p => self.supports(p),
+        }
     }
 
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
@@ -108,6 +121,7 @@ impl Provider for Stability {
         let results = futures_util::future::join_all(calls).await;
 
         let mut generation = Generation::default();
+        generation.answer_fields.push(("output_format", output_format(attempt).name().into()));
         let mut first_error = None;
         for r in results {
             match r {
@@ -165,7 +179,7 @@ fn common_fields(attempt: &AttemptRequest<'_>, model: Option<&str>, boundary: &s
         field("model", m);
     }
     field("aspect_ratio", &format!("{w}:{h}"));
-    field("output_format", "png");
+    field("output_format", output_format(attempt).name());
     if let Some(neg) = req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)) {
         field("negative_prompt", neg);
     }
@@ -173,6 +187,11 @@ fn common_fields(attempt: &AttemptRequest<'_>, model: Option<&str>, boundary: &s
         field("style_preset", preset);
     }
     out
+}
+
+/// The format asked of Stability: the client's `output_format` when sent, else PNG.
+fn output_format(attempt: &AttemptRequest<'_>) -> OutputFormat {
+    attempt.req.output_format.filter(|_| attempt.sends(Param::OutputFormat)).unwrap_or(OutputFormat::Png)
 }
 
 /// One call: one image and the seed Stability reports for it.

@@ -11,8 +11,13 @@
 //!   ratio to the requested size is asked for; any other size comes back at that resolution, and
 //!   the sanity evaluator flags the difference when the client asked for an exact size.
 //! - More than 4 images per call: `sampleCount` is capped at 4 and fewer images come back.
-//! - Steps, guidance, sampler, quality and style are not parameters of `:predict` (dropped).
+//! - Steps, guidance, sampler, quality and style are not parameters of `:predict` (dropped),
+//!   nor are `background` and `input_fidelity`.
 //!   `negativePrompt` is only honoured by older models; newer ones ignore it.
+//! - `output_format` becomes `outputOptions.mimeType` (`image/png` or `image/jpeg`: Imagen has
+//!   no WebP, so webp is dropped or refused by the policy) and `output_compression` on JPEG
+//!   becomes `outputOptions.compressionQuality`. `moderation: "low"` (less restrictive)
+//!   becomes `safetySetting: "block_only_high"`; `auto` keeps Imagen's default.
 //! - A seed only applies without the invisible watermark, so `addWatermark: false` goes with it.
 //!   Imagen does not report the seed it used.
 
@@ -28,7 +33,7 @@ use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::ChunkedBody;
 use crate::policy::Connection;
-use crate::request::Param;
+use crate::request::{GenerationRequest, OutputFormat, Param};
 use crate::upstream;
 
 /// Four 2048x2048 PNGs in base64 stay well below this.
@@ -72,7 +77,18 @@ impl Vertex {
 #[async_trait]
 impl Provider for Vertex {
     fn supports(&self, param: Param) -> bool {
-        matches!(param, Param::NegativePrompt | Param::Seed)
+        matches!(
+            param,
+            Param::NegativePrompt | Param::Seed | Param::OutputFormat | Param::OutputCompression | Param::Moderation
+        )
+    }
+
+    /// Imagen writes PNG or JPEG, and compresses JPEG only.
+    fn supports_value(&self, param: Param, _model: &str, req: &GenerationRequest) -> bool {
+        match param {
+            Param::OutputFormat | Param::OutputCompression => req.output_format != Some(OutputFormat::Webp),
+            p => self.supports(p),
+        }
     }
 
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
@@ -128,6 +144,18 @@ fn predict_body(attempt: &AttemptRequest<'_>) -> serde_json::Value {
         "includeRaiReason": true,
         "outputOptions": {"mimeType": "image/png"},
     });
+    if attempt.sends(Param::OutputFormat) {
+        if let Some(f) = req.output_format {
+            parameters["outputOptions"]["mimeType"] = json!(f.mime());
+        }
+    }
+    // Only reaches here with jpeg: the request refuses compression for png, and webp is dropped.
+    if attempt.sends(Param::OutputCompression) && parameters["outputOptions"]["mimeType"] == "image/jpeg" {
+        parameters["outputOptions"]["compressionQuality"] = json!(req.output_compression);
+    }
+    if attempt.sends(Param::Moderation) && req.moderation == Some("low") {
+        parameters["safetySetting"] = json!("block_only_high");
+    }
     if attempt.sends(Param::NegativePrompt) {
         parameters["negativePrompt"] = json!(req.negative_prompt);
     }

@@ -116,6 +116,10 @@ impl Shape for StableImage {
         if field("output_format").is_some_and(|f| !["png", "jpeg", "webp"].contains(&f.as_str())) {
             return stability_error(400, "bad_request", "output_format: must be png, jpeg or webp");
         }
+        // SD3 writes PNG or JPEG only.
+        if call.req.endpoint == Some("sd3") && field("output_format").as_deref() == Some("webp") {
+            return stability_error(400, "bad_request", "output_format: must be one of png, jpeg");
+        }
         let seed = match field("seed") {
             None => self.next_seed.fetch_add(1, Ordering::SeqCst),
             Some(s) => match s.parse::<u64>() {
@@ -134,7 +138,10 @@ impl Shape for StableImage {
         let finish = if prompt.contains("blurred") { "CONTENT_FILTERED" } else { "SUCCESS" };
         let image = call.images(1).swap_remove(0);
         if self.bytes.load(Ordering::SeqCst) {
-            return Reply::raw(200, "image/png", image).header("finish-reason", finish).header("seed", seed);
+            let format = field("output_format").unwrap_or_else(|| "png".into());
+            return Reply::raw(200, &format!("image/{format}"), image)
+                .header("finish-reason", finish)
+                .header("seed", seed);
         }
         Reply::json(200, &json!({"image": b64_encode(&image), "finish_reason": finish, "seed": seed}))
     }

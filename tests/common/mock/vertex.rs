@@ -86,6 +86,27 @@ impl Shape for VertexImagen {
                 return google_error(400, "INVALID_ARGUMENT", &format!("unsupported aspectRatio {r}"));
             }
         }
+        // outputOptions: mimeType image/png or image/jpeg, compressionQuality 0-100 (JPEG only).
+        let mime = params.get("outputOptions").and_then(|o| o.get("mimeType")).and_then(Value::as_str);
+        let mime = mime.unwrap_or("image/png").to_string();
+        if !["image/png", "image/jpeg"].contains(&mime.as_str()) {
+            return google_error(400, "INVALID_ARGUMENT", &format!("unsupported outputOptions.mimeType {mime}"));
+        }
+        if let Some(q) = params.get("outputOptions").and_then(|o| o.get("compressionQuality")) {
+            if mime != "image/jpeg" || q.as_u64().is_none_or(|q| q > 100) {
+                return google_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "outputOptions.compressionQuality must be 0-100, with mimeType image/jpeg",
+                );
+            }
+        }
+        if let Some(s) = params.get("safetySetting") {
+            let known = ["block_low_and_above", "block_medium_and_above", "block_only_high", "block_none"];
+            if !s.as_str().is_some_and(|s| known.contains(&s)) {
+                return google_error(400, "INVALID_ARGUMENT", &format!("unsupported safetySetting {s}"));
+            }
+        }
         if params.contains_key("seed") && params.get("addWatermark") != Some(&json!(false)) {
             return google_error(400, "INVALID_ARGUMENT", "seed is not supported when addWatermark is enabled");
         }
@@ -99,7 +120,7 @@ impl Shape for VertexImagen {
                 if prompt.contains("forbidden") || (prompt.contains("partly") && i > 0) {
                     filtered.clone()
                 } else {
-                    json!({"mimeType": "image/png", "bytesBase64Encoded": b64_encode(image)})
+                    json!({"mimeType": mime, "bytesBase64Encoded": b64_encode(image)})
                 }
             })
             .collect();
