@@ -311,6 +311,32 @@ fn a_proxy_address_in_use_is_named_with_its_flag() {
     );
 }
 
+/// A second `acc serve` on the port of a running one is refused, not let into its
+/// SO_REUSEPORT group (where it would silently take half the connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_proxy_port_is_refused() {
+    let dir = PolicyDir::with(&builtin_policy(false));
+    let gw = Gateway::start(dir.path()).await;
+    let addr = gw.proxy_addr.to_string();
+    let args: Vec<String> =
+        ["--policies", dir.path().to_str().unwrap(), "--listen", &addr, "--admin-listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serve_refusal(&args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!("acc: {addr} (--listen) is already in use: stop what listens there or choose another address"),
+        "{stderr}"
+    );
+    gw.generate(&demo_req()).await.assert_status(200);
+}
+
 #[test]
 fn an_admin_address_in_use_is_named_with_its_flag() {
     let dir = PolicyDir::with(&builtin_policy(false));

@@ -381,7 +381,20 @@ fn spawn_background_runtime(
 
 /// Binds `n` proxy sockets to the same address with SO_REUSEPORT: the kernel spreads incoming
 /// connections across them, one per worker thread (port 0 is resolved by the first bind).
+///
+/// SO_REUSEPORT would also let a second process (another `acc serve` of the same user) join
+/// the group and silently take half the connections: a probe bound without it first fails with
+/// "address in use" while anything listens on the address.
 fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
