@@ -209,6 +209,22 @@ async fn the_admin_401_says_whether_the_server_or_the_client_lacks_the_token() {
         assert!(!r.text().contains("sk-not-the-admin-token-9f") && !r.text().contains(ADMIN_TOKEN), "{}", r.describe());
     }
 
+    // `acc traces` without the variable says the token is missing on this side.
+    let admin = gw.admin.clone();
+    let out = tokio::task::spawn_blocking(move || acc_command().args(["traces", "--admin", &admin]).output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().rsplit_once(": no admin token").map(|(_, rest)| rest),
+        Some(
+            " in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>` \
+             (ACC_ADMIN_TOKEN is not set here: export it with the gateway's admin token)"
+        ),
+        "{stderr}"
+    );
+
     // A gateway started without ACC_ADMIN_TOKEN: the server lacks it, whatever the client sends.
     let gw = Gateway::start_with_env(dir.path(), &[("ACC_ADMIN_TOKEN", "")]).await;
     for auth in [None, Some(bearer(ADMIN_TOKEN))] {
