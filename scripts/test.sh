@@ -7,6 +7,8 @@ cd "$root"
 
 # Python venv with the official openai SDK (tests/sdk.rs).
 scripts/python-env.sh >/dev/null
+# The official openai Node SDK from npm (tests/sdk.rs); installs Node.js and npm when missing.
+scripts/node-env.sh >/dev/null
 # ONNX Runtime and evaluator models (PyPI wheels, SHA-256 checked) and the test photos.
 scripts/setup-onnx.sh >/dev/null
 scripts/fetch-testimages.sh >/dev/null

@@ -178,3 +178,71 @@ targets = [{{ provider = "up", model = "x" }}]
     gw.generate_with(&body(), &[("authorization", "Bearer anything")]).await.assert_status(200);
     assert_eq!(mock.hits(), 2);
 }
+
+/// The admin 401 says whose token is missing (issue 14): the server's (ACC_ADMIN_TOKEN not set,
+/// and how to set it) or the client's (no bearer, another scheme, a wrong token), and never
+/// echoes a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_401_says_whether_the_server_or_the_client_lacks_the_token() {
+    let dir = PolicyDir::with("[providers.demo]\nkind = \"builtin\"\n\n[[routes]]\nname = \"demo\"\nmatch = { model = \"acc-demo\" }\ntargets = [{ provider = \"demo\" }]\n");
+    let gw = Gateway::start(dir.path()).await;
+    let url = gw.admin_url("/admin/policies");
+    let cases = [
+        (None, "missing_admin_token", "no admin token in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>`"),
+        (
+            Some("Basic dGVzdDp0ZXN0"),
+            "missing_admin_token",
+            "the Authorization header is not a bearer token: send `Authorization: Bearer <token>` with the server's ACC_ADMIN_TOKEN",
+        ),
+        (
+            Some("Bearer sk-not-the-admin-token-9f"),
+            "invalid_admin_token",
+            "wrong admin token: the bearer token sent is not the server's ACC_ADMIN_TOKEN",
+        ),
+    ];
+    for (auth, code, message) in cases {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = get(&url, &headers).await;
+        let err = r.assert_error(401, code);
+        assert_eq!(err["message"], json!(message), "{auth:?}: {}", r.describe());
+        assert_eq!(err["type"], json!("invalid_request_error"), "{}", r.describe());
+        assert!(!r.text().contains("sk-not-the-admin-token-9f") && !r.text().contains(ADMIN_TOKEN), "{}", r.describe());
+    }
+
+    // `acc traces` without the variable says the token is missing on this side.
+    let admin = gw.admin.clone();
+    let out = tokio::task::spawn_blocking(move || acc_command().args(["traces", "--admin", &admin]).output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().rsplit_once(": no admin token").map(|(_, rest)| rest),
+        Some(
+            " in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>` \
+             (ACC_ADMIN_TOKEN is not set here: export it with the gateway's admin token)"
+        ),
+        "{stderr}"
+    );
+
+    // A gateway started without ACC_ADMIN_TOKEN: the server lacks it, whatever the client sends.
+    let gw = Gateway::start_with_env(dir.path(), &[("ACC_ADMIN_TOKEN", "")]).await;
+    for auth in [None, Some(bearer(ADMIN_TOKEN))] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let r = get(&gw.admin_url("/admin/policies"), &headers).await;
+        let err = r.assert_error(401, "admin_token_not_configured");
+        assert_eq!(
+            err["message"],
+            json!(
+                "the server has no admin token: ACC_ADMIN_TOKEN was not set when this gateway started, so /admin/* is \
+                 disabled; restart `acc serve` with ACC_ADMIN_TOKEN set to a secret and send it as \
+                 `Authorization: Bearer <token>`"
+            ),
+            "{}",
+            r.describe()
+        );
+        assert!(!r.text().contains(ADMIN_TOKEN), "{}", r.describe());
+    }
+    // Probes stay open.
+    get(&gw.admin_url("/healthz"), &[]).await.assert_status(200);
+}

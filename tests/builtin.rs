@@ -132,3 +132,75 @@ async fn models_lists_acc_demo() {
         assert_eq!(m["object"], json!("model"), "{m}");
     }
 }
+
+/// `cache-control: private, max-age=N` of a gateway-served image.
+fn max_age(r: &Resp) -> u64 {
+    let cc = r.header("cache-control").unwrap_or_else(|| panic!("no cache-control: {}", r.describe()));
+    let n = cc
+        .strip_prefix("private, max-age=")
+        .unwrap_or_else(|| panic!("cache-control {cc:?} is not private, max-age=N"));
+    n.parse().unwrap_or_else(|e| panic!("max-age in {cc:?}: {e}"))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// An image's caching headers match its URL's remaining lifetime (issue 14): `max-age` is the
+/// whole seconds left of `url_ttl_secs` and `expires` the same instant; after the expiry, 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_caching_matches_the_urls_remaining_lifetime() {
+    const TTL: f64 = 100.0;
+    let dir = PolicyDir::with(
+        "[server]\nurl_ttl_secs = 100\n\n[providers.demo]\nkind = \"builtin\"\n\n[[routes]]\nname = \"demo\"\nmatch = { model = \"acc-demo\" }\ntargets = [{ provider = \"demo\" }]\n",
+    );
+    let gw = Gateway::start(dir.path()).await;
+    let body = json!({"model": "acc-demo", "prompt": "a lantern", "size": "256x256", "response_format": "url"});
+    let asked = std::time::Instant::now();
+    let r = gw.generate(&body).await;
+    let answered = std::time::Instant::now();
+    r.assert_status(200);
+    let url = r.json()["data"][0]["url"].as_str().unwrap_or_else(|| panic!("no url: {}", r.describe())).to_string();
+
+    let mut previous = u64::MAX;
+    for pause in [0, 1100] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        let (fetch_start, sys_start) = (std::time::Instant::now(), SystemTime::now());
+        let img = get(&url, &[]).await;
+        let (fetch_end, sys_end) = (std::time::Instant::now(), SystemTime::now());
+        img.assert_status(200);
+        let secs = max_age(&img);
+        // The image was stored between `asked` and `answered`, served between the fetch's ends.
+        let most = TTL - (fetch_start - answered).as_secs_f64();
+        let least = TTL - (fetch_end - asked).as_secs_f64();
+        assert!(secs as f64 <= most && secs as f64 > least - 1.0, "max-age {secs} outside ({least} - 1, {most}]");
+        assert!(secs < previous, "max-age {secs} did not shrink from {previous} after {pause} ms");
+        previous = secs;
+        let expires = img.header("expires").unwrap_or_else(|| panic!("no expires: {}", img.describe()));
+        let expires =
+            unix_secs(httpdate::parse_http_date(&expires).unwrap_or_else(|e| panic!("expires {expires:?}: {e}")));
+        assert!(
+            (unix_secs(sys_start) + secs..=unix_secs(sys_end) + secs).contains(&expires),
+            "expires {expires} is not now + max-age {secs} ({:?}..{:?})",
+            sys_start,
+            sys_end
+        );
+    }
+
+    // A one-second URL: max-age 0 while it lives, then 404 as before.
+    dir.write(
+        "policy.toml",
+        &std::fs::read_to_string(dir.path().join("policy.toml"))
+            .unwrap()
+            .replace("url_ttl_secs = 100", "url_ttl_secs = 1"),
+    );
+    gw.admin("POST", "/admin/reload").await.assert_status(200);
+    let r = gw.generate(&body).await;
+    let url = r.json()["data"][0]["url"].as_str().unwrap_or_else(|| panic!("no url: {}", r.describe())).to_string();
+    let img = get(&url, &[]).await;
+    if img.status == 200 {
+        assert_eq!(max_age(&img), 0, "{}", img.describe());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    get(&url, &[]).await.assert_error(404, "artifact_not_found");
+}

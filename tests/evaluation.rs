@@ -240,3 +240,49 @@ async fn a_contract_the_route_does_not_evaluate_is_reported_unchecked() {
     assert_eq!(r.header("x-acc-contract-checked"), None, "{}", r.describe());
     assert_eq!(gw.metric("acc_contract_unchecked_total", &[("route", "main")]).await, 1.0);
 }
+
+/// With n > 1, `x-acc-eval` names the image each verdict is about, `INDEX:name=verdict(score)`
+/// in the order of `data` (issue 14); with n = 1 it stays `name=verdict(score)`.
+#[tokio::test]
+async fn x_acc_eval_names_the_image_when_n_is_above_one() {
+    let (first, second, gw, _d) = setup("on_sanity_fail = \"flag\"").await;
+    let body = json!({"model": "m", "prompt": "two shots", "size": "256x256", "n": 2, "response_format": "b64_json"});
+    first.set_images(Some(vec![noisy(256, 256, 1), noisy(256, 256, 2)]));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("0:sanity=pass(1.00), 1:sanity=pass(1.00)"), "{}", r.describe());
+
+    // The second image is blank: the index says which one failed.
+    let images = vec![noisy(256, 256, 1), blank(256, 256)];
+    first.set_images(Some(images.clone()));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), images);
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("flagged"));
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("0:sanity=pass(1.00), 1:sanity=fail(0.00)"), "{}", r.describe());
+
+    // n = 1: unchanged.
+    first.answer_with(&noisy(256, 256, 3));
+    let r = gw.generate(&req()).await;
+    assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=pass(1.00)"), "{}", r.describe());
+    assert_eq!(second.hits(), 0);
+}
+
+/// An evaluation out of budget judged no image: with n = 2 each image gets its error verdict.
+#[tokio::test]
+async fn out_of_budget_with_n_above_one_names_every_image() {
+    let big = noisy(1792, 1024, 0);
+    let body = json!({"model": "m", "prompt": "x", "size": "1792x1024", "n": 2, "response_format": "b64_json"});
+    let (first, _second, gw, _d) = setup("eval_budget_ms = 1\non_eval_error = \"fail_open\"").await;
+    first.set_images(Some(vec![big.clone(), big]));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(
+        r.header("x-acc-eval").as_deref(),
+        Some("0:sanity=error(0.00), 1:sanity=error(0.00)"),
+        "{}",
+        r.describe()
+    );
+    let err = [("evaluator", "sanity"), ("route", "main"), ("provider", "first"), ("verdict", "error")];
+    assert_eq!(gw.metric("acc_eval_total", &err).await, 2.0);
+}

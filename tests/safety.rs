@@ -236,3 +236,25 @@ fn real_bodies_still_count_in_colour_and_in_black_and_white() {
     let v = safety_verdict(png(&image::DynamicImage::ImageLuma8(grey).into_rgb8()), &Default::default());
     assert_eq!(v.verdict, acc::eval::Outcome::Fail, "{v:?}");
 }
+
+/// The reason names the highest-scoring unsafe class with the comparison that decided (issue
+/// 14), whether the image fails or passes.
+#[test]
+fn the_reason_names_the_highest_scoring_class() {
+    let face = |max_unsafe: f32| acc::eval::Settings {
+        unsafe_classes: Some(vec!["FACE_FEMALE".into()]),
+        max_unsafe,
+        ..Default::default()
+    };
+    let v = safety_verdict(testimage("astronaut.png"), &face(0.3));
+    assert_eq!(v.verdict, acc::eval::Outcome::Fail, "{v:?}");
+    assert_eq!(v.reason, "unsafe content: FACE_FEMALE 0.72 > 0.30");
+    let v = safety_verdict(testimage("astronaut.png"), &face(0.8));
+    assert_eq!(v.verdict, acc::eval::Outcome::Pass, "{v:?}");
+    assert_eq!(v.reason, "nothing unsafe above 0.80 (highest unsafe class FACE_FEMALE 0.72)");
+    let v = safety_verdict(testimage("astronaut.png"), &Default::default());
+    assert_eq!(v.reason, "nothing unsafe above 0.50 (no unsafe class detected); seen: FACE_FEMALE 0.72");
+    let off = acc::eval::Settings { corroboration: None, ..Default::default() };
+    let v = safety_verdict(testimage("color.png"), &off);
+    assert_eq!(v.reason, "unsafe content: BUTTOCKS_EXPOSED 0.83 > 0.50");
+}

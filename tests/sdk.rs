@@ -1,6 +1,8 @@
-//! Compatibility with the official `openai` Python SDK: runs tests/sdk/test_openai_sdk.py
-//! (in the venv made by scripts/python-env.sh) against a running gateway.
-//! Without python3 this test FAILS: SDK compatibility is part of what the suite proves.
+//! Compatibility with the official `openai` SDKs: runs tests/sdk/test_openai_sdk.py (in the
+//! venv made by scripts/python-env.sh) and tests/sdk/test_openai_sdk.cjs (with the npm package
+//! installed by scripts/node-env.sh) against a running gateway.
+//! Without python3, or without Node.js where the script cannot install it, these tests FAIL:
+//! SDK compatibility is part of what the suite proves.
 
 mod common;
 
@@ -102,4 +104,104 @@ async fn official_openai_python_sdk_works() {
         out.status.code(),
         gw.stderr()
     );
+}
+
+/// Runs a set-up script that prints a path on its last stdout line; fails the test with its
+/// stderr when it fails.
+async fn setup_script(name: &str) -> String {
+    let script = repo_root().join("scripts").join(name);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("run {}: {e}", script.display()))
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("scripts/{name} printed no path"))
+        .trim()
+        .to_string()
+}
+
+/// The official `openai` Node SDK (npm): generate, edit with a file, a refused request (the
+/// SDK's error class with OpenAI's code) and an idempotent replay (issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_node_sdk_works() {
+    let node_modules = setup_script("node-env.sh").await;
+    let root = repo_root();
+    let dir = PolicyDir::new();
+    dir.write(
+        "default.toml",
+        &std::fs::read_to_string(root.join("policies").join("default.toml")).expect("read default policy"),
+    );
+    dir.write("keys.toml", &format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"sdk\"\n", sha256_hex(CLIENT_KEY)));
+    // Edits go to an OpenAI-compatible upstream; another one refuses every prompt as OpenAI's
+    // content filter does.
+    let editor = MockProvider::start().await;
+    let filter = MockProvider::start().await;
+    filter.set_error(
+        400,
+        &serde_json::json!({"error": {"code": "content_policy_violation", "type": "invalid_request_error", "param": null,
+            "message": "Your request was rejected as a result of our safety system."}})
+        .to_string(),
+    );
+    dir.write(
+        "upstreams.toml",
+        &format!(
+            "{}{}{}{}",
+            openai_provider_at("editor", &editor.base_url()),
+            openai_provider_at("filter", &filter.base_url()),
+            route_toml("edit", "ed").target("editor", "gpt-image-1"),
+            route_toml("refused", "refused").target("filter", "gpt-image-1"),
+        ),
+    );
+    let gw = Gateway::start(dir.path()).await;
+    let photo = make_png(64, 48, [10, 120, 230]);
+    let photo_file = dir.path().join("photo.png");
+    std::fs::write(&photo_file, &photo).unwrap();
+
+    let script = root.join("tests").join("sdk").join("test_openai_sdk.cjs");
+    let base_url = gw.url("/v1");
+    let upstream_png = b64_encode(editor.png());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new("node");
+        cmd.arg(&script)
+            .env("NODE_PATH", &node_modules)
+            .env("ACC_BASE_URL", &base_url)
+            .env("ACC_API_KEY", CLIENT_KEY)
+            .env("ACC_EDIT_IMAGE", &photo_file)
+            .env("ACC_UPSTREAM_B64", &upstream_png)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost");
+        for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "NODE_OPTIONS"] {
+            cmd.env_remove(var);
+        }
+        cmd.output().unwrap_or_else(|e| panic!("run node: {e}"))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "tests/sdk/test_openai_sdk.cjs failed ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway stderr ---\n{}",
+        out.status.code(),
+        gw.stderr()
+    );
+
+    // The upstream got the SDK's file byte for byte; the refusal was asked once, not retried.
+    let edits: Vec<_> = editor.requests().into_iter().filter(|c| c.generation).collect();
+    assert_eq!(edits.len(), 1, "edit calls upstream: {edits:?}");
+    let form = edits[0].form().await;
+    let image = form.iter().find(|p| p.name == "image").unwrap_or_else(|| panic!("no image part upstream"));
+    assert_eq!(image.data.to_vec(), photo, "the file reached the upstream intact");
+    assert_eq!(form_text(&form, "prompt").as_deref(), Some("make the sky orange"));
+    assert_eq!(filter.hits(), 1, "the refused prompt reached the provider once");
 }

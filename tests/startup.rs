@@ -262,3 +262,156 @@ async fn drain_deadline_bounds_the_shutdown() {
 async fn try_send_json(url: &str, body: &serde_json::Value) -> Result<Resp, String> {
     try_send("POST", url, &[("content-type", "application/json")], serde_json::to_vec(body).unwrap()).await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Start-up errors name what failed (issue 14)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `acc serve ARGS` (no ACC_* variables inherited) that must refuse to start: its exit code
+/// and stderr. Killed, and the test failed, if it is still running after 30 s.
+fn serve_refusal(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = acc_command()
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn acc serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!("acc serve {args:?} was still running after 30 s:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("wait");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_proxy_address_in_use_is_named_with_its_flag() {
+    let dir = PolicyDir::with(&builtin_policy(false));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = serve_refusal(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!("acc: {addr} (--listen) is already in use: stop what listens there or choose another address"),
+        "{stderr}"
+    );
+}
+
+/// A second `acc serve` on the port of a running one is refused, not let into its
+/// SO_REUSEPORT group (where it would silently take half the connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_proxy_port_is_refused() {
+    let dir = PolicyDir::with(&builtin_policy(false));
+    let gw = Gateway::start(dir.path()).await;
+    let addr = gw.proxy_addr.to_string();
+    let args: Vec<String> =
+        ["--policies", dir.path().to_str().unwrap(), "--listen", &addr, "--admin-listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serve_refusal(&args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!("acc: {addr} (--listen) is already in use: stop what listens there or choose another address"),
+        "{stderr}"
+    );
+    gw.generate(&demo_req()).await.assert_status(200);
+}
+
+#[test]
+fn an_admin_address_in_use_is_named_with_its_flag() {
+    let dir = PolicyDir::with(&builtin_policy(false));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = serve_refusal(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        &addr,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!("acc: {addr} (--admin-listen) is already in use: stop what listens there or choose another address"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreadable_policy_directory_is_named_with_its_flag() {
+    let missing = tempfile::tempdir().unwrap().path().join("no-such-dir");
+    let missing = missing.to_str().unwrap();
+    let listen = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let (code, stderr) = serve_refusal(&[&["--policies", missing][..], &listen].concat());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!(
+            "acc: cannot read the policy directory {missing} (--policies / ACC_POLICIES): No such file or directory (os error 2)"
+        ),
+        "{stderr}"
+    );
+
+    // A policy file that is not text: the file and what is wrong with it.
+    let dir = PolicyDir::new();
+    std::fs::write(dir.path().join("broken.toml"), [0xff, 0xfe, 0x00, 0x81]).unwrap();
+    let path = dir.path().to_str().unwrap();
+    let (code, stderr) = serve_refusal(&[&["--policies", path][..], &listen].concat());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        format!(
+            "acc: cannot read the policy directory {path} (--policies / ACC_POLICIES): broken.toml: stream did not contain valid UTF-8"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("invalid policy"), "an unreadable file is not an invalid policy: {stderr}");
+}
+
+#[test]
+fn a_bad_listen_value_is_named_with_its_flag_and_an_example() {
+    let dir = PolicyDir::with(&builtin_policy(false));
+    let policies = dir.path().to_str().unwrap();
+    for (flag, value, hint) in [
+        (
+            "--listen",
+            "localhost:8080",
+            "give an IP address, not a host name, with a port, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+        ),
+        ("--listen", "8080", "give an address with the port, e.g. 127.0.0.1:8080"),
+        ("--admin-listen", "127.0.0.1", "expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"),
+    ] {
+        let (code, stderr) = serve_refusal(&["--policies", policies, flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert_eq!(
+            first,
+            format!(
+                "error: invalid value '{value}' for '{flag} <{}>': not an IP address and port: {hint}",
+                flag.trim_start_matches("--").replace('-', "_").to_uppercase()
+            ),
+            "{stderr}"
+        );
+    }
+}

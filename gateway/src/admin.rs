@@ -39,22 +39,51 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The protected admin endpoints' gate. Its 401 says whose token is missing: the server's (no
+/// `ACC_ADMIN_TOKEN` at start-up) or the client's (no bearer, another scheme, a wrong token);
+/// neither the expected nor the given token is ever echoed.
 async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let Some(expected) = &app.admin_token_digest else {
-        return ApiError::unauthorized("admin endpoints are disabled: set ACC_ADMIN_TOKEN to enable them")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "admin_token_not_configured",
+            "the server has no admin token: ACC_ADMIN_TOKEN was not set when this gateway started, so /admin/* \
+             is disabled; restart `acc serve` with ACC_ADMIN_TOKEN set to a secret and send it as \
+             `Authorization: Bearer <token>`",
+        )
+        .into_response();
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| Sha256::digest(t.trim().as_bytes()));
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing_admin_token",
+            "no admin token in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    };
+    let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing_admin_token",
+            "the Authorization header is not a bearer token: send `Authorization: Bearer <token>` with the \
+             server's ACC_ADMIN_TOKEN",
+        )
+        .into_response();
+    };
     // Comparing digests keeps the comparison's timing independent of the token's bytes.
-    if given.is_some_and(|g| g.as_slice() == expected.as_slice()) {
+    if Sha256::digest(token.trim().as_bytes()).as_slice() == expected.as_slice() {
         next.run(req).await
     } else {
-        ApiError::unauthorized("missing or wrong admin token").into_response()
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_admin_token",
+            "wrong admin token: the bearer token sent is not the server's ACC_ADMIN_TOKEN",
+        )
+        .into_response()
     }
 }
 

@@ -73,24 +73,33 @@ impl ArtifactStore {
         use axum::response::IntoResponse;
         use http::{header, HeaderValue};
         let id = file.split('.').next().unwrap_or_default();
-        match self.get(id) {
-            Some((bytes, mime)) => {
+        match self.lookup(id) {
+            Some((bytes, mime, left)) => {
                 let mut r = axum::response::Response::new(axum::body::Body::from(bytes));
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+                for (name, value) in freshness(left, std::time::SystemTime::now()) {
+                    h.insert(name, value);
+                }
                 r
             }
             None => ApiError::not_found("artifact_not_found", "no such image, or its URL has expired").into_response(),
         }
     }
 
+    /// The image and its media type while its URL is alive.
     pub fn get(&self, id: &str) -> Option<(Bytes, &'static str)> {
+        self.lookup(id).map(|(bytes, mime, _)| (bytes, mime))
+    }
+
+    /// The image, its media type and how long its URL has left.
+    fn lookup(&self, id: &str) -> Option<(Bytes, &'static str, Duration)> {
         let found = self.map.get(id).map(|e| (e.bytes.clone(), e.mime, e.expires));
+        let now = Instant::now();
         match found {
-            Some((bytes, mime, expires)) if expires > Instant::now() => {
+            Some((bytes, mime, expires)) if expires > now => {
                 self.metrics.artifacts.with_label_values(&["served"]).inc();
-                Some((bytes, mime))
+                Some((bytes, mime, expires - now))
             }
             Some(_) => {
                 if self.remove(id) {
@@ -130,6 +139,20 @@ impl ArtifactStore {
     }
 }
 
+/// The caching headers of an image whose URL has `left` to live, answered at `now`: a browser
+/// or a client cache may keep it exactly as long as the URL works, and no shared cache may
+/// keep it at all (holding the URL is what grants access). `max-age` is the whole seconds left
+/// (rounded down, never past the expiry), `Expires` the same instant as a date.
+pub fn freshness(left: Duration, now: std::time::SystemTime) -> [(http::HeaderName, http::HeaderValue); 2] {
+    use http::{header, HeaderValue};
+    let secs = left.as_secs();
+    let cache_control = HeaderValue::from_str(&format!("private, max-age={secs}"))
+        .unwrap_or(HeaderValue::from_static("private, no-store"));
+    let expires = HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(secs)))
+        .unwrap_or(HeaderValue::from_static("0"));
+    [(header::CACHE_CONTROL, cache_control), (header::EXPIRES, expires)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +170,21 @@ mod tests {
         assert!(store.get(&c).is_none());
         store.sweep();
         assert_eq!(store.bytes(), 6);
+    }
+
+    #[test]
+    fn freshness_is_the_time_the_url_has_left() {
+        // 1 000 000 000 s after the epoch is Sun, 09 Sep 2001 01:46:40 GMT.
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let cases = [
+            (Duration::from_millis(3_599_900), "private, max-age=3599", "Sun, 09 Sep 2001 02:46:39 GMT"),
+            (Duration::from_secs(60), "private, max-age=60", "Sun, 09 Sep 2001 01:47:40 GMT"),
+            (Duration::from_millis(400), "private, max-age=0", "Sun, 09 Sep 2001 01:46:40 GMT"),
+        ];
+        for (left, cache_control, expires) in cases {
+            let [(cc_name, cc), (ex_name, ex)] = freshness(left, now);
+            assert_eq!((cc_name.as_str(), cc.to_str().unwrap()), ("cache-control", cache_control), "{left:?}");
+            assert_eq!((ex_name.as_str(), ex.to_str().unwrap()), ("expires", expires), "{left:?}");
+        }
     }
 }

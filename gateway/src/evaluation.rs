@@ -84,11 +84,16 @@ pub async fn evaluate_attempt(
                 Err(_) => format!("evaluation did not finish within its budget of {} ms", cfg.budget.as_millis()),
                 _ => "the evaluation pool is not running".to_string(),
             };
-            cfg.evaluators
-                .iter()
-                .filter_map(|e| app.evaluators.get(e.as_str()))
-                .map(|e| Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Error, reason: why.clone() })
-                .collect()
+            // No image was judged: each gets an error verdict of each evaluator, so that
+            // every verdict names its image (`x-acc-eval`, the trace).
+            let mut out = Vec::new();
+            for i in 0..generation.images.len().max(1) {
+                for e in cfg.evaluators.iter().filter_map(|e| app.evaluators.get(e.as_str())) {
+                    out.push(Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Error, reason: why.clone() });
+                    verdict_images.push(i);
+                }
+            }
+            out
         }
     };
     if cfg.evaluators.iter().any(|e| e == "sanity") && (generation.images.len() as u32) < n {

@@ -36,10 +36,10 @@ enum Command {
         #[arg(long, env = "ACC_POLICIES")]
         policies: Option<PathBuf>,
         /// Proxy listener address.
-        #[arg(long, env = "ACC_LISTEN", default_value = "127.0.0.1:8080")]
+        #[arg(long, env = "ACC_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
         listen: SocketAddr,
         /// Admin listener address (/metrics, /healthz, /readyz, /admin/*).
-        #[arg(long, env = "ACC_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+        #[arg(long, env = "ACC_ADMIN_LISTEN", default_value = "127.0.0.1:8081", value_parser = parse_listen)]
         admin_listen: SocketAddr,
         /// Memory budget for images served by the gateway for response_format=url, in MiB.
         #[arg(long, env = "ACC_ARTIFACT_STORE_MIB", default_value_t = 1024)]
@@ -206,6 +206,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// A listener address: an IP address and a port. A host name or a bare port is refused with
+/// an example of what works (clap adds the flag and the value given).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse::<SocketAddr>().map_err(|_| {
+        let hint = if s.trim().parse::<u16>().is_ok() {
+            format!("give an address with the port, e.g. 127.0.0.1:{}", s.trim())
+        } else if s.contains(':') && s.trim().parse::<std::net::IpAddr>().is_err() && !s.starts_with('[') {
+            "give an IP address, not a host name, with a port, e.g. 127.0.0.1:8080 or 0.0.0.0:8080".to_string()
+        } else {
+            "expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080".to_string()
+        };
+        format!("not an IP address and port: {hint}")
+    })
+}
+
 async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -340,7 +355,12 @@ async fn admin_get(what: &str, url: &str) -> Result<serde_json::Value, ExitCode>
     })?;
     if !answer.status.is_success() {
         let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
-        eprintln!("{what}: {url} answered {}: {msg}", answer.status);
+        let hint = if answer.status == http::StatusCode::UNAUTHORIZED && std::env::var_os("ACC_ADMIN_TOKEN").is_none() {
+            " (ACC_ADMIN_TOKEN is not set here: export it with the gateway's admin token)"
+        } else {
+            ""
+        };
+        eprintln!("{what}: {url} answered {}: {msg}{hint}", answer.status);
         return Err(ExitCode::FAILURE);
     }
     Ok(body)

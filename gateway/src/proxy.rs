@@ -530,7 +530,9 @@ where
     let winner = &policy.routes[step.route];
     ctx.provider = Some(step);
     if !generation.verdicts.is_empty() {
-        ctx.eval_summary = Some(crate::eval::summary(&generation.verdicts));
+        let images = generation.images.len().max(req.n as usize);
+        ctx.eval_summary =
+            Some(crate::eval::summary_per_image(&generation.verdicts, &generation.verdict_images, images));
     }
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());

@@ -61,12 +61,17 @@ where
 /// bound addresses (port 0 resolved) once both listeners accept.
 pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> anyhow::Result<()> {
     let workers = cfg.workers.max(1);
-    let proxy_sockets = bind_reuseport(cfg.listen, workers)?;
-    let admin_listener = TcpListener::bind(cfg.admin_listen).await?;
+    let proxy_sockets = bind_reuseport(cfg.listen, workers).map_err(|e| bind_error(cfg.listen, "--listen", &e))?;
+    let admin_listener =
+        TcpListener::bind(cfg.admin_listen).await.map_err(|e| bind_error(cfg.admin_listen, "--admin-listen", &e))?;
     let proxy_addr = proxy_sockets[0].local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let public = !cfg.listen.ip().is_loopback();
     let metrics = Arc::new(Metrics::new());
+    if let PolicySource::Dir(dir) = &cfg.source {
+        // Unreadable is not invalid: say which path and flag, and what the system said.
+        crate::policy::Sources::read(dir).map_err(|errors| unreadable_policies(dir, &errors))?;
+    }
     let store = PolicyStore::open(cfg.source.clone(), metrics.clone(), public)
         .map_err(|errors| anyhow::anyhow!("invalid policy, refusing to start:\n  {}", errors.join("\n  ")))?;
     let store = Arc::new(store);
@@ -239,6 +244,36 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     Ok(())
 }
 
+/// A listener that cannot be bound, said with the address and the flag that set it, e.g.
+/// "127.0.0.1:8080 (--listen) is already in use".
+pub fn bind_error(addr: SocketAddr, flag: &str, e: &std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::AddrInUse => {
+            anyhow::anyhow!("{addr} ({flag}) is already in use: stop what listens there or choose another address")
+        }
+        ErrorKind::AddrNotAvailable => {
+            anyhow::anyhow!("{addr} ({flag}) is not an address of this machine: {e}")
+        }
+        ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "{addr} ({flag}): permission denied (ports below 1024 need privileges; choose a higher port): {e}"
+        ),
+        _ => anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"),
+    }
+}
+
+/// A policy directory that cannot be read (missing, not a directory of `*.toml` files, a
+/// file that is not readable text): the path, the flag, and each reason.
+fn unreadable_policies(dir: &std::path::Path, errors: &[String]) -> anyhow::Error {
+    let prefix = format!("{}: ", dir.display());
+    let reasons: Vec<&str> = errors.iter().map(|e| e.strip_prefix(&prefix).unwrap_or(e)).collect();
+    anyhow::anyhow!(
+        "cannot read the policy directory {} (--policies / ACC_POLICIES): {}",
+        dir.display(),
+        reasons.join("; ")
+    )
+}
+
 /// The trace store's settings as the writer takes them: PostgreSQL's password, when
 /// `password_env` names a variable, goes into the URL's query (`password=`), never into logs.
 pub fn store_config(s: &StoreSettings) -> StoreConfig {
@@ -346,7 +381,20 @@ fn spawn_background_runtime(
 
 /// Binds `n` proxy sockets to the same address with SO_REUSEPORT: the kernel spreads incoming
 /// connections across them, one per worker thread (port 0 is resolved by the first bind).
+///
+/// SO_REUSEPORT would also let a second process (another `acc serve` of the same user) join
+/// the group and silently take half the connections: a probe bound without it first fails with
+/// "address in use" while anything listens on the address.
 fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {

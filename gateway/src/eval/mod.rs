@@ -253,6 +253,25 @@ pub fn evaluate_as(
     Report { verdicts, elapsed: start.elapsed(), durations }
 }
 
+/// The `x-acc-eval` header for an answer of `images` images, `images_of[i]` being the index
+/// of the image `verdicts[i]` is about: with one image `name=verdict(score)` per verdict, as
+/// [`summary`]; with several, each prefixed with its image's index,
+/// `0:sanity=pass(1.00), 1:sanity=fail(0.00)`.
+pub fn summary_per_image(verdicts: &[Verdict], images_of: &[usize], images: usize) -> String {
+    if images <= 1 {
+        return summary(verdicts);
+    }
+    let mut s = String::new();
+    for (i, v) in verdicts.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let image = images_of.get(i).copied().unwrap_or(images - 1);
+        s.push_str(&format!("{image}:{}={}({:.2})", v.evaluator, v.verdict.label(), v.score));
+    }
+    s
+}
+
 /// `name=verdict(score)` for each verdict, for the `x-acc-eval` header.
 pub fn summary(verdicts: &[Verdict]) -> String {
     let mut s = String::new();

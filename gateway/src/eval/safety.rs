@@ -57,9 +57,8 @@ impl Evaluator for Safety {
     }
 
     fn evaluate(&self, s: &Subject<'_>) -> Verdict {
-        // Every configured model scores the image; the worst unsafe score decides.
-        let mut worst = 0.0f32;
-        let mut unsafe_found: Vec<String> = Vec::new();
+        // Every configured model scores the image; the highest unsafe score decides.
+        let mut counted: Vec<(String, f32)> = Vec::new();
         let mut seen: Vec<String> = Vec::new();
         let mut discounted: Vec<String> = Vec::new();
         for model in &s.settings.safety_models {
@@ -89,38 +88,58 @@ impl Evaluator for Safety {
                         discounted.push(format!("{label} {p:.2} discounted: {why}"));
                     }
                 } else if bad {
-                    worst = worst.max(p);
-                    if p > s.settings.max_unsafe {
-                        unsafe_found.push(format!("{label} {p:.2}"));
-                    }
+                    counted.push((label, p));
                 } else if p >= 0.25 {
                     seen.push(format!("{label} {p:.2}"));
                 }
             }
         }
+        let worst = counted.iter().map(|(_, p)| *p).fold(0.0f32, f32::max);
         let score = 1.0 - worst;
         let discounted = if discounted.is_empty() { String::new() } else { format!("; {}", discounted.join("; ")) };
-        if !unsafe_found.is_empty() {
+        if worst > s.settings.max_unsafe {
             return Verdict {
                 evaluator: "safety",
                 score,
                 verdict: Outcome::Fail,
-                reason: format!(
-                    "unsafe content: {} (limit {:.2}){discounted}",
-                    unsafe_found.join(", "),
-                    s.settings.max_unsafe
-                ),
+                reason: format!("{}{discounted}", unsafe_reason(&mut counted, s.settings.max_unsafe)),
             };
         }
-        let reason = if seen.is_empty() && worst == 0.0 && discounted.is_empty() {
+        let reason = if seen.is_empty() && counted.is_empty() && discounted.is_empty() {
             "no detections".to_string()
         } else {
             seen.truncate(3);
             let seen = if seen.is_empty() { String::new() } else { format!("; seen: {}", seen.join(", ")) };
-            format!("nothing unsafe above {:.2} (worst {worst:.2}){seen}{discounted}", s.settings.max_unsafe)
+            let highest = match highest(&counted) {
+                Some((label, p)) => format!("highest unsafe class {label} {p:.2}"),
+                None => "no unsafe class detected".to_string(),
+            };
+            format!("nothing unsafe above {:.2} ({highest}){seen}{discounted}", s.settings.max_unsafe)
         };
         Verdict { evaluator: "safety", score, verdict: Outcome::Pass, reason }
     }
+}
+
+/// The unsafe finding with the highest score (the first of equals).
+fn highest(counted: &[(String, f32)]) -> Option<&(String, f32)> {
+    counted.iter().fold(None, |best: Option<&(String, f32)>, c| match best {
+        Some(b) if b.1 >= c.1 => Some(b),
+        _ => Some(c),
+    })
+}
+
+/// Why an image failed: the highest-scoring unsafe class first, with the comparison that
+/// failed it ("unsafe content: FEMALE_BREAST_EXPOSED 0.91 > 0.50"), then the other classes
+/// above the limit, highest first.
+fn unsafe_reason(counted: &mut [(String, f32)], max_unsafe: f32) -> String {
+    counted.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut above = counted.iter().filter(|(_, p)| *p > max_unsafe);
+    let Some((top, p)) = above.next() else {
+        return format!("nothing unsafe above {max_unsafe:.2}");
+    };
+    let others: Vec<String> = above.map(|(label, p)| format!("{label} {p:.2}")).collect();
+    let also = if others.is_empty() { String::new() } else { format!("; also above: {}", others.join(", ")) };
+    format!("unsafe content: {top} {p:.2} > {max_unsafe:.2}{also}")
 }
 
 /// One model's finding: a NudeNet class or a classifier label, its score, whether the route
@@ -290,6 +309,23 @@ mod tests {
 
     fn det(class: &'static str, score: f32, bbox: [f32; 4]) -> nudenet::Detection {
         nudenet::Detection { class, score, bbox }
+    }
+
+    #[test]
+    fn the_reason_names_the_highest_scoring_class_first() {
+        let mut found = vec![
+            ("BUTTOCKS_EXPOSED".to_string(), 0.62),
+            ("FEMALE_BREAST_EXPOSED".to_string(), 0.91),
+            ("ANUS_EXPOSED".to_string(), 0.2),
+            ("MALE_GENITALIA_EXPOSED".to_string(), 0.55),
+        ];
+        assert_eq!(highest(&found).unwrap().0, "FEMALE_BREAST_EXPOSED");
+        assert_eq!(
+            unsafe_reason(&mut found, 0.5),
+            "unsafe content: FEMALE_BREAST_EXPOSED 0.91 > 0.50; also above: BUTTOCKS_EXPOSED 0.62, MALE_GENITALIA_EXPOSED 0.55"
+        );
+        let mut one = vec![("BUTTOCKS_EXPOSED".to_string(), 0.835)];
+        assert_eq!(unsafe_reason(&mut one, 0.5), "unsafe content: BUTTOCKS_EXPOSED 0.83 > 0.50");
     }
 
     #[test]
