@@ -29,7 +29,7 @@ mod xref;
 pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SECS};
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
-    Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec,
+    Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec, StreamAction,
     RecordPrompt, Regeneration, Route, ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings,
     TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
