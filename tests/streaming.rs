@@ -190,6 +190,53 @@ async fn a_blank_final_image_falls_back_to_a_plain_target_as_one_completed_event
 }
 
 #[tokio::test]
+async fn a_blocked_or_held_final_image_is_an_error_answer_and_no_event() {
+    let up = MockProvider::start().await;
+    up.answer_with(&blank(256, 256));
+    let policy = format!(
+        "{}{}{}",
+        openai_provider_at("up", &up.base_url()),
+        route_toml("blocky", "blocky").target("up", "gpt-image-1").with("evaluators = [\"sanity\"]\non_sanity_fail = \"block\""),
+        route_toml("held", "held").target("up", "gpt-image-1").with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\""),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let ask = |model: &str| json!({"model": model, "prompt": "x", "size": "256x256", "stream": true, "partial_images": 2});
+
+    let r = gw.generate(&ask("blocky")).await;
+    r.assert_error(400, "content_policy_violation");
+    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("blocked"));
+    assert!(!r.text().contains("partial_image"), "no event of the blocked image goes out: {}", r.describe());
+
+    let r = gw.generate(&ask("held")).await;
+    let e = r.assert_error(423, "pending_review");
+    let id = r.header("x-acc-trace-id").unwrap();
+    assert!(e["message"].as_str().unwrap().contains(&id), "{e}");
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("review"));
+    assert_eq!(r.header("x-should-retry").as_deref(), Some("false"));
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "held"), ("outcome", "held")]).await, 1.0);
+    // The outcome is polled as for any held answer.
+    let p = get(&gw.url(&format!("/v1/images/reviews/{id}")), &[]).await;
+    p.assert_error(423, "pending_review");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_cancels_the_upstream() {
+    let up = MockProvider::start().await;
+    up.set_latency(std::time::Duration::from_secs(30));
+    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let body = json!({"model": "m", "prompt": "x", "stream": true, "partial_images": 2});
+    let conn = raw_post(gw.proxy_addr, "/v1/images/generations", &body, &[]).await;
+    settles("the upstream must see the stream request", || up.in_flight() == 1).await;
+    drop(conn);
+    settles("the client leaving must drop the upstream call", || up.cancelled() == 1).await;
+    assert_eq!(up.in_flight(), 0);
+    let cancelled = [("route", "main"), ("outcome", "client_cancelled")];
+    assert!(eventually(std::time::Duration::from_secs(10), || async { gw.metric("acc_requests_total", &cancelled).await == 1.0 }).await);
+}
+
+#[tokio::test]
 async fn other_kinds_answer_with_one_completed_event_or_a_400_as_their_policy_says() {
     let policy = "[providers.plain]\nkind = \"builtin\"\n\n[providers.strict]\nkind = \"builtin\"\nunsupported_stream = \"reject\"\n\n"
         .to_string()
