@@ -22,7 +22,10 @@ fn events(r: &Resp) -> Vec<(String, Value)> {
             let (name, data) = block.split_once('\n').unwrap_or_else(|| panic!("event without data: {block:.200}"));
             let name = name.strip_prefix("event: ").unwrap_or_else(|| panic!("no event line: {block:.200}"));
             let data = data.strip_prefix("data: ").unwrap_or_else(|| panic!("no data line: {block:.200}"));
-            (name.to_string(), serde_json::from_str(data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {data:.200}")))
+            (
+                name.to_string(),
+                serde_json::from_str(data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {data:.200}")),
+            )
         })
         .collect()
 }
@@ -42,7 +45,8 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
     let up = MockProvider::start().await;
     let final_png = noisy(256, 256, 3);
     up.answer_with(&final_png);
-    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let policy =
+        format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
     let (gw, _dir) = serve_policy(&policy, &[]).await;
 
     let body = json!({"model": "m", "prompt": "a lighthouse", "size": "256x256", "quality": "high",
@@ -85,12 +89,19 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
     let images = rec["images"].as_array().unwrap();
     assert_eq!(images.len(), 1, "{rec:#}");
     assert_eq!(images[0]["sha256"], sha256_bytes(&final_png));
+    // A retry with the same Idempotency-Key replays the same events without a second generation.
+    let key = [("idempotency-key", "stream-1")];
+    let first = gw.generate_with(&body, &key).await;
+    let again = gw.generate_with(&body, &key).await;
+    assert_eq!(again.header("content-type").as_deref(), Some("text/event-stream"));
+    assert_eq!((first.text(), up.hits()), (again.text(), 2));
 }
 
 #[tokio::test]
 async fn edit_streams_use_the_edit_event_names() {
     let up = MockProvider::start().await;
-    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let policy =
+        format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let form = Form::new()
         .text("model", "m")
@@ -196,11 +207,16 @@ async fn a_blocked_or_held_final_image_is_an_error_answer_and_no_event() {
     let policy = format!(
         "{}{}{}",
         openai_provider_at("up", &up.base_url()),
-        route_toml("blocky", "blocky").target("up", "gpt-image-1").with("evaluators = [\"sanity\"]\non_sanity_fail = \"block\""),
-        route_toml("held", "held").target("up", "gpt-image-1").with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\""),
+        route_toml("blocky", "blocky")
+            .target("up", "gpt-image-1")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"block\""),
+        route_toml("held", "held")
+            .target("up", "gpt-image-1")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\""),
     );
     let (gw, _dir) = serve_policy(&policy, &[]).await;
-    let ask = |model: &str| json!({"model": model, "prompt": "x", "size": "256x256", "stream": true, "partial_images": 2});
+    let ask =
+        |model: &str| json!({"model": model, "prompt": "x", "size": "256x256", "stream": true, "partial_images": 2});
 
     let r = gw.generate(&ask("blocky")).await;
     r.assert_error(400, "content_policy_violation");
@@ -224,7 +240,8 @@ async fn a_blocked_or_held_final_image_is_an_error_answer_and_no_event() {
 async fn a_client_that_leaves_mid_stream_cancels_the_upstream() {
     let up = MockProvider::start().await;
     up.set_latency(std::time::Duration::from_secs(30));
-    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let policy =
+        format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let body = json!({"model": "m", "prompt": "x", "stream": true, "partial_images": 2});
     let conn = raw_post(gw.proxy_addr, "/v1/images/generations", &body, &[]).await;
@@ -233,7 +250,12 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream() {
     settles("the client leaving must drop the upstream call", || up.cancelled() == 1).await;
     assert_eq!(up.in_flight(), 0);
     let cancelled = [("route", "main"), ("outcome", "client_cancelled")];
-    assert!(eventually(std::time::Duration::from_secs(10), || async { gw.metric("acc_requests_total", &cancelled).await == 1.0 }).await);
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            gw.metric("acc_requests_total", &cancelled).await == 1.0
+        })
+        .await
+    );
 }
 
 #[tokio::test]
@@ -243,7 +265,9 @@ async fn other_kinds_answer_with_one_completed_event_or_a_400_as_their_policy_sa
         + &route_toml("plain", "plain").target_default("plain").to_string()
         + &route_toml("strict", "strict").target_default("strict").to_string();
     let (gw, _d) = serve_policy(&policy, &[]).await;
-    let r = gw.generate(&json!({"model": "plain", "prompt": "a fox", "size": "256x256", "stream": true, "partial_images": 3})).await;
+    let r = gw
+        .generate(&json!({"model": "plain", "prompt": "a fox", "size": "256x256", "stream": true, "partial_images": 3}))
+        .await;
     r.assert_status(200);
     assert_eq!(r.header("content-type").as_deref(), Some("text/event-stream"));
     let ev = events(&r);
@@ -264,7 +288,8 @@ async fn other_kinds_answer_with_one_completed_event_or_a_400_as_their_policy_sa
 #[tokio::test]
 async fn stream_parameters_out_of_range_are_a_400() {
     let up = MockProvider::start().await;
-    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let policy =
+        format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     for (partials, shown) in [(json!(4), "4"), (json!(-1), "-1"), (json!("2x"), "\"2x\"")] {
         let r = gw.generate(&json!({"model": "m", "prompt": "x", "stream": true, "partial_images": partials})).await;
@@ -274,7 +299,8 @@ async fn stream_parameters_out_of_range_are_a_400() {
     }
     let r = gw.generate(&json!({"model": "m", "prompt": "x", "stream": "yes"})).await;
     assert_eq!(r.assert_error(400, "invalid_value")["param"], "stream");
-    let form = Form::new().text("model", "m").text("stream", "true").file("image", "in.png", "image/png", noisy(64, 64, 1));
+    let form =
+        Form::new().text("model", "m").text("stream", "true").file("image", "in.png", "image/png", noisy(64, 64, 1));
     let r = gw.variation(&form, &[]).await;
     assert_eq!(r.assert_error(400, "unsupported_parameter")["param"], "stream");
     assert_eq!(up.hits(), 0, "nothing bad reaches the provider");
@@ -289,7 +315,9 @@ fn unsupported_stream_is_validated() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
     assert!(
-        text.contains("providers.a.unsupported_stream: unknown action \"maybe\" (expected \"completed_event\" or \"reject\")"),
+        text.contains(
+            "providers.a.unsupported_stream: unknown action \"maybe\" (expected \"completed_event\" or \"reject\")"
+        ),
         "{text}"
     );
     assert!(text.contains("providers.b.unsupported_stream: kind \"openai\" streams itself"), "{text}");
@@ -310,11 +338,16 @@ async fn the_official_python_sdk_iterates_the_stream() {
     let up = MockProvider::start().await;
     let final_png = noisy(256, 256, 9);
     up.answer_with(&final_png);
-    let policy = format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("gpt", "gpt-image-1").target("up", "gpt-image-1"));
+    let policy = format!(
+        "{}{}",
+        openai_provider_at("up", &up.base_url()),
+        route_toml("gpt", "gpt-image-1").target("up", "gpt-image-1")
+    );
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let script = root.join("tests").join("sdk").join("test_stream_sdk.py");
     let base_url = gw.url("/v1");
-    let expected = [b64_encode(&partial_png(256, 256, 0)), b64_encode(&partial_png(256, 256, 1)), b64_encode(&final_png)];
+    let expected =
+        [b64_encode(&partial_png(256, 256, 0)), b64_encode(&partial_png(256, 256, 1)), b64_encode(&final_png)];
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new(&python);
         cmd.arg(&script)

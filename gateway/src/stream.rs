@@ -41,11 +41,11 @@ pub fn render(
     req: &GenerationRequest,
     generation: Generation,
     relay_partials: bool,
-    mut sent: Option<&mut Vec<Sent>>,
+    sent: Option<&mut Vec<Sent>>,
 ) -> ChunkedBody {
     let mut out = ChunkedBody::default();
     let images: Vec<Bytes> = generation.images.into_iter().filter_map(base64_of).collect();
-    if let Some(s) = sent.as_deref_mut() {
+    if let Some(s) = sent {
         s.extend(images.iter().map(|b| Sent { url: None, base64: Some(b.clone()), bytes: None }));
     }
     if let Some(streamed) = generation.streamed {
@@ -75,7 +75,8 @@ pub fn render(
             Some((_, ext)) => ext,
             None => "png",
         };
-        for (k, fallback) in [("size", size), ("quality", quality), ("background", background), ("output_format", format.into())]
+        for (k, fallback) in
+            [("size", size), ("quality", quality), ("background", background), ("output_format", format.into())]
         {
             ev.insert(k.into(), given.get(k).cloned().unwrap_or_else(|| fallback.into()));
         }

@@ -14,8 +14,8 @@ use crate::eval::clip::ClipConfig;
 use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvider, RawRoute, RawServer, RawTenant};
 use super::types::{
     AnswerFormat, ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
-    ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, StreamAction, Regeneration, Route, ServerSettings,
-    SizePrice, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Regeneration, Route, ServerSettings,
+    SizePrice, StreamAction, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 use super::xref::Names;
 

@@ -65,7 +65,7 @@ pub fn parse(body: &[u8]) -> Vec<Event> {
 /// event (for the adapter's error table).
 #[derive(Debug)]
 pub enum StreamAnswer {
-    Done(Generation),
+    Done(Box<Generation>),
     Error(Bytes),
 }
 
@@ -84,9 +84,9 @@ pub fn generation(body: &[u8]) -> Result<StreamAnswer, ProviderError> {
         }
         let b64 = || {
             let text = value.get("b64_json").and_then(Value::as_str).unwrap_or_default();
-            skim::base64_value(skim::Raw::Plain(text.to_string())).filter(|b| !b.is_empty()).ok_or_else(|| {
-                ProviderError::BadResponse(format!("stream event {i} ({kind}) has no valid b64_json"))
-            })
+            skim::base64_value(skim::Raw::Plain(text.to_string()))
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| ProviderError::BadResponse(format!("stream event {i} ({kind}) has no valid b64_json")))
         };
         if kind.ends_with(".partial_image") {
             b64()?;
@@ -108,7 +108,12 @@ pub fn generation(body: &[u8]) -> Result<StreamAnswer, ProviderError> {
             well_formed.then_some((k, v))
         })
         .collect();
-    Ok(StreamAnswer::Done(Generation { images, answer_fields, streamed: Some(streamed), ..Default::default() }))
+    Ok(StreamAnswer::Done(Box::new(Generation {
+        images,
+        answer_fields,
+        streamed: Some(streamed),
+        ..Default::default()
+    })))
 }
 
 #[cfg(test)]
@@ -117,7 +122,8 @@ mod tests {
 
     #[test]
     fn events_are_split_as_the_sse_spec_says() {
-        let body = b": keep-alive\r\nevent: a\r\ndata: {\"x\":1}\r\n\r\ndata:two\ndata: lines\n\nevent: lone\n\ndata: last";
+        let body =
+            b": keep-alive\r\nevent: a\r\ndata: {\"x\":1}\r\n\r\ndata:two\ndata: lines\n\nevent: lone\n\ndata: last";
         let events = parse(body);
         assert_eq!(
             events,

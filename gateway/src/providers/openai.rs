@@ -100,7 +100,7 @@ impl Provider for OpenAi {
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         if status.is_success() && event_stream {
             match super::events::generation(&body)? {
-                super::events::StreamAnswer::Done(g) => Ok(g),
+                super::events::StreamAnswer::Done(g) => Ok(*g),
                 // An error event after the 200: classified as OpenAI's 500 with that error body
                 // would be (content filter codes decide by code, whatever the status).
                 super::events::StreamAnswer::Error(body) => {

@@ -69,10 +69,17 @@ impl Shape for OpenAiImages {
         let (fields, edit) = match call.req.try_form().await {
             Some(form) => {
                 let text_parts = form.iter().filter(|p| p.filename.is_none());
-                let fields = text_parts.map(|p| (p.name.clone(), Value::String(String::from_utf8_lossy(&p.data).into_owned())));
+                let fields =
+                    text_parts.map(|p| (p.name.clone(), Value::String(String::from_utf8_lossy(&p.data).into_owned())));
                 (fields.collect::<serde_json::Map<_, _>>(), true)
             }
-            None => (serde_json::from_slice::<Value>(&call.req.body).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default(), false),
+            None => (
+                serde_json::from_slice::<Value>(&call.req.body)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default(),
+                false,
+            ),
         };
         let number = |k: &str| match fields.get(k) {
             Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
@@ -80,7 +87,8 @@ impl Shape for OpenAiImages {
             None => None,
         };
         let n = number("n").unwrap_or(1).clamp(1, 10);
-        let streamed = matches!(fields.get("stream"), Some(Value::Bool(true))) || fields.get("stream").and_then(Value::as_str) == Some("true");
+        let streamed = matches!(fields.get("stream"), Some(Value::Bool(true)))
+            || fields.get("stream").and_then(Value::as_str) == Some("true");
         if streamed {
             return stream_reply(&call, &fields, n, number("partial_images").unwrap_or(0).min(3), edit);
         }
@@ -124,7 +132,11 @@ fn stream_reply(call: &Call<'_>, fields: &serde_json::Map<String, Value>, n: u64
         event(format!("{prefix}.partial_image"), common.clone(), json!({"b64_json": b64, "partial_image_index": i}));
     }
     for image in &images {
-        event(format!("{prefix}.completed"), common.clone(), json!({"b64_json": b64_encode(image), "usage": stream_usage(partials)}));
+        event(
+            format!("{prefix}.completed"),
+            common.clone(),
+            json!({"b64_json": b64_encode(image), "usage": stream_usage(partials)}),
+        );
     }
     Reply::raw(200, "text/event-stream; charset=utf-8", body)
 }
