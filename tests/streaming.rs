@@ -152,7 +152,13 @@ async fn an_evaluating_route_withholds_partials_and_sends_a_passing_final_image(
     assert_eq!(names(&ev), ["image_generation.completed"], "partials are withheld: {}", r.describe());
     assert_eq!(ev[0].1["b64_json"], b64_encode(&good));
     assert_eq!(ev[0].1["created_at"], STREAM_CREATED_AT);
-    assert_eq!(ev[0].1["usage"], usage_two_partials());
+    // Partials the client will not get are not asked for (nor paid for).
+    assert_eq!(first.last_body_json()["partial_images"], 0);
+    assert_eq!(
+        ev[0].1["usage"],
+        json!({"input_tokens": 22, "input_tokens_details": {"image_tokens": 0, "text_tokens": 22},
+               "output_tokens": 272, "total_tokens": 294})
+    );
     assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=pass(1.00)"));
     assert_eq!((first.hits(), second.hits()), (1, 0));
 }

@@ -457,6 +457,11 @@ where
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
     }
+    if req.stream.is_some_and(|p| p > 0) && !route.eval.evaluators.is_empty() {
+        // A judged stream's partial images are never sent to the client (see `stream`), so the
+        // providers are not asked for them: OpenAI bills each one as output tokens.
+        req.raw.insert("partial_images".into(), 0.into());
+    }
     // 4b. Whether it regenerates an earlier request (recorded with the trace).
     if let Some(rec) = ctx.record.as_deref_mut() {
         let explicit = req.regenerate_of.as_deref();
