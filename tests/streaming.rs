@@ -182,6 +182,32 @@ async fn a_blank_final_image_falls_back_to_the_next_streamed_target() {
 }
 
 #[tokio::test]
+async fn a_broken_stream_falls_back_and_an_error_event_is_classified() {
+    let second = MockProvider::start().await;
+    second.answer_with(&noisy(256, 256, 2));
+    let (first, gw, _d) = evaluating(&openai_provider_at("second", &second.base_url())).await;
+    // Partials, then the connection's end without a completed event.
+    let partial = json!({"type": "image_generation.partial_image", "b64_json": b64_encode(&noisy(256, 256, 1)),
+                         "partial_image_index": 0, "created_at": 1, "size": "256x256", "quality": "low",
+                         "background": "opaque", "output_format": "png"});
+    first.set_body(Some(&format!("event: image_generation.partial_image\ndata: {partial}\n\n")));
+    let r = gw.generate(&streamed_request()).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:bad_response, second:ok"), "{}", r.describe());
+    assert_eq!(names(&events(&r)), ["image_generation.completed"]);
+
+    // OpenAI's moderation refusing mid-stream: the client's content_policy_violation, no fallback.
+    let refusal = json!({"type": "error", "error": {"type": "image_generation_user_error", "code": "moderation_blocked",
+                         "message": "Your request was rejected by the safety system.", "param": null}});
+    first.set_body(Some(&format!("event: error\ndata: {refusal}\n\n")));
+    let r = gw.generate(&streamed_request()).await;
+    let e = r.assert_error(400, "content_policy_violation");
+    assert!(e["message"].as_str().unwrap().contains("safety system"), "{e}");
+    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("first:content_filtered"));
+    assert_eq!((first.hits(), second.hits()), (2, 1));
+}
+
+#[tokio::test]
 async fn a_blank_final_image_falls_back_to_a_plain_target_as_one_completed_event() {
     let (first, gw, _d) = evaluating("[providers.second]\nkind = \"builtin\"\n\n").await;
     first.answer_with(&blank(256, 256));
