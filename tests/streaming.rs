@@ -86,6 +86,11 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
     let trace_id = r.header("x-acc-trace-id").unwrap();
     let rec = traces_record(&gw, &trace_id).await;
     assert_eq!(rec["outcome"], "ok");
+    assert_eq!(
+        rec["parameters"],
+        json!({"model": "m", "n": 1, "size": "256x256", "quality": "high", "response_format": "b64_json",
+               "stream": true, "partial_images": 2})
+    );
     let images = rec["images"].as_array().unwrap();
     assert_eq!(images.len(), 1, "{rec:#}");
     assert_eq!(images[0]["sha256"], sha256_bytes(&final_png));

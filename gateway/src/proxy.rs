@@ -427,7 +427,10 @@ where
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
-    if !req.response_format_given {
+    if !req.response_format_given && req.stream.is_some() {
+        // Stream events carry base64 only.
+        req.response_format = ResponseFormat::B64Json;
+    } else if !req.response_format_given {
         req.response_format = default_format(route.default_response_format, req.model.as_deref());
     }
     if req.contract.is_some() {
