@@ -235,6 +235,14 @@ fn capabilities(
             req.op.path()
         )));
     }
+    if req.stream.is_some()
+        && !adapter.streams()
+        && spec.is_some_and(|p| p.unsupported_stream == crate::policy::StreamAction::Reject)
+    {
+        return Err(ProviderError::UnsupportedParams(format!(
+            "provider \"{name}\" (kind {kind}) cannot stream images (stream: true) and its policy says unsupported_stream = \"reject\""
+        )));
+    }
     let dropped: Vec<Param> =
         Param::ALL.into_iter().filter(|p| req.has(*p) && !adapter.supports_value(*p, model, req)).collect();
     if !dropped.is_empty() && spec.is_some_and(|p| p.unsupported == ParamAction::Reject) {

@@ -28,7 +28,7 @@
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
 //!   `body`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
 //!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `store`,
-//!   `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
+//!   `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`review_api`]: human review over HTTP: the hold phase (a winning answer whose checks say
@@ -52,6 +52,10 @@
 //!   `policy`, `providers`, `request`.
 //! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `app`,
 //!   `policy`, `providers`, `request`, `routing`.
+//! - [`stream`]: the answer to a `stream: true` request as server-sent events in OpenAI's
+//!   shapes: the winner's own events relayed (partial images only when the route does not
+//!   evaluate), or one completed event per image built from a plain answer. Uses `answer`,
+//!   `body`, `providers`, `request`.
 //! - [`answer`]: the answer body in the client's `response_format`, the OpenAI-shaped error
 //!   when every attempt failed, and the names of the `x-acc-*` response headers. Uses `app`,
 //!   `body`, `error`, `policy`, `providers`, `request`, `routing`.
@@ -167,6 +171,7 @@ pub mod review_api;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 pub mod trace;
 pub mod upstream;

@@ -105,7 +105,7 @@ impl<'a> Migration<'a> {
                 };
             let (tx, rx) = oneshot::channel();
             self.mirrors.push(tx);
-            let shared = shared_req.get_or_insert_with(|| Arc::new(req.clone())).clone();
+            let shared = shared_req.get_or_insert_with(|| Arc::new(unstreamed(req))).clone();
             // A mirror's trace record names its primary's trace.
             let parent = primary_span.map(|s| (trace_id.to_string(), s.to_string()));
             let task =
@@ -283,5 +283,32 @@ async fn mirror_attempt(
         }
         // The client went away before its primary attempt ended: no pair to compare.
         _ => tracing::debug!(route = %route.name, candidate = %m.label, "mirror unpaired: the primary did not finish"),
+    }
+}
+
+/// A mirror's copy of the request: never a stream (nobody reads a mirror's events; its final
+/// image is what is compared, and a kind that refuses streams must not fail it for that).
+fn unstreamed(req: &GenerationRequest) -> GenerationRequest {
+    let mut copy = req.clone();
+    if copy.stream.take().is_some() {
+        copy.raw.remove("stream");
+        copy.raw.remove("partial_images");
+    }
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mirror_copy_of_a_stream_request_is_a_plain_request() {
+        let body = br#"{"prompt":"x","stream":true,"partial_images":2,"quality":"high"}"#;
+        let req = GenerationRequest::from_json(body).unwrap();
+        let copy = unstreamed(&req);
+        assert_eq!(copy.stream, None);
+        let keys: Vec<&str> = copy.raw.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["prompt", "quality"]);
+        assert_eq!(req.stream, Some(2), "the primary's request is unchanged");
     }
 }

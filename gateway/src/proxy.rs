@@ -94,6 +94,8 @@ struct RequestCtx {
     cohort_fields: Option<[Option<String>; 3]>,
     /// Where the record goes, once there is one (also when the request is dropped unfinished).
     writer: Option<TraceWriter>,
+    /// The answer is an event stream (`stream: true`), not JSON.
+    event_stream: bool,
 }
 
 impl Drop for RequestCtx {
@@ -255,6 +257,7 @@ where
         canary: false,
         generation: None,
         dropped: Vec::new(),
+        event_stream: false,
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
     match idempotency_key(&headers) {
@@ -424,7 +427,10 @@ where
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
-    if !req.response_format_given {
+    if !req.response_format_given && req.stream.is_some() {
+        // Stream events carry base64 only.
+        req.response_format = ResponseFormat::B64Json;
+    } else if !req.response_format_given {
         req.response_format = default_format(route.default_response_format, req.model.as_deref());
     }
     if req.contract.is_some() {
@@ -453,6 +459,11 @@ where
         );
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
+    }
+    if req.stream.is_some_and(|p| p > 0) && !route.eval.evaluators.is_empty() {
+        // A judged stream's partial images are never sent to the client (see `stream`), so the
+        // providers are not asked for them: OpenAI bills each one as output tokens.
+        req.raw.insert("partial_images".into(), 0.into());
     }
     // 4b. Whether it regenerates an earlier request (recorded with the trace).
     if let Some(rec) = ctx.record.as_deref_mut() {
@@ -501,7 +512,10 @@ where
         alias,
         route_name: &route.name,
         // The gateway holds the images' bytes whenever it must answer with them itself.
-        needs_bytes: req.response_format == ResponseFormat::B64Json || route.url_mode == UrlMode::Gateway,
+        // A stream's events carry base64 only.
+        needs_bytes: req.response_format == ResponseFormat::B64Json
+            || route.url_mode == UrlMode::Gateway
+            || req.stream.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
     };
@@ -558,6 +572,18 @@ where
                 return Err(review_api::withheld_error(&e));
             }
         }
+    }
+    if req.stream.is_some() {
+        // Partial images are withheld where the final image is judged before it goes out.
+        let relay_partials = winner.eval.evaluators.is_empty();
+        ctx.event_stream = true;
+        let settings = generation.settings.clone();
+        let mut sent = Vec::with_capacity(generation.images.len());
+        let body = crate::stream::render(&req, generation, relay_partials, Some(&mut sent));
+        if let Some(rec) = ctx.record.as_deref_mut() {
+            trace::images(rec, &settings, sent, policy.store.image_sha256);
+        }
+        return Ok(body);
     }
     let Some(rec) = ctx.record.as_deref_mut() else {
         return Ok(answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, None));
@@ -673,7 +699,12 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     let (mut resp, outcome) = match result {
         Ok(body) => {
             let mut r = Response::new(Body::new(body));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if ctx.event_stream {
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::stream::CONTENT_TYPE));
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            } else {
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
             let decision = if ctx.flags.is_empty() { "pass" } else { "flagged" };
             r.headers_mut().insert(DECISION, HeaderValue::from_static(decision));
             (r, "ok")

@@ -158,6 +158,10 @@ pub struct GenerationRequest {
     /// The trace this request regenerates, as the body said (`acc.regenerate_of`: 32 hex
     /// digits, lowercased here); the header `x-acc-regenerate-of` is read by the proxy.
     pub regenerate_of: Option<String>,
+    /// `stream: true`: the answer goes out as server-sent events in OpenAI's shapes, with this
+    /// many partial images asked for (`partial_images`, 0 to 3; 0 when not sent). `None`: a
+    /// plain JSON answer.
+    pub stream: Option<u32>,
 }
 
 impl GenerationRequest {
@@ -358,6 +362,14 @@ impl GenerationRequest {
             Some(other) => return Err(wrong_type("guidance_scale", "a number", other)),
         };
         let (contract, regenerate_of) = acc_field(f.acc)?;
+        let stream = stream_field(&raw)?;
+        if stream.is_some() && op == Operation::Variation {
+            return Err(ApiError::invalid(
+                "stream",
+                "unsupported_parameter",
+                "stream is available for /v1/images/generations and /v1/images/edits, not variations",
+            ));
+        }
         opt_string(f.user, "user")?;
         let gpt_image = GptImage::of(op, &f)?;
         Ok(GenerationRequest {
@@ -386,6 +398,7 @@ impl GenerationRequest {
             mask: None,
             contract,
             regenerate_of,
+            stream,
         })
     }
 }
@@ -674,6 +687,50 @@ pub fn is_trace_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Most partial images OpenAI streams before the final one (Images API reference,
+/// `partial_images`: "Value must be between 0 and 3").
+pub const MAX_PARTIAL_IMAGES: u64 = 3;
+
+/// `stream` (a boolean; `"true"`/`"false"` in a form) and `partial_images` (0 to 3; a numeric
+/// string in a form): `Some(partials)` when the client asks for a stream.
+fn stream_field(raw: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    let stream = match raw.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) if s.trim() == "true" => true,
+        Some(Value::String(s)) if s.trim() == "false" => false,
+        Some(Value::String(s)) => {
+            return Err(ApiError::invalid(
+                "stream",
+                "invalid_value",
+                format!("stream must be true or false, got \"{}\"", s.chars().take(40).collect::<String>()),
+            ))
+        }
+        Some(other) => return Err(wrong_type("stream", "a boolean", other)),
+    };
+    let partials = match raw.get("partial_images") {
+        None | Some(Value::Null) => 0,
+        Some(v @ (Value::Number(_) | Value::String(_))) => {
+            let parsed = match v {
+                Value::Number(n) => n.as_u64(),
+                _ => v.as_str().and_then(|s| s.trim().parse::<u64>().ok()),
+            };
+            match parsed {
+                Some(p) if p <= MAX_PARTIAL_IMAGES => p as u32,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "partial_images",
+                        "invalid_value",
+                        format!("partial_images must be an integer between 0 and {MAX_PARTIAL_IMAGES}, got {v}"),
+                    ))
+                }
+            }
+        }
+        Some(other) => return Err(wrong_type("partial_images", "an integer", other)),
+    };
+    Ok(stream.then_some(partials))
+}
+
 fn opt_string(value: Option<&Value>, field: &'static str) -> Result<Option<String>, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(None),
@@ -700,6 +757,28 @@ mod tests {
 
     fn err(body: &str) -> ApiError {
         GenerationRequest::from_json(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn stream_and_partial_images_are_checked() {
+        let parse = |body: &str| GenerationRequest::from_json(body.as_bytes()).map(|r| r.stream);
+        assert_eq!(parse(r#"{"prompt":"x"}"#).unwrap(), None);
+        assert_eq!(parse(r#"{"prompt":"x","stream":false,"partial_images":2}"#).unwrap(), None);
+        assert_eq!(parse(r#"{"prompt":"x","stream":true}"#).unwrap(), Some(0));
+        assert_eq!(parse(r#"{"prompt":"x","stream":true,"partial_images":3}"#).unwrap(), Some(3));
+        // Form fields are text.
+        assert_eq!(parse(r#"{"prompt":"x","stream":"true","partial_images":"1"}"#).unwrap(), Some(1));
+        let e = err(r#"{"prompt":"x","stream":true,"partial_images":4}"#);
+        assert_eq!((e.param, e.code), (Some("partial_images"), Some("invalid_value")));
+        assert_eq!(e.message, "partial_images must be an integer between 0 and 3, got 4");
+        for bad in ["-1", "1.5", r#""two""#] {
+            let e = err(&format!(r#"{{"prompt":"x","stream":true,"partial_images":{bad}}}"#));
+            assert_eq!((e.param, e.code), (Some("partial_images"), Some("invalid_value")), "{bad}");
+        }
+        let e = err(r#"{"prompt":"x","stream":"yes"}"#);
+        assert_eq!((e.param, e.code), (Some("stream"), Some("invalid_value")));
+        let e = err(r#"{"prompt":"x","stream":1}"#);
+        assert_eq!((e.param, e.code), (Some("stream"), Some("invalid_type")));
     }
 
     #[test]

@@ -140,6 +140,10 @@ fn parameters(req: &GenerationRequest) -> serde_json::Value {
     if req.mask.is_some() {
         put("mask", true.into());
     }
+    if let Some(partials) = req.stream {
+        put("stream", true.into());
+        put("partial_images", partials.into());
+    }
     serde_json::Value::Object(m)
 }
 

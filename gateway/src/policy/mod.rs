@@ -30,8 +30,8 @@ pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SE
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
     Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec,
-    RecordPrompt, Regeneration, Route, ServerSettings, SizePrice, StoreSettings, Target, TargetRole, TelemetrySettings,
-    TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    RecordPrompt, Regeneration, Route, ServerSettings, SizePrice, StoreSettings, StreamAction, Target, TargetRole,
+    TelemetrySettings, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 
 use raw::RawFile;

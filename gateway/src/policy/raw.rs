@@ -265,6 +265,10 @@ pub(super) struct RawProvider {
     /// A request parameter this kind cannot honour: "drop" it and say so in x-acc-dropped-params
     /// (default), or "reject" the request with 400.
     pub(super) unsupported_params: Option<String>,
+    /// A `stream: true` request to a kind that has no image stream of its own (every kind but
+    /// openai): answer it with one "completed_event" built from the plain answer (default), or
+    /// "reject" it with 400 unsupported_parameter.
+    pub(super) unsupported_stream: Option<String>,
     /// How image URLs this provider answers with are fetched (SSRF guard).
     pub(super) fetch: Option<RawFetch>,
 }

@@ -313,6 +313,16 @@ pub enum ParamAction {
     Reject,
 }
 
+/// What a `stream: true` request does on a provider kind without an image stream of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamAction {
+    /// The plain answer is sent as one `*.completed` event per image (default).
+    #[default]
+    CompletedEvent,
+    /// Refused with 400 `unsupported_parameter` (the next target is not tried).
+    Reject,
+}
+
 /// One provider (`[providers.NAME]`), validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSpec {
@@ -326,6 +336,8 @@ pub struct ProviderSpec {
     pub fetch: FetchPolicy,
     /// What a request parameter its kind cannot honour does.
     pub unsupported: ParamAction,
+    /// What a `stream: true` request does when its kind cannot stream (`unsupported_stream`).
+    pub unsupported_stream: StreamAction,
     /// Upper bound for one attempt on it; the route's attempt timeout applies too.
     pub timeout: Option<Duration>,
     /// Its concurrency limit and wait queue; `None`: no limit.

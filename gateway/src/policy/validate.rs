@@ -15,7 +15,7 @@ use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvi
 use super::types::{
     AnswerFormat, ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
     ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Regeneration, Route, ServerSettings,
-    SizePrice, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    SizePrice, StreamAction, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 use super::xref::Names;
 
@@ -440,6 +440,22 @@ fn validate_provider(
             ParamAction::Drop
         }
     };
+    let unsupported_stream = match p.unsupported_stream.as_deref() {
+        Some(_) if kind == ProviderKind::OpenAi => {
+            errors.push(format!(
+                "{at}.unsupported_stream: kind \"openai\" streams itself; the field is for kinds without an image stream"
+            ));
+            StreamAction::CompletedEvent
+        }
+        None | Some("completed_event") => StreamAction::CompletedEvent,
+        Some("reject") => StreamAction::Reject,
+        Some(other) => {
+            errors.push(format!(
+                "{at}.unsupported_stream: unknown action \"{other}\" (expected \"completed_event\" or \"reject\")"
+            ));
+            StreamAction::CompletedEvent
+        }
+    };
     let concurrency = match p.max_concurrency {
         None => {
             for (field, set) in [
@@ -529,6 +545,7 @@ fn validate_provider(
         conn,
         fetch,
         unsupported,
+        unsupported_stream,
         timeout,
         concurrency,
         breaker,

@@ -14,6 +14,7 @@ pub mod a1111;
 pub mod azure;
 pub mod builtin;
 pub mod errors;
+pub mod events;
 pub mod fal;
 pub mod jobs;
 pub mod openai;
@@ -94,6 +95,19 @@ pub struct Generation {
     /// Why the answer is withheld for human review (a failed check whose action is "review");
     /// empty when it is not.
     pub review: Vec<String>,
+    /// The upstream's server-sent events, when it answered a `stream: true` request with them
+    /// (OpenAI kind): relayed to a streaming client as they were sent.
+    pub streamed: Option<Streamed>,
+}
+
+/// The events of an upstream image stream, each the JSON object of one `data:` line, in the
+/// order they came: `image_generation.partial_image` / `image_edit.partial_image` events, then
+/// one `*.completed` event per image (OpenAI Images API reference, "Image generation
+/// streaming events").
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    pub partials: Vec<serde_json::Value>,
+    pub completed: Vec<serde_json::Value>,
 }
 
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
@@ -239,6 +253,13 @@ pub trait Provider: Send + Sync {
     /// WebP output, which Stability's SD3 endpoint does not offer.
     fn supports_value(&self, param: Param, _model: &str, _req: &GenerationRequest) -> bool {
         self.supports(param)
+    }
+
+    /// Whether this kind answers `stream: true` with server-sent events of its own (default:
+    /// no; the gateway then builds one completed event from the plain answer, or refuses, as the
+    /// provider's `unsupported_stream` says).
+    fn streams(&self) -> bool {
+        false
     }
 
     /// Whether this kind can do `op` (default: generations only).

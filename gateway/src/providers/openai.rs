@@ -42,6 +42,11 @@ impl Provider for OpenAi {
         true
     }
 
+    /// `stream` and `partial_images` pass through; the answer is OpenAI's event stream.
+    fn streams(&self) -> bool {
+        true
+    }
+
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
             Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
@@ -77,7 +82,8 @@ impl Provider for OpenAi {
         let h = req.headers_mut();
         h.reserve(4);
         h.insert(header::CONTENT_TYPE, content_type);
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let accept = if attempt.req.stream.is_some() { "text/event-stream" } else { "application/json" };
+        h.insert(header::ACCEPT, HeaderValue::from_static(accept));
         if let Some(a) = auth {
             h.insert(header::AUTHORIZATION, a.clone());
         }
@@ -87,7 +93,21 @@ impl Provider for OpenAi {
             upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
         })?;
         let (status, body) = (answer.status, answer.body.clone());
-        if status.is_success() {
+        let event_stream = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        if status.is_success() && event_stream {
+            match super::events::generation(&body)? {
+                super::events::StreamAnswer::Done(g) => Ok(*g),
+                // An error event after the 200: classified as OpenAI's 500 with that error body
+                // would be (content filter codes decide by code, whatever the status).
+                super::events::StreamAnswer::Error(body) => {
+                    Err(classify_error(StatusCode::INTERNAL_SERVER_ERROR, body, None))
+                }
+            }
+        } else if status.is_success() {
             parse_answer(&body)
         } else {
             Err(classify_error(status, body, answer.retry_after))

@@ -842,7 +842,13 @@ async fn handle<S: Shape>(
     let reply = if cfg.status != 200 {
         cfg.error_body.map(|b| exact(cfg.status, b)).unwrap_or_else(|| shape.error(cfg.status))
     } else if let Some(b) = cfg.body_override {
-        exact(200, b)
+        // A body set as server-sent events goes out as an event stream.
+        let events = b.starts_with("event:") || b.starts_with("data:");
+        if events {
+            Reply::raw(200, "text/event-stream", b)
+        } else {
+            exact(200, b)
+        }
     } else {
         shape.generate(call(cfg.images)).await
     };

@@ -5,13 +5,36 @@
 //! (`background`, `output_format`, `output_compression` 0-100, `moderation`, `quality`,
 //! `input_fidelity` on edits only, at most 16 `image[]` files and one `mask` on edits), and a
 //! bad one is answered 400 naming it, as OpenAI does.
+//! A request with `stream: true` (JSON, or `"true"` in a form) is answered as OpenAI streams
+//! images: `text/event-stream`, `partial_images` partial events (`image_generation.partial_image`
+//! or `image_edit.partial_image`, `partial_image_index` from 0), then one `*.completed` event per
+//! image with `usage` (OpenAI Images API reference, "Image generation streaming events").
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use super::{Call, Captured, Endpoint, Reply, Shape};
-use crate::common::b64_encode;
+use crate::common::{b64_encode, make_png, png_dims};
+
+/// `created_at` of every streamed event the mock sends (fixed, so tests can tell a relayed
+/// event from one the gateway made).
+pub const STREAM_CREATED_AT: u64 = 1_750_000_123;
+
+/// The shade of the mock's partial image `index` (a flat grey, distinct per index and from the
+/// final image).
+pub fn partial_png(width: u32, height: u32, index: u32) -> Vec<u8> {
+    let v = 40 + 50 * index as u8;
+    make_png(width, height, [v, v, v])
+}
+
+/// The `usage` of a streamed answer with `partials` partial images (each partial costs 100
+/// output tokens, as OpenAI prices them).
+pub fn stream_usage(partials: u64) -> Value {
+    let output = 272 + 100 * partials;
+    json!({"input_tokens": 22, "input_tokens_details": {"image_tokens": 0, "text_tokens": 22},
+           "output_tokens": output, "total_tokens": 22 + output})
+}
 
 /// The OpenAI Images API shape (no credential check unless the mock is given one).
 pub struct OpenAiImages;
@@ -80,21 +103,25 @@ impl Shape for OpenAiImages {
 
     async fn generate(&self, call: Call<'_>) -> Reply {
         let form = call.req.try_form().await;
-        let fields: Vec<(String, String)> = match &form {
-            Some(form) => form
-                .iter()
-                .filter(|p| p.filename.is_none())
-                .map(|p| (p.name.clone(), String::from_utf8_lossy(&p.data).into_owned()))
-                .collect(),
-            None => serde_json::from_slice::<Value>(&call.req.body)
-                .ok()
-                .and_then(|v| v.as_object().cloned())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-                .collect(),
+        // The request's fields as JSON values (a form's text fields as strings).
+        let (fields, edit) = match &form {
+            Some(form) => {
+                let text_parts = form.iter().filter(|p| p.filename.is_none());
+                let fields =
+                    text_parts.map(|p| (p.name.clone(), Value::String(String::from_utf8_lossy(&p.data).into_owned())));
+                (fields.collect::<serde_json::Map<_, _>>(), true)
+            }
+            None => (
+                serde_json::from_slice::<Value>(&call.req.body)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default(),
+                false,
+            ),
         };
-        if let Some(bad) = check_gpt_image(&fields, call.req.endpoint == Some("edits")) {
+        let strings: Vec<(String, String)> =
+            fields.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect();
+        if let Some(bad) = check_gpt_image(&strings, call.req.endpoint == Some("edits")) {
             return bad;
         }
         if let Some(form) = &form {
@@ -106,14 +133,17 @@ impl Shape for OpenAiImages {
                 return invalid_value("mask", "Only one mask may be given.".into());
             }
         }
-        let n = match form {
-            Some(form) => {
-                form.iter().find(|p| p.name == "n").and_then(|p| std::str::from_utf8(&p.data).ok()?.trim().parse().ok())
-            }
-            None => serde_json::from_slice::<Value>(&call.req.body).ok().and_then(|v| v.get("n")?.as_u64()),
+        let number = |k: &str| match fields.get(k) {
+            Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+            Some(v) => v.as_u64(),
+            None => None,
+        };
+        let n = number("n").unwrap_or(1).clamp(1, 10);
+        let streamed = matches!(fields.get("stream"), Some(Value::Bool(true)))
+            || fields.get("stream").and_then(Value::as_str) == Some("true");
+        if streamed {
+            return stream_reply(&call, &fields, n, number("partial_images").unwrap_or(0).min(3), edit);
         }
-        .unwrap_or(1)
-        .clamp(1, 10);
         let data: Vec<Value> = call.images(n as usize).iter().map(|i| json!({"b64_json": b64_encode(i)})).collect();
         let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         Reply::json(200, &json!({"created": created, "data": data}))
@@ -126,4 +156,39 @@ impl Shape for OpenAiImages {
     fn not_found(&self, _req: &Captured) -> Reply {
         openai_error(404, "mock: no such endpoint")
     }
+}
+
+/// A streamed answer: partials, then one completed event per image, as OpenAI writes them.
+fn stream_reply(call: &Call<'_>, fields: &serde_json::Map<String, Value>, n: u64, partials: u64, edit: bool) -> Reply {
+    let prefix = if edit { "image_edit" } else { "image_generation" };
+    let text = |k: &str, default: &str| fields.get(k).and_then(Value::as_str).unwrap_or(default).to_string();
+    let common = json!({
+        "created_at": STREAM_CREATED_AT,
+        "size": text("size", "1024x1024"),
+        "quality": text("quality", "medium"),
+        "background": text("background", "opaque"),
+        "output_format": text("output_format", "png"),
+    });
+    let mut body = String::new();
+    let mut event = |kind: String, mut v: Value, extra: Value| {
+        v["type"] = kind.clone().into();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        body.push_str(&format!("event: {kind}\ndata: {v}\n\n"));
+    };
+    let images = call.images(n as usize);
+    let (w, h) = png_dims(&images[0]);
+    for i in 0..partials {
+        let b64 = b64_encode(&partial_png(w, h, i as u32));
+        event(format!("{prefix}.partial_image"), common.clone(), json!({"b64_json": b64, "partial_image_index": i}));
+    }
+    for image in &images {
+        event(
+            format!("{prefix}.completed"),
+            common.clone(),
+            json!({"b64_json": b64_encode(image), "usage": stream_usage(partials)}),
+        );
+    }
+    Reply::raw(200, "text/event-stream; charset=utf-8", body)
 }

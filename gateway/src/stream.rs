@@ -1,0 +1,178 @@
+//! The answer to a `stream: true` request: server-sent events in OpenAI's shapes
+//! (`text/event-stream`, each event an `event:` line naming its type and a `data:` line holding
+//! its JSON, then a blank line), written once the request's attempts and evaluations are over.
+//!
+//! - The winner streamed (OpenAI kind): its events are relayed as it sent them, in order:
+//!   `image_generation.partial_image` (or `image_edit.partial_image`) events unless the route
+//!   evaluates, then one `*.completed` event per image.
+//! - The winner answered plainly (another kind, or a fallback): one `*.completed` event per
+//!   image, built from the answer: `b64_json`, `created_at` (now), `size`, `quality`,
+//!   `background`, `output_format` (the provider's, else what was asked, else what the image
+//!   is), and `usage` when the provider reported it.
+//!
+//! Failures are not events: the request's error answer (status, OpenAI error body, headers)
+//! goes out as for any other request, since nothing was sent before the outcome was known.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::answer::Sent;
+use crate::body::ChunkedBody;
+use crate::providers::{Generation, Image};
+use crate::request::{GenerationRequest, Operation};
+
+/// The answer's media type.
+pub const CONTENT_TYPE: &str = "text/event-stream";
+
+/// The events' type prefix for an operation: `image_generation` or `image_edit`.
+pub fn event_prefix(op: Operation) -> &'static str {
+    match op {
+        Operation::Generate => "image_generation",
+        Operation::Edit | Operation::Variation => "image_edit",
+    }
+}
+
+/// The event stream for `generation`: the upstream's partial events only when
+/// `relay_partials` (the route does not evaluate), then the completed events. `sent` gets the
+/// images as they went out, for the trace record.
+pub fn render(
+    req: &GenerationRequest,
+    generation: Generation,
+    relay_partials: bool,
+    sent: Option<&mut Vec<Sent>>,
+) -> ChunkedBody {
+    let mut out = ChunkedBody::default();
+    let images: Vec<Bytes> = generation.images.into_iter().filter_map(base64_of).collect();
+    if let Some(s) = sent {
+        s.extend(images.iter().map(|b| Sent { url: None, base64: Some(b.clone()), bytes: None }));
+    }
+    if let Some(streamed) = generation.streamed {
+        if relay_partials {
+            for p in &streamed.partials {
+                event(&mut out, p);
+            }
+        }
+        for c in &streamed.completed {
+            event(&mut out, c);
+        }
+        return out;
+    }
+    let created_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let given: Map<String, Value> = generation.answer_fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    for b64 in images {
+        let bytes = base64_simd::STANDARD.decode_to_vec(&b64).unwrap_or_default();
+        let mut ev = Map::new();
+        ev.insert("type".into(), format!("{}.completed", event_prefix(req.op)).into());
+        ev.insert("b64_json".into(), String::from_utf8_lossy(&b64).into_owned().into());
+        ev.insert("created_at".into(), created_at.into());
+        let size = dimensions(&bytes).unwrap_or_else(|| req.size_text());
+        let quality = req.quality.clone().unwrap_or_else(|| "auto".into());
+        let background = req.raw.get("background").and_then(Value::as_str).unwrap_or("auto").to_string();
+        let format = match crate::providers::sniff_image(&bytes) {
+            Some((_, "jpg")) => "jpeg",
+            Some((_, ext)) => ext,
+            None => "png",
+        };
+        for (k, fallback) in
+            [("size", size), ("quality", quality), ("background", background), ("output_format", format.into())]
+        {
+            ev.insert(k.into(), given.get(k).cloned().unwrap_or_else(|| fallback.into()));
+        }
+        if let Some(u) = given.get("usage") {
+            ev.insert("usage".into(), u.clone());
+        }
+        event(&mut out, &Value::Object(ev));
+    }
+    out
+}
+
+/// One event as OpenAI writes it: `event: TYPE`, `data: JSON`, blank line.
+fn event(out: &mut ChunkedBody, value: &Value) {
+    let kind = value.get("type").and_then(Value::as_str).unwrap_or("message");
+    // Serialising a JSON value to a string cannot fail.
+    let data = serde_json::to_string(value).unwrap_or_default();
+    out.push(format!("event: {kind}\ndata: {data}\n\n"));
+}
+
+/// An image's base64 text. Images given as URLs were fetched before this (a stream needs the
+/// bytes), so a URL here is left out rather than sent as something it is not.
+fn base64_of(image: Image) -> Option<Bytes> {
+    match image {
+        Image::Base64(b) => Some(b),
+        Image::Raw { bytes, .. } => Some(Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes))),
+        Image::Url(_) => {
+            tracing::error!("a streamed answer holds an unfetched image URL; left out");
+            None
+        }
+    }
+}
+
+/// `WIDTHxHEIGHT` read from the image's header.
+fn dimensions(bytes: &[u8]) -> Option<String> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some(format!("{w}x{h}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Streamed;
+    use serde_json::json;
+
+    fn req(body: Value) -> GenerationRequest {
+        GenerationRequest::from_json(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn text(body: ChunkedBody) -> String {
+        use futures_util::FutureExt;
+        use http_body_util::BodyExt;
+        // A ChunkedBody is ready at once.
+        let bytes = body.collect().now_or_never().unwrap().unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_streamed_winner_is_relayed_and_partials_only_when_asked() {
+        let partial = json!({"type": "image_generation.partial_image", "b64_json": "aGk=", "partial_image_index": 0});
+        let done = json!({"type": "image_generation.completed", "b64_json": "aGVsbG8=", "created_at": 7});
+        let g = Generation {
+            images: vec![Image::Base64(Bytes::from_static(b"aGVsbG8="))],
+            streamed: Some(Streamed { partials: vec![partial.clone()], completed: vec![done.clone()] }),
+            ..Default::default()
+        };
+        let r = req(json!({"prompt": "x", "stream": true, "partial_images": 1}));
+        let both = text(render(&r, g.clone(), true, None));
+        assert_eq!(
+            both,
+            format!("event: image_generation.partial_image\ndata: {partial}\n\nevent: image_generation.completed\ndata: {done}\n\n")
+        );
+        let mut sent = Vec::new();
+        let final_only = text(render(&r, g, false, Some(&mut sent)));
+        assert_eq!(final_only, format!("event: image_generation.completed\ndata: {done}\n\n"));
+        assert_eq!(sent[0].base64.as_deref(), Some(&b"aGVsbG8="[..]));
+    }
+
+    #[test]
+    fn a_plain_answer_becomes_one_completed_event_per_image() {
+        let mut png = Vec::new();
+        image::RgbImage::new(3, 2).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let g = Generation {
+            images: vec![Image::Raw { bytes: Bytes::from(png.clone()), mime: "image/png" }],
+            answer_fields: vec![("quality", json!("high"))],
+            ..Default::default()
+        };
+        let r = req(json!({"prompt": "x", "stream": true, "background": "opaque"}));
+        let out = text(render(&r, g, true, None));
+        let data = out.strip_prefix("event: image_generation.completed\ndata: ").unwrap().strip_suffix("\n\n").unwrap();
+        let v: Value = serde_json::from_str(data).unwrap();
+        let b64 = base64_simd::STANDARD.encode_to_string(&png);
+        assert_eq!(v["b64_json"], b64.as_str());
+        assert_eq!((v["size"].as_str(), v["quality"].as_str()), (Some("3x2"), Some("high")));
+        assert_eq!((v["background"].as_str(), v["output_format"].as_str()), (Some("opaque"), Some("png")));
+        assert!(v["created_at"].as_u64().unwrap() > 1_700_000_000);
+        assert!(v.get("usage").is_none());
+    }
+}
