@@ -71,6 +71,23 @@ async fn gpt_image_parameters_reach_openai_unchanged() {
     );
     // Priced at the quality asked: one high image.
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.167"), "{}", r.describe());
+    // The trace record names them among the requested parameters.
+    let id = r.header("x-acc-trace-id").expect("trace id");
+    let mut rec = serde_json::Value::Null;
+    for _ in 0..200 {
+        let a = gw.admin("GET", &format!("/admin/traces/{id}")).await;
+        if a.status == 200 {
+            rec = a.json();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rec["parameters"],
+        json!({"model": "gi", "n": 1, "response_format": "b64_json", "quality": "high", "background": "transparent",
+            "output_format": "webp", "output_compression": 60, "moderation": "low"}),
+        "{rec:#}"
+    );
 
     // quality and size "auto": priced at the quality and size gpt-image-1 says it drew at.
     let answer = json!({"created": 1, "data": [{"b64_json": b64_encode(mock.png())}], "quality": "medium",

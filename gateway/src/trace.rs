@@ -134,6 +134,11 @@ fn parameters(req: &GenerationRequest) -> serde_json::Value {
     put("steps", req.steps.into());
     put("guidance_scale", req.guidance_scale.into());
     put("sampler", req.sampler.clone().into());
+    put("background", req.background.into());
+    put("output_format", req.output_format.map(|f| f.name()).into());
+    put("output_compression", req.output_compression.into());
+    put("moderation", req.moderation.into());
+    put("input_fidelity", req.input_fidelity.into());
     if !req.images.is_empty() {
         put("input_images", req.images.len().into());
     }

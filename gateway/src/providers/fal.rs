@@ -114,6 +114,9 @@ struct Output {
 #[derive(Deserialize)]
 struct OutputImage {
     url: String,
+    /// `image/png` or `image/jpeg` (fal's File objects carry it).
+    #[serde(default)]
+    content_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +252,7 @@ fn generation(output: Output) -> Result<Generation, ProviderError> {
     }
     let flagged = |i: usize| output.has_nsfw_concepts.get(i).copied().unwrap_or(false);
     let total = output.images.len();
+    let answer_fields = super::output_format_field(output.images.iter().map(|i| i.content_type.as_deref()));
     let mut images = Vec::with_capacity(total);
     for (i, image) in output.images.into_iter().enumerate() {
         if image.url.is_empty() {
@@ -268,6 +272,7 @@ fn generation(output: Output) -> Result<Generation, ProviderError> {
         images,
         settings: Settings { seed: output.seed.as_ref().and_then(serde_json::Value::as_u64), ..Default::default() },
         gpu_seconds: output.timings.and_then(|t| t.inference).filter(|s| s.is_finite() && *s >= 0.0),
+        answer_fields,
         ..Default::default()
     })
 }
@@ -410,7 +415,10 @@ mod tests {
     #[test]
     fn flagged_images_are_left_out_and_all_flagged_is_filtered() {
         let out = |flags: Vec<bool>| Output {
-            images: vec![OutputImage { url: "https://x/a.png".into() }, OutputImage { url: "https://x/b.png".into() }],
+            images: vec![
+                OutputImage { url: "https://x/a.png".into(), content_type: Some("image/png".into()) },
+                OutputImage { url: "https://x/b.png".into(), content_type: Some("image/png".into()) },
+            ],
             seed: Some(serde_json::json!(42)),
             has_nsfw_concepts: flags,
             timings: Some(Timings { inference: Some(1.25) }),
@@ -420,6 +428,18 @@ mod tests {
         assert_eq!((g.settings.seed, g.gpu_seconds), (Some(42), Some(1.25)));
         assert_eq!(generation(out(vec![])).unwrap().images.len(), 2);
         assert_eq!(generation(out(vec![true, true])).unwrap_err().label(), "content_filtered");
+        // The images' content type is the response object's output_format when they agree.
+        assert_eq!(g.answer_fields, vec![("output_format", serde_json::json!("png"))]);
+        let mixed = Output {
+            images: vec![
+                OutputImage { url: "https://x/a.png".into(), content_type: Some("image/png".into()) },
+                OutputImage { url: "https://x/b.jpg".into(), content_type: Some("image/jpeg".into()) },
+            ],
+            seed: None,
+            has_nsfw_concepts: vec![],
+            timings: None,
+        };
+        assert!(generation(mixed).unwrap().answer_fields.is_empty());
     }
 
     #[test]

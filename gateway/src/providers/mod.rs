@@ -110,6 +110,31 @@ pub struct Streamed {
     pub completed: Vec<serde_json::Value>,
 }
 
+/// The OpenAI response object's `output_format` field for a provider that names each image's
+/// format another way (a MIME type, a file extension): `png`, `jpeg` or `webp` when every image
+/// has the same one, else no field (`image/jpg` and `.jpg` count as jpeg).
+pub fn output_format_field<'a>(
+    formats: impl IntoIterator<Item = Option<&'a str>>,
+) -> Vec<(&'static str, serde_json::Value)> {
+    let name = |f: &str| -> Option<&'static str> {
+        match f.trim().trim_start_matches("image/").to_ascii_lowercase().as_str() {
+            "png" => Some("png"),
+            "jpeg" | "jpg" => Some("jpeg"),
+            "webp" => Some("webp"),
+            _ => None,
+        }
+    };
+    let mut seen: Option<&'static str> = None;
+    for f in formats {
+        match (f.and_then(name), seen) {
+            (None, _) => return Vec::new(),
+            (Some(n), Some(s)) if n != s => return Vec::new(),
+            (Some(n), _) => seen = Some(n),
+        }
+    }
+    seen.map(|n| vec![("output_format", serde_json::Value::String(n.into()))]).unwrap_or_default()
+}
+
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
 pub const ANSWER_FIELDS: [&str; 5] = ["background", "output_format", "quality", "size", "usage"];
 

@@ -266,8 +266,11 @@ fn finished(p: Prediction, model: &str) -> Result<Generation, ProviderError> {
         }
     }
     let name = p.model.as_deref().unwrap_or_else(|| model.split(':').next().unwrap_or(model));
+    // Output files are named by format (`out-0.webp`): the response object's output_format.
+    let answer_fields = super::output_format_field(images.iter().map(url_extension));
     Ok(Generation {
         images,
+        answer_fields,
         settings: Settings {
             seed: p.logs.as_deref().and_then(seed_in_logs),
             model: p.version.as_deref().filter(|v| jobs::valid_id(v)).map(|v| format!("{name}:{v}")),
@@ -321,6 +324,14 @@ pub const ERRORS: &[Rule] = &[
 const WIDE: ErrorClass = ErrorClass::Account { provider_wide: true };
 const TARGET: ErrorClass = ErrorClass::Account { provider_wide: false };
 
+/// The file extension of a URL image's path (`png` of `https://x/out-0.png?sig=1`).
+fn url_extension(image: &Image) -> Option<&str> {
+    match image {
+        Image::Url(u) => u.split(['?', '#']).next().and_then(|path| path.rsplit_once('.')).map(|(_, ext)| ext),
+        _ => None,
+    }
+}
+
 /// Maps a non-2xx answer by [`ERRORS`]. Replicate's errors are problem details: `{"title", "detail",
 /// "status"}`, with `invalid_fields` on a 422.
 fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> ProviderError {
@@ -346,6 +357,22 @@ mod tests {
 
     fn prediction(json: serde_json::Value) -> Prediction {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn output_files_name_the_output_format() {
+        let done = |output: serde_json::Value| {
+            finished(prediction(serde_json::json!({"id": "p", "status": "succeeded", "output": output})), "a/b")
+                .unwrap()
+        };
+        let g = done(serde_json::json!(["https://r.example/out-0.webp?sig=1", "https://r.example/out-1.webp"]));
+        assert_eq!(g.answer_fields, vec![("output_format", serde_json::json!("webp"))]);
+        let g = done(serde_json::json!("https://r.example/out-0.JPG"));
+        assert_eq!(g.answer_fields, vec![("output_format", serde_json::json!("jpeg"))]);
+        assert!(done(serde_json::json!(["https://r.example/a.png", "https://r.example/b.webp"]))
+            .answer_fields
+            .is_empty());
+        assert!(done(serde_json::json!(["https://r.example/file"])).answer_fields.is_empty());
     }
 
     #[test]
