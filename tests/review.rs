@@ -101,6 +101,8 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
     let err = poll(&gw, KEY_B, unknown).await.assert_error(404, "review_not_found");
     assert_eq!(err["message"], format!("no review with trace id {unknown}"));
     poll(&gw, KEY_A, "not-a-trace-id").await.assert_error(400, "invalid_trace_id");
+    // Hex in capitals names the same trace, as on /v1/feedback.
+    poll(&gw, KEY_A, &id.to_ascii_uppercase()).await.assert_error(423, "pending_review");
     get(&gw.url(&format!("/v1/images/reviews/{id}")), &[]).await.assert_error(401, "invalid_api_key");
 
     // The reviewers' queue: the item, its cohort fields and why it is there.
@@ -139,6 +141,9 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
     // A decision needs a reviewer.
     decide(&gw, &id, "approve", &json!({"reason": "fine"})).await.assert_error(400, "invalid_reviewer");
     decide(&gw, &id, "approve", &json!({"reviewer": "rita", "extra": 1})).await.assert_error(400, "invalid_json");
+    let not_an_object = decide(&gw, &id, "approve", &json!([])).await;
+    let err = not_an_object.assert_error(400, "invalid_json");
+    assert!(!err["message"].as_str().unwrap().contains("DecisionBody"), "{err}");
     let ok = decide(&gw, &id, "approve", &json!({"reviewer": "rita", "reason": "on brand"})).await;
     ok.assert_status(200);
     assert_eq!((ok.json()["state"].as_str(), ok.json()["reviewer"].as_str()), (Some("approved"), Some("rita")));

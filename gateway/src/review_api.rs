@@ -208,9 +208,10 @@ pub fn mark_pending(r: &mut Response) {
 /// `GET /v1/images/reviews/{trace_id}` for a caller of `tenant` (`None`: a gateway without
 /// keys): the held answer's outcome.
 pub async fn poll(app: &App, id: &str, tenant: Option<&str>, headers: &HeaderMap) -> Response {
+    // Hex is hex: an id in capitals is the same trace (as on /v1/feedback).
+    let id = &id.to_ascii_lowercase();
     if !is_trace_id(id) {
-        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
-            .into_response();
+        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
     }
     let Some(db) = app.reviews.db() else { return unavailable().into_response() };
     let item = match db.review(id).await {
@@ -333,9 +334,9 @@ async fn image(State(app): State<Arc<App>>, Path((id, index)): Path<(String, Str
     let Ok(index) = index.parse::<u32>() else {
         return ApiError::invalid("index", "invalid_index", "the image index is a number from 0").into_response();
     };
+    let id = id.to_ascii_lowercase();
     if !is_trace_id(&id) {
-        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
-            .into_response();
+        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
     }
     let db = match admin_db(&app) {
         Ok(db) => db,
@@ -376,15 +377,17 @@ async fn reject(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes
 /// (`reviewer` required, 1 to 200 characters; `reason` up to 2000): the decided item; 409
 /// `review_already_decided` when it is not pending any more.
 async fn decide(app: &App, id: &str, state: ReviewState, body: &[u8]) -> Response {
+    let id = &id.to_ascii_lowercase();
     if !is_trace_id(id) {
-        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
-            .into_response();
+        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
     }
     let parsed: DecisionBody = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(e) => {
-            return ApiError::invalid("body", "invalid_json", format!("expected {{\"reviewer\", \"reason\"}}: {e}"))
-                .into_response()
+            // serde names the Rust type it wanted ("struct DecisionBody"): say it in JSON terms.
+            let why = e.to_string().replace("struct DecisionBody", "an object");
+            return ApiError::invalid("body", "invalid_json", format!("expected {{\"reviewer\", \"reason\"}}: {why}"))
+                .into_response();
         }
     };
     let reviewer = parsed.reviewer.as_deref().map(str::trim).unwrap_or("");
