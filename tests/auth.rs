@@ -246,3 +246,21 @@ async fn the_admin_401_says_whether_the_server_or_the_client_lacks_the_token() {
     // Probes stay open.
     get(&gw.admin_url("/healthz"), &[]).await.assert_status(200);
 }
+
+/// A known admin path asked with another method answers 405 in the OpenAI error shape with the
+/// methods it takes in `Allow`, like the proxy listener (not an empty body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_path_with_another_method_is_an_openai_shaped_405() {
+    let dir = PolicyDir::with("[providers.demo]\nkind = \"builtin\"\n\n[[routes]]\nname = \"demo\"\nmatch = { model = \"acc-demo\" }\ntargets = [{ provider = \"demo\" }]\n");
+    let gw = Gateway::start(dir.path()).await;
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    for (method, path, allow) in [
+        ("GET", "/admin/reload", "POST"),
+        ("DELETE", "/metrics", "GET,HEAD"),
+        ("GET", "/admin/reviews/0123456789abcdef0123456789abcdef/approve", "POST"),
+    ] {
+        let r = send(method, &gw.admin_url(path), &[("authorization", &auth)], Vec::new()).await;
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(r.header("allow").as_deref(), Some(allow), "{method} {path}: {}", r.describe());
+    }
+}

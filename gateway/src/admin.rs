@@ -33,6 +33,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("unknown_url", "unknown admin path").into_response() })
+        // A known path with another method: the OpenAI error shape, as on the proxy listener
+        // (axum's own 405 has an empty body).
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "this admin path does not take this method (see the Allow header)",
+            )
+            .into_response()
+        })
         .layer(tower::ServiceBuilder::new().layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         })))
