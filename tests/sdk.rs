@@ -79,19 +79,34 @@ async fn official_openai_python_sdk_works() {
     let script = root.join("tests").join("sdk").join("test_openai_sdk.py");
     let base_url = gw.url("/v1");
     let upstream_png = b64_encode(upstream.png());
+    let env = [
+        ("ACC_BASE_URL", base_url),
+        ("ACC_API_KEY", CLIENT_KEY.into()),
+        ("ACC_LIMITED_KEY", LIMITED_KEY.into()),
+        ("ACC_GPT_IMAGE_B64", upstream_png),
+    ];
+    run_sdk_script(&gw, python, script, &env, &[]).await;
+}
+
+/// Runs `program script` (an SDK test) against the gateway with `env`, without the SDKs' own
+/// `OPENAI_*` variables (nor `remove`) and bypassing proxies for loopback; prints its stdout and
+/// fails the test with its output and the gateway's stderr when it fails.
+async fn run_sdk_script(
+    gw: &Gateway,
+    program: String,
+    script: std::path::PathBuf,
+    env: &[(&'static str, String)],
+    remove: &'static [&'static str],
+) {
+    let env = env.to_vec();
+    let shown = script.display().to_string();
     let out = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .env("ACC_BASE_URL", &base_url)
-            .env("ACC_API_KEY", CLIENT_KEY)
-            .env("ACC_LIMITED_KEY", LIMITED_KEY)
-            .env("ACC_GPT_IMAGE_B64", &upstream_png)
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost");
-        for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"] {
+        let mut cmd = Command::new(&program);
+        cmd.arg(&script).envs(env).env("NO_PROXY", "127.0.0.1,localhost").env("no_proxy", "127.0.0.1,localhost");
+        for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"].iter().chain(remove) {
             cmd.env_remove(var);
         }
-        cmd.output().unwrap_or_else(|e| panic!("run {python}: {e}"))
+        cmd.output().unwrap_or_else(|e| panic!("run {program}: {e}"))
     })
     .await
     .unwrap();
@@ -100,7 +115,7 @@ async fn official_openai_python_sdk_works() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "tests/sdk/test_openai_sdk.py failed ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway stderr ---\n{}",
+        "{shown} failed ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway stderr ---\n{}",
         out.status.code(),
         gw.stderr()
     );
@@ -169,32 +184,14 @@ async fn official_openai_node_sdk_works() {
     let script = root.join("tests").join("sdk").join("test_openai_sdk.cjs");
     let base_url = gw.url("/v1");
     let upstream_png = b64_encode(editor.png());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new("node");
-        cmd.arg(&script)
-            .env("NODE_PATH", &node_modules)
-            .env("ACC_BASE_URL", &base_url)
-            .env("ACC_API_KEY", CLIENT_KEY)
-            .env("ACC_EDIT_IMAGE", &photo_file)
-            .env("ACC_UPSTREAM_B64", &upstream_png)
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost");
-        for var in ["OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "NODE_OPTIONS"] {
-            cmd.env_remove(var);
-        }
-        cmd.output().unwrap_or_else(|e| panic!("run node: {e}"))
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "tests/sdk/test_openai_sdk.cjs failed ({:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway stderr ---\n{}",
-        out.status.code(),
-        gw.stderr()
-    );
+    let env = [
+        ("NODE_PATH", node_modules),
+        ("ACC_BASE_URL", base_url),
+        ("ACC_API_KEY", CLIENT_KEY.into()),
+        ("ACC_EDIT_IMAGE", photo_file.to_string_lossy().into_owned()),
+        ("ACC_UPSTREAM_B64", upstream_png),
+    ];
+    run_sdk_script(&gw, "node".into(), script, &env, &["NODE_OPTIONS"]).await;
 
     // The upstream got the SDK's file byte for byte; the refusal was asked once, not retried.
     let edits: Vec<_> = editor.requests().into_iter().filter(|c| c.generation).collect();

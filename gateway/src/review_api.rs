@@ -21,13 +21,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::answer::{self, DECISION, ROUTE, TRACE_ID};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::policy::{Route, UrlMode};
 use crate::providers::{Generation, Image};
+use crate::request::is_trace_id;
 use crate::request::{GenerationRequest, ResponseFormat};
 use crate::review::{now_unix_nano, DecideError, HoldError};
 use crate::store::{HeldImage, ReviewFilter, ReviewItem, ReviewState, StoreError, TraceDb};
@@ -121,7 +122,7 @@ async fn hold_inner(
         let content_type = crate::providers::sniff_image(&decoded).map_or("application/octet-stream", |k| k.0);
         images.push(HeldImage { content_type: content_type.to_string(), b64 });
     }
-    let verdicts: Vec<serde_json::Value> = generation
+    let verdicts: Vec<Value> = generation
         .verdicts
         .iter()
         .zip(&generation.verdict_images)
@@ -158,10 +159,6 @@ async fn hold_inner(
     };
     let budget = app.policy.snapshot().policy.review.clone();
     app.reviews.hold(&item, &images, &budget).await
-}
-
-fn is_trace_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn unavailable() -> ApiError {
@@ -304,7 +301,8 @@ async fn list(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
                 _ => return bad(format!("limit: \"{v}\" is not a number from 1 to 500")),
             },
             "after" => {
-                let parsed = v.split_once(':').and_then(|(t, id)| Some((t.parse::<u64>().ok()?, id.to_string())));
+                let parsed =
+                    v.split_once(':').and_then(|(t, id)| Some((t.parse::<u64>().ok()?, id.to_ascii_lowercase())));
                 match parsed {
                     Some(p) if is_trace_id(&p.1) => filter.after = Some(p),
                     _ => return bad("after: pass back the next_after of the previous page".into()),
@@ -381,13 +379,17 @@ async fn decide(app: &App, id: &str, state: ReviewState, body: &[u8]) -> Respons
     if !is_trace_id(id) {
         return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
     }
-    let parsed: DecisionBody = match serde_json::from_slice(body) {
+    // A JSON object first: serde's own error for `[]` names the Rust type it wanted.
+    let parsed = match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.is_object() => serde_json::from_value::<DecisionBody>(v).map_err(|e| e.to_string()),
+        Ok(_) => Err("the body is not a JSON object".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let parsed = match parsed {
         Ok(b) => b,
-        Err(e) => {
-            // serde names the Rust type it wanted ("struct DecisionBody"): say it in JSON terms.
-            let why = e.to_string().replace("struct DecisionBody", "an object");
+        Err(why) => {
             return ApiError::invalid("body", "invalid_json", format!("expected {{\"reviewer\", \"reason\"}}: {why}"))
-                .into_response();
+                .into_response()
         }
     };
     let reviewer = parsed.reviewer.as_deref().map(str::trim).unwrap_or("");

@@ -332,7 +332,8 @@ pub const ERRORS: &[Rule] = &[
 fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time::Duration>) -> ProviderError {
     let message = error_message(body);
     match errors::classify(ERRORS, status.as_u16(), &[], &message) {
-        ErrorClass::Client => super::rejected(StatusCode::BAD_REQUEST, &message),
+        // The web UI answers some of the request's own mistakes 404 or 500: the client gets 400.
+        ErrorClass::Client => errors::to_error(ErrorClass::Client, StatusCode::BAD_REQUEST, None, None, &message, None),
         ErrorClass::Account { provider_wide: true } if status == StatusCode::NOT_FOUND => ProviderError::Account {
             status,
             provider_wide: true,

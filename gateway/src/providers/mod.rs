@@ -320,15 +320,6 @@ pub(crate) fn error_text(found: Option<String>, body: &[u8]) -> String {
     }
 }
 
-/// The client's own mistake as the upstream described it, answered in the OpenAI error shape
-/// (`code` upstream_rejected) and never retried.
-pub(crate) fn rejected(status: StatusCode, message: &str) -> ProviderError {
-    let v = serde_json::json!({"error": {
-        "message": format!("upstream rejected the request: {message}"),
-        "type": "invalid_request_error", "param": null, "code": "upstream_rejected"}});
-    ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
-}
-
 /// The media type and file extension of PNG, JPEG or WebP bytes, by their magic numbers.
 pub fn sniff_image(b: &[u8]) -> Option<(&'static str, &'static str)> {
     if b.starts_with(b"\x89PNG\r\n\x1a\n") {
