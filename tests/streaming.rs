@@ -40,30 +40,61 @@ fn usage_two_partials() -> Value {
            "output_tokens": 472, "total_tokens": 494})
 }
 
+/// The events in `text` so far (complete ones only), as [`events`] reads them.
+fn events_in(text: &str) -> Vec<(String, Value)> {
+    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
+    if complete.is_empty() {
+        return Vec::new();
+    }
+    events(&Resp { status: 200, headers: http::HeaderMap::new(), body: complete.to_string().into() })
+}
+
+/// Reads `body` until `n` complete events have arrived (10 s at most); returns all text read.
+async fn read_events(body: &mut hyper::body::Incoming, text: &mut String, n: usize) -> Vec<(String, Value)> {
+    use http_body_util::BodyExt;
+    loop {
+        let ev = events_in(text);
+        if ev.len() >= n {
+            return ev;
+        }
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("no event {} within 10 s; so far: {text:.300}", ev.len() + 1))
+            .unwrap_or_else(|| panic!("the stream ended after {} events: {text:.300}", ev.len()))
+            .expect("reading the stream");
+        if let Some(d) = frame.data_ref() {
+            text.push_str(std::str::from_utf8(d).unwrap());
+        }
+    }
+}
+
 #[tokio::test]
 async fn openai_events_are_relayed_in_order_with_their_fields() {
     let up = MockProvider::start().await;
     let final_png = noisy(256, 256, 3);
     up.answer_with(&final_png);
+    // The provider sends its partial images, then holds the final image until released.
+    up.set_fault(Fault::GatedStream);
     let policy =
         format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
     let (gw, _dir) = serve_policy(&policy, &[]).await;
 
     let body = json!({"model": "m", "prompt": "a lighthouse", "size": "256x256", "quality": "high",
                       "stream": true, "partial_images": 2});
-    let r = gw.generate(&body).await;
-    r.assert_status(200);
-    assert_eq!(r.header("content-type").as_deref(), Some("text/event-stream"), "{}", r.describe());
-    assert_eq!(r.header("cache-control").as_deref(), Some("no-cache"));
-    assert_eq!(r.header("x-acc-provider").as_deref(), Some("up"));
-    assert_eq!(r.header("x-acc-attempts").as_deref(), Some("up:ok"));
-    assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"));
-    let ev = events(&r);
-    assert_eq!(
-        names(&ev),
-        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"]
-    );
-    for (i, (name, data)) in ev.iter().take(2).enumerate() {
+    let (status, headers, mut stream) = post_head(&gw.url("/v1/images/generations"), &body).await;
+    // The partial images reach the client while the provider is still generating.
+    let mut text = String::new();
+    let ev = read_events(&mut stream, &mut text, 2).await;
+    assert_eq!(status, 200);
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(header("content-type").as_deref(), Some("text/event-stream"));
+    assert_eq!(header("cache-control").as_deref(), Some("no-cache"));
+    assert_eq!(header("x-acc-route").as_deref(), Some("main"));
+    let trace_id = header("x-acc-trace-id").expect("a live stream names its trace");
+    // What the outcome decides is not known when the stream starts.
+    assert_eq!((header("x-acc-decision"), header("x-acc-provider")), (None, None));
+    assert_eq!(names(&ev), ["image_generation.partial_image", "image_generation.partial_image"]);
+    for (i, (name, data)) in ev.iter().enumerate() {
         assert_eq!(
             data,
             &json!({"type": name, "b64_json": b64_encode(&partial_png(256, 256, i as u32)), "partial_image_index": i,
@@ -71,19 +102,23 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
                     "background": "opaque", "output_format": "png"})
         );
     }
+    up.release_stream();
+    let ev = read_events(&mut stream, &mut text, 3).await;
+    assert_eq!(names(&ev[2..]), ["image_generation.completed"]);
     assert_eq!(
         ev[2].1,
         json!({"type": "image_generation.completed", "b64_json": b64_encode(&final_png),
                "created_at": STREAM_CREATED_AT, "size": "256x256", "quality": "high",
                "background": "opaque", "output_format": "png", "usage": usage_two_partials()})
     );
+    use http_body_util::BodyExt;
+    assert!(stream.frame().await.is_none(), "nothing after the completed event: {text:.300}");
     // The upstream was asked for the stream.
     let sent = up.last_body_json();
     assert_eq!((sent["stream"].clone(), sent["partial_images"].clone()), (json!(true), json!(2)));
     assert_eq!(up.last_header("accept").as_deref(), Some("text/event-stream"));
     // Counted and recorded like any request: the trace holds the final image.
     assert_eq!(gw.metric("acc_requests_total", &[("route", "main"), ("outcome", "ok")]).await, 1.0);
-    let trace_id = r.header("x-acc-trace-id").unwrap();
     let rec = traces_record(&gw, &trace_id).await;
     assert_eq!(rec["outcome"], "ok");
     assert_eq!(
@@ -94,12 +129,73 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
     let images = rec["images"].as_array().unwrap();
     assert_eq!(images.len(), 1, "{rec:#}");
     assert_eq!(images[0]["sha256"], sha256_bytes(&final_png));
-    // A retry with the same Idempotency-Key replays the same events without a second generation.
+    // With an Idempotency-Key the answer is kept whole (to be replayed), so it goes out at the
+    // end, with every header; a retry replays the same events without a second generation.
+    up.set_fault(Fault::None);
     let key = [("idempotency-key", "stream-1")];
     let first = gw.generate_with(&body, &key).await;
+    assert_eq!(first.header("x-acc-provider").as_deref(), Some("up"));
+    assert_eq!(first.header("x-acc-attempts").as_deref(), Some("up:ok"));
+    assert_eq!(first.header("x-acc-decision").as_deref(), Some("pass"));
+    assert_eq!(
+        names(&events(&first)),
+        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"]
+    );
     let again = gw.generate_with(&body, &key).await;
     assert_eq!(again.header("content-type").as_deref(), Some("text/event-stream"));
     assert_eq!((first.text(), up.hits()), (again.text(), 2));
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_live_partials_falls_back_or_ends_with_an_error_event() {
+    let second = MockProvider::start().await;
+    let final_png = noisy(256, 256, 5);
+    second.answer_with(&final_png);
+    let first = MockProvider::start().await;
+    first.set_fault(Fault::GatedStreamCut);
+    let policy = format!(
+        "{}{}{}{}{}",
+        openai_provider_at("first", &first.base_url()),
+        openai_provider_at("second", &second.base_url()),
+        route_toml("main", "m").target("first", "gpt-image-1").fallback("spare"),
+        route_toml("spare", "spare").target("second", "gpt-image-1"),
+        route_toml("alone", "solo").target("first", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let body = json!({"model": "m", "prompt": "a lighthouse", "size": "256x256", "stream": true, "partial_images": 1});
+    let (status, headers, mut stream) = post_head(&gw.url("/v1/images/generations"), &body).await;
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    assert_eq!(names(&read_events(&mut stream, &mut text, 1).await), ["image_generation.partial_image"]);
+    // The first provider's connection is cut: the fallback's partial and final image follow.
+    first.release_stream();
+    let ev = read_events(&mut stream, &mut text, 3).await;
+    assert_eq!(
+        names(&ev),
+        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"]
+    );
+    assert_eq!(ev[2].1["b64_json"], b64_encode(&final_png));
+    let trace_id = headers["x-acc-trace-id"].to_str().unwrap().to_string();
+    let rec = traces_record(&gw, &trace_id).await;
+    let results: Vec<&str> =
+        rec["attempts"].as_array().unwrap().iter().map(|a| a["result"].as_str().unwrap()).collect();
+    assert_eq!(results.len(), 2, "{rec:#}");
+    assert_eq!(results[1], "ok", "{rec:#}");
+
+    // With nothing to fall back on, the stream that began ends with an OpenAI error event
+    // (the error answer the request would otherwise have had).
+    let body =
+        json!({"model": "solo", "prompt": "a lighthouse", "size": "256x256", "stream": true, "partial_images": 1});
+    let (_, _, mut stream) = post_head(&gw.url("/v1/images/generations"), &body).await;
+    let mut text = String::new();
+    read_events(&mut stream, &mut text, 1).await;
+    first.release_stream();
+    let ev = read_events(&mut stream, &mut text, 2).await;
+    assert_eq!(names(&ev), ["image_generation.partial_image", "error"]);
+    assert_eq!(ev[1].1["type"], "error");
+    assert_eq!(ev[1].1["error"]["code"], "upstream_error", "{}", ev[1].1);
+    assert_eq!(ev[1].1["error"]["type"], "api_error", "{}", ev[1].1);
+    assert_eq!(gw.metric("acc_requests_total", &[("route", "alone"), ("outcome", "upstream_error")]).await, 1.0);
 }
 
 #[tokio::test]

@@ -78,6 +78,9 @@ pub struct AttemptEnv<'a> {
     /// Where attempts leave their notes for the trace record, with the request's trace id (32
     /// hex digits) for the `traceparent` sent to providers; `None` when nothing is recorded.
     pub notes: Option<(&'a NoteSink, &'a str)>,
+    /// Where streamed partial images go live (`stream: true` requests answered as they run);
+    /// used only by attempts on targets whose route does not evaluate, never by mirrors.
+    pub partials: Option<&'a std::sync::Arc<crate::providers::events::LiveTap>>,
 }
 
 /// One attempt on the target `s` names, until `until`: refused when the provider cannot do the
@@ -137,8 +140,16 @@ async fn run(
     // 3. Send it.
     let default_fetch = FetchPolicy::default();
     let fetch = spec.map_or(&default_fetch, |p| &p.fetch);
-    let request =
-        AttemptRequest { req: env.req, model, target_model: target.model.as_deref(), dropped: &dropped, fetch };
+    // Partial images go to the client live only where nothing judges the image first.
+    let partials = env.partials.filter(|_| !env.mirror && route.eval.evaluators.is_empty());
+    let request = AttemptRequest {
+        req: env.req,
+        model,
+        target_model: target.model.as_deref(),
+        dropped: &dropped,
+        fetch,
+        partials,
+    };
     let sent = Instant::now();
     let call = crate::upstream::with_traceparent(traceparent, adapter.generate(&request));
     let result = match tokio::time::timeout_at(until, call).await {

@@ -53,8 +53,9 @@
 //! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `app`,
 //!   `policy`, `providers`, `request`, `routing`.
 //! - [`stream`]: the answer to a `stream: true` request as server-sent events in OpenAI's
-//!   shapes: the winner's own events relayed (partial images only when the route does not
-//!   evaluate), or one completed event per image built from a plain answer. Uses `answer`,
+//!   shapes: partial images relayed live while attempts run (routes that do not evaluate),
+//!   the winner's own events relayed, or one completed event per image built from a plain
+//!   answer; an `error` event when a live stream fails. Uses `answer`,
 //!   `body`, `providers`, `request`.
 //! - [`answer`]: the answer body in the client's `response_format`, the OpenAI-shaped error
 //!   when every attempt failed, and the names of the `x-acc-*` response headers. Uses `app`,

@@ -210,6 +210,7 @@ async fn mirror_attempt(
         needs_bytes: true,
         mirror: true,
         verdicts: Some(&sink),
+        partials: None,
     };
     let started = Instant::now();
     let until = tokio::time::Instant::now() + attempt_timeout(policy, step);

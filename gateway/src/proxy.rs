@@ -18,6 +18,7 @@
 //! `finish` then writes the `x-acc-*` headers and the request metrics whatever the outcome.
 //! A request with an `Idempotency-Key` goes through `idempotent` first.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -40,6 +41,7 @@ use crate::error::ApiError;
 use crate::idempotency;
 use crate::migration::Migration;
 use crate::policy::{AnswerFormat, ApiKey, Policy, ReviewOverflow, UrlMode};
+use crate::providers::events::LiveTap;
 use crate::providers::ProviderError;
 use crate::reload::Snapshot;
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
@@ -96,6 +98,9 @@ struct RequestCtx {
     writer: Option<TraceWriter>,
     /// The answer is an event stream (`stream: true`), not JSON.
     event_stream: bool,
+    /// Where a stream's partial images go while attempts run (requests without an
+    /// `Idempotency-Key`; see [`crate::stream::LiveBody`]).
+    live: Option<Arc<LiveTap>>,
 }
 
 impl Drop for RequestCtx {
@@ -216,7 +221,36 @@ fn method_not_allowed(allowed: &'static str) -> Response {
     r
 }
 
+/// An image request. A stream's partial images may start the answer before the attempts end
+/// ([`live_answer`]): the request's work then goes on inside the answer's body.
 async fn images<B>(app: Arc<App>, req: Request<B>, op: Operation) -> Response
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tap = Arc::new(LiveTap::default());
+    let mut work = Box::pin(answer_images(app, req, op, tap.clone()));
+    let early = std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending if tap.ready(cx.waker()) => std::task::Poll::Ready(None),
+        std::task::Poll::Pending => std::task::Poll::Pending,
+    })
+    .await;
+    match early {
+        // Partials relayed during the poll that finished the work: they go out before the
+        // answer's own events, under its headers (a failed answer goes out alone).
+        Some(r) if r.status().is_success() && tap.started() => {
+            let (parts, body) = r.into_parts();
+            let rest: crate::stream::Work = Box::pin(std::future::ready(Response::new(body)));
+            Response::from_parts(parts, Body::new(crate::stream::LiveBody::new(tap, rest)))
+        }
+        Some(r) => r,
+        None => live_answer(tap, work),
+    }
+}
+
+/// The answer to an image request, complete; `tap` gets a stream's partial images meanwhile.
+async fn answer_images<B>(app: Arc<App>, req: Request<B>, op: Operation, tap: Arc<LiveTap>) -> Response
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -258,16 +292,37 @@ where
         generation: None,
         dropped: Vec::new(),
         event_stream: false,
+        live: None,
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
     match idempotency_key(&headers) {
         Ok(None) => {
+            ctx.live = Some(tap);
             let result = generate(&app, &snapshot, &mut ctx, &headers, body, op).await;
             finish(&app, &snapshot, ctx, result)
         }
         Ok(Some(key)) => idempotent(&app, &snapshot, ctx, &headers, body, op, key).await,
         Err(e) => finish(&app, &snapshot, ctx, Err(e)),
     }
+}
+
+/// The answer to a stream whose first partial image arrived before its attempts ended: `200`,
+/// `text/event-stream`, the trace id and route, then the partials as they come and the
+/// request's own outcome as events ([`crate::stream::LiveBody`]). Headers that describe the
+/// outcome (`x-acc-decision`, `x-acc-eval`, `x-acc-generation`, cost) cannot be sent this early.
+fn live_answer(tap: Arc<LiveTap>, work: crate::stream::Work) -> Response {
+    let (trace_id, route) = tap.origin();
+    let mut r = Response::new(Body::new(crate::stream::LiveBody::new(tap, work)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::stream::CONTENT_TYPE));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(v) = trace_id.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        h.insert(TRACE_ID, v);
+    }
+    if let Some(v) = route.and_then(|r| HeaderValue::from_str(&r).ok()) {
+        h.insert(ROUTE, v);
+    }
+    r
 }
 
 /// A trace id the client chose (`x-acc-trace-id`, 32 lowercase hex digits), so reruns of a request
@@ -503,6 +558,11 @@ where
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
     let notes = NoteSink::default();
+    // Partial images asked for go to the client as they arrive (see `images`).
+    let live = ctx.live.clone().filter(|_| req.stream.is_some_and(|p| p > 0));
+    if let Some(t) = &live {
+        t.set_origin(&ctx.trace_id, &route.name);
+    }
     let trace_id = ctx.record.is_some().then(|| ctx.trace_id.clone());
     let env = AttemptEnv {
         notes: trace_id.as_deref().map(|t| (&notes, t)),
@@ -518,6 +578,7 @@ where
             || req.stream.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
+        partials: live.as_ref(),
     };
     let env = &env;
     let timeout_of = |s: Step| attempt_timeout(policy, s);
@@ -574,8 +635,9 @@ where
         }
     }
     if req.stream.is_some() {
-        // Partial images are withheld where the final image is judged before it goes out.
-        let relay_partials = winner.eval.evaluators.is_empty();
+        // Partial images are withheld where the final image is judged before it goes out, and
+        // not sent twice where they went out live.
+        let relay_partials = winner.eval.evaluators.is_empty() && !live.as_ref().is_some_and(|t| t.started());
         ctx.event_stream = true;
         let settings = generation.settings.clone();
         let mut sent = Vec::with_capacity(generation.images.len());

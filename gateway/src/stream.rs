@@ -1,17 +1,21 @@
 //! The answer to a `stream: true` request: server-sent events in OpenAI's shapes
 //! (`text/event-stream`, each event an `event:` line naming its type and a `data:` line holding
-//! its JSON, then a blank line), written once the request's attempts and evaluations are over.
+//! its JSON, then a blank line).
 //!
+//! - Partial images relayed live ([`LiveBody`]): on a route that does not evaluate, the
+//!   streaming attempt's `*.partial_image` events go out as they arrive (through the request's
+//!   [`LiveTap`]), before the outcome is known; the outcome follows as the completed events, or
+//!   as one `error` event when the request fails after the stream began.
 //! - The winner streamed (OpenAI kind): its events are relayed as it sent them, in order:
 //!   `image_generation.partial_image` (or `image_edit.partial_image`) events unless the route
-//!   evaluates, then one `*.completed` event per image.
+//!   evaluates or they already went out live, then one `*.completed` event per image.
 //! - The winner answered plainly (another kind, or a fallback): one `*.completed` event per
 //!   image, built from the answer: `b64_json`, `created_at` (now), `size`, `quality`,
 //!   `background`, `output_format` (the provider's, else what was asked, else what the image
 //!   is), and `usage` when the provider reported it.
 //!
-//! Failures are not events: the request's error answer (status, OpenAI error body, headers)
-//! goes out as for any other request, since nothing was sent before the outcome was known.
+//! Failures before anything was sent are not events: the request's error answer (status, OpenAI
+//! error body, headers) goes out as for any other request.
 
 use std::time::SystemTime;
 
@@ -20,6 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::answer::Sent;
 use crate::body::ChunkedBody;
+use crate::providers::events::LiveTap;
 use crate::providers::{Generation, Image};
 use crate::request::{GenerationRequest, Operation};
 
@@ -114,6 +119,104 @@ fn dimensions(bytes: &[u8]) -> Option<String> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?;
     let (w, h) = reader.into_dimensions().ok()?;
     Some(format!("{w}x{h}"))
+}
+
+/// The request's work: it resolves to the answer the request would have had without the
+/// live start.
+pub type Work = std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<axum::body::Body>> + Send>>;
+
+/// The body of a stream answered before its attempts ended: partial images as the owning
+/// attempt receives them ([`LiveTap`]), while `work` goes on; then the work's own answer, as
+/// its completed events when it succeeded, or as one `error` event (`{"type": "error",
+/// "error": {...}}`, the body of the error answer the request would otherwise have had; the
+/// OpenAI SDKs raise it as an API error) when it failed after the stream began. Dropping the
+/// body (the client went away) drops the work, which cancels the attempts.
+pub struct LiveBody {
+    tap: std::sync::Arc<LiveTap>,
+    work: Option<Work>,
+    outcome: Option<Outcome>,
+}
+
+enum Outcome {
+    /// The successful answer's events, relayed as they are.
+    Events(axum::body::Body),
+    /// The failed answer's body, read whole to become one event.
+    Error(axum::body::Body, Vec<u8>),
+}
+
+impl LiveBody {
+    /// The live answer's body: `tap`'s partials, then `work`'s outcome.
+    pub fn new(tap: std::sync::Arc<LiveTap>, work: Work) -> LiveBody {
+        LiveBody { tap, work: Some(work), outcome: None }
+    }
+}
+
+impl http_body::Body for LiveBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            // Partials first: those queued before the work ended go out before its outcome.
+            if let Some(event) = this.tap.pop(cx.waker()) {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(event))));
+            }
+            if let Some(work) = this.work.as_mut() {
+                match work.as_mut().poll(cx) {
+                    Poll::Ready(answer) => {
+                        this.work = None;
+                        let (parts, body) = answer.into_parts();
+                        this.outcome = Some(if parts.status.is_success() {
+                            Outcome::Events(body)
+                        } else {
+                            Outcome::Error(body, Vec::new())
+                        });
+                    }
+                    Poll::Pending if this.tap.ready(cx.waker()) => {}
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            return match this.outcome.as_mut() {
+                None => Poll::Ready(None),
+                Some(Outcome::Events(body)) => std::pin::Pin::new(body).poll_frame(cx),
+                Some(Outcome::Error(body, text)) => match std::pin::Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            text.extend_from_slice(d);
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                    Poll::Ready(None) => {
+                        let event = error_event(text);
+                        this.outcome = None;
+                        Poll::Ready(Some(Ok(http_body::Frame::data(event))))
+                    }
+                },
+            };
+        }
+    }
+}
+
+/// The `error` event for an error answer's body (`{"error": {...}}`, the gateway's OpenAI
+/// error shape); a body that is not one becomes a generic `api_error`.
+fn error_event(body: &[u8]) -> Bytes {
+    let error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|mut v| v.get_mut("error").map(Value::take))
+        .filter(Value::is_object)
+        .unwrap_or_else(|| {
+            serde_json::json!({"message": "the request failed after the stream began", "type": "api_error", "param": null, "code": null})
+        });
+    let data = serde_json::json!({"type": "error", "error": error});
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
 #[cfg(test)]

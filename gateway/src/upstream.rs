@@ -97,12 +97,31 @@ pub async fn with_traceparent<F: Future>(value: Option<HeaderValue>, fut: F) -> 
     TRACEPARENT.scope(value, fut).await
 }
 
+/// Sees an answer's body as it arrives, for a caller that acts before the whole of it is read
+/// (a stream's partial images relayed live). The answer is still read whole and returned by
+/// [`send_observed`].
+pub trait BodyObserver: Send {
+    /// The answer's status and headers, before any of its body: whether [`chunk`](Self::chunk)
+    /// wants the body's pieces.
+    fn head(&mut self, status: StatusCode, headers: &http::HeaderMap) -> bool;
+    /// The next piece of the body, in order, as it came off the connection.
+    fn chunk(&mut self, data: &[u8]);
+}
+
 /// Sends `req` to `endpoint` (the request's own URI is replaced) and reads the whole answer,
 /// up to `max_body` bytes. Inside [`with_traceparent`] the request carries that `traceparent`.
-pub async fn send(
+pub async fn send(endpoint: &Endpoint, req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
+    send_observed(endpoint, req, max_body, None).await
+}
+
+/// [`send`], with `observer` shown the body piece by piece as it arrives (when its
+/// [`BodyObserver::head`] asks for it). Errors as [`send`]; a body over `max_body` fails the
+/// same way whether observed or not.
+pub async fn send_observed(
     endpoint: &Endpoint,
     mut req: Request<ChunkedBody>,
     max_body: usize,
+    mut observer: Option<&mut dyn BodyObserver>,
 ) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
@@ -116,7 +135,7 @@ pub async fn send(
             Some(c) => (c, true),
             None => (connect(endpoint).await?, false),
         };
-        match exchange(conn, req, max_body).await {
+        match exchange(conn, req, max_body, observer.as_mut().map(|o| &mut **o as &mut dyn BodyObserver)).await {
             Ok((answer, Some(conn))) => {
                 put_idle(&endpoint.key, conn);
                 return Ok(answer);
@@ -146,7 +165,12 @@ enum Exchange {
 
 /// One request on one connection, polling the connection's I/O alongside. Returns the
 /// connection when it can carry another request.
-async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Result<(Answer, Option<Conn>), Exchange> {
+async fn exchange(
+    conn: Conn,
+    req: Request<ChunkedBody>,
+    max_body: usize,
+    observer: Option<&mut dyn BodyObserver>,
+) -> Result<(Answer, Option<Conn>), Exchange> {
     let Conn { mut send, mut driver, .. } = conn;
     let mut driver_done = false;
     let result = {
@@ -168,11 +192,28 @@ async fn exchange(conn: Conn, req: Request<ChunkedBody>, max_body: usize) -> Res
                 crate::health::retry_after(&parts.headers, std::time::SystemTime::now())
             };
             let headers = parts.headers;
-            let body = Limited::new(body, max_body)
-                .collect()
-                .await
-                .map_err(|e| Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}"))))?
-                .to_bytes();
+            let read_error = |e: &dyn std::fmt::Display| {
+                Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}")))
+            };
+            let wanted = match observer {
+                Some(o) => o.head(status, &headers).then_some(o),
+                None => None,
+            };
+            let body = match wanted {
+                Some(o) => {
+                    let mut body = Limited::new(body, max_body);
+                    let mut all = bytes::BytesMut::new();
+                    while let Some(frame) = body.frame().await {
+                        let frame = frame.map_err(|e| read_error(&e))?;
+                        if let Some(data) = frame.data_ref() {
+                            o.chunk(data);
+                            all.extend_from_slice(data);
+                        }
+                    }
+                    all.freeze()
+                }
+                None => Limited::new(body, max_body).collect().await.map_err(|e| read_error(&e))?.to_bytes(),
+            };
             Ok(Answer { status, retry_after, headers, body })
         };
         let mut work = std::pin::pin!(work);

@@ -150,6 +150,10 @@ pub struct AttemptRequest<'a> {
     pub dropped: &'a [Param],
     /// Where the provider's image URLs may be fetched from.
     pub fetch: &'a crate::policy::FetchPolicy,
+    /// Where a streaming attempt's partial images go as they arrive (`stream: true` with
+    /// `partial_images` on a target whose route does not evaluate); `None` keeps them in the
+    /// answer's [`Streamed`] only.
+    pub partials: Option<&'a std::sync::Arc<events::LiveTap>>,
 }
 
 impl AttemptRequest<'_> {

@@ -55,6 +55,21 @@ pub const GEN_AI_IMAGE_GUIDANCE_SCALE: &str = "gen_ai.image.guidance_scale";
 pub const GEN_AI_IMAGE_SEED: &str = "gen_ai.image.seed";
 /// The request's `n`.
 pub const GEN_AI_IMAGE_COUNT: &str = "gen_ai.image.count";
+/// The GPT image models' parameters (OpenAI Images API reference), as the client sent them:
+/// `background` (`transparent`, `opaque`, `auto`).
+pub const GEN_AI_IMAGE_BACKGROUND: &str = "gen_ai.image.background";
+/// `output_format` (`png`, `jpeg`, `webp`).
+pub const GEN_AI_IMAGE_OUTPUT_FORMAT: &str = "gen_ai.image.output_format";
+/// `output_compression`, 0–100 (%).
+pub const GEN_AI_IMAGE_OUTPUT_COMPRESSION: &str = "gen_ai.image.output_compression";
+/// `moderation` (`low`, `auto`).
+pub const GEN_AI_IMAGE_MODERATION: &str = "gen_ai.image.moderation";
+/// `input_fidelity` on edits (`high`, `low`).
+pub const GEN_AI_IMAGE_INPUT_FIDELITY: &str = "gen_ai.image.input_fidelity";
+/// `stream` (boolean), when the client sent it.
+pub const GEN_AI_IMAGE_STREAM: &str = "gen_ai.image.stream";
+/// `partial_images`, 0–3.
+pub const GEN_AI_IMAGE_PARTIAL_IMAGES: &str = "gen_ai.image.partial_images";
 
 // ---- General conventions ----
 

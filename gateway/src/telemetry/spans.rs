@@ -161,12 +161,28 @@ impl RequestParams {
         let n = p.get("n").and_then(json_i64);
         let seed = p.get("seed").and_then(json_i64);
         let mut image = Vec::new();
-        for (field, key) in
-            [("size", GEN_AI_IMAGE_SIZE), ("quality", GEN_AI_IMAGE_QUALITY), ("style", GEN_AI_IMAGE_STYLE)]
-        {
+        for (field, key) in [
+            ("size", GEN_AI_IMAGE_SIZE),
+            ("quality", GEN_AI_IMAGE_QUALITY),
+            ("style", GEN_AI_IMAGE_STYLE),
+            ("background", GEN_AI_IMAGE_BACKGROUND),
+            ("output_format", GEN_AI_IMAGE_OUTPUT_FORMAT),
+            ("moderation", GEN_AI_IMAGE_MODERATION),
+            ("input_fidelity", GEN_AI_IMAGE_INPUT_FIDELITY),
+        ] {
             if let Some(v) = p.get(field).and_then(json_string) {
                 image.push(KeyValue::new(key, v));
             }
+        }
+        for (field, key) in
+            [("output_compression", GEN_AI_IMAGE_OUTPUT_COMPRESSION), ("partial_images", GEN_AI_IMAGE_PARTIAL_IMAGES)]
+        {
+            if let Some(v) = p.get(field).and_then(json_i64) {
+                image.push(KeyValue::new(key, v));
+            }
+        }
+        if let Some(v) = p.get("stream").and_then(Json::as_bool) {
+            image.push(KeyValue::new(GEN_AI_IMAGE_STREAM, v));
         }
         if let Some(v) = p.get("steps").and_then(json_i64) {
             image.push(KeyValue::new(GEN_AI_IMAGE_STEPS, v));
@@ -390,5 +406,17 @@ mod tests {
         assert_eq!(get(GEN_AI_IMAGE_QUALITY), None);
         assert_eq!(get(GEN_AI_IMAGE_STYLE), None);
         assert_eq!(get(GEN_AI_IMAGE_COUNT), Some(Value::I64(2)));
+        let gpt = RequestParams::of(&serde_json::json!({
+            "background": "transparent", "output_format": "webp", "output_compression": 80,
+            "moderation": "low", "input_fidelity": "high", "stream": true, "partial_images": 2
+        }));
+        let get = |k: &str| gpt.image.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.clone());
+        assert_eq!(get(GEN_AI_IMAGE_BACKGROUND), Some(Value::from("transparent")));
+        assert_eq!(get(GEN_AI_IMAGE_OUTPUT_FORMAT), Some(Value::from("webp")));
+        assert_eq!(get(GEN_AI_IMAGE_OUTPUT_COMPRESSION), Some(Value::I64(80)));
+        assert_eq!(get(GEN_AI_IMAGE_MODERATION), Some(Value::from("low")));
+        assert_eq!(get(GEN_AI_IMAGE_INPUT_FIDELITY), Some(Value::from("high")));
+        assert_eq!(get(GEN_AI_IMAGE_STREAM), Some(Value::Bool(true)));
+        assert_eq!(get(GEN_AI_IMAGE_PARTIAL_IMAGES), Some(Value::I64(2)));
     }
 }

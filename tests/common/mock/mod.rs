@@ -150,6 +150,12 @@ pub enum Fault {
     /// Send 200, the headers and the first half of the normal body, then never finish it (the
     /// connection stays open until the other side gives up).
     StallMidBody,
+    /// An event stream: send everything before the first `*.completed` event at once, then wait
+    /// for [`Mock::release_stream`] before sending the rest (the gateway's client can be seen
+    /// receiving partial images while the provider has not finished).
+    GatedStream,
+    /// As `GatedStream`, but once released the connection is cut instead of finishing.
+    GatedStreamCut,
 }
 
 /// How the mock answers one generation call; `None` fields keep the configured default.
@@ -430,6 +436,8 @@ struct Inner<S> {
     max_in_flight: AtomicUsize,
     requests: Mutex<Vec<Captured>>,
     png: Vec<u8>,
+    /// Permits for `Fault::GatedStream` answers to finish.
+    stream_gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running mock provider of shape `S` on 127.0.0.1:PORT (HTTP/1.1); its behaviour can be
@@ -520,6 +528,7 @@ impl<S: Shape> MockBuilder<S> {
             max_in_flight: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             png: self.png,
+            stream_gate: Arc::new(tokio::sync::Semaphore::new(0)),
         });
         let state = inner.clone();
         // Our own accept loop (rather than axum::serve) so that a handler can make the
@@ -638,6 +647,11 @@ impl<S: Shape> Mock<S> {
     /// Wait this long before answering.
     pub fn set_latency(&self, latency: Duration) {
         self.inner.config.lock().unwrap().latency = latency;
+    }
+
+    /// Lets one `Fault::GatedStream` answer (waiting or to come) finish.
+    pub fn release_stream(&self) {
+        self.inner.stream_gate.add_permits(1);
     }
 
     /// Misbehave at the transport level on every generation call (`Fault::None` = stop).
@@ -835,6 +849,32 @@ async fn handle<S: Shape>(
             for (k, v) in normal.headers.iter().chain(&cfg.headers) {
                 b = b.header(k.as_str(), v.as_str());
             }
+            return Ok(b.body(axum::body::Body::from_stream(stream)).unwrap());
+        }
+        Fault::GatedStream | Fault::GatedStreamCut => {
+            let normal = shape.generate(call(cfg.images.clone())).await;
+            let split = std::str::from_utf8(&normal.body)
+                .ok()
+                .and_then(|t| {
+                    t.find("event: image_generation.completed").or_else(|| t.find("event: image_edit.completed"))
+                })
+                .expect("a gated stream answers a stream request");
+            let (first, rest) = (normal.body.slice(..split), normal.body.slice(split..));
+            let gate = state.stream_gate.clone();
+            let cut = cfg.fault == Fault::GatedStreamCut;
+            let later = async move {
+                gate.acquire().await.expect("gate open").forget();
+                if cut {
+                    Err(std::io::Error::other("mock: connection cut mid-stream"))
+                } else {
+                    Ok(rest)
+                }
+            };
+            let stream = futures_util::StreamExt::chain(
+                futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }),
+                futures_util::stream::once(later),
+            );
+            let b = axum::response::Response::builder().status(200).header("content-type", normal.content_type);
             return Ok(b.body(axum::body::Body::from_stream(stream)).unwrap());
         }
     }
