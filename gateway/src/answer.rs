@@ -285,7 +285,10 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         .enumerate()
         .filter_map(|(i, a)| {
             let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
-            a.result.as_ref().err().map(|e| format!("attempt {} ({provider}, {}): {e}", i + 1, a.label()))
+            a.result
+                .as_ref()
+                .err()
+                .map(|e| format!("attempt {} ({provider}, {}): {}", i + 1, a.label(), e.public_text()))
         })
         .collect();
     let timed_out = outcome.deadline_exceeded

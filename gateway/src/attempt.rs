@@ -153,7 +153,9 @@ async fn run(
     let sent = Instant::now();
     let call = crate::upstream::with_traceparent(traceparent, adapter.generate(&request));
     let result = match tokio::time::timeout_at(until, call).await {
-        Ok(r) => r,
+        // A provider may echo the key it was sent, in any answer: nothing reads its error
+        // before the gateway's secrets are taken out.
+        Ok(r) => r.map_err(ProviderError::redacted),
         Err(_) => Err(ProviderError::Timeout),
     };
     drop(slot);

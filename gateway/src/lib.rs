@@ -121,6 +121,8 @@
 //! - [`compare`]: the statistics of mirror and canary comparisons. Uses nothing.
 //! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied). Uses nothing.
 //! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes. Uses nothing.
+//! - [`secrets`]: every secret the gateway holds, registered where it is read, and the
+//!   redaction of text that may echo one. Uses nothing.
 //!
 //! # Where the next parts go
 //! Each is a new module at the layer named, so an issue adds files, not tangles:
@@ -170,6 +172,7 @@ pub mod request;
 pub mod review;
 pub mod review_api;
 pub mod routing;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod stream;

@@ -141,6 +141,9 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         }
     };
     drop(idle_rt);
+    if let Some(t) = &cfg.admin_token {
+        crate::secrets::register(t);
+    }
     let app = Arc::new(App::new(AppParts {
         policy: store.clone(),
         metrics: metrics.clone(),
@@ -279,6 +282,7 @@ fn unreadable_policies(dir: &std::path::Path, errors: &[String]) -> anyhow::Erro
 pub fn store_config(s: &StoreSettings) -> StoreConfig {
     let url = s.url.as_ref().map(|u| match s.password_env.as_deref().map(|v| (v, std::env::var(v))) {
         Some((_, Ok(pw))) => {
+            crate::secrets::register(&pw);
             let sep = if u.contains('?') { '&' } else { '?' };
             let pw: String = form_urlencoded::byte_serialize(pw.as_bytes()).collect();
             format!("{u}{sep}password={pw}")
@@ -311,7 +315,10 @@ pub fn telemetry_config(t: &TelemetrySettings) -> TelemetryConfig {
         .headers_env
         .iter()
         .filter_map(|(name, var)| match std::env::var(var) {
-            Ok(v) => Some((name.clone(), v)),
+            Ok(v) => {
+                crate::secrets::register(&v);
+                Some((name.clone(), v))
+            }
             Err(_) => {
                 tracing::error!(header = %name, variable = %var, "telemetry.headers_env names a variable that is not set");
                 None

@@ -38,6 +38,9 @@ impl A1111 {
         let endpoints = (|| Ok([endpoint("txt2img")?, endpoint("img2img")?]))();
         let auth = c.auth_env.as_deref().map(|var| match std::env::var(var) {
             Ok(cred) if cred.contains(':') => {
+                crate::secrets::register(&cred);
+                crate::secrets::register(cred.split_once(':').map_or("", |(_, password)| password));
+                crate::secrets::register(&base64_simd::STANDARD.encode_to_string(&cred));
                 let mut h = HeaderValue::from_str(&format!("Basic {}", base64_simd::STANDARD.encode_to_string(&cred)))
                     .map_err(|_| format!("environment variable {var} does not hold user:password"))?;
                 h.set_sensitive(true);

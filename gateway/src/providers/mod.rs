@@ -138,6 +138,11 @@ pub fn output_format_field<'a>(
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
 pub const ANSWER_FIELDS: [&str; 5] = ["background", "output_format", "quality", "size", "usage"];
 
+/// The longest image URL a provider may answer with, in bytes: signed cloud storage URLs
+/// (S3 presigned with a session token, GCS V4, Azure SAS) run to a few kilobytes; browsers and
+/// CDNs commonly cap URLs at 8 KiB.
+pub const MAX_IMAGE_URL_BYTES: usize = 8192;
+
 /// What one attempt asks of a provider.
 pub struct AttemptRequest<'a> {
     pub req: &'a GenerationRequest,
@@ -229,6 +234,64 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The same error with every secret the gateway holds removed from its text and body
+    /// ([`crate::secrets::redact`]): applied to every adapter's error before anything reads it,
+    /// since a provider may echo the key it was sent.
+    pub fn redacted(self) -> ProviderError {
+        use crate::secrets::{redact_bytes, redact_string};
+        let clean = |mut s: String| {
+            redact_string(&mut s);
+            s
+        };
+        match self {
+            ProviderError::Connect(m) => ProviderError::Connect(clean(m)),
+            ProviderError::Status { status, message, retry_after } => {
+                ProviderError::Status { status, message: clean(message), retry_after }
+            }
+            ProviderError::Rejected { status, body } => {
+                let body = match redact_bytes(&body) {
+                    std::borrow::Cow::Owned(b) => Bytes::from(b),
+                    std::borrow::Cow::Borrowed(_) => body,
+                };
+                ProviderError::Rejected { status, body }
+            }
+            ProviderError::BadResponse(m) => ProviderError::BadResponse(clean(m)),
+            ProviderError::EvalFailed(m) => ProviderError::EvalFailed(clean(m)),
+            ProviderError::Blocked(m) => ProviderError::Blocked(clean(m)),
+            ProviderError::Credential(m) => ProviderError::Credential(clean(m)),
+            ProviderError::Transport(m) => ProviderError::Transport(clean(m)),
+            ProviderError::Other(m) => ProviderError::Other(clean(m)),
+            ProviderError::Unsupported(m) => ProviderError::Unsupported(clean(m)),
+            ProviderError::UnsupportedParams(m) => ProviderError::UnsupportedParams(clean(m)),
+            ProviderError::ContentFiltered(m) => ProviderError::ContentFiltered(clean(m)),
+            ProviderError::FetchRefused(m) => ProviderError::FetchRefused(clean(m)),
+            ProviderError::Account { status, provider_wide, message } => {
+                ProviderError::Account { status, provider_wide, message: clean(message) }
+            }
+            e @ (ProviderError::Timeout
+            | ProviderError::Skipped { .. }
+            | ProviderError::QueueFull
+            | ProviderError::QueueTimeout
+            | ProviderError::Busy
+            | ProviderError::HedgeCancelled) => e,
+        }
+    }
+
+    /// The error as an API client may read it: what the provider said, but none of the
+    /// gateway's internals (the provider's host and port in a connection error, a token
+    /// command's output, the gateway's own failures), which only the logs and admin views
+    /// carry in full.
+    pub fn public_text(&self) -> String {
+        match self {
+            ProviderError::Connect(_) => "could not connect to the provider".into(),
+            ProviderError::Transport(_) => "the connection to the provider failed mid-answer".into(),
+            ProviderError::Credential(_) => "the gateway has no usable credential for this provider".into(),
+            ProviderError::Other(_) => "the gateway could not make this attempt".into(),
+            ProviderError::FetchRefused(_) => "the provider's image URL could not be fetched".into(),
+            e => e.to_string(),
+        }
+    }
+
     /// Whether the next target should be tried.
     pub fn retryable(&self) -> bool {
         !matches!(
@@ -343,6 +406,7 @@ pub fn key_header(var: Option<&str>, prefix: &str) -> Option<Result<http::Header
     var.map(|var| {
         std::env::var(var)
             .ok()
+            .inspect(|key| crate::secrets::register(key))
             .and_then(|key| http::HeaderValue::from_str(&format!("{prefix}{key}")).ok())
             .map(|mut h| {
                 h.set_sensitive(true);

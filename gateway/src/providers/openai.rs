@@ -236,9 +236,14 @@ pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
                     )))
                 }
             },
-            (None, Some(url)) => match skimmed.resolve(&url) {
-                skim::Raw::Plain(u) => Image::Url(u),
-                skim::Raw::Span(_) => return Err(ProviderError::BadResponse(format!("data[{i}].url is too long"))),
+            (None, Some(url)) => match skim::string_value(skimmed.resolve(&url), super::MAX_IMAGE_URL_BYTES) {
+                Some(u) => Image::Url(u),
+                None => {
+                    return Err(ProviderError::BadResponse(format!(
+                        "data[{i}].url is longer than {} bytes",
+                        super::MAX_IMAGE_URL_BYTES
+                    )))
+                }
             },
             (None, None) => return Err(ProviderError::BadResponse(format!("data[{i}] has neither b64_json nor url"))),
         };

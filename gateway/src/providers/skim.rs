@@ -77,6 +77,23 @@ pub enum Raw {
     Plain(String),
 }
 
+/// A string value as text, JSON escapes undone (a long one is cut out of the body still
+/// escaped, e.g. a URL's `\/`); `None` when it is longer than `max` bytes as sent, or not a
+/// valid JSON string.
+pub fn string_value(raw: Raw, max: usize) -> Option<String> {
+    match raw {
+        Raw::Plain(s) => (s.len() <= max).then_some(s),
+        Raw::Span(span) if span.len() <= max => {
+            let mut quoted = Vec::with_capacity(span.len() + 2);
+            quoted.push(b'"');
+            quoted.extend_from_slice(&span);
+            quoted.push(b'"');
+            serde_json::from_slice(&quoted).ok()
+        }
+        Raw::Span(_) => None,
+    }
+}
+
 /// Validated standard base64 from a string value: the body's own bytes when they are plain
 /// base64 (no copy), else the unescaped text (a provider that escapes `/` as `\/`).
 pub fn base64_value(raw: Raw) -> Option<Bytes> {
@@ -134,6 +151,19 @@ mod tests {
         let s = skim(&body).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.remainder).unwrap();
         assert_eq!(v["b"], 2);
+    }
+
+    #[test]
+    fn long_strings_read_as_text_with_their_escapes_undone() {
+        let url = format!("https:\\/\\/bucket.example\\/img.png?X-Amz-Signature={}", "a".repeat(900));
+        let body = Bytes::from(format!("{{\"url\":\"{url}\"}}"));
+        let s = skim(&body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.remainder).unwrap();
+        let text = string_value(s.resolve(v["url"].as_str().unwrap()), 8192).unwrap();
+        assert!(text.starts_with("https://bucket.example/img.png?X-Amz-Signature=aaa"), "{text:.60}");
+        assert_eq!(text.len(), "https://bucket.example/img.png?X-Amz-Signature=".len() + 900);
+        assert_eq!(string_value(s.resolve(v["url"].as_str().unwrap()), 100), None);
+        assert_eq!(string_value(Raw::Plain("short".into()), 100).as_deref(), Some("short"));
     }
 
     #[test]

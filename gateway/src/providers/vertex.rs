@@ -406,6 +406,7 @@ impl TokenSource {
 }
 
 fn bearer(token: &str) -> Result<HeaderValue, ProviderError> {
+    crate::secrets::register(token);
     let mut h = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| ProviderError::Credential("the access token is not a valid header value".into()))?;
     h.set_sensitive(true);

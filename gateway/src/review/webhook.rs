@@ -90,6 +90,7 @@ impl Delivery {
             counter.with_label_values(&[route, "no_secret"]).inc();
             return;
         };
+        crate::secrets::register(&secret.to_string_lossy());
         let secret = secret.as_encoded_bytes().to_vec();
         let mut wait = self.backoff;
         for attempt in 1..=self.attempts {

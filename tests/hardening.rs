@@ -1,0 +1,161 @@
+//! Hardening against hostile or careless peers, end to end through the binary: no secret the
+//! gateway holds reaches a client, a log line, a metric, an admin view or a trace record,
+//! whatever a provider or a helper command prints; internal details (a token command's
+//! output, internal hosts and ports) stay in the logs.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// The upstream key the gateway sends: a provider that echoes it must not leak it.
+const KEY: &str = "sk-proj-LEAKME-7f3a9c0e12b44d8a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_echoes_the_key_leaks_it_nowhere() {
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "{}{}",
+        openai_provider_with("up", &up, "api_key_env = \"ACC_TEST_ECHO_KEY\"\nbreaker = { enabled = false }"),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[("ACC_TEST_ECHO_KEY", KEY)]).await;
+    let echo = format!("Invalid header Authorization: Bearer {KEY} (key {KEY})");
+    let answers: Vec<(u16, String, &str)> = vec![
+        (500, json!({"error": {"message": echo, "type": "server_error"}}).to_string(), "application/json"),
+        (502, format!("<html><body><h1>502 Bad Gateway</h1><pre>{echo}</pre></body></html>"), "text/html"),
+        (
+            429,
+            json!({"error": {"message": echo, "type": "requests", "code": "rate_limit_exceeded"}}).to_string(),
+            "application/json",
+        ),
+        (
+            422,
+            json!({"error": {"message": echo, "type": "invalid_request_error", "param": "prompt"}}).to_string(),
+            "application/json",
+        ),
+        (503, echo.clone(), "text/plain"),
+    ];
+    let mut trace_ids = Vec::new();
+    for (status, body, content_type) in &answers {
+        up.then(Step::reply(*status, body).header("content-type", content_type));
+        let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse"})).await;
+        assert!(r.status >= 400, "{}", r.describe());
+        let text = r.text();
+        assert!(!text.contains(KEY), "the {status} answer leaked the key to the client: {text}");
+        for (name, value) in r.headers.iter() {
+            assert!(!value.to_str().unwrap_or_default().contains(KEY), "header {name} leaked the key");
+        }
+        trace_ids.push(r.header("x-acc-trace-id").unwrap());
+        if *status == 422 {
+            // The client's own fault: the provider's answer is returned, with the key taken out.
+            assert_eq!(r.status, 422, "{}", r.describe());
+            assert!(text.contains("Bearer [REDACTED] (key [REDACTED])"), "{text}");
+        }
+    }
+    // The upstream did get the key: the test exercises a real echo.
+    assert_eq!(up.last_header("authorization").as_deref(), Some(format!("Bearer {KEY}").as_str()));
+    for id in &trace_ids {
+        let rec = eventually_trace(&gw, id).await;
+        assert!(!rec.contains(KEY), "the trace record leaked the key: {rec}");
+    }
+    let routes = gw.admin("GET", "/admin/routes").await.text();
+    assert!(!routes.contains(KEY), "/admin/routes leaked the key: {routes}");
+    let metrics = gw.metrics().await;
+    assert!(!metrics.contains(KEY), "the metrics leaked the key");
+    // The log is read as the gateway writes it: wait for the last failure's line.
+    let logged = || gw.stderr().matches("[REDACTED]").count() >= answers.len();
+    settles("every provider message is logged, redacted", logged).await;
+    let log = gw.stderr();
+    assert!(!log.contains(KEY), "the log leaked the key: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_details_reach_the_logs_but_not_the_client() {
+    // A token command that fails, saying where it looked; a provider nobody listens on.
+    let port = closed_port();
+    let policy = format!(
+        r#"[providers.vertex]
+kind = "vertex_imagen"
+base_url = "http://127.0.0.1:{port}"
+project = "p"
+location = "us-central1"
+token_command = ["sh", "-c", "echo 'metadata.internal.example:8443 refused; token cache /var/run/secret' >&2; exit 3"]
+breaker = {{ enabled = false }}
+
+{}{}"#,
+        openai_provider_at("down", &format!("http://127.0.0.1:{port}")),
+        route_toml("main", "m").target("vertex", "imagen-3.0-generate-002").target("down", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse"})).await;
+    let e = r.assert_error(502, "upstream_error");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("no usable credential"), "{message}");
+    assert!(message.contains("could not connect to the provider"), "{message}");
+    for internal in ["metadata.internal", "/var/run/secret", &format!("127.0.0.1:{port}"), &port.to_string()] {
+        assert!(!message.contains(internal), "the client learnt {internal:?}: {message}");
+    }
+    settles("the operator sees the command's stderr in the log", || {
+        gw.stderr().contains("metadata.internal.example:8443")
+    })
+    .await;
+}
+
+/// A trace record as the admin API returns it (the writer may take a moment).
+async fn eventually_trace(gw: &Gateway, trace_id: &str) -> String {
+    for _ in 0..200 {
+        let r = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await;
+        if r.status == 200 {
+            return r.text();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no trace record for {trace_id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_signed_image_url_is_fetched() {
+    // A file host that records what it was asked for (a signed cloud storage URL's shape).
+    let png = noisy(64, 64, 7);
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap();
+    let (served, seen) = (png.clone(), asked.clone());
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let (served, seen) = (served.clone(), seen.clone());
+        async move {
+            seen.lock().unwrap().push(uri.to_string());
+            ([("content-type", "image/png")], served)
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let signature = "0123456789abcdef".repeat(160);
+    let path_and_query = format!(
+        "/bucket/images/9f1c.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={signature}"
+    );
+    // JSON writers often escape slashes: `\/`.
+    let url = format!("http://{host}{path_and_query}");
+    let escaped = url.replace('/', "\\/");
+    let up = MockProvider::start().await;
+    up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"url\": \"{escaped}\"}}]}}")));
+    let policy = format!(
+        "{}{}",
+        openai_provider_with("up", &up, "fetch = { allow_hosts = [\"127.0.0.1\"] }"),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+    r.assert_status(200);
+    assert!(url.len() > 2500, "the URL is long: {}", url.len());
+    assert_eq!(b64_images(&r), vec![png]);
+    assert_eq!(asked.lock().unwrap().as_slice(), [path_and_query.clone()]);
+
+    // Past the documented bound (8 KiB) the answer is refused as malformed, and says why.
+    let too_long = format!("http://{host}/x.png?sig={}", "a".repeat(8200)).replace('/', "\\/");
+    up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"url\": \"{too_long}\"}}]}}")));
+    let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+    let e = r.assert_error(502, "upstream_error");
+    assert!(e["message"].as_str().unwrap().contains("longer than 8192 bytes"), "{e}");
+}
