@@ -159,3 +159,73 @@ async fn a_long_signed_image_url_is_fetched() {
     let e = r.assert_error(502, "upstream_error");
     assert!(e["message"].as_str().unwrap().contains("longer than 8192 bytes"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_non_global_address_form_is_refused_before_connecting() {
+    // Something listening on loopback that must never be reached.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = reached.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let hosts = [
+        "[::127.0.0.1]".to_string(),      // IPv4-compatible
+        "[::ffff:127.0.0.1]".to_string(), // IPv4-mapped
+        "[::ffff:7f00:1]".to_string(),    // IPv4-mapped, hex
+        "[64:ff9b::7f00:1]".to_string(),  // NAT64
+        "[2002:7f00:1::1]".to_string(),   // 6to4
+        "[::1]".to_string(),              // loopback
+        "[fe80::1]".to_string(),          // link-local
+        "127.1".to_string(),              // short IPv4, as resolvers read it
+        "2130706433".to_string(),         // 127.0.0.1 as one number
+        "0x7f000001".to_string(),         // ... in hex
+        "localhost".to_string(),
+        "169.254.169.254".to_string(), // cloud metadata
+        "[::ffff:169.254.169.254]".to_string(),
+    ];
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "{}{}",
+        openai_provider_with("up", &up, "breaker = { enabled = false }"),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    for host in &hosts {
+        let url = format!("https://{host}:{port}/image.png");
+        up.set_body(Some(&json!({"created": 1, "data": [{"url": url}]}).to_string()));
+        let r = gw.generate(&json!({"model": "m", "prompt": "x", "response_format": "b64_json"})).await;
+        assert!(r.status >= 500, "{url} was fetched: {}", r.describe());
+        assert_eq!(r.attempts(), vec!["up:fetch_refused"], "{url}: {}", r.describe());
+    }
+    let refused = gw.metric("acc_fetch_refused_total", &[("provider", "up"), ("reason", "private_address")]).await;
+    assert_eq!(refused, hosts.len() as f64, "every form refused as a private address");
+    assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing connected to the loopback listener");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_are_parsed_strictly_and_forwarded_as_sent() {
+    let up = MockProvider::start().await;
+    let policy = format!("{}{}", openai_provider("up", &up), route_toml("main", "m").target("up", "gpt-image-1"));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    for size in
+        ["+1024x+1024", "01024x1024", "1024x01024", " 1024x1024", "1024X1024", "1e3x1024", "-1024x1024", "1024x"]
+    {
+        let r = gw.generate(&json!({"model": "m", "prompt": "x", "size": size})).await;
+        let e = r.assert_error(400, "invalid_value");
+        assert_eq!(e["param"], "size", "{size:?}: {e}");
+        let form = Form::new().text("model", "m").text("prompt", "x").text("size", size).file(
+            "image",
+            "in.png",
+            "image/png",
+            noisy(64, 64, 1),
+        );
+        gw.edit(&form, &[]).await.assert_error(400, "invalid_value");
+    }
+    assert_eq!(up.hits(), 0, "nothing malformed went upstream");
+    gw.generate(&json!({"model": "m", "prompt": "x", "size": "1024x1536"})).await.assert_status(200);
+    assert_eq!(up.last_body_json()["size"], "1024x1536");
+}

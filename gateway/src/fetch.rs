@@ -238,8 +238,12 @@ fn join(base: &Uri, loc: &str) -> Option<Uri> {
     format!("{scheme}://{authority}{path}").parse().ok()
 }
 
-/// Whether an address is on the public internet: not loopback, private, link-local, shared
-/// (CGNAT), unspecified, broadcast, multicast, documentation or otherwise reserved.
+/// Whether an address is on the public internet. Refused: every range the IANA IPv4 and IPv6
+/// Special-Purpose Address Registries (RFC 6890 and its updates) mark as not globally
+/// reachable, plus multicast and, for IPv6, everything outside global unicast `2000::/3`.
+/// Addresses that embed an IPv4 address count as that address (IPv4-mapped `::ffff:0:0/96`,
+/// NAT64 `64:ff9b::/96`, 6to4 `2002::/16`); the deprecated IPv4-compatible `::/96` and
+/// Teredo, which tunnel to addresses the guard cannot see, are refused outright.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
@@ -248,19 +252,25 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96) embeds an IPv4 address.
+            let o = v6.octets();
+            // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052).
             if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                let o = v6.octets();
                 return is_public_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
             }
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || v6 == Ipv6Addr::from([0u8; 16]))
+            // Only global unicast 2000::/3 is on the internet: this refuses ::/8 (loopback,
+            // unspecified, IPv4-compatible ::/96), 64:ff9b:1::/48, 100::/64 discard, fc00::/7
+            // unique local, fe80::/10 link-local, fec0::/10 site-local, ff00::/8 multicast and
+            // 5f00::/16 SRv6 SIDs.
+            if s[0] & 0xe000 != 0x2000 {
+                return false;
+            }
+            // 6to4 (RFC 3056): the IPv4 address in bits 16..48.
+            if s[0] == 0x2002 {
+                return is_public_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+            }
+            !((s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments 2001::/23 (Teredo, benchmarking, ORCHID)
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation 2001:db8::/32
+                || (s[0] == 0x3fff && s[1] < 0x1000)) // documentation 3fff::/20 (RFC 9637)
         }
     }
 }
@@ -276,7 +286,8 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_documentation()
         || o[0] == 0 // "this network"
         || (o[0] == 100 && (o[1] & 0xc0) == 64) // shared address space 100.64/10
-        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments 192.0.0/24
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99) // deprecated 6to4 relay anycast 192.88.99/24
         || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking 198.18/15
         || o[0] >= 240) // reserved, broadcast
 }
@@ -318,10 +329,36 @@ mod tests {
             "2001:db8::1",
             "198.18.0.1",
             "192.0.0.8",
+            "192.88.99.1",
+            // IPv4-compatible (deprecated), in both spellings.
+            "::127.0.0.1",
+            "::7f00:1",
+            "::8.8.8.8",
+            "::a9fe:a9fe",
+            // 6to4 and Teredo embedding internal addresses; NAT64 local use.
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "64:ff9b:1::a00:1",
+            // Discard-only, SRv6, documentation 3fff::/20, site-local, multicast.
+            "100::1",
+            "5f00::1",
+            "3fff::1",
+            "fec0::1",
+            "ff02::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} must not count as public");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "151.101.1.1", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "151.101.1.1",
+            "::ffff:8.8.8.8",
+            "2002:808:808::1",
+            "64:ff9b::808:808",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
         }
     }

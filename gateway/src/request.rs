@@ -498,9 +498,14 @@ pub fn parse_size(s: &str) -> Result<Size, ApiError> {
             format!("size must be \"WIDTHxHEIGHT\" with each side between {MIN_SIDE} and {MAX_SIDE} (e.g. \"1024x1024\"), or \"auto\"; got \"{s}\""),
         )
     };
+    // Plain decimal sides only (no sign, leading zero, space or exponent), so that the text
+    // forwarded upstream is the one canonical spelling of the size.
+    let side = |t: &str| {
+        let plain = (1..=4).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()) && !t.starts_with('0');
+        plain.then(|| t.parse::<u32>().ok()).flatten().ok_or_else(bad)
+    };
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
-    let width: u32 = w.parse().map_err(|_| bad())?;
-    let height: u32 = h.parse().map_err(|_| bad())?;
+    let (width, height) = (side(w)?, side(h)?);
     if !(MIN_SIDE..=MAX_SIDE).contains(&width) || !(MIN_SIDE..=MAX_SIDE).contains(&height) {
         return Err(bad());
     }
@@ -827,6 +832,14 @@ mod tests {
             (r#"{"prompt":"x","size":"10x10"}"#, Some("size"), "invalid_value"),
             (r#"{"prompt":"x","size":"banana"}"#, Some("size"), "invalid_value"),
             (r#"{"prompt":"x","size":"2048x1024"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"+1024x+1024"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"01024x1024"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"1024x1024 "}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":" 1024x1024"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"1024X1024"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"1024x1024x1"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"AUTO"}"#, Some("size"), "invalid_value"),
+            (r#"{"prompt":"x","size":"１０２４x1024"}"#, Some("size"), "invalid_value"),
             (r#"{"prompt":"x","size":1024}"#, Some("size"), "invalid_type"),
             (r#"{"prompt":"x","response_format":"gif"}"#, Some("response_format"), "invalid_value"),
             (r#"{"prompt":"x","seed":-1}"#, Some("seed"), "invalid_value"),
