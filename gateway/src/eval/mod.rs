@@ -136,6 +136,14 @@ impl Decoded {
     }
 }
 
+/// An image's size from its header alone (nothing decoded); `None` when the header does not
+/// say (not an image, or a format the decoder does not know).
+pub fn header_size(bytes: &[u8]) -> Option<Size> {
+    let reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?;
+    let (width, height) = reader.into_dimensions().ok()?;
+    Some(Size { width, height })
+}
+
 /// Decodes PNG, JPEG or WebP within the limits above. CPU-bound: call it on the pool.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     let format = image::guess_format(bytes).map_err(|_| "not an image (unknown format)".to_string())?;
@@ -236,16 +244,25 @@ pub fn evaluate_as(
     evaluators: &[Arc<dyn Evaluator>],
 ) -> Report {
     let start = Instant::now();
-    let decoded = decode(bytes);
+    // The header first: an image of another size than the one asked for is not decoded (a
+    // small PNG can hold 8000x8000 pixels: hundreds of MiB and seconds to decode).
+    let mismatch = expected_size.and_then(|want| {
+        header_size(bytes).filter(|got| *got != want).map(|got| format!("image is {got}, the request asked for {want}"))
+    });
+    let decoded = if mismatch.is_none() { Some(decode(bytes)) } else { None };
     let mut verdicts = Vec::with_capacity(evaluators.len());
     let mut durations = Vec::with_capacity(evaluators.len());
     for e in evaluators {
         let t = Instant::now();
-        let v = match &decoded {
-            Ok(image) => e.evaluate(&Subject { image, expected_size, expected_format, settings, contract, prompt }),
-            Err(why) => {
-                Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason: format!("artifact {why}") }
+        let failed = |reason: String| Verdict { evaluator: e.name(), score: 0.0, verdict: Outcome::Fail, reason };
+        let v = match (&mismatch, &decoded) {
+            (Some(why), _) if e.name() == "sanity" => failed(why.clone()),
+            (Some(why), _) => failed(format!("not examined: {why}")),
+            (None, Some(Ok(image))) => {
+                e.evaluate(&Subject { image, expected_size, expected_format, settings, contract, prompt })
             }
+            (None, Some(Err(why))) => failed(format!("artifact {why}")),
+            (None, None) => failed("artifact not decoded".into()),
         };
         durations.push(t.elapsed().as_secs_f64());
         verdicts.push(v);

@@ -194,4 +194,53 @@ mod tests {
         assert!(e.contains("does not decode"), "{e}");
         assert!(decode(b"GIF89a....").is_err());
     }
+    #[test]
+    fn an_image_of_another_size_is_judged_on_its_header_without_decoding() {
+        // 8000x8000 declared, and pixel data that would not decode: the verdict can only come
+        // from the header.
+        let img = image::GrayImage::new(1, 1);
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        let mut b = out.into_inner();
+        b[16..20].copy_from_slice(&8000u32.to_be_bytes());
+        b[20..24].copy_from_slice(&8000u32.to_be_bytes());
+        // The IHDR chunk's CRC-32 (ISO 3309, as PNG specifies) over its type and data.
+        let crc = b[12..29].iter().fold(!0u32, |mut c, &byte| {
+            c ^= u32::from(byte);
+            for _ in 0..8 {
+                c = if c & 1 == 1 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+            }
+            c
+        });
+        b[29..33].copy_from_slice(&(!crc).to_be_bytes());
+        let evs: Vec<Arc<dyn Evaluator>> = vec![Arc::new(Sanity), Arc::new(Sanity2)];
+        let r = crate::eval::evaluate_as(
+            &bytes::Bytes::from(b.clone()),
+            Some(Size { width: 256, height: 256 }),
+            None,
+            &Default::default(),
+            None,
+            "",
+            &evs,
+        );
+        assert_eq!(r.verdicts[0].reason, "image is 8000x8000, the request asked for 256x256");
+        assert_eq!(r.verdicts[1].reason, "not examined: image is 8000x8000, the request asked for 256x256");
+        assert!(r.verdicts.iter().all(|v| v.verdict == Outcome::Fail));
+        // Asked for that size, it is decoded (and this one's pixels are broken).
+        let r = crate::eval::evaluate_as(&bytes::Bytes::from(b), None, None, &Default::default(), None, "", &evs[..1]);
+        assert!(r.verdicts[0].reason.starts_with("artifact does not decode"), "{}", r.verdicts[0].reason);
+    }
+
+    /// Another evaluator, as the route would list it beside sanity.
+    struct Sanity2;
+
+    impl Evaluator for Sanity2 {
+        fn name(&self) -> &'static str {
+            "other"
+        }
+
+        fn evaluate(&self, _: &Subject<'_>) -> Verdict {
+            unreachable!("not called on an image of the wrong size")
+        }
+    }
 }
