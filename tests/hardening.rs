@@ -229,3 +229,37 @@ async fn sizes_are_parsed_strictly_and_forwarded_as_sent() {
     gw.generate(&json!({"model": "m", "prompt": "x", "size": "1024x1536"})).await.assert_status(200);
     assert_eq!(up.last_body_json()["size"], "1024x1536");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_numbers_the_gateway_cannot_use_are_refused_by_check_and_reload() {
+    let up = MockProvider::start().await;
+    let good = format!("{}{}", openai_provider("up", &up), route_toml("main", "m").target("up", "gpt-image-1"));
+    let dir = PolicyDir::with(&format!("[server]\nurl_ttl_secs = 9223372036854775807\n\n{good}"));
+    let out = acc_check(dir.path());
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("server.url_ttl_secs: 9223372036854775807 is more than a year (31536000 s)"), "{text}");
+    for (bad, path) in [
+        ("[server]\nmax_json_body_bytes = 4000000000000\n\n", "server.max_json_body_bytes"),
+        ("[server]\nidempotency_ttl_secs = 100000000000\n\n", "server.idempotency_ttl_secs"),
+        ("[tenants.t]\nspend_usd_per_day = nan\n\n", "tenants.t.spend_usd_per_day"),
+    ] {
+        let dir = PolicyDir::with(&format!("{bad}{good}"));
+        let out = acc_check(dir.path());
+        let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success() && text.contains(path), "{bad}: {text}");
+    }
+
+    // At run time, the same edit is refused at reload and the old policy keeps serving URLs.
+    let (gw, dir) = serve_policy(&good, &[]).await;
+    let before = live_version(&gw).await;
+    dir.write("policy.toml", &format!("[server]\nurl_ttl_secs = 9223372036854775807\n\n{good}"));
+    let r = gw.admin("POST", "/admin/reload").await;
+    assert!(r.status >= 400, "{}", r.describe());
+    assert!(r.text().contains("url_ttl_secs"), "{}", r.describe());
+    assert_eq!(live_version(&gw).await, before);
+    let r = gw.generate(&json!({"model": "m", "prompt": "x", "response_format": "url"})).await;
+    r.assert_status(200);
+    let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
+    get(&url, &[]).await.assert_status(200);
+}

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod numbers;
 mod observe;
 mod raw;
 mod review;
@@ -107,10 +108,15 @@ pub fn load(path: &Path) -> Result<Policy, Vec<String>> {
 pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     // Raw: every file parsed, or every syntax error and unknown field of them all.
     let mut errors = Vec::new();
+    // Numbers out of the range the gateway can use, reported with the other errors.
+    let mut out_of_range = Vec::new();
     let mut parsed: Vec<(&str, RawFile)> = Vec::new();
     for (name, text) in &sources.files {
         match toml::from_str::<RawFile>(text) {
-            Ok(raw) => parsed.push((name, raw)),
+            Ok(raw) => {
+                numbers::check(name, text, &mut out_of_range);
+                parsed.push((name, raw))
+            }
             Err(e) => errors.push(format!("{name}: {}", validate::toml_error(text, &e))),
         }
     }
@@ -138,6 +144,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
     }
     xref::default_model(sections.default_model.as_ref(), &aliases, &mut errors);
+    errors.extend(out_of_range);
 
     if !errors.is_empty() {
         return Err(errors);
