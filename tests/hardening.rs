@@ -263,3 +263,172 @@ async fn policy_numbers_the_gateway_cannot_use_are_refused_by_check_and_reload()
     let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
     get(&url, &[]).await.assert_status(200);
 }
+
+/// Opens a chunked upload to `path` that sends `prefix` of a JSON body, then one more byte every
+/// `every` (never finishing); returns the connection (reading it gives the gateway's answer).
+async fn slow_upload(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+    prefix: &[u8],
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    if !prefix.is_empty() {
+        s.write_all(format!("{:x}\r\n", prefix.len()).as_bytes()).await.unwrap();
+        s.write_all(prefix).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    tokio::spawn(async move {
+        let (mut r, mut w) = s.into_split();
+        let drip = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if w.write_all(b"1\r\n \r\n").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), r.read_to_end(&mut answer)).await;
+        drip.abort();
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_senders_are_cut_off_and_hold_no_slot_meanwhile() {
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "[server]\nmax_in_flight = 8\nbody_timeout_ms = 1500\nmax_body_buffer_mib = 1\n\n{}{}",
+        openai_provider("up", &up),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let every = std::time::Duration::from_millis(200);
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        slow.push(slow_upload(gw.proxy_addr, &[], br#"{"model": "m", "prompt": "#, every).await);
+    }
+    // Eight uploads are dripping: everybody else is still served.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        gw.generate(&json!({"model": "m", "prompt": "a lighthouse"})).await.assert_status(200);
+    }
+    // The slow ones get 408 in the OpenAI error shape, and their connections are closed.
+    for s in slow {
+        let answer = s.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    }
+    // Memory for bodies is bounded in total: one upload holding 700 KB leaves no room for
+    // another 700 KB, which is shed with 503 (and the first still times out).
+    let big = format!("{{\"model\": \"m\", \"prompt\": \"{}", "x".repeat(700 << 10));
+    let first = slow_upload(gw.proxy_addr, &[], big.as_bytes(), every).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let second = slow_upload(gw.proxy_addr, &[], big.as_bytes(), every).await;
+    let answer = second.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{:.300}", answer);
+    assert!(answer.contains("memory for them"), "{:.300}", answer);
+    assert!(first.await.unwrap().starts_with("HTTP/1.1 408"));
+    assert_eq!(gw.metric("acc_requests_total", &[("route", "none"), ("outcome", "overloaded")]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_can_be_held_to_its_share_of_requests_in_flight() {
+    let up = MockProvider::start().await;
+    up.set_latency(std::time::Duration::from_millis(800));
+    let (busy, other) = ("sk-busy-tenant-key-1", "sk-other-tenant-key-2");
+    let policy = format!(
+        r#"[[keys]]
+sha256 = "{}"
+tenant = "busy"
+
+[[keys]]
+sha256 = "{}"
+tenant = "other"
+
+[tenants.busy]
+max_in_flight = 2
+
+{}{}"#,
+        sha256_hex(busy),
+        sha256_hex(other),
+        openai_provider("up", &up),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let (busy_auth, other_auth) = (bearer(busy), bearer(other));
+    let body = json!({"model": "m", "prompt": "a lighthouse"});
+    let h = [("authorization", busy_auth.as_str())];
+    let (a, b, c, d) = tokio::join!(
+        gw.generate_with(&body, &h),
+        gw.generate_with(&body, &h),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            gw.generate_with(&body, &h).await
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            gw.generate_with(&body, &[("authorization", other_auth.as_str())]).await
+        },
+    );
+    a.assert_status(200);
+    b.assert_status(200);
+    let e = c.assert_error(429, "rate_limit_exceeded");
+    assert!(e["message"].as_str().unwrap().contains("max_in_flight"), "{e}");
+    assert_eq!(c.header("retry-after").as_deref(), Some("1"));
+    d.assert_status(200);
+    assert_eq!(gw.metric("acc_rate_limited_total", &[("tenant", "busy"), ("limit", "in_flight")]).await, 1.0);
+    // Once they are answered, the tenant is served again.
+    gw.generate_with(&body, &h).await.assert_status(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_on_both_listeners_and_neither_starves_the_other() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "[server]\nidle_timeout_ms = 700\nadmin_max_connections = 4\n\n{}{}",
+        openai_provider("up", &up),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    // Idle connections on both listeners: the admin listener's bound is taken.
+    let mut idle = Vec::new();
+    for addr in [gw.admin_addr; 4].into_iter().chain([gw.proxy_addr; 4]) {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The proxy serves all the same.
+    gw.generate(&json!({"model": "m", "prompt": "a lighthouse"})).await.assert_status(200);
+    // A fifth admin client waits for room, which the idle timeout makes.
+    let started = std::time::Instant::now();
+    let health = gw.admin("GET", "/healthz").await;
+    health.assert_status(200);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300), "served only once an idle one was closed");
+    // Every idle connection was closed by the gateway (read gives end of stream).
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the gateway closes idle connections")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+    // A kept-alive connection that goes quiet after a request is closed too.
+    let mut s = tokio::net::TcpStream::connect(gw.admin_addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(n.is_ok(), "the idle keep-alive connection was closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}

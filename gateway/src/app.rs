@@ -44,6 +44,10 @@ pub struct App {
     pub limits: Limits,
     /// `Idempotency-Key` leases and answers kept for replay.
     pub idempotency: Arc<IdempotencyStore>,
+    /// Memory held by request bodies being received, all requests together.
+    pub bodies: crate::intake::BodyBudget,
+    /// Requests in flight per tenant (tenants with `max_in_flight`).
+    pub tenant_slots: crate::intake::TenantSlots,
     /// Every runtime of the process, for `acc_tasks_alive`.
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
     /// Mirrors in flight, waited for on shutdown.
@@ -117,6 +121,8 @@ impl App {
             evaluator_status: p.evaluator_status,
             limits: Limits::default(),
             idempotency,
+            bodies: Default::default(),
+            tenant_slots: Default::default(),
             runtimes: std::sync::Mutex::new(vec![tokio::runtime::Handle::current(), p.mirror_rt.clone()]),
             mirror_tasks: TaskTracker::new(),
             mirror_rt: p.mirror_rt,

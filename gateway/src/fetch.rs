@@ -4,7 +4,7 @@
 //! and on every redirect (the connection goes to the checked address, so a second lookup cannot
 //! swap it), with bounded size, redirects and time. `data:` URLs are decoded in place.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};

@@ -63,8 +63,8 @@
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `limits`, `metrics`, `reload`,
-//!   `review`, `store`.
+//!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `metrics`,
+//!   `reload`, `review`, `store`.
 //! - [`feedback`]: ratings of traces (`POST /v1/feedback`, checked and stored, tenant by
 //!   tenant), regenerations (explicit links and implicit detection over a bounded memory of
 //!   recent prompts), the newest traces' essentials in memory. Uses `error`, `metrics`,
@@ -116,6 +116,8 @@
 //! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request. Uses
 //!   `body`, `health` (`Retry-After`).
 //! - [`idempotency`]: `Idempotency-Key` leases and answers kept for replay. Uses nothing.
+//! - [`intake`]: memory for request bodies being received (all requests together) and each
+//!   tenant's requests in flight. Uses nothing.
 //! - [`health`]: health windows with hysteresis, the breaker state machine, `Retry-After`. Uses
 //!   nothing.
 //! - [`compare`]: the statistics of mirror and canary comparisons. Uses nothing.
@@ -159,6 +161,7 @@ pub mod fetch;
 pub mod gate;
 pub mod health;
 pub mod idempotency;
+pub mod intake;
 pub mod limits;
 pub mod live;
 pub mod metrics;

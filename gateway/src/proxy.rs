@@ -258,12 +258,6 @@ where
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
     let snapshot = app.policy.snapshot();
-    let limit = snapshot.policy.server.max_in_flight;
-    let Some(_in_flight) = app.admit(limit) else {
-        app.metrics.requests.with_label_values(&["none", "overloaded"]).inc();
-        return ApiError::overloaded(format!("the gateway is at its limit of {limit} requests in flight"))
-            .into_response();
-    };
     // A client's W3C traceparent is continued: its trace id is the request's.
     let (traceparent_id, parent_span_id) = match crate::telemetry::parse_traceparent(&headers) {
         Some((t, s)) => (Some(t), Some(s)),
@@ -295,6 +289,40 @@ where
         live: None,
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
+    // The body first, within its time and the memory all bodies share: a slow sender holds no
+    // in-flight slot while it sends.
+    let server = &snapshot.policy.server;
+    let limit = match op {
+        Operation::Generate => server.max_json_body_bytes,
+        Operation::Edit | Operation::Variation => server.max_multipart_body_bytes,
+    };
+    let mut hold = app.bodies.hold();
+    let received = receive_body(&headers, body, limit, &mut hold, server.max_body_buffer_bytes);
+    let body = match tokio::time::timeout(server.body_timeout, received).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if e.status == StatusCode::SERVICE_UNAVAILABLE => return shed(&app, ctx, e),
+        Ok(Err(e)) => return closing(finish(&app, &snapshot, ctx, Err(e))),
+        Err(_) => {
+            let e = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms of its headers (server.body_timeout_ms)",
+                    server.body_timeout.as_millis()
+                ),
+            );
+            return closing(finish(&app, &snapshot, ctx, Err(e)));
+        }
+    };
+    let max = server.max_in_flight;
+    let Some(_in_flight) = app.admit(max) else {
+        return shed(
+            &app,
+            ctx,
+            ApiError::overloaded(format!("the gateway is at its limit of {max} requests in flight")),
+        );
+    };
     match idempotency_key(&headers) {
         Ok(None) => {
             ctx.live = Some(tap);
@@ -304,6 +332,86 @@ where
         Ok(Some(key)) => idempotent(&app, &snapshot, ctx, &headers, body, op, key).await,
         Err(e) => finish(&app, &snapshot, ctx, Err(e)),
     }
+}
+
+/// A request shed before it was handled (503, `Retry-After`): counted as `overloaded`.
+fn shed(app: &App, mut ctx: RequestCtx, e: ApiError) -> Response {
+    ctx.disarm();
+    app.metrics.requests.with_label_values(&["none", "overloaded"]).inc();
+    let mut r = e.into_response();
+    if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
+        r.headers_mut().insert(TRACE_ID, v);
+    }
+    r
+}
+
+/// An answer after which the connection is closed (the rest of the body was not read).
+fn closing(mut r: Response) -> Response {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Reads a request body: at most `limit` bytes (413 beyond, told at once by a larger
+/// `content-length`), each chunk taken from the memory all bodies share (`hold`, at most
+/// `shared_max` bytes together; 503 beyond). The caller bounds the time.
+async fn receive_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+    hold: &mut crate::intake::BodyHold<'_>,
+    shared_max: usize,
+) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let busy = || {
+        ApiError::overloaded(format!(
+            "the gateway is receiving as many request bodies as its memory for them allows ({shared_max} bytes)"
+        ))
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|e| {
+            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+            ApiError::invalid("body", "invalid_body", format!("could not read the request body: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        len += data.len();
+        if len > limit {
+            return Err(too_large());
+        }
+        if !hold.grow(data.len(), shared_max) {
+            return Err(busy());
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(len);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
 }
 
 /// The answer to a stream whose first partial image arrived before its attempts ended: `200`,
@@ -351,30 +459,18 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// while it runs waits for it, a retry after it gets the same answer, replayed; the same key with
 /// another body is a 409. Only answers that cost a generation are kept (success, blocked,
 /// held for review).
-async fn idempotent<B>(
+async fn idempotent(
     app: &Arc<App>,
     snap: &Arc<Snapshot>,
     mut ctx: RequestCtx,
     headers: &HeaderMap,
-    body: B,
+    bytes: Bytes,
     op: Operation,
     key: String,
-) -> Response
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Response {
     let policy = &snap.policy;
     let scope = match authenticate(policy, headers) {
         Ok(k) => k.map_or("anonymous", |k| k.tenant.as_str()),
-        Err(e) => return finish(app, snap, ctx, Err(e)),
-    };
-    let limit = match op {
-        Operation::Generate => policy.server.max_json_body_bytes,
-        _ => policy.server.max_multipart_body_bytes,
-    };
-    let bytes = match read_body(headers, body, limit).await {
-        Ok(b) => b,
         Err(e) => return finish(app, snap, ctx, Err(e)),
     };
     let content_type = headers.get(header::CONTENT_TYPE).filter(|_| op != Operation::Generate);
@@ -398,7 +494,7 @@ where
         }
         idempotency::Begin::Leader(lease) => {
             m.with_label_values(&["new"]).inc();
-            let result = generate(app, snap, &mut ctx, headers, http_body_util::Full::new(bytes), op).await;
+            let result = generate(app, snap, &mut ctx, headers, bytes, op).await;
             let resp = finish(app, snap, ctx, result);
             let (parts, body) = resp.into_parts();
             // The body is already in memory (JSON framing around the images' bytes).
@@ -418,27 +514,20 @@ where
     }
 }
 
-async fn generate<B>(
+async fn generate(
     app: &Arc<App>,
     snap: &Arc<Snapshot>,
     ctx: &mut RequestCtx,
     headers: &HeaderMap,
-    body: B,
+    body: Bytes,
     op: Operation,
-) -> Result<ChunkedBody, ApiError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<ChunkedBody, ApiError> {
     let policy = &snap.policy;
     // 1. Who is asking.
     let key = authenticate(policy, headers)?;
     // 2. What they ask for.
     let req = match op {
-        Operation::Generate => {
-            let body = read_body(headers, body, policy.server.max_json_body_bytes).await?;
-            GenerationRequest::from_json(&body)?
-        }
+        Operation::Generate => GenerationRequest::from_json(&body)?,
         Operation::Edit | Operation::Variation => {
             let boundary = headers
                 .get(header::CONTENT_TYPE)
@@ -451,7 +540,6 @@ where
                         format!("/v1/images/{} takes a multipart/form-data body", op.path()),
                     )
                 })?;
-            let body = read_body(headers, body, policy.server.max_multipart_body_bytes).await?;
             GenerationRequest::from_multipart(op, body, &boundary).await?
         }
     };
@@ -476,6 +564,21 @@ where
     if let Some(k) = key {
         app.limits.admit(&app.metrics, k, tenant_limits, req.n)?;
     }
+    // The tenant's share of requests in flight, held until the request is answered.
+    let _tenant_slot = match (key, tenant_limits.and_then(|t| t.max_in_flight)) {
+        (Some(k), Some(max)) => Some(app.tenant_slots.enter(&k.tenant, max).ok_or_else(|| {
+            app.metrics.rate_limited.with_label_values(&[k.tenant.as_str(), "in_flight"]).inc();
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                "rate_limit_exceeded",
+                format!("tenant \"{}\" has {max} requests in flight, its max_in_flight; retry when one ends", k.tenant),
+            );
+            e.retry_after = Some(1);
+            e
+        })?),
+        _ => None,
+    };
     // 4. Where it goes: the route, its plan with demoted targets last, the canary's share.
     let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);

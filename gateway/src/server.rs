@@ -182,10 +182,26 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     tasks.spawn(sighup_reloads(store.clone(), shutdown.clone()));
     tasks.spawn(app.reviews.clone().run(store.clone(), shutdown.clone()));
 
+    // Connections: each listener has its own bound, within the open-file limit, so that idle
+    // or slow clients of one cannot take the descriptors the other needs.
+    let conns = {
+        let server = &store.snapshot().policy.server;
+        ConnLimits::from_policy(server, open_file_limit())
+    };
+    tracing::info!(
+        proxy_max_connections = conns.proxy,
+        admin_max_connections = conns.admin,
+        idle_timeout_ms = conns.idle.as_millis() as u64,
+        "connection limits"
+    );
+    let proxy_slots = Arc::new(tokio::sync::Semaphore::new(conns.proxy));
     let proxy_workers: Vec<_> = proxy_sockets
         .into_iter()
         .enumerate()
-        .map(|(i, socket)| spawn_proxy_worker(i, socket, app.clone(), shutdown.clone()))
+        .map(|(i, socket)| {
+            let listener = Listener { slots: proxy_slots.clone(), idle: conns.idle };
+            spawn_proxy_worker(i, socket, listener, app.clone(), shutdown.clone())
+        })
         .collect::<Result<_, _>>()?;
     let proxy_task = tokio::task::spawn_blocking(move || {
         for w in proxy_workers {
@@ -195,9 +211,9 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     // The admin listener outlives the proxy's drain, so probes see /readyz answer 503 and
     // Prometheus scrapes the last numbers while in-flight requests finish.
     let admin_stop = CancellationToken::new();
-    let admin_srv = axum::serve(admin_listener, admin::router(app.clone()))
-        .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
-    let admin_task = tokio::spawn(async move { admin_srv.await });
+    let admin_limits = Listener { slots: Arc::new(tokio::sync::Semaphore::new(conns.admin)), idle: conns.idle };
+    let admin_task =
+        tokio::spawn(serve_admin(admin_listener, admin::router(app.clone()), admin_limits, admin_stop.clone()));
     tracing::info!(%proxy_addr, %admin_addr, workers, "listening");
     on_ready(proxy_addr, admin_addr);
 
@@ -426,9 +442,102 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
 /// socket. A connection, its upstream connections (the HTTP client is per thread) and every
 /// task they need stay on one thread, so no request pays for cross-thread wake-ups; this is
 /// nginx's worker model and halved CPU per request at low concurrency in bench/run.sh.
+/// The open-file limit (soft) of the process, after start-up raised it; `None` when unknown.
+fn open_file_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft)
+}
+
+/// How many connections each listener keeps open at once, and how long one may take to send
+/// a request's headers or sit idle between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub proxy: usize,
+    pub admin: usize,
+    pub idle: Duration,
+}
+
+impl ConnLimits {
+    /// The policy's `[server]` limits; the proxy's default is what `nofile` (the open-file
+    /// limit) leaves after the admin listener's connections and, per request in flight, an
+    /// upstream connection and a spare, less 256 descriptors for files, the store and
+    /// exporters; never below 64.
+    pub fn from_policy(s: &crate::policy::ServerSettings, nofile: Option<u64>) -> ConnLimits {
+        let admin = s.admin_max_connections.max(1);
+        let derived = nofile.map_or(16_384, |n| {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            n.saturating_sub(admin).saturating_sub(s.max_in_flight.saturating_mul(2)).saturating_sub(256)
+        });
+        ConnLimits { proxy: s.max_connections.unwrap_or(derived).max(64), admin, idle: s.idle_timeout }
+    }
+}
+
+/// One listener's connection bound (permits) and idle time.
+#[derive(Clone)]
+struct Listener {
+    slots: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+}
+
+impl Listener {
+    /// Waits for room for one more connection, then accepts it; `None` on `stop`.
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+        stop: &CancellationToken,
+    ) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+        loop {
+            // At the bound, no more are accepted: they wait in the kernel's backlog, holding no
+            // descriptor of ours, until a connection closes.
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return None,
+                p = self.slots.clone().acquire_owned() => p.ok()?,
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => return Some((tcp, permit)),
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        drop(permit);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    fn http(&self) -> hyper::server::conn::http1::Builder {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // hyper's header-read timer also runs while a kept-alive connection waits for its next
+        // request, so it closes idle connections too.
+        http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(self.idle);
+        http
+    }
+}
+
+/// The admin listener's accept loop: HTTP/1.1 with the same connection bound and idle time as
+/// the proxy's, until `stop`; then open connections finish their requests.
+async fn serve_admin(listener: TcpListener, router: axum::Router, limits: Listener, stop: CancellationToken) {
+    let http = limits.http();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    while let Some((tcp, permit)) = limits.accept(&listener, &stop).await {
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
 fn spawn_proxy_worker(
     index: usize,
     socket: std::net::TcpListener,
+    limits: Listener,
     app: Arc<App>,
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -443,7 +552,7 @@ fn spawn_proxy_worker(
         if let Ok(mut r) = app.runtimes.lock() {
             r.push(rt.handle().clone());
         }
-        rt.block_on(serve_proxy(index, socket, app, shutdown));
+        rt.block_on(serve_proxy(index, socket, limits, app, shutdown));
     })
 }
 
@@ -451,7 +560,13 @@ fn spawn_proxy_worker(
 /// HTTP/1.1; skipping protocol sniffing, upgrades and a router is measurably cheaper per
 /// request than `axum::serve`). On shutdown it stops accepting, lets in-flight requests finish and
 /// closes idle keep-alive connections.
-async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+async fn serve_proxy(
+    index: usize,
+    socket: std::net::TcpListener,
+    limits: Listener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) {
     let listener = match TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -459,8 +574,7 @@ async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>,
             return;
         }
     };
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    let http = limits.http();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Keeps a timer due within a second on this runtime at all times. Every request re-arms
     // hyper's header-read timeout (and an attempt arms its own deadlines); tokio's timer wakes
@@ -479,19 +593,7 @@ async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>,
             }
         }
     });
-    loop {
-        let (tcp, _peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(worker = index, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, permit)) = limits.accept(&listener, &shutdown).await {
         // Responses go out in several writes (JSON framing around the payload): without
         // NODELAY, Nagle's algorithm and delayed ACKs would add tens of ms to each answer.
         let _ = tcp.set_nodelay(true);
@@ -503,6 +605,7 @@ async fn serve_proxy(index: usize, socket: std::net::TcpListener, app: Arc<App>,
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(permit);
         });
     }
     drop(listener);

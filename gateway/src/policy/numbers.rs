@@ -22,7 +22,15 @@ pub const MAX_BYTES: i64 = 1 << 40;
 /// The largest count a field that sizes memory or is summed may give.
 pub const MAX_COUNT: i64 = 1_000_000;
 
-const COUNTS: &[&str] = &["weight", "max_concurrency", "max_queue", "max_in_flight", "min_samples"];
+const COUNTS: &[&str] = &[
+    "weight",
+    "max_concurrency",
+    "max_queue",
+    "max_in_flight",
+    "min_samples",
+    "max_connections",
+    "admin_max_connections",
+];
 
 /// Checks every number in one file's TOML (`name`: the file, for messages), pushing one error
 /// per out-of-range value, named by its path (`routes[0].attempt_timeout_ms`).

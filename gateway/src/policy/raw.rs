@@ -114,6 +114,18 @@ pub(super) struct RawServer {
     pub(super) idempotency_ttl_secs: Option<u64>,
     /// Memory for kept answers, MiB (default 256); the oldest go first.
     pub(super) idempotency_max_mib: Option<u64>,
+    /// Time to receive a whole request body once its headers are in, ms (default 30000).
+    pub(super) body_timeout_ms: Option<u64>,
+    /// Memory for request bodies being received, all requests together, MiB (default 512).
+    pub(super) max_body_buffer_mib: Option<u64>,
+    /// Time a connection may take to send a request's headers, and may sit idle between
+    /// requests, ms (default 30000; read at start-up).
+    pub(super) idle_timeout_ms: Option<u64>,
+    /// Connections open at once on the proxy listener (default: what the open-file limit
+    /// allows after the admin listener's share and upstream connections; read at start-up).
+    pub(super) max_connections: Option<u64>,
+    /// Connections open at once on the admin listener (default 256; read at start-up).
+    pub(super) admin_max_connections: Option<u64>,
 }
 
 /// `[[keys]]`: one API key, by digest, with its tenant, tags and limits.
@@ -139,6 +151,8 @@ pub(super) struct RawTenant {
     pub(super) images_per_minute: Option<u32>,
     /// Spend per UTC day, from the providers' prices; over it, requests get 429 until midnight.
     pub(super) spend_usd_per_day: Option<f64>,
+    /// Requests of the tenant's keys being handled at once; more get 429.
+    pub(super) max_in_flight: Option<u32>,
 }
 
 /// `breaker` of a provider: the circuit breaker's settings.

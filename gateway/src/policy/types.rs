@@ -22,6 +22,20 @@ pub struct ServerSettings {
     pub idempotency_ttl: Duration,
     /// Memory for kept answers, bytes (default 256 MiB).
     pub idempotency_max_bytes: usize,
+    /// Time to receive a whole request body once its headers are in (default 30 s); a slower
+    /// sender gets 408 and its connection is closed.
+    pub body_timeout: Duration,
+    /// Memory for request bodies being received, all requests together, bytes (default 512
+    /// MiB); a request that would go over it gets 503.
+    pub max_body_buffer_bytes: usize,
+    /// Time for a request's headers, and idle time between requests on a connection, on both
+    /// listeners (default 30 s; read at start-up).
+    pub idle_timeout: Duration,
+    /// Connections open at once on the proxy listener; `None`: derived from the open-file
+    /// limit at start-up.
+    pub max_connections: Option<usize>,
+    /// Connections open at once on the admin listener (default 256).
+    pub admin_max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -34,6 +48,11 @@ impl Default for ServerSettings {
             max_in_flight: 4096,
             idempotency_ttl: Duration::from_secs(86_400),
             idempotency_max_bytes: 256 << 20,
+            body_timeout: Duration::from_secs(30),
+            max_body_buffer_bytes: 512 << 20,
+            idle_timeout: Duration::from_secs(30),
+            max_connections: None,
+            admin_max_connections: 256,
         }
     }
 }
@@ -62,6 +81,8 @@ pub struct TenantLimits {
     pub images_per_minute: Option<u32>,
     /// Spend per UTC day, USD, from the providers' prices.
     pub spend_usd_per_day: Option<f64>,
+    /// Requests of the tenant's keys handled at once; more get 429 `rate_limit_exceeded`.
+    pub max_in_flight: Option<u32>,
 }
 
 /// A price by size: one number (`default`) or a table with an optional default.

@@ -135,7 +135,11 @@ fn validate_key(at: &str, k: &RawKey, errors: &mut Vec<String>) -> Option<([u8; 
 }
 
 fn validate_tenant(at: &str, t: &RawTenant, errors: &mut Vec<String>) -> TenantLimits {
-    for (field, v) in [("requests_per_minute", t.requests_per_minute), ("images_per_minute", t.images_per_minute)] {
+    for (field, v) in [
+        ("requests_per_minute", t.requests_per_minute),
+        ("images_per_minute", t.images_per_minute),
+        ("max_in_flight", t.max_in_flight),
+    ] {
         if v == Some(0) {
             errors.push(format!("{at}.{field}: must be greater than 0 (leave it out for no limit)"));
         }
@@ -149,6 +153,7 @@ fn validate_tenant(at: &str, t: &RawTenant, errors: &mut Vec<String>) -> TenantL
         requests_per_minute: t.requests_per_minute,
         images_per_minute: t.images_per_minute,
         spend_usd_per_day: t.spend_usd_per_day,
+        max_in_flight: t.max_in_flight,
     }
 }
 
@@ -382,6 +387,11 @@ fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> Serve
             errors,
         ) as u64),
         idempotency_max_bytes: bytes("idempotency_max_mib", s.idempotency_max_mib, 256, errors).saturating_mul(1 << 20),
+        body_timeout: Duration::from_millis(bytes("body_timeout_ms", s.body_timeout_ms, 30_000, errors) as u64),
+        max_body_buffer_bytes: bytes("max_body_buffer_mib", s.max_body_buffer_mib, 512, errors).saturating_mul(1 << 20),
+        idle_timeout: Duration::from_millis(bytes("idle_timeout_ms", s.idle_timeout_ms, 30_000, errors) as u64),
+        max_connections: s.max_connections.map(|_| bytes("max_connections", s.max_connections, 1, errors)),
+        admin_max_connections: bytes("admin_max_connections", s.admin_max_connections, 256, errors),
     }
 }
 
