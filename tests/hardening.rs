@@ -432,3 +432,69 @@ async fn idle_connections_are_closed_on_both_listeners_and_neither_starves_the_o
     assert!(n.is_ok(), "the idle keep-alive connection was closed");
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_nosniff_and_both_listeners_read_bearer_in_any_case() {
+    let up = MockProvider::start().await;
+    let key = "sk-case-test-key-0001";
+    let policy = format!(
+        "[[keys]]\nsha256 = \"{}\"\ntenant = \"t\"\n\n{}{}",
+        sha256_hex(key),
+        openai_provider("up", &up),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let body = json!({"model": "m", "prompt": "x", "response_format": "url"});
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme}  {key}");
+        let r = gw.generate_with(&body, &[("authorization", auth.as_str())]).await;
+        r.assert_status(200);
+        assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"));
+        let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
+        let img = get(&url, &[]).await;
+        assert_eq!(img.header("content-type").as_deref(), Some("image/png"));
+        assert_eq!(img.header("x-content-type-options").as_deref(), Some("nosniff"));
+        let admin_auth = format!("{scheme} {ADMIN_TOKEN}");
+        let a = get(&gw.admin_url("/admin/routes"), &[("authorization", admin_auth.as_str())]).await;
+        a.assert_status(200);
+        assert_eq!(a.header("x-content-type-options").as_deref(), Some("nosniff"));
+    }
+    let e = gw.generate_with(&body, &[("authorization", &format!("Basic {key}"))]).await;
+    e.assert_error(401, "invalid_api_key");
+    assert_eq!(e.header("x-content-type-options").as_deref(), Some("nosniff"));
+    let a = get(&gw.admin_url("/admin/routes"), &[("authorization", "Basic abc")]).await;
+    a.assert_error(401, "missing_admin_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_urls_never_come_from_a_missing_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockProvider::start().await;
+    let route = route_toml("main", "m").target("up", "gpt-image-1");
+    let (gw, _dir) = serve_policy(&format!("{}{route}", openai_provider("up", &up)), &[]).await;
+    // HTTP/1.0 without Host, asking for a URL.
+    let raw = |addr: std::net::SocketAddr| async move {
+        let body = json!({"model": "m", "prompt": "x", "response_format": "url"}).to_string();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/images/generations HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = raw(gw.proxy_addr).await;
+    assert!(answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"code\":\"missing_host\""), "{answer}");
+    assert_eq!(up.hits(), 0, "refused before anything was generated");
+    drop(gw);
+    // With a configured base, the URL is built from it.
+    let policy =
+        format!("[server]\npublic_base_url = \"https://img.example.com/\"\n\n{}{route}", openai_provider("up", &up));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let answer = raw(gw.proxy_addr).await;
+    assert!(answer.contains("\"url\":\"https://img.example.com/v1/images/artifacts/"), "{answer}");
+}

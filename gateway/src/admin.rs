@@ -47,6 +47,11 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(tower::ServiceBuilder::new().layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         })))
+        .layer(middleware::map_response(|mut r: Response| async move {
+            // Every answer's content type is the one its bytes are: browsers must not guess.
+            r.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            r
+        }))
         .with_state(app)
 }
 
@@ -65,25 +70,27 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
         )
         .into_response();
     };
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "missing_admin_token",
-            "no admin token in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>`",
-        )
-        .into_response();
-    };
-    let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "missing_admin_token",
-            "the Authorization header is not a bearer token: send `Authorization: Bearer <token>` with the \
+    let token =
+        match crate::secrets::credentials(req.headers()) {
+            crate::secrets::Credentials::Bearer(token) => token,
+            crate::secrets::Credentials::Missing => return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing_admin_token",
+                "no admin token in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>`",
+            )
+            .into_response(),
+            crate::secrets::Credentials::NotBearer => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "missing_admin_token",
+                    "the Authorization header is not a bearer token: send `Authorization: Bearer <token>` with the \
              server's ACC_ADMIN_TOKEN",
-        )
-        .into_response();
-    };
+                )
+                .into_response()
+            }
+        };
     // Comparing digests keeps the comparison's timing independent of the token's bytes.
     if Sha256::digest(token.trim().as_bytes()).as_slice() == expected.as_slice() {
         next.run(req).await

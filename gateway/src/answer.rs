@@ -67,7 +67,9 @@ pub fn render(
 ) -> ChunkedBody {
     let mut sent = sent;
     let base = match format {
-        ResponseFormat::Url => public_base(policy, headers),
+        // Checked before the request was served (`url_base`); were it missing, the URLs would
+        // be paths on the gateway rather than point at a host the client did not name.
+        ResponseFormat::Url => url_base(policy, headers).unwrap_or_default(),
         ResponseFormat::B64Json => String::new(),
     };
     let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -140,17 +142,26 @@ fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
     app.artifacts.publish(bytes, kind, policy.server.url_ttl, base)
 }
 
-/// The scheme and authority image URLs start with: `public_base_url`, or the request's `Host`.
-fn public_base(policy: &Policy, headers: &HeaderMap) -> String {
+/// The scheme and authority gateway-served image URLs start with: `public_base_url` when the
+/// policy sets one, else `http://` and the request's `Host`. Errors: 400 `missing_host` when
+/// neither is there (an HTTP/1.0 client without `Host`), rather than a URL on a guessed host.
+pub fn url_base(policy: &Policy, headers: &HeaderMap) -> Result<String, ApiError> {
     if let Some(base) = &policy.server.public_base_url {
-        return base.clone();
+        return Ok(base.clone());
     }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-        .unwrap_or("127.0.0.1:8080");
-    format!("http://{host}")
+        .filter(|h| !h.is_empty() && h.parse::<http::uri::Authority>().is_ok())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "response_format",
+                "missing_host",
+                "image URLs are built from the request's Host header, which is missing or not a host: \
+                 send Host, ask for response_format b64_json, or set server.public_base_url",
+            )
+        })?;
+    Ok(format!("http://{host}"))
 }
 
 /// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504

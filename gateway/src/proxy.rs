@@ -591,6 +591,9 @@ async fn generate(
     } else if !req.response_format_given {
         req.response_format = default_format(route.default_response_format, req.model.as_deref());
     }
+    if req.response_format == ResponseFormat::Url && req.stream.is_none() {
+        answer::url_base(policy, headers)?;
+    }
     if req.contract.is_some() {
         // Only the adherence evaluator reads a contract: on a route without it, the contract
         // is not checked, and the answer says so.
@@ -766,15 +769,11 @@ fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'
     if policy.keys.is_empty() {
         return Ok(None);
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
-        })?;
+    let crate::secrets::Credentials::Bearer(token) = crate::secrets::credentials(headers) else {
+        return Err(ApiError::unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+        ));
+    };
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     policy.keys.get(&digest).map(Some).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
 }

@@ -246,6 +246,11 @@ pub async fn poll(app: &App, id: &str, tenant: Option<&str>, headers: &HeaderMap
                 ..Generation::default()
             };
             let snap = app.policy.snapshot();
+            if format == ResponseFormat::Url {
+                if let Err(e) = answer::url_base(&snap.policy, headers) {
+                    return e.into_response();
+                }
+            }
             let body = answer::render(app, &snap.policy, UrlMode::Gateway, format, generation, headers, None);
             let mut r = Response::new(axum::body::Body::new(body));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -89,6 +89,34 @@ pub fn redact_string(text: &mut String) {
     }
 }
 
+/// What a request's `Authorization` header holds, as both listeners read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials<'a> {
+    /// No `Authorization` header.
+    Missing,
+    /// A header with another scheme (`Basic ...`), an empty token, or bytes that are not text.
+    NotBearer,
+    /// A bearer token, surrounding whitespace removed.
+    Bearer(&'a str),
+}
+
+/// The bearer token of `Authorization: Bearer TOKEN`. The scheme is matched case-insensitively
+/// and may be followed by one or more spaces (RFC 9110 section 11.1, RFC 6750 section 2.1).
+pub fn credentials(headers: &http::HeaderMap) -> Credentials<'_> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Credentials::Missing };
+    let Ok(text) = value.to_str() else { return Credentials::NotBearer };
+    let text = text.trim_start();
+    match text.get(..6) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer") && text[6..].starts_with([' ', '\t']) => {
+            match text[6..].trim() {
+                "" => Credentials::NotBearer,
+                token => Credentials::Bearer(token),
+            }
+        }
+        _ => Credentials::NotBearer,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +133,21 @@ mod tests {
         let mut s = "x sk-test-registry-0123456789".to_string();
         redact_string(&mut s);
         assert_eq!(s, "x [REDACTED]");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_scheme_case() {
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, http::HeaderValue::from_str(v).unwrap());
+            h
+        };
+        for v in ["Bearer abc", "bearer abc", "BEARER   abc ", "BeArEr\tabc"] {
+            assert_eq!(credentials(&with(v)), Credentials::Bearer("abc"), "{v:?}");
+        }
+        for v in ["Basic abc", "Bearer", "Bearer   ", "Bearerabc", "Token abc"] {
+            assert_eq!(credentials(&with(v)), Credentials::NotBearer, "{v:?}");
+        }
+        assert_eq!(credentials(&http::HeaderMap::new()), Credentials::Missing);
     }
 }

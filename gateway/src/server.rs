@@ -48,13 +48,17 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(proxy::dispatch(app, req)).catch_unwind().await {
+    let mut resp = match std::panic::AssertUnwindSafe(proxy::dispatch(app, req)).catch_unwind().await {
         Ok(resp) => resp,
         Err(_) => {
             tracing::error!("a proxy request panicked; answered 500");
             ApiError::internal("internal error").into_response()
         }
-    }
+    };
+    // Every answer's content type is the one its bytes are (images sniffed, JSON, events):
+    // browsers must not guess another.
+    resp.headers_mut().insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+    resp
 }
 
 /// Binds the listeners, loads the policy, and serves until SIGTERM/SIGINT. `on_ready` gets the
