@@ -268,9 +268,10 @@ pub fn is_public(ip: IpAddr) -> bool {
             if s[0] == 0x2002 {
                 return is_public_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
             }
-            !((s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments 2001::/23 (Teredo, benchmarking, ORCHID)
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation 2001:db8::/32
-                || (s[0] == 0x3fff && s[1] < 0x1000)) // documentation 3fff::/20 (RFC 9637)
+            let ietf = s[0] == 0x2001 && s[1] < 0x0200; // IETF protocol assignments 2001::/23 (Teredo, benchmarking, ORCHID)
+            let documentation = (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32
+                || (s[0] == 0x3fff && s[1] < 0x1000); // 3fff::/20 (RFC 9637)
+            !(ietf || documentation)
         }
     }
 }

@@ -17,18 +17,19 @@
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
-//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
-//!   `telemetry`.
-//! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
-//!   mirror views, trace queries with their feedback; the review endpoints through
-//!   `review_api`). Uses `app`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`,
-//!   `review_api`, `store`.
-//! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
-//!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
-//!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
-//!   `body`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
-//!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `store`,
-//!   `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
+//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `secrets`, `store`,
+//!   `telemetry`, `tls`.
+//! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and mirror
+//!   views, trace queries with their feedback; the review endpoints through `review_api`). Uses
+//!   `app`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`, `review_api`, `secrets`,
+//!   `store`.
+//! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in numbered
+//!   phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer, record),
+//!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`, `cost`,
+//!   `error`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `live`, `metrics`,
+//!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `secrets`,
+//!   `store`, `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the
+//!   image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`review_api`]: human review over HTTP: the hold phase (a winning answer whose checks say
@@ -70,8 +71,8 @@
 //!   recent prompts), the newest traces' essentials in memory. Uses `error`, `metrics`,
 //!   `policy`, `request`, `store`.
 //! - [`review`]: the review queue: held answers in the store within a byte budget, decisions
-//!   (once), expiry, the signed webhook, the review metrics. Uses `policy`, `reload`, `store`,
-//!   `upstream`.
+//!   (once), expiry, the signed webhook, the review metrics. Uses `policy`, `reload`, `secrets`,
+//!   `store`, `upstream`.
 //! - [`reload`]: the live policy snapshot (policy, adapters, metric handles, target state),
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
@@ -98,13 +99,13 @@
 //!   and the trace queries. Uses nothing.
 //!
 //! ## Adapters
-//! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter
-//!   per API family. Uses `body`, `eval` (`Verdict`), `policy` (connection settings),
-//!   `request`, `upstream`.
+//! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter per
+//!   API family. Uses `body`, `eval`, `policy`, `request`, `secrets`, `upstream`.
 //!
 //! ## Policy
 //! - [`policy`]: policy files read raw, validated into runtime types, cross-checked. Uses the
-//!   plain data types it configures: `compare`, `eval`, `health`, `request`.
+//!   plain data types it configures: `compare`, `eval`, `health`, `request`, and `tls` to
+//!   check certificates.
 //!
 //! ## Evaluators and the request model
 //! - [`eval`]: the evaluators (sanity, safety, text, adherence) and their thread pool;
@@ -123,6 +124,8 @@
 //! - [`compare`]: the statistics of mirror and canary comparisons. Uses nothing.
 //! - [`body`]: response bodies made of `Bytes` chunks (payloads are not copied). Uses nothing.
 //! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes. Uses nothing.
+//! - [`tls`]: the listeners' TLS (rustls): the certificate and key checked, served, and
+//!   reloaded when their files change. Uses nothing.
 //! - [`secrets`]: every secret the gateway holds, registered where it is read, and the
 //!   redaction of text that may echo one. Uses nothing.
 //!
@@ -180,6 +183,7 @@ pub mod server;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 

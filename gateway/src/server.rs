@@ -199,11 +199,23 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         "connection limits"
     );
     let proxy_slots = Arc::new(tokio::sync::Semaphore::new(conns.proxy));
+    // TLS, when the policy has `[server.tls]`: the files were checked with the policy; they are
+    // watched for a renewal from now on.
+    let (proxy_tls, admin_tls) = match &store.snapshot().policy.server.tls {
+        Some(files) => {
+            let cert = crate::tls::Certificate::open(&files.cert_file, &files.key_file).map_err(anyhow::Error::msg)?;
+            tasks.spawn(cert.clone().watch(shutdown.clone()));
+            let acceptor = |alpn: &[&[u8]]| Some(tokio_rustls::TlsAcceptor::from(cert.server_config(alpn)));
+            tracing::info!(cert = %files.cert_file.display(), "TLS on both listeners");
+            (acceptor(&[b"h2", b"http/1.1"]), acceptor(&[b"http/1.1"]))
+        }
+        None => (None, None),
+    };
     let proxy_workers: Vec<_> = proxy_sockets
         .into_iter()
         .enumerate()
         .map(|(i, socket)| {
-            let listener = Listener { slots: proxy_slots.clone(), idle: conns.idle };
+            let listener = Listener { slots: proxy_slots.clone(), idle: conns.idle, tls: proxy_tls.clone() };
             spawn_proxy_worker(i, socket, listener, app.clone(), shutdown.clone())
         })
         .collect::<Result<_, _>>()?;
@@ -215,7 +227,8 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     // The admin listener outlives the proxy's drain, so probes see /readyz answer 503 and
     // Prometheus scrapes the last numbers while in-flight requests finish.
     let admin_stop = CancellationToken::new();
-    let admin_limits = Listener { slots: Arc::new(tokio::sync::Semaphore::new(conns.admin)), idle: conns.idle };
+    let admin_limits =
+        Listener { slots: Arc::new(tokio::sync::Semaphore::new(conns.admin)), idle: conns.idle, tls: admin_tls };
     let admin_task =
         tokio::spawn(serve_admin(admin_listener, admin::router(app.clone()), admin_limits, admin_stop.clone()));
     tracing::info!(%proxy_addr, %admin_addr, workers, "listening");
@@ -475,11 +488,53 @@ impl ConnLimits {
     }
 }
 
-/// One listener's connection bound (permits) and idle time.
+/// One listener's connection bound (permits), idle time and TLS.
 #[derive(Clone)]
 struct Listener {
     slots: Arc<tokio::sync::Semaphore>,
     idle: Duration,
+    /// TLS (`[server.tls]`); `None`: plain HTTP.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Serves one TLS connection: the handshake within the idle time, then HTTP/2 when the client
+/// chose it by ALPN (only offered on the proxy listener), else HTTP/1.1. The connection is
+/// watched for the graceful shutdown like a plain one.
+async fn serve_tls<S, B>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    idle: Duration,
+    http: hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    service: S,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = match tokio::time::timeout(idle, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = hyper_util::rt::TokioIo::new(tls);
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        b.timer(hyper_util::rt::TokioTimer::new());
+        let _ = watcher.watch(b.serve_connection(io, service)).await;
+    } else {
+        let _ = watcher.watch(http.serve_connection(io, service)).await;
+    }
 }
 
 impl Listener {
@@ -528,6 +583,14 @@ async fn serve_admin(listener: TcpListener, router: axum::Router, limits: Listen
     while let Some((tcp, permit)) = limits.accept(&listener, &stop).await {
         let _ = tcp.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        if let Some(acceptor) = limits.tls.clone() {
+            let (http, watcher, idle) = (http.clone(), graceful.watcher(), limits.idle);
+            tokio::spawn(async move {
+                serve_tls(acceptor, tcp, idle, http, watcher, service).await;
+                drop(permit);
+            });
+            continue;
+        }
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
         tokio::spawn(async move {
             let _ = conn.await;
@@ -606,6 +669,14 @@ async fn serve_proxy(
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(handle_proxy(app, req).await) }
         });
+        if let Some(acceptor) = limits.tls.clone() {
+            let (http, watcher, idle) = (http.clone(), graceful.watcher(), limits.idle);
+            tokio::spawn(async move {
+                serve_tls(acceptor, tcp, idle, http, watcher, service).await;
+                drop(permit);
+            });
+            continue;
+        }
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
         tokio::spawn(async move {
             let _ = conn.await;

@@ -32,7 +32,7 @@ pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
     Hedge, Matcher, Mirror, OtlpProtocol, ParamAction, Policy, Price, PriceTable, ProviderKind, ProviderSpec,
     RecordPrompt, Regeneration, Route, ServerSettings, SizePrice, StoreSettings, StreamAction, Target, TargetRole,
-    TelemetrySettings, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    TelemetrySettings, TenantLimits, TlsFiles, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 
 use raw::RawFile;

@@ -56,10 +56,8 @@ fn value_at(name: &str, path: &str, key: &str, value: &toml::Value, errors: &mut
                 value_at(name, &format!("{path}[{i}]"), key, item, errors);
             }
         }
-        toml::Value::Float(f) => {
-            if !f.is_finite() {
-                errors.push(format!("{name}: {path}: must be a finite number, got {f}"));
-            }
+        toml::Value::Float(f) if !f.is_finite() => {
+            errors.push(format!("{name}: {path}: must be a finite number, got {f}"));
         }
         toml::Value::Integer(i) => {
             let bound = |max: i64, unit: &str, what: &str| {

@@ -126,6 +126,16 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<u64>,
     /// Connections open at once on the admin listener (default 256; read at start-up).
     pub(super) admin_max_connections: Option<u64>,
+    /// TLS on both listeners.
+    pub(super) tls: Option<RawTls>,
+}
+
+/// `[server.tls]`: the listeners' certificate chain and private key, PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert_file: String,
+    pub(super) key_file: String,
 }
 
 /// `[[keys]]`: one API key, by digest, with its tenant, tags and limits.

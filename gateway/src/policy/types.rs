@@ -36,6 +36,17 @@ pub struct ServerSettings {
     pub max_connections: Option<usize>,
     /// Connections open at once on the admin listener (default 256).
     pub admin_max_connections: usize,
+    /// TLS on both listeners: the certificate chain and private key files (PEM), checked when
+    /// the policy is validated; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[server.tls]`: where the listeners' certificate chain and key are (paths as written,
+/// relative to the working directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for ServerSettings {
@@ -53,6 +64,7 @@ impl Default for ServerSettings {
             idle_timeout: Duration::from_secs(30),
             max_connections: None,
             admin_max_connections: 256,
+            tls: None,
         }
     }
 }

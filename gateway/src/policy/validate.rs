@@ -15,7 +15,7 @@ use super::raw::{RawClassifier, RawFile, RawHedge, RawKey, RawPerImage, RawProvi
 use super::types::{
     AnswerFormat, ApiKey, Canary, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy, Hedge, Matcher, Mirror,
     ParamAction, Price, PriceTable, ProviderKind, ProviderSpec, RecordPrompt, Regeneration, Route, ServerSettings,
-    SizePrice, StreamAction, Target, TargetRole, TenantLimits, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
+    SizePrice, StreamAction, Target, TargetRole, TenantLimits, TlsFiles, UpstreamFormat, UrlMode, AVAILABLE_EVALUATORS,
 };
 use super::xref::Names;
 
@@ -392,6 +392,16 @@ fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> Serve
         idle_timeout: Duration::from_millis(bytes("idle_timeout_ms", s.idle_timeout_ms, 30_000, errors) as u64),
         max_connections: s.max_connections.map(|_| bytes("max_connections", s.max_connections, 1, errors)),
         admin_max_connections: bytes("admin_max_connections", s.admin_max_connections, 256, errors),
+        tls: s.tls.as_ref().and_then(|t| {
+            let files = TlsFiles { cert_file: t.cert_file.clone().into(), key_file: t.key_file.clone().into() };
+            match crate::tls::load(&files.cert_file, &files.key_file) {
+                Ok(_) => Some(files),
+                Err(e) => {
+                    errors.push(format!("{file}: server.tls: {e}"));
+                    None
+                }
+            }
+        }),
     }
 }
 
