@@ -40,6 +40,10 @@ export ACC_REQUIRE_PROMETHEUS=1
 
 cargo test --all-targets "$@"
 
+# Fuzzing (cargo fuzz, libFuzzer, stable Rust): every parser of untrusted bytes, each target
+# for FUZZ_SECONDS (default 15); a crash fails the run. `scripts/fuzz.sh TARGET SECONDS` runs longer.
+scripts/fuzz.sh
+
 # deploy/: Prometheus rules (promtool check + unit tests), dashboard queries, Kubernetes policy,
 # and every metric they use checked against a running acc (installs promtool if missing).
 ACC_BIN=target/debug/acc scripts/check-deploy.sh

@@ -221,7 +221,7 @@ async fn get(
 }
 
 /// A redirect target, absolute or relative to `base`.
-fn join(base: &Uri, loc: &str) -> Option<Uri> {
+pub fn join(base: &Uri, loc: &str) -> Option<Uri> {
     if let Ok(u) = loc.parse::<Uri>() {
         if u.scheme().is_some() {
             return Some(u);

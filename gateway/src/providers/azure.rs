@@ -304,6 +304,11 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a 2xx answer, and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    let _ = classify_error(status, body, None);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

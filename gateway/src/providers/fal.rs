@@ -375,6 +375,14 @@ fn is_content_policy(text: &str) -> bool {
     t.contains("content_policy") || t.contains("content policy") || t.contains("nsfw")
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a finished job, and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    if let Ok(output) = serde_json::from_slice::<Output>(body) {
+        let _ = generation(output);
+    }
+    let _ = error(status, None, body);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,22 @@ pub fn output_format_field<'a>(
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
 pub const ANSWER_FIELDS: [&str; 5] = ["background", "output_format", "quality", "size", "usage"];
 
+/// Runs every adapter's answer parsers (success and error, each documented shape) on an
+/// untrusted `body` with `status`, dropping the results: the entry point of the fuzz targets
+/// (`tests/fuzz`). Whatever the bytes, it returns; a panic is a bug.
+pub fn parse_untrusted(status: u16, body: &Bytes) {
+    let status = StatusCode::from_u16(status.clamp(100, 999)).unwrap_or(StatusCode::BAD_GATEWAY);
+    openai::untrusted(status, body);
+    azure::untrusted(status, body);
+    vertex::untrusted(status, body);
+    stability::untrusted(status, body);
+    fal::untrusted(status, body);
+    replicate::untrusted(status, body);
+    a1111::untrusted(status, body);
+    let _ = skim::skim(body);
+    let _ = sniff_image(body);
+}
+
 /// The longest image URL a provider may answer with, in bytes: signed cloud storage URLs
 /// (S3 presigned with a session token, GCS V4, Azure SAS) run to a few kilobytes; browsers and
 /// CDNs commonly cap URLs at 8 KiB.

@@ -390,6 +390,13 @@ pub(crate) fn upstream_message(body: &[u8]) -> String {
     super::error_text(from_json, body)
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a 2xx answer, and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    let _ = parse_answer(body);
+    let _ = super::events::generation(body);
+    let _ = classify_error(status, body.clone(), None);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

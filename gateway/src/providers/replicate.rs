@@ -351,6 +351,14 @@ fn error(status: StatusCode, retry_after: Option<Duration>, body: &Bytes) -> Pro
     jobs::classify(ERRORS, status, title.as_deref().as_slice(), retry_after, jobs::clean(&message))
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a prediction, and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    if let Ok(p) = serde_json::from_slice::<Prediction>(body) {
+        let _ = finished(p, "model");
+    }
+    let _ = error(status, None, body);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,6 +322,17 @@ fn classify_error(status: StatusCode, body: &[u8], retry_after: Option<std::time
     errors::to_error(class, status, code, None, &message, retry_after)
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a 2xx answer (JSON and image
+/// bodies), and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    for ct in ["application/json", "image/png"] {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+        let _ = parse_answer(body, &h);
+    }
+    let _ = classify_error(status, body, None);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -444,6 +444,12 @@ async fn run_token_command(argv: &[String]) -> Result<HeaderValue, ProviderError
     bearer(token)
 }
 
+/// The adapter's parsers on an untrusted answer (fuzzing): as a 2xx answer, and as an error.
+pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
+    let _ = parse_answer(body);
+    let _ = classify_error(status, body, None);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
