@@ -498,3 +498,45 @@ async fn image_urls_never_come_from_a_missing_host() {
     let answer = raw(gw.proxy_addr).await;
     assert!(answer.contains("\"url\":\"https://img.example.com/v1/images/artifacts/"), "{answer}");
 }
+
+/// A PNG whose header says `side`x`side` and whose pixel data would not decode: only a check of
+/// the header can judge it (a real one of that size costs hundreds of MiB to decode).
+fn header_only_png(side: u32) -> Vec<u8> {
+    let mut b = noisy(4, 4, 1);
+    b[16..20].copy_from_slice(&side.to_be_bytes());
+    b[20..24].copy_from_slice(&side.to_be_bytes());
+    // The IHDR chunk's CRC-32 (ISO 3309, as PNG specifies) over its type and data.
+    let crc = b[12..29].iter().fold(!0u32, |mut c, &byte| {
+        c ^= u32::from(byte);
+        for _ in 0..8 {
+            c = if c & 1 == 1 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+        }
+        c
+    });
+    b[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_image_is_judged_on_its_header_and_never_decoded() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    first.answer_with(&header_only_png(8000));
+    let ok = noisy(256, 256, 3);
+    second.answer_with(&ok);
+    let policy = format!(
+        "{}{}{}{}",
+        openai_provider("first", &first),
+        openai_provider("second", &second),
+        route_toml("main", "m").target("first", "x").fallback("spare").with("evaluators = [\"sanity\", \"safety\"]"),
+        route_toml("spare", "spare").target("second", "y").with("evaluators = [\"sanity\"]"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let r = gw.generate(&json!({"model": "m", "prompt": "x", "size": "256x256", "response_format": "b64_json"})).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["first:eval_failed", "second:ok"], "{}", r.describe());
+    assert_eq!(b64_images(&r), vec![ok]);
+    let trace_id = r.header("x-acc-trace-id").unwrap();
+    let rec = eventually_trace(&gw, &trace_id).await;
+    assert!(rec.contains("image is 8000x8000, the request asked for 256x256"), "{rec}");
+    assert!(rec.contains("not examined: image is 8000x8000"), "the safety model never saw it: {rec}");
+}

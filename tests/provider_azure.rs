@@ -315,11 +315,14 @@ async fn edits_are_multipart_and_variations_are_not_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_problems_are_clear_and_leak_nothing() {
     let s = setup().await;
-    // A key variable that is not set: nothing is sent, and the error names the variable.
+    // A key variable that is not set: nothing is sent; the client hears the gateway lacks a
+    // credential, the log names the variable.
     let r = s.gw.generate(&gen("dalle-nokey")).await;
     let err = r.assert_error(502, "upstream_error");
     let msg = err["message"].as_str().unwrap();
-    assert!(msg.contains(&format!("environment variable {UNSET_VAR} is not set")), "{msg}");
+    assert!(msg.contains("no usable credential for this provider") && !msg.contains(UNSET_VAR), "{msg}");
+    let logged = format!("environment variable {UNSET_VAR} is not set");
+    settles("the log names the variable", || s.gw.stderr().contains(&logged)).await;
     assert_eq!(r.attempts(), vec!["az_nokey:credential_missing"], "{}", r.describe());
     assert!(s.az.calls().is_empty(), "no key, no call");
 
