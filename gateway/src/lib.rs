@@ -163,6 +163,7 @@ pub mod migration;
 pub mod mirror;
 pub mod policy;
 pub mod providers;
+pub mod provenance;
 pub mod proxy;
 pub mod reload;
 pub mod request;
