@@ -515,7 +515,8 @@ where
         // A stream's events carry base64 only.
         needs_bytes: req.response_format == ResponseFormat::B64Json
             || route.url_mode == UrlMode::Gateway
-            || req.stream.is_some(),
+            || req.stream.is_some()
+            || policy.provenance.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
     };
@@ -551,6 +552,15 @@ where
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
     ctx.dropped = std::mem::take(&mut generation.dropped);
+    // 9a. Provenance: the images signed now that they are judged and before anything keeps them.
+    let mut manifests = Vec::new();
+    if let Some(p) = &policy.provenance {
+        let origin = crate::sign::Origin { trace_id: &ctx.trace_id, route: route_idx, winner: step, alias };
+        manifests = crate::sign::sign(app, policy, p, origin, &req, &mut generation).await?;
+        // The provider's own stream events carry its unsigned bytes: the completed events
+        // are built from the signed images instead.
+        generation.streamed = None;
+    }
     // A failed check whose action is "review": the answer is withheld, held in the store
     // until a reviewer decides, and the client told so at once.
     if !generation.review.is_empty() {
@@ -582,6 +592,7 @@ where
         let body = crate::stream::render(&req, generation, relay_partials, Some(&mut sent));
         if let Some(rec) = ctx.record.as_deref_mut() {
             trace::images(rec, &settings, sent, policy.store.image_sha256);
+            trace::manifests(rec, manifests);
         }
         return Ok(body);
     }
@@ -592,6 +603,7 @@ where
     let mut sent = Vec::with_capacity(generation.images.len());
     let body = answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, Some(&mut sent));
     trace::images(rec, &settings, sent, policy.store.image_sha256);
+    trace::manifests(rec, manifests);
     Ok(body)
 }
 

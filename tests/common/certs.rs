@@ -1,7 +1,7 @@
-//! Test-only C2PA signing identities, made fresh by each test with `rcgen` (nothing private is
-//! committed): a root CA and an end-entity signing certificate with what C2PA's certificate
-//! profile asks for (digitalSignature key usage, the emailProtection extended key usage, an
-//! authority key identifier, not self-signed).
+// Test-only C2PA signing identities, made fresh by each test with `rcgen` (nothing private is
+// committed): a root CA and an end-entity signing certificate with what C2PA's certificate
+// profile asks for (digitalSignature key usage, the emailProtection extended key usage, an
+// authority key identifier, not self-signed).
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
