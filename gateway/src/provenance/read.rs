@@ -141,3 +141,88 @@ pub fn inspect(image: &[u8], trust_anchors: Option<&str>) -> Result<Report, Read
         .map(|i| serde_json::json!({ "title": i["title"], "active_manifest": i["active_manifest"] }));
     Ok(report)
 }
+
+impl Verdict {
+    /// `acc provenance`'s exit code for this verdict (README, "Provenance"): 0 valid or
+    /// trusted, 3 no manifest, 4 invalid, 5 signed by a certificate outside the trust anchors.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Valid | Verdict::Trusted => 0,
+            Verdict::NoManifest => 3,
+            Verdict::Invalid => 4,
+            Verdict::Untrusted => 5,
+        }
+    }
+
+    /// One line saying what the verdict means.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Verdict::NoManifest => "no C2PA manifest",
+            Verdict::Invalid => "INVALID: the manifest does not verify (changed after signing, or a bad signature)",
+            Verdict::Untrusted => "signed, but not by a certificate under the trust anchors given",
+            Verdict::Valid => "signed, signature valid (no trust anchors given to check the signer against)",
+            Verdict::Trusted => "signed, signature valid, signer under the trust anchors given",
+        }
+    }
+}
+
+/// The report as `acc provenance` prints it without `--json`: one `name: value` line each.
+pub fn render_text(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "provenance:   {}", r.verdict.describe());
+    for f in &r.failures {
+        let _ = writeln!(out, "failure:      {f}");
+    }
+    if let Some(m) = &r.manifest {
+        let _ = writeln!(out, "manifest:     {m}");
+    }
+    if let Some(sig) = &r.signature {
+        let _ = writeln!(
+            out,
+            "signed by:    {} (issuer {}), {}, at {}",
+            s(&sig["common_name"]),
+            s(&sig["issuer"]),
+            s(&sig["alg"]),
+            s(&sig["time"])
+        );
+    }
+    if let Some(g) = &r.claim_generator {
+        let _ = writeln!(out, "claim by:     {g}");
+    }
+    if let Some(a) = &r.action {
+        let _ = writeln!(out, "action:       {a}");
+    }
+    if let Some(d) = &r.digital_source_type {
+        let _ = writeln!(out, "source type:  {d}");
+    }
+    if let Some(g) = &r.generator {
+        let version = g["version"].as_str().map(|v| format!(" ({v})")).unwrap_or_default();
+        let _ = writeln!(out, "generator:    {}{version}", s(&g["name"]));
+    }
+    if let Some(t) = &r.trace {
+        let _ = writeln!(out, "trace id:     {}", s(&t["trace_id"]));
+        let _ = writeln!(out, "route:        {}", s(&t["route"]));
+        let _ = writeln!(out, "provider:     {} ({})", s(&t["provider"]), s(&t["provider_kind"]));
+        let verdicts: Vec<String> = t["evaluations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{}={}({:.2})", s(&e["evaluator"]), s(&e["verdict"]), e["score"].as_f64().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(out, "verdicts:     {}", if verdicts.is_empty() { "-".to_string() } else { verdicts.join(", ") });
+        if let Some(p) = t["prompt"].as_str() {
+            let _ = writeln!(out, "prompt:       {p}");
+        }
+    }
+    if let Some(p) = &r.parent {
+        let _ = writeln!(out, "parent:       {} (its manifest {})", s(&p["title"]), s(&p["active_manifest"]));
+    }
+    let _ = writeln!(
+        out,
+        "xmp:          {}",
+        if r.xmp_ai_generated { "Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia" } else { "no IPTC digital source type" }
+    );
+    out
+}
