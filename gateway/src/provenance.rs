@@ -24,6 +24,7 @@ use std::fmt;
 use std::io::Cursor;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use c2pa::{Builder, BuilderIntent, Context, DigitalSourceType, Reader, SigningAlg, ValidationState};
 use serde::Serialize;
 
@@ -242,7 +243,7 @@ impl Credentials {
     }
 
     fn self_test(&self) -> Result<(), String> {
-        let probe = tiny_png();
+        let probe = Bytes::from(tiny_png());
         let facts = Facts {
             trace_id: "0".repeat(32),
             route: "self-test".into(),
@@ -286,11 +287,12 @@ impl Credentials {
 
     /// Signs one image: XMP with the digital source type added, then a C2PA manifest with
     /// `facts` embedded. CPU-bound (about a hash of the image plus one signature): call it
-    /// off the async workers.
-    pub fn sign(&self, image: &[u8], facts: &Facts) -> Result<Signed, SignError> {
+    /// off the async workers. The image is copied twice: once with the XMP chunk inserted,
+    /// once into the signed output (`Bytes` clones share the buffer).
+    pub fn sign(&self, image: &Bytes, facts: &Facts) -> Result<Signed, SignError> {
         let mime = format_of(image).ok_or(SignError::Format)?;
         let parent = c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty());
-        let with_xmp = xmp::embed(image, mime)?;
+        let with_xmp = xmp::embed(image.clone(), mime)?;
         let agent = {
             let mut a = serde_json::json!({ "name": facts.model.as_deref().unwrap_or(&facts.provider_kind) });
             if let Some(v) = &facts.model_version {
@@ -309,7 +311,7 @@ impl Credentials {
         if parent {
             builder.set_intent(BuilderIntent::Edit);
             let ingredient = serde_json::json!({ "title": "provider image", "relationship": "parentOf" });
-            builder.add_ingredient_from_stream(ingredient.to_string(), mime, &mut Cursor::new(image))?;
+            builder.add_ingredient_from_stream(ingredient.to_string(), mime, &mut Cursor::new(&image[..]))?;
             builder.add_action(serde_json::json!({
                 "action": "c2pa.edited.metadata",
                 "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,

@@ -113,3 +113,71 @@ pub(super) fn section(parsed: &[(&str, RawFile)], errors: &mut Vec<String>) -> O
     };
     Some(ProvenanceSettings { credentials, include_prompt: p.include_prompt.unwrap_or(false), on_error })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{validate, Sources};
+    use super::OnProvenanceError;
+
+    /// A test chain, generated (nothing committed).
+    #[allow(dead_code)]
+    mod certs {
+        include!("../../../tests/common/certs.rs");
+    }
+
+    const ROUTE: &str = "[providers.demo]\nkind = \"builtin\"\n[[routes]]\nname = \"a\"\nmatch = { model = \"m\" }\ntargets = [{ provider = \"demo\" }]\n";
+
+    fn check(section: &str) -> Result<super::super::Policy, Vec<String>> {
+        let files = vec![("a.toml".to_string(), ROUTE.to_string()), ("b.toml".to_string(), section.to_string())];
+        validate(&Sources { files })
+    }
+
+    #[test]
+    fn credentials_from_files_or_variables_and_the_error_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = certs::chain("policy");
+        std::fs::write(dir.path().join("chain.pem"), &c.chain_pem).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &c.key_pem).unwrap();
+        let files = format!(
+            "[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\non_provenance_error = \"fail_closed\"\ninclude_prompt = true\n",
+            dir.path().join("chain.pem").display(),
+            dir.path().join("key.pem").display()
+        );
+        let p = check(&files).unwrap().provenance.expect("provenance configured");
+        assert_eq!(p.on_error, OnProvenanceError::FailClosed);
+        assert!(p.include_prompt);
+        assert_eq!(p.credentials.algorithm(), "es256");
+        // Debug never shows the key.
+        assert!(!format!("{p:?}").contains("PRIVATE"));
+
+        std::env::set_var("ACC_TEST_POLICY_C2PA_KEY", &c.key_pem);
+        let env = format!(
+            "[provenance]\ncert_chain_file = \"{}\"\nprivate_key_env = \"ACC_TEST_POLICY_C2PA_KEY\"\n",
+            dir.path().join("chain.pem").display()
+        );
+        let p = check(&env).unwrap().provenance.unwrap();
+        assert_eq!(p.on_error, OnProvenanceError::FailOpen);
+        assert!(!p.include_prompt);
+        let off = format!("{env}enabled = false\n");
+        assert!(check(&off).unwrap().provenance.is_none());
+    }
+
+    #[test]
+    fn misconfiguration_names_the_file_and_field() {
+        let e = check("[provenance]\ncert_chain_file = \"c.pem\"\non_provenance_error = \"ignore\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "b.toml: provenance.on_provenance_error: unknown value \"ignore\" (expected \"fail_open\" or \"fail_closed\")",
+                "b.toml: provenance: private_key_file or private_key_env is required",
+            ]
+        );
+        let e = check("[provenance]\ncert_chain_file = \"c.pem\"\ncert_chain_env = \"X\"\nprivate_key_file = \"k.pem\"\n")
+            .unwrap_err();
+        assert_eq!(e, vec!["b.toml: provenance: set one of cert_chain_file and cert_chain_env, not both"]);
+        let e = check("[provenance]\ncert_chain_file = \"/nonexistent/c.pem\"\nprivate_key_file = \"/nonexistent/k.pem\"\n")
+            .unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("b.toml: provenance: cannot read file /nonexistent/c.pem"), "{e:?}");
+    }
+}

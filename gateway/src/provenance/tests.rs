@@ -45,7 +45,7 @@ fn png_jpeg_and_webp_are_signed_with_the_trace_and_verify_against_the_root_pixel
     assert_eq!(creds.algorithm(), "es256");
     for format in [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::WebP] {
         let (src, _) = image(format);
-        let signed = creds.sign(&src, &facts()).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap_or_else(|e| panic!("{format:?}: {e}"));
         assert!(!signed.parent);
         assert!(signed.manifest.starts_with("urn:c2pa:"), "{}", signed.manifest);
         let r = inspect(&signed.bytes, Some(&c.root_pem)).unwrap();
@@ -77,7 +77,7 @@ fn a_changed_pixel_byte_breaks_the_hash_and_an_unsigned_image_has_no_manifest() 
     let creds = load(dir.path(), &c).unwrap();
     let (src, _) = image(image::ImageFormat::Png);
     assert_eq!(inspect(&src, None).unwrap().verdict, Verdict::NoManifest);
-    let signed = creds.sign(&src, &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
     assert_eq!(inspect(&signed.bytes, None).unwrap().verdict, Verdict::Valid);
     // The last IDAT's last data byte (before its CRC and the 12-byte IEND).
     let mut tampered = signed.bytes.clone();
@@ -97,10 +97,10 @@ fn a_provider_signed_image_keeps_its_manifest_as_parent_and_another_signer_is_un
     let creds = load(dir.path(), &gateway).unwrap();
     let provider_creds = load(provider_dir.path(), &provider).unwrap();
     let (src, _) = image(image::ImageFormat::Jpeg);
-    let from_provider = provider_creds.sign(&src, &facts()).unwrap();
+    let from_provider = provider_creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
     // Signed by the provider's key: not trusted by the gateway's root.
     assert_eq!(inspect(&from_provider.bytes, Some(&gateway.root_pem)).unwrap().verdict, Verdict::Untrusted);
-    let signed = creds.sign(&from_provider.bytes, &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(from_provider.bytes.clone()), &facts()).unwrap();
     assert!(signed.parent);
     let r = inspect(&signed.bytes, Some(&gateway.root_pem)).unwrap();
     // The parent's signer is not under the gateway's root either: the ingredient is untrusted,
@@ -147,6 +147,6 @@ fn the_algorithm_comes_from_the_key() {
     let creds = load(dir.path(), &ed).unwrap();
     assert_eq!(creds.algorithm(), "ed25519");
     let (src, _) = image(image::ImageFormat::Png);
-    let signed = creds.sign(&src, &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
     assert_eq!(inspect(&signed.bytes, Some(&ed.root_pem)).unwrap().verdict, Verdict::Trusted);
 }

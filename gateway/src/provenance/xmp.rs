@@ -34,10 +34,10 @@ const JPEG_NAMESPACE: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
 
 /// `image` (of media type `mime`) with the packet in it, any earlier XMP packet removed.
 /// Only metadata is touched: the compressed image data is copied as it is.
-pub fn embed(image: &[u8], mime: &str) -> Result<Vec<u8>, SignError> {
+pub fn embed(image: Bytes, mime: &str) -> Result<Bytes, SignError> {
     let xmp = packet();
     let parse = |e: img_parts::Error| SignError::Parse(e.to_string());
-    let src = Bytes::copy_from_slice(image);
+    let src = image;
     let out = match mime {
         "image/png" => {
             let mut png = img_parts::png::Png::from_bytes(src).map_err(parse)?;
@@ -89,7 +89,7 @@ pub fn embed(image: &[u8], mime: &str) -> Result<Vec<u8>, SignError> {
         }
         _ => return Err(SignError::Format),
     };
-    Ok(out.to_vec())
+    Ok(out)
 }
 
 /// Whether `image` carries an XMP packet stating the trainedAlgorithmicMedia digital source
