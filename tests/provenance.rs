@@ -354,3 +354,86 @@ async fn a_signing_error_follows_on_provenance_error() {
     assert_eq!(gw.metric("acc_provenance_total", &[("route", "main"), ("result", "refused")]).await, 1.0);
     assert!(!r.text().contains("BEGIN"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_copies_are_never_signed() {
+    let keys = tempfile::tempdir().unwrap();
+    write_chain(keys.path(), &certs::chain("gateway"));
+    let primary = MockProvider::start().await;
+    let cand = MockProvider::start().await;
+    primary.answer_with(&provider_image(image::ImageFormat::Png));
+    cand.answer_with(&provider_image(image::ImageFormat::Png));
+    let text = format!(
+        "{}{}{}[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\n",
+        openai_provider("primary", &primary),
+        openai_provider("cand", &cand),
+        route_toml("main", "m")
+            .target("primary", "gpt-image-1")
+            .with(r#"mirror = [{ provider = "cand", model = "c", sample = 1.0, max_in_flight = 10 }]"#),
+        keys.path().join("chain.pem").display(),
+        keys.path().join("key.pem").display(),
+    );
+    let (gw, _dir) = serve_policy(&text, &[]).await;
+    for _ in 0..2 {
+        generate(&gw, "b64_json").await.assert_status(200);
+    }
+    let mirrored = eventually(Duration::from_secs(5), || async {
+        cand.hits() == 2 && gw.metric("acc_mirror_requests_total", &[("route", "main")]).await == 2.0
+    })
+    .await;
+    assert!(mirrored, "the mirror did not get both requests (hits {})", cand.hits());
+    // Two answers signed; the two mirror copies were not.
+    assert_eq!(gw.metric("acc_provenance_total", &[("route", "main")]).await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_carries_the_signed_image() {
+    let keys = tempfile::tempdir().unwrap();
+    write_chain(keys.path(), &certs::chain("gateway"));
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, keys.path(), ""), &[]).await;
+    let body = json!({"model": "m", "prompt": "a lighthouse", "size": "256x256", "stream": true, "partial_images": 1});
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    let sse = r.text();
+    // The provider's events (with its unsigned bytes) are not relayed: one completed event.
+    let completed: Vec<Value> = sse
+        .split("\n\n")
+        .filter_map(|block| block.split_once("\ndata: ").map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()))
+        .collect();
+    assert_eq!(completed.len(), 1, "{sse:.300}");
+    assert_eq!(completed[0]["type"], "image_generation.completed");
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("streamed.png");
+    std::fs::write(&file, b64_decode(completed[0]["b64_json"].as_str().unwrap())).unwrap();
+    let o = acc_provenance(&[file.to_str().unwrap(), "--json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trace"]["trace_id"], r.header("x-acc-trace-id").unwrap().as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_goes_in_only_where_the_route_records_it_in_full() {
+    let keys = tempfile::tempdir().unwrap();
+    write_chain(keys.path(), &certs::chain("gateway"));
+    let mock = MockProvider::start().await;
+    mock.answer_with(&provider_image(image::ImageFormat::Png));
+    let text = format!(
+        "{}{}{}[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\ninclude_prompt = true\n",
+        openai_provider("primary", &mock),
+        route_toml("full", "f").target("primary", "gpt-image-1"),
+        route_toml("hashed", "h").target("primary", "gpt-image-1").with("record_prompt = \"sha256\""),
+        keys.path().join("chain.pem").display(),
+        keys.path().join("key.pem").display(),
+    );
+    let (gw, _dir) = serve_policy(&text, &[]).await;
+    let out = tempfile::tempdir().unwrap();
+    for (model, expected) in [("f", Some("a secret brief")), ("h", None)] {
+        let r = gw.generate(&json!({"model": model, "prompt": "a secret brief", "response_format": "b64_json"})).await;
+        r.assert_status(200);
+        let file = out.path().join(format!("{model}.png"));
+        std::fs::write(&file, &b64_images(&r)[0]).unwrap();
+        let v = reader(&file, None);
+        assert_eq!(v["trace"]["prompt"].as_str(), expected, "route {model}: {v}");
+    }
+}
