@@ -30,7 +30,9 @@ fn policy(mock: &MockProvider, keys: &Path, extra: &str) -> String {
     format!(
         "{}{}[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\n{extra}\n",
         openai_provider("primary", mock),
-        route_toml("main", "m").target("primary", "gpt-image-1").with("attempt_timeout_ms = 20000\ndeadline_ms = 30000"),
+        route_toml("main", "m")
+            .target("primary", "gpt-image-1")
+            .with("attempt_timeout_ms = 20000\ndeadline_ms = 30000"),
         keys.join("chain.pem").display(),
         keys.join("key.pem").display(),
     )
@@ -38,7 +40,8 @@ fn policy(mock: &MockProvider, keys: &Path, extra: &str) -> String {
 
 /// The provider's image in `format`: varied pixels, so a changed byte changes a pixel.
 fn provider_image(format: image::ImageFormat) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 251) as u8]));
+    let img =
+        image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 251) as u8]));
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(img).write_to(&mut out, format).unwrap();
     out.into_inner()
@@ -294,11 +297,15 @@ async fn bad_credentials_are_refused_by_check_and_by_reload_with_the_path() {
     let missing = good.replace(&keys.path().join("key.pem").display().to_string(), "/nonexistent/acc/key.pem");
     let other = certs::chain("other");
     std::fs::write(bad.path().join("other-key.pem"), &other.key_pem).unwrap();
-    let mismatched =
-        good.replace(&keys.path().join("key.pem").display().to_string(), &bad.path().join("other-key.pem").display().to_string());
+    let mismatched = good.replace(
+        &keys.path().join("key.pem").display().to_string(),
+        &bad.path().join("other-key.pem").display().to_string(),
+    );
     std::fs::write(bad.path().join("x25519.pem"), X25519_KEY).unwrap();
-    let unsupported =
-        good.replace(&keys.path().join("key.pem").display().to_string(), &bad.path().join("x25519.pem").display().to_string());
+    let unsupported = good.replace(
+        &keys.path().join("key.pem").display().to_string(),
+        &bad.path().join("x25519.pem").display().to_string(),
+    );
     for (policy_text, expect) in [
         (&missing, vec!["/nonexistent/acc/key.pem", "cannot read"]),
         (&mismatched, vec!["other-key.pem", "does not verify"]),

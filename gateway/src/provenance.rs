@@ -209,10 +209,12 @@ pub fn algorithm_of(key_pem: &str) -> Result<SigningAlg, String> {
         )),
         ("1.3.101.112", _) => Ok(SigningAlg::Ed25519),
         ("1.2.840.113549.1.1.1" | "1.2.840.113549.1.1.10", _) => Ok(SigningAlg::Ps256),
-        ("1.3.101.113", _) => Err("unsupported algorithm: Ed448 (C2PA signs with ES256/384/512, PS256 or Ed25519)".into()),
-        (other, _) => Err(format!(
-            "unsupported algorithm: key type {other} (C2PA signs with ES256/384/512, PS256 or Ed25519)"
-        )),
+        ("1.3.101.113", _) => {
+            Err("unsupported algorithm: Ed448 (C2PA signs with ES256/384/512, PS256 or Ed25519)".into())
+        }
+        (other, _) => {
+            Err(format!("unsupported algorithm: key type {other} (C2PA signs with ES256/384/512, PS256 or Ed25519)"))
+        }
     }
 }
 

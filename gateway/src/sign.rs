@@ -67,7 +67,11 @@ pub async fn sign(
             .iter()
             .zip(&generation.verdict_images)
             .filter(|(_, &at)| at == i)
-            .map(|(v, _)| Evaluation { evaluator: v.evaluator.to_string(), verdict: v.verdict.label().into(), score: v.score })
+            .map(|(v, _)| Evaluation {
+                evaluator: v.evaluator.to_string(),
+                verdict: v.verdict.label().into(),
+                score: v.score,
+            })
             .collect();
         jobs.push((bytes, facts));
     }

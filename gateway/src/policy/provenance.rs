@@ -85,20 +85,21 @@ pub(super) fn section(parsed: &[(&str, RawFile)], errors: &mut Vec<String>) -> O
             OnProvenanceError::FailOpen
         }
     };
-    let source = |file_field: &str, file: &Option<String>, env_field: &str, env: &Option<String>, errors: &mut Vec<String>| {
-        match (file, env) {
-            (Some(f), None) if !f.trim().is_empty() => Some(Source::File(f.clone())),
-            (None, Some(v)) if !v.trim().is_empty() => Some(Source::Env(v.clone())),
-            (Some(_), Some(_)) => {
-                errors.push(format!("{at}: set one of {file_field} and {env_field}, not both"));
-                None
+    let source =
+        |file_field: &str, file: &Option<String>, env_field: &str, env: &Option<String>, errors: &mut Vec<String>| {
+            match (file, env) {
+                (Some(f), None) if !f.trim().is_empty() => Some(Source::File(f.clone())),
+                (None, Some(v)) if !v.trim().is_empty() => Some(Source::Env(v.clone())),
+                (Some(_), Some(_)) => {
+                    errors.push(format!("{at}: set one of {file_field} and {env_field}, not both"));
+                    None
+                }
+                _ => {
+                    errors.push(format!("{at}: {file_field} or {env_field} is required"));
+                    None
+                }
             }
-            _ => {
-                errors.push(format!("{at}: {file_field} or {env_field} is required"));
-                None
-            }
-        }
-    };
+        };
     let cert = source("cert_chain_file", &p.cert_chain_file, "cert_chain_env", &p.cert_chain_env, errors);
     let key = source("private_key_file", &p.private_key_file, "private_key_env", &p.private_key_env, errors);
     if p.enabled == Some(false) {
@@ -172,11 +173,14 @@ mod tests {
                 "b.toml: provenance: private_key_file or private_key_env is required",
             ]
         );
-        let e = check("[provenance]\ncert_chain_file = \"c.pem\"\ncert_chain_env = \"X\"\nprivate_key_file = \"k.pem\"\n")
-            .unwrap_err();
+        let e =
+            check("[provenance]\ncert_chain_file = \"c.pem\"\ncert_chain_env = \"X\"\nprivate_key_file = \"k.pem\"\n")
+                .unwrap_err();
         assert_eq!(e, vec!["b.toml: provenance: set one of cert_chain_file and cert_chain_env, not both"]);
-        let e = check("[provenance]\ncert_chain_file = \"/nonexistent/c.pem\"\nprivate_key_file = \"/nonexistent/k.pem\"\n")
-            .unwrap_err();
+        let e = check(
+            "[provenance]\ncert_chain_file = \"/nonexistent/c.pem\"\nprivate_key_file = \"/nonexistent/k.pem\"\n",
+        )
+        .unwrap_err();
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("b.toml: provenance: cannot read file /nonexistent/c.pem"), "{e:?}");
     }

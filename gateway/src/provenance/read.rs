@@ -122,8 +122,7 @@ pub fn inspect(image: &[u8], trust_anchors: Option<&str>) -> Result<Report, Read
             let actions = a["data"]["actions"].as_array().cloned().unwrap_or_default();
             report.action = actions.first().and_then(|x| x["action"].as_str()).map(str::to_string);
             let with_dst = actions.iter().find(|x| x["digitalSourceType"].is_string());
-            report.digital_source_type =
-                with_dst.and_then(|x| x["digitalSourceType"].as_str()).map(str::to_string);
+            report.digital_source_type = with_dst.and_then(|x| x["digitalSourceType"].as_str()).map(str::to_string);
             report.generator = with_dst.map(|x| x["softwareAgent"].clone()).filter(|v| !v.is_null());
         }
     }
@@ -211,7 +210,8 @@ pub fn render_text(r: &Report) -> String {
             .flatten()
             .map(|e| format!("{}={}({:.2})", s(&e["evaluator"]), s(&e["verdict"]), e["score"].as_f64().unwrap_or(0.0)))
             .collect();
-        let _ = writeln!(out, "verdicts:     {}", if verdicts.is_empty() { "-".to_string() } else { verdicts.join(", ") });
+        let _ =
+            writeln!(out, "verdicts:     {}", if verdicts.is_empty() { "-".to_string() } else { verdicts.join(", ") });
         if let Some(p) = t["prompt"].as_str() {
             let _ = writeln!(out, "prompt:       {p}");
         }
@@ -222,7 +222,11 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(
         out,
         "xmp:          {}",
-        if r.xmp_ai_generated { "Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia" } else { "no IPTC digital source type" }
+        if r.xmp_ai_generated {
+            "Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia"
+        } else {
+            "no IPTC digital source type"
+        }
     );
     out
 }

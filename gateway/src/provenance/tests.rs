@@ -117,7 +117,8 @@ fn misconfigured_credentials_are_refused_naming_the_file() {
     let a = certs::chain("a");
     let b = certs::chain("b");
     // The key of another certificate.
-    let mixed = certs::TestChain { chain_pem: a.chain_pem.clone(), key_pem: b.key_pem.clone(), root_pem: String::new() };
+    let mixed =
+        certs::TestChain { chain_pem: a.chain_pem.clone(), key_pem: b.key_pem.clone(), root_pem: String::new() };
     let e = load(dir.path(), &mixed).unwrap_err();
     assert!(e.contains("key.pem") && e.contains("does not verify"), "{e}");
     assert!(!e.contains("PRIVATE KEY"), "key material in an error: {e}");
@@ -126,8 +127,9 @@ fn misconfigured_credentials_are_refused_naming_the_file() {
     let e = load(dir.path(), &no_eku).unwrap_err();
     assert!(e.contains("certificate is invalid") && e.contains("extended key usage"), "{e}");
     // Missing files.
-    let e = Credentials::load(Source::File("/nonexistent/chain.pem".into()), Source::File("/nonexistent/key.pem".into()))
-        .unwrap_err();
+    let e =
+        Credentials::load(Source::File("/nonexistent/chain.pem".into()), Source::File("/nonexistent/key.pem".into()))
+            .unwrap_err();
     assert!(e.contains("/nonexistent/chain.pem"), "{e}");
     // A variable that is not set.
     let e = Credentials::load(Source::Env("ACC_TEST_UNSET_CHAIN_VAR".into()), Source::File("k".into())).unwrap_err();

@@ -57,7 +57,9 @@ pub fn embed(image: Bytes, mime: &str) -> Result<Bytes, SignError> {
         "image/jpeg" => {
             let mut jpeg = img_parts::jpeg::Jpeg::from_bytes(src).map_err(parse)?;
             let segments = jpeg.segments_mut();
-            segments.retain(|s| !(s.marker() == img_parts::jpeg::markers::APP1 && s.contents().starts_with(JPEG_NAMESPACE)));
+            segments.retain(|s| {
+                !(s.marker() == img_parts::jpeg::markers::APP1 && s.contents().starts_with(JPEG_NAMESPACE))
+            });
             let mut body = Vec::with_capacity(JPEG_NAMESPACE.len() + xmp.len());
             body.extend_from_slice(JPEG_NAMESPACE);
             body.extend_from_slice(xmp.as_bytes());
