@@ -18,6 +18,8 @@ scripts/ocr-testimages.sh >/dev/null
 scripts/tiny-models.sh >/dev/null
 # The OTLP receiver's venv (opentelemetry-proto from PyPI; tests start their own receivers).
 scripts/otlp-receiver.sh setup >/dev/null
+# The independent C2PA reader (c2pa-python from PyPI) for tests/provenance.rs.
+scripts/c2pa-reader.sh setup >/dev/null
 # A real PostgreSQL (Debian's package, installed when missing) on a free loopback port in a
 # temporary directory, for the trace store's tests; stopped and removed on exit.
 pg_dir="$(mktemp -d)"

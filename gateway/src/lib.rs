@@ -28,7 +28,7 @@
 //!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`, `cost`,
 //!   `error`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `live`, `metrics`,
 //!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `secrets`,
-//!   `store`, `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the
+//!   `sign`, `store`, `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the
 //!   image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
@@ -36,6 +36,10 @@
 //!   "review" is stored and answered `pending_review`), the client's poll
 //!   `GET /v1/images/reviews/{id}`, and the reviewers' `/admin/reviews` endpoints. Uses
 //!   `answer`, `app`, `error`, `policy`, `providers`, `request`, `review`, `store`.
+//! - [`sign`]: the provenance phase: the winning answer's images signed (C2PA manifest and
+//!   IPTC XMP through `provenance`) after the decision, before they are answered, held or kept
+//!   for replay; `fail_open`/`fail_closed` and `acc_provenance_total`. Uses `app`, `error`,
+//!   `policy`, `provenance`, `providers`, `request`, `routing`.
 //! - [`migration`]: the request's part in a migration: canary draw, mirror copies started on
 //!   the mirrors' runtime, the primary's outcome handed to them. Uses `app`, `attempt`,
 //!   `compare`, `cost`, `eval`, `evaluation`, `mirror`, `policy`, `providers`, `reload`,
@@ -104,8 +108,9 @@
 //!
 //! ## Policy
 //! - [`policy`]: policy files read raw, validated into runtime types, cross-checked. Uses the
-//!   plain data types it configures: `compare`, `eval`, `health`, `request`, and `tls` to
-//!   check certificates.
+//!   plain data types it configures: `compare`, `eval`, `health`, `request`; `provenance` to
+//!   load and check the signing credentials of `[provenance]`, and `tls` the listeners'
+//!   certificates.
 //!
 //! ## Evaluators and the request model
 //! - [`eval`]: the evaluators (sanity, safety, text, adherence) and their thread pool;
@@ -114,6 +119,9 @@
 //!   plain data types (`Size`, `Operation`, `Param`) and the prompt contract. Uses `error`.
 //!
 //! ## Foundations (plain data and I/O helpers)
+//! - [`provenance`]: C2PA manifests (the `c2pa` crate) and IPTC XMP: signing credentials
+//!   loaded and self-tested, one image signed with the trace's facts, an image's provenance
+//!   read back and checked (`acc provenance`). Uses nothing.
 //! - [`upstream`]: per-thread HTTP/1.1 connections to providers, driven by the request. Uses
 //!   `body`, `health` (`Retry-After`).
 //! - [`idempotency`]: `Idempotency-Key` leases and answers kept for replay. Uses nothing.
@@ -138,7 +146,8 @@
 //!   `app`, fed by `trace`; attribute names as constants there.
 //! - review queue: `review` (withheld images, decisions, expiry; state, below `app`), polled by
 //!   a `proxy` endpoint and decided through `admin`; feedback and regenerations in `feedback`.
-//! - provenance (C2PA manifests, IPTC metadata): `provenance`, a phase module called by `answer`.
+//! - provenance (C2PA manifests, IPTC metadata): done as `provenance` (a foundation, so that
+//!   `policy` can check credentials) and the phase `sign`, called by `proxy` before `answer`.
 //! - shared state across replicas (Redis): `cluster`, a foundation-level client with a local
 //!   fallback that `limits`, `idempotency` and `live` use.
 //! - the ops console: `console`, an endpoint module beside `admin` (served by the admin
@@ -171,6 +180,7 @@ pub mod metrics;
 pub mod migration;
 pub mod mirror;
 pub mod policy;
+pub mod provenance;
 pub mod providers;
 pub mod proxy;
 pub mod reload;
@@ -180,6 +190,7 @@ pub mod review_api;
 pub mod routing;
 pub mod secrets;
 pub mod server;
+pub mod sign;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

@@ -160,6 +160,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read an image's C2PA provenance: check the manifest's signature and print the
+    /// generator, trace id, route and verdicts. Exit 0: signed and valid (and under
+    /// --trust-anchors when given); 3: no manifest; 4: a manifest that does not verify
+    /// (changed after signing, bad signature); 5: signed by a certificate outside
+    /// --trust-anchors; 2: the file cannot be read or is not PNG, JPEG or WebP; 1: the trace
+    /// could not be fetched from --admin.
+    Provenance {
+        /// PNG, JPEG or WebP file.
+        image: PathBuf,
+        /// PEM file of the certificates to trust as signers' roots (the gateway's CA).
+        #[arg(long)]
+        trust_anchors: Option<PathBuf>,
+        /// Also fetch the image's trace from this admin listener (needs ACC_ADMIN_TOKEN).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print one JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the evaluators on one image file, for checking an artifact by hand.
     Eval {
         /// PNG, JPEG or WebP file.
@@ -225,6 +244,9 @@ async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path } => check(&path),
+        Command::Provenance { image, trust_anchors, admin, json } => {
+            provenance(&image, trust_anchors.as_deref(), admin.as_deref(), json).await
+        }
         Command::Report { admin, route, json } => report(&admin, route.as_deref(), json).await,
         Command::Traces {
             admin,
@@ -498,6 +520,59 @@ async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {
         print!("{}", acc::mirror::render_table(&body));
     }
     ExitCode::SUCCESS
+}
+
+/// `acc provenance`: see the command's help for the exit codes.
+async fn provenance(
+    image: &std::path::Path,
+    anchors: Option<&std::path::Path>,
+    admin: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| eprintln!("acc provenance: {}: {e}", p.display()));
+    let Ok(bytes) = read(image) else { return ExitCode::from(2) };
+    let anchors = match anchors.map(read) {
+        Some(Ok(a)) => Some(String::from_utf8_lossy(&a).into_owned()),
+        Some(Err(())) => return ExitCode::from(2),
+        None => None,
+    };
+    let report = match acc::provenance::read::inspect(&bytes, anchors.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("acc provenance: {}: {e}", image.display());
+            return ExitCode::from(2);
+        }
+    };
+    let code = report.verdict.exit_code();
+    let trace_id = report.trace.as_ref().and_then(|t| t["trace_id"].as_str()).map(str::to_string);
+    let record = match (admin, &trace_id) {
+        (Some(base), Some(id)) if acc::request::is_trace_id(id) => {
+            let url = format!("{}/admin/traces/{}", base.trim_end_matches('/'), id.to_ascii_lowercase());
+            match admin_get("acc provenance", &url).await {
+                Ok(body) => Some(body),
+                Err(_) => return ExitCode::FAILURE,
+            }
+        }
+        (Some(_), _) => {
+            eprintln!("acc provenance: the image names no trace to fetch");
+            None
+        }
+        (None, _) => None,
+    };
+    if json {
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        v["file"] = image.display().to_string().into();
+        if let Some(r) = record {
+            v["trace_record"] = r;
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", acc::provenance::read::render_text(&report));
+        if let Some(r) = record {
+            println!("trace record: {}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        }
+    }
+    ExitCode::from(code)
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

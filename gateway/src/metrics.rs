@@ -85,6 +85,10 @@ pub struct Metrics {
     /// `acc_contract_unchecked_total{route}`: requests with a prompt contract on a route that
     /// does not run the `adherence` evaluator (the answer says `x-acc-contract-checked: false`).
     pub contract_unchecked: IntCounterVec,
+    /// `acc_provenance_total{route,result}`: returned images by signing result: `signed`,
+    /// `unsigned` (a signing error under `on_provenance_error = "fail_open"`), `refused` (one
+    /// under `"fail_closed"`: the request failed).
+    pub provenance: IntCounterVec,
     /// Feedback and regenerations ([`FeedbackMetrics`]).
     pub feedback: FeedbackMetrics,
 }
@@ -363,6 +367,12 @@ impl Metrics {
             "Requests with a prompt contract on a route that does not run the adherence evaluator",
             &["route"],
         );
+        let provenance = counter(
+            r,
+            "acc_provenance_total",
+            "Returned images by C2PA signing result (signed, unsigned, refused)",
+            &["route", "result"],
+        );
         let rate_limited =
             counter(r, "acc_rate_limited_total", "Requests refused by a rate or spend limit", &["tenant", "limit"]);
         let tasks_alive =
@@ -463,6 +473,7 @@ impl Metrics {
             cohort_eval,
             cohort_fallbacks,
             contract_unchecked,
+            provenance,
             feedback: FeedbackMetrics::new(&registry),
             registry,
             requests,

@@ -621,7 +621,7 @@ async fn generate(
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
     }
-    if req.stream.is_some_and(|p| p > 0) && !route.eval.evaluators.is_empty() {
+    if req.stream.is_some_and(|p| p > 0) && (!route.eval.evaluators.is_empty() || policy.provenance.is_some()) {
         // A judged stream's partial images are never sent to the client (see `stream`), so the
         // providers are not asked for them: OpenAI bills each one as output tokens.
         req.raw.insert("partial_images".into(), 0.into());
@@ -664,8 +664,9 @@ async fn generate(
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
     let notes = NoteSink::default();
-    // Partial images asked for go to the client as they arrive (see `images`).
-    let live = ctx.live.clone().filter(|_| req.stream.is_some_and(|p| p > 0));
+    // Partial images asked for go to the client as they arrive (see `images`), unless every
+    // image must carry provenance: a partial image is never signed, so none is sent.
+    let live = ctx.live.clone().filter(|_| req.stream.is_some_and(|p| p > 0) && policy.provenance.is_none());
     if let Some(t) = &live {
         t.set_origin(&ctx.trace_id, &route.name);
     }
@@ -681,7 +682,8 @@ async fn generate(
         // A stream's events carry base64 only.
         needs_bytes: req.response_format == ResponseFormat::B64Json
             || route.url_mode == UrlMode::Gateway
-            || req.stream.is_some(),
+            || req.stream.is_some()
+            || policy.provenance.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
         partials: live.as_ref(),
@@ -718,6 +720,15 @@ async fn generate(
     ctx.flags = std::mem::take(&mut generation.flags);
     ctx.generation = Some(generation.settings.header()).filter(|h| !h.is_empty());
     ctx.dropped = std::mem::take(&mut generation.dropped);
+    // 9a. Provenance: the images signed now that they are judged and before anything keeps them.
+    let mut manifests = Vec::new();
+    if let Some(p) = &policy.provenance {
+        let origin = crate::sign::Origin { trace_id: &ctx.trace_id, route: route_idx, winner: step, alias };
+        manifests = crate::sign::sign(app, policy, p, origin, &req, &mut generation).await?;
+        // The provider's own stream events carry its unsigned bytes: the completed events
+        // are built from the signed images instead.
+        generation.streamed = None;
+    }
     // A failed check whose action is "review": the answer is withheld, held in the store
     // until a reviewer decides, and the client told so at once.
     if !generation.review.is_empty() {
@@ -750,6 +761,7 @@ async fn generate(
         let body = crate::stream::render(&req, generation, relay_partials, Some(&mut sent));
         if let Some(rec) = ctx.record.as_deref_mut() {
             trace::images(rec, &settings, sent, policy.store.image_sha256);
+            trace::manifests(rec, manifests);
         }
         return Ok(body);
     }
@@ -760,6 +772,7 @@ async fn generate(
     let mut sent = Vec::with_capacity(generation.images.len());
     let body = answer::render(app, policy, winner.url_mode, req.response_format, generation, headers, Some(&mut sent));
     trace::images(rec, &settings, sent, policy.store.image_sha256);
+    trace::manifests(rec, manifests);
     Ok(body)
 }
 

@@ -300,15 +300,22 @@ pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>, digests: bo
                     (b.len() / 4 * 3).saturating_sub(pad) as u64
                 })
             });
-            rec.images.push(ImageRecord { index, sha256: None, bytes: size, url: s.url });
+            rec.images.push(ImageRecord { index, sha256: None, bytes: size, url: s.url, c2pa_manifest: None });
             continue;
         }
-        rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url });
+        rec.images.push(ImageRecord { index, sha256: None, bytes: None, url: s.url, c2pa_manifest: None });
         if let Some(b) = s.bytes {
             rec.pending_images.push((index, PendingImage::Raw(b)));
         } else if let Some(b) = s.base64 {
             rec.pending_images.push((index, PendingImage::Base64(b)));
         }
+    }
+}
+
+/// Each returned image's C2PA manifest label, parallel to the images (`None`: unsigned).
+pub fn manifests(rec: &mut TraceRecord, labels: Vec<Option<String>>) {
+    for (image, label) in rec.images.iter_mut().zip(labels) {
+        image.c2pa_manifest = label;
     }
 }
 

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 mod numbers;
 mod observe;
+mod provenance;
 mod raw;
 mod review;
 #[cfg(test)]
@@ -27,6 +28,7 @@ mod types;
 mod validate;
 mod xref;
 
+pub use provenance::{OnProvenanceError, ProvenanceSettings};
 pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SECS};
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
@@ -132,6 +134,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let clip = validate::clip(&parsed, &mut errors, &mut warnings);
     let observe = observe::sections(&parsed, &mut errors);
     let review = review::section(&parsed, &mut errors);
+    let provenance = provenance::section(&parsed, &mut errors);
     let names = xref::Names::gather(&parsed, &mut errors);
     let mut routes = Vec::new();
     for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
@@ -164,5 +167,6 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         telemetry: observe.telemetry,
         cohorts: observe.cohorts,
         review,
+        provenance,
     })
 }

@@ -37,6 +37,8 @@ pub(super) struct RawFile {
     pub(super) cohorts: Option<RawCohorts>,
     /// The review queue's byte budget and webhook delivery settings.
     pub(super) review: Option<super::review::RawReview>,
+    /// Signing returned images with a C2PA manifest.
+    pub(super) provenance: Option<super::provenance::RawProvenance>,
 }
 
 /// `[store]`: the trace store (at most one file sets it).

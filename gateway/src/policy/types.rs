@@ -737,4 +737,6 @@ pub struct Policy {
     pub cohorts: Cohorts,
     /// The review queue's byte budget and webhook delivery settings (`[review]`).
     pub review: super::review::ReviewBudget,
+    /// Signing of returned images (`[provenance]`), when configured.
+    pub provenance: Option<super::provenance::ProvenanceSettings>,
 }

@@ -192,6 +192,10 @@ pub struct ImageRecord {
     /// The URL served to the client (gateway artifact URL or the provider's), when
     /// `response_format = "url"`.
     pub url: Option<String>,
+    /// The label (`urn:c2pa:...`) of the C2PA manifest the image was signed with, when
+    /// `[provenance]` signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c2pa_manifest: Option<String>,
 }
 
 impl TraceRecord {
