@@ -17,16 +17,16 @@
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
-//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
+//!   `admin`, `app`, `cluster`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `store`,
 //!   `telemetry`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and
 //!   mirror views, trace queries with their feedback; the review endpoints through
-//!   `review_api`). Uses `app`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`,
+//!   `review_api`). Uses `app`, `cluster`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`,
 //!   `review_api`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in
 //!   numbered phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer,
 //!   record), plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`,
-//!   `body`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
+//!   `body`, `cluster`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `limits`, `live`, `metrics`,
 //!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `store`,
 //!   `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the image endpoints).
 //!
@@ -62,8 +62,8 @@
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
 //! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `limits`, `metrics`, `reload`,
-//!   `review`, `store`.
+//!   Uses `artifacts`, `cluster`, `eval`, `feedback`, `idempotency`, `limits`, `metrics`,
+//!   `reload`, `review`, `store`.
 //! - [`feedback`]: ratings of traces (`POST /v1/feedback`, checked and stored, tenant by
 //!   tenant), regenerations (explicit links and implicit detection over a bounded memory of
 //!   recent prompts), the newest traces' essentials in memory. Uses `error`, `metrics`,
@@ -75,8 +75,9 @@
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
 //! - [`live`]: provider and target state learnt while running, kept across reloads: breakers,
-//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts. Uses
-//!   `health`, `metrics`, `policy`, `providers`, `routing`.
+//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts; the
+//!   exchange of pauses (and opened breakers) with other replicas. Uses `cluster`, `health`,
+//!   `metrics`, `policy`, `providers`, `routing`.
 //! - [`routing`]: route selection, the weighted attempt plan (`Step`), the fallback loop with
 //!   hedging (pure over the policy, generic over the attempt). Uses `error`, `policy`,
 //!   `providers`.
@@ -84,8 +85,13 @@
 //!   `upstream`.
 //! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `compare`,
 //!   `limits`, `policy`.
-//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`). Uses
-//!   `error`, `metrics`, `policy`.
+//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`), in
+//!   memory or shared through `cluster`. Uses `cluster`, `error`, `metrics`, `policy`.
+//! - [`cluster`]: state shared by every replica through Redis (`[cluster]`): rate limits (one
+//!   GCRA script), daily spend holds, `Idempotency-Key` leases and answers, 429 pauses and
+//!   opened breakers; every call under a deadline, with the local fallback's bookkeeping
+//!   (`acc_cluster_errors_total`, the mode `/readyz` shows). Uses `error`, `idempotency`
+//!   (`Stored`), `policy`.
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
 //!   `error`, `metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
@@ -146,6 +152,7 @@ pub mod app;
 pub mod artifacts;
 pub mod attempt;
 pub mod body;
+pub mod cluster;
 pub mod compare;
 pub mod cost;
 pub mod error;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod cluster;
 mod observe;
 mod raw;
 mod review;
@@ -26,6 +27,7 @@ mod types;
 mod validate;
 mod xref;
 
+pub use cluster::{ClusterSettings, OnClusterError};
 pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SECS};
 pub use types::{
     AnswerFormat, ApiKey, Billable, Canary, Cohorts, Concurrency, Connection, EvalAction, EvalPolicy, FetchPolicy,
@@ -126,6 +128,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let clip = validate::clip(&parsed, &mut errors, &mut warnings);
     let observe = observe::sections(&parsed, &mut errors);
     let review = review::section(&parsed, &mut errors);
+    let cluster = cluster::section(&parsed, &mut errors);
     let names = xref::Names::gather(&parsed, &mut errors);
     let mut routes = Vec::new();
     for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
@@ -157,5 +160,6 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         telemetry: observe.telemetry,
         cohorts: observe.cohorts,
         review,
+        cluster,
     })
 }

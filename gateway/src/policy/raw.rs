@@ -37,6 +37,8 @@ pub(super) struct RawFile {
     pub(super) cohorts: Option<RawCohorts>,
     /// The review queue's byte budget and webhook delivery settings.
     pub(super) review: Option<super::review::RawReview>,
+    /// State shared across replicas through Redis.
+    pub(super) cluster: Option<super::cluster::RawCluster>,
 }
 
 /// `[store]`: the trace store (at most one file sets it).

@@ -704,4 +704,6 @@ pub struct Policy {
     pub cohorts: Cohorts,
     /// The review queue's byte budget and webhook delivery settings (`[review]`).
     pub review: super::review::ReviewBudget,
+    /// State shared across replicas through Redis (`[cluster]`); `None`: all in memory.
+    pub cluster: Option<super::cluster::ClusterSettings>,
 }
