@@ -99,11 +99,15 @@ struct Opts<'a> {
     primary: &'a str,
     env: &'a [(&'a str, &'a str)],
     replicas: usize,
+    /// Lines of route `main`.
+    main: &'a str,
+    /// More tables (providers).
+    more: &'a str,
 }
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { redis_url: "", cluster: "", tenant: "", primary: "", env: &[], replicas: 3 }
+        Opts { redis_url: "", cluster: "", tenant: "", primary: "", env: &[], replicas: 3, main: "", more: "" }
     }
 }
 
@@ -131,6 +135,7 @@ key_prefix = "t{:012x}:"
 {}
 
 {store}
+{}
 {}{}{}{}"#,
         sha256_hex(KEY_A),
         sha256_hex(KEY_B),
@@ -138,11 +143,19 @@ key_prefix = "t{:012x}:"
         o.redis_url,
         fastrand::u64(..1 << 48),
         o.cluster,
+        o.more,
         openai_provider_with("primary", &primary, o.primary),
         openai_provider("backup", &backup),
-        route_toml("main", "m").target("primary", "primary-model").fallback("spare"),
+        route_toml("main", "m").target("primary", "primary-model").fallback("spare").with(o.main),
         route_toml("spare", "spare-only").target("backup", "backup-model"),
     );
+    // The suite runs many replicas on a busy 2-core machine: a generous deadline, so that only
+    // the tests that stop Redis see the local fallback.
+    let policy = if o.cluster.contains("timeout_ms") {
+        policy
+    } else {
+        policy.replacen("[cluster]\n", "[cluster]\ntimeout_ms = 2000\n", 1)
+    };
     let dir = PolicyDir::with(&policy);
     let mut gws = Vec::new();
     for _ in 0..o.replicas {
@@ -363,6 +376,46 @@ async fn a_tenant_daily_spend_limit_holds_across_replicas() {
     r.gws.push(Gateway::start(r.dir.path()).await);
     as_key(&r.gws[2], KEY_A, &req(), &[]).await.assert_error(429, "spend_limit_exceeded");
     assert_eq!(r.primary.hits(), 2);
+    drop_pg(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_daily_cap_holds_across_replicas() {
+    let (url, own) = shared_redis();
+    let cand = MockProvider::start().await;
+    let more = openai_provider_with("cand", &cand, "price = { per_image_usd = 0.01 }");
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            main: r#"mirror = [{ provider = "cand", model = "c-model", sample = 1.0, max_in_flight = 4, spend_usd_per_day = 0.05 }]"#,
+            more: &more,
+            ..Default::default()
+        },
+        own,
+    )
+    .await;
+    // 12 requests one by one over the three replicas, each mirror done before the next:
+    // $0.05 a day at $0.01 a mirror is 5 mirrors for the cluster (each replica on its own would
+    // run 4 or 5).
+    for i in 0..12 {
+        as_key(&r.gws[i % 3], KEY_A, &req(), &[]).await.assert_status(200);
+        let done = eventually(Duration::from_secs(10), || async {
+            let mut seen = 0.0;
+            for gw in &r.gws {
+                seen += gw.metric("acc_mirror_requests_total", &[("route", "main")]).await;
+                seen += gw.metric("acc_mirror_dropped_total", &[("route", "main")]).await;
+            }
+            cand.in_flight() == 0 && seen == i as f64 + 1.0
+        })
+        .await;
+        assert!(done, "mirror {i} neither ran nor was dropped");
+    }
+    assert!((4..=5).contains(&cand.hits()), "$0.05/day at $0.01 each allows 5 mirrors cluster-wide, not {}", cand.hits());
+    let mut dropped = 0.0;
+    for gw in &r.gws {
+        dropped += gw.metric("acc_mirror_dropped_total", &[("route", "main"), ("reason", "spend")]).await;
+    }
+    assert_eq!(cand.hits() as f64 + dropped, 12.0);
     drop_pg(&r).await;
 }
 

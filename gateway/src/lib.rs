@@ -83,8 +83,8 @@
 //!   `providers`.
 //! - [`fetch`]: SSRF-guarded fetching of provider image URLs. Uses `policy`, `providers`,
 //!   `upstream`.
-//! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `compare`,
-//!   `limits`, `policy`.
+//! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `cluster`,
+//!   `compare`, `limits`, `policy`.
 //! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`), in
 //!   memory or shared through `cluster`. Uses `cluster`, `error`, `metrics`, `policy`.
 //! - [`cluster`]: state shared by every replica through Redis (`[cluster]`): rate limits (one
