@@ -447,6 +447,43 @@ async fn a_429_seen_by_one_replica_pauses_the_provider_on_all() {
     drop_pg(&r).await;
 }
 
+/// Breakers are per replica by default; with `share_breakers` one that opens on A holds the
+/// provider off on B too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn breakers_are_per_replica_unless_shared() {
+    for share in [false, true] {
+        let (url, own) = shared_redis();
+        let cluster = format!("sync_ms = 50\nshare_breakers = {share}");
+        let r = replicas(
+            Opts {
+                redis_url: &url,
+                cluster: &cluster,
+                primary: "breaker = { consecutive_failures = 1, cooldown_ms = 10000, probes = 1 }",
+                replicas: 2,
+                ..Default::default()
+            },
+            own,
+        )
+        .await;
+        r.primary.set_status(500);
+        let a = as_key(&r.gws[0], KEY_A, &req(), &[]).await;
+        assert_eq!(a.attempts(), ["primary:status_5xx", "backup:ok"], "{}", a.describe());
+        r.primary.set_status(200);
+        // Several exchanges later.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let b = as_key(&r.gws[1], KEY_A, &req(), &[]).await;
+        b.assert_status(200);
+        if share {
+            assert_eq!(b.attempts(), ["primary:breaker_open", "backup:ok"], "{}", b.describe());
+            assert_eq!(r.primary.hits(), 1);
+        } else {
+            assert_eq!(b.attempts(), ["primary:ok"], "B's own breaker is closed: {}", b.describe());
+            assert_eq!(r.primary.hits(), 2);
+        }
+        drop_pg(&r).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_mid_run_serves_locally_then_shares_again() {
     let own = OwnRedis::start();

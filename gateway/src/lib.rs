@@ -137,8 +137,9 @@
 //! - review queue: `review` (withheld images, decisions, expiry; state, below `app`), polled by
 //!   a `proxy` endpoint and decided through `admin`; feedback and regenerations in `feedback`.
 //! - provenance (C2PA manifests, IPTC metadata): `provenance`, a phase module called by `answer`.
-//! - shared state across replicas (Redis): `cluster`, a foundation-level client with a local
-//!   fallback that `limits`, `idempotency` and `live` use.
+//! - shared state across replicas (Redis): `cluster` (done), a state module above `metrics`
+//!   with a local fallback, used by `limits`, `mirror`, `live`, `proxy` (idempotency) and
+//!   `admin`; `idempotency` stays the in-memory store it falls back to.
 //! - the ops console: `console`, an endpoint module beside `admin` (served by the admin
 //!   listener), with its templates and assets under `gateway/console/`.
 #![forbid(unsafe_code)]
