@@ -55,7 +55,14 @@ struct ClusterMetrics {
 
 /// A handle on the shared state; cheap to share as `Arc<Cluster>`.
 pub struct Cluster {
-    conn: ConnectionManager,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// One multiplexed connection per thread (each proxy worker has its own current-thread
+    /// runtime): the connection's driver then runs on the thread that uses it, with no
+    /// cross-thread wake-up per call.
+    conns: dashmap::DashMap<std::thread::ThreadId, ConnectionManager>,
+    /// The connection made at start-up, on the runtime that connected.
+    fallback: ConnectionManager,
     settings: ClusterSettings,
     /// This process, in lease values (so a lease is only ever finished by its owner).
     replica: String,
@@ -104,7 +111,9 @@ impl Cluster {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = client.get_connection_manager_lazy(config).map_err(|e| format!("cluster: {e}"))?;
+        // Fails here, at start-up, on settings the client refuses; kept for a thread whose own
+        // connection cannot be made.
+        let fallback = client.get_connection_manager_lazy(config.clone()).map_err(|e| format!("cluster: {e}"))?;
         let metrics = ClusterMetrics {
             errors: IntCounterVec::new(
                 Opts::new(
@@ -130,7 +139,10 @@ impl Cluster {
         registry.register(Box::new(metrics.used.clone())).map_err(|e| e.to_string())?;
         metrics.shared.set(1);
         Ok(Arc::new(Cluster {
-            conn,
+            client,
+            config,
+            conns: dashmap::DashMap::new(),
+            fallback,
             settings: settings.clone(),
             replica: format!("{:016x}", fastrand::u64(..)),
             started: Instant::now(),
@@ -142,6 +154,28 @@ impl Cluster {
             rt: tokio::runtime::Handle::current(),
             metrics,
         }))
+    }
+
+    /// This thread's connection, made (lazily, on this thread's runtime) on first use.
+    fn conn(&self) -> ConnectionManager {
+        let id = std::thread::current().id();
+        if let Some(c) = self.conns.get(&id) {
+            return c.clone();
+        }
+        let made = self.client.get_connection_manager_lazy(self.config.clone());
+        match made {
+            Ok(c) => self.conns.entry(id).or_insert(c).clone(),
+            Err(_) => self.fallback.clone(),
+        }
+    }
+
+    /// Runs background work (settles, releases) on the current runtime, else the one that
+    /// connected.
+    fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(f)),
+            Err(_) => drop(self.rt.spawn(f)),
+        }
     }
 
     /// The validated `[cluster]` settings.
@@ -284,7 +318,7 @@ impl Cluster {
         for c in cells {
             inv.arg(60_000_000.0 / f64::from(c.per_minute.max(1))).arg(c.cost);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Vec<i64> = self.call("limits", inv.invoke_async(&mut conn)).await?;
         match reply.as_slice() {
             [0, _, used @ ..] => {
@@ -314,7 +348,7 @@ impl Cluster {
         for c in cells {
             inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Vec<i64> = self.call("usage", inv.invoke_async(&mut conn)).await?;
         Ok(reply.iter().map(|u| (*u as f64 / 60_000_000.0).clamp(0.0, 1.0)).collect())
     }
@@ -353,7 +387,7 @@ impl Cluster {
         let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut inv = lua::RESERVE.prepare_invoke();
         inv.key(&key).arg(limit.min(1e300)).arg(estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (ok, spent): (i64, String) = self.call("spend", inv.invoke_async(&mut conn)).await?;
         let spent: f64 = spent.parse().unwrap_or(0.0);
         if limit.is_finite() && limit > 0.0 {
@@ -366,7 +400,7 @@ impl Cluster {
     /// Settled spend today on the budget `name`, USD, cluster-wide.
     pub async fn spent_today(&self, name: &str) -> Result<f64, Unavailable> {
         let key = self.key(&["spend", name, &utc_day().to_string()]);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut cmd = redis::cmd("HGET");
         cmd.arg(&key).arg("spent");
         let v: Option<String> = self.call("usage", cmd.query_async(&mut conn)).await?;
@@ -381,8 +415,8 @@ impl SpendHold {
             return;
         }
         let (c, key) = (self.cluster.clone(), self.key.clone());
-        self.cluster.rt.spawn(async move {
-            let mut conn = c.conn.clone();
+        self.cluster.spawn(async move {
+            let mut conn = c.conn();
             let mut cmd = redis::cmd("HINCRBYFLOAT");
             cmd.arg(&key).arg("spent").arg(usd);
             let _ = c.call("spend", cmd.query_async::<String>(&mut conn)).await;
@@ -397,8 +431,8 @@ impl SpendHold {
 
     fn finish(&self, actual: f64) {
         let (c, key, id) = (self.cluster.clone(), self.key.clone(), self.id.clone());
-        self.cluster.rt.spawn(async move {
-            let mut conn = c.conn.clone();
+        self.cluster.spawn(async move {
+            let mut conn = c.conn();
             let mut p = redis::pipe();
             p.atomic().hdel(&key, format!("r:{id}")).ignore();
             if actual > 0.0 {
@@ -435,7 +469,7 @@ impl Cluster {
         for (p, until) in pauses.iter().chain(breakers) {
             inv.arg(p).arg(*until);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (p, b): (Vec<String>, Vec<String>) = self.call("pauses", inv.invoke_async(&mut conn)).await?;
         let pairs = |v: Vec<String>| -> Vec<HoldOff> {
             v.chunks_exact(2).filter_map(|c| Some((c[0].clone(), c[1].parse().ok()?))).collect()

@@ -59,7 +59,7 @@ impl Cluster {
         loop {
             let mut inv = lua::IDEM_BEGIN.prepare_invoke();
             inv.key(&entry).arg(&lease[..]).arg(self.settings.lease.as_millis() as u64);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let found: Option<Vec<u8>> = self.call("idempotency", inv.invoke_async(&mut conn)).await?;
             let Some(v) = found else {
                 return Ok(IdemBegin::Leader(SharedLease {
@@ -111,7 +111,7 @@ impl Drop for SharedLease {
     fn drop(&mut self) {
         if !self.done {
             let (c, key, lease) = (self.cluster.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.lease));
-            self.cluster.rt.spawn(async move { finish(&c, &key, &lease, &[], Duration::ZERO).await });
+            self.cluster.spawn(async move { finish(&c, &key, &lease, &[], Duration::ZERO).await });
         }
     }
 }
@@ -119,7 +119,7 @@ impl Drop for SharedLease {
 async fn finish(c: &Cluster, key: &str, lease: &[u8], value: &[u8], ttl: Duration) {
     let mut inv = lua::IDEM_FINISH.prepare_invoke();
     inv.key(key).arg(lease).arg(value).arg(ttl.as_millis().max(1) as u64);
-    let mut conn = c.conn.clone();
+    let mut conn = c.conn();
     // A failure leaves the lease to expire; waiters then run the request themselves.
     let _ = c.call("idempotency", inv.invoke_async::<i64>(&mut conn)).await;
 }
