@@ -12,7 +12,9 @@ WARMUP="${BENCH_WARMUP:-2}"                     # un-measured wrk run before eac
 # acc: trace records on (the default SQLite store, in the run directory); acc-notrace: [store]
 # enabled = false; nginx-log: nginx with a buffered access log (the like-for-like baseline of acc
 # with traces); acc-mirror: acc + every request mirrored to a slow second mock; acc-eval:
-# sanity+safety on, large payload only
+# sanity+safety on, large payload only; acc-limits: rate limits per key and tenant and a tenant
+# spend limit, in memory; acc-redis: the same limits shared through a local redis-server
+# ([cluster], issue #16)
 TARGETS="${BENCH_TARGETS:-direct nginx nginx-log acc acc-notrace acc-mirror acc-eval}"
 REPEAT="${BENCH_REPEAT:-1}"                     # rounds of every cell, interleaved (medians reported)
 MIRROR_LATENCY_MS="${BENCH_MIRROR_LATENCY_MS:-200}"   # the slow candidate's answer delay
@@ -42,13 +44,19 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive integer"
 for t in $TARGETS; do
-    case $t in direct | nginx | nginx-log | acc | acc-notrace | acc-mirror | acc-eval) ;; *) die "unknown target $t" ;; esac
+    case $t in direct | nginx | nginx-log | acc | acc-notrace | acc-mirror | acc-eval | acc-limits | acc-redis) ;; *) die "unknown target $t" ;; esac
 done
 
 # ---------------------------------------------------------------- cleanup ---
 PIDS=()
+REDIS_URL=""                                    # acc-redis: the redis-server scripts/redis.sh started
+BENCH_KEY="sk-acc-bench-limits"                 # acc-limits, acc-redis: the client's API key
 stop_all() {
     local p
+    if [[ -n "$REDIS_URL" ]]; then
+        "$REPO/scripts/redis.sh" stop "$RUN/redis" || true
+        REDIS_URL=""
+    fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
         for _ in {1..50}; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -87,7 +95,7 @@ fi
 log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
-if { has_target acc || has_target acc-notrace || has_target acc-mirror || has_target acc-eval; } && [[ -z "$ACC_BIN" ]]; then
+if { has_target acc || has_target acc-notrace || has_target acc-mirror || has_target acc-eval || has_target acc-limits || has_target acc-redis; } && [[ -z "$ACC_BIN" ]]; then
     log "building acc (cargo build --release)"
     (cd "$REPO" && cargo build --release --quiet) || die "acc release build failed"
     ACC_BIN="$REPO/target/release/acc"
@@ -196,8 +204,10 @@ children_of() {
 # verify NAME URL [HEADER_REGEX]: one request must be 200 with b64_json in the body
 verify() {
     local name=$1 url=$2 hdr_re=${3:-} code
+    local auth=()
+    [[ -n "${VERIFY_AUTH:-}" ]] && auth=(-H "Authorization: Bearer $VERIFY_AUTH")
     code="$(curl -sS --max-time 20 -o "$RUN/verify-$name.body" -D "$RUN/verify-$name.headers" \
-        -w '%{http_code}' -H 'Content-Type: application/json' --data "$REQ_BODY" \
+        -w '%{http_code}' -H 'Content-Type: application/json' "${auth[@]}" --data "$REQ_BODY" \
         "$url/v1/images/generations")" || die "$name: request failed"
     [[ "$code" == 200 ]] || die "$name: expected HTTP 200, got $code: $(head -c 300 "$RUN/verify-$name.body")"
     grep -q '"b64_json"' "$RUN/verify-$name.body" || die "$name: response has no b64_json"
@@ -319,7 +329,7 @@ EOF
 # Per target, set for each payload by the main loop: the port wrk hits, the proxy processes whose
 # CPU and peak RSS are measured, the acc admin port whose mirror counters are read, and the
 # mirror candidate's process (its CPU is recorded apart, so it is not "other" load).
-declare -A T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=()
+declare -A T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=() T_AUTH=()
 
 # load THREADS CONC SECONDS URL OUT: the load generator's run, ending with one line
 # `BENCH requests=.. duration_us=.. p50_us=.. p90_us=.. p99_us=.. err_*=..` in OUT (wrk: from
@@ -330,7 +340,9 @@ load() {
         wrk -t"$threads" -c"$conc" -d"${secs}s" --timeout 10s --latency -s "$LUA" "$url" >"$out"
         return
     fi
-    hey -z "${secs}s" -c "$conc" -t 10 -m POST -T application/json -d "$HEY_BODY" -o csv \
+    local auth=()
+    [[ -n "${BENCH_AUTH:-}" ]] && auth=(-H "Authorization: Bearer $BENCH_AUTH")
+    hey -z "${secs}s" -c "$conc" -t 10 -m POST -T application/json "${auth[@]}" -d "$HEY_BODY" -o csv \
         "$url/v1/images/generations" >"$out.csv"
     python3 - "$out.csv" "$secs" >"$out" <<'PY'
 import csv, sys
@@ -357,6 +369,7 @@ run_cell() {
     local threads=1 out="$RUN/wrk-$payload-c$conc-$target-r$rep.txt"
     ((conc > 1)) && threads=2
     local url="http://127.0.0.1:${T_PORT[$target]}"
+    export BENCH_AUTH="${T_AUTH[$target]:-}"
     # peak RSS covers the whole cell, warm-up included
     ((${#proxy[@]})) && reset_peak_rss "${proxy[@]}"
     if ((WARMUP > 0)); then
@@ -438,7 +451,7 @@ log "targets: $TARGETS | payloads: $PAYLOADS | concurrency: $CONCURRENCY | ${SEC
 for payload in $PAYLOADS; do
     png="$WORK/payloads/$payload.png"
     [[ -f "$png" ]] || die "unknown payload $payload (have: small large)"
-    T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=()
+    T_PORT=() T_PROCS=() T_ADMIN=() T_CAND=() T_AUTH=()
     start_mock "$png" "$payload"
     MOCK_PID=$STARTED_PID MOCK_PORT=$STARTED_PORT
     T_PORT[direct]=$MOCK_PORT
@@ -480,6 +493,45 @@ api_key_env = \"BENCH_MOCK_API_KEY\""
         wait_mirrored "$STARTED_ADMIN" 1 ||
             die "acc-mirror: the verify request was not mirrored to the slow mock (metrics: $(mirror_counts "$STARTED_ADMIN"); $(tail -n 5 "$RUN/acc-mirror-$payload.err"))"
         log "acc-mirror-$payload ok: verify request mirrored to the slow mock (${MIRROR_LATENCY_MS} ms)"
+    fi
+    # Limits on every request (key and tenant requests/images per minute, tenant spend per day,
+    # all far above what the run reaches): in memory (acc-limits), then shared through Redis
+    # (acc-redis: one GCRA script and one spend hold per request, settled in the background).
+    if has_target acc-limits || has_target acc-redis; then
+        LIMITS_TOML="[[keys]]
+sha256 = \"$(printf %s "$BENCH_KEY" | sha256sum | cut -d' ' -f1)\"
+tenant = \"bench\"
+requests_per_minute = 100000000
+images_per_minute = 100000000
+
+[tenants.bench]
+requests_per_minute = 100000000
+images_per_minute = 100000000
+spend_usd_per_day = 1000000000.0"
+        PRICE_TOML="price = { per_image_usd = 0.0001 }"
+        VERIFY_AUTH=$BENCH_KEY
+        if has_target acc-limits; then
+            start_acc "acc-limits-$payload" "" "$PRICE_TOML
+
+$LIMITS_TOML"
+            T_PORT[acc-limits]=$STARTED_PORT T_PROCS[acc-limits]=$STARTED_PID T_AUTH[acc-limits]=$BENCH_KEY
+            verify "acc-limits-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
+        fi
+        if has_target acc-redis; then
+            [[ -n "$REDIS_URL" ]] || REDIS_URL="$("$REPO/scripts/redis.sh" start "$RUN/redis")"
+            start_acc "acc-redis-$payload" "" "$PRICE_TOML
+
+$LIMITS_TOML
+
+[cluster]
+redis_url = \"$REDIS_URL\"
+key_prefix = \"bench-$payload:\""
+            T_PORT[acc-redis]=$STARTED_PORT T_PROCS[acc-redis]=$STARTED_PID T_AUTH[acc-redis]=$BENCH_KEY
+            verify "acc-redis-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
+            curl -fsS "http://127.0.0.1:$STARTED_ADMIN/readyz" | grep -q '"state":"shared"' ||
+                die "acc-redis: /readyz does not say the state is shared: $(curl -sS "http://127.0.0.1:$STARTED_ADMIN/readyz")"
+        fi
+        VERIFY_AUTH=""
     fi
     # The evaluated path: sanity + safety on every image (1024x1024 payload only: the request
     # asks for 1024x1024, so sanity would rightly fail the small one).

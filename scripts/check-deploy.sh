@@ -98,7 +98,7 @@ step "using $(promtool --version 2>&1 | head -n 1)"
 
 for f in "$PROM/acc-rules.yml" "$PROM/acc-recording-rules.yml" "$PROM/acc-rules.test.yml" \
          "$PROM/prometheus.yml" "$PROM/prometheus-kubernetes.yml" "$DASH" \
-         "$K8S/configmap.yaml" "$K8S/deployment.yaml" "$K8S/kustomization.yaml" \
+         "$K8S/configmap.yaml" "$K8S/deployment.yaml" "$K8S/kustomization.yaml" "$K8S/hpa.yaml" \
          "$ROLLOUTS/acc-analysis-template.yaml" "$ROLLOUTS/acc-flagger-metric-templates.yaml"; do
     [[ -f "$f" ]] || fail "missing $f"
 done
@@ -662,6 +662,7 @@ def one(kind):
     return got[0]
 
 dep, svc, cm, pdb = one("Deployment"), one("Service"), one("ConfigMap"), one("PodDisruptionBudget")
+hpa = one("HorizontalPodAutoscaler")
 if errors:
     print("\n".join(errors), file=sys.stderr)
     sys.exit(1)
@@ -719,6 +720,21 @@ toml = "".join(v for k, v in cm["data"].items() if k.endswith(".toml"))
 for var in re.findall(r'api_key_env\s*=\s*"([^"]+)"', toml):
     if not env.get(var, {}).get("valueFrom", {}).get("secretKeyRef"):
         errors.append(f"the policy reads provider key {var}, which the Deployment does not take from a Secret")
+# Shared stores: their passwords come from the Secret, never from the policy.
+for section in ("store", "cluster"):
+    m = re.search(r'^\s*\[' + section + r'\]\s*$(.*?)(?=^\s*\[|\Z)', toml, re.M | re.S)
+    if not m:
+        continue
+    pw = re.search(r'password_env\s*=\s*"([^"]+)"', m.group(1))
+    if pw and not env.get(pw.group(1), {}).get("valueFrom", {}).get("secretKeyRef"):
+        errors.append(f"the policy's [{section}] reads its password from {pw.group(1)}, which the Deployment does not take from a Secret")
+tgt = hpa["spec"].get("scaleTargetRef", {})
+if tgt.get("kind") != "Deployment" or tgt.get("name") != dep["metadata"]["name"]:
+    errors.append(f"the HorizontalPodAutoscaler scales {tgt.get('kind')} {tgt.get('name')}, not Deployment {dep['metadata']['name']}")
+if hpa["spec"].get("minReplicas", 1) < 2 or hpa["spec"].get("maxReplicas", 0) < hpa["spec"].get("minReplicas", 1):
+    errors.append("the HorizontalPodAutoscaler needs minReplicas >= 2 and maxReplicas >= minReplicas")
+if not hpa["spec"].get("metrics"):
+    errors.append("the HorizontalPodAutoscaler has no metrics")
 if not re.search(r'^\s*\[\[keys\]\]', toml, re.M):
     errors.append("the policy has no [[keys]]: acc refuses to start on a non-loopback listener without one")
 drain = int(env.get("ACC_DRAIN_SECS", {}).get("value", 30))

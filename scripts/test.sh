@@ -23,11 +23,18 @@ scripts/c2pa-reader.sh setup >/dev/null
 # A real PostgreSQL (Debian's package, installed when missing) on a free loopback port in a
 # temporary directory, for the trace store's tests; stopped and removed on exit.
 pg_dir="$(mktemp -d)"
-trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+# A real Redis (Debian's redis-server, installed when missing) on a free loopback port, for the
+# shared-state tests (tests/cluster.rs: three replicas on one Redis); stopped on exit.
+redis_dir="$(mktemp -d)"
+trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"; scripts/redis.sh stop "$redis_dir" >/dev/null 2>&1 || true; rm -rf "$redis_dir"' EXIT
 ACC_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
 export ACC_TEST_POSTGRES_URL
 # Tests that need PostgreSQL fail, rather than skip, when the URL is missing.
 export ACC_REQUIRE_POSTGRES=1
+ACC_TEST_REDIS_URL="$(scripts/redis.sh start "$redis_dir")"
+# The directory lets tests stop and restart that server (scripts/redis.sh stop/start DIR).
+export ACC_TEST_REDIS_URL ACC_TEST_REDIS_DIR="$redis_dir"
+export ACC_REQUIRE_REDIS=1
 
 # A real Prometheus for tests/gate.rs (Debian's package; the test starts its own server on a
 # free loopback port). Installed when missing; the test fails, rather than skips, without it.

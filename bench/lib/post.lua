@@ -4,6 +4,11 @@ wrk.method = "POST"
 wrk.path = "/v1/images/generations"
 wrk.body = '{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
 wrk.headers["Content-Type"] = "application/json"
+-- The acc-limits and acc-redis targets authenticate (their limits count per API key and tenant).
+local auth = os.getenv("BENCH_AUTH")
+if auth and auth ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. auth
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

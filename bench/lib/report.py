@@ -17,6 +17,8 @@ TRACE_CPU_GOAL = 1.10    # acc (traces on) CPU/request <= 1.10x acc-notrace's (i
 TRACE_LOG_GOAL = 1.35    # acc (traces on) CPU/request <= 1.35x nginx-log's (issue #12)
 MIRROR_P99_GOAL = 1.05    # acc-mirror p99 <= 1.05x acc p99 (medians over the rounds)
 MIRROR_RSS_GOAL_MIB = 64  # acc-mirror peak RSS <= acc's + 64 MiB
+REDIS_CPU_GOAL_MS = 0.030  # acc-redis CPU/request <= acc-limits' + 30 us (issue #16)
+REDIS_P99_GOAL_MS = 1.0    # acc-redis p99 at c=64 <= acc-limits' + 1 ms (issue #16)
 
 
 def fmt(x, digits=2):
@@ -175,6 +177,23 @@ def main() -> None:
                 ok = "PASS" if rps_ratio >= RPS_GOAL else "FAIL"
                 goals.append(f"- {ok}: {payload} c={conc}: acc req/s = "
                              f"{rps_ratio * 100:.0f}% of nginx (goal >= {RPS_GOAL * 100:.0f}%)")
+
+        lim, red = cell.get("acc-limits"), cell.get("acc-redis")
+        if lim and red:
+            ratio_row("acc-redis/acc-limits", red, lim)
+            n = len(red["reps"])
+            basis = f"median of {n} rounds" if n > 1 else "1 round"
+            if red["cpu"] is not None and lim["cpu"] is not None:
+                d = red["cpu"] - lim["cpu"]
+                ok = "PASS" if d <= REDIS_CPU_GOAL_MS else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: limits shared through Redis cost {d * 1000:+.0f} us "
+                             f"CPU/request over in-memory limits ({red['cpu']:.3f} vs {lim['cpu']:.3f} ms; "
+                             f"goal <= +{REDIS_CPU_GOAL_MS * 1000:.0f} us; {basis})")
+            if conc == 64:
+                d = red["p99"] - lim["p99"]
+                ok = "PASS" if d <= REDIS_P99_GOAL_MS else "FAIL"
+                goals.append(f"- {ok}: {payload} c={conc}: p99 with limits in Redis {red['p99']:.2f} ms vs "
+                             f"{lim['p99']:.2f} ms in memory ({d:+.2f} ms; goal <= +{REDIS_P99_GOAL_MS:.0f} ms; {basis})")
 
         mir = cell.get("acc-mirror")
         if acc and mir:

@@ -138,11 +138,29 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             "queued": w.queued(),
         }),
     };
+    // Redis down does not make the gateway unready either: on_cluster_error says what
+    // requests meet meanwhile (this replica's own state, or a 503).
+    let cluster = match app.limits.cluster() {
+        None => json!({"state": "disabled", "detail": "limits, spend, idempotency and pauses are kept per replica"}),
+        Some(c) => {
+            let st = c.status();
+            let detail = match (st.mode, st.on_cluster_error) {
+                ("shared", _) => "shared through Redis".to_string(),
+                (_, "fail_closed") => {
+                    "Redis unreachable: requests that need shared state are refused (503) until it answers".to_string()
+                }
+                _ => "Redis unreachable: limits, spend, idempotency and pauses are per replica until it answers"
+                    .to_string(),
+            };
+            json!({"state": st.mode, "on_cluster_error": st.on_cluster_error, "detail": detail, "last_error": st.last_error})
+        }
+    };
     let body = json!({
         "status": if draining { "draining" } else { "ready" },
         "policy_version": snap.policy.version,
         "evaluators": evaluators,
         "trace_store": trace_store,
+        "cluster": cluster,
     });
     (status, Json(body)).into_response()
 }
@@ -492,5 +510,78 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
             })
         })
         .collect();
-    Json(json!({"version": p.version, "routes": routes, "providers": providers})).into_response()
+    let cluster = cluster_view(&app, p).await;
+    Json(json!({"version": p.version, "routes": routes, "providers": providers, "cluster": cluster})).into_response()
+}
+
+/// Which state is shared and where, and how far each tenant's limits are used: cluster-wide
+/// from Redis when `[cluster]` is set (`null` where Redis did not answer), else this replica's.
+async fn cluster_view(app: &App, p: &crate::policy::Policy) -> serde_json::Value {
+    let cluster = app.limits.cluster();
+    let share_breakers = cluster.is_some_and(|c| c.settings().share_breakers);
+    let mut shared: Vec<&str> = Vec::new();
+    let mut per_replica =
+        vec!["health_windows", "concurrency_slots", "mirror_and_canary_comparisons", "gateway_served_images"];
+    if cluster.is_some() {
+        shared.extend([
+            "rate_limits",
+            "tenant_daily_spend",
+            "mirror_daily_spend",
+            "idempotency_keys",
+            "provider_429_pauses",
+        ]);
+    } else {
+        per_replica.extend([
+            "rate_limits",
+            "tenant_daily_spend",
+            "mirror_daily_spend",
+            "idempotency_keys",
+            "provider_429_pauses",
+        ]);
+    }
+    if share_breakers {
+        shared.push("breakers_opened");
+    } else {
+        per_replica.push("breakers");
+    }
+    let mut tenants = serde_json::Map::new();
+    for (name, t) in &p.tenants {
+        let mut cells = Vec::new();
+        for (limit, per_minute) in [("requests", t.requests_per_minute), ("images", t.images_per_minute)] {
+            if let Some(per_minute) = per_minute {
+                cells.push(crate::cluster::RateCell { scope: "tenant", name, limit, per_minute, cost: 0 });
+            }
+        }
+        let used = match cluster {
+            Some(c) if !cells.is_empty() => c.rate_usage(&cells).await.ok(),
+            _ => None,
+        };
+        let mut v = serde_json::Map::new();
+        for (i, cell) in cells.iter().enumerate() {
+            v.insert(
+                format!("{}_per_minute", cell.limit),
+                json!({"limit": cell.per_minute, "used_ratio": used.as_ref().and_then(|u| u.get(i))}),
+            );
+        }
+        if let Some(limit) = t.spend_usd_per_day {
+            let spent = match cluster {
+                Some(c) => c.spent_today(&format!("tenant:{name}")).await.ok(),
+                None => Some(app.limits.spent_today(name)),
+            };
+            v.insert(
+                "spend_usd_per_day".into(),
+                json!({"limit": limit, "spent_today_usd": spent, "used_ratio": spent.map(|s| (s / limit).min(1.0))}),
+            );
+        }
+        tenants.insert(name.clone(), serde_json::Value::Object(v));
+    }
+    json!({
+        "mode": cluster.map_or("off", |c| c.status().mode),
+        "store": cluster.map(|c| if c.settings().redis_url.starts_with("rediss://") { "redis (TLS)" } else { "redis" }),
+        "on_cluster_error": cluster.map(|c| c.status().on_cluster_error),
+        "shared": shared,
+        "per_replica": per_replica,
+        "usage_scope": if cluster.is_some() { "cluster" } else { "replica" },
+        "tenants": tenants,
+    })
 }

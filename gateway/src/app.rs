@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifacts::ArtifactStore;
+use crate::cluster::Cluster;
 use crate::eval::pool::EvalPool;
 use crate::eval::Evaluator;
 use crate::feedback::Feedback;
@@ -93,6 +94,8 @@ pub struct AppParts<'a> {
     pub mirror_rt: tokio::runtime::Handle,
     /// The trace writer, started on the current runtime.
     pub traces: Option<TraceWriter>,
+    /// State shared with the other replicas through Redis (`[cluster]`); `None`: in memory.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl App {
@@ -119,7 +122,7 @@ impl App {
             eval_pool: EvalPool::new(p.eval_threads),
             evaluators: crate::eval::available(),
             evaluator_status: p.evaluator_status,
-            limits: Limits::default(),
+            limits: Limits::new(p.cluster),
             idempotency,
             bodies: Default::default(),
             tenant_slots: Default::default(),

@@ -17,19 +17,19 @@
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
-//!   `admin`, `app`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `secrets`, `store`,
-//!   `telemetry`, `tls`.
+//!   `admin`, `app`, `cluster`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `secrets`,
+//!   `store`, `telemetry`, `tls`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and mirror
 //!   views, trace queries with their feedback; the review endpoints through `review_api`). Uses
-//!   `app`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`, `review_api`, `secrets`,
-//!   `store`.
+//!   `app`, `cluster`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`, `review_api`,
+//!   `secrets`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in numbered
 //!   phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer, record),
-//!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`, `cost`,
-//!   `error`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `live`, `metrics`,
-//!   `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`, `secrets`,
-//!   `sign`, `store`, `stream`, `telemetry`, `trace`. Also `POST /v1/feedback` (authenticated like the
-//!   image endpoints).
+//!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`,
+//!   `cluster`, `cost`, `error`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `live`,
+//!   `metrics`, `migration`, `policy`, `providers`, `reload`, `request`, `review_api`, `routing`,
+//!   `secrets`, `sign`, `store`, `stream`, `telemetry`, `trace`. Also `POST /v1/feedback`
+//!   (authenticated like the image endpoints).
 //!
 //! ## One request's phases (called by `proxy`, never calling back)
 //! - [`review_api`]: human review over HTTP: the hold phase (a winning answer whose checks say
@@ -67,8 +67,8 @@
 //!   `body`, `error`, `policy`, `providers`, `request`, `routing`.
 //!
 //! ## The running gateway's state (request-independent, shared by both listeners)
-//! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard.
-//!   Uses `artifacts`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `metrics`,
+//! - [`app`]: `App`, the state every endpoint takes as `Arc<App>`, and its in-flight guard. Uses
+//!   `artifacts`, `cluster`, `eval`, `feedback`, `idempotency`, `intake`, `limits`, `metrics`,
 //!   `reload`, `review`, `store`.
 //! - [`feedback`]: ratings of traces (`POST /v1/feedback`, checked and stored, tenant by
 //!   tenant), regenerations (explicit links and implicit detection over a bounded memory of
@@ -81,17 +81,23 @@
 //!   prepared completely, then swapped atomically on poll, SIGHUP or admin reload. Uses `live`,
 //!   `metrics`, `mirror`, `policy`, `providers`.
 //! - [`live`]: provider and target state learnt while running, kept across reloads: breakers,
-//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts. Uses
-//!   `health`, `metrics`, `policy`, `providers`, `routing`.
+//!   429 pauses, concurrency slots, health windows; admission and feedback of attempts; the
+//!   exchange of pauses (and opened breakers) with other replicas. Uses `cluster`, `health`,
+//!   `metrics`, `policy`, `providers`, `routing`.
 //! - [`routing`]: route selection, the weighted attempt plan (`Step`), the fallback loop with
 //!   hedging (pure over the policy, generic over the attempt). Uses `error`, `policy`,
 //!   `providers`.
 //! - [`fetch`]: SSRF-guarded fetching of provider image URLs. Uses `policy`, `providers`,
 //!   `upstream`.
-//! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `compare`,
-//!   `limits`, `policy`.
-//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`). Uses
-//!   `error`, `metrics`, `policy`.
+//! - [`mirror`]: mirror and canary state (sampling, caps, guards, the report). Uses `cluster`,
+//!   `compare`, `limits`, `policy`.
+//! - [`limits`]: rate limits per key and tenant, spend per tenant per day (`DailyBudget`), in
+//!   memory or shared through `cluster`. Uses `cluster`, `error`, `metrics`, `policy`.
+//! - [`cluster`]: state shared by every replica through Redis (`[cluster]`): rate limits (one
+//!   GCRA script), daily spend holds, `Idempotency-Key` leases and answers, 429 pauses and
+//!   opened breakers; every call under a deadline, with the local fallback's bookkeeping
+//!   (`acc_cluster_errors_total`, the mode `/readyz` shows). Uses `error`, `idempotency`
+//!   (`Stored`), `policy`, `secrets`.
 //! - [`artifacts`]: images the gateway serves itself for `response_format = "url"`. Uses
 //!   `error`, `metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles. Uses `policy`.
@@ -148,8 +154,9 @@
 //!   a `proxy` endpoint and decided through `admin`; feedback and regenerations in `feedback`.
 //! - provenance (C2PA manifests, IPTC metadata): done as `provenance` (a foundation, so that
 //!   `policy` can check credentials) and the phase `sign`, called by `proxy` before `answer`.
-//! - shared state across replicas (Redis): `cluster`, a foundation-level client with a local
-//!   fallback that `limits`, `idempotency` and `live` use.
+//! - shared state across replicas (Redis): `cluster` (done), a state module above `metrics`
+//!   with a local fallback, used by `limits`, `mirror`, `live`, `proxy` (idempotency) and
+//!   `admin`; `idempotency` stays the in-memory store it falls back to.
 //! - the ops console: `console`, an endpoint module beside `admin` (served by the admin
 //!   listener), with its templates and assets under `gateway/console/`.
 #![forbid(unsafe_code)]
@@ -163,6 +170,7 @@ pub mod app;
 pub mod artifacts;
 pub mod attempt;
 pub mod body;
+pub mod cluster;
 pub mod compare;
 pub mod cost;
 pub mod error;

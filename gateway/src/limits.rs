@@ -1,6 +1,8 @@
 //! Rate limits per API key and per tenant (requests and images per minute, GCRA via `governor`)
 //! and an optional spend limit per tenant per UTC day. State lives in memory per replica and
-//! survives policy reloads; a limiter is rebuilt only when its quota changes.
+//! survives policy reloads; a limiter is rebuilt only when its quota changes. With `[cluster]`
+//! the same limits are kept in Redis for every replica (`crate::cluster`), and this memory is
+//! the fallback while Redis cannot answer.
 
 use crate::lock;
 use std::num::NonZeroU32;
@@ -11,6 +13,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::cluster::{Cluster, RateCell, RateVerdict, SpendHold};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{ApiKey, TenantLimits};
@@ -72,7 +75,7 @@ impl DailyBudget {
             return Err(s.spent);
         }
         s.reserved += estimate;
-        Ok(Reservation { budget: Some(self.clone()), day: today, estimate })
+        Ok(Reservation { budget: Some(self.clone()), day: today, estimate, shared: None })
     }
 
     /// Settled spend today, USD.
@@ -86,11 +89,13 @@ impl DailyBudget {
     }
 }
 
+/// Every key's and tenant's limits: in memory, or shared through `cluster` when set.
 #[derive(Default)]
 pub struct Limits {
     keys: DashMap<String, Arc<Mutex<Pair>>>,
     tenants: DashMap<String, Arc<Mutex<Pair>>>,
     spend: DashMap<String, Arc<DailyBudget>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Which limit refused a request.
@@ -127,6 +132,40 @@ fn refusal(metrics: &Metrics, tenant: &str, limit: Limit, retry: Duration, messa
     e
 }
 
+fn spend_refusal(metrics: &Metrics, tenant: &str, limit: f64, spent: f64) -> ApiError {
+    let msg = format!(
+        "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({spent:.4} USD spent); it resets at 00:00 UTC"
+    );
+    refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
+}
+
+fn requests_refusal(metrics: &Metrics, tenant: &str, who: &str, per_minute: u32, wait: Duration) -> ApiError {
+    let msg = format!(
+        "Rate limit reached for {who} on requests per minute: limit {per_minute}. Try again in {} s.",
+        retry_secs(wait).max(1)
+    );
+    refusal(metrics, tenant, Limit::Requests, wait, msg)
+}
+
+/// `wait` `None`: the request asks for more images than the limit holds at all.
+fn images_refusal(
+    metrics: &Metrics,
+    tenant: &str,
+    who: &str,
+    per_minute: u32,
+    images: u32,
+    wait: Option<Duration>,
+) -> ApiError {
+    let msg = match wait {
+        Some(w) => format!(
+            "Rate limit reached for {who} on images per minute: limit {per_minute}, requested {images}. Try again in {} s.",
+            retry_secs(w).max(1)
+        ),
+        None => format!("this request asks for {images} images, more than the {who} limit of {per_minute} images per minute"),
+    };
+    refusal(metrics, tenant, Limit::Images, wait.unwrap_or(Duration::from_secs(60)), msg)
+}
+
 /// Takes `n` cells from a limiter, or says how long until they are there.
 fn take(l: &PerMinute, n: u32) -> Result<(), Option<Duration>> {
     let Some(n) = NonZeroU32::new(n) else { return Ok(()) };
@@ -150,15 +189,25 @@ pub struct Reservation {
     budget: Option<Arc<DailyBudget>>,
     day: u64,
     estimate: f64,
+    /// The hold on the shared budget, when the reservation was made in Redis.
+    shared: Option<SpendHold>,
 }
 
 impl Reservation {
     pub fn none() -> Reservation {
-        Reservation { budget: None, day: 0, estimate: 0.0 }
+        Reservation { budget: None, day: 0, estimate: 0.0, shared: None }
+    }
+
+    /// A reservation held on a shared (Redis) budget.
+    pub fn shared(hold: SpendHold) -> Reservation {
+        Reservation { budget: None, day: 0, estimate: 0.0, shared: Some(hold) }
     }
 
     /// Charges `usd` to today's spend (the estimate stays held until the reservation ends).
     pub fn charge(&mut self, usd: f64) {
+        if let Some(h) = &self.shared {
+            h.charge(usd);
+        }
         if let Some(b) = &self.budget {
             let mut s = lock(&b.0);
             if s.day == utc_day(SystemTime::now()).0 {
@@ -169,6 +218,9 @@ impl Reservation {
 
     /// Replaces the estimate by the work's actual cost.
     pub fn settle(mut self, actual: f64) {
+        if let Some(h) = self.shared.take() {
+            return h.settle(actual);
+        }
         self.charge(actual);
     }
 }
@@ -192,8 +244,64 @@ impl Limits {
         map.entry(name.to_string()).or_default().clone()
     }
 
-    /// Counts one request and its `n` images against the key's and its tenant's limits.
-    pub fn admit(
+    /// Limits kept in Redis through `cluster` (with this memory as the fallback).
+    pub fn new(cluster: Option<Arc<Cluster>>) -> Limits {
+        Limits { cluster, ..Default::default() }
+    }
+
+    /// Counts one request and its `n` images against the key's and its tenant's limits: in
+    /// Redis for every replica when `[cluster]` is set (one round trip for all of them), else
+    /// (or while Redis cannot answer, under `on_cluster_error = "local"`) in this replica's
+    /// memory. Errors: 429 with `Retry-After` naming the limit; 503 `cluster_unavailable` under
+    /// `fail_closed`.
+    pub async fn admit(
+        &self,
+        metrics: &Metrics,
+        key: &ApiKey,
+        tenant: Option<&TenantLimits>,
+        images: u32,
+    ) -> Result<(), ApiError> {
+        let Some(cluster) = &self.cluster else { return self.admit_local(metrics, key, tenant, images) };
+        let mut cells = Vec::with_capacity(4);
+        let mut who = Vec::with_capacity(4);
+        let scopes = [("key", key.id.as_str(), key.requests_per_minute, key.images_per_minute)];
+        let tenant_scope = tenant.map(|t| ("tenant", key.tenant.as_str(), t.requests_per_minute, t.images_per_minute));
+        for (scope, name, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
+            let label = if scope == "key" { format!("API key {name}") } else { format!("tenant \"{name}\"") };
+            if let Some(per_minute) = rpm {
+                cells.push(RateCell { scope, name, limit: "requests", per_minute, cost: 1 });
+                who.push(label.clone());
+            }
+            if let Some(per_minute) = ipm {
+                if images > per_minute {
+                    return Err(images_refusal(metrics, &key.tenant, &label, per_minute, images, None));
+                }
+                cells.push(RateCell { scope, name, limit: "images", per_minute, cost: images });
+                who.push(label);
+            }
+        }
+        if cells.is_empty() {
+            return Ok(());
+        }
+        match cluster.rate(&cells).await {
+            Ok(RateVerdict::Allowed(_)) => Ok(()),
+            Ok(RateVerdict::Refused { index, wait }) => {
+                let (c, label) = (&cells[index], &who[index]);
+                Err(if c.limit == "requests" {
+                    requests_refusal(metrics, &key.tenant, label, c.per_minute, wait)
+                } else {
+                    images_refusal(metrics, &key.tenant, label, c.per_minute, images, Some(wait))
+                })
+            }
+            Err(u) => {
+                cluster.fallback(u)?;
+                self.admit_local(metrics, key, tenant, images)
+            }
+        }
+    }
+
+    /// [`Limits::admit`] on this replica's memory only.
+    pub fn admit_local(
         &self,
         metrics: &Metrics,
         key: &ApiKey,
@@ -223,34 +331,12 @@ impl Limits {
             if let Some(l) = &p.requests {
                 if let Err(wait) = take(l, 1) {
                     let wait = wait.unwrap_or(Duration::from_secs(60));
-                    let msg = format!(
-                        "Rate limit reached for {who} on requests per minute: limit {}. Try again in {} s.",
-                        l.per_minute,
-                        retry_secs(wait).max(1)
-                    );
-                    return Err(refusal(metrics, &key.tenant, Limit::Requests, wait, msg));
+                    return Err(requests_refusal(metrics, &key.tenant, &who, l.per_minute, wait));
                 }
             }
             if let Some(l) = &p.images {
                 if let Err(wait) = take(l, images) {
-                    let msg = match wait {
-                        Some(w) => format!(
-                            "Rate limit reached for {who} on images per minute: limit {}, requested {images}. Try again in {} s.",
-                            l.per_minute,
-                            retry_secs(w).max(1)
-                        ),
-                        None => format!(
-                            "this request asks for {images} images, more than the {who} limit of {} images per minute",
-                            l.per_minute
-                        ),
-                    };
-                    return Err(refusal(
-                        metrics,
-                        &key.tenant,
-                        Limit::Images,
-                        wait.unwrap_or(Duration::from_secs(60)),
-                        msg,
-                    ));
+                    return Err(images_refusal(metrics, &key.tenant, &who, l.per_minute, images, wait));
                 }
             }
         }
@@ -258,8 +344,30 @@ impl Limits {
     }
 
     /// Holds `estimate` USD of the tenant's daily budget for a request, or refuses it when the
-    /// day's settled and reserved spend would pass the limit.
-    pub fn reserve(
+    /// day's settled and reserved spend would pass the limit: in Redis for every replica when
+    /// `[cluster]` is set, else (or while Redis cannot answer, under "local") in memory.
+    /// Errors: 429 `spend_limit_exceeded`; 503 `cluster_unavailable` under `fail_closed`.
+    pub async fn reserve(
+        &self,
+        metrics: &Metrics,
+        tenant: &str,
+        limits: Option<&TenantLimits>,
+        estimate: f64,
+    ) -> Result<Reservation, ApiError> {
+        let Some(limit) = limits.and_then(|l| l.spend_usd_per_day) else { return Ok(Reservation::none()) };
+        let Some(cluster) = &self.cluster else { return self.reserve_local(metrics, tenant, limits, estimate) };
+        match cluster.reserve(&format!("tenant:{tenant}"), limit, estimate).await {
+            Ok(Ok(hold)) => Ok(Reservation::shared(hold)),
+            Ok(Err(over)) => Err(spend_refusal(metrics, tenant, limit, over.0)),
+            Err(u) => {
+                cluster.fallback(u)?;
+                self.reserve_local(metrics, tenant, limits, estimate)
+            }
+        }
+    }
+
+    /// [`Limits::reserve`] on this replica's memory only.
+    pub fn reserve_local(
         &self,
         metrics: &Metrics,
         tenant: &str,
@@ -271,12 +379,12 @@ impl Limits {
             Some(s) => s.clone(),
             None => self.spend.entry(tenant.to_string()).or_default().clone(),
         };
-        budget.reserve(limit, estimate).map_err(|spent| {
-            let msg = format!(
-                "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({spent:.4} USD spent); it resets at 00:00 UTC"
-            );
-            refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
-        })
+        budget.reserve(limit, estimate).map_err(|spent| spend_refusal(metrics, tenant, limit, spent))
+    }
+
+    /// The shared state, when `[cluster]` is set.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Settled spend of a tenant today, USD.
@@ -303,9 +411,9 @@ mod tests {
     fn requests_per_minute_refuses_with_retry_after() {
         let (l, m) = (Limits::default(), Metrics::new());
         let k = key(Some(2), None);
-        assert!(l.admit(&m, &k, None, 1).is_ok());
-        assert!(l.admit(&m, &k, None, 1).is_ok());
-        let e = l.admit(&m, &k, None, 1).unwrap_err();
+        assert!(l.admit_local(&m, &k, None, 1).is_ok());
+        assert!(l.admit_local(&m, &k, None, 1).is_ok());
+        let e = l.admit_local(&m, &k, None, 1).unwrap_err();
         assert_eq!((e.status.as_u16(), e.kind, e.code), (429, "requests", Some("rate_limit_exceeded")));
         assert!((1..=60).contains(&e.retry_after.unwrap()), "{:?}", e.retry_after);
     }
@@ -314,44 +422,44 @@ mod tests {
     fn images_per_minute_counts_n_and_tenant_limits_are_shared() {
         let (l, m) = (Limits::default(), Metrics::new());
         let k = key(None, Some(3));
-        assert!(l.admit(&m, &k, None, 2).is_ok());
-        let e = l.admit(&m, &k, None, 2).unwrap_err();
+        assert!(l.admit_local(&m, &k, None, 2).is_ok());
+        let e = l.admit_local(&m, &k, None, 2).unwrap_err();
         assert_eq!((e.kind, e.code), ("images", Some("rate_limit_exceeded")));
-        let e = l.admit(&m, &key(None, Some(3)), None, 5).unwrap_err();
+        let e = l.admit_local(&m, &key(None, Some(3)), None, 5).unwrap_err();
         assert!(e.message.contains("more than"), "{}", e.message);
         // Two keys of one tenant share its limit.
         let t = TenantLimits { requests_per_minute: Some(1), ..Default::default() };
         let mut k2 = key(None, None);
         k2.id = "other".into();
-        assert!(l.admit(&m, &key(None, None), Some(&t), 1).is_ok());
-        assert!(l.admit(&m, &k2, Some(&t), 1).is_err());
+        assert!(l.admit_local(&m, &key(None, None), Some(&t), 1).is_ok());
+        assert!(l.admit_local(&m, &k2, Some(&t), 1).is_err());
     }
 
     #[test]
     fn a_changed_quota_takes_effect() {
         let (l, m) = (Limits::default(), Metrics::new());
-        assert!(l.admit(&m, &key(Some(1), None), None, 1).is_ok());
-        assert!(l.admit(&m, &key(Some(1), None), None, 1).is_err());
-        assert!(l.admit(&m, &key(Some(5), None), None, 1).is_ok());
+        assert!(l.admit_local(&m, &key(Some(1), None), None, 1).is_ok());
+        assert!(l.admit_local(&m, &key(Some(1), None), None, 1).is_err());
+        assert!(l.admit_local(&m, &key(Some(5), None), None, 1).is_ok());
     }
 
     #[test]
     fn spend_reservations_hold_and_settle() {
         let (l, m) = (Limits::default(), Metrics::new());
         let t = TenantLimits { spend_usd_per_day: Some(0.10), ..Default::default() };
-        let a = l.reserve(&m, "acme", Some(&t), 0.04).unwrap();
-        let b = l.reserve(&m, "acme", Some(&t), 0.04).unwrap();
+        let a = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
+        let b = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
         // 0.08 reserved: a third 0.04 would pass the limit.
-        let e = l.reserve(&m, "acme", Some(&t), 0.04).err().unwrap();
+        let e = l.reserve_local(&m, "acme", Some(&t), 0.04).err().unwrap();
         assert_eq!((e.status.as_u16(), e.code), (429, Some("spend_limit_exceeded")));
         assert!(e.retry_after.unwrap() <= 86_400);
         a.settle(0.04);
         drop(b); // failed request: nothing spent
         assert!((l.spent_today("acme") - 0.04).abs() < 1e-9);
-        let c = l.reserve(&m, "acme", Some(&t), 0.04).unwrap();
+        let c = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
         c.settle(0.04);
-        assert!(l.reserve(&m, "acme", Some(&t), 0.04).is_err());
-        assert!(l.reserve(&m, "other", Some(&t), 0.04).is_ok());
-        assert!(l.reserve(&m, "acme", None, 1.0).is_ok(), "no limit configured");
+        assert!(l.reserve_local(&m, "acme", Some(&t), 0.04).is_err());
+        assert!(l.reserve_local(&m, "other", Some(&t), 0.04).is_ok());
+        assert!(l.reserve_local(&m, "acme", None, 1.0).is_ok(), "no limit configured");
     }
 }

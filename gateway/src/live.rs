@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::cluster::{unix_ms, Cluster, HoldOff};
 use crate::health::{
     Admit, Breaker, BreakerSettings, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition,
 };
@@ -31,6 +32,12 @@ pub struct ProviderState {
     breaker_quiet: AtomicBool,
     /// End of a 429 pause, as nanoseconds after `base()`; 0 for none.
     paused_until: AtomicU64,
+    /// A 429 pause and an opened breaker learnt here and not yet published to the other
+    /// replicas (`[cluster]`): until when, as Unix ms; 0 for none.
+    unpublished: [AtomicU64; 2],
+    /// Until when another replica's opened breaker holds this provider off, Unix ms; 0 for
+    /// none (only with `share_breakers`).
+    shared_open_until: AtomicU64,
     /// The configured limit and its semaphore; replaced when a reload changes the limit
     /// (attempts holding a permit of the old one finish on it).
     slots: ArcSwapOption<(u32, Arc<Semaphore>)>,
@@ -67,6 +74,8 @@ impl ProviderState {
             breaker: Mutex::new(Breaker::new()),
             breaker_quiet: AtomicBool::new(true),
             paused_until: AtomicU64::new(0),
+            unpublished: [AtomicU64::new(0), AtomicU64::new(0)],
+            shared_open_until: AtomicU64::new(0),
             slots: ArcSwapOption::empty(),
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -172,6 +181,16 @@ impl ProviderState {
         if let Some(left) = self.paused_for(now) {
             return Err(ProviderError::Skipped { label: "paused", retry_in: left });
         }
+        let held = self.shared_open_until.load(Ordering::Relaxed);
+        if held != 0 {
+            let now_ms = unix_ms();
+            if held > now_ms {
+                return Err(ProviderError::Skipped {
+                    label: "breaker_open",
+                    retry_in: Duration::from_millis(held - now_ms),
+                });
+            }
+        }
         // The common case, a closed breaker with nothing counted, needs no lock.
         if self.breaker_quiet() {
             return Ok(Admission { provider: self, probe: false });
@@ -210,8 +229,12 @@ impl Admission<'_> {
                 let probe = std::mem::take(&mut self.probe);
                 let why = result.err().map(|e| e.to_string()).unwrap_or_default();
                 let mut b = ps.breaker();
-                if let Some(t) = b.on_result(Instant::now(), ok, probe, &why, cfg) {
+                let now = Instant::now();
+                if let Some(t) = b.on_result(now, ok, probe, &why, cfg) {
                     breaker_moved(metrics, &ps.name, &t, b.gauge());
+                    if let Some(d) = b.open_for(now) {
+                        ps.unpublished[1].fetch_max(unix_ms() + d.as_millis() as u64, Ordering::Relaxed);
+                    }
                 }
                 ps.breaker_settled(&b);
             }
@@ -221,6 +244,7 @@ impl Admission<'_> {
             if *status == http::StatusCode::TOO_MANY_REQUESTS {
                 let d = (*d).min(max_pause);
                 ps.pause(Instant::now(), d);
+                ps.unpublished[0].fetch_max(unix_ms() + d.as_millis() as u64, Ordering::Relaxed);
                 metrics.provider_paused.with_label_values(&[&ps.name]).inc();
                 tracing::warn!(provider = %ps.name, pause_ms = d.as_millis() as u64, "provider answered 429; paused");
             }
@@ -391,6 +415,48 @@ impl Live {
                     .collect()
             })
             .collect()
+    }
+
+    /// One exchange of hold-offs with the other replicas (`[cluster]`): publishes the 429
+    /// pauses (and, with `share_breakers`, opened breakers) learnt here since the last one, and
+    /// applies everyone's still running. When Redis cannot answer, what was learnt here is kept
+    /// for the next exchange.
+    pub async fn exchange_hold_offs(&self, cluster: &Cluster) {
+        let share_breakers = cluster.settings().share_breakers;
+        let mut mine: [Vec<HoldOff>; 2] = [Vec::new(), Vec::new()];
+        for p in self.providers.iter() {
+            for (i, out) in mine.iter_mut().enumerate() {
+                let until = p.unpublished[i].swap(0, Ordering::Relaxed);
+                if until != 0 && (i == 0 || share_breakers) {
+                    out.push((p.name.clone(), until));
+                }
+            }
+        }
+        match cluster.exchange(&mine[0], &mine[1]).await {
+            Ok((pauses, breakers)) => {
+                let now_ms = unix_ms();
+                let now = Instant::now();
+                for (name, until) in pauses.iter().filter(|(_, u)| *u > now_ms) {
+                    if let Some(p) = self.providers.get(name) {
+                        p.pause(now, Duration::from_millis(until - now_ms));
+                    }
+                }
+                for (name, until) in breakers.iter().filter(|_| share_breakers) {
+                    if let Some(p) = self.providers.get(name) {
+                        p.shared_open_until.fetch_max(*until, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(_) => {
+                for (i, list) in mine.iter().enumerate() {
+                    for (name, until) in list {
+                        if let Some(p) = self.providers.get(name) {
+                            p.unpublished[i].fetch_max(*until, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Every provider's state, by name.

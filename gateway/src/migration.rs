@@ -212,6 +212,24 @@ async fn mirror_attempt(
         verdicts: Some(&sink),
         partials: None,
     };
+    // With [cluster], the candidate's daily cap holds for every replica together: its hold is
+    // taken here, off the request path (this replica's own budget was checked at admission and
+    // is the fallback while Redis cannot answer; under fail_closed the mirror is skipped).
+    if let (Some(cluster), Some(cap)) = (app.limits.cluster(), m.spend_usd_per_day) {
+        let estimate = cost_of(policy, step, &req, req.n, None).unwrap_or(0.0);
+        let over = match cluster.reserve(&format!("mirror:{}:{}", route.name, m.label), cap, estimate).await {
+            Ok(Ok(hold)) => {
+                ticket.hold_shared(hold);
+                false
+            }
+            Ok(Err(_)) => true,
+            Err(u) => cluster.fallback(u).is_err(),
+        };
+        if over {
+            app.metrics.mirror_dropped.with_label_values(&[labels[0], labels[1], Skip::Spend.label()]).inc();
+            return;
+        }
+    }
     let started = Instant::now();
     let until = tokio::time::Instant::now() + attempt_timeout(policy, step);
     let result = tokio::select! {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use serde_json::json;
 
+use crate::cluster::SpendHold;
 use crate::compare::{Comparison, Observation};
 use crate::limits::{DailyBudget, Reservation};
 use crate::policy::Policy;
@@ -58,6 +59,8 @@ impl Skip {
 pub struct Ticket {
     state: Arc<MirrorState>,
     spend: Reservation,
+    /// The hold on the candidate's budget shared by every replica (`[cluster]`), when taken.
+    shared: Option<SpendHold>,
 }
 
 impl MirrorState {
@@ -75,7 +78,7 @@ impl MirrorState {
                 return Err(Skip::Spend);
             }
         };
-        Ok(Ticket { state: self.clone(), spend })
+        Ok(Ticket { state: self.clone(), spend, shared: None })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -91,6 +94,14 @@ impl Ticket {
     /// Charges what the mirror actually cost (its reservation is released either way).
     pub fn charge(&mut self, usd: f64) {
         self.spend.charge(usd);
+        if let Some(h) = &self.shared {
+            h.charge(usd);
+        }
+    }
+
+    /// Adds the hold taken on the candidate's shared daily budget (released with the ticket).
+    pub fn hold_shared(&mut self, hold: SpendHold) {
+        self.shared = Some(hold);
     }
 }
 

@@ -476,8 +476,30 @@ async fn idempotent(
     let content_type = headers.get(header::CONTENT_TYPE).filter(|_| op != Operation::Generate);
     let fingerprint = idempotency::fingerprint(op.path(), content_type.map(|v| v.as_bytes()), &bytes);
     let m = &app.metrics.idempotency;
-    match app.idempotency.begin(scope, &key, fingerprint).await {
-        idempotency::Begin::Conflict => {
+    // Shared by every replica when `[cluster]` is set; this replica's store otherwise, or while
+    // Redis cannot answer (under on_cluster_error = "local").
+    let shared = match app.limits.cluster() {
+        Some(c) => match c.idem_begin(scope, &key, fingerprint).await {
+            Ok(b) => Some(b),
+            Err(u) => match c.fallback(u) {
+                Ok(()) => None,
+                Err(e) => return finish(app, snap, ctx, Err(e)),
+            },
+        },
+        None => None,
+    };
+    let begin = match shared {
+        Some(crate::cluster::IdemBegin::Leader(lease)) => Begun::Leader(Lead::Shared(lease)),
+        Some(crate::cluster::IdemBegin::Replay { stored, waited }) => Begun::Replay { stored, waited },
+        Some(crate::cluster::IdemBegin::Conflict) => Begun::Conflict,
+        None => match app.idempotency.begin(scope, &key, fingerprint).await {
+            idempotency::Begin::Leader(lease) => Begun::Leader(Lead::Local(lease)),
+            idempotency::Begin::Replay { stored, waited } => Begun::Replay { stored, waited },
+            idempotency::Begin::Conflict => Begun::Conflict,
+        },
+    };
+    match begin {
+        Begun::Conflict => {
             m.with_label_values(&["conflict"]).inc();
             let e = ApiError::new(
                 StatusCode::CONFLICT,
@@ -487,12 +509,12 @@ async fn idempotent(
             );
             finish(app, snap, ctx, Err(e))
         }
-        idempotency::Begin::Replay { stored, waited } => {
+        Begun::Replay { stored, waited } => {
             m.with_label_values(&[if waited { "waited" } else { "replayed" }]).inc();
             ctx.disarm();
             stored.replay()
         }
-        idempotency::Begin::Leader(lease) => {
+        Begun::Leader(lease) => {
             m.with_label_values(&["new"]).inc();
             let result = generate(app, snap, &mut ctx, headers, bytes, op).await;
             let resp = finish(app, snap, ctx, result);
@@ -508,10 +530,29 @@ async fn idempotent(
                 headers: parts.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 body: body.clone(),
             };
-            lease.complete(keep.then_some(stored));
+            match lease {
+                Lead::Local(lease) => lease.complete(keep.then_some(stored)),
+                Lead::Shared(lease) => {
+                    let s = &policy.server;
+                    lease.complete(keep.then_some(&stored), s.idempotency_ttl, s.idempotency_max_bytes).await;
+                }
+            }
             Response::from_parts(parts, Body::from(body))
         }
     }
+}
+
+/// An `Idempotency-Key` decision, from the shared store or this replica's.
+enum Begun {
+    Leader(Lead),
+    Replay { stored: Arc<idempotency::Stored>, waited: bool },
+    Conflict,
+}
+
+/// The leader's lease, on the store that gave it.
+enum Lead {
+    Local(idempotency::Lease),
+    Shared(crate::cluster::SharedLease),
 }
 
 async fn generate(
@@ -562,7 +603,7 @@ async fn generate(
     // 3. Within its limits.
     let tenant_limits = key.and_then(|k| policy.tenants.get(&k.tenant));
     if let Some(k) = key {
-        app.limits.admit(&app.metrics, k, tenant_limits, req.n)?;
+        app.limits.admit(&app.metrics, k, tenant_limits, req.n).await?;
     }
     // The tenant's share of requests in flight, held until the request is answered.
     let _tenant_slot = match (key, tenant_limits.and_then(|t| t.max_in_flight)) {
@@ -643,7 +684,7 @@ async fn generate(
     // 5. Spend reserved against the tenant's daily limit.
     let estimate = steps.first().and_then(|&s| cost::cost_of(policy, s, &req, req.n, None)).unwrap_or(0.0);
     let reservation = match key {
-        Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate)?,
+        Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate).await?,
         None => crate::limits::Reservation::none(),
     };
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.

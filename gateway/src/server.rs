@@ -148,7 +148,19 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     if let Some(t) = &cfg.admin_token {
         crate::secrets::register(t);
     }
+    let cluster = match &store.snapshot().policy.cluster {
+        Some(c) => {
+            let cluster = crate::cluster::Cluster::connect(c, &metrics.registry).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(
+                on_cluster_error = cluster.status().on_cluster_error,
+                "limits, spend, idempotency and pauses are shared through Redis"
+            );
+            Some(cluster)
+        }
+        None => None,
+    };
     let app = Arc::new(App::new(AppParts {
+        cluster: cluster.clone(),
         policy: store.clone(),
         metrics: metrics.clone(),
         artifact_store_bytes: cfg.artifact_store_bytes,
@@ -179,6 +191,21 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
                         app.idempotency.set_limits(s.idempotency_ttl, s.idempotency_max_bytes);
                         app.idempotency.sweep();
                     }
+                }
+            }
+        });
+    }
+    if let Some(c) = cluster {
+        // 429 pauses (and opened breakers) learnt by any replica reach the others within a
+        // period or two.
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(c.settings().sync);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => store.live.exchange_hold_offs(&c).await,
                 }
             }
         });

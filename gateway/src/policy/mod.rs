@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod cluster;
 mod numbers;
 mod observe;
 mod provenance;
@@ -28,6 +29,7 @@ mod types;
 mod validate;
 mod xref;
 
+pub use cluster::{ClusterSettings, OnClusterError};
 pub use provenance::{OnProvenanceError, ProvenanceSettings};
 pub use review::{ReviewBudget, ReviewOverflow, ReviewSettings, MAX_REVIEW_TTL_SECS};
 pub use types::{
@@ -135,6 +137,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let observe = observe::sections(&parsed, &mut errors);
     let review = review::section(&parsed, &mut errors);
     let provenance = provenance::section(&parsed, &mut errors);
+    let cluster = cluster::section(&parsed, &mut errors);
     let names = xref::Names::gather(&parsed, &mut errors);
     let mut routes = Vec::new();
     for (r, at) in parsed.iter().flat_map(|(_, raw)| &raw.routes).zip(&names.route_at) {
@@ -168,5 +171,6 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         cohorts: observe.cohorts,
         review,
         provenance,
+        cluster,
     })
 }

@@ -39,6 +39,8 @@ pub(super) struct RawFile {
     pub(super) review: Option<super::review::RawReview>,
     /// Signing returned images with a C2PA manifest.
     pub(super) provenance: Option<super::provenance::RawProvenance>,
+    /// State shared across replicas through Redis.
+    pub(super) cluster: Option<super::cluster::RawCluster>,
 }
 
 /// `[store]`: the trace store (at most one file sets it).

@@ -739,4 +739,6 @@ pub struct Policy {
     pub review: super::review::ReviewBudget,
     /// Signing of returned images (`[provenance]`), when configured.
     pub provenance: Option<super::provenance::ProvenanceSettings>,
+    /// State shared across replicas through Redis (`[cluster]`); `None`: all in memory.
+    pub cluster: Option<super::cluster::ClusterSettings>,
 }

@@ -1,0 +1,492 @@
+//! State shared by every replica through Redis (`[cluster]`): rate limits (GCRA, every limit of
+//! a request in one script), daily spend (reserve, then settle), `Idempotency-Key` leases and
+//! answers, and 429 pauses (with opened breakers when `share_breakers` is on).
+//!
+//! Redis down or slow never stops the gateway. Every call has the policy's deadline; a call that
+//! fails or misses it is counted in `acc_cluster_errors_total{op}`, logged at most once per
+//! [`LOG_EVERY`], and the replica then uses its own in-memory state for `recheck` before it tries
+//! Redis again (or, with `on_cluster_error = "fail_closed"`, refuses with a 503). Whatever was
+//! shared stays in Redis, so a replica that restarts loses none of it.
+//!
+//! The connection is one multiplexed [`ConnectionManager`] per process (it reconnects by
+//! itself); its driver task runs on the runtime that called [`Cluster::connect`], and the proxy
+//! workers' runtimes talk to it through channels.
+
+mod idem;
+mod lua;
+
+pub use idem::{IdemBegin, SharedLease};
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
+
+use crate::error::ApiError;
+use crate::lock;
+use crate::policy::{ClusterSettings, OnClusterError};
+
+/// At most one log line per this interval about Redis failing.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A Redis call that failed or missed its deadline: the caller uses its local state (or, under
+/// `fail_closed`, [`Cluster::fallback`] refuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// The cluster's metrics, registered in the process registry.
+struct ClusterMetrics {
+    /// `acc_cluster_errors_total{op}`: calls that failed, missed their deadline, or were not
+    /// tried while the replica waits to recheck Redis; each one was answered from local state
+    /// (or refused under fail_closed).
+    errors: IntCounterVec,
+    /// `acc_cluster_shared`: 1 while state is shared through Redis, 0 while this replica is on
+    /// its local state.
+    shared: IntGauge,
+    /// `acc_cluster_limit_used_ratio{scope,name,limit}`: how much of a rate limit's one-minute
+    /// allowance (requests, images) or of a daily spend limit (spend) is used, cluster-wide, as
+    /// last seen by this replica (0 to 1).
+    used: GaugeVec,
+}
+
+/// A handle on the shared state; cheap to share as `Arc<Cluster>`.
+pub struct Cluster {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// One multiplexed connection per thread (each proxy worker has its own current-thread
+    /// runtime): the connection's driver then runs on the thread that uses it, with no
+    /// cross-thread wake-up per call.
+    conns: dashmap::DashMap<std::thread::ThreadId, ConnectionManager>,
+    /// The connection made at start-up, on the runtime that connected.
+    fallback: ConnectionManager,
+    settings: ClusterSettings,
+    /// This process, in lease values (so a lease is only ever finished by its owner).
+    replica: String,
+    started: Instant,
+    /// Milliseconds after `started` until which Redis is not tried; 0 when shared.
+    local_until: AtomicU64,
+    /// Set while the last call failed (local state in use); cleared by the next success.
+    degraded: AtomicBool,
+    last_log: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    next_id: AtomicU64,
+    /// Where settles and releases of dropped holds run (the runtime that connected).
+    rt: tokio::runtime::Handle,
+    metrics: ClusterMetrics,
+}
+
+/// Shared state as `/readyz` and `/admin/routes` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// "shared" (Redis answers) or "local" (this replica is on its own state for now).
+    pub mode: &'static str,
+    /// What the policy says to do when Redis fails: "local" or "fail_closed".
+    pub on_cluster_error: &'static str,
+    /// Why the last call failed, while local.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Cluster {
+    /// A client for `settings` (lazy: nothing is dialled until the first call, so a replica
+    /// starts while Redis is down). Must run inside a Tokio runtime, which then drives the
+    /// connection. Errors: a malformed URL, an unset `password_env` variable, a metric that
+    /// cannot be registered.
+    pub fn connect(settings: &ClusterSettings, registry: &Registry) -> Result<Arc<Cluster>, String> {
+        let mut info =
+            settings.redis_url.as_str().into_connection_info().map_err(|e| format!("cluster.redis_url: {e}"))?;
+        if let Some(env) = &settings.password_env {
+            let pw = std::env::var(env)
+                .map_err(|_| format!("cluster.password_env: environment variable {env} is not set"))?;
+            crate::secrets::register(&pw);
+            let redis = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        // Fails here, at start-up, on settings the client refuses; kept for a thread whose own
+        // connection cannot be made.
+        let fallback = client.get_connection_manager_lazy(config.clone()).map_err(|e| format!("cluster: {e}"))?;
+        let metrics = ClusterMetrics {
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "acc_cluster_errors_total",
+                    "Shared-state (Redis) calls that failed or missed their deadline, answered from local state or refused",
+                ),
+                &["op"],
+            )
+            .map_err(|e| e.to_string())?,
+            shared: IntGauge::new("acc_cluster_shared", "1 while limits, spend, idempotency and pauses are shared through Redis; 0 while this replica uses its own")
+                .map_err(|e| e.to_string())?,
+            used: GaugeVec::new(
+                Opts::new(
+                    "acc_cluster_limit_used_ratio",
+                    "Share of a limit used cluster-wide, as last seen by this replica (rate limits: of the one-minute allowance; spend: of the day's limit)",
+                ),
+                &["scope", "name", "limit"],
+            )
+            .map_err(|e| e.to_string())?,
+        };
+        registry.register(Box::new(metrics.errors.clone())).map_err(|e| e.to_string())?;
+        registry.register(Box::new(metrics.shared.clone())).map_err(|e| e.to_string())?;
+        registry.register(Box::new(metrics.used.clone())).map_err(|e| e.to_string())?;
+        metrics.shared.set(1);
+        Ok(Arc::new(Cluster {
+            client,
+            config,
+            conns: dashmap::DashMap::new(),
+            fallback,
+            settings: settings.clone(),
+            replica: format!("{:016x}", fastrand::u64(..)),
+            started: Instant::now(),
+            local_until: AtomicU64::new(0),
+            degraded: AtomicBool::new(false),
+            last_log: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            next_id: AtomicU64::new(0),
+            rt: tokio::runtime::Handle::current(),
+            metrics,
+        }))
+    }
+
+    /// This thread's connection, made (lazily, on this thread's runtime) on first use.
+    fn conn(&self) -> ConnectionManager {
+        let id = std::thread::current().id();
+        if let Some(c) = self.conns.get(&id) {
+            return c.clone();
+        }
+        let made = self.client.get_connection_manager_lazy(self.config.clone());
+        match made {
+            Ok(c) => self.conns.entry(id).or_insert(c).clone(),
+            Err(_) => self.fallback.clone(),
+        }
+    }
+
+    /// Runs background work (settles, releases) on the current runtime, else the one that
+    /// connected.
+    fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(f)),
+            Err(_) => drop(self.rt.spawn(f)),
+        }
+    }
+
+    /// The validated `[cluster]` settings.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// Whether the last call reached Redis (state is shared now).
+    pub fn is_shared(&self) -> bool {
+        !self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The mode, for `/readyz` and `/admin/routes`.
+    pub fn status(&self) -> Status {
+        let shared = self.is_shared();
+        Status {
+            mode: if shared { "shared" } else { "local" },
+            on_cluster_error: match self.settings.on_error {
+                OnClusterError::Local => "local",
+                OnClusterError::FailClosed => "fail_closed",
+            },
+            last_error: if shared { None } else { lock(&self.last_error).clone() },
+        }
+    }
+
+    /// What a request meets when a call of `op` was [`Unavailable`]: `Ok` to go on with local
+    /// state, or, under `fail_closed`, an OpenAI-shaped 503 (`cluster_unavailable`, retry after
+    /// 1 s) that names no server or secret.
+    pub fn fallback(&self, _: Unavailable) -> Result<(), ApiError> {
+        match self.settings.on_error {
+            OnClusterError::Local => Ok(()),
+            OnClusterError::FailClosed => {
+                let mut e = ApiError::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    "cluster_unavailable",
+                    "the gateway's shared state (rate limits, spend, idempotency) is unreachable, and this gateway refuses requests rather than count them on one replica; try again shortly",
+                );
+                e.retry_after = Some(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// A key under the policy's prefix, its parts joined by ':'.
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.settings.key_prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(':');
+            }
+            k.push_str(p);
+        }
+        k
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs one Redis call under the deadline, or not at all while the replica waits to
+    /// recheck; failures switch to local state for `recheck`.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        if self.local_until.load(Ordering::Relaxed) > self.now_ms() {
+            self.metrics.errors.with_label_values(&[op]).inc();
+            return Err(Unavailable);
+        }
+        let why = match tokio::time::timeout(self.settings.timeout, f).await {
+            Ok(Ok(v)) => {
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    self.local_until.store(0, Ordering::Relaxed);
+                    self.metrics.shared.set(1);
+                    tracing::info!(
+                        "shared state (Redis) answers again: limits, spend, idempotency and pauses are shared"
+                    );
+                }
+                return Ok(v);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", self.settings.timeout.as_millis()),
+        };
+        self.failed(op, why);
+        Err(Unavailable)
+    }
+
+    fn failed(&self, op: &'static str, why: String) {
+        let now = self.now_ms();
+        self.local_until.store(now + self.settings.recheck.as_millis() as u64, Ordering::Relaxed);
+        self.metrics.errors.with_label_values(&[op]).inc();
+        self.metrics.shared.set(0);
+        let newly = !self.degraded.swap(true, Ordering::Relaxed);
+        let last = self.last_log.load(Ordering::Relaxed);
+        if newly || now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64 {
+            self.last_log.store(now.max(1), Ordering::Relaxed);
+            let mode = match self.settings.on_error {
+                OnClusterError::Local => "using this replica's own state",
+                OnClusterError::FailClosed => "refusing requests (fail_closed)",
+            };
+            tracing::warn!(op, error = %why, "shared state (Redis) unavailable; {mode} (logged at most every {} s)", LOG_EVERY.as_secs());
+        }
+        *lock(&self.last_error) = Some(why);
+    }
+
+    fn set_used(&self, scope: &str, name: &str, limit: &str, ratio: f64) {
+        self.metrics.used.with_label_values(&[scope, name, limit]).set(ratio.clamp(0.0, 1.0));
+    }
+}
+
+/// One rate limit of a request: `per_minute` cells a minute (a burst of as many), of which the
+/// request takes `cost`.
+#[derive(Debug, Clone)]
+pub struct RateCell<'a> {
+    /// "key" or "tenant".
+    pub scope: &'static str,
+    /// The key's id or the tenant's name (from the policy).
+    pub name: &'a str,
+    /// "requests" or "images".
+    pub limit: &'static str,
+    /// The limit, per minute (at least 1).
+    pub per_minute: u32,
+    /// Cells this request takes (1 for requests, `n` for images).
+    pub cost: u32,
+}
+
+/// The verdict on a request's rate limits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateVerdict {
+    /// Every limit had room; each one's use afterwards (0 to 1), in the order given.
+    Allowed(Vec<f64>),
+    /// The limit at this index has no room for `wait`; nothing was taken from any limit.
+    Refused { index: usize, wait: Duration },
+}
+
+impl Cluster {
+    /// Takes every cell from every limit in one script, or nothing when one of them has no room
+    /// (GCRA on Redis's clock, so replicas agree). One round trip whatever the number of limits.
+    pub async fn rate(&self, cells: &[RateCell<'_>]) -> Result<RateVerdict, Unavailable> {
+        let mut inv = lua::GCRA.prepare_invoke();
+        for c in cells {
+            inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
+        }
+        for c in cells {
+            inv.arg(60_000_000.0 / f64::from(c.per_minute.max(1))).arg(c.cost);
+        }
+        let mut conn = self.conn();
+        let reply: Vec<i64> = self.call("limits", inv.invoke_async(&mut conn)).await?;
+        match reply.as_slice() {
+            [0, _, used @ ..] => {
+                let used: Vec<f64> = used.iter().map(|u| *u as f64 / 60_000_000.0).collect();
+                for (c, u) in cells.iter().zip(&used) {
+                    self.set_used(c.scope, c.name, c.limit, *u);
+                }
+                Ok(RateVerdict::Allowed(used))
+            }
+            [i, wait, ..] if *i >= 1 => {
+                let index = (*i - 1) as usize;
+                if let Some(c) = cells.get(index) {
+                    self.set_used(c.scope, c.name, c.limit, 1.0);
+                }
+                Ok(RateVerdict::Refused { index, wait: Duration::from_micros((*wait).max(0) as u64) })
+            }
+            _ => {
+                self.failed("limits", format!("unexpected reply {reply:?}"));
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// How much of each limit is used now, cluster-wide (0 to 1), without taking anything.
+    pub async fn rate_usage(&self, cells: &[RateCell<'_>]) -> Result<Vec<f64>, Unavailable> {
+        let mut inv = lua::GCRA_PEEK.prepare_invoke();
+        for c in cells {
+            inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
+        }
+        let mut conn = self.conn();
+        let reply: Vec<i64> = self.call("usage", inv.invoke_async(&mut conn)).await?;
+        Ok(reply.iter().map(|u| (*u as f64 / 60_000_000.0).clamp(0.0, 1.0)).collect())
+    }
+}
+
+/// The UTC day number of now.
+fn utc_day() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) / 86_400
+}
+
+/// An estimate held on a shared daily budget while work runs. Settle it with what the work
+/// cost; dropped unsettled, the estimate is released. Either happens in the background.
+pub struct SpendHold {
+    cluster: Arc<Cluster>,
+    key: String,
+    id: String,
+    done: bool,
+}
+
+/// A refused reservation: the budget's settled spend today, USD.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverBudget(pub f64);
+
+impl Cluster {
+    /// Holds `estimate` USD of today's `limit` on the budget `name` ("tenant:acme",
+    /// "mirror:route:candidate"), shared by every replica: `Ok(Err(spent today))` when the
+    /// day's settled spend plus the estimates held would pass the limit. A hold not settled
+    /// within the idempotency lease time (a replica that died) stops counting.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        name: &str,
+        limit: f64,
+        estimate: f64,
+    ) -> Result<Result<SpendHold, OverBudget>, Unavailable> {
+        let key = self.key(&["spend", name, &utc_day().to_string()]);
+        let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut inv = lua::RESERVE.prepare_invoke();
+        inv.key(&key).arg(limit.min(1e300)).arg(estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
+        let mut conn = self.conn();
+        let (ok, spent): (i64, String) = self.call("spend", inv.invoke_async(&mut conn)).await?;
+        let spent: f64 = spent.parse().unwrap_or(0.0);
+        if limit.is_finite() && limit > 0.0 {
+            let (scope, rest) = name.split_once(':').unwrap_or(("", name));
+            self.set_used(scope, rest, "spend", spent / limit);
+        }
+        Ok(if ok == 1 { Ok(SpendHold { cluster: self.clone(), key, id, done: false }) } else { Err(OverBudget(spent)) })
+    }
+
+    /// Settled spend today on the budget `name`, USD, cluster-wide.
+    pub async fn spent_today(&self, name: &str) -> Result<f64, Unavailable> {
+        let key = self.key(&["spend", name, &utc_day().to_string()]);
+        let mut conn = self.conn();
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(&key).arg("spent");
+        let v: Option<String> = self.call("usage", cmd.query_async(&mut conn)).await?;
+        Ok(v.and_then(|s| s.parse().ok()).unwrap_or(0.0))
+    }
+}
+
+impl SpendHold {
+    /// Charges `usd` to today's shared spend now; the estimate stays held.
+    pub fn charge(&self, usd: f64) {
+        if usd <= 0.0 {
+            return;
+        }
+        let (c, key) = (self.cluster.clone(), self.key.clone());
+        self.cluster.spawn(async move {
+            let mut conn = c.conn();
+            let mut cmd = redis::cmd("HINCRBYFLOAT");
+            cmd.arg(&key).arg("spent").arg(usd);
+            let _ = c.call("spend", cmd.query_async::<String>(&mut conn)).await;
+        });
+    }
+
+    /// Replaces the estimate by what the work cost, in one atomic step.
+    pub fn settle(mut self, actual: f64) {
+        self.done = true;
+        self.finish(actual);
+    }
+
+    fn finish(&self, actual: f64) {
+        let (c, key, id) = (self.cluster.clone(), self.key.clone(), self.id.clone());
+        self.cluster.spawn(async move {
+            let mut conn = c.conn();
+            let mut p = redis::pipe();
+            p.atomic().hdel(&key, format!("r:{id}")).ignore();
+            if actual > 0.0 {
+                p.cmd("HINCRBYFLOAT").arg(&key).arg("spent").arg(actual).ignore();
+            }
+            let _ = c.call("spend", p.query_async::<()>(&mut conn)).await;
+        });
+    }
+}
+
+impl Drop for SpendHold {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.finish(0.0);
+        }
+    }
+}
+
+/// A provider's hold-off learnt by one replica and shared with all: until when, as Unix
+/// milliseconds.
+pub type HoldOff = (String, u64);
+
+impl Cluster {
+    /// Publishes this replica's new 429 pauses and opened breakers (a later end never shortens
+    /// an earlier one) and reads every replica's, still running, in one script.
+    pub async fn exchange(
+        &self,
+        pauses: &[HoldOff],
+        breakers: &[HoldOff],
+    ) -> Result<(Vec<HoldOff>, Vec<HoldOff>), Unavailable> {
+        let mut inv = lua::HOLD_OFF.prepare_invoke();
+        inv.key(self.key(&["pauses"])).key(self.key(&["breakers"])).arg(pauses.len());
+        for (p, until) in pauses.iter().chain(breakers) {
+            inv.arg(p).arg(*until);
+        }
+        let mut conn = self.conn();
+        let (p, b): (Vec<String>, Vec<String>) = self.call("pauses", inv.invoke_async(&mut conn)).await?;
+        let pairs = |v: Vec<String>| -> Vec<HoldOff> {
+            v.chunks_exact(2).filter_map(|c| Some((c[0].clone(), c[1].parse().ok()?))).collect()
+        };
+        Ok((pairs(p), pairs(b)))
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
