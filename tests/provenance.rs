@@ -446,3 +446,46 @@ async fn the_prompt_goes_in_only_where_the_route_records_it_in_full() {
         assert_eq!(v["trace"]["prompt"].as_str(), expected, "route {model}: {v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_held_for_review_comes_back_signed_once_approved() {
+    let keys = tempfile::tempdir().unwrap();
+    write_chain(keys.path(), &certs::chain("gateway"));
+    // The mock's default answer is a blank 4x4 PNG: sanity fails it, and the route holds it.
+    let mock = MockProvider::start().await;
+    let policy = format!(
+        "{}{}[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\n",
+        openai_provider("primary", &mock),
+        route_toml("main", "m")
+            .target("primary", "gpt-image-1")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\""),
+        keys.path().join("chain.pem").display(),
+        keys.path().join("key.pem").display(),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let r = generate(&gw, "b64_json").await;
+    r.assert_error(423, "pending_review");
+    let id = r.header("x-acc-trace-id").unwrap();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let approve = post_json(
+        &gw.admin_url(&format!("/admin/reviews/{id}/approve")),
+        &json!({"reviewer": "rita", "reason": "on brand"}),
+        &[("authorization", &auth)],
+    )
+    .await;
+    approve.assert_status(200);
+    let polled = get(&gw.url(&format!("/v1/images/reviews/{id}")), &[]).await;
+    polled.assert_status(200);
+    let image = b64_decode(polled.json()["data"][0]["b64_json"].as_str().unwrap());
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("approved.png");
+    std::fs::write(&file, &image).unwrap();
+    let root = keys.path().join("root.pem");
+    let o = acc_provenance(&[file.to_str().unwrap(), "--json", "--trust-anchors", root.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trace"]["trace_id"], id.as_str(), "{v:#}");
+    assert_eq!(v["trace"]["route"], "main", "{v:#}");
+    // The manifest records the automated verdict the image was held on.
+    assert!(v.to_string().contains("sanity"), "{v:#}");
+}
