@@ -26,7 +26,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use crate::answer::{
@@ -296,24 +296,10 @@ where
         Operation::Generate => server.max_json_body_bytes,
         Operation::Edit | Operation::Variation => server.max_multipart_body_bytes,
     };
-    let mut hold = app.bodies.hold();
-    let received = receive_body(&headers, body, limit, &mut hold, server.max_body_buffer_bytes);
-    let body = match tokio::time::timeout(server.body_timeout, received).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) if e.status == StatusCode::SERVICE_UNAVAILABLE => return shed(&app, ctx, e),
-        Ok(Err(e)) => return closing(finish(&app, &snapshot, ctx, Err(e))),
-        Err(_) => {
-            let e = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                "request_timeout",
-                format!(
-                    "the request body did not arrive within {} ms of its headers (server.body_timeout_ms)",
-                    server.body_timeout.as_millis()
-                ),
-            );
-            return closing(finish(&app, &snapshot, ctx, Err(e)));
-        }
+    let (body, _hold) = match receive_body(&app, server, &headers, body, limit).await {
+        Ok(received) => received,
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => return shed(&app, ctx, e),
+        Err(e) => return closing(finish(&app, &snapshot, ctx, Err(e))),
     };
     let max = server.max_in_flight;
     let Some(_in_flight) = app.admit(max) else {
@@ -351,10 +337,40 @@ fn closing(mut r: Response) -> Response {
     r
 }
 
-/// Reads a request body: at most `limit` bytes (413 beyond, told at once by a larger
-/// `content-length`), each chunk taken from the memory all bodies share (`hold`, at most
-/// `shared_max` bytes together; 503 beyond). The caller bounds the time.
-async fn receive_body<B>(
+/// Reads a request body within `server.body_timeout_ms` (408 `request_timeout` beyond): at
+/// most `limit` bytes (413 beyond, told at once by a larger `content-length`), each chunk taken
+/// from the memory all bodies share (`max_body_buffer_mib`; 503 beyond). The body comes with
+/// its share of that memory, given back when the hold is dropped.
+async fn receive_body<'a, B>(
+    app: &'a App,
+    server: &crate::policy::ServerSettings,
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<(Bytes, crate::intake::BodyHold<'a>), ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut hold = app.bodies.hold();
+    let read = read_chunks(headers, body, limit, &mut hold, server.max_body_buffer_bytes);
+    match tokio::time::timeout(server.body_timeout, read).await {
+        Ok(Ok(bytes)) => Ok((bytes, hold)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms of its headers (server.body_timeout_ms)",
+                server.body_timeout.as_millis()
+            ),
+        )),
+    }
+}
+
+/// [`receive_body`]'s reading, without its deadline.
+async fn read_chunks<B>(
     headers: &HeaderMap,
     body: B,
     limit: usize,
@@ -832,33 +848,6 @@ fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'
     policy.keys.get(&digest).map(Some).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
 }
 
-/// Reads a request body up to `limit` bytes; larger ones are refused with 413 before or while
-/// they arrive, never buffered whole.
-pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ApiError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-    };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid("body", "invalid_body", format!("could not read the request body: {e}"))),
-    }
-}
-
 fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanOutcome, ctx: &mut RequestCtx) {
     let policy = &snap.policy;
     let route = &policy.routes[route_idx].name;
@@ -1066,9 +1055,10 @@ where
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let body = match read_body(&parts.headers, body, crate::feedback::MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
+    let server = &snap.policy.server;
+    let (body, _hold) = match receive_body(&app, server, &parts.headers, body, crate::feedback::MAX_BODY_BYTES).await {
+        Ok(received) => received,
+        Err(e) => return closing(e.into_response()),
     };
     let caller =
         crate::feedback::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };

@@ -593,6 +593,39 @@ impl Listener {
         }
     }
 
+    /// Serves one accepted connection on its own task (TLS first when the listener has it),
+    /// watched by `graceful`; its slot is given back when it closes.
+    fn spawn<S, B>(
+        &self,
+        tcp: tokio::net::TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        http: &hyper::server::conn::http1::Builder,
+        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        service: S,
+    ) where
+        S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (http, watcher, idle) = (http.clone(), graceful.watcher(), self.idle);
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => serve_tls(acceptor, tcp, idle, http, watcher, service).await,
+                None => {
+                    let _ = watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service)).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+
     fn http(&self) -> hyper::server::conn::http1::Builder {
         let mut http = hyper::server::conn::http1::Builder::new();
         // hyper's header-read timer also runs while a kept-alive connection waits for its next
@@ -610,19 +643,7 @@ async fn serve_admin(listener: TcpListener, router: axum::Router, limits: Listen
     while let Some((tcp, permit)) = limits.accept(&listener, &stop).await {
         let _ = tcp.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        if let Some(acceptor) = limits.tls.clone() {
-            let (http, watcher, idle) = (http.clone(), graceful.watcher(), limits.idle);
-            tokio::spawn(async move {
-                serve_tls(acceptor, tcp, idle, http, watcher, service).await;
-                drop(permit);
-            });
-            continue;
-        }
-        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        limits.spawn(tcp, permit, &http, &graceful, service);
     }
     drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
@@ -696,19 +717,7 @@ async fn serve_proxy(
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(handle_proxy(app, req).await) }
         });
-        if let Some(acceptor) = limits.tls.clone() {
-            let (http, watcher, idle) = (http.clone(), graceful.watcher(), limits.idle);
-            tokio::spawn(async move {
-                serve_tls(acceptor, tcp, idle, http, watcher, service).await;
-                drop(permit);
-            });
-            continue;
-        }
-        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        limits.spawn(tcp, permit, &http, &graceful, service);
     }
     drop(listener);
     graceful.shutdown().await;

@@ -54,13 +54,8 @@ pub async fn sign(
     };
     let mut jobs = Vec::with_capacity(generation.images.len());
     for (i, image) in generation.images.iter().enumerate() {
-        let bytes = match image {
-            // Validated when the provider's answer was parsed.
-            Image::Base64(b) => Bytes::from(base64_simd::STANDARD.decode_to_vec(b).unwrap_or_default()),
-            Image::Raw { bytes, .. } => bytes.clone(),
-            // The pipeline asks for bytes whenever provenance is on; nothing to sign otherwise.
-            Image::Url(_) => Bytes::new(),
-        };
+        // `Bytes` clones: the payloads are decoded, when base64, on the blocking thread below.
+        let image = image.clone();
         let mut facts = base.clone();
         facts.evaluations = generation
             .verdicts
@@ -73,11 +68,22 @@ pub async fn sign(
                 score: v.score,
             })
             .collect();
-        jobs.push((bytes, facts));
+        jobs.push((image, facts));
     }
     let creds = settings.credentials.clone();
     let results = tokio::task::spawn_blocking(move || {
-        jobs.into_iter().map(|(bytes, facts)| creds.sign(&bytes, &facts).map_err(|e| e.to_string())).collect::<Vec<_>>()
+        jobs.into_iter()
+            .map(|(image, facts)| {
+                let bytes = match image {
+                    // Validated when the provider's answer was parsed.
+                    Image::Base64(b) => Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default()),
+                    Image::Raw { bytes, .. } => bytes,
+                    // The pipeline asks for bytes whenever provenance is on; nothing to sign otherwise.
+                    Image::Url(_) => Bytes::new(),
+                };
+                creds.sign(&bytes, &facts).map_err(|e| e.to_string())
+            })
+            .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_else(|e| vec![Err(format!("signing task failed: {e}"))]);

@@ -142,6 +142,15 @@ struct TapState {
     waker: Option<std::task::Waker>,
 }
 
+impl TapState {
+    /// Keeps `waker` to wake when an event is queued.
+    fn park(&mut self, waker: &std::task::Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+}
+
 impl LiveTap {
     fn state(&self) -> std::sync::MutexGuard<'_, TapState> {
         // A panic while holding this lock leaves only a queue of events behind.
@@ -169,8 +178,8 @@ impl LiveTap {
     pub fn pop(&self, waker: &std::task::Waker) -> Option<Bytes> {
         let mut s = self.state();
         let next = s.queue.pop_front();
-        if next.is_none() && !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            s.waker = Some(waker.clone());
+        if next.is_none() {
+            s.park(waker);
         }
         next
     }
@@ -179,9 +188,7 @@ impl LiveTap {
     pub fn ready(&self, waker: &std::task::Waker) -> bool {
         let mut s = self.state();
         if s.queue.is_empty() {
-            if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                s.waker = Some(waker.clone());
-            }
+            s.park(waker);
             return false;
         }
         true
