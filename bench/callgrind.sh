@@ -24,6 +24,13 @@ PAYLOADS="${CALLGRIND_PAYLOADS:-small large}"
 TRACES="${CALLGRIND_TRACES:-on}"
 [[ "$TRACES" == on || "$TRACES" == off || "$TRACES" == nodigest ]] ||
     { echo "callgrind.sh: CALLGRIND_TRACES must be on, nodigest or off" >&2; exit 2; }
+# off: no limits; memory: key and tenant rate limits and a tenant spend limit in memory (the
+# bench/run.sh acc-limits target); redis: the same limits shared through a redis-server that
+# scripts/redis.sh starts (acc-redis). Redis's own CPU is not counted: only acc's.
+LIMITS="${CALLGRIND_LIMITS:-off}"
+[[ "$LIMITS" == off || "$LIMITS" == memory || "$LIMITS" == redis ]] ||
+    { echo "callgrind.sh: CALLGRIND_LIMITS must be off, memory or redis" >&2; exit 2; }
+BENCH_KEY="sk-acc-bench-limits"
 ACC_BIN="${ACC_BIN:-}"
 WORK="$BENCH_DIR/.work"
 RUN="$WORK/callgrind"
@@ -40,7 +47,9 @@ cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    [[ -z "$REDIS_URL" ]] || "$REPO/scripts/redis.sh" stop "$RUN/redis" >/dev/null 2>&1 || true
 }
+REDIS_URL=""
 trap cleanup EXIT
 
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
@@ -51,6 +60,7 @@ if [[ -z "$ACC_BIN" ]]; then
 fi
 rm -rf "$RUN"
 mkdir -p "$RUN"
+[[ "$LIMITS" != redis ]] || REDIS_URL="$("$REPO/scripts/redis.sh" start "$RUN/redis")"
 python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" >/dev/null
 
 # wait_line FILE REGEX SECONDS
@@ -78,6 +88,7 @@ for payload in $PAYLOADS; do
 kind = "openai"
 base_url = "http://127.0.0.1:$mock_port/v1"
 api_key_env = "BENCH_MOCK_API_KEY"
+$([[ "$LIMITS" == off ]] || echo 'price = { per_image_usd = 0.0001 }  # a spend hold needs an estimate')
 
 [[routes]]
 name = "bench"
@@ -90,6 +101,20 @@ $(case "$TRACES" in
     nodigest) printf 'path = "%s"\nimage_sha256 = false\n' "$RUN/traces-$payload.db" ;;
     *) echo "enabled = false" ;;
 esac)
+$(if [[ "$LIMITS" != off ]]; then cat <<LIMITS
+[[keys]]
+sha256 = "$(printf %s "$BENCH_KEY" | sha256sum | cut -d' ' -f1)"
+tenant = "bench"
+requests_per_minute = 100000000
+images_per_minute = 100000000
+
+[tenants.bench]
+requests_per_minute = 100000000
+images_per_minute = 100000000
+spend_usd_per_day = 1000000000.0
+LIMITS
+fi)
+$(if [[ "$LIMITS" == redis ]]; then printf '[cluster]\nredis_url = "%s"\nkey_prefix = "callgrind-%s:"\n' "$REDIS_URL" "$payload"; fi)
 EOF
     rm -f "$RUN/traces-$payload.db"*
     out="$RUN/acc-$payload.out"
@@ -101,28 +126,41 @@ EOF
     PIDS+=("$acc_pid")
     wait_line "$out" '^listening proxy=' 120 || die "acc did not start: $(tail -n 20 "$RUN/acc-$payload.err")"
     port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
-    python3 - "$port" "$WARMUP" <<'EOF'
+    python3 - "$port" "$WARMUP" "$LIMITS" "$BENCH_KEY" <<'EOF'
 import http.client, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
+h = {"content-type": "application/json"}
+if sys.argv[3] != "off": h["authorization"] = "Bearer " + sys.argv[4]
 body = b'{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for _ in range(n):
-    c.request("POST", "/v1/images/generations", body, {"content-type": "application/json"})
+    c.request("POST", "/v1/images/generations", body, h)
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 EOF
     callgrind_control --zero "$acc_pid" >/dev/null
-    python3 - "$port" "$REQUESTS" <<'EOF'
+    [[ -z "$REDIS_URL" ]] || redis-cli -u "$REDIS_URL" CONFIG RESETSTAT >/dev/null
+    t0=$(date +%s.%N)
+    python3 - "$port" "$REQUESTS" "$LIMITS" "$BENCH_KEY" <<'EOF'
 import http.client, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
+h = {"content-type": "application/json"}
+if sys.argv[3] != "off": h["authorization"] = "Bearer " + sys.argv[4]
 body = b'{"model":"bench","prompt":"a red fox","n":1,"size":"1024x1024","response_format":"b64_json"}'
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for _ in range(n):
-    c.request("POST", "/v1/images/generations", body, {"content-type": "application/json"})
+    c.request("POST", "/v1/images/generations", body, h)
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 EOF
+    t1=$(date +%s.%N)
     callgrind_control --dump="measured" "$acc_pid" >/dev/null
+    if [[ -n "$REDIS_URL" ]]; then
+        # Scripts Redis ran for acc in the measured part (under valgrind requests are ~50x
+        # slower, so background flushes that a native run folds into the next request show here).
+        calls="$(redis-cli -u "$REDIS_URL" INFO commandstats | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\),.*/\1/p')"
+        log "redis: ${calls:-0} scripts for $REQUESTS requests in $(echo "$t1 - $t0" | bc) s"
+    fi
     kill "$acc_pid" "$mock_pid" 2>/dev/null || true
     wait "$acc_pid" 2>/dev/null || true
     # The dump taken after zeroing holds exactly the measured requests (all threads).
@@ -133,5 +171,5 @@ EOF
         total=$((total + ${n:-0}))
     done
     ((total > 0)) || die "no measured dump found in $prof*"
-    echo "callgrind payload=$payload traces=$TRACES requests=$REQUESTS instructions_per_request=$((total / REQUESTS))"
+    echo "callgrind payload=$payload traces=$TRACES limits=$LIMITS requests=$REQUESTS instructions_per_request=$((total / REQUESTS))"
 done

@@ -383,6 +383,61 @@ async fn a_tenant_daily_spend_limit_holds_across_replicas() {
     drop_pg(&r).await;
 }
 
+/// Calls of each Redis command since the last `CONFIG RESETSTAT` (`INFO commandstats`).
+fn redis_calls(url: &str) -> std::collections::HashMap<String, u64> {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
+    let own = OwnRedis::start();
+    let url = own.url.clone();
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            // Hold-offs exchanged rarely, so the count below is the requests'.
+            cluster: "sync_ms = 10000",
+            tenant: "requests_per_minute = 1000\nimages_per_minute = 1000\nspend_usd_per_day = 10",
+            primary: "price = { per_image_usd = 0.01 }",
+            replicas: 1,
+            ..Default::default()
+        },
+        Some(own),
+    )
+    .await;
+    let gw = &r.gws[0];
+    // The first call loads the script.
+    as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+    for _ in 0..20 {
+        as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
+    }
+    // The last request's settle goes by itself shortly after (FLUSH_AFTER, 20 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = redis_calls(&url);
+    let scripts = calls.get("evalsha").copied().unwrap_or(0) + calls.get("eval").copied().unwrap_or(0);
+    // 20 admissions (rate limits, spend hold and the previous request's settle in one script),
+    // the last settle's own flush, and at most one hold-off exchange.
+    assert!((20..=22).contains(&scripts), "{scripts} scripts for 20 requests: {calls:?}");
+    // Each settle once, inside a script: no transaction of its own.
+    assert_eq!(calls.get("hincrbyfloat"), Some(&20), "{calls:?}");
+    assert_eq!((calls.get("multi"), calls.get("exec")), (None, None), "{calls:?}");
+    let c = admin_json(gw, "/admin/routes").await;
+    let spent = &c["cluster"]["tenants"]["acme"]["spend_usd_per_day"]["spent_today_usd"];
+    assert!(spent.as_f64().is_some_and(|s| (s - 0.21).abs() < 1e-9), "21 images at 0.01 USD: {}", c["cluster"]);
+    drop_pg(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_daily_cap_holds_across_replicas() {
     let (url, own) = shared_redis();

@@ -8,9 +8,14 @@
 //! Redis again (or, with `on_cluster_error = "fail_closed"`, refuses with a 503). Whatever was
 //! shared stays in Redis, so a replica that restarts loses none of it.
 //!
-//! The connection is one multiplexed [`ConnectionManager`] per process (it reconnects by
-//! itself); its driver task runs on the runtime that called [`Cluster::connect`], and the proxy
-//! workers' runtimes talk to it through channels.
+//! A request's admission is one round trip: one script takes its rate limits and its spend hold
+//! ([`Cluster::admit`]), and carries the spend changes this process has waiting (settles,
+//! releases, charges), so a request's settle rides on a later request's call instead of costing
+//! one of its own; with no later call, the changes go by themselves after [`FLUSH_AFTER`], and
+//! at shutdown.
+//!
+//! Connections are multiplexed [`ConnectionManager`]s (they reconnect by themselves), one per
+//! thread that calls, so each proxy worker's connection is driven by its own runtime.
 
 mod idem;
 mod lua;
@@ -32,6 +37,15 @@ use crate::policy::{ClusterSettings, OnClusterError};
 
 /// At most one log line per this interval about Redis failing.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a spend change (a settle, a release, a charge) waits for a request's call to
+/// Redis to ride on before it is sent by itself.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(20);
+
+/// At most this many spend changes wait while Redis cannot take them (about 100 bytes each);
+/// older ones are dropped and counted in `acc_cluster_errors_total{op="spend"}`. An estimate
+/// whose release is dropped stops counting when its hold expires (the lease time).
+pub const MAX_CHANGES: usize = 100_000;
 
 /// A Redis call that failed or missed its deadline: the caller uses its local state (or, under
 /// `fail_closed`, [`Cluster::fallback`] refuses).
@@ -74,6 +88,10 @@ pub struct Cluster {
     last_log: AtomicU64,
     last_error: Mutex<Option<String>>,
     next_id: AtomicU64,
+    /// Spend changes waiting to ride on the next call to Redis.
+    changes: Mutex<Vec<SpendChange>>,
+    /// Set while a flush of `changes` is scheduled.
+    flush_armed: AtomicBool,
     /// Where settles and releases of dropped holds run (the runtime that connected).
     rt: tokio::runtime::Handle,
     metrics: ClusterMetrics,
@@ -153,6 +171,8 @@ impl Cluster {
             last_log: AtomicU64::new(0),
             last_error: Mutex::new(None),
             next_id: AtomicU64::new(0),
+            changes: Mutex::new(Vec::new()),
+            flush_armed: AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
             metrics,
         }))
@@ -306,45 +326,105 @@ pub struct RateCell<'a> {
     pub cost: u32,
 }
 
-/// The verdict on a request's rate limits.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RateVerdict {
-    /// Every limit had room; each one's use afterwards (0 to 1), in the order given.
-    Allowed(Vec<f64>),
-    /// The limit at this index has no room for `wait`; nothing was taken from any limit.
+/// A spend hold asked for together with a request's rate limits ([`Cluster::admit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SpendAsk<'a> {
+    /// The budget's name: "tenant:NAME" or "mirror:ROUTE:CANDIDATE".
+    pub budget: &'a str,
+    /// The budget's daily limit, USD.
+    pub limit: f64,
+    /// What the work is expected to cost, USD, held until it is settled.
+    pub estimate: f64,
+}
+
+/// The verdict on a request's rate limits and spend hold.
+pub enum Admission {
+    /// Every limit had room (and the budget, when a hold was asked for): the hold.
+    Admitted(Option<SpendHold>),
+    /// The rate limit at this index has no room for `wait`; nothing was taken.
     Refused { index: usize, wait: Duration },
+    /// The budget has no room: its settled spend today, USD; nothing was taken.
+    OverBudget(f64),
+}
+
+/// A spend change that rides on the next call to Redis: a hold ended (settled or released)
+/// and/or USD added to a budget's settled spend.
+struct SpendChange {
+    /// The budget's hash for the day.
+    key: String,
+    /// The hold's field (`r:ID`), or empty for a plain charge.
+    hold: String,
+    usd: f64,
 }
 
 impl Cluster {
-    /// Takes every cell from every limit in one script, or nothing when one of them has no room
-    /// (GCRA on Redis's clock, so replicas agree). One round trip whatever the number of limits.
-    pub async fn rate(&self, cells: &[RateCell<'_>]) -> Result<RateVerdict, Unavailable> {
-        let mut inv = lua::GCRA.prepare_invoke();
+    /// Takes every cell from every rate limit and, with `spend`, holds its estimate on the
+    /// budget, in one script and one round trip (GCRA on Redis's clock, so replicas agree):
+    /// all of it, or nothing when one limit or the budget has no room. The spend changes
+    /// waiting on this process (settles, releases, charges) go to Redis in the same call.
+    pub async fn admit(
+        self: &Arc<Self>,
+        cells: &[RateCell<'_>],
+        spend: Option<SpendAsk<'_>>,
+    ) -> Result<Admission, Unavailable> {
+        let changes = self.take_changes();
+        let mut inv = lua::ADMIT.prepare_invoke();
+        inv.arg(cells.len()).arg(u8::from(spend.is_some())).arg(changes.len());
         for c in cells {
             inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
-        }
-        for c in cells {
             inv.arg(60_000_000.0 / f64::from(c.per_minute.max(1))).arg(c.cost);
         }
+        let hold = spend.map(|s| {
+            let key = self.key(&["spend", s.budget, &utc_day().to_string()]);
+            let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
+            inv.key(&key).arg(s.limit.min(1e300)).arg(s.estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
+            (key, id, s)
+        });
+        for c in &changes {
+            inv.key(&c.key).arg(&c.hold).arg(c.usd);
+        }
         let mut conn = self.conn();
-        let reply: Vec<i64> = self.call("limits", inv.invoke_async(&mut conn)).await?;
-        match reply.as_slice() {
-            [0, _, used @ ..] => {
-                let used: Vec<f64> = used.iter().map(|u| *u as f64 / 60_000_000.0).collect();
-                for (c, u) in cells.iter().zip(&used) {
-                    self.set_used(c.scope, c.name, c.limit, *u);
-                }
-                Ok(RateVerdict::Allowed(used))
+        let op = if cells.is_empty() { "spend" } else { "limits" };
+        let reply: Vec<String> = match self.call(op, inv.invoke_async(&mut conn)).await {
+            Ok(r) => r,
+            Err(u) => {
+                self.restore_changes(changes);
+                return Err(u);
             }
-            [i, wait, ..] if *i >= 1 => {
-                let index = (*i - 1) as usize;
-                if let Some(c) = cells.get(index) {
-                    self.set_used(c.scope, c.name, c.limit, 1.0);
+        };
+        let int = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
+        let spent = |i: usize| reply.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let spend_used = |spent: f64| {
+            if let Some((_, _, s)) = &hold {
+                if s.limit.is_finite() && s.limit > 0.0 {
+                    let (scope, rest) = s.budget.split_once(':').unwrap_or(("", s.budget));
+                    self.set_used(scope, rest, "spend", spent / s.limit);
                 }
-                Ok(RateVerdict::Refused { index, wait: Duration::from_micros((*wait).max(0) as u64) })
+            }
+        };
+        match (int(0), int(1)) {
+            (Some(0), Some(0)) if reply.len() == 4 + cells.len() => {
+                for (i, c) in cells.iter().enumerate() {
+                    let used = int(4 + i).unwrap_or(0) as f64 / 60_000_000.0;
+                    self.set_used(c.scope, c.name, c.limit, used);
+                }
+                spend_used(spent(3));
+                let hold = hold.map(|(key, id, _)| SpendHold { cluster: self.clone(), key, id, done: false });
+                Ok(Admission::Admitted(hold))
+            }
+            (Some(-1), _) => {
+                let spent = spent(2);
+                spend_used(spent);
+                Ok(Admission::OverBudget(spent))
+            }
+            (Some(i), Some(wait)) if i >= 1 && (i as usize) <= cells.len() => {
+                let index = (i - 1) as usize;
+                let c = &cells[index];
+                self.set_used(c.scope, c.name, c.limit, 1.0);
+                Ok(Admission::Refused { index, wait: Duration::from_micros(wait.max(0) as u64) })
             }
             _ => {
-                self.failed("limits", format!("unexpected reply {reply:?}"));
+                self.failed(op, format!("unexpected reply {reply:?}"));
                 Err(Unavailable)
             }
         }
@@ -360,6 +440,55 @@ impl Cluster {
         let reply: Vec<i64> = self.call("usage", inv.invoke_async(&mut conn)).await?;
         Ok(reply.iter().map(|u| (*u as f64 / 60_000_000.0).clamp(0.0, 1.0)).collect())
     }
+
+    /// Sends the spend changes still waiting (at shutdown), within the call deadline.
+    pub async fn flush(self: &Arc<Self>) {
+        if !lock(&self.changes).is_empty() {
+            let _ = self.admit(&[], None).await;
+        }
+    }
+
+    /// The spend changes waiting to go to Redis, all of them (the caller sends them).
+    fn take_changes(&self) -> Vec<SpendChange> {
+        let mut p = lock(&self.changes);
+        if p.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *p)
+        }
+    }
+
+    /// Puts back changes a failed call did not deliver, oldest first, keeping at most
+    /// [`MAX_CHANGES`] (the newest); what is cut is counted as a failed `spend` call.
+    fn restore_changes(&self, mut changes: Vec<SpendChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut p = lock(&self.changes);
+        changes.append(&mut p);
+        let over = changes.len().saturating_sub(MAX_CHANGES);
+        if over > 0 {
+            changes.drain(..over);
+            self.metrics.errors.with_label_values(&["spend"]).inc_by(over as u64);
+        }
+        *p = changes;
+    }
+
+    /// Queues a spend change for the next call; a flush runs [`FLUSH_AFTER`] later when no
+    /// request's call has taken it by then.
+    fn queue_change(self: &Arc<Self>, change: SpendChange) {
+        lock(&self.changes).push(change);
+        if !self.flush_armed.swap(true, Ordering::AcqRel) {
+            let c = self.clone();
+            self.spawn(async move {
+                tokio::time::sleep(FLUSH_AFTER).await;
+                c.flush_armed.store(false, Ordering::Release);
+                if !lock(&c.changes).is_empty() {
+                    let _ = c.admit(&[], None).await;
+                }
+            });
+        }
+    }
 }
 
 /// The UTC day number of now.
@@ -368,7 +497,8 @@ fn utc_day() -> u64 {
 }
 
 /// An estimate held on a shared daily budget while work runs. Settle it with what the work
-/// cost; dropped unsettled, the estimate is released. Either happens in the background.
+/// cost; dropped unsettled, the estimate is released. Either goes to Redis with the next call
+/// (a request's admission) or within [`FLUSH_AFTER`].
 pub struct SpendHold {
     cluster: Arc<Cluster>,
     key: String,
@@ -391,18 +521,11 @@ impl Cluster {
         limit: f64,
         estimate: f64,
     ) -> Result<Result<SpendHold, OverBudget>, Unavailable> {
-        let key = self.key(&["spend", name, &utc_day().to_string()]);
-        let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut inv = lua::RESERVE.prepare_invoke();
-        inv.key(&key).arg(limit.min(1e300)).arg(estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
-        let mut conn = self.conn();
-        let (ok, spent): (i64, String) = self.call("spend", inv.invoke_async(&mut conn)).await?;
-        let spent: f64 = spent.parse().unwrap_or(0.0);
-        if limit.is_finite() && limit > 0.0 {
-            let (scope, rest) = name.split_once(':').unwrap_or(("", name));
-            self.set_used(scope, rest, "spend", spent / limit);
+        match self.admit(&[], Some(SpendAsk { budget: name, limit, estimate })).await? {
+            Admission::Admitted(Some(hold)) => Ok(Ok(hold)),
+            Admission::OverBudget(spent) => Ok(Err(OverBudget(spent))),
+            Admission::Admitted(None) | Admission::Refused { .. } => Err(Unavailable),
         }
-        Ok(if ok == 1 { Ok(SpendHold { cluster: self.clone(), key, id, done: false }) } else { Err(OverBudget(spent)) })
     }
 
     /// Settled spend today on the budget `name`, USD, cluster-wide.
@@ -417,37 +540,22 @@ impl Cluster {
 }
 
 impl SpendHold {
-    /// Charges `usd` to today's shared spend now; the estimate stays held.
+    /// Charges `usd` to today's shared spend (with the next call); the estimate stays held.
     pub fn charge(&self, usd: f64) {
-        if usd <= 0.0 {
-            return;
+        if usd > 0.0 {
+            self.cluster.queue_change(SpendChange { key: self.key.clone(), hold: String::new(), usd });
         }
-        let (c, key) = (self.cluster.clone(), self.key.clone());
-        self.cluster.spawn(async move {
-            let mut conn = c.conn();
-            let mut cmd = redis::cmd("HINCRBYFLOAT");
-            cmd.arg(&key).arg("spent").arg(usd);
-            let _ = c.call("spend", cmd.query_async::<String>(&mut conn)).await;
-        });
     }
 
-    /// Replaces the estimate by what the work cost, in one atomic step.
+    /// Replaces the estimate by what the work cost, in one atomic step (with the next call).
     pub fn settle(mut self, actual: f64) {
         self.done = true;
         self.finish(actual);
     }
 
     fn finish(&self, actual: f64) {
-        let (c, key, id) = (self.cluster.clone(), self.key.clone(), self.id.clone());
-        self.cluster.spawn(async move {
-            let mut conn = c.conn();
-            let mut p = redis::pipe();
-            p.atomic().hdel(&key, format!("r:{id}")).ignore();
-            if actual > 0.0 {
-                p.cmd("HINCRBYFLOAT").arg(&key).arg("spent").arg(actual).ignore();
-            }
-            let _ = c.call("spend", p.query_async::<()>(&mut conn)).await;
-        });
+        let change = SpendChange { key: self.key.clone(), hold: format!("r:{}", self.id), usd: actual.max(0.0) };
+        self.cluster.queue_change(change);
     }
 }
 

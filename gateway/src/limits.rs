@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::cluster::{Cluster, RateCell, RateVerdict, SpendHold};
+use crate::cluster::{Admission, Cluster, RateCell, SpendAsk, SpendHold};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{ApiKey, TenantLimits};
@@ -139,6 +139,15 @@ fn spend_refusal(metrics: &Metrics, tenant: &str, limit: f64, spent: f64) -> Api
     refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
 }
 
+/// How a refusal names a limit's owner: "API key ID" or "tenant \"NAME\"".
+fn who(scope: &str, name: &str) -> String {
+    if scope == "key" {
+        format!("API key {name}")
+    } else {
+        format!("tenant \"{name}\"")
+    }
+}
+
 fn requests_refusal(metrics: &Metrics, tenant: &str, who: &str, per_minute: u32, wait: Duration) -> ApiError {
     let msg = format!(
         "Rate limit reached for {who} on requests per minute: limit {per_minute}. Try again in {} s.",
@@ -249,53 +258,61 @@ impl Limits {
         Limits { cluster, ..Default::default() }
     }
 
-    /// Counts one request and its `n` images against the key's and its tenant's limits: in
-    /// Redis for every replica when `[cluster]` is set (one round trip for all of them), else
-    /// (or while Redis cannot answer, under `on_cluster_error = "local"`) in this replica's
-    /// memory. Errors: 429 with `Retry-After` naming the limit; 503 `cluster_unavailable` under
-    /// `fail_closed`.
+    /// Admits one request: its `images` against the key's and its tenant's rate limits, and
+    /// `estimate` USD held on the tenant's daily spend limit (released when the returned
+    /// [`Reservation`] is dropped, replaced by the actual cost when it is settled). With
+    /// `[cluster]` all of it is one script in Redis, shared by every replica, taken together or
+    /// not at all; without it (or while Redis cannot answer, under `on_cluster_error =
+    /// "local"`) in this replica's memory. Errors: 429 with `Retry-After` naming the limit
+    /// (`rate_limit_exceeded`, or `spend_limit_exceeded` until the next UTC day); 503
+    /// `cluster_unavailable` under `fail_closed`.
     pub async fn admit(
         &self,
         metrics: &Metrics,
         key: &ApiKey,
         tenant: Option<&TenantLimits>,
         images: u32,
-    ) -> Result<(), ApiError> {
-        let Some(cluster) = &self.cluster else { return self.admit_local(metrics, key, tenant, images) };
+        estimate: f64,
+    ) -> Result<Reservation, ApiError> {
+        let Some(cluster) = &self.cluster else { return self.admit_local(metrics, key, tenant, images, estimate) };
         let mut cells = Vec::with_capacity(4);
-        let mut who = Vec::with_capacity(4);
         let scopes = [("key", key.id.as_str(), key.requests_per_minute, key.images_per_minute)];
         let tenant_scope = tenant.map(|t| ("tenant", key.tenant.as_str(), t.requests_per_minute, t.images_per_minute));
         for (scope, name, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
-            let label = if scope == "key" { format!("API key {name}") } else { format!("tenant \"{name}\"") };
             if let Some(per_minute) = rpm {
                 cells.push(RateCell { scope, name, limit: "requests", per_minute, cost: 1 });
-                who.push(label.clone());
             }
             if let Some(per_minute) = ipm {
                 if images > per_minute {
-                    return Err(images_refusal(metrics, &key.tenant, &label, per_minute, images, None));
+                    let who = who(scope, name);
+                    return Err(images_refusal(metrics, &key.tenant, &who, per_minute, images, None));
                 }
                 cells.push(RateCell { scope, name, limit: "images", per_minute, cost: images });
-                who.push(label);
             }
         }
-        if cells.is_empty() {
-            return Ok(());
+        let spend_limit = tenant.and_then(|t| t.spend_usd_per_day);
+        if cells.is_empty() && spend_limit.is_none() {
+            return Ok(Reservation::none());
         }
-        match cluster.rate(&cells).await {
-            Ok(RateVerdict::Allowed(_)) => Ok(()),
-            Ok(RateVerdict::Refused { index, wait }) => {
-                let (c, label) = (&cells[index], &who[index]);
+        let budget = spend_limit.map(|limit| (format!("tenant:{}", key.tenant), limit));
+        let ask = budget.as_ref().map(|(budget, limit)| SpendAsk { budget, limit: *limit, estimate });
+        match cluster.admit(&cells, ask).await {
+            Ok(Admission::Admitted(hold)) => Ok(hold.map_or_else(Reservation::none, Reservation::shared)),
+            Ok(Admission::Refused { index, wait }) => {
+                let c = &cells[index];
+                let who = who(c.scope, c.name);
                 Err(if c.limit == "requests" {
-                    requests_refusal(metrics, &key.tenant, label, c.per_minute, wait)
+                    requests_refusal(metrics, &key.tenant, &who, c.per_minute, wait)
                 } else {
-                    images_refusal(metrics, &key.tenant, label, c.per_minute, images, Some(wait))
+                    images_refusal(metrics, &key.tenant, &who, c.per_minute, images, Some(wait))
                 })
+            }
+            Ok(Admission::OverBudget(spent)) => {
+                Err(spend_refusal(metrics, &key.tenant, spend_limit.unwrap_or_default(), spent))
             }
             Err(u) => {
                 cluster.fallback(u)?;
-                self.admit_local(metrics, key, tenant, images)
+                self.admit_local(metrics, key, tenant, images, estimate)
             }
         }
     }
@@ -307,66 +324,36 @@ impl Limits {
         key: &ApiKey,
         tenant: Option<&TenantLimits>,
         images: u32,
-    ) -> Result<(), ApiError> {
-        let scopes = [(
-            format!("API key {}", key.id),
-            Self::pair(&self.keys, &key.id),
-            key.requests_per_minute,
-            key.images_per_minute,
-        )];
+        estimate: f64,
+    ) -> Result<Reservation, ApiError> {
+        let scopes = [("key", key.id.as_str(), &self.keys, key.requests_per_minute, key.images_per_minute)];
         let tenant_scope = tenant.map(|t| {
-            (
-                format!("tenant \"{}\"", key.tenant),
-                Self::pair(&self.tenants, &key.tenant),
-                t.requests_per_minute,
-                t.images_per_minute,
-            )
+            ("tenant", key.tenant.as_str(), &self.tenants, t.requests_per_minute, t.images_per_minute)
         });
-        for (who, pair, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
+        for (scope, name, map, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
             if rpm.is_none() && ipm.is_none() {
                 continue;
             }
+            let pair = Self::pair(map, name);
             let mut p = lock(&pair);
             p.sync(rpm, ipm);
             if let Some(l) = &p.requests {
                 if let Err(wait) = take(l, 1) {
                     let wait = wait.unwrap_or(Duration::from_secs(60));
-                    return Err(requests_refusal(metrics, &key.tenant, &who, l.per_minute, wait));
+                    return Err(requests_refusal(metrics, &key.tenant, &who(scope, name), l.per_minute, wait));
                 }
             }
             if let Some(l) = &p.images {
                 if let Err(wait) = take(l, images) {
-                    return Err(images_refusal(metrics, &key.tenant, &who, l.per_minute, images, wait));
+                    return Err(images_refusal(metrics, &key.tenant, &who(scope, name), l.per_minute, images, wait));
                 }
             }
         }
-        Ok(())
+        self.reserve_local(metrics, &key.tenant, tenant, estimate)
     }
 
-    /// Holds `estimate` USD of the tenant's daily budget for a request, or refuses it when the
-    /// day's settled and reserved spend would pass the limit: in Redis for every replica when
-    /// `[cluster]` is set, else (or while Redis cannot answer, under "local") in memory.
-    /// Errors: 429 `spend_limit_exceeded`; 503 `cluster_unavailable` under `fail_closed`.
-    pub async fn reserve(
-        &self,
-        metrics: &Metrics,
-        tenant: &str,
-        limits: Option<&TenantLimits>,
-        estimate: f64,
-    ) -> Result<Reservation, ApiError> {
-        let Some(limit) = limits.and_then(|l| l.spend_usd_per_day) else { return Ok(Reservation::none()) };
-        let Some(cluster) = &self.cluster else { return self.reserve_local(metrics, tenant, limits, estimate) };
-        match cluster.reserve(&format!("tenant:{tenant}"), limit, estimate).await {
-            Ok(Ok(hold)) => Ok(Reservation::shared(hold)),
-            Ok(Err(over)) => Err(spend_refusal(metrics, tenant, limit, over.0)),
-            Err(u) => {
-                cluster.fallback(u)?;
-                self.reserve_local(metrics, tenant, limits, estimate)
-            }
-        }
-    }
-
-    /// [`Limits::reserve`] on this replica's memory only.
+    /// The spend hold of [`Limits::admit_local`]: `estimate` USD of the tenant's daily budget,
+    /// or 429 `spend_limit_exceeded` when the day's settled and reserved spend would pass it.
     pub fn reserve_local(
         &self,
         metrics: &Metrics,
@@ -411,9 +398,9 @@ mod tests {
     fn requests_per_minute_refuses_with_retry_after() {
         let (l, m) = (Limits::default(), Metrics::new());
         let k = key(Some(2), None);
-        assert!(l.admit_local(&m, &k, None, 1).is_ok());
-        assert!(l.admit_local(&m, &k, None, 1).is_ok());
-        let e = l.admit_local(&m, &k, None, 1).unwrap_err();
+        assert!(l.admit_local(&m, &k, None, 1, 0.0).is_ok());
+        assert!(l.admit_local(&m, &k, None, 1, 0.0).is_ok());
+        let e = l.admit_local(&m, &k, None, 1, 0.0).err().unwrap();
         assert_eq!((e.status.as_u16(), e.kind, e.code), (429, "requests", Some("rate_limit_exceeded")));
         assert!((1..=60).contains(&e.retry_after.unwrap()), "{:?}", e.retry_after);
     }
@@ -422,25 +409,25 @@ mod tests {
     fn images_per_minute_counts_n_and_tenant_limits_are_shared() {
         let (l, m) = (Limits::default(), Metrics::new());
         let k = key(None, Some(3));
-        assert!(l.admit_local(&m, &k, None, 2).is_ok());
-        let e = l.admit_local(&m, &k, None, 2).unwrap_err();
+        assert!(l.admit_local(&m, &k, None, 2, 0.0).is_ok());
+        let e = l.admit_local(&m, &k, None, 2, 0.0).err().unwrap();
         assert_eq!((e.kind, e.code), ("images", Some("rate_limit_exceeded")));
-        let e = l.admit_local(&m, &key(None, Some(3)), None, 5).unwrap_err();
+        let e = l.admit_local(&m, &key(None, Some(3)), None, 5, 0.0).err().unwrap();
         assert!(e.message.contains("more than"), "{}", e.message);
         // Two keys of one tenant share its limit.
         let t = TenantLimits { requests_per_minute: Some(1), ..Default::default() };
         let mut k2 = key(None, None);
         k2.id = "other".into();
-        assert!(l.admit_local(&m, &key(None, None), Some(&t), 1).is_ok());
-        assert!(l.admit_local(&m, &k2, Some(&t), 1).is_err());
+        assert!(l.admit_local(&m, &key(None, None), Some(&t), 1, 0.0).is_ok());
+        assert!(l.admit_local(&m, &k2, Some(&t), 1, 0.0).is_err());
     }
 
     #[test]
     fn a_changed_quota_takes_effect() {
         let (l, m) = (Limits::default(), Metrics::new());
-        assert!(l.admit_local(&m, &key(Some(1), None), None, 1).is_ok());
-        assert!(l.admit_local(&m, &key(Some(1), None), None, 1).is_err());
-        assert!(l.admit_local(&m, &key(Some(5), None), None, 1).is_ok());
+        assert!(l.admit_local(&m, &key(Some(1), None), None, 1, 0.0).is_ok());
+        assert!(l.admit_local(&m, &key(Some(1), None), None, 1, 0.0).is_err());
+        assert!(l.admit_local(&m, &key(Some(5), None), None, 1, 0.0).is_ok());
     }
 
     #[test]

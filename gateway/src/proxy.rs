@@ -5,10 +5,11 @@
 //! module below that does not call back:
 //! 1. who is asking (client key, by SHA-256 digest);
 //! 2. what they ask for (`request`: JSON or multipart, the prompt contract);
-//! 3. within its limits (`limits`: rate per key and tenant);
-//! 4. where it goes (`routing` picks the route and plan, `live` puts demoted targets last,
+//! 3. where it goes (`routing` picks the route and plan, `live` puts demoted targets last,
 //!    `migration` draws the canary);
-//! 5. spend reserved against the tenant's daily limit (`cost`, `limits`);
+//! 4. within its limits (`limits`: rate per key and tenant, and the first attempt's cost held
+//!    on the tenant's daily spend; with `[cluster]` one Redis round trip for all of them);
+//! 5. whether it regenerates an earlier request (`feedback`);
 //! 6. mirrors started (`migration`);
 //! 7. attempts in plan order (`routing::run_plan` over `attempt`), then the primary's outcome
 //!    handed to mirrors and the canary guard;
@@ -616,11 +617,27 @@ async fn generate(
         })?;
         req.regenerate_of = Some(id.to_ascii_lowercase());
     }
-    // 3. Within its limits.
+    // 3. Where it goes: the route, its plan with demoted targets last, the canary's share.
+    let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
+    let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
+    let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
+    let (route_idx, route) = routing::select_route(policy, &query)?;
+    ctx.route = Some(route_idx);
+    let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
+    let mut steps = routing::plan(policy, route_idx, fastrand::f64());
+    let now = tokio::time::Instant::now();
+    crate::live::healthy_first(policy, &snap.live, &mut steps, now, &app.metrics);
+    let mut migration = Migration::canary(snap, route_idx, &ctx.trace_id, &mut steps);
+    ctx.canary = migration.served_by_canary();
+    // 4. Within its limits: the key's and tenant's rate limits, and the first attempt's cost
+    // held on the tenant's daily spend (with `[cluster]`, one round trip to Redis for all).
+    // A refused request leaves no trace record.
     let tenant_limits = key.and_then(|k| policy.tenants.get(&k.tenant));
-    if let Some(k) = key {
-        app.limits.admit(&app.metrics, k, tenant_limits, req.n).await?;
-    }
+    let estimate = steps.first().and_then(|&s| cost::cost_of(policy, s, &req, req.n, None)).unwrap_or(0.0);
+    let reservation = match key {
+        Some(k) => app.limits.admit(&app.metrics, k, tenant_limits, req.n, estimate).await?,
+        None => crate::limits::Reservation::none(),
+    };
     // The tenant's share of requests in flight, held until the request is answered.
     let _tenant_slot = match (key, tenant_limits.and_then(|t| t.max_in_flight)) {
         (Some(k), Some(max)) => Some(app.tenant_slots.enter(&k.tenant, max).ok_or_else(|| {
@@ -636,12 +653,6 @@ async fn generate(
         })?),
         _ => None,
     };
-    // 4. Where it goes: the route, its plan with demoted targets last, the canary's share.
-    let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
-    let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
-    let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
-    let (route_idx, route) = routing::select_route(policy, &query)?;
-    ctx.route = Some(route_idx);
     if !req.response_format_given && req.stream.is_some() {
         // Stream events carry base64 only.
         req.response_format = ResponseFormat::B64Json;
@@ -683,7 +694,7 @@ async fn generate(
         // providers are not asked for them: OpenAI bills each one as output tokens.
         req.raw.insert("partial_images".into(), 0.into());
     }
-    // 4b. Whether it regenerates an earlier request (recorded with the trace).
+    // 5. Whether it regenerates an earlier request (recorded with the trace).
     if let Some(rec) = ctx.record.as_deref_mut() {
         let explicit = req.regenerate_of.as_deref();
         app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, explicit, rec).await;
@@ -691,18 +702,6 @@ async fn generate(
     if let Some(w) = &mut ctx.watch {
         w.route = Some(route_idx);
     }
-    let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
-    let mut steps = routing::plan(policy, route_idx, fastrand::f64());
-    let now = tokio::time::Instant::now();
-    crate::live::healthy_first(policy, &snap.live, &mut steps, now, &app.metrics);
-    let mut migration = Migration::canary(snap, route_idx, &ctx.trace_id, &mut steps);
-    ctx.canary = migration.served_by_canary();
-    // 5. Spend reserved against the tenant's daily limit.
-    let estimate = steps.first().and_then(|&s| cost::cost_of(policy, s, &req, req.n, None)).unwrap_or(0.0);
-    let reservation = match key {
-        Some(k) => app.limits.reserve(&app.metrics, &k.tenant, tenant_limits, estimate).await?,
-        None => crate::limits::Reservation::none(),
-    };
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
     let primary_span = ctx.record.as_ref().map(|r| r.span_id.as_str());
     migration.start_mirrors(app, snap, &ctx.trace_id, primary_span, &req, alias);

@@ -286,6 +286,10 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
     app.mirror_stop.cancel();
+    // Spend settled by the last requests and not yet in Redis.
+    if let Some(c) = app.limits.cluster() {
+        c.flush().await;
+    }
     // Records of the requests just answered: written within a few seconds, or lost uncounted;
     // then their spans.
     if let Some(t) = &app.traces {

@@ -7,21 +7,44 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// GCRA over several limits at once, all or nothing. KEYS[i]: limit i's theoretical arrival
-/// time, µs. ARGV[2i-1]: its emission interval, µs (a minute over the limit); ARGV[2i]: the
-/// cells this request takes. The allowance is one minute's worth (a burst of the whole limit,
-/// as `governor`'s `Quota::per_minute`). Reply: `{0, 0, used_1, ...}` (µs of the minute each
-/// limit has used) or `{i, wait_µs}` for the first limit without room.
-pub(super) static GCRA: LazyLock<Script> = LazyLock::new(|| {
+/// A request's admission in one round trip: spend changes that waited for a call, then every
+/// rate limit (GCRA, all or nothing), then a hold on a daily budget. Rate limits and the hold
+/// are taken together or not at all.
+///
+/// ARGV[1] `nr`: rate limits; ARGV[2] `ns`: 1 with a spend hold, else 0; ARGV[3] `nk`: spend
+/// changes. KEYS: `nr` theoretical arrival times (µs), then the budget's hash when `ns` is 1,
+/// then one budget hash per change. After the counts, ARGV holds per rate limit its emission
+/// interval (µs: a minute over the limit) and the cells the request takes; with a hold: the
+/// limit (USD), the estimate, the hold's id, its lifetime (ms); per change: the hold field it
+/// ends (`r:ID`, or empty for a plain charge) and the USD it adds to `spent`.
+///
+/// A rate limit's allowance is one minute's worth (a burst of the whole limit, as `governor`'s
+/// `Quota::per_minute`). A budget hash holds `spent` (settled USD) and one `r:ID` field per hold
+/// (`estimate:expiry_ms`); holds past their expiry (a replica that died) are dropped here.
+///
+/// Reply: `{0, 0, held, spent, used_1, ...}` admitted (`held` 1 with a hold, `spent` the
+/// budget's settled USD as a string, `used_i` µs of the minute limit i has used);
+/// `{i, wait_µs}` when limit i has no room; `{-1, 0, spent}` when the budget has none.
+pub(super) static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now / 1000)
+local nr, ns, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a = 4 + 2 * nr + 4 * ns
+for j = 1, nk do
+  local key = KEYS[nr + ns + j]
+  if ARGV[a] ~= '' then redis.call('HDEL', key, ARGV[a]) end
+  if tonumber(ARGV[a + 1]) > 0 then redis.call('HINCRBYFLOAT', key, 'spent', ARGV[a + 1]) end
+  redis.call('PEXPIRE', key, 172800000)
+  a = a + 2
+end
 local window = 60000000
 local tats = {}
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local cost = tonumber(ARGV[2 * i])
+for i = 1, nr do
+  local interval = tonumber(ARGV[2 + 2 * i])
+  local cost = tonumber(ARGV[3 + 2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   local new = tat + interval * cost
@@ -30,17 +53,41 @@ for i = 1, #KEYS do
   end
   tats[i] = new
 end
-local reply = {0, 0}
-for i = 1, #KEYS do
+local spent = 0
+if ns == 1 then
+  local key = KEYS[nr + 1]
+  local b = 4 + 2 * nr
+  local limit, est = tonumber(ARGV[b]), tonumber(ARGV[b + 1])
+  local held = 0
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    if f == 'spent' then
+      spent = tonumber(v)
+    elseif string.sub(f, 1, 2) == 'r:' then
+      local sep = string.find(v, ':', 1, true)
+      local e = tonumber(string.sub(v, 1, sep - 1))
+      local exp = tonumber(string.sub(v, sep + 1))
+      if exp < now_ms then redis.call('HDEL', key, f) else held = held + e end
+    end
+  end
+  if spent >= limit or spent + held + est > limit + 1e-9 then
+    return {-1, 0, tostring(spent)}
+  end
+  redis.call('HSET', key, 'r:' .. ARGV[b + 2], ARGV[b + 1] .. ':' .. string.format('%.0f', now_ms + tonumber(ARGV[b + 3])))
+  redis.call('PEXPIRE', key, 172800000)
+end
+local reply = {0, 0, ns, tostring(spent)}
+for i = 1, nr do
   redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.floor((tats[i] - now) / 1000) + 1000)
-  reply[i + 2] = math.floor(tats[i] - now)
+  reply[i + 4] = math.floor(tats[i] - now)
 end
 return reply
 ",
     )
 });
 
-/// How much of each limit's minute is used (µs), taking nothing. KEYS as [`GCRA`].
+/// How much of each limit's minute is used (µs), taking nothing. KEYS: the limits' theoretical arrival times, as in [`ADMIT`].
 pub(super) static GCRA_PEEK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -53,41 +100,6 @@ for i = 1, #KEYS do
   reply[i] = math.floor(tat - now)
 end
 return reply
-",
-    )
-});
-
-/// Holds an estimate on a daily budget. KEYS[1]: the budget's hash for the day, with `spent`
-/// (settled USD) and one `r:ID` field per hold (`estimate:expiry_ms`); holds past their expiry
-/// (a replica that died) are dropped here. ARGV: limit, estimate, hold id, hold lifetime ms.
-/// Reply: `{1, spent}` held, or `{0, spent}` refused (spent as a string).
-pub(super) static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local est = tonumber(ARGV[2])
-local spent = 0
-local held = 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local f, v = all[i], all[i + 1]
-  if f == 'spent' then
-    spent = tonumber(v)
-  elseif string.sub(f, 1, 2) == 'r:' then
-    local sep = string.find(v, ':', 1, true)
-    local e = tonumber(string.sub(v, 1, sep - 1))
-    local exp = tonumber(string.sub(v, sep + 1))
-    if exp < now then redis.call('HDEL', KEYS[1], f) else held = held + e end
-  end
-end
-if spent >= limit or spent + held + est > limit + 1e-9 then
-  return {0, tostring(spent)}
-end
-redis.call('HSET', KEYS[1], 'r:' .. ARGV[3], ARGV[2] .. ':' .. string.format('%.0f', now + tonumber(ARGV[4])))
-redis.call('PEXPIRE', KEYS[1], 172800000)
-return {1, tostring(spent)}
 ",
     )
 });
