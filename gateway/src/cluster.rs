@@ -352,7 +352,7 @@ pub enum Admission {
 struct SpendChange {
     /// The budget's hash for the day.
     key: String,
-    /// The hold's field (`r:ID`), or empty for a plain charge.
+    /// The hold's id, or empty for a plain charge.
     hold: String,
     usd: f64,
 }
@@ -377,11 +377,11 @@ impl Cluster {
         let hold = spend.map(|s| {
             let key = self.key(&["spend", s.budget, &utc_day().to_string()]);
             let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
-            inv.key(&key).arg(s.limit.min(1e300)).arg(s.estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
+            inv.key(&key).key(holds_key(&key)).arg(s.limit.min(1e300)).arg(s.estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
             (key, id, s)
         });
         for c in &changes {
-            inv.key(&c.key).arg(&c.hold).arg(c.usd);
+            inv.key(&c.key).key(holds_key(&c.key)).arg(&c.hold).arg(c.usd);
         }
         let mut conn = self.conn();
         let op = if cells.is_empty() { "spend" } else { "limits" };
@@ -491,6 +491,11 @@ impl Cluster {
     }
 }
 
+/// A budget's expiry set (hold id → expiry, Redis ms), beside its hash.
+fn holds_key(budget: &str) -> String {
+    format!("{budget}:holds")
+}
+
 /// The UTC day number of now.
 fn utc_day() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) / 86_400
@@ -554,7 +559,7 @@ impl SpendHold {
     }
 
     fn finish(&self, actual: f64) {
-        let change = SpendChange { key: self.key.clone(), hold: format!("r:{}", self.id), usd: actual.max(0.0) };
+        let change = SpendChange { key: self.key.clone(), hold: self.id.clone(), usd: actual.max(0.0) };
         self.cluster.queue_change(change);
     }
 }

@@ -12,15 +12,18 @@ use redis::Script;
 /// are taken together or not at all.
 ///
 /// ARGV[1] `nr`: rate limits; ARGV[2] `ns`: 1 with a spend hold, else 0; ARGV[3] `nk`: spend
-/// changes. KEYS: `nr` theoretical arrival times (µs), then the budget's hash when `ns` is 1,
-/// then one budget hash per change. After the counts, ARGV holds per rate limit its emission
-/// interval (µs: a minute over the limit) and the cells the request takes; with a hold: the
-/// limit (USD), the estimate, the hold's id, its lifetime (ms); per change: the hold field it
-/// ends (`r:ID`, or empty for a plain charge) and the USD it adds to `spent`.
+/// changes. KEYS: `nr` theoretical arrival times (µs); with a hold, the budget's hash and its
+/// expiry set; per change, the same two keys of its budget. After the counts, ARGV holds per
+/// rate limit its emission interval (µs: a minute over the limit) and the cells the request
+/// takes; with a hold: the limit (USD), the estimate, the hold's id, its lifetime (ms); per
+/// change: the hold's id it ends (empty for a plain charge) and the USD it adds to `spent`.
 ///
 /// A rate limit's allowance is one minute's worth (a burst of the whole limit, as `governor`'s
-/// `Quota::per_minute`). A budget hash holds `spent` (settled USD) and one `r:ID` field per hold
-/// (`estimate:expiry_ms`); holds past their expiry (a replica that died) are dropped here.
+/// `Quota::per_minute`). A budget's hash holds `spent` (settled USD), `held` (the sum of the
+/// live holds' estimates) and one `r:ID` field per hold (its estimate); the expiry set (a
+/// sorted set, score: expiry in Redis ms) lets the script drop holds past their expiry (a
+/// replica that died) without reading every hold, so an admission costs the same whatever the
+/// number of requests in flight.
 ///
 /// Reply: `{0, 0, held, spent, used_1, ...}` admitted (`held` 1 with a hold, `spent` the
 /// budget's settled USD as a string, `used_i` µs of the minute limit i has used);
@@ -32,12 +35,25 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
 local nr, ns, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local DAY2 = 172800000
+-- Ends hold `id` of the budget (hash `h`, expiry set `z`): its estimate leaves `held`.
+local function release(h, z, id)
+  local f = 'r:' .. id
+  local est = redis.call('HGET', h, f)
+  if est then
+    redis.call('HDEL', h, f)
+    local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', '-' .. est))
+    if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
+  end
+  redis.call('ZREM', z, id)
+end
 local a = 4 + 2 * nr + 4 * ns
+local k = nr + 2 * ns
 for j = 1, nk do
-  local key = KEYS[nr + ns + j]
-  if ARGV[a] ~= '' then redis.call('HDEL', key, ARGV[a]) end
-  if tonumber(ARGV[a + 1]) > 0 then redis.call('HINCRBYFLOAT', key, 'spent', ARGV[a + 1]) end
-  redis.call('PEXPIRE', key, 172800000)
+  local h, z = KEYS[k + 2 * j - 1], KEYS[k + 2 * j]
+  if ARGV[a] ~= '' then release(h, z, ARGV[a]) end
+  if tonumber(ARGV[a + 1]) > 0 then redis.call('HINCRBYFLOAT', h, 'spent', ARGV[a + 1]) end
+  redis.call('PEXPIRE', h, DAY2)
   a = a + 2
 end
 local window = 60000000
@@ -55,27 +71,23 @@ for i = 1, nr do
 end
 local spent = 0
 if ns == 1 then
-  local key = KEYS[nr + 1]
+  local h, z = KEYS[nr + 1], KEYS[nr + 2]
   local b = 4 + 2 * nr
   local limit, est = tonumber(ARGV[b]), tonumber(ARGV[b + 1])
-  local held = 0
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local f, v = all[i], all[i + 1]
-    if f == 'spent' then
-      spent = tonumber(v)
-    elseif string.sub(f, 1, 2) == 'r:' then
-      local sep = string.find(v, ':', 1, true)
-      local e = tonumber(string.sub(v, 1, sep - 1))
-      local exp = tonumber(string.sub(v, sep + 1))
-      if exp < now_ms then redis.call('HDEL', key, f) else held = held + e end
-    end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64)) do
+    release(h, z, id)
   end
+  local v = redis.call('HMGET', h, 'spent', 'held')
+  spent = tonumber(v[1] or '0')
+  local held = tonumber(v[2] or '0')
   if spent >= limit or spent + held + est > limit + 1e-9 then
     return {-1, 0, tostring(spent)}
   end
-  redis.call('HSET', key, 'r:' .. ARGV[b + 2], ARGV[b + 1] .. ':' .. string.format('%.0f', now_ms + tonumber(ARGV[b + 3])))
-  redis.call('PEXPIRE', key, 172800000)
+  redis.call('HSET', h, 'r:' .. ARGV[b + 2], ARGV[b + 1])
+  redis.call('HINCRBYFLOAT', h, 'held', ARGV[b + 1])
+  redis.call('ZADD', z, now_ms + tonumber(ARGV[b + 3]), ARGV[b + 2])
+  redis.call('PEXPIRE', h, DAY2)
+  redis.call('PEXPIRE', z, DAY2)
 end
 local reply = {0, 0, ns, tostring(spent)}
 for i = 1, nr do
