@@ -1,0 +1,182 @@
+//! The console's overview figures: aggregates over a recent time window of the `traces`,
+//! `feedback` and `reviews` tables, each query bounded by the time index (or a `LIMIT`), so
+//! the page costs the same with 100 or 100,000 records kept.
+//!
+//! Counts (requests, decisions, evaluator failures by cohort, per-bucket series) come from
+//! the indexed columns in one `GROUP BY`; figures only the record's JSON holds (latency,
+//! fallbacks, cost) come from the newest [`SAMPLE`] primary records of the window.
+
+use sqlx::{Any, Row};
+
+use super::db::{nanos_i64, StoreError, TraceDb};
+
+/// How many of the window's newest primary records are decoded for latency, fallback and cost.
+pub const SAMPLE: usize = 2000;
+
+/// One group of primary records: a time bucket, a cohort and a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountRow {
+    /// Buckets back from `now`: 0 is `[now - bucket, now)`, 1 the one before, ...
+    pub bucket: u32,
+    /// `x-acc-cohort` as sent (`None`: none sent).
+    pub cohort: Option<String>,
+    /// `pass`, `flagged`, `blocked`, `review` or `error`.
+    pub decision: String,
+    /// Records in the group.
+    pub requests: u64,
+    /// Records with at least one `evaluator:fail` verdict on their winning images.
+    pub eval_failed: u64,
+}
+
+/// What the newest records of a window hold beyond the columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    /// Unix nanoseconds.
+    pub start_time_unix_nano: u64,
+    /// From arrival to the answer's headers, ms.
+    pub duration_ms: f64,
+    /// Whether any attempt ran as a fallback.
+    pub fallback: bool,
+    /// USD charged, when priced.
+    pub cost_usd: Option<f64>,
+}
+
+/// One group of the `feedback` table: a source, a cohort, in the first bucket or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackRow {
+    /// `explicit` (POST /v1/feedback) or `regeneration`.
+    pub source: String,
+    pub cohort: Option<String>,
+    /// Whether created in `[now - bucket, now)`.
+    pub recent: bool,
+    /// Rows, and those with a rating below 0 (thumbs-down).
+    pub ratings: u64,
+    pub negative: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Essentials {
+    start_time_unix_nano: u64,
+    duration_ms: f64,
+    #[serde(default)]
+    cost_usd: Option<f64>,
+    #[serde(default)]
+    attempts: Vec<AttemptRole>,
+}
+
+#[derive(serde::Deserialize)]
+struct AttemptRole {
+    #[serde(default)]
+    role: String,
+}
+
+fn count(v: Option<i64>) -> u64 {
+    v.unwrap_or(0).max(0) as u64
+}
+
+impl TraceDb {
+    /// Primary records that started in `[now - buckets * bucket_nanos, now)`, grouped by
+    /// bucket (0 is the newest), cohort and decision. At most `buckets` × cohorts × decisions
+    /// rows. Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn overview_counts(
+        &self,
+        now_unix_nano: u64,
+        bucket_nanos: u64,
+        buckets: u32,
+    ) -> Result<Vec<CountRow>, StoreError> {
+        let fail = self.fail("overview");
+        let since = now_unix_nano.saturating_sub(bucket_nanos.saturating_mul(u64::from(buckets)));
+        let sql = "SELECT ($1 - start_time_unix_nano) / $2 AS bucket, cohort, decision, COUNT(*), \
+                   SUM(CASE WHEN tags LIKE '%,verdict=%:fail,%' THEN 1 ELSE 0 END) \
+                   FROM traces WHERE start_time_unix_nano >= $3 AND start_time_unix_nano < $1 AND kind = 'primary' \
+                   GROUP BY bucket, cohort, decision";
+        let rows = sqlx::query::<Any>(sql)
+            .bind(nanos_i64(now_unix_nano))
+            .bind(nanos_i64(bucket_nanos.max(1)))
+            .bind(nanos_i64(since))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(&fail)?;
+        rows.iter()
+            .map(|r| {
+                Ok(CountRow {
+                    bucket: r.try_get::<i64, _>(0).map_err(&fail)?.clamp(0, i64::from(u32::MAX)) as u32,
+                    cohort: r.try_get(1).map_err(&fail)?,
+                    decision: r.try_get(2).map_err(&fail)?,
+                    requests: count(r.try_get(3).map_err(&fail)?),
+                    eval_failed: count(r.try_get(4).map_err(&fail)?),
+                })
+            })
+            .collect()
+    }
+
+    /// The newest `limit` primary records (at most [`SAMPLE`]) that started at or after
+    /// `since_unix_nano`, newest first, reduced to latency, fallback and cost. A record that
+    /// does not decode is skipped. Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn overview_sample(&self, since_unix_nano: u64, limit: usize) -> Result<Vec<SampleRow>, StoreError> {
+        let fail = self.fail("overview");
+        let sql = "SELECT record FROM traces WHERE start_time_unix_nano >= $1 AND kind = 'primary' \
+                   ORDER BY start_time_unix_nano DESC LIMIT $2";
+        let rows = sqlx::query::<Any>(sql)
+            .bind(nanos_i64(since_unix_nano))
+            .bind(limit.min(SAMPLE) as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(&fail)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let json: String = r.try_get(0).map_err(&fail)?;
+            if let Ok(e) = serde_json::from_str::<Essentials>(&json) {
+                out.push(SampleRow {
+                    start_time_unix_nano: e.start_time_unix_nano,
+                    duration_ms: e.duration_ms,
+                    fallback: e.attempts.iter().any(|a| a.role == "fallback"),
+                    cost_usd: e.cost_usd,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `feedback` rows created at or after `since_unix_nano`, grouped by source, cohort and
+    /// whether they are newer than `recent_unix_nano`. Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Query`].
+    pub async fn overview_feedback(
+        &self,
+        since_unix_nano: u64,
+        recent_unix_nano: u64,
+    ) -> Result<Vec<FeedbackRow>, StoreError> {
+        let fail = self.fail("overview");
+        let sql = "SELECT source, cohort, CASE WHEN created_unix_nano >= $2 THEN 1 ELSE 0 END AS recent, COUNT(*), \
+                   SUM(CASE WHEN rating < 0 THEN 1 ELSE 0 END) \
+                   FROM feedback WHERE created_unix_nano >= $1 GROUP BY source, cohort, recent";
+        let rows = sqlx::query::<Any>(sql)
+            .bind(nanos_i64(since_unix_nano))
+            .bind(nanos_i64(recent_unix_nano))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(&fail)?;
+        rows.iter()
+            .map(|r| {
+                Ok(FeedbackRow {
+                    source: r.try_get(0).map_err(&fail)?,
+                    cohort: r.try_get(1).map_err(&fail)?,
+                    recent: r.try_get::<i64, _>(2).map_err(&fail)? == 1,
+                    ratings: count(r.try_get(3).map_err(&fail)?),
+                    negative: count(r.try_get(4).map_err(&fail)?),
+                })
+            })
+            .collect()
+    }
+
+    /// Review items waiting for a decision (the `reviews_state` index). Errors:
+    /// [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn pending_reviews(&self) -> Result<u64, StoreError> {
+        let fail = self.fail("overview");
+        let row = sqlx::query::<Any>("SELECT COUNT(*) FROM reviews WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(&fail)?;
+        Ok(count(row.try_get(0).map_err(&fail)?))
+    }
+}
