@@ -92,7 +92,7 @@ pub fn stacked_columns(title: &str, labels: &[String], series: &[&str], values: 
                 esc(series.get(s).copied().unwrap_or(""))
             );
         }
-        if b % 3 == 0 || labels.len() <= 12 {
+        if (labels.len() - 1 - b) % 3 == 0 || labels.len() <= 12 {
             let _ = write!(
                 out,
                 r#"<text class="axis" x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
@@ -120,7 +120,7 @@ pub fn grouped_bars(title: &str, series: &[&str], rows: &[(String, Vec<Option<f6
     let max = if max > 0.0 { max } else { 1.0 };
     let plot_w = w - left - 80.0;
     let mut out = format!(
-        r#"<svg class="chart" viewBox="0 0 {w} {h}" role="img" aria-label="{}"><title>{}</title>"#,
+        r#"<svg class="chart bars" viewBox="0 0 {w} {h}" role="img" aria-label="{}"><title>{}</title>"#,
         esc(title),
         esc(title)
     );

@@ -376,6 +376,7 @@ async fn asset(Path(name): Path<String>) -> Response {
     let (ct, body) = match name.as_str() {
         "console.css" => ("text/css; charset=utf-8", include_str!("../../console/assets/console.css")),
         "console.js" => ("text/javascript; charset=utf-8", include_str!("../../console/assets/console.js")),
+        "favicon.svg" => ("image/svg+xml", include_str!("../../console/assets/favicon.svg")),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     ([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
@@ -445,11 +446,12 @@ fn overview_figures(
         let p99 = (!lat.is_empty()).then(|| lat[((lat.len() as f64 * 0.99).ceil() as usize).clamp(1, lat.len()) - 1]);
         let fallbacks = in_window.iter().filter(|r| r.fallback).count();
         let fallback_rate = (!in_window.is_empty()).then(|| fallbacks as f64 / in_window.len() as f64);
-        let cost_sampled: f64 = in_window.iter().filter_map(|r| r.cost_usd).sum();
-        let cost = if complete || in_window.is_empty() {
-            cost_sampled
-        } else {
-            cost_sampled / in_window.len() as f64 * requests as f64
+        let priced: Vec<f64> = in_window.iter().filter_map(|r| r.cost_usd).collect();
+        let cost_sampled = priced.iter().fold(0.0, |a, b| a + b);
+        let cost = match (priced.is_empty(), complete) {
+            (true, _) => None,
+            (false, true) => Some(cost_sampled),
+            (false, false) => Some(cost_sampled / in_window.len() as f64 * requests as f64),
         };
         let mut cohorts: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
         for r in &rows {
@@ -669,11 +671,15 @@ async fn traces(s: Signed, uri: http::Uri) -> Response {
             api.push_str(&format!("&{name}={}", enc(v)));
         }
     }
+    if let Some(limit) = field(&q, "limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| (1..=500).contains(l)) {
+        api.push_str(&format!("&limit={limit}"));
+    }
     let filter_query = api.clone();
     if let Some(cursor) = field(&q, "cursor").filter(|v| !v.is_empty()) {
         api.push_str(&format!("&cursor={}", enc(cursor)));
     }
-    let a = c.api(Method::GET, &format!("/admin/traces?limit={TRACE_PAGE}{api}"), None).await;
+    let limit = if api.contains("&limit=") { String::new() } else { format!("&limit={TRACE_PAGE}") };
+    let a = c.api(Method::GET, &format!("/admin/traces?{}{api}", limit.trim_start_matches('&')), None).await;
     if a.status == StatusCode::BAD_REQUEST {
         return c.page(
             &s,
