@@ -39,9 +39,15 @@ async fn browser() -> (String, String) {
     (lines[lines.len() - 2].to_string(), lines[lines.len() - 1].to_string())
 }
 
-fn policy(good: &MockProvider, down: &MockProvider, blank: &MockProvider, cand: &MockProvider) -> String {
+fn policy(
+    good: &MockProvider,
+    down: &MockProvider,
+    blank: &MockProvider,
+    held: &MockProvider,
+    cand: &MockProvider,
+) -> String {
     let mut p = String::new();
-    for (name, m) in [("good", good), ("down", down), ("blank", blank), ("cand", cand)] {
+    for (name, m) in [("good", good), ("down", down), ("blank", blank), ("held", held), ("cand", cand)] {
         p.push_str(&openai_provider(name, m));
     }
     p.push_str("[cohorts]\ncohorts = [\"beta\"]\n\n");
@@ -61,7 +67,7 @@ fn policy(good: &MockProvider, down: &MockProvider, blank: &MockProvider, cand: 
     );
     p.push_str(
         &route_toml("held", "held")
-            .target("blank", "b-model")
+            .target("held", "h-model")
             .with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\"")
             .to_string(),
     );
@@ -93,10 +99,12 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     let (chromium, node_modules) = browser().await;
     let good = MockProvider::builder(OpenAiImages).png(noisy(256, 256, 1)).start().await;
     let down = MockProvider::builder(OpenAiImages).status(500).start().await;
-    let blank_png = blank(256, 256);
-    let blank_mock = MockProvider::builder(OpenAiImages).png(blank_png.clone()).start().await;
+    let blank_mock = MockProvider::builder(OpenAiImages).png(blank(256, 256)).start().await;
+    // A uniform colour fails the sanity check too, and shows as a visible thumbnail.
+    let held_png = make_png(256, 256, [222, 120, 60]);
+    let held_mock = MockProvider::builder(OpenAiImages).png(held_png.clone()).start().await;
     let cand = MockProvider::builder(OpenAiImages).png(noisy(256, 256, 2)).start().await;
-    let (gw, _dir) = serve_policy(&policy(&good, &down, &blank_mock, &cand), &[]).await;
+    let (gw, _dir) = serve_policy(&policy(&good, &down, &blank_mock, &held_mock, &cand), &[]).await;
 
     // A fallback: the main route's provider fails, its fallback route answers. The prompt and
     // cohort carry markup the console must show as text.
@@ -196,7 +204,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     let p = get(&gw.url(&format!("/v1/images/reviews/{held_id}")), &[]).await;
     p.assert_status(200);
     assert_eq!(p.header("x-acc-decision").as_deref(), Some("approved"), "{}", p.describe());
-    assert_eq!(b64_one(&p), blank_png, "the approved image is the held one");
+    assert_eq!(b64_one(&p), held_png, "the approved image is the held one");
     let rec = record(&gw, &held_id).await;
     assert_eq!(rec["review"]["state"], "approved");
     assert_eq!(rec["review"]["reviewer"], "e2e-reviewer");
@@ -205,4 +213,25 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     pngs.sort();
     assert!(pngs.len() >= 8, "a screenshot per page: {pngs:?}");
     println!("console screenshots: {}", shots.display());
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_console_is_disabled() {
+    let mock = MockProvider::start().await;
+    let policy = format!("{}{}", openai_provider("p", &mock), route_toml("r", "m").target_default("p"));
+    let (gw, _dir) = serve_policy(&policy, &[("ACC_ADMIN_TOKEN", "")]).await;
+    let page = get(&gw.admin_url("/console/signin"), &[]).await;
+    assert_eq!(page.status, 503, "{}", page.describe());
+    assert!(page.text().contains("The console is disabled"), "{}", page.text());
+    let r = post_raw(
+        &gw.admin_url("/console/signin"),
+        b"token=anything".to_vec(),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+    assert!(r.header("set-cookie").is_none());
+    // Every page still asks to sign in; nothing is served.
+    let r = get(&gw.admin_url("/console/traces"), &[]).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
 }

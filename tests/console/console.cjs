@@ -184,7 +184,7 @@ async function main() {
   assert.match(await item.locator(".reasons").textContent(), /sanity/);
   assert.equal((await item.locator(".cohort").textContent()).trim(), "beta");
   const natural = await item.locator("img").first().evaluate((img) => img.complete && img.naturalWidth);
-  assert.ok(natural > 0, "the thumbnail loads for the signed-in session");
+  assert.equal(natural, 256, "the thumbnail loads for the signed-in session");
   await shot(page, "reviews");
 
   // A POST without the CSRF token, or with another, is refused.
@@ -211,14 +211,16 @@ async function main() {
   log("approved by keyboard; the item left the queue");
 
   // The refusal page itself (for the screenshot): a form posted without its token.
-  await page.evaluate(() => {
-    const f = document.createElement("form");
-    f.method = "post";
-    f.action = "/console/signout";
-    document.body.appendChild(f);
-    f.submit();
-  });
-  await page.waitForLoadState();
+  await Promise.all([
+    page.waitForNavigation(),
+    page.evaluate(() => {
+      const f = document.createElement("form");
+      f.method = "post";
+      f.action = "/console/signout";
+      document.body.appendChild(f);
+      f.submit();
+    }),
+  ]);
   assert.match(await page.textContent("h1"), /missing CSRF token/);
   await shot(page, "csrf-refused");
 

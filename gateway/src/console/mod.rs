@@ -743,6 +743,15 @@ async fn trace(s: Signed, Path(id): Path<String>, uri: http::Uri) -> Response {
         })
         .collect();
     let timeline = charts::timeline("Attempts", &spans, rec["duration_ms"].as_f64().unwrap_or(0.0));
+    let mut evaluations = Vec::new();
+    for (n, a) in rec["attempts"].as_array().into_iter().flatten().enumerate() {
+        for e in a["evaluations"].as_array().into_iter().flatten() {
+            let mut e = e.clone();
+            e["attempt"] = json!(n + 1);
+            e["provider"] = a["provider"].clone();
+            evaluations.push(e);
+        }
+    }
     // Held images are kept in the review queue while pending, and after approval for the
     // route's review time.
     let held = rec["review"]["image_count"].as_u64().unwrap_or(0);
@@ -752,7 +761,7 @@ async fn trace(s: Signed, Path(id): Path<String>, uri: http::Uri) -> Response {
         &s,
         "trace.html",
         "traces",
-        json!({"rec": rec, "timeline": timeline, "held_images": held_images, "raw": serde_json::to_string_pretty(&rec).unwrap_or_default()}),
+        json!({"rec": rec, "timeline": timeline, "evaluations": evaluations, "held_images": held_images, "raw": serde_json::to_string_pretty(&rec).unwrap_or_default()}),
     )
 }
 
