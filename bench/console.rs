@@ -33,7 +33,13 @@ fn record(rng: &mut fastrand::Rng, start: u64) -> TraceRecord {
     let fallback = rng.u8(0..20) == 0;
     let eval = |verdict: &str| {
         vec![
-            EvaluationRecord { image: 0, evaluator: "sanity".into(), score: 1.0, verdict: "pass".into(), reason: String::new() },
+            EvaluationRecord {
+                image: 0,
+                evaluator: "sanity".into(),
+                score: 1.0,
+                verdict: "pass".into(),
+                reason: String::new(),
+            },
             EvaluationRecord {
                 image: 0,
                 evaluator: "safety".into(),
@@ -91,7 +97,12 @@ fn record(rng: &mut fastrand::Rng, start: u64) -> TraceRecord {
         decision: decision.into(),
         outcome: outcome.into(),
         status,
-        images: vec![ImageRecord { index: 0, sha256: Some(hex(rng, 64)), bytes: Some(1_500_000), ..Default::default() }],
+        images: vec![ImageRecord {
+            index: 0,
+            sha256: Some(hex(rng, 64)),
+            bytes: Some(1_500_000),
+            ..Default::default()
+        }],
         cost_usd: Some(if fallback { 0.08 } else { 0.04 }),
         ..Default::default()
     };
@@ -102,17 +113,20 @@ fn record(rng: &mut fastrand::Rng, start: u64) -> TraceRecord {
 }
 
 /// One HTTP/1.1 request over a fresh connection: (status, headers, body).
-fn http(addr: &str, method: &str, path: &str, cookie: Option<&str>, body: &str) -> (u16, Vec<(String, String)>, String) {
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the admin listener");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(c) = cookie {
         req.push_str(&format!("Cookie: {c}\r\n"));
     }
     if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        req.push_str(&format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -212,15 +226,15 @@ async fn main() {
     // The writer opens the store in the background: wait until /readyz says it is ready.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ready: serde_json::Value = serde_json::from_str(&http(&admin, "GET", "/readyz", None, "").2).unwrap_or_default();
+        let ready: serde_json::Value =
+            serde_json::from_str(&http(&admin, "GET", "/readyz", None, "").2).unwrap_or_default();
         if ready["trace_store"]["state"] == "ready" {
             break;
         }
         assert!(Instant::now() < deadline, "the trace store never became ready: {ready}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (status, headers, _) =
-        http(&admin, "POST", "/console/signin", None, &format!("token={TOKEN}&reviewer=bench"));
+    let (status, headers, _) = http(&admin, "POST", "/console/signin", None, &format!("token={TOKEN}&reviewer=bench"));
     assert_eq!(status, 303, "sign-in");
     let cookie = header(&headers, "set-cookie").and_then(|c| c.split(';').next()).unwrap().to_string();
 

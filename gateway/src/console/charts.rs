@@ -230,7 +230,11 @@ mod tests {
         assert!(!svg.contains("<script>") && !svg.contains("<b>"), "{svg}");
         let svg = grouped_bars("t", &["a"], &[("<x>".into(), vec![Some(1.0), None])], "ms");
         assert!(svg.contains("&lt;x&gt;") && svg.contains("n/a"), "{svg}");
-        let svg = timeline("t", &[Span { label: "a&b".into(), start_ms: 0.0, duration_ms: 5.0, class: 0, note: "ok".into() }], 5.0);
+        let svg = timeline(
+            "t",
+            &[Span { label: "a&b".into(), start_ms: 0.0, duration_ms: 5.0, class: 0, note: "ok".into() }],
+            5.0,
+        );
         assert!(svg.contains("a&amp;b"), "{svg}");
     }
 

@@ -84,16 +84,16 @@ fn templates() -> Environment<'static> {
         env.add_template(name, src).expect("console templates are checked by the console tests");
     }
     env.add_filter("time_ns", |v: minijinja::Value| fmt_time_ns(v.as_i64().unwrap_or(0).max(0) as u64));
-    env.add_filter("time_s", |v: minijinja::Value| fmt_time_ns((v.as_i64().unwrap_or(0).max(0) as u64) * 1_000_000_000));
+    env.add_filter("time_s", |v: minijinja::Value| {
+        fmt_time_ns((v.as_i64().unwrap_or(0).max(0) as u64) * 1_000_000_000)
+    });
     env.add_filter("num", |v: minijinja::Value, digits: Option<usize>| fmt_num(&v, digits.unwrap_or(1)));
     env.add_filter("pct", |v: minijinja::Value| match f64::try_from(v) {
         Ok(x) => format!("{:.1}%", x * 100.0),
         Err(_) => "–".to_string(),
     });
     env.add_filter("age", |v: minijinja::Value| fmt_age(f64::try_from(v).unwrap_or(0.0)));
-    env.add_filter("tojson_pretty", |v: minijinja::Value| {
-        serde_json::to_string_pretty(&v).unwrap_or_default()
-    });
+    env.add_filter("tojson_pretty", |v: minijinja::Value| serde_json::to_string_pretty(&v).unwrap_or_default());
     env
 }
 
@@ -181,7 +181,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Signed {
             Some((id, session)) => Ok(Signed { console, id, session }),
             None if parts.method == Method::GET => {
                 let next = parts.uri.path_and_query().map_or("/console/", |p| p.as_str());
-                let to = format!("/console/signin?next={}", form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
+                let to = format!(
+                    "/console/signin?next={}",
+                    form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+                );
                 Err(see_other(&to))
             }
             None => Err(console.message(
@@ -234,14 +237,13 @@ impl Console {
     }
 
     fn render(&self, name: &str, status: StatusCode, ctx: Value) -> Response {
-        let html = self
-            .env
-            .get_template(name)
-            .and_then(|t| t.render(minijinja::Value::from_serialize(&ctx)))
-            .unwrap_or_else(|e| {
-                tracing::error!("console template {name}: {e:#}");
-                format!("<!doctype html><title>Console error</title><p>The page {name} could not be drawn.</p>")
-            });
+        let html =
+            self.env.get_template(name).and_then(|t| t.render(minijinja::Value::from_serialize(&ctx))).unwrap_or_else(
+                |e| {
+                    tracing::error!("console template {name}: {e:#}");
+                    format!("<!doctype html><title>Console error</title><p>The page {name} could not be drawn.</p>")
+                },
+            );
         let mut r = (status, html).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
         r
@@ -327,11 +329,7 @@ async fn signin(Extension(console): Extension<Arc<Console>>, body: Bytes) -> Res
     let f = form(&body);
     let next = safe_next(field(&f, "next"));
     let Some(expected) = console.app.admin_token_digest else {
-        return console.render(
-            "signin.html",
-            StatusCode::UNAUTHORIZED,
-            json!({"next": next, "disabled": true}),
-        );
+        return console.render("signin.html", StatusCode::UNAUTHORIZED, json!({"next": next, "disabled": true}));
     };
     // One attempt at a time; a wrong token holds the line a while (no fast guessing).
     let _turn = console.sessions.sign_in.lock().await;
@@ -461,7 +459,9 @@ fn overview_figures(
         }
         let cohorts: Vec<Value> = cohorts
             .into_iter()
-            .map(|(c, (n, f))| json!({"cohort": c, "requests": n, "eval_failed": f, "rate": f as f64 / n.max(1) as f64}))
+            .map(
+                |(c, (n, f))| json!({"cohort": c, "requests": n, "eval_failed": f, "rate": f as f64 / n.max(1) as f64}),
+            )
             .collect();
         let fb: Vec<_> = feedback.iter().filter(|f| hours == 24 || f.recent).collect();
         let explicit: u64 = fb.iter().filter(|f| f.source == "explicit").map(|f| f.ratings).sum();
@@ -488,7 +488,8 @@ fn overview_figures(
         }));
     }
     // Requests per hour over the day, by decision, oldest on the left.
-    let labels: Vec<String> = (0..24).rev().map(|b| if b == 0 { "now".to_string() } else { format!("-{b}h") }).collect();
+    let labels: Vec<String> =
+        (0..24).rev().map(|b| if b == 0 { "now".to_string() } else { format!("-{b}h") }).collect();
     let values: Vec<Vec<f64>> = (0..24u32)
         .rev()
         .map(|b| {
@@ -509,7 +510,10 @@ fn overview_figures(
                 .as_array()
                 .and_then(|h| h.iter().find(|x| x["cohort"] == c["cohort"]))
                 .and_then(|x| x["rate"].as_f64());
-            (c["cohort"].as_str().unwrap_or("").to_string(), vec![hour.map(|r| r * 100.0), c["rate"].as_f64().map(|r| r * 100.0)])
+            (
+                c["cohort"].as_str().unwrap_or("").to_string(),
+                vec![hour.map(|r| r * 100.0), c["rate"].as_f64().map(|r| r * 100.0)],
+            )
         })
         .collect();
     let cohort_chart = (!cohort_rows.is_empty())
@@ -529,7 +533,8 @@ fn overview_figures(
 
 async fn routes(s: Signed) -> Response {
     let c = &s.console;
-    let (routes, policies) = tokio::join!(c.api(Method::GET, "/admin/routes", None), c.api(Method::GET, "/admin/policies", None));
+    let (routes, policies) =
+        tokio::join!(c.api(Method::GET, "/admin/routes", None), c.api(Method::GET, "/admin/policies", None));
     for a in [&routes, &policies] {
         if !a.status.is_success() {
             return c.api_error(a, &s);
@@ -583,7 +588,8 @@ async fn migrations(s: Signed) -> Response {
             let series = ["primary", name.as_str()];
             c["latency_chart"] =
                 json!(charts::grouped_bars(&format!("{route} / {name}: latency"), &series, &lat, " ms"));
-            c["rate_chart"] = json!(charts::grouped_bars(&format!("{route} / {name}: fail rates"), &series, &rates, "%"));
+            c["rate_chart"] =
+                json!(charts::grouped_bars(&format!("{route} / {name}: fail rates"), &series, &rates, "%"));
             c["evaluators"] = json!(evaluators);
         }
         r["blocks"] = json!(blocks);
@@ -618,10 +624,8 @@ async fn review_image(s: Signed, Path((id, index)): Path<(String, String)>) -> R
         return c.api_error(&a, &s);
     }
     let mut r = (StatusCode::OK, a.body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        a.content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
-    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, a.content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")));
     r
 }
 
@@ -701,7 +705,9 @@ async fn traces(s: Signed, uri: http::Uri) -> Response {
             .collect();
         r["attempts_summary"] = json!(attempts.join(", "));
     }
-    let next = list["next_cursor"].as_str().map(|cur| format!("/console/traces?{}&cursor={}", filter_query.trim_start_matches('&'), enc(cur)));
+    let next = list["next_cursor"]
+        .as_str()
+        .map(|cur| format!("/console/traces?{}&cursor={}", filter_query.trim_start_matches('&'), enc(cur)));
     c.page(
         &s,
         "traces.html",
@@ -772,7 +778,16 @@ mod tests {
     #[test]
     fn every_template_parses() {
         let env = templates();
-        for t in ["signin.html", "message.html", "overview.html", "routes.html", "migrations.html", "reviews.html", "traces.html", "trace.html"] {
+        for t in [
+            "signin.html",
+            "message.html",
+            "overview.html",
+            "routes.html",
+            "migrations.html",
+            "reviews.html",
+            "traces.html",
+            "trace.html",
+        ] {
             env.get_template(t).unwrap();
         }
     }

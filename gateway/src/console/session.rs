@@ -60,7 +60,8 @@ impl Sessions {
     pub fn create(&self, reviewer: &str) -> (String, Session) {
         let now = Instant::now();
         let id = random_token();
-        let session = Session { csrf: random_token(), reviewer: reviewer.to_string(), created: now, expires: now + TTL };
+        let session =
+            Session { csrf: random_token(), reviewer: reviewer.to_string(), created: now, expires: now + TTL };
         let mut map = crate::lock(&self.map);
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, s| s.expires > now);
