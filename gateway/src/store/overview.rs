@@ -87,7 +87,7 @@ impl TraceDb {
         let fail = self.fail("overview");
         let since = now_unix_nano.saturating_sub(bucket_nanos.saturating_mul(u64::from(buckets)));
         let sql = "SELECT ($1 - start_time_unix_nano) / $2 AS bucket, cohort, decision, COUNT(*), \
-                   SUM(CASE WHEN tags LIKE '%,verdict=%:fail,%' THEN 1 ELSE 0 END) \
+                   CAST(SUM(CASE WHEN tags LIKE '%,verdict=%:fail,%' THEN 1 ELSE 0 END) AS BIGINT) \
                    FROM traces WHERE start_time_unix_nano >= $3 AND start_time_unix_nano < $1 AND kind = 'primary' \
                    GROUP BY bucket, cohort, decision";
         let rows = sqlx::query::<Any>(sql)
@@ -147,8 +147,9 @@ impl TraceDb {
         recent_unix_nano: u64,
     ) -> Result<Vec<FeedbackRow>, StoreError> {
         let fail = self.fail("overview");
-        let sql = "SELECT source, cohort, CASE WHEN created_unix_nano >= $2 THEN 1 ELSE 0 END AS recent, COUNT(*), \
-                   SUM(CASE WHEN rating < 0 THEN 1 ELSE 0 END) \
+        let sql =
+            "SELECT source, cohort, CAST(CASE WHEN created_unix_nano >= $2 THEN 1 ELSE 0 END AS BIGINT) AS recent, \
+                   COUNT(*), CAST(SUM(CASE WHEN rating < 0 THEN 1 ELSE 0 END) AS BIGINT) \
                    FROM feedback WHERE created_unix_nano >= $1 GROUP BY source, cohort, recent";
         let rows = sqlx::query::<Any>(sql)
             .bind(nanos_i64(since_unix_nano))
@@ -178,5 +179,125 @@ impl TraceDb {
             .await
             .map_err(&fail)?;
         Ok(count(row.try_get(0).map_err(&fail)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::record::{AttemptRecord, EvaluationRecord};
+    use crate::store::{FeedbackEntry, TraceRecord};
+
+    const HOUR: u64 = 3_600_000_000_000;
+    const NOW: u64 = 1_700_000_000_000_000_000;
+
+    fn rec(n: u64, start: u64, cohort: Option<&str>, decision: &str, fail: bool, fallback: bool) -> TraceRecord {
+        let attempt = |role: &str, result: &str| AttemptRecord {
+            provider: "p".into(),
+            result: result.into(),
+            role: role.into(),
+            evaluations: vec![EvaluationRecord {
+                evaluator: "sanity".into(),
+                verdict: if fail { "fail" } else { "pass" }.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut attempts = vec![attempt("primary", "ok")];
+        if fallback {
+            attempts = vec![attempt("primary", "status_5xx"), attempt("fallback", "ok")];
+        }
+        TraceRecord {
+            trace_id: format!("{n:032x}"),
+            span_id: "00f067aa0ba902b7".into(),
+            kind: "primary".into(),
+            start_time_unix_nano: start,
+            duration_ms: n as f64,
+            cohort: cohort.map(str::to_string),
+            operation: "generations".into(),
+            record_prompt: "none".into(),
+            parameters: json!({}),
+            attempts,
+            decision: decision.into(),
+            outcome: "ok".into(),
+            status: 200,
+            cost_usd: Some(0.5),
+            ..TraceRecord::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_samples_and_feedback_over_the_window() {
+        for store in crate::store::tests::stores().await {
+            let db = TraceDb::open(&store.cfg).await.unwrap();
+            let mut mirror = rec(9, NOW - HOUR / 2, Some("beta"), "pass", false, false);
+            mirror.kind = "mirror".into();
+            let records = vec![
+                rec(1, NOW - HOUR / 2, Some("beta"), "pass", false, false),
+                rec(2, NOW - HOUR / 3, Some("beta"), "blocked", true, true),
+                rec(3, NOW - 3 * HOUR, None, "error", false, false),
+                // Outside the day, and a mirror copy: neither is counted.
+                rec(4, NOW - 25 * HOUR, Some("beta"), "pass", false, false),
+                mirror,
+            ];
+            db.insert_batch(&records).await.unwrap();
+            let mut counts = db.overview_counts(NOW, HOUR, 24).await.unwrap();
+            counts.sort_by(|a, b| (a.bucket, &a.decision).cmp(&(b.bucket, &b.decision)));
+            let got: Vec<_> = counts
+                .iter()
+                .map(|r| (r.bucket, r.cohort.as_deref(), r.decision.as_str(), r.requests, r.eval_failed))
+                .collect();
+            assert_eq!(
+                got,
+                [(0, Some("beta"), "blocked", 1, 1), (0, Some("beta"), "pass", 1, 0), (3, None, "error", 1, 0)],
+                "{}",
+                store.name
+            );
+            let sample = db.overview_sample(NOW - 24 * HOUR, 10).await.unwrap();
+            let got: Vec<_> = sample.iter().map(|r| (r.duration_ms, r.fallback, r.cost_usd)).collect();
+            assert_eq!(
+                got,
+                [(2.0, true, Some(0.5)), (1.0, false, Some(0.5)), (3.0, false, Some(0.5))],
+                "{}",
+                store.name
+            );
+            for (i, (source, rating, age)) in
+                [("explicit", -1.0, HOUR / 2), ("explicit", 1.0, 5 * HOUR), ("regeneration", -1.0, HOUR / 4)]
+                    .into_iter()
+                    .enumerate()
+            {
+                let entry = FeedbackEntry {
+                    trace_id: format!("{i:032x}"),
+                    image_index: -1,
+                    end_user: "u".into(),
+                    tenant: None,
+                    route: None,
+                    cohort: Some("beta".into()),
+                    prompt_template: None,
+                    asset_type: None,
+                    provider: None,
+                    rating,
+                    comment: None,
+                    labels: Vec::new(),
+                    source: source.into(),
+                    created_unix_nano: NOW - age,
+                };
+                db.upsert_feedback(&entry).await.unwrap();
+            }
+            let mut fb = db.overview_feedback(NOW - 24 * HOUR, NOW - HOUR).await.unwrap();
+            fb.sort_by(|a, b| (&a.source, a.recent).cmp(&(&b.source, b.recent)));
+            let got: Vec<_> = fb.iter().map(|f| (f.source.as_str(), f.recent, f.ratings, f.negative)).collect();
+            assert_eq!(
+                got,
+                [("explicit", false, 1, 0), ("explicit", true, 1, 1), ("regeneration", true, 1, 1)],
+                "{}",
+                store.name
+            );
+            assert_eq!(db.pending_reviews().await.unwrap(), 0, "{}", store.name);
+            db.close().await;
+            store.cleanup().await;
+        }
     }
 }
