@@ -126,7 +126,11 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     let r = gw.generate_with(&req("held", "a quiet harbour"), &[("x-acc-cohort", "beta")]).await;
     r.assert_error(423, "pending_review");
     let held_id = trace_id(&r);
-    for id in [&fallback_id, &blocked_id, &held_id] {
+    // A second one, which the reviewer rejects.
+    let r = gw.generate_with(&req("held", "a second harbour"), &[("x-acc-cohort", "beta")]).await;
+    r.assert_error(423, "pending_review");
+    let reject_id = trace_id(&r);
+    for id in [&fallback_id, &blocked_id, &held_id, &reject_id] {
         record(&gw, id).await;
     }
     assert!(
@@ -176,6 +180,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
         ("ACC_FALLBACK_TRACE", fallback_id.clone()),
         ("ACC_BLOCKED_TRACE", blocked_id.clone()),
         ("ACC_HELD_TRACE", held_id.clone()),
+        ("ACC_REJECT_TRACE", reject_id.clone()),
         ("ACC_XSS_PROMPT", XSS_PROMPT.into()),
         ("ACC_XSS_COHORT", XSS_COHORT.into()),
         ("ACC_SHOTS", shots.display().to_string()),
@@ -208,6 +213,11 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     let rec = record(&gw, &held_id).await;
     assert_eq!(rec["review"]["state"], "approved");
     assert_eq!(rec["review"]["reviewer"], "e2e-reviewer");
+
+    // Rejected in the browser, with its reason.
+    let p = get(&gw.url(&format!("/v1/images/reviews/{reject_id}")), &[]).await;
+    let err = p.assert_error(410, "review_rejected");
+    assert!(err["message"].as_str().unwrap().contains("not on brand"), "{err}");
 
     let mut pngs: Vec<PathBuf> = std::fs::read_dir(&shots).unwrap().map(|e| e.unwrap().path()).collect();
     pngs.sort();

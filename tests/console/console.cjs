@@ -3,7 +3,7 @@
 // Drives Debian's chromium through playwright-core (never a downloaded browser).
 //
 // Env: ACC_CHROMIUM, ACC_ADMIN (admin listener base URL), ACC_TOKEN, ACC_FALLBACK_TRACE,
-// ACC_BLOCKED_TRACE, ACC_HELD_TRACE, ACC_XSS_PROMPT, ACC_XSS_COHORT, ACC_SHOTS (screenshot dir).
+// ACC_BLOCKED_TRACE, ACC_HELD_TRACE, ACC_REJECT_TRACE, ACC_XSS_PROMPT, ACC_XSS_COHORT, ACC_SHOTS (screenshot dir).
 "use strict";
 
 const assert = require("node:assert/strict");
@@ -20,6 +20,7 @@ const TOKEN = env("ACC_TOKEN");
 const FALLBACK = env("ACC_FALLBACK_TRACE");
 const BLOCKED = env("ACC_BLOCKED_TRACE");
 const HELD = env("ACC_HELD_TRACE");
+const REJECT = env("ACC_REJECT_TRACE");
 const XSS_PROMPT = env("ACC_XSS_PROMPT");
 const XSS_COHORT = env("ACC_XSS_COHORT");
 const SHOTS = env("ACC_SHOTS");
@@ -89,11 +90,11 @@ async function main() {
   // --- Overview --------------------------------------------------------------------------
   const day = page.locator("#window-2");
   const dayRequests = Number(await day.locator("dd.requests").textContent());
-  assert.ok(dayRequests >= 9, `day requests ${dayRequests} (1 fallback, 6 mirrored, 1 blocked, 1 held)`);
+  assert.ok(dayRequests >= 10, `day requests ${dayRequests} (1 fallback, 6 mirrored, 1 blocked, 2 held)`);
   assert.equal(Number(await day.locator("dd.blocked").textContent()), 1, "one blocked image");
   const fallbackRate = await day.locator("dd.fallback-rate").textContent();
   assert.notEqual(fallbackRate.trim(), "0.0%", "the fallback shows in the fallback rate");
-  assert.equal((await page.textContent("#queue-depth")).trim(), "1", "one image waits for review");
+  assert.equal((await page.textContent("#queue-depth")).trim(), "2", "two images wait for review");
   assert.ok(await page.locator("svg.chart").count() >= 2, "charts are drawn");
   const cohorts = await page.textContent("#cohorts");
   assert.ok(cohorts.includes(XSS_COHORT), "the cohort sent shows as text");
@@ -198,6 +199,14 @@ async function main() {
   await page.goto(`${BASE}/console/reviews`);
   assert.equal(await item.count(), 1, "still pending after the refused POSTs");
   log("POSTs without or with a wrong CSRF token refused (403)");
+
+  // Reject one with the mouse, giving a reason.
+  const other = page.locator(`.review-item[data-trace="${REJECT}"]`);
+  await other.locator("input[name=reason]").fill("not on brand");
+  await Promise.all([page.waitForNavigation(), other.locator("button.reject").click()]);
+  assert.match(await page.textContent("#done"), new RegExp(`rejected:${REJECT}`));
+  assert.equal(await other.count(), 0, "the rejected item left the queue");
+  log("rejected with a reason by click");
 
   // Approve by keyboard: focus the item, type a reason, Escape back, press a.
   await item.locator("input[name=reason]").fill("looks fine");
