@@ -152,7 +152,9 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 async fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("acc.db");
+    // CONSOLE_BENCH_DB=FILE keeps the filled store there (for a look with sqlite3).
+    let db_path = std::env::var("CONSOLE_BENCH_DB").map_or_else(|_| dir.path().join("acc.db"), Into::into);
+    let _ = std::fs::remove_file(&db_path);
     let db = TraceDb::open(&StoreConfig { path: db_path.clone(), ..StoreConfig::default() }).await.unwrap();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
     let span = 23 * 3_600_000_000_000u64;

@@ -44,12 +44,18 @@ pub struct Console {
     api: Router,
     env: Environment<'static>,
     sessions: Sessions,
+    hours: HourCache,
 }
 
 /// The console's routes, for the admin listener's router only. `api` is the admin API's
 /// router (state applied, no token layer): the console's pages read and decide through it.
 pub fn router(app: Arc<App>, api: Router) -> Router<Arc<App>> {
-    let console = Arc::new(Console { app, api, env: templates(), sessions: Sessions::default() });
+    let console =
+        Arc::new(Console { app, api, env: templates(), sessions: Sessions::default(), hours: HourCache::default() });
+    // Settled hours are counted once, in the background, so the first overview is fast too.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(warm_hours(console.clone()));
+    }
     Router::new()
         .route("/console", get(|| async { see_other("/console/") }))
         .route("/console/", get(overview))
@@ -385,13 +391,99 @@ async fn asset(Path(name): Path<String>) -> Response {
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 
+/// An hour is settled, and its counts cached, this long after it ends: records are written
+/// when their request ends (its deadline) plus the writer's batching.
+const SETTLE_NS: u64 = 10 * 60 * 1_000_000_000;
+
+/// The overview's counts of settled hours (they no longer change), by the hour's start (Unix
+/// nanoseconds), so a page reads at most the last ~2 hours' rows and the day's oldest partial
+/// hour, whatever the store holds.
+#[derive(Default)]
+struct HourCache {
+    hours: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<CountRow>>>,
+    /// One filler at a time.
+    fill: tokio::sync::Mutex<()>,
+}
+
+use crate::store::overview::CountRow;
+use crate::store::{StoreError, TraceDb};
+
+fn floor_hour(t: u64) -> u64 {
+    t - t % HOUR_NS
+}
+
+impl HourCache {
+    /// The counts of the settled hours starting in `[from, to)` (hour-aligned), each with
+    /// `bucket` 0; counted now where not cached yet.
+    async fn settled(&self, db: &TraceDb, from: u64, to: u64) -> Result<Vec<(u64, Vec<CountRow>)>, StoreError> {
+        let missing = |hours: &std::collections::BTreeMap<u64, Vec<CountRow>>| {
+            (from..to).step_by(HOUR_NS as usize).filter(|h| !hours.contains_key(h)).collect::<Vec<u64>>()
+        };
+        if !missing(&crate::lock(&self.hours)).is_empty() {
+            let _turn = self.fill.lock().await;
+            let todo = missing(&crate::lock(&self.hours));
+            for h in todo {
+                let rows = db.overview_counts(h, HOUR_NS, h, h + HOUR_NS).await?;
+                crate::lock(&self.hours).insert(h, rows);
+            }
+        }
+        let mut hours = crate::lock(&self.hours);
+        // Hours older than any window are dropped.
+        hours.retain(|h, _| *h + 26 * HOUR_NS >= to);
+        Ok(hours.range(from..to).map(|(h, rows)| (*h, rows.clone())).collect())
+    }
+}
+
+/// Fills the hour cache once the trace store is open (it opens in the background).
+async fn warm_hours(console: Arc<Console>) {
+    let Some(writer) = console.app.traces.as_ref() else { return };
+    for _ in 0..300 {
+        if let Some(db) = writer.db() {
+            let now = now_unix_nano();
+            let from = floor_hour(now.saturating_sub(24 * HOUR_NS)) + HOUR_NS;
+            let to = floor_hour(now.saturating_sub(SETTLE_NS));
+            if let Err(e) = console.hours.settled(&db, from, to).await {
+                tracing::debug!("console: counting settled hours failed: {e}");
+            }
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The last day's counts in hour buckets aligned on `origin` (the hour the day's window starts
+/// in: bucket 0 is partial, bucket 24 is the current hour), and the last hour's, all in bucket 0.
+async fn day_and_hour(
+    console: &Console,
+    db: &TraceDb,
+    now: u64,
+) -> Result<(u64, Vec<CountRow>, Vec<CountRow>), StoreError> {
+    let day_start = now.saturating_sub(24 * HOUR_NS);
+    let origin = floor_hour(day_start);
+    let first_full = origin + HOUR_NS;
+    let settled_end = floor_hour(now.saturating_sub(SETTLE_NS)).max(first_full);
+    let (edge, recent, hour, settled) = tokio::join!(
+        db.overview_counts(origin, HOUR_NS, day_start, first_full),
+        db.overview_counts(origin, HOUR_NS, settled_end, now),
+        db.overview_counts(now.saturating_sub(HOUR_NS), HOUR_NS, now.saturating_sub(HOUR_NS), now),
+        console.hours.settled(db, first_full, settled_end),
+    );
+    let mut day = edge?;
+    day.extend(recent?);
+    for (h, rows) in settled? {
+        let bucket = ((h - origin) / HOUR_NS) as u32;
+        day.extend(rows.into_iter().map(|r| CountRow { bucket, ..r }));
+    }
+    Ok((origin, day, hour?))
+}
+
 async fn overview(s: Signed) -> Response {
     let console = &s.console;
     let Some(db) = console.app.traces.as_ref().and_then(|w| w.db()) else {
         let why = if console.app.traces.is_none() {
             "Trace records are not kept ([store] enabled = false): the overview is computed from them."
         } else {
-            "The trace store is unavailable now; requests are still served."
+            "The trace store is unavailable now (or still opening); requests are still served."
         };
         return console.page(&s, "overview.html", "overview", json!({"store_missing": why}));
     };
@@ -399,12 +491,12 @@ async fn overview(s: Signed) -> Response {
     let day_ago = now.saturating_sub(24 * HOUR_NS);
     let hour_ago = now.saturating_sub(HOUR_NS);
     let (counts, sample, feedback, pending) = tokio::join!(
-        db.overview_counts(now, HOUR_NS, 24),
+        day_and_hour(console, &db, now),
         db.overview_sample(day_ago, crate::store::overview::SAMPLE),
         db.overview_feedback(day_ago, hour_ago),
         db.pending_reviews(),
     );
-    let (counts, sample) = match (counts, sample) {
+    let ((origin, day, hour), sample) = match (counts, sample) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             return console.message(
@@ -416,22 +508,25 @@ async fn overview(s: Signed) -> Response {
         }
     };
     let feedback = feedback.unwrap_or_default();
-    let ctx = overview_figures(now, &counts, &sample, &feedback, pending.ok());
+    let ctx = overview_figures(now, origin, &day, &hour, &sample, &feedback, pending.ok());
     console.page(&s, "overview.html", "overview", ctx)
 }
 
-/// The overview's figures for the last hour and day, and its charts.
+/// The overview's figures for the last hour and day, and its charts. `day` is in hour buckets
+/// from `origin`; `hour` is the last hour's counts.
 fn overview_figures(
     now: u64,
-    counts: &[crate::store::overview::CountRow],
+    origin: u64,
+    day: &[CountRow],
+    hour: &[CountRow],
     sample: &[crate::store::overview::SampleRow],
     feedback: &[crate::store::overview::FeedbackRow],
     pending: Option<u64>,
 ) -> Value {
     let decisions = ["pass", "flagged", "blocked", "review", "error"];
     let mut windows = Vec::new();
-    for (name, hours) in [("Last hour", 1u32), ("Last day", 24u32)] {
-        let rows: Vec<_> = counts.iter().filter(|r| r.bucket < hours).collect();
+    for (name, hours, counts) in [("Last hour", 1u32, hour), ("Last day", 24u32, day)] {
+        let rows: Vec<&CountRow> = counts.iter().collect();
         let requests: u64 = rows.iter().map(|r| r.requests).sum();
         let by = |d: &str| rows.iter().filter(|r| r.decision == d).map(|r| r.requests).sum::<u64>();
         let rate = |n: u64| if requests == 0 { None } else { Some(n as f64 / requests as f64) };
@@ -487,19 +582,22 @@ fn overview_figures(
             "regeneration_rate": rate(regenerations),
         }));
     }
-    // Requests per hour over the day, by decision, oldest on the left.
-    let labels: Vec<String> =
-        (0..24).rev().map(|b| if b == 0 { "now".to_string() } else { format!("-{b}h") }).collect();
-    let values: Vec<Vec<f64>> = (0..24u32)
-        .rev()
+    // Requests per hour over the day, by decision, oldest on the left (hours in UTC).
+    let labels: Vec<String> = (0..25u64)
+        .map(|b| {
+            let t = fmt_time_ns(origin + b * HOUR_NS);
+            t.get(11..16).map_or_else(String::new, str::to_string)
+        })
+        .collect();
+    let values: Vec<Vec<f64>> = (0..25u32)
         .map(|b| {
             decisions
                 .iter()
-                .map(|d| counts.iter().filter(|r| r.bucket == b && r.decision == *d).map(|r| r.requests as f64).sum())
+                .map(|d| day.iter().filter(|r| r.bucket == b && r.decision == *d).map(|r| r.requests as f64).sum())
                 .collect()
         })
         .collect();
-    let requests_chart = charts::stacked_columns("Requests per hour by decision", &labels, &decisions, &values);
+    let requests_chart = charts::stacked_columns("Requests per hour (UTC) by decision", &labels, &decisions, &values);
     let day = &windows[1];
     let cohort_rows: Vec<(String, Vec<Option<f64>>)> = day["cohorts"]
         .as_array()

@@ -3,7 +3,8 @@
 //! the page costs the same with 100 or 100,000 records kept.
 //!
 //! Counts (requests, decisions, evaluator failures by cohort, per-bucket series) come from
-//! the indexed columns in one `GROUP BY`; figures only the record's JSON holds (latency,
+//! the table's columns in one `GROUP BY` over a time range (the console caches settled hours);
+//! figures only the record's JSON holds (latency,
 //! fallbacks, cost) come from the newest [`SAMPLE`] primary records of the window.
 
 use sqlx::{Any, Row};
@@ -16,7 +17,7 @@ pub const SAMPLE: usize = 2000;
 /// One group of primary records: a time bucket, a cohort and a decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CountRow {
-    /// Buckets back from `now`: 0 is `[now - bucket, now)`, 1 the one before, ...
+    /// Buckets from the query's origin: 0 is `[origin, origin + bucket)`, 1 the next, ...
     pub bucket: u32,
     /// `x-acc-cohort` as sent (`None`: none sent).
     pub cohort: Option<String>,
@@ -75,25 +76,27 @@ fn count(v: Option<i64>) -> u64 {
 }
 
 impl TraceDb {
-    /// Primary records that started in `[now - buckets * bucket_nanos, now)`, grouped by
-    /// bucket (0 is the newest), cohort and decision. At most `buckets` × cohorts × decisions
-    /// rows. Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    /// Primary records that started in `[from, to)`, grouped by bucket (`(start - origin) /
+    /// bucket_nanos`, so buckets are aligned on `origin`), cohort and decision: at most
+    /// buckets × cohorts × decisions rows. The time index bounds the rows read to the range.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
     pub async fn overview_counts(
         &self,
-        now_unix_nano: u64,
+        origin_unix_nano: u64,
         bucket_nanos: u64,
-        buckets: u32,
+        from_unix_nano: u64,
+        to_unix_nano: u64,
     ) -> Result<Vec<CountRow>, StoreError> {
         let fail = self.fail("overview");
-        let since = now_unix_nano.saturating_sub(bucket_nanos.saturating_mul(u64::from(buckets)));
-        let sql = "SELECT ($1 - start_time_unix_nano) / $2 AS bucket, cohort, decision, COUNT(*), \
+        let sql = "SELECT (start_time_unix_nano - $1) / $2 AS bucket, cohort, decision, COUNT(*), \
                    CAST(SUM(CASE WHEN tags LIKE '%,verdict=%:fail,%' THEN 1 ELSE 0 END) AS BIGINT) \
-                   FROM traces WHERE start_time_unix_nano >= $3 AND start_time_unix_nano < $1 AND kind = 'primary' \
+                   FROM traces WHERE start_time_unix_nano >= $3 AND start_time_unix_nano < $4 AND kind = 'primary' \
                    GROUP BY bucket, cohort, decision";
         let rows = sqlx::query::<Any>(sql)
-            .bind(nanos_i64(now_unix_nano))
+            .bind(nanos_i64(origin_unix_nano))
             .bind(nanos_i64(bucket_nanos.max(1)))
-            .bind(nanos_i64(since))
+            .bind(nanos_i64(from_unix_nano.max(origin_unix_nano)))
+            .bind(nanos_i64(to_unix_nano))
             .fetch_all(&self.pool)
             .await
             .map_err(&fail)?;
@@ -243,7 +246,8 @@ mod tests {
                 mirror,
             ];
             db.insert_batch(&records).await.unwrap();
-            let mut counts = db.overview_counts(NOW, HOUR, 24).await.unwrap();
+            let origin = NOW - 24 * HOUR;
+            let mut counts = db.overview_counts(origin, HOUR, origin, NOW).await.unwrap();
             counts.sort_by(|a, b| (a.bucket, &a.decision).cmp(&(b.bucket, &b.decision)));
             let got: Vec<_> = counts
                 .iter()
@@ -251,7 +255,7 @@ mod tests {
                 .collect();
             assert_eq!(
                 got,
-                [(0, Some("beta"), "blocked", 1, 1), (0, Some("beta"), "pass", 1, 0), (3, None, "error", 1, 0)],
+                [(21, None, "error", 1, 0), (23, Some("beta"), "blocked", 1, 1), (23, Some("beta"), "pass", 1, 0)],
                 "{}",
                 store.name
             );
