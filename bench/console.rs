@@ -251,9 +251,13 @@ async fn main() {
         "/console/traces?verdict=safety:fail".into(),
         format!("/console/traces/{some_id}"),
     ];
-    println!("\n{:<40} {:>10} {:>10} {:>10}   (server time, ms, 20 runs)", "page", "median", "p95", "max");
+    println!(
+        "\n{:<48} {:>8} {:>8} {:>8} {:>8}   (server time, ms: the first request, then 20 runs)",
+        "page", "first", "median", "p95", "max"
+    );
     for page in &pages {
         let mut times = Vec::new();
+        let mut first = 0.0;
         for run in 0..23 {
             let (status, headers, body) = http(&admin, "GET", page, Some(&cookie), "");
             assert_eq!(status, 200, "{page}");
@@ -270,13 +274,16 @@ async fn main() {
                 .and_then(|t| t.strip_prefix("app;dur="))
                 .and_then(|v| v.parse().ok())
                 .expect("Server-Timing");
+            if run == 0 {
+                first = ms;
+            }
             if run >= 3 {
                 times.push(ms);
             }
         }
         times.sort_by(f64::total_cmp);
         let p = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
-        println!("{page:<40} {:>10.1} {:>10.1} {:>10.1}", p(0.5), p(0.95), times[times.len() - 1]);
+        println!("{page:<48} {first:>8.1} {:>8.1} {:>8.1} {:>8.1}", p(0.5), p(0.95), times[times.len() - 1]);
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -422,9 +422,13 @@ impl HourCache {
         if !missing(&crate::lock(&self.hours)).is_empty() {
             let _turn = self.fill.lock().await;
             let todo = missing(&crate::lock(&self.hours));
-            for h in todo {
-                let rows = db.overview_counts(h, HOUR_NS, h, h + HOUR_NS).await?;
-                crate::lock(&self.hours).insert(h, rows);
+            // Concurrently: the store's pool bounds how many run at once.
+            let counted = futures_util::future::join_all(
+                todo.iter().map(|&h| async move { (h, db.overview_counts(h, HOUR_NS, h, h + HOUR_NS).await) }),
+            )
+            .await;
+            for (h, rows) in counted {
+                crate::lock(&self.hours).insert(h, rows?);
             }
         }
         let mut hours = crate::lock(&self.hours);
