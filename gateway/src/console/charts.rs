@@ -26,9 +26,7 @@ pub fn short(v: f64) -> String {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e3 {
         format!("{:.1}k", v / 1e3)
-    } else if v == v.trunc() {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
+    } else if v == v.trunc() || v >= 10.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.2}")
@@ -92,7 +90,7 @@ pub fn stacked_columns(title: &str, labels: &[String], series: &[&str], values: 
                 esc(series.get(s).copied().unwrap_or(""))
             );
         }
-        if (labels.len() - 1 - b) % 3 == 0 || labels.len() <= 12 {
+        if (labels.len() - 1 - b).is_multiple_of(3) || labels.len() <= 12 {
             let _ = write!(
                 out,
                 r#"<text class="axis" x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
