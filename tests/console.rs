@@ -245,3 +245,56 @@ async fn without_an_admin_token_the_console_is_disabled() {
     let r = get(&gw.admin_url("/console/traces"), &[]).await;
     assert_eq!(r.status, 303, "{}", r.describe());
 }
+
+/// The session cookie is `Secure` when the admin listener serves TLS (`[server.tls]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_session_cookie_is_secure() {
+    use http_body_util::BodyExt;
+    use rustls::pki_types::pem::PemObject;
+
+    let up = MockProvider::start().await;
+    let dir = PolicyDir::new();
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("tls/key.pem"), key).unwrap();
+    std::fs::write(dir.path().join("tls/cert.pem"), &cert).unwrap();
+    dir.write(
+        "policy.toml",
+        &format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n{}{}",
+            dir.path().join("tls/cert.pem").display(),
+            dir.path().join("tls/key.pem").display(),
+            openai_provider("up", &up),
+            route_toml("main", "m").target("up", "gpt-image-1"),
+        ),
+    );
+    let gw = Gateway::start(dir.path()).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(gw.admin_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/console/signin")
+        .header("host", "localhost")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN_TOKEN}&reviewer=tls"))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    let _ = resp.into_body().collect().await;
+    for attr in ["acc_console=", "HttpOnly", "SameSite=Strict", "Secure", "Path=/console", "Max-Age=28800"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+}

@@ -83,6 +83,7 @@ async function main() {
   assert.equal(c.httpOnly, true);
   assert.equal(c.sameSite, "Strict");
   assert.equal(c.path, "/console");
+  assert.equal(c.secure, false, "Secure only over TLS (see over_tls_the_session_cookie_is_secure)");
   assert.ok(c.expires > Date.now() / 1000 + 3600, "the cookie has an expiry");
   assert.equal(await page.evaluate(() => document.cookie), "", "script cannot read the session cookie");
   log("signed in: HttpOnly, SameSite=Strict, Path=/console cookie with an expiry");
