@@ -3,7 +3,8 @@
 //! records through the store's own `insert_batch` (spread over the last 23 hours, so the
 //! overview's day window holds them all; 10% mirror copies, 2,000 feedback rows), starts the
 //! real `acc` binary on it, signs in, and reads each page's `Server-Timing: app;dur=` header
-//! over 20 runs after 3 warm-ups. `-- N` stores N records instead.
+//! over 20 runs after 3 warm-ups. `-- N` stores N records instead. Run by `cargo test
+//! --all-targets` (without `--bench`), it stores 2,000 as a quick check that every page answers.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -150,7 +151,11 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this too, as a quick smoke
+    // run on a small store.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let n: usize =
+        std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(if benching { 100_000 } else { 2_000 });
     let dir = tempfile::tempdir().unwrap();
     // CONSOLE_BENCH_DB=FILE keeps the filled store there (for a look with sqlite3).
     let db_path = std::env::var("CONSOLE_BENCH_DB").map_or_else(|_| dir.path().join("acc.db"), Into::into);
