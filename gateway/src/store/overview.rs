@@ -47,6 +47,7 @@ pub struct SampleRow {
 pub struct FeedbackRow {
     /// `explicit` (POST /v1/feedback) or `regeneration`.
     pub source: String,
+    /// The rated trace's `x-acc-cohort`, as recorded.
     pub cohort: Option<String>,
     /// Whether created in `[now - bucket, now)`.
     pub recent: bool,
