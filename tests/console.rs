@@ -2,8 +2,9 @@
 //! blocks an image, mirrors to a candidate and holds an image for review; then headless
 //! Chromium (Debian's `chromium`, driven by `playwright-core` from npm; both installed by
 //! `scripts/chromium.sh`) signs in, visits every page and checks what it shows against what
-//! happened, approves the held image by keyboard, and is refused with a wrong token or without
-//! a CSRF token. The client's poll then returns the approved image.
+//! happened, rejects one held image by keyboard (`j`, `r`) and approves the other by click, and
+//! is refused with a wrong token or without a CSRF token. The clients' polls then answer the
+//! approved image and the rejection with its reason.
 //!
 //! Screenshots of every page go to `target/console-screenshots/` (printed at the end).
 
@@ -213,6 +214,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     let rec = record(&gw, &held_id).await;
     assert_eq!(rec["review"]["state"], "approved");
     assert_eq!(rec["review"]["reviewer"], "e2e-reviewer");
+    assert_eq!(rec["review"]["reason"], "looks fine");
 
     // Rejected in the browser, with its reason.
     let p = get(&gw.url(&format!("/v1/images/reviews/{reject_id}")), &[]).await;
