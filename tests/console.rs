@@ -170,6 +170,8 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
 
     // The browser part.
     let shots = repo_root().join("target/console-screenshots");
+    // This run's screenshots only.
+    let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).unwrap();
     let script = repo_root().join("tests/console/console.cjs");
     let env: Vec<(&str, String)> = vec![
