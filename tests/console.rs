@@ -128,7 +128,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     r.assert_error(423, "pending_review");
     let held_id = trace_id(&r);
     // A second one, which the reviewer rejects.
-    let r = gw.generate_with(&req("held", "a second harbour"), &[("x-acc-cohort", "beta")]).await;
+    let r = gw.generate_with(&req("held", "a second harbour"), &[("x-acc-cohort", XSS_COHORT)]).await;
     r.assert_error(423, "pending_review");
     let reject_id = trace_id(&r);
     for id in [&fallback_id, &blocked_id, &held_id, &reject_id] {

@@ -187,6 +187,9 @@ async function main() {
   assert.equal((await item.locator(".cohort").textContent()).trim(), "beta");
   const natural = await item.locator("img").first().evaluate((img) => img.complete && img.naturalWidth);
   assert.equal(natural, 256, "the thumbnail loads for the signed-in session");
+  const otherItem = page.locator(`.review-item[data-trace="${REJECT}"]`);
+  assert.equal((await otherItem.locator(".cohort").textContent()).trim(), XSS_COHORT, "the cohort shows as text");
+  assert.equal(await otherItem.locator(".cohort b").count(), 0, "cohort markup is not interpreted");
   await shot(page, "reviews");
 
   // A POST without the CSRF token, or with another, is refused.
