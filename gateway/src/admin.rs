@@ -1,4 +1,5 @@
-//! The admin listener: metrics and probes open, everything else behind `ACC_ADMIN_TOKEN`.
+//! The admin listener: metrics and probes open, everything else behind `ACC_ADMIN_TOKEN` (the
+//! `/admin` API as a bearer token, the console at `/console/` through a signed-in session).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,20 +19,24 @@ use crate::metrics::model_label;
 use crate::store::{StoreError, TraceDb, TraceFilter};
 
 pub fn router(app: Arc<App>) -> Router {
-    let protected = Router::new()
+    let api = Router::new()
         .route("/admin/policies", get(policies))
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
         .route("/admin/mirror/report", get(mirror_report))
         .route("/admin/traces", get(traces))
         .route("/admin/traces/{trace_id}", get(trace))
-        .merge(crate::review_api::admin_routes())
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+        .merge(crate::review_api::admin_routes());
+    // The console reads and decides through these same handlers, in process, behind its own
+    // session check instead of the bearer token.
+    let console = crate::console::router(app.clone(), api.clone().with_state(app.clone()));
+    let protected = api.route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .merge(protected)
+        .merge(console)
         .fallback(|| async { ApiError::not_found("unknown_url", "unknown admin path").into_response() })
         // A known path with another method: the OpenAI error shape, as on the proxy listener
         // (axum's own 405 has an empty body).

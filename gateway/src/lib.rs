@@ -20,9 +20,13 @@
 //!   `admin`, `app`, `cluster`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `secrets`,
 //!   `store`, `telemetry`, `tls`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and mirror
-//!   views, trace queries with their feedback; the review endpoints through `review_api`). Uses
-//!   `app`, `cluster`, `error`, `feedback`, `health`, `metrics`, `mirror`, `policy`, `review_api`,
-//!   `secrets`, `store`.
+//!   views, trace queries with their feedback; the review endpoints through `review_api`; the
+//!   console's routes merged in). Uses `app`, `cluster`, `console`, `error`, `feedback`, `health`,
+//!   `metrics`, `mirror`, `policy`, `review_api`, `secrets`, `store`.
+//! - [`console`]: the ops console at `/console/` on the admin listener: sign-in sessions with
+//!   CSRF tokens, server-rendered pages (templates and assets under `gateway/console/`, in the
+//!   binary) over the admin API's own handlers, called in process, and the store's overview
+//!   aggregates; charts as inline SVG. Uses `app`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in numbered
 //!   phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer, record),
 //!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`,
@@ -157,8 +161,8 @@
 //! - shared state across replicas (Redis): `cluster` (done), a state module above `metrics`
 //!   with a local fallback, used by `limits`, `mirror`, `live`, `proxy` (idempotency) and
 //!   `admin`; `idempotency` stays the in-memory store it falls back to.
-//! - the ops console: `console`, an endpoint module beside `admin` (served by the admin
-//!   listener), with its templates and assets under `gateway/console/`.
+//! - the ops console: done as `console`, an endpoint module below `admin` (whose router merges
+//!   it), with its templates and assets under `gateway/console/`.
 #![forbid(unsafe_code)]
 // ApiError is returned on the cold path only (a request that is refused); boxing it would cost
 // an allocation on every error for no gain on the hot path.
@@ -172,6 +176,7 @@ pub mod attempt;
 pub mod body;
 pub mod cluster;
 pub mod compare;
+pub mod console;
 pub mod cost;
 pub mod error;
 pub mod eval;

@@ -13,9 +13,11 @@
 //! - [`review`]: the review queue's tables (held answers, their images, decisions), written
 //!   on the request path, not through the writer.
 //! - [`query`]: filters and keyset pagination for `GET /admin/traces` and `acc traces`.
+//! - [`overview`]: bounded aggregates over a recent window for the console's overview.
 
 pub mod db;
 pub mod feedback;
+pub mod overview;
 pub mod query;
 pub mod record;
 pub mod review;

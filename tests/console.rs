@@ -1,0 +1,304 @@
+//! The ops console in a real browser: the running binary behind mock providers does a fallback,
+//! blocks an image, mirrors to a candidate and holds an image for review; then headless
+//! Chromium (Debian's `chromium`, driven by `playwright-core` from npm; both installed by
+//! `scripts/chromium.sh`) signs in, visits every page and checks what it shows against what
+//! happened, rejects one held image by keyboard (`j`, `r`) and approves the other by click, and
+//! is refused with a wrong token or without a CSRF token. The clients' polls then answer the
+//! approved image and the rejection with its reason.
+//!
+//! Screenshots of every page go to `target/console-screenshots/` (printed at the end).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A prompt and a cohort that would run script if the console did not escape them.
+const XSS_PROMPT: &str = "<script>window.__xss=1</script> a fox <img src=x onerror=window.__xss=2>";
+const XSS_COHORT: &str = "<b>beta</b>";
+
+/// Runs `scripts/chromium.sh` (installs Chromium and playwright-core when missing): the
+/// chromium executable and the node_modules directory.
+async fn browser() -> (String, String) {
+    let script = repo_root().join("scripts/chromium.sh");
+    let out = tokio::task::spawn_blocking(move || Command::new("bash").arg(&script).output())
+        .await
+        .unwrap()
+        .expect("run scripts/chromium.sh");
+    assert!(
+        out.status.success(),
+        "scripts/chromium.sh failed (the console test needs Chromium and playwright-core):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "scripts/chromium.sh printed {stdout:?}");
+    (lines[lines.len() - 2].to_string(), lines[lines.len() - 1].to_string())
+}
+
+fn policy(
+    good: &MockProvider,
+    down: &MockProvider,
+    blank: &MockProvider,
+    held: &MockProvider,
+    cand: &MockProvider,
+) -> String {
+    let mut p = String::new();
+    for (name, m) in [("good", good), ("down", down), ("blank", blank), ("held", held), ("cand", cand)] {
+        p.push_str(&openai_provider(name, m));
+    }
+    p.push_str("[cohorts]\ncohorts = [\"beta\"]\n\n");
+    p.push_str(&route_toml("main", "main").target("down", "d-model").fallback("backup").to_string());
+    p.push_str(&route_toml("backup", "backup-only").target("good", "g-model").to_string());
+    p.push_str(
+        &route_toml("mirrored", "mirrored")
+            .target("good", "g-model")
+            .with(r#"mirror = [{ provider = "cand", model = "cand-model", sample = 1.0, max_in_flight = 100 }]"#)
+            .to_string(),
+    );
+    p.push_str(
+        &route_toml("guarded", "guarded")
+            .target("blank", "b-model")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"block\"")
+            .to_string(),
+    );
+    p.push_str(
+        &route_toml("held", "held")
+            .target("held", "h-model")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\"")
+            .to_string(),
+    );
+    p
+}
+
+fn req(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "prompt": prompt, "n": 1, "size": "256x256", "response_format": "b64_json"})
+}
+
+/// Waits for the trace record of `id` (written by the batching writer).
+async fn record(gw: &Gateway, id: &str) -> Value {
+    for _ in 0..200 {
+        let r = gw.admin("GET", &format!("/admin/traces/{id}")).await;
+        if r.status == 200 {
+            return r.json();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no trace record {id}");
+}
+
+fn trace_id(r: &Resp) -> String {
+    r.header("x-acc-trace-id").unwrap_or_else(|| panic!("no x-acc-trace-id: {}", r.describe()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
+    let (chromium, node_modules) = browser().await;
+    let good = MockProvider::builder(OpenAiImages).png(noisy(256, 256, 1)).start().await;
+    let down = MockProvider::builder(OpenAiImages).status(500).start().await;
+    let blank_mock = MockProvider::builder(OpenAiImages).png(blank(256, 256)).start().await;
+    // A uniform colour fails the sanity check too, and shows as a visible thumbnail.
+    let held_png = make_png(256, 256, [222, 120, 60]);
+    let held_mock = MockProvider::builder(OpenAiImages).png(held_png.clone()).start().await;
+    let cand = MockProvider::builder(OpenAiImages).png(noisy(256, 256, 2)).start().await;
+    let (gw, _dir) = serve_policy(&policy(&good, &down, &blank_mock, &held_mock, &cand), &[]).await;
+
+    // A fallback: the main route's provider fails, its fallback route answers. The prompt and
+    // cohort carry markup the console must show as text.
+    let r = gw.generate_with(&req("main", XSS_PROMPT), &[("x-acc-cohort", XSS_COHORT)]).await;
+    r.assert_status(200);
+    assert_eq!(r.header("x-acc-provider").as_deref(), Some("good"), "{}", r.describe());
+    let fallback_id = trace_id(&r);
+    // Mirrored traffic, for the migration report.
+    for i in 0..6 {
+        gw.generate_with(&req("mirrored", &format!("a lighthouse {i}")), &[("x-acc-cohort", "beta")])
+            .await
+            .assert_status(200);
+    }
+    // A blocked image: the sanity check fails the blank image and the route blocks it.
+    let r = gw.generate_with(&req("guarded", "a blank wall"), &[("x-acc-cohort", "beta")]).await;
+    r.assert_error(400, "content_policy_violation");
+    let blocked_id = trace_id(&r);
+    // An image held for review.
+    let r = gw.generate_with(&req("held", "a quiet harbour"), &[("x-acc-cohort", "beta")]).await;
+    r.assert_error(423, "pending_review");
+    let held_id = trace_id(&r);
+    // A second one, which the reviewer rejects.
+    let r = gw.generate_with(&req("held", "a second harbour"), &[("x-acc-cohort", XSS_COHORT)]).await;
+    r.assert_error(423, "pending_review");
+    let reject_id = trace_id(&r);
+    for id in [&fallback_id, &blocked_id, &held_id, &reject_id] {
+        record(&gw, id).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let rep = gw.admin("GET", "/admin/mirror/report").await.json();
+            rep["routes"][0]["candidates"][0]["candidate"]["samples"].as_u64().unwrap_or(0) >= 6
+        })
+        .await,
+        "the mirror report never counted the candidate's samples"
+    );
+
+    // Admin only: nothing of the console on the proxy listener.
+    for path in ["/console/", "/console/signin", &format!("/console/reviews/{held_id}/images/0")] {
+        let r = get(&gw.url(path), &[]).await;
+        assert_eq!(r.status, 404, "proxy listener {path}: {}", r.describe());
+    }
+    // A held image is never served without a session: sign in first.
+    let r = get(&gw.admin_url(&format!("/console/reviews/{held_id}/images/0")), &[]).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    assert!(r.header("location").unwrap_or_default().starts_with("/console/signin"), "{}", r.describe());
+    assert!(!r.body.starts_with(b"\x89PNG"), "no image without a session");
+    let r = get(&gw.admin_url("/console/signin"), &[]).await;
+    r.assert_status(200);
+    assert!(r.header("server-timing").is_some_and(|t| t.starts_with("app;dur=")), "{}", r.describe());
+    assert!(r.header("content-security-policy").is_some_and(|c| c.contains("default-src 'none'")));
+    // A wrong token is refused, and never echoed.
+    let r = post_raw(
+        &gw.admin_url("/console/signin"),
+        b"token=not-the-token-XYZ&reviewer=x".to_vec(),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+    assert!(r.header("set-cookie").is_none());
+    assert!(!r.text().contains("not-the-token-XYZ"), "the token is never echoed");
+
+    // The browser part.
+    let shots = repo_root().join("target/console-screenshots");
+    // This run's screenshots only.
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = repo_root().join("tests/console/console.cjs");
+    let env: Vec<(&str, String)> = vec![
+        ("NODE_PATH", node_modules),
+        ("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1".into()),
+        ("ACC_CHROMIUM", chromium),
+        ("ACC_ADMIN", gw.admin.clone()),
+        ("ACC_TOKEN", ADMIN_TOKEN.into()),
+        ("ACC_FALLBACK_TRACE", fallback_id.clone()),
+        ("ACC_BLOCKED_TRACE", blocked_id.clone()),
+        ("ACC_HELD_TRACE", held_id.clone()),
+        ("ACC_REJECT_TRACE", reject_id.clone()),
+        ("ACC_XSS_PROMPT", XSS_PROMPT.into()),
+        ("ACC_XSS_COHORT", XSS_COHORT.into()),
+        ("ACC_SHOTS", shots.display().to_string()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new("node");
+        cmd.arg(&script);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.output()
+    })
+    .await
+    .unwrap()
+    .expect("run node tests/console/console.cjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- gateway ---\n{}",
+        gw.stderr()
+    );
+
+    // Approved in the browser: the client's poll now answers the image, as the provider made it.
+    let p = get(&gw.url(&format!("/v1/images/reviews/{held_id}")), &[]).await;
+    p.assert_status(200);
+    assert_eq!(p.header("x-acc-decision").as_deref(), Some("approved"), "{}", p.describe());
+    assert_eq!(b64_one(&p), held_png, "the approved image is the held one");
+    let rec = record(&gw, &held_id).await;
+    assert_eq!(rec["review"]["state"], "approved");
+    assert_eq!(rec["review"]["reviewer"], "e2e-reviewer");
+    assert_eq!(rec["review"]["reason"], "looks fine");
+
+    // Rejected in the browser, with its reason.
+    let p = get(&gw.url(&format!("/v1/images/reviews/{reject_id}")), &[]).await;
+    let err = p.assert_error(410, "review_rejected");
+    assert!(err["message"].as_str().unwrap().contains("not on brand"), "{err}");
+
+    let mut pngs: Vec<PathBuf> = std::fs::read_dir(&shots).unwrap().map(|e| e.unwrap().path()).collect();
+    pngs.sort();
+    assert!(pngs.len() >= 8, "a screenshot per page: {pngs:?}");
+    println!("console screenshots: {}", shots.display());
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_console_is_disabled() {
+    let mock = MockProvider::start().await;
+    let policy = format!("{}{}", openai_provider("p", &mock), route_toml("r", "m").target_default("p"));
+    let (gw, _dir) = serve_policy(&policy, &[("ACC_ADMIN_TOKEN", "")]).await;
+    let page = get(&gw.admin_url("/console/signin"), &[]).await;
+    assert_eq!(page.status, 503, "{}", page.describe());
+    assert!(page.text().contains("The console is disabled"), "{}", page.text());
+    let r = post_raw(
+        &gw.admin_url("/console/signin"),
+        b"token=anything".to_vec(),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+    assert!(r.header("set-cookie").is_none());
+    // Every page still asks to sign in; nothing is served.
+    let r = get(&gw.admin_url("/console/traces"), &[]).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+}
+
+/// The session cookie is `Secure` when the admin listener serves TLS (`[server.tls]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_session_cookie_is_secure() {
+    use http_body_util::BodyExt;
+    use rustls::pki_types::pem::PemObject;
+
+    let up = MockProvider::start().await;
+    let dir = PolicyDir::new();
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("tls/key.pem"), key).unwrap();
+    std::fs::write(dir.path().join("tls/cert.pem"), &cert).unwrap();
+    dir.write(
+        "policy.toml",
+        &format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n{}{}",
+            dir.path().join("tls/cert.pem").display(),
+            dir.path().join("tls/key.pem").display(),
+            openai_provider("up", &up),
+            route_toml("main", "m").target("up", "gpt-image-1"),
+        ),
+    );
+    let gw = Gateway::start(dir.path()).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(gw.admin_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/console/signin")
+        .header("host", "localhost")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN_TOKEN}&reviewer=tls"))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    let _ = resp.into_body().collect().await;
+    for attr in ["acc_console=", "HttpOnly", "SameSite=Strict", "Secure", "Path=/console", "Max-Age=28800"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+}
