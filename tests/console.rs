@@ -453,3 +453,42 @@ async fn sessions_csrf_and_redirects_hold_against_misuse() {
     let r = sign_in(&gw, &token, None).await;
     assert_eq!(r.status, 303, "{}", r.describe());
 }
+
+/// With `[store] enabled = false` every page still answers a console page that says why
+/// (the overview a note, the review queue and traces "not kept"), never a 500 or a bare 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_trace_store_the_pages_say_why() {
+    let mock = MockProvider::start().await;
+    let policy =
+        format!("[store]\nenabled = false\n\n{}{}", openai_provider("p", &mock), route_toml("r", "m").target_default("p"));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let c = session_cookie(&sign_in(&gw, &format!("token={ADMIN_TOKEN}"), None).await);
+    let overview = get(&gw.admin_url("/console/"), &[("cookie", &c)]).await;
+    overview.assert_status(200);
+    assert!(overview.text().contains("[store] enabled = false"), "{}", overview.text());
+    for (path, title) in [
+        ("/console/reviews", "Reviews not kept"),
+        ("/console/traces", "Traces not kept"),
+        ("/console/traces?route=r&limit=-1&unknown=1", "Traces not kept"),
+    ] {
+        let r = get(&gw.admin_url(path), &[("cookie", &c)]).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.describe());
+        assert!(r.header("content-type").is_some_and(|t| t.starts_with("text/html")), "{path}");
+        let text = r.text();
+        assert!(text.contains(title) && text.contains("[store] enabled = false"), "{path}: {text}");
+    }
+    for path in ["/console/routes", "/console/migrations"] {
+        get(&gw.admin_url(path), &[("cookie", &c)]).await.assert_status(200);
+    }
+    // A decision cannot be taken either, and says why.
+    let csrf = csrf_of(&gw, &c).await;
+    let r = post_form_as(
+        &gw,
+        "/console/reviews/0123456789abcdef0123456789abcdef/approve",
+        &c,
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.describe());
+    assert!(r.text().contains("[store] enabled = false"), "{}", r.text());
+}

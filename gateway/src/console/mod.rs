@@ -288,6 +288,15 @@ impl Console {
         self.message(a.status, a.status.canonical_reason().unwrap_or("Error"), &a.error_message(), Some(s))
     }
 
+    /// The error page of a list page (review queue, traces): a 404 of a list endpoint means the
+    /// store is off, which the page's title says (not a "Not Found", as if the link were broken).
+    fn list_error(&self, a: &ApiAnswer, s: &Signed, what: &str) -> Response {
+        if a.status == StatusCode::NOT_FOUND {
+            return self.message(a.status, &format!("{what} not kept"), &a.error_message(), Some(s));
+        }
+        self.api_error(a, s)
+    }
+
     fn secure(&self) -> bool {
         self.app.policy.snapshot().policy.server.tls.is_some()
     }
@@ -748,7 +757,7 @@ async fn reviews(s: Signed, uri: http::Uri) -> Response {
     }
     let a = c.api(Method::GET, &api, None).await;
     if !a.status.is_success() {
-        return c.api_error(&a, &s);
+        return c.list_error(&a, &s, "Reviews");
     }
     let list = a.json();
     let done = field(&q, "done").map(str::to_string);
@@ -831,7 +840,7 @@ async fn traces(s: Signed, uri: http::Uri) -> Response {
         );
     }
     if !a.status.is_success() {
-        return c.api_error(&a, &s);
+        return c.list_error(&a, &s, "Traces");
     }
     let mut list = a.json();
     for r in list["data"].as_array_mut().into_iter().flatten() {
