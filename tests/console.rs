@@ -459,8 +459,11 @@ async fn sessions_csrf_and_redirects_hold_against_misuse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_trace_store_the_pages_say_why() {
     let mock = MockProvider::start().await;
-    let policy =
-        format!("[store]\nenabled = false\n\n{}{}", openai_provider("p", &mock), route_toml("r", "m").target_default("p"));
+    let policy = format!(
+        "[store]\nenabled = false\n\n{}{}",
+        openai_provider("p", &mock),
+        route_toml("r", "m").target_default("p")
+    );
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let c = session_cookie(&sign_in(&gw, &format!("token={ADMIN_TOKEN}"), None).await);
     let overview = get(&gw.admin_url("/console/"), &[("cookie", &c)]).await;
@@ -482,13 +485,8 @@ async fn without_a_trace_store_the_pages_say_why() {
     }
     // A decision cannot be taken either, and says why.
     let csrf = csrf_of(&gw, &c).await;
-    let r = post_form_as(
-        &gw,
-        "/console/reviews/0123456789abcdef0123456789abcdef/approve",
-        &c,
-        &format!("csrf={csrf}"),
-    )
-    .await;
+    let r = post_form_as(&gw, "/console/reviews/0123456789abcdef0123456789abcdef/approve", &c, &format!("csrf={csrf}"))
+        .await;
     assert_eq!(r.status, 404, "{}", r.describe());
     assert!(r.text().contains("[store] enabled = false"), "{}", r.text());
 }
