@@ -173,6 +173,25 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_session_is_refused_and_dropped() {
+        let s = Sessions::default();
+        let (id, _) = s.create("ana");
+        crate::lock(&s.map).get_mut(&id).unwrap().expires = Instant::now() - Duration::from_secs(1);
+        assert!(s.get(&id).is_none(), "expired");
+        assert!(crate::lock(&s.map).is_empty(), "and dropped");
+    }
+
+    #[test]
+    fn sessions_are_capped_the_oldest_dropped() {
+        let s = Sessions::default();
+        let (first, _) = s.create("first");
+        let ids: Vec<String> = (0..MAX_SESSIONS + 10).map(|i| s.create(&format!("r{i}")).0).collect();
+        assert_eq!(crate::lock(&s.map).len(), MAX_SESSIONS);
+        assert!(s.get(&first).is_none(), "the oldest went first");
+        assert!(s.get(ids.last().unwrap()).is_some(), "the newest stays");
+    }
+
+    #[test]
     fn the_sign_in_line_is_bounded() {
         let s = Sessions::default();
         let places: Vec<_> = (0..SIGN_IN_LINE).map(|_| s.join_sign_in_line().expect("a place")).collect();
