@@ -302,3 +302,191 @@ async fn over_tls_the_session_cookie_is_secure() {
         assert!(cookie.contains(attr), "{cookie} lacks {attr}");
     }
 }
+
+/// A session's cookie (`name=value`) from a sign-in answer.
+fn session_cookie(r: &Resp) -> String {
+    let c = r.header("set-cookie").unwrap_or_else(|| panic!("no session cookie: {}", r.describe()));
+    c.split(';').next().unwrap().to_string()
+}
+
+async fn sign_in(gw: &Gateway, body: &str, cookie: Option<&str>) -> Resp {
+    let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+    if let Some(c) = cookie {
+        h.push(("cookie", c));
+    }
+    post_raw(&gw.admin_url("/console/signin"), body.as_bytes().to_vec(), &h).await
+}
+
+/// A page's CSRF token (the sign-out form carries it on every signed-in page).
+async fn csrf_of(gw: &Gateway, cookie: &str) -> String {
+    let page = get(&gw.admin_url("/console/routes"), &[("cookie", cookie)]).await;
+    page.assert_status(200);
+    let text = page.text();
+    let at = text.find(r#"name="csrf" value=""#).unwrap_or_else(|| panic!("no CSRF token: {text}")) + 19;
+    text[at..at + 64].to_string()
+}
+
+async fn post_form_as(gw: &Gateway, path: &str, cookie: &str, body: &str) -> Resp {
+    post_raw(
+        &gw.admin_url(path),
+        body.as_bytes().to_vec(),
+        &[("content-type", "application/x-www-form-urlencoded"), ("cookie", cookie)],
+    )
+    .await
+}
+
+/// What an operator (or an attacker on the admin network) does with plain HTTP: sessions,
+/// CSRF, the redirect after sign-in, the sign-in line, headers, other methods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_csrf_and_redirects_hold_against_misuse() {
+    let mock = MockProvider::start().await;
+    let policy = format!("{}{}", openai_provider("p", &mock), route_toml("r", "m").target_default("p"));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let token = format!("token={ADMIN_TOKEN}");
+    let review = "/console/reviews/0123456789abcdef0123456789abcdef/approve";
+
+    // The redirect after sign-in stays in the console, and is never dropped: a control
+    // character or a dot segment in `next` leads to the overview.
+    for (next, to) in [
+        ("%2Fconsole%2Ftraces%3Froute%3Dr", "/console/traces?route=r"),
+        ("%2Fconsole%2F%0D%0ASet-Cookie%3A%20x%3D1", "/console/"),
+        ("%2Fconsole%2F..%2F..%2Fadmin%2Froutes", "/console/"),
+        ("https%3A%2F%2Fevil.example%2Fconsole%2F", "/console/"),
+    ] {
+        let r = sign_in(&gw, &format!("{token}&next={next}"), None).await;
+        assert_eq!(r.status, 303, "next={next}: {}", r.describe());
+        assert_eq!(r.header("location").as_deref(), Some(to), "next={next}: {}", r.describe());
+    }
+
+    let a = session_cookie(&sign_in(&gw, &format!("{token}&reviewer=ana"), None).await);
+    let b = session_cookie(&sign_in(&gw, &format!("{token}&reviewer=bo"), None).await);
+    assert_ne!(a, b, "each sign-in makes its own session");
+    let (csrf_a, csrf_b) = (csrf_of(&gw, &a).await, csrf_of(&gw, &b).await);
+    assert_ne!(csrf_a, csrf_b);
+
+    // Security headers on pages: no framing (the approve buttons), no sniffing, no caching.
+    // (The review queue answers 503 while the trace store still opens after start-up.)
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&gw.admin_url("/console/reviews"), &[("cookie", &a)]).await.status == 200
+        })
+        .await,
+        "the review queue never opened"
+    );
+    let page = get(&gw.admin_url("/console/reviews"), &[("cookie", &a)]).await;
+    page.assert_status(200);
+    assert!(page.header("content-security-policy").is_some_and(|c| c.contains("frame-ancestors 'none'")));
+    assert_eq!(page.header("x-frame-options").as_deref(), Some("DENY"));
+    assert_eq!(page.header("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(page.header("cache-control").as_deref(), Some("no-store"));
+    assert_eq!(page.header("referrer-policy").as_deref(), Some("no-referrer"));
+
+    // CSRF: without a token, with the other session's, or in the query string: 403, and the
+    // decision is never made (with the right token the admin API answers: no such review).
+    let r = post_form_as(&gw, review, &a, "reason=x").await;
+    assert_eq!(r.status, 403, "{}", r.describe());
+    let r = post_form_as(&gw, review, &a, &format!("csrf={csrf_b}&reason=x")).await;
+    assert_eq!(r.status, 403, "another session's token: {}", r.describe());
+    let r = post_form_as(&gw, &format!("{review}?csrf={csrf_a}"), &a, "reason=x").await;
+    assert_eq!(r.status, 403, "a token in the query string: {}", r.describe());
+    let r = post_form_as(&gw, review, &a, &format!("csrf={csrf_a}&reason=x")).await;
+    assert_eq!(r.status, 404, "the right token reaches the admin API: {}", r.describe());
+    // Nothing changes state on GET: another method answers a console page, with its headers.
+    let r = get(&gw.admin_url("/console/signout"), &[("cookie", &a)]).await;
+    assert_eq!(r.status, 405, "{}", r.describe());
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/html")), "{}", r.describe());
+    assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"), "{}", r.describe());
+    assert!(r.text().contains("Method not allowed"), "{}", r.text());
+    get(&gw.admin_url("/console/routes"), &[("cookie", &a)]).await.assert_status(200);
+
+    // The session cookie never stands in for the admin API's bearer token.
+    let r = get(&gw.admin_url("/admin/routes"), &[("cookie", &a)]).await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+
+    // Forged, garbage and very long cookies are sent to sign in, nothing more.
+    let long = format!("acc_console={}", "a".repeat(8000));
+    for c in ["acc_console=garbage", "acc_console=", "acc_console=\"x\"", long.as_str()] {
+        let r = get(&gw.admin_url("/console/routes"), &[("cookie", c)]).await;
+        assert_eq!(r.status, 303, "{c:.40}: {}", r.describe());
+    }
+
+    // Signing in again from a browser ends the session its cookie named.
+    let a2 = session_cookie(&sign_in(&gw, &format!("{token}&reviewer=ana"), Some(&a)).await);
+    assert_ne!(a, a2, "sign-in issues a fresh id");
+    let r = get(&gw.admin_url("/console/routes"), &[("cookie", &a)]).await;
+    assert_eq!(r.status, 303, "the replaced session is over: {}", r.describe());
+    get(&gw.admin_url("/console/routes"), &[("cookie", &a2)]).await.assert_status(200);
+
+    // Sign-out ends the session on the server: its cookie, replayed, is refused.
+    let r = post_form_as(&gw, "/console/signout", &b, &format!("csrf={csrf_b}")).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    assert!(r.header("set-cookie").is_some_and(|c| c.contains("Max-Age=0")), "{}", r.describe());
+    let r = get(&gw.admin_url("/console/routes"), &[("cookie", &b)]).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    let r = post_form_as(&gw, review, &b, &format!("csrf={csrf_b}")).await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+
+    // The sign-in line is short: a burst of guesses beyond it is refused at once (429 with
+    // Retry-After), not held on the admin listener; the rest wait their turn (401).
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let url = gw.admin_url("/console/signin");
+            tokio::spawn(async move {
+                post_raw(&url, b"token=wrong-guess".to_vec(), &[("content-type", "application/x-www-form-urlencoded")])
+                    .await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in burst {
+        let r = t.await.unwrap();
+        if r.status == 429 {
+            assert_eq!(r.header("retry-after").as_deref(), Some("5"), "{}", r.describe());
+            assert!(r.text().contains("Too many sign-in attempts"), "{}", r.text());
+        }
+        statuses.push(r.status);
+    }
+    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    assert!(statuses.contains(&429), "a burst beyond the line is refused: {statuses:?}");
+    assert!(statuses.iter().filter(|s| **s == 401).count() <= 8, "{statuses:?}");
+    // Once the line is clear, the operator signs in.
+    let r = sign_in(&gw, &token, None).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+}
+
+/// With `[store] enabled = false` every page still answers a console page that says why
+/// (the overview a note, the review queue and traces "not kept"), never a 500 or a bare 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_trace_store_the_pages_say_why() {
+    let mock = MockProvider::start().await;
+    let policy = format!(
+        "[store]\nenabled = false\n\n{}{}",
+        openai_provider("p", &mock),
+        route_toml("r", "m").target_default("p")
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let c = session_cookie(&sign_in(&gw, &format!("token={ADMIN_TOKEN}"), None).await);
+    let overview = get(&gw.admin_url("/console/"), &[("cookie", &c)]).await;
+    overview.assert_status(200);
+    assert!(overview.text().contains("[store] enabled = false"), "{}", overview.text());
+    for (path, title) in [
+        ("/console/reviews", "Reviews not kept"),
+        ("/console/traces", "Traces not kept"),
+        ("/console/traces?route=r&limit=-1&unknown=1", "Traces not kept"),
+    ] {
+        let r = get(&gw.admin_url(path), &[("cookie", &c)]).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.describe());
+        assert!(r.header("content-type").is_some_and(|t| t.starts_with("text/html")), "{path}");
+        let text = r.text();
+        assert!(text.contains(title) && text.contains("[store] enabled = false"), "{path}: {text}");
+    }
+    for path in ["/console/routes", "/console/migrations"] {
+        get(&gw.admin_url(path), &[("cookie", &c)]).await.assert_status(200);
+    }
+    // A decision cannot be taken either, and says why.
+    let csrf = csrf_of(&gw, &c).await;
+    let r = post_form_as(&gw, "/console/reviews/0123456789abcdef0123456789abcdef/approve", &c, &format!("csrf={csrf}"))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.describe());
+    assert!(r.text().contains("[store] enabled = false"), "{}", r.text());
+}

@@ -70,6 +70,16 @@ pub fn router(app: Arc<App>, api: Router) -> Router<Arc<App>> {
         .route("/console/traces/{id}", get(trace))
         .route("/console/assets/{name}", get(asset))
         .route("/console/{*rest}", get(unknown_page))
+        // Another method on a console page (a typed or bookmarked /console/signout): a
+        // console page with the console's headers, not the admin API's JSON.
+        .method_not_allowed_fallback(|Extension(console): Extension<Arc<Console>>| async move {
+            console.message(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "This console address does not take this method: open the console's pages from its navigation.",
+                None,
+            )
+        })
         .layer(middleware::from_fn(page_headers))
         .layer(Extension(console))
 }
@@ -278,6 +288,15 @@ impl Console {
         self.message(a.status, a.status.canonical_reason().unwrap_or("Error"), &a.error_message(), Some(s))
     }
 
+    /// The error page of a list page (review queue, traces): a 404 of a list endpoint means the
+    /// store is off, which the page's title says (not a "Not Found", as if the link were broken).
+    fn list_error(&self, a: &ApiAnswer, s: &Signed, what: &str) -> Response {
+        if a.status == StatusCode::NOT_FOUND {
+            return self.message(a.status, &format!("{what} not kept"), &a.error_message(), Some(s));
+        }
+        self.api_error(a, s)
+    }
+
     fn secure(&self) -> bool {
         self.app.policy.snapshot().policy.server.tls.is_some()
     }
@@ -311,10 +330,21 @@ fn csrf_refusal(s: &Signed, f: &[(String, String)]) -> Option<Response> {
     }
 }
 
-/// Where to go after sign-in: a console path only (never another origin).
+/// Where to go after sign-in: a console path only (never another origin), in visible ASCII
+/// (a control character would leave the redirect without its `Location`) and without `.`
+/// or `..` segments (which would lead out of the console).
 fn safe_next(next: Option<&str>) -> String {
+    let in_console = |n: &str| {
+        n.starts_with("/console/")
+            && !n.contains('\\')
+            && n.bytes().all(|b| b.is_ascii_graphic())
+            && !n.split(['?', '#']).next().unwrap_or("").split('/').any(|seg| {
+                let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+                seg == "." || seg == ".."
+            })
+    };
     match next {
-        Some(n) if n.starts_with("/console/") && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n) if in_console(n) => n.to_string(),
         _ => "/console/".to_string(),
     }
 }
@@ -331,13 +361,24 @@ async fn signin_page(Extension(console): Extension<Arc<Console>>, uri: http::Uri
     )
 }
 
-async fn signin(Extension(console): Extension<Arc<Console>>, body: Bytes) -> Response {
+async fn signin(Extension(console): Extension<Arc<Console>>, headers: http::HeaderMap, body: Bytes) -> Response {
     let f = form(&body);
     let next = safe_next(field(&f, "next"));
     let Some(expected) = console.app.admin_token_digest else {
         return console.render("signin.html", StatusCode::UNAUTHORIZED, json!({"next": next, "disabled": true}));
     };
-    // One attempt at a time; a wrong token holds the line a while (no fast guessing).
+    // One attempt at a time; a wrong token holds the line a while (no fast guessing). The
+    // line is short: beyond it an attempt is refused at once rather than held (a flood of
+    // guesses must not pile up the admin listener's connections).
+    let Some(_place) = console.sessions.join_sign_in_line() else {
+        let mut r = console.render(
+            "signin.html",
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"next": next, "error": "Too many sign-in attempts at once: wait a few seconds and sign in again."}),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return r;
+    };
     let _turn = console.sessions.sign_in.lock().await;
     let token = field(&f, "token").unwrap_or("").trim();
     use sha2::Digest;
@@ -351,6 +392,10 @@ async fn signin(Extension(console): Extension<Arc<Console>>, body: Bytes) -> Res
     }
     let reviewer = field(&f, "reviewer").map(str::trim).filter(|r| !r.is_empty()).unwrap_or("console");
     let reviewer: String = reviewer.chars().take(200).collect();
+    // A browser that signs in again leaves its previous session ended, not orphaned.
+    if let Some(old) = session::cookie_value(&headers) {
+        console.sessions.remove(&old);
+    }
     let (id, _) = console.sessions.create(&reviewer);
     let mut r = see_other(&next);
     if let Ok(v) = HeaderValue::from_str(&session::set_cookie(Some(&id), console.secure())) {
@@ -712,7 +757,7 @@ async fn reviews(s: Signed, uri: http::Uri) -> Response {
     }
     let a = c.api(Method::GET, &api, None).await;
     if !a.status.is_success() {
-        return c.api_error(&a, &s);
+        return c.list_error(&a, &s, "Reviews");
     }
     let list = a.json();
     let done = field(&q, "done").map(str::to_string);
@@ -795,7 +840,7 @@ async fn traces(s: Signed, uri: http::Uri) -> Response {
         );
     }
     if !a.status.is_success() {
-        return c.api_error(&a, &s);
+        return c.list_error(&a, &s, "Traces");
     }
     let mut list = a.json();
     for r in list["data"].as_array_mut().into_iter().flatten() {
@@ -900,6 +945,13 @@ mod tests {
         assert_eq!(safe_next(Some("https://evil.example/")), "/console/");
         assert_eq!(safe_next(Some("//evil.example/console/")), "/console/");
         assert_eq!(safe_next(None), "/console/");
+        // A control character would drop the Location header; dot segments leave the console.
+        assert_eq!(safe_next(Some("/console/\r\nSet-Cookie: x=1")), "/console/");
+        assert_eq!(safe_next(Some("/console/a b")), "/console/");
+        assert_eq!(safe_next(Some("/console/\u{2028}")), "/console/");
+        assert_eq!(safe_next(Some("/console/../admin/routes")), "/console/");
+        assert_eq!(safe_next(Some("/console/%2E%2e/admin")), "/console/");
+        assert_eq!(safe_next(Some("/console/traces?route=a..b")), "/console/traces?route=a..b");
     }
 
     #[test]

@@ -37,6 +37,20 @@ pub struct Sessions {
     /// Held through each sign-in attempt, and through a pause after a wrong token: guesses are
     /// serialized, at most about one per [`FAILED_SIGN_IN_DELAY`] on this listener.
     pub sign_in: tokio::sync::Mutex<()>,
+    /// Sign-in attempts in the line (waiting or being checked), at most [`SIGN_IN_LINE`].
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Sign-in attempts that may wait in line at once; more are refused at once (429).
+pub const SIGN_IN_LINE: usize = 8;
+
+/// A place in the sign-in line, given back when dropped.
+pub struct Place<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The pause after a wrong token, sign-in attempts waiting behind it.
@@ -88,6 +102,14 @@ impl Sessions {
             }
             None => None,
         }
+    }
+
+    /// A place in the sign-in line, or `None` when [`SIGN_IN_LINE`] attempts already wait.
+    pub fn join_sign_in_line(&self) -> Option<Place<'_>> {
+        use std::sync::atomic::Ordering;
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let place = Place(&self.waiting);
+        (before < SIGN_IN_LINE).then_some(place)
     }
 
     /// Ends the session named `id` (sign-out).
@@ -148,6 +170,34 @@ mod tests {
         assert!(s.get("nope").is_none());
         s.remove(&id);
         assert!(s.get(&id).is_none());
+    }
+
+    #[test]
+    fn an_expired_session_is_refused_and_dropped() {
+        let s = Sessions::default();
+        let (id, _) = s.create("ana");
+        crate::lock(&s.map).get_mut(&id).unwrap().expires = Instant::now() - Duration::from_secs(1);
+        assert!(s.get(&id).is_none(), "expired");
+        assert!(crate::lock(&s.map).is_empty(), "and dropped");
+    }
+
+    #[test]
+    fn sessions_are_capped_the_oldest_dropped() {
+        let s = Sessions::default();
+        let (first, _) = s.create("first");
+        let ids: Vec<String> = (0..MAX_SESSIONS + 10).map(|i| s.create(&format!("r{i}")).0).collect();
+        assert_eq!(crate::lock(&s.map).len(), MAX_SESSIONS);
+        assert!(s.get(&first).is_none(), "the oldest went first");
+        assert!(s.get(ids.last().unwrap()).is_some(), "the newest stays");
+    }
+
+    #[test]
+    fn the_sign_in_line_is_bounded() {
+        let s = Sessions::default();
+        let places: Vec<_> = (0..SIGN_IN_LINE).map(|_| s.join_sign_in_line().expect("a place")).collect();
+        assert!(s.join_sign_in_line().is_none(), "the line is full");
+        drop(places);
+        assert!(s.join_sign_in_line().is_some(), "places are given back");
     }
 
     #[test]
