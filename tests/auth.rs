@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 
 const BETA_KEY: &str = "sk-acc-beta-7d41c0";
 const PLAIN_KEY: &str = "sk-acc-plain-93ab2e";
@@ -249,6 +250,38 @@ async fn the_admin_401_says_whether_the_server_or_the_client_lacks_the_token() {
 
 /// A known admin path asked with another method answers 405 in the OpenAI error shape with the
 /// methods it takes in `Allow`, like the proxy listener (not an empty body).
+/// Wrong admin tokens are answered one at a time after a pause, and a burst beyond the line is
+/// refused at once with 429, so the token cannot be guessed at line rate; the right token is
+/// never delayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_admin_tokens_are_paced() {
+    let s = setup().await;
+    let url = s.gw.admin_url("/admin/policies");
+    let t0 = std::time::Instant::now();
+    get(&url, &[("authorization", "Bearer not-it")]).await.assert_error(401, "invalid_admin_token");
+    assert!(t0.elapsed() >= Duration::from_millis(900), "a wrong token waits: {:?}", t0.elapsed());
+    let guesses: Vec<_> = (0..12)
+        .map(|i| {
+            let (url, auth) = (url.clone(), format!("Bearer guess-{i}"));
+            tokio::spawn(async move { get(&url, &[("authorization", auth.as_str())]).await })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for g in guesses {
+        let r = g.await.unwrap();
+        codes.push(r.status);
+        if r.status == 429 {
+            r.assert_error(429, "too_many_wrong_admin_tokens");
+            assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+        }
+    }
+    assert!(codes.iter().filter(|&&c| c == 429).count() >= 4, "a burst of 12 beyond a line of 8: {codes:?}");
+    assert!(codes.iter().all(|&c| c == 401 || c == 429), "{codes:?}");
+    let t0 = std::time::Instant::now();
+    get(&url, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))]).await.assert_status(200);
+    assert!(t0.elapsed() < Duration::from_millis(900), "the right token is not paced: {:?}", t0.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_path_with_another_method_is_an_openai_shaped_405() {
     let dir = PolicyDir::with("[providers.demo]\nkind = \"builtin\"\n\n[[routes]]\nname = \"demo\"\nmatch = { model = \"acc-demo\" }\ntargets = [{ provider = \"demo\" }]\n");

@@ -98,15 +98,62 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
         };
     // Comparing digests keeps the comparison's timing independent of the token's bytes.
     if Sha256::digest(token.trim().as_bytes()).as_slice() == expected.as_slice() {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
+        return next.run(req).await;
+    }
+    // A wrong token is answered after a pause, one at a time: guesses at the token go at most
+    // about one per WRONG_TOKEN_DELAY, and a burst beyond WRONG_TOKEN_LINE is refused at once.
+    let Some(_place) = WrongTokens::join() else {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
             "invalid_request_error",
-            "invalid_admin_token",
-            "wrong admin token: the bearer token sent is not the server's ACC_ADMIN_TOKEN",
-        )
-        .into_response()
+            "too_many_wrong_admin_tokens",
+            "too many requests with a wrong admin token are waiting; retry later with the server's ACC_ADMIN_TOKEN",
+        );
+        e.retry_after = Some(5);
+        return e.into_response();
+    };
+    let _turn = WRONG_TOKENS.turn.lock().await;
+    tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_admin_token",
+        "wrong admin token: the bearer token sent is not the server's ACC_ADMIN_TOKEN",
+    )
+    .into_response()
+}
+
+/// The pause before a wrong admin token's 401 (requests with wrong tokens wait behind it, one
+/// at a time), so the token cannot be guessed at line rate.
+pub const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Requests with a wrong admin token that may wait at once; more get 429
+/// `too_many_wrong_admin_tokens` (`Retry-After: 5`) at once, so a flood holds few connections.
+pub const WRONG_TOKEN_LINE: usize = 8;
+
+/// Requests with a wrong admin token, in line (one admin listener per process).
+struct WrongTokens {
+    turn: tokio::sync::Mutex<()>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+static WRONG_TOKENS: WrongTokens =
+    WrongTokens { turn: tokio::sync::Mutex::const_new(()), waiting: std::sync::atomic::AtomicUsize::new(0) };
+
+/// A place in the wrong-token line, given back when dropped.
+struct LinePlace;
+
+impl WrongTokens {
+    fn join() -> Option<LinePlace> {
+        let before = WRONG_TOKENS.waiting.fetch_add(1, Ordering::SeqCst);
+        let place = LinePlace;
+        (before < WRONG_TOKEN_LINE).then_some(place)
+    }
+}
+
+impl Drop for LinePlace {
+    fn drop(&mut self) {
+        WRONG_TOKENS.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
