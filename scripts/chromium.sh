@@ -13,14 +13,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="$root/.cache/console-browser"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
-apt_install() {
-    local sudo=()
-    [[ "$(id -u)" == 0 ]] || sudo=(sudo -n)
-    echo "chromium.sh: installing $* (Debian packages)" >&2
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2 \
-        || { "${sudo[@]}" apt-get update -q >&2 && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-             apt-get install -y -q --no-install-recommends "$@" >&2; }
-}
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
 
 # Node.js and npm: the same installer as the SDK test's.
 "$root/scripts/node-env.sh" >/dev/null
@@ -34,32 +28,11 @@ if [[ -z "$chromium" ]]; then
         echo "chromium.sh: chromium missing and no apt-get to install it; install Chromium" >&2
         exit 1
     fi
-    apt_install chromium fonts-dejavu-core || { echo "chromium.sh: cannot install chromium" >&2; exit 1; }
+    apt_install chromium.sh chromium fonts-dejavu-core || { echo "chromium.sh: cannot install chromium" >&2; exit 1; }
     chromium="$(command -v chromium)"
 fi
 
-mkdir -p "$dir"
-# One installer at a time.
-exec 9>"$root/.cache/console-browser.lock"
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-
-ready() {
-    [[ -f "$dir/node_modules/playwright-core/package.json" ]] && node -e '
-        const v = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).version;
-        process.exit(v === process.argv[2] ? 0 : 1);' "$dir/node_modules/playwright-core/package.json" "$PLAYWRIGHT_VERSION"
-}
-
-if ! ready; then
-    echo "chromium.sh: installing playwright-core@$PLAYWRIGHT_VERSION into $dir" >&2
-    npm install --prefix "$dir" --no-audit --no-fund --no-package-lock --loglevel=error \
-        "playwright-core@$PLAYWRIGHT_VERSION" >&2
-    if ! ready; then
-        echo "chromium.sh: playwright-core@$PLAYWRIGHT_VERSION is still not installed in $dir" >&2
-        exit 1
-    fi
-fi
+npm_pin chromium.sh "$dir" playwright-core "$PLAYWRIGHT_VERSION"
 
 echo "$chromium"
 echo "$dir/node_modules"

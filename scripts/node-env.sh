@@ -11,14 +11,8 @@ OPENAI_VERSION="5.23.2"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="$root/.cache/node-sdk"
 
-apt_install() {
-    local sudo=()
-    [[ "$(id -u)" == 0 ]] || sudo=(sudo -n)
-    echo "node-env.sh: installing $* (Debian packages)" >&2
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2 \
-        || { "${sudo[@]}" apt-get update -q >&2 && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-             apt-get install -y -q --no-install-recommends "$@" >&2; }
-}
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
 
 missing=()
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
@@ -28,7 +22,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
         echo "node-env.sh: ${missing[*]} missing and no apt-get to install it; install Node.js 18+ with npm" >&2
         exit 1
     fi
-    apt_install "${missing[@]}" || {
+    apt_install node-env.sh "${missing[@]}" || {
         echo "node-env.sh: cannot install ${missing[*]}; install Node.js 18+ with npm" >&2
         exit 1
     }
@@ -39,27 +33,6 @@ if (( major < 18 )); then
     exit 1
 fi
 
-mkdir -p "$dir"
-# One installer at a time (scripts/test.sh and the sdk test may both call this).
-exec 9>"$root/.cache/node-sdk.lock"
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-
-ready() {
-    [[ -f "$dir/node_modules/openai/package.json" ]] && node -e '
-        const v = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).version;
-        process.exit(v === process.argv[2] ? 0 : 1);' "$dir/node_modules/openai/package.json" "$OPENAI_VERSION"
-}
-
-if ! ready; then
-    echo "node-env.sh: installing openai@$OPENAI_VERSION into $dir" >&2
-    npm install --prefix "$dir" --no-audit --no-fund --no-package-lock --loglevel=error \
-        "openai@$OPENAI_VERSION" >&2
-    if ! ready; then
-        echo "node-env.sh: openai@$OPENAI_VERSION is still not installed in $dir" >&2
-        exit 1
-    fi
-fi
+npm_pin node-env.sh "$dir" openai "$OPENAI_VERSION"
 
 echo "$dir/node_modules"

@@ -79,18 +79,6 @@ fn req(model: &str, prompt: &str) -> Value {
     json!({"model": model, "prompt": prompt, "n": 1, "size": "256x256", "response_format": "b64_json"})
 }
 
-/// Waits for the trace record of `id` (written by the batching writer).
-async fn record(gw: &Gateway, id: &str) -> Value {
-    for _ in 0..200 {
-        let r = gw.admin("GET", &format!("/admin/traces/{id}")).await;
-        if r.status == 200 {
-            return r.json();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no trace record {id}");
-}
-
 fn trace_id(r: &Resp) -> String {
     r.header("x-acc-trace-id").unwrap_or_else(|| panic!("no x-acc-trace-id: {}", r.describe()))
 }
@@ -132,7 +120,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     r.assert_error(423, "pending_review");
     let reject_id = trace_id(&r);
     for id in [&fallback_id, &blocked_id, &held_id, &reject_id] {
-        record(&gw, id).await;
+        gw.trace_record(id).await;
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -213,7 +201,7 @@ async fn the_console_shows_what_the_gateway_did_and_approves_in_the_browser() {
     p.assert_status(200);
     assert_eq!(p.header("x-acc-decision").as_deref(), Some("approved"), "{}", p.describe());
     assert_eq!(b64_one(&p), held_png, "the approved image is the held one");
-    let rec = record(&gw, &held_id).await;
+    let rec = gw.trace_record(&held_id).await.json();
     assert_eq!(rec["review"]["state"], "approved");
     assert_eq!(rec["review"]["reviewer"], "e2e-reviewer");
     assert_eq!(rec["review"]["reason"], "looks fine");

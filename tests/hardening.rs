@@ -56,7 +56,7 @@ async fn a_provider_that_echoes_the_key_leaks_it_nowhere() {
     // The upstream did get the key: the test exercises a real echo.
     assert_eq!(up.last_header("authorization").as_deref(), Some(format!("Bearer {KEY}").as_str()));
     for id in &trace_ids {
-        let rec = eventually_trace(&gw, id).await;
+        let rec = gw.trace_record(id).await.text();
         assert!(!rec.contains(KEY), "the trace record leaked the key: {rec}");
     }
     let routes = gw.admin("GET", "/admin/routes").await.text();
@@ -100,18 +100,6 @@ breaker = {{ enabled = false }}
         gw.stderr().contains("metadata.internal.example:8443")
     })
     .await;
-}
-
-/// A trace record as the admin API returns it (the writer may take a moment).
-async fn eventually_trace(gw: &Gateway, trace_id: &str) -> String {
-    for _ in 0..200 {
-        let r = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await;
-        if r.status == 200 {
-            return r.text();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("no trace record for {trace_id}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,7 +524,7 @@ async fn an_oversized_image_is_judged_on_its_header_and_never_decoded() {
     assert_eq!(r.attempts(), vec!["first:eval_failed", "second:ok"], "{}", r.describe());
     assert_eq!(b64_images(&r), vec![ok]);
     let trace_id = r.header("x-acc-trace-id").unwrap();
-    let rec = eventually_trace(&gw, &trace_id).await;
+    let rec = gw.trace_record(&trace_id).await.text();
     assert!(rec.contains("image is 8000x8000, the request asked for 256x256"), "{rec}");
     assert!(rec.contains("not examined: image is 8000x8000"), "the safety model never saw it: {rec}");
 }

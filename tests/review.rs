@@ -64,18 +64,6 @@ fn assert_pending(r: &Resp) -> String {
     id
 }
 
-/// Waits for the trace record of `id` (written by the batching writer).
-async fn record(gw: &Gateway, id: &str) -> Value {
-    for _ in 0..200 {
-        let r = gw.admin("GET", &format!("/admin/traces/{id}")).await;
-        if r.status == 200 {
-            return r.json();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no trace record {id}");
-}
-
 #[tokio::test]
 async fn a_held_image_is_pending_then_approved_byte_identical() {
     let mock = MockProvider::start().await;
@@ -172,7 +160,7 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
     assert_eq!(gw.metric("acc_review_wait_seconds_count", &[("route", "main")]).await, 1.0);
 
     // The trace says review, and shows the decision next to the record.
-    let rec = record(&gw, &id).await;
+    let rec = gw.trace_record(&id).await.json();
     assert_eq!(rec["decision"], "review");
     assert_eq!(rec["status"], 423);
     assert_eq!(rec["error_code"], "pending_review");

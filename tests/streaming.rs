@@ -119,7 +119,7 @@ async fn openai_events_are_relayed_in_order_with_their_fields() {
     assert_eq!(up.last_header("accept").as_deref(), Some("text/event-stream"));
     // Counted and recorded like any request: the trace holds the final image.
     assert_eq!(gw.metric("acc_requests_total", &[("route", "main"), ("outcome", "ok")]).await, 1.0);
-    let rec = traces_record(&gw, &trace_id).await;
+    let rec = gw.trace_record(&trace_id).await.json();
     assert_eq!(rec["outcome"], "ok");
     assert_eq!(
         rec["parameters"],
@@ -176,7 +176,7 @@ async fn a_stream_cut_after_live_partials_falls_back_or_ends_with_an_error_event
     );
     assert_eq!(ev[2].1["b64_json"], b64_encode(&final_png));
     let trace_id = headers["x-acc-trace-id"].to_str().unwrap().to_string();
-    let rec = traces_record(&gw, &trace_id).await;
+    let rec = gw.trace_record(&trace_id).await.json();
     let results: Vec<&str> =
         rec["attempts"].as_array().unwrap().iter().map(|a| a["result"].as_str().unwrap()).collect();
     assert_eq!(results.len(), 2, "{rec:#}");
@@ -505,18 +505,6 @@ async fn the_official_python_sdk_iterates_the_stream() {
         gw.stderr()
     );
     assert!(stdout.contains("ok: stream of 3 events"), "{stdout}");
-}
-
-/// The trace record of `trace_id`, once the batching writer has written it.
-async fn traces_record(gw: &Gateway, trace_id: &str) -> Value {
-    for _ in 0..200 {
-        let r = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await;
-        if r.status == 200 {
-            return r.json();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("no trace record for {trace_id}");
 }
 
 fn sha256_bytes(b: &[u8]) -> String {

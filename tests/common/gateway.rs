@@ -232,6 +232,19 @@ impl Gateway {
         send(method, &self.admin_url(path), &[("authorization", &auth)], Vec::new()).await
     }
 
+    /// The trace record of `trace_id` as `GET /admin/traces/{id}` answers it, once the batching
+    /// writer has written it (polled every 50 ms for up to 10 s; panics after).
+    pub async fn trace_record(&self, trace_id: &str) -> Resp {
+        for _ in 0..200 {
+            let r = self.admin("GET", &format!("/admin/traces/{trace_id}")).await;
+            if r.status == 200 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no trace record for {trace_id}");
+    }
+
     /// SIGTERM to the gateway process (graceful shutdown).
     pub fn sigterm(&self) {
         let st = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("run kill -TERM");
