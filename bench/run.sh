@@ -525,7 +525,10 @@ $LIMITS_TOML
 
 [cluster]
 redis_url = \"$REDIS_URL\"
-key_prefix = \"bench-$payload:\""
+key_prefix = \"bench-$payload:\"
+# A deadline the saturated machine still meets: the cells measure shared state, not the
+# per-replica fallback (a miss is reported below the table).
+timeout_ms = 1000"
             T_PORT[acc-redis]=$STARTED_PORT T_PROCS[acc-redis]=$STARTED_PID T_AUTH[acc-redis]=$BENCH_KEY
             verify "acc-redis-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
             curl -fsS "http://127.0.0.1:$STARTED_ADMIN/readyz" | grep -q '"state":"shared"' ||
@@ -573,4 +576,13 @@ python3 "$BENCH_DIR/lib/report.py" "$RAW" "$RESULTS" \
     --meta "wrk=$(if [[ "$LOADGEN" == wrk ]]; then wrk -v 2>&1 | head -n1 | awk '{print $2}'; else echo "not used: hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null) generated the load"; fi)" \
     --meta "small=$(wc -c <"$WORK/payloads/small.png")" \
     --meta "large=$(wc -c <"$WORK/payloads/large.png")"
+if has_target acc-redis; then
+    # Time on local state is not Redis's cost: say when a call missed its deadline.
+    missed="$(cat "$RUN"/acc-redis-*.err 2>/dev/null | grep -c 'shared state (Redis) unavailable' || true)"
+    if ((missed > 0)); then
+        printf '\nWARNING: acc-redis fell back to per-replica state %s time(s) (a Redis call missed its deadline; see %s): those seconds did not pay for Redis.\n' \
+            "$missed" "$RUN/acc-redis-*.err" >>"$RESULTS"
+        log "WARNING: acc-redis fell back to local state $missed time(s)"
+    fi
+fi
 log "raw results: $RAW; table written to $RESULTS"
