@@ -14,7 +14,7 @@ WARMUP="${BENCH_WARMUP:-2}"                     # un-measured wrk run before eac
 # with traces); acc-mirror: acc + every request mirrored to a slow second mock; acc-eval:
 # sanity+safety on, large payload only; acc-limits: rate limits per key and tenant and a tenant
 # spend limit, in memory; acc-redis: the same limits shared through a local redis-server
-# ([cluster], issue #16)
+# ([cluster], issue #16); neither keeps traces
 TARGETS="${BENCH_TARGETS:-direct nginx nginx-log acc acc-notrace acc-mirror acc-eval}"
 REPEAT="${BENCH_REPEAT:-1}"                     # rounds of every cell, interleaved (medians reported)
 MIRROR_LATENCY_MS="${BENCH_MIRROR_LATENCY_MS:-200}"   # the slow candidate's answer delay
@@ -53,10 +53,6 @@ REDIS_URL=""                                    # acc-redis: the redis-server sc
 BENCH_KEY="sk-acc-bench-limits"                 # acc-limits, acc-redis: the client's API key
 stop_all() {
     local p
-    if [[ -n "$REDIS_URL" ]]; then
-        "$REPO/scripts/redis.sh" stop "$RUN/redis" || true
-        REDIS_URL=""
-    fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
         for _ in {1..50}; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -64,6 +60,11 @@ stop_all() {
         wait "$p" 2>/dev/null || true
     done
     PIDS=()
+    # Redis after its clients, so their logs show no failure of our making.
+    if [[ -n "$REDIS_URL" ]]; then
+        "$REPO/scripts/redis.sh" stop "$RUN/redis" || true
+        REDIS_URL=""
+    fi
 }
 trap 'stop_all' EXIT
 trap 'exit 130' INT TERM
@@ -496,7 +497,9 @@ api_key_env = \"BENCH_MOCK_API_KEY\""
     fi
     # Limits on every request (key and tenant requests/images per minute, tenant spend per day,
     # all far above what the run reaches): in memory (acc-limits), then shared through Redis
-    # (acc-redis: one GCRA script and one spend hold per request, settled in the background).
+    # (acc-redis: one script per request for the limits and the spend hold, the settle riding on
+    # a later one). No trace store on either: a writer that drops records at saturation but
+    # writes them at a lower rate would charge the slower target for more records.
     if has_target acc-limits || has_target acc-redis; then
         LIMITS_TOML="[[keys]]
 sha256 = \"$(printf %s "$BENCH_KEY" | sha256sum | cut -d' ' -f1)\"
@@ -513,7 +516,7 @@ spend_usd_per_day = 1000000000.0"
         if has_target acc-limits; then
             start_acc "acc-limits-$payload" "" "$PRICE_TOML
 
-$LIMITS_TOML"
+$LIMITS_TOML" "enabled = false"
             T_PORT[acc-limits]=$STARTED_PORT T_PROCS[acc-limits]=$STARTED_PID T_AUTH[acc-limits]=$BENCH_KEY
             verify "acc-limits-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
         fi
@@ -528,7 +531,7 @@ redis_url = \"$REDIS_URL\"
 key_prefix = \"bench-$payload:\"
 # A deadline the saturated machine still meets: the cells measure shared state, not the
 # per-replica fallback (a miss is reported below the table).
-timeout_ms = 1000"
+timeout_ms = 1000" "enabled = false"
             T_PORT[acc-redis]=$STARTED_PORT T_PROCS[acc-redis]=$STARTED_PID T_AUTH[acc-redis]=$BENCH_KEY
             verify "acc-redis-$payload" "http://127.0.0.1:$STARTED_PORT" '^x-acc-route: *bench'
             curl -fsS "http://127.0.0.1:$STARTED_ADMIN/readyz" | grep -q '"state":"shared"' ||
