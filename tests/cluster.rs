@@ -445,7 +445,10 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     let budget = format!("{prefix}spend:tenant:acme:{day}");
     let _: () = redis::pipe()
         .hset(&budget, "r:dead-1", "9.79")
-        .cmd("HINCRBYFLOAT").arg(&budget).arg("held").arg("9.79")
+        .cmd("HINCRBYFLOAT")
+        .arg(&budget)
+        .arg("held")
+        .arg("9.79")
         .zadd(format!("{budget}:holds"), "dead-1", 1)
         .query(&mut c)
         .unwrap();
@@ -453,10 +456,14 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     let held: Option<String> = redis::cmd("HGET").arg(&budget).arg("r:dead-1").query(&mut c).unwrap();
     assert_eq!(held, None, "the expired hold is gone");
     // A live one (expiring in an hour) still counts.
-    let far = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+    let far =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
     let _: () = redis::pipe()
         .hset(&budget, "r:live-1", "9.78")
-        .cmd("HINCRBYFLOAT").arg(&budget).arg("held").arg("9.78")
+        .cmd("HINCRBYFLOAT")
+        .arg(&budget)
+        .arg("held")
+        .arg("9.78")
         .zadd(format!("{budget}:holds"), "live-1", far)
         .query(&mut c)
         .unwrap();

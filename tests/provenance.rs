@@ -26,6 +26,30 @@ fn write_chain(dir: &Path, c: &certs::TestChain) {
 }
 
 /// Route `main` (model "m") to the mock, with `[provenance]` signing from `keys`.
+/// Signs `image` with a chain of its own named `name` (not the gateway's), as a trace `trace`
+/// of route `route` from provider `provider` would be.
+fn sign_elsewhere(name: &str, image: Vec<u8>, trace: &str, route: &str, provider: &str) -> acc::provenance::Signed {
+    let chain = certs::chain(name);
+    let dir = tempfile::tempdir().unwrap();
+    write_chain(dir.path(), &chain);
+    let creds = acc::provenance::Credentials::load(
+        acc::provenance::Source::File(dir.path().join("chain.pem").display().to_string()),
+        acc::provenance::Source::File(dir.path().join("key.pem").display().to_string()),
+    )
+    .unwrap();
+    let facts = acc::provenance::Facts {
+        trace_id: trace.repeat(32),
+        route: route.into(),
+        provider: provider.into(),
+        provider_kind: provider.into(),
+        model: None,
+        model_version: None,
+        evaluations: Vec::new(),
+        prompt: None,
+    };
+    creds.sign(&bytes::Bytes::from(image), &facts).unwrap()
+}
+
 fn policy(mock: &MockProvider, keys: &Path, extra: &str) -> String {
     format!(
         "{}{}[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\n{extra}\n",
@@ -208,25 +232,7 @@ async fn tampered_unsigned_and_foreign_images_are_told_apart() {
     assert_eq!(serde_json::from_slice::<Value>(&o.stdout).unwrap()["verdict"], "no_manifest");
 
     // Signed by someone else's key: valid, but not under the gateway's root.
-    let other = certs::chain("other");
-    let other_dir = tempfile::tempdir().unwrap();
-    write_chain(other_dir.path(), &other);
-    let creds = acc::provenance::Credentials::load(
-        acc::provenance::Source::File(other_dir.path().join("chain.pem").display().to_string()),
-        acc::provenance::Source::File(other_dir.path().join("key.pem").display().to_string()),
-    )
-    .unwrap();
-    let facts = acc::provenance::Facts {
-        trace_id: "1".repeat(32),
-        route: "elsewhere".into(),
-        provider: "x".into(),
-        provider_kind: "x".into(),
-        model: None,
-        model_version: None,
-        evaluations: Vec::new(),
-        prompt: None,
-    };
-    let foreign = creds.sign(&bytes::Bytes::from(original.clone()), &facts).unwrap();
+    let foreign = sign_elsewhere("other", original.clone(), "1", "elsewhere", "x");
     let file = out.path().join("foreign.png");
     std::fs::write(&file, &foreign.bytes).unwrap();
     let o = acc_provenance(&[file.to_str().unwrap(), "--trust-anchors", root.to_str().unwrap()], &[]);
@@ -243,26 +249,7 @@ async fn a_provider_signed_image_comes_back_with_its_manifest_as_parent() {
     write_chain(keys.path(), &chain);
     let root = keys.path().join("root.pem");
     // The provider signs its outputs with its own chain.
-    let provider = certs::chain("provider");
-    let provider_dir = tempfile::tempdir().unwrap();
-    write_chain(provider_dir.path(), &provider);
-    let creds = acc::provenance::Credentials::load(
-        acc::provenance::Source::File(provider_dir.path().join("chain.pem").display().to_string()),
-        acc::provenance::Source::File(provider_dir.path().join("key.pem").display().to_string()),
-    )
-    .unwrap();
-    let facts = acc::provenance::Facts {
-        trace_id: "2".repeat(32),
-        route: "provider-side".into(),
-        provider: "p".into(),
-        provider_kind: "p".into(),
-        model: None,
-        model_version: None,
-        evaluations: Vec::new(),
-        prompt: None,
-    };
-    let from_provider = creds.sign(&bytes::Bytes::from(provider_image(image::ImageFormat::Jpeg)), &facts).unwrap();
-
+    let from_provider = sign_elsewhere("provider", provider_image(image::ImageFormat::Jpeg), "2", "provider-side", "p");
     let mock = MockProvider::start().await;
     mock.answer_with(&from_provider.bytes);
     let (gw, _dir) = serve_policy(&policy(&mock, keys.path(), ""), &[]).await;

@@ -377,7 +377,12 @@ impl Cluster {
         let hold = spend.map(|s| {
             let key = self.key(&["spend", s.budget, &utc_day().to_string()]);
             let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
-            inv.key(&key).key(holds_key(&key)).arg(s.limit.min(1e300)).arg(s.estimate).arg(&id).arg(self.settings.lease.as_millis() as u64);
+            inv.key(&key)
+                .key(holds_key(&key))
+                .arg(s.limit.min(1e300))
+                .arg(s.estimate)
+                .arg(&id)
+                .arg(self.settings.lease.as_millis() as u64);
             (key, id, s)
         });
         for c in &changes {

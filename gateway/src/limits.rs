@@ -139,6 +139,16 @@ fn spend_refusal(metrics: &Metrics, tenant: &str, limit: f64, spent: f64) -> Api
     refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
 }
 
+/// A request's limit scopes, key first: (scope, its name, requests per minute, images per
+/// minute); the tenant's only when the policy has a `[tenants.NAME]` table.
+fn scopes<'a>(
+    key: &'a ApiKey,
+    tenant: Option<&TenantLimits>,
+) -> impl Iterator<Item = (&'static str, &'a str, Option<u32>, Option<u32>)> {
+    let tenant = tenant.map(|t| ("tenant", key.tenant.as_str(), t.requests_per_minute, t.images_per_minute));
+    std::iter::once(("key", key.id.as_str(), key.requests_per_minute, key.images_per_minute)).chain(tenant)
+}
+
 /// How a refusal names a limit's owner: "API key ID" or "tenant \"NAME\"".
 fn who(scope: &str, name: &str) -> String {
     if scope == "key" {
@@ -276,9 +286,7 @@ impl Limits {
     ) -> Result<Reservation, ApiError> {
         let Some(cluster) = &self.cluster else { return self.admit_local(metrics, key, tenant, images, estimate) };
         let mut cells = Vec::with_capacity(4);
-        let scopes = [("key", key.id.as_str(), key.requests_per_minute, key.images_per_minute)];
-        let tenant_scope = tenant.map(|t| ("tenant", key.tenant.as_str(), t.requests_per_minute, t.images_per_minute));
-        for (scope, name, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
+        for (scope, name, rpm, ipm) in scopes(key, tenant) {
             if let Some(per_minute) = rpm {
                 cells.push(RateCell { scope, name, limit: "requests", per_minute, cost: 1 });
             }
@@ -326,15 +334,11 @@ impl Limits {
         images: u32,
         estimate: f64,
     ) -> Result<Reservation, ApiError> {
-        let scopes = [("key", key.id.as_str(), &self.keys, key.requests_per_minute, key.images_per_minute)];
-        let tenant_scope = tenant.map(|t| {
-            ("tenant", key.tenant.as_str(), &self.tenants, t.requests_per_minute, t.images_per_minute)
-        });
-        for (scope, name, map, rpm, ipm) in scopes.into_iter().chain(tenant_scope) {
+        for (scope, name, rpm, ipm) in scopes(key, tenant) {
             if rpm.is_none() && ipm.is_none() {
                 continue;
             }
-            let pair = Self::pair(map, name);
+            let pair = Self::pair(if scope == "key" { &self.keys } else { &self.tenants }, name);
             let mut p = lock(&pair);
             p.sync(rpm, ipm);
             if let Some(l) = &p.requests {
