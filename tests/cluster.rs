@@ -434,13 +434,23 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     // Each hold ended once, inside a script: no transaction of its own.
     assert_eq!((calls.get("hdel"), calls.get("zrem")), (Some(&20), Some(&20)), "{calls:?}");
     assert_eq!((calls.get("multi"), calls.get("exec")), (None, None), "{calls:?}");
+    // A request's rate limits are read in one MGET per admission.
+    assert_eq!((calls.get("mget"), calls.get("get")), (Some(&20), None), "{calls:?}");
+    // Nothing a request left behind stays for ever: every limit and budget key expires.
+    let policy = std::fs::read_to_string(r.dir.path().join("policy.toml")).unwrap();
+    let prefix = policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut c).unwrap();
+    let shared: Vec<&String> = keys.iter().filter(|k| k.contains(":rl:") || k.contains(":spend:")).collect();
+    assert!(shared.len() >= 3, "the tenant's two limits and its budget: {keys:?}");
+    for k in shared {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut c).unwrap();
+        assert!(ttl > 0, "{k} has no expiry ({ttl})");
+    }
     let routes = admin_json(gw, "/admin/routes").await;
     let spent = &routes["cluster"]["tenants"]["acme"]["spend_usd_per_day"]["spent_today_usd"];
     assert!(spent.as_f64().is_some_and(|s| (s - 0.21).abs() < 1e-9), "21 images at 0.01 USD: {}", routes["cluster"]);
     // A hold whose replica died (never settled) stops counting once it expires: 9.79 USD held
     // by a dead replica would leave no room for 0.01 more, but its expiry has passed.
-    let policy = std::fs::read_to_string(r.dir.path().join("policy.toml")).unwrap();
-    let prefix = policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap();
     let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
     let budget = format!("{prefix}spend:tenant:acme:{day}");
     let _: () = redis::pipe()

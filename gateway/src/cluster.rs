@@ -244,7 +244,9 @@ impl Cluster {
 
     /// A key under the policy's prefix, its parts joined by ':'.
     fn key(&self, parts: &[&str]) -> String {
-        let mut k = self.settings.key_prefix.clone();
+        let len = self.settings.key_prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
+        let mut k = String::with_capacity(len);
+        k.push_str(&self.settings.key_prefix);
         for (i, p) in parts.iter().enumerate() {
             if i > 0 {
                 k.push(':');
@@ -390,13 +392,14 @@ impl Cluster {
         }
         let mut conn = self.conn();
         let op = if cells.is_empty() { "spend" } else { "limits" };
-        let reply: Vec<String> = match self.call(op, inv.invoke_async(&mut conn)).await {
+        let text: String = match self.call(op, inv.invoke_async(&mut conn)).await {
             Ok(r) => r,
             Err(u) => {
                 self.restore_changes(changes);
                 return Err(u);
             }
         };
+        let reply: Vec<&str> = text.split(' ').collect();
         let int = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
         let spent = |i: usize| reply.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let spend_used = |spent: f64| {
