@@ -429,7 +429,8 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     // 20 admissions, each one script (rate limits, spend hold, and the settles waiting), and
     // flushes of settles no admission took within 20 ms: at least the last one's; on a busy
     // machine a few more. Without the batching: 40 scripts and 20 transactions.
-    assert_eq!(calls.get("hmget"), Some(&20), "one spend read per admission: {calls:?}");
+    // One budget read per admission and one per call's settles (one at a time here).
+    assert_eq!(calls.get("hmget"), Some(&40), "{calls:?}");
     assert!((21..=30).contains(&scripts), "{scripts} scripts for 20 requests: {calls:?}");
     // Each hold ended once, inside a script: no transaction of its own.
     assert_eq!((calls.get("hdel"), calls.get("zrem")), (Some(&20), Some(&20)), "{calls:?}");
@@ -479,6 +480,71 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
         .unwrap();
     as_key(gw, KEY_A, &req(), &[]).await.assert_error(429, "spend_limit_exceeded");
     drop_pg(&r).await;
+}
+
+/// `n` requests at once to `gw` (keys A and B in turn): how many got each status, and each
+/// error code.
+async fn burst(
+    gw: &Gateway,
+    n: usize,
+) -> (std::collections::BTreeMap<u16, usize>, std::collections::BTreeMap<String, usize>) {
+    let url = gw.url("/v1/images/generations");
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (url, key) = (url.clone(), if i % 2 == 0 { KEY_A } else { KEY_B });
+        set.spawn(async move { post_json(&url, &req(), &[("authorization", &bearer(key))]).await });
+    }
+    let (mut by_status, mut codes) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    while let Some(res) = set.join_next().await {
+        let resp = res.unwrap();
+        *by_status.entry(resp.status).or_default() += 1;
+        if resp.status != 200 {
+            let code = resp.json()["error"]["code"].as_str().unwrap_or_default().to_string();
+            *codes.entry(code).or_default() += 1;
+        }
+    }
+    (by_status, codes)
+}
+
+/// Requests that arrive while a worker's admission call is out go together in its next call:
+/// fewer scripts than requests, and still exactly the limit's or the budget's worth admitted,
+/// each request of a batch seeing what the ones before it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admissions_share_calls_and_stay_exact() {
+    for (tenant, admitted, code) in [
+        ("requests_per_minute = 30\nspend_usd_per_day = 100", 29, "rate_limit_exceeded"),
+        // 0.25 USD a day at 0.01 USD an image, 0.01 of it spent by the first request.
+        ("requests_per_minute = 1000\nspend_usd_per_day = 0.25", 24, "spend_limit_exceeded"),
+    ] {
+        let own = OwnRedis::start();
+        let url = own.url.clone();
+        let r = replicas(
+            Opts {
+                redis_url: &url,
+                cluster: "sync_ms = 10000",
+                tenant,
+                primary: "price = { per_image_usd = 0.01 }",
+                replicas: 1,
+                ..Default::default()
+            },
+            Some(own),
+        )
+        .await;
+        let gw = &r.gws[0];
+        // The first call loads the script.
+        as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+        let (by_status, codes) = burst(gw, 60).await;
+        assert_eq!(by_status.get(&200), Some(&admitted), "{tenant}: {by_status:?} {codes:?}");
+        assert_eq!(codes.get(code), Some(&(60 - admitted)), "{tenant}: {by_status:?} {codes:?}");
+        let calls = redis_calls(&url);
+        let scripts = calls.get("evalsha").copied().unwrap_or(0);
+        assert!(scripts < 60, "{tenant}: 60 admissions (and their settles) in {scripts} scripts: {calls:?}");
+        assert_eq!(r.primary.hits(), admitted + 1, "a refused request reaches no provider");
+        drop_pg(&r).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -90,6 +90,9 @@ pub struct Cluster {
     next_id: AtomicU64,
     /// Spend changes waiting to ride on the next call to Redis.
     changes: Mutex<Vec<SpendChange>>,
+    /// Per thread that admits: whether an admission call is out, and the admissions waiting
+    /// for it to come back (they then go together, as one batch).
+    lanes: dashmap::DashMap<std::thread::ThreadId, Arc<Mutex<Lane>>>,
     /// Set while a flush of `changes` is scheduled.
     flush_armed: AtomicBool,
     /// Where settles and releases of dropped holds run (the runtime that connected).
@@ -172,6 +175,7 @@ impl Cluster {
             last_error: Mutex::new(None),
             next_id: AtomicU64::new(0),
             changes: Mutex::new(Vec::new()),
+            lanes: dashmap::DashMap::new(),
             flush_armed: AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
             metrics,
@@ -349,6 +353,51 @@ pub enum Admission {
     OverBudget(f64),
 }
 
+/// At most this many admissions go in one call (a batch).
+const MAX_BATCH: usize = 64;
+
+/// At most this many spend changes ride on one call; more wait for the next.
+const CHANGES_PER_CALL: usize = 256;
+
+/// One request's admission, as the [`lua::ADMIT`] script takes it: its keys and arguments.
+struct Ask {
+    /// Its rate limits' keys, then (with a hold) its budget's hash and expiry set.
+    keys: Vec<String>,
+    /// Per rate limit: the emission interval (µs) and the cells it takes.
+    cells: Vec<(f64, u32)>,
+    /// With a spend hold: the limit (USD), the estimate (USD), the hold's id, its lifetime (ms).
+    hold: Option<(f64, f64, String, u64)>,
+    /// Where the reply line goes, for an admission that waited in a lane.
+    tx: Option<tokio::sync::oneshot::Sender<Result<String, Unavailable>>>,
+}
+
+/// A thread's admissions: whether a call is out, and those waiting for it.
+#[derive(Default)]
+struct Lane {
+    busy: bool,
+    queue: Vec<Ask>,
+}
+
+/// Held by the request whose admission call is out: when that call ends (or the request is
+/// dropped midway), the admissions that queued meanwhile go as one batch, from a task.
+struct NextBatch {
+    cluster: Arc<Cluster>,
+    lane: Arc<Mutex<Lane>>,
+}
+
+impl Drop for NextBatch {
+    fn drop(&mut self) {
+        let mut l = lock(&self.lane);
+        if l.queue.is_empty() {
+            l.busy = false;
+            return;
+        }
+        drop(l);
+        let (cluster, lane) = (self.cluster.clone(), self.lane.clone());
+        self.cluster.spawn(cluster.drain(lane));
+    }
+}
+
 /// A spend change that rides on the next call to Redis: a hold ended (settled or released)
 /// and/or USD added to a budget's settled spend.
 struct SpendChange {
@@ -369,37 +418,26 @@ impl Cluster {
         cells: &[RateCell<'_>],
         spend: Option<SpendAsk<'_>>,
     ) -> Result<Admission, Unavailable> {
-        let changes = self.take_changes();
-        let mut inv = lua::ADMIT.prepare_invoke();
-        inv.arg(cells.len()).arg(u8::from(spend.is_some())).arg(changes.len());
+        let mut ask = Ask {
+            keys: Vec::with_capacity(cells.len() + 2),
+            cells: cells.iter().map(|c| (60_000_000.0 / f64::from(c.per_minute.max(1)), c.cost)).collect(),
+            hold: None,
+            tx: None,
+        };
         for c in cells {
-            inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
-            inv.arg(60_000_000.0 / f64::from(c.per_minute.max(1))).arg(c.cost);
+            ask.keys.push(self.key(&["rl", c.scope, c.name, c.limit]));
         }
         let hold = spend.map(|s| {
             let key = self.key(&["spend", s.budget, &utc_day().to_string()]);
             let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
-            inv.key(&key)
-                .key(holds_key(&key))
-                .arg(s.limit.min(1e300))
-                .arg(s.estimate)
-                .arg(&id)
-                .arg(self.settings.lease.as_millis() as u64);
+            ask.keys.push(key.clone());
+            ask.keys.push(holds_key(&key));
+            ask.hold = Some((s.limit.min(1e300), s.estimate, id.clone(), self.settings.lease.as_millis() as u64));
             (key, id, s)
         });
-        for c in &changes {
-            inv.key(&c.key).key(holds_key(&c.key)).arg(&c.hold).arg(c.usd);
-        }
-        let mut conn = self.conn();
         let op = if cells.is_empty() { "spend" } else { "limits" };
-        let text: String = match self.call(op, inv.invoke_async(&mut conn)).await {
-            Ok(r) => r,
-            Err(u) => {
-                self.restore_changes(changes);
-                return Err(u);
-            }
-        };
-        let reply: Vec<&str> = text.split(' ').collect();
+        let line = self.submit(ask, op).await?;
+        let reply: Vec<&str> = line.split(' ').collect();
         let int = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
         let spent = |i: usize| reply.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let spend_used = |spent: f64| {
@@ -438,6 +476,120 @@ impl Cluster {
         }
     }
 
+    /// This thread's lane of admissions.
+    fn lane(&self) -> Arc<Mutex<Lane>> {
+        let id = std::thread::current().id();
+        if let Some(l) = self.lanes.get(&id) {
+            return l.clone();
+        }
+        self.lanes.entry(id).or_default().clone()
+    }
+
+    /// Sends one request's admission: at once when this thread has no admission call out (so a
+    /// lone request never waits), else with the ones that queue behind that call, as one batch
+    /// when it comes back. Returns the request's reply line.
+    async fn submit(self: &Arc<Self>, mut ask: Ask, op: &'static str) -> Result<String, Unavailable> {
+        let lane = self.lane();
+        let queued = {
+            let mut l = lock(&lane);
+            if l.busy {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                ask.tx = Some(tx);
+                l.queue.push(ask);
+                Ok(rx)
+            } else {
+                l.busy = true;
+                Err(ask)
+            }
+        };
+        let mut ask = match queued {
+            Ok(rx) => return rx.await.unwrap_or(Err(Unavailable)),
+            Err(ask) => ask,
+        };
+        // This request leads: its call goes now; whatever queues meanwhile is sent by a task
+        // when it returns (also when this request is dropped midway).
+        let _next = NextBatch { cluster: self.clone(), lane };
+        let mut lines = self.run_batch(std::slice::from_mut(&mut ask), op).await?;
+        lines.pop().ok_or(Unavailable)
+    }
+
+    /// One call for `asks` (and the spend changes waiting, at most [`CHANGES_PER_CALL`]): a
+    /// reply line per ask, in order. On failure the changes wait for the next call.
+    async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Unavailable> {
+        let changes = self.take_changes();
+        let mut inv = lua::ADMIT.prepare_invoke();
+        inv.arg(changes.len()).arg(asks.len());
+        for c in &changes {
+            inv.key(&c.key).key(holds_key(&c.key)).arg(&c.hold).arg(c.usd);
+        }
+        for a in asks.iter() {
+            for k in &a.keys {
+                inv.key(k);
+            }
+            inv.arg(a.cells.len()).arg(u8::from(a.hold.is_some()));
+            for (interval, cost) in &a.cells {
+                inv.arg(*interval).arg(*cost);
+            }
+            if let Some((limit, estimate, id, lease_ms)) = &a.hold {
+                inv.arg(*limit).arg(*estimate).arg(id).arg(*lease_ms);
+            }
+        }
+        let mut conn = self.conn();
+        let text: String = match self.call(op, inv.invoke_async(&mut conn)).await {
+            Ok(r) => r,
+            Err(u) => {
+                self.restore_changes(changes);
+                return Err(u);
+            }
+        };
+        if asks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+        if lines.len() != asks.len() {
+            self.failed(op, format!("unexpected reply {text:?} for {} admissions", asks.len()));
+            return Err(Unavailable);
+        }
+        Ok(lines)
+    }
+
+    /// Sends the admissions queued on `lane`, batch after batch, until none is left; then the
+    /// lane is free for the next request to lead.
+    async fn drain(self: Arc<Self>, lane: Arc<Mutex<Lane>>) {
+        loop {
+            let mut asks = {
+                let mut l = lock(&lane);
+                if l.queue.is_empty() {
+                    l.busy = false;
+                    return;
+                }
+                let n = l.queue.len().min(MAX_BATCH);
+                l.queue.drain(..n).collect::<Vec<_>>()
+            };
+            let op = if asks.iter().any(|a| !a.cells.is_empty()) { "limits" } else { "spend" };
+            match self.run_batch(&mut asks, op).await {
+                Ok(lines) => {
+                    for (a, line) in asks.iter_mut().zip(lines) {
+                        if let Some(tx) = a.tx.take() {
+                            // A request that went away meanwhile: a hold it got expires
+                            // with its lease.
+                            let _ = tx.send(Ok(line));
+                        }
+                    }
+                }
+                Err(u) => {
+                    // One call failed for every request of the batch: each is counted.
+                    self.metrics.errors.with_label_values(&[op]).inc_by(asks.len().saturating_sub(1) as u64);
+                    for a in &mut asks {
+                        if let Some(tx) = a.tx.take() {
+                            let _ = tx.send(Err(u));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// How much of each limit is used now, cluster-wide (0 to 1), without taking anything.
     pub async fn rate_usage(&self, cells: &[RateCell<'_>]) -> Result<Vec<f64>, Unavailable> {
         let mut inv = lua::GCRA_PEEK.prepare_invoke();
@@ -451,8 +603,10 @@ impl Cluster {
 
     /// Sends the spend changes still waiting (at shutdown), within the call deadline.
     pub async fn flush(self: &Arc<Self>) {
-        if !lock(&self.changes).is_empty() {
-            let _ = self.admit(&[], None).await;
+        while !lock(&self.changes).is_empty() {
+            if self.run_batch(&mut [], "spend").await.is_err() {
+                return;
+            }
         }
     }
 
@@ -461,8 +615,10 @@ impl Cluster {
         let mut p = lock(&self.changes);
         if p.is_empty() {
             Vec::new()
-        } else {
+        } else if p.len() <= CHANGES_PER_CALL {
             std::mem::take(&mut *p)
+        } else {
+            p.drain(..CHANGES_PER_CALL).collect()
         }
     }
 
@@ -491,9 +647,7 @@ impl Cluster {
             self.spawn(async move {
                 tokio::time::sleep(FLUSH_AFTER).await;
                 c.flush_armed.store(false, Ordering::Release);
-                if !lock(&c.changes).is_empty() {
-                    let _ = c.admit(&[], None).await;
-                }
+                c.flush().await;
             });
         }
     }

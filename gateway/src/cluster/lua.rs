@@ -7,16 +7,21 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// A request's admission in one round trip: spend changes that waited for a call, then every
-/// rate limit (GCRA, all or nothing), then a hold on a daily budget. Rate limits and the hold
-/// are taken together or not at all.
+/// The admissions of one or more requests in one round trip (a batch: the requests of one
+/// proxy worker that arrived while its previous call was out), after the spend changes that
+/// waited for a call. Each request's rate limits (GCRA) and its hold on a daily budget are
+/// taken together or not at all; requests are decided in order, each seeing what the ones
+/// before it took. Work that is per key, not per request (reading limits and budgets, writing
+/// them back, expiries) is done once per batch, so a batch of many costs Redis little more
+/// than one.
 ///
-/// ARGV[1] `nr`: rate limits; ARGV[2] `ns`: 1 with a spend hold, else 0; ARGV[3] `nk`: spend
-/// changes. KEYS: `nr` theoretical arrival times (µs); with a hold, the budget's hash and its
-/// expiry set; per change, the same two keys of its budget. After the counts, ARGV holds per
-/// rate limit its emission interval (µs: a minute over the limit) and the cells the request
-/// takes; with a hold: the limit (USD), the estimate, the hold's id, its lifetime (ms); per
-/// change: the hold's id it ends (empty for a plain charge) and the USD it adds to `spent`.
+/// ARGV[1] `nk`: spend changes; ARGV[2] `na`: requests. Then per change: the hold's id it ends
+/// (empty for a plain charge) and the USD it adds to `spent`. Then per request: `nr` (its rate
+/// limits), `ns` (1 with a spend hold, else 0), per rate limit its emission interval (µs: a
+/// minute over the limit) and the cells it takes, and with a hold: the limit (USD), the
+/// estimate, the hold's id and its lifetime (ms). KEYS: per change its budget's hash and expiry
+/// set; then per request its `nr` theoretical arrival times (µs) and, with a hold, its budget's
+/// hash and expiry set.
 ///
 /// A rate limit's allowance is one minute's worth (a burst of the whole limit, as `governor`'s
 /// `Quota::per_minute`). A budget's hash holds `spent` (settled USD), `held` (the sum of the
@@ -25,20 +30,23 @@ use redis::Script;
 /// replica that died) without reading every hold, so an admission costs the same whatever the
 /// number of requests in flight.
 ///
-/// Reply: one string of space-separated numbers (one bulk reply parses in a fraction of what an
-/// array of them costs the client): `0 0 held spent used_1 ...` admitted (`held` 1 with a hold,
-/// `spent` the budget's settled USD, `used_i` µs of the minute limit i has used); `i wait_µs`
-/// when limit i has no room; `-1 0 spent` when the budget has none.
+/// Reply: one line per request, each a string of space-separated numbers (one bulk reply
+/// parses in a fraction of what an array costs the client): `0 0 held spent used_1 ...`
+/// admitted (`held` 1 with a hold, `spent` the budget's settled USD, `used_i` µs of the minute
+/// limit i has used); `i wait_µs` when limit i has no room; `-1 0 spent` when the budget has
+/// none.
 pub(super) static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
-local nr, ns, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
 local DAY2 = 172800000
--- Ends hold `id` of the budget (hash `h`, expiry set `z`): its estimate leaves `held`.
--- Whether the hold was still there.
+local window = 60000000
+local a, k = 3, 1
+local function num(x) return string.format('%.17g', x) end
+-- Ends hold `id` of the budget (hash `h`, expiry set `z`), one by one: for expired holds.
 local function release(h, z, id)
   local f = 'r:' .. id
   local est = redis.call('HGET', h, f)
@@ -48,60 +56,145 @@ local function release(h, z, id)
     if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
   end
   redis.call('ZREM', z, id)
-  return est
 end
-local a = 4 + 2 * nr + 4 * ns
-local k = nr + 2 * ns
+-- 1. Spend changes, grouped by budget.
+local changed, corder = {}, {}
 for j = 1, nk do
-  local h, z = KEYS[k + 2 * j - 1], KEYS[k + 2 * j]
+  local h = KEYS[k]
+  local c = changed[h]
+  if not c then
+    c = {z = KEYS[k + 1], ids = {}, fields = {}, usd = 0}
+    changed[h] = c
+    corder[#corder + 1] = h
+  end
+  if ARGV[a] ~= '' then
+    c.ids[#c.ids + 1] = ARGV[a]
+    c.fields[#c.fields + 1] = 'r:' .. ARGV[a]
+  end
+  c.usd = c.usd + tonumber(ARGV[a + 1])
+  k, a = k + 2, a + 2
+end
+for _, h in ipairs(corder) do
+  local c = changed[h]
+  local found = 0
+  if #c.fields > 0 then
+    local ests = redis.call('HMGET', h, unpack(c.fields))
+    local sum = 0
+    for i = 1, #c.fields do
+      if ests[i] then
+        sum = sum + tonumber(ests[i])
+        found = found + 1
+      end
+    end
+    if found > 0 then
+      redis.call('HDEL', h, unpack(c.fields))
+      local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', num(-sum)))
+      if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
+    end
+    redis.call('ZREM', c.z, unpack(c.ids))
+  end
+  if c.usd > 0 then redis.call('HINCRBYFLOAT', h, 'spent', num(c.usd)) end
   -- A live hold's hash got its expiry when the hold was taken; a plain charge, or a hold
   -- that Redis lost (a restart), may create it here.
-  local held = ARGV[a] ~= '' and release(h, z, ARGV[a])
-  if tonumber(ARGV[a + 1]) > 0 then redis.call('HINCRBYFLOAT', h, 'spent', ARGV[a + 1]) end
-  if not held then redis.call('PEXPIRE', h, DAY2) end
-  a = a + 2
+  if found < #c.fields or #c.fields == 0 then redis.call('PEXPIRE', h, DAY2) end
 end
-local window = 60000000
-local tats = {}
-local cur = {}
-if nr > 0 then cur = redis.call('MGET', unpack(KEYS, 1, nr)) end
-for i = 1, nr do
-  local interval = tonumber(ARGV[2 + 2 * i])
-  local cost = tonumber(ARGV[3 + 2 * i])
-  local tat = tonumber(cur[i] or '0')
-  if tat < now then tat = now end
-  local new = tat + interval * cost
-  if new - now > window + 1 then
-    return string.format('%d %d', i, math.floor(new - window - now))
+-- 2. Where each request's arguments are; every rate limit of the batch read at once.
+local asks, tat, rkeys = {}, {}, {}
+for q = 1, na do
+  local nr, ns = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local r = {nr = nr, ns = ns, rk = k, ra = a + 2}
+  k, a = k + nr, a + 2 + 2 * nr
+  if ns == 1 then
+    r.hk, r.ha = k, a
+    k, a = k + 2, a + 4
   end
-  tats[i] = new
-end
-local spent = 0
-if ns == 1 then
-  local h, z = KEYS[nr + 1], KEYS[nr + 2]
-  local b = 4 + 2 * nr
-  local limit, est = tonumber(ARGV[b]), tonumber(ARGV[b + 1])
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64)) do
-    release(h, z, id)
+  for i = 0, nr - 1 do
+    local key = KEYS[r.rk + i]
+    if tat[key] == nil then
+      tat[key] = 0
+      rkeys[#rkeys + 1] = key
+    end
   end
-  local v = redis.call('HMGET', h, 'spent', 'held')
-  spent = tonumber(v[1] or '0')
-  local held = tonumber(v[2] or '0')
-  if spent >= limit or spent + held + est > limit + 1e-9 then
-    return '-1 0 ' .. tostring(spent)
+  asks[q] = r
+end
+if #rkeys > 0 then
+  local cur = redis.call('MGET', unpack(rkeys))
+  for i = 1, #rkeys do tat[rkeys[i]] = tonumber(cur[i] or '0') end
+end
+-- 3. Each request in order.
+local out, dirty, dorder, budgets, border = {}, {}, {}, {}, {}
+for q = 1, na do
+  local r = asks[q]
+  local news, line = {}, nil
+  for i = 1, r.nr do
+    local key = KEYS[r.rk + i - 1]
+    local cur = tat[key]
+    if cur < now then cur = now end
+    local new = cur + tonumber(ARGV[r.ra + 2 * i - 2]) * tonumber(ARGV[r.ra + 2 * i - 1])
+    if new - now > window + 1 then
+      line = string.format('%d %d', i, math.floor(new - window - now))
+      break
+    end
+    news[i] = new
   end
-  redis.call('HSET', h, 'r:' .. ARGV[b + 2], ARGV[b + 1])
-  redis.call('HINCRBYFLOAT', h, 'held', ARGV[b + 1])
-  redis.call('ZADD', z, now_ms + tonumber(ARGV[b + 3]), ARGV[b + 2])
-  redis.call('PEXPIRE', h, DAY2)
-  redis.call('PEXPIRE', z, DAY2)
+  local spent = 0
+  if not line and r.ns == 1 then
+    local h = KEYS[r.hk]
+    local b = budgets[h]
+    if not b then
+      local z = KEYS[r.hk + 1]
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64)) do
+        release(h, z, id)
+      end
+      local v = redis.call('HMGET', h, 'spent', 'held')
+      b = {z = z, spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), add = 0, fields = {}, members = {}}
+      budgets[h] = b
+      border[#border + 1] = h
+    end
+    local limit, est = tonumber(ARGV[r.ha]), tonumber(ARGV[r.ha + 1])
+    spent = b.spent
+    if spent >= limit or spent + b.held + est > limit + 1e-9 then
+      line = '-1 0 ' .. tostring(spent)
+    else
+      b.held = b.held + est
+      b.add = b.add + est
+      local id = ARGV[r.ha + 2]
+      b.fields[#b.fields + 1] = 'r:' .. id
+      b.fields[#b.fields + 1] = ARGV[r.ha + 1]
+      b.members[#b.members + 1] = now_ms + tonumber(ARGV[r.ha + 3])
+      b.members[#b.members + 1] = id
+    end
+  end
+  if not line then
+    local parts = {'0', '0', tostring(r.ns), tostring(spent)}
+    for i = 1, r.nr do
+      local key = KEYS[r.rk + i - 1]
+      tat[key] = news[i]
+      if not dirty[key] then
+        dirty[key] = true
+        dorder[#dorder + 1] = key
+      end
+      parts[4 + i] = string.format('%d', math.floor(news[i] - now))
+    end
+    line = table.concat(parts, ' ')
+  end
+  out[q] = line
 end
-local reply = {0, 0, ns, tostring(spent)}
-for i = 1, nr do
-  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.floor((tats[i] - now) / 1000) + 1000)
-  reply[i + 4] = string.format('%d', math.floor(tats[i] - now))
+-- 4. What the batch took, written once per key.
+for _, key in ipairs(dorder) do
+  redis.call('SET', key, string.format('%.0f', tat[key]), 'PX', math.floor((tat[key] - now) / 1000) + 1000)
 end
-return table.concat(reply, ' ')
+for _, h in ipairs(border) do
+  local b = budgets[h]
+  if #b.fields > 0 then
+    redis.call('HSET', h, unpack(b.fields))
+    redis.call('HINCRBYFLOAT', h, 'held', num(b.add))
+    redis.call('ZADD', b.z, unpack(b.members))
+    redis.call('PEXPIRE', h, DAY2)
+    redis.call('PEXPIRE', b.z, DAY2)
+  end
+end
+return table.concat(out, '\n')
 ",
     )
 });
