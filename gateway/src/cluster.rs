@@ -86,6 +86,8 @@ pub struct Cluster {
     /// Set while the last call failed (local state in use); cleared by the next success.
     degraded: AtomicBool,
     last_log: AtomicU64,
+    /// When the use gauges were last updated by an admitted request (ms after `started`).
+    gauges_at: AtomicU64,
     last_error: Mutex<Option<String>>,
     next_id: AtomicU64,
     /// Spend changes waiting to ride on the next call to Redis.
@@ -172,6 +174,7 @@ impl Cluster {
             local_until: AtomicU64::new(0),
             degraded: AtomicBool::new(false),
             last_log: AtomicU64::new(0),
+            gauges_at: AtomicU64::new(0),
             last_error: Mutex::new(None),
             next_id: AtomicU64::new(0),
             changes: Mutex::new(Vec::new()),
@@ -311,6 +314,16 @@ impl Cluster {
         *lock(&self.last_error) = Some(why);
     }
 
+    /// Whether the use gauges of admitted requests are due an update: at most every
+    /// [`GAUGE_EVERY`] per process (a label lookup per limit is a measurable part of an
+    /// admission; refusals always update theirs).
+    fn gauges_due(&self) -> bool {
+        let now = self.now_ms();
+        let last = self.gauges_at.load(Ordering::Relaxed);
+        now >= last + GAUGE_EVERY.as_millis() as u64
+            && self.gauges_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
     fn set_used(&self, scope: &str, name: &str, limit: &str, ratio: f64) {
         self.metrics.used.with_label_values(&[scope, name, limit]).set(ratio.clamp(0.0, 1.0));
     }
@@ -352,6 +365,9 @@ pub enum Admission {
     /// The budget has no room: its settled spend today, USD; nothing was taken.
     OverBudget(f64),
 }
+
+/// The use gauges (`acc_cluster_limit_used_ratio`) follow admitted requests at most this often.
+const GAUGE_EVERY: Duration = Duration::from_millis(100);
 
 /// At most this many admissions go in one call (a batch).
 const MAX_BATCH: usize = 64;
@@ -450,11 +466,13 @@ impl Cluster {
         };
         match (int(0), int(1)) {
             (Some(0), Some(0)) if reply.len() == 4 + cells.len() => {
-                for (i, c) in cells.iter().enumerate() {
-                    let used = int(4 + i).unwrap_or(0) as f64 / 60_000_000.0;
-                    self.set_used(c.scope, c.name, c.limit, used);
+                if self.gauges_due() {
+                    for (i, c) in cells.iter().enumerate() {
+                        let used = int(4 + i).unwrap_or(0) as f64 / 60_000_000.0;
+                        self.set_used(c.scope, c.name, c.limit, used);
+                    }
+                    spend_used(spent(3));
                 }
-                spend_used(spent(3));
                 let hold = hold.map(|(key, id, _)| SpendHold { cluster: self.clone(), key, id, done: false });
                 Ok(Admission::Admitted(hold))
             }
@@ -517,25 +535,43 @@ impl Cluster {
     /// reply line per ask, in order. On failure the changes wait for the next call.
     async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Unavailable> {
         let changes = self.take_changes();
-        let mut inv = lua::ADMIT.prepare_invoke();
-        inv.arg(changes.len()).arg(asks.len());
+        // EVALSHA written straight into one command (a `ScriptInvocation` would encode every
+        // key and argument twice); the script is loaded when Redis does not know it.
+        let mut cmd = redis::cmd("EVALSHA");
+        let nkeys = 2 * changes.len() + asks.iter().map(|a| a.keys.len()).sum::<usize>();
+        cmd.arg(lua::ADMIT.get_hash()).arg(nkeys);
         for c in &changes {
-            inv.key(&c.key).key(holds_key(&c.key)).arg(&c.hold).arg(c.usd);
+            cmd.arg(&c.key).arg(holds_key(&c.key));
         }
         for a in asks.iter() {
             for k in &a.keys {
-                inv.key(k);
+                cmd.arg(k);
             }
-            inv.arg(a.cells.len()).arg(u8::from(a.hold.is_some()));
+        }
+        cmd.arg(changes.len()).arg(asks.len());
+        for c in &changes {
+            cmd.arg(&c.hold).arg(c.usd);
+        }
+        for a in asks.iter() {
+            cmd.arg(a.cells.len()).arg(u8::from(a.hold.is_some()));
             for (interval, cost) in &a.cells {
-                inv.arg(*interval).arg(*cost);
+                cmd.arg(*interval).arg(*cost);
             }
             if let Some((limit, estimate, id, lease_ms)) = &a.hold {
-                inv.arg(*limit).arg(*estimate).arg(id).arg(*lease_ms);
+                cmd.arg(*limit).arg(*estimate).arg(id).arg(*lease_ms);
             }
         }
         let mut conn = self.conn();
-        let text: String = match self.call(op, inv.invoke_async(&mut conn)).await {
+        let run = async {
+            match cmd.query_async(&mut conn).await {
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    lua::ADMIT.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                r => r,
+            }
+        };
+        let text: String = match self.call(op, run).await {
             Ok(r) => r,
             Err(u) => {
                 self.restore_changes(changes);
