@@ -547,6 +547,75 @@ async fn concurrent_admissions_share_calls_and_stay_exact() {
     }
 }
 
+/// Clients that give up while their admission waits on Redis leave no spend held: the holds
+/// their requests were given (the one whose call was out, and those queued behind it) are
+/// released with the next call, not left to count against the budget until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_give_up_leave_no_spend_held() {
+    let own = OwnRedis::start();
+    let url = own.url.clone();
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            cluster: "sync_ms = 10000",
+            tenant: "spend_usd_per_day = 10",
+            primary: "price = { per_image_usd = 0.01 }",
+            replicas: 1,
+            ..Default::default()
+        },
+        Some(own),
+    )
+    .await;
+    let gw = &r.gws[0];
+    as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
+    let policy = std::fs::read_to_string(r.dir.path().join("policy.toml")).unwrap();
+    let prefix = policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap();
+    let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
+    let budget = format!("{prefix}spend:tenant:acme:{day}");
+    // Redis holds back every script for 800 ms; the clients give up after 300.
+    let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(800).arg("WRITE").query(&mut c).unwrap();
+    let proxy = gw.url("/v1/images/generations");
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (proxy, key) = (proxy.clone(), if i % 2 == 0 { KEY_A } else { KEY_B });
+        set.spawn(async move {
+            let (body, auth) = (req(), bearer(key));
+            let headers = [("authorization", auth.as_str())];
+            tokio::time::timeout(Duration::from_millis(300), post_json(&proxy, &body, &headers)).await.is_err()
+        });
+    }
+    let mut gave_up = 0;
+    while let Some(r) = set.join_next().await {
+        gave_up += usize::from(r.unwrap());
+    }
+    assert_eq!(gave_up, 20, "every client gave up");
+    let cancelled = [("route", "main"), ("outcome", "client_cancelled")];
+    let seen =
+        eventually(Duration::from_secs(3), || async { gw.metric("acc_requests_total", &cancelled).await == 20.0 })
+            .await;
+    let m = gw.metrics().await;
+    let lines: Vec<&str> =
+        m.lines().filter(|l| l.starts_with("acc_requests_total") || l.starts_with("acc_cluster")).collect();
+    assert!(seen, "the gateway saw the 20 clients leave: {lines:#?}");
+    // Once Redis runs the scripts, each hold they took is released: nothing is held.
+    let released = eventually(Duration::from_secs(5), || {
+        let (url, budget) = (url.clone(), budget.clone());
+        async move {
+            let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+            let fields: std::collections::HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&budget).query(&mut c).unwrap();
+            let held = fields.get("held").and_then(|h| h.parse::<f64>().ok()).unwrap_or(0.0);
+            !fields.keys().any(|k| k.starts_with("r:")) && held < 1e-9
+        }
+    })
+    .await;
+    let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(&budget).query(&mut c).unwrap();
+    assert!(released, "holds of requests whose clients left: {fields:?}");
+    assert_eq!(r.primary.hits(), 1, "no abandoned request reached the provider");
+    drop_pg(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_daily_cap_holds_across_replicas() {
     let (url, own) = shared_redis();

@@ -414,6 +414,32 @@ impl Drop for NextBatch {
     }
 }
 
+/// A call of [`Cluster::run_batch`] that failed; `may_have_run` unless Redis was not tried.
+struct Failed {
+    may_have_run: bool,
+}
+
+/// The release of a hold asked for by a call whose answer never came back to its request.
+struct UnansweredHold<'a> {
+    cluster: &'a Arc<Cluster>,
+    change: Option<SpendChange>,
+}
+
+impl UnansweredHold<'_> {
+    /// The answer came back: the request itself now owns any hold.
+    fn answered(mut self) {
+        self.change = None;
+    }
+}
+
+impl Drop for UnansweredHold<'_> {
+    fn drop(&mut self) {
+        if let Some(change) = self.change.take() {
+            self.cluster.queue_change(change);
+        }
+    }
+}
+
 /// A spend change that rides on the next call to Redis: a hold ended (settled or released)
 /// and/or USD added to a budget's settled spend.
 struct SpendChange {
@@ -527,13 +553,33 @@ impl Cluster {
         // This request leads: its call goes now; whatever queues meanwhile is sent by a task
         // when it returns (also when this request is dropped midway).
         let _next = NextBatch { cluster: self.clone(), lane };
-        let mut lines = self.run_batch(std::slice::from_mut(&mut ask), op).await?;
-        lines.pop().ok_or(Unavailable)
+        // Dropped midway, or without an answer (a call that missed its deadline may still have
+        // run): a hold it may have been given is released with the next call.
+        let mut unanswered = ask.hold.as_ref().map(|(_, _, id, _)| SpendChange {
+            key: ask.keys[ask.keys.len() - 2].clone(),
+            hold: id.clone(),
+            usd: 0.0,
+        });
+        let unanswered = UnansweredHold { cluster: self, change: unanswered.take() };
+        match self.run_batch(std::slice::from_mut(&mut ask), op).await {
+            Ok(mut lines) => {
+                unanswered.answered();
+                lines.pop().ok_or(Unavailable)
+            }
+            Err(Failed { may_have_run }) => {
+                if !may_have_run {
+                    unanswered.answered();
+                }
+                Err(Unavailable)
+            }
+        }
     }
 
     /// One call for `asks` (and the spend changes waiting, at most [`CHANGES_PER_CALL`]): a
     /// reply line per ask, in order. On failure the changes wait for the next call.
-    async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Unavailable> {
+    async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Failed> {
+        // Not tried at all while the replica waits to recheck Redis: nothing can have run.
+        let may_have_run = self.local_until.load(Ordering::Relaxed) <= self.now_ms();
         let changes = self.take_changes();
         // EVALSHA written straight into one command (a `ScriptInvocation` would encode every
         // key and argument twice); the script is loaded when Redis does not know it.
@@ -573,9 +619,9 @@ impl Cluster {
         };
         let text: String = match self.call(op, run).await {
             Ok(r) => r,
-            Err(u) => {
+            Err(_) => {
                 self.restore_changes(changes);
-                return Err(u);
+                return Err(Failed { may_have_run });
             }
         };
         if asks.is_empty() {
@@ -584,7 +630,7 @@ impl Cluster {
         let lines: Vec<String> = text.split('\n').map(str::to_string).collect();
         if lines.len() != asks.len() {
             self.failed(op, format!("unexpected reply {text:?} for {} admissions", asks.len()));
-            return Err(Unavailable);
+            return Err(Failed { may_have_run: true });
         }
         Ok(lines)
     }
@@ -606,19 +652,29 @@ impl Cluster {
             match self.run_batch(&mut asks, op).await {
                 Ok(lines) => {
                     for (a, line) in asks.iter_mut().zip(lines) {
-                        if let Some(tx) = a.tx.take() {
-                            // A request that went away meanwhile: a hold it got expires
-                            // with its lease.
-                            let _ = tx.send(Ok(line));
+                        let Some(tx) = a.tx.take() else { continue };
+                        if let Err(Ok(line)) = tx.send(Ok(line)) {
+                            // The request went away while it waited (its client left): a
+                            // hold it was given is released with the next call.
+                            if let (true, Some((_, _, id, _))) = (line.starts_with("0 0 1 "), a.hold.take()) {
+                                let key = a.keys[a.keys.len() - 2].clone();
+                                self.queue_change(SpendChange { key, hold: id, usd: 0.0 });
+                            }
                         }
                     }
                 }
-                Err(u) => {
-                    // One call failed for every request of the batch: each is counted.
+                Err(Failed { may_have_run }) => {
+                    // One call failed for every request of the batch: each is counted, and a
+                    // hold it may have been given (a call that missed its deadline may still
+                    // have run) is released with the next call.
                     self.metrics.errors.with_label_values(&[op]).inc_by(asks.len().saturating_sub(1) as u64);
                     for a in &mut asks {
                         if let Some(tx) = a.tx.take() {
-                            let _ = tx.send(Err(u));
+                            let _ = tx.send(Err(Unavailable));
+                        }
+                        if let Some((_, _, id, _)) = a.hold.take().filter(|_| may_have_run) {
+                            let key = a.keys[a.keys.len() - 2].clone();
+                            self.queue_change(SpendChange { key, hold: id, usd: 0.0 });
                         }
                     }
                 }

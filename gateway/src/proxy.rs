@@ -627,6 +627,11 @@ async fn generate(
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
     ctx.route = Some(route_idx);
+    // A client that leaves from here on (while its limits are checked, say) is counted under
+    // its route.
+    if let Some(w) = &mut ctx.watch {
+        w.route = Some(route_idx);
+    }
     let alias = req.model.as_deref().or(policy.default_model.as_deref()).unwrap_or_default();
     let mut steps = routing::plan(policy, route_idx, fastrand::f64());
     let now = tokio::time::Instant::now();
@@ -702,9 +707,6 @@ async fn generate(
     if let Some(rec) = ctx.record.as_deref_mut() {
         let explicit = req.regenerate_of.as_deref();
         app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, explicit, rec).await;
-    }
-    if let Some(w) = &mut ctx.watch {
-        w.route = Some(route_idx);
     }
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
     let primary_span = ctx.record.as_ref().map(|r| r.span_id.as_str());
