@@ -166,6 +166,20 @@ key_prefix = "t{:012x}:"
     Replicas { gws, primary, backup, dir, pg, _redis: own }
 }
 
+impl Replicas {
+    /// The Redis key prefix of this test's policy.
+    fn key_prefix(&self) -> String {
+        let policy = std::fs::read_to_string(self.dir.path().join("policy.toml")).unwrap();
+        policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap().to_string()
+    }
+
+    /// The Redis hash of tenant acme's spend today.
+    fn budget_key(&self) -> String {
+        let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
+        format!("{}spend:tenant:acme:{day}", self.key_prefix())
+    }
+}
+
 fn req() -> Value {
     json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "1024x1024", "response_format": "b64_json"})
 }
@@ -438,8 +452,7 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     // A request's rate limits are read in one MGET per admission.
     assert_eq!((calls.get("mget"), calls.get("get")), (Some(&20), None), "{calls:?}");
     // Nothing a request left behind stays for ever: every limit and budget key expires.
-    let policy = std::fs::read_to_string(r.dir.path().join("policy.toml")).unwrap();
-    let prefix = policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap();
+    let prefix = r.key_prefix();
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut c).unwrap();
     let shared: Vec<&String> = keys.iter().filter(|k| k.contains(":rl:") || k.contains(":spend:")).collect();
     assert!(shared.len() >= 3, "the tenant's two limits and its budget: {keys:?}");
@@ -452,8 +465,7 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     assert!(spent.as_f64().is_some_and(|s| (s - 0.21).abs() < 1e-9), "21 images at 0.01 USD: {}", routes["cluster"]);
     // A hold whose replica died (never settled) stops counting once it expires: 9.79 USD held
     // by a dead replica would leave no room for 0.01 more, but its expiry has passed.
-    let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
-    let budget = format!("{prefix}spend:tenant:acme:{day}");
+    let budget = r.budget_key();
     let _: () = redis::pipe()
         .hset(&budget, "r:dead-1", "9.79")
         .cmd("HINCRBYFLOAT")
@@ -568,10 +580,7 @@ async fn clients_that_give_up_leave_no_spend_held() {
     .await;
     let gw = &r.gws[0];
     as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
-    let policy = std::fs::read_to_string(r.dir.path().join("policy.toml")).unwrap();
-    let prefix = policy.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap();
-    let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
-    let budget = format!("{prefix}spend:tenant:acme:{day}");
+    let budget = r.budget_key();
     // Redis holds back every script for 800 ms; the clients give up after 300.
     let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
     let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(800).arg("WRITE").query(&mut c).unwrap();

@@ -387,6 +387,15 @@ struct Ask {
     tx: Option<tokio::sync::oneshot::Sender<Result<String, Unavailable>>>,
 }
 
+impl Ask {
+    /// The release of the hold this admission asks for, should its answer never reach its
+    /// request.
+    fn unanswered(&self) -> Option<SpendChange> {
+        let (_, _, id, _) = self.hold.as_ref()?;
+        Some(SpendChange { key: self.keys[self.keys.len() - 2].clone(), hold: id.clone(), usd: 0.0 })
+    }
+}
+
 /// A thread's admissions: whether a call is out, and those waiting for it.
 #[derive(Default)]
 struct Lane {
@@ -555,12 +564,7 @@ impl Cluster {
         let _next = NextBatch { cluster: self.clone(), lane };
         // Dropped midway, or without an answer (a call that missed its deadline may still have
         // run): a hold it may have been given is released with the next call.
-        let mut unanswered = ask.hold.as_ref().map(|(_, _, id, _)| SpendChange {
-            key: ask.keys[ask.keys.len() - 2].clone(),
-            hold: id.clone(),
-            usd: 0.0,
-        });
-        let unanswered = UnansweredHold { cluster: self, change: unanswered.take() };
+        let unanswered = UnansweredHold { cluster: self, change: ask.unanswered() };
         match self.run_batch(std::slice::from_mut(&mut ask), op).await {
             Ok(mut lines) => {
                 unanswered.answered();
@@ -635,6 +639,15 @@ impl Cluster {
         Ok(lines)
     }
 
+    /// Releases, with the next call, the hold `a` asked for (if any): its request will never
+    /// own it.
+    fn release_unanswered(self: &Arc<Self>, a: &mut Ask) {
+        if let Some(change) = a.unanswered() {
+            a.hold = None;
+            self.queue_change(change);
+        }
+    }
+
     /// Sends the admissions queued on `lane`, batch after batch, until none is left; then the
     /// lane is free for the next request to lead.
     async fn drain(self: Arc<Self>, lane: Arc<Mutex<Lane>>) {
@@ -656,9 +669,8 @@ impl Cluster {
                         if let Err(Ok(line)) = tx.send(Ok(line)) {
                             // The request went away while it waited (its client left): a
                             // hold it was given is released with the next call.
-                            if let (true, Some((_, _, id, _))) = (line.starts_with("0 0 1 "), a.hold.take()) {
-                                let key = a.keys[a.keys.len() - 2].clone();
-                                self.queue_change(SpendChange { key, hold: id, usd: 0.0 });
+                            if line.starts_with("0 0 1 ") {
+                                self.release_unanswered(a);
                             }
                         }
                     }
@@ -672,9 +684,8 @@ impl Cluster {
                         if let Some(tx) = a.tx.take() {
                             let _ = tx.send(Err(Unavailable));
                         }
-                        if let Some((_, _, id, _)) = a.hold.take().filter(|_| may_have_run) {
-                            let key = a.keys[a.keys.len() - 2].clone();
-                            self.queue_change(SpendChange { key, hold: id, usd: 0.0 });
+                        if may_have_run {
+                            self.release_unanswered(a);
                         }
                     }
                 }
