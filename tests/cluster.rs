@@ -180,6 +180,14 @@ impl Replicas {
     }
 }
 
+/// [`replicas`] on a Redis server of the test's own (`url` and the server filled in): the
+/// replicas and the server's URL.
+async fn replicas_own_redis(o: Opts<'_>) -> (Replicas, String) {
+    let own = OwnRedis::start();
+    let url = own.url.clone();
+    (replicas(Opts { redis_url: &url, ..o }, Some(own)).await, url)
+}
+
 fn req() -> Value {
     json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "1024x1024", "response_format": "b64_json"})
 }
@@ -412,20 +420,14 @@ fn redis_calls(url: &str) -> std::collections::HashMap<String, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
-    let own = OwnRedis::start();
-    let url = own.url.clone();
-    let r = replicas(
-        Opts {
-            redis_url: &url,
-            // Hold-offs exchanged rarely, so the count below is the requests'.
-            cluster: "sync_ms = 10000",
-            tenant: "requests_per_minute = 1000\nimages_per_minute = 1000\nspend_usd_per_day = 10",
-            primary: "price = { per_image_usd = 0.01 }",
-            replicas: 1,
-            ..Default::default()
-        },
-        Some(own),
-    )
+    let (r, url) = replicas_own_redis(Opts {
+        // Hold-offs exchanged rarely, so the count below is the requests'.
+        cluster: "sync_ms = 10000",
+        tenant: "requests_per_minute = 1000\nimages_per_minute = 1000\nspend_usd_per_day = 10",
+        primary: "price = { per_image_usd = 0.01 }",
+        replicas: 1,
+        ..Default::default()
+    })
     .await;
     let gw = &r.gws[0];
     // The first call loads the script.
@@ -528,19 +530,13 @@ async fn concurrent_admissions_share_calls_and_stay_exact() {
         // 0.25 USD a day at 0.01 USD an image, 0.01 of it spent by the first request.
         ("requests_per_minute = 1000\nspend_usd_per_day = 0.25", 24, "spend_limit_exceeded"),
     ] {
-        let own = OwnRedis::start();
-        let url = own.url.clone();
-        let r = replicas(
-            Opts {
-                redis_url: &url,
-                cluster: "sync_ms = 10000",
-                tenant,
-                primary: "price = { per_image_usd = 0.01 }",
-                replicas: 1,
-                ..Default::default()
-            },
-            Some(own),
-        )
+        let (r, url) = replicas_own_redis(Opts {
+            cluster: "sync_ms = 10000",
+            tenant,
+            primary: "price = { per_image_usd = 0.01 }",
+            replicas: 1,
+            ..Default::default()
+        })
         .await;
         let gw = &r.gws[0];
         // The first call loads the script.
@@ -564,19 +560,13 @@ async fn concurrent_admissions_share_calls_and_stay_exact() {
 /// released with the next call, not left to count against the budget until they expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_that_give_up_leave_no_spend_held() {
-    let own = OwnRedis::start();
-    let url = own.url.clone();
-    let r = replicas(
-        Opts {
-            redis_url: &url,
-            cluster: "sync_ms = 10000",
-            tenant: "spend_usd_per_day = 10",
-            primary: "price = { per_image_usd = 0.01 }",
-            replicas: 1,
-            ..Default::default()
-        },
-        Some(own),
-    )
+    let (r, url) = replicas_own_redis(Opts {
+        cluster: "sync_ms = 10000",
+        tenant: "spend_usd_per_day = 10",
+        primary: "price = { per_image_usd = 0.01 }",
+        replicas: 1,
+        ..Default::default()
+    })
     .await;
     let gw = &r.gws[0];
     as_key(gw, KEY_A, &req(), &[]).await.assert_status(200);
@@ -736,18 +726,12 @@ async fn breakers_are_per_replica_unless_shared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_mid_run_serves_locally_then_shares_again() {
-    let own = OwnRedis::start();
-    let url = own.url.clone();
-    let r = replicas(
-        Opts {
-            redis_url: &url,
-            cluster: "recheck_ms = 200\ntimeout_ms = 100\nsync_ms = 100",
-            tenant: "requests_per_minute = 6",
-            replicas: 2,
-            ..Default::default()
-        },
-        Some(own),
-    )
+    let (r, _) = replicas_own_redis(Opts {
+        cluster: "recheck_ms = 200\ntimeout_ms = 100\nsync_ms = 100",
+        tenant: "requests_per_minute = 6",
+        replicas: 2,
+        ..Default::default()
+    })
     .await;
     let redis = r._redis.as_ref().unwrap();
     assert_eq!(readyz(&r.gws[0]).await["cluster"]["state"], "shared");

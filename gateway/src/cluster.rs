@@ -274,7 +274,7 @@ impl Cluster {
         op: &'static str,
         f: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {
-        if self.local_until.load(Ordering::Relaxed) > self.now_ms() {
+        if self.waiting_to_recheck() {
             self.metrics.errors.with_label_values(&[op]).inc();
             return Err(Unavailable);
         }
@@ -294,6 +294,11 @@ impl Cluster {
         };
         self.failed(op, why);
         Err(Unavailable)
+    }
+
+    /// Whether the replica is on its local state and Redis is not to be tried yet.
+    fn waiting_to_recheck(&self) -> bool {
+        self.local_until.load(Ordering::Relaxed) > self.now_ms()
     }
 
     fn failed(&self, op: &'static str, why: String) {
@@ -444,7 +449,7 @@ impl UnansweredHold<'_> {
 impl Drop for UnansweredHold<'_> {
     fn drop(&mut self) {
         if let Some(change) = self.change.take() {
-            self.cluster.queue_change(change);
+            self.cluster.release_after(change);
         }
     }
 }
@@ -582,9 +587,14 @@ impl Cluster {
     /// One call for `asks` (and the spend changes waiting, at most [`CHANGES_PER_CALL`]): a
     /// reply line per ask, in order. On failure the changes wait for the next call.
     async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Failed> {
-        // Not tried at all while the replica waits to recheck Redis: nothing can have run.
-        let may_have_run = self.local_until.load(Ordering::Relaxed) <= self.now_ms();
-        let changes = self.take_changes();
+        self.send(self.take_changes(), asks, op).await
+    }
+
+    /// [`Self::run_batch`] with the spend changes given, on this thread's connection.
+    async fn send(&self, changes: Vec<SpendChange>, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Failed> {
+        // Not tried at all while the replica waits to recheck Redis ([`Self::call`]): nothing
+        // can have run.
+        let may_have_run = !self.waiting_to_recheck();
         // EVALSHA written straight into one command (a `ScriptInvocation` would encode every
         // key and argument twice); the script is loaded when Redis does not know it.
         let mut cmd = redis::cmd("EVALSHA");
@@ -644,8 +654,19 @@ impl Cluster {
     fn release_unanswered(self: &Arc<Self>, a: &mut Ask) {
         if let Some(change) = a.unanswered() {
             a.hold = None;
-            self.queue_change(change);
+            self.release_after(change);
         }
+    }
+
+    /// Sends the release of a hold whose admission call may still be on its way, from a task
+    /// on this thread, so on this thread's connection: Redis runs it after that call (the
+    /// shared queue could send it on another worker's connection, first, and the hold would
+    /// then be taken after its release). When it fails, it waits in the queue.
+    fn release_after(self: &Arc<Self>, change: SpendChange) {
+        let c = self.clone();
+        self.spawn(async move {
+            let _ = c.send(vec![change], &mut [], "spend").await;
+        });
     }
 
     /// Sends the admissions queued on `lane`, batch after batch, until none is left; then the
@@ -666,12 +687,11 @@ impl Cluster {
                 Ok(lines) => {
                     for (a, line) in asks.iter_mut().zip(lines) {
                         let Some(tx) = a.tx.take() else { continue };
-                        if let Err(Ok(line)) = tx.send(Ok(line)) {
+                        if tx.send(Ok(line)).is_err() {
                             // The request went away while it waited (its client left): a
-                            // hold it was given is released with the next call.
-                            if line.starts_with("0 0 1 ") {
-                                self.release_unanswered(a);
-                            }
+                            // hold it was given is released with the next call (a refused
+                            // request's hold was never taken, and releasing it does nothing).
+                            self.release_unanswered(a);
                         }
                     }
                 }

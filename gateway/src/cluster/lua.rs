@@ -46,16 +46,27 @@ local DAY2 = 172800000
 local window = 60000000
 local a, k = 3, 1
 local function num(x) return string.format('%.17g', x) end
--- Ends hold `id` of the budget (hash `h`, expiry set `z`), one by one: for expired holds.
-local function release(h, z, id)
-  local f = 'r:' .. id
-  local est = redis.call('HGET', h, f)
-  if est then
-    redis.call('HDEL', h, f)
-    local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', '-' .. est))
+-- Ends the holds `ids` of the budget (hash `h`, expiry set `z`): their estimates leave `held`.
+-- Returns how many were still there (a hold may be gone: expired, or lost by Redis).
+local function release(h, z, ids)
+  if #ids == 0 then return 0 end
+  local fields = {}
+  for i = 1, #ids do fields[i] = 'r:' .. ids[i] end
+  local ests = redis.call('HMGET', h, unpack(fields))
+  local sum, found = 0, 0
+  for i = 1, #fields do
+    if ests[i] then
+      sum = sum + tonumber(ests[i])
+      found = found + 1
+    end
+  end
+  if found > 0 then
+    redis.call('HDEL', h, unpack(fields))
+    local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', num(-sum)))
     if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
   end
-  redis.call('ZREM', z, id)
+  redis.call('ZREM', z, unpack(ids))
+  return found
 end
 -- 1. Spend changes, grouped by budget.
 local changed, corder = {}, {}
@@ -63,40 +74,21 @@ for j = 1, nk do
   local h = KEYS[k]
   local c = changed[h]
   if not c then
-    c = {z = KEYS[k + 1], ids = {}, fields = {}, usd = 0}
+    c = {z = KEYS[k + 1], ids = {}, usd = 0}
     changed[h] = c
     corder[#corder + 1] = h
   end
-  if ARGV[a] ~= '' then
-    c.ids[#c.ids + 1] = ARGV[a]
-    c.fields[#c.fields + 1] = 'r:' .. ARGV[a]
-  end
+  if ARGV[a] ~= '' then c.ids[#c.ids + 1] = ARGV[a] end
   c.usd = c.usd + tonumber(ARGV[a + 1])
   k, a = k + 2, a + 2
 end
 for _, h in ipairs(corder) do
   local c = changed[h]
-  local found = 0
-  if #c.fields > 0 then
-    local ests = redis.call('HMGET', h, unpack(c.fields))
-    local sum = 0
-    for i = 1, #c.fields do
-      if ests[i] then
-        sum = sum + tonumber(ests[i])
-        found = found + 1
-      end
-    end
-    if found > 0 then
-      redis.call('HDEL', h, unpack(c.fields))
-      local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', num(-sum)))
-      if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
-    end
-    redis.call('ZREM', c.z, unpack(c.ids))
-  end
+  local found = release(h, c.z, c.ids)
   if c.usd > 0 then redis.call('HINCRBYFLOAT', h, 'spent', num(c.usd)) end
   -- A live hold's hash got its expiry when the hold was taken; a plain charge, or a hold
   -- that Redis lost (a restart), may create it here.
-  if found < #c.fields or #c.fields == 0 then redis.call('PEXPIRE', h, DAY2) end
+  if found < #c.ids or #c.ids == 0 then redis.call('PEXPIRE', h, DAY2) end
 end
 -- 2. Where each request's arguments are; every rate limit of the batch read at once.
 local asks, tat, rkeys = {}, {}, {}
@@ -143,9 +135,7 @@ for q = 1, na do
     local b = budgets[h]
     if not b then
       local z = KEYS[r.hk + 1]
-      for _, id in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64)) do
-        release(h, z, id)
-      end
+      release(h, z, redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64))
       local v = redis.call('HMGET', h, 'spent', 'held')
       b = {z = z, spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), add = 0, fields = {}, members = {}}
       budgets[h] = b
