@@ -318,12 +318,10 @@ const TRACE_COLUMNS: [&str; 12] = [
 
 /// The row counts one INSERT statement carries, largest first: a batch is cut into groups of
 /// these sizes (64 rows bind 768 parameters, within SQLite's 32,766 and PostgreSQL's 65,535).
-const INSERT_GROUPS: [usize; 4] = [64, 16, 4, 1];
+pub(super) const INSERT_GROUPS: [usize; 4] = [64, 16, 4, 1];
 
 /// The INSERT statement for `rows` records (one of [`INSERT_GROUPS`]), built once per size
-/// and engine. SQLite gets anonymous `?` parameters: sqlx binds a numbered one (`$7`) by asking
-/// SQLite its name, a walk of the statement's parameter list, so binding numbered parameters
-/// costs the square of their count (a fifth of the writer's instructions at 64 rows).
+/// and engine.
 fn insert_sql(backend: Backend, rows: usize) -> &'static str {
     static SQL: OnceLock<[Vec<String>; 2]> = OnceLock::new();
     let all = SQL.get_or_init(|| {
@@ -331,22 +329,19 @@ fn insert_sql(backend: Backend, rows: usize) -> &'static str {
             INSERT_GROUPS
                 .iter()
                 .map(|&n| {
-                    let width = TRACE_COLUMNS.len();
-                    let values: Vec<String> = (0..n)
-                        .map(|row| {
-                            let params: Vec<String> = (1..=width)
-                                .map(|c| match engine {
-                                    Backend::Sqlite => "?".to_string(),
-                                    Backend::Postgres => format!("${}", row * width + c),
-                                })
-                                .collect();
-                            format!("({})", params.join(","))
-                        })
-                        .collect();
+                    // The same effect on both engines: a row whose (trace_id, span_id) is
+                    // stored is skipped. SQLite's `OR IGNORE` also tells it that the statement
+                    // cannot fail half-way (every other constraint is NOT NULL, and every
+                    // NOT NULL column is always bound a value), so it keeps no statement journal
+                    // (an undo copy of each page the statement changes; 10k instructions a row).
+                    let (verb, tail) = match engine {
+                        Backend::Sqlite => ("INSERT OR IGNORE", ""),
+                        Backend::Postgres => ("INSERT", " ON CONFLICT (trace_id, span_id) DO NOTHING"),
+                    };
                     format!(
-                        "INSERT INTO traces ({}) VALUES {} ON CONFLICT (trace_id, span_id) DO NOTHING",
+                        "{verb} INTO traces ({}) VALUES {}{tail}",
                         TRACE_COLUMNS.join(", "),
-                        values.join(",")
+                        values_list(engine, n, TRACE_COLUMNS.len())
                     )
                 })
                 .collect()
@@ -354,6 +349,26 @@ fn insert_sql(backend: Backend, rows: usize) -> &'static str {
     });
     let i = INSERT_GROUPS.iter().position(|&g| g == rows).expect("rows is one of INSERT_GROUPS");
     &all[usize::from(backend == Backend::Postgres)][i]
+}
+
+/// The `VALUES` list of a statement that inserts `rows` rows of `width` columns: `(?,?),(?,?)`
+/// for SQLite, `($1,$2),($3,$4)` for PostgreSQL. SQLite gets anonymous parameters: sqlx binds a
+/// numbered one (`$7`) by asking SQLite its name, a walk of the statement's parameter list, so
+/// binding numbered parameters costs the square of their count (a fifth of the trace writer's
+/// instructions at 64 rows).
+pub(super) fn values_list(backend: Backend, rows: usize, width: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=width)
+                .map(|c| match backend {
+                    Backend::Sqlite => "?".to_string(),
+                    Backend::Postgres => format!("${}", row * width + c),
+                })
+                .collect();
+            format!("({})", params.join(","))
+        })
+        .collect();
+    values.join(",")
 }
 
 /// One bind parameter of a statement built at run time.
@@ -410,6 +425,11 @@ impl TraceDb {
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     // LIKE on the tags column must be exact as in PostgreSQL.
                     conn.execute("PRAGMA case_sensitive_like = ON").await?;
+                    // Statement journals (the undo log of a multi-row INSERT inside a
+                    // transaction) and temporary tables in memory, not in a temporary file:
+                    // before, every trace batch wrote each page it changed to one more file
+                    // (two system calls a page).
+                    conn.execute("PRAGMA temp_store = MEMORY").await?;
                     Ok(())
                 })
             });

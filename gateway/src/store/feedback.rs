@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 use sqlx::{Any, Row};
 
-use super::db::{nanos_i64, StoreError, TraceDb};
+use sqlx::any::AnyArguments;
+
+use super::db::{nanos_i64, values_list, Backend, StoreError, TraceDb, INSERT_GROUPS};
 
 /// `source` of an entry the app sent (`POST /v1/feedback`).
 pub const EXPLICIT: &str = "explicit";
@@ -63,6 +65,8 @@ pub fn rating_label(rating: f64) -> &'static str {
     }
 }
 
+/// How many columns [`COLUMNS`] names.
+const COLUMN_COUNT: usize = 14;
 const COLUMNS: &str = "trace_id, image_index, end_user, tenant, route, cohort, prompt_template, asset_type, \
                        provider, rating, comment, labels, source, created_unix_nano";
 
@@ -72,35 +76,44 @@ impl TraceDb {
     /// user said outranks what the gateway inferred). Returns whether the row was written.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
     pub async fn upsert_feedback(&self, entry: &FeedbackEntry) -> Result<bool, StoreError> {
-        let only_implicit = if entry.source == REGENERATION { " WHERE feedback.source = 'regeneration'" } else { "" };
-        let sql = format!(
-            "INSERT INTO feedback ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-             ON CONFLICT (trace_id, image_index, end_user) DO UPDATE SET tenant = excluded.tenant, \
-             route = excluded.route, cohort = excluded.cohort, prompt_template = excluded.prompt_template, \
-             asset_type = excluded.asset_type, provider = excluded.provider, rating = excluded.rating, \
-             comment = excluded.comment, labels = excluded.labels, source = excluded.source, \
-             created_unix_nano = excluded.created_unix_nano{only_implicit}"
-        );
-        let labels = serde_json::to_string(&entry.labels).unwrap_or_else(|_| "[]".into());
-        let done = sqlx::query::<Any>(&sql)
-            .bind(entry.trace_id.clone())
-            .bind(entry.image_index)
-            .bind(entry.end_user.clone())
-            .bind(entry.tenant.clone())
-            .bind(entry.route.clone())
-            .bind(entry.cohort.clone())
-            .bind(entry.prompt_template.clone())
-            .bind(entry.asset_type.clone())
-            .bind(entry.provider.clone())
-            .bind(entry.rating)
-            .bind(entry.comment.clone())
-            .bind(labels)
-            .bind(entry.source.clone())
-            .bind(nanos_i64(entry.created_unix_nano))
-            .execute(&self.pool)
-            .await
-            .map_err(self.fail("feedback"))?;
+        let done = upsert(entry, self.backend()).execute(&self.pool).await.map_err(self.fail("feedback"))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// [`upsert_feedback`](Self::upsert_feedback) of each entry in order, all in one
+    /// transaction: every entry is written, or none. Entries go many to a statement (with
+    /// SQLite each statement is a round trip to sqlx's thread); of entries with the same
+    /// (trace, image, end user) the last is written, as if each had replaced the one before.
+    /// Returns how many rows were written. Errors: [`StoreError::Unavailable`],
+    /// [`StoreError::Query`].
+    pub async fn upsert_feedback_batch(&self, entries: &[FeedbackEntry]) -> Result<u64, StoreError> {
+        // One statement may not update a row twice (PostgreSQL refuses it): keep the last.
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        let mut last: Vec<&FeedbackEntry> = entries
+            .iter()
+            .rev()
+            .filter(|e| seen.insert((e.trace_id.as_str(), e.image_index, e.end_user.as_str())))
+            .collect();
+        last.reverse();
+        let fail = self.fail("feedback");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        let mut written = 0;
+        for implicit in [false, true] {
+            let kind: Vec<&FeedbackEntry> =
+                last.iter().copied().filter(|e| (e.source == REGENERATION) == implicit).collect();
+            let mut rest = &kind[..];
+            while !rest.is_empty() {
+                let rows = INSERT_GROUPS.iter().copied().find(|&g| g <= rest.len()).unwrap_or(1);
+                let (group, tail) = rest.split_at(rows);
+                rest = tail;
+                let query = group
+                    .iter()
+                    .fold(sqlx::query::<Any>(upsert_sql(self.backend(), rows, implicit)), |q, e| bind(q, e));
+                written += query.execute(&mut *tx).await.map_err(&fail)?.rows_affected();
+            }
+        }
+        tx.commit().await.map_err(&fail)?;
+        Ok(written)
     }
 
     /// Every feedback entry of `trace_id`, by image index then end user (at most 1000).
@@ -137,4 +150,62 @@ impl TraceDb {
         }
         Ok(out)
     }
+}
+
+/// The upsert of one entry (see [`TraceDb::upsert_feedback`]).
+fn upsert(entry: &FeedbackEntry, backend: Backend) -> sqlx::query::Query<'static, Any, AnyArguments<'static>> {
+    bind(sqlx::query::<Any>(upsert_sql(backend, 1, entry.source == REGENERATION)), entry)
+}
+
+/// The upsert of `rows` entries (one of [`INSERT_GROUPS`]), all regenerations (`implicit`:
+/// they never replace an explicit entry) or none; built once per engine, size and kind, so each
+/// connection prepares it once.
+fn upsert_sql(backend: Backend, rows: usize, implicit: bool) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        let mut all = Vec::new();
+        for engine in [Backend::Sqlite, Backend::Postgres] {
+            for implicit in [false, true] {
+                for &n in &INSERT_GROUPS {
+                    let only_implicit = if implicit { " WHERE feedback.source = 'regeneration'" } else { "" };
+                    all.push(format!(
+                        "INSERT INTO feedback ({COLUMNS}) VALUES {} \
+                         ON CONFLICT (trace_id, image_index, end_user) DO UPDATE SET tenant = excluded.tenant, \
+                         route = excluded.route, cohort = excluded.cohort, prompt_template = excluded.prompt_template, \
+                         asset_type = excluded.asset_type, provider = excluded.provider, rating = excluded.rating, \
+                         comment = excluded.comment, labels = excluded.labels, source = excluded.source, \
+                         created_unix_nano = excluded.created_unix_nano{only_implicit}",
+                        values_list(engine, n, COLUMN_COUNT)
+                    ));
+                }
+            }
+        }
+        all
+    });
+    let size = INSERT_GROUPS.iter().position(|&g| g == rows).expect("rows is one of INSERT_GROUPS");
+    let engine = usize::from(backend == Backend::Postgres);
+    &all[(engine * 2 + usize::from(implicit)) * INSERT_GROUPS.len() + size]
+}
+
+/// Binds `entry`'s columns, in [`COLUMNS`] order, after those already bound.
+fn bind<'q>(
+    query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+    entry: &FeedbackEntry,
+) -> sqlx::query::Query<'q, Any, AnyArguments<'q>> {
+    let labels = serde_json::to_string(&entry.labels).unwrap_or_else(|_| "[]".into());
+    query
+        .bind(entry.trace_id.clone())
+        .bind(entry.image_index)
+        .bind(entry.end_user.clone())
+        .bind(entry.tenant.clone())
+        .bind(entry.route.clone())
+        .bind(entry.cohort.clone())
+        .bind(entry.prompt_template.clone())
+        .bind(entry.asset_type.clone())
+        .bind(entry.provider.clone())
+        .bind(entry.rating)
+        .bind(entry.comment.clone())
+        .bind(labels)
+        .bind(entry.source.clone())
+        .bind(nanos_i64(entry.created_unix_nano))
 }

@@ -92,3 +92,58 @@ async fn feedback_is_one_entry_per_trace_image_and_user_replaced_on_repeat() {
         s.cleanup().await;
     }
 }
+
+/// A regeneration's implicit -1 on `trace_id` by `end_user`, written at `at`.
+fn implicit(trace_id: &str, end_user: &str, by: u64, at: u64) -> FeedbackEntry {
+    FeedbackEntry {
+        rating: -1.0,
+        comment: None,
+        labels: vec![format!("regenerated_by:{}", id(by)), "how:implicit".into()],
+        source: REGENERATION.into(),
+        created_unix_nano: at,
+        ..entry(trace_id, -1, end_user, -1.0)
+    }
+}
+
+async fn check_feedback_batch(s: &TestStore) {
+    let db = TraceDb::open(&s.cfg).await.expect("open");
+    // What the user said first: a batch's implicit entry must not replace it.
+    let said = entry(&id(1), -1, "u1", 1.0);
+    assert!(db.upsert_feedback(&said).await.expect("upsert"));
+    // 70 regenerations (statements of 64, 4, 1 and 1 rows), one trace regenerated twice by the
+    // same user inside the batch, one trace the user rated, and an explicit entry among them.
+    let mut batch: Vec<FeedbackEntry> = (100..170).map(|n| implicit(&id(n), "u1", n + 1000, T + n)).collect();
+    batch.push(implicit(&id(100), "u1", 2000, T + 500));
+    batch.push(implicit(&id(1), "u1", 2001, T + 501));
+    let explicit = entry(&id(2), 0, "u2", -0.5);
+    batch.insert(3, explicit.clone());
+    let written = db.upsert_feedback_batch(&batch).await.expect("batch");
+    assert_eq!(written, 71, "{}: 70 regenerated traces (one twice: its later entry) and the explicit entry", s.name);
+    // The later of the two entries of one (trace, image, end user) is the one kept.
+    assert_eq!(
+        db.feedback_of(&id(100)).await.expect("read"),
+        vec![implicit(&id(100), "u1", 2000, T + 500)],
+        "{}",
+        s.name
+    );
+    assert_eq!(
+        db.feedback_of(&id(169)).await.expect("read"),
+        vec![implicit(&id(169), "u1", 1169, T + 169)],
+        "{}",
+        s.name
+    );
+    assert_eq!(db.feedback_of(&id(1)).await.expect("read"), vec![said], "{}: what the user said stays", s.name);
+    assert_eq!(db.feedback_of(&id(2)).await.expect("read"), vec![explicit], "{}", s.name);
+    let row = sqlx::query::<sqlx::Any>("SELECT COUNT(*) FROM feedback").fetch_one(db.pool()).await.expect("count");
+    assert_eq!(row.try_get::<i64, _>(0).unwrap(), 72, "{}", s.name);
+    assert_eq!(db.upsert_feedback_batch(&[]).await.expect("empty batch"), 0);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_feedback_is_written_as_the_entries_one_by_one_would_be() {
+    for s in stores().await {
+        check_feedback_batch(&s).await;
+        s.cleanup().await;
+    }
+}
