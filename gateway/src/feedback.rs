@@ -237,7 +237,7 @@ impl Feedback {
         let failed = metrics.failed.clone();
         let regenerations = traces.clone().map(|writer| {
             let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-            tokio::spawn(write_regenerations(rx, writer, recent.clone(), failed.clone()));
+            writer.runtime().clone().spawn(write_regenerations(rx, writer, recent.clone(), failed.clone()));
             tx
         });
         Feedback { recent, prompts: PromptMemory::default(), traces, regenerations, failed }

@@ -1,6 +1,8 @@
 //! The trace database: one code path over SQLite (an embedded file, the default) and
 //! PostgreSQL (`[store] url`), through sqlx's `Any` driver with numbered placeholders (`$1`),
-//! which both engines accept.
+//! which both engines accept. One exception: with SQLite the writes that come in batches
+//! (trace records, regenerations' implicit ratings) go through the file's own connection
+//! ([`LocalWriter`], `rusqlite`), on the writer's thread.
 //!
 //! Schema (`gateway/migrations/`, embedded in the binary, run on every open):
 //! - `traces`: one row per record; `trace_id` is the primary key, the filtered fields
@@ -283,6 +285,9 @@ impl<'s> MigrationSource<'s> for Embedded {
 #[derive(Clone)]
 pub struct TraceDb {
     pub(super) pool: AnyPool,
+    /// SQLite only: the file's own connection for the writes that come in batches (trace
+    /// records, regenerations' implicit ratings); see [`LocalWriter`].
+    pub(super) local: Option<Arc<LocalWriter>>,
     backend: Backend,
     target: Arc<str>,
     secrets: Arc<[String]>,
@@ -463,7 +468,11 @@ impl TraceDb {
                 e => migrate(e.to_string()),
             });
         }
-        Ok(TraceDb { pool, backend, target: target.into(), secrets: secrets.into() })
+        let local = match backend {
+            Backend::Sqlite => Some(Arc::new(LocalWriter::open(&cfg.path).map_err(|e| unavailable_local(&target, e))?)),
+            Backend::Postgres => None,
+        };
+        Ok(TraceDb { pool, local, backend, target: target.into(), secrets: secrets.into() })
     }
 
     /// The pool, for tests that look under the store's API.
@@ -503,6 +512,15 @@ impl TraceDb {
         }
     }
 
+    /// [`fail`](Self::fail) for an error of the [`LocalWriter`].
+    pub(super) fn fail_local(&self, op: &'static str, e: LocalError) -> StoreError {
+        match e {
+            LocalError::Sqlite(e) if is_local_connection_error(&e) => unavailable_local(&self.target, e),
+            LocalError::Sqlite(e) => StoreError::Query { target: self.target.to_string(), op, message: e.to_string() },
+            LocalError::Encode(message) => StoreError::Query { target: self.target.to_string(), op, message },
+        }
+    }
+
     /// Inserts `records` in one transaction and returns how many were new. A record whose
     /// trace id the store already has (or that appeared earlier in `records`) is ignored:
     /// the first write wins. Errors: [`StoreError::Unavailable`] (nothing written, reopen),
@@ -513,6 +531,9 @@ impl TraceDb {
             records.iter().filter(|r| seen.insert((r.trace_id.as_str(), r.span_id.as_str()))).collect();
         if unique.is_empty() {
             return Ok(0);
+        }
+        if let Some(local) = &self.local {
+            return local.insert(&unique).map_err(|e| self.fail_local("insert", e));
         }
         let fail = self.fail("insert");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
@@ -818,6 +839,114 @@ impl TraceDb {
             .collect::<Result<Vec<_>, StoreError>>()
             .map(Some)
     }
+}
+
+/// The SQLite file's own write connection, used by the writer's batches instead of the pool:
+/// `rusqlite`, called on the caller's thread (the trace writer's, at a low CPU priority).
+///
+/// Through the pool each batch went to sqlx's worker thread statement by statement, with its
+/// arguments converted twice, and, landing on whichever of the pool's connections was free,
+/// found the file changed since that connection last read it and so read its pages again. One
+/// connection that does all of the batched writing keeps its page cache, and rows are bound
+/// from the record's own strings. Reads and the other writes (reviews, explicit ratings,
+/// retention) stay on the pool; the two wait for each other through SQLite's locks
+/// (`busy_timeout` 5 s on both).
+pub(crate) struct LocalWriter {
+    conn: std::sync::Mutex<rusqlite::Connection>,
+}
+
+/// Why a [`LocalWriter`] call failed.
+pub(crate) enum LocalError {
+    Sqlite(rusqlite::Error),
+    /// A record that does not encode as JSON.
+    Encode(String),
+}
+
+impl From<rusqlite::Error> for LocalError {
+    fn from(e: rusqlite::Error) -> Self {
+        LocalError::Sqlite(e)
+    }
+}
+
+impl LocalWriter {
+    /// Opens the existing, migrated file at `path` (WAL mode is already set in the file).
+    fn open(path: &Path) -> rusqlite::Result<LocalWriter> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(ACQUIRE_TIMEOUT)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        Ok(LocalWriter { conn: std::sync::Mutex::new(conn) })
+    }
+
+    /// Runs `f` in one write transaction (taken at once, so two writers never deadlock on a
+    /// lock upgrade) and commits it; rolled back when `f` fails.
+    pub(crate) fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, LocalError>,
+    ) -> Result<T, LocalError> {
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Inserts `records` (no two with the same ids) in one transaction; returns how many were
+    /// new (a stored (trace_id, span_id) is skipped).
+    fn insert(&self, records: &[&TraceRecord]) -> Result<u64, LocalError> {
+        self.transaction(|tx| {
+            let mut stmt = tx.prepare_cached(insert_sql(Backend::Sqlite, 1))?;
+            let mut json = Vec::with_capacity(2048);
+            let mut inserted = 0u64;
+            for r in records {
+                json.clear();
+                serde_json::to_writer(&mut json, r)
+                    .map_err(|e| LocalError::Encode(format!("record {} does not encode: {e}", r.trace_id)))?;
+                // serde_json writes UTF-8; the check is a fast scan, not a copy.
+                let record = std::str::from_utf8(&json).map_err(|e| LocalError::Encode(e.to_string()))?;
+                inserted += stmt.execute(rusqlite::params![
+                    r.trace_id,
+                    r.span_id,
+                    nanos_i64(r.start_time_unix_nano),
+                    r.kind,
+                    r.route,
+                    r.tenant,
+                    r.cohort,
+                    r.prompt_template,
+                    r.asset_type,
+                    r.decision,
+                    tags_of(r),
+                    record,
+                ])? as u64;
+            }
+            Ok(inserted)
+        })
+    }
+
+    /// Runs `f` on the connection (tests: set a pragma on it as on the pool's).
+    #[cfg(test)]
+    pub(crate) fn with_connection<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> T) -> T {
+        f(&self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// Whether an error of the [`LocalWriter`] means the file cannot be used (reopen it) rather
+/// than that the statement failed.
+fn is_local_connection_error(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::CannotOpen | ErrorCode::NotADatabase | ErrorCode::SystemIoFailure)
+    )
+}
+
+fn unavailable_local(target: &str, e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable { target: target.to_string(), message: e.to_string() }
 }
 
 /// The Any driver's options for the SQLite file at `path`, its directories created first.

@@ -81,8 +81,9 @@ impl TraceDb {
     }
 
     /// [`upsert_feedback`](Self::upsert_feedback) of each entry in order, all in one
-    /// transaction: every entry is written, or none. Entries go many to a statement (with
-    /// SQLite each statement is a round trip to sqlx's thread); of entries with the same
+    /// transaction: every entry is written, or none. With SQLite they go through the file's
+    /// own write connection (`LocalWriter`, on the caller's thread); with PostgreSQL many to a
+    /// statement; of entries with the same
     /// (trace, image, end user) the last is written, as if each had replaced the one before.
     /// Returns how many rows were written. Errors: [`StoreError::Unavailable`],
     /// [`StoreError::Query`].
@@ -95,6 +96,34 @@ impl TraceDb {
             .filter(|e| seen.insert((e.trace_id.as_str(), e.image_index, e.end_user.as_str())))
             .collect();
         last.reverse();
+        if let Some(local) = &self.local {
+            return local
+                .transaction(|tx| {
+                    let mut written = 0;
+                    for e in &last {
+                        let mut stmt = tx.prepare_cached(upsert_sql(Backend::Sqlite, 1, e.source == REGENERATION))?;
+                        let labels = serde_json::to_string(&e.labels).unwrap_or_else(|_| "[]".into());
+                        written += stmt.execute(rusqlite::params![
+                            e.trace_id,
+                            e.image_index,
+                            e.end_user,
+                            e.tenant,
+                            e.route,
+                            e.cohort,
+                            e.prompt_template,
+                            e.asset_type,
+                            e.provider,
+                            e.rating,
+                            e.comment,
+                            labels,
+                            e.source,
+                            nanos_i64(e.created_unix_nano),
+                        ])? as u64;
+                    }
+                    Ok(written)
+                })
+                .map_err(|e| self.fail_local("feedback", e));
+        }
         let fail = self.fail("feedback");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
         let mut written = 0;

@@ -513,6 +513,37 @@ async fn large_batches_insert_every_row_once() {
 }
 
 /// Tags stored, over every row (each `tag=value` between the commas of `tags`).
+/// The writer's batches (SQLite: the file's own connection) and the pool's writes (here
+/// retention, as reviews and explicit ratings also do) running at once: SQLite serialises them
+/// (`busy_timeout`), and neither fails nor loses a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_the_pools_writes_at_once_neither_fail_nor_lose_rows() {
+    for s in stores().await {
+        let db = TraceDb::open(&s.cfg).await.expect("open");
+        let batches = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                for b in 0..40u64 {
+                    let batch: Vec<TraceRecord> = (0..50).map(|i| rec(&id(b * 50 + i), T + b * 50 + i)).collect();
+                    assert_eq!(db.insert_batch(&batch).await.expect("batch"), 50);
+                }
+            })
+        };
+        let mut pruned = 0;
+        for _ in 0..40 {
+            // Everything older than T + 500 goes: the first ten batches, as they arrive.
+            pruned += db.prune(T + 500 + 86_400 * 1_000_000_000, Some(1), None).await.expect("prune");
+            tokio::task::yield_now().await;
+        }
+        batches.await.expect("the batches");
+        pruned += db.prune(T + 500 + 86_400 * 1_000_000_000, Some(1), None).await.expect("prune");
+        assert_eq!(pruned, 500, "{}", s.name);
+        assert_eq!(db.count().await.expect("count"), 1500, "{}", s.name);
+        db.close().await;
+        s.cleanup().await;
+    }
+}
+
 async fn tag_rows(db: &TraceDb) -> i64 {
     let rows = sqlx::query("SELECT tags FROM traces").fetch_all(db.pool()).await.expect("read tags");
     rows.iter()
@@ -995,7 +1026,8 @@ async fn sqlite_survives_kill_9_under_load() {
     db.close().await;
 }
 
-/// Sets `PRAGMA max_page_count` on every connection of the pool (it is per connection).
+/// Sets `PRAGMA max_page_count` on every connection of the pool and on the writer's own (it is
+/// per connection).
 async fn set_max_pages(db: &TraceDb, pages: u64) {
     let mut conns = Vec::new();
     for _ in 0..4 {
@@ -1003,6 +1035,10 @@ async fn set_max_pages(db: &TraceDb, pages: u64) {
     }
     for c in &mut conns {
         c.execute(format!("PRAGMA max_page_count = {pages}").as_str()).await.expect("pragma");
+    }
+    // And on the file's own write connection, which the writer's batches use.
+    if let Some(local) = &db.local {
+        local.with_connection(|c| c.pragma_update(None, "max_page_count", pages)).expect("pragma");
     }
 }
 

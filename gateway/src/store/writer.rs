@@ -168,6 +168,8 @@ struct Shared {
     pending: Arc<AtomicUsize>,
     /// Wakes the writer from its batch sleep (flush requests).
     wake: Arc<Notify>,
+    /// The runtime the writer task runs on.
+    runtime: tokio::runtime::Handle,
 }
 
 /// The handle requests submit records through. Cheap to clone; the writer task ends once the
@@ -204,6 +206,7 @@ impl TraceWriter {
             tasks: Mutex::new(Vec::new()),
             pending: pending.clone(),
             wake: wake.clone(),
+            runtime: tokio::runtime::Handle::current(),
         });
         let writer = TraceWriter { shared: shared.clone() };
         // The task holds no sender: dropping the last handle closes the queue, and the task ends
@@ -277,6 +280,12 @@ impl TraceWriter {
     /// Whether the store is open (for `/readyz` and the admin views).
     pub fn is_available(&self) -> bool {
         self.shared.db.borrow().is_some()
+    }
+
+    /// The runtime the writer runs on (the trace thread's, in `acc serve`), for other tasks
+    /// that write to the store in batches: with SQLite a batch runs on the calling thread.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.shared.runtime
     }
 
     /// Records waiting in the queue.
