@@ -201,6 +201,7 @@ pub mod request;
 pub mod review;
 pub mod review_api;
 pub mod routing;
+pub mod sched;
 pub mod secrets;
 pub mod server;
 pub mod sign;

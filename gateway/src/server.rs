@@ -16,6 +16,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{OtlpProtocol, StoreSettings, TelemetrySettings};
 use crate::reload::{PolicySource, PolicyStore};
+use crate::sched::Background;
 use crate::store::record::TraceRecord;
 use crate::store::RecordHook;
 use crate::store::{StoreConfig, TraceWriter};
@@ -106,11 +107,11 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     let mirror_stop_rt = CancellationToken::new();
     let (mirror_rt, mirror_thread) = spawn_background_runtime("acc-mirror", Background::Idle, mirror_stop_rt.clone())?;
     let (trace_rt, trace_thread) = spawn_background_runtime("acc-trace", Background::Nice, mirror_stop_rt.clone())?;
-    // The trace writer, its database connections (SQLite's worker threads are spawned from it
-    // and inherit its priority) and the OTLP exporter run on a thread of their own at a lower
-    // CPU priority (nice ~10): under load requests get most of the CPU, records and spans a
-    // share that never drops to nothing; when the share is not enough the queue fills and the
-    // loss is counted.
+    // The trace writer (with SQLite it writes on this thread), the implicit-rating writer and
+    // the OTLP exporter run on a thread of their own at a lower CPU priority: idle while the
+    // writer keeps up, nice ~10 while its queue is filling (`StoreConfig::adaptive_priority`).
+    // Under load requests get the CPU first, records and spans a share that never drops to
+    // nothing; when the share is not enough the queue fills and the loss is counted.
     let idle_rt = trace_rt.enter();
     let exporter = store.snapshot().policy.telemetry.as_ref().and_then(|t| match Exporter::new(&telemetry_config(t)) {
         Ok(e) => {
@@ -133,7 +134,8 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             hook
         });
         if settings.enabled {
-            let cfg = store_config(&settings);
+            // The writer has this thread to itself (the OTLP exporter's work is its hook).
+            let cfg = StoreConfig { adaptive_priority: true, ..store_config(&settings) };
             tracing::info!(store = %cfg.target(), "trace records go to this store");
             Some(TraceWriter::spawn(cfg, metrics.trace_dropped.clone(), metrics.trace_written.clone(), hook))
         } else {
@@ -401,15 +403,6 @@ pub fn telemetry_config(t: &TelemetrySettings) -> TelemetryConfig {
     }
 }
 
-/// How a background runtime's thread is scheduled.
-#[derive(Clone, Copy)]
-enum Background {
-    /// Linux `SCHED_IDLE`: it runs only when nothing else wants the CPU (mirrors).
-    Idle,
-    /// `SCHED_OTHER` at nice ~10: a small share of a busy CPU, never none (trace writer).
-    Nice,
-}
-
 /// A background runtime: one thread, its own current-thread runtime, at the priority `kind`
 /// says (threads it starts inherit it); runs until `stop`. Mirrors run on the `Idle` one, so
 /// shadow traffic never delays live requests on the proxy workers (it gets the CPU they leave);
@@ -423,27 +416,8 @@ fn spawn_background_runtime(
     let handle = rt.handle().clone();
     let label = name.to_string();
     let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
-        #[cfg(target_os = "linux")]
-        {
-            use thread_priority::unix::{
-                set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadSchedulePolicy,
-            };
-            let (policy, priority) = match kind {
-                Background::Idle => (
-                    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
-                    thread_priority::ThreadPriority::Min,
-                ),
-                // 25 of 0..=99 maps to nice 9 or 10 (the crate maps the range onto -20..=19).
-                Background::Nice => (
-                    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
-                    thread_priority::ThreadPriority::Crossplatform(
-                        25u8.try_into().unwrap_or(thread_priority::ThreadPriorityValue::MIN),
-                    ),
-                ),
-            };
-            if let Err(e) = set_thread_priority_and_policy(thread_native_id(), priority, policy) {
-                tracing::warn!(thread = %label, "keeps normal CPU priority: {e:?}");
-            }
+        if let Err(e) = crate::sched::set_current(kind) {
+            tracing::warn!(thread = %label, "keeps normal CPU priority: {e}");
         }
         rt.block_on(stop.cancelled());
     })?;

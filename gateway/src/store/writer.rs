@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::db::{StoreConfig, StoreError, TraceDb};
 use super::record::TraceRecord;
+use crate::sched::Background;
 
 /// Called by the writer task with each record it takes from the queue, before the insert
 /// (the OTLP exporter's feed). Runs on the writer task: it must be quick and never block.
@@ -322,7 +323,11 @@ impl Task {
         let batch_max = self.cfg.batch_max.max(1);
         let mut batch: Vec<TraceRecord> = Vec::with_capacity(batch_max);
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut priority: Option<Background> = None;
         loop {
+            if self.cfg.adaptive_priority {
+                self.adapt_priority(&mut priority);
+            }
             if db.is_none() && Instant::now() >= next_open {
                 match TraceDb::open(&self.cfg).await {
                     Ok(opened) => {
@@ -392,6 +397,23 @@ impl Task {
             }
         }
         self.db_tx.send_replace(None);
+    }
+
+    /// Moves the writer's thread to idle priority while the queue is at most an eighth full,
+    /// and to nice ~10 while it is more than half full (see [`StoreConfig::adaptive_priority`]);
+    /// in between it stays where it is. `at` is where it is now (`None`: not set yet).
+    fn adapt_priority(&self, at: &mut Option<Background>) {
+        let Some(want) = wanted_priority(self.rx.len(), self.rx.max_capacity()) else { return };
+        if *at != Some(want) {
+            if let Err(e) = crate::sched::set_current(want) {
+                // Once per change of state: leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE.
+                tracing::warn!(
+                    wanted = ?want,
+                    "the trace writer cannot change its CPU priority ({e}); on a saturated machine more records may be dropped (counted)"
+                );
+            }
+            *at = Some(want);
+        }
     }
 
     /// Fills `batch` with up to `batch_max` records: waits up to `idle` for the first message,
@@ -479,6 +501,18 @@ impl Task {
     }
 }
 
+/// The writer thread's priority for a queue holding `queued` of `capacity` records: idle up to
+/// an eighth full, nice ~10 above half full, `None` (stay) in between.
+fn wanted_priority(queued: usize, capacity: usize) -> Option<Background> {
+    if queued * 2 > capacity {
+        Some(Background::Nice)
+    } else if queued * 8 <= capacity {
+        Some(Background::Idle)
+    } else {
+        None
+    }
+}
+
 /// Applies `[store] retention_days` and `max_rows` every `retention_interval`, and whenever
 /// the store (re)opens; ends with the writer task.
 async fn retention(cfg: StoreConfig, mut db: watch::Receiver<Option<TraceDb>>) {
@@ -496,5 +530,24 @@ async fn retention(cfg: StoreConfig, mut db: watch::Receiver<Option<TraceDb>>) {
             Ok(n) => tracing::info!(deleted = n, store = %store.target(), "trace retention applied"),
             Err(e) => tracing::warn!(error = %e, "trace retention failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod priority_tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_is_idle_while_it_keeps_up_and_takes_a_share_once_half_full() {
+        let cap = 10_000;
+        assert_eq!(wanted_priority(0, cap), Some(Background::Idle));
+        assert_eq!(wanted_priority(1_250, cap), Some(Background::Idle));
+        // Between an eighth and a half: stays where it is (no flapping around one threshold).
+        assert_eq!(wanted_priority(1_251, cap), None);
+        assert_eq!(wanted_priority(5_000, cap), None);
+        assert_eq!(wanted_priority(5_001, cap), Some(Background::Nice));
+        assert_eq!(wanted_priority(cap, cap), Some(Background::Nice));
+        // A queue of one record: idle while empty, a share once it holds its record.
+        assert_eq!((wanted_priority(0, 1), wanted_priority(1, 1)), (Some(Background::Idle), Some(Background::Nice)));
     }
 }
