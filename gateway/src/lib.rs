@@ -17,8 +17,8 @@
 //! ## Listeners and endpoints
 //! - [`server`]: start-up, the two listeners, proxy workers, edge layers (panic catcher, load
 //!   shedding), signals and the drain on shutdown, the trace writer's start and flush. Uses
-//!   `admin`, `app`, `cluster`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `secrets`,
-//!   `store`, `telemetry`, `tls`.
+//!   `admin`, `app`, `cluster`, `error`, `eval`, `metrics`, `policy`, `proxy`, `reload`, `sched`,
+//!   `secrets`, `store`, `telemetry`, `tls`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and mirror
 //!   views, trace queries with their feedback; the review endpoints through `review_api`; the
 //!   console's routes merged in). Uses `app`, `cluster`, `console`, `error`, `feedback`, `health`,
@@ -110,7 +110,7 @@
 //!   clients and written for providers, the attribute names. Uses `store`, `upstream` (its TLS
 //!   streams).
 //! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
-//!   and the trace queries. Uses nothing.
+//!   and the trace queries. Uses `sched` (the writer's CPU priority).
 //!
 //! ## Adapters
 //! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter per
@@ -144,6 +144,8 @@
 //! - [`error`]: `ApiError`, the OpenAI-shaped error every failure becomes. Uses nothing.
 //! - [`tls`]: the listeners' TLS (rustls): the certificate and key checked, served, and
 //!   reloaded when their files change. Uses nothing.
+//! - [`sched`]: the CPU priority of background threads (`SCHED_IDLE`, nice ~10). Uses
+//!   nothing.
 //! - [`secrets`]: every secret the gateway holds, registered where it is read, and the
 //!   redaction of text that may echo one. Uses nothing.
 //!
