@@ -163,40 +163,6 @@ enum Exchange {
     Failed(UpstreamError),
 }
 
-/// Reads a whole body of at most `max_body` bytes into one buffer. Each piece is copied as it
-/// comes off the connection, while it is still in the CPU's cache (a body of one piece is not
-/// copied at all); with a `Content-Length` the buffer is sized once. Errors: the connection's,
-/// or a body over `max_body`.
-async fn read_whole(
-    body: hyper::body::Incoming,
-    max_body: usize,
-    headers: &http::HeaderMap,
-) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .filter(|&n| n <= max_body);
-    let mut body = Limited::new(body, max_body);
-    let mut first: Option<Bytes> = None;
-    let mut all = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
-        if data.is_empty() {
-            continue;
-        }
-        match first.take() {
-            None if all.is_empty() => first = Some(data),
-            None => all.extend_from_slice(&data),
-            Some(f) => {
-                all.reserve(declared.unwrap_or(0).max(f.len() + data.len()));
-                all.extend_from_slice(&f);
-                all.extend_from_slice(&data);
-            }
-        }
-    }
-    Ok(first.unwrap_or_else(|| all.freeze()))
-}
-
 /// One request on one connection, polling the connection's I/O alongside. Returns the
 /// connection when it can carry another request.
 async fn exchange(
@@ -246,7 +212,7 @@ async fn exchange(
                     }
                     all.freeze()
                 }
-                None => read_whole(body, max_body, &headers).await.map_err(|e| read_error(&e))?,
+                None => Limited::new(body, max_body).collect().await.map_err(|e| read_error(&e))?.to_bytes(),
             };
             Ok(Answer { status, retry_after, headers, body })
         };
@@ -425,20 +391,28 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
+                    if !read_head(&mut s).await {
+                        return;
                     }
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                 });
             }
         });
         (addr, accepted)
+    }
+
+    /// Reads a request's head (through the blank line); false when the client left first.
+    async fn read_head(s: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return false;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        true
     }
 
     fn get(addr: std::net::SocketAddr) -> (Endpoint, Request<ChunkedBody>) {
@@ -502,14 +476,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let mut got = Vec::new();
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                got.extend_from_slice(&buf[..n]);
+            if !read_head(&mut s).await {
+                return;
             }
             let _ = s.write_all(head.as_bytes()).await;
             for p in pieces {
