@@ -447,15 +447,16 @@ async fn write_regenerations(
     recent: Arc<RecentTraces>,
     failed: IntCounterVec,
 ) {
+    /// Moves what `rx` holds now into `batch`, up to [`QUEUE_CAPACITY`] entries.
+    fn take(rx: &mut mpsc::Receiver<Regenerated>, batch: &mut Vec<Regenerated>) {
+        while batch.len() < QUEUE_CAPACITY {
+            let Ok(r) = rx.try_recv() else { break };
+            batch.push(r);
+        }
+    }
     let mut batch: Vec<Regenerated> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        let take = |rx: &mut mpsc::Receiver<Regenerated>, batch: &mut Vec<Regenerated>| {
-            while batch.len() < QUEUE_CAPACITY {
-                let Ok(r) = rx.try_recv() else { break };
-                batch.push(r);
-            }
-        };
         take(&mut rx, &mut batch);
         if batch.len() < QUEUE_CAPACITY {
             tokio::time::sleep(BATCH_PAUSE).await;

@@ -471,7 +471,7 @@ mod tests {
 
     /// A server that answers every request with `head` and then `pieces`, each written on its
     /// own after a pause (so they come off the connection as separate frames).
-    async fn piecewise_server(head: &'static str, pieces: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    async fn piecewise_server(head: String, pieces: Vec<Vec<u8>>) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -495,8 +495,7 @@ mod tests {
     async fn a_body_in_many_pieces_is_read_whole_in_order() {
         let parts: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'a' + i; 70_000]).collect();
         let whole: Vec<u8> = parts.concat();
-        let head: &'static str =
-            Box::leak(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", whole.len()).into_boxed_str());
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", whole.len());
         let a = fetch(piecewise_server(head, parts.clone()).await, 1 << 20).await.unwrap();
         assert_eq!(a.body.len(), whole.len());
         assert!(a.body[..] == whole[..], "the pieces, in order");
@@ -506,8 +505,8 @@ mod tests {
             .map(|p| [format!("{:x}\r\n", p.len()).into_bytes(), p.clone(), b"\r\n".to_vec()].concat())
             .chain([b"0\r\n\r\n".to_vec()])
             .collect();
-        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-        let a = fetch(piecewise_server(head, chunked.clone()).await, 1 << 20).await.unwrap();
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
+        let a = fetch(piecewise_server(head.clone(), chunked.clone()).await, 1 << 20).await.unwrap();
         assert!(a.body[..] == whole[..], "the chunks, in order");
         // Over the limit part-way: an error, not a truncated body.
         let e = fetch(piecewise_server(head, chunked).await, 200_000).await.err().unwrap();

@@ -369,7 +369,7 @@ fn insert_sql(backend: Backend, rows: usize) -> &'static str {
 /// for SQLite, `($1,$2),($3,$4)` for PostgreSQL. SQLite gets anonymous parameters: sqlx binds a
 /// numbered one (`$7`) by asking SQLite its name, a walk of the statement's parameter list, so
 /// binding numbered parameters costs the square of their count (a fifth of the trace writer's
-/// instructions at 64 rows).
+/// instructions at 64 rows, when its batches went through sqlx).
 pub(super) fn values_list(backend: Backend, rows: usize, width: usize) -> String {
     let values: Vec<String> = (0..rows)
         .map(|row| {
@@ -439,10 +439,9 @@ impl TraceDb {
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     // LIKE on the tags column must be exact as in PostgreSQL.
                     conn.execute("PRAGMA case_sensitive_like = ON").await?;
-                    // Statement journals (the undo log of a multi-row INSERT inside a
-                    // transaction) and temporary tables in memory, not in a temporary file:
-                    // before, every trace batch wrote each page it changed to one more file
-                    // (two system calls a page).
+                    // Statement journals (the undo log a statement that may fail half-way
+                    // keeps inside a transaction) and temporary tables in memory, not in a
+                    // temporary file (two system calls for each page a statement changes).
                     conn.execute("PRAGMA temp_store = MEMORY").await?;
                     Ok(())
                 })
@@ -547,11 +546,10 @@ impl TraceDb {
         let fail = self.fail("insert");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
         let mut inserted = 0u64;
-        // Rows go in groups of a few fixed sizes, each with the same SQL text every time, so
-        // each connection prepares it once and reuses it (a statement shaped by the batch's
-        // size was parsed anew per batch: a third of the writer's instructions on
-        // bench/callgrind.sh), and one statement carries many rows (with SQLite each statement
-        // is a round trip to sqlx's worker thread: two context switches a row, one at a time).
+        // PostgreSQL (SQLite went to its LocalWriter above). Rows go in groups of a few fixed
+        // sizes, each with the same SQL text every time, so each connection prepares it once
+        // and reuses it (a statement shaped by the batch's size was parsed anew per batch), and
+        // one statement carries many rows (one round trip to the server per group).
         let mut rest = &unique[..];
         while !rest.is_empty() {
             let rows = INSERT_GROUPS.iter().copied().find(|&g| g <= rest.len()).unwrap_or(1);
@@ -883,7 +881,8 @@ impl LocalWriter {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            // No SQLITE_OPEN_URI: the path is a file name, even one that starts with `file:`.
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(ACQUIRE_TIMEOUT)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;

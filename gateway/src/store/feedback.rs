@@ -82,11 +82,10 @@ impl TraceDb {
 
     /// [`upsert_feedback`](Self::upsert_feedback) of each entry in order, all in one
     /// transaction: every entry is written, or none. With SQLite they go through the file's
-    /// own write connection (`LocalWriter`, on the caller's thread); with PostgreSQL many to a
-    /// statement; of entries with the same
-    /// (trace, image, end user) the last is written, as if each had replaced the one before.
-    /// Returns how many rows were written. Errors: [`StoreError::Unavailable`],
-    /// [`StoreError::Query`].
+    /// own write connection (`LocalWriter`, on the caller's thread), with PostgreSQL many to a
+    /// statement. Of entries with the same (trace, image, end user) the last is written, as if
+    /// each had replaced the one before. Returns how many rows were written. Errors:
+    /// [`StoreError::Unavailable`], [`StoreError::Query`].
     pub async fn upsert_feedback_batch(&self, entries: &[FeedbackEntry]) -> Result<u64, StoreError> {
         // One statement may not update a row twice (PostgreSQL refuses it): keep the last.
         let mut seen = std::collections::HashSet::with_capacity(entries.len());
