@@ -182,10 +182,13 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
     let auth = bearer(KEY);
     let mut by_cohort: std::collections::HashMap<&str, Vec<String>> = Default::default();
     let mut fallbacks = Vec::new();
+    let mut all_ids: Vec<String> = Vec::new();
     for i in 0..12 {
         let cohort = if i % 3 == 0 { "beta" } else { "alpha" };
         // Every fourth request fails over to the second provider.
         first.set_status(if i % 4 == 0 { 500 } else { 200 });
+        let unix_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let before = unix_ms();
         let r = gw
             .generate_with(
                 &json!({"model": "m", "prompt": format!("p{i}")}),
@@ -194,6 +197,12 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
             .await;
         r.assert_status(200);
         let id = r.header("x-acc-trace-id").unwrap();
+        // A made trace id starts with the request's time (Unix ms, 12 hex digits): ids sort
+        // by time, so the store's primary-key index grows at its end.
+        let made = u64::from_str_radix(&id[..12], 16).unwrap();
+        assert!((before..=unix_ms()).contains(&made), "{id}: {made} not in {before}..");
+        assert!(all_ids.last().is_none_or(|prev: &String| prev[..12] <= id[..12]), "{id} after {all_ids:?}");
+        all_ids.push(id.clone());
         by_cohort.entry(cohort).or_default().push(id.clone());
         if i % 4 == 0 {
             fallbacks.push(id);

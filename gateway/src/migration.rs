@@ -195,7 +195,7 @@ async fn mirror_attempt(
     let policy = &snap.policy;
     let wall_start = std::time::SystemTime::now();
     let notes = crate::attempt::NoteSink::default();
-    let trace_id = parent_trace.as_ref().map(|_| format!("{:032x}", fastrand::u128(1..)));
+    let trace_id = parent_trace.as_ref().map(|_| crate::trace::new_trace_id(wall_start));
     let route = &policy.routes[step.route];
     let m = &route.mirrors[index];
     let labels = [route.name.as_str(), m.label.as_str()];

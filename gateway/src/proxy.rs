@@ -267,13 +267,14 @@ where
         Some((t, s)) => (Some(t), Some(s)),
         None => (None, None),
     };
+    let wall_start = SystemTime::now();
     let mut ctx = RequestCtx {
         // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
-        // a getrandom syscall per request.
+        // a getrandom syscall per request; made ones are time-ordered (`trace::new_trace_id`).
         trace_id: traceparent_id
             .or_else(|| client_trace_id(&headers))
-            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(1..))),
-        wall_start: SystemTime::now(),
+            .unwrap_or_else(|| crate::trace::new_trace_id(wall_start)),
+        wall_start,
         parent_span_id,
         record: None,
         cohort_fields: None,
