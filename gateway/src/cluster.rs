@@ -384,10 +384,11 @@ const CHANGES_PER_CALL: usize = 256;
 struct Ask {
     /// Its rate limits' keys, then (with a hold) its budget's hash and expiry set.
     keys: Vec<String>,
-    /// Per rate limit: the emission interval (µs) and the cells it takes.
-    cells: Vec<(f64, u32)>,
-    /// With a spend hold: the limit (USD), the estimate (USD), the hold's id, its lifetime (ms).
-    hold: Option<(f64, f64, String, u64)>,
+    /// Per rate limit: its limit per minute and the cells it takes.
+    cells: Vec<(u32, u32)>,
+    /// With a spend hold: the limit and the estimate (nano-USD, [`nano_usd`]), the hold's id,
+    /// its lifetime (ms).
+    hold: Option<(u64, u64, String, u64)>,
     /// Where the reply line goes, for an admission that waited in a lane.
     tx: Option<tokio::sync::oneshot::Sender<Result<String, Unavailable>>>,
 }
@@ -476,7 +477,7 @@ impl Cluster {
     ) -> Result<Admission, Unavailable> {
         let mut ask = Ask {
             keys: Vec::with_capacity(cells.len() + 2),
-            cells: cells.iter().map(|c| (60_000_000.0 / f64::from(c.per_minute.max(1)), c.cost)).collect(),
+            cells: cells.iter().map(|c| (c.per_minute.max(1), c.cost)).collect(),
             hold: None,
             tx: None,
         };
@@ -484,11 +485,18 @@ impl Cluster {
             ask.keys.push(self.key(&["rl", c.scope, c.name, c.limit]));
         }
         let hold = spend.map(|s| {
-            let key = self.key(&["spend", s.budget, &utc_day().to_string()]);
-            let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
+            let key = self.key(&["spend", s.budget, itoa::Buffer::new().format(utc_day())]);
+            // The replica, then a counter: unique across replicas (a hold is a field of a
+            // budget every replica shares). Written without `format!`, which costs a request
+            // several times as much.
+            let mut id = String::with_capacity(self.replica.len() + 21);
+            id.push_str(&self.replica);
+            id.push('-');
+            id.push_str(itoa::Buffer::new().format(self.next_id.fetch_add(1, Ordering::Relaxed)));
             ask.keys.push(key.clone());
             ask.keys.push(holds_key(&key));
-            ask.hold = Some((s.limit.min(1e300), s.estimate, id.clone(), self.settings.lease.as_millis() as u64));
+            ask.hold =
+                Some((nano_usd(s.limit), nano_usd(s.estimate), id.clone(), self.settings.lease.as_millis() as u64));
             (key, id, s)
         });
         let op = if cells.is_empty() { "spend" } else { "limits" };
@@ -610,12 +618,12 @@ impl Cluster {
         }
         cmd.arg(changes.len()).arg(asks.len());
         for c in &changes {
-            cmd.arg(&c.hold).arg(c.usd);
+            cmd.arg(&c.hold).arg(nano_usd(c.usd));
         }
         for a in asks.iter() {
             cmd.arg(a.cells.len()).arg(u8::from(a.hold.is_some()));
-            for (interval, cost) in &a.cells {
-                cmd.arg(*interval).arg(*cost);
+            for (per_minute, cost) in &a.cells {
+                cmd.arg(*per_minute).arg(*cost);
             }
             if let Some((limit, estimate, id, lease_ms)) = &a.hold {
                 cmd.arg(*limit).arg(*estimate).arg(id).arg(*lease_ms);
@@ -778,7 +786,18 @@ impl Cluster {
 
 /// A budget's expiry set (hold id → expiry, Redis ms), beside its hash.
 fn holds_key(budget: &str) -> String {
-    format!("{budget}:holds")
+    let mut k = String::with_capacity(budget.len() + 6);
+    k.push_str(budget);
+    k.push_str(":holds");
+    k
+}
+
+/// An amount of money as the [`lua::ADMIT`] script takes it: whole nano-USD (1e-9 USD),
+/// rounded; negative and NaN amounts are 0, and amounts past `u64::MAX` nano-USD (about 1.8e10
+/// USD: no limit) saturate. Integers cost a request a fraction of what writing a float does.
+fn nano_usd(usd: f64) -> u64 {
+    // `as` saturates: NaN and negatives go to 0, infinity and overflow to u64::MAX.
+    (usd * 1e9).round() as u64
 }
 
 /// The UTC day number of now.
@@ -887,4 +906,30 @@ impl Cluster {
 /// Unix milliseconds now.
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_go_to_the_script_as_whole_nano_usd() {
+        assert_eq!(nano_usd(0.04), 40_000_000);
+        assert_eq!(nano_usd(1_000_000_000.0), 1_000_000_000_000_000_000);
+        // Rounded to the nearest nano-USD, never below zero, "no limit" saturated.
+        assert_eq!(nano_usd(0.000_000_000_6), 1);
+        assert_eq!(nano_usd(-3.0), 0);
+        assert_eq!(nano_usd(f64::NAN), 0);
+        assert_eq!(nano_usd(f64::INFINITY), u64::MAX);
+        assert_eq!(nano_usd(1e300), u64::MAX);
+        // The script divides by 1e9: an estimate comes back as the same double.
+        for usd in [0.04, 0.0001, 0.19, 12.5, 123.456789] {
+            assert_eq!(nano_usd(usd) as f64 / 1e9, usd);
+        }
+    }
+
+    #[test]
+    fn a_budget_has_its_expiry_set_beside_it() {
+        assert_eq!(holds_key("acc:spend:tenant:acme:20428"), "acc:spend:tenant:acme:20428:holds");
+    }
 }

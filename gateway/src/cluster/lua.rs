@@ -16,10 +16,12 @@ use redis::Script;
 /// than one.
 ///
 /// ARGV[1] `nk`: spend changes; ARGV[2] `na`: requests. Then per change: the hold's id it ends
-/// (empty for a plain charge) and the USD it adds to `spent`. Then per request: `nr` (its rate
-/// limits), `ns` (1 with a spend hold, else 0), per rate limit its emission interval (µs: a
-/// minute over the limit) and the cells it takes, and with a hold: the limit (USD), the
-/// estimate, the hold's id and its lifetime (ms). KEYS: per change its budget's hash and expiry
+/// (empty for a plain charge) and the amount it adds to `spent`. Then per request: `nr` (its
+/// rate limits), `ns` (1 with a spend hold, else 0), per rate limit its limit per minute and
+/// the cells it takes (the emission interval, a minute over the limit, is worked out here),
+/// and with a hold: the limit, the estimate, the hold's id and its lifetime (ms). Amounts of
+/// money arrive as integers of nano-USD (1e-9 USD: integers cost the client far less to write
+/// than floats) and are kept in USD. KEYS: per change its budget's hash and expiry
 /// set; then per request its `nr` theoretical arrival times (µs) and, with a hold, its budget's
 /// hash and expiry set.
 ///
@@ -46,6 +48,7 @@ local DAY2 = 172800000
 local window = 60000000
 local a, k = 3, 1
 local function num(x) return string.format('%.17g', x) end
+local function usd(x) return tonumber(x) / 1e9 end
 -- Ends the holds `ids` of the budget (hash `h`, expiry set `z`): their estimates leave `held`.
 -- Returns how many were still there (a hold may be gone: expired, or lost by Redis).
 local function release(h, z, ids)
@@ -79,7 +82,7 @@ for j = 1, nk do
     corder[#corder + 1] = h
   end
   if ARGV[a] ~= '' then c.ids[#c.ids + 1] = ARGV[a] end
-  c.usd = c.usd + tonumber(ARGV[a + 1])
+  c.usd = c.usd + usd(ARGV[a + 1])
   k, a = k + 2, a + 2
 end
 for _, h in ipairs(corder) do
@@ -122,7 +125,7 @@ for q = 1, na do
     local key = KEYS[r.rk + i - 1]
     local cur = tat[key]
     if cur < now then cur = now end
-    local new = cur + tonumber(ARGV[r.ra + 2 * i - 2]) * tonumber(ARGV[r.ra + 2 * i - 1])
+    local new = cur + window / tonumber(ARGV[r.ra + 2 * i - 2]) * tonumber(ARGV[r.ra + 2 * i - 1])
     if new - now > window + 1 then
       line = string.format('%d %d', i, math.floor(new - window - now))
       break
@@ -141,7 +144,7 @@ for q = 1, na do
       budgets[h] = b
       border[#border + 1] = h
     end
-    local limit, est = tonumber(ARGV[r.ha]), tonumber(ARGV[r.ha + 1])
+    local limit, est = usd(ARGV[r.ha]), usd(ARGV[r.ha + 1])
     spent = b.spent
     if spent >= limit or spent + b.held + est > limit + 1e-9 then
       line = '-1 0 ' .. tostring(spent)
@@ -150,7 +153,7 @@ for q = 1, na do
       b.add = b.add + est
       local id = ARGV[r.ha + 2]
       b.fields[#b.fields + 1] = 'r:' .. id
-      b.fields[#b.fields + 1] = ARGV[r.ha + 1]
+      b.fields[#b.fields + 1] = num(est)
       b.members[#b.members + 1] = now_ms + tonumber(ARGV[r.ha + 3])
       b.members[#b.members + 1] = id
     end
