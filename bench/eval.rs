@@ -74,8 +74,7 @@ fn ocr_cpu() {
         return;
     }
     let text = eval::available()["text"].clone();
-    let mut settings = eval::Settings::default();
-    settings.report_text = true;
+    let mut settings = eval::Settings { report_text: true, ..Default::default() };
     // `OCR_MAX_SIDE=960 cargo bench --bench eval`: the detector at another size (PaddleOCR's
     // default is 960), for a same-session comparison.
     if let Some(side) = std::env::var("OCR_MAX_SIDE").ok().and_then(|v| v.parse().ok()) {

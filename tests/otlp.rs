@@ -62,7 +62,7 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
         receiver.url,
         openai_provider_at("first", &first.base_url()),
         openai_provider_at("second", &second.base_url()),
-        route_toml("main", "m").target(&"first", "gpt-image-1").fallback("spare").with("evaluators = [\"sanity\"]"),
+        route_toml("main", "m").target("first", "gpt-image-1").fallback("spare").with("evaluators = [\"sanity\"]"),
         route_toml("spare", "spare").target("second", "dall-e-3").with("evaluators = [\"sanity\"]"),
     );
     let (gw, _dir) = serve_policy(&policy, &[]).await;

@@ -27,7 +27,7 @@ fn policy(first: &MockProvider, second: &MockProvider, extra: &str) -> String {
     )
 }
 
-fn headers<'a>(auth: &'a str) -> Vec<(&'a str, &'a str)> {
+fn headers(auth: &str) -> Vec<(&str, &str)> {
     vec![
         ("authorization", auth),
         ("x-acc-cohort", "beta"),

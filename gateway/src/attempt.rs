@@ -215,7 +215,7 @@ async fn run(
                 v.push((s, generation.verdicts.clone()));
             }
         }
-        if let Some(n) = note.as_deref_mut() {
+        if let Some(n) = note {
             n.verdicts = generation.verdicts.clone();
             n.verdict_images = generation.verdict_images.clone();
         }

@@ -422,8 +422,8 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {}",
-        "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS", "COHORT / TEMPLATE / ASSET"
+        "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  COHORT / TEMPLATE / ASSET",
+        "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS"
     );
     for r in body["data"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let nanos = r["start_time_unix_nano"].as_u64().unwrap_or(0);

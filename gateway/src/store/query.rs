@@ -129,7 +129,7 @@ impl TraceFilter {
                 "template" => f.template = text,
                 "asset_type" => f.asset_type = text,
                 "provider" => f.provider = text,
-                "decision" => match value.as_ref() {
+                "decision" => match value {
                     "" | "pass" | "flagged" | "blocked" | "error" => f.decision = text,
                     _ => return Err(format!("decision {value:?}: expected pass, flagged, blocked or error")),
                 },
