@@ -73,6 +73,22 @@ wait_line() {
     return 1
 }
 
+# records_settled N: with traces on, waits (up to 10 min: valgrind slows acc ~50x) until N
+# trace records are written or counted as dropped (acc_trace_written_total and
+# acc_trace_dropped_total on the admin port), then 2 s more for the batched implicit ratings
+# of regenerations. Does nothing with traces off.
+records_settled() {
+    [[ "$TRACES" != off ]] || return 0
+    local want=$1 i got
+    for ((i = 0; i < 1200; i++)); do
+        got="$(curl -sf "http://127.0.0.1:$admin/metrics" |
+            awk '/^acc_trace_(written|dropped)_total/ {n += $NF} END {printf "%d", n}')" || got=0
+        ((got >= want)) && { sleep 2; return 0; }
+        sleep 0.5
+    done
+    die "trace records: $got of $want written or dropped after 10 min"
+}
+
 for payload in $PAYLOADS; do
     png="$WORK/payloads/$payload.png"
     [[ -f "$png" ]] || die "no payload $png"
@@ -126,6 +142,7 @@ EOF
     PIDS+=("$acc_pid")
     wait_line "$out" '^listening proxy=' 120 || die "acc did not start: $(tail -n 20 "$RUN/acc-$payload.err")"
     port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
+    admin="$(sed -n 's/^listening proxy=.* admin=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")"
     python3 - "$port" "$WARMUP" "$LIMITS" "$BENCH_KEY" <<'EOF'
 import http.client, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -138,6 +155,11 @@ for _ in range(n):
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 EOF
+    # The trace writer runs at idle CPU priority and batches: under valgrind, which runs one
+    # thread at a time, it may write nothing until the requests stop. The counters are zeroed
+    # once the warm-up's records are written and dumped once the measured ones are, so its work
+    # lands in the measured part whatever the scheduling.
+    records_settled "$WARMUP"
     callgrind_control --zero "$acc_pid" >/dev/null
     [[ -z "$REDIS_URL" ]] || redis-cli -u "$REDIS_URL" CONFIG RESETSTAT >/dev/null
     t0=$(date +%s.%N)
@@ -154,6 +176,7 @@ for _ in range(n):
     assert r.status == 200, r.status
 EOF
     t1=$(date +%s.%N)
+    records_settled $((WARMUP + REQUESTS))
     callgrind_control --dump="measured" "$acc_pid" >/dev/null
     if [[ -n "$REDIS_URL" ]]; then
         # Scripts Redis ran for acc in the measured part (under valgrind requests are ~50x
