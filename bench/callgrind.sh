@@ -75,14 +75,15 @@ wait_line() {
 
 # records_settled N: with traces on, waits (up to 10 min: valgrind slows acc ~50x) until N
 # trace records are written or counted as dropped (acc_trace_written_total and
-# acc_trace_dropped_total on the admin port), then 2 s more for the batched implicit ratings
+# acc_trace_dropped_total on the admin port, but for images_not_digested: such a record is still
+# written), then 2 s more for the batched implicit ratings
 # of regenerations. Does nothing with traces off.
 records_settled() {
     [[ "$TRACES" != off ]] || return 0
     local want=$1 i got
     for ((i = 0; i < 1200; i++)); do
         got="$(curl -sf "http://127.0.0.1:$admin/metrics" |
-            awk '/^acc_trace_(written|dropped)_total/ {n += $NF} END {printf "%d", n}')" || got=0
+            awk '/^acc_trace_(written|dropped)_total/ && !/images_not_digested/ {n += $NF} END {printf "%d", n}')" || got=0
         ((got >= want)) && { sleep 2; return 0; }
         sleep 0.5
     done

@@ -29,45 +29,17 @@ if [[ -z "$ACC_BIN" ]]; then
     ACC_BIN="$REPO/target/release/acc"
 fi
 rm -rf "$RUN"
-mkdir -p "$RUN/policies"
+mkdir -p "$RUN"
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 
-wait_line() {
-    local file=$1 re=$2 i
-    for ((i = 0; i < 600; i++)); do
-        grep -Eq "$re" "$file" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    return 1
-}
-
-"$MOCK_BIN" --listen 127.0.0.1:0 --png "$PNG" --threads 1 --latency-ms 0 >"$RUN/mock.out" 2>&1 &
-PIDS+=($!)
-wait_line "$RUN/mock.out" '^listening ' || die "mock did not start"
-mock_port="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/mock.out")"
-cat >"$RUN/policies/bench.toml" <<EOF
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:$mock_port/v1"
-api_key_env = "BENCH_MOCK_API_KEY"
-
-[[routes]]
-name = "bench"
-match = { model = "bench" }
-targets = [{ provider = "mock", model = "mock-model" }]
-
-[store]
-path = "$RUN/traces.db"
-max_rows = 1000000000    # no pruning during the soak (rows are compared with records written)
-EOF
-BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$RUN/policies" \
-    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$RUN/acc.out" 2>"$RUN/acc.err" &
-acc_pid=$!
-PIDS+=("$acc_pid")
-wait_line "$RUN/acc.out" '^listening proxy=' || die "acc did not start: $(tail -n 5 "$RUN/acc.err")"
-port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
-admin="$(sed -n 's/^listening proxy=.* admin=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
+# shellcheck source=lib/serve.sh
+source "$BENCH_DIR/lib/serve.sh"
+start_mock "$MOCK_BIN" "$PNG" "$RUN"
+# max_rows: no pruning during the soak (rows are compared with records written).
+start_acc "$ACC_BIN" "$RUN" "path = \"$RUN/traces.db\"
+max_rows = 1000000000"
+port=$ACC_PORT admin=$ACC_ADMIN
 
 log "wrk -c$CONC for ${SECONDS_RUN}s on the $PAYLOAD payload, traces to $RUN/traces.db"
 wrk -t"$(( CONC > 1 ? 2 : 1 ))" -c"$CONC" -d"${SECONDS_RUN}s" --timeout 10s -s "$BENCH_DIR/lib/post.lua" "http://127.0.0.1:$port" >"$RUN/wrk.out"

@@ -49,50 +49,16 @@ python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" >/dev/null
 png="$WORK/payloads/$PAYLOAD.png"
 [[ -f "$png" ]] || die "unknown payload $PAYLOAD (have: small large)"
 
-# wait_line FILE PATTERN PID: waits up to 30 s for a line, failing if PID exits first.
-wait_line() {
-    local i
-    for ((i = 0; i < 300; i++)); do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        kill -0 "$3" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-"$BENCH_DIR/mock-provider/target/release/mock-provider" --listen 127.0.0.1:0 --png "$png" --threads 1 \
-    --latency-ms 0 >"$RUN/mock.out" 2>"$RUN/mock.err" &
-PIDS+=($!)
-wait_line "$RUN/mock.out" '^listening ' "${PIDS[0]}" || die "mock did not start: $(cat "$RUN/mock.err")"
-mock_port="$(sed -n 's/^listening 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/mock.out")"
-
-mkdir "$RUN/policies"
-cat >"$RUN/policies/bench.toml" <<EOF
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:$mock_port/v1"
-api_key_env = "BENCH_MOCK_API_KEY"
-
-[[routes]]
-name = "bench"
-match = { model = "bench" }
-targets = [{ provider = "mock", model = "mock-model" }]
-
-[store]
-path = "$RUN/acc.db"
-$STORE
-EOF
-BENCH_MOCK_API_KEY=bench-dummy-key "$ACC_BIN" serve --policies "$RUN/policies" \
-    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$RUN/acc.out" 2>"$RUN/acc.err" &
-acc_pid=$!
-PIDS+=("$acc_pid")
-wait_line "$RUN/acc.out" '^listening proxy=' "$acc_pid" || die "acc did not start: $(tail -n 20 "$RUN/acc.err")"
-acc_port="$(sed -n 's/^listening proxy=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN/acc.out")"
+# shellcheck source=lib/serve.sh
+source "$BENCH_DIR/lib/serve.sh"
+start_mock "$BENCH_DIR/mock-provider/target/release/mock-provider" "$png" "$RUN"
+start_acc "$ACC_BIN" "$RUN" "path = \"$RUN/acc.db\"
+$STORE"
 
 # Ticks per thread name, summed over the threads of one name.
 snapshot() {
     local t
-    for t in /proc/"$acc_pid"/task/*; do
+    for t in /proc/"$ACC_PID"/task/*; do
         # A thread may end between the listing and the read: it is skipped.
         local name ticks
         if name="$(tr ' ' _ <"$t/comm" 2>/dev/null)" && ticks="$(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)" &&
@@ -102,7 +68,7 @@ snapshot() {
     done | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
 }
 
-url="http://127.0.0.1:$acc_port"
+url="http://127.0.0.1:$ACC_PORT"
 wrk -t1 -c"$CONC" -d2s -s "$BENCH_DIR/lib/post.lua" "$url" >/dev/null
 snapshot >"$RUN/before"
 log "$ACC_BIN: $PAYLOAD payload, c=$CONC, ${SECS}s"
