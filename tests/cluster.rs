@@ -445,9 +445,16 @@ async fn a_request_costs_one_redis_call_and_its_settle_rides_on_the_next() {
     // 20 admissions, each one script (rate limits, spend hold, and the settles waiting), and
     // flushes of settles no admission took within 20 ms: at least the last one's; on a busy
     // machine a few more. Without the batching: 40 scripts and 20 transactions.
-    // One budget read per admission and one per call's settles (one at a time here).
-    assert_eq!(calls.get("hmget"), Some(&40), "{calls:?}");
     assert!((21..=30).contains(&scripts), "{scripts} scripts for 20 requests: {calls:?}");
+    // One read of the budget per call: its totals together with the holds the call ends.
+    assert_eq!(calls.get("hmget"), Some(&scripts), "{calls:?}");
+    // A budget's totals and new holds are written in one HSET per call, not one per hold.
+    assert!(calls.get("hincrbyfloat").is_none(), "{calls:?}");
+    assert!(calls.get("hset").is_some_and(|n| *n <= scripts), "{calls:?}");
+    // Expiries are set where a call creates a key, not on every call: the first request made
+    // the budget's keys (the limits' SET carries its own expiry), and both keep it (checked
+    // below).
+    assert_eq!(calls.get("pexpire"), None, "{calls:?}");
     // Each hold ended once, inside a script: no transaction of its own.
     assert_eq!((calls.get("hdel"), calls.get("zrem")), (Some(&20), Some(&20)), "{calls:?}");
     assert_eq!((calls.get("multi"), calls.get("exec")), (None, None), "{calls:?}");

@@ -389,6 +389,9 @@ struct Ask {
     /// With a spend hold: the limit and the estimate (nano-USD, [`nano_usd`]), the hold's id,
     /// its lifetime (ms).
     hold: Option<(u64, u64, String, u64)>,
+    /// Whether the reply should say how much of each limit and of the budget is used (for the
+    /// gauges, every [`GAUGE_EVERY`]; formatting it costs Redis time on every request).
+    usage: bool,
     /// Where the reply line goes, for an admission that waited in a lane.
     tx: Option<tokio::sync::oneshot::Sender<Result<String, Unavailable>>>,
 }
@@ -479,6 +482,7 @@ impl Cluster {
             keys: Vec::with_capacity(cells.len() + 2),
             cells: cells.iter().map(|c| (c.per_minute.max(1), c.cost)).collect(),
             hold: None,
+            usage: self.gauges_due(),
             tx: None,
         };
         for c in cells {
@@ -500,6 +504,7 @@ impl Cluster {
             (key, id, s)
         });
         let op = if cells.is_empty() { "spend" } else { "limits" };
+        let ask_usage = ask.usage;
         let line = self.submit(ask, op).await?;
         let reply: Vec<&str> = line.split(' ').collect();
         let int = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
@@ -513,8 +518,8 @@ impl Cluster {
             }
         };
         match (int(0), int(1)) {
-            (Some(0), Some(0)) if reply.len() == 4 + cells.len() => {
-                if self.gauges_due() {
+            (Some(0), Some(0)) if reply.len() == if ask_usage { 4 + cells.len() } else { 3 } => {
+                if ask_usage {
                     for (i, c) in cells.iter().enumerate() {
                         let used = int(4 + i).unwrap_or(0) as f64 / 60_000_000.0;
                         self.set_used(c.scope, c.name, c.limit, used);
@@ -621,7 +626,7 @@ impl Cluster {
             cmd.arg(&c.hold).arg(nano_usd(c.usd));
         }
         for a in asks.iter() {
-            cmd.arg(a.cells.len()).arg(u8::from(a.hold.is_some()));
+            cmd.arg(a.cells.len()).arg(u8::from(a.hold.is_some())).arg(u8::from(a.usage));
             for (per_minute, cost) in &a.cells {
                 cmd.arg(*per_minute).arg(*cost);
             }

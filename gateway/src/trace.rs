@@ -33,11 +33,38 @@ pub const MAX_FIELD_CHARS: usize = 256;
 /// visible ASCII.
 fn field(headers: &HeaderMap, name: &str) -> Option<String> {
     let v = headers.get(name)?.to_str().ok()?.trim();
-    (!v.is_empty()).then(|| v.chars().take(MAX_FIELD_CHARS).collect())
+    (!v.is_empty()).then(|| cut(v, MAX_FIELD_CHARS))
+}
+
+/// `s` cut to its first `chars` characters (a text of at most that many bytes is copied as
+/// it is, without walking its characters).
+fn cut(s: &str, chars: usize) -> String {
+    if s.len() <= chars {
+        return s.to_string();
+    }
+    match s.char_indices().nth(chars) {
+        Some((end, _)) => s[..end].to_string(),
+        None => s.to_string(),
+    }
 }
 
 fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
+    hex_lower(&Sha256::digest(s.as_bytes()))
+}
+
+/// `bytes` as lowercase hex, two digits a byte (`hex::encode` builds its `String` one `char`
+/// at a time, and `format!("{:x}")` goes through the formatting machinery: each costs a
+/// request several times as much for an id or a digest).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex::encode_to_slice(bytes, &mut out).expect("the output is twice the input");
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// A new span id: 16 lowercase hex digits of a random non-zero u64 (W3C Trace Context's
+/// `parent-id`; all zeroes is invalid).
+pub fn new_span_id() -> String {
+    hex_lower(&fastrand::u64(1..).to_be_bytes())
 }
 
 /// Nanoseconds since the Unix epoch of `t`.
@@ -55,7 +82,7 @@ pub fn unix_nanos(t: SystemTime) -> u64 {
 /// zeroes (the invalid trace id).
 pub fn new_trace_id(now: SystemTime) -> String {
     let ms = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) & 0xffff_ffff_ffff;
-    format!("{ms:012x}{:020x}", fastrand::u128(1..1 << 80))
+    hex_lower(&((u128::from(ms) << 80) | fastrand::u128(1..1 << 80)).to_be_bytes())
 }
 
 /// Who asked, for the record: the key's tenant and name.
@@ -80,7 +107,7 @@ pub fn draft(
     let (negative_prompt, negative_prompt_sha256) = recorded(record_prompt, req.negative_prompt.as_ref());
     TraceRecord {
         trace_id: trace_id.to_string(),
-        span_id: format!("{:016x}", fastrand::u64(1..)),
+        span_id: new_span_id(),
         parent_span_id,
         parent_trace_id: None,
         kind: "primary".to_string(),
@@ -92,7 +119,7 @@ pub fn draft(
         cohort: field(headers, COHORT),
         prompt_template: field(headers, PROMPT_TEMPLATE),
         asset_type: field(headers, ASSET_TYPE),
-        end_user: req.raw.get("user").and_then(|u| u.as_str()).map(|u| u.chars().take(MAX_FIELD_CHARS).collect()),
+        end_user: req.raw.get("user").and_then(|u| u.as_str()).map(|u| cut(u, MAX_FIELD_CHARS)),
         record_prompt: record_prompt.name().to_string(),
         prompt,
         negative_prompt,
@@ -200,7 +227,7 @@ pub fn attempts(
         let mut r = AttemptRecord {
             span_id: note
                 .as_ref()
-                .map_or_else(|| format!("{:016x}", fastrand::u64(1..)), |n| format!("{:016x}", n.span_id)),
+                .map_or_else(new_span_id, |n| hex_lower(&n.span_id.to_be_bytes())),
             route: route.name.clone(),
             target: a.step.target,
             provider: target.provider.clone(),
@@ -391,5 +418,32 @@ mod tests {
         let early = new_trace_id(SystemTime::UNIX_EPOCH - Duration::from_secs(5));
         assert_eq!(&early[..12], "000000000000");
         assert_ne!(early, "0".repeat(32));
+    }
+
+    #[test]
+    fn ids_and_digests_are_lowercase_zero_padded_hex() {
+        assert_eq!(hex_lower(&[]), "");
+        assert_eq!(hex_lower(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex_lower(&0x00f0_67aa_0ba9_02b7u64.to_be_bytes()), "00f067aa0ba902b7");
+        // The digest of the prompt, as `sha256sum` prints it.
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        for _ in 0..100 {
+            let span = new_span_id();
+            assert_eq!(span.len(), 16);
+            assert_ne!(span, "0".repeat(16));
+            assert!(span.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{span}");
+        }
+    }
+
+    #[test]
+    fn fields_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("banner", 256), "banner");
+        assert_eq!(cut("banner", 3), "ban");
+        assert_eq!(cut("", 3), "");
+        // Three characters of two bytes each: 6 bytes, over a limit of 4 characters in bytes
+        // but not in characters.
+        assert_eq!(cut("ééé", 4), "ééé");
+        assert_eq!(cut("ééé", 2), "éé");
+        assert_eq!(cut(&"ü".repeat(300), MAX_FIELD_CHARS).chars().count(), MAX_FIELD_CHARS);
     }
 }

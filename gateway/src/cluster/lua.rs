@@ -11,32 +11,40 @@ use redis::Script;
 /// proxy worker that arrived while its previous call was out), after the spend changes that
 /// waited for a call. Each request's rate limits (GCRA) and its hold on a daily budget are
 /// taken together or not at all; requests are decided in order, each seeing what the ones
-/// before it took. Work that is per key, not per request (reading limits and budgets, writing
-/// them back, expiries) is done once per batch, so a batch of many costs Redis little more
-/// than one.
+/// before it took. Work that is per key, not per request (reading limits and budgets, ending
+/// holds, writing them back, expiries) is done once per batch, so a batch of many costs Redis
+/// little more than one.
+///
+/// Redis charges each `redis.call` a few µs beyond the command itself (its arguments become
+/// a client's, its reply is written as RESP and parsed back into Lua), so the script keeps
+/// their number down: a budget is read with one `HMGET` (its totals and the holds the batch
+/// ends) and written with one `HSET` (its totals and the new holds), and expiries are set
+/// only on keys that a call creates (the keys are per day).
 ///
 /// ARGV[1] `nk`: spend changes; ARGV[2] `na`: requests. Then per change: the hold's id it ends
 /// (empty for a plain charge) and the amount it adds to `spent`. Then per request: `nr` (its
-/// rate limits), `ns` (1 with a spend hold, else 0), per rate limit its limit per minute and
-/// the cells it takes (the emission interval, a minute over the limit, is worked out here),
-/// and with a hold: the limit, the estimate, the hold's id and its lifetime (ms). Amounts of
-/// money arrive as integers of nano-USD (1e-9 USD: integers cost the client far less to write
-/// than floats) and are kept in USD. KEYS: per change its budget's hash and expiry
-/// set; then per request its `nr` theoretical arrival times (µs) and, with a hold, its budget's
-/// hash and expiry set.
+/// rate limits), `ns` (1 with a spend hold, else 0), `nu` (1 when the reply should say how
+/// much of each limit is used), per rate limit its limit per minute and the cells it takes
+/// (the emission interval, a minute over the limit, is worked out here), and with a hold: the
+/// limit, the estimate, the hold's id and its lifetime (ms). Amounts of money arrive as
+/// integers of nano-USD (1e-9 USD: integers cost the client far less to write than floats)
+/// and are kept in USD. KEYS: per change its budget's hash and expiry set; then per request
+/// its `nr` theoretical arrival times (µs) and, with a hold, its budget's hash and expiry set.
 ///
 /// A rate limit's allowance is one minute's worth (a burst of the whole limit, as `governor`'s
 /// `Quota::per_minute`). A budget's hash holds `spent` (settled USD), `held` (the sum of the
 /// live holds' estimates) and one `r:ID` field per hold (its estimate); the expiry set (a
 /// sorted set, score: expiry in Redis ms) lets the script drop holds past their expiry (a
 /// replica that died) without reading every hold, so an admission costs the same whatever the
-/// number of requests in flight.
+/// number of requests in flight. The set also holds the member `_` at `+inf`, which never
+/// expires: the set is not deleted when its last hold ends, so it keeps the expiry it was
+/// given when created.
 ///
 /// Reply: one line per request, each a string of space-separated numbers (one bulk reply
-/// parses in a fraction of what an array costs the client): `0 0 held spent used_1 ...`
-/// admitted (`held` 1 with a hold, `spent` the budget's settled USD, `used_i` µs of the minute
-/// limit i has used); `i wait_µs` when limit i has no room; `-1 0 spent` when the budget has
-/// none.
+/// parses in a fraction of what an array costs the client): `0 0 held` admitted (`held` 1
+/// with a hold), followed with `nu` by `spent used_1 ...` (`spent` the budget's settled USD,
+/// `used_i` µs of the minute limit i has used); `i wait_µs` when limit i has no room; `-1 0
+/// spent` when the budget has none.
 pub(super) static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -49,58 +57,40 @@ local window = 60000000
 local a, k = 3, 1
 local function num(x) return string.format('%.17g', x) end
 local function usd(x) return tonumber(x) / 1e9 end
--- Ends the holds `ids` of the budget (hash `h`, expiry set `z`): their estimates leave `held`.
--- Returns how many were still there (a hold may be gone: expired, or lost by Redis).
-local function release(h, z, ids)
-  if #ids == 0 then return 0 end
-  local fields = {}
-  for i = 1, #ids do fields[i] = 'r:' .. ids[i] end
-  local ests = redis.call('HMGET', h, unpack(fields))
-  local sum, found = 0, 0
-  for i = 1, #fields do
-    if ests[i] then
-      sum = sum + tonumber(ests[i])
-      found = found + 1
-    end
+-- The budgets the call touches, in the order first seen.
+local budgets, border = {}, {}
+local function budget(h, z)
+  local b = budgets[h]
+  if not b then
+    b = {z = z, ids = {}, seen = {}, charge = 0, asked = false, fields = {}, members = {}}
+    budgets[h] = b
+    border[#border + 1] = h
   end
-  if found > 0 then
-    redis.call('HDEL', h, unpack(fields))
-    local left = tonumber(redis.call('HINCRBYFLOAT', h, 'held', num(-sum)))
-    if left < 1e-9 then redis.call('HSET', h, 'held', '0') end
+  return b
+end
+-- The hold `id` of budget `b` ends in this call (once, however often it is named).
+local function ending(b, id)
+  if not b.seen[id] then
+    b.seen[id] = true
+    b.ids[#b.ids + 1] = id
   end
-  redis.call('ZREM', z, unpack(ids))
-  return found
 end
 -- 1. Spend changes, grouped by budget.
-local changed, corder = {}, {}
 for j = 1, nk do
-  local h = KEYS[k]
-  local c = changed[h]
-  if not c then
-    c = {z = KEYS[k + 1], ids = {}, usd = 0}
-    changed[h] = c
-    corder[#corder + 1] = h
-  end
-  if ARGV[a] ~= '' then c.ids[#c.ids + 1] = ARGV[a] end
-  c.usd = c.usd + usd(ARGV[a + 1])
+  local b = budget(KEYS[k], KEYS[k + 1])
+  if ARGV[a] ~= '' then ending(b, ARGV[a]) end
+  b.charge = b.charge + usd(ARGV[a + 1])
   k, a = k + 2, a + 2
-end
-for _, h in ipairs(corder) do
-  local c = changed[h]
-  local found = release(h, c.z, c.ids)
-  if c.usd > 0 then redis.call('HINCRBYFLOAT', h, 'spent', num(c.usd)) end
-  -- A live hold's hash got its expiry when the hold was taken; a plain charge, or a hold
-  -- that Redis lost (a restart), may create it here.
-  if found < #c.ids or #c.ids == 0 then redis.call('PEXPIRE', h, DAY2) end
 end
 -- 2. Where each request's arguments are; every rate limit of the batch read at once.
 local asks, tat, rkeys = {}, {}, {}
 for q = 1, na do
   local nr, ns = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local r = {nr = nr, ns = ns, rk = k, ra = a + 2}
-  k, a = k + nr, a + 2 + 2 * nr
+  local r = {nr = nr, ns = ns, nu = ARGV[a + 2] == '1', rk = k, ra = a + 3}
+  k, a = k + nr, a + 3 + 2 * nr
   if ns == 1 then
     r.hk, r.ha = k, a
+    budget(KEYS[k], KEYS[k + 1]).asked = true
     k, a = k + 2, a + 4
   end
   for i = 0, nr - 1 do
@@ -116,8 +106,31 @@ if #rkeys > 0 then
   local cur = redis.call('MGET', unpack(rkeys))
   for i = 1, #rkeys do tat[rkeys[i]] = tonumber(cur[i] or '0') end
 end
--- 3. Each request in order.
-local out, dirty, dorder, budgets, border = {}, {}, {}, {}, {}
+-- 3. Each budget read once: its totals, less the holds that end (those the changes name and,
+-- where a request asks for room, those past their expiry: a replica that died).
+for _, h in ipairs(border) do
+  local b = budgets[h]
+  if b.asked then
+    local expired = redis.call('ZRANGEBYSCORE', b.z, '-inf', now_ms, 'LIMIT', 0, 64)
+    for i = 1, #expired do ending(b, expired[i]) end
+  end
+  local fields = {'spent', 'held'}
+  for i = 1, #b.ids do fields[i + 2] = 'r:' .. b.ids[i] end
+  local v = redis.call('HMGET', h, unpack(fields))
+  b.new = not v[1] and not v[2]
+  b.spent = tonumber(v[1] or '0') + b.charge
+  b.held = tonumber(v[2] or '0')
+  b.gone = {}
+  for i = 3, #fields do
+    if v[i] then
+      b.held = b.held - tonumber(v[i])
+      b.gone[#b.gone + 1] = fields[i]
+    end
+  end
+  if b.held < 1e-9 then b.held = 0 end
+end
+-- 4. Each request in order.
+local out, dirty, dorder = {}, {}, {}
 for q = 1, na do
   local r = asks[q]
   local news, line = {}, nil
@@ -134,23 +147,13 @@ for q = 1, na do
   end
   local spent = 0
   if not line and r.ns == 1 then
-    local h = KEYS[r.hk]
-    local b = budgets[h]
-    if not b then
-      local z = KEYS[r.hk + 1]
-      release(h, z, redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, 64))
-      local v = redis.call('HMGET', h, 'spent', 'held')
-      b = {z = z, spent = tonumber(v[1] or '0'), held = tonumber(v[2] or '0'), add = 0, fields = {}, members = {}}
-      budgets[h] = b
-      border[#border + 1] = h
-    end
+    local b = budgets[KEYS[r.hk]]
     local limit, est = usd(ARGV[r.ha]), usd(ARGV[r.ha + 1])
     spent = b.spent
     if spent >= limit or spent + b.held + est > limit + 1e-9 then
       line = '-1 0 ' .. tostring(spent)
     else
       b.held = b.held + est
-      b.add = b.add + est
       local id = ARGV[r.ha + 2]
       b.fields[#b.fields + 1] = 'r:' .. id
       b.fields[#b.fields + 1] = num(est)
@@ -159,7 +162,6 @@ for q = 1, na do
     end
   end
   if not line then
-    local parts = {'0', '0', tostring(r.ns), tostring(spent)}
     for i = 1, r.nr do
       local key = KEYS[r.rk + i - 1]
       tat[key] = news[i]
@@ -167,24 +169,47 @@ for q = 1, na do
         dirty[key] = true
         dorder[#dorder + 1] = key
       end
-      parts[4 + i] = string.format('%d', math.floor(news[i] - now))
     end
-    line = table.concat(parts, ' ')
+    if r.nu then
+      local parts = {'0', '0', tostring(r.ns), tostring(spent)}
+      for i = 1, r.nr do parts[4 + i] = string.format('%d', math.floor(news[i] - now)) end
+      line = table.concat(parts, ' ')
+    elseif r.ns == 1 then
+      line = '0 0 1'
+    else
+      line = '0 0 0'
+    end
   end
   out[q] = line
 end
--- 4. What the batch took, written once per key.
+-- 5. What the batch took and ended, written once per key.
 for _, key in ipairs(dorder) do
   redis.call('SET', key, string.format('%.0f', tat[key]), 'PX', math.floor((tat[key] - now) / 1000) + 1000)
 end
 for _, h in ipairs(border) do
   local b = budgets[h]
-  if #b.fields > 0 then
-    redis.call('HSET', h, unpack(b.fields))
-    redis.call('HINCRBYFLOAT', h, 'held', num(b.add))
-    redis.call('ZADD', b.z, unpack(b.members))
-    redis.call('PEXPIRE', h, DAY2)
-    redis.call('PEXPIRE', b.z, DAY2)
+  if #b.gone > 0 then redis.call('HDEL', h, unpack(b.gone)) end
+  local set = b.fields
+  if b.charge > 0 then
+    set[#set + 1] = 'spent'
+    set[#set + 1] = num(b.spent)
+  end
+  if #b.gone > 0 or #b.members > 0 then
+    set[#set + 1] = 'held'
+    set[#set + 1] = num(b.held)
+  end
+  if #set > 0 then
+    redis.call('HSET', h, unpack(set))
+    -- A plain charge, or an end of a hold Redis lost (a restart), may create the hash.
+    if b.new then redis.call('PEXPIRE', h, DAY2) end
+  end
+  if #b.ids > 0 then redis.call('ZREM', b.z, unpack(b.ids)) end
+  if #b.members > 0 then
+    local n = #b.members / 2
+    b.members[#b.members + 1] = '+inf'
+    b.members[#b.members + 1] = '_'
+    -- The set is new when `_` was added with the holds.
+    if redis.call('ZADD', b.z, unpack(b.members)) > n then redis.call('PEXPIRE', b.z, DAY2) end
   end
 end
 return table.concat(out, '\n')
