@@ -225,9 +225,7 @@ pub fn attempts(
         };
         let started = note.as_ref().map_or(Instant::now() - a.elapsed, |n| n.started.into_std());
         let mut r = AttemptRecord {
-            span_id: note
-                .as_ref()
-                .map_or_else(new_span_id, |n| hex_lower(&n.span_id.to_be_bytes())),
+            span_id: note.as_ref().map_or_else(new_span_id, |n| hex_lower(&n.span_id.to_be_bytes())),
             route: route.name.clone(),
             target: a.step.target,
             provider: target.provider.clone(),
