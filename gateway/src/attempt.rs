@@ -104,7 +104,7 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             verdict_images: Vec::new(),
         }),
     };
-    let traceparent = Some(crate::telemetry::traceparent(trace_id, &crate::trace::hex_lower(&span_id.to_be_bytes())));
+    let traceparent = Some(crate::telemetry::traceparent(trace_id, &crate::hex_lower(&span_id.to_be_bytes())));
     run(env, s, until, guard.note.as_mut(), traceparent).await
 }
 

@@ -219,3 +219,12 @@ pub mod upstream;
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// `bytes` as lowercase hex, two digits a byte: ids and digests in trace records, span ids,
+/// `traceparent`. `hex::encode` builds its `String` one `char` at a time and `format!("{:x}")`
+/// goes through the formatting machinery; each costs a request several times as much.
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex::encode_to_slice(bytes, &mut out).expect("the output is twice the input");
+    String::from_utf8(out).expect("hex digits are ASCII")
+}

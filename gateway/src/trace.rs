@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::answer::Sent;
 use crate::attempt::AttemptNote;
+use crate::hex_lower;
 use crate::policy::{Policy, RecordPrompt};
 use crate::providers::{ProviderError, Settings};
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
@@ -50,15 +51,6 @@ fn cut(s: &str, chars: usize) -> String {
 
 fn sha256_hex(s: &str) -> String {
     hex_lower(&Sha256::digest(s.as_bytes()))
-}
-
-/// `bytes` as lowercase hex, two digits a byte (`hex::encode` builds its `String` one `char`
-/// at a time, and `format!("{:x}")` goes through the formatting machinery: each costs a
-/// request several times as much for an id or a digest).
-pub fn hex_lower(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
-    hex::encode_to_slice(bytes, &mut out).expect("the output is twice the input");
-    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// A new span id: 16 lowercase hex digits of a random non-zero u64 (W3C Trace Context's

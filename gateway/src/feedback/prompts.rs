@@ -248,7 +248,7 @@ impl PromptMemory {
         if users.rings.is_empty() {
             shard.remove(&tenant);
         }
-        found.map(|(id, s)| (crate::trace::hex_lower(&id.to_be_bytes()), s))
+        found.map(|(id, s)| (crate::hex_lower(&id.to_be_bytes()), s))
     }
 }
 

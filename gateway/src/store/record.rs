@@ -216,7 +216,7 @@ impl TraceRecord {
                 },
             };
             if let Some(rec) = self.images.iter_mut().find(|i| i.index == index) {
-                rec.sha256 = Some(crate::trace::hex_lower(&sha2::Sha256::digest(bytes)));
+                rec.sha256 = Some(crate::hex_lower(&sha2::Sha256::digest(bytes)));
                 rec.bytes = Some(bytes.len() as u64);
             }
         }
