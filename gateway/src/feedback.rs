@@ -24,6 +24,7 @@ use prometheus::IntCounterVec;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::cut;
 use crate::error::ApiError;
 use crate::metrics::FeedbackMetrics;
 use crate::policy::{Policy, RecordPrompt, Route};
@@ -190,10 +191,6 @@ impl Rating {
         };
         Ok(Rating { trace_id, rating, image_index, comment, labels, user })
     }
-}
-
-fn cut(s: &str, chars: usize) -> String {
-    s.chars().take(chars).collect()
 }
 
 /// Who sent a rating or a request: the client key's tenant and name (`None` without keys).

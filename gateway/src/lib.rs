@@ -220,6 +220,19 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `s` cut to its first `chars` characters, at a character boundary (a text of at most that
+/// many bytes is copied as it is, without walking its characters): header and field values
+/// kept in records and feedback.
+pub(crate) fn cut(s: &str, chars: usize) -> String {
+    if s.len() <= chars {
+        return s.to_string();
+    }
+    match s.char_indices().nth(chars) {
+        Some((end, _)) => s[..end].to_string(),
+        None => s.to_string(),
+    }
+}
+
 /// `bytes` as lowercase hex, two digits a byte: ids and digests in trace records, span ids,
 /// `traceparent`. `hex::encode` builds its `String` one `char` at a time and `format!("{:x}")`
 /// goes through the formatting machinery; each costs a request several times as much.

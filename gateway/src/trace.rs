@@ -14,12 +14,12 @@ use sha2::{Digest, Sha256};
 
 use crate::answer::Sent;
 use crate::attempt::AttemptNote;
-use crate::hex_lower;
 use crate::policy::{Policy, RecordPrompt};
 use crate::providers::{ProviderError, Settings};
 use crate::request::{GenerationRequest, Operation, ResponseFormat};
 use crate::routing::PlanOutcome;
 use crate::store::record::{AttemptRecord, EvaluationRecord, GenerationRecord, ImageRecord, PendingImage, TraceRecord};
+use crate::{cut, hex_lower};
 
 /// `x-acc-prompt-template`: the prompt template the client used, `name@version`.
 pub const PROMPT_TEMPLATE: &str = "x-acc-prompt-template";
@@ -35,18 +35,6 @@ pub const MAX_FIELD_CHARS: usize = 256;
 fn field(headers: &HeaderMap, name: &str) -> Option<String> {
     let v = headers.get(name)?.to_str().ok()?.trim();
     (!v.is_empty()).then(|| cut(v, MAX_FIELD_CHARS))
-}
-
-/// `s` cut to its first `chars` characters (a text of at most that many bytes is copied as
-/// it is, without walking its characters).
-fn cut(s: &str, chars: usize) -> String {
-    if s.len() <= chars {
-        return s.to_string();
-    }
-    match s.char_indices().nth(chars) {
-        Some((end, _)) => s[..end].to_string(),
-        None => s.to_string(),
-    }
 }
 
 fn sha256_hex(s: &str) -> String {
