@@ -253,14 +253,19 @@ impl Cluster {
     fn key(&self, parts: &[&str]) -> String {
         let len = self.settings.key_prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
         let mut k = String::with_capacity(len);
-        k.push_str(&self.settings.key_prefix);
+        self.push_key(&mut k, parts);
+        k
+    }
+
+    /// [`Self::key`], written at the end of `buf`.
+    fn push_key(&self, buf: &mut String, parts: &[&str]) {
+        buf.push_str(&self.settings.key_prefix);
         for (i, p) in parts.iter().enumerate() {
             if i > 0 {
-                k.push(':');
+                buf.push(':');
             }
-            k.push_str(p);
+            buf.push_str(p);
         }
-        k
     }
 
     fn now_ms(&self) -> u64 {
@@ -381,27 +386,47 @@ const MAX_BATCH: usize = 64;
 const CHANGES_PER_CALL: usize = 256;
 
 /// One request's admission, as the [`lua::ADMIT`] script takes it: its keys and arguments.
+#[derive(Default)]
 struct Ask {
-    /// Its rate limits' keys, then (with a hold) its budget's hash and expiry set.
-    keys: Vec<String>,
-    /// Per rate limit: its limit per minute and the cells it takes.
-    cells: Vec<(u32, u32)>,
+    /// Its rate limits' keys, then (with a hold) its budget's hash, one after another in one
+    /// buffer (the budget's expiry set is named from its hash when the call is written).
+    keys: String,
+    /// Per rate limit: its limit per minute, the cells it takes, and where its key ends in
+    /// `keys`.
+    cells: Vec<(u32, u32, usize)>,
     /// With a spend hold: the limit and the estimate (nano-USD, [`nano_usd`]), the hold's id,
     /// its lifetime (ms).
     hold: Option<(u64, u64, String, u64)>,
     /// Whether the reply should say how much of each limit and of the budget is used (for the
     /// gauges, every [`GAUGE_EVERY`]; formatting it costs Redis time on every request).
     usage: bool,
-    /// Where the reply line goes, for an admission that waited in a lane.
-    tx: Option<tokio::sync::oneshot::Sender<Result<String, Unavailable>>>,
+    /// Where the reply line goes (with the ask, whose strings the hold then takes), for an
+    /// admission that waited in a lane.
+    tx: Option<tokio::sync::oneshot::Sender<Result<(String, Ask), Unavailable>>>,
 }
 
 impl Ask {
+    /// The rate limit `i`'s key.
+    fn rate_key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.cells[i - 1].2 };
+        &self.keys[start..self.cells[i].2]
+    }
+
+    /// Where the budget's key starts in `keys` (it runs to the end).
+    fn budget_start(&self) -> usize {
+        self.cells.last().map_or(0, |c| c.2)
+    }
+
+    /// The number of keys the script gets for this admission.
+    fn key_count(&self) -> usize {
+        self.cells.len() + if self.hold.is_some() { 2 } else { 0 }
+    }
+
     /// The release of the hold this admission asks for, should its answer never reach its
     /// request.
     fn unanswered(&self) -> Option<SpendChange> {
         let (_, _, id, _) = self.hold.as_ref()?;
-        Some(SpendChange { key: self.keys[self.keys.len() - 2].clone(), hold: id.clone(), usd: 0.0 })
+        Some(SpendChange { key: self.keys[self.budget_start()..].to_string(), hold: id.clone(), usd: 0.0 })
     }
 }
 
@@ -437,23 +462,19 @@ struct Failed {
     may_have_run: bool,
 }
 
-/// The release of a hold asked for by a call whose answer never came back to its request.
-struct UnansweredHold<'a> {
+/// The admission of the request that leads a call: should its answer never come back to it
+/// (the request dropped midway, or the call failed after it may have run), the hold it may
+/// have been given is released with the next call.
+struct Leading<'a> {
     cluster: &'a Arc<Cluster>,
-    change: Option<SpendChange>,
+    ask: Ask,
+    answered: bool,
 }
 
-impl UnansweredHold<'_> {
-    /// The answer came back: the request itself now owns any hold.
-    fn answered(mut self) {
-        self.change = None;
-    }
-}
-
-impl Drop for UnansweredHold<'_> {
+impl Drop for Leading<'_> {
     fn drop(&mut self) {
-        if let Some(change) = self.change.take() {
-            self.cluster.release_after(change);
+        if !self.answered {
+            self.cluster.release_unanswered(&mut self.ask);
         }
     }
 }
@@ -478,18 +499,22 @@ impl Cluster {
         cells: &[RateCell<'_>],
         spend: Option<SpendAsk<'_>>,
     ) -> Result<Admission, Unavailable> {
-        let mut ask = Ask {
-            keys: Vec::with_capacity(cells.len() + 2),
-            cells: cells.iter().map(|c| (c.per_minute.max(1), c.cost)).collect(),
-            hold: None,
-            usage: self.gauges_due(),
-            tx: None,
-        };
+        let mut ask = Ask { usage: self.gauges_due(), ..Ask::default() };
+        let prefix = &self.settings.key_prefix;
+        let mut day = itoa::Buffer::new();
+        let day = day.format(utc_day());
+        // Every key in one buffer: "rl" keys are prefix:rl:scope:name:limit, the budget's is
+        // prefix:spend:budget:day.
+        let len = cells.iter().map(|c| prefix.len() + 6 + c.scope.len() + c.name.len() + c.limit.len()).sum::<usize>()
+            + spend.map_or(0, |s| prefix.len() + 8 + s.budget.len() + day.len());
+        ask.keys.reserve(len);
+        ask.cells.reserve(cells.len());
         for c in cells {
-            ask.keys.push(self.key(&["rl", c.scope, c.name, c.limit]));
+            self.push_key(&mut ask.keys, &["rl", c.scope, c.name, c.limit]);
+            ask.cells.push((c.per_minute.max(1), c.cost, ask.keys.len()));
         }
-        let hold = spend.map(|s| {
-            let key = self.key(&["spend", s.budget, itoa::Buffer::new().format(utc_day())]);
+        if let Some(s) = spend {
+            self.push_key(&mut ask.keys, &["spend", s.budget, day]);
             // The replica, then a counter: unique across replicas (a hold is a field of a
             // budget every replica shares). Written without `format!`, which costs a request
             // several times as much.
@@ -497,20 +522,16 @@ impl Cluster {
             id.push_str(&self.replica);
             id.push('-');
             id.push_str(itoa::Buffer::new().format(self.next_id.fetch_add(1, Ordering::Relaxed)));
-            ask.keys.push(key.clone());
-            ask.keys.push(holds_key(&key));
-            ask.hold =
-                Some((nano_usd(s.limit), nano_usd(s.estimate), id.clone(), self.settings.lease.as_millis() as u64));
-            (key, id, s)
-        });
+            ask.hold = Some((nano_usd(s.limit), nano_usd(s.estimate), id, self.settings.lease.as_millis() as u64));
+        }
         let op = if cells.is_empty() { "spend" } else { "limits" };
         let ask_usage = ask.usage;
-        let line = self.submit(ask, op).await?;
+        let (line, mut ask) = self.submit(ask, op).await?;
         let reply: Vec<&str> = line.split(' ').collect();
         let int = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
         let spent = |i: usize| reply.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let spend_used = |spent: f64| {
-            if let Some((_, _, s)) = &hold {
+            if let Some(s) = &spend {
                 if s.limit.is_finite() && s.limit > 0.0 {
                     let (scope, rest) = s.budget.split_once(':').unwrap_or(("", s.budget));
                     self.set_used(scope, rest, "spend", spent / s.limit);
@@ -526,7 +547,13 @@ impl Cluster {
                     }
                     spend_used(spent(3));
                 }
-                let hold = hold.map(|(key, id, _)| SpendHold { cluster: self.clone(), key, id, done: false });
+                // The hold takes the ask's strings: the budget's key is the end of its buffer.
+                let hold = ask.hold.take().map(|(_, _, id, _)| {
+                    let start = ask.budget_start();
+                    let mut key = std::mem::take(&mut ask.keys);
+                    key.drain(..start);
+                    SpendHold { cluster: self.clone(), key, id, done: false }
+                });
                 Ok(Admission::Admitted(hold))
             }
             (Some(-1), _) => {
@@ -558,8 +585,8 @@ impl Cluster {
 
     /// Sends one request's admission: at once when this thread has no admission call out (so a
     /// lone request never waits), else with the ones that queue behind that call, as one batch
-    /// when it comes back. Returns the request's reply line.
-    async fn submit(self: &Arc<Self>, mut ask: Ask, op: &'static str) -> Result<String, Unavailable> {
+    /// when it comes back. Returns the request's reply line, and the ask.
+    async fn submit(self: &Arc<Self>, mut ask: Ask, op: &'static str) -> Result<(String, Ask), Unavailable> {
         let lane = self.lane();
         let queued = {
             let mut l = lock(&lane);
@@ -573,52 +600,66 @@ impl Cluster {
                 Err(ask)
             }
         };
-        let mut ask = match queued {
+        let ask = match queued {
             Ok(rx) => return rx.await.unwrap_or(Err(Unavailable)),
             Err(ask) => ask,
         };
         // This request leads: its call goes now; whatever queues meanwhile is sent by a task
         // when it returns (also when this request is dropped midway).
         let _next = NextBatch { cluster: self.clone(), lane };
-        // Dropped midway, or without an answer (a call that missed its deadline may still have
-        // run): a hold it may have been given is released with the next call.
-        let unanswered = UnansweredHold { cluster: self, change: ask.unanswered() };
-        match self.run_batch(std::slice::from_mut(&mut ask), op).await {
-            Ok(mut lines) => {
-                unanswered.answered();
-                lines.pop().ok_or(Unavailable)
+        let mut leading = Leading { cluster: self, ask, answered: false };
+        match self.run_batch(std::slice::from_mut(&mut leading.ask), op).await {
+            Ok(text) => {
+                leading.answered = true;
+                Ok((text, std::mem::take(&mut leading.ask)))
             }
             Err(Failed { may_have_run }) => {
-                if !may_have_run {
-                    unanswered.answered();
-                }
+                leading.answered = !may_have_run;
                 Err(Unavailable)
             }
         }
     }
 
-    /// One call for `asks` (and the spend changes waiting, at most [`CHANGES_PER_CALL`]): a
-    /// reply line per ask, in order. On failure the changes wait for the next call.
-    async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Failed> {
+    /// One call for `asks` (and the spend changes waiting, at most [`CHANGES_PER_CALL`]): the
+    /// reply, a line per ask, in order. On failure the changes wait for the next call.
+    async fn run_batch(&self, asks: &mut [Ask], op: &'static str) -> Result<String, Failed> {
         self.send(self.take_changes(), asks, op).await
     }
 
     /// [`Self::run_batch`] with the spend changes given, on this thread's connection.
-    async fn send(&self, changes: Vec<SpendChange>, asks: &mut [Ask], op: &'static str) -> Result<Vec<String>, Failed> {
+    async fn send(&self, changes: Vec<SpendChange>, asks: &mut [Ask], op: &'static str) -> Result<String, Failed> {
+        use redis::RedisWrite;
+        use std::io::Write;
         // Not tried at all while the replica waits to recheck Redis ([`Self::call`]): nothing
         // can have run.
         let may_have_run = !self.waiting_to_recheck();
-        // EVALSHA written straight into one command (a `ScriptInvocation` would encode every
-        // key and argument twice); the script is loaded when Redis does not know it.
-        let mut cmd = redis::cmd("EVALSHA");
-        let nkeys = 2 * changes.len() + asks.iter().map(|a| a.keys.len()).sum::<usize>();
-        cmd.arg(lua::ADMIT.get_hash()).arg(nkeys);
+        // EVALSHA written straight into one command, sized once (a `ScriptInvocation` would
+        // encode every key and argument twice); the script is loaded when Redis does not know
+        // it. A budget's expiry set is named from its hash as the key is written.
+        let nkeys = 2 * changes.len() + asks.iter().map(Ask::key_count).sum::<usize>();
+        let nargs = 5 + nkeys + 2 * changes.len() + asks.iter().map(|a| 7 + 2 * a.cells.len()).sum::<usize>();
+        let bytes = 80
+            + changes.iter().map(|c| 2 * c.key.len() + c.hold.len() + 32).sum::<usize>()
+            + asks.iter().map(|a| a.keys.len() + 80 + 20 * a.cells.len()).sum::<usize>();
+        let mut cmd = redis::Cmd::with_capacity(nargs, bytes);
+        let holds = |cmd: &mut redis::Cmd, budget: &str| {
+            let mut w = cmd.writer_for_next_arg();
+            // Writes into the command's own buffer: cannot fail.
+            let _ = w.write_all(budget.as_bytes()).and_then(|()| w.write_all(HOLDS_SUFFIX.as_bytes()));
+        };
+        cmd.arg("EVALSHA").arg(lua::ADMIT.get_hash()).arg(nkeys);
         for c in &changes {
-            cmd.arg(&c.key).arg(holds_key(&c.key));
+            cmd.arg(&c.key);
+            holds(&mut cmd, &c.key);
         }
         for a in asks.iter() {
-            for k in &a.keys {
-                cmd.arg(k);
+            for i in 0..a.cells.len() {
+                cmd.arg(a.rate_key(i));
+            }
+            if a.hold.is_some() {
+                let budget = &a.keys[a.budget_start()..];
+                cmd.arg(budget);
+                holds(&mut cmd, budget);
             }
         }
         cmd.arg(changes.len()).arg(asks.len());
@@ -627,7 +668,7 @@ impl Cluster {
         }
         for a in asks.iter() {
             cmd.arg(a.cells.len()).arg(u8::from(a.hold.is_some())).arg(u8::from(a.usage));
-            for (per_minute, cost) in &a.cells {
+            for (per_minute, cost, _) in &a.cells {
                 cmd.arg(*per_minute).arg(*cost);
             }
             if let Some((limit, estimate, id, lease_ms)) = &a.hold {
@@ -652,14 +693,14 @@ impl Cluster {
             }
         };
         if asks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(text);
         }
-        let lines: Vec<String> = text.split('\n').map(str::to_string).collect();
-        if lines.len() != asks.len() {
+        let lines = 1 + text.bytes().filter(|b| *b == b'\n').count();
+        if lines != asks.len() {
             self.failed(op, format!("unexpected reply {text:?} for {} admissions", asks.len()));
             return Err(Failed { may_have_run: true });
         }
-        Ok(lines)
+        Ok(text)
     }
 
     /// Releases, with the next call, the hold `a` asked for (if any): its request will never
@@ -697,14 +738,14 @@ impl Cluster {
             };
             let op = if asks.iter().any(|a| !a.cells.is_empty()) { "limits" } else { "spend" };
             match self.run_batch(&mut asks, op).await {
-                Ok(lines) => {
-                    for (a, line) in asks.iter_mut().zip(lines) {
+                Ok(text) => {
+                    for (mut a, line) in asks.drain(..).zip(text.split('\n')) {
                         let Some(tx) = a.tx.take() else { continue };
-                        if tx.send(Ok(line)).is_err() {
+                        if let Err(Ok((_, mut a))) = tx.send(Ok((line.to_string(), a))) {
                             // The request went away while it waited (its client left): a
                             // hold it was given is released with the next call (a refused
                             // request's hold was never taken, and releasing it does nothing).
-                            self.release_unanswered(a);
+                            self.release_unanswered(&mut a);
                         }
                     }
                 }
@@ -789,13 +830,8 @@ impl Cluster {
     }
 }
 
-/// A budget's expiry set (hold id → expiry, Redis ms), beside its hash.
-fn holds_key(budget: &str) -> String {
-    let mut k = String::with_capacity(budget.len() + 6);
-    k.push_str(budget);
-    k.push_str(":holds");
-    k
-}
+/// What a budget's expiry set (hold id → expiry, Redis ms) adds to its hash's name.
+const HOLDS_SUFFIX: &str = ":holds";
 
 /// An amount of money as the [`lua::ADMIT`] script takes it: whole nano-USD (1e-9 USD),
 /// rounded; negative and NaN amounts are 0, and amounts past `u64::MAX` nano-USD (about 1.8e10
@@ -863,12 +899,17 @@ impl SpendHold {
 
     /// Replaces the estimate by what the work cost, in one atomic step (with the next call).
     pub fn settle(mut self, actual: f64) {
-        self.done = true;
         self.finish(actual);
     }
 
-    fn finish(&self, actual: f64) {
-        let change = SpendChange { key: self.key.clone(), hold: self.id.clone(), usd: actual.max(0.0) };
+    /// Queues the hold's end (its strings go with it: the hold is done).
+    fn finish(&mut self, actual: f64) {
+        self.done = true;
+        let change = SpendChange {
+            key: std::mem::take(&mut self.key),
+            hold: std::mem::take(&mut self.id),
+            usd: actual.max(0.0),
+        };
         self.cluster.queue_change(change);
     }
 }
@@ -876,7 +917,6 @@ impl SpendHold {
 impl Drop for SpendHold {
     fn drop(&mut self) {
         if !self.done {
-            self.done = true;
             self.finish(0.0);
         }
     }
@@ -931,10 +971,5 @@ mod tests {
         for usd in [0.04, 0.0001, 0.19, 12.5, 123.456789] {
             assert_eq!(nano_usd(usd) as f64 / 1e9, usd);
         }
-    }
-
-    #[test]
-    fn a_budget_has_its_expiry_set_beside_it() {
-        assert_eq!(holds_key("acc:spend:tenant:acme:20428"), "acc:spend:tenant:acme:20428:holds");
     }
 }
