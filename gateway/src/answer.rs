@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::app::App;
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 use crate::error::ApiError;
 use crate::policy::{Policy, UrlMode};
 use crate::providers::{Generation, Image, ProviderError};
@@ -90,13 +90,16 @@ pub fn render(
                 out.push(Bytes::from_static(b"{\"b64_json\":\""));
                 let b64 = match image {
                     Image::Base64(b) => b,
-                    Image::Raw { bytes, .. } => Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes)),
+                    Image::Raw { bytes, .. } => Rope::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes)),
                     Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
                 };
                 if let Some(s) = sent.as_deref_mut() {
                     s.push(Sent { url: None, base64: Some(b64.clone()), bytes: None });
                 }
-                out.push(b64);
+                // The provider's own pieces, as they arrived.
+                for piece in b64.pieces() {
+                    out.push(piece.clone());
+                }
                 out.push(Bytes::from_static(b"\""));
                 out.push(extra);
             }
@@ -106,7 +109,7 @@ pub fn render(
                     Image::Url(_) => unreachable!("URL answers are refused when bytes are needed"),
                     Image::Base64(b) => {
                         // Validated when the answer was parsed.
-                        let bytes = Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default());
+                        let bytes = Bytes::from(b.decode_base64().unwrap_or_default());
                         (store(app, policy, bytes.clone(), &base), Some(bytes))
                     }
                     Image::Raw { bytes, .. } => (store(app, policy, bytes.clone(), &base), Some(bytes)),
@@ -132,7 +135,7 @@ pub fn render(
 #[derive(Debug, Clone, Default)]
 pub struct Sent {
     pub url: Option<String>,
-    pub base64: Option<Bytes>,
+    pub base64: Option<Rope>,
     pub bytes: Option<Bytes>,
 }
 

@@ -1,9 +1,12 @@
-//! Response bodies made of `Bytes` chunks, so image payloads received from a provider are
-//! written to the client without being copied into one buffer first.
+//! Bodies made of `Bytes` chunks: a provider's answer is kept as the pieces it arrived in
+//! ([`Rope`]), and an image payload inside it is written to the client as those same pieces
+//! ([`ChunkedBody`]), never copied into one buffer on the way.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -43,5 +46,262 @@ impl Body for ChunkedBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Bytes held as the pieces they arrived in (an upstream answer's frames, or a slice of them),
+/// so that a 2 MB image payload is not copied to be read or forwarded. Cloning shares the
+/// pieces. No piece is empty.
+#[derive(Clone, Debug, Default)]
+pub struct Rope(Pieces);
+
+#[derive(Clone, Debug)]
+enum Pieces {
+    One(Bytes),
+    Many(Arc<[Bytes]>),
+}
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces::One(Bytes::new())
+    }
+}
+
+impl From<Bytes> for Rope {
+    fn from(b: Bytes) -> Self {
+        Rope(Pieces::One(b))
+    }
+}
+
+impl From<&Bytes> for Rope {
+    fn from(b: &Bytes) -> Self {
+        Rope(Pieces::One(b.clone()))
+    }
+}
+
+impl From<&Rope> for Rope {
+    fn from(r: &Rope) -> Self {
+        r.clone()
+    }
+}
+
+impl From<Vec<u8>> for Rope {
+    fn from(v: Vec<u8>) -> Self {
+        Rope(Pieces::One(Bytes::from(v)))
+    }
+}
+
+impl From<Vec<Bytes>> for Rope {
+    fn from(mut pieces: Vec<Bytes>) -> Self {
+        pieces.retain(|p| !p.is_empty());
+        match pieces.len() {
+            0 => Rope::default(),
+            1 => Rope(Pieces::One(pieces.pop().unwrap_or_default())),
+            _ => Rope(Pieces::Many(pieces.into())),
+        }
+    }
+}
+
+impl Rope {
+    /// A rope of one static piece.
+    pub const fn from_static(b: &'static [u8]) -> Self {
+        Rope(Pieces::One(Bytes::from_static(b)))
+    }
+
+    /// The pieces, in order (one empty piece for an empty rope).
+    pub fn pieces(&self) -> &[Bytes] {
+        match &self.0 {
+            Pieces::One(b) => std::slice::from_ref(b),
+            Pieces::Many(p) => p,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Pieces::One(b) => b.len(),
+            Pieces::Many(p) => p.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in one buffer: the piece itself when there is one (no copy), else a copy of
+    /// all of them.
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.0 {
+            Pieces::One(b) => b.clone(),
+            Pieces::Many(p) => {
+                let mut all = Vec::with_capacity(self.len());
+                for piece in p.iter() {
+                    all.extend_from_slice(piece);
+                }
+                Bytes::from(all)
+            }
+        }
+    }
+
+    /// The bytes in `range` (byte offsets, end exclusive), as slices of the same pieces.
+    /// Panics when the range is out of bounds, like slicing `Bytes`.
+    pub fn slice(&self, range: Range<usize>) -> Rope {
+        if let Pieces::One(b) = &self.0 {
+            return Rope(Pieces::One(b.slice(range)));
+        }
+        assert!(range.start <= range.end && range.end <= self.len(), "Rope::slice out of bounds");
+        let mut out = Vec::new();
+        let mut at = 0;
+        for piece in self.pieces() {
+            let (from, to) = (at, at + piece.len());
+            at = to;
+            if to <= range.start {
+                continue;
+            }
+            if from >= range.end {
+                break;
+            }
+            out.push(piece.slice(range.start.max(from) - from..range.end.min(to) - from));
+        }
+        Rope::from(out)
+    }
+
+    /// Whether the bytes are standard base64 with padding (RFC 4648 section 4), checked piece by
+    /// piece: a group of four split between two pieces is put together on the side.
+    pub fn is_base64(&self) -> bool {
+        let b64 = base64_simd::STANDARD;
+        let pieces = self.pieces();
+        if let [one] = pieces {
+            return !one.is_empty() && b64.check(one).is_ok();
+        }
+        let total = self.len();
+        if total == 0 || !total.is_multiple_of(4) {
+            return false;
+        }
+        // Only the rope's last group may hold padding; every group before it must not.
+        let mut done = 0; // bytes checked so far
+        let mut group = [0u8; 4];
+        let mut held = 0; // bytes of a split group in `group`
+        for piece in pieces {
+            let mut p = &piece[..];
+            if held > 0 {
+                let take = (4 - held).min(p.len());
+                group[held..held + take].copy_from_slice(&p[..take]);
+                held += take;
+                p = &p[take..];
+                if held < 4 {
+                    continue;
+                }
+                done += 4;
+                if b64.check(&group).is_err() || (done < total && group[3] == b'=') {
+                    return false;
+                }
+            }
+            let whole = p.len() / 4 * 4;
+            let (body, rest) = p.split_at(whole);
+            if !body.is_empty() {
+                done += whole;
+                if b64.check(body).is_err() || (done < total && body[whole - 1] == b'=') {
+                    return false;
+                }
+            }
+            group[..rest.len()].copy_from_slice(rest);
+            held = rest.len();
+        }
+        held == 0
+    }
+
+    /// The bytes the base64 text decodes to; `None` when it is not valid standard base64. One
+    /// piece is decoded where it lies; several are put together first.
+    pub fn decode_base64(&self) -> Option<Vec<u8>> {
+        let b64 = base64_simd::STANDARD;
+        match &self.0 {
+            Pieces::One(b) => b64.decode_to_vec(b).ok(),
+            Pieces::Many(_) => {
+                let mut all = self.to_bytes().to_vec();
+                let n = b64.decode_inplace(&mut all).ok()?.len();
+                all.truncate(n);
+                Some(all)
+            }
+        }
+    }
+}
+
+impl PartialEq<[u8]> for Rope {
+    fn eq(&self, other: &[u8]) -> bool {
+        if self.len() != other.len() {
+            return false;
+        }
+        let mut at = 0;
+        self.pieces().iter().all(|p| {
+            let same = other[at..at + p.len()] == p[..];
+            at += p.len();
+            same
+        })
+    }
+}
+
+/// Equal when the bytes are, however they are cut.
+impl PartialEq for Rope {
+    fn eq(&self, other: &Rope) -> bool {
+        self.len() == other.len() && *self == other.to_bytes()[..]
+    }
+}
+
+impl Eq for Rope {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every way to cut `text` into two and three pieces.
+    fn cuts(text: &[u8]) -> Vec<Rope> {
+        let b = Bytes::copy_from_slice(text);
+        let mut out = vec![Rope::from(b.clone())];
+        for i in 0..=text.len() {
+            out.push(Rope::from(vec![b.slice(..i), b.slice(i..)]));
+            for j in i..=text.len() {
+                out.push(Rope::from(vec![b.slice(..i), b.slice(i..j), b.slice(j..)]));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn base64_is_judged_the_same_however_the_text_is_cut() {
+        for (text, valid) in [
+            (&b"aGVsbG8gd29ybGQ="[..], true),
+            (b"aGVsbG8gd29ybGQh", true),
+            (b"aGVsbG8gd29ybA==", true),
+            (b"aGk=aGk=", false),        // padding before the end
+            (b"aGVsbG8gd29ybGQ", false), // not a multiple of four
+            (b"aGVsbG8g!29ybGQh", false),
+            (b"aGVsbG8gd29y\\GQh", false),
+            (b"", false),
+        ] {
+            for rope in cuts(text) {
+                let pieces: Vec<usize> = rope.pieces().iter().map(Bytes::len).collect();
+                assert_eq!(rope.is_base64(), valid, "{:?} cut as {pieces:?}", String::from_utf8_lossy(text));
+                if valid {
+                    assert_eq!(rope.decode_base64().unwrap(), base64_simd::STANDARD.decode_to_vec(text).unwrap());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn slices_cross_pieces_without_copying() {
+        let b = Bytes::from_static(b"0123456789");
+        let rope = Rope::from(vec![b.slice(..3), b.slice(3..7), b.slice(7..)]);
+        assert_eq!(rope.len(), 10);
+        for (from, to) in [(0, 10), (2, 8), (3, 7), (4, 5), (5, 5), (0, 3), (7, 10)] {
+            let s = rope.slice(from..to);
+            assert!(s == b[from..to], "{from}..{to}");
+            assert!(s.pieces().iter().all(|p| !p.is_empty() || s.is_empty()));
+        }
+        // The middle slice is the middle piece itself (same memory).
+        assert_eq!(rope.slice(3..7).pieces()[0].as_ptr(), b[3..].as_ptr());
+        assert_eq!(&rope.to_bytes()[..], &b[..]);
+        assert_eq!(Rope::from(vec![Bytes::new(), b.clone(), Bytes::new()]).pieces().len(), 1);
     }
 }

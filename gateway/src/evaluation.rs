@@ -49,7 +49,7 @@ pub async fn evaluate_attempt(
             .take_while(|_| !cancelled.load(std::sync::atomic::Ordering::Relaxed))
             .map(|image| {
                 let bytes = match image {
-                    Image::Base64(b64) => Bytes::from(base64_simd::STANDARD.decode_to_vec(b64).unwrap_or_default()),
+                    Image::Base64(b64) => Bytes::from(b64.decode_base64().unwrap_or_default()),
                     Image::Raw { bytes, .. } => bytes.clone(),
                     Image::Url(_) => Bytes::new(),
                 };

@@ -536,7 +536,7 @@ async fn instant_query(target: &PromTarget, promql: &str) -> Result<Vec<(BTreeMa
         .await
         .map_err(|_| GateError::Source(format!("Prometheus at {base} did not answer within {QUERY_TIMEOUT:?}")))?
         .map_err(|e| GateError::Source(format!("cannot reach Prometheus at {base}: {e}")))?;
-    let body: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|_| {
+    let body: serde_json::Value = serde_json::from_slice(&answer.body.to_bytes()).map_err(|_| {
         GateError::Source(format!("Prometheus at {base} answered {} with a body that is not JSON", answer.status))
     })?;
     if body["status"] != "success" {

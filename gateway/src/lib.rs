@@ -110,7 +110,8 @@
 //!   clients and written for providers, the attribute names. Uses `store`, `upstream` (its TLS
 //!   streams).
 //! - [`store`]: the trace record, its database (SQLite or PostgreSQL), the batching writer
-//!   and the trace queries. Uses `sched` (the writer's CPU priority).
+//!   and the trace queries. Uses `body` (a pending image's base64, as the answer's pieces),
+//!   `sched` (the writer's CPU priority).
 //!
 //! ## Adapters
 //! - [`providers`]: the adapter trait, `Generation`/`Image`/`ProviderError`, and one adapter per

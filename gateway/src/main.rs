@@ -371,7 +371,7 @@ async fn admin_get(what: &str, url: &str) -> Result<serde_json::Value, ExitCode>
         eprintln!("{what}: cannot reach {url}: {e}");
         ExitCode::FAILURE
     })?;
-    let body: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|_| {
+    let body: serde_json::Value = serde_json::from_slice(&answer.body.to_bytes()).map_err(|_| {
         eprintln!("{what}: {url} answered {} with a body that is not JSON", answer.status);
         ExitCode::FAILURE
     })?;

@@ -111,8 +111,8 @@ async fn hold_inner(
     for image in &generation.images {
         let (b64, decoded) = match image {
             Image::Base64(b) => {
-                let decoded = base64_simd::STANDARD.decode_to_vec(b).unwrap_or_default();
-                (String::from_utf8_lossy(b).into_owned(), decoded)
+                let decoded = b.decode_base64().unwrap_or_default();
+                (String::from_utf8_lossy(&b.to_bytes()).into_owned(), decoded)
             }
             Image::Raw { bytes, .. } => (base64_simd::STANDARD.encode_to_string(bytes), bytes.to_vec()),
             // Evaluated images are always fetched first: nothing to hold.
@@ -242,7 +242,7 @@ pub async fn poll(app: &App, id: &str, tenant: Option<&str>, headers: &HeaderMap
             }
             let format = if item.response_format == "url" { ResponseFormat::Url } else { ResponseFormat::B64Json };
             let generation = Generation {
-                images: images.into_iter().map(|i| Image::Base64(Bytes::from(i.b64))).collect(),
+                images: images.into_iter().map(|i| Image::Base64(Bytes::from(i.b64).into())).collect(),
                 ..Generation::default()
             };
             let snap = app.policy.snapshot();

@@ -353,7 +353,7 @@ targets = [{ provider = "c", weight = 1 }, { provider = "a", weight = 5 }]
     }
 
     fn ok() -> Result<Generation, ProviderError> {
-        Ok(Generation { images: vec![Image::Base64(Bytes::from_static(b"aGk="))], ..Default::default() })
+        Ok(Generation { images: vec![Image::Base64(Bytes::from_static(b"aGk=").into())], ..Default::default() })
     }
 
     fn steps(n: usize) -> Vec<Step> {

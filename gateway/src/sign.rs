@@ -76,7 +76,7 @@ pub async fn sign(
             .map(|(image, facts)| {
                 let bytes = match image {
                     // Validated when the provider's answer was parsed.
-                    Image::Base64(b) => Bytes::from(base64_simd::STANDARD.decode_to_vec(&b).unwrap_or_default()),
+                    Image::Base64(b) => Bytes::from(b.decode_base64().unwrap_or_default()),
                     Image::Raw { bytes, .. } => bytes,
                     // The pipeline asks for bytes whenever provenance is on; nothing to sign otherwise.
                     Image::Url(_) => Bytes::new(),

@@ -51,7 +51,7 @@ pub fn render(
     let mut out = ChunkedBody::default();
     let images: Vec<Bytes> = generation.images.into_iter().filter_map(base64_of).collect();
     if let Some(s) = sent {
-        s.extend(images.iter().map(|b| Sent { url: None, base64: Some(b.clone()), bytes: None }));
+        s.extend(images.iter().map(|b| Sent { url: None, base64: Some(b.into()), bytes: None }));
     }
     if let Some(streamed) = generation.streamed {
         if relay_partials {
@@ -105,7 +105,7 @@ fn event(out: &mut ChunkedBody, value: &Value) {
 /// bytes), so a URL here is left out rather than sent as something it is not.
 fn base64_of(image: Image) -> Option<Bytes> {
     match image {
-        Image::Base64(b) => Some(b),
+        Image::Base64(b) => Some(b.to_bytes()),
         Image::Raw { bytes, .. } => Some(Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(&bytes))),
         Image::Url(_) => {
             tracing::error!("a streamed answer holds an unfetched image URL; left out");
@@ -242,7 +242,7 @@ mod tests {
         let partial = json!({"type": "image_generation.partial_image", "b64_json": "aGk=", "partial_image_index": 0});
         let done = json!({"type": "image_generation.completed", "b64_json": "aGVsbG8=", "created_at": 7});
         let g = Generation {
-            images: vec![Image::Base64(Bytes::from_static(b"aGVsbG8="))],
+            images: vec![Image::Base64(Bytes::from_static(b"aGVsbG8=").into())],
             streamed: Some(Streamed { partials: vec![partial.clone()], completed: vec![done.clone()] }),
             ..Default::default()
         };
@@ -255,7 +255,7 @@ mod tests {
         let mut sent = Vec::new();
         let final_only = text(render(&r, g, false, Some(&mut sent)));
         assert_eq!(final_only, format!("event: image_generation.completed\ndata: {done}\n\n"));
-        assert_eq!(sent[0].base64.as_deref(), Some(&b"aGVsbG8="[..]));
+        assert_eq!(sent[0].base64.as_ref().map(|b| b.to_bytes()), Some(Bytes::from_static(b"aGVsbG8=")));
     }
 
     #[test]

@@ -314,7 +314,8 @@ pub fn images(rec: &mut TraceRecord, st: &Settings, sent: Vec<Sent>, digests: bo
             // Without digests the size is still known: the bytes', or the base64 text's.
             let size = s.bytes.as_ref().map(|b| b.len() as u64).or_else(|| {
                 s.base64.as_ref().map(|b| {
-                    let pad = b.iter().rev().take(2).filter(|&&c| c == b'=').count();
+                    let tail = b.slice(b.len().saturating_sub(2)..b.len()).to_bytes();
+                    let pad = tail.iter().filter(|&&c| c == b'=').count();
                     (b.len() / 4 * 3).saturating_sub(pad) as u64
                 })
             });

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::client::conn::http1;
@@ -23,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 
 /// Idle connections kept per upstream (scheme + authority) and thread.
 const MAX_IDLE: usize = 256;
@@ -49,7 +48,9 @@ pub struct Answer {
     pub retry_after: Option<std::time::Duration>,
     /// The answer's headers (moved out of the response, not copied).
     pub headers: http::HeaderMap,
-    pub body: Bytes,
+    /// The body as the pieces it arrived in (an image payload inside it is forwarded as slices
+    /// of them, not copied); [`Rope::to_bytes`] for one buffer.
+    pub body: Rope,
 }
 
 /// Where requests go: resolved once per provider, not per request.
@@ -199,21 +200,21 @@ async fn exchange(
                 Some(o) => o.head(status, &headers).then_some(o),
                 None => None,
             };
-            let body = match wanted {
-                Some(o) => {
-                    let mut body = Limited::new(body, max_body);
-                    let mut all = bytes::BytesMut::new();
-                    while let Some(frame) = body.frame().await {
-                        let frame = frame.map_err(|e| read_error(&e))?;
-                        if let Some(data) = frame.data_ref() {
-                            o.chunk(data);
-                            all.extend_from_slice(data);
-                        }
+            // The frames are kept as they came (each a slice of the connection's read buffer):
+            // joining them would copy every image payload once more.
+            let mut body = Limited::new(body, max_body);
+            let mut pieces = Vec::new();
+            let mut observer = wanted;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| read_error(&e))?;
+                if let Ok(data) = frame.into_data() {
+                    if let Some(o) = observer.as_mut() {
+                        o.chunk(&data);
                     }
-                    all.freeze()
+                    pieces.push(data);
                 }
-                None => Limited::new(body, max_body).collect().await.map_err(|e| read_error(&e))?.to_bytes(),
-            };
+            }
+            let body = Rope::from(pieces);
             Ok(Answer { status, retry_after, headers, body })
         };
         let mut work = std::pin::pin!(work);
@@ -428,10 +429,10 @@ mod tests {
     async fn a_connection_closed_while_idle_is_replaced_transparently() {
         let (addr, accepted) = one_shot_server().await;
         let a = fetch(addr, 1024).await.unwrap();
-        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, &b"ok"[..]));
+        assert_eq!((a.status, &a.body.to_bytes()[..]), (StatusCode::OK, &b"ok"[..]));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let b = fetch(addr, 1024).await.unwrap();
-        assert_eq!(&b.body[..], b"ok");
+        assert_eq!(&b.body.to_bytes()[..], b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -447,14 +448,14 @@ mod tests {
                 count.fetch_add(1, Ordering::SeqCst);
                 let svc = hyper::service::service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"hi"),
+                        bytes::Bytes::from_static(b"hi"),
                     )))
                 });
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
             }
         });
         for _ in 0..5 {
-            assert_eq!(&fetch(addr, 1024).await.unwrap().body[..], b"hi");
+            assert_eq!(&fetch(addr, 1024).await.unwrap().body.to_bytes()[..], b"hi");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -498,7 +499,7 @@ mod tests {
         let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", whole.len());
         let a = fetch(piecewise_server(head, parts.clone()).await, 1 << 20).await.unwrap();
         assert_eq!(a.body.len(), whole.len());
-        assert!(a.body[..] == whole[..], "the pieces, in order");
+        assert!(a.body == whole[..], "the pieces, in order");
         // Chunked transfer encoding: no length known up front.
         let chunked: Vec<Vec<u8>> = parts
             .iter()
@@ -507,7 +508,7 @@ mod tests {
             .collect();
         let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
         let a = fetch(piecewise_server(head.clone(), chunked.clone()).await, 1 << 20).await.unwrap();
-        assert!(a.body[..] == whole[..], "the chunks, in order");
+        assert!(a.body == whole[..], "the chunks, in order");
         // Over the limit part-way: an error, not a truncated body.
         let e = fetch(piecewise_server(head, chunked).await, 200_000).await.err().unwrap();
         assert!(matches!(&e, UpstreamError::Transport(m) if m.contains("reading the answer")), "{e}");

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{openai, skim, AttemptRequest, Generation, Image, Provider, ProviderError, Settings};
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 use crate::policy::Connection;
 use crate::request::Param;
 use crate::request::{FilePart, Operation};
@@ -149,7 +149,7 @@ impl Provider for A1111 {
         if answer.status.is_success() {
             parse_answer(&answer.body, req.n as usize)
         } else {
-            Err(classify_error(answer.status, &answer.body, answer.retry_after))
+            Err(classify_error(answer.status, &answer.body.to_bytes(), answer.retry_after))
         }
     }
 }
@@ -232,8 +232,8 @@ struct Answer {
 
 /// Parses a 2xx answer: the first `n` images (extensions such as ControlNet append their own
 /// maps after the batch) as slices of `body`, and the settings `info` reports.
-fn parse_answer(body: &Bytes, n: usize) -> Result<Generation, ProviderError> {
-    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+fn parse_answer(body: impl Into<Rope>, n: usize) -> Result<Generation, ProviderError> {
+    let skimmed = skim::skim(&body.into()).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     if answer.images.is_empty() {
@@ -255,10 +255,12 @@ fn parse_answer(body: &Bytes, n: usize) -> Result<Generation, ProviderError> {
 }
 
 /// Some forks answer `data:image/png;base64,...` rather than bare base64.
-fn strip_data_url(span: Bytes) -> Bytes {
-    if span.starts_with(b"data:") {
-        if let Some(comma) = memchr::memchr(b',', &span[..span.len().min(64)]) {
-            return span.slice(comma + 1..);
+fn strip_data_url(span: Rope) -> Rope {
+    // The media type is in the first 64 bytes, which a piece boundary may split.
+    let head = span.slice(0..span.len().min(64)).to_bytes();
+    if head.starts_with(b"data:") {
+        if let Some(comma) = memchr::memchr(b',', &head) {
+            return span.slice(comma + 1..span.len());
         }
     }
     span
@@ -273,7 +275,7 @@ fn info_settings(info: &skim::Raw) -> Settings {
         skim::Raw::Span(span) => {
             let mut quoted = Vec::with_capacity(span.len() + 2);
             quoted.push(b'"');
-            quoted.extend_from_slice(span);
+            quoted.extend_from_slice(&span.to_bytes());
             quoted.push(b'"');
             match serde_json::from_slice::<String>(&quoted) {
                 Ok(s) => s,
@@ -426,11 +428,11 @@ mod tests {
     #[test]
     fn bad_answers_are_bad_responses() {
         for body in [r#"{"images":[]}"#, r#"{"images":["!!!!"]}"#, "<html>", r#"{"images":"x"}"#] {
-            let e = parse_answer(&Bytes::from(body), 1).unwrap_err();
+            let e = parse_answer(Bytes::from(body), 1).unwrap_err();
             assert_eq!(e.label(), "bad_response", "{body}");
         }
         // An unreadable info costs the settings, not the images.
-        let g = parse_answer(&Bytes::from(r#"{"images":["aGk="],"info":"not json"}"#), 1).unwrap();
+        let g = parse_answer(Bytes::from(r#"{"images":["aGk="],"info":"not json"}"#), 1).unwrap();
         assert_eq!(g.settings, Settings::default());
     }
 

@@ -144,7 +144,7 @@ impl Provider for Azure {
         if answer.status.is_success() {
             openai::parse_answer(&answer.body)
         } else {
-            Err(classify_error(answer.status, &answer.body, answer.retry_after))
+            Err(classify_error(answer.status, &answer.body.to_bytes(), answer.retry_after))
         }
     }
 }

@@ -335,7 +335,7 @@ mod tests {
         let body = "event: image_generation.partial_image\ndata: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"aGk=\",\"partial_image_index\":0}\n\n\
                     event: image_generation.completed\ndata: {\"type\":\"image_generation.completed\",\"b64_json\":\"aGVsbG8=\",\"size\":\"1024x1024\",\"usage\":{\"total_tokens\":3}}\n\n";
         let StreamAnswer::Done(g) = generation(body.as_bytes()).unwrap() else { panic!("not done") };
-        assert!(matches!(&g.images[..], [Image::Base64(b)] if &b[..] == b"aGVsbG8="));
+        assert!(matches!(&g.images[..], [Image::Base64(b)] if b.to_bytes()[..] == b"aGVsbG8="[..]));
         let s = g.streamed.unwrap();
         assert_eq!((s.partials.len(), s.completed.len()), (1, 1));
         assert_eq!(s.partials[0]["partial_image_index"], 0);

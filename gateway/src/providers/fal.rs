@@ -175,9 +175,9 @@ impl Provider for Fal {
         // 1. Submit.
         let answer = jobs::call(Method::POST, &format!("{}/{model}", self.base_url), auth, Some(json)).await?;
         if !answer.status.is_success() {
-            return Err(error(answer.status, answer.retry_after, &answer.body));
+            return Err(error(answer.status, answer.retry_after, &answer.body.to_bytes()));
         }
-        let queued: Queued = jobs::parse(&answer.body, "submission")?;
+        let queued: Queued = jobs::parse(&answer.body.to_bytes(), "submission")?;
         let id = queued.request_id;
         if !jobs::valid_id(&id) {
             return Err(ProviderError::BadResponse("the submission's request_id is not a plain id".into()));
@@ -197,13 +197,13 @@ impl Provider for Fal {
             let answer = backoff.poll(jobs::call(Method::GET, &status_url, auth, None)).await?;
             let Some(answer) = answer else { continue };
             if !answer.status.is_success() {
-                let e = error(answer.status, answer.retry_after, &answer.body);
+                let e = error(answer.status, answer.retry_after, &answer.body.to_bytes());
                 if backoff.tolerates(&e) {
                     continue;
                 }
                 return Err(e);
             }
-            let s: QueueStatus = jobs::parse(&answer.body, "status")?;
+            let s: QueueStatus = jobs::parse(&answer.body.to_bytes(), "status")?;
             match s.status.as_str() {
                 "IN_QUEUE" | "IN_PROGRESS" => continue,
                 _ => break s,
@@ -230,12 +230,12 @@ impl Provider for Fal {
         // 3. The result (for a failed job, its error answer says best whose fault it was).
         let answer = jobs::call(Method::GET, &response_url, auth, None).await?;
         if !answer.status.is_success() {
-            return Err(error(answer.status, answer.retry_after, &answer.body));
+            return Err(error(answer.status, answer.retry_after, &answer.body.to_bytes()));
         }
         if failed.is_some() {
             return Err(fail(failed));
         }
-        let output: Output = jobs::parse(&answer.body, "result")?;
+        let output: Output = jobs::parse(&answer.body.to_bytes(), "result")?;
         let mut generation = generation(output)?;
         if generation.gpu_seconds.is_none() {
             generation.gpu_seconds = status.metrics.and_then(|m| m.inference_time).filter(|s| s.is_finite());

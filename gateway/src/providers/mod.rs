@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::StatusCode;
 
+use crate::body::Rope;
 use crate::policy::{ProviderKind, ProviderSpec};
 use crate::request::{GenerationRequest, Operation, Param};
 
@@ -26,8 +27,9 @@ pub mod vertex;
 /// One image as the provider gave it. Payloads stay `Bytes` slices of what was received.
 #[derive(Debug, Clone)]
 pub enum Image {
-    /// Validated standard base64 text of the image, usually a slice of the upstream body.
-    Base64(Bytes),
+    /// Validated standard base64 text of the image, usually slices of the upstream body's
+    /// pieces (a 2 MB payload spans many; it is forwarded as they are).
+    Base64(Rope),
     /// Raw image bytes with their media type.
     Raw { bytes: Bytes, mime: &'static str },
     /// A URL at the provider.
@@ -150,7 +152,12 @@ pub fn parse_untrusted(status: u16, body: &Bytes) {
     fal::untrusted(status, body);
     replicate::untrusted(status, body);
     a1111::untrusted(status, body);
-    let _ = skim::skim(body);
+    // The skim reads an answer in the pieces it arrived in: the same bytes cut in three must
+    // read the same as whole.
+    let whole = skim::skim(&Rope::from(body.clone())).map(|s| s.remainder);
+    let (a, b) = (body.len() / 3, body.len() * 2 / 3);
+    let cut = Rope::from(vec![body.slice(..a), body.slice(a..b), body.slice(b..)]);
+    assert_eq!(whole, skim::skim(&cut).map(|s| s.remainder), "an answer cut in pieces reads differently");
     let _ = sniff_image(body);
 }
 

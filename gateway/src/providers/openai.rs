@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 use crate::policy::UpstreamFormat;
 use crate::request::{GenerationRequest, Operation};
 use crate::upstream;
@@ -95,14 +95,14 @@ impl Provider for OpenAi {
             upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
             upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
         })?;
-        let (status, body) = (answer.status, answer.body.clone());
+        let status = answer.status;
         let event_stream = answer
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         if status.is_success() && event_stream {
-            match super::events::generation(&body)? {
+            match super::events::generation(&answer.body.to_bytes())? {
                 super::events::StreamAnswer::Done(g) => Ok(*g),
                 // An error event after the 200: classified as OpenAI's 500 with that error body
                 // would be (content filter codes decide by code, whatever the status).
@@ -111,9 +111,9 @@ impl Provider for OpenAi {
                 }
             }
         } else if status.is_success() {
-            parse_answer(&body)
+            parse_answer(&answer.body)
         } else {
-            Err(classify_error(status, body, answer.retry_after))
+            Err(classify_error(status, answer.body.to_bytes(), answer.retry_after))
         }
     }
 }
@@ -211,10 +211,10 @@ struct Item {
     revised_prompt: Option<String>,
 }
 
-/// Parses a 2xx answer. Base64 payloads stay slices of `body` (no copy) and each is walked
-/// only by `memchr` and one base64 check (see `skim`).
-pub fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
-    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+/// Parses a 2xx answer. Base64 payloads stay slices of `body`'s pieces (no copy) and each is
+/// walked only by `memchr` and one base64 check (see `skim`).
+pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> {
+    let skimmed = skim::skim(&body.into()).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     let items = answer.data.unwrap_or_default();
@@ -411,16 +411,16 @@ mod tests {
         let g = parse_answer(&body).unwrap();
         match &g.images[0] {
             Image::Base64(b) => {
-                assert_eq!(&b[..], big.as_bytes());
-                let start = b.as_ptr() as usize - body.as_ptr() as usize;
+                assert_eq!(&b.to_bytes()[..], big.as_bytes());
+                let start = b.pieces()[0].as_ptr() as usize - body.as_ptr() as usize;
                 assert!(start < body.len(), "payload is a slice of the upstream body");
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(&g.images[1], Image::Url(u) if u == "https://x/y.png"));
         // An escaped slash is unescaped; short payloads are plain values.
-        assert!(matches!(&g.images[2], Image::Base64(b) if &b[..] == b"aGVs/bG8"));
-        assert!(matches!(&g.images[3], Image::Base64(b) if &b[..] == b"aGk="));
+        assert!(matches!(&g.images[2], Image::Base64(b) if b.to_bytes()[..] == b"aGVs/bG8"[..]));
+        assert!(matches!(&g.images[3], Image::Base64(b) if b.to_bytes()[..] == b"aGk="[..]));
     }
 
     #[test]
@@ -434,7 +434,7 @@ mod tests {
             br#"{"data":[{"b64_json":5}]}"#,
             br#"{"data":[{}]}"#,
         ] {
-            let e = parse_answer(&Bytes::copy_from_slice(body)).unwrap_err();
+            let e = parse_answer(Bytes::copy_from_slice(body)).unwrap_err();
             assert_eq!(e.label(), "bad_response", "{}", String::from_utf8_lossy(body));
         }
     }

@@ -197,9 +197,9 @@ impl Provider for Replicate {
         // 1. Create the prediction.
         let answer = jobs::call(Method::POST, &url, auth, Some(json)).await?;
         if !answer.status.is_success() {
-            return Err(error(answer.status, answer.retry_after, &answer.body));
+            return Err(error(answer.status, answer.retry_after, &answer.body.to_bytes()));
         }
-        let mut prediction: Prediction = jobs::parse(&answer.body, "prediction")?;
+        let mut prediction: Prediction = jobs::parse(&answer.body.to_bytes(), "prediction")?;
         let id = prediction.id.clone();
         if !jobs::valid_id(&id) {
             return Err(ProviderError::BadResponse("the prediction's id is not a plain id".into()));
@@ -217,13 +217,13 @@ impl Provider for Replicate {
             backoff.wait().await;
             let Some(answer) = backoff.poll(jobs::call(Method::GET, &get_url, auth, None)).await? else { continue };
             if !answer.status.is_success() {
-                let e = error(answer.status, answer.retry_after, &answer.body);
+                let e = error(answer.status, answer.retry_after, &answer.body.to_bytes());
                 if backoff.tolerates(&e) {
                     continue;
                 }
                 return Err(e);
             }
-            prediction = jobs::parse(&answer.body, "prediction")?;
+            prediction = jobs::parse(&answer.body.to_bytes(), "prediction")?;
         }
         guard.disarm();
         finished(prediction, attempt.model)

@@ -9,7 +9,7 @@
 //! base64 has no quote, backslash or control byte, so a string that passes that check needs no
 //! JSON unescaping and is ASCII.
 
-use bytes::Bytes;
+use crate::body::Rope;
 
 /// Strings at least this long are cut out; shorter ones stay in the remainder as they are.
 const LONG: usize = 256;
@@ -23,39 +23,85 @@ pub struct Skimmed {
     pub remainder: Vec<u8>,
     /// Byte ranges (inside the quotes) of the long strings, in order.
     spans: Vec<(usize, usize)>,
-    body: Bytes,
+    body: Rope,
 }
 
-/// Locates every string of `body` and cuts out the long ones. Fails on an unterminated string.
-pub fn skim(body: &Bytes) -> Result<Skimmed, String> {
-    let b = &body[..];
-    let mut remainder = Vec::with_capacity(4096.min(b.len()));
+/// Locates every string of `body` and cuts out the long ones. The body is read in the pieces
+/// it arrived in: a string, an escape or a placeholder's surroundings may straddle two of them.
+/// Fails on an unterminated string.
+pub fn skim(body: &Rope) -> Result<Skimmed, String> {
+    const TRUNCATED: &str = "answer ends inside a string (truncated)";
     let mut spans = Vec::new();
-    let mut copied = 0; // b[..copied] is accounted for in `remainder`
-    let mut i = 0;
-    while let Some(off) = memchr::memchr(b'"', &b[i..]) {
-        let start = i + off + 1; // first byte inside the string
-        let mut j = start;
-        let end = loop {
-            match memchr::memchr2(b'"', b'\\', &b[j..]) {
-                None => return Err("answer ends inside a string (truncated)".into()),
-                Some(k) if b[j + k] == b'"' => break j + k,
-                Some(k) => j += k + 2, // skip the escaped character
+    // Where the string being read opened (the byte after its quote), if one is open.
+    let mut open: Option<usize> = None;
+    // A backslash ended the previous piece: the escaped byte starts this one.
+    let mut escaped = false;
+    let mut base = 0; // offset of the current piece in the body
+    for piece in body.pieces() {
+        let p = &piece[..];
+        let mut i = usize::from(escaped);
+        escaped = false;
+        while i < p.len() {
+            match open {
+                None => match memchr::memchr(b'"', &p[i..]) {
+                    None => break,
+                    Some(off) => {
+                        i += off + 1;
+                        open = Some(base + i);
+                    }
+                },
+                Some(start) => match memchr::memchr2(b'"', b'\\', &p[i..]) {
+                    None => break,
+                    Some(k) if p[i + k] == b'"' => {
+                        let end = base + i + k;
+                        if end - start >= LONG {
+                            spans.push((start, end));
+                        }
+                        open = None;
+                        i += k + 1;
+                    }
+                    Some(k) => {
+                        // Skip the escaped byte, which may be the next piece's first.
+                        i += k + 2;
+                        escaped = i > p.len();
+                    }
+                },
             }
-            if j > b.len() {
-                return Err("answer ends inside a string (truncated)".into());
-            }
-        };
-        if end - start >= LONG {
-            remainder.extend_from_slice(&b[copied..start - 1]);
-            remainder.extend_from_slice(format!("\"\\u0000{}\"", spans.len()).as_bytes());
-            spans.push((start, end));
-            copied = end + 1;
         }
-        i = end + 1;
+        base += p.len();
     }
-    remainder.extend_from_slice(&b[copied..]);
+    if open.is_some() || escaped {
+        return Err(TRUNCATED.into());
+    }
+    // The remainder: everything but the long strings, each replaced by its placeholder.
+    let kept = body.len() - spans.iter().map(|(s, e)| e - s).sum::<usize>();
+    let mut remainder = Vec::with_capacity(kept + 12 * spans.len());
+    let mut copied = 0; // body[..copied] is accounted for in `remainder`
+    for (n, &(start, end)) in spans.iter().enumerate() {
+        extend(&mut remainder, body, copied..start - 1);
+        remainder.extend_from_slice(b"\"\\u0000");
+        remainder.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        remainder.push(b'"');
+        copied = end + 1;
+    }
+    extend(&mut remainder, body, copied..body.len());
     Ok(Skimmed { remainder, spans, body: body.clone() })
+}
+
+/// Appends `body[range]` to `out`.
+fn extend(out: &mut Vec<u8>, body: &Rope, range: std::ops::Range<usize>) {
+    let mut at = 0;
+    for piece in body.pieces() {
+        let (from, to) = (at, at + piece.len());
+        at = to;
+        if to <= range.start {
+            continue;
+        }
+        if from >= range.end {
+            break;
+        }
+        out.extend_from_slice(&piece[range.start.max(from) - from..range.end.min(to) - from]);
+    }
 }
 
 impl Skimmed {
@@ -71,10 +117,22 @@ impl Skimmed {
 }
 
 pub enum Raw {
-    /// Bytes of a long string, exactly as they appear between the quotes.
-    Span(Bytes),
+    /// Bytes of a long string, exactly as they appear between the quotes, as slices of the
+    /// body's pieces.
+    Span(Rope),
     /// A short string, already unescaped by serde_json.
     Plain(String),
+}
+
+/// A long string's bytes as JSON text (quoted), for serde_json to undo its escapes.
+fn quoted(span: &Rope) -> Vec<u8> {
+    let mut quoted = Vec::with_capacity(span.len() + 2);
+    quoted.push(b'"');
+    for piece in span.pieces() {
+        quoted.extend_from_slice(piece);
+    }
+    quoted.push(b'"');
+    quoted
 }
 
 /// A string value as text, JSON escapes undone (a long one is cut out of the body still
@@ -83,40 +141,35 @@ pub enum Raw {
 pub fn string_value(raw: Raw, max: usize) -> Option<String> {
     match raw {
         Raw::Plain(s) => (s.len() <= max).then_some(s),
-        Raw::Span(span) if span.len() <= max => {
-            let mut quoted = Vec::with_capacity(span.len() + 2);
-            quoted.push(b'"');
-            quoted.extend_from_slice(&span);
-            quoted.push(b'"');
-            serde_json::from_slice(&quoted).ok()
-        }
+        Raw::Span(span) if span.len() <= max => serde_json::from_slice(&quoted(&span)).ok(),
         Raw::Span(_) => None,
     }
 }
 
-/// Validated standard base64 from a string value: the body's own bytes when they are plain
+/// Validated standard base64 from a string value: the body's own pieces when they are plain
 /// base64 (no copy), else the unescaped text (a provider that escapes `/` as `\/`).
-pub fn base64_value(raw: Raw) -> Option<Bytes> {
-    let bytes = match raw {
-        Raw::Span(span) if base64_simd::STANDARD.check(&span).is_ok() => return Some(span),
+pub fn base64_value(raw: Raw) -> Option<Rope> {
+    let text = match raw {
+        Raw::Span(span) if span.is_base64() => return Some(span),
         Raw::Span(span) => {
-            if !span.contains(&b'\\') {
+            if !span.pieces().iter().any(|p| memchr::memchr(b'\\', p).is_some()) {
                 return None;
             }
-            let mut quoted = Vec::with_capacity(span.len() + 2);
-            quoted.push(b'"');
-            quoted.extend_from_slice(&span);
-            quoted.push(b'"');
-            Bytes::from(serde_json::from_slice::<String>(&quoted).ok()?.into_bytes())
+            Rope::from(serde_json::from_slice::<String>(&quoted(&span)).ok()?.into_bytes())
         }
-        Raw::Plain(s) => Bytes::from(s.into_bytes()),
+        Raw::Plain(s) => Rope::from(s.into_bytes()),
     };
-    (!bytes.is_empty() && base64_simd::STANDARD.check(&bytes).is_ok()).then_some(bytes)
+    text.is_base64().then_some(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn rope(text: impl Into<Vec<u8>>) -> Rope {
+        Rope::from(text.into())
+    }
 
     fn long(c: u8) -> String {
         String::from_utf8(vec![c; 400]).unwrap()
@@ -127,16 +180,16 @@ mod tests {
         let a = long(b'A');
         let text = format!(r#"{{"created": 1, "note": "x\"y", "data": [{{"b64_json": "{a}"}}], "k": "{a}"}}"#);
         let body = Bytes::from(text);
-        let s = skim(&body).unwrap();
+        let s = skim(&Rope::from(body.clone())).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.remainder).unwrap();
         assert_eq!(v["note"], "x\"y");
         assert_eq!(v["created"], 1);
         let b64 = v["data"][0]["b64_json"].as_str().unwrap();
         match s.resolve(b64) {
             Raw::Span(span) => {
-                assert_eq!(&span[..], a.as_bytes());
+                assert!(span == *a.as_bytes());
                 // A slice of the same allocation: nothing was copied.
-                let off = span.as_ptr() as usize - body.as_ptr() as usize;
+                let off = span.pieces()[0].as_ptr() as usize - body.as_ptr() as usize;
                 assert_eq!(&body[off..off + 400], a.as_bytes());
             }
             Raw::Plain(_) => panic!("expected a span"),
@@ -147,7 +200,7 @@ mod tests {
     #[test]
     fn escapes_inside_long_strings_are_skipped_correctly() {
         let tricky = format!("{}\\\\\\\"{}", long(b'a'), long(b'b')); // ...a\\\"b...
-        let body = Bytes::from(format!(r#"{{"a": "{tricky}", "b": 2}}"#));
+        let body = rope(format!(r#"{{"a": "{tricky}", "b": 2}}"#));
         let s = skim(&body).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.remainder).unwrap();
         assert_eq!(v["b"], 2);
@@ -156,7 +209,7 @@ mod tests {
     #[test]
     fn long_strings_read_as_text_with_their_escapes_undone() {
         let url = format!("https:\\/\\/bucket.example\\/img.png?X-Amz-Signature={}", "a".repeat(900));
-        let body = Bytes::from(format!("{{\"url\":\"{url}\"}}"));
+        let body = rope(format!("{{\"url\":\"{url}\"}}"));
         let s = skim(&body).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&s.remainder).unwrap();
         let text = string_value(s.resolve(v["url"].as_str().unwrap()), 8192).unwrap();
@@ -168,19 +221,74 @@ mod tests {
 
     #[test]
     fn truncated_answers_fail() {
-        let body = Bytes::from(format!(r#"{{"data": [{{"b64_json": "{}"#, long(b'A')));
+        let body = rope(format!(r#"{{"data": [{{"b64_json": "{}"#, long(b'A')));
         assert!(skim(&body).is_err());
-        assert!(skim(&Bytes::from_static(br#"{"a": "\"#)).is_err());
+        assert!(skim(&Rope::from_static(br#"{"a": "\"#)).is_err());
     }
 
     #[test]
     fn base64_values_are_checked_once_and_unescaped_only_when_needed() {
-        assert!(base64_value(Raw::Span(Bytes::from(long(b'A')))).is_some());
+        assert!(base64_value(Raw::Span(rope(long(b'A')))).is_some());
         let escaped = format!("{}\\/A==", "A".repeat(400));
-        let out = base64_value(Raw::Span(Bytes::from(escaped))).unwrap();
-        assert!(out.ends_with(b"/A=="));
-        assert!(base64_value(Raw::Span(Bytes::from(format!("{}!", long(b'A'))))).is_none());
+        let out = base64_value(Raw::Span(rope(escaped))).unwrap();
+        assert!(out.to_bytes().ends_with(b"/A=="));
+        assert!(base64_value(Raw::Span(rope(format!("{}!", long(b'A'))))).is_none());
         assert!(base64_value(Raw::Plain(String::new())).is_none());
         assert!(base64_value(Raw::Plain("aGk=".into())).is_some());
+    }
+
+    /// The body cut at `cuts` (byte offsets, increasing).
+    fn pieces(text: &[u8], cuts: &[usize]) -> Rope {
+        let b = Bytes::copy_from_slice(text);
+        let mut at = 0;
+        let mut out = Vec::new();
+        for &c in cuts.iter().chain([text.len()].iter()) {
+            out.push(b.slice(at..c));
+            at = c;
+        }
+        Rope::from(out)
+    }
+
+    #[test]
+    fn an_answer_reads_the_same_whatever_pieces_it_arrived_in() {
+        // Escapes, quotes and long strings at every place a cut can fall: a backslash ending
+        // a piece, a quote starting one, a long string spread over three.
+        let b64 = format!("{}QQ==", "QUJD".repeat(100));
+        let url = format!("https:\\/\\/x.example\\/{}.png", "a".repeat(300));
+        let text = format!(
+            r#"{{"created":1,"note":"x\"y\\","data":[{{"b64_json":"{b64}","revised_prompt":"a \"fox\""}},{{"url":"{url}"}}],"k":"{}"}}"#,
+            "z".repeat(260)
+        );
+        let whole = skim(&rope(text.clone())).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&whole.remainder).unwrap();
+        let (b, u) = (v["data"][0]["b64_json"].as_str().unwrap(), v["data"][1]["url"].as_str().unwrap());
+        let image = base64_value(whole.resolve(b)).unwrap();
+        assert!(image == *b64.as_bytes());
+        let link = string_value(whole.resolve(u), 4096).unwrap();
+        assert_eq!(link, format!("https://x.example/{}.png", "a".repeat(300)));
+        assert_eq!(v["note"], "x\"y\\");
+        let n = text.len();
+        let mut cuts: Vec<Vec<usize>> = (1..n).map(|i| vec![i]).collect();
+        for i in (1..n).step_by(7) {
+            for j in (i + 1..n).step_by(11) {
+                cuts.push(vec![i, j]);
+            }
+        }
+        for c in cuts {
+            let s = skim(&pieces(text.as_bytes(), &c)).unwrap();
+            assert_eq!(s.remainder, whole.remainder, "cut at {c:?}");
+            let got = base64_value(s.resolve(b)).unwrap();
+            assert!(got == *b64.as_bytes(), "cut at {c:?}");
+            assert_eq!(string_value(s.resolve(u), 4096).as_deref(), Some(link.as_str()), "cut at {c:?}");
+        }
+        // Truncated anywhere inside a string, or right after a backslash: an error, however cut.
+        let cut_short = &text.as_bytes()[..text.find("QQ==").unwrap()];
+        for i in 1..cut_short.len() {
+            assert!(skim(&pieces(cut_short, &[i])).is_err(), "cut at {i}");
+        }
+        let dangling = br#"{"a": "xy\"#;
+        for i in 1..dangling.len() {
+            assert!(skim(&pieces(dangling, &[i])).is_err(), "cut at {i}");
+        }
     }
 }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::vertex::nearest_ratio;
 use super::{key_header, skim, AttemptRequest, Generation, Image, Provider, ProviderError};
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 use crate::policy::Connection;
 use crate::request::{GenerationRequest, OutputFormat, Param};
 use crate::upstream;
@@ -224,7 +224,7 @@ async fn one_image(
     if answer.status.is_success() {
         parse_answer(&answer.body, &answer.headers)
     } else {
-        Err(classify_error(answer.status, &answer.body, answer.retry_after))
+        Err(classify_error(answer.status, &answer.body.to_bytes(), answer.retry_after))
     }
 }
 
@@ -240,8 +240,10 @@ struct Answer {
 
 /// Parses a 2xx answer: JSON with the base64 image (kept a slice of `body`), or the image bytes
 /// themselves.
-fn parse_answer(body: &Bytes, headers: &http::HeaderMap) -> Result<(Image, Option<u64>), ProviderError> {
-    if let Some((mime, _)) = super::sniff_image(body) {
+fn parse_answer(body: impl Into<Rope>, headers: &http::HeaderMap) -> Result<(Image, Option<u64>), ProviderError> {
+    let body: Rope = body.into();
+    // The magic numbers are in the first bytes, which a piece boundary may split.
+    if let Some((mime, _)) = super::sniff_image(&body.slice(0..body.len().min(64)).to_bytes()) {
         // Image bytes carry the finish reason and the seed in headers.
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
         if header("finish-reason") == Some("CONTENT_FILTERED") {
@@ -250,9 +252,9 @@ fn parse_answer(body: &Bytes, headers: &http::HeaderMap) -> Result<(Image, Optio
             ));
         }
         let seed = header("seed").and_then(|s| s.parse().ok());
-        return Ok((Image::Raw { bytes: body.clone(), mime }, seed));
+        return Ok((Image::Raw { bytes: body.to_bytes(), mime }, seed));
     }
-    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+    let skimmed = skim::skim(&body).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is neither an image nor the expected JSON: {e}")))?;
     match answer.finish_reason.as_deref() {
@@ -360,14 +362,14 @@ mod tests {
     #[test]
     fn answers_and_errors() {
         let (image, seed) = parse_answer(
-            &Bytes::from_static(br#"{"image":"aGk=","finish_reason":"SUCCESS","seed":42}"#),
+            Bytes::from_static(br#"{"image":"aGk=","finish_reason":"SUCCESS","seed":42}"#),
             &http::HeaderMap::new(),
         )
         .unwrap();
-        assert!(matches!(image, Image::Base64(b) if &b[..] == b"aGk="));
+        assert!(matches!(image, Image::Base64(b) if b.to_bytes()[..] == b"aGk="[..]));
         assert_eq!(seed, Some(42));
         let e = parse_answer(
-            &Bytes::from_static(br#"{"image":"aGk=","finish_reason":"CONTENT_FILTERED","seed":1}"#),
+            Bytes::from_static(br#"{"image":"aGk=","finish_reason":"CONTENT_FILTERED","seed":1}"#),
             &http::HeaderMap::new(),
         )
         .unwrap_err();

@@ -31,7 +31,7 @@ use serde_json::json;
 
 use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
-use crate::body::ChunkedBody;
+use crate::body::{ChunkedBody, Rope};
 use crate::policy::Connection;
 use crate::request::{GenerationRequest, OutputFormat, Param};
 use crate::upstream;
@@ -110,7 +110,7 @@ impl Provider for Vertex {
         if answer.status.is_success() {
             parse_answer(&answer.body)
         } else {
-            Err(classify_error(answer.status, &answer.body, answer.retry_after))
+            Err(classify_error(answer.status, &answer.body.to_bytes(), answer.retry_after))
         }
     }
 }
@@ -198,8 +198,8 @@ struct Prediction {
 /// Parses a 2xx answer; image payloads stay slices of `body` (see `skim`). A filtered image is
 /// a prediction with only a reason; when every image was filtered the attempt is refused with
 /// the reasons, and fewer images than asked are returned as they are.
-fn parse_answer(body: &Bytes) -> Result<Generation, ProviderError> {
-    let skimmed = skim::skim(body).map_err(ProviderError::BadResponse)?;
+fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> {
+    let skimmed = skim::skim(&body.into()).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     let mut images = Vec::with_capacity(answer.predictions.len());
@@ -471,17 +471,17 @@ mod tests {
 
     #[test]
     fn filtered_and_partial_answers() {
-        let g = parse_answer(&Bytes::from_static(
+        let g = parse_answer(Bytes::from_static(
             br#"{"predictions":[{"bytesBase64Encoded":"aGk=","mimeType":"image/png"},{"raiFilteredReason":"x"}]}"#,
         ))
         .unwrap();
         assert_eq!(g.images.len(), 1);
-        let e = parse_answer(&Bytes::from_static(br#"{"predictions":[{"raiFilteredReason":"Bad prompt 58061214"}]}"#))
+        let e = parse_answer(Bytes::from_static(br#"{"predictions":[{"raiFilteredReason":"Bad prompt 58061214"}]}"#))
             .unwrap_err();
         assert!(matches!(&e, ProviderError::ContentFiltered(m) if m.contains("58061214")), "{e}");
-        assert_eq!(parse_answer(&Bytes::from_static(b"{}")).unwrap_err().label(), "content_filtered");
+        assert_eq!(parse_answer(Bytes::from_static(b"{}")).unwrap_err().label(), "content_filtered");
         for bad in [&b"<html>"[..], br#"{"predictions":[{}]}"#, br#"{"predictions":[{"bytesBase64Encoded":"!!"}]}"#] {
-            assert_eq!(parse_answer(&Bytes::copy_from_slice(bad)).unwrap_err().label(), "bad_response");
+            assert_eq!(parse_answer(Bytes::copy_from_slice(bad)).unwrap_err().label(), "bad_response");
         }
     }
 

@@ -100,8 +100,8 @@ pub struct RegenerationLink {
 /// An image whose digest is still to be computed (shares the answer's buffers).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PendingImage {
-    /// Standard base64 text of the image.
-    Base64(bytes::Bytes),
+    /// Standard base64 text of the image (the answer's pieces).
+    Base64(crate::body::Rope),
     /// The image's bytes.
     Raw(bytes::Bytes),
 }
@@ -110,7 +110,8 @@ impl PendingImage {
     /// Bytes held (for the writer's memory budget).
     pub fn len(&self) -> usize {
         match self {
-            PendingImage::Base64(b) | PendingImage::Raw(b) => b.len(),
+            PendingImage::Base64(b) => b.len(),
+            PendingImage::Raw(b) => b.len(),
         }
     }
 
@@ -207,12 +208,12 @@ impl TraceRecord {
             let decoded;
             let bytes: &[u8] = match &image {
                 PendingImage::Raw(b) => b,
-                PendingImage::Base64(b) => match base64_simd::STANDARD.decode_to_vec(b) {
-                    Ok(d) => {
+                PendingImage::Base64(b) => match b.decode_base64() {
+                    Some(d) => {
                         decoded = d;
                         &decoded
                     }
-                    Err(_) => continue,
+                    None => continue,
                 },
             };
             if let Some(rec) = self.images.iter_mut().find(|i| i.index == index) {
