@@ -205,20 +205,21 @@ impl TraceRecord {
     pub fn settle_images(&mut self) {
         use sha2::Digest;
         for (index, image) in std::mem::take(&mut self.pending_images) {
-            let decoded;
-            let bytes: &[u8] = match &image {
-                PendingImage::Raw(b) => b,
-                PendingImage::Base64(b) => match b.decode_base64() {
-                    Some(d) => {
-                        decoded = d;
-                        &decoded
-                    }
+            // Base64 is decoded a step at a time into the digest: no copy of the image is made.
+            let mut sha = sha2::Sha256::new();
+            let len = match &image {
+                PendingImage::Raw(b) => {
+                    sha.update(b);
+                    b.len()
+                }
+                PendingImage::Base64(b) => match b.decode_base64_with(|part| sha.update(part)) {
+                    Some(n) => n,
                     None => continue,
                 },
             };
             if let Some(rec) = self.images.iter_mut().find(|i| i.index == index) {
-                rec.sha256 = Some(crate::hex_lower(&sha2::Sha256::digest(bytes)));
-                rec.bytes = Some(bytes.len() as u64);
+                rec.sha256 = Some(crate::hex_lower(&sha.finalize()));
+                rec.bytes = Some(len as u64);
             }
         }
     }
