@@ -170,45 +170,10 @@ impl Rope {
     /// piece: a group of four split between two pieces is put together on the side.
     pub fn is_base64(&self) -> bool {
         let b64 = base64_simd::STANDARD;
-        let pieces = self.pieces();
-        if let [one] = pieces {
+        if let [one] = self.pieces() {
             return !one.is_empty() && b64.check(one).is_ok();
         }
-        let total = self.len();
-        if total == 0 || !total.is_multiple_of(4) {
-            return false;
-        }
-        // Only the rope's last group may hold padding; every group before it must not.
-        let mut done = 0; // bytes checked so far
-        let mut group = [0u8; 4];
-        let mut held = 0; // bytes of a split group in `group`
-        for piece in pieces {
-            let mut p = &piece[..];
-            if held > 0 {
-                let take = (4 - held).min(p.len());
-                group[held..held + take].copy_from_slice(&p[..take]);
-                held += take;
-                p = &p[take..];
-                if held < 4 {
-                    continue;
-                }
-                done += 4;
-                if b64.check(&group).is_err() || (done < total && group[3] == b'=') {
-                    return false;
-                }
-            }
-            let whole = p.len() / 4 * 4;
-            let (body, rest) = p.split_at(whole);
-            if !body.is_empty() {
-                done += whole;
-                if b64.check(body).is_err() || (done < total && body[whole - 1] == b'=') {
-                    return false;
-                }
-            }
-            group[..rest.len()].copy_from_slice(rest);
-            held = rest.len();
-        }
-        held == 0
+        self.base64_steps(|step, _| b64.check(step).is_ok())
     }
 
     /// The bytes the base64 text decodes to; `None` when it is not valid standard base64. One
@@ -229,12 +194,36 @@ impl Rope {
     /// image is decoded). Returns the decoded length, or `None` when the text is not valid
     /// standard base64 with padding (RFC 4648 section 4); `f` may then have seen a prefix.
     pub fn decode_base64_with(&self, mut f: impl FnMut(&[u8])) -> Option<usize> {
+        use base64_simd::AsOut;
+        let mut out = vec![0u8; DECODE_STEP / 4 * 3];
+        let mut decoded = 0;
+        let whole = self.base64_steps(|step, out_len| match base64_simd::STANDARD.decode(step, out.as_out()) {
+            Ok(bytes) => {
+                debug_assert!(bytes.len() <= out_len);
+                f(bytes);
+                decoded += bytes.len();
+                true
+            }
+            Err(_) => false,
+        });
+        whole.then_some(decoded)
+    }
+
+    /// Walks the text as runs of whole base64 groups of at most [`DECODE_STEP`] bytes, in
+    /// order (a group split between two pieces is put together on the side), calling `step`
+    /// with each run and the most it decodes to; stops at the first `false`. Whether every
+    /// step was accepted, the length is a non-zero multiple of four, and only the last run
+    /// ends in padding (`=` is allowed only at the very end of the text).
+    fn base64_steps(&self, mut step: impl FnMut(&[u8], usize) -> bool) -> bool {
         let total = self.len();
         if total == 0 || !total.is_multiple_of(4) {
-            return None;
+            return false;
         }
-        let mut out = vec![0u8; DECODE_STEP / 4 * 3];
-        let (mut done, mut decoded) = (0, 0);
+        let mut done = 0;
+        let mut run = |text: &[u8], done: &mut usize| {
+            *done += text.len();
+            (*done == total || text.last() != Some(&b'=')) && step(text, text.len() / 4 * 3)
+        };
         let mut group = [0u8; 4];
         let mut held = 0; // bytes of a group split between two pieces, in `group`
         for piece in self.pieces() {
@@ -247,37 +236,26 @@ impl Rope {
                 if held < 4 {
                     continue;
                 }
-                done += 4;
-                decoded += decode_step(&group, done == total, &mut out, &mut f)?;
+                if !run(&group, &mut done) {
+                    return false;
+                }
             }
-            let whole = p.len() / 4 * 4;
-            let (body, rest) = p.split_at(whole);
-            for step in body.chunks(DECODE_STEP) {
-                done += step.len();
-                decoded += decode_step(step, done == total, &mut out, &mut f)?;
+            let (body, rest) = p.split_at(p.len() / 4 * 4);
+            for text in body.chunks(DECODE_STEP) {
+                if !run(text, &mut done) {
+                    return false;
+                }
             }
             group[..rest.len()].copy_from_slice(rest);
             held = rest.len();
         }
-        (held == 0).then_some(decoded)
+        held == 0
     }
 }
 
 /// Base64 text decoded per step by [`Rope::decode_base64_with`] (a multiple of 4): 48 KiB, so
 /// the decoded 36 KiB stay in the CPU's cache for whatever reads them.
 pub const DECODE_STEP: usize = 48 * 1024;
-
-/// Decodes one step of whole groups into `out` and hands the bytes to `f`: the decoded length,
-/// or `None` when the step is not base64 or has padding but is not the text's last.
-fn decode_step(step: &[u8], last: bool, out: &mut [u8], f: &mut impl FnMut(&[u8])) -> Option<usize> {
-    use base64_simd::AsOut;
-    if !last && step.last() == Some(&b'=') {
-        return None;
-    }
-    let bytes = base64_simd::STANDARD.decode(step, out.as_out()).ok()?;
-    f(bytes);
-    Some(bytes.len())
-}
 
 impl PartialEq<[u8]> for Rope {
     fn eq(&self, other: &[u8]) -> bool {

@@ -90,17 +90,8 @@ pub fn skim(body: &Rope) -> Result<Skimmed, String> {
 
 /// Appends `body[range]` to `out`.
 fn extend(out: &mut Vec<u8>, body: &Rope, range: std::ops::Range<usize>) {
-    let mut at = 0;
-    for piece in body.pieces() {
-        let (from, to) = (at, at + piece.len());
-        at = to;
-        if to <= range.start {
-            continue;
-        }
-        if from >= range.end {
-            break;
-        }
-        out.extend_from_slice(&piece[range.start.max(from) - from..range.end.min(to) - from]);
+    for piece in body.slice(range).pieces() {
+        out.extend_from_slice(piece);
     }
 }
 
