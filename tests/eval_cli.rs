@@ -67,3 +67,36 @@ fn a_route_of_a_policy_sets_the_evaluators_and_rules() {
     assert_eq!(code, 1);
     assert!(err.contains("no route \"nope\"") && err.contains("shots"), "{err}");
 }
+
+/// Without the fused OCR copies (a models directory that holds only the models as shipped), the
+/// text evaluator reads with the shipped models: the same text is found.
+#[test]
+fn text_reads_with_the_shipped_models_when_no_fused_copy_is_there() {
+    use acc::eval::{ocr, onnx};
+    let scene = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/ocr-testimages/28-scene-1024x1024.png");
+    assert!(scene.is_file(), "{} is missing: run scripts/ocr-testimages.sh", scene.display());
+    let (det, rec) = ocr::shipped_models();
+    let models = tempfile::tempdir().unwrap();
+    for from in [det, rec, onnx::ort_dylib_path()] {
+        assert!(from.is_file(), "{} is missing: run scripts/setup-onnx.sh", from.display());
+        std::os::unix::fs::symlink(&from, models.path().join(from.file_name().unwrap())).unwrap();
+    }
+    let contract = r#"{"require_text": ["ACME", "Hello World"], "forbid_text": ["SALE"]}"#;
+    for (dir, what) in [(None, "default models directory"), (Some(models.path()), "shipped models only")] {
+        let mut cmd = Command::new(acc_bin());
+        cmd.args(["eval", scene.to_str().unwrap(), "--json", "--contract", contract]);
+        if let Some(dir) = dir {
+            cmd.env("ACC_MODELS_DIR", dir).env_remove("ACC_ORT_DYLIB");
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{what}: {e}: {stdout}"));
+        let text = v["evaluators"].as_array().unwrap().iter().find(|e| e["name"] == "text").unwrap().clone();
+        let adherence = v["evaluators"].as_array().unwrap().iter().find(|e| e["name"] == "adherence").unwrap().clone();
+        assert_eq!(text["verdict"], "pass", "{what}: {text}");
+        assert!(text["reason"].as_str().unwrap().contains("ACME"), "{what}: {text}");
+        assert_eq!(adherence["verdict"], "pass", "{what}: {adherence}");
+        assert_eq!(adherence["score"], 1.0, "{what}: {adherence}");
+    }
+}

@@ -30,14 +30,18 @@ fn images_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/ocr-testimages")
 }
 
+/// The rendered set's manifest.json in `dir`; panics with the set-up hint when it is missing.
+fn manifest(dir: &std::path::Path) -> Manifest {
+    let path = dir.join("manifest.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {} ({e}): {SETUP_HINT}", path.display()));
+    serde_json::from_slice(&bytes).expect("manifest.json does not parse")
+}
+
 #[test]
 fn ocr_reads_rendered_text() {
     let dir = images_dir();
-    let manifest_path = dir.join("manifest.json");
-    let manifest = std::fs::read(&manifest_path)
-        .unwrap_or_else(|e| panic!("cannot read {} ({e}): {SETUP_HINT}", manifest_path.display()));
-    let manifest: Manifest = serde_json::from_slice(&manifest).expect("manifest.json does not parse");
-    assert!(!manifest.images.is_empty(), "{} lists no images", manifest_path.display());
+    let manifest = manifest(&dir);
+    assert!(!manifest.images.is_empty(), "{} lists no images", dir.join("manifest.json").display());
     let (det, rec) = ocr::default_models();
     for m in [&det, &rec] {
         assert!(m.is_file(), "OCR model {} is missing: {SETUP_HINT}", m.display());
@@ -87,4 +91,60 @@ fn ocr_reads_rendered_text() {
         accuracy * 100.0,
         MIN_ACCURACY * 100.0
     );
+}
+
+/// `scripts/setup-onnx.sh` writes fused copies of both OCR models (`scripts/ocr_fuse.py`), the
+/// gateway reads with them, and they read every rendered image exactly as the models as shipped
+/// do: the same lines and text, boxes within a few pixels, confidences within rounding.
+#[test]
+fn fused_models_read_like_the_shipped_ones() {
+    let dir = images_dir();
+    let manifest = manifest(&dir);
+    let (det, rec) = ocr::default_models();
+    let (shipped_det, shipped_rec) = ocr::shipped_models();
+    assert_eq!(det.file_name().unwrap(), ocr::DET_FUSED_FILE, "the fused detector is missing: {SETUP_HINT}");
+    assert_eq!(rec.file_name().unwrap(), ocr::REC_FUSED_FILE, "the fused recogniser is missing: {SETUP_HINT}");
+    for (fused, shipped) in [(&det, &shipped_det), (&rec, &shipped_rec)] {
+        assert_ne!(
+            std::fs::read(fused).unwrap(),
+            std::fs::read(shipped).unwrap(),
+            "{} is a plain copy of {}",
+            fused.display(),
+            shipped.display()
+        );
+    }
+    let mut lines_seen = 0;
+    for case in &manifest.images {
+        let path = dir.join(&case.file);
+        let img = image::open(&path).unwrap_or_else(|e| panic!("cannot open {} ({e}): {SETUP_HINT}", path.display()));
+        let img = img.into_rgb8();
+        for side in [ocr::DET_MAX_SIDE, 960] {
+            let got = ocr::read_text(&det, &rec, &img, side).unwrap();
+            let want = ocr::read_text(&shipped_det, &shipped_rec, &img, side).unwrap();
+            assert_eq!(got.len(), want.len(), "{} at {side}: {got:?} against {want:?}", case.file);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.text, w.text, "{} at {side}", case.file);
+                // A map pixel on the threshold may fall the other way after rounding: a few pixels.
+                let moved = g.bbox.iter().zip(&w.bbox).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    moved <= 4.0,
+                    "{} at {side}: {:?} boxed at {:?} against {:?}",
+                    case.file,
+                    g.text,
+                    g.bbox,
+                    w.bbox
+                );
+                assert!(
+                    (g.confidence - w.confidence).abs() < 1e-3,
+                    "{} at {side}: {:?} read at {} against {}",
+                    case.file,
+                    g.text,
+                    g.confidence,
+                    w.confidence
+                );
+            }
+            lines_seen += got.len();
+        }
+    }
+    assert!(lines_seen >= manifest.images.len(), "only {lines_seen} lines read in {} images", manifest.images.len());
 }
