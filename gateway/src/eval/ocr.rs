@@ -208,25 +208,48 @@ fn ctc_decode(probs: &[f32], steps: usize, charset: &[String]) -> (String, f32) 
     (text, if n == 0 { 0.0 } else { sum / n as f32 })
 }
 
-/// Bilinear sample (half-pixel centres, edges replicated) of channel `c` at (`x`, `y`).
+/// Bilinear sample (half-pixel centres, edges replicated) of the R, G, B channels at (`x`, `y`).
 fn sample(img: &RgbImage, x: f32, y: f32) -> [f32; 3] {
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let x = x.clamp(0.0, (w - 1) as f32);
-    let y = y.clamp(0.0, (h - 1) as f32);
-    let (x0, y0) = (x.floor() as i64, y.floor() as i64);
-    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (w, h) = (img.width(), img.height());
+    let (tx, ty) = (Tap::at(x, w), Tap::at(y, h));
+    let stride = w as usize * 3;
     let raw = img.as_raw();
-    let px = |xx: i64, yy: i64| {
-        let i = ((yy * w + xx) * 3) as usize;
-        [raw[i] as f32, raw[i + 1] as f32, raw[i + 2] as f32]
-    };
-    let (a, b, cc, d) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
-    std::array::from_fn(|k| {
-        let top = a[k] + (b[k] - a[k]) * fx;
-        let bottom = cc[k] + (d[k] - cc[k]) * fx;
-        top + (bottom - top) * fy
-    })
+    tx.blend(&raw[ty.i0 * stride..][..stride], &raw[ty.i1 * stride..][..stride], ty.f)
+}
+
+/// Where a bilinear sample along one axis reads: the two neighbouring source indices and the
+/// weight of the second (coordinates clamped to the edges).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tap {
+    i0: usize,
+    i1: usize,
+    f: f32,
+}
+
+impl Tap {
+    /// The tap at source coordinate `v` on an axis of `len` pixels.
+    fn at(v: f32, len: u32) -> Tap {
+        let v = v.clamp(0.0, (len - 1) as f32);
+        let i0 = v.floor() as usize;
+        Tap { i0, i1: (i0 + 1).min(len as usize - 1), f: v - i0 as f32 }
+    }
+
+    /// The taps of `out` output pixels, half-pixel centres, `scale` source pixels per output pixel.
+    fn row(out: usize, len: u32, scale: f32) -> Vec<Tap> {
+        (0..out).map(|o| Tap::at((o as f32 + 0.5) * scale - 0.5, len)).collect()
+    }
+
+    /// R, G, B at this (horizontal) tap between two source rows of packed RGB, `fy` of the way
+    /// from `top` to `bottom`.
+    fn blend(&self, top: &[u8], bottom: &[u8], fy: f32) -> [f32; 3] {
+        let px = |row: &[u8], i: usize| [row[i * 3] as f32, row[i * 3 + 1] as f32, row[i * 3 + 2] as f32];
+        let (a, b, c, d) = (px(top, self.i0), px(top, self.i1), px(bottom, self.i0), px(bottom, self.i1));
+        std::array::from_fn(|k| {
+            let upper = a[k] + (b[k] - a[k]) * self.f;
+            let lower = c[k] + (d[k] - c[k]) * self.f;
+            upper + (lower - upper) * fy
+        })
+    }
 }
 
 /// `(v / 255 - 0.5) / 0.5`.
@@ -242,21 +265,34 @@ fn det_size(w: u32, h: u32, max_side: u32) -> (usize, usize) {
     (round32(w), round32(h))
 }
 
+/// The detector's input: `img` resized (bilinear, as [`sample`]) to `dw` x `dh`, as B, G, R
+/// planes normalised by [`norm`]. The taps of each column and row are worked out once.
+fn det_input(img: &RgbImage, dw: usize, dh: usize) -> Vec<f32> {
+    let (w, h) = (img.width(), img.height());
+    let columns = Tap::row(dw, w, w as f32 / dw as f32);
+    let rows = Tap::row(dh, h, h as f32 / dh as f32);
+    let stride = w as usize * 3;
+    let raw = img.as_raw();
+    let mut input = vec![0f32; 3 * dw * dh];
+    let (blue, rest) = input.split_at_mut(dw * dh);
+    let (green, red) = rest.split_at_mut(dw * dh);
+    for (y, ty) in rows.iter().enumerate() {
+        let (top, bottom) = (&raw[ty.i0 * stride..][..stride], &raw[ty.i1 * stride..][..stride]);
+        let at = y * dw;
+        for (x, tx) in columns.iter().enumerate() {
+            let [r, g, b] = tx.blend(top, bottom, ty.f);
+            blue[at + x] = norm(b);
+            green[at + x] = norm(g);
+            red[at + x] = norm(r);
+        }
+    }
+    input
+}
+
 fn detect(det_model: &Path, img: &RgbImage, max_side: u32) -> Result<Vec<Box>, String> {
     let (w, h) = (img.width(), img.height());
     let (dw, dh) = det_size(w, h, max_side);
-    let mut input = vec![0f32; 3 * dw * dh];
-    let (sx, sy) = (w as f32 / dw as f32, h as f32 / dh as f32);
-    for y in 0..dh {
-        let fy = (y as f32 + 0.5) * sy - 0.5;
-        for x in 0..dw {
-            let [r, g, b] = sample(img, (x as f32 + 0.5) * sx - 0.5, fy);
-            let i = y * dw + x;
-            input[i] = norm(b);
-            input[dw * dh + i] = norm(g);
-            input[2 * dw * dh + i] = norm(r);
-        }
-    }
+    let input = det_input(img, dw, dh);
     onnx::with_session(det_model, |session| {
         let tensor = ort::value::TensorRef::from_array_view(([1usize, 3, dh, dw], &input[..]))
             .map_err(|e| format!("ocr: cannot build the detector input: {e}"))?;
@@ -510,6 +546,31 @@ mod tests {
         assert_eq!(text, "aab b");
         assert!((conf - 0.9).abs() < 1e-6);
         assert_eq!(ctc_decode(&[1.0, 0.0, 0.0, 0.0], 1, &charset), (String::new(), 0.0));
+    }
+
+    #[test]
+    fn det_input_is_the_bilinear_sample_of_every_pixel() {
+        // Sizes that shrink, enlarge and keep each axis; odd ones, and a single row.
+        for (w, h, dw, dh) in [(101u32, 67u32, 64usize, 32usize), (20, 30, 32, 64), (64, 1, 64, 32), (33, 33, 33, 33)] {
+            let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + y) as u8, (y * 13) as u8, (x ^ y) as u8]));
+            let got = det_input(&img, dw, dh);
+            let (sx, sy) = (w as f32 / dw as f32, h as f32 / dh as f32);
+            for y in 0..dh {
+                for x in 0..dw {
+                    let [r, g, b] = sample(&img, (x as f32 + 0.5) * sx - 0.5, (y as f32 + 0.5) * sy - 0.5);
+                    let i = y * dw + x;
+                    assert_eq!(
+                        [got[i], got[dw * dh + i], got[2 * dw * dh + i]],
+                        [norm(b), norm(g), norm(r)],
+                        "{w}x{h} -> {dw}x{dh} at {x},{y}"
+                    );
+                }
+            }
+        }
+        // A corner pixel of a 2x2 image enlarged 4x: a quarter of the way between neighbours.
+        let img = RgbImage::from_fn(2, 2, |x, _| image::Rgb([if x == 0 { 0 } else { 255 }, 0, 0]));
+        assert_eq!(sample(&img, 0.25, 0.0), [63.75, 0.0, 0.0]);
+        assert_eq!(sample(&img, -3.0, 9.0), [0.0, 0.0, 0.0]);
     }
 
     #[test]
