@@ -85,17 +85,23 @@ pub struct TextLine {
     pub bbox: [f32; 4],
 }
 
-/// The detector and recogniser the text evaluator uses: in the models directory, each model's
-/// fused copy ([`DET_FUSED_FILE`], [`REC_FUSED_FILE`]) when that file exists, else the model as
-/// shipped ([`DET_MODEL_FILE`], [`REC_MODEL_FILE`]).
+/// The detector and recogniser the text evaluator uses: [`models_in`] the models directory.
 pub fn default_models() -> (PathBuf, PathBuf) {
-    let dir = onnx::models_dir();
+    models_in(&onnx::models_dir())
+}
+
+/// The detector and recogniser in `dir`: each model's fused copy ([`DET_FUSED_FILE`],
+/// [`REC_FUSED_FILE`]) when that file exists and was written after the model, else the model as
+/// shipped ([`DET_MODEL_FILE`], [`REC_MODEL_FILE`]). A model replaced after its copy was made
+/// (by hand, not by `scripts/setup-onnx.sh`, which rewrites the copy) is read as it is.
+pub fn models_in(dir: &Path) -> (PathBuf, PathBuf) {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let pick = |fused: &str, shipped: &str| {
-        let f = dir.join(fused);
-        if f.is_file() {
-            f
-        } else {
-            dir.join(shipped)
+        let (f, s) = (dir.join(fused), dir.join(shipped));
+        match (modified(&f), modified(&s)) {
+            (Some(copy), Some(model)) if copy >= model => f,
+            (Some(_), None) => f,
+            _ => s,
         }
     };
     (pick(DET_FUSED_FILE, DET_MODEL_FILE), pick(REC_FUSED_FILE, REC_MODEL_FILE))
@@ -546,6 +552,28 @@ mod tests {
         assert_eq!(text, "aab b");
         assert!((conf - 0.9).abs() < 1e-6);
         assert_eq!(ctc_decode(&[1.0, 0.0, 0.0, 0.0], 1, &charset), (String::new(), 0.0));
+    }
+
+    #[test]
+    fn fused_copies_are_used_only_when_newer_than_their_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+        // Nothing there: the shipped names (errors then name them).
+        assert_eq!(models_in(dir.path()), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)));
+        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let write = |name: &str, at: std::time::SystemTime| {
+            let f = std::fs::File::create(p(name)).unwrap();
+            f.set_modified(at).unwrap();
+        };
+        write(DET_MODEL_FILE, t0);
+        write(REC_MODEL_FILE, t0);
+        assert_eq!(models_in(dir.path()), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)), "no copies yet");
+        write(DET_FUSED_FILE, t0 + std::time::Duration::from_secs(5));
+        write(REC_FUSED_FILE, t0);
+        assert_eq!(models_in(dir.path()), (p(DET_FUSED_FILE), p(REC_FUSED_FILE)), "copies as new or newer");
+        // The recogniser replaced by hand after its copy was made: read as it is now.
+        write(REC_MODEL_FILE, t0 + std::time::Duration::from_secs(60));
+        assert_eq!(models_in(dir.path()), (p(DET_FUSED_FILE), p(REC_MODEL_FILE)));
     }
 
     #[test]
