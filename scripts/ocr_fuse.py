@@ -17,7 +17,7 @@ out in elementwise nodes what ONNX Runtime could run inside its convolutions:
 
 Every rewrite is exact in real arithmetic; in float32 results differ by rounding only. The copy
 is checked against the unrewritten model with onnx's reference evaluator on a small input before
-it is written, and tests/ocr_fused.rs compares both models through ONNX Runtime on the rendered-text
+it is written, and tests/ocr_accuracy.rs compares both models through ONNX Runtime on the rendered-text
 set. Anything that does not match a pattern exactly is left as it is. Prints what was rewritten.
 """
 

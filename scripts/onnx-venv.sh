@@ -32,13 +32,13 @@ PYEOF
 
 if ! ready; then
     echo "onnx-venv.sh: setting up $venv (onnx==$ONNX_VERSION numpy==$NUMPY_VERSION)" >&2
-    if [ ! -x "$py" ]; then
-        rm -rf "$venv"
-        python3 -m venv "$venv" >&2 || {
-            echo "onnx-venv.sh: 'python3 -m venv' failed; install the venv module (apt-get install python3-venv)" >&2
-            exit 1
-        }
-    fi
+    # Made afresh: a venv that is there but not ready (other pins, a broken interpreter or an
+    # interrupted install) is not repaired in place.
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || {
+        echo "onnx-venv.sh: 'python3 -m venv' failed; install the venv module (apt-get install python3-venv)" >&2
+        exit 1
+    }
     "$py" -m pip install --disable-pip-version-check --quiet "onnx==$ONNX_VERSION" "numpy==$NUMPY_VERSION" >&2
     if ! ready; then
         echo "onnx-venv.sh: onnx==$ONNX_VERSION / numpy==$NUMPY_VERSION still not importable from $py" >&2

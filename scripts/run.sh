@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-onnx.sh >/dev/null
 cargo build --release --locked --bin acc
-exec ./target/release/acc serve "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/acc" serve "$@"

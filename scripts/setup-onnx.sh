@@ -118,7 +118,9 @@ fuse() {
     py="$("$root/scripts/onnx-venv.sh" | tail -n 1)" || return 1
     for name in ch_PP-OCRv4_det_infer ch_PP-OCRv4_rec_infer; do
         stamp="$(cat "$dir/$name.onnx" "$root/scripts/ocr_fuse.py" "$root/scripts/onnx-venv.sh" | sha256sum | cut -d' ' -f1)"
-        if [ -f "$dir/$name.fused.onnx" ] && [ "$(cat "$dir/$name.fused.stamp" 2>/dev/null)" = "$stamp" ]; then
+        # Current: made from this model (stamp) and newer than it (the gateway's own test).
+        if [ -f "$dir/$name.fused.onnx" ] && [ "$(cat "$dir/$name.fused.stamp" 2>/dev/null)" = "$stamp" ] \
+            && ! [ "$dir/$name.onnx" -nt "$dir/$name.fused.onnx" ]; then
             continue
         fi
         rm -f "$dir/$name.fused.onnx" "$dir/$name.fused.stamp"
@@ -127,7 +129,7 @@ fuse() {
     done
 }
 if ! fuse; then
-    echo "setup-onnx.sh: WARNING: could not write the fused OCR models; OCR will use the models as shipped (about a fifth more CPU)" >&2
+    echo "setup-onnx.sh: WARNING: could not write the fused OCR models; OCR uses the models as shipped where no current fused copy is there (about a fifth more CPU)" >&2
 fi
 
 echo "$dir"
