@@ -272,7 +272,7 @@ fn info_settings(info: &skim::Raw) -> Settings {
     let text = match info {
         skim::Raw::Plain(s) => s.clone(),
         // A long string is still JSON-escaped: unescape it as the JSON string it is.
-        skim::Raw::Span(span) => {
+        skim::Raw::Span(span) | skim::Raw::Base64(span) => {
             let mut quoted = Vec::with_capacity(span.len() + 2);
             quoted.push(b'"');
             quoted.extend_from_slice(&span.to_bytes());

@@ -5,14 +5,28 @@
 //! of it for escapes and UTF-8, then the gateway would check it again as base64. Instead,
 //! strings are located with SIMD `memchr`; every long string is cut out of the document and
 //! replaced by a short placeholder; serde_json parses the small remainder (so the structure is
-//! still fully validated); and each payload is then checked once, as base64. Valid standard
-//! base64 has no quote, backslash or control byte, so a string that passes that check needs no
-//! JSON unescaping and is ASCII.
+//! still fully validated); and each payload is checked once, as base64. Valid standard base64
+//! has no quote, backslash or control byte, so a string that passes that check needs no JSON
+//! unescaping and is ASCII.
+//!
+//! Inside a long string the skim reads in blocks of up to [`BLOCK`] bytes that it checks as
+//! base64 text: a block that passes holds no quote or backslash, so it is skipped whole, and the
+//! string's end is looked for with `memchr` only in the block that does not pass (and in what
+//! is too short for a block, which is then checked too). A string found in the base64 alphabet
+//! up to its last four bytes is resolved as [`Raw::Base64`], whose check as base64 is then only
+//! its length and last group: most bytes of an image are read once, not twice.
 
 use crate::body::Rope;
 
 /// Strings at least this long are cut out; shorter ones stay in the remainder as they are.
 const LONG: usize = 256;
+/// Past the first [`LONG`] bytes of a string, the skim reads blocks of at most this many bytes
+/// checked as base64 text...
+const BLOCK: usize = 64 * 1024;
+/// ...where at least this many are left in the piece. Shorter strings and piece ends are read
+/// with `memchr`, then checked: a failed block (the one holding the closing quote) costs a
+/// third read of its bytes, too much for a small image.
+const MIN_BLOCK: usize = 4 * 1024;
 /// Placeholders are `"\u0000N"`: a NUL cannot appear unescaped in JSON, so only a placeholder
 /// parses to a string that starts with one followed by our index.
 const MARK: char = '\u{0}';
@@ -21,8 +35,9 @@ const MARK: char = '\u{0}';
 pub struct Skimmed {
     /// The document with every long string replaced by a placeholder.
     pub remainder: Vec<u8>,
-    /// Byte ranges (inside the quotes) of the long strings, in order.
-    spans: Vec<(usize, usize)>,
+    /// Byte ranges (inside the quotes) of the long strings, in order, and whether each is in
+    /// the base64 alphabet (without padding) but for its last four bytes.
+    spans: Vec<(usize, usize, bool)>,
     body: Rope,
 }
 
@@ -34,6 +49,8 @@ pub fn skim(body: &Rope) -> Result<Skimmed, String> {
     let mut spans = Vec::new();
     // Where the string being read opened (the byte after its quote), if one is open.
     let mut open: Option<usize> = None;
+    // The string's bytes from its start up to here are in the base64 alphabet, no padding.
+    let mut alphabet = 0;
     // A backslash ended the previous piece: the escaped byte starts this one.
     let mut escaped = false;
     let mut base = 0; // offset of the current piece in the body
@@ -42,30 +59,62 @@ pub fn skim(body: &Rope) -> Result<Skimmed, String> {
         let mut i = usize::from(escaped);
         escaped = false;
         while i < p.len() {
-            match open {
-                None => match memchr::memchr(b'"', &p[i..]) {
+            let Some(start) = open else {
+                match memchr::memchr(b'"', &p[i..]) {
                     None => break,
                     Some(off) => {
                         i += off + 1;
                         open = Some(base + i);
+                        alphabet = base + i;
                     }
-                },
-                Some(start) => match memchr::memchr2(b'"', b'\\', &p[i..]) {
-                    None => break,
-                    Some(k) if p[i + k] == b'"' => {
-                        let end = base + i + k;
-                        if end - start >= LONG {
-                            spans.push((start, end));
-                        }
-                        open = None;
-                        i += k + 1;
+                }
+                continue;
+            };
+            let at = base + i;
+            let read = at - start;
+            let contiguous = alphabet == at;
+            // A long string read so far as base64: skip a block that checks as base64 text (it
+            // holds no quote or backslash). Blocks are multiples of four bytes long, and one
+            // ending in padding is not skipped (the padding must end the string).
+            if contiguous && read >= LONG && p.len() - i >= MIN_BLOCK {
+                let block = (p.len() - i).min(BLOCK) & !3;
+                if base64_alphabet(&p[i..i + block]) {
+                    i += block;
+                    alphabet += block;
+                    continue;
+                }
+            }
+            // Look for the end of the string; in its first LONG bytes no further than those
+            // when blocks could follow in this piece.
+            let rest = p.len() - i;
+            let window = if read < LONG && rest >= LONG + MIN_BLOCK { LONG - read } else { rest };
+            match memchr::memchr2(b'"', b'\\', &p[i..i + window]) {
+                None => {
+                    if contiguous && base64_alphabet(&p[i..i + window]) {
+                        alphabet += window;
                     }
-                    Some(k) => {
-                        // Skip the escaped byte, which may be the next piece's first.
-                        i += k + 2;
-                        escaped = i > p.len();
+                    i += window;
+                }
+                Some(k) if p[i + k] == b'"' => {
+                    let end = at + k;
+                    // The last four bytes are left to the check of the string's last group.
+                    let body_part = k.saturating_sub(4);
+                    if contiguous && base64_alphabet(&p[i..i + body_part]) {
+                        alphabet += body_part;
                     }
-                },
+                    if end - start >= LONG {
+                        spans.push((start, end, alphabet + 4 >= end));
+                    }
+                    open = None;
+                    i += k + 1;
+                }
+                Some(k) => {
+                    // Skip the escaped byte, which may be the next piece's first. A string with
+                    // an escape is not read as base64, even in its last group.
+                    i += k + 2;
+                    escaped = i > p.len();
+                    alphabet = 0;
+                }
             }
         }
         base += p.len();
@@ -74,10 +123,10 @@ pub fn skim(body: &Rope) -> Result<Skimmed, String> {
         return Err(TRUNCATED.into());
     }
     // The remainder: everything but the long strings, each replaced by its placeholder.
-    let kept = body.len() - spans.iter().map(|(s, e)| e - s).sum::<usize>();
+    let kept = body.len() - spans.iter().map(|(s, e, _)| e - s).sum::<usize>();
     let mut remainder = Vec::with_capacity(kept + 12 * spans.len());
     let mut copied = 0; // body[..copied] is accounted for in `remainder`
-    for (n, &(start, end)) in spans.iter().enumerate() {
+    for (n, &(start, end, _)) in spans.iter().enumerate() {
         extend(&mut remainder, body, copied..start - 1);
         remainder.extend_from_slice(b"\"\\u0000");
         remainder.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -88,6 +137,15 @@ pub fn skim(body: &Rope) -> Result<Skimmed, String> {
     Ok(Skimmed { remainder, spans, body: body.clone() })
 }
 
+/// Whether every byte of `text` is in the standard base64 alphabet (`A-Z a-z 0-9 + /`, no
+/// padding): the multiple-of-four part checked as base64 text (padding may only end such a text,
+/// so a last byte other than `=` means none), the rest byte by byte.
+fn base64_alphabet(text: &[u8]) -> bool {
+    let whole = text.len() & !3;
+    (whole == 0 || (text[whole - 1] != b'=' && base64_simd::STANDARD.check(&text[..whole]).is_ok()))
+        && text[whole..].iter().all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+}
+
 /// Appends `body[range]` to `out`.
 fn extend(out: &mut Vec<u8>, body: &Rope, range: std::ops::Range<usize>) {
     for piece in body.slice(range).pieces() {
@@ -96,12 +154,18 @@ fn extend(out: &mut Vec<u8>, body: &Rope, range: std::ops::Range<usize>) {
 }
 
 impl Skimmed {
+    /// How many long strings were cut out (placeholders `"\u0000N"`, N from 0).
+    pub fn long_strings(&self) -> usize {
+        self.spans.len()
+    }
+
     /// The text of a string value taken from the remainder: for a placeholder, the long string's
     /// bytes as a slice of the body (still JSON-escaped, if it had escapes); otherwise the value.
     pub fn resolve(&self, value: &str) -> Raw {
         let index = value.strip_prefix(MARK).and_then(|n| n.parse::<usize>().ok());
         match index.and_then(|n| self.spans.get(n)) {
-            Some(&(s, e)) => Raw::Span(self.body.slice(s..e)),
+            Some(&(s, e, true)) => Raw::Base64(self.body.slice(s..e)),
+            Some(&(s, e, false)) => Raw::Span(self.body.slice(s..e)),
             None => Raw::Plain(value.to_string()),
         }
     }
@@ -111,6 +175,10 @@ pub enum Raw {
     /// Bytes of a long string, exactly as they appear between the quotes, as slices of the
     /// body's pieces.
     Span(Rope),
+    /// A long string as [`Raw::Span`] whose bytes, but for its last four, the skim found all in
+    /// the standard base64 alphabet (no padding, no escapes): it is valid base64 when its length
+    /// is a multiple of four and its last group is valid.
+    Base64(Rope),
     /// A short string, already unescaped by serde_json.
     Plain(String),
 }
@@ -132,8 +200,8 @@ fn quoted(span: &Rope) -> Vec<u8> {
 pub fn string_value(raw: Raw, max: usize) -> Option<String> {
     match raw {
         Raw::Plain(s) => (s.len() <= max).then_some(s),
-        Raw::Span(span) if span.len() <= max => serde_json::from_slice(&quoted(&span)).ok(),
-        Raw::Span(_) => None,
+        Raw::Span(span) | Raw::Base64(span) if span.len() <= max => serde_json::from_slice(&quoted(&span)).ok(),
+        Raw::Span(_) | Raw::Base64(_) => None,
     }
 }
 
@@ -141,6 +209,11 @@ pub fn string_value(raw: Raw, max: usize) -> Option<String> {
 /// base64 (no copy), else the unescaped text (a provider that escapes `/` as `\/`).
 pub fn base64_value(raw: Raw) -> Option<Rope> {
     let text = match raw {
+        Raw::Base64(span) => {
+            let last = span.len().checked_sub(4).map(|from| span.slice(from..span.len()).to_bytes());
+            let valid = span.len() % 4 == 0 && last.is_some_and(|g| base64_simd::STANDARD.check(&g).is_ok());
+            return valid.then_some(span);
+        }
         Raw::Span(span) if span.is_base64() => return Some(span),
         Raw::Span(span) => {
             if !span.pieces().iter().any(|p| memchr::memchr(b'\\', p).is_some()) {
@@ -177,14 +250,16 @@ mod tests {
         assert_eq!(v["created"], 1);
         let b64 = v["data"][0]["b64_json"].as_str().unwrap();
         match s.resolve(b64) {
-            Raw::Span(span) => {
+            // All in the base64 alphabet: read once, as base64.
+            Raw::Base64(span) => {
                 assert!(span == *a.as_bytes());
                 // A slice of the same allocation: nothing was copied.
                 let off = span.pieces()[0].as_ptr() as usize - body.as_ptr() as usize;
                 assert_eq!(&body[off..off + 400], a.as_bytes());
             }
-            Raw::Plain(_) => panic!("expected a span"),
+            _ => panic!("expected a base64 span"),
         }
+        assert!(matches!(s.resolve(v["k"].as_str().unwrap()), Raw::Base64(_)));
         assert!(matches!(s.resolve("short"), Raw::Plain(p) if p == "short"));
     }
 
@@ -226,6 +301,74 @@ mod tests {
         assert!(base64_value(Raw::Span(rope(format!("{}!", long(b'A'))))).is_none());
         assert!(base64_value(Raw::Plain(String::new())).is_none());
         assert!(base64_value(Raw::Plain("aGk=".into())).is_some());
+    }
+
+    /// A long string is resolved as base64 read once only when that is what it is, and then
+    /// judged exactly as a full check of it would be, wherever the answer was cut: padding,
+    /// bytes outside the alphabet and escapes at the start, about the first LONG bytes, about a
+    /// block's least size, in the middle and in the last group.
+    #[test]
+    fn strings_read_as_base64_are_judged_as_a_full_check_would() {
+        let valid =
+            |n: usize| base64_simd::STANDARD.encode_to_string((0..n).map(|i| (i * 37 % 251) as u8).collect::<Vec<_>>());
+        let base = valid(7200); // 9600 bytes, no padding: blocks are read in a piece this long
+        let len = base.len();
+        let places = [
+            0,
+            1,
+            100,
+            255,
+            256,
+            257,
+            LONG + MIN_BLOCK - 1,
+            LONG + MIN_BLOCK,
+            5001,
+            len - 8,
+            len - 5,
+            len - 4,
+            len - 3,
+            len - 1,
+        ];
+        let mut texts: Vec<String> = vec![base.clone(), valid(7201), valid(7202), valid(192), valid(195), valid(3500)];
+        for at in places {
+            for bad in ["!", "=", "\\/", "\\\\"] {
+                let mut t = base.clone();
+                t.replace_range(at..at + 1, bad);
+                texts.push(t);
+            }
+        }
+        texts.push(format!("{}=", &base[..len - 1])); // padding with a length that is not a multiple of 4
+        texts.push(format!("{base}A"));
+        texts.push(format!("{}QQ==", &base[..len - 4])); // valid, padded
+        texts.push(format!("{}QR==", &base[..len - 4])); // padding after non-zero bits
+        texts.push(format!("{}Q===", &base[..len - 4]));
+        for text in &texts {
+            // What a full check of the string says (escapes undone first, as base64_value does).
+            let want = base64_value(Raw::Span(rope(text.clone()))).map(|r| r.to_bytes());
+            let body = format!(r#"{{"data":[{{"b64_json":"{text}"}}]}}"#);
+            let whole = skim(&rope(body.clone())).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&whole.remainder).unwrap();
+            let key = v["data"][0]["b64_json"].as_str().unwrap().to_string();
+            // Read once as base64: no escape anywhere, and nothing outside the alphabet before
+            // the last group (which the check of the last group judges).
+            let plain = !text.contains('\\')
+                && text[..text.len() - 4].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/');
+            assert_eq!(matches!(whole.resolve(&key), Raw::Base64(_)), plain, "{:?}", &text[text.len() - 8..]);
+            // Cuts near every place above (in the body: the string starts at byte 22), and
+            // every 53rd byte; pairs on a coarser grid.
+            let n = body.len();
+            let mut single: Vec<usize> = places.iter().flat_map(|&p| (p + 22).saturating_sub(6)..p + 22 + 6).collect();
+            single.extend((1..n).step_by(53));
+            single.extend(n - 12..n);
+            let mut cuts: Vec<Vec<usize>> = single.into_iter().filter(|&c| c > 0 && c < n).map(|c| vec![c]).collect();
+            cuts.extend((1..n).step_by(601).flat_map(|i| (i + 1..n).step_by(577).map(move |j| vec![i, j])));
+            for c in cuts {
+                let s = skim(&pieces(body.as_bytes(), &c)).unwrap();
+                assert_eq!(s.remainder, whole.remainder, "cut at {c:?}");
+                let got = base64_value(s.resolve(&key)).map(|r| r.to_bytes());
+                assert_eq!(got, want, "cut at {c:?}, text ending {:?}", &text[text.len() - 8..]);
+            }
+        }
     }
 
     /// The body cut at `cuts` (byte offsets, increasing).
