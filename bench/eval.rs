@@ -90,10 +90,7 @@ fn ocr_cpu() {
     let decoded: Vec<image::RgbImage> =
         images.iter().map(|b| image::load_from_memory(b).unwrap().into_rgb8()).collect();
     let ocr_alone = |(det, rec): (std::path::PathBuf, std::path::PathBuf)| {
-        let mut k = 0;
-        cpu_samples(&images, |_| {
-            let img = &decoded[k / 11];
-            k += 1;
+        cpu_samples(&decoded, |img| {
             std::hint::black_box(ocr::read_text(&det, &rec, img, settings.ocr_max_side).unwrap());
         })
     };
@@ -115,13 +112,13 @@ fn ocr_cpu() {
 }
 
 /// CPU ms of `run` on this thread for each image: one warm-up, then 10 measured runs each.
-fn cpu_samples(images: &[bytes::Bytes], mut run: impl FnMut(&bytes::Bytes)) -> Vec<f64> {
+fn cpu_samples<T>(images: &[T], mut run: impl FnMut(&T)) -> Vec<f64> {
     let mut samples = Vec::new();
-    for bytes in images {
-        run(bytes); // warm-up (sessions)
+    for image in images {
+        run(image); // warm-up (sessions)
         for _ in 0..10 {
             let c = thread_cpu();
-            run(bytes);
+            run(image);
             samples.push((thread_cpu() - c).as_secs_f64() * 1000.0);
         }
     }

@@ -218,7 +218,8 @@ def main():
     # The reference: the same model at opset 14, before any rewrite (onnx's reference evaluator
     # and ONNX Runtime disagree on the opset-12 original, not on this).
     original = load(src)
-    model = load(src)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
     graph = Graph(model)
     graph.hard_swish()
     while graph.fold_one():
