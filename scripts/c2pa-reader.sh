@@ -15,32 +15,11 @@ me="c2pa-reader.sh"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.cache/c2pa-venv"
 py="$venv/bin/python"
-
-ready() {
-    [ -x "$py" ] && "$py" - "$C2PA_PYTHON_VERSION" >/dev/null 2>&1 <<'PYEOF'
-import sys
-from importlib.metadata import version
-import c2pa  # noqa: F401
-sys.exit(0 if version("c2pa-python") == sys.argv[1] else 1)
-PYEOF
-}
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
 
 setup() {
-    command -v python3 >/dev/null 2>&1 || { echo "$me: python3 is not installed (apt-get install python3 python3-venv)" >&2; exit 1; }
-    mkdir -p "$root/.cache"
-    exec 9>"$root/.cache/c2pa-venv.lock"
-    if command -v flock >/dev/null 2>&1; then
-        flock 9
-    fi
-    if ! ready; then
-        echo "$me: setting up $venv (c2pa-python==$C2PA_PYTHON_VERSION)" >&2
-        if [ ! -x "$py" ]; then
-            rm -rf "$venv"
-            python3 -m venv "$venv" >&2 || { echo "$me: 'python3 -m venv' failed (apt-get install python3-venv)" >&2; exit 1; }
-        fi
-        "$py" -m pip install --disable-pip-version-check --quiet "c2pa-python==$C2PA_PYTHON_VERSION" >&2
-        ready || { echo "$me: c2pa-python==$C2PA_PYTHON_VERSION is still not importable from $py" >&2; exit 1; }
-    fi
+    venv_pin "$me" "$venv" c2pa "c2pa-python==$C2PA_PYTHON_VERSION" || exit 1
     echo "$py"
 }
 

@@ -18,15 +18,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/.cache/ocr-testimages"
 venv="$root/.cache/ocr-venv"
 py="$venv/bin/python"
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
 
-if ! command -v python3 >/dev/null 2>&1; then
-    echo "ocr-testimages.sh: python3 is not installed (apt-get install python3 python3-venv)" >&2
-    exit 1
-fi
 mkdir -p "$out"
-exec 9>"$out/.lock"
+# fd 7: venv_pin takes fd 9 for the venv's own lock.
+exec 7>"$out/.lock"
 if command -v flock >/dev/null 2>&1; then
-    flock 9
+    flock 7
 fi
 
 if [ -f "$out/manifest.json" ] && [ "$(cat "$out/.set-version" 2>/dev/null)" = "$SET_VERSION" ]; then
@@ -34,14 +33,7 @@ if [ -f "$out/manifest.json" ] && [ "$(cat "$out/.set-version" 2>/dev/null)" = "
     exit 0
 fi
 
-if ! { [ -x "$py" ] && "$py" -c "import PIL, sys; sys.exit(PIL.__version__ != '$PILLOW_VERSION')" 2>/dev/null; }; then
-    echo "ocr-testimages.sh: setting up $venv (Pillow==$PILLOW_VERSION)" >&2
-    if [ ! -x "$py" ]; then
-        rm -rf "$venv"
-        python3 -m venv "$venv" >&2
-    fi
-    "$py" -m pip install --disable-pip-version-check --quiet "Pillow==$PILLOW_VERSION" >&2
-fi
+venv_pin ocr-testimages.sh "$venv" PIL "Pillow==$PILLOW_VERSION" || exit 1
 
 fonts="$out/fonts"
 if ! ls "$fonts"/DejaVuSans.ttf >/dev/null 2>&1; then

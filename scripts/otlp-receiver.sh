@@ -26,58 +26,26 @@ me="otlp-receiver.sh"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.cache/otlp-venv"
 py="$venv/bin/python"
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
 
 die() {
     echo "$me: $*" >&2
     exit 1
 }
 
-ready() {
-    [ -x "$py" ] && "$py" - "$OTLP_PROTO_VERSION" "$PROTOBUF_VERSION" "$GRPCIO_VERSION" "$venv/.no-grpc" >/dev/null 2>&1 <<'PYEOF'
-import os, sys
-from importlib.metadata import version, PackageNotFoundError
-proto, protobuf, grpcio, no_grpc = sys.argv[1:]
-import opentelemetry.proto.collector.trace.v1.trace_service_pb2  # noqa: F401
-ok = version("opentelemetry-proto") == proto and version("protobuf") == protobuf
-if not os.path.exists(no_grpc):
-    try:
-        ok = ok and version("grpcio") == grpcio
-    except PackageNotFoundError:
-        ok = False
-sys.exit(0 if ok else 1)
-PYEOF
-}
-
 setup() {
-    if ! command -v python3 >/dev/null 2>&1; then
-        die "python3 is not installed (apt-get install python3 python3-venv)"
+    local module=opentelemetry.proto.collector.trace.v1.trace_service_pb2
+    local pins=("opentelemetry-proto==$OTLP_PROTO_VERSION" "protobuf==$PROTOBUF_VERSION")
+    # Where grpcio could not be installed once (no wheel for this Python), the marker beside
+    # the venv keeps later calls from trying again; delete it to retry.
+    if [ ! -e "$venv.no-grpc" ]; then
+        venv_pin "$me" "$venv" "$module,grpc" "${pins[@]}" "grpcio==$GRPCIO_VERSION" \
+            "typing_extensions==$TYPING_EXTENSIONS_VERSION" && return 0
+        echo "$me: installing with grpcio failed; going on without OTLP/gRPC" >&2
+        touch "$venv.no-grpc"
     fi
-    mkdir -p "$root/.cache"
-    # One creator at a time (parallel tests may all call start).
-    exec 9>"$root/.cache/otlp-venv.lock"
-    if command -v flock >/dev/null 2>&1; then
-        flock 9
-    fi
-    if ! ready; then
-        local t0=$SECONDS
-        echo "$me: setting up $venv (opentelemetry-proto==$OTLP_PROTO_VERSION protobuf==$PROTOBUF_VERSION grpcio==$GRPCIO_VERSION)" >&2
-        if [ ! -x "$py" ]; then
-            rm -rf "$venv"
-            python3 -m venv "$venv" >&2 || die "'python3 -m venv' failed; install the venv module (apt-get install python3-venv)"
-        fi
-        rm -f "$venv/.no-grpc"
-        local pip=("$py" -m pip install --disable-pip-version-check --quiet)
-        if ! "${pip[@]}" "opentelemetry-proto==$OTLP_PROTO_VERSION" "protobuf==$PROTOBUF_VERSION" "grpcio==$GRPCIO_VERSION" \
-            "typing_extensions==$TYPING_EXTENSIONS_VERSION" >&2; then
-            echo "$me: installing with grpcio failed; going on without OTLP/gRPC" >&2
-            "${pip[@]}" "opentelemetry-proto==$OTLP_PROTO_VERSION" "protobuf==$PROTOBUF_VERSION" >&2 ||
-                die "pip install opentelemetry-proto==$OTLP_PROTO_VERSION failed (is PyPI reachable?)"
-            touch "$venv/.no-grpc"
-        fi
-        ready || die "opentelemetry-proto==$OTLP_PROTO_VERSION is still not importable from $py"
-        echo "$me: set up in $((SECONDS - t0))s" >&2
-    fi
-    exec 9>&-
+    venv_pin "$me" "$venv" "$module" "${pins[@]}" || die "opentelemetry-proto==$OTLP_PROTO_VERSION cannot be installed in $venv"
 }
 
 # Whether PID is running (a zombie waiting for its reaper is not).
