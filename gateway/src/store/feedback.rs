@@ -99,8 +99,15 @@ impl TraceDb {
             return local
                 .transaction(|tx| {
                     let mut written = 0;
+                    // Each kind's statement taken from the cache once per batch, not once per row.
+                    let (mut explicit, mut implicit) = (None, None);
                     for e in &last {
-                        let mut stmt = tx.prepare_cached(upsert_sql(Backend::Sqlite, 1, e.source == REGENERATION))?;
+                        let regeneration = e.source == REGENERATION;
+                        let slot = if regeneration { &mut implicit } else { &mut explicit };
+                        let stmt = match slot {
+                            Some(stmt) => stmt,
+                            None => slot.insert(tx.prepare_cached(upsert_sql(Backend::Sqlite, 1, regeneration))?),
+                        };
                         let labels = serde_json::to_string(&e.labels).unwrap_or_else(|_| "[]".into());
                         written += stmt.execute(rusqlite::params![
                             e.trace_id,
