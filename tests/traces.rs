@@ -318,9 +318,26 @@ async fn record_prompt_sha256_and_none_never_write_the_prompt() {
         let digest = if how == "sha256" { json!(sha256_hex(&secret)) } else { Value::Null };
         assert_eq!(rec["prompt_sha256"], digest);
         assert!(!rec.to_string().contains(&secret));
+        // A provider that quotes the prompt in its errors (a content filter's refusal, a 5xx,
+        // an account error): its words reach the client, not the record or the logs.
+        let quoted = format!("Prompt: {secret}");
+        for (status, code) in [(400, "content_policy_violation"), (503, "server_error"), (403, "")] {
+            first.set_error(
+                status,
+                &json!({"error": {"message": quoted, "type": "invalid_request_error", "param": null, "code": code}})
+                    .to_string(),
+            );
+            let r = gw.generate(&json!({"model": "m", "prompt": secret})).await;
+            assert!(r.status >= 400, "{}", r.describe());
+            let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
+            let error = rec["attempts"][0]["error"].as_str().unwrap_or_default().to_string();
+            assert!(error.contains("the provider's message is withheld"), "{status}: {rec}");
+            assert!(!rec.to_string().contains(&secret), "{status}: {rec}");
+        }
         let metrics = gw.metrics().await;
         assert!(!metrics.contains(&secret));
         let logs = gw.stderr();
+        assert!(logs.contains("attempt failed"), "{logs}");
         assert!(logs.contains("request done"), "debug logs are on: {logs}");
         assert!(!logs.contains(&secret), "{logs}");
         drop(gw);

@@ -184,6 +184,7 @@ pub fn attempts(
     costs: &[Option<f64>],
 ) {
     let mut notes: Vec<Option<AttemptNote>> = notes.into_iter().map(Some).collect();
+    let full = rec.record_prompt == RecordPrompt::Full.name();
     for (i, a) in outcome.attempts.iter().enumerate() {
         let route = &policy.routes[a.step.route];
         let target = &route.targets[a.step.target];
@@ -221,7 +222,7 @@ pub fn attempts(
             latency_ms: a.elapsed.as_secs_f64() * 1e3,
             queue_ms: note.as_ref().map_or(0.0, |n| n.queue.as_secs_f64() * 1e3),
             result: a.label().to_string(),
-            error: a.result.as_ref().err().map(error_text),
+            error: a.result.as_ref().err().map(|e| error_text(e, full)),
             cost_usd: costs.get(i).copied().flatten(),
             role: role.to_string(),
             evaluations: Vec::new(),
@@ -264,7 +265,7 @@ pub fn mirror_attempt(
         elapsed: latency,
         result: match result {
             Ok(_) => Ok(()),
-            Err(e) => Err(ProviderError::Other(error_text(e))),
+            Err(e) => Err(ProviderError::Other(error_text(e, rec.record_prompt == RecordPrompt::Full.name()))),
         },
     };
     let label = match result {
@@ -290,12 +291,14 @@ pub fn mirror_attempt(
     rec.cost_usd = cost;
 }
 
-/// An attempt's failure as recorded: the error's text without a provider's body (which may
-/// echo what it was sent).
-fn error_text(e: &ProviderError) -> String {
+/// An attempt's failure as recorded (at most 1000 characters): never a rejected request's
+/// body (which may echo what it was sent), and what the provider wrote only when the route
+/// keeps the prompt (`full`): a provider's message may quote it.
+fn error_text(e: &ProviderError, full: bool) -> String {
     match e {
         ProviderError::Rejected { status, .. } => format!("upstream rejected the request with {status}"),
-        other => other.to_string().chars().take(1000).collect(),
+        other if full => other.to_string().chars().take(1000).collect(),
+        other => other.text_without_provider_message().chars().take(1000).collect(),
     }
 }
 
@@ -371,6 +374,34 @@ mod tests {
         let (text, sha2) = recorded(RecordPrompt::Sha256, Some(&p));
         assert_eq!((text, sha2), (None, sha));
         assert_eq!(recorded(RecordPrompt::None, Some(&p)), (None, None));
+    }
+
+    /// What a provider wrote is recorded only where the prompt is: it may quote it.
+    #[test]
+    fn provider_text_is_recorded_only_when_the_prompt_is() {
+        use http::StatusCode;
+        let quoting = [
+            ProviderError::ContentFiltered("Prompt: my secret words".into()),
+            ProviderError::Status { status: StatusCode::BAD_GATEWAY, message: "my secret words".into(), retry_after: None },
+            ProviderError::Account {
+                status: StatusCode::FORBIDDEN,
+                provider_wide: true,
+                message: "no access for my secret words".into(),
+            },
+        ];
+        for e in &quoting {
+            assert!(error_text(e, true).contains("my secret words"), "{e}");
+            let kept = error_text(e, false);
+            assert!(!kept.contains("secret"), "{kept}");
+            assert!(kept.contains(crate::providers::PROVIDER_TEXT_WITHHELD), "{kept}");
+        }
+        let status = error_text(&quoting[1], false);
+        assert!(status.starts_with("upstream answered 502 Bad Gateway"), "{status}");
+        // The gateway's own words stay, and a rejected request's body is never kept.
+        let timeout = ProviderError::Timeout;
+        assert_eq!(error_text(&timeout, false), "timed out");
+        let rejected = ProviderError::Rejected { status: StatusCode::BAD_REQUEST, body: "my secret words".into() };
+        assert_eq!(error_text(&rejected, true), "upstream rejected the request with 400 Bad Request");
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Drop for CancelOnDrop {
             match tokio::time::timeout(CANCEL_TIMEOUT, call(method, &url, auth.as_ref(), None)).await {
                 Ok(Ok(a)) if a.status.is_success() => tracing::debug!(provider, "abandoned job cancelled"),
                 Ok(Ok(a)) => tracing::info!(provider, status = a.status.as_u16(), "job cancel refused"),
-                Ok(Err(e)) => tracing::info!(provider, "job cancel failed: {e}"),
+                Ok(Err(e)) => tracing::info!(provider, "job cancel failed: {}", e.text_without_provider_message()),
                 Err(_) => tracing::info!(provider, "job cancel timed out"),
             }
         });

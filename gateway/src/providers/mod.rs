@@ -208,6 +208,9 @@ impl AttemptRequest<'_> {
     }
 }
 
+/// Stands in for what a provider wrote in [`ProviderError::text_without_provider_message`].
+pub const PROVIDER_TEXT_WITHHELD: &str = "the provider's message is withheld: it may quote the prompt";
+
 /// Why an attempt failed. Each variant says whether trying another target makes sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -314,6 +317,25 @@ impl ProviderError {
             | ProviderError::QueueTimeout
             | ProviderError::Busy
             | ProviderError::HedgeCancelled) => e,
+        }
+    }
+
+    /// The error's text without anything the provider wrote: a status's message, a content
+    /// filter's reason, an account error's message become [`PROVIDER_TEXT_WITHHELD`] (a
+    /// provider may quote the prompt, or the word of it that it refused). The status and the
+    /// gateway's own words stay. What logs carry, and what trace records and spans keep under
+    /// `record_prompt = "sha256"` or `"none"`.
+    pub fn text_without_provider_message(&self) -> String {
+        match self {
+            ProviderError::Status { status, .. } => format!("upstream answered {status} ({PROVIDER_TEXT_WITHHELD})"),
+            ProviderError::Rejected { status, .. } => format!("upstream rejected the request with {status}"),
+            ProviderError::ContentFiltered(_) => {
+                format!("the provider's content filter refused it ({PROVIDER_TEXT_WITHHELD})")
+            }
+            ProviderError::Account { status, .. } => {
+                format!("the provider account cannot serve ({status}) ({PROVIDER_TEXT_WITHHELD})")
+            }
+            other => other.to_string(),
         }
     }
 

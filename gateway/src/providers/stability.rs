@@ -130,7 +130,7 @@ impl Provider for Stability {
                     generation.settings.seed = generation.settings.seed.or(seed);
                 }
                 Err(e) => {
-                    tracing::debug!("stability: one of {} calls failed: {e}", req.n);
+                    tracing::debug!("stability: one of {} calls failed: {}", req.n, e.text_without_provider_message());
                     first_error.get_or_insert(e);
                 }
             }
