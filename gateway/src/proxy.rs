@@ -623,7 +623,8 @@ async fn generate(
         req.regenerate_of = Some(id.to_ascii_lowercase());
     }
     // 3. Where it goes: the route, its plan with demoted targets last, the canary's share.
-    let cohort = headers.get(COHORT).and_then(|v| v.to_str().ok());
+    let cohort_text = trace::header_text(headers, COHORT);
+    let cohort = cohort_text.as_deref();
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
@@ -681,8 +682,8 @@ async fn generate(
         }
         ctx.contract_checked = Some(checked);
     }
-    let sent = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    ctx.cohort_fields = Some([cohort.map(str::to_string), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
+    let sent = |name: &str| trace::header_text(headers, name).map(|v| crate::cut(&v, trace::MAX_FIELD_CHARS));
+    ctx.cohort_fields = Some([sent(COHORT), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
     if app.traces.is_some() {
         let caller = trace::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };
         let parent = ctx.parent_span_id.take();

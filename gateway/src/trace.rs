@@ -30,11 +30,22 @@ pub const COHORT: &str = "x-acc-cohort";
 /// Longest cohort field value kept; longer ones are cut (at a character boundary).
 pub const MAX_FIELD_CHARS: usize = 256;
 
-/// A header's value as text, cut to [`MAX_FIELD_CHARS`]; `None` when absent, empty or not
-/// visible ASCII.
+/// A cohort header's value as text: UTF-8, as clients send it (bytes that are not UTF-8 become
+/// U+FFFD, so the value is still recorded and counted as `other`), without surrounding
+/// whitespace; `None` when absent or empty. HTTP field values are octets (RFC 9110, 5.5); a
+/// value that is not visible ASCII is kept, not dropped.
+pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    use std::borrow::Cow;
+    let text = match String::from_utf8_lossy(headers.get(name)?.as_bytes()) {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+/// [`header_text`] cut to [`MAX_FIELD_CHARS`] characters.
 fn field(headers: &HeaderMap, name: &str) -> Option<String> {
-    let v = headers.get(name)?.to_str().ok()?.trim();
-    (!v.is_empty()).then(|| cut(v, MAX_FIELD_CHARS))
+    header_text(headers, name).map(|v| cut(&v, MAX_FIELD_CHARS))
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -374,6 +385,20 @@ mod tests {
         let (text, sha2) = recorded(RecordPrompt::Sha256, Some(&p));
         assert_eq!((text, sha2), (None, sha));
         assert_eq!(recorded(RecordPrompt::None, Some(&p)), (None, None));
+    }
+
+    /// Cohort headers are read as UTF-8; bytes that are not UTF-8 are kept as U+FFFD.
+    #[test]
+    fn cohort_headers_beyond_ascii_are_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(COHORT, http::HeaderValue::from_bytes(" bêta ".as_bytes()).unwrap());
+        h.insert(ASSET_TYPE, http::HeaderValue::from_bytes(b"x\xffy").unwrap());
+        h.insert(PROMPT_TEMPLATE, http::HeaderValue::from_static("  "));
+        assert_eq!(field(&h, COHORT).as_deref(), Some("bêta"));
+        assert_eq!(field(&h, ASSET_TYPE).as_deref(), Some("x\u{fffd}y"));
+        assert_eq!(field(&h, PROMPT_TEMPLATE), None);
+        h.insert(COHORT, http::HeaderValue::from_bytes("é".repeat(300).as_bytes()).unwrap());
+        assert_eq!(field(&h, COHORT).map(|v| v.chars().count()), Some(MAX_FIELD_CHARS));
     }
 
     /// What a provider wrote is recorded only where the prompt is: it may quote it.
