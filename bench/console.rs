@@ -197,6 +197,7 @@ async fn main() {
             labels: Vec::new(),
             source: if explicit { "explicit" } else { "regeneration" }.into(),
             created_unix_nano: now - span + span / 2000 * i,
+            ..FeedbackEntry::default()
         };
         db.upsert_feedback(&entry).await.unwrap();
     }

@@ -378,17 +378,49 @@ async fn explicit_regeneration_by_header_and_by_body_links_the_traces() {
     assert_eq!(
         feedback,
         vec![
-            with(json!({"end_user": "u1", "rating": 1.0, "comment": null, "labels": [], "source": "explicit"})),
+            // u1's own rating stays, and carries the link of u1's regeneration.
+            with(json!({
+                "end_user": "u1", "rating": 1.0, "comment": null, "labels": [], "source": "explicit",
+                "regenerated_by": by_header, "regeneration_how": "explicit",
+            })),
             with(json!({
                 "end_user": "u2", "rating": -1.0, "comment": null, "source": "regeneration",
                 "labels": [format!("regenerated_by:{by_body}"), "how:explicit"],
+                "regenerated_by": by_body, "regeneration_how": "explicit",
             })),
         ]
     );
-    assert_eq!(v["regenerated_by"], json!([{"trace_id": by_body, "how": "explicit", "end_user": "u2"}]));
+    assert_eq!(
+        v["regenerated_by"],
+        json!([
+            {"trace_id": by_header, "how": "explicit", "end_user": "u1"},
+            {"trace_id": by_body, "how": "explicit", "end_user": "u2"},
+        ])
+    );
+    // u2 now rates it (the rating replaces the implicit -1) and regenerates it once more: the
+    // rating stays u2's and the link is the latest regeneration (a fresh-user trial found both
+    // links gone).
+    rate(&gw, KEY_A, &json!({"trace_id": first, "rating": "up", "user": "u2"})).await.assert_status(200);
+    let again = generate(&gw, KEY_A, "m", "a third try", Some("u2"), &[("x-acc-regenerate-of", &first)]).await;
+    let linked = eventually(Duration::from_secs(10), || async {
+        let v = trace(&gw, &first, Some(2)).await;
+        v["regenerated_by"][1]["trace_id"] == again.as_str()
+    })
+    .await;
+    let v = trace(&gw, &first, Some(2)).await;
+    assert!(linked, "{v:#}");
+    assert_eq!(
+        v["regenerated_by"],
+        json!([
+            {"trace_id": by_header, "how": "explicit", "end_user": "u1"},
+            {"trace_id": again, "how": "explicit", "end_user": "u2"},
+        ])
+    );
+    let u2 = &v["feedback"][1];
+    assert_eq!((&u2["rating"], &u2["source"], &u2["labels"]), (&json!(1.0), &json!("explicit"), &json!([])), "{v:#}");
     assert_eq!(
         gw.metric("acc_regenerations_total", &[("route", "main"), ("cohort", "beta"), ("how", "explicit")]).await,
-        2.0
+        3.0
     );
     assert_eq!(gw.metric("acc_regenerations_total", &[("how", "implicit")]).await, 0.0);
     // A link to a trace that does not exist is ignored.
@@ -434,7 +466,7 @@ async fn implicit_regeneration_needs_the_same_tenant_user_route_and_a_near_ident
             "trace_id": first, "image_index": -1, "end_user": "u1", "tenant": "acme", "route": "main",
             "cohort": "beta", "prompt_template": "hero@3", "asset_type": "banner", "provider": "p",
             "rating": -1.0, "comment": null, "labels": [format!("regenerated_by:{again}"), "how:implicit"],
-            "source": "regeneration",
+            "source": "regeneration", "regenerated_by": again, "regeneration_how": "implicit",
         })
     );
     assert_eq!(v["regenerated_by"], json!([{"trace_id": again, "how": "implicit", "end_user": "u1"}]));

@@ -181,7 +181,10 @@ async fn a_record_holds_everything_about_its_request_and_survives_a_restart() {
     let r = gw.generate_with(&json!({"model": "m", "prompt": "p"}), &headers).await;
     r.assert_status(200);
     let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
-    assert_eq!((&rec["cohort"], &rec["prompt_template"], &rec["asset_type"]), (&json!("bêta-ünï-😀"), &json!("héro@3"), &json!("横幅")));
+    assert_eq!(
+        (&rec["cohort"], &rec["prompt_template"], &rec["asset_type"]),
+        (&json!("bêta-ünï-😀"), &json!("héro@3"), &json!("横幅"))
+    );
     let others = [("cohort", "other"), ("template", "other"), ("asset_type", "other")];
     assert_eq!(gw.metric("acc_cohort_requests_total", &others).await, 1.0);
 }

@@ -311,6 +311,8 @@ impl Feedback {
             labels: r.labels,
             source: EXPLICIT.to_string(),
             created_unix_nano: unix_nanos(),
+            regenerated_by: None,
+            regeneration_how: None,
         };
         let db = writer.db().ok_or_else(|| {
             self.store_failure(StoreError::Unavailable { target: "trace store".into(), message: "not open".into() })
@@ -486,6 +488,8 @@ async fn write_regenerations(
                 labels: vec![format!("regenerated_by:{}", r.by), format!("how:{}", r.how)],
                 source: REGENERATION.to_string(),
                 created_unix_nano: unix_nanos(),
+                regeneration_how: Some(r.how.to_string()),
+                regenerated_by: Some(r.by),
             });
         }
         if let Err(e) = db.upsert_feedback_batch(&entries).await {
@@ -497,14 +501,21 @@ async fn write_regenerations(
 }
 
 /// `regenerated_by` of `GET /admin/traces/{id}`: the regenerations recorded in a trace's
-/// feedback (one per end user, the latest), as `{trace_id, how, end_user}`.
+/// feedback (one per end user, the latest), as `{trace_id, how, end_user}`, whether the entry
+/// holds the regeneration's implicit -1 or the user's own rating. Entries written before
+/// migration 0004 carry the link in their labels only.
 pub fn regenerated_by(entries: &[FeedbackEntry]) -> Vec<Value> {
     entries
         .iter()
-        .filter(|e| e.source == REGENERATION)
         .filter_map(|e| {
-            let by = e.labels.iter().find_map(|l| l.strip_prefix("regenerated_by:"))?;
-            let how = e.labels.iter().find_map(|l| l.strip_prefix("how:")).unwrap_or("implicit");
+            let (by, how) = match (&e.regenerated_by, &e.regeneration_how) {
+                (Some(by), how) => (by.as_str(), how.as_deref().unwrap_or("implicit")),
+                (None, _) if e.source == REGENERATION => (
+                    e.labels.iter().find_map(|l| l.strip_prefix("regenerated_by:"))?,
+                    e.labels.iter().find_map(|l| l.strip_prefix("how:")).unwrap_or("implicit"),
+                ),
+                (None, _) => return None,
+            };
             Some(serde_json::json!({"trace_id": by, "how": how, "end_user": e.end_user}))
         })
         .collect()

@@ -407,7 +407,11 @@ mod tests {
         use http::StatusCode;
         let quoting = [
             ProviderError::ContentFiltered("Prompt: my secret words".into()),
-            ProviderError::Status { status: StatusCode::BAD_GATEWAY, message: "my secret words".into(), retry_after: None },
+            ProviderError::Status {
+                status: StatusCode::BAD_GATEWAY,
+                message: "my secret words".into(),
+                retry_after: None,
+            },
             ProviderError::Account {
                 status: StatusCode::FORBIDDEN,
                 provider_wide: true,

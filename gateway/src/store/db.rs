@@ -265,6 +265,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "traces", include_str!("../../migrations/0001_traces.sql")),
     (2, "reviews", include_str!("../../migrations/0002_reviews.sql")),
     (3, "feedback", include_str!("../../migrations/0003_feedback.sql")),
+    (4, "feedback regenerations", include_str!("../../migrations/0004_feedback_regenerations.sql")),
 ];
 
 #[derive(Debug)]

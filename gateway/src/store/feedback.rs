@@ -44,6 +44,14 @@ pub struct FeedbackEntry {
     pub source: String,
     /// When it was written (last replaced), Unix nanoseconds.
     pub created_unix_nano: u64,
+    /// The latest request of this end user that regenerated the trace (its trace id), and how
+    /// it was detected (`explicit` or `implicit`); absent when none did. Kept when an explicit
+    /// rating replaces a regeneration's implicit -1, and updated by later regenerations even
+    /// where the user's own rating stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regenerated_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regeneration_how: Option<String>,
 }
 
 impl FeedbackEntry {
@@ -66,14 +74,16 @@ pub fn rating_label(rating: f64) -> &'static str {
 }
 
 /// How many columns [`COLUMNS`] names.
-const COLUMN_COUNT: usize = 14;
+const COLUMN_COUNT: usize = 16;
 const COLUMNS: &str = "trace_id, image_index, end_user, tenant, route, cohort, prompt_template, asset_type, \
-                       provider, rating, comment, labels, source, created_unix_nano";
+                       provider, rating, comment, labels, source, created_unix_nano, regenerated_by, regeneration_how";
 
 impl TraceDb {
     /// Writes `entry`, replacing the entry of the same (trace, image, end user) if there is
     /// one, except that a [`REGENERATION`] entry never replaces an [`EXPLICIT`] one (what the
-    /// user said outranks what the gateway inferred). Returns whether the row was written.
+    /// user said outranks what the gateway inferred): it only updates that row's
+    /// `regenerated_by` and `regeneration_how`, which an explicit entry in turn keeps. Returns
+    /// whether the row was written or updated.
     /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
     pub async fn upsert_feedback(&self, entry: &FeedbackEntry) -> Result<bool, StoreError> {
         let done = upsert(entry, self.backend()).execute(&self.pool).await.map_err(self.fail("feedback"))?;
@@ -124,6 +134,8 @@ impl TraceDb {
                             labels,
                             e.source,
                             nanos_i64(e.created_unix_nano),
+                            e.regenerated_by,
+                            e.regeneration_how,
                         ])? as u64;
                     }
                     Ok(written)
@@ -181,6 +193,8 @@ impl TraceDb {
                 labels: labels.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default(),
                 source: row.try_get(12).map_err(&fail)?,
                 created_unix_nano: created.max(0) as u64,
+                regenerated_by: row.try_get(14).map_err(&fail)?,
+                regeneration_how: row.try_get(15).map_err(&fail)?,
             });
         }
         Ok(out)
@@ -202,15 +216,40 @@ fn upsert_sql(backend: Backend, rows: usize, implicit: bool) -> &'static str {
         for engine in [Backend::Sqlite, Backend::Postgres] {
             for implicit in [false, true] {
                 for &n in &INSERT_GROUPS {
-                    let only_implicit = if implicit { " WHERE feedback.source = 'regeneration'" } else { "" };
+                    // An explicit entry replaces the rating and keeps the regeneration link; a
+                    // regeneration replaces the rating only where a regeneration wrote it, and
+                    // always updates the link.
+                    let rated = [
+                        "tenant",
+                        "route",
+                        "cohort",
+                        "prompt_template",
+                        "asset_type",
+                        "provider",
+                        "rating",
+                        "comment",
+                        "labels",
+                        "source",
+                        "created_unix_nano",
+                    ];
+                    let set: Vec<String> = if implicit {
+                        rated
+                            .iter()
+                            .map(|c| {
+                                format!(
+                                    "{c} = CASE WHEN feedback.source = 'regeneration' THEN excluded.{c} ELSE feedback.{c} END"
+                                )
+                            })
+                            .chain(["regenerated_by", "regeneration_how"].iter().map(|c| format!("{c} = excluded.{c}")))
+                            .collect()
+                    } else {
+                        rated.iter().map(|c| format!("{c} = excluded.{c}")).collect()
+                    };
                     all.push(format!(
                         "INSERT INTO feedback ({COLUMNS}) VALUES {} \
-                         ON CONFLICT (trace_id, image_index, end_user) DO UPDATE SET tenant = excluded.tenant, \
-                         route = excluded.route, cohort = excluded.cohort, prompt_template = excluded.prompt_template, \
-                         asset_type = excluded.asset_type, provider = excluded.provider, rating = excluded.rating, \
-                         comment = excluded.comment, labels = excluded.labels, source = excluded.source, \
-                         created_unix_nano = excluded.created_unix_nano{only_implicit}",
-                        values_list(engine, n, COLUMN_COUNT)
+                         ON CONFLICT (trace_id, image_index, end_user) DO UPDATE SET {}",
+                        values_list(engine, n, COLUMN_COUNT),
+                        set.join(", ")
                     ));
                 }
             }
@@ -243,4 +282,6 @@ fn bind<'q>(
         .bind(labels)
         .bind(entry.source.clone())
         .bind(nanos_i64(entry.created_unix_nano))
+        .bind(entry.regenerated_by.clone())
+        .bind(entry.regeneration_how.clone())
 }

@@ -288,6 +288,7 @@ mod tests {
                     labels: Vec::new(),
                     source: source.into(),
                     created_unix_nano: NOW - age,
+                    ..FeedbackEntry::default()
                 };
                 db.upsert_feedback(&entry).await.unwrap();
             }

@@ -20,6 +20,8 @@ fn entry(trace_id: &str, image_index: i64, end_user: &str, rating: f64) -> Feedb
         labels: vec!["dark".into(), "off-brand".into()],
         source: EXPLICIT.into(),
         created_unix_nano: T,
+        regenerated_by: None,
+        regeneration_how: None,
     }
 }
 
@@ -47,27 +49,34 @@ async fn check_feedback(s: &TestStore) {
     let stored = db.feedback_of(&t).await.expect("read");
     assert_eq!(stored, vec![again.clone(), image.clone(), other_user.clone()], "{}", s.name);
 
-    // A regeneration's implicit -1 does not replace what the user said...
+    // A regeneration's implicit -1 does not replace what the user said: it only leaves its
+    // link on it...
     let implicit = FeedbackEntry {
         rating: -1.0,
         comment: None,
         labels: vec![format!("regenerated_by:{}", id(3)), "how:implicit".into()],
         source: REGENERATION.into(),
         created_unix_nano: T + 9,
+        regenerated_by: Some(id(3)),
+        regeneration_how: Some("implicit".into()),
         ..entry(&t, 0, "u2", -1.0)
     };
-    assert!(!db.upsert_feedback(&implicit).await.expect("upsert"), "{}", s.name);
-    assert_eq!(db.feedback_of(&t).await.expect("read")[2], other_user, "{}", s.name);
+    assert!(db.upsert_feedback(&implicit).await.expect("upsert"), "{}", s.name);
+    let linked =
+        FeedbackEntry { regenerated_by: Some(id(3)), regeneration_how: Some("implicit".into()), ..other_user.clone() };
+    assert_eq!(db.feedback_of(&t).await.expect("read")[2], linked, "{}", s.name);
     // ...lands where there is nothing, replaces an earlier implicit one...
     let implicit_u3 = FeedbackEntry { end_user: "u3".into(), ..implicit.clone() };
     assert!(db.upsert_feedback(&implicit_u3).await.expect("upsert"));
     let later = FeedbackEntry { created_unix_nano: T + 20, ..implicit_u3.clone() };
     assert!(db.upsert_feedback(&later).await.expect("upsert"));
     assert_eq!(db.feedback_of(&t).await.expect("read")[3], later, "{}", s.name);
-    // ...and an explicit rating replaces it.
+    // ...and an explicit rating replaces it, keeping the link.
     let explicit_u3 = entry(&t, 0, "u3", 1.0);
     assert!(db.upsert_feedback(&explicit_u3).await.expect("upsert"));
-    assert_eq!(db.feedback_of(&t).await.expect("read")[3], explicit_u3, "{}", s.name);
+    let kept =
+        FeedbackEntry { regenerated_by: Some(id(3)), regeneration_how: Some("implicit".into()), ..explicit_u3.clone() };
+    assert_eq!(db.feedback_of(&t).await.expect("read")[3], kept, "{}", s.name);
     assert_eq!(db.feedback_of(&id(9)).await.expect("read"), vec![], "{}", s.name);
 
     // What the release gate reads: plain columns, rating as a number, labels as JSON text.
@@ -101,6 +110,8 @@ fn implicit(trace_id: &str, end_user: &str, by: u64, at: u64) -> FeedbackEntry {
         labels: vec![format!("regenerated_by:{}", id(by)), "how:implicit".into()],
         source: REGENERATION.into(),
         created_unix_nano: at,
+        regenerated_by: Some(id(by)),
+        regeneration_how: Some("implicit".into()),
         ..entry(trace_id, -1, end_user, -1.0)
     }
 }
@@ -118,7 +129,11 @@ async fn check_feedback_batch(s: &TestStore) {
     let explicit = entry(&id(2), 0, "u2", -0.5);
     batch.insert(3, explicit.clone());
     let written = db.upsert_feedback_batch(&batch).await.expect("batch");
-    assert_eq!(written, 71, "{}: 70 regenerated traces (one twice: its later entry) and the explicit entry", s.name);
+    assert_eq!(
+        written, 72,
+        "{}: 70 regenerated traces (one twice: its later entry), the link on the rated one, and the explicit entry",
+        s.name
+    );
     // The later of the two entries of one (trace, image, end user) is the one kept.
     assert_eq!(
         db.feedback_of(&id(100)).await.expect("read"),
@@ -132,7 +147,14 @@ async fn check_feedback_batch(s: &TestStore) {
         "{}",
         s.name
     );
-    assert_eq!(db.feedback_of(&id(1)).await.expect("read"), vec![said], "{}: what the user said stays", s.name);
+    let said_linked =
+        FeedbackEntry { regenerated_by: Some(id(2001)), regeneration_how: Some("implicit".into()), ..said.clone() };
+    assert_eq!(
+        db.feedback_of(&id(1)).await.expect("read"),
+        vec![said_linked],
+        "{}: what the user said stays, with the regeneration's link",
+        s.name
+    );
     assert_eq!(db.feedback_of(&id(2)).await.expect("read"), vec![explicit], "{}", s.name);
     let row = sqlx::query::<sqlx::Any>("SELECT COUNT(*) FROM feedback").fetch_one(db.pool()).await.expect("count");
     assert_eq!(row.try_get::<i64, _>(0).unwrap(), 72, "{}", s.name);
