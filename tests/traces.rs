@@ -705,3 +705,35 @@ async fn a_cancelled_request_still_leaves_its_record() {
     assert_eq!(gw.metric("acc_requests_total", &[("outcome", "client_cancelled")]).await, 1.0);
     assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 1.0);
 }
+
+/// An upstream's own 4xx goes to the client as it came; the record's `error_code` is the code
+/// that answer carries (a fresh-user trial found `upstream_rejected` there instead), and
+/// `upstream_rejected` only when the answer has none.
+#[tokio::test]
+async fn a_passed_through_upstream_error_is_recorded_with_the_code_sent() {
+    let (first, second) = (MockProvider::start().await, MockProvider::start().await);
+    let (gw, _dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
+    let auth = bearer(KEY);
+    let cases = [
+        (
+            json!({"error": {"message": "Invalid size: 7x7", "type": "invalid_request_error", "param": "size", "code": "invalid_value"}})
+                .to_string(),
+            "invalid_value",
+        ),
+        ("not json at all".to_string(), "upstream_rejected"),
+    ];
+    for (body, code) in cases {
+        first.set_error(400, &body);
+        let r = gw.generate_with(&json!({"model": "m", "prompt": "p"}), &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 400, "{}", r.describe());
+        if code != "upstream_rejected" {
+            assert_eq!(r.json()["error"]["code"], code, "{}", r.describe());
+        }
+        let rec = record(&gw, &r.header("x-acc-trace-id").unwrap()).await;
+        assert_eq!(
+            (&rec["status"], &rec["error_code"], &rec["outcome"]),
+            (&json!(400), &json!(code), &json!("upstream_rejected"))
+        );
+        assert_eq!(second.hits(), 0, "a 400 is not retried elsewhere");
+    }
+}

@@ -909,7 +909,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
 fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<ChunkedBody, ApiError>) -> Response {
     ctx.disarm();
     let route = ctx.route.map_or("none", |i| snap.policy.routes[i].name.as_str());
-    let mut error_code: Option<&'static str> = None;
+    let mut error_code: Option<std::borrow::Cow<'static, str>> = None;
     let (mut resp, outcome) = match result {
         Ok(body) => {
             let mut r = Response::new(Body::new(body));
@@ -924,7 +924,15 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
             (r, "ok")
         }
         Err(e) => {
-            error_code = e.code;
+            // An upstream's own 4xx goes to the client as it came: the record keeps the code
+            // that answer carries (OpenAI's error shape), not the gateway's name for the case.
+            error_code = e
+                .raw_body
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                .and_then(|v| v["error"]["code"].as_str().map(|c| crate::cut(c, 128)))
+                .map(std::borrow::Cow::Owned)
+                .or(e.code.map(std::borrow::Cow::Borrowed));
             let outcome = match (e.code, e.status.as_u16()) {
                 (Some("invalid_api_key"), _) => "unauthorized",
                 (Some("upstream_rejected"), _) => "upstream_rejected",
@@ -1042,7 +1050,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     if let (Some(mut rec), Some(writer)) = (ctx.record.take(), app.traces.as_ref()) {
         let decision = resp.headers().get(DECISION).and_then(|v| v.to_str().ok()).unwrap_or("error");
         let status = resp.status().as_u16();
-        trace::finish(&mut rec, status, decision, outcome, error_code, elapsed * 1e3, ctx.cost);
+        trace::finish(&mut rec, status, decision, outcome, error_code.as_deref(), elapsed * 1e3, ctx.cost);
         app.feedback.remember(&rec);
         writer.submit(*rec);
     }
