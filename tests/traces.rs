@@ -269,12 +269,28 @@ async fn filters_and_pages_return_exactly_the_matching_records() {
     assert!(starts.windows(2).all(|w| w[0] >= w[1]), "newest first: {starts:?}");
     assert_eq!(sorted(paged.clone()), sorted(std::mem::take(&mut all)));
     // Bad filters are 400s in the OpenAI error shape.
-    gw.admin("GET", "/admin/traces?cursor=!!").await.assert_error(400, "invalid_filter");
-    gw.admin("GET", "/admin/traces?limit=0").await.assert_error(400, "invalid_filter");
-    gw.admin("GET", "/admin/traces?colour=red").await.assert_error(400, "invalid_filter");
-    gw.admin("GET", "/admin/traces?decision=Pass").await.assert_error(400, "invalid_filter");
+    // Bad filters are 400s in the OpenAI error shape, naming the parameter.
+    for (query, param) in [
+        ("cursor=!!", "cursor"),
+        ("limit=0", "limit"),
+        ("colour=red", "query"),
+        ("decision=Pass", "decision"),
+        ("verdict=sanity:maybe", "verdict"),
+    ] {
+        let e = gw.admin("GET", &format!("/admin/traces?{query}")).await.assert_error(400, "invalid_filter");
+        assert_eq!(e["param"], param, "{query}: {e}");
+    }
     gw.admin("GET", "/admin/traces/not-a-trace").await.assert_error(400, "invalid_trace_id");
     gw.admin("GET", "/admin/traces/00000000000000000000000000000001").await.assert_error(404, "trace_not_found");
+    // One trace: its id in either case; span_id checked; nothing else taken.
+    let one = &paged[0];
+    let upper = gw.admin("GET", &format!("/admin/traces/{}", one.to_uppercase())).await;
+    upper.assert_status(200);
+    assert_eq!(upper.json()["trace_id"], one.as_str());
+    let e = gw.admin("GET", &format!("/admin/traces/{one}?span_id=nothex")).await.assert_error(400, "invalid_span_id");
+    assert_eq!(e["param"], "span_id");
+    let e = gw.admin("GET", &format!("/admin/traces/{one}?spanid=1")).await.assert_error(400, "invalid_filter");
+    assert_eq!(e["param"], "query");
     // The admin token is needed.
     let r = get(&gw.admin_url("/admin/traces"), &[]).await;
     r.assert_status(401);

@@ -258,13 +258,34 @@ async fn trace(
     axum::extract::Path(id): axum::extract::Path<String>,
     uri: http::Uri,
 ) -> Response {
-    let span = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "span_id")
-        .map(|(_, v)| v.into_owned());
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 lowercase hex digits")
-            .into_response();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut span = None;
+    for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*key {
+            "span_id" if span.is_none() => span = Some(value.trim().to_ascii_lowercase()),
+            "span_id" => {
+                return ApiError::invalid("span_id", "invalid_filter", "query parameter \"span_id\" is given twice")
+                    .into_response()
+            }
+            other => {
+                let other = crate::cut(other, 64);
+                return ApiError::invalid(
+                    "query",
+                    "invalid_filter",
+                    format!("unknown query parameter {other:?} (expected span_id)"),
+                )
+                .into_response();
+            }
+        }
     }
+    if span.as_deref().is_some_and(|s| !hex(s, 16)) {
+        return ApiError::invalid("span_id", "invalid_span_id", "a span id is 16 hex digits").into_response();
+    }
+    // Hex in either case, as the other endpoints that take a trace id accept it.
+    if !hex(&id, 32) {
+        return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
+    }
+    let id = id.to_ascii_lowercase();
     let db = match trace_db(&app) {
         Ok(db) => db,
         Err(r) => return r,
@@ -318,7 +339,7 @@ async fn trace(
 async fn traces(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
     let filter = match TraceFilter::from_query(uri.query().unwrap_or("")) {
         Ok(f) => f,
-        Err(e) => return ApiError::invalid("query", "invalid_filter", e).into_response(),
+        Err(e) => return ApiError::invalid(e.param, "invalid_filter", e.message).into_response(),
     };
     let db = match trace_db(&app) {
         Ok(db) => db,

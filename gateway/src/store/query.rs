@@ -87,7 +87,7 @@ impl Cursor {
     /// Reads a cursor from [`Cursor::encode`]'s form. Errors: a message saying the cursor is
     /// malformed (not one this store issued).
     pub fn decode(s: &str) -> Result<Cursor, String> {
-        let bad = || format!("cursor {s:?} is malformed (pass a next_cursor as given)");
+        let bad = || format!("cursor {} is malformed (pass a next_cursor as given)", quoted(s));
         let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
         let (nanos, rest) = text.split_once(':').ok_or_else(bad)?;
@@ -101,20 +101,66 @@ impl Cursor {
     }
 }
 
+/// Why a query string is not a [`TraceFilter`]: the parameter at fault (its name as sent) and
+/// a message saying what was expected. Shown as an OpenAI-shaped 400 `invalid_filter` whose
+/// `param` is [`FilterError::param`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterError {
+    /// One of [`PARAMETERS`]; `query` for a parameter that is none of them.
+    pub param: &'static str,
+    pub message: String,
+}
+
+/// The query parameters a filter reads.
+pub const PARAMETERS: [&str; 12] = [
+    "route",
+    "tenant",
+    "cohort",
+    "template",
+    "asset_type",
+    "provider",
+    "decision",
+    "verdict",
+    "since",
+    "until",
+    "limit",
+    "cursor",
+];
+
+impl std::fmt::Display for FilterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A value as quoted in an error message: at most 64 characters of it.
+fn quoted(value: &str) -> String {
+    let mut q = format!("{:?}", crate::cut(value, 64));
+    if value.chars().count() > 64 {
+        q.push_str(" (cut)");
+    }
+    q
+}
+
 impl TraceFilter {
     /// Parses a URL query string (without the `?`): `route`, `tenant`, `cohort`, `template`,
     /// `asset_type`, `provider`, `decision`, `verdict` (`evaluator:verdict`), `since` and `until`
     /// (Unix nanoseconds or RFC 3339, e.g. `2025-01-31T12:00:00Z`), `limit` (1..=500, default 50)
     /// and `cursor`. Values are percent-decoded; an empty value leaves its filter unset.
     ///
-    /// Errors: a message naming the parameter, for an unknown or repeated parameter, a bad time,
-    /// limit, verdict or cursor, or `since` not before `until`.
-    pub fn from_query(query: &str) -> Result<TraceFilter, String> {
+    /// Errors: the parameter and a message naming it, for an unknown or repeated parameter, a
+    /// bad time, limit, decision, verdict or cursor, or `since` not before `until`.
+    pub fn from_query(query: &str) -> Result<TraceFilter, FilterError> {
+        Self::parse(query).map_err(|(param, message)| FilterError { param, message })
+    }
+
+    fn parse(query: &str) -> Result<TraceFilter, (&'static str, String)> {
         let mut f = TraceFilter::default();
         let mut seen: Vec<String> = Vec::new();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let at = |message: String| (PARAMETERS.iter().find(|p| **p == key).copied().unwrap_or("query"), message);
             if seen.iter().any(|k| *k == key) {
-                return Err(format!("query parameter {key:?} is given twice"));
+                return Err(at(format!("query parameter {} is given twice", quoted(&key))));
             }
             seen.push(key.to_string());
             let value = value.trim();
@@ -131,45 +177,74 @@ impl TraceFilter {
                 "provider" => f.provider = text,
                 "decision" => match value {
                     "" | "pass" | "flagged" | "blocked" | "error" => f.decision = text,
-                    _ => return Err(format!("decision {value:?}: expected pass, flagged, blocked or error")),
+                    _ => {
+                        return Err(at(format!(
+                            "decision {}: expected pass, flagged, blocked or error",
+                            quoted(value)
+                        )))
+                    }
                 },
+                // An evaluator's name and one of the verdicts a record holds.
                 "verdict" => match value.split_once(':') {
-                    Some((e, v)) if !e.is_empty() && !v.is_empty() && !v.contains(':') => f.verdict = text,
-                    _ => return Err(format!("verdict {value:?}: expected evaluator:verdict, e.g. safety:fail")),
+                    Some((e, "pass" | "fail" | "error")) if !e.is_empty() && !e.contains(':') => f.verdict = text,
+                    _ => {
+                        return Err(at(format!(
+                            "verdict {}: expected evaluator:verdict with a verdict of pass, fail or error, e.g. safety:fail",
+                            quoted(value)
+                        )))
+                    }
                 },
-                "since" => f.since = Some(parse_time("since", value)?),
-                "until" => f.until = Some(parse_time("until", value)?),
+                "since" => f.since = Some(parse_time("since", value).map_err(at)?),
+                "until" => f.until = Some(parse_time("until", value).map_err(at)?),
                 "limit" => {
                     f.limit = match value.parse::<usize>() {
                         Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                        _ => return Err(format!("limit {value:?}: expected a number from 1 to {MAX_LIMIT}")),
+                        _ => {
+                            return Err(at(format!("limit {}: expected a number from 1 to {MAX_LIMIT}", quoted(value))))
+                        }
                     }
                 }
-                "cursor" => f.cursor = Some(Cursor::decode(value)?),
+                "cursor" => f.cursor = Some(Cursor::decode(value).map_err(at)?),
                 other => {
-                    return Err(format!(
-                        "unknown query parameter {other:?} (expected route, tenant, cohort, template, \
-                         asset_type, provider, decision, verdict, since, until, limit, cursor)"
-                    ))
+                    return Err(at(format!(
+                        "unknown query parameter {} (expected route, tenant, cohort, template, \
+                         asset_type, provider, decision, verdict, since, until, limit, cursor)",
+                        quoted(other)
+                    )))
                 }
             }
         }
         if let (Some(since), Some(until)) = (f.since, f.until) {
             if since >= until {
-                return Err(format!("since ({since}) must be before until ({until})"));
+                return Err(("since", format!("since ({since}) must be before until ({until})")));
             }
         }
         Ok(f)
     }
 }
 
-/// Unix nanoseconds, or an RFC 3339 time converted to them.
+/// Unix nanoseconds, or an RFC 3339 time converted to them. A time after the store's range
+/// (it keeps signed 64-bit nanoseconds: until 2262-04-11) is the range's end, so a far-future
+/// `until` means "no end"; a time before 1970 is an error. An RFC 3339 offset sent unencoded
+/// (`+00:00` in a URL reads as a space) is named in the error.
 fn parse_time(name: &str, value: &str) -> Result<u64, String> {
+    const END: u64 = i64::MAX as u64;
     if value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().map_err(|_| format!("{name} {value:?}: too large for Unix nanoseconds"));
+        return match value.parse::<u64>() {
+            Ok(n) => Ok(n.min(END)),
+            Err(_) => Ok(END),
+        };
     }
     let t = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|e| {
-        format!("{name} {value:?}: expected Unix nanoseconds or an RFC 3339 time like 2025-01-31T12:00:00Z ({e})")
+        let hint = if value.contains(' ') { "; a + in a URL must be sent as %2B" } else { "" };
+        format!(
+            "{name} {}: expected Unix nanoseconds or an RFC 3339 time like 2025-01-31T12:00:00Z ({e}){hint}",
+            quoted(value)
+        )
     })?;
-    u64::try_from(t.unix_timestamp_nanos()).map_err(|_| format!("{name} {value:?}: before 1970"))
+    match u64::try_from(t.unix_timestamp_nanos()) {
+        Ok(n) => Ok(n.min(END)),
+        Err(_) if t.unix_timestamp_nanos() > 0 => Ok(END),
+        Err(_) => Err(format!("{name} {}: before 1970", quoted(value))),
+    }
 }

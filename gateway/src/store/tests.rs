@@ -348,7 +348,8 @@ async fn check_filters(s: &TestStore) {
         ("verdict=safety:fail", &["r4", "r2"]),
         ("verdict=safety:pass", &["r5", "r3", "r1"]),
         ("verdict=text:pass", &["r2"]),
-        ("verdict=safety:fai", &[]),
+        ("verdict=safet:fail", &[]),
+        ("verdict=safety:error", &[]),
         (&format!("since={}", T + 2), &["r5", "r4", "r3", "r2"]),
         (&format!("until={}", T + 3), &["r2", "r1"]),
         (&format!("since={}&until={}", T + 2, T + 4), &["r3", "r2"]),
@@ -713,6 +714,22 @@ fn query_strings_parse_and_bad_values_are_named() {
         TraceFilter::from_query("since=2024-01-01T00:00:00.5Z").expect("fraction").since,
         Some(1_704_067_200_500_000_000)
     );
+    // Past the store's range (signed 64-bit nanoseconds, until 2262): its end, so a far-future
+    // `until` means no end.
+    let end = i64::MAX as u64;
+    assert_eq!(TraceFilter::from_query("until=9999-12-31T23:59:59Z").expect("far future").until, Some(end));
+    assert_eq!(TraceFilter::from_query("until=99999999999999999999").expect("huge").until, Some(end));
+    assert_eq!(
+        TraceFilter::from_query("since=2024-01-01T00:00:00%2B00:00").expect("encoded +").since,
+        Some(1_704_067_200_000_000_000)
+    );
+    // A bad value is quoted cut short, not echoed whole.
+    let long = format!("cursor={}", "A".repeat(3000));
+    let e = TraceFilter::from_query(&long).expect_err("long cursor");
+    assert!(e.message.len() < 300, "{e}");
+    assert_eq!(e.param, "cursor");
+    let e = TraceFilter::from_query("until=2025-01-01T00:00:00+00:00").expect_err("unencoded +");
+    assert!(e.message.contains("%2B"), "{e}");
 
     for (query, names) in [
         ("limit=0", "limit"),
@@ -721,8 +738,11 @@ fn query_strings_parse_and_bad_values_are_named() {
         ("since=yesterday", "since"),
         ("until=2024-13-01T00:00:00Z", "until"),
         ("since=1969-12-31T23:59:59Z", "since"),
-        ("since=99999999999999999999", "since"),
+        ("until=2025-01-01T00:00:00+00:00", "until"),
         ("verdict=safety", "verdict"),
+        ("verdict=sanity:maybe", "verdict"),
+        ("verdict=a:b:fail", "verdict"),
+        ("decision=maybe", "decision"),
         ("verdict=:fail", "verdict"),
         ("cursor=!!!", "cursor"),
         ("cursor=bm9jb2xvbg", "cursor"),
@@ -731,7 +751,9 @@ fn query_strings_parse_and_bad_values_are_named() {
         ("since=5&until=5", "since"),
     ] {
         let e = TraceFilter::from_query(query).expect_err(query);
-        assert!(e.contains(names), "{query}: {e}");
+        assert!(e.message.contains(names), "{query}: {e}");
+        let param = if names == "colour" { "query" } else { names };
+        assert_eq!(e.param, param, "{query}: {e}");
     }
 }
 
