@@ -159,3 +159,24 @@ fn shipped_policies_validate() {
         eprintln!("checked {n} example policies");
     }
 }
+
+/// A reader that went away (`acc traces --json | head`) ends a command quietly with 0: the
+/// first write meets a closed pipe (its read end is closed before the command starts), where
+/// `println!` would panic with exit 101 and a backtrace (a fresh-user trial found it).
+#[test]
+fn a_closed_stdout_pipe_ends_a_command_quietly() {
+    let d = PolicyDir::new();
+    d.write("providers.toml", PROVIDERS);
+    d.write("routes.toml", GOOD_ROUTES);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let o = acc_command()
+        .arg("check")
+        .arg(d.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run acc check");
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", out(&o));
+}

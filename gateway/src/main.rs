@@ -205,6 +205,37 @@ enum Command {
     },
 }
 
+/// `println!` for the CLI's output: a reader that went away (`acc traces --json | head`) ends
+/// the command quietly with status 0, where `println!` would panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+/// [`out!`] without the newline (`print!`).
+macro_rules! out_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+/// Standard output cannot be written: a closed pipe ends the command with 0 (what it printed
+/// was read as far as the reader wanted), anything else with 1 and a message.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("acc: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
 fn main() -> ExitCode {
     // The proxy runs on worker threads of its own (see `server`); this runtime carries the admin
     // listener, the policy watcher and signals, which need little.
@@ -398,7 +429,7 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         }
         return match admin_get("acc traces", &format!("{base}/admin/traces/{}", id.to_ascii_lowercase())).await {
             Ok(body) => {
-                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+                out!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -418,12 +449,17 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
         Err(code) => return code,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    println!(
+    out!(
         "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  COHORT / TEMPLATE / ASSET",
-        "TRACE", "START (UTC)", "ROUTE", "DECISION", "STATUS", "PROVIDERS"
+        "TRACE",
+        "START (UTC)",
+        "ROUTE",
+        "DECISION",
+        "STATUS",
+        "PROVIDERS"
     );
     for r in body["data"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let nanos = r["start_time_unix_nano"].as_u64().unwrap_or(0);
@@ -441,7 +477,7 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
             (Some(of), Some(how)) => format!("  regenerates {of} ({how})"),
             _ => String::new(),
         };
-        println!(
+        out!(
             "{:<32}  {:<20}  {:<16}  {:<9}  {:>6}  {:<24}  {} / {} / {}{regenerates}",
             s(&r["trace_id"]),
             start,
@@ -467,7 +503,7 @@ async fn traces(admin: &str, trace_id: Option<&str>, filters: &[(&str, Option<St
                 line.push_str(&format!(" --{} {quoted}", k.replace('_', "-")));
             }
         }
-        println!("more: {line} --cursor {c}");
+        out!("more: {line} --cursor {c}");
     }
     ExitCode::SUCCESS
 }
@@ -484,12 +520,9 @@ async fn gate(raw: acc::gate::RawArgs, json: bool) -> ExitCode {
     match acc::gate::run(&gate).await {
         Ok(report) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&acc::gate::render_json(&gate, &report)).unwrap_or_default()
-                );
+                out!("{}", serde_json::to_string_pretty(&acc::gate::render_json(&gate, &report)).unwrap_or_default());
             } else {
-                print!("{}", acc::gate::render_table(&report));
+                out_part!("{}", acc::gate::render_table(&report));
             }
             ExitCode::from(report.exit_code)
         }
@@ -515,9 +548,9 @@ async fn report(admin: &str, route: Option<&str>, json: bool) -> ExitCode {
         Err(code) => return code,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
     } else {
-        print!("{}", acc::mirror::render_table(&body));
+        out_part!("{}", acc::mirror::render_table(&body));
     }
     ExitCode::SUCCESS
 }
@@ -565,11 +598,11 @@ async fn provenance(
         if let Some(r) = record {
             v["trace_record"] = r;
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        print!("{}", acc::provenance::read::render_text(&report));
+        out_part!("{}", acc::provenance::read::render_text(&report));
         if let Some(r) = record {
-            println!("trace record: {}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            out!("trace record: {}", serde_json::to_string_pretty(&r).unwrap_or_default());
         }
     }
     ExitCode::from(code)
@@ -581,7 +614,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             for w in &p.warnings {
                 eprintln!("warning: {w}");
             }
-            println!(
+            out!(
                 "ok: {} ({} files, {} providers, {} routes, {} keys), version {}",
                 path.display(),
                 p.files.len(),
@@ -674,11 +707,11 @@ fn eval(
             "evaluators": report.verdicts,
             "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!("{:<12} {:>6}  {:<6} reason", "evaluator", "score", "verdict");
+        out!("{:<12} {:>6}  {:<6} reason", "evaluator", "score", "verdict");
         for v in &report.verdicts {
-            println!("{:<12} {:>6.2}  {:<6} {}", v.evaluator, v.score, v.verdict.label(), v.reason);
+            out!("{:<12} {:>6.2}  {:<6} {}", v.evaluator, v.score, v.verdict.label(), v.reason);
         }
     }
     if failed {
