@@ -284,7 +284,7 @@ async fn bad_feedback_gets_an_openai_error_naming_the_field() {
         (json!({"trace_id": id, "rating": "up", "comment": "x".repeat(2001)}), "comment", "invalid_value"),
         (json!({"trace_id": id, "rating": "up", "labels": vec!["l"; 17]}), "labels", "invalid_value"),
         (json!({"trace_id": id, "rating": "up", "labels": ["x".repeat(65)]}), "labels", "invalid_value"),
-        (json!({"trace_id": id, "rating": "up", "user": 7}), "user", "invalid_value"),
+        (json!({"trace_id": id, "rating": "up", "user": 7}), "user", "invalid_type"),
         (json!({"trace_id": id, "rating": "up", "stars": 5}), "body", "unknown_parameter"),
     ];
     for (body, param, code) in cases {

@@ -178,16 +178,12 @@ impl Rating {
             }
             Some(_) => return Err(ApiError::invalid("labels", "invalid_type", "labels must be an array of strings")),
         };
+        // Read as a generation's `user` is (`trace::end_user`): empty is none, longer than
+        // MAX_USER_CHARS is cut, so a rating names the same end user as the request did.
         let user = match map.get("user") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_USER_CHARS => Some(s.clone()),
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "user",
-                    "invalid_value",
-                    format!("user must be a non-empty string of at most {MAX_USER_CHARS} characters"),
-                ))
-            }
+            Some(Value::String(s)) => (!s.is_empty()).then(|| crate::cut(s, MAX_USER_CHARS)),
+            Some(_) => return Err(ApiError::invalid("user", "invalid_type", "user must be a string")),
         };
         Ok(Rating { trace_id, rating, image_index, comment, labels, user })
     }
@@ -251,9 +247,10 @@ impl Feedback {
         if let Some(t) = self.recent.get(trace_id) {
             return Ok(Some(t));
         }
-        let db = writer
-            .db()
-            .ok_or_else(|| StoreError::Unavailable { target: "trace store".into(), message: "not open".into() })?;
+        let db = writer.db().ok_or_else(|| StoreError::Unavailable {
+            target: "(not open)".into(),
+            message: "the writer has not opened it yet, or lost it".into(),
+        })?;
         Ok(owned(db.get_all(trace_id).await?))
     }
 
@@ -315,7 +312,10 @@ impl Feedback {
             regeneration_how: None,
         };
         let db = writer.db().ok_or_else(|| {
-            self.store_failure(StoreError::Unavailable { target: "trace store".into(), message: "not open".into() })
+            self.store_failure(StoreError::Unavailable {
+                target: "(not open)".into(),
+                message: "the writer has not opened it yet, or lost it".into(),
+            })
         })?;
         db.upsert_feedback(&entry).await.map_err(|e| self.store_failure(e))?;
         let [cohort, template, asset] = policy.cohorts.labels(
@@ -565,6 +565,11 @@ mod tests {
         assert_eq!(parse(serde_json::json!({"trace_id": ID, "rating": -0.5})).unwrap().rating, -0.5);
         assert_eq!(parse(serde_json::json!({"trace_id": ID, "rating": 0})).unwrap().rating, 0.0);
         assert_eq!([rating_label(0.25), rating_label(-0.25), rating_label(0.0)], ["up", "down", "neutral"]);
+        // `user` as a generation's is read: empty is none, a long one cut to the same length.
+        assert_eq!(parse(serde_json::json!({"trace_id": ID, "rating": "up", "user": ""})).unwrap().user, None);
+        let long = "ü".repeat(MAX_USER_CHARS + 44);
+        let cut = parse(serde_json::json!({"trace_id": ID, "rating": "up", "user": long})).unwrap().user.unwrap();
+        assert_eq!(cut, "ü".repeat(MAX_USER_CHARS));
     }
 
     #[test]
@@ -586,7 +591,7 @@ mod tests {
             (serde_json::json!({"trace_id": ID, "rating": "up", "labels": many}), "labels", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "labels": [""]}), "labels", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "labels": "x"}), "labels", "invalid_type"),
-            (serde_json::json!({"trace_id": ID, "rating": "up", "user": ""}), "user", "invalid_value"),
+            (serde_json::json!({"trace_id": ID, "rating": "up", "user": 7}), "user", "invalid_type"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "stars": 5}), "body", "unknown_parameter"),
             (serde_json::json!([1]), "body", "invalid_json"),
         ];

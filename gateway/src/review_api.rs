@@ -139,7 +139,7 @@ async fn hold_inner(
         cohort: cohort.map(str::to_string),
         prompt_template: template.map(str::to_string),
         asset_type: asset.map(str::to_string),
-        end_user: req.raw.get("user").and_then(|u| u.as_str()).map(str::to_string),
+        end_user: crate::trace::end_user(req),
         response_format: match req.response_format {
             ResponseFormat::B64Json => "b64_json",
             ResponseFormat::Url => "url",

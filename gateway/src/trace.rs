@@ -43,6 +43,13 @@ pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<std::borrow
     (!text.is_empty()).then_some(text)
 }
 
+/// The request's end user: the OpenAI `user` field when it is a non-empty string, cut to
+/// [`MAX_FIELD_CHARS`] characters (`POST /v1/feedback` reads its `user` the same way, so the two
+/// match). An empty `user` is no end user: the key's name stands in where one is needed.
+pub fn end_user(req: &GenerationRequest) -> Option<String> {
+    req.raw.get("user").and_then(|u| u.as_str()).filter(|u| !u.is_empty()).map(|u| cut(u, MAX_FIELD_CHARS))
+}
+
 /// [`header_text`] cut to [`MAX_FIELD_CHARS`] characters.
 fn field(headers: &HeaderMap, name: &str) -> Option<String> {
     header_text(headers, name).map(|v| cut(&v, MAX_FIELD_CHARS))
@@ -110,7 +117,7 @@ pub fn draft(
         cohort: field(headers, COHORT),
         prompt_template: field(headers, PROMPT_TEMPLATE),
         asset_type: field(headers, ASSET_TYPE),
-        end_user: req.raw.get("user").and_then(|u| u.as_str()).map(|u| cut(u, MAX_FIELD_CHARS)),
+        end_user: end_user(req),
         record_prompt: record_prompt.name().to_string(),
         prompt,
         negative_prompt,
