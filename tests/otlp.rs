@@ -70,7 +70,11 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
     let r = gw
         .generate_with(
             &json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 1, "size": "256x256", "seed": 9, "quality": "high"}),
-            &[("traceparent", &format!("00-{trace_id}-b7ad6b7169203331-01")), ("x-acc-cohort", "beta")],
+            &[
+                ("traceparent", &format!("00-{trace_id}-b7ad6b7169203331-01")),
+                ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+                ("x-acc-cohort", "beta"),
+            ],
         )
         .await;
     r.assert_status(200);
@@ -124,6 +128,10 @@ async fn a_request_exports_its_span_tree_in_the_genai_conventions() {
         second.last_header("traceparent"),
         Some(format!("00-{trace_id}-{}-01", ok["span_id"].as_str().unwrap()))
     );
+    // ...and the client's tracestate, unchanged (W3C Trace Context: a participant passes it on).
+    for p in [&first, &second] {
+        assert_eq!(p.last_header("tracestate").as_deref(), Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"));
+    }
     let events = ok["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "{ok:#}");
     assert_eq!(events[0]["name"], "gen_ai.evaluation.result");
@@ -159,4 +167,17 @@ async fn record_prompt_none_exports_no_prompt() {
         attr(&spans[0], "acc.record_prompt").as_str().or(attr(&spans[1], "acc.record_prompt").as_str()),
         Some("none")
     );
+    // A traceparent that is not valid (version 00 with a fifth field) starts a trace of the
+    // gateway's own, and the tracestate beside it is not passed on.
+    let given = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = gw
+        .generate_with(
+            &json!({"model": "m", "prompt": "p"}),
+            &[("traceparent", &format!("00-{given}-00f067aa0ba902b7-01-x")), ("tracestate", "rojo=1")],
+        )
+        .await;
+    r.assert_status(200);
+    assert_ne!(r.header("x-acc-trace-id").as_deref(), Some(given));
+    assert!(first.last_header("traceparent").is_some_and(|t| !t.contains(given)));
+    assert_eq!(first.last_header("tracestate"), None);
 }

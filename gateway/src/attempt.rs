@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::app::App;
@@ -78,6 +77,9 @@ pub struct AttemptEnv<'a> {
     /// Where attempts leave their notes for the trace record, with the request's trace id (32
     /// hex digits) for the `traceparent` sent to providers; `None` when nothing is recorded.
     pub notes: Option<(&'a NoteSink, &'a str)>,
+    /// The client's W3C `tracestate`, passed on to providers beside the attempt's
+    /// `traceparent` when the request continued the client's trace.
+    pub tracestate: Option<&'a http::HeaderValue>,
     /// Where streamed partial images go live (`stream: true` requests answered as they run);
     /// used only by attempts on targets whose route does not evaluate, never by mirrors.
     pub partials: Option<&'a std::sync::Arc<crate::providers::events::LiveTap>>,
@@ -104,7 +106,10 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             verdict_images: Vec::new(),
         }),
     };
-    let traceparent = Some(crate::telemetry::traceparent(trace_id, &crate::hex_lower(&span_id.to_be_bytes())));
+    let traceparent = Some(crate::upstream::TraceHeaders {
+        traceparent: crate::telemetry::traceparent(trace_id, &crate::hex_lower(&span_id.to_be_bytes())),
+        tracestate: env.tracestate.cloned(),
+    });
     run(env, s, until, guard.note.as_mut(), traceparent).await
 }
 
@@ -113,7 +118,7 @@ async fn run(
     s: Step,
     until: Instant,
     mut note: Option<&mut AttemptNote>,
-    traceparent: Option<HeaderValue>,
+    traceparent: Option<crate::upstream::TraceHeaders>,
 ) -> Result<Generation, ProviderError> {
     let (app, policy) = (env.app, &env.snap.policy);
     let route = &policy.routes[s.route];

@@ -210,6 +210,8 @@ async fn mirror_attempt(
         needs_bytes: true,
         mirror: true,
         verdicts: Some(&sink),
+        // A mirror copy is a trace of its own (linked to the primary's), not the client's.
+        tracestate: None,
         partials: None,
     };
     // With [cluster], the candidate's daily cap holds for every replica together: its hold is

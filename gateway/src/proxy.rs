@@ -90,6 +90,9 @@ struct RequestCtx {
     wall_start: SystemTime,
     /// The span id of the client's `traceparent`, when it sent one.
     parent_span_id: Option<String>,
+    /// The client's W3C `tracestate`, kept when its `traceparent` was valid (passed on to
+    /// providers with each attempt's `traceparent`).
+    tracestate: Option<HeaderValue>,
     /// The trace record, from the moment the request reaches routing (when records are kept).
     record: Option<Box<TraceRecord>>,
     /// Once routed: the `x-acc-cohort`, `x-acc-prompt-template` and `x-acc-asset-type` values
@@ -267,6 +270,8 @@ where
         Some((t, s)) => (Some(t), Some(s)),
         None => (None, None),
     };
+    // Without a valid traceparent the tracestate is ignored (W3C Trace Context, 3.3).
+    let tracestate = traceparent_id.as_ref().and_then(|_| crate::telemetry::tracestate(&headers));
     let wall_start = SystemTime::now();
     let mut ctx = RequestCtx {
         // Trace ids must be unique, not secret: a thread-local PRNG (seeded from the OS) avoids
@@ -276,6 +281,7 @@ where
             .unwrap_or_else(|| crate::trace::new_trace_id(wall_start)),
         wall_start,
         parent_span_id,
+        tracestate,
         record: None,
         cohort_fields: None,
         writer: None,
@@ -750,6 +756,7 @@ async fn generate(
             || policy.provenance.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
+        tracestate: ctx.tracestate.as_ref(),
         partials: live.as_ref(),
     };
     let env = &env;

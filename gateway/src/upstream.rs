@@ -86,15 +86,24 @@ impl Endpoint {
     }
 }
 
-tokio::task_local! {
-    /// The W3C `traceparent` of the attempt being sent ([`with_traceparent`]).
-    static TRACEPARENT: Option<HeaderValue>;
+/// The W3C Trace Context headers an attempt's requests carry
+/// (<https://www.w3.org/TR/trace-context/>): the attempt's `traceparent`, and the client's
+/// `tracestate` passed on unchanged where the request continued the client's trace (section
+/// 3.3: a participant propagates the `tracestate` it received).
+#[derive(Debug, Clone)]
+pub struct TraceHeaders {
+    pub traceparent: HeaderValue,
+    pub tracestate: Option<HeaderValue>,
 }
 
-/// Runs `fut` (an adapter's call) so that every request [`send`] makes for it carries
-/// `traceparent: value` (W3C Trace Context, <https://www.w3.org/TR/trace-context/>); `None`
-/// sends none.
-pub async fn with_traceparent<F: Future>(value: Option<HeaderValue>, fut: F) -> F::Output {
+tokio::task_local! {
+    /// The trace context of the attempt being sent ([`with_traceparent`]).
+    static TRACEPARENT: Option<TraceHeaders>;
+}
+
+/// Runs `fut` (an adapter's call) so that every request [`send`] makes for it carries `value`'s
+/// `traceparent` (and `tracestate` when there is one); `None` sends neither.
+pub async fn with_traceparent<F: Future>(value: Option<TraceHeaders>, fut: F) -> F::Output {
     TRACEPARENT.scope(value, fut).await
 }
 
@@ -126,8 +135,11 @@ pub async fn send_observed(
 ) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
-    if let Ok(Some(tp)) = TRACEPARENT.try_with(|v| v.clone()) {
-        req.headers_mut().insert(HeaderName::from_static("traceparent"), tp);
+    if let Ok(Some(tc)) = TRACEPARENT.try_with(|v| v.clone()) {
+        req.headers_mut().insert(HeaderName::from_static("traceparent"), tc.traceparent);
+        if let Some(state) = tc.tracestate {
+            req.headers_mut().insert(HeaderName::from_static("tracestate"), state);
+        }
     }
     // A pooled connection the server has since closed is only found out by using it: the
     // request comes back unsent, and goes out once more on a fresh connection.

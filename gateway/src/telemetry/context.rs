@@ -17,11 +17,13 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 pub fn parse_traceparent(headers: &HeaderMap) -> Option<(String, String)> {
     let raw = headers.get("traceparent")?.to_str().ok()?.trim();
     let mut fields = raw.split('-');
-    let lengths_ok = fields.next().is_some_and(|v| v.len() == 2)
+    let version = fields.next();
+    let lengths_ok = version.is_some_and(|v| v.len() == 2)
         && fields.next().is_some_and(|t| t.len() == 32)
         && fields.next().is_some_and(|s| s.len() == 16)
         && fields.next().is_some_and(|f| f.len() == 2);
-    if !lengths_ok {
+    // Version 00 has exactly these four fields; only a later version may append more.
+    if !lengths_ok || (version == Some("00") && fields.next().is_some()) {
         return None;
     }
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
@@ -29,6 +31,39 @@ pub fn parse_traceparent(headers: &HeaderMap) -> Option<(String, String)> {
     let sc = span.span_context();
     // The propagator hands back an invalid (all-zero) context when it refused the header.
     sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// Longest `tracestate` passed on, characters (W3C Trace Context, 3.3.1.5: a participant
+/// propagates at least 512; longer ones may be cut at list members).
+pub const MAX_TRACESTATE: usize = 512;
+
+/// The client's `tracestate` to pass on with the attempts' `traceparent`: its header lines
+/// joined by commas (a list may be split over several), empty members dropped, members past
+/// the 32nd or past [`MAX_TRACESTATE`] characters left off from the right (the newest vendors
+/// are on the left); `None` when there is none or it is not printable ASCII. The gateway adds
+/// no member of its own. Call it only when the `traceparent` was valid: otherwise a
+/// `tracestate` is to be ignored.
+pub fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut out = String::new();
+    let mut members = 0;
+    for line in headers.get_all("tracestate") {
+        let text = line.to_str().ok()?;
+        for member in text.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            if !member.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return None;
+            }
+            let extra = member.len() + usize::from(!out.is_empty());
+            if members == 32 || out.len() + extra > MAX_TRACESTATE {
+                return HeaderValue::from_str(&out).ok().filter(|_| !out.is_empty());
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(member);
+            members += 1;
+        }
+    }
+    HeaderValue::from_str(&out).ok().filter(|_| !out.is_empty())
 }
 
 /// The `traceparent` value sent to a provider for an attempt: version 00, the request's trace id,
@@ -86,7 +121,34 @@ mod tests {
     }
 
     #[test]
+    fn tracestate_is_joined_and_cut_at_members() {
+        let state = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append("tracestate", HeaderValue::from_str(l).unwrap());
+            }
+            tracestate(&h).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(state(&[]), None);
+        assert_eq!(state(&["rojo=00f067aa0ba902b7"]).as_deref(), Some("rojo=00f067aa0ba902b7"));
+        // Several lines are one list; empty members and spaces around them go.
+        assert_eq!(state(&["rojo=1, ,congo=t61rcWkgMzE", "x@y=2"]).as_deref(), Some("rojo=1,congo=t61rcWkgMzE,x@y=2"));
+        assert_eq!(state(&[" , "]), None);
+        // At most 32 members and 512 characters: the ones on the right are left off.
+        let many: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
+        let kept = state(&[&many.join(",")]).unwrap();
+        assert_eq!(kept, many[..32].join(","));
+        let long: Vec<String> = (0..5).map(|i| format!("k{i}={}", "v".repeat(150))).collect();
+        let kept = state(&[&long.join(",")]).unwrap();
+        assert_eq!(kept, long[..3].join(","));
+        assert!(kept.len() <= MAX_TRACESTATE);
+    }
+
+    #[test]
     fn bad_versions_are_ignored() {
+        // Version 00 has exactly four fields.
+        assert_eq!(parse(&format!("00-{TRACE}-{SPAN}-01-")), None);
+        assert_eq!(parse(&format!("00-{TRACE}-{SPAN}-01-extra")), None);
         assert_eq!(parse(&format!("ff-{TRACE}-{SPAN}-01")), None, "version ff is forbidden");
         assert_eq!(parse(&format!("0g-{TRACE}-{SPAN}-01")), None, "not hex");
         assert_eq!(parse(&format!("000-{TRACE}-{SPAN}-01")), None, "three digits");

@@ -41,7 +41,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-pub use context::{parse_traceparent, traceparent};
+pub use context::{parse_traceparent, traceparent, tracestate};
 pub use spans::provider_name;
 
 use crate::store::record::TraceRecord;
