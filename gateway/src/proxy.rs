@@ -113,7 +113,7 @@ impl Drop for RequestCtx {
     /// routed request is recorded or counted as dropped.
     fn drop(&mut self) {
         if let (Some(mut rec), Some(writer)) = (self.record.take(), self.writer.take()) {
-            let elapsed = self.started.elapsed().as_secs_f64() * 1e3;
+            let elapsed = trace::ms(self.started.elapsed());
             trace::finish(&mut rec, 499, "error", "client_cancelled", Some("client_cancelled"), elapsed, self.cost);
             writer.submit(*rec);
         }
@@ -1022,7 +1022,8 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
             h.insert(ATTEMPTS, v);
         }
     }
-    let elapsed = ctx.started.elapsed().as_secs_f64();
+    let took = ctx.started.elapsed();
+    let elapsed = took.as_secs_f64();
     match ctx.route.map(|i| &snap.hot[i]) {
         Some(hot) if outcome == "ok" => {
             hot.requests_ok.inc();
@@ -1057,7 +1058,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     if let (Some(mut rec), Some(writer)) = (ctx.record.take(), app.traces.as_ref()) {
         let decision = resp.headers().get(DECISION).and_then(|v| v.to_str().ok()).unwrap_or("error");
         let status = resp.status().as_u16();
-        trace::finish(&mut rec, status, decision, outcome, error_code.as_deref(), elapsed * 1e3, ctx.cost);
+        trace::finish(&mut rec, status, decision, outcome, error_code.as_deref(), trace::ms(took), ctx.cost);
         app.feedback.remember(&rec);
         writer.submit(*rec);
     }

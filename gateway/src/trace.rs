@@ -129,6 +129,12 @@ pub fn draft(
     }
 }
 
+/// `d` in milliseconds, as the record keeps durations: whole nanoseconds divided once, so a
+/// record reads `0.000621`, not the `0.0006209999999999999` of seconds times 1000.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_nanos() as f64 / 1e6
+}
+
 /// `(text, sha256)` of a prompt under `record_prompt`.
 fn recorded(how: RecordPrompt, prompt: Option<&String>) -> (Option<String>, Option<String>) {
     match (how, prompt) {
@@ -236,9 +242,9 @@ pub fn attempts(
                 .or_else(|| target.model.clone())
                 .unwrap_or_default(),
             model_version: note.as_ref().and_then(|n| n.model_version.clone()),
-            start_offset_ms: started.saturating_duration_since(request_start).as_secs_f64() * 1e3,
-            latency_ms: a.elapsed.as_secs_f64() * 1e3,
-            queue_ms: note.as_ref().map_or(0.0, |n| n.queue.as_secs_f64() * 1e3),
+            start_offset_ms: ms(started.saturating_duration_since(request_start)),
+            latency_ms: ms(a.elapsed),
+            queue_ms: note.as_ref().map_or(0.0, |n| ms(n.queue)),
             result: a.label().to_string(),
             error: a.result.as_ref().err().map(|e| error_text(e, full)),
             cost_usd: costs.get(i).copied().flatten(),
@@ -305,7 +311,7 @@ pub fn mirror_attempt(
     }
     rec.decision = if result.is_ok() { "pass" } else { "error" }.to_string();
     rec.outcome = label.to_string();
-    rec.duration_ms = latency.as_secs_f64() * 1e3;
+    rec.duration_ms = ms(latency);
     rec.cost_usd = cost;
 }
 
@@ -392,6 +398,14 @@ mod tests {
         let (text, sha2) = recorded(RecordPrompt::Sha256, Some(&p));
         assert_eq!((text, sha2), (None, sha));
         assert_eq!(recorded(RecordPrompt::None, Some(&p)), (None, None));
+    }
+
+    #[test]
+    fn durations_are_milliseconds_without_float_noise() {
+        use std::time::Duration;
+        assert_eq!(ms(Duration::from_nanos(621)).to_string(), "0.000621");
+        assert_eq!(ms(Duration::from_nanos(7_432_262)).to_string(), "7.432262");
+        assert_eq!(ms(Duration::from_secs(2)), 2000.0);
     }
 
     /// Cohort headers are read as UTF-8; bytes that are not UTF-8 are kept as U+FFFD.
