@@ -231,7 +231,7 @@ fn trace_db(app: &App) -> Result<TraceDb, Response> {
     w.db().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
+            "api_error",
             "store_unavailable",
             "the trace store is unavailable now; requests are still served and the lost records counted in acc_trace_dropped_total",
         )
@@ -243,7 +243,7 @@ fn store_error(e: StoreError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     tracing::warn!("trace store read failed: {e}");
     let code = if e.is_unavailable() { "store_unavailable" } else { "store_error" };
-    ApiError::new(status, "server_error", code, format!("reading the trace store failed: {e}")).into_response()
+    ApiError::new(status, "api_error", code, format!("reading the trace store failed: {e}")).into_response()
 }
 
 /// `GET /admin/traces/{trace_id}[?span_id=...]`: the whole record as JSON (see

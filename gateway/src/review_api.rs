@@ -164,7 +164,7 @@ async fn hold_inner(
 fn unavailable() -> ApiError {
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
+        "api_error",
         "store_unavailable",
         "the review store is unavailable now; try again shortly",
     );
