@@ -265,7 +265,7 @@ async fn mirror_attempt(
             &route.name,
             route.record_prompt,
             &req,
-            &http::HeaderMap::new(),
+            &[None, None, None],
         );
         rec.kind = "mirror".to_string();
         // The primary's trace, and its server span (the span link OTLP exports).

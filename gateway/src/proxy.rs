@@ -629,8 +629,8 @@ async fn generate(
         req.regenerate_of = Some(id.to_ascii_lowercase());
     }
     // 3. Where it goes: the route, its plan with demoted targets last, the canary's share.
-    let cohort_text = trace::header_text(headers, COHORT);
-    let cohort = cohort_text.as_deref();
+    let cohort_fields = trace::cohort_fields(headers);
+    let cohort = cohort_fields[0].as_deref();
     let key_tags: &[String] = key.map_or(&[], |k| &k.tags);
     let query = RouteQuery { model: req.model.as_deref(), cohort, key_tags };
     let (route_idx, route) = routing::select_route(policy, &query)?;
@@ -688,8 +688,6 @@ async fn generate(
         }
         ctx.contract_checked = Some(checked);
     }
-    let sent = |name: &str| trace::header_text(headers, name).map(|v| crate::cut(&v, trace::MAX_FIELD_CHARS));
-    ctx.cohort_fields = Some([sent(COHORT), sent(trace::PROMPT_TEMPLATE), sent(trace::ASSET_TYPE)]);
     if app.traces.is_some() {
         let caller = trace::Caller { tenant: key.map(|k| k.tenant.as_str()), key_name: key.map(|k| k.id.as_str()) };
         let parent = ctx.parent_span_id.take();
@@ -701,11 +699,12 @@ async fn generate(
             &route.name,
             route.record_prompt,
             &req,
-            headers,
+            &cohort_fields,
         );
         ctx.record = Some(Box::new(rec));
         ctx.writer = app.traces.clone();
     }
+    ctx.cohort_fields = Some(cohort_fields);
     if req.stream.is_some_and(|p| p > 0) && (!route.eval.evaluators.is_empty() || policy.provenance.is_some()) {
         // A judged stream's partial images are never sent to the client (see `stream`), so the
         // providers are not asked for them: OpenAI bills each one as output tokens.

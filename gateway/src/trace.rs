@@ -9,7 +9,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use crate::answer::Sent;
@@ -34,7 +34,7 @@ pub const MAX_FIELD_CHARS: usize = 256;
 /// U+FFFD, so the value is still recorded and counted as `other`), without surrounding
 /// whitespace; `None` when absent or empty. HTTP field values are octets (RFC 9110, 5.5); a
 /// value that is not visible ASCII is kept, not dropped.
-pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+pub fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<std::borrow::Cow<'a, str>> {
     use std::borrow::Cow;
     let text = match String::from_utf8_lossy(headers.get(name)?.as_bytes()) {
         Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
@@ -50,9 +50,16 @@ pub fn end_user(req: &GenerationRequest) -> Option<String> {
     req.raw.get("user").and_then(|u| u.as_str()).filter(|u| !u.is_empty()).map(|u| cut(u, MAX_FIELD_CHARS))
 }
 
-/// [`header_text`] cut to [`MAX_FIELD_CHARS`] characters.
-fn field(headers: &HeaderMap, name: &str) -> Option<String> {
-    header_text(headers, name).map(|v| cut(&v, MAX_FIELD_CHARS))
+/// A request's cohort fields as recorded, counted and matched by routes: `[x-acc-cohort,
+/// x-acc-prompt-template, x-acc-asset-type]`, each [`header_text`] cut to [`MAX_FIELD_CHARS`]
+/// characters. The names are parsed once, not per request.
+pub fn cohort_fields(headers: &HeaderMap) -> [Option<String>; 3] {
+    const NAMES: [HeaderName; 3] = [
+        HeaderName::from_static(COHORT),
+        HeaderName::from_static(PROMPT_TEMPLATE),
+        HeaderName::from_static(ASSET_TYPE),
+    ];
+    NAMES.map(|name| header_text(headers, &name).map(|v| cut(&v, MAX_FIELD_CHARS)))
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -99,7 +106,7 @@ pub fn draft(
     route: &str,
     record_prompt: RecordPrompt,
     req: &GenerationRequest,
-    headers: &HeaderMap,
+    cohort_fields: &[Option<String>; 3],
 ) -> TraceRecord {
     let (prompt, prompt_sha256) = recorded(record_prompt, Some(&req.prompt).filter(|p| !p.is_empty()));
     let (negative_prompt, negative_prompt_sha256) = recorded(record_prompt, req.negative_prompt.as_ref());
@@ -114,9 +121,9 @@ pub fn draft(
         key_name: caller.key_name.map(str::to_string),
         route: Some(route.to_string()),
         operation: operation_name(req.op).to_string(),
-        cohort: field(headers, COHORT),
-        prompt_template: field(headers, PROMPT_TEMPLATE),
-        asset_type: field(headers, ASSET_TYPE),
+        cohort: cohort_fields[0].clone(),
+        prompt_template: cohort_fields[1].clone(),
+        asset_type: cohort_fields[2].clone(),
         end_user: end_user(req),
         record_prompt: record_prompt.name().to_string(),
         prompt,
@@ -415,11 +422,9 @@ mod tests {
         h.insert(COHORT, http::HeaderValue::from_bytes(" bêta ".as_bytes()).unwrap());
         h.insert(ASSET_TYPE, http::HeaderValue::from_bytes(b"x\xffy").unwrap());
         h.insert(PROMPT_TEMPLATE, http::HeaderValue::from_static("  "));
-        assert_eq!(field(&h, COHORT).as_deref(), Some("bêta"));
-        assert_eq!(field(&h, ASSET_TYPE).as_deref(), Some("x\u{fffd}y"));
-        assert_eq!(field(&h, PROMPT_TEMPLATE), None);
+        assert_eq!(cohort_fields(&h), [Some("bêta".to_string()), None, Some("x\u{fffd}y".to_string())]);
         h.insert(COHORT, http::HeaderValue::from_bytes("é".repeat(300).as_bytes()).unwrap());
-        assert_eq!(field(&h, COHORT).map(|v| v.chars().count()), Some(MAX_FIELD_CHARS));
+        assert_eq!(cohort_fields(&h)[0].as_ref().map(|v| v.chars().count()), Some(MAX_FIELD_CHARS));
     }
 
     /// What a provider wrote is recorded only where the prompt is: it may quote it.
