@@ -230,10 +230,25 @@ impl TraceFilter {
 fn parse_time(name: &str, value: &str) -> Result<u64, String> {
     const END: u64 = i64::MAX as u64;
     if value.bytes().all(|b| b.is_ascii_digit()) {
-        return match value.parse::<u64>() {
-            Ok(n) => Ok(n.min(END)),
-            Err(_) => Ok(END),
-        };
+        let n = value.parse::<u64>().unwrap_or(END).min(END);
+        // Unix seconds, milliseconds or microseconds of any time since 2001 are below 10^17,
+        // which as nanoseconds is March 1973, before any record: read as nanoseconds they would
+        // silently mean 1970. Refused with what to send instead (0 stays: the epoch).
+        if n != 0 && n < 100_000_000_000_000_000 {
+            return Err(format!(
+                "{name} {}: looks like Unix seconds, milliseconds or microseconds; give Unix nanoseconds \
+                 (19 digits, e.g. {}) or an RFC 3339 time like 2025-01-31T12:00:00Z",
+                quoted(value),
+                // The same instant in nanoseconds, from whichever unit it looks like.
+                match n {
+                    ..10_000_000_000 => n.saturating_mul(1_000_000_000),
+                    ..10_000_000_000_000 => n.saturating_mul(1_000_000),
+                    _ => n.saturating_mul(1_000),
+                }
+                .min(END)
+            ));
+        }
+        return Ok(n);
     }
     let t = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|e| {
         let hint = if value.contains(' ') { "; a + in a URL must be sent as %2B" } else { "" };

@@ -728,6 +728,12 @@ fn query_strings_parse_and_bad_values_are_named() {
     let e = TraceFilter::from_query(&long).expect_err("long cursor");
     assert!(e.message.len() < 300, "{e}");
     assert_eq!(e.param, "cursor");
+    // Seconds or milliseconds are not silently read as nanoseconds of 1970.
+    let e = TraceFilter::from_query("since=1796607400").expect_err("seconds");
+    assert!(e.message.contains("1796607400000000000"), "{e}");
+    let e = TraceFilter::from_query("since=1796607400123").expect_err("milliseconds");
+    assert!(e.message.contains("1796607400123000000"), "{e}");
+    assert_eq!(TraceFilter::from_query("since=0").expect("the epoch").since, Some(0));
     let e = TraceFilter::from_query("until=2025-01-01T00:00:00+00:00").expect_err("unencoded +");
     assert!(e.message.contains("%2B"), "{e}");
 
@@ -748,7 +754,9 @@ fn query_strings_parse_and_bad_values_are_named() {
         ("cursor=bm9jb2xvbg", "cursor"),
         ("colour=red", "colour"),
         ("route=a&route=b", "route"),
-        ("since=5&until=5", "since"),
+        ("since=1796607400", "since"),
+        ("until=1796607400123", "until"),
+        (&format!("since={}&until={}", T + 5, T + 5), "since"),
     ] {
         let e = TraceFilter::from_query(query).expect_err(query);
         assert!(e.message.contains(names), "{query}: {e}");
