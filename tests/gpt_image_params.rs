@@ -63,11 +63,12 @@ async fn gpt_image_parameters_reach_openai_unchanged() {
         .await;
     r.assert_status(200);
     assert_eq!(r.header("x-acc-dropped-params"), None, "{}", r.describe());
+    // As the client sent them, the model rewritten; no response_format: OpenAI refuses it on
+    // GPT image models ("Unknown parameter: 'response_format'"), which always answer base64.
     assert_eq!(
         mock.last_call().json(),
         json!({"prompt": "a glass of water on a table", "background": "transparent", "output_format": "webp",
-            "output_compression": 60, "moderation": "low", "quality": "high", "model": "gpt-image-1",
-            "response_format": "b64_json"}),
+            "output_compression": 60, "moderation": "low", "quality": "high", "model": "gpt-image-1"}),
     );
     // Priced at the quality asked: one high image.
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.167"), "{}", r.describe());
@@ -186,11 +187,13 @@ async fn an_edit_with_two_images_and_a_mask_reaches_openai_as_one_form() {
         ("background", "opaque"),
         ("quality", "low"),
         ("model", "gpt-image-1"),
-        ("response_format", "b64_json"),
     ];
     let mut want = want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec();
     want.sort();
-    assert_eq!(fields, want, "every text field as the client sent it, the model rewritten");
+    assert_eq!(
+        fields, want,
+        "every text field as the client sent it, the model rewritten, no response_format (GPT image models refuse it)"
+    );
 
     // Seventeen images, a JPEG mask, or input_fidelity out of range: refused, nothing sent.
     let hits = mock.hits();
@@ -431,6 +434,77 @@ targets = [{ provider = "strict", model = "demo" }]
         msg.contains("quality, background, output_format, output_compression, moderation") && msg.contains("builtin"),
         "{msg}"
     );
+}
+
+/// OpenAI's own models take only the fields the Images API reference gives them, and answer any
+/// other with 400 `unknown_parameter` (the mock does too): the gateway's extensions (`seed`,
+/// `negative_prompt`, ...), `style` on a GPT image model, the GPT image fields on dall-e-3,
+/// `response_format` on a GPT image model. Those are dropped and named (or refused under
+/// `unsupported_params = "reject"`); another server that speaks the API (any other model name)
+/// still gets every field. An audit against the docs found them all sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_models_get_only_their_own_parameters() {
+    let mock = MockProvider::start().await;
+    let policy = format!(
+        "{}{}{}{}{}{}",
+        openai_provider_with("openai", &mock, ""),
+        openai_provider_with("strict", &mock, "unsupported_params = \"reject\""),
+        route_toml("gi", "gi").target("openai", "gpt-image-1").with(TIMEOUTS),
+        route_toml("d3", "d3").target("openai", "dall-e-3").with(TIMEOUTS),
+        route_toml("local", "local").target("openai", "flux-schnell").with(TIMEOUTS),
+        route_toml("strict", "strict").target("strict", "gpt-image-1").with(TIMEOUTS),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let body = |model: &str| {
+        json!({"model": model, "prompt": "a fox", "seed": 7, "negative_prompt": "blur", "steps": 20,
+            "style": "vivid", "background": "opaque", "moderation": "low", "quality": "high", "user": "u1"})
+    };
+    let sent = |r: &Resp| {
+        r.assert_status(200);
+        let mut keys: Vec<String> = mock.last_call().json().as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let r = gw.generate(&body("gi")).await;
+    assert_eq!(
+        sent(&r),
+        ["background", "model", "moderation", "prompt", "quality", "user"],
+        "gpt-image-1: its own fields only, no response_format"
+    );
+    assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("negative_prompt, seed, steps, style"));
+    let r = gw.generate(&body("d3")).await;
+    assert_eq!(
+        sent(&r),
+        ["model", "prompt", "quality", "response_format", "style", "user"],
+        "dall-e-3: style and response_format, none of the GPT image fields"
+    );
+    assert_eq!(
+        r.header("x-acc-dropped-params").as_deref(),
+        Some("negative_prompt, seed, steps, background, moderation")
+    );
+    let r = gw.generate(&body("local")).await;
+    assert_eq!(
+        sent(&r),
+        [
+            "background",
+            "model",
+            "moderation",
+            "negative_prompt",
+            "prompt",
+            "quality",
+            "response_format",
+            "seed",
+            "steps",
+            "style",
+            "user"
+        ],
+        "another server that speaks the API gets every field"
+    );
+    assert_eq!(r.header("x-acc-dropped-params"), None);
+    let hits = mock.hits();
+    let err = gw.generate(&body("strict")).await.assert_error(400, "unsupported_parameter");
+    assert!(err["message"].as_str().unwrap().contains("negative_prompt, seed, steps, style"), "{err}");
+    assert_eq!(mock.hits(), hits, "refused before any call");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,11 +11,54 @@ use super::errors::{self, rule, ErrorClass, Matcher, Rule, Statuses};
 use super::{skim, AttemptRequest, Generation, Image, Provider, ProviderError};
 use crate::body::{ChunkedBody, Rope};
 use crate::policy::UpstreamFormat;
-use crate::request::{GenerationRequest, Operation};
+use crate::request::{GenerationRequest, Operation, Param};
 use crate::upstream;
 
 /// Ten 4096x4096 PNGs in base64 stay below this; anything larger is not an image answer.
 pub(crate) const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
+
+/// OpenAI's own image models, whose parameters the Images API reference fixes (OpenAI answers
+/// any other field with 400 `unknown_parameter`). A model of another name is served by another
+/// server that speaks the API, and gets the client's fields as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `dall-e-2`.
+    DallE2,
+    /// `dall-e-3`.
+    DallE3,
+    /// `gpt-image-1`, `gpt-image-1-mini`, `gpt-image-1.5`, ... (always answers base64; takes no
+    /// `response_format` and no `style`).
+    GptImage,
+}
+
+impl Family {
+    /// The family of the upstream model name `model`, when it is one of OpenAI's.
+    pub fn of(model: &str) -> Option<Family> {
+        match model {
+            "dall-e-2" => Some(Family::DallE2),
+            "dall-e-3" => Some(Family::DallE3),
+            m if m.starts_with("gpt-image") => Some(Family::GptImage),
+            _ => None,
+        }
+    }
+
+    /// Whether the family takes `param` on `op` (Images API reference: `style` is dall-e-3's,
+    /// `background`, `output_format`, `output_compression` the GPT image models', `moderation`
+    /// theirs on generations and `input_fidelity` on edits; the gateway's extensions, such as
+    /// `seed` and `negative_prompt`, are none of theirs).
+    pub fn takes(self, param: Param, op: Operation) -> bool {
+        match param {
+            Param::NegativePrompt | Param::Seed | Param::Steps | Param::Guidance | Param::Sampler => false,
+            Param::Quality => op != Operation::Variation,
+            Param::Style => self == Family::DallE3 && op == Operation::Generate,
+            Param::Background | Param::OutputFormat | Param::OutputCompression => {
+                self == Family::GptImage && op != Operation::Variation
+            }
+            Param::Moderation => self == Family::GptImage && op == Operation::Generate,
+            Param::InputFidelity => self == Family::GptImage && op == Operation::Edit,
+        }
+    }
+}
 
 pub struct OpenAi {
     /// `{base_url}/images/{generations,edits,variations}`, resolved once.
@@ -47,6 +90,14 @@ impl Provider for OpenAi {
         true
     }
 
+    /// Every parameter for a server that speaks the API; for OpenAI's own models
+    /// ([`Family`]) only those the model takes on the operation: the others are dropped (and
+    /// named in `x-acc-dropped-params`) or refused, as the provider's `unsupported_params` says,
+    /// instead of OpenAI refusing the whole request.
+    fn supports_value(&self, param: Param, model: &str, req: &GenerationRequest) -> bool {
+        Family::of(model).is_none_or(|f| f.takes(param, req.op))
+    }
+
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
             Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
@@ -58,10 +109,13 @@ impl Provider for OpenAi {
             raw: &req.raw,
             model: attempt.model,
             response_format: match self.upstream_format {
+                // The GPT image models always answer base64 and refuse the field.
+                _ if Family::of(attempt.model) == Some(Family::GptImage) => None,
                 UpstreamFormat::B64Json => Some("b64_json"),
                 UpstreamFormat::Url => Some("url"),
                 UpstreamFormat::Omit => None,
             },
+            dropped: attempt.dropped,
         };
         let (content_type, body) = match req.op {
             Operation::Generate => {
@@ -119,18 +173,22 @@ impl Provider for OpenAi {
 }
 
 /// The client's fields as the upstream gets them: `model` rewritten, `response_format` as the
-/// provider is configured, the gateway's own `acc` field dropped. Serialised straight from the
-/// client's map, without copying it.
+/// provider is configured (never to a GPT image model), the gateway's own `acc` field and the
+/// parameters the attempt drops left out. Serialised straight from the client's map, without
+/// copying it.
 struct UpstreamFields<'a> {
     raw: &'a serde_json::Map<String, serde_json::Value>,
     model: &'a str,
     response_format: Option<&'static str>,
+    dropped: &'a [Param],
 }
 
 impl UpstreamFields<'_> {
     /// The client's own fields that pass through unchanged.
     fn passthrough(&self) -> impl Iterator<Item = (&String, &serde_json::Value)> {
-        self.raw.iter().filter(|(k, _)| !matches!(k.as_str(), "model" | "response_format" | "acc"))
+        self.raw.iter().filter(|(k, _)| {
+            !matches!(k.as_str(), "model" | "response_format" | "acc") && !self.dropped.iter().any(|p| p.name() == *k)
+        })
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, serde_json::Value)> + '_ {

@@ -1,6 +1,9 @@
 //! The OpenAI Images API (`kind = "openai"`): POST {base}/images/generations (JSON),
 //! {base}/images/edits and {base}/images/variations (multipart; `n` read from the form), with
 //! base `/v1`; answers `{"created", "data": [{"b64_json"}...]}` and OpenAI-shaped errors. The
+//! fields OpenAI's own models (`dall-e-2`, `dall-e-3`, `gpt-image-*`) do not take are refused with
+//! 400 `unknown_parameter` as OpenAI refuses them (any field goes for other model names: other
+//! servers that speak the API). The
 //! GPT image models' parameters are checked against the Images API reference's allowed values
 //! (`background`, `output_format`, `output_compression` 0-100, `moderation`, `quality`,
 //! `input_fidelity` on edits only, at most 16 `image[]` files and one `mask` on edits), and a
@@ -72,6 +75,65 @@ fn check_gpt_image(fields: &[(String, String)], edit: bool) -> Option<Reply> {
     None
 }
 
+/// OpenAI's 400 for a field the model does not take.
+fn unknown_parameter(param: &str) -> Reply {
+    Reply::json(
+        400,
+        &json!({"error": {"message": format!("Unknown parameter: '{param}'."), "type": "invalid_request_error",
+            "param": param, "code": "unknown_parameter"}}),
+    )
+}
+
+/// For OpenAI's own models (`dall-e-2`, `dall-e-3`, `gpt-image-*`), the first field the model
+/// does not take on `endpoint`, as the Images API reference lists them (openai-python's
+/// `image_generate_params`, `image_edit_params`, `image_create_variation_params`): OpenAI refuses
+/// it with 400 `unknown_parameter` (`response_format` to a GPT image model, `seed` to any).
+/// Other model names are other servers that speak the API: anything goes.
+fn check_model_fields(fields: &serde_json::Map<String, Value>, endpoint: &str) -> Option<Reply> {
+    let model = fields.get("model").and_then(Value::as_str).unwrap_or("dall-e-2");
+    let gpt_image = model.starts_with("gpt-image");
+    if !gpt_image && model != "dall-e-2" && model != "dall-e-3" {
+        return None;
+    }
+    let mut allowed = vec!["model", "n", "size", "user"];
+    if !gpt_image {
+        allowed.push("response_format");
+    }
+    match endpoint {
+        "generations" => {
+            allowed.extend(["prompt", "quality"]);
+            if model == "dall-e-3" {
+                allowed.push("style");
+            }
+            if gpt_image {
+                allowed.extend([
+                    "background",
+                    "moderation",
+                    "output_compression",
+                    "output_format",
+                    "partial_images",
+                    "stream",
+                ]);
+            }
+        }
+        "edits" => {
+            allowed.extend(["prompt", "quality"]);
+            if gpt_image {
+                allowed.extend([
+                    "background",
+                    "input_fidelity",
+                    "output_compression",
+                    "output_format",
+                    "partial_images",
+                    "stream",
+                ]);
+            }
+        }
+        _ => {}
+    }
+    fields.keys().find(|k| !allowed.contains(&k.as_str())).map(|k| unknown_parameter(k))
+}
+
 /// An OpenAI error answer.
 pub fn openai_error(status: u16, message: &str) -> Reply {
     Reply::json(
@@ -121,6 +183,9 @@ impl Shape for OpenAiImages {
         };
         let strings: Vec<(String, String)> =
             fields.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect();
+        if let Some(bad) = check_model_fields(&fields, call.req.endpoint.unwrap_or("generations")) {
+            return bad;
+        }
         if let Some(bad) = check_gpt_image(&strings, call.req.endpoint == Some("edits")) {
             return bad;
         }
