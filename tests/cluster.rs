@@ -777,6 +777,44 @@ async fn redis_stopped_mid_run_serves_locally_then_shares_again() {
     drop_pg(&r).await;
 }
 
+/// Redis restarted: each proxy worker's connection is found dead only when used (a broken pipe
+/// or a reset); that first call is made again on a fresh connection, so no request fails once
+/// Redis answers. Under fail_closed, a trial saw 503s for `recheck_ms` after /readyz already
+/// said "shared" (one worker's connection came back, the others' first calls failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_no_request_fails_on_a_dead_connection() {
+    let (r, _) = replicas_own_redis(Opts {
+        cluster: "on_cluster_error = \"fail_closed\"\nrecheck_ms = 300\ntimeout_ms = 1000\nsync_ms = 100",
+        tenant: "requests_per_minute = 1000",
+        replicas: 2,
+        ..Default::default()
+    })
+    .await;
+    let redis = r._redis.as_ref().unwrap();
+    // Every proxy worker of both replicas has its connection (new client connections land on
+    // the workers in turn).
+    for i in 0..12 {
+        as_key(&r.gws[i % 2], KEY_A, &req(), &[]).await.assert_status(200);
+    }
+    redis.stop();
+    redis.restart();
+    // Shared again as far as /readyz knows (the pauses' sync, on another connection, answers).
+    // The proxy workers asked nothing of Redis meanwhile: each still holds its dead socket.
+    for gw in &r.gws {
+        let back =
+            eventually(Duration::from_secs(10), || async { readyz(gw).await["cluster"]["state"] == "shared" }).await;
+        assert!(back, "shared again after Redis restarted");
+    }
+    for i in 0..12 {
+        let resp = as_key(&r.gws[i % 2], KEY_A, &req(), &[]).await;
+        assert_eq!(resp.status, 200, "request {i} after the restart: {}", resp.describe());
+    }
+    for gw in &r.gws {
+        assert_eq!(readyz(gw).await["cluster"]["state"], "shared");
+    }
+    drop_pg(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_refuses_with_a_clear_503_and_no_secret() {
     const SECRET: &str = "pw-7f3a9c-never-shown";

@@ -272,18 +272,30 @@ impl Cluster {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Runs one Redis call under the deadline, or not at all while the replica waits to
-    /// recheck; failures switch to local state for `recheck`.
-    async fn call<T>(
-        &self,
-        op: &'static str,
-        f: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, Unavailable> {
+    /// Runs a Redis call made by `make` on this thread's connection, within the policy's
+    /// deadline. A call whose connection turns out to be dead (Redis restarted, so the socket
+    /// this thread held is gone: a broken pipe or a reset, found only by using it) is made once
+    /// more on the connection the manager makes anew, within the same deadline: the command
+    /// never reached a Redis that still exists, and without the retry every thread's first call
+    /// after a restart would fail and put the replica back on local state. Errors: the call
+    /// failed or missed its deadline ([`Unavailable`], counted and logged by `failed`); while
+    /// the replica waits to recheck it is not made at all. A failure switches to local state
+    /// for `recheck`.
+    async fn call<T, F>(&self, op: &'static str, mut make: impl FnMut(ConnectionManager) -> F) -> Result<T, Unavailable>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         if self.waiting_to_recheck() {
             self.metrics.errors.with_label_values(&[op]).inc();
             return Err(Unavailable);
         }
-        let why = match tokio::time::timeout(self.settings.timeout, f).await {
+        let attempts = async {
+            match make(self.conn()).await {
+                Err(e) if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) => make(self.conn()).await,
+                r => r,
+            }
+        };
+        let why = match tokio::time::timeout(self.settings.timeout, attempts).await {
             Ok(Ok(v)) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
                     self.local_until.store(0, Ordering::Relaxed);
@@ -675,8 +687,8 @@ impl Cluster {
                 cmd.arg(*limit).arg(*estimate).arg(id).arg(*lease_ms);
             }
         }
-        let mut conn = self.conn();
-        let run = async {
+        let cmd = &cmd;
+        let run = |mut conn: ConnectionManager| async move {
             match cmd.query_async(&mut conn).await {
                 Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                     lua::ADMIT.load_async(&mut conn).await?;
@@ -773,8 +785,8 @@ impl Cluster {
         for c in cells {
             inv.key(self.key(&["rl", c.scope, c.name, c.limit]));
         }
-        let mut conn = self.conn();
-        let reply: Vec<i64> = self.call("usage", inv.invoke_async(&mut conn)).await?;
+        let inv = &inv;
+        let reply: Vec<i64> = self.call("usage", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         Ok(reply.iter().map(|u| (*u as f64 / 60_000_000.0).clamp(0.0, 1.0)).collect())
     }
 
@@ -881,10 +893,10 @@ impl Cluster {
     /// Settled spend today on the budget `name`, USD, cluster-wide.
     pub async fn spent_today(&self, name: &str) -> Result<f64, Unavailable> {
         let key = self.key(&["spend", name, &utc_day().to_string()]);
-        let mut conn = self.conn();
         let mut cmd = redis::cmd("HGET");
         cmd.arg(&key).arg("spent");
-        let v: Option<String> = self.call("usage", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let v: Option<String> = self.call("usage", |mut c| async move { cmd.query_async(&mut c).await }).await?;
         Ok(v.and_then(|s| s.parse().ok()).unwrap_or(0.0))
     }
 }
@@ -939,8 +951,9 @@ impl Cluster {
         for (p, until) in pauses.iter().chain(breakers) {
             inv.arg(p).arg(*until);
         }
-        let mut conn = self.conn();
-        let (p, b): (Vec<String>, Vec<String>) = self.call("pauses", inv.invoke_async(&mut conn)).await?;
+        let inv = &inv;
+        let (p, b): (Vec<String>, Vec<String>) =
+            self.call("pauses", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         let pairs = |v: Vec<String>| -> Vec<HoldOff> {
             v.chunks_exact(2).filter_map(|c| Some((c[0].clone(), c[1].parse().ok()?))).collect()
         };

@@ -66,8 +66,9 @@ impl Cluster {
         loop {
             let mut inv = lua::IDEM_BEGIN.prepare_invoke();
             inv.key(&entry).arg(&lease[..]).arg(self.settings.lease.as_millis() as u64);
-            let mut conn = self.conn();
-            let found: Option<Vec<u8>> = self.call("idempotency", inv.invoke_async(&mut conn)).await?;
+            let inv = &inv;
+            let found: Option<Vec<u8>> =
+                self.call("idempotency", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
             let Some(v) = found else {
                 return Ok(IdemBegin::Leader(SharedLease {
                     cluster: self.clone(),
@@ -127,9 +128,9 @@ impl Drop for SharedLease {
 async fn finish(c: &Cluster, key: &str, lease: &[u8], value: &[u8], ttl: Duration) {
     let mut inv = lua::IDEM_FINISH.prepare_invoke();
     inv.key(key).arg(lease).arg(value).arg(ttl.as_millis().max(1) as u64);
-    let mut conn = c.conn();
     // A failure leaves the lease to expire; waiters then run the request themselves.
-    let _ = c.call("idempotency", inv.invoke_async::<i64>(&mut conn)).await;
+    let inv = &inv;
+    let _ = c.call("idempotency", |mut conn| async move { inv.invoke_async::<i64>(&mut conn).await }).await;
 }
 
 /// `D`, the fingerprint, the status (u16), the header count (u16), each header as name length
