@@ -180,9 +180,17 @@ fn images_refusal(
             "Rate limit reached for {who} on images per minute: limit {per_minute}, requested {images}. Try again in {} s.",
             retry_secs(w).max(1)
         ),
-        None => format!("this request asks for {images} images, more than the {who} limit of {per_minute} images per minute"),
+        None => format!(
+            "this request asks for {images} images, more than the {who} limit of {per_minute} images per minute; ask for at most {per_minute}"
+        ),
     };
-    refusal(metrics, tenant, Limit::Images, wait.unwrap_or(Duration::from_secs(60)), msg)
+    let mut e = refusal(metrics, tenant, Limit::Images, wait.unwrap_or(Duration::from_secs(60)), msg);
+    if wait.is_none() {
+        // Waiting never lets it through: no Retry-After, and `x-should-retry: false` so that
+        // the SDKs do not retry it.
+        e.retry_after = None;
+    }
+    e
 }
 
 /// Takes `n` cells from a limiter, or says how long until they are there.
@@ -418,6 +426,9 @@ mod tests {
         assert_eq!((e.kind, e.code), ("images", Some("rate_limit_exceeded")));
         let e = l.admit_local(&m, &key(None, Some(3)), None, 5, 0.0).err().unwrap();
         assert!(e.message.contains("more than"), "{}", e.message);
+        // More than the limit holds at all: waiting never helps, so no retry is invited
+        // (no Retry-After; the answer says x-should-retry: false).
+        assert_eq!(e.retry_after, None);
         // Two keys of one tenant share its limit.
         let t = TenantLimits { requests_per_minute: Some(1), ..Default::default() };
         let mut k2 = key(None, None);

@@ -949,6 +949,8 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
                 (Some("pending_review"), _) => "pending_review",
                 (Some("rate_limit_exceeded" | "spend_limit_exceeded"), _) => "rate_limited",
                 (Some("no_healthy_target"), _) => "no_healthy_target",
+                // Shared state unreachable under fail_closed: Redis's outage, not the gateway's bug.
+                (Some("cluster_unavailable"), _) => "cluster_unavailable",
                 (Some("provider_busy"), _) => "provider_busy",
                 (Some("idempotency_key_reused"), _) => "idempotency_conflict",
                 (Some("unsupported_parameter" | "unsupported_operation"), _) => "client_error",
