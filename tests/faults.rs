@@ -459,6 +459,21 @@ async fn every_rate_limit_header_form_pauses_and_max_pause_ms_caps_it() {
     }
 }
 
+/// Every attempt refused with a 429 asking for 99999 s: the client's Retry-After is the longest
+/// a provider's pause lasts (`max_pause_ms`), not the provider's value passed on (a trial saw
+/// 99999, about 28 hours, on the 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_retry_after_is_capped_at_the_providers_pause() {
+    let s = setup(Extras { primary: "max_pause_ms = 2000", backup: "max_pause_ms = 7000", ..Default::default() }).await;
+    for p in [&s.primary, &s.backup] {
+        p.set_status(429);
+        p.set_headers(vec![("retry-after".into(), "99999".into())]);
+    }
+    let r = s.gw.generate(&req()).await;
+    assert!(r.status >= 500, "{}", r.describe());
+    assert_eq!(r.header("retry-after").as_deref(), Some("7"), "the longer of the two caps: {}", r.describe());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_without_a_reset_header_does_not_pause() {
     let s = setup(Extras::default()).await;

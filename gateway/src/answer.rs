@@ -320,22 +320,28 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
     } else {
         ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_error", message)
     };
-    e.retry_after = retry_later(outcome);
+    e.retry_after = retry_later(policy, outcome);
     e
 }
 
 /// When a client may retry a request every attempt of which failed: when some failure was
 /// transient (a timeout, a refused or broken connection, a 429 or 5xx), after the longest
-/// `Retry-After` a provider asked for, at least 1 s; `None` when none was (account problems,
-/// bad answers): retrying soon would fail the same way, so the answer says not to.
-fn retry_later(outcome: &PlanOutcome) -> Option<u64> {
+/// `Retry-After` a provider asked for, each cut to its provider's `max_pause_ms` (the longest
+/// the gateway itself waits on one: a provider's 99999 s is not passed on), at least 1 s;
+/// `None` when none was (account problems, bad answers): retrying soon would fail the same way,
+/// so the answer says not to.
+fn retry_later(policy: &Policy, outcome: &PlanOutcome) -> Option<u64> {
     let mut transient = outcome.deadline_exceeded;
     let mut wait = std::time::Duration::ZERO;
     for a in &outcome.attempts {
         match &a.result {
             Err(ProviderError::Status { retry_after, .. }) => {
                 transient = true;
-                wait = wait.max(retry_after.unwrap_or_default());
+                let target = policy.routes.get(a.step.route).and_then(|r| r.targets.get(a.step.target));
+                let cap = target
+                    .and_then(|t| policy.providers.get(&t.provider))
+                    .map_or(std::time::Duration::from_secs(300), |p| p.max_pause);
+                wait = wait.max(retry_after.unwrap_or_default().min(cap));
             }
             Err(
                 ProviderError::Timeout
