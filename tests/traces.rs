@@ -685,12 +685,17 @@ async fn a_reload_that_changes_the_store_says_it_waits_for_a_restart() {
     let (first, second) = (MockProvider::start().await, MockProvider::start().await);
     let (gw, dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
     let before = live_version(&gw).await;
-    dir.write("store.toml", "[store]\nretention_days = 3\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:9\"\n");
+    dir.write(
+        "store.toml",
+        "[store]\nretention_days = 3\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:9\"\n[cluster]\nredis_url = \"redis://127.0.0.1:9\"\n",
+    );
     let reloaded = eventually(Duration::from_secs(20), || async { live_version(&gw).await != before }).await;
     assert!(reloaded, "{}", gw.stderr());
     let p = gw.admin("GET", "/admin/policies").await.json();
     let warnings = p["warnings"].to_string();
-    assert!(warnings.contains("[store] differs") && warnings.contains("[telemetry] differs"), "{p:#}");
+    for section in ["[store] differs", "[telemetry] differs", "[cluster] differs"] {
+        assert!(warnings.contains(section), "{section}: {p:#}");
+    }
     assert!(gw.stderr().contains("takes effect at the next restart"));
 }
 

@@ -71,9 +71,13 @@ pub struct PolicyStore {
     status: Mutex<ReloadStatus>,
     /// One reload at a time (poll, SIGHUP and the admin endpoint can coincide).
     reloading: tokio::sync::Mutex<()>,
-    /// `[store]` and `[telemetry]` as the gateway started with them: they take effect at start-up
-    /// only, and a reload that changes them says so.
-    started_with: (crate::policy::StoreSettings, Option<crate::policy::TelemetrySettings>),
+    /// `[store]`, `[telemetry]` and `[cluster]` as the gateway started with them: they take
+    /// effect at start-up only, and a reload that changes them says so.
+    started_with: (
+        crate::policy::StoreSettings,
+        Option<crate::policy::TelemetrySettings>,
+        Option<crate::policy::ClusterSettings>,
+    ),
 }
 
 impl PolicyStore {
@@ -88,7 +92,8 @@ impl PolicyStore {
         let migrations = mirror::Registry::default();
         let snapshot = prepare(&sources, public_listener, &metrics, &live, &migrations)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
-        let started_with = (snapshot.policy.store.clone(), snapshot.policy.telemetry.clone());
+        let started_with =
+            (snapshot.policy.store.clone(), snapshot.policy.telemetry.clone(), snapshot.policy.cluster.clone());
         Ok(PolicyStore {
             started_with,
             current: ArcSwap::from_pointee(snapshot),
@@ -144,6 +149,11 @@ impl PolicyStore {
                 if snapshot.policy.telemetry != self.started_with.1 {
                     snapshot.policy.warnings.push(
                         "[telemetry] differs from the one the gateway started with; it takes effect at the next restart".into(),
+                    );
+                }
+                if snapshot.policy.cluster != self.started_with.2 {
+                    snapshot.policy.warnings.push(
+                        "[cluster] differs from the one the gateway started with; it takes effect at the next restart (the running replica keeps its Redis, its on_cluster_error and its deadlines)".into(),
                     );
                 }
                 let version = snapshot.policy.version.clone();
