@@ -8,7 +8,9 @@
 //!   [`MAX_DAYS`];
 //! - `*_bytes`: at most [`MAX_BYTES`]; `*_mib`: at most `MAX_BYTES` in MiB;
 //! - counts that size memory or sum up: at most [`MAX_COUNT`] (`weight`, `max_concurrency`,
-//!   `max_queue`, `max_in_flight`, `min_samples`).
+//!   `max_queue`, `max_in_flight`, `min_samples`);
+//! - money (a field whose name has `usd`, and every number in a `price` table): at most
+//!   [`MAX_USD`] (shared spend is kept in Redis as whole nano-USD in 64 bits: about 1.8e10 USD).
 //!
 //! Fields with a tighter range of their own (ratios, `health_window`, `input_size`, ...) are
 //! checked where they are read; these bounds come first and apply to all.
@@ -21,6 +23,9 @@ pub const MAX_DAYS: i64 = 36_500;
 pub const MAX_BYTES: i64 = 1 << 40;
 /// The largest count a field that sizes memory or is summed may give.
 pub const MAX_COUNT: i64 = 1_000_000;
+/// The largest amount of money any field may give, USD: a hundred million (ten images at that
+/// price still fit the nano-USD counters shared through Redis).
+pub const MAX_USD: f64 = 1e8;
 
 const COUNTS: &[&str] = &[
     "weight",
@@ -59,6 +64,12 @@ fn value_at(name: &str, path: &str, key: &str, value: &toml::Value, errors: &mut
         toml::Value::Float(f) if !f.is_finite() => {
             errors.push(format!("{name}: {path}: must be a finite number, got {f}"));
         }
+        toml::Value::Float(f) if is_money(path, key) && *f > MAX_USD => {
+            errors.push(format!("{name}: {path}: {f} is more than the largest amount allowed ({MAX_USD:e} USD)"));
+        }
+        toml::Value::Integer(i) if is_money(path, key) && *i as f64 > MAX_USD => {
+            errors.push(format!("{name}: {path}: {i} is more than the largest amount allowed ({MAX_USD:e} USD)"));
+        }
         toml::Value::Integer(i) => {
             let bound = |max: i64, unit: &str, what: &str| {
                 (*i > max).then(|| format!("{name}: {path}: {i} is more than {what} ({max}{unit})"))
@@ -82,6 +93,11 @@ fn value_at(name: &str, path: &str, key: &str, value: &toml::Value, errors: &mut
         }
         _ => {}
     }
+}
+
+/// Whether the number at `path` (its last key `key`) is an amount of money.
+fn is_money(path: &str, key: &str) -> bool {
+    key.contains("usd") || path.split('.').any(|part| part == "price" || part.starts_with("price["))
 }
 
 #[cfg(test)]
@@ -131,5 +147,31 @@ price = { per_image_usd = inf }
         want.sort();
         assert_eq!(got, want);
         assert!(errors("[server]\nurl_ttl_secs = 3600\n[[routes]]\nname = \"a\"\ndeadline_ms = 120000\n").is_empty());
+    }
+
+    /// Money beyond what the shared nano-USD counters hold (a trial set a 1e15 USD daily limit:
+    /// accepted, then every request refused once one was charged).
+    #[test]
+    fn amounts_of_money_are_bounded() {
+        let text = r#"
+[tenants.big]
+spend_usd_per_day = 1e15
+
+[providers.p]
+price = { per_image_usd = 0.04, quality = { low = 0.011, high = 1e12 } }
+
+[routes.mirror]
+max_spend_usd_per_day = 200000000
+"#;
+        let mut got = errors(text);
+        got.sort();
+        let mut want = vec![
+            "p.toml: tenants.big.spend_usd_per_day: 1000000000000000 is more than the largest amount allowed (1e8 USD)",
+            "p.toml: providers.p.price.quality.high: 1000000000000 is more than the largest amount allowed (1e8 USD)",
+            "p.toml: routes.mirror.max_spend_usd_per_day: 200000000 is more than the largest amount allowed (1e8 USD)",
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        assert!(errors("[tenants.t]\nspend_usd_per_day = 100000000\n[providers.p]\nprice = { per_image_usd = 5 }\n").is_empty());
     }
 }
