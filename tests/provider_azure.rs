@@ -16,7 +16,7 @@ const KEY: &str = "az-secret-3f9a61c0d2b84e7f";
 const WRONG_KEY_VAR: &str = "AZURE_TEST_IMAGES_WRONG_KEY";
 const WRONG_KEY: &str = "az-wrong-77c1e0a9b5";
 const UNSET_VAR: &str = "AZURE_TEST_IMAGES_KEY_NEVER_SET";
-const API_VERSION: &str = "2024-10-21";
+const API_VERSION: &str = "2025-04-01-preview";
 /// The deployments the mock resource has.
 const DEPLOYMENTS: [&str; 2] = ["dalle3-prod", "gpt-image-eu"];
 
@@ -68,6 +68,11 @@ async fn setup() -> Setup {
         azure_provider("az_strict", &url, KEY_VAR, "unsupported_params = \"reject\""),
         azure_provider("az_nokey", &url, UNSET_VAR, ""),
         azure_provider("az_wrongkey", &url, WRONG_KEY_VAR, ""),
+        // Pinned to the GA version: generations with dall-e-3's fields only, no edits.
+        format!(
+            "[providers.az_ga]\nkind = \"azure_openai\"\nbase_url = \"{url}\"\napi_key_env = \"{KEY_VAR}\"\n\
+             api_version = \"2024-10-21\"\n\n"
+        ),
         openai_provider("backup", &backup),
         route("dalle", "az", "dalle3-prod", true),
         route("dalle-url", "az_url", "dalle3-prod", false),
@@ -75,6 +80,7 @@ async fn setup() -> Setup {
         route("dalle-nokey", "az_nokey", "dalle3-prod", false),
         route("dalle-wrongkey", "az_wrongkey", "dalle3-prod", true),
         route("dalle-missing", "az", "no-such-deployment", true),
+        route("dalle-ga", "az_ga", "dalle3-prod", true),
         route("spare", "backup", "backup-model", false),
     ]
     .concat();
@@ -111,7 +117,7 @@ async fn generation_goes_to_the_deployment_with_api_key_and_version() {
 
     let call = s.az.last_call();
     assert_eq!(call.path, "/openai/deployments/dalle3-prod/images/generations");
-    assert_eq!(call.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(call.query.as_deref(), Some("api-version=2025-04-01-preview"));
     assert_eq!(call.header("api-key").as_deref(), Some(KEY));
     assert_eq!(call.header("authorization"), None, "Azure keys go in api-key, not a bearer token");
     assert!(call.header("content-type").unwrap().starts_with("application/json"));
@@ -290,7 +296,7 @@ async fn edits_are_multipart_and_variations_are_not_offered() {
     assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("seed"), "{}", r.describe());
     let call = s.az.last_call();
     assert_eq!(call.path, "/openai/deployments/dalle3-prod/images/edits");
-    assert_eq!(call.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(call.query.as_deref(), Some("api-version=2025-04-01-preview"));
     assert_eq!(call.header("api-key").as_deref(), Some(KEY));
     let parts = call.form().await;
     assert_eq!(form_text(&parts, "prompt").as_deref(), Some("add a red boat"));
@@ -345,4 +351,33 @@ async fn key_problems_are_clear_and_leak_nothing() {
         }
         assert!(!logs.contains(secret), "a key reached the logs:\n{logs}");
     }
+}
+
+/// The GA api-version (2024-10-21) has no `images/edits` and none of the GPT image fields
+/// (Azure's spec for it; an audit found edits and those fields sent to it): on a provider pinned
+/// to it, an edit goes to the next target and the fields are dropped and named. The default
+/// version (2025-04-01-preview) has both (the other tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ga_api_version_gets_no_edits_and_no_gpt_image_fields() {
+    let s = setup().await;
+    let mut body = gen("dalle-ga");
+    body["background"] = json!("opaque");
+    body["output_format"] = json!("jpeg");
+    let r = s.gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["az_ga:ok"], "{}", r.describe());
+    assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("background, output_format"), "{}", r.describe());
+    let call = s.az.last_call();
+    assert_eq!(call.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(call.json().get("background"), None);
+    let calls = s.az.hits();
+    let form = Form::new()
+        .text("model", "dalle-ga")
+        .text("prompt", "add a red boat")
+        .text("response_format", "b64_json")
+        .file("image", "photo.png", "image/png", make_png(64, 48, [10, 120, 230]));
+    let r = s.gw.edit(&form, &[]).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["az_ga:unsupported", "backup:ok"], "{}", r.describe());
+    assert_eq!(s.az.hits(), calls, "nothing sent to a version without edits");
 }

@@ -172,6 +172,7 @@ max_spend_usd_per_day = 200000000
         ];
         want.sort();
         assert_eq!(got, want);
-        assert!(errors("[tenants.t]\nspend_usd_per_day = 100000000\n[providers.p]\nprice = { per_image_usd = 5 }\n").is_empty());
+        assert!(errors("[tenants.t]\nspend_usd_per_day = 100000000\n[providers.p]\nprice = { per_image_usd = 5 }\n")
+            .is_empty());
     }
 }

@@ -274,7 +274,8 @@ pub struct Connection {
     pub api_key_env: Option<String>,
     /// openai / azure_openai: what to ask the upstream for.
     pub upstream_format: UpstreamFormat,
-    /// azure_openai: the `api-version` query parameter (default "2024-10-21").
+    /// azure_openai: the `api-version` query parameter (default "2025-04-01-preview": the first with
+    /// `images/edits` and the GPT image models; the GA 2024-10-21 has generations with dall-e-3 only).
     pub api_version: Option<String>,
     /// vertex_imagen: Google Cloud project id.
     pub project: Option<String>,

@@ -710,7 +710,9 @@ fn validate_connection(
         }
     };
     match kind {
-        K::AzureOpenAi => c.api_version = Some(p.api_version.clone().unwrap_or_else(|| "2024-10-21".to_string())),
+        K::AzureOpenAi => {
+            c.api_version = Some(p.api_version.clone().unwrap_or_else(|| "2025-04-01-preview".to_string()))
+        }
         K::VertexImagen => {
             for (field, v) in [("project", &p.project), ("location", &p.location)] {
                 match v.as_deref() {

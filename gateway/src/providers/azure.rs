@@ -21,8 +21,12 @@ use crate::request::Operation;
 use crate::request::Param;
 use crate::upstream;
 
-/// The GA version the policy defaults to as well; used only if a `Connection` comes without one.
-const DEFAULT_API_VERSION: &str = "2024-10-21";
+/// The version the policy defaults to as well; used only if a `Connection` comes without one.
+const DEFAULT_API_VERSION: &str = "2025-04-01-preview";
+/// The first `api-version` with `images/edits` and the GPT image models' fields (the GA
+/// 2024-10-21 has generations with dall-e-3's fields only). Versions are dates, so they compare
+/// as text.
+const GPT_IMAGE_FROM: &str = "2025-04-01-preview";
 
 /// OpenAI fields Azure's image models take that the gateway does not model itself: passed on
 /// when the client set them.
@@ -46,6 +50,11 @@ impl Azure {
             auth: key_header(c.api_key_env.as_deref(), ""),
             upstream_format: c.upstream_format,
         }
+    }
+
+    /// Whether the configured `api_version` has `images/edits` and the GPT image fields.
+    fn has_gpt_image(&self) -> bool {
+        self.api_version.as_str() >= GPT_IMAGE_FROM
     }
 
     /// The deployment is in the path, so the endpoint is resolved per request.
@@ -104,11 +113,13 @@ impl Azure {
 #[async_trait]
 impl Provider for Azure {
     fn supports(&self, param: Param) -> bool {
-        matches!(param, Param::Quality | Param::Style) || GPT_IMAGE.contains(&param)
+        matches!(param, Param::Quality | Param::Style) || (GPT_IMAGE.contains(&param) && self.has_gpt_image())
     }
 
+    /// Edits only where the configured `api_version` has them: an older one would answer 404,
+    /// so the next target is tried instead.
     fn supports_op(&self, op: Operation) -> bool {
-        matches!(op, Operation::Generate | Operation::Edit)
+        op == Operation::Generate || (op == Operation::Edit && self.has_gpt_image())
     }
 
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
@@ -119,7 +130,11 @@ impl Provider for Azure {
         };
         let req = attempt.req;
         if !self.supports_op(req.op) {
-            return Err(ProviderError::Unsupported(format!("azure_openai has no /images/{}", req.op.path())));
+            return Err(ProviderError::Unsupported(format!(
+                "azure_openai has no /images/{} at api-version {} (edits from {GPT_IMAGE_FROM})",
+                req.op.path(),
+                self.api_version
+            )));
         }
         let endpoint = self.endpoint(attempt.model, req.op)?;
         let fields = self.fields(attempt);

@@ -1,6 +1,7 @@
 //! Azure OpenAI's image REST API (`kind = "azure_openai"`): POST
 //! /openai/deployments/{deployment}/images/{generations|edits}?api-version=... with the key in
-//! `api-key` (give the mock `.credential("api-key", [KEY])`), OpenAI-shaped JSON and multipart
+//! `api-key` (give the mock `.credential("api-key", [KEY])`; edits only from api-version
+//! 2025-04-01-preview, as Azure serves them), OpenAI-shaped JSON and multipart
 //! bodies, answers with `revised_prompt` and content-filter results, `b64_json` or a `url` into
 //! the mock's own blob store (GET /blobs/*), and Azure's error bodies
 //! (`{"error": {"code", "message"}}`).
@@ -9,6 +10,9 @@ use serde_json::{json, Value};
 
 use super::{Call, Captured, Endpoint, Reply, Shape};
 use crate::common::b64_encode;
+
+/// The first `api-version` with `images/edits` (and the GPT image models' fields).
+const EDITS_FROM: &str = "2025-04-01-preview";
 
 /// An Azure OpenAI resource with these deployments.
 pub struct AzureOpenAi {
@@ -44,7 +48,10 @@ impl Shape for AzureOpenAi {
         }
         let (_, op) = deployment_of(&req.path).filter(|_| req.method == "POST")?;
         let version = req.query.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("api-version="));
-        if version.is_none_or(|v| v.is_empty()) {
+        let version = version.filter(|v| !v.is_empty())?;
+        // `images/edits` exists from 2025-04-01-preview on (the GA 2024-10-21 spec has
+        // generations only): before it, Azure answers 404 "Resource not found".
+        if op != "generations" && version < EDITS_FROM {
             return None;
         }
         Some(Endpoint::generation(if op == "generations" { "generations" } else { "edits" }))
