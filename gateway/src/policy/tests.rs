@@ -132,7 +132,7 @@ max_poll_interval_ms = 100
     )])
     .unwrap();
     assert_eq!(ok.providers["f"].conn.base_url, "https://queue.fal.run");
-    assert_eq!(ok.providers["z"].conn.api_version.as_deref(), Some("2024-10-21"));
+    assert_eq!(ok.providers["z"].conn.api_version.as_deref(), Some("2025-04-01-preview"));
     let errs = check(&[("p.toml", "[providers.o]\nkind = \"openai\"\nbase_url = \"ftp://x\"\n")]).unwrap_err();
     assert_eq!(errs, vec![r#"p.toml: providers.o.base_url: "ftp://x" is not an http(s) URL"#]);
 }
