@@ -83,10 +83,12 @@ impl Provider for Vertex {
         )
     }
 
-    /// Imagen writes PNG or JPEG, and compresses JPEG only.
-    fn supports_value(&self, param: Param, _model: &str, req: &GenerationRequest) -> bool {
+    /// Imagen writes PNG or JPEG, and compresses JPEG only; a negative prompt only the models
+    /// before Imagen 3's GA take ([`takes_negative_prompt`]).
+    fn supports_value(&self, param: Param, model: &str, req: &GenerationRequest) -> bool {
         match param {
             Param::OutputFormat | Param::OutputCompression => req.output_format != Some(OutputFormat::Webp),
+            Param::NegativePrompt => takes_negative_prompt(model),
             p => self.supports(p),
         }
     }
@@ -164,6 +166,17 @@ fn predict_body(attempt: &AttemptRequest<'_>) -> serde_json::Value {
         parameters["addWatermark"] = json!(false);
     }
     json!({"instances": [{"prompt": req.prompt}], "parameters": parameters})
+}
+
+/// Whether the Imagen `model` takes `negativePrompt`: Imagen 1 and 2 (`imagegeneration@...`) and
+/// the Imagen 3 models before its GA (`imagen-3.0-generate-001`, `imagen-3.0-fast-generate-001`,
+/// `imagen-3.0-capability-001`). Later ones (`imagen-3.0-generate-002`, Imagen 4) answer 400
+/// INVALID_ARGUMENT "Setting negativePrompt is no longer supported" (Vertex AI, "Omit content
+/// using a negative prompt"), so for them the parameter is dropped or refused as the provider's
+/// `unsupported_params` says.
+pub fn takes_negative_prompt(model: &str) -> bool {
+    model.starts_with("imagegeneration@")
+        || matches!(model, "imagen-3.0-generate-001" | "imagen-3.0-fast-generate-001" | "imagen-3.0-capability-001")
 }
 
 /// The ratio of `ratios` nearest to `width:height` (compared in log space, so 2:1 and 1:2 are
@@ -452,6 +465,21 @@ pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_models_before_imagen_3_ga_take_a_negative_prompt() {
+        for m in [
+            "imagegeneration@006",
+            "imagen-3.0-generate-001",
+            "imagen-3.0-fast-generate-001",
+            "imagen-3.0-capability-001",
+        ] {
+            assert!(super::takes_negative_prompt(m), "{m}");
+        }
+        for m in ["imagen-3.0-generate-002", "imagen-4.0-generate-001", "imagen-4.0-ultra-generate-001", ""] {
+            assert!(!super::takes_negative_prompt(m), "{m}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -2,7 +2,7 @@
 //! documents it: POST {base}/projects/{project}/locations/{location}/publishers/google/models/
 //! {model}:predict with base `/v1`, a bearer token (give the mock
 //! `.credential("authorization", ["Bearer ..."])`), `instances`/`parameters` fields, seed only
-//! without watermark, 1..=4 samples. Answers base64 predictions, `raiFilteredReason` for
+//! without watermark, 1..=4 samples, `negativePrompt` only on the models before Imagen 3's GA. Answers base64 predictions, `raiFilteredReason` for
 //! filtered images ("forbidden" prompts lose every image, "partly" ones all but the first) and
 //! Google error bodies.
 
@@ -76,6 +76,13 @@ impl Shape for VertexImagen {
                 "INVALID_ARGUMENT",
                 &format!("Invalid JSON payload received. Unknown name \"{unknown}\""),
             );
+        }
+        // Only the models before Imagen 3's GA take a negative prompt.
+        let old_model = self.model.starts_with("imagegeneration@")
+            || ["imagen-3.0-generate-001", "imagen-3.0-fast-generate-001", "imagen-3.0-capability-001"]
+                .contains(&self.model.as_str());
+        if params.contains_key("negativePrompt") && !old_model {
+            return google_error(400, "INVALID_ARGUMENT", "Setting negativePrompt is no longer supported.");
         }
         let count = params.get("sampleCount").and_then(Value::as_u64).unwrap_or(4);
         if !(1..=4).contains(&count) {
