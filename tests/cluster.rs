@@ -777,6 +777,32 @@ async fn redis_stopped_mid_run_serves_locally_then_shares_again() {
     drop_pg(&r).await;
 }
 
+/// An image URL one replica made is served by every replica (behind a Service, the fetch
+/// lands on any of them; a trial saw 404s on two of three): the image goes to Redis for the
+/// URL's lifetime, with its freshness headers. An id no replica made is still a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_url_made_on_one_replica_is_served_by_the_others() {
+    let (url, own) = shared_redis();
+    let r = replicas(Opts { redis_url: &url, replicas: 2, ..Default::default() }, own).await;
+    let mut body = req();
+    body["response_format"] = json!("url");
+    let resp = as_key(&r.gws[0], KEY_A, &body, &[]).await;
+    resp.assert_status(200);
+    let url = resp.json()["data"][0]["url"].as_str().unwrap().to_string();
+    let path = &url[url.find("/v1/images/artifacts/").expect("a gateway-served URL")..];
+    let here = get(&r.gws[0].url(path), &[]).await;
+    here.assert_status(200);
+    let there = get(&r.gws[1].url(path), &[]).await;
+    there.assert_status(200);
+    assert_eq!(there.body, here.body, "the same image from the other replica");
+    assert_eq!(there.header("content-type"), here.header("content-type"));
+    let max_age = there.header("cache-control").unwrap_or_default();
+    assert!(max_age.starts_with("private, max-age="), "{max_age}");
+    let missing = get(&r.gws[1].url("/v1/images/artifacts/0123456789abcdef0123456789abcdef.png"), &[]).await;
+    missing.assert_error(404, "artifact_not_found");
+    drop_pg(&r).await;
+}
+
 /// Redis restarted: each proxy worker's connection is found dead only when used (a broken pipe
 /// or a reset); that first call is made again on a fresh connection, so no request fails once
 /// Redis answers. Under fail_closed, a trial saw 503s for `recheck_ms` after /readyz already

@@ -139,10 +139,15 @@ pub struct Sent {
     pub bytes: Option<Bytes>,
 }
 
-/// Keeps an image in the artifact store and returns its URL.
+/// Keeps an image in the artifact store and returns its URL; with `[cluster]`, in Redis too,
+/// so that every replica serves the URL.
 fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
     let kind = crate::providers::sniff_image(&bytes).unwrap_or(("application/octet-stream", "bin"));
-    app.artifacts.publish(bytes, kind, policy.server.url_ttl, base)
+    let (id, url) = app.artifacts.publish(bytes.clone(), kind, policy.server.url_ttl, base);
+    if let Some(c) = app.limits.cluster() {
+        c.share_artifact(&id, bytes, policy.server.url_ttl);
+    }
+    url
 }
 
 /// The scheme and authority gateway-served image URLs start with: `public_base_url` when the

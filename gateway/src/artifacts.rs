@@ -16,6 +16,34 @@ use crate::metrics::Metrics;
 /// Where gateway-served images live on the proxy listener: `{PATH}{id}.{ext}`.
 pub const PATH: &str = "/v1/images/artifacts/";
 
+/// The id of `{id}.{ext}`, when it is one this gateway makes (32 lowercase hex digits).
+pub fn id_of(file: &str) -> &str {
+    file.split('.').next().unwrap_or_default()
+}
+
+/// Whether `id` has the shape of the ids [`ArtifactStore::put`] makes.
+pub fn is_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The answer for an image with `left` before its URL expires.
+pub fn respond(bytes: Bytes, mime: &'static str, left: Duration) -> axum::response::Response {
+    use http::{header, HeaderValue};
+    let mut r = axum::response::Response::new(axum::body::Body::from(bytes));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    for (name, value) in freshness(left, std::time::SystemTime::now()) {
+        h.insert(name, value);
+    }
+    r
+}
+
+/// 404 `artifact_not_found` in the OpenAI error shape.
+pub fn not_found() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ApiError::not_found("artifact_not_found", "no such image, or its URL has expired").into_response()
+}
+
 struct Entry {
     bytes: Bytes,
     mime: &'static str,
@@ -61,30 +89,30 @@ impl ArtifactStore {
     }
 
     /// Stores an image (`mime` and file extension `ext` as sniffed from its bytes) and returns
-    /// its URL under `base` (scheme and authority, no trailing slash).
-    pub fn publish(&self, bytes: Bytes, (mime, ext): (&'static str, &str), ttl: Duration, base: &str) -> String {
+    /// its id and its URL under `base` (scheme and authority, no trailing slash).
+    pub fn publish(
+        &self,
+        bytes: Bytes,
+        (mime, ext): (&'static str, &str),
+        ttl: Duration,
+        base: &str,
+    ) -> (String, String) {
         let id = self.put(bytes, mime, ttl);
-        format!("{base}{PATH}{id}.{ext}")
+        let url = format!("{base}{PATH}{id}.{ext}");
+        (id, url)
     }
 
     /// `GET {PATH}{id}.{ext}`: the image with its media type, or 404 `artifact_not_found` in the
     /// OpenAI error shape when unknown or expired.
     pub fn serve(&self, file: &str) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        use http::{header, HeaderValue};
-        let id = file.split('.').next().unwrap_or_default();
-        match self.lookup(id) {
-            Some((bytes, mime, left)) => {
-                let mut r = axum::response::Response::new(axum::body::Body::from(bytes));
-                let h = r.headers_mut();
-                h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-                for (name, value) in freshness(left, std::time::SystemTime::now()) {
-                    h.insert(name, value);
-                }
-                r
-            }
-            None => ApiError::not_found("artifact_not_found", "no such image, or its URL has expired").into_response(),
-        }
+        self.try_serve(file).unwrap_or_else(not_found)
+    }
+
+    /// [`Self::serve`] when this replica holds the image; `None` otherwise (another replica
+    /// may: see `proxy`'s artifact route with `[cluster]`).
+    pub fn try_serve(&self, file: &str) -> Option<axum::response::Response> {
+        let (bytes, mime, left) = self.lookup(id_of(file))?;
+        Some(respond(bytes, mime, left))
     }
 
     /// The image and its media type while its URL is alive.

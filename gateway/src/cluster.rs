@@ -890,6 +890,33 @@ impl Cluster {
         }
     }
 
+    /// Keeps a gateway-served image in Redis for `ttl` under `{key_prefix}art:{id}` (the bytes
+    /// only: the media type is read from them again), so that every replica can serve its URL.
+    /// Sent off the request path; a failure is counted (`op="artifacts"`) and the URL is still
+    /// served by this replica.
+    pub fn share_artifact(self: &Arc<Self>, id: &str, bytes: bytes::Bytes, ttl: Duration) {
+        let (c, key) = (self.clone(), self.key(&["art", id]));
+        self.spawn(async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&key).arg(&bytes[..]).arg("PX").arg(ttl.as_millis().max(1) as u64);
+            let cmd = &cmd;
+            let _ = c.call("artifacts", |mut conn| async move { cmd.query_async::<()>(&mut conn).await }).await;
+        });
+    }
+
+    /// An image another replica keeps for a URL ([`Self::share_artifact`]): its bytes and how
+    /// long the URL has left, `None` when there is none (unknown or expired). One round trip
+    /// (GET and PTTL in a pipeline). Errors: [`Unavailable`].
+    pub async fn artifact(&self, id: &str) -> Result<Option<(bytes::Bytes, Duration)>, Unavailable> {
+        let key = self.key(&["art", id]);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
+        let pipe = &pipe;
+        let (value, ttl): (Option<Vec<u8>>, i64) =
+            self.call("artifacts", |mut c| async move { pipe.query_async(&mut c).await }).await?;
+        Ok(value.filter(|_| ttl > 0).map(|v| (bytes::Bytes::from(v), Duration::from_millis(ttl as u64))))
+    }
+
     /// Settled spend today on the budget `name`, USD, cluster-wide.
     pub async fn spent_today(&self, name: &str) -> Result<f64, Unavailable> {
         let key = self.key(&["spend", name, &utc_day().to_string()]);

@@ -193,7 +193,7 @@ where
     }
     if let Some(file) = path.strip_prefix(crate::artifacts::PATH) {
         return match *req.method() {
-            Method::GET | Method::HEAD => app.artifacts.serve(file),
+            Method::GET | Method::HEAD => Box::pin(serve_artifact(&app, file)).await,
             _ => method_not_allowed("GET"),
         };
     }
@@ -1149,4 +1149,32 @@ mod tests {
         assert_eq!(default_format(Some(AnswerFormat::Url), Some("gpt-image-1")), url);
         assert_eq!(default_format(Some(AnswerFormat::B64Json), Some("brand-image")), b64);
     }
+}
+
+/// `GET /v1/images/artifacts/{id}.{ext}`: from this replica's store; with `[cluster]`, an
+/// image another replica made is read from Redis (and once more 100 ms later when it is not
+/// there yet: its replica writes it as the answer leaves). 404 `artifact_not_found` when no
+/// replica has it; 503 `cluster_unavailable` when Redis cannot say.
+async fn serve_artifact(app: &App, file: &str) -> Response {
+    if let Some(r) = app.artifacts.try_serve(file) {
+        return r;
+    }
+    let id = crate::artifacts::id_of(file);
+    let Some(cluster) = app.limits.cluster().filter(|_| crate::artifacts::is_id(id)) else {
+        return crate::artifacts::not_found();
+    };
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        match cluster.artifact(id).await {
+            Ok(Some((bytes, left))) => {
+                let mime = crate::providers::sniff_image(&bytes).map_or("application/octet-stream", |(m, _)| m);
+                return crate::artifacts::respond(bytes, mime, left);
+            }
+            Ok(None) => {}
+            Err(e) => return cluster.fallback(e).err().map_or_else(crate::artifacts::not_found, |e| e.into_response()),
+        }
+    }
+    crate::artifacts::not_found()
 }
