@@ -360,6 +360,57 @@ async fn an_idempotency_key_generates_once_across_replicas() {
     drop_pg(&r).await;
 }
 
+/// An in-flight Idempotency-Key lease lives as long as its leader runs (renewed every third of
+/// its lifetime), however long the generation takes; when the leader's replica dies, the key is
+/// free again within that lifetime and a retry on another replica generates. A trial saw a
+/// retry wait 233 s for a dead replica's lease (and one give up after a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_lease_lives_with_its_leader_and_ends_with_its_replica() {
+    let (url, own) = shared_redis();
+    let mut r =
+        replicas(Opts { redis_url: &url, cluster: "lease_secs = 2", replicas: 2, ..Default::default() }, own).await;
+    // Each generation takes longer than the lease's lifetime.
+    r.primary.set_latency(Duration::from_millis(3500));
+    let send = |gw: &Gateway, key: String| {
+        let url = gw.url("/v1/images/generations");
+        tokio::spawn(async move {
+            let auth = bearer(KEY_A);
+            try_send(
+                "POST",
+                &url,
+                &[("content-type", "application/json"), ("authorization", &auth), ("idempotency-key", &key)],
+                serde_json::to_vec(&req()).unwrap(),
+            )
+            .await
+        })
+    };
+    let key = format!("order-{:x}", fastrand::u64(..));
+    let a = send(&r.gws[0], key.clone());
+    assert!(eventually(Duration::from_secs(5), || async { r.primary.hits() == 1 }).await, "A reached the provider");
+    let b = send(&r.gws[1], key.clone());
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_eq!((a.status, b.status), (200, 200), "{} / {}", a.describe(), b.describe());
+    assert_eq!(
+        r.primary.hits(),
+        1,
+        "the lease outlived its 2 s lifetime while its leader ran: B waited for A's answer"
+    );
+    assert_eq!(a.body, b.body);
+
+    // The leader's replica dies mid-generation: the retry on the other replica generates, once
+    // the dead leader's lease has run out.
+    let key = format!("order-{:x}", fastrand::u64(..));
+    let _orphan = send(&r.gws[0], key.clone());
+    assert!(eventually(Duration::from_secs(5), || async { r.primary.hits() == 2 }).await, "A reached the provider");
+    drop(r.gws.remove(0)); // SIGKILL
+    let t = Instant::now();
+    let retry = as_key(&r.gws[0], KEY_A, &req(), &[("idempotency-key", &key)]).await;
+    assert_eq!(retry.status, 200, "{}", retry.describe());
+    assert_eq!(r.primary.hits(), 3, "the retry generated");
+    assert!(t.elapsed() < Duration::from_secs(15), "waited {:?}: the lease's 2 s and a generation", t.elapsed());
+    drop_pg(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_daily_spend_limit_holds_across_replicas() {
     let (url, own) = shared_redis();

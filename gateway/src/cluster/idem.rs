@@ -15,6 +15,12 @@ use crate::idempotency::Stored;
 /// How often a replica looks again while another one's request with the same key runs.
 const POLL: Duration = Duration::from_millis(25);
 
+/// The longest an in-flight lease lives without a renewal: its leader renews it every third of
+/// this while it runs, so a lease whose replica died frees its key within this (the policy's
+/// `lease_secs` when shorter), and the requests waiting on it go on. A trial saw a retry wait
+/// 233 s for a dead replica's 300 s lease.
+const IDEM_LEASE: Duration = Duration::from_secs(15);
+
 /// What [`Cluster::idem_begin`] decided for one request.
 #[derive(Debug)]
 pub enum IdemBegin {
@@ -35,6 +41,9 @@ pub struct SharedLease {
     lease: Vec<u8>,
     fingerprint: [u8; 32],
     done: bool,
+    /// The task that renews the lease every third of its lifetime while the leader runs, so a
+    /// lease outlives its leader by at most `lease_secs` (a replica that dies stops renewing).
+    renew: tokio::task::AbortHandle,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -65,17 +74,19 @@ impl Cluster {
         let mut waited = false;
         loop {
             let mut inv = lua::IDEM_BEGIN.prepare_invoke();
-            inv.key(&entry).arg(&lease[..]).arg(self.settings.lease.as_millis() as u64);
+            inv.key(&entry).arg(&lease[..]).arg(self.idem_lease().as_millis() as u64);
             let inv = &inv;
             let found: Option<Vec<u8>> =
                 self.call("idempotency", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
             let Some(v) = found else {
+                let renew = self.renew_lease(entry.clone(), lease.clone());
                 return Ok(IdemBegin::Leader(SharedLease {
                     cluster: self.clone(),
                     key: entry,
                     lease,
                     fingerprint,
                     done: false,
+                    renew,
                 }));
             };
             if v.len() < 33 {
@@ -102,11 +113,46 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// An in-flight lease's lifetime without renewal: [`IDEM_LEASE`], or `lease_secs` when
+    /// shorter.
+    fn idem_lease(&self) -> Duration {
+        self.settings.lease.min(IDEM_LEASE)
+    }
+
+    /// Starts renewing the lease `lease` on `key` every third of its lifetime, until aborted or
+    /// the lease is no longer this one (a renewal that fails is tried again at the next turn).
+    fn renew_lease(self: &Arc<Self>, key: String, lease: Vec<u8>) -> tokio::task::AbortHandle {
+        let c = self.clone();
+        let every = (self.idem_lease() / 3).max(Duration::from_millis(100));
+        let handle = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h,
+            Err(_) => self.rt.clone(),
+        };
+        handle
+            .spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let mut inv = lua::IDEM_RENEW.prepare_invoke();
+                    inv.key(&key).arg(&lease[..]).arg(c.idem_lease().as_millis() as u64);
+                    let inv = &inv;
+                    let renewed =
+                        c.call("idempotency", |mut conn| async move { inv.invoke_async::<i64>(&mut conn).await });
+                    if renewed.await == Ok(0) {
+                        return; // another replica's now, or finished: nothing left to renew
+                    }
+                }
+            })
+            .abort_handle()
+    }
+}
+
 impl SharedLease {
     /// Ends the leader's request: `Some(answer)` keeps it for `ttl` when its body is at most
     /// `max_bytes` (else as `None`); `None` forgets the key so the next try runs anew.
     pub async fn complete(mut self, answer: Option<&Stored>, ttl: Duration, max_bytes: usize) {
         self.done = true;
+        self.renew.abort();
         let value = match answer.filter(|a| a.body.len() <= max_bytes) {
             Some(a) => encode(self.fingerprint, a),
             None => Vec::new(),
@@ -117,6 +163,7 @@ impl SharedLease {
 
 impl Drop for SharedLease {
     fn drop(&mut self) {
+        self.renew.abort();
         if !self.done {
             let (c, key, lease) =
                 (self.cluster.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.lease));

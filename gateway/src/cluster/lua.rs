@@ -300,3 +300,14 @@ return 1
 ",
     )
 });
+
+/// Renews a lease while its leader runs, only if it is still the caller's. KEYS[1]: the entry;
+/// ARGV: lease value, lease ms. Reply 1 when it was renewed.
+pub(super) static IDEM_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+",
+    )
+});
