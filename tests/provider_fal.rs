@@ -114,6 +114,31 @@ async fn a_job_is_submitted_polled_through_its_states_and_its_images_fetched() {
     assert!(!s.gw.stderr().contains(KEY), "the key must never be logged");
 }
 
+/// fal's image models make at most 4 images a job (`num_images` 1 to 4; the mock refuses more,
+/// 422, as fal does): more run as several jobs at once, seeds one image apart, merged in order.
+/// An audit found `n` up to 10 sent as it came, refused as the client's fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_images_than_a_job_makes_run_as_several_jobs() {
+    let s = setup().await;
+    let mut body = req("b64_json");
+    body["n"] = json!(6);
+    body["seed"] = json!(100);
+    let r = s.gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 6, "{}", r.describe());
+    let mut jobs: Vec<(u64, u64)> = s
+        .mock
+        .submits()
+        .iter()
+        .map(|c| {
+            let v = c.json();
+            (v["seed"].as_u64().unwrap(), v["num_images"].as_u64().unwrap())
+        })
+        .collect();
+    jobs.sort();
+    assert_eq!(jobs, vec![(100, 4), (104, 2)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_format_url_is_served_by_the_gateway() {
     let s = setup().await;

@@ -83,7 +83,7 @@ async fn a_prediction_is_created_polled_until_it_succeeds_and_priced_by_gpu_time
         s.mock.created_body(),
         json!({"input": {"prompt": "a lighthouse at dusk", "num_outputs": 2, "width": 1344, "height": 768,
             "seed": 5, "negative_prompt": "fog", "num_inference_steps": 30, "guidance_scale": 7.5,
-            "output_format": "png"}}),
+            "guidance": 7.5, "output_format": "png"}}),
         "an official model runs without a version; style is not sent"
     );
     assert_eq!(r.header("x-acc-dropped-params").as_deref(), Some("style"), "{}", r.describe());
@@ -113,6 +113,30 @@ async fn a_prediction_is_created_polled_until_it_succeeds_and_priced_by_gpu_time
     let cost: f64 = r.header("x-acc-cost-usd").expect("x-acc-cost-usd").parse().unwrap();
     assert!((cost - 0.0035).abs() < 1e-9, "{}", r.describe());
     assert!(!s.gw.stderr().contains(TOKEN), "the token must never be logged");
+}
+
+/// Replicate's image models make at most 4 outputs a prediction (`num_outputs` "Max: 4"; the
+/// mock refuses more, 422, as Replicate does): more run as several predictions at once, seeds
+/// one image apart, merged in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_images_than_a_prediction_makes_run_as_several() {
+    let s = setup().await;
+    let body =
+        json!({"model": "m", "prompt": "a lighthouse at dusk", "n": 5, "seed": 9, "response_format": "b64_json"});
+    let r = s.gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 5, "{}", r.describe());
+    let mut made: Vec<(u64, u64)> = s
+        .mock
+        .creates()
+        .iter()
+        .map(|c| {
+            let input = &c.json()["input"];
+            (input["seed"].as_u64().unwrap(), input["num_outputs"].as_u64().unwrap())
+        })
+        .collect();
+    made.sort();
+    assert_eq!(made, vec![(9, 4), (13, 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

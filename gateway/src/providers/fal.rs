@@ -148,7 +148,23 @@ impl Provider for Fal {
         }
     }
 
+    /// More than [`jobs::MAX_IMAGES_PER_JOB`] images run as several jobs at once (their seeds
+    /// one image apart), merged in order; one failing fails the request (the others are
+    /// cancelled at the provider as they are dropped).
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let seed = attempt.req.seed.filter(|_| attempt.sends(Param::Seed));
+        let batches = jobs::batches(attempt.req.n);
+        if batches.len() == 1 {
+            return self.job(attempt, batches[0], seed).await;
+        }
+        let runs = batches.iter().enumerate().map(|(i, &n)| self.job(attempt, n, jobs::job_seed(seed, i)));
+        Ok(jobs::merge(futures_util::future::try_join_all(runs).await?))
+    }
+}
+
+impl Fal {
+    /// One job of `n` images with `seed`.
+    async fn job(&self, attempt: &AttemptRequest<'_>, n: u32, seed: Option<u64>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
             Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
             Some(Ok(h)) => Some(h),
@@ -162,8 +178,8 @@ impl Provider for Fal {
         let input = Input {
             prompt: &req.prompt,
             image_size: ImageSize { width: req.size.width, height: req.size.height },
-            num_images: req.n,
-            seed: req.seed.filter(|_| attempt.sends(Param::Seed)),
+            num_images: n,
+            seed,
             negative_prompt: req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)),
             num_inference_steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
             guidance_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),

@@ -19,6 +19,45 @@ const MAX_POLL_FAILURES: u32 = 3;
 /// Time a cancel request may take, after the attempt it belongs to has ended.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most images one fal or Replicate job makes: their image models take `num_images` /
+/// `num_outputs` from 1 to 4 (fal's model arguments, Replicate's model schemas) and refuse more
+/// with a 422 that would read as the client's fault. A request for more runs as several jobs.
+pub const MAX_IMAGES_PER_JOB: u32 = 4;
+
+/// `n` images as jobs of at most [`MAX_IMAGES_PER_JOB`]: each job's image count, in order.
+pub fn batches(n: u32) -> Vec<u32> {
+    let mut left = n.max(1);
+    let mut out = Vec::new();
+    while left > 0 {
+        let k = left.min(MAX_IMAGES_PER_JOB);
+        out.push(k);
+        left -= k;
+    }
+    out
+}
+
+/// The seed of job `i` of a request with `seed`: the request's for the first, then one more per
+/// image before it, so that no two jobs draw the same images.
+pub fn job_seed(seed: Option<u64>, i: usize) -> Option<u64> {
+    seed.map(|s| s.wrapping_add(u64::from(MAX_IMAGES_PER_JOB) * i as u64))
+}
+
+/// One request's answer from its jobs' ([`batches`]): the images in order, the first job's
+/// settings and answer fields, GPU seconds summed.
+pub fn merge(parts: Vec<super::Generation>) -> super::Generation {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next().unwrap_or_default();
+    for g in parts {
+        all.images.extend(g.images);
+        all.revised_prompts.extend(g.revised_prompts);
+        all.gpu_seconds = match (all.gpu_seconds, g.gpu_seconds) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+    all
+}
+
 /// One exchange with the provider's API: JSON in and out, the key in `Authorization`.
 pub async fn call(
     method: Method,
@@ -181,5 +220,20 @@ impl Drop for CancelOnDrop {
                 Err(_) => tracing::info!(provider, "job cancel timed out"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_images_than_a_job_makes_run_as_several_jobs() {
+        assert_eq!(batches(1), vec![1]);
+        assert_eq!(batches(4), vec![4]);
+        assert_eq!(batches(5), vec![4, 1]);
+        assert_eq!(batches(10), vec![4, 4, 2]);
+        assert_eq!((0..3).map(|i| job_seed(Some(7), i)).collect::<Vec<_>>(), vec![Some(7), Some(11), Some(15)]);
+        assert_eq!(job_seed(None, 2), None);
     }
 }

@@ -71,6 +71,10 @@ struct Input<'a> {
     num_inference_steps: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     guidance_scale: Option<f64>,
+    /// The same guidance under the FLUX family's name for it (black-forest-labs/flux-dev's
+    /// `guidance`); each model reads the one it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guidance: Option<f64>,
     output_format: &'static str,
     /// JPEG and WebP quality, 0-100.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -155,7 +159,23 @@ impl Provider for Replicate {
         )
     }
 
+    /// More than [`jobs::MAX_IMAGES_PER_JOB`] images run as several jobs at once (their seeds
+    /// one image apart), merged in order; one failing fails the request (the others are
+    /// cancelled at the provider as they are dropped).
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
+        let seed = attempt.req.seed.filter(|_| attempt.sends(Param::Seed));
+        let batches = jobs::batches(attempt.req.n);
+        if batches.len() == 1 {
+            return self.job(attempt, batches[0], seed).await;
+        }
+        let runs = batches.iter().enumerate().map(|(i, &n)| self.job(attempt, n, jobs::job_seed(seed, i)));
+        Ok(jobs::merge(futures_util::future::try_join_all(runs).await?))
+    }
+}
+
+impl Replicate {
+    /// One job of `n` images with `seed`.
+    async fn job(&self, attempt: &AttemptRequest<'_>, n: u32, seed: Option<u64>) -> Result<Generation, ProviderError> {
         let auth = match &self.auth {
             Some(Err(var)) => return Err(ProviderError::Credential(format!("environment variable {var} is not set"))),
             Some(Ok(h)) => Some(h),
@@ -176,14 +196,15 @@ impl Provider for Replicate {
             version,
             input: Input {
                 prompt: &req.prompt,
-                num_outputs: req.n,
+                num_outputs: n,
                 width: req.size.width,
                 height: req.size.height,
                 aspect_ratio: aspect_ratio(req.size.width, req.size.height),
-                seed: req.seed.filter(|_| attempt.sends(Param::Seed)),
+                seed,
                 negative_prompt: req.negative_prompt.as_deref().filter(|_| attempt.sends(Param::NegativePrompt)),
                 num_inference_steps: req.steps.filter(|_| attempt.sends(Param::Steps)),
                 guidance_scale: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
+                guidance: req.guidance_scale.filter(|_| attempt.sends(Param::Guidance)),
                 output_format: match req.output_format.filter(|_| attempt.sends(Param::OutputFormat)) {
                     None | Some(OutputFormat::Png) => "png",
                     Some(OutputFormat::Jpeg) => "jpg",

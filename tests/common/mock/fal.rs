@@ -67,8 +67,16 @@ impl Shape for FalQueue {
         }
     }
 
-    /// Queues a job: its request id and URLs.
+    /// Queues a job: its request id and URLs. More than 4 images is refused as fal's image
+    /// models refuse it (422, `num_images` at most 4).
     async fn generate(&self, call: Call<'_>) -> Reply {
+        if call.req.json()["num_images"].as_u64().unwrap_or(1) > 4 {
+            return Reply::json(
+                422,
+                &json!({"detail": [{"loc": ["body", "num_images"], "msg": "ensure this value is less than or equal to 4",
+                    "type": "value_error.number.not_le"}]}),
+            );
+        }
         let segments: Vec<&str> = call.req.path.trim_start_matches('/').split('/').collect();
         let app = segments.iter().take(2).copied().collect::<Vec<_>>().join("/");
         let id = request_id(call.accepted_calls_to("submit").len());
@@ -97,7 +105,10 @@ impl Shape for FalQueue {
                 if let Some((status, body)) = self.result.lock().unwrap().clone() {
                     return Reply::json(status, &body);
                 }
-                let submitted = call.accepted_calls_to("submit").pop().map(|c| c.json()).unwrap_or_default();
+                // The submission this request id names (the nth), for jobs that run at once.
+                let submits = call.accepted_calls_to("submit");
+                let nth = (1..=submits.len()).find(|&n| request_id(n) == segments[3]).unwrap_or(submits.len());
+                let submitted = submits.get(nth.wrapping_sub(1)).map(|c| c.json()).unwrap_or_default();
                 let n = submitted["num_images"].as_u64().unwrap_or(1) as usize;
                 let urls = self
                     .image_urls

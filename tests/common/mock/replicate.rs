@@ -80,6 +80,29 @@ fn last_input(call: &Call<'_>) -> Value {
     call.accepted_calls_to("create").pop().map(|c| c.json()["input"].clone()).unwrap_or_default()
 }
 
+/// The input of prediction `id` (the `n`th create's), or the last one's for an id the mock did
+/// not make.
+fn input_of(call: &Call<'_>, id: &str) -> Value {
+    let creates = call.accepted_calls_to("create");
+    (1..=creates.len())
+        .find(|&n| prediction_id(n) == id)
+        .map(|n| creates[n - 1].json()["input"].clone())
+        .unwrap_or_else(|| last_input(call))
+}
+
+/// Replicate's 422 for an input outside the model's schema: the image models take at most 4
+/// outputs (flux-dev, sdxl: `num_outputs` "Max: 4").
+fn too_many_outputs(input: &Value) -> Option<Reply> {
+    (input["num_outputs"].as_u64().unwrap_or(1) > 4).then(|| {
+        Reply::json(
+            422,
+            &json!({"detail": "- input.num_outputs: Must be less than or equal to 4", "status": 422,
+                "title": "Input validation failed", "invalid_fields": [{"type": "less_than_equal",
+                "field": "input.num_outputs", "description": "Must be less than or equal to 4"}]}),
+        )
+    })
+}
+
 #[async_trait::async_trait]
 impl Shape for Predictions {
     fn base_path(&self) -> &'static str {
@@ -103,8 +126,11 @@ impl Shape for Predictions {
 
     /// A new prediction, starting.
     async fn generate(&self, call: Call<'_>) -> Reply {
+        if let Some(refused) = too_many_outputs(&call.req.json()["input"]) {
+            return refused;
+        }
         let id = prediction_id(call.accepted_calls_to("create").len());
-        Reply::json(201, &self.prediction(call.addr, &id, "starting", &last_input(&call)))
+        Reply::json(201, &self.prediction(call.addr, &id, "starting", &input_of(&call, &id)))
     }
 
     async fn serve(&self, endpoint: &'static str, call: Call<'_>) -> Reply {
@@ -118,9 +144,11 @@ impl Shape for Predictions {
             "get" => {
                 let id = segments[1];
                 let status = self.statuses.poll(id);
-                Reply::json(200, &self.prediction(addr, id, status, &last_input(&call)))
+                Reply::json(200, &self.prediction(addr, id, status, &input_of(&call, id)))
             }
-            "cancel" => Reply::json(200, &self.prediction(addr, segments[1], "canceled", &last_input(&call))),
+            "cancel" => {
+                Reply::json(200, &self.prediction(addr, segments[1], "canceled", &input_of(&call, segments[1])))
+            }
             _ => self.not_found(call.req),
         }
     }
