@@ -918,6 +918,11 @@ async fn fail_closed_refuses_with_a_clear_503_and_no_secret() {
     let ready = readyz(gw).await;
     assert_eq!(ready["cluster"]["on_cluster_error"], "fail_closed");
     assert!(ready["cluster"]["detail"].as_str().unwrap().contains("refused"), "{ready}");
+    // Start-up tried Redis once with time to spare and logged why it cannot be used.
+    settles("the start-up check logs why Redis cannot be used", || {
+        gw.stderr().contains("shared state (Redis) cannot be used")
+    })
+    .await;
     let routes = gw.admin("GET", "/admin/routes").await.text();
     let metrics = gw.metrics().await;
     for (what, text) in [

@@ -185,6 +185,27 @@ impl Cluster {
         }))
     }
 
+    /// Tries a connection to Redis once, in the background, with a deadline of a few seconds,
+    /// and logs what stops it: a wrong password (`AUTH` refused), a TLS or name problem, or no
+    /// server. Requests do not wait for it; their calls keep the policy's `timeout_ms`, which a
+    /// connection's set-up alone may exceed, so without this the first log line would say only
+    /// "no answer within 50 ms" (a trial's finding).
+    pub fn check_connection(&self) {
+        let client = self.client.clone();
+        self.rt.spawn(async move {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(3)))
+                .set_response_timeout(Some(Duration::from_secs(3)));
+            match client.get_multiplexed_async_connection_with_config(&config).await {
+                Ok(mut conn) => match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                    Ok(_) => tracing::info!("shared state (Redis) answers"),
+                    Err(e) => tracing::warn!(error = %crate::secrets::redact(&e.to_string()), "shared state (Redis) refuses this gateway; limits stay per replica until it answers"),
+                },
+                Err(e) => tracing::warn!(error = %crate::secrets::redact(&e.to_string()), "shared state (Redis) cannot be used (see the error: a refused password, TLS, no server); limits stay per replica until it answers"),
+            }
+        });
+    }
+
     /// This thread's connection, made (lazily, on this thread's runtime) on first use.
     fn conn(&self) -> ConnectionManager {
         let id = std::thread::current().id();

@@ -153,6 +153,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     let cluster = match &store.snapshot().policy.cluster {
         Some(c) => {
             let cluster = crate::cluster::Cluster::connect(c, &metrics.registry).map_err(|e| anyhow::anyhow!("{e}"))?;
+            cluster.check_connection();
             tracing::info!(
                 on_cluster_error = cluster.status().on_cluster_error,
                 "limits, spend, idempotency and pauses are shared through Redis"
