@@ -1129,28 +1129,6 @@ fn not_found() -> Response {
         .into_response()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_without_response_format_gets_the_route_or_model_default() {
-        let b64 = ResponseFormat::B64Json;
-        let url = ResponseFormat::Url;
-        // OpenAI's own defaults by model family.
-        assert_eq!(default_format(None, Some("gpt-image-1")), b64);
-        assert_eq!(default_format(None, Some("GPT-Image-1-mini")), b64);
-        assert_eq!(default_format(None, Some("dall-e-3")), url);
-        assert_eq!(default_format(None, Some("brand-image")), url);
-        assert_eq!(default_format(None, None), url);
-        // Not a char boundary at 9 bytes: no panic, no match.
-        assert_eq!(default_format(None, Some("gpt-imagé")), url);
-        // A route's statement wins.
-        assert_eq!(default_format(Some(AnswerFormat::Url), Some("gpt-image-1")), url);
-        assert_eq!(default_format(Some(AnswerFormat::B64Json), Some("brand-image")), b64);
-    }
-}
-
 /// `GET /v1/images/artifacts/{id}.{ext}`: from this replica's store; with `[cluster]`, an
 /// image another replica made is read from Redis (and once more 100 ms later when it is not
 /// there yet: its replica writes it as the answer leaves). 404 `artifact_not_found` when no
@@ -1177,4 +1155,26 @@ async fn serve_artifact(app: &App, file: &str) -> Response {
         }
     }
     crate::artifacts::not_found()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_response_format_gets_the_route_or_model_default() {
+        let b64 = ResponseFormat::B64Json;
+        let url = ResponseFormat::Url;
+        // OpenAI's own defaults by model family.
+        assert_eq!(default_format(None, Some("gpt-image-1")), b64);
+        assert_eq!(default_format(None, Some("GPT-Image-1-mini")), b64);
+        assert_eq!(default_format(None, Some("dall-e-3")), url);
+        assert_eq!(default_format(None, Some("brand-image")), url);
+        assert_eq!(default_format(None, None), url);
+        // Not a char boundary at 9 bytes: no panic, no match.
+        assert_eq!(default_format(None, Some("gpt-imagé")), url);
+        // A route's statement wins.
+        assert_eq!(default_format(Some(AnswerFormat::Url), Some("gpt-image-1")), url);
+        assert_eq!(default_format(Some(AnswerFormat::B64Json), Some("brand-image")), b64);
+    }
 }

@@ -148,17 +148,10 @@ impl Provider for Fal {
         }
     }
 
-    /// More than [`jobs::MAX_IMAGES_PER_JOB`] images run as several jobs at once (their seeds
-    /// one image apart), merged in order; one failing fails the request (the others are
-    /// cancelled at the provider as they are dropped).
+    /// More than [`jobs::MAX_IMAGES_PER_JOB`] images run as several jobs at once
+    /// ([`jobs::in_jobs`]).
     async fn generate(&self, attempt: &AttemptRequest<'_>) -> Result<Generation, ProviderError> {
-        let seed = attempt.req.seed.filter(|_| attempt.sends(Param::Seed));
-        let batches = jobs::batches(attempt.req.n);
-        if batches.len() == 1 {
-            return self.job(attempt, batches[0], seed).await;
-        }
-        let runs = batches.iter().enumerate().map(|(i, &n)| self.job(attempt, n, jobs::job_seed(seed, i)));
-        Ok(jobs::merge(futures_util::future::try_join_all(runs).await?))
+        jobs::in_jobs(attempt, |n, seed| self.job(attempt, n, seed)).await
     }
 }
 

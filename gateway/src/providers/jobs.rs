@@ -42,6 +42,24 @@ pub fn job_seed(seed: Option<u64>, i: usize) -> Option<u64> {
     seed.map(|s| s.wrapping_add(u64::from(MAX_IMAGES_PER_JOB) * i as u64))
 }
 
+/// Runs `attempt` as jobs of at most [`MAX_IMAGES_PER_JOB`] images ([`batches`]), all at once,
+/// `job(n, seed)` making each (seeds one image apart: [`job_seed`]), and merges them in order
+/// ([`merge`]); one failing fails the request (the others are cancelled at the provider as
+/// they are dropped).
+pub async fn in_jobs<F, Fut>(attempt: &super::AttemptRequest<'_>, job: F) -> Result<super::Generation, ProviderError>
+where
+    F: Fn(u32, Option<u64>) -> Fut,
+    Fut: Future<Output = Result<super::Generation, ProviderError>>,
+{
+    let seed = attempt.req.seed.filter(|_| attempt.sends(crate::request::Param::Seed));
+    let batches = batches(attempt.req.n);
+    if let [n] = batches[..] {
+        return job(n, seed).await;
+    }
+    let runs = batches.iter().enumerate().map(|(i, &n)| job(n, job_seed(seed, i)));
+    Ok(merge(futures_util::future::try_join_all(runs).await?))
+}
+
 /// One request's answer from its jobs' ([`batches`]): the images in order, the first job's
 /// settings and answer fields, GPU seconds summed.
 pub fn merge(parts: Vec<super::Generation>) -> super::Generation {

@@ -240,10 +240,12 @@ fn parse_time(name: &str, value: &str) -> Result<u64, String> {
                  (19 digits, e.g. {}) or an RFC 3339 time like 2025-01-31T12:00:00Z",
                 quoted(value),
                 // The same instant in nanoseconds, from whichever unit it looks like.
-                match n {
-                    ..10_000_000_000 => n.saturating_mul(1_000_000_000),
-                    ..10_000_000_000_000 => n.saturating_mul(1_000_000),
-                    _ => n.saturating_mul(1_000),
+                if n < 10_000_000_000 {
+                    n.saturating_mul(1_000_000_000)
+                } else if n < 10_000_000_000_000 {
+                    n.saturating_mul(1_000_000)
+                } else {
+                    n.saturating_mul(1_000)
                 }
                 .min(END)
             ));
