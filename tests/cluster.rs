@@ -854,6 +854,33 @@ async fn an_image_url_made_on_one_replica_is_served_by_the_others() {
     drop_pg(&r).await;
 }
 
+/// Redis holds no more images than the replicas' own stores do: an image a replica's store
+/// evicts for room (`--artifact-store-mib`, here 0: each new image evicts the one before) leaves
+/// Redis too, so its URL is gone from every replica, while the newest is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_evicted_for_room_leaves_redis_too() {
+    let (url, own) = shared_redis();
+    let r = replicas(
+        Opts { redis_url: &url, replicas: 2, env: &[("ACC_ARTIFACT_STORE_MIB", "0")], ..Default::default() },
+        own,
+    )
+    .await;
+    let mut body = req();
+    body["response_format"] = json!("url");
+    let mut paths = Vec::new();
+    for _ in 0..2 {
+        let resp = as_key(&r.gws[0], KEY_A, &body, &[]).await;
+        resp.assert_status(200);
+        let url = resp.json()["data"][0]["url"].as_str().unwrap().to_string();
+        paths.push(url[url.find("/v1/images/artifacts/").unwrap()..].to_string());
+    }
+    let gone =
+        eventually(Duration::from_secs(5), || async { get(&r.gws[1].url(&paths[0]), &[]).await.status == 404 }).await;
+    assert!(gone, "the evicted image must leave Redis");
+    get(&r.gws[1].url(&paths[1]), &[]).await.assert_status(200);
+    drop_pg(&r).await;
+}
+
 /// Redis restarted: each proxy worker's connection is found dead only when used (a broken pipe
 /// or a reset); that first call is made again on a fresh connection, so no request fails once
 /// Redis answers. Under fail_closed, a trial saw 503s for `recheck_ms` after /readyz already

@@ -140,12 +140,14 @@ pub struct Sent {
 }
 
 /// Keeps an image in the artifact store and returns its URL; with `[cluster]`, in Redis too,
-/// so that every replica serves the URL.
+/// so that every replica serves the URL, and the images this replica's store evicts leave
+/// Redis with it (Redis then holds at most every replica's `artifact_store_mib` together).
 fn store(app: &App, policy: &Policy, bytes: Bytes, base: &str) -> String {
     let kind = crate::providers::sniff_image(&bytes).unwrap_or(("application/octet-stream", "bin"));
-    let (id, url) = app.artifacts.publish(bytes.clone(), kind, policy.server.url_ttl, base);
+    let (id, url, evicted) = app.artifacts.publish(bytes.clone(), kind, policy.server.url_ttl, base);
     if let Some(c) = app.limits.cluster() {
         c.share_artifact(&id, bytes, policy.server.url_ttl);
+        c.forget_artifacts(evicted);
     }
     url
 }

@@ -73,7 +73,14 @@ impl ArtifactStore {
     /// Stores an image and returns its id. When the byte budget is exceeded the oldest images
     /// are evicted (counted), so memory stays bounded whatever the traffic.
     pub fn put(&self, bytes: Bytes, mime: &'static str, ttl: Duration) -> String {
+        self.put_evicting(bytes, mime, ttl).0
+    }
+
+    /// [`Self::put`], also returning the ids of the images it evicted to stay within the
+    /// budget (so that their copies elsewhere can go too).
+    pub fn put_evicting(&self, bytes: Bytes, mime: &'static str, ttl: Duration) -> (String, Vec<String>) {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut evicted = Vec::new();
         self.bytes.fetch_add(bytes.len(), Ordering::Relaxed);
         self.map.insert(id.clone(), Entry { bytes, mime, expires: Instant::now() + ttl });
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -82,24 +89,26 @@ impl ArtifactStore {
             let Some(old) = order.pop_front() else { break };
             if self.remove(&old) {
                 self.metrics.artifacts.with_label_values(&["evicted"]).inc();
+                evicted.push(old);
             }
         }
         self.metrics.artifacts.with_label_values(&["stored"]).inc();
-        id
+        (id, evicted)
     }
 
     /// Stores an image (`mime` and file extension `ext` as sniffed from its bytes) and returns
-    /// its id and its URL under `base` (scheme and authority, no trailing slash).
+    /// its id, its URL under `base` (scheme and authority, no trailing slash) and the ids
+    /// evicted to make room.
     pub fn publish(
         &self,
         bytes: Bytes,
         (mime, ext): (&'static str, &str),
         ttl: Duration,
         base: &str,
-    ) -> (String, String) {
-        let id = self.put(bytes, mime, ttl);
+    ) -> (String, String, Vec<String>) {
+        let (id, evicted) = self.put_evicting(bytes, mime, ttl);
         let url = format!("{base}{PATH}{id}.{ext}");
-        (id, url)
+        (id, url, evicted)
     }
 
     /// `GET {PATH}{id}.{ext}`: the image with its media type, or 404 `artifact_not_found` in the

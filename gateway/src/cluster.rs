@@ -925,6 +925,23 @@ impl Cluster {
         });
     }
 
+    /// Takes the images `ids` out of Redis (this replica's store evicted them for room), in
+    /// the background; nothing when `ids` is empty.
+    pub fn forget_artifacts(self: &Arc<Self>, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let c = self.clone();
+        self.spawn(async move {
+            let mut cmd = redis::cmd("DEL");
+            for id in &ids {
+                cmd.arg(c.key(&["art", id]));
+            }
+            let cmd = &cmd;
+            let _ = c.call("artifacts", |mut conn| async move { cmd.query_async::<i64>(&mut conn).await }).await;
+        });
+    }
+
     /// An image another replica keeps for a URL ([`Self::share_artifact`]): its bytes and how
     /// long the URL has left, `None` when there is none (unknown or expired). One round trip
     /// (GET and PTTL in a pipeline). Errors: [`Unavailable`].
