@@ -771,10 +771,16 @@ async fn breakers_are_per_replica_unless_shared() {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let b = as_key(&r.gws[1], KEY_A, &req(), &[]).await;
         b.assert_status(200);
+        let routes = admin_json(&r.gws[1], "/admin/routes").await;
+        let primary = routes["providers"].as_array().unwrap().iter().find(|p| p["name"] == "primary").unwrap().clone();
         if share {
             assert_eq!(b.attempts(), ["primary:breaker_open", "backup:ok"], "{}", b.describe());
             assert_eq!(r.primary.hits(), 1);
+            // B's own breaker is closed; /admin/routes says another replica's holds it off.
+            assert_eq!(primary["breaker"]["state"], "closed", "{primary:#}");
+            assert!(primary["breaker"]["shared_open_for_ms"].as_u64().is_some_and(|ms| ms > 0), "{primary:#}");
         } else {
+            assert_eq!(primary["breaker"]["shared_open_for_ms"], Value::Null, "{primary:#}");
             assert_eq!(b.attempts(), ["primary:ok"], "B's own breaker is closed: {}", b.describe());
             assert_eq!(r.primary.hits(), 2);
         }

@@ -563,6 +563,9 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
                     "state": b.state_label(),
                     "consecutive_failures": b.consecutive_failures(),
                     "open_until_ms": b.open_for(now).map(|d| d.as_millis() as u64),
+                    // Opened on another replica and shared (`share_breakers`): this replica's
+                    // own breaker may be closed while it still holds the provider off.
+                    "shared_open_for_ms": live.shared_open_for().map(|d| d.as_millis() as u64),
                     "last_transition_reason": b.last_reason(),
                     "settings": {
                         "consecutive_failures": s.breaker.consecutive_failures,

@@ -98,6 +98,14 @@ impl ProviderState {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
+    /// How long a breaker another replica opened (shared with `share_breakers`) still holds
+    /// this provider off, when it does.
+    pub fn shared_open_for(&self) -> Option<Duration> {
+        let held = self.shared_open_until.load(Ordering::Relaxed);
+        let now = unix_ms();
+        (held > now).then(|| Duration::from_millis(held - now))
+    }
+
     /// Pauses the provider for `d` (a later pause never shortens an earlier one).
     pub fn pause(&self, now: Instant, d: Duration) {
         let until = (now + d).saturating_duration_since(base()).as_nanos() as u64;
