@@ -131,6 +131,12 @@ impl Rating {
         let image_index = match map.get("image_index") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+            // A whole number written as a float (`0.0`, as Python's json writes a float index).
+            Some(Value::Number(n))
+                if n.as_f64().is_some_and(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f)) =>
+            {
+                n.as_f64().map(|f| f as u64)
+            }
             Some(_) => {
                 return Err(ApiError::invalid(
                     "image_index",
@@ -567,6 +573,11 @@ mod tests {
         assert_eq!([rating_label(0.25), rating_label(-0.25), rating_label(0.0)], ["up", "down", "neutral"]);
         // `user` as a generation's is read: empty is none, a long one cut to the same length.
         assert_eq!(parse(serde_json::json!({"trace_id": ID, "rating": "up", "user": ""})).unwrap().user, None);
+        // A whole index written as a float is that index.
+        assert_eq!(
+            parse(serde_json::json!({"trace_id": ID, "rating": "up", "image_index": 1.0})).unwrap().image_index,
+            Some(1)
+        );
         let long = "ü".repeat(MAX_USER_CHARS + 44);
         let cut = parse(serde_json::json!({"trace_id": ID, "rating": "up", "user": long})).unwrap().user.unwrap();
         assert_eq!(cut, "ü".repeat(MAX_USER_CHARS));
