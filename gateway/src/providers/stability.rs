@@ -36,6 +36,19 @@ use crate::upstream;
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// Stability's seeds are 0..=4294967294.
 const SEED_MODULUS: u64 = 4_294_967_295;
+
+/// The seed of image `i` of a request with `seed` (one call per image): the request's (taken
+/// modulo Stability's range) for the first, then one more per image, wrapping past 0, which
+/// Stability reads as "a random seed" (its request schema). A request's own seed 0 is sent as
+/// 0: Stability then draws one, and reports it.
+fn image_seed(seed: u64, i: u64) -> u64 {
+    let first = seed % SEED_MODULUS;
+    if i == 0 {
+        first
+    } else {
+        (first + i - 1) % (SEED_MODULUS - 1) + 1
+    }
+}
 const RATIOS: [(u32, u32); 9] = [(16, 9), (1, 1), (21, 9), (2, 3), (3, 2), (4, 5), (5, 4), (9, 16), (9, 21)];
 const PRESETS: [&str; 17] = [
     "3d-model",
@@ -115,7 +128,7 @@ impl Provider for Stability {
         let common = Bytes::from(common_fields(attempt, model_field, &boundary));
         let req = attempt.req;
         let seeds: Vec<Option<u64>> = (0..u64::from(req.n))
-            .map(|i| req.seed.filter(|_| attempt.sends(Param::Seed)).map(|s| (s % SEED_MODULUS + i) % SEED_MODULUS))
+            .map(|i| req.seed.filter(|_| attempt.sends(Param::Seed)).map(|s| image_seed(s, i)))
             .collect();
         let calls = seeds.iter().map(|seed| one_image(endpoint, auth, &boundary, common.clone(), *seed));
         let results = futures_util::future::join_all(calls).await;
@@ -337,6 +350,16 @@ pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn image_seeds_step_by_one_and_never_land_on_zero() {
+        assert_eq!((0..3).map(|i| super::image_seed(7, i)).collect::<Vec<_>>(), vec![7, 8, 9]);
+        let last = super::SEED_MODULUS - 1;
+        assert_eq!((0..3).map(|i| super::image_seed(last, i)).collect::<Vec<_>>(), vec![last, 1, 2]);
+        assert_eq!(super::image_seed(super::SEED_MODULUS + 3, 0), 3);
+        assert_eq!((0..2).map(|i| super::image_seed(0, i)).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
     use super::*;
 
     #[test]
