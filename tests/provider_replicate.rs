@@ -82,7 +82,7 @@ async fn a_prediction_is_created_polled_until_it_succeeds_and_priced_by_gpu_time
     assert_eq!(
         s.mock.created_body(),
         json!({"input": {"prompt": "a lighthouse at dusk", "num_outputs": 2, "width": 1344, "height": 768,
-            "seed": 5, "negative_prompt": "fog", "num_inference_steps": 30, "guidance_scale": 7.5,
+            "aspect_ratio": "16:9", "seed": 5, "negative_prompt": "fog", "num_inference_steps": 30, "guidance_scale": 7.5,
             "guidance": 7.5, "output_format": "png"}}),
         "an official model runs without a version; style is not sent"
     );

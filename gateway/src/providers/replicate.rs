@@ -305,7 +305,8 @@ fn seed_in_logs(logs: &str) -> Option<u64> {
     })
 }
 
-/// The common aspect ratio `width:height` reduces to, for models that take a ratio.
+/// The aspect ratio to ask of models that take a ratio instead of a size: `width:height`'s,
+/// or the nearest the FLUX family lists.
 fn aspect_ratio(width: u32, height: u32) -> Option<&'static str> {
     const RATIOS: [(u32, u32, &str); 11] = [
         (1, 1, "1:1"),
@@ -320,7 +321,12 @@ fn aspect_ratio(width: u32, height: u32) -> Option<&'static str> {
         (21, 9, "21:9"),
         (9, 21, "9:21"),
     ];
-    RATIOS.iter().find(|(w, h, _)| u64::from(width) * u64::from(*h) == u64::from(height) * u64::from(*w)).map(|r| r.2)
+    // The nearest of the ratios FLUX takes (black-forest-labs/flux-dev's `aspect_ratio` list): a
+    // size it does not list exactly (1792x1024 is 7:4) is drawn at the closest shape, not at
+    // the model's default 1:1.
+    let pairs: Vec<(u32, u32)> = RATIOS.iter().map(|&(w, h, _)| (w, h)).collect();
+    let nearest = super::vertex::nearest_ratio(width, height, &pairs);
+    RATIOS.iter().find(|&&(w, h, _)| (w, h) == nearest).map(|r| r.2)
 }
 
 /// Replicate's error answers that the status alone does not decide (problem details' `title`,
@@ -441,7 +447,10 @@ mod tests {
         assert_eq!(seed_in_logs("Random seed set to 7"), None);
         assert_eq!(seed_in_logs("seed=9"), Some(9));
         assert_eq!(aspect_ratio(1024, 1024), Some("1:1"));
-        assert_eq!(aspect_ratio(1344, 768), None);
+        // Not a listed ratio: the nearest (7:4 is nearest 16:9).
+        assert_eq!(aspect_ratio(1344, 768), Some("16:9"));
+        assert_eq!(aspect_ratio(1792, 1024), Some("16:9"));
+        assert_eq!(aspect_ratio(1024, 1792), Some("9:16"));
         assert_eq!(aspect_ratio(1536, 864), Some("16:9"));
         let body = Bytes::from_static(
             br#"{"detail":"- input.num_outputs: Must be less than or equal to 4","status":422,"title":"Input validation failed","invalid_fields":[{"type":"less_than_equal","field":"input.num_outputs","description":"Must be less than or equal to 4"}]}"#,
