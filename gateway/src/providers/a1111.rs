@@ -122,7 +122,11 @@ impl Provider for A1111 {
                 let mut p = payload(attempt);
                 p.denoising_strength =
                     Some(if req.op == Operation::Edit { EDIT_DENOISING } else { VARIATION_DENOISING });
-                let mask = req.mask.as_ref().filter(|_| req.op == Operation::Edit);
+                // A mask with transparency in another form (grey with alpha, a palette with
+                // transparent entries) goes as RGBA: the web UI reads alpha only from RGBA, and
+                // luminance otherwise, which would repaint the wrong region.
+                let rgba = req.mask.as_ref().filter(|_| req.op == Operation::Edit).and_then(mask_as_rgba);
+                let mask = rgba.as_ref().or(req.mask.as_ref().filter(|_| req.op == Operation::Edit));
                 if mask.is_some_and(|m| png_has_alpha(&m.bytes)) {
                     p.inpainting_mask_invert = Some(1);
                 }
@@ -215,6 +219,22 @@ fn payload_body(p: &Payload<'_>, images: &[FilePart], mask: Option<&FilePart>) -
 /// alpha channel (opaque = repaint), the opposite of OpenAI's (transparent = edit).
 fn png_has_alpha(bytes: &[u8]) -> bool {
     bytes.len() > 25 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" && bytes[25] == 6
+}
+
+/// `mask` re-encoded as an RGBA PNG when it has transparency but is not RGBA already (grey
+/// with alpha, a palette or a colour type with a transparent entry); `None` when it is RGBA, or
+/// has no transparency, or does not decode.
+fn mask_as_rgba(mask: &FilePart) -> Option<FilePart> {
+    if png_has_alpha(&mask.bytes) {
+        return None;
+    }
+    let decoded = image::load_from_memory(&mask.bytes).ok()?;
+    if !decoded.color().has_alpha() {
+        return None;
+    }
+    let mut png = Vec::new();
+    decoded.to_rgba8().write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).ok()?;
+    Some(FilePart { bytes: bytes::Bytes::from(png), content_type: "image/png".into(), ..mask.clone() })
 }
 
 /// Width and height from the image's header (no decoding).
@@ -463,6 +483,26 @@ mod tests {
     fn mask_alpha_is_read_from_the_png_header() {
         let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x04\0\0\0\x04\x08\x06".to_vec();
         assert!(png_has_alpha(&png), "colour type 6: RGBA");
+        // Grey with alpha: sent as RGBA with the same transparency.
+        let la = image::GrayAlphaImage::from_fn(4, 4, |x, _| image::LumaA([0, if x < 2 { 0 } else { 255 }]));
+        let mut la_png = Vec::new();
+        la.write_to(&mut std::io::Cursor::new(&mut la_png), image::ImageFormat::Png).unwrap();
+        assert!(!png_has_alpha(&la_png));
+        let part = FilePart {
+            field: "mask".into(),
+            filename: "m.png".into(),
+            content_type: "image/png".into(),
+            bytes: la_png.into(),
+        };
+        let rgba = mask_as_rgba(&part).expect("converted");
+        assert!(png_has_alpha(&rgba.bytes));
+        let back = image::load_from_memory(&rgba.bytes).unwrap().to_rgba8();
+        assert_eq!((back.get_pixel(0, 0)[3], back.get_pixel(3, 0)[3]), (0, 255));
+        // No transparency: left as it is.
+        let mut rgb_png = Vec::new();
+        image::RgbImage::new(4, 4).write_to(&mut std::io::Cursor::new(&mut rgb_png), image::ImageFormat::Png).unwrap();
+        let rgb = FilePart { bytes: rgb_png.into(), ..part.clone() };
+        assert!(mask_as_rgba(&rgb).is_none());
         png[25] = 2;
         assert!(!png_has_alpha(&png), "colour type 2: RGB");
         assert!(!png_has_alpha(b"GIF89a"));
