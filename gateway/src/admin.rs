@@ -258,7 +258,6 @@ async fn trace(
     axum::extract::Path(id): axum::extract::Path<String>,
     uri: http::Uri,
 ) -> Response {
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     let mut span = None;
     for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match &*key {
@@ -278,11 +277,11 @@ async fn trace(
             }
         }
     }
-    if span.as_deref().is_some_and(|s| !hex(s, 16)) {
+    if span.as_deref().is_some_and(|s| s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit())) {
         return ApiError::invalid("span_id", "invalid_span_id", "a span id is 16 hex digits").into_response();
     }
     // Hex in either case, as the other endpoints that take a trace id accept it.
-    if !hex(&id, 32) {
+    if !crate::request::is_trace_id(&id) {
         return ApiError::invalid("trace_id", "invalid_trace_id", "a trace id is 32 hex digits").into_response();
     }
     let id = id.to_ascii_lowercase();

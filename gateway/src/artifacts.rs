@@ -16,14 +16,9 @@ use crate::metrics::Metrics;
 /// Where gateway-served images live on the proxy listener: `{PATH}{id}.{ext}`.
 pub const PATH: &str = "/v1/images/artifacts/";
 
-/// The id of `{id}.{ext}`, when it is one this gateway makes (32 lowercase hex digits).
+/// The id of `{id}.{ext}` (32 hex digits when this gateway made it).
 pub fn id_of(file: &str) -> &str {
     file.split('.').next().unwrap_or_default()
-}
-
-/// Whether `id` has the shape of the ids [`ArtifactStore::put`] makes.
-pub fn is_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The answer for an image with `left` before its URL expires.

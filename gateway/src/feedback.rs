@@ -42,7 +42,7 @@ pub const MAX_LABELS: usize = 16;
 /// Longest label, characters.
 pub const MAX_LABEL_CHARS: usize = 64;
 /// Longest `user`, characters (as the trace record keeps it).
-pub const MAX_USER_CHARS: usize = 256;
+pub const MAX_USER_CHARS: usize = crate::request::MAX_USER_CHARS;
 /// Largest `POST /v1/feedback` body, bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Regenerations waiting for their implicit feedback to be written; beyond it they are counted
@@ -184,11 +184,11 @@ impl Rating {
             }
             Some(_) => return Err(ApiError::invalid("labels", "invalid_type", "labels must be an array of strings")),
         };
-        // Read as a generation's `user` is (`trace::end_user`): empty is none, longer than
-        // MAX_USER_CHARS is cut, so a rating names the same end user as the request did.
+        // Read as a generation's `user` is (`request::end_user`), so a rating names the same end
+        // user as the request did.
         let user = match map.get("user") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => (!s.is_empty()).then(|| crate::cut(s, MAX_USER_CHARS)),
+            Some(Value::String(s)) => crate::request::end_user(s),
             Some(_) => return Err(ApiError::invalid("user", "invalid_type", "user must be a string")),
         };
         Ok(Rating { trace_id, rating, image_index, comment, labels, user })

@@ -1138,7 +1138,8 @@ async fn serve_artifact(app: &App, file: &str) -> Response {
         return r;
     }
     let id = crate::artifacts::id_of(file);
-    let Some(cluster) = app.limits.cluster().filter(|_| crate::artifacts::is_id(id)) else {
+    // Only an id of the ids' shape (32 hex digits, as trace ids) is looked up in Redis.
+    let Some(cluster) = app.limits.cluster().filter(|_| crate::request::is_trace_id(id)) else {
         return crate::artifacts::not_found();
     };
     for attempt in 0..2 {

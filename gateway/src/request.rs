@@ -687,6 +687,16 @@ fn acc_field(acc: Option<&Value>) -> Result<AccField, ApiError> {
     Ok((Some(std::sync::Arc::new(contract)), regenerate_of))
 }
 
+/// Longest OpenAI `user` (the end user's id) the gateway keeps, characters.
+pub const MAX_USER_CHARS: usize = 256;
+
+/// An OpenAI `user` value as the gateway keeps it, in a generation's record and a rating alike
+/// (so the two name the same end user): none when empty, else cut to [`MAX_USER_CHARS`]
+/// characters.
+pub fn end_user(user: &str) -> Option<String> {
+    (!user.is_empty()).then(|| crate::cut(user, MAX_USER_CHARS))
+}
+
 /// Whether `s` is a trace id: 32 hex digits (either case).
 pub fn is_trace_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())

@@ -34,7 +34,7 @@ pub const MAX_FIELD_CHARS: usize = 256;
 /// U+FFFD, so the value is still recorded and counted as `other`), without surrounding
 /// whitespace; `None` when absent or empty. HTTP field values are octets (RFC 9110, 5.5); a
 /// value that is not visible ASCII is kept, not dropped.
-pub fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<std::borrow::Cow<'a, str>> {
+fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<std::borrow::Cow<'a, str>> {
     use std::borrow::Cow;
     let text = match String::from_utf8_lossy(headers.get(name)?.as_bytes()) {
         Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
@@ -43,11 +43,11 @@ pub fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<std:
     (!text.is_empty()).then_some(text)
 }
 
-/// The request's end user: the OpenAI `user` field when it is a non-empty string, cut to
-/// [`MAX_FIELD_CHARS`] characters (`POST /v1/feedback` reads its `user` the same way, so the two
-/// match). An empty `user` is no end user: the key's name stands in where one is needed.
+/// The request's end user: its OpenAI `user` field as [`crate::request::end_user`] keeps it
+/// (`POST /v1/feedback` reads its `user` the same way). An empty `user` is no end user: the
+/// key's name stands in where one is needed.
 pub fn end_user(req: &GenerationRequest) -> Option<String> {
-    req.raw.get("user").and_then(|u| u.as_str()).filter(|u| !u.is_empty()).map(|u| cut(u, MAX_FIELD_CHARS))
+    req.raw.get("user").and_then(|u| u.as_str()).and_then(crate::request::end_user)
 }
 
 /// A request's cohort fields as recorded, counted and matched by routes: `[x-acc-cohort,

@@ -125,8 +125,16 @@ impl Provider for A1111 {
                 // A mask with transparency in another form (grey with alpha, a palette with
                 // transparent entries) goes as RGBA: the web UI reads alpha only from RGBA, and
                 // luminance otherwise, which would repaint the wrong region.
-                let rgba = req.mask.as_ref().filter(|_| req.op == Operation::Edit).and_then(mask_as_rgba);
-                let mask = rgba.as_ref().or(req.mask.as_ref().filter(|_| req.op == Operation::Edit));
+                // Decoded off the async workers, and only a mask whose header says it may need it.
+                let mask = req.mask.as_ref().filter(|_| req.op == Operation::Edit);
+                let rgba = match mask.filter(|m| png_other_alpha(&m.bytes)) {
+                    Some(m) => {
+                        let m = m.clone();
+                        tokio::task::spawn_blocking(move || mask_as_rgba(&m)).await.ok().flatten()
+                    }
+                    None => None,
+                };
+                let mask = rgba.as_ref().or(mask);
                 if mask.is_some_and(|m| png_has_alpha(&m.bytes)) {
                     p.inpainting_mask_invert = Some(1);
                 }
@@ -218,14 +226,29 @@ fn payload_body(p: &Payload<'_>, images: &[FilePart], mask: Option<&FilePart>) -
 /// Whether `bytes` is a PNG with an RGBA colour type: the web UI then reads the mask from its
 /// alpha channel (opaque = repaint), the opposite of OpenAI's (transparent = edit).
 fn png_has_alpha(bytes: &[u8]) -> bool {
-    bytes.len() > 25 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" && bytes[25] == 6
+    png_colour_type(bytes) == Some(6)
+}
+
+/// The colour type in a PNG's header; `None` when `bytes` is not a PNG.
+fn png_colour_type(bytes: &[u8]) -> Option<u8> {
+    (bytes.len() > 25 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR").then(|| bytes[25])
+}
+
+/// Whether `bytes` is a PNG that may hold transparency other than RGBA's: grey with alpha
+/// (colour type 4), or a `tRNS` chunk (a palette's or a single colour's transparent entry;
+/// chunks of that kind come before the image data).
+fn png_other_alpha(bytes: &[u8]) -> bool {
+    let Some(colour_type) = png_colour_type(bytes) else { return false };
+    let head = &bytes[..memchr::memmem::find(bytes, b"IDAT").unwrap_or(bytes.len())];
+    colour_type == 4 || memchr::memmem::find(head, b"tRNS").is_some()
 }
 
 /// `mask` re-encoded as an RGBA PNG when it has transparency but is not RGBA already (grey
-/// with alpha, a palette or a colour type with a transparent entry); `None` when it is RGBA, or
-/// has no transparency, or does not decode.
+/// with alpha, a palette or a colour type with a transparent entry: [`png_other_alpha`]);
+/// `None` when it is RGBA, or has no transparency, or does not decode. Decodes: call it off the
+/// async workers.
 fn mask_as_rgba(mask: &FilePart) -> Option<FilePart> {
-    if png_has_alpha(&mask.bytes) {
+    if !png_other_alpha(&mask.bytes) {
         return None;
     }
     let decoded = image::load_from_memory(&mask.bytes).ok()?;
@@ -487,7 +510,7 @@ mod tests {
         let la = image::GrayAlphaImage::from_fn(4, 4, |x, _| image::LumaA([0, if x < 2 { 0 } else { 255 }]));
         let mut la_png = Vec::new();
         la.write_to(&mut std::io::Cursor::new(&mut la_png), image::ImageFormat::Png).unwrap();
-        assert!(!png_has_alpha(&la_png));
+        assert!(!png_has_alpha(&la_png) && png_other_alpha(&la_png));
         let part = FilePart {
             field: "mask".into(),
             filename: "m.png".into(),
@@ -502,7 +525,7 @@ mod tests {
         let mut rgb_png = Vec::new();
         image::RgbImage::new(4, 4).write_to(&mut std::io::Cursor::new(&mut rgb_png), image::ImageFormat::Png).unwrap();
         let rgb = FilePart { bytes: rgb_png.into(), ..part.clone() };
-        assert!(mask_as_rgba(&rgb).is_none());
+        assert!(!png_other_alpha(&rgb.bytes) && mask_as_rgba(&rgb).is_none());
         png[25] = 2;
         assert!(!png_has_alpha(&png), "colour type 2: RGB");
         assert!(!png_has_alpha(b"GIF89a"));

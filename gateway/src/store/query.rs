@@ -207,9 +207,9 @@ impl TraceFilter {
                 "cursor" => f.cursor = Some(Cursor::decode(value).map_err(at)?),
                 other => {
                     return Err(at(format!(
-                        "unknown query parameter {} (expected route, tenant, cohort, template, \
-                         asset_type, provider, decision, verdict, since, until, limit, cursor)",
-                        quoted(other)
+                        "unknown query parameter {} (expected {})",
+                        quoted(other),
+                        PARAMETERS.join(", ")
                     )))
                 }
             }
