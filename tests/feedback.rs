@@ -501,6 +501,48 @@ async fn implicit_regeneration_needs_the_same_tenant_user_route_and_a_near_ident
     assert_eq!(one["regenerated_by"][0]["trace_id"], again.as_str());
 }
 
+/// Without keys and without `user` a request names no end user: two clients sending the same
+/// prompt are not one person regenerating, so nothing is linked (an explicit link still is).
+#[tokio::test]
+async fn a_request_naming_no_end_user_is_never_an_implicit_regeneration() {
+    let mock = MockProvider::start().await;
+    let pol = format!("{}{}", openai_provider("p", &mock), route_toml("main", "m").target_default("p"));
+    let (gw, _dir) = serve(&pol).await;
+    let send = |user: Option<&str>, extra: Vec<(&'static str, String)>| {
+        let mut body = json!({"model": "m", "prompt": "a cute cat", "response_format": "b64_json"});
+        if let Some(u) = user {
+            body["user"] = json!(u);
+        }
+        let gw = &gw;
+        async move {
+            let headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = gw.generate_with(&body, &headers).await;
+            r.assert_status(200);
+            r.header("x-acc-trace-id").expect("x-acc-trace-id")
+        }
+    };
+    let first = send(None, vec![]).await;
+    let second = send(None, vec![]).await;
+    assert_eq!(trace(&gw, &second, None).await.get("regeneration"), None);
+    assert_eq!(gw.metric("acc_regenerations_total", &[]).await, 0.0);
+    // The same prompt from a named end user, twice: the second regenerates the first.
+    let u1 = send(Some("u1"), vec![]).await;
+    let u1_again = send(Some("u1"), vec![]).await;
+    assert_eq!(
+        trace(&gw, &u1_again, None).await["regeneration"],
+        json!({"of": u1, "how": "implicit", "similarity": 1.0})
+    );
+    // An anonymous explicit link is still one, and its implicit -1 names the anonymous user.
+    let linked = send(None, vec![("x-acc-regenerate-of", first.clone())]).await;
+    assert_eq!(
+        trace(&gw, &linked, None).await["regeneration"],
+        json!({"of": first, "how": "explicit", "similarity": 1.0})
+    );
+    let v = trace(&gw, &first, Some(1)).await;
+    assert_eq!(v["regenerated_by"], json!([{"trace_id": linked, "how": "explicit", "end_user": "anonymous"}]));
+    assert_eq!(gw.metric("acc_regenerations_total", &[("how", "implicit")]).await, 1.0);
+}
+
 #[tokio::test]
 async fn implicit_detection_respects_the_window_and_record_prompt() {
     let mock = MockProvider::start().await;

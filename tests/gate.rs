@@ -273,8 +273,7 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = gate(&["--store", db, "--max-eval-fail-rate", "0.1", "--min-samples", "14"]);
     assert_eq!(code, 2, "{out}");
-    // Nobody rated anything: the implicit -1 of each regeneration (every cohort sent the same
-    // prompt again and again) is not a thumbs-down, so the rate cannot be decided.
+    // Nobody rated anything, so the rate cannot be decided.
     let (code, out, _) = gate(&["--store", db, "--max-thumbs-down-rate", "0.1", "--min-samples", "1"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("thumbs_down_rate: no cohort has 1 ratings or more in the window"), "{out}");

@@ -374,7 +374,8 @@ impl Feedback {
     /// an explicit link (`explicit`, the header or `acc.regenerate_of`) when that trace is of
     /// the same tenant (otherwise ignored: nothing tells the client whether it exists), else
     /// implicit detection over the route's recent prompts of the same tenant and end user (the
-    /// prompt is remembered either way). A regeneration sets `rec.regeneration`, counts in
+    /// prompt is remembered either way; a request naming no end user, neither `user` nor a
+    /// key, is neither compared nor remembered). A regeneration sets `rec.regeneration`, counts in
     /// `acc_regenerations_total` and queues the earlier trace's implicit -1.
     ///
     /// Only an explicit link to a trace no longer in memory reads the store (one read by key,
@@ -388,17 +389,24 @@ impl Feedback {
         explicit: Option<&str>,
         rec: &mut TraceRecord,
     ) {
-        let end_user = rec.end_user.as_deref().or(rec.key_name.as_deref()).unwrap_or(ANONYMOUS);
-        let implicit = self.prompts.observe(&Seen {
-            tenant: rec.tenant.as_deref().unwrap_or(""),
-            end_user,
-            route: &route.name,
-            prompt,
-            exact_only: route.record_prompt != RecordPrompt::Full,
-            window: route.regeneration.window,
-            threshold: route.regeneration.similarity,
-            trace_id: &rec.trace_id,
-            now: Instant::now(),
+        // Implicit detection compares an end user's own prompts: a request with neither a `user`
+        // nor a key names nobody, and two such requests need not come from one person (every
+        // client of a keyless gateway would be one "anonymous" user whose repeated prompts, a
+        // popular one sent by many people, would count as regenerations).
+        let who = rec.end_user.as_deref().or(rec.key_name.as_deref());
+        let end_user = who.unwrap_or(ANONYMOUS);
+        let implicit = who.and_then(|end_user| {
+            self.prompts.observe(&Seen {
+                tenant: rec.tenant.as_deref().unwrap_or(""),
+                end_user,
+                route: &route.name,
+                prompt,
+                exact_only: route.record_prompt != RecordPrompt::Full,
+                window: route.regeneration.window,
+                threshold: route.regeneration.similarity,
+                trace_id: &rec.trace_id,
+                now: Instant::now(),
+            })
         });
         let explicit = match explicit.filter(|of| *of != rec.trace_id) {
             Some(of) if self.of_tenant(of, rec.tenant.as_deref()).await => Some(of.to_string()),
