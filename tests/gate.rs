@@ -352,3 +352,31 @@ fn the_gates_promql_is_the_text_of_the_recording_rules_and_the_rollout_templates
         }
     }
 }
+
+/// `--store` reads a trace store and writes nothing: a SQLite file that is no trace store (an
+/// application's own database, an empty file) is refused with exit 2 and left byte for byte as
+/// it was (the gate used to migrate the gateway's schema into it).
+#[test]
+fn a_store_path_that_is_no_trace_store_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("app.db");
+    {
+        let c = rusqlite::Connection::open(&app).unwrap();
+        c.execute_batch(
+            "CREATE TABLE app_users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO app_users (name) VALUES ('ada');",
+        )
+        .unwrap();
+    }
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    for path in [&app, &empty] {
+        let before = std::fs::read(path).unwrap();
+        let (code, out, err) = gate(&["--store", path.to_str().unwrap(), "--max-eval-fail-rate", "0.1"]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("no traces table: not a trace store"), "{err}");
+        assert_eq!(std::fs::read(path).unwrap(), before, "{} was changed", path.display());
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 2, "files beside the stores: {names:?}");
+}

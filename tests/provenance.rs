@@ -193,6 +193,9 @@ async fn every_returned_image_is_signed_and_an_independent_reader_verifies_it() 
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["verdict"], "valid");
     assert_eq!(v["trace_record"]["trace_id"], trace_id.as_str(), "{v}");
+    // Signing six images logged nothing of the c2pa crate's progress at the default level.
+    let log = gw.stderr();
+    assert!(!log.contains("progress: phase"), "{}", &log[log.find("progress: phase").unwrap()..][..200]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -568,6 +568,18 @@ async fn instant_query(target: &PromTarget, promql: &str) -> Result<Vec<(BTreeMa
     Ok(out)
 }
 
+/// A cohort's figure from Prometheus's answers: none when there was nothing to divide by (no
+/// samples); otherwise the ratio as answered, NaN or an infinity included, and NaN when the
+/// answer has no ratio for a cohort with samples, so that a broken source is judged
+/// `invalid_value` by [`decide`], never a pass.
+fn figure(ratio: Option<f64>, samples: f64) -> Option<f64> {
+    if samples == 0.0 {
+        None
+    } else {
+        Some(ratio.unwrap_or(f64::NAN))
+    }
+}
+
 async fn prometheus_rows(gate: &Gate, url: &str) -> Result<Vec<Row>, GateError> {
     let base = &PromTarget::new(url);
     let window = promql_duration(gate.window);
@@ -575,7 +587,7 @@ async fn prometheus_rows(gate: &Gate, url: &str) -> Result<Vec<Row>, GateError> 
     for &signal in gate.thresholds.keys() {
         let ratios: BTreeMap<_, _> = instant_query(base, &signal.ratio_promql(&window)).await?.into_iter().collect();
         for (labels, samples) in instant_query(base, &signal.samples_promql(&window)).await? {
-            let value = ratios.get(&labels).copied().filter(|v| v.is_finite());
+            let value = figure(ratios.get(&labels).copied(), samples);
             rows.push(Row { signal, labels, value, samples });
         }
     }
@@ -630,7 +642,7 @@ async fn store_rows(
     now_unix_nano: u64,
 ) -> Result<(Vec<Row>, Vec<(Signal, String)>), GateError> {
     let cfg = store_config(target)?;
-    let db = TraceDb::open(&cfg).await.map_err(|e| GateError::Source(format!("--store: {e}")))?;
+    let db = TraceDb::open_read_only(&cfg).await.map_err(|e| GateError::Source(format!("--store: {e}")))?;
     let since = now_unix_nano.saturating_sub(u64::try_from(gate.window.as_nanos()).unwrap_or(u64::MAX));
     let want = |s: Signal| gate.thresholds.contains_key(&s);
     let provider = gate.filters.provider.as_deref();

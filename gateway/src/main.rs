@@ -721,9 +721,13 @@ fn eval(
     }
 }
 
+/// The log filter without `ACC_LOG`: the gateway at info; libraries that narrate their work at
+/// info (the c2pa crate logs about ten progress lines per signed image) only from warn.
+const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn,c2pa=warn";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ACC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let json = std::env::var("ACC_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

@@ -118,6 +118,24 @@ fn gate(thresholds: &[(Signal, f64)], min_samples: u64, filters: Filters) -> Gat
     }
 }
 
+/// Prometheus answering `"NaN"` or `"+Inf"` as a cohort's ratio (or no ratio at all) for a
+/// cohort with samples is a broken source: the row is `invalid_value` and the gate exits 2,
+/// where it used to read as no figure and pass.
+#[test]
+fn a_prometheus_ratio_that_is_no_fraction_is_invalid_not_a_pass() {
+    let eval = Signal::EvalFailRate;
+    let g = gate(&[(eval, 0.5)], 10, Filters::default());
+    for answered in [Some(f64::NAN), Some(f64::INFINITY), Some(f64::NEG_INFINITY), None] {
+        let r = decide(&g, vec![row(eval, "beta", figure(answered, 100.0), 100.0)], &[]);
+        assert_eq!((r.verdict, r.exit_code, r.rows[0].verdict), ("undecided", 2, "invalid_value"), "{answered:?}");
+    }
+    // No samples: nothing to divide by (Prometheus's 0/0 is NaN), so no figure and too few samples.
+    assert_eq!(figure(Some(f64::NAN), 0.0), None);
+    let r = decide(&g, vec![row(eval, "beta", figure(Some(f64::NAN), 0.0), 0.0)], &[]);
+    assert_eq!((r.exit_code, r.rows[0].verdict), (2, "too_few_samples"));
+    assert_eq!(figure(Some(0.25), 12.0), Some(0.25));
+}
+
 #[test]
 fn verdicts_fail_on_a_decided_cohort_above_its_threshold_and_otherwise_need_every_signal_decided() {
     let eval = Signal::EvalFailRate;

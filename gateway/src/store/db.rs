@@ -415,6 +415,19 @@ impl TraceDb {
     /// directory cannot be created, [`StoreError::Unavailable`] when the store cannot be reached
     /// within 5 s, [`StoreError::Migrate`] when the schema cannot be brought up to date.
     pub async fn open(cfg: &StoreConfig) -> Result<TraceDb, StoreError> {
+        Self::connect(cfg, Access::Write).await
+    }
+
+    /// Opens an existing store to read it, for tools beside the gateway (`acc gate --store`):
+    /// nothing is created or migrated (a SQLite file is opened read-only, so no schema and no
+    /// journal mode is written into a file that is not a trace store, and an older or newer
+    /// gateway's schema is read as it is). Errors: as [`TraceDb::open`], and
+    /// [`StoreError::Migrate`] when the database has no `traces` table (not a trace store).
+    pub async fn open_read_only(cfg: &StoreConfig) -> Result<TraceDb, StoreError> {
+        Self::connect(cfg, Access::Read).await
+    }
+
+    async fn connect(cfg: &StoreConfig, access: Access) -> Result<TraceDb, StoreError> {
         cfg.check()?;
         sqlx::any::install_default_drivers();
         let target = cfg.target();
@@ -425,7 +438,7 @@ impl TraceDb {
                     .map_err(|e| StoreError::Config(scrub(format!("store url {target}: {e}"), &secrets)))?;
                 (Backend::Postgres, options, secrets)
             }
-            None => (Backend::Sqlite, sqlite_options(&cfg.path)?, Vec::new()),
+            None => (Backend::Sqlite, sqlite_options(&cfg.path, access)?, Vec::new()),
         };
         let unavailable = |e: sqlx::Error| StoreError::Unavailable {
             target: target.clone(),
@@ -463,6 +476,20 @@ impl TraceDb {
             }
         }
         let pool = pool_options.connect_with(options).await.map_err(unavailable)?;
+        if access == Access::Read {
+            // Any engine: a trace store has this table from its first migration.
+            if let Err(e) = pool.execute("SELECT 1 FROM traces WHERE 1 = 0").await {
+                return Err(if is_connection_error(&e) {
+                    unavailable(e)
+                } else {
+                    StoreError::Migrate {
+                        target: target.clone(),
+                        message: "no traces table: not a trace store (a gateway creates it on start-up)".into(),
+                    }
+                });
+            }
+            return Ok(TraceDb { pool, local: None, backend, target: target.into(), secrets: secrets.into() });
+        }
         if backend == Backend::Sqlite {
             // Persistent in the file; set once here rather than on every connection (changing the
             // mode takes a lock that busy_timeout does not wait for).
@@ -959,9 +986,18 @@ fn unavailable_local(target: &str, e: rusqlite::Error) -> StoreError {
 }
 
 /// The Any driver's options for the SQLite file at `path`, its directories created first.
-fn sqlite_options(path: &Path) -> Result<AnyConnectOptions, StoreError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
+/// Whether [`TraceDb`] is opened to write (create, migrate) or only to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Write,
+    Read,
+}
+
+fn sqlite_options(path: &Path, access: Access) -> Result<AnyConnectOptions, StoreError> {
+    if access == Access::Write {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
+        }
     }
     let path = std::path::absolute(path).map_err(|source| StoreError::Dir { path: path.to_path_buf(), source })?;
     let path = path
@@ -971,7 +1007,11 @@ fn sqlite_options(path: &Path) -> Result<AnyConnectOptions, StoreError> {
     // of the path can be read as URL syntax. byte_serialize writes a space as '+' and a '+' as
     // %2B, so every '+' left is a space.
     let encoded: String = form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>().replace('+', "%20");
-    AnyConnectOptions::from_str(&format!("sqlite:{encoded}?mode=rwc"))
+    let mode = match access {
+        Access::Write => "rwc",
+        Access::Read => "ro",
+    };
+    AnyConnectOptions::from_str(&format!("sqlite:{encoded}?mode={mode}"))
         .map_err(|e| StoreError::Config(format!("trace store {path}: {e}")))
 }
 
