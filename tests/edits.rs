@@ -463,3 +463,82 @@ async fn a_20_mib_image_reaches_the_provider_intact() {
     assert_eq!(sha256_bytes(&image.data), want, "sha256 of the image the provider received");
     assert_eq!(image.filename.as_deref(), Some("huge.png"));
 }
+
+/// The SDKs draw a new multipart boundary for every send (their own retries included): the same
+/// edit or variation under the same `Idempotency-Key` is the same request, replayed without a
+/// second generation; another image under that key is a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_edit_or_variation_resent_under_another_boundary_is_replayed() {
+    let s = setup().await;
+    let edit = Form::new()
+        .text("model", "ed")
+        .text("prompt", "add a red hat")
+        .text("response_format", "b64_json")
+        .file("image", "photo.png", "image/png", photo());
+    let key = [("idempotency-key", "edit-1")];
+    let first = s.gw.edit(&edit.clone().with_boundary("----sdk-boundary-1"), &key).await;
+    first.assert_status(200);
+    let again = s.gw.edit(&edit.clone().with_boundary("----sdk-boundary-2"), &key).await;
+    again.assert_status(200);
+    assert_eq!(again.header("x-acc-idempotent-replay").as_deref(), Some("true"), "{}", again.describe());
+    assert_eq!(again.header("x-acc-trace-id"), first.header("x-acc-trace-id"));
+    assert_eq!(s.primary.hits(), 1, "a second generation for the same edit");
+    // The same key with another image: another request.
+    let other = Form::new()
+        .text("model", "ed")
+        .text("prompt", "add a red hat")
+        .text("response_format", "b64_json")
+        .file("image", "photo.png", "image/png", make_png(64, 48, [200, 10, 10]))
+        .with_boundary("----sdk-boundary-3");
+    let r = s.gw.edit(&other, &key).await;
+    r.assert_error(409, "idempotency_key_reused");
+    assert_eq!(s.primary.hits(), 1);
+
+    let variation = Form::new().text("model", "ed").text("response_format", "b64_json").file(
+        "image",
+        "photo.png",
+        "image/png",
+        photo(),
+    );
+    let key = [("idempotency-key", "variation-1")];
+    s.gw.variation(&variation.clone().with_boundary("a"), &key).await.assert_status(200);
+    let again = s.gw.variation(&variation.with_boundary("b"), &key).await;
+    again.assert_status(200);
+    assert_eq!(again.header("x-acc-idempotent-replay").as_deref(), Some("true"), "{}", again.describe());
+    assert_eq!(s.primary.hits(), 2);
+}
+
+/// A file parameter the gateway does not model (the Python SDK's `markup`, any other) goes to
+/// an OpenAI-compatible provider as the file it came as; a text field named `image` or `mask`
+/// is no file and is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_file_parts_are_forwarded_as_files_and_a_text_image_is_refused() {
+    let s = setup().await;
+    let binary = make_png(8, 8, [1, 2, 3]);
+    let form = Form::new()
+        .text("model", "ed")
+        .text("prompt", "follow the markup")
+        .text("response_format", "b64_json")
+        .file("image", "photo.png", "image/png", photo())
+        .file("markup", "scribble.png", "image/png", binary.clone());
+    let r = s.gw.edit(&form, &[]).await;
+    r.assert_status(200);
+    let parts = s.primary.last_request().unwrap().form().await;
+    let markup = file_part(&parts, "markup");
+    assert_eq!(markup.data.as_ref(), binary.as_slice());
+    assert_eq!(markup.filename.as_deref(), Some("scribble.png"));
+    assert_eq!(markup.content_type.as_deref(), Some("image/png"));
+    assert_eq!(file_part(&parts, "image").data.as_ref(), photo().as_slice());
+
+    for field in ["image", "mask"] {
+        let mut form = Form::new().text("model", "ed").text("prompt", "p").text(field, "abc");
+        if field == "mask" {
+            form = form.file("image", "photo.png", "image/png", photo());
+        }
+        let form = form.file("dummy", "dummy.png", "image/png", photo());
+        let r = s.gw.edit(&form, &[]).await;
+        r.assert_error(400, "invalid_value");
+        assert_eq!(r.json()["error"]["param"], field, "{}", r.describe());
+    }
+    assert_eq!(s.primary.hits(), 1);
+}

@@ -37,8 +37,8 @@ pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: HeaderName = HeaderName::from_static("x-acc-idempotent-replay");
 
 /// A request's fingerprint, so a key reused with another request is told apart: SHA-256 over
-/// the endpoint path, the content type (for multipart bodies, whose boundary differs per
-/// request), and the body bytes.
+/// the endpoint path, the content type, and the body bytes (a JSON body is compared byte for
+/// byte, as the SDKs resend it; multipart bodies: [`fingerprint_multipart`]).
 pub fn fingerprint(path: &str, content_type: Option<&[u8]>, body: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -47,6 +47,44 @@ pub fn fingerprint(path: &str, content_type: Option<&[u8]>, body: &[u8]) -> [u8;
     h.update(content_type.unwrap_or(b""));
     h.update([0]);
     h.update(body);
+    h.finalize().into()
+}
+
+/// The fingerprint of an edit or variation: SHA-256 over the endpoint path and each form part
+/// in order (name, file name, content type, bytes), not over the body's bytes, since the SDKs
+/// draw a new multipart boundary for every send, their own retries included (RFC 7578 leaves
+/// the boundary to the sender). A body that does not parse as multipart is fingerprinted as
+/// [`fingerprint`] does (the request fails on it anyway).
+pub async fn fingerprint_multipart(path: &str, content_type: &[u8], body: &Bytes) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let Some(boundary) = std::str::from_utf8(content_type).ok().and_then(|ct| multer::parse_boundary(ct).ok()) else {
+        return fingerprint(path, Some(content_type), body);
+    };
+    let stream = futures_util::stream::once(std::future::ready(Ok::<_, std::convert::Infallible>(body.clone())));
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut h = Sha256::new();
+    h.update(path.as_bytes());
+    h.update([0]);
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(_) => return fingerprint(path, Some(content_type), body),
+        };
+        for text in [field.name(), field.file_name(), field.content_type().map(|m| m.as_ref())] {
+            match text {
+                Some(t) => {
+                    h.update([1]);
+                    h.update((t.len() as u64).to_le_bytes());
+                    h.update(t.as_bytes());
+                }
+                None => h.update([0]),
+            }
+        }
+        let Ok(data) = field.bytes().await else { return fingerprint(path, Some(content_type), body) };
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
+    }
     h.finalize().into()
 }
 

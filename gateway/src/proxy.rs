@@ -501,8 +501,10 @@ async fn idempotent(
         Ok(k) => k.map_or("anonymous", |k| k.tenant.as_str()),
         Err(e) => return finish(app, snap, ctx, Err(e)),
     };
-    let content_type = headers.get(header::CONTENT_TYPE).filter(|_| op != Operation::Generate);
-    let fingerprint = idempotency::fingerprint(op.path(), content_type.map(|v| v.as_bytes()), &bytes);
+    let fingerprint = match headers.get(header::CONTENT_TYPE).filter(|_| op != Operation::Generate) {
+        Some(ct) => idempotency::fingerprint_multipart(op.path(), ct.as_bytes(), &bytes).await,
+        None => idempotency::fingerprint(op.path(), None, &bytes),
+    };
     let m = &app.metrics.idempotency;
     // Shared by every replica when `[cluster]` is set; this replica's store otherwise, or while
     // Redis cannot answer (under on_cluster_error = "local").

@@ -99,7 +99,7 @@ impl Operation {
 /// An uploaded file of an edit or variation request; the bytes are a slice of the body.
 #[derive(Debug, Clone)]
 pub struct FilePart {
-    /// The form field it came in (`image`, `image[]`, `mask`).
+    /// The form field it came in (`image`, `image[]`, `mask`, or another file parameter).
     pub field: String,
     pub filename: String,
     pub content_type: String,
@@ -153,6 +153,9 @@ pub struct GenerationRequest {
     /// Input images of an edit or variation.
     pub images: Vec<FilePart>,
     pub mask: Option<FilePart>,
+    /// Other file parts of the form (parts with a filename in fields the gateway does not
+    /// model), forwarded as files to OpenAI-compatible upstreams like the other fields in `raw`.
+    pub files: Vec<FilePart>,
     /// The prompt contract (header `x-acc-contract` or body field `acc`).
     pub contract: Option<std::sync::Arc<contract::Contract>>,
     /// The trace this request regenerates, as the body said (`acc.regenerate_of`: 32 hex
@@ -200,12 +203,22 @@ impl GenerationRequest {
         let mut raw = Map::new();
         let mut images = Vec::new();
         let mut mask = None;
+        let mut files = Vec::new();
         while let Some(field) = form.next_field().await.map_err(bad)? {
             let name = field.name().unwrap_or_default().to_string();
             let filename = field.file_name().map(str::to_owned);
             let content_type = field.content_type().map(|m| m.to_string());
             let data = field.bytes().await.map_err(bad)?;
             match name.as_str() {
+                "image" | "image[]" | "mask" if filename.is_none() => {
+                    // A file part names its file (RFC 7578 section 4.2; every SDK and curl's
+                    // `-F name=@file` send one); a text field is no image, whatever it holds.
+                    return Err(ApiError::invalid(
+                        if name == "mask" { "mask" } else { "image" },
+                        "invalid_value",
+                        format!("{name} must be a file (a form part with a filename), not a text field"),
+                    ));
+                }
                 "image" | "image[]" | "mask" => {
                     if data.is_empty() {
                         return Err(ApiError::invalid(
@@ -235,6 +248,16 @@ impl GenerationRequest {
                     } else {
                         images.push(part);
                     }
+                }
+                _ if filename.is_some() => {
+                    // Another file parameter (e.g. the SDK's `markup`): kept as a file, for the
+                    // adapters that speak OpenAI's form to forward as it came.
+                    files.push(FilePart {
+                        field: name,
+                        filename: filename.unwrap_or_default(),
+                        content_type: content_type.unwrap_or_else(|| "application/octet-stream".into()),
+                        bytes: data,
+                    });
                 }
                 _ => {
                     let text = String::from_utf8(data.to_vec()).map_err(|_| {
@@ -274,6 +297,7 @@ impl GenerationRequest {
         let mut req = Self::from_map(op, raw)?;
         req.images = images;
         req.mask = mask;
+        req.files = files;
         Ok(req)
     }
 
@@ -396,6 +420,7 @@ impl GenerationRequest {
             raw,
             images: Vec::new(),
             mask: None,
+            files: Vec::new(),
             contract,
             regenerate_of,
             stream,

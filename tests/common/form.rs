@@ -18,6 +18,8 @@ pub struct FormPart {
 #[derive(Clone, Debug, Default)]
 pub struct Form {
     pub parts: Vec<FormPart>,
+    /// The boundary to start from (a fixed one when `None`), as each SDK draws its own.
+    pub boundary: Option<String>,
 }
 
 impl Form {
@@ -45,9 +47,15 @@ impl Form {
         self
     }
 
+    /// The same form under another boundary.
+    pub fn with_boundary(mut self, boundary: &str) -> Form {
+        self.boundary = Some(boundary.to_string());
+        self
+    }
+
     /// `(content-type header, body)`; the boundary never occurs in the parts.
     pub fn encode(&self) -> (String, Vec<u8>) {
-        let mut boundary = String::from("acc-test-boundary-7f3a9c");
+        let mut boundary = self.boundary.clone().unwrap_or_else(|| String::from("acc-test-boundary-7f3a9c"));
         while self.parts.iter().any(|p| contains(&p.data, boundary.as_bytes())) {
             boundary.push('x');
         }

@@ -179,7 +179,7 @@ fn multipart(fields: &Map<String, Value>, req: &crate::request::GenerationReques
             openai::quote(name)
         ));
     }
-    for part in req.images.iter().chain(req.mask.iter()) {
+    for part in req.images.iter().chain(req.mask.iter()).chain(req.files.iter()) {
         body.push(format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
             openai::quote(&part.field),

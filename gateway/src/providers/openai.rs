@@ -231,7 +231,7 @@ fn multipart(fields: &UpstreamFields<'_>, req: &GenerationRequest) -> (String, C
             quote(name)
         ));
     }
-    for part in req.images.iter().chain(req.mask.iter()) {
+    for part in req.images.iter().chain(req.mask.iter()).chain(req.files.iter()) {
         body.push(format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: {}\r\n\r\n",
             quote(&part.field),
