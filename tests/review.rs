@@ -117,7 +117,22 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
     assert!(reasons[0].as_str().unwrap().starts_with("sanity: "), "{reasons:?}");
     let other_route = gw.admin("GET", "/admin/reviews?route=elsewhere").await.json();
     assert_eq!(other_route["data"], json!([]));
-    gw.admin("GET", "/admin/reviews?state=maybe").await.assert_error(400, "invalid_filter");
+    let err = gw.admin("GET", "/admin/reviews?state=maybe").await.assert_error(400, "invalid_filter");
+    assert_eq!(err["param"], "state");
+    let err = gw.admin("GET", "/admin/reviews?limit=0").await.assert_error(400, "invalid_filter");
+    assert_eq!(err["param"], "limit");
+    let err = gw.admin("GET", "/admin/reviews?state=pending&state=approved").await.assert_error(400, "invalid_filter");
+    assert_eq!(
+        (err["param"].as_str(), err["message"].as_str()),
+        (Some("state"), Some("query parameter \"state\" is given twice"))
+    );
+    // The trace list finds held requests by their decision.
+    let listed = eventually(Duration::from_secs(10), || async {
+        let v = gw.admin("GET", "/admin/traces?decision=review").await.json();
+        v["data"].as_array().is_some_and(|d| d.len() == 1 && d[0]["trace_id"] == id.as_str())
+    })
+    .await;
+    assert!(listed, "{:#}", gw.admin("GET", "/admin/traces?decision=review").await.json());
 
     // The held image, as the provider made it.
     let img = gw.admin("GET", &format!("/admin/reviews/{id}/images/0")).await;

@@ -292,8 +292,21 @@ pub fn item_json(item: &ReviewItem, now_unix_nano: u64) -> serde_json::Value {
 /// (at most 500).
 async fn list(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
     let mut filter = ReviewFilter { state: Some(ReviewState::Pending), limit: 50, ..ReviewFilter::default() };
+    let mut seen: Vec<String> = Vec::new();
     for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
-        let bad = |what: String| ApiError::invalid("query", "invalid_filter", what).into_response();
+        // `param` names the query parameter at fault, as on /admin/traces.
+        let param = match k.as_ref() {
+            "state" => "state",
+            "route" => "route",
+            "limit" => "limit",
+            "after" => "after",
+            _ => "query",
+        };
+        let bad = |what: String| ApiError::invalid(param, "invalid_filter", what).into_response();
+        if seen.iter().any(|s| *s == k) {
+            return bad(format!("query parameter \"{k}\" is given twice"));
+        }
+        seen.push(k.to_string());
         match k.as_ref() {
             "state" if v == "all" => filter.state = None,
             "state" => match ReviewState::parse(&v) {

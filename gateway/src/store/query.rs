@@ -176,10 +176,10 @@ impl TraceFilter {
                 "asset_type" => f.asset_type = text,
                 "provider" => f.provider = text,
                 "decision" => match value {
-                    "" | "pass" | "flagged" | "blocked" | "error" => f.decision = text,
+                    "" | "pass" | "flagged" | "blocked" | "review" | "error" => f.decision = text,
                     _ => {
                         return Err(at(format!(
-                            "decision {}: expected pass, flagged, blocked or error",
+                            "decision {}: expected pass, flagged, blocked, review or error",
                             quoted(value)
                         )))
                     }
