@@ -275,3 +275,40 @@ async fn added_and_removed_files_are_picked_up() {
     let errors = gw.metric("acc_policy_reloads_total", &[("result", "error")]).await;
     assert_eq!(errors, 0.0, "non-.toml files must be ignored, got reload errors: {}", r.text());
 }
+
+/// Every outcome of a route's requests exists at 0 from its first policy (a series born at 1
+/// shows Prometheus no increase); a reload that removes a provider and its route drops their
+/// live gauges (an open breaker's gauge used to stay at 2, its alert firing until a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_start_at_zero_and_a_removed_providers_gauges_go_with_it() {
+    let (_one, two, dir, gw) = serving_one().await;
+    let text = gw.metrics().await;
+    for outcome in ["ok", "internal_error", "no_healthy_target", "upstream_error", "client_cancelled"] {
+        let line = format!("acc_requests_total{{outcome=\"{outcome}\",route=\"main\"}} 0");
+        assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+    }
+    assert!(text.lines().any(|l| l == "acc_requests_total{outcome=\"internal_error\",route=\"none\"} 0"));
+    assert!(text.contains("acc_breaker_state{provider=\"one\"}"), "{text}");
+    assert!(text.contains("acc_target_samples{model=\"x\",provider=\"one\",route=\"main\"}"), "{text}");
+
+    dir.write("policy.toml", &route_to("two", &two));
+    let r = gw.admin("POST", "/admin/reload").await;
+    assert_eq!(r.json()["result"], json!("ok"), "{}", r.describe());
+    let text = gw.metrics().await;
+    // Gauges go; counters and histograms stay (Prometheus reads their history).
+    let gauges = [
+        "acc_breaker_state",
+        "acc_queue_depth",
+        "acc_target_samples",
+        "acc_target_demoted",
+        "acc_target_error_ratio",
+        "acc_target_latency_seconds",
+    ];
+    let stale: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("provider=\"one\"") && gauges.iter().any(|g| l.starts_with(&format!("{g}{{"))))
+        .collect();
+    assert!(stale.is_empty(), "a removed provider's gauges stay:\n{}", stale.join("\n"));
+    assert!(text.contains("acc_breaker_state{provider=\"two\"}"), "{text}");
+    assert!(text.contains("acc_target_samples{model=\"x\",provider=\"two\",route=\"main\"}"), "{text}");
+}

@@ -1,6 +1,7 @@
 //! The admin listener: metrics and probes open, everything else behind `ACC_ADMIN_TOKEN` (the
 //! `/admin` API as a bearer token, the console at `/console/` through a signed-in session).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -387,10 +388,60 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// Removes the series of `vec` whose labels `keep` refuses: gauges of routes, targets,
+/// providers and candidates a reload removed would otherwise stay at their last value (an open
+/// breaker of a provider no longer in the policy firing its alert until a restart).
+fn drop_stale<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    keep: impl Fn(&HashMap<&str, &str>) -> bool,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric.get_label().iter().map(|l| (l.name(), l.value())).collect();
+            if !keep(&labels) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
+/// Drops the live gauges' series that the policy `snap` serves no longer (see [`drop_stale`]).
+fn drop_removed(m: &crate::metrics::Metrics, policy: &crate::policy::Policy) {
+    fn label<'a>(l: &HashMap<&str, &'a str>, k: &str) -> &'a str {
+        l.get(k).copied().unwrap_or("")
+    }
+    let target = |l: &HashMap<&str, &str>| {
+        policy.routes.iter().any(|r| {
+            r.name == label(l, "route")
+                && r.targets
+                    .iter()
+                    .any(|t| t.provider == label(l, "provider") && model_label(t.model.as_deref()) == label(l, "model"))
+        })
+    };
+    drop_stale(&m.target_latency, target);
+    drop_stale(&m.target_error_ratio, target);
+    drop_stale(&m.target_timeout_ratio, target);
+    drop_stale(&m.target_eval_fail_ratio, target);
+    drop_stale(&m.target_samples, target);
+    drop_stale(&m.target_demoted, target);
+    let provider = |l: &HashMap<&str, &str>| policy.providers.contains_key(label(l, "provider"));
+    drop_stale(&m.breaker_state, provider);
+    drop_stale(&m.queue_depth, provider);
+    let route = |l: &HashMap<&str, &str>| policy.routes.iter().any(|r| r.name == label(l, "route"));
+    drop_stale(&m.canary_state, |l| policy.routes.iter().any(|r| r.name == label(l, "route") && r.canary.is_some()));
+    drop_stale(&m.mirror_samples, route);
+    drop_stale(&m.mirror_error_rate, route);
+    drop_stale(&m.mirror_latency_p, route);
+    drop_stale(&m.mirror_eval_fail_rate, route);
+    drop_stale(&m.mirror_cost_per_image, route);
+}
+
 /// Health windows, breakers and queues are read when scraped, not on every request.
 fn export_live(app: &App) {
     let snap = app.policy.snapshot();
     let m = &app.metrics;
+    drop_removed(m, &snap.policy);
     let now = tokio::time::Instant::now();
     for (r, route) in snap.policy.routes.iter().enumerate() {
         for (t, target) in route.targets.iter().enumerate() {

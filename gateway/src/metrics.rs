@@ -248,6 +248,10 @@ impl Metrics {
         // Both results exist from the start, so alerts on rate() see a zero, not a gap.
         policy_reloads.with_label_values(&["ok"]);
         policy_reloads.with_label_values(&["error"]);
+        // Requests refused before a route is chosen, at 0 from the start (see ROUTE_OUTCOMES).
+        for outcome in ["client_error", "unauthorized", "overloaded", "internal_error"] {
+            requests.with_label_values(&["none", outcome]);
+        }
         let target = &["route", "provider", "model"];
         let r = &registry;
         let breaker_state = int_gauge(
@@ -493,6 +497,12 @@ impl Metrics {
     }
 
     pub fn route_metrics(&self, r: &Route) -> RouteMetrics {
+        // Every outcome's series exists from the route's first policy at 0: a series born at 1
+        // shows Prometheus no increase, so the first failures after a start (the ones an
+        // `increase(...) > 0` alert exists for) would go unseen.
+        for outcome in ROUTE_OUTCOMES {
+            self.requests.with_label_values(&[r.name.as_str(), outcome]);
+        }
         RouteMetrics {
             requests_ok: self.requests.with_label_values(&[r.name.as_str(), "ok"]),
             duration: self.request_duration.with_label_values(&[r.name.as_str()]),
@@ -526,6 +536,27 @@ impl Metrics {
         self.policy_info.with_label_values(&[new]).set(1);
     }
 }
+
+/// The `outcome` values of `acc_requests_total` a routed request can end with (README,
+/// "Metrics"), each created at 0 for every route.
+pub const ROUTE_OUTCOMES: [&str; 16] = [
+    "ok",
+    "client_cancelled",
+    "client_error",
+    "unauthorized",
+    "upstream_rejected",
+    "upstream_timeout",
+    "upstream_error",
+    "eval_failed",
+    "blocked",
+    "pending_review",
+    "rate_limited",
+    "no_healthy_target",
+    "cluster_unavailable",
+    "provider_busy",
+    "idempotency_conflict",
+    "internal_error",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
