@@ -266,6 +266,18 @@ async fn filters_errors_and_rate_limits() {
     }
     assert_eq!(backup.hits(), 3);
 
+    // A 200 with neither images nor filter reasons (every request asks for the reasons) is a
+    // broken answer, not a verdict on the prompt: the fallback answers.
+    for broken in
+        [json!({}), json!({"predictions": []}), json!({"error": {"code": 500, "message": "x", "status": "INTERNAL"}})]
+    {
+        mock.script(vec![Reply::json(200, &broken)]);
+        let r = gw.generate(&req("a cat", 1)).await;
+        r.assert_status(200);
+        assert_eq!(r.attempts(), vec!["vertex:bad_response", "backup:ok"], "{broken}: {}", r.describe());
+    }
+    assert_eq!(backup.hits(), 6);
+
     // Quota exhausted with a Retry-After: the fallback answers, and Vertex is left alone while
     // it asked to be.
     let quota = google_error(

@@ -242,13 +242,17 @@ fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> {
         }
     }
     if images.is_empty() {
-        // Imagen answers `{}` when its filters removed every image and no reason was asked for.
-        let why = if reasons.is_empty() {
-            "Imagen returned no images (its safety filters removed them all)".to_string()
-        } else {
-            reasons.join("; ")
-        };
-        return Err(ProviderError::ContentFiltered(why));
+        if reasons.is_empty() {
+            // Imagen leaves filtered images out silently only when no reason was asked for, and
+            // every request asks (`includeRaiReason`): an answer with neither images nor reasons
+            // (`{}`, an empty list, an error object with a 200) is broken, not a verdict on the
+            // prompt, so the next target is tried and the client is not told its prompt was
+            // refused.
+            return Err(ProviderError::BadResponse(
+                "the answer has no predictions (no image and no raiFilteredReason)".to_string(),
+            ));
+        }
+        return Err(ProviderError::ContentFiltered(reasons.join("; ")));
     }
     // The OpenAI response object's equivalents: `output_format` when every image has the same
     // one, the enhanced prompts as `revised_prompt`.
@@ -507,8 +511,14 @@ mod tests {
         let e = parse_answer(Bytes::from_static(br#"{"predictions":[{"raiFilteredReason":"Bad prompt 58061214"}]}"#))
             .unwrap_err();
         assert!(matches!(&e, ProviderError::ContentFiltered(m) if m.contains("58061214")), "{e}");
-        assert_eq!(parse_answer(Bytes::from_static(b"{}")).unwrap_err().label(), "content_filtered");
-        for bad in [&b"<html>"[..], br#"{"predictions":[{}]}"#, br#"{"predictions":[{"bytesBase64Encoded":"!!"}]}"#] {
+        for bad in [
+            &b"<html>"[..],
+            br#"{"predictions":[{}]}"#,
+            br#"{"predictions":[{"bytesBase64Encoded":"!!"}]}"#,
+            b"{}",
+            br#"{"predictions":[]}"#,
+            br#"{"error":{"code":500,"message":"internal","status":"INTERNAL"}}"#,
+        ] {
             assert_eq!(parse_answer(Bytes::copy_from_slice(bad)).unwrap_err().label(), "bad_response");
         }
     }
