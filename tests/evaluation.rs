@@ -286,3 +286,26 @@ async fn out_of_budget_with_n_above_one_names_every_image() {
     let err = [("evaluator", "sanity"), ("route", "main"), ("provider", "first"), ("verdict", "error")];
     assert_eq!(gw.metric("acc_eval_total", &err).await, 2.0);
 }
+
+/// OpenAI's `n` is the number of images returned: a provider that answers more gives the client
+/// `n` of them; the rest were billed and are charged as discarded.
+#[tokio::test]
+async fn more_images_than_asked_are_left_out_and_charged_as_discarded() {
+    let mock = MockProvider::start().await;
+    let policy = format!(
+        "{}\nprice = {{ per_image_usd = 0.01 }}\n\n{}",
+        openai_provider_at("p", &mock.base_url()).trim_end(),
+        route_toml("main", "m").target("p", "x").with("evaluators = [\"sanity\"]"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let img = noisy(256, 256, 0);
+    let five: Vec<_> = (0..5).map(|_| json!({"b64_json": b64_encode(&img)})).collect();
+    mock.set_body(Some(&json!({"created": 1, "data": five}).to_string()));
+    let r = gw.generate(&req()).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![img.clone()], "{}", r.describe());
+    assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"));
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.05"), "{}", r.describe());
+    assert_eq!(gw.metric("acc_cost_usd_total", &[("kind", "returned")]).await, 0.01);
+    assert!((gw.metric("acc_cost_usd_total", &[("kind", "discarded")]).await - 0.04).abs() < 1e-9);
+}

@@ -184,6 +184,14 @@ async fn run(
         n.model_version = generation.settings.model.clone();
     }
     used_settings(&mut generation, env.req, model, &dropped);
+    // More images than asked for: the client gets `n` (and is limited and evaluated on `n`);
+    // the rest were billed and are charged as discarded.
+    let n = env.req.n as usize;
+    if generation.images.len() > n && generation.streamed.is_none() {
+        generation.surplus = (generation.images.len() - n) as u32;
+        generation.images.truncate(n);
+        generation.revised_prompts.truncate(n);
+    }
     // 5. A provider URL is fetched (SSRF-guarded) when the gateway needs the bytes: to evaluate
     // them, or to answer b64_json or gateway-served URLs.
     let evaluates = !route.eval.evaluators.is_empty();

@@ -63,9 +63,18 @@ pub fn charge_attempts(
             _ => None,
         };
         let images = winner.map_or(req.n, |g| g.images.len() as u32);
-        let Some(usd) = cost_of(policy, a.step, req, images, winner) else { continue };
+        let Some(mut usd) = cost_of(policy, a.step, req, images, winner) else { continue };
         let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
         app.metrics.cost.with_label_values(&[route, provider, kind]).inc_by(usd);
+        // Images beyond `n` that the winner's provider made and the client did not get.
+        if let Some(g) = winner.filter(|g| g.surplus > 0) {
+            let all = cost_of(policy, a.step, req, images + g.surplus, winner).unwrap_or(usd);
+            let surplus = (all - usd).max(0.0);
+            if surplus > 0.0 {
+                app.metrics.cost.with_label_values(&[route, provider, "discarded"]).inc_by(surplus);
+                usd += surplus;
+            }
+        }
         *total.get_or_insert(0.0) += usd;
         each[i] = Some(usd);
     }

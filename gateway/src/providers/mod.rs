@@ -100,6 +100,9 @@ pub struct Generation {
     /// The upstream's server-sent events, when it answered a `stream: true` request with them
     /// (OpenAI kind): relayed to a streaming client as they were sent.
     pub streamed: Option<Streamed>,
+    /// Images the provider returned beyond the request's `n`, left out of the answer (OpenAI's
+    /// `n` is the number of images returned) but billed by the provider: charged as discarded.
+    pub surplus: u32,
 }
 
 /// The events of an upstream image stream, each the JSON object of one `data:` line, in the
