@@ -474,6 +474,34 @@ async fn the_clients_retry_after_is_capped_at_the_providers_pause() {
     assert_eq!(r.header("retry-after").as_deref(), Some("7"), "the longer of the two caps: {}", r.describe());
 }
 
+/// `Retry-After` with more seconds than 64 bits hold is still a long wait (capped at the
+/// provider's `max_pause_ms`), and a date already past asks for no pause at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_pauses_to_the_cap_and_a_past_date_not_at_all() {
+    let s = setup(Extras { primary: "max_pause_ms = 60000", ..Default::default() }).await;
+    s.primary.set_status(429);
+    s.primary.set_headers(vec![("retry-after".into(), "Sat, 05 Nov 1994 08:49:37 GMT".into())]);
+    for _ in 0..2 {
+        let r = s.gw.generate(&req()).await;
+        assert_eq!(served_by(&r, "backup"), ["primary:status_429", "backup:ok"]);
+    }
+    assert_eq!(s.gw.metric("acc_provider_paused_total", &[("provider", "primary")]).await, 0.0);
+    s.primary.set_headers(vec![("retry-after".into(), "99999999999999999999".into())]);
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:status_429", "backup:ok"]);
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:paused", "backup:ok"]);
+    assert_eq!(s.primary.hits(), 3);
+    assert_eq!(s.gw.metric("acc_provider_paused_total", &[("provider", "primary")]).await, 1.0);
+    let routes = s.gw.admin("GET", "/admin/routes").await.json().to_string();
+    let paused: Vec<u64> = routes
+        .split("\"paused_for_ms\":")
+        .skip(1)
+        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    assert!(paused.iter().any(|ms| (50_000..=60_000).contains(ms)), "paused_for_ms {paused:?}: {routes}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_without_a_reset_header_does_not_pause() {
     let s = setup(Extras::default()).await;

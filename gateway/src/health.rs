@@ -594,10 +594,15 @@ pub fn retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<Duratio
     candidates.into_iter().flatten().max()
 }
 
-/// `Retry-After`: delay-seconds (digits only) or an IMF-fixdate.
+/// The longest wait a header is read as (about 136 years): delay-seconds too large for 64 bits
+/// still ask for a very long wait, which the provider's `max_pause_ms` then caps.
+const LONGEST_WAIT: Duration = Duration::from_secs(u32::MAX as u64);
+
+/// `Retry-After`: delay-seconds (digits only, RFC 9110 section 10.2.3; any number of them) or an
+/// IMF-fixdate.
 fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-        return v.parse().ok().map(Duration::from_secs);
+        return Some(v.parse().map_or(LONGEST_WAIT, Duration::from_secs).min(LONGEST_WAIT));
     }
     let at = parse_imf_fixdate(v)?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -1162,6 +1167,9 @@ mod tests {
             (&[("retry-after", "120")], Some(ms(120_000))),
             (&[("retry-after", " 7 ")], Some(ms(7000))),
             (&[("retry-after", "0")], Some(Duration::ZERO)),
+            // More seconds than 64 bits hold: still a wait, the longest (capped by max_pause).
+            (&[("retry-after", "99999999999999999999999")], Some(LONGEST_WAIT)),
+            (&[("retry-after", "18446744073709551615")], Some(LONGEST_WAIT)),
             (&[("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT")], Some(ms(30_000))),
             (&[("retry-after", "Sat, 05 Nov 1994 08:49:37 GMT")], Some(Duration::ZERO)),
             (
@@ -1193,7 +1201,6 @@ mod tests {
             ("retry-after", "-5"),
             ("retry-after", "1.5"),
             ("retry-after", "abc"),
-            ("retry-after", "99999999999999999999999"),
             ("retry-after", "Sunday, 06-Nov-94 08:49:37 GMT"),
             ("retry-after", "Sun Nov  6 08:49:37 1994"),
             ("retry-after", "Sun, 31 Nov 1994 08:49:37 GMT"),

@@ -249,7 +249,8 @@ impl Admission<'_> {
             None => {}
         }
         if let Err(ProviderError::Status { status, retry_after: Some(d), .. }) = result {
-            if *status == http::StatusCode::TOO_MANY_REQUESTS {
+            // A zero wait (`Retry-After: 0`, a date already past) asks for no pause.
+            if *status == http::StatusCode::TOO_MANY_REQUESTS && !d.is_zero() {
                 let d = (*d).min(max_pause);
                 ps.pause(Instant::now(), d);
                 ps.unpublished[0].fetch_max(unix_ms() + d.as_millis() as u64, Ordering::Relaxed);
