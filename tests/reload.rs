@@ -312,3 +312,20 @@ async fn outcomes_start_at_zero_and_a_removed_providers_gauges_go_with_it() {
     assert!(text.contains("acc_breaker_state{provider=\"two\"}"), "{text}");
     assert!(text.contains("acc_target_samples{model=\"x\",provider=\"two\",route=\"main\"}"), "{text}");
 }
+
+/// A policy directory that disappears and comes back unchanged (a volume remounted, a deploy
+/// that moves it away and back): the reload error it caused is cleared once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_comes_back_unchanged_clears_its_reload_error() {
+    let (_one, _two, dir, gw) = serving_one().await;
+    let path = dir.path().to_path_buf();
+    let away = path.with_extension("away");
+    let error = || async { gw.admin("GET", "/admin/policies").await.json()["last_reload_error"].clone() };
+    std::fs::rename(&path, &away).unwrap();
+    let failed = eventually(Duration::from_secs(5), || async { !error().await.is_null() }).await;
+    std::fs::rename(&away, &path).unwrap();
+    assert!(failed, "the missing directory was never reported");
+    let cleared = eventually(Duration::from_secs(5), || async { error().await.is_null() }).await;
+    assert!(cleared, "last_reload_error stays after the directory came back: {}", error().await);
+    assert_eq!(provider_of(&gw).await, "one");
+}

@@ -127,9 +127,9 @@ impl PolicyStore {
         let changed = {
             let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
             let same = matches!((&*last, &sources), (Some(a), Ok(b)) if a == b);
-            if let Ok(s) = &sources {
-                *last = Some(s.clone());
-            }
+            // A directory that cannot be read was seen as nothing: when it comes back, even as it
+            // was, it is read as a change, so the error it caused is cleared by a reload.
+            *last = sources.as_ref().ok().cloned();
             !same
         };
         if !force && !changed {
