@@ -544,9 +544,17 @@ canary = { provider = "a", share = 0.0, max_p99_ratio = 0.5 }
                 "p.toml: routes[0].mirror[0].sample: must be between 0 and 1",
                 "p.toml: routes[0].mirror[1].max_in_flight: must be greater than 0",
                 r#"p.toml: routes[0].mirror[3]: candidate "a" is mirrored twice"#,
-                "p.toml: routes[0].canary.share: must be greater than 0 and at most 1",
+                "p.toml: routes[0].canary.share: must be greater than 0 and less than 1 (the guard compares the canary's requests with the rest; to send every request to a, make it the route's target)",
                 "p.toml: routes[0].canary.max_p99_ratio: must be at least 1",
             ]
+        );
+        // A canary with every request has nothing to be compared with: never rolled back.
+        let all = bad.replace("share = 0.0, max_p99_ratio = 0.5", "share = 1.0");
+        let errs = check(&[("p.toml", &all)]).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("p.toml: routes[0].canary.share: must be greater than 0 and less than 1")),
+            "{errs:?}"
         );
         let good = r#"
 [providers.a]

@@ -849,8 +849,13 @@ fn validate_candidates(
         if c.model.as_deref() == Some("") {
             errors.push(format!("{at}.model: must not be empty"));
         }
-        if !(c.share > 0.0 && c.share <= 1.0) {
-            errors.push(format!("{at}.share: must be greater than 0 and at most 1"));
+        // The guard compares the canary's requests with the rest: at 1 there is no rest, so a
+        // failing canary could never be rolled back.
+        if !(c.share > 0.0 && c.share < 1.0) {
+            errors.push(format!(
+                "{at}.share: must be greater than 0 and less than 1 (the guard compares the canary's requests with the rest; to send every request to {}, make it the route's target)",
+                c.provider
+            ));
         }
         if c.min_samples == Some(0) {
             errors.push(format!("{at}.min_samples: must be greater than 0"));
