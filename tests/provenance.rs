@@ -479,3 +479,40 @@ async fn an_image_held_for_review_comes_back_signed_once_approved() {
     // The manifest records the automated verdict the image was held on.
     assert!(v.to_string().contains("sanity"), "{v:#}");
 }
+
+/// The review budget is checked with what signing adds to each image: the images held are the
+/// signed ones, so an image that fits unsigned but not signed takes `review_overflow =
+/// "fallback"` to the next target instead of being found too big after the attempts are over
+/// (and blocked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_budget_that_fits_the_unsigned_image_only_falls_back() {
+    let keys = tempfile::tempdir().unwrap();
+    write_chain(keys.path(), &certs::chain("gateway"));
+    // The mock's default answer is a blank 4x4 PNG: sanity fails it.
+    let mock = MockProvider::start().await;
+    let good = MockProvider::start().await;
+    good.answer_with(&provider_image(image::ImageFormat::Png));
+    let budget = mock.png().len() + 2000;
+    let policy = format!(
+        "{}{}{}{}[review]\nmax_bytes = {budget}\n\n[provenance]\ncert_chain_file = \"{}\"\nprivate_key_file = \"{}\"\n",
+        openai_provider("primary", &mock),
+        openai_provider("backup", &good),
+        route_toml("main", "m")
+            .target("primary", "gpt-image-1")
+            .fallback("spare")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"review\"\nreview_overflow = \"fallback\""),
+        route_toml("spare", "spare").target("backup", "gpt-image-1"),
+        keys.path().join("chain.pem").display(),
+        keys.path().join("key.pem").display(),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let ready = eventually(Duration::from_secs(10), || async {
+        get(&gw.admin_url("/readyz"), &[]).await.json()["trace_store"]["state"] == "ready"
+    })
+    .await;
+    assert!(ready, "the store did not open");
+    let r = generate(&gw, "b64_json").await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["primary:eval_failed", "backup:ok"], "{}", r.describe());
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "overflow")]).await, 1.0);
+}

@@ -58,7 +58,7 @@
 //!   `telemetry`, `upstream`.
 //! - [`evaluation`]: a route's `[eval]` policy applied to one attempt's images: evaluators on
 //!   the pool under the budget, then pass, flag, fall back or block. Uses `app`, `eval`,
-//!   `policy`, `providers`, `request`.
+//!   `policy`, `provenance`, `providers`, `request`.
 //! - [`cost`]: what attempts cost at the providers' prices (estimate and charges). Uses `app`,
 //!   `policy`, `providers`, `request`, `routing`.
 //! - [`stream`]: the answer to a `stream: true` request as server-sent events in OpenAI's

@@ -82,6 +82,9 @@ pub struct Credentials {
     /// Where the chain and key came from, for messages.
     pub cert_source: Source,
     pub key_source: Source,
+    /// Bytes signing added to the self-test's tiny image (the manifest with its certificate
+    /// chain and signature, the XMP): what each signed image grows by, about.
+    manifest_bytes: u64,
 }
 
 impl fmt::Debug for Credentials {
@@ -234,8 +237,9 @@ impl Credentials {
         let signer = c2pa::create_signer::from_keys(&cert, &key, alg, None)
             .map_err(|e| format!("{key_source} with {cert_source}: cannot make a {alg} signer: {e}"))?;
         let context = context(None).map_err(|e| format!("c2pa settings: {e}"))?;
-        let creds = Credentials { signer, alg, context: Arc::new(context), cert_source, key_source };
-        creds.self_test()?;
+        let mut creds =
+            Credentials { signer, alg, context: Arc::new(context), cert_source, key_source, manifest_bytes: 0 };
+        creds.manifest_bytes = creds.self_test()?;
         Ok(creds)
     }
 
@@ -244,7 +248,16 @@ impl Credentials {
         self.alg.to_string()
     }
 
-    fn self_test(&self) -> Result<(), String> {
+    /// How many bytes signing adds to an image, at most: the self-test's growth, plus room for
+    /// a longer trace assertion (evaluations, a prompt of `prompt_bytes`) and, where the
+    /// provider's image carries a manifest, a copy of it kept as the parent ingredient
+    /// (`existing_manifest`). Used to check the review budget before the image is signed.
+    pub fn growth_estimate(&self, prompt_bytes: usize, existing_manifest: usize) -> u64 {
+        self.manifest_bytes + 8 * 1024 + 2 * prompt_bytes as u64 + 2 * existing_manifest as u64
+    }
+
+    /// Signs and reads back a tiny image; returns how many bytes signing added to it.
+    fn self_test(&self) -> Result<u64, String> {
         let probe = Bytes::from(tiny_png());
         let facts = Facts {
             trace_id: "0".repeat(32),
@@ -284,7 +297,7 @@ impl Credentials {
                 codes.join(", ")
             ));
         }
-        Ok(())
+        Ok(signed.bytes.len().saturating_sub(probe.len()) as u64)
     }
 
     /// Signs one image: XMP with the digital source type added, then a C2PA manifest with
@@ -333,6 +346,12 @@ impl Credentials {
         builder.sign(&*self.signer, mime, &mut Cursor::new(&with_xmp[..]), &mut out)?;
         Ok(Signed { bytes: out.into_inner(), mime, manifest, parent })
     }
+}
+
+/// The size of the C2PA manifest store an image already carries (a provider's own), bytes; 0
+/// when it has none or is no format C2PA reads here.
+pub fn embedded_manifest_len(image: &[u8]) -> usize {
+    format_of(image).and_then(|mime| c2pa::jumbf_io::load_jumbf_from_memory(mime, image).ok()).map_or(0, |j| j.len())
 }
 
 /// A 1x1 PNG for the credentials' self-test.
