@@ -306,7 +306,14 @@ impl Credentials {
     /// once into the signed output (`Bytes` clones share the buffer).
     pub fn sign(&self, image: &Bytes, facts: &Facts) -> Result<Signed, SignError> {
         let mime = format_of(image).ok_or(SignError::Format)?;
-        let parent = c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty());
+        // The provider's own manifest is kept as the parent only when it reads and is not
+        // invalid: a broken one (bad CBOR, a missing assertion, a hash that no longer matches)
+        // proves nothing, and as an ingredient it would make the gateway's manifest read as
+        // invalid too. It is then replaced, as an image without one would be signed.
+        let parent = c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty())
+            && Reader::from_shared_context(&self.context)
+                .with_stream(mime, Cursor::new(&image[..]))
+                .is_ok_and(|r| r.validation_state() != ValidationState::Invalid);
         let with_xmp = xmp::embed(image.clone(), mime)?;
         let agent = {
             let mut a = serde_json::json!({ "name": facts.model.as_deref().unwrap_or(&facts.provider_kind) });

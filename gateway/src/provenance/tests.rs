@@ -152,3 +152,29 @@ fn the_algorithm_comes_from_the_key() {
     let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
     assert_eq!(inspect(&signed.bytes, Some(&ed.root_pem)).unwrap().verdict, Verdict::Trusted);
 }
+
+/// A provider image whose manifest is invalid (here its pixels changed after it was signed, so
+/// the hash no longer matches) is signed as a new creation: its broken manifest is not kept as
+/// the parent, where it made the gateway's own manifest read as invalid.
+#[test]
+fn a_provider_manifest_that_is_invalid_is_not_kept_as_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider_dir = tempfile::tempdir().unwrap();
+    let gateway = certs::chain("gateway");
+    let creds = load(dir.path(), &gateway).unwrap();
+    let provider_creds = load(provider_dir.path(), &certs::chain("provider")).unwrap();
+    let (src, _) = image(image::ImageFormat::Jpeg);
+    let mut from_provider = provider_creds.sign(&Bytes::from(src), &facts()).unwrap().bytes;
+    // A byte of the scan data before the end-of-image marker (neither it nor its change a 0xFF,
+    // so no marker appears or vanishes).
+    assert_eq!(&from_provider[from_provider.len() - 2..], &[0xFF, 0xD9]);
+    let at = (1..64).map(|k| from_provider.len() - 2 - k).find(|&i| from_provider[i] < 0xFE).unwrap();
+    from_provider[at] ^= 0x01;
+    assert_eq!(inspect(&from_provider, None).unwrap().verdict, Verdict::Invalid);
+    let signed = creds.sign(&Bytes::from(from_provider), &facts()).unwrap();
+    assert!(!signed.parent);
+    let r = inspect(&signed.bytes, Some(&gateway.root_pem)).unwrap();
+    assert_eq!(r.verdict, Verdict::Trusted, "{:?}", r.failures);
+    assert!(r.parent.is_none(), "{:?}", r.parent);
+    assert_eq!(r.action.as_deref(), Some("c2pa.created"));
+}
