@@ -51,7 +51,8 @@ fn policy(
     for (name, m) in [("good", good), ("down", down), ("blank", blank), ("held", held), ("cand", cand)] {
         p.push_str(&openai_provider(name, m));
     }
-    p.push_str("[cohorts]\ncohorts = [\"beta\"]\n\n");
+    // No [cohorts] list: the overview shows the busiest cohorts by name, the markup one among
+    // them (with a list, a value outside it, as this one must be, shows as `other`).
     p.push_str(&route_toml("main", "main").target("down", "d-model").fallback("backup").to_string());
     p.push_str(&route_toml("backup", "backup-only").target("good", "g-model").to_string());
     p.push_str(

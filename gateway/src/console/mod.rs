@@ -557,8 +557,47 @@ async fn overview(s: Signed) -> Response {
         }
     };
     let feedback = feedback.unwrap_or_default();
+    let (mut day, mut hour) = (day, hour);
+    bound_cohorts(&mut day, &mut hour, &console.app.policy.snapshot().policy.cohorts.cohorts);
     let ctx = overview_figures(now, origin, &day, &hour, &sample, &feedback, pending.ok());
     console.page(&s, "overview.html", "overview", ctx)
+}
+
+/// Most cohorts the overview shows one by one when the policy lists none.
+const MAX_OVERVIEW_COHORTS: usize = 20;
+
+/// Cohorts as the overview groups them: `x-acc-cohort` is whatever a client sends, so one key
+/// could make the page as long as it likes. With `[cohorts] cohorts` listed, a value outside
+/// the list is `other` (as in the metrics); without a list, the [`MAX_OVERVIEW_COHORTS`]
+/// cohorts with the most requests over the day are shown and the rest are `other`.
+fn bound_cohorts(day: &mut [CountRow], hour: &mut [CountRow], listed: &std::collections::BTreeSet<String>) {
+    let other = || Some(crate::policy::Cohorts::OTHER.to_string());
+    if !listed.is_empty() {
+        for r in day.iter_mut().chain(hour.iter_mut()) {
+            if r.cohort.as_ref().is_some_and(|c| !listed.contains(c)) {
+                r.cohort = other();
+            }
+        }
+        return;
+    }
+    let mut totals: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for r in day.iter() {
+        if let Some(c) = r.cohort.as_deref() {
+            *totals.entry(c).or_default() += r.requests;
+        }
+    }
+    if totals.len() <= MAX_OVERVIEW_COHORTS {
+        return;
+    }
+    let mut ranked: Vec<(&str, u64)> = totals.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let kept: std::collections::HashSet<String> =
+        ranked.iter().take(MAX_OVERVIEW_COHORTS).map(|(c, _)| c.to_string()).collect();
+    for r in day.iter_mut().chain(hour.iter_mut()) {
+        if r.cohort.as_ref().is_some_and(|c| !kept.contains(c)) {
+            r.cohort = other();
+        }
+    }
 }
 
 /// The overview's figures for the last hour and day, and its charts. `day` is in hour buckets
@@ -937,6 +976,37 @@ mod tests {
         ] {
             env.get_template(t).unwrap();
         }
+    }
+
+    /// A client sending a new `x-acc-cohort` on every request cannot grow the overview: past 20
+    /// cohorts (no list in the policy) the rest are `other`; with a list, unlisted ones are.
+    #[test]
+    fn the_overview_shows_a_bounded_number_of_cohorts() {
+        let row = |c: Option<&str>, n: u64| CountRow {
+            bucket: 0,
+            cohort: c.map(str::to_string),
+            decision: "pass".into(),
+            requests: n,
+            eval_failed: 0,
+        };
+        let names: Vec<String> = (0..2000).map(|i| format!("spam-{i}")).collect();
+        let mut day: Vec<CountRow> = names.iter().map(|c| row(Some(c), 1)).collect();
+        day.push(row(Some("beta"), 50));
+        day.push(row(None, 7));
+        let mut hour = vec![row(Some("beta"), 5), row(Some("spam-7"), 1)];
+        bound_cohorts(&mut day, &mut hour, &Default::default());
+        let shown: std::collections::BTreeSet<Option<&str>> = day.iter().map(|r| r.cohort.as_deref()).collect();
+        // beta (most requests), 19 of the one-request cohorts, other, and none.
+        assert_eq!(shown.len(), MAX_OVERVIEW_COHORTS + 2, "{shown:?}");
+        assert!(shown.contains(&Some("beta")) && shown.contains(&Some("other")) && shown.contains(&None));
+        assert_eq!(day.iter().filter(|r| r.cohort.as_deref() == Some("other")).map(|r| r.requests).sum::<u64>(), 1981);
+        assert_eq!(hour[0].cohort.as_deref(), Some("beta"));
+
+        let listed: std::collections::BTreeSet<String> = ["beta".to_string()].into();
+        let mut day = vec![row(Some("beta"), 3), row(Some("spam-1"), 1), row(None, 1)];
+        bound_cohorts(&mut day, &mut [], &listed);
+        let got: Vec<Option<&str>> = day.iter().map(|r| r.cohort.as_deref()).collect();
+        assert_eq!(got, [Some("beta"), Some("other"), None]);
     }
 
     #[test]
