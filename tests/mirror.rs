@@ -164,9 +164,20 @@ async fn mirror_samples_the_configured_share_deterministically_and_never_touches
 
     // 300 requests, each with a trace id of the gateway's making.
     const N: usize = 300;
+    let mut drawn = 0usize;
     for r in burst(&gw, &req("m"), &[], N, 4).await {
         assert_primary(&r, &primary_png);
+        // The draw is the gateway's own function of the trace id: which requests are mirrored
+        // is known exactly.
+        drawn += usize::from(acc::mirror::draw(&r.header("x-acc-trace-id").unwrap(), c) < 0.3);
     }
+    // Wait for exactly those (a check that nothing is in flight could pass before a starved
+    // mirror runtime started any).
+    let all = eventually(Duration::from_secs(30), || async {
+        cand.hits() == drawn && mirrored(&gw, "m", c).await == drawn as f64
+    })
+    .await;
+    assert!(all, "{drawn} requests drew a mirror; the candidate got {}", cand.hits());
     mirrors_settle(&gw, "m", c, &cand).await;
     // Binomial(300, 0.3): mean 90, sigma ~7.9; allow 4.5 sigma.
     let hits = cand.hits() as f64;
