@@ -17,6 +17,10 @@ use crate::routing::PlanOutcome;
 
 /// `x-acc-trace-id`: the request's trace id (32 lowercase hex digits; a client may send its own).
 pub const TRACE_ID: HeaderName = HeaderName::from_static("x-acc-trace-id");
+/// The trace id again as `x-request-id`, the header the OpenAI SDKs expose as a response's
+/// request id (`_request_id` in Python, `request_id` in Node), so what an application logs from
+/// the SDK names the gateway's trace.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-acc-route`: the name of the route that served the request.
 pub const ROUTE: HeaderName = HeaderName::from_static("x-acc-route");
 /// `x-acc-provider`: the provider whose answer was returned.

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::answer::{
     self, header_text, ATTEMPTS, CANARY, CONTRACT_CHECKED, COST, DECISION, DROPPED, EVAL, GENERATION, PROVIDER,
-    REASONS, ROUTE, TRACE_ID,
+    REASONS, REQUEST_ID, ROUTE, TRACE_ID,
 };
 use crate::app::App;
 use crate::attempt::{attempt, attempt_timeout, AttemptEnv, NoteSink, VerdictSink};
@@ -338,6 +338,7 @@ fn shed(app: &App, mut ctx: RequestCtx, e: ApiError) -> Response {
     app.metrics.requests.with_label_values(&["none", "overloaded"]).inc();
     let mut r = e.into_response();
     if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
+        r.headers_mut().insert(REQUEST_ID, v.clone());
         r.headers_mut().insert(TRACE_ID, v);
     }
     r
@@ -453,6 +454,7 @@ fn live_answer(tap: Arc<LiveTap>, work: crate::stream::Work) -> Response {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::stream::CONTENT_TYPE));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(v) = trace_id.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        h.insert(REQUEST_ID, v.clone());
         h.insert(TRACE_ID, v);
     }
     if let Some(v) = route.and_then(|r| HeaderValue::from_str(&r).ok()) {
@@ -977,6 +979,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
     // inserts themselves (bench/callgrind.sh).
     h.reserve(16);
     if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
+        h.insert(REQUEST_ID, v.clone());
         h.insert(TRACE_ID, v);
     }
     if let Some(v) = ctx.route.and_then(|_| HeaderValue::from_str(route).ok()) {

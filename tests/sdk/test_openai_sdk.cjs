@@ -45,7 +45,7 @@ async function main() {
   const client = new OpenAI({ baseURL, apiKey, maxRetries: 0, timeout: 60_000 });
 
   // Generate: b64_json, n=2, and the gateway's headers through withResponse().
-  const { data: gen, response } = await client.images
+  const { data: gen, response, request_id } = await client.images
     .generate({ model: 'acc-demo', prompt: 'a watercolor fox', n: 2, size: '256x256', response_format: 'b64_json' })
     .withResponse();
   assert.equal(gen.data.length, 2);
@@ -55,6 +55,8 @@ async function main() {
   assert.ok(Number.isInteger(gen.created) && gen.created > 0, `created ${gen.created}`);
   assert.equal(response.headers.get('x-acc-route'), 'demo');
   assert.equal(response.headers.get('x-acc-provider'), 'demo');
+  // The SDK's request id is the gateway's trace id.
+  assert.equal(request_id, response.headers.get('x-acc-trace-id'));
   console.log('ok: generate');
 
   // Edit with a file: the upstream gets the file, the client the upstream's image.

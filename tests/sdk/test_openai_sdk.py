@@ -66,6 +66,8 @@ def main() -> int:
     )
     assert raw.headers.get("x-acc-route") == "demo", dict(raw.headers)
     assert raw.headers.get("x-acc-provider") == "demo", dict(raw.headers)
+    # The SDK's request id is the gateway's trace id.
+    assert raw.parse()._request_id == raw.headers.get("x-acc-trace-id"), (raw.parse()._request_id, dict(raw.headers))
     first = base64.b64decode(raw.parse().data[0].b64_json)
     again = client.images.generate(
         model="acc-demo", prompt="a lighthouse", size="256x256", response_format="b64_json", extra_body={"seed": 11}
