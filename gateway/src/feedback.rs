@@ -96,13 +96,14 @@ impl Rating {
                 return Err(ApiError::invalid("trace_id", "missing_required_parameter", "trace_id is required"))
             }
             Some(Value::String(s)) if crate::request::is_trace_id(s) => s.to_ascii_lowercase(),
-            Some(_) => {
+            Some(Value::String(_)) => {
                 return Err(ApiError::invalid(
                     "trace_id",
                     "invalid_value",
                     "trace_id must be 32 hex digits (the x-acc-trace-id of the answer rated)",
                 ))
             }
+            Some(_) => return Err(ApiError::invalid("trace_id", "invalid_type", "trace_id must be a string")),
         };
         let rating = match map.get("rating") {
             None | Some(Value::Null) => {
@@ -120,11 +121,18 @@ impl Rating {
                     ))
                 }
             },
-            Some(_) => {
+            Some(Value::String(_)) => {
                 return Err(ApiError::invalid(
                     "rating",
                     "invalid_value",
                     "rating must be \"up\", \"down\" or a number from -1 to 1",
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "rating",
+                    "invalid_type",
+                    "rating must be a string (\"up\", \"down\") or a number from -1 to 1",
                 ))
             }
         };
@@ -137,11 +145,18 @@ impl Rating {
             {
                 n.as_f64().map(|f| f as u64)
             }
-            Some(_) => {
+            Some(Value::Number(_)) => {
                 return Err(ApiError::invalid(
                     "image_index",
                     "invalid_value",
                     "image_index must be a non-negative integer (leave it out to rate the whole answer)",
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "image_index",
+                    "invalid_type",
+                    "image_index must be an integer (leave it out to rate the whole answer)",
                 ))
             }
         };
@@ -602,7 +617,9 @@ mod tests {
             (serde_json::json!({"trace_id": ID, "rating": "meh"}), "rating", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": 1.5}), "rating", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": -1.01}), "rating", "invalid_value"),
-            (serde_json::json!({"trace_id": ID, "rating": true}), "rating", "invalid_value"),
+            (serde_json::json!({"trace_id": ID, "rating": true}), "rating", "invalid_type"),
+            (serde_json::json!({"trace_id": 123, "rating": "up"}), "trace_id", "invalid_type"),
+            (serde_json::json!({"trace_id": ID, "rating": "up", "image_index": "0"}), "image_index", "invalid_type"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "image_index": -1}), "image_index", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "image_index": 0.5}), "image_index", "invalid_value"),
             (serde_json::json!({"trace_id": ID, "rating": "up", "comment": long}), "comment", "invalid_value"),

@@ -695,9 +695,12 @@ fn acc_field(acc: Option<&Value>) -> Result<AccField, ApiError> {
         Some(v @ Value::Object(_)) => v.clone(),
         Some(other) => return Err(wrong_type("acc", "an object (the prompt contract)", other)),
     };
+    let given = value.as_object_mut().and_then(|m| m.remove("regenerate_of"));
+    let had_link = given.is_some();
     let regenerate_of =
-        match value.as_object_mut().and_then(|m| m.remove("regenerate_of")) {
-            None => None,
+        match given {
+            // null, as for the API's other fields, is the same as leaving it out.
+            None | Some(Value::Null) => None,
             Some(Value::String(id)) if is_trace_id(&id) => Some(id.to_ascii_lowercase()),
             Some(_) => return Err(ApiError::invalid(
                 "acc.regenerate_of",
@@ -705,7 +708,7 @@ fn acc_field(acc: Option<&Value>) -> Result<AccField, ApiError> {
                 "acc.regenerate_of must be a trace id: 32 hex digits (the x-acc-trace-id of the request regenerated)",
             )),
         };
-    if regenerate_of.is_some() && value.as_object().is_some_and(|m| m.is_empty()) {
+    if had_link && value.as_object().is_some_and(|m| m.is_empty()) {
         return Ok((None, regenerate_of));
     }
     let contract = contract::Contract::from_value(value).map_err(invalid)?;
@@ -838,6 +841,11 @@ mod tests {
         assert_eq!((r.contract.as_ref().and_then(|c| c.max_faces), r.regenerate_of.is_some()), (Some(0), true));
         // A contract alone is unchanged; an empty one is still a contract.
         let r = GenerationRequest::from_json(br#"{"prompt":"x","acc":{}}"#).unwrap();
+        assert_eq!((r.contract.is_some(), r.regenerate_of), (true, None));
+        // null is no link (as for the API's other fields), and alone no contract either.
+        let r = GenerationRequest::from_json(br#"{"prompt":"x","acc":{"regenerate_of":null}}"#).unwrap();
+        assert_eq!((r.contract.is_some(), r.regenerate_of), (false, None));
+        let r = GenerationRequest::from_json(br#"{"prompt":"x","acc":{"aspect":"1:1","regenerate_of":null}}"#).unwrap();
         assert_eq!((r.contract.is_some(), r.regenerate_of), (true, None));
         for bad in [r#""abc""#, "5", r#""4bf92f3577b34da6a3ce929d0e0e473g""#] {
             let e = err(&format!(r#"{{"prompt":"x","acc":{{"regenerate_of":{bad}}}}}"#));
