@@ -180,3 +180,19 @@ fn a_closed_stdout_pipe_ends_a_command_quietly() {
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", out(&o));
 }
+
+/// `--admin` URLs may carry a user and password: messages of the commands that call the admin
+/// listener (`acc traces`, `acc report`; `acc provenance` shares the call) show it masked,
+/// whether the URL does not parse or the listener cannot be reached.
+#[test]
+fn admin_url_passwords_are_never_printed() {
+    for url in ["http://ops:s3cretpw@127.0.0.1:1", "http://ops:s3cretpw@127.0.0.1:1:2"] {
+        for args in [vec!["traces", "--admin", url], vec!["report", "--admin", url]] {
+            let o = acc_command().args(&args).output().unwrap();
+            let text = out(&o);
+            assert!(!o.status.success(), "{args:?}: {text}");
+            assert!(!text.contains("s3cretpw"), "{args:?}: {text}");
+            assert!(text.contains("ops:***@"), "{args:?}: {text}");
+        }
+    }
+}

@@ -389,8 +389,12 @@ async fn run() -> ExitCode {
 /// `GET url` on the admin listener with `ACC_ADMIN_TOKEN`: the JSON answer, or the exit code
 /// after printing why not (prefixed with `what`).
 async fn admin_get(what: &str, url: &str) -> Result<serde_json::Value, ExitCode> {
-    let endpoint = acc::upstream::Endpoint::parse(url).map_err(|e| {
-        eprintln!("{what}: --admin: {e}");
+    // Messages show the URL without a password it may carry (`http://user:pw@host`).
+    let shown = acc::store::mask_url(url);
+    let url_text = url;
+    let url = shown.as_str();
+    let endpoint = acc::upstream::Endpoint::parse(url_text).map_err(|e| {
+        eprintln!("{what}: --admin: {}", e.replace(url_text, url));
         ExitCode::from(2)
     })?;
     let mut req = http::Request::get("/");
