@@ -569,3 +569,34 @@ async fn implicit_detection_respects_the_window_and_record_prompt() {
     assert_eq!(rec["prompt"], Value::Null, "the prompt is not recorded on this route");
     assert_eq!(gw.metric("acc_regenerations_total", &[]).await, 1.0);
 }
+
+/// An edit is compared with the end user's edits of the same images only: the same instruction
+/// on every product photo is no regeneration; the same edit of the same photo again is.
+#[tokio::test]
+async fn the_same_edit_of_other_images_is_no_regeneration() {
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve(&policy(&mock, "")).await;
+    let auth = bearer(KEY_A);
+    let edit = |photo: Vec<u8>| {
+        let form = Form::new()
+            .text("model", "m")
+            .text("prompt", "remove the background")
+            .text("user", "u1")
+            .text("response_format", "b64_json")
+            .file("image", "photo.png", "image/png", photo);
+        let (gw, auth) = (&gw, auth.clone());
+        async move {
+            let r = gw.edit(&form, &[("authorization", auth.as_str())]).await;
+            r.assert_status(200);
+            r.header("x-acc-trace-id").unwrap()
+        }
+    };
+    let first = edit(make_png(32, 32, [200, 10, 10])).await;
+    let other = edit(make_png(32, 32, [10, 200, 10])).await;
+    assert_eq!(trace(&gw, &other, None).await.get("regeneration"), None);
+    let again = edit(make_png(32, 32, [200, 10, 10])).await;
+    assert_eq!(
+        trace(&gw, &again, None).await["regeneration"],
+        json!({"of": first, "how": "implicit", "similarity": 1.0})
+    );
+}

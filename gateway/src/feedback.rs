@@ -401,6 +401,7 @@ impl Feedback {
         metrics: &FeedbackMetrics,
         route: &Route,
         prompt: &str,
+        inputs: u64,
         explicit: Option<&str>,
         rec: &mut TraceRecord,
     ) {
@@ -415,6 +416,7 @@ impl Feedback {
                 tenant: rec.tenant.as_deref().unwrap_or(""),
                 end_user,
                 route: &route.name,
+                inputs,
                 prompt,
                 exact_only: route.record_prompt != RecordPrompt::Full,
                 window: route.regeneration.window,

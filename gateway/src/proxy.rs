@@ -470,6 +470,22 @@ fn client_trace_id(headers: &HeaderMap) -> Option<String> {
     (v.len() == 32 && v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| v.to_string())
 }
 
+/// A hash of an edit's or variation's input files (images, mask, in order; 0 for a
+/// generation), so implicit regeneration detection compares only requests made from the same
+/// images: "remove the background" sent for every product photo is no regeneration.
+fn input_digest(req: &GenerationRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    if req.images.is_empty() {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for part in req.images.iter().chain(req.mask.iter()) {
+        part.field.hash(&mut h);
+        part.bytes.hash(&mut h);
+    }
+    h.finish() | 1
+}
+
 /// The `Idempotency-Key` header, checked.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(idempotency::HEADER) else { return Ok(None) };
@@ -717,7 +733,8 @@ async fn generate(
     // 5. Whether it regenerates an earlier request (recorded with the trace).
     if let Some(rec) = ctx.record.as_deref_mut() {
         let explicit = req.regenerate_of.as_deref();
-        app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, explicit, rec).await;
+        let inputs = input_digest(&req);
+        app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, inputs, explicit, rec).await;
     }
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
     let primary_span = ctx.record.as_ref().map(|r| r.span_id.as_str());

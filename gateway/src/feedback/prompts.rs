@@ -120,6 +120,9 @@ pub struct Seen<'a> {
     pub end_user: &'a str,
     /// The matched route's name.
     pub route: &'a str,
+    /// What an edit or variation was made from (a hash of its input images and mask; 0 for a
+    /// generation): the same prompt on other images is another request, not a regeneration.
+    pub inputs: u64,
     /// The prompt as sent (normalised here, never kept).
     pub prompt: &'a str,
     /// Only exact matches, and no word hashes kept (`record_prompt` is not `"full"`).
@@ -206,7 +209,7 @@ impl PromptMemory {
         let prompt = self.fingerprint(seen.prompt, seen.exact_only)?;
         let tenant = self.keys.hash_one(seen.tenant);
         let user = self.keys.hash_one(seen.end_user);
-        let route = self.keys.hash_one(seen.route);
+        let route = self.keys.hash_one((seen.route, seen.inputs));
         let mut shard = crate::lock(&self.shards[tenant as usize % SHARDS]);
         let users = shard.entry(tenant).or_default();
         let mut found: Option<(u128, f64)> = None;
@@ -272,6 +275,7 @@ mod tests {
             tenant,
             end_user: user,
             route,
+            inputs: 0,
             prompt,
             exact_only: false,
             window: Duration::from_secs(600),
