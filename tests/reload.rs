@@ -329,3 +329,18 @@ async fn a_directory_that_comes_back_unchanged_clears_its_reload_error() {
     assert!(cleared, "last_reload_error stays after the directory came back: {}", error().await);
     assert_eq!(provider_of(&gw).await, "one");
 }
+
+/// `[server]` connection settings are read when the listeners start: a reload that changes them
+/// is applied (the rest of the policy) and says they wait for a restart, in the log and in
+/// /admin/policies, instead of seeming to take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changing_startup_only_server_settings_says_so() {
+    let (one, _two, dir, gw) = serving_one().await;
+    dir.write("policy.toml", &format!("[server]\nidle_timeout_ms = 500\n\n{}", route_to("one", &one)));
+    let r = gw.admin("POST", "/admin/reload").await;
+    assert_eq!(r.json()["result"], json!("ok"), "{}", r.describe());
+    let said = "idle_timeout_ms, max_connections and admin_max_connections differ";
+    let policies = gw.admin("GET", "/admin/policies").await.text();
+    assert!(policies.contains(said), "{policies}");
+    assert!(gw.stderr().contains(said));
+}

@@ -77,7 +77,16 @@ pub struct PolicyStore {
         crate::policy::StoreSettings,
         Option<crate::policy::TelemetrySettings>,
         Option<crate::policy::ClusterSettings>,
+        ConnSettings,
     ),
+}
+
+/// `[server]`'s connection settings, read when the listeners start: `idle_timeout_ms`,
+/// `max_connections`, `admin_max_connections`.
+type ConnSettings = (Duration, Option<usize>, usize);
+
+fn conn_settings(s: &crate::policy::ServerSettings) -> ConnSettings {
+    (s.idle_timeout, s.max_connections, s.admin_max_connections)
 }
 
 impl PolicyStore {
@@ -92,8 +101,12 @@ impl PolicyStore {
         let migrations = mirror::Registry::default();
         let snapshot = prepare(&sources, public_listener, &metrics, &live, &migrations)?;
         metrics.set_policy_version(None, &snapshot.policy.version);
-        let started_with =
-            (snapshot.policy.store.clone(), snapshot.policy.telemetry.clone(), snapshot.policy.cluster.clone());
+        let started_with = (
+            snapshot.policy.store.clone(),
+            snapshot.policy.telemetry.clone(),
+            snapshot.policy.cluster.clone(),
+            conn_settings(&snapshot.policy.server),
+        );
         Ok(PolicyStore {
             started_with,
             current: ArcSwap::from_pointee(snapshot),
@@ -149,6 +162,11 @@ impl PolicyStore {
                 if snapshot.policy.telemetry != self.started_with.1 {
                     snapshot.policy.warnings.push(
                         "[telemetry] differs from the one the gateway started with; it takes effect at the next restart".into(),
+                    );
+                }
+                if conn_settings(&snapshot.policy.server) != self.started_with.3 {
+                    snapshot.policy.warnings.push(
+                        "[server] idle_timeout_ms, max_connections and admin_max_connections differ from the ones the listeners started with; they take effect at the next restart".into(),
                     );
                 }
                 if snapshot.policy.cluster != self.started_with.2 {
