@@ -26,7 +26,7 @@
 //! - [`console`]: the ops console at `/console/` on the admin listener: sign-in sessions with
 //!   CSRF tokens, server-rendered pages (templates and assets under `gateway/console/`, in the
 //!   binary) over the admin API's own handlers, called in process, and the store's overview
-//!   aggregates; charts as inline SVG. Uses `app`, `store`.
+//!   aggregates; charts as inline SVG. Uses `app`, `policy`, `store`.
 //! - [`proxy`]: the OpenAI Images endpoints; one request's pipeline read top to bottom in numbered
 //!   phases (authenticate, parse, limits, route, plan, mirrors, attempts, cost, answer, record),
 //!   plus `Idempotency-Key` handling. Uses `answer`, `app`, `artifacts`, `attempt`, `body`,
