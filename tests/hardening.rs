@@ -333,6 +333,55 @@ async fn slow_senders_are_cut_off_and_hold_no_slot_meanwhile() {
     assert_eq!(gw.metric("acc_requests_total", &[("route", "none"), ("outcome", "overloaded")]).await, 1.0);
 }
 
+/// Sends `head` and all of `body` as a client SDK does (the whole body, then the answer) and
+/// returns what came back; a reset while writing or reading is an `Err`.
+async fn send_whole(addr: std::net::SocketAddr, head: String, body: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_a_refused_body_reads_the_error_not_a_reset() {
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "[server]\nmax_json_body_bytes = 1000000\n\n{}{}",
+        openai_provider("up", &up),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let big = format!("{{\"model\": \"m\", \"prompt\": \"{}\"}}", "x".repeat(16 << 20));
+    let addr = gw.proxy_addr;
+    // Declared too large: refused at once, before a byte of the body is read.
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    let answer = send_whole(addr, head, big.as_bytes()).await.expect("the 413 is read, not a reset");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{:.300}", answer);
+    assert!(answer.contains("\"code\":\"request_too_large\""), "{:.300}", answer);
+    // Streamed without a length: refused once the limit is passed, mid-body.
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    let mut chunked = Vec::new();
+    for part in big.as_bytes().chunks(64 << 10) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = send_whole(addr, head, &chunked).await.expect("the 413 is read, not a reset");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{:.300}", answer);
+    assert!(answer.contains("\"code\":\"request_too_large\""), "{:.300}", answer);
+    // The gateway still serves.
+    gw.generate(&json!({"model": "m", "prompt": "a lighthouse"})).await.assert_status(200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_can_be_held_to_its_share_of_requests_in_flight() {
     let up = MockProvider::start().await;

@@ -385,7 +385,7 @@ impl Feedback {
         }
     }
 
-    /// Decides whether the routed request `rec` regenerates an earlier one and records it:
+    /// Decides whether the routed request `rec` ([`Asked`]) regenerates an earlier one and records it:
     /// an explicit link (`explicit`, the header or `acc.regenerate_of`) when that trace is of
     /// the same tenant (otherwise ignored: nothing tells the client whether it exists), else
     /// implicit detection over the route's recent prompts of the same tenant and end user (the
@@ -400,11 +400,10 @@ impl Feedback {
         policy: &Policy,
         metrics: &FeedbackMetrics,
         route: &Route,
-        prompt: &str,
-        inputs: u64,
-        explicit: Option<&str>,
+        asked: Asked<'_>,
         rec: &mut TraceRecord,
     ) {
+        let Asked { prompt, inputs, explicit } = asked;
         // Implicit detection compares an end user's own prompts: a request with neither a `user`
         // nor a key names nobody, and two such requests need not come from one person (every
         // client of a keyless gateway would be one "anonymous" user whose repeated prompts, a
@@ -454,6 +453,19 @@ impl Feedback {
         }
         rec.regeneration = Some(link);
     }
+}
+
+/// What a request asked that [`Feedback::detect`] compares with earlier requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    /// The prompt as sent.
+    pub prompt: &'a str,
+    /// A digest of an edit's or variation's input images (0 for a generation): edits are
+    /// compared only with edits of the same images.
+    pub inputs: u64,
+    /// The trace the client says this request regenerates (`x-acc-regenerate-of` or
+    /// `acc.regenerate_of`), if any.
+    pub explicit: Option<&'a str>,
 }
 
 fn unix_nanos() -> u64 {

@@ -154,7 +154,7 @@ impl Drop for CancelWatch {
 /// does it; a router framework cost measurable CPU per request on the proxy benchmark.
 pub async fn dispatch<B>(app: Arc<App>, req: Request<B>) -> Response
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     const IMAGES: &str = "/v1/images/";
@@ -232,7 +232,7 @@ fn method_not_allowed(allowed: &'static str) -> Response {
 /// ([`live_answer`]): the request's work then goes on inside the answer's body.
 async fn images<B>(app: Arc<App>, req: Request<B>, op: Operation) -> Response
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let tap = Arc::new(LiveTap::default());
@@ -259,7 +259,7 @@ where
 /// The answer to an image request, complete; `tap` gets a stream's partial images meanwhile.
 async fn answer_images<B>(app: Arc<App>, req: Request<B>, op: Operation, tap: Arc<LiveTap>) -> Response
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = req.into_parts();
@@ -354,23 +354,26 @@ fn closing(mut r: Response) -> Response {
 /// most `limit` bytes (413 beyond, told at once by a larger `content-length`), each chunk taken
 /// from the memory all bodies share (`max_body_buffer_mib`; 503 beyond). The body comes with
 /// its share of that memory, given back when the hold is dropped.
+///
+/// A body refused before its end is read on and discarded for a while ([`linger`]), so that a
+/// client still sending it reads the error instead of a connection reset.
 async fn receive_body<'a, B>(
     app: &'a App,
     server: &crate::policy::ServerSettings,
     headers: &HeaderMap,
-    body: B,
+    mut body: B,
     limit: usize,
 ) -> Result<(Bytes, crate::intake::BodyHold<'a>), ApiError>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut hold = app.bodies.hold();
-    let read = read_chunks(headers, body, limit, &mut hold, server.max_body_buffer_bytes);
-    match tokio::time::timeout(server.body_timeout, read).await {
-        Ok(Ok(bytes)) => Ok((bytes, hold)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ApiError::new(
+    let read = read_chunks(headers, &mut body, limit, &mut hold, server.max_body_buffer_bytes);
+    let refused = match tokio::time::timeout(server.body_timeout, read).await {
+        Ok(Ok(bytes)) => return Ok((bytes, hold)),
+        Ok(Err(e)) => e,
+        Err(_) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             "request_timeout",
@@ -378,20 +381,56 @@ where
                 "the request body did not arrive within {} ms of its headers (server.body_timeout_ms)",
                 server.body_timeout.as_millis()
             ),
-        )),
+        ),
+    };
+    drop(hold);
+    if refused.code != Some("invalid_body") && !body.is_end_stream() {
+        linger(body);
     }
+    Err(refused)
+}
+
+/// How long a refused body is read on and discarded after the answer ([`linger`]).
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The most bytes of a refused body read and discarded after the answer ([`linger`]).
+pub const LINGER_MAX_BYTES: usize = 64 << 20;
+
+/// Reads the rest of a refused body and drops it, for at most [`LINGER`] and
+/// [`LINGER_MAX_BYTES`], then lets the connection close. A server that closes a connection with
+/// unread bytes in its receive buffer makes the kernel send a reset, and a client still writing
+/// its body (every SDK writes the whole body before reading) then sees the reset, not the 408,
+/// 413 or 503 it was sent; nginx's `lingering_close` does the same for the same reason. Nothing
+/// is kept: each chunk is dropped as it comes, and the connection holds no in-flight slot.
+fn linger<B>(body: B)
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    tokio::spawn(async move {
+        let mut body = body;
+        let drain = async {
+            let mut read = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > LINGER_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
 }
 
 /// [`receive_body`]'s reading, without its deadline.
 async fn read_chunks<B>(
     headers: &HeaderMap,
-    body: B,
+    body: &mut B,
     limit: usize,
     hold: &mut crate::intake::BodyHold<'_>,
     shared_max: usize,
 ) -> Result<Bytes, ApiError>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let too_large = || {
@@ -412,10 +451,9 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let mut body = std::pin::pin!(body);
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0usize;
-    while let Some(frame) = body.as_mut().frame().await {
+    while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             let e: Box<dyn std::error::Error + Send + Sync> = e.into();
             ApiError::invalid("body", "invalid_body", format!("could not read the request body: {e}"))
@@ -732,9 +770,12 @@ async fn generate(
     }
     // 5. Whether it regenerates an earlier request (recorded with the trace).
     if let Some(rec) = ctx.record.as_deref_mut() {
-        let explicit = req.regenerate_of.as_deref();
-        let inputs = input_digest(&req);
-        app.feedback.detect(policy, &app.metrics.feedback, route, &req.prompt, inputs, explicit, rec).await;
+        let asked = crate::feedback::Asked {
+            prompt: &req.prompt,
+            inputs: input_digest(&req),
+            explicit: req.regenerate_of.as_deref(),
+        };
+        app.feedback.detect(policy, &app.metrics.feedback, route, asked, rec).await;
     }
     // 6. Mirrors: sampled copies to candidates, started now and never awaited here.
     let primary_span = ctx.record.as_ref().map(|r| r.span_id.as_str());
@@ -1092,7 +1133,7 @@ fn finish(app: &App, snap: &Snapshot, mut ctx: RequestCtx, result: Result<Chunke
 /// answered 200 with the entry as stored (`object: "feedback"`).
 async fn feedback<B>(app: Arc<App>, req: Request<B>) -> Response
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let snap = app.policy.snapshot();

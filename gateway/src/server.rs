@@ -45,7 +45,7 @@ pub struct ServeConfig {
 /// OpenAI-shaped 500 instead of a dropped connection.
 pub async fn handle_proxy<B>(app: Arc<App>, req: http::Request<B>) -> axum::response::Response
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use futures_util::FutureExt;
