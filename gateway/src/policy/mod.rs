@@ -63,8 +63,16 @@ impl Sources {
                 let p = entry.path();
                 let is_toml = p.extension().is_some_and(|x| x == "toml");
                 let hidden = entry.file_name().to_string_lossy().starts_with('.');
-                if is_toml && !hidden && p.is_file() {
+                if !is_toml || hidden {
+                    continue;
+                }
+                if p.is_file() {
                     v.push(p);
+                } else if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    // A policy file whose link leads nowhere is a file the operator meant to
+                    // load: skipping it would drop its routes and keys without a word.
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    return Err(vec![format!("{name}: a symbolic link to a file that does not exist")]);
                 }
             }
             v
@@ -132,6 +140,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let mut warnings = Vec::new();
     let sections = validate::sections(&parsed, &mut errors, &mut warnings);
     xref::tenants_without_keys(&sections.tenants, &sections.keys, &mut warnings);
+    xref::keys_of_unknown_tenants(&sections.tenants, &sections.keys, &mut warnings);
     let classifiers = validate::classifiers(&parsed, &mut errors, &mut warnings);
     let clip = validate::clip(&parsed, &mut errors, &mut warnings);
     let observe = observe::sections(&parsed, &mut errors);

@@ -138,6 +138,71 @@ max_poll_interval_ms = 100
 }
 
 #[test]
+fn credentials_queries_and_empty_versions_in_provider_settings_are_refused() {
+    let provider = |kind: &str, extra: &str| format!("[providers.p]\nkind = \"{kind}\"\n{extra}\n");
+    let errs = check(&[("p.toml", &provider("openai", "base_url = \"https://me:s3cret@api.openai.com/v1\""))])
+        .unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("p.toml: providers.p.base_url: must not hold credentials"), "{errs:?}");
+    assert!(errs[0].contains("api_key_env") && !errs[0].contains("s3cret"), "{errs:?}");
+    let errs = check(&[("p.toml", &provider("a1111", "base_url = \"http://u:pw@sd.local:7860\""))]).unwrap_err();
+    assert!(errs[0].contains("auth_env") && !errs[0].contains("pw@"), "{errs:?}");
+    let errs = check(&[("p.toml", &provider("openai", "base_url = \"https://api.openai.com/v1?api-version=1\""))])
+        .unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            r#"p.toml: providers.p.base_url: "https://api.openai.com/v1" must not have a query or fragment (paths are appended to it)"#
+        ]
+    );
+    for version in ["", " ", "2025-04-01&x=1"] {
+        let extra = format!("base_url = \"https://x.openai.azure.com\"\napi_version = \"{version}\"");
+        let errs = check(&[("p.toml", &provider("azure_openai", &extra))]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec![format!(
+                r#"p.toml: providers.p.api_version: "{version}" is not an Azure OpenAI API version (such as "2025-04-01-preview")"#
+            )]
+        );
+    }
+    let extra = "base_url = \"https://x.openai.azure.com\"\napi_version = \"2024-10-21\"";
+    let ok = check(&[("p.toml", &format!("{}[[routes]]\nname = \"r\"\ntargets = [{{ provider = \"p\", model = \"d\" }}]\n", provider("azure_openai", extra)))]);
+    assert_eq!(ok.unwrap().providers["p"].conn.api_version.as_deref(), Some("2024-10-21"));
+}
+
+#[test]
+fn a_key_of_a_tenant_without_a_section_is_warned_about_when_others_have_one() {
+    let key = |n: u8, tenant: &str| format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\n", hex::encode([n; 32]));
+    let base = format!("{PROVIDERS}[[routes]]\nname = \"r\"\ntargets = [{{ provider = \"demo\" }}]\n");
+    let typo = format!("{base}{}{}[tenants.acme]\nrequests_per_minute = 5\n", key(1, "acmee"), key(2, "acme"));
+    let p = check(&[("p.toml", &typo)]).unwrap();
+    assert_eq!(
+        p.warnings,
+        vec![
+            r#"keys: tenant "acmee" has no [tenants.acmee] section (configured: "acme"); its keys have no tenant limits"#
+        ]
+    );
+    // With no tenant sections at all, tenants are only names: nothing to warn about.
+    let p = check(&[("p.toml", &format!("{base}{}", key(1, "acmee")))]).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn a_policy_file_linked_to_nothing_is_an_error_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), PROVIDERS).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("routes.toml")).unwrap();
+    // A dangling link that is no policy file (or a hidden one) is none of the gateway's business.
+    std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("notes.txt")).unwrap();
+    assert_eq!(
+        Sources::read(dir.path()).unwrap_err(),
+        vec!["routes.toml: a symbolic link to a file that does not exist".to_string()]
+    );
+    std::fs::remove_file(dir.path().join("routes.toml")).unwrap();
+    assert_eq!(Sources::read(dir.path()).unwrap().files.len(), 1);
+}
+
+#[test]
 fn resilience_settings_are_validated() {
     let p = r#"
 [providers.o]

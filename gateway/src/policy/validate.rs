@@ -669,6 +669,15 @@ fn validate_connection(
             (Some(u), _) => {
                 let u = u.trim_end_matches('/').to_string();
                 match u.parse::<http::Uri>() {
+                    Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => errors.push(format!(
+                        "{at}.base_url: must not hold credentials (user:password@): the URL is logged and shown \
+                         by the admin API; give the key by environment variable ({})",
+                        if kind == K::A1111 { "auth_env" } else { "api_key_env" }
+                    )),
+                    Ok(uri) if uri.query().is_some() || u.contains('#') => errors.push(format!(
+                        "{at}.base_url: \"{}\" must not have a query or fragment (paths are appended to it)",
+                        u.split(['?', '#']).next().unwrap_or_default()
+                    )),
                     Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
                     _ => errors.push(format!("{at}.base_url: \"{u}\" is not an http(s) URL")),
                 }
@@ -711,7 +720,15 @@ fn validate_connection(
     };
     match kind {
         K::AzureOpenAi => {
-            c.api_version = Some(p.api_version.clone().unwrap_or_else(|| "2025-04-01-preview".to_string()))
+            let v = p.api_version.clone().unwrap_or_else(|| "2025-04-01-preview".to_string());
+            // Azure's versions read `YYYY-MM-DD` or `YYYY-MM-DD-preview`; the value goes into
+            // every request's query string.
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                errors.push(format!(
+                    "{at}.api_version: \"{v}\" is not an Azure OpenAI API version (such as \"2025-04-01-preview\")"
+                ));
+            }
+            c.api_version = Some(v)
         }
         K::VertexImagen => {
             for (field, v) in [("project", &p.project), ("location", &p.location)] {

@@ -81,6 +81,26 @@ pub(super) fn tenants_without_keys(
     }
 }
 
+/// A key's tenant with no `[tenants.*]` section while others have one: most likely a typo, and
+/// the tenant's limits would silently not apply to the key.
+pub(super) fn keys_of_unknown_tenants(
+    tenants: &BTreeMap<String, TenantLimits>,
+    keys: &HashMap<[u8; 32], ApiKey>,
+    warnings: &mut Vec<String>,
+) {
+    if tenants.is_empty() {
+        return;
+    }
+    let unknown: BTreeSet<&str> =
+        keys.values().map(|k| k.tenant.as_str()).filter(|t| !tenants.contains_key(*t)).collect();
+    let known = tenants.keys().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
+    for t in unknown {
+        warnings.push(format!(
+            "keys: tenant \"{t}\" has no [tenants.{t}] section (configured: {known}); its keys have no tenant limits"
+        ));
+    }
+}
+
 /// Every model alias a route matches on.
 pub(super) fn aliases(routes: &[Route]) -> BTreeSet<String> {
     routes.iter().filter_map(|r| r.matcher.model.clone()).collect()
