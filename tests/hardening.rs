@@ -333,6 +333,36 @@ async fn slow_senders_are_cut_off_and_hold_no_slot_meanwhile() {
     assert_eq!(gw.metric("acc_requests_total", &[("route", "none"), ("outcome", "overloaded")]).await, 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_error_of_megabytes_reaches_the_client_bounded() {
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "{}{}",
+        openai_provider_with("up", &up, "breaker = { enabled = false }"),
+        route_toml("main", "m").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let req = json!({"model": "m", "prompt": "a lighthouse"});
+    // An OpenAI-shaped 400 whose message is 20 MiB: read no further than its start, and the
+    // client gets a bounded error of the client's kind, not the 20 MiB.
+    let huge = json!({"error": {"message": "m".repeat(20 << 20), "type": "invalid_request_error", "param": "prompt", "code": "bad"}});
+    up.set_error(400, &huge.to_string());
+    let r = gw.generate(&req).await;
+    let e = r.assert_error(400, "upstream_rejected");
+    assert!(r.text().len() < 2048, "{} bytes", r.text().len());
+    assert!(e["message"].as_str().unwrap().starts_with("upstream rejected the request: {\"error\""), "{e}");
+    // A small answer with a megabyte-long code or param: each is cut to 100 characters.
+    let long = json!({"error": {"message": "no", "type": "invalid_request_error", "param": "p".repeat(30_000), "code": "c".repeat(30_000)}});
+    up.set_status(500);
+    up.set_error(401, &long.to_string());
+    let r = gw.generate(&req).await;
+    assert_eq!(r.status, 502, "{}", r.describe());
+    assert!(r.text().len() < 2048, "{} bytes", r.text().len());
+    // The gateway keeps serving, on a fresh connection to the provider.
+    up.set_status(200);
+    gw.generate(&req).await.assert_status(200);
+}
+
 /// Sends `head` and all of `body` as a client SDK does (the whole body, then the answer) and
 /// returns what came back; a reset while writing or reading is an `Err`.
 async fn send_whole(addr: std::net::SocketAddr, head: String, body: &[u8]) -> std::io::Result<String> {

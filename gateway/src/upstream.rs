@@ -30,6 +30,11 @@ const MAX_IDLE: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most of a non-2xx answer's body that is read (bytes): an error is classified from its
+/// start, and a provider answering a 400 with megabytes must not have them all held (the rest
+/// is left unread and the connection closed).
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be made: nothing was sent.
@@ -217,17 +222,28 @@ async fn exchange(
             let mut body = Limited::new(body, max_body);
             let mut pieces = Vec::new();
             let mut observer = wanted;
+            let error_cap = (!status.is_success()).then_some(MAX_ERROR_BODY);
+            let mut read = 0usize;
+            let mut cut = false;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| read_error(&e))?;
-                if let Ok(data) = frame.into_data() {
+                if let Ok(mut data) = frame.into_data() {
+                    if let Some(cap) = error_cap.filter(|cap| read + data.len() > *cap) {
+                        data.truncate(cap - read);
+                        cut = true;
+                    }
+                    read += data.len();
                     if let Some(o) = observer.as_mut() {
                         o.chunk(&data);
                     }
                     pieces.push(data);
+                    if cut {
+                        break;
+                    }
                 }
             }
             let body = Rope::from(pieces);
-            Ok(Answer { status, retry_after, headers, body })
+            Ok((Answer { status, retry_after, headers, body }, cut))
         };
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {
@@ -239,8 +255,8 @@ async fn exchange(
         })
         .await
     };
-    let answer = result?;
-    let reusable = !driver_done && send.is_ready();
+    let (answer, cut) = result?;
+    let reusable = !cut && !driver_done && send.is_ready();
     Ok((answer, reusable.then(|| Conn { send, driver, idle_since: Instant::now() })))
 }
 

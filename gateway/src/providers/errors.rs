@@ -150,6 +150,8 @@ pub fn to_error(
     message: &str,
     retry_after: Option<std::time::Duration>,
 ) -> ProviderError {
+    let (code, param) = (code.map(field), param.map(field));
+    let (code, param) = (code.as_deref(), param.as_deref());
     let coded = |m: &str| match code {
         Some(c) if !c.is_empty() => format!("{c}: {m}"),
         _ => m.to_string(),
@@ -176,6 +178,15 @@ pub fn to_error(
         ErrorClass::Content => ProviderError::ContentFiltered(coded(message)),
         ErrorClass::Transient => ProviderError::Status { status, message: coded(message), retry_after },
     }
+}
+
+/// The most characters of a provider's `code` or `param` kept ([`to_error`]).
+pub const MAX_FIELD_CHARS: usize = 100;
+
+/// A provider's `code` or `param` as passed on: without control characters, at most
+/// [`MAX_FIELD_CHARS`] characters (a hostile answer's megabyte code is not forwarded).
+fn field(v: &str) -> String {
+    v.chars().filter(|c| !c.is_control()).take(MAX_FIELD_CHARS).collect()
 }
 
 /// One adapter's table with its name, for the README.
