@@ -140,7 +140,8 @@ pub async fn evaluate_attempt(
         if mirror {
             // Nobody reviews a mirror's images: for its comparison they failed.
             action = EvalAction::Fallback;
-        } else if !app.reviews.has_room(bytes_to_hold(app, generation, req), &app.policy.snapshot().policy.review) {
+        } else if !app.reviews.has_room(bytes_to_hold(app, generation, req).await, &app.policy.snapshot().policy.review)
+        {
             app.reviews.count_overflow(route);
             tracing::warn!(route, "review queue full or unavailable: review_overflow applies");
             failures.push("review: the review queue cannot take the image now (review_overflow applies)".into());
@@ -167,16 +168,30 @@ pub async fn evaluate_attempt(
 /// to each (the images held are the signed ones, so a budget checked on the provider's bytes
 /// alone let `review_overflow = "fallback"` find the queue full only after the attempts were
 /// over, and block).
-fn bytes_to_hold(app: &App, generation: &Generation, req: &GenerationRequest) -> u64 {
+///
+/// Finding a provider's own manifest in an image means decoding it: that runs on a blocking
+/// thread, not on the request's worker.
+async fn bytes_to_hold(app: &App, generation: &Generation, req: &GenerationRequest) -> u64 {
     let mut bytes = held_bytes(generation);
-    if let Some(p) = &app.policy.snapshot().policy.provenance {
+    let snapshot = app.policy.snapshot();
+    if let Some(p) = &snapshot.policy.provenance {
         let prompt = if p.include_prompt { req.prompt.len() } else { 0 };
-        for image in &generation.images {
-            let existing = match image {
-                Image::Base64(b) => crate::provenance::embedded_manifest_len(&b.decode_base64().unwrap_or_default()),
-                Image::Raw { bytes, .. } => crate::provenance::embedded_manifest_len(bytes),
-                Image::Url(_) => 0,
-            };
+        let images = generation.images.clone();
+        let manifests = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|image| match image {
+                    Image::Base64(b) => {
+                        crate::provenance::embedded_manifest_len(&b.decode_base64().unwrap_or_default())
+                    }
+                    Image::Raw { bytes, .. } => crate::provenance::embedded_manifest_len(bytes),
+                    Image::Url(_) => 0,
+                })
+                .collect::<Vec<usize>>()
+        })
+        .await
+        .unwrap_or_else(|_| vec![0; generation.images.len()]);
+        for existing in manifests {
             bytes += p.credentials.growth_estimate(prompt, existing);
         }
     }
