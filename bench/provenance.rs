@@ -64,13 +64,13 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, bytes) in &images {
         for _ in 0..3 {
-            std::hint::black_box(creds.sign(bytes, &facts).unwrap());
+            std::hint::black_box(creds.sign(bytes, &facts, &[]).unwrap());
         }
         let (mut cpu, mut wall) = (Vec::new(), Vec::new());
         let mut signed_len = 0;
         for _ in 0..100 {
             let (c, w) = (thread_cpu(), Instant::now());
-            let s = creds.sign(bytes, &facts).unwrap();
+            let s = creds.sign(bytes, &facts, &[]).unwrap();
             wall.push(w.elapsed().as_secs_f64() * 1e3);
             cpu.push((thread_cpu() - c).as_secs_f64() * 1e3);
             signed_len = s.bytes.len();

@@ -5,8 +5,9 @@ reference SDK's Python binding), not the gateway's code.
 
 Prints one JSON object: validation_state (Invalid, Valid or Trusted), failure codes of the
 active manifest, the first action with a digital source type, the gateway's com.acc.trace
-assertion, the signer, and the parent ingredient (with its own manifest label) when there is
-one. An image without a manifest prints {"manifest": false}.
+assertion, the signer, the parent ingredient (with its own manifest label) when there is
+one, and the inputTo ingredients (an edit's input images) in order. An image without a
+manifest prints {"manifest": false}.
 """
 import json
 import sys
@@ -65,6 +66,9 @@ def main() -> int:
         parent_label = parents[0].get("active_manifest")
         out["parent"] = {"title": parents[0].get("title"), "active_manifest": parent_label,
                          "in_store": parent_label in store.get("manifests", {})}
+    out["inputs"] = [{"title": i.get("title"), "active_manifest": i.get("active_manifest"),
+                      "in_store": i.get("active_manifest") in store.get("manifests", {})}
+                     for i in manifest.get("ingredients", []) if i.get("relationship") == "inputTo"]
     print(json.dumps(out))
     return 0
 

@@ -47,7 +47,7 @@ fn sign_elsewhere(name: &str, image: Vec<u8>, trace: &str, route: &str, provider
         evaluations: Vec::new(),
         prompt: None,
     };
-    creds.sign(&bytes::Bytes::from(image), &facts).unwrap()
+    creds.sign(&bytes::Bytes::from(image), &facts, &[]).unwrap()
 }
 
 fn policy(mock: &MockProvider, keys: &Path, extra: &str) -> String {
@@ -270,6 +270,49 @@ async fn a_provider_signed_image_comes_back_with_its_manifest_as_parent() {
     let o = acc_provenance(&[file.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains(&from_provider.manifest), "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_names_its_input_images_and_their_provenance_goes_on() {
+    let keys = tempfile::tempdir().unwrap();
+    let chain = certs::chain("gateway");
+    write_chain(keys.path(), &chain);
+    let root = keys.path().join("root.pem");
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, keys.path(), ""), &[]).await;
+    // The image being edited was made (and signed) by this gateway earlier; the mask is plain.
+    let first = generate(&gw, "b64_json").await;
+    first.assert_status(200);
+    let earlier = b64_images(&first).remove(0);
+    let earlier_label = acc::provenance::read::inspect(&earlier, None).unwrap().manifest.unwrap();
+    let mask = provider_image(image::ImageFormat::Png);
+    let form = Form::new()
+        .text("model", "m")
+        .text("prompt", "make the kite blue")
+        .text("response_format", "b64_json")
+        .file("image", "kite.png", "image/png", earlier.clone())
+        .file("mask", "mask.png", "image/png", mask);
+    let r = gw.edit(&form, &[]).await;
+    r.assert_status(200);
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("edited.png");
+    std::fs::write(&file, &b64_images(&r)[0]).unwrap();
+    let v = reader(&file, Some(&root));
+    assert_eq!(v["validation_state"], "Trusted", "{v}");
+    assert_eq!(v["actions"][0], "c2pa.created", "{v}");
+    assert!(v["actions"].as_array().unwrap().iter().any(|a| a == "c2pa.edited"), "{v}");
+    assert_eq!(v["inputs"][0]["title"], "image: kite.png", "{v}");
+    assert_eq!(v["inputs"][0]["active_manifest"], earlier_label.as_str(), "{v}");
+    assert_eq!(v["inputs"][0]["in_store"], true, "{v}");
+    assert_eq!(v["inputs"][1]["title"], "mask: mask.png", "{v}");
+    assert!(v["inputs"][1]["active_manifest"].is_null(), "{v}");
+    assert_eq!(v["inputs"].as_array().unwrap().len(), 2, "{v}");
+    let o = acc_provenance(&[file.to_str().unwrap()], &[]);
+    assert!(text(&o).contains(&format!("input:        image: kite.png (its manifest {earlier_label})")), "{}", text(&o));
+    // A generation names no inputs.
+    let plain = out.path().join("generated.png");
+    std::fs::write(&plain, &earlier).unwrap();
+    assert_eq!(reader(&plain, Some(&root))["inputs"], json!([]));
 }
 
 /// An X25519 PKCS#8 key: a key type C2PA cannot sign with.

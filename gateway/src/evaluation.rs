@@ -177,7 +177,11 @@ async fn bytes_to_hold(app: &App, generation: &Generation, req: &GenerationReque
     if let Some(p) = &snapshot.policy.provenance {
         let prompt = if p.include_prompt { req.prompt.len() } else { 0 };
         let images = generation.images.clone();
+        let inputs: Vec<Bytes> = req.images.iter().chain(req.mask.iter()).map(|p| p.bytes.clone()).collect();
         let manifests = tokio::task::spawn_blocking(move || {
+            // An edit's inputs are named in each image's manifest, with their own manifests.
+            let of_inputs: usize =
+                inputs.iter().map(|i| 1024 + crate::provenance::embedded_manifest_len(i)).sum();
             images
                 .iter()
                 .map(|image| match image {
@@ -186,7 +190,7 @@ async fn bytes_to_hold(app: &App, generation: &Generation, req: &GenerationReque
                     }
                     Image::Raw { bytes, .. } => crate::provenance::embedded_manifest_len(bytes),
                     Image::Url(_) => 0,
-                })
+                } + of_inputs)
                 .collect::<Vec<usize>>()
         })
         .await

@@ -10,6 +10,8 @@
 //!   `parentOf` ingredient instead (its own manifest kept inside it); the spec forbids
 //!   `c2pa.created` beside a parent, so the actions are then `c2pa.opened` (the parent) and
 //!   `c2pa.edited.metadata` (the XMP added) with the same digital source type.
+//! - An edit's or variation's input images as `inputTo` ingredients, referenced by a
+//!   `c2pa.edited` action ([`Input`]).
 //! - [`TRACE_ASSERTION`] (`com.acc.trace`), the gateway's own assertion: the trace id, route,
 //!   provider (policy name and kind), model, the model version reported, each evaluator's
 //!   verdict, and the prompt only where the policy allows it (see [`Facts`]).
@@ -143,6 +145,31 @@ pub struct Signed {
     pub parent: bool,
 }
 
+/// An input image of an edit or variation (the form's `image`, `image[]` or `mask` file), named
+/// in the signed image's manifest as an `inputTo` ingredient (C2PA 2.x, "Ingredient": an asset
+/// used as input to the computational process that made this one) referenced by a
+/// `c2pa.edited` action.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The ingredient's title: the form field and the file's name, e.g. `image: photo.png`.
+    pub title: String,
+    pub bytes: Bytes,
+}
+
+/// What becomes of an input image in the manifest: with its own manifest kept (it had one that
+/// is not invalid: the edit's provenance chains to it), as a plain ingredient (no manifest, or
+/// one that reads as invalid and would make the gateway's manifest invalid too), or left out
+/// (not PNG, JPEG or WebP: C2PA cannot hash it here).
+fn input_ingredient(context: &Arc<Context>, input: &Input) -> Option<(&'static str, bool)> {
+    let mime = format_of(&input.bytes)?;
+    let has_manifest = c2pa::jumbf_io::load_jumbf_from_memory(mime, &input.bytes).is_ok_and(|j| !j.is_empty());
+    let keep = has_manifest
+        && Reader::from_shared_context(context)
+            .with_stream(mime, Cursor::new(&input.bytes[..]))
+            .is_ok_and(|r| r.validation_state() != ValidationState::Invalid);
+    Some((mime, !has_manifest || keep))
+}
+
 /// Why an image could not be signed.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
@@ -270,7 +297,7 @@ impl Credentials {
             prompt: None,
         };
         const PROFILE: &str = " (C2PA needs an end-entity certificate, not self-signed, with digitalSignature key usage, an allowed extended key usage such as emailProtection or c2pa-kp-claimSigning, and an authority key identifier)";
-        let signed = self.sign(&probe, &facts).map_err(|e| {
+        let signed = self.sign(&probe, &facts, &[]).map_err(|e| {
             let hint = if e.to_string().contains("certificate") { PROFILE } else { "" };
             format!("{} with {}: signing a test image failed: {e}{hint}", self.key_source, self.cert_source)
         })?;
@@ -304,7 +331,10 @@ impl Credentials {
     /// `facts` embedded. CPU-bound (about a hash of the image plus one signature): call it
     /// off the async workers. The image is copied twice: once with the XMP chunk inserted,
     /// once into the signed output (`Bytes` clones share the buffer).
-    pub fn sign(&self, image: &Bytes, facts: &Facts) -> Result<Signed, SignError> {
+    ///
+    /// `inputs` (an edit's or variation's input images, empty for a generation) become
+    /// `inputTo` ingredients referenced by a `c2pa.edited` action ([`Input`]).
+    pub fn sign(&self, image: &Bytes, facts: &Facts, inputs: &[Input]) -> Result<Signed, SignError> {
         let mime = format_of(image).ok_or(SignError::Format)?;
         // The provider's own manifest is kept as the parent only when it reads and is not
         // invalid: a broken one (bad CBOR, a missing assertion, a hash that no longer matches)
@@ -346,6 +376,35 @@ impl Credentials {
                 "action": "c2pa.created",
                 "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
                 "softwareAgent": agent,
+            }))?;
+        }
+        let mut input_ids = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let Some((mime, with_manifest)) = input_ingredient(&self.context, input) else { continue };
+            let label = format!("input_{i}");
+            let ingredient = serde_json::json!({ "title": input.title, "relationship": "inputTo", "label": label });
+            if with_manifest {
+                builder.add_ingredient_from_stream(ingredient.to_string(), mime, &mut Cursor::new(&input.bytes[..]))?;
+            } else {
+                // Its manifest reads as invalid (the image was changed after it was signed):
+                // named by its SHA-256 alone, as an ingredient carrying that manifest would
+                // make the gateway's own manifest read as invalid.
+                use sha2::Digest;
+                let mut plain = ingredient;
+                plain["format"] = mime.into();
+                plain["instance_id"] = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&input.bytes))).into();
+                let plain: c2pa::Ingredient = serde_json::from_value(plain).map_err(c2pa::Error::JsonError)?;
+                builder.add_ingredient(plain);
+            }
+            input_ids.push(label);
+        }
+        if !input_ids.is_empty() {
+            builder.add_action(serde_json::json!({
+                "action": "c2pa.edited",
+                "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+                "softwareAgent": agent,
+                "description": "made by the model from the input images of an edit or variation request",
+                "parameters": { "ingredientIds": input_ids },
             }))?;
         }
         builder.add_assertion_json(TRACE_ASSERTION, facts)?;

@@ -10,7 +10,7 @@ use http::StatusCode;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::policy::{OnProvenanceError, Policy, ProvenanceSettings, RecordPrompt};
-use crate::provenance::{Evaluation, Facts};
+use crate::provenance::{Evaluation, Facts, Input};
 use crate::providers::{Generation, Image};
 use crate::request::GenerationRequest;
 use crate::routing::Step;
@@ -70,6 +70,7 @@ pub async fn sign(
             .collect();
         jobs.push((image, facts));
     }
+    let inputs = inputs_of(req);
     let creds = settings.credentials.clone();
     let results = tokio::task::spawn_blocking(move || {
         jobs.into_iter()
@@ -81,7 +82,7 @@ pub async fn sign(
                     // The pipeline asks for bytes whenever provenance is on; nothing to sign otherwise.
                     Image::Url(_) => Bytes::new(),
                 };
-                creds.sign(&bytes, &facts).map_err(|e| e.to_string())
+                creds.sign(&bytes, &facts, &inputs).map_err(|e| e.to_string())
             })
             .collect::<Vec<_>>()
     })
@@ -116,4 +117,22 @@ pub async fn sign(
         }
     }
     Ok(labels)
+}
+
+/// The most characters of an input's file name kept in its ingredient's title.
+const MAX_TITLE_CHARS: usize = 200;
+
+/// An edit's or variation's input images (images, then the mask) as [`Input`]s: each titled
+/// with its form field and file name (control characters dropped, cut to
+/// [`MAX_TITLE_CHARS`]). Empty for a generation.
+pub fn inputs_of(req: &GenerationRequest) -> Vec<Input> {
+    req.images
+        .iter()
+        .chain(req.mask.iter())
+        .map(|p| {
+            let name: String = p.filename.chars().filter(|c| !c.is_control()).take(MAX_TITLE_CHARS).collect();
+            let title = if name.is_empty() { p.field.clone() } else { format!("{}: {name}", p.field) };
+            Input { title, bytes: p.bytes.clone() }
+        })
+        .collect()
 }

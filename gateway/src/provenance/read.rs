@@ -49,6 +49,10 @@ pub struct Report {
     pub signature: Option<serde_json::Value>,
     /// The parent ingredient's title and its own manifest's label, when the image had one.
     pub parent: Option<serde_json::Value>,
+    /// An edit's or variation's input images (`inputTo` ingredients), in order: each one's
+    /// `title` and, when it carried a manifest that was kept, that manifest's label
+    /// (`active_manifest`, else null).
+    pub inputs: Vec<serde_json::Value>,
     /// The image's XMP states trainedAlgorithmicMedia.
     pub xmp_ai_generated: bool,
 }
@@ -79,6 +83,7 @@ pub fn inspect(image: &[u8], trust_anchors: Option<&str>) -> Result<Report, Read
         trace: None,
         signature: None,
         parent: None,
+        inputs: Vec::new(),
         xmp_ai_generated,
     };
     let reader = match Reader::from_context(context).with_stream(mime, Cursor::new(image)) {
@@ -138,6 +143,13 @@ pub fn inspect(image: &[u8], trust_anchors: Option<&str>) -> Result<Report, Read
         .flatten()
         .find(|i| i["relationship"] == "parentOf")
         .map(|i| serde_json::json!({ "title": i["title"], "active_manifest": i["active_manifest"] }));
+    report.inputs = m["ingredients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["relationship"] == "inputTo")
+        .map(|i| serde_json::json!({ "title": i["title"], "active_manifest": i["active_manifest"] }))
+        .collect();
     Ok(report)
 }
 
@@ -218,6 +230,10 @@ pub fn render_text(r: &Report) -> String {
     }
     if let Some(p) = &r.parent {
         let _ = writeln!(out, "parent:       {} (its manifest {})", s(&p["title"]), s(&p["active_manifest"]));
+    }
+    for i in &r.inputs {
+        let manifest = i["active_manifest"].as_str().map(|m| format!(" (its manifest {m})")).unwrap_or_default();
+        let _ = writeln!(out, "input:        {}{manifest}", s(&i["title"]));
     }
     let _ = writeln!(
         out,

@@ -45,7 +45,7 @@ fn png_jpeg_and_webp_are_signed_with_the_trace_and_verify_against_the_root_pixel
     assert_eq!(creds.algorithm(), "es256");
     for format in [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::WebP] {
         let (src, _) = image(format);
-        let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let signed = creds.sign(&Bytes::from(src.clone()), &facts(), &[]).unwrap_or_else(|e| panic!("{format:?}: {e}"));
         assert!(!signed.parent);
         assert!(signed.manifest.starts_with("urn:c2pa:"), "{}", signed.manifest);
         let r = inspect(&signed.bytes, Some(&c.root_pem)).unwrap();
@@ -77,7 +77,7 @@ fn a_changed_pixel_byte_breaks_the_hash_and_an_unsigned_image_has_no_manifest() 
     let creds = load(dir.path(), &c).unwrap();
     let (src, _) = image(image::ImageFormat::Png);
     assert_eq!(inspect(&src, None).unwrap().verdict, Verdict::NoManifest);
-    let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(src.clone()), &facts(), &[]).unwrap();
     assert_eq!(inspect(&signed.bytes, None).unwrap().verdict, Verdict::Valid);
     // The last IDAT's last data byte (before its CRC and the 12-byte IEND).
     let mut tampered = signed.bytes.clone();
@@ -97,10 +97,10 @@ fn a_provider_signed_image_keeps_its_manifest_as_parent_and_another_signer_is_un
     let creds = load(dir.path(), &gateway).unwrap();
     let provider_creds = load(provider_dir.path(), &provider).unwrap();
     let (src, _) = image(image::ImageFormat::Jpeg);
-    let from_provider = provider_creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
+    let from_provider = provider_creds.sign(&Bytes::from(src.clone()), &facts(), &[]).unwrap();
     // Signed by the provider's key: not trusted by the gateway's root.
     assert_eq!(inspect(&from_provider.bytes, Some(&gateway.root_pem)).unwrap().verdict, Verdict::Untrusted);
-    let signed = creds.sign(&Bytes::from(from_provider.bytes.clone()), &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(from_provider.bytes.clone()), &facts(), &[]).unwrap();
     assert!(signed.parent);
     let r = inspect(&signed.bytes, Some(&gateway.root_pem)).unwrap();
     // The parent's signer is not under the gateway's root either: the ingredient is untrusted,
@@ -149,7 +149,7 @@ fn the_algorithm_comes_from_the_key() {
     let creds = load(dir.path(), &ed).unwrap();
     assert_eq!(creds.algorithm(), "ed25519");
     let (src, _) = image(image::ImageFormat::Png);
-    let signed = creds.sign(&Bytes::from(src.clone()), &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(src.clone()), &facts(), &[]).unwrap();
     assert_eq!(inspect(&signed.bytes, Some(&ed.root_pem)).unwrap().verdict, Verdict::Trusted);
 }
 
@@ -164,17 +164,54 @@ fn a_provider_manifest_that_is_invalid_is_not_kept_as_parent() {
     let creds = load(dir.path(), &gateway).unwrap();
     let provider_creds = load(provider_dir.path(), &certs::chain("provider")).unwrap();
     let (src, _) = image(image::ImageFormat::Jpeg);
-    let mut from_provider = provider_creds.sign(&Bytes::from(src), &facts()).unwrap().bytes;
+    let mut from_provider = provider_creds.sign(&Bytes::from(src), &facts(), &[]).unwrap().bytes;
     // A byte of the scan data before the end-of-image marker (neither it nor its change a 0xFF,
     // so no marker appears or vanishes).
     assert_eq!(&from_provider[from_provider.len() - 2..], &[0xFF, 0xD9]);
     let at = (1..64).map(|k| from_provider.len() - 2 - k).find(|&i| from_provider[i] < 0xFE).unwrap();
     from_provider[at] ^= 0x01;
     assert_eq!(inspect(&from_provider, None).unwrap().verdict, Verdict::Invalid);
-    let signed = creds.sign(&Bytes::from(from_provider), &facts()).unwrap();
+    let signed = creds.sign(&Bytes::from(from_provider), &facts(), &[]).unwrap();
     assert!(!signed.parent);
     let r = inspect(&signed.bytes, Some(&gateway.root_pem)).unwrap();
     assert_eq!(r.verdict, Verdict::Trusted, "{:?}", r.failures);
     assert!(r.parent.is_none(), "{:?}", r.parent);
     assert_eq!(r.action.as_deref(), Some("c2pa.created"));
+}
+
+/// An edit's output names its input images as `inputTo` ingredients: one with a valid manifest
+/// keeps it (the chain goes on), one whose manifest broke (changed after signing) is named
+/// without it, and the gateway's manifest stays trusted either way; what C2PA cannot hash is
+/// left out.
+#[test]
+fn an_edit_names_its_inputs_and_a_broken_input_manifest_does_not_spoil_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = certs::chain("gateway");
+    let creds = load(dir.path(), &gateway).unwrap();
+    let (plain, _) = image(image::ImageFormat::Png);
+    let (jpeg, _) = image(image::ImageFormat::Jpeg);
+    let earlier = creds.sign(&Bytes::from(jpeg), &facts(), &[]).unwrap();
+    let mut broken = creds.sign(&Bytes::from(plain.clone()), &facts(), &[]).unwrap().bytes;
+    let idat = broken.windows(4).position(|w| w == b"IDAT").unwrap();
+    broken[idat + 8] ^= 0x01;
+    assert_eq!(inspect(&broken, None).unwrap().verdict, Verdict::Invalid);
+    let inputs = [
+        Input { title: "image[]: plain.png".into(), bytes: Bytes::from(plain.clone()) },
+        Input { title: "image[]: earlier.jpg".into(), bytes: Bytes::from(earlier.bytes.clone()) },
+        Input { title: "image[]: broken.png".into(), bytes: Bytes::from(broken) },
+        Input { title: "mask: mask.gif".into(), bytes: Bytes::from_static(b"GIF89a...") },
+    ];
+    let (out, _) = image(image::ImageFormat::Png);
+    let signed = creds.sign(&Bytes::from(out), &facts(), &inputs).unwrap();
+    let r = inspect(&signed.bytes, Some(&gateway.root_pem)).unwrap();
+    assert_eq!(r.verdict, Verdict::Trusted, "{:?}", r.failures);
+    assert_eq!(r.action.as_deref(), Some("c2pa.created"));
+    let titles: Vec<&str> = r.inputs.iter().map(|i| i["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, ["image[]: plain.png", "image[]: earlier.jpg", "image[]: broken.png"]);
+    assert!(r.inputs[0]["active_manifest"].is_null());
+    assert_eq!(r.inputs[1]["active_manifest"], earlier.manifest.as_str());
+    assert!(r.inputs[2]["active_manifest"].is_null());
+    assert!(r.parent.is_none());
+    let text = super::read::render_text(&r);
+    assert!(text.contains(&format!("input:        image[]: earlier.jpg (its manifest {})", earlier.manifest)), "{text}");
 }
