@@ -50,6 +50,9 @@ cleanup() {
             wait "$pid" 2>/dev/null || true
         fi
     done
+    if [[ -d "$tmp/redis" ]]; then
+        "$root/scripts/redis.sh" stop "$tmp/redis" >/dev/null 2>&1 || true
+    fi
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -237,6 +240,10 @@ class Slow(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Slow).serve_forever()
 PY
 slow_pid=$!
+# A real Redis, so the acc under test shares its state ([cluster]) and exports the cluster
+# metrics the alerts use.
+mkdir -p "$tmp/redis"
+redis_url="$("$root/scripts/redis.sh" start "$tmp/redis")" || fail "scripts/redis.sh could not start redis-server"
 write_policy() { # $1 = file, $2 = demo route deadline_ms (any change gives a new version)
     cat >"$1" <<EOF
 default_model = "acc-demo"
@@ -299,6 +306,10 @@ webhook_backoff_ms = 100
 
 [store]
 path = "$tmp/acc.db"
+
+[cluster]
+redis_url = "$redis_url"
+key_prefix = "check-deploy:"
 EOF
 }
 # The layout kubelet gives a ConfigMap volume: files are symlinks through ..data, and an update

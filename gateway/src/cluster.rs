@@ -52,6 +52,9 @@ pub const MAX_CHANGES: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
+/// The `op` label values of `acc_cluster_errors_total`: what the failed call was for.
+pub const OPS: [&str; 6] = ["limits", "spend", "idempotency", "pauses", "usage", "artifacts"];
+
 /// The cluster's metrics, registered in the process registry.
 struct ClusterMetrics {
     /// `acc_cluster_errors_total{op}`: calls that failed, missed their deadline, or were not
@@ -162,6 +165,10 @@ impl Cluster {
         registry.register(Box::new(metrics.errors.clone())).map_err(|e| e.to_string())?;
         registry.register(Box::new(metrics.shared.clone())).map_err(|e| e.to_string())?;
         registry.register(Box::new(metrics.used.clone())).map_err(|e| e.to_string())?;
+        // Every op's series exists at 0 from the start, so `increase()` sees the first error.
+        for op in OPS {
+            metrics.errors.with_label_values(&[op]);
+        }
         metrics.shared.set(1);
         Ok(Arc::new(Cluster {
             client,
