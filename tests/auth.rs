@@ -140,6 +140,33 @@ async fn gateway_image_urls_need_no_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_refused_whatever_their_order() {
+    let s = setup().await;
+    let (good, bad) = (bearer(PLAIN_KEY), bearer("sk-acc-not-a-key"));
+    let payload = serde_json::to_vec(&body()).unwrap();
+    for pair in [[&good, &bad], [&bad, &good], [&good, &good]] {
+        let headers = [("content-type", "application/json"), ("authorization", pair[0]), ("authorization", pair[1])];
+        let r = send("POST", &s.gw.url("/v1/images/generations"), &headers, payload.clone()).await;
+        assert_invalid_api_key(&r);
+        assert!(
+            r.json()["error"]["message"].as_str().unwrap().contains("one Authorization header"),
+            "{}",
+            r.describe()
+        );
+    }
+    assert_eq!(s.beta.hits() + s.stable.hits(), 0, "refused requests must never reach a provider");
+    let admin = bearer(ADMIN_TOKEN);
+    let r = send(
+        "GET",
+        &s.gw.admin_url("/admin/routes"),
+        &[("authorization", &admin), ("authorization", &admin)],
+        Vec::new(),
+    )
+    .await;
+    r.assert_error(401, "missing_admin_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_need_the_admin_token() {
     let s = setup().await;
     let admin_auth = bearer(ADMIN_TOKEN);

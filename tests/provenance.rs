@@ -308,7 +308,11 @@ async fn an_edit_names_its_input_images_and_their_provenance_goes_on() {
     assert!(v["inputs"][1]["active_manifest"].is_null(), "{v}");
     assert_eq!(v["inputs"].as_array().unwrap().len(), 2, "{v}");
     let o = acc_provenance(&[file.to_str().unwrap()], &[]);
-    assert!(text(&o).contains(&format!("input:        image: kite.png (its manifest {earlier_label})")), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("input:        image: kite.png (its manifest {earlier_label})")),
+        "{}",
+        text(&o)
+    );
     // A generation names no inputs.
     let plain = out.path().join("generated.png");
     std::fs::write(&plain, &earlier).unwrap();

@@ -520,7 +520,11 @@ async fn kill_9_under_load_then_restart_opens_the_same_file() {
     let flowing =
         eventually(Duration::from_secs(60), || async { gw.metric("acc_trace_written_total", &[]).await >= 100.0 })
             .await;
-    assert!(flowing, "{}", gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        flowing,
+        "{}",
+        gw.metrics().await.lines().filter(|l| l.starts_with("acc_trace")).collect::<Vec<_>>().join("\n")
+    );
     drop(gw); // SIGKILL
     for t in tasks {
         let _ = t.await;

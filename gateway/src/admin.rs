@@ -86,6 +86,15 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
                 "no admin token in the request: send the server's ACC_ADMIN_TOKEN as `Authorization: Bearer <token>`",
             )
             .into_response(),
+            crate::secrets::Credentials::Several => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "missing_admin_token",
+                    "several Authorization headers: send one, `Authorization: Bearer <token>`",
+                )
+                .into_response()
+            }
             crate::secrets::Credentials::NotBearer => {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,

@@ -180,8 +180,7 @@ async fn bytes_to_hold(app: &App, generation: &Generation, req: &GenerationReque
         let inputs: Vec<Bytes> = req.images.iter().chain(req.mask.iter()).map(|p| p.bytes.clone()).collect();
         let manifests = tokio::task::spawn_blocking(move || {
             // An edit's inputs are named in each image's manifest, with their own manifests.
-            let of_inputs: usize =
-                inputs.iter().map(|i| 1024 + crate::provenance::embedded_manifest_len(i)).sum();
+            let of_inputs: usize = inputs.iter().map(|i| 1024 + crate::provenance::embedded_manifest_len(i)).sum();
             images
                 .iter()
                 .map(|image| match image {

@@ -929,10 +929,16 @@ fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'
     if policy.keys.is_empty() {
         return Ok(None);
     }
-    let crate::secrets::Credentials::Bearer(token) = crate::secrets::credentials(headers) else {
-        return Err(ApiError::unauthorized(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-        ));
+    let token = match crate::secrets::credentials(headers) {
+        crate::secrets::Credentials::Bearer(token) => token,
+        crate::secrets::Credentials::Several => {
+            return Err(ApiError::unauthorized("Send one Authorization header, not several."));
+        }
+        _ => {
+            return Err(ApiError::unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            ))
+        }
     };
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     policy.keys.get(&digest).map(Some).ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))

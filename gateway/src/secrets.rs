@@ -98,12 +98,19 @@ pub enum Credentials<'a> {
     NotBearer,
     /// A bearer token, surrounding whitespace removed.
     Bearer(&'a str),
+    /// More than one `Authorization` header: the field is a singleton (RFC 9110 section 5.3),
+    /// and taking either one would let a proxy's header and a client's disagree silently.
+    Several,
 }
 
 /// The bearer token of `Authorization: Bearer TOKEN`. The scheme is matched case-insensitively
 /// and may be followed by one or more spaces (RFC 9110 section 11.1, RFC 6750 section 2.1).
 pub fn credentials(headers: &http::HeaderMap) -> Credentials<'_> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Credentials::Missing };
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = all.next() else { return Credentials::Missing };
+    if all.next().is_some() {
+        return Credentials::Several;
+    }
     let Ok(text) = value.to_str() else { return Credentials::NotBearer };
     let text = text.trim_start();
     match text.get(..6) {
@@ -142,6 +149,9 @@ mod tests {
             h.insert(http::header::AUTHORIZATION, http::HeaderValue::from_str(v).unwrap());
             h
         };
+        let mut two = with("Bearer abc");
+        two.append(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer abc"));
+        assert_eq!(credentials(&two), Credentials::Several);
         for v in ["Bearer abc", "bearer abc", "BEARER   abc ", "BeArEr\tabc"] {
             assert_eq!(credentials(&with(v)), Credentials::Bearer("abc"), "{v:?}");
         }

@@ -140,8 +140,8 @@ max_poll_interval_ms = 100
 #[test]
 fn credentials_queries_and_empty_versions_in_provider_settings_are_refused() {
     let provider = |kind: &str, extra: &str| format!("[providers.p]\nkind = \"{kind}\"\n{extra}\n");
-    let errs = check(&[("p.toml", &provider("openai", "base_url = \"https://me:s3cret@api.openai.com/v1\""))])
-        .unwrap_err();
+    let errs =
+        check(&[("p.toml", &provider("openai", "base_url = \"https://me:s3cret@api.openai.com/v1\""))]).unwrap_err();
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].starts_with("p.toml: providers.p.base_url: must not hold credentials"), "{errs:?}");
     assert!(errs[0].contains("api_key_env") && !errs[0].contains("s3cret"), "{errs:?}");
@@ -166,7 +166,13 @@ fn credentials_queries_and_empty_versions_in_provider_settings_are_refused() {
         );
     }
     let extra = "base_url = \"https://x.openai.azure.com\"\napi_version = \"2024-10-21\"";
-    let ok = check(&[("p.toml", &format!("{}[[routes]]\nname = \"r\"\ntargets = [{{ provider = \"p\", model = \"d\" }}]\n", provider("azure_openai", extra)))]);
+    let ok = check(&[(
+        "p.toml",
+        &format!(
+            "{}[[routes]]\nname = \"r\"\ntargets = [{{ provider = \"p\", model = \"d\" }}]\n",
+            provider("azure_openai", extra)
+        ),
+    )]);
     assert_eq!(ok.unwrap().providers["p"].conn.api_version.as_deref(), Some("2024-10-21"));
 }
 

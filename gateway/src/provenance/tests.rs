@@ -213,5 +213,8 @@ fn an_edit_names_its_inputs_and_a_broken_input_manifest_does_not_spoil_it() {
     assert!(r.inputs[2]["active_manifest"].is_null());
     assert!(r.parent.is_none());
     let text = super::read::render_text(&r);
-    assert!(text.contains(&format!("input:        image[]: earlier.jpg (its manifest {})", earlier.manifest)), "{text}");
+    assert!(
+        text.contains(&format!("input:        image[]: earlier.jpg (its manifest {})", earlier.manifest)),
+        "{text}"
+    );
 }
