@@ -558,6 +558,7 @@ async fn failing_canary_is_rolled_back_after_min_samples_and_reset_by_a_policy_e
         r.assert_status(200);
         assert_eq!(r.header("x-acc-provider").as_deref(), Some("primary"), "{}", r.describe());
         assert_eq!(b64_images(&r), vec![primary_png.clone()], "a failed canary image is never returned");
+        assert_ne!(r.header("x-acc-canary").as_deref(), Some("true"), "the primary's image: {}", r.describe());
         let c = canary(&gw, "main").await;
         let (canaries, others) = (cand.hits(), sent - cand.hits());
         match c["state"].as_str() {

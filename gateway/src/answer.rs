@@ -43,7 +43,8 @@ pub const CONTRACT_CHECKED: HeaderName = HeaderName::from_static("x-acc-contract
 pub const GENERATION: HeaderName = HeaderName::from_static("x-acc-generation");
 /// `x-acc-dropped-params`: request parameters the winning provider could not honour and that were not sent.
 pub const DROPPED: HeaderName = HeaderName::from_static("x-acc-dropped-params");
-/// `x-acc-canary`: `true` when the route's canary served the request first.
+/// `x-acc-canary`: `true` when the image returned is the route's canary's (drawn for the
+/// canary and answered by it; a canary attempt that failed over to the plan does not set it).
 pub const CANARY: HeaderName = HeaderName::from_static("x-acc-canary");
 
 /// Free text as a header value: printable ASCII only, bounded.

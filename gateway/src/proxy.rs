@@ -853,7 +853,9 @@ async fn generate(
         trace::attempts(rec, policy, &outcome, notes, ctx.started, ctx.canary, &each);
     }
 
-    // 9. The answer.
+    // 9. The answer. `x-acc-canary` says the canary's image is the one returned: a canary
+    // attempt that failed and fell back to the plan is only in `x-acc-attempts`.
+    ctx.canary = ctx.canary && outcome.success.as_ref().is_some_and(|(s, _)| Some(s) == steps.first());
     let Some((step, mut generation)) = outcome.success else {
         return Err(answer::failure(policy, &outcome));
     };
