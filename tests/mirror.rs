@@ -207,6 +207,14 @@ async fn mirror_samples_the_configured_share_deterministically_and_never_touches
         for r in burst(&gw, &req("m"), &[("x-acc-trace-id", &id)], 10, 2).await {
             assert_primary(&r, &primary_png);
         }
+        // Wait for this id's mirrors to have started and ended, so that none of them is counted
+        // with the next id's (a loaded machine starts them late).
+        let expected = if acc::mirror::draw(&id, c) < 0.3 { 10 } else { 0 };
+        let landed = eventually(Duration::from_secs(30), || async {
+            cand.hits() >= before + expected && mirrored(&gw, "m", c).await >= (before + expected) as f64
+        })
+        .await;
+        assert!(landed, "trace id {id}: {expected} mirrors expected, the candidate got {}", cand.hits() - before);
         mirrors_settle(&gw, "m", c, &cand).await;
         match cand.hits() - before {
             0 => no += 1,
