@@ -234,6 +234,19 @@ async fn tampered_unsigned_and_foreign_images_are_told_apart() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert_eq!(serde_json::from_slice::<Value>(&o.stdout).unwrap()["verdict"], "no_manifest");
 
+    // An image cut short, and a file that is not there: nothing to judge (exit 2), and --json
+    // still prints an object saying why.
+    let file = out.path().join("cut.png");
+    std::fs::write(&file, &original[..original.len() / 2]).unwrap();
+    let missing = out.path().join("missing.png");
+    for f in [&file, &missing] {
+        let o = acc_provenance(&[f.to_str().unwrap(), "--json"], &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+        assert_eq!(v["file"], f.to_str().unwrap(), "{v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+
     // Signed by someone else's key: valid, but not under the gateway's root.
     let foreign = sign_elsewhere("other", original.clone(), "1", "elsewhere", "x");
     let file = out.path().join("foreign.png");

@@ -164,7 +164,7 @@ enum Command {
     /// generator, trace id, route and verdicts. Exit 0: signed and valid (and under
     /// --trust-anchors when given); 3: no manifest; 4: a manifest that does not verify
     /// (changed after signing, bad signature); 5: signed by a certificate outside
-    /// --trust-anchors; 2: the file cannot be read or is not PNG, JPEG or WebP; 1: the trace
+    /// --trust-anchors; 2: the file cannot be read, is not PNG, JPEG or WebP, or is no readable image (cut short) with no manifest in it (with --json, an object with `error`); 1: the trace
     /// could not be fetched from --admin.
     Provenance {
         /// PNG, JPEG or WebP file.
@@ -566,19 +566,28 @@ async fn provenance(
     admin: Option<&str>,
     json: bool,
 ) -> ExitCode {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| eprintln!("acc provenance: {}: {e}", p.display()));
-    let Ok(bytes) = read(image) else { return ExitCode::from(2) };
-    let anchors = match anchors.map(read) {
-        Some(Ok(a)) => Some(String::from_utf8_lossy(&a).into_owned()),
-        Some(Err(())) => return ExitCode::from(2),
+    // An image that cannot be judged exits 2; with --json the reason is JSON on stdout too, so
+    // a script reading stdout always gets an object.
+    let unreadable = |p: &std::path::Path, e: &dyn std::fmt::Display| {
+        eprintln!("acc provenance: {}: {e}", p.display());
+        if json {
+            let v = serde_json::json!({"file": image.display().to_string(), "error": format!("{}: {e}", p.display())});
+            out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        ExitCode::from(2)
+    };
+    let bytes = match std::fs::read(image) {
+        Ok(b) => b,
+        Err(e) => return unreadable(image, &e),
+    };
+    let anchors = match anchors.map(|a| (a, std::fs::read(a))) {
+        Some((_, Ok(a))) => Some(String::from_utf8_lossy(&a).into_owned()),
+        Some((path, Err(e))) => return unreadable(path, &e),
         None => None,
     };
     let report = match acc::provenance::read::inspect(&bytes, anchors.as_deref()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("acc provenance: {}: {e}", image.display());
-            return ExitCode::from(2);
-        }
+        Err(e) => return unreadable(image, &e),
     };
     let code = report.verdict.exit_code();
     let trace_id = report.trace.as_ref().and_then(|t| t["trace_id"].as_str()).map(str::to_string);

@@ -62,6 +62,10 @@ pub struct Report {
 pub enum ReadError {
     #[error("not a PNG, JPEG or WebP image")]
     Format,
+    /// The file starts like an image but cannot be read as one (cut short, broken chunks), and
+    /// no manifest could be found in it.
+    #[error("the image cannot be read: {0}")]
+    Unreadable(String),
     #[error("c2pa settings: {0}")]
     Settings(String),
 }
@@ -89,6 +93,11 @@ pub fn inspect(image: &[u8], trust_anchors: Option<&str>) -> Result<Report, Read
     let reader = match Reader::from_context(context).with_stream(mime, Cursor::new(image)) {
         Ok(r) => r,
         Err(c2pa::Error::JumbfNotFound) => return Ok(report),
+        // Not a manifest that fails to verify but a file that is no readable image (a PNG cut
+        // short): there is nothing to judge.
+        Err(e) if !c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty()) => {
+            return Err(ReadError::Unreadable(e.to_string()));
+        }
         Err(e) => {
             report.verdict = Verdict::Invalid;
             report.failures.push(e.to_string());

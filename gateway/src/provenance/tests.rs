@@ -218,3 +218,20 @@ fn an_edit_names_its_inputs_and_a_broken_input_manifest_does_not_spoil_it() {
         "{text}"
     );
 }
+
+/// A file that starts like a PNG but is cut short is no image to judge (exit 2 in the CLI), not
+/// an invalid manifest; a signed one cut inside its pixels still reads as invalid.
+#[test]
+fn a_truncated_image_is_unreadable_and_a_truncated_signed_one_invalid() {
+    let (plain, _) = image(image::ImageFormat::Png);
+    let cut = &plain[..plain.len() / 2];
+    let r = inspect(cut, None);
+    assert!(matches!(r, Err(super::read::ReadError::Unreadable(_))), "{r:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let creds = load(dir.path(), &certs::chain("gateway")).unwrap();
+    let signed = creds.sign(&Bytes::from(plain.clone()), &facts(), &[]).unwrap().bytes;
+    let mut changed = signed.clone();
+    let idat = changed.windows(4).position(|w| w == b"IDAT").unwrap();
+    changed[idat + 8] ^= 0x01;
+    assert_eq!(inspect(&changed, None).unwrap().verdict, Verdict::Invalid);
+}
