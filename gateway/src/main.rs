@@ -164,8 +164,9 @@ enum Command {
     /// generator, trace id, route and verdicts. Exit 0: signed and valid (and under
     /// --trust-anchors when given); 3: no manifest; 4: a manifest that does not verify
     /// (changed after signing, bad signature); 5: signed by a certificate outside
-    /// --trust-anchors; 2: the file cannot be read, is not PNG, JPEG or WebP, or is no readable image (cut short) with no manifest in it (with --json, an object with `error`); 1: the trace
-    /// could not be fetched from --admin.
+    /// --trust-anchors; 2: the file cannot be read, is not PNG, JPEG or WebP, or is no
+    /// readable image (cut short) with no manifest in it (with --json, an object with
+    /// `error`); 1: the trace could not be fetched from --admin.
     Provenance {
         /// PNG, JPEG or WebP file.
         image: PathBuf,
