@@ -110,7 +110,35 @@ fn templates() -> Environment<'static> {
     });
     env.add_filter("age", |v: minijinja::Value| fmt_age(f64::try_from(v).unwrap_or(0.0)));
     env.add_filter("tojson_pretty", |v: minijinja::Value| serde_json::to_string_pretty(&v).unwrap_or_default());
+    // Every value a page shows passes here: text from clients (prompts, cohorts, user ids,
+    // reasons) has its bidirectional controls shown, not obeyed.
+    env.set_formatter(|out, state, value| {
+        match value.as_str().filter(|s| !value.is_safe() && s.chars().any(is_bidi_control)) {
+            Some(text) => minijinja::escape_formatter(out, state, &minijinja::Value::from(show_bidi_controls(text))),
+            None => minijinja::escape_formatter(out, state, value),
+        }
+    });
     env
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9, "Explicit Directional Embeddings,
+/// Overrides and Isolates", and the implicit marks): a prompt holding U+202E RIGHT-TO-LEFT
+/// OVERRIDE would show its text reversed to a reviewer.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
+/// `text` with each bidirectional control replaced by its code point in brackets, `[U+202E]`.
+fn show_bidi_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_bidi_control(c) {
+            out.push_str(&format!("[U+{:04X}]", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn fmt_num(v: &minijinja::Value, digits: usize) -> String {
@@ -1022,6 +1050,20 @@ mod tests {
         assert_eq!(safe_next(Some("/console/../admin/routes")), "/console/");
         assert_eq!(safe_next(Some("/console/%2E%2e/admin")), "/console/");
         assert_eq!(safe_next(Some("/console/traces?route=a..b")), "/console/traces?route=a..b");
+    }
+
+    /// Text from clients is shown with its bidirectional controls visible: a prompt with U+202E
+    /// cannot read reversed to a reviewer. Markup the console makes itself is left alone.
+    #[test]
+    fn bidirectional_controls_are_shown_not_obeyed() {
+        let mut env = templates();
+        env.add_template("t.html", "<td>{{ prompt }}</td><td>{{ chart }}</td>").unwrap();
+        let ctx = minijinja::context! {
+            prompt => "a cat \u{202E}gnp.exe\u{202C} <b>",
+            chart => minijinja::Value::from_safe_string("<svg>\u{200F}</svg>".into()),
+        };
+        let html = env.get_template("t.html").unwrap().render(ctx).unwrap();
+        assert_eq!(html, "<td>a cat [U+202E]gnp.exe[U+202C] &lt;b&gt;</td><td><svg>\u{200F}</svg></td>");
     }
 
     #[test]
