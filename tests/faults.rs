@@ -704,7 +704,7 @@ async fn queued_attempts_wait_for_a_slot() {
     let rest = async {
         settles("the first request must reach the primary", || s.primary.in_flight() == 1).await;
         let queued = async {
-            eventually(Duration::from_secs(5), || async { s.gw.metric("acc_queue_depth", &depth).await == 2.0 }).await
+            eventually(Duration::from_secs(20), || async { s.gw.metric("acc_queue_depth", &depth).await == 2.0 }).await
         };
         tokio::join!(s.gw.generate(&body), s.gw.generate(&body), queued)
     };

@@ -55,7 +55,7 @@ async fn dropped(gw: &Gateway, route: &str, cand: &str) -> f64 {
 /// that were spawned but have not reached the mock yet arrive.
 async fn mirrors_settle(gw: &Gateway, route: &str, cand: &str, mock: &MockProvider) {
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let ok = eventually(Duration::from_secs(10), || async {
+    let ok = eventually(Duration::from_secs(30), || async {
         mock.in_flight() == 0 && mirrored(gw, route, cand).await == mock.hits() as f64
     })
     .await;
@@ -455,7 +455,7 @@ async fn report_matches_what_the_mocks_did_in_the_endpoint_the_metrics_and_acc_r
     assert_eq!(p_fail, 0.0, "{ev:#}");
     assert_eq!(ev["significance"]["eval_fail_rate"]["sanity"]["significant"], json!(true), "{ev:#}");
     // Exported gauges may be refreshed a little after the report.
-    let fresh = eventually(Duration::from_secs(5), || async {
+    let fresh = eventually(Duration::from_secs(20), || async {
         gw.metric("acc_mirror_samples", &[("route", "main"), ("candidate", f), ("side", "candidate")]).await == 60.0
     })
     .await;
@@ -585,7 +585,7 @@ async fn failing_canary_is_rolled_back_after_min_samples_and_reset_by_a_policy_e
     if rolled.is_none() {
         // The verdict may land just after the answer.
         let ok =
-            eventually(Duration::from_secs(5), || async { canary(&gw, "main").await["state"] == "rolled_back" }).await;
+            eventually(Duration::from_secs(20), || async { canary(&gw, "main").await["state"] == "rolled_back" }).await;
         assert!(
             ok,
             "after {sent} requests ({} canaries) the failing canary is still {}",
@@ -616,7 +616,7 @@ async fn failing_canary_is_rolled_back_after_min_samples_and_reset_by_a_policy_e
     let r = gw.admin("POST", "/admin/reload").await;
     r.assert_status(200);
     assert_eq!(r.json()["result"], json!("ok"), "{}", r.describe());
-    let ok = eventually(Duration::from_secs(5), || async { canary(&gw, "main").await["state"] == "active" }).await;
+    let ok = eventually(Duration::from_secs(20), || async { canary(&gw, "main").await["state"] == "active" }).await;
     assert!(ok, "an edited canary must be active again: {}", canary(&gw, "main").await);
     assert_eq!(gw.metric("acc_canary_state", &route).await, 1.0);
     for _ in 0..30 {

@@ -178,7 +178,7 @@ async fn every_returned_image_is_signed_and_an_independent_reader_verifies_it() 
     let file = out.path().join("replayed.png");
     std::fs::write(&file, &b64_images(&first)[0]).unwrap();
     let label = reader(&file, None)["label"].as_str().unwrap().to_string();
-    let recorded = eventually(Duration::from_secs(5), || async {
+    let recorded = eventually(Duration::from_secs(20), || async {
         let r = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await;
         r.status == 200 && r.json()["images"][0]["c2pa_manifest"] == label.as_str()
     })
@@ -434,7 +434,7 @@ async fn mirror_copies_are_never_signed() {
     for _ in 0..2 {
         generate(&gw, "b64_json").await.assert_status(200);
     }
-    let mirrored = eventually(Duration::from_secs(5), || async {
+    let mirrored = eventually(Duration::from_secs(20), || async {
         cand.hits() == 2 && gw.metric("acc_mirror_requests_total", &[("route", "main")]).await == 2.0
     })
     .await;

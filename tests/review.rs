@@ -398,7 +398,7 @@ async fn decisions_reach_the_webhook_signed_and_retried_after_a_failure() {
     }
     assert_eq!(got[0].1, got[1].1, "the retry sends the same body");
 
-    let counted = eventually(Duration::from_secs(5), || async {
+    let counted = eventually(Duration::from_secs(20), || async {
         gw.metric("acc_review_webhooks_total", &[("route", "main"), ("result", "delivered")]).await == 1.0
     })
     .await;
