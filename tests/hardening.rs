@@ -254,6 +254,17 @@ async fn policy_numbers_the_gateway_cannot_use_are_refused_by_check_and_reload()
     get(&url, &[]).await.assert_status(200);
 }
 
+/// A policy of `server` settings (TOML lines, may be empty), provider `up` (the mock, with
+/// `provider` settings) and route `main` (model "m") to it.
+fn main_route(server: &str, up: &MockProvider, provider: &str) -> String {
+    let server = if server.is_empty() { String::new() } else { format!("[server]\n{server}\n\n") };
+    format!(
+        "{server}{}{}",
+        openai_provider_with("up", up, provider),
+        route_toml("main", "m").target("up", "gpt-image-1")
+    )
+}
+
 /// Opens a chunked upload to `path` that sends `prefix` of a JSON body, then one more byte every
 /// `every` (never finishing); returns the connection (reading it gives the gateway's answer).
 async fn slow_upload(
@@ -297,11 +308,7 @@ async fn slow_upload(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_senders_are_cut_off_and_hold_no_slot_meanwhile() {
     let up = MockProvider::start().await;
-    let policy = format!(
-        "[server]\nmax_in_flight = 8\nbody_timeout_ms = 1500\nmax_body_buffer_mib = 1\n\n{}{}",
-        openai_provider("up", &up),
-        route_toml("main", "m").target("up", "gpt-image-1"),
-    );
+    let policy = main_route("max_in_flight = 8\nbody_timeout_ms = 1500\nmax_body_buffer_mib = 1", &up, "");
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let every = std::time::Duration::from_millis(200);
     let mut slow = Vec::new();
@@ -336,11 +343,7 @@ async fn slow_senders_are_cut_off_and_hold_no_slot_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_error_of_megabytes_reaches_the_client_bounded() {
     let up = MockProvider::start().await;
-    let policy = format!(
-        "{}{}",
-        openai_provider_with("up", &up, "breaker = { enabled = false }"),
-        route_toml("main", "m").target("up", "gpt-image-1"),
-    );
+    let policy = main_route("", &up, "breaker = { enabled = false }");
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let req = json!({"model": "m", "prompt": "a lighthouse"});
     // An OpenAI-shaped 400 whose message is 20 MiB: read no further than its start, and the
@@ -378,11 +381,7 @@ async fn send_whole(addr: std::net::SocketAddr, head: String, body: &[u8]) -> st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_still_sending_a_refused_body_reads_the_error_not_a_reset() {
     let up = MockProvider::start().await;
-    let policy = format!(
-        "[server]\nmax_json_body_bytes = 1000000\n\n{}{}",
-        openai_provider("up", &up),
-        route_toml("main", "m").target("up", "gpt-image-1"),
-    );
+    let policy = main_route("max_json_body_bytes = 1000000", &up, "");
     let (gw, _dir) = serve_policy(&policy, &[]).await;
     let big = format!("{{\"model\": \"m\", \"prompt\": \"{}\"}}", "x".repeat(16 << 20));
     let addr = gw.proxy_addr;
