@@ -733,6 +733,27 @@ async fn a_queue_timeout_falls_back() {
     assert_eq!(s.gw.metric("acc_queue_rejected_total", &timeout).await, 1.0);
 }
 
+/// `on_queue_full = "reject"` refuses a wait past `queue_timeout_ms` as it refuses a full queue:
+/// 503 `provider_busy`, no fallback (the timeout used to fall back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_timeout_under_reject_refuses_with_provider_busy() {
+    let s = setup(Extras {
+        primary: "max_concurrency = 1\nmax_queue = 5\nqueue_timeout_ms = 200\non_queue_full = \"reject\"",
+        ..Default::default()
+    })
+    .await;
+    s.primary.set_latency(Duration::from_millis(2000));
+    let (r1, r2) = overlapping(&s, &req(), &req()).await;
+    assert_eq!(served_by(&r1, "primary"), ["primary:ok"]);
+    let e = r2.assert_error(503, "provider_busy");
+    assert!(e["message"].as_str().unwrap().contains("queue timeout"), "{}", r2.describe());
+    assert_eq!(r2.header("x-acc-attempts").as_deref(), Some("primary:queue_timeout"), "{}", r2.describe());
+    assert_eq!(r2.retry_after_secs(), 1, "{}", r2.describe());
+    assert_eq!((s.primary.hits(), s.backup.hits()), (1, 0), "reject ends the request: no fallback");
+    let timeout = [("provider", "primary"), ("reason", "timeout")];
+    assert_eq!(s.gw.metric("acc_queue_rejected_total", &timeout).await, 1.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client rate limits and spend limits
 

@@ -205,18 +205,17 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
                 reason.clone(),
             )
         }
-        Some(ProviderError::Busy) => {
+        Some(ProviderError::Busy { timed_out }) => {
             let provider = outcome
                 .attempts
                 .last()
                 .map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
+            let why = if *timed_out { "no slot came free within its queue timeout" } else { "its wait queue is full" };
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
                 "provider_busy",
-                format!(
-                    "provider \"{provider}\" is at its concurrency limit and its wait queue is full; retry shortly"
-                ),
+                format!("provider \"{provider}\" is at its concurrency limit and {why}; retry shortly"),
             );
             e.retry_after = Some(1);
             return e;

@@ -147,7 +147,11 @@ impl ProviderState {
                 let _queued = Queued(&self.queued);
                 if waiting > limit.max_queue as usize {
                     metrics.queue_rejected.with_label_values(&[&self.name, "full"]).inc();
-                    return Err(if limit.reject_when_full { ProviderError::Busy } else { ProviderError::QueueFull });
+                    return Err(if limit.reject_when_full {
+                        ProviderError::Busy { timed_out: false }
+                    } else {
+                        ProviderError::QueueFull
+                    });
                 }
                 let started = Instant::now();
                 let wait = limit.queue_timeout.map_or(budget, |t| t.min(budget));
@@ -157,7 +161,11 @@ impl ProviderState {
                     Ok(Ok(p)) => p,
                     _ => {
                         metrics.queue_rejected.with_label_values(&[&self.name, "timeout"]).inc();
-                        return Err(ProviderError::QueueTimeout);
+                        return Err(if limit.reject_when_full {
+                            ProviderError::Busy { timed_out: true }
+                        } else {
+                            ProviderError::QueueTimeout
+                        });
                     }
                 }
             }

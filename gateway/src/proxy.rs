@@ -966,7 +966,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
             Err(ProviderError::Skipped { .. }
                 | ProviderError::QueueFull
                 | ProviderError::QueueTimeout
-                | ProviderError::Busy
+                | ProviderError::Busy { .. }
                 | ProviderError::HedgeCancelled)
         );
         if reached {

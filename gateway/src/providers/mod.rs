@@ -251,9 +251,10 @@ pub enum ProviderError {
     QueueFull,
     #[error("waited too long for a free slot on the provider")]
     QueueTimeout,
-    /// The queue is full and the provider's policy says to refuse rather than fall back.
+    /// The queue is full, or the wait for a slot ran past `queue_timeout_ms` (`timed_out`), and
+    /// the provider's policy says to refuse rather than fall back (`on_queue_full = "reject"`).
     #[error("the provider is at its concurrency limit and its queue is full")]
-    Busy,
+    Busy { timed_out: bool },
     /// A hedged attempt that lost the race and was cancelled.
     #[error("cancelled: another attempt answered first")]
     HedgeCancelled,
@@ -318,7 +319,7 @@ impl ProviderError {
             | ProviderError::Skipped { .. }
             | ProviderError::QueueFull
             | ProviderError::QueueTimeout
-            | ProviderError::Busy
+            | ProviderError::Busy { .. }
             | ProviderError::HedgeCancelled) => e,
         }
     }
@@ -363,7 +364,7 @@ impl ProviderError {
             self,
             ProviderError::Rejected { .. }
                 | ProviderError::Blocked(_)
-                | ProviderError::Busy
+                | ProviderError::Busy { .. }
                 | ProviderError::UnsupportedParams(_)
                 | ProviderError::ContentFiltered(_)
         )
@@ -384,8 +385,8 @@ impl ProviderError {
             ProviderError::Transport(_) => "transport_error",
             ProviderError::Other(_) => "error",
             ProviderError::Skipped { label, .. } => label,
-            ProviderError::QueueFull | ProviderError::Busy => "queue_full",
-            ProviderError::QueueTimeout => "queue_timeout",
+            ProviderError::QueueFull | ProviderError::Busy { timed_out: false } => "queue_full",
+            ProviderError::QueueTimeout | ProviderError::Busy { timed_out: true } => "queue_timeout",
             ProviderError::HedgeCancelled => "hedge_cancelled",
             ProviderError::Unsupported(_) => "unsupported",
             ProviderError::UnsupportedParams(_) => "unsupported_params",
