@@ -154,6 +154,15 @@ pub struct Input {
     /// The ingredient's title: the form field and the file's name, e.g. `image: photo.png`.
     pub title: String,
     pub bytes: Bytes,
+    /// What [`input_ingredient`] found, kept for the request's other output images: reading
+    /// an input's manifest (and validating it) is done once, not once per image signed.
+    checked: std::sync::OnceLock<Option<(&'static str, bool)>>,
+}
+
+impl Input {
+    pub fn new(title: String, bytes: Bytes) -> Input {
+        Input { title, bytes, checked: std::sync::OnceLock::new() }
+    }
 }
 
 /// What becomes of an input image in the manifest: with its own manifest kept (it had one that
@@ -161,13 +170,27 @@ pub struct Input {
 /// one that reads as invalid and would make the gateway's manifest invalid too), or left out
 /// (not PNG, JPEG or WebP: C2PA cannot hash it here).
 fn input_ingredient(context: &Arc<Context>, input: &Input) -> Option<(&'static str, bool)> {
-    let mime = format_of(&input.bytes)?;
-    let has_manifest = c2pa::jumbf_io::load_jumbf_from_memory(mime, &input.bytes).is_ok_and(|j| !j.is_empty());
-    let keep = has_manifest
-        && Reader::from_shared_context(context)
-            .with_stream(mime, Cursor::new(&input.bytes[..]))
-            .is_ok_and(|r| r.validation_state() != ValidationState::Invalid);
-    Some((mime, !has_manifest || keep))
+    *input.checked.get_or_init(|| check_input(context, &input.bytes))
+}
+
+/// [`input_ingredient`]'s reading of one input, done once per input.
+fn check_input(context: &Arc<Context>, bytes: &[u8]) -> Option<(&'static str, bool)> {
+    let mime = format_of(bytes)?;
+    Some((mime, embedded_manifest(context, mime, bytes) != Some(false)))
+}
+
+/// Whether `image` carries a C2PA manifest (`None`: it has none) and, if so, whether it reads
+/// and is not invalid (`Some(true)`): only such a manifest is kept as a parent or an input's
+/// ingredient; a broken one would make the gateway's own manifest read as invalid too.
+fn embedded_manifest(context: &Arc<Context>, mime: &str, image: &[u8]) -> Option<bool> {
+    if !c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty()) {
+        return None;
+    }
+    Some(
+        Reader::from_shared_context(context)
+            .with_stream(mime, Cursor::new(image))
+            .is_ok_and(|r| r.validation_state() != ValidationState::Invalid),
+    )
 }
 
 /// Why an image could not be signed.
@@ -340,10 +363,7 @@ impl Credentials {
         // invalid: a broken one (bad CBOR, a missing assertion, a hash that no longer matches)
         // proves nothing, and as an ingredient it would make the gateway's manifest read as
         // invalid too. It is then replaced, as an image without one would be signed.
-        let parent = c2pa::jumbf_io::load_jumbf_from_memory(mime, image).is_ok_and(|j| !j.is_empty())
-            && Reader::from_shared_context(&self.context)
-                .with_stream(mime, Cursor::new(&image[..]))
-                .is_ok_and(|r| r.validation_state() != ValidationState::Invalid);
+        let parent = embedded_manifest(&self.context, mime, image) == Some(true);
         let with_xmp = xmp::embed(image.clone(), mime)?;
         let agent = {
             let mut a = serde_json::json!({ "name": facts.model.as_deref().unwrap_or(&facts.provider_kind) });

@@ -132,7 +132,7 @@ pub fn inputs_of(req: &GenerationRequest) -> Vec<Input> {
         .map(|p| {
             let name: String = p.filename.chars().filter(|c| !c.is_control()).take(MAX_TITLE_CHARS).collect();
             let title = if name.is_empty() { p.field.clone() } else { format!("{}: {name}", p.field) };
-            Input { title, bytes: p.bytes.clone() }
+            Input::new(title, p.bytes.clone())
         })
         .collect()
 }

@@ -196,10 +196,10 @@ fn an_edit_names_its_inputs_and_a_broken_input_manifest_does_not_spoil_it() {
     broken[idat + 8] ^= 0x01;
     assert_eq!(inspect(&broken, None).unwrap().verdict, Verdict::Invalid);
     let inputs = [
-        Input { title: "image[]: plain.png".into(), bytes: Bytes::from(plain.clone()) },
-        Input { title: "image[]: earlier.jpg".into(), bytes: Bytes::from(earlier.bytes.clone()) },
-        Input { title: "image[]: broken.png".into(), bytes: Bytes::from(broken) },
-        Input { title: "mask: mask.gif".into(), bytes: Bytes::from_static(b"GIF89a...") },
+        Input::new("image[]: plain.png".into(), Bytes::from(plain.clone())),
+        Input::new("image[]: earlier.jpg".into(), Bytes::from(earlier.bytes.clone())),
+        Input::new("image[]: broken.png".into(), Bytes::from(broken)),
+        Input::new("mask: mask.gif".into(), Bytes::from_static(b"GIF89a...")),
     ];
     let (out, _) = image(image::ImageFormat::Png);
     let signed = creds.sign(&Bytes::from(out), &facts(), &inputs).unwrap();
