@@ -81,7 +81,7 @@ fn ocr_cpu() {
         settings.ocr_max_side = side;
     }
     let images: Vec<bytes::Bytes> = files.iter().map(|f| bytes::Bytes::from(std::fs::read(f).unwrap())).collect();
-    // The goal's measure: the text evaluator as the gateway runs it (default models: the fused
+    // The goal's measure: the text evaluator as the gateway runs it (default models: the 8-bit
     // copies when scripts/setup-onnx.sh made them).
     let evaluated = cpu_samples(&images, |bytes| {
         std::hint::black_box(eval::evaluate(bytes, None, &settings, None, "", std::slice::from_ref(&text)));
@@ -94,7 +94,8 @@ fn ocr_cpu() {
             std::hint::black_box(ocr::read_text(&det, &rec, img, settings.ocr_max_side).unwrap());
         })
     };
-    let fused = ocr_alone(ocr::default_models());
+    let int8 = ocr_alone(ocr::default_models());
+    let fused = ocr_alone(ocr::float_models());
     let shipped = ocr_alone(ocr::shipped_models());
     println!();
     println!(
@@ -107,7 +108,8 @@ fn ocr_cpu() {
     let row =
         |name: &str, s: &[f64], goal: &str| println!("| {name} | {:.1} | {:.1} | {goal} |", pct(s, 0.5), pct(s, 0.95));
     row("decode + sanity + text (the gateway's models)", &evaluated, "p50 <= 60, p95 <= 120");
-    row("OCR alone, fused models (scripts/ocr_fuse.py)", &fused, "");
+    row("OCR alone, the gateway's models (8-bit: scripts/ocr_quantize.py)", &int8, "");
+    row("OCR alone, fused float models (scripts/ocr_fuse.py)", &fused, "");
     row("OCR alone, models as shipped", &shipped, "");
 }
 

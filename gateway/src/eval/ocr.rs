@@ -1,8 +1,9 @@
 //! Reading text inside images (OCR) with PaddleOCR's PP-OCRv4 models as the PyPI package
 //! `rapidocr-onnxruntime` 1.4.4 ships them (Apache-2.0; `scripts/setup-onnx.sh` puts
 //! `ch_PP-OCRv4_det_infer.onnx` and `ch_PP-OCRv4_rec_infer.onnx` in the models directory, and
-//! beside them fused copies that compute the same with about a fifth less CPU, which
-//! [`default_models`] prefers: see [`DET_FUSED_FILE`]).
+//! beside them fused copies that compute the same with about a fifth less CPU and 8-bit copies
+//! of those with about a third less again, which [`default_models`] prefers: see
+//! [`DET_FUSED_FILE`], [`DET_INT8_FILE`]).
 //!
 //! The pipeline, reimplemented after the package's pre- and post-processing:
 //! 1. **Detection** (DB, differentiable binarization): the image is resized (bilinear) so that
@@ -46,10 +47,39 @@ pub const DET_MODEL_FILE: &str = "ch_PP-OCRv4_det_infer.onnx";
 pub const REC_MODEL_FILE: &str = "ch_PP-OCRv4_rec_infer.onnx";
 /// File names of the fused copies `scripts/setup-onnx.sh` writes beside them
 /// (`scripts/ocr_fuse.py`: hard-swish as one operator, PP-LCNetV3's scalar affine blocks folded
-/// into the convolutions; the same outputs up to float rounding, about a fifth less CPU). Used
-/// instead of the models when present; delete them to read with the models as shipped.
+/// into the convolutions; the same outputs up to float rounding, about a fifth less CPU).
 pub const DET_FUSED_FILE: &str = "ch_PP-OCRv4_det_infer.fused.onnx";
 pub const REC_FUSED_FILE: &str = "ch_PP-OCRv4_rec_infer.fused.onnx";
+/// File names of the 8-bit copies `scripts/setup-onnx.sh` writes from the fused ones
+/// (`scripts/ocr_quantize.py`: ONNX Runtime's static quantization, int8 weights per channel and
+/// uint8 activations calibrated on drawn text; about a third less CPU than the fused copies, and
+/// not exact: the rendered set reads as accurately, see README "Evaluation cost").
+pub const DET_INT8_FILE: &str = "ch_PP-OCRv4_det_infer.int8.onnx";
+pub const REC_INT8_FILE: &str = "ch_PP-OCRv4_rec_infer.int8.onnx";
+/// Environment variable choosing the OCR models' arithmetic: `int8` (the default: the 8-bit
+/// copies when present) or `float` (the fused copies or the models as shipped, never the 8-bit
+/// ones). Any other value makes the text evaluator not ready (`text::ready` says why).
+pub const PRECISION_ENV: &str = "ACC_OCR_PRECISION";
+
+/// Which copies of the OCR models [`models_in`] may choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// 8-bit copies first, then fused, then as shipped.
+    Int8,
+    /// Fused copies, then as shipped.
+    Float,
+}
+
+/// The precision [`PRECISION_ENV`] asks for (unset or empty: `int8`). `Err` names the variable and
+/// its value when it is set to something other than `int8` or `float`.
+pub fn precision() -> Result<Precision, String> {
+    match std::env::var(PRECISION_ENV) {
+        Err(_) => Ok(Precision::Int8),
+        Ok(v) if v.eq_ignore_ascii_case("int8") || v.is_empty() => Ok(Precision::Int8),
+        Ok(v) if v.eq_ignore_ascii_case("float") => Ok(Precision::Float),
+        Ok(v) => Err(format!("{PRECISION_ENV}={v:?}: expected \"int8\" or \"float\"")),
+    }
+}
 
 /// Default longest side of the detector's input (images larger than this are shrunk; smaller
 /// ones are not enlarged). The package uses 960; at 416 detection costs a fifth as much on a
@@ -85,26 +115,39 @@ pub struct TextLine {
     pub bbox: [f32; 4],
 }
 
-/// The detector and recogniser the text evaluator uses: [`models_in`] the models directory.
+/// The detector and recogniser the text evaluator uses: [`models_in`] the models directory, at
+/// the [`precision`] the environment asks for.
 pub fn default_models() -> (PathBuf, PathBuf) {
-    models_in(&onnx::models_dir())
+    models_in(&onnx::models_dir(), precision().unwrap_or(Precision::Int8))
 }
 
-/// The detector and recogniser in `dir`: each model's fused copy ([`DET_FUSED_FILE`],
-/// [`REC_FUSED_FILE`]) when that file exists and was written after the model, else the model as
-/// shipped ([`DET_MODEL_FILE`], [`REC_MODEL_FILE`]). A model replaced after its copy was made
-/// (by hand, not by `scripts/setup-onnx.sh`, which rewrites the copy) is read as it is.
-pub fn models_in(dir: &Path) -> (PathBuf, PathBuf) {
+/// The detector and recogniser in `dir`: for each model, the first of its copies that exists and
+/// was written after the model (with [`Precision::Int8`] the 8-bit copy, [`DET_INT8_FILE`], then
+/// the fused one, [`DET_FUSED_FILE`]; with [`Precision::Float`] the fused one only), else the
+/// model as shipped ([`DET_MODEL_FILE`], [`REC_MODEL_FILE`]). A model replaced after its copies
+/// were made (by hand, not by `scripts/setup-onnx.sh`, which rewrites them) is read as it is.
+pub fn models_in(dir: &Path, precision: Precision) -> (PathBuf, PathBuf) {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let pick = |fused: &str, shipped: &str| {
-        let (f, s) = (dir.join(fused), dir.join(shipped));
-        match (modified(&f), modified(&s)) {
-            (Some(copy), Some(model)) if copy >= model => f,
-            (Some(_), None) => f,
-            _ => s,
+    let pick = |copies: &[&str], shipped: &str| {
+        let s = dir.join(shipped);
+        let model = modified(&s);
+        for copy in copies {
+            let f = dir.join(copy);
+            match (modified(&f), model) {
+                (Some(at), Some(model)) if at >= model => return f,
+                (Some(_), None) => return f,
+                _ => {}
+            }
         }
+        s
     };
-    (pick(DET_FUSED_FILE, DET_MODEL_FILE), pick(REC_FUSED_FILE, REC_MODEL_FILE))
+    match precision {
+        Precision::Int8 => (
+            pick(&[DET_INT8_FILE, DET_FUSED_FILE], DET_MODEL_FILE),
+            pick(&[REC_INT8_FILE, REC_FUSED_FILE], REC_MODEL_FILE),
+        ),
+        Precision::Float => (pick(&[DET_FUSED_FILE], DET_MODEL_FILE), pick(&[REC_FUSED_FILE], REC_MODEL_FILE)),
+    }
 }
 
 /// `(<models dir>/ch_PP-OCRv4_det_infer.onnx, <models dir>/ch_PP-OCRv4_rec_infer.onnx)`: the
@@ -112,6 +155,12 @@ pub fn models_in(dir: &Path) -> (PathBuf, PathBuf) {
 pub fn shipped_models() -> (PathBuf, PathBuf) {
     let dir = onnx::models_dir();
     (dir.join(DET_MODEL_FILE), dir.join(REC_MODEL_FILE))
+}
+
+/// The models [`models_in`] the models directory chooses at [`Precision::Float`]: the fused
+/// copies where they are current, else the models as shipped.
+pub fn float_models() -> (PathBuf, PathBuf) {
+    models_in(&onnx::models_dir(), Precision::Float)
 }
 
 /// Reads the text in `img`: lines in reading order (top to bottom, then left to right within
@@ -555,25 +604,37 @@ mod tests {
     }
 
     #[test]
-    fn fused_copies_are_used_only_when_newer_than_their_model() {
+    fn copies_are_used_only_when_newer_than_their_model() {
         let dir = tempfile::tempdir().unwrap();
         let p = |name: &str| dir.path().join(name);
+        let both = |precision| models_in(dir.path(), precision);
         // Nothing there: the shipped names (errors then name them).
-        assert_eq!(models_in(dir.path()), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)));
+        assert_eq!(both(Precision::Int8), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)));
         let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
         let write = |name: &str, at: std::time::SystemTime| {
             let f = std::fs::File::create(p(name)).unwrap();
             f.set_modified(at).unwrap();
         };
         write(DET_MODEL_FILE, t0);
         write(REC_MODEL_FILE, t0);
-        assert_eq!(models_in(dir.path()), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)), "no copies yet");
-        write(DET_FUSED_FILE, t0 + std::time::Duration::from_secs(5));
+        assert_eq!(both(Precision::Int8), (p(DET_MODEL_FILE), p(REC_MODEL_FILE)), "no copies yet");
+        write(DET_FUSED_FILE, at(5));
         write(REC_FUSED_FILE, t0);
-        assert_eq!(models_in(dir.path()), (p(DET_FUSED_FILE), p(REC_FUSED_FILE)), "copies as new or newer");
-        // The recogniser replaced by hand after its copy was made: read as it is now.
-        write(REC_MODEL_FILE, t0 + std::time::Duration::from_secs(60));
-        assert_eq!(models_in(dir.path()), (p(DET_FUSED_FILE), p(REC_MODEL_FILE)));
+        assert_eq!(both(Precision::Int8), (p(DET_FUSED_FILE), p(REC_FUSED_FILE)), "copies as new or newer");
+        // 8-bit copies come first, unless float is asked for.
+        write(DET_INT8_FILE, at(6));
+        write(REC_INT8_FILE, at(6));
+        assert_eq!(both(Precision::Int8), (p(DET_INT8_FILE), p(REC_INT8_FILE)));
+        assert_eq!(both(Precision::Float), (p(DET_FUSED_FILE), p(REC_FUSED_FILE)));
+        // The recogniser replaced by hand after its copies were made: read as it is now.
+        write(REC_MODEL_FILE, at(60));
+        assert_eq!(both(Precision::Int8), (p(DET_INT8_FILE), p(REC_MODEL_FILE)));
+        assert_eq!(both(Precision::Float), (p(DET_FUSED_FILE), p(REC_MODEL_FILE)));
+        // An 8-bit copy older than its model is skipped for a fused one that is newer.
+        write(DET_MODEL_FILE, at(7));
+        write(DET_FUSED_FILE, at(8));
+        assert_eq!(both(Precision::Int8).0, p(DET_FUSED_FILE));
     }
 
     #[test]

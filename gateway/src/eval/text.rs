@@ -52,8 +52,9 @@ pub fn read(image: &Decoded, max_side: u32) -> Result<String, String> {
     image.text(&det, &rec, max_side).clone()
 }
 
-/// `Ok` when the runtime and both OCR models are there.
+/// `Ok` when the runtime and both OCR models are there and `ACC_OCR_PRECISION` is valid.
 pub fn ready() -> Result<(), String> {
+    ocr::precision()?;
     super::onnx::runtime()?;
     let (det, rec) = ocr::default_models();
     for m in [&det, &rec] {
