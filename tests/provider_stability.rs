@@ -242,3 +242,68 @@ async fn moderation_errors_and_rate_limits() {
     assert_eq!(r.attempts(), vec!["stability:paused", "backup:ok"], "{}", r.describe());
     assert_eq!(s.mock.hits(), hits);
 }
+
+/// Stability makes one call per image. When some of a request's calls fail and others make
+/// images: a 429's `Retry-After` still pauses Stability for every later request, though the
+/// attempt itself answered; without an evaluator the images made are returned (and only they
+/// are billed); with `sanity` the short answer fails it, falls back, and the reason names the
+/// failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_fail_among_an_answers_calls_pause_and_are_named() {
+    let mock = Mock::builder(StableImage::default())
+        .png(noisy(32, 32, 7))
+        .credential("authorization", [format!("Bearer {KEY}")])
+        .start()
+        .await;
+    let backup = MockProvider::start().await;
+    backup.answer_with(&noisy(32, 32, 9));
+    let policy = format!(
+        r#"[providers.stability]
+kind = "stability"
+base_url = "{}"
+api_key_env = "ACC_TEST_STABILITY_KEY"
+price = {{ per_image_usd = 0.03 }}
+breaker = {{ enabled = false }}
+
+{}{}{}{}"#,
+        mock.base_url(),
+        openai_provider_at("backup", &backup.base_url()),
+        route_toml("plain", "plain").target("stability", "core").fallback("spare"),
+        route_toml("checked", "checked")
+            .target("stability", "core")
+            .fallback("spare")
+            .with("evaluators = [\"sanity\"]\non_sanity_fail = \"fallback\""),
+        route_toml("spare", "spare-only").target("backup", "backup-model"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[("ACC_TEST_STABILITY_KEY", KEY)]).await;
+    let req = |model: &str| json!({"model": model, "prompt": "a meadow", "n": 2, "response_format": "b64_json"});
+
+    // One of two calls a 500, with sanity: the short answer fails and the fallback answers.
+    mock.script(vec![stability_error(500, "internal_error", "An unexpected server error occurred.")]);
+    let r = gw.generate(&req("checked")).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["stability:eval_failed", "backup:ok"], "{}", r.describe());
+    let trace = gw.trace_record(&r.header("x-acc-trace-id").unwrap()).await.text();
+    assert!(
+        trace.contains(
+            "asked for 2 images, the provider returned 1 (1 of its calls failed, the first: upstream answered 500"
+        ),
+        "{trace}"
+    );
+
+    // One of two calls a 429 asking for 60 s, without an evaluator: the other image is returned
+    // and billed alone, and Stability is paused for the next request, which the fallback serves.
+    let limited =
+        stability_error(429, "rate_limit_exceeded", "You have exceeded the rate limit.").header("retry-after", "60");
+    mock.script(vec![limited]);
+    let r = gw.generate(&req("plain")).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["stability:ok"], "{}", r.describe());
+    assert_eq!(b64_images(&r).len(), 1, "{}", r.describe());
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.03"), "{}", r.describe());
+    let hits = mock.hits();
+    let r = gw.generate(&req("plain")).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["stability:paused", "backup:ok"], "{}", r.describe());
+    assert_eq!(mock.hits(), hits, "paused: Stability is not called");
+}

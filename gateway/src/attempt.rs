@@ -167,7 +167,8 @@ async fn run(
     let latency = sent.elapsed();
     // 4. What the answer says about the provider.
     let max_pause = spec.map_or(Duration::from_secs(300), |p| p.max_pause);
-    let evidence = admission.settle(result.as_ref().map(|_| ()), &breaker, max_pause, &app.metrics);
+    let partial = result.as_ref().map_or(&[][..], |g| &g.partial_errors[..]);
+    let evidence = admission.settle(result.as_ref().map(|_| ()), partial, &breaker, max_pause, &app.metrics);
     let record = |sample: Sample| live.record(latency, sample, &route.health, &app.metrics);
     let mut generation = match result {
         Ok(g) => g,

@@ -101,7 +101,15 @@ pub async fn evaluate_attempt(
             evaluator: "sanity",
             score: 0.0,
             verdict: Outcome::Fail,
-            reason: format!("the request asked for {n} images, the provider returned {}", generation.images.len()),
+            reason: match generation.partial_errors.first() {
+                Some(e) => format!(
+                    "the request asked for {n} images, the provider returned {} ({} of its calls failed, the first: {})",
+                    generation.images.len(),
+                    generation.partial_errors.len(),
+                    e.text_without_provider_message()
+                ),
+                None => format!("the request asked for {n} images, the provider returned {}", generation.images.len()),
+            },
         });
     }
     let mut failures = Vec::new();

@@ -227,11 +227,14 @@ impl ProviderState {
 
 impl Admission<'_> {
     /// Feeds the provider's answer to its breaker (what counts: [`breaker_evidence`]) and, for
-    /// a 429 with a retry hint, pauses the provider for that long, at most `max_pause`. Returns
-    /// the evidence: `Some(true)` the provider answered, `Some(false)` it failed, `None` neither.
+    /// a 429 with a retry hint, pauses the provider for that long, at most `max_pause`; so does a
+    /// 429 among `partial`, the failed calls of an answer that still made images (an adapter
+    /// that makes one call per image). Returns the evidence: `Some(true)` the provider answered,
+    /// `Some(false)` it failed, `None` neither.
     pub fn settle(
         mut self,
         result: Result<(), &ProviderError>,
+        partial: &[std::sync::Arc<ProviderError>],
         cfg: &BreakerSettings,
         max_pause: Duration,
         metrics: &Metrics,
@@ -256,15 +259,22 @@ impl Admission<'_> {
             }
             None => {}
         }
-        if let Err(ProviderError::Status { status, retry_after: Some(d), .. }) = result {
-            // A zero wait (`Retry-After: 0`, a date already past) asks for no pause.
-            if *status == http::StatusCode::TOO_MANY_REQUESTS && !d.is_zero() {
-                let d = (*d).min(max_pause);
-                ps.pause(Instant::now(), d);
-                ps.unpublished[0].fetch_max(unix_ms() + d.as_millis() as u64, Ordering::Relaxed);
-                metrics.provider_paused.with_label_values(&[&ps.name]).inc();
-                tracing::warn!(provider = %ps.name, pause_ms = d.as_millis() as u64, "provider answered 429; paused");
+        // The longest wait any 429 asked for: the attempt's own, or one of its calls'.
+        let wait = result.err().into_iter().chain(partial.iter().map(|e| &**e)).filter_map(|e| match e {
+            ProviderError::Status { status, retry_after: Some(d), .. }
+                if *status == http::StatusCode::TOO_MANY_REQUESTS =>
+            {
+                Some(*d)
             }
+            _ => None,
+        });
+        // A zero wait (`Retry-After: 0`, a date already past) asks for no pause.
+        if let Some(d) = wait.max().filter(|d| !d.is_zero()) {
+            let d = d.min(max_pause);
+            ps.pause(Instant::now(), d);
+            ps.unpublished[0].fetch_max(unix_ms() + d.as_millis() as u64, Ordering::Relaxed);
+            metrics.provider_paused.with_label_values(&[&ps.name]).inc();
+            tracing::warn!(provider = %ps.name, pause_ms = d.as_millis() as u64, "provider answered 429; paused");
         }
         evidence
     }

@@ -103,6 +103,12 @@ pub struct Generation {
     /// Images the provider returned beyond the request's `n`, left out of the answer (OpenAI's
     /// `n` is the number of images returned) but billed by the provider: charged as discarded.
     pub surplus: u32,
+    /// Errors of the provider's calls that made no image, for an adapter that makes one call per
+    /// image (Stability) when other calls did: the attempt returns the images it got, a 429's
+    /// `Retry-After` still pauses the provider, and the `sanity` evaluator's "fewer images than
+    /// asked" reason names the first of these. Secrets are already taken out
+    /// ([`ProviderError::redacted`]).
+    pub partial_errors: Vec<std::sync::Arc<ProviderError>>,
 }
 
 /// The events of an upstream image stream, each the JSON object of one `data:` line, in the

@@ -135,7 +135,7 @@ impl Provider for Stability {
 
         let mut generation = Generation::default();
         generation.answer_fields.push(("output_format", output_format(attempt).name().into()));
-        let mut first_error = None;
+        let mut failed = Vec::new();
         for r in results {
             match r {
                 Ok((image, seed)) => {
@@ -143,16 +143,19 @@ impl Provider for Stability {
                     generation.settings.seed = generation.settings.seed.or(seed);
                 }
                 Err(e) => {
-                    tracing::debug!("stability: one of {} calls failed: {}", req.n, e.text_without_provider_message());
-                    first_error.get_or_insert(e);
+                    tracing::info!("stability: one of {} calls failed: {}", req.n, e.text_without_provider_message());
+                    failed.push(e);
                 }
             }
         }
-        match first_error {
-            // Fewer images than asked: the sanity evaluation flags it.
-            Some(e) if generation.images.is_empty() => Err(e),
-            _ => Ok(generation),
+        if generation.images.is_empty() && !failed.is_empty() {
+            // No image at all: the attempt failed, with the first call's error.
+            return Err(failed.swap_remove(0));
         }
+        // Fewer images than asked: they are returned; the sanity evaluation fails the answer
+        // (naming the first error) where the route runs it.
+        generation.partial_errors = failed.into_iter().map(|e| std::sync::Arc::new(e.redacted())).collect();
+        Ok(generation)
     }
 }
 
