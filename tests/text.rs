@@ -151,3 +151,26 @@ async fn fine_print_needs_a_larger_ocr_max_side() {
     let r = gw.generate(&req()).await;
     assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{}", r.describe());
 }
+
+/// At a small `ocr_max_side` text is a few pixels high in what the detector sees; the 8-bit
+/// detector lost whole lines there that the float one reads (every scene of the rendered set
+/// read nothing at 128), so below `ocr::INT8_DET_MIN_SIDE` the float detector runs, and a
+/// required line in each scene is still found at 128.
+#[tokio::test]
+async fn a_small_ocr_max_side_still_finds_the_scenes_lines() {
+    use acc::eval::ocr;
+    assert!(ocr::INT8_DET_MIN_SIDE > 128);
+    for (file, line) in [
+        ("28-scene-1024x1024.png", "0123456789"),
+        ("29-scene-768x768.png", "Route 66 Diner"),
+        ("30-scene-1536x1024.png", "Grand Opening Today"),
+    ] {
+        let rule = format!(
+            "evaluators = [\"text\"]\nrequire_text = [\"{line}\"]\non_text_fail = \"flag\"\nocr_max_side = 128"
+        );
+        let (first, _second, gw, _d) = gateway(&rule).await;
+        first.answer_with(&rendered(file));
+        let r = gw.generate(&req()).await;
+        assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{file}: {}", r.describe());
+    }
+}

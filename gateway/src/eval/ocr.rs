@@ -51,9 +51,10 @@ pub const REC_MODEL_FILE: &str = "ch_PP-OCRv4_rec_infer.onnx";
 pub const DET_FUSED_FILE: &str = "ch_PP-OCRv4_det_infer.fused.onnx";
 pub const REC_FUSED_FILE: &str = "ch_PP-OCRv4_rec_infer.fused.onnx";
 /// File names of the 8-bit copies `scripts/setup-onnx.sh` writes from the fused ones
-/// (`scripts/ocr_quantize.py`: ONNX Runtime's static quantization, int8 weights per channel and
-/// uint8 activations calibrated on drawn text; about a third less CPU than the fused copies, and
-/// not exact: the rendered set reads as accurately, see README "Evaluation cost").
+/// (`scripts/ocr_quantize.py`: ONNX Runtime's static quantization, 7-bit weights per channel and
+/// uint8 activations calibrated on drawn text, the same results on CPUs with and without VNNI;
+/// about a third less CPU than the fused copies, and not exact: the rendered set reads as
+/// accurately, see README "Evaluation cost").
 pub const DET_INT8_FILE: &str = "ch_PP-OCRv4_det_infer.int8.onnx";
 pub const REC_INT8_FILE: &str = "ch_PP-OCRv4_rec_infer.int8.onnx";
 /// Environment variable choosing the OCR models' arithmetic: `int8` (the default: the 8-bit
@@ -73,11 +74,17 @@ pub enum Precision {
 /// The precision [`PRECISION_ENV`] asks for (unset or empty: `int8`). `Err` names the variable and
 /// its value when it is set to something other than `int8` or `float`.
 pub fn precision() -> Result<Precision, String> {
-    match std::env::var(PRECISION_ENV) {
-        Err(_) => Ok(Precision::Int8),
-        Ok(v) if v.eq_ignore_ascii_case("int8") || v.is_empty() => Ok(Precision::Int8),
-        Ok(v) if v.eq_ignore_ascii_case("float") => Ok(Precision::Float),
-        Ok(v) => Err(format!("{PRECISION_ENV}={v:?}: expected \"int8\" or \"float\"")),
+    parse_precision(std::env::var_os(PRECISION_ENV).as_deref())
+}
+
+/// [`precision`] of a value of [`PRECISION_ENV`] (`None`: unset). Case is ignored; a value that
+/// is not UTF-8 is refused like any other unknown one.
+fn parse_precision(value: Option<&std::ffi::OsStr>) -> Result<Precision, String> {
+    let Some(value) = value else { return Ok(Precision::Int8) };
+    match value.to_str() {
+        Some(v) if v.is_empty() || v.eq_ignore_ascii_case("int8") => Ok(Precision::Int8),
+        Some(v) if v.eq_ignore_ascii_case("float") => Ok(Precision::Float),
+        _ => Err(format!("{PRECISION_ENV}={value:?}: expected \"int8\" or \"float\"")),
     }
 }
 
@@ -148,6 +155,26 @@ pub fn models_in(dir: &Path, precision: Precision) -> (PathBuf, PathBuf) {
         ),
         Precision::Float => (pick(&[DET_FUSED_FILE], DET_MODEL_FILE), pick(&[REC_FUSED_FILE], REC_MODEL_FILE)),
     }
+}
+
+/// Smallest `ocr_max_side` at which the detector runs in 8 bits. Below it text is a few pixels
+/// high in what the detector sees, and the 8-bit detector loses lines the float one finds (at
+/// 128 the rendered set's scenes read nothing, the float detector reads most of them), while the
+/// float detector costs little there (a sixteenth of 416's work at 104 px). From 192 up both read
+/// the rendered set alike; 256 leaves a margin.
+pub const INT8_DET_MIN_SIDE: u32 = 256;
+
+/// The models the text evaluator reads with when its detector sees at most `max_side` pixels:
+/// [`default_models`], with the float detector ([`Precision::Float`]) below
+/// [`INT8_DET_MIN_SIDE`].
+pub fn models_for(max_side: u32) -> (PathBuf, PathBuf) {
+    let dir = onnx::models_dir();
+    let precision = precision().unwrap_or(Precision::Int8);
+    let (det, rec) = models_in(&dir, precision);
+    if precision == Precision::Int8 && max_side < INT8_DET_MIN_SIDE {
+        return (models_in(&dir, Precision::Float).0, rec);
+    }
+    (det, rec)
 }
 
 /// `(<models dir>/ch_PP-OCRv4_det_infer.onnx, <models dir>/ch_PP-OCRv4_rec_infer.onnx)`: the
@@ -601,6 +628,21 @@ mod tests {
         assert_eq!(text, "aab b");
         assert!((conf - 0.9).abs() < 1e-6);
         assert_eq!(ctc_decode(&[1.0, 0.0, 0.0, 0.0], 1, &charset), (String::new(), 0.0));
+    }
+
+    #[test]
+    fn precision_values() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(parse_precision(None), Ok(Precision::Int8));
+        for v in ["", "int8", "INT8"] {
+            assert_eq!(parse_precision(Some(OsStr::new(v))), Ok(Precision::Int8), "{v:?}");
+        }
+        assert_eq!(parse_precision(Some(OsStr::new("Float"))), Ok(Precision::Float));
+        for v in [&b"INT4"[..], b" float", b"int8 ", b"fp32", b"\xff"] {
+            let e = parse_precision(Some(OsStr::from_bytes(v))).unwrap_err();
+            assert!(e.starts_with("ACC_OCR_PRECISION=") && e.contains("expected"), "{e}");
+        }
     }
 
     #[test]

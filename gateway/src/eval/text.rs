@@ -48,7 +48,7 @@ impl TextRules {
 
 /// The OCR'd text of an image, one string (lines joined by spaces), shared by evaluators.
 pub fn read(image: &Decoded, max_side: u32) -> Result<String, String> {
-    let (det, rec) = ocr::default_models();
+    let (det, rec) = ocr::models_for(max_side);
     image.text(&det, &rec, max_side).clone()
 }
 
