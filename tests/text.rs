@@ -174,3 +174,31 @@ async fn a_small_ocr_max_side_still_finds_the_scenes_lines() {
         assert_eq!(r.header("x-acc-decision").as_deref(), Some("pass"), "{file}: {}", r.describe());
     }
 }
+
+/// A contract's text clauses come from the client and are quoted in the reasons of a failed
+/// check: a clause with CR LF cannot forge a log line (it is logged escaped), and a contract
+/// of megabytes makes neither a megabyte error message nor a megabyte log line.
+#[tokio::test]
+async fn contract_text_in_reasons_is_escaped_in_logs_and_bounded() {
+    let (first, _second, gw, _d) = gateway("evaluators = [\"adherence\"]\non_low_adherence = \"block\"").await;
+    first.answer_with(&rendered("28-scene-1024x1024.png"));
+    let mut body = req();
+    let long = "Z".repeat(1700);
+    let mut clauses = vec![json!("ACME\r\nforged: log line"), json!("\u{202e}evil")];
+    clauses.extend((0..3000).map(|i| json!(format!("{long}{i}"))));
+    body["acc"] = json!({ "require_text": clauses });
+    let r = gw.generate(&body).await;
+    let err = r.assert_error(400, "content_policy_violation");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.len() < 20_000, "a {} byte message", message.len());
+    assert!(message.contains("more characters)"), "{message}");
+    let stderr = gw.stderr();
+    assert!(!stderr.lines().any(|l| l.starts_with("forged: log line")), "a forged log line:\n{stderr}");
+    assert!(!stderr.contains('\u{202e}'), "a bidi control in the log");
+    assert!(stderr.contains("\\u{d}\\u{a}forged: log line"), "the clause is logged escaped:\n{stderr}");
+    assert!(
+        stderr.lines().all(|l| l.len() < 20_000),
+        "a log line of {} bytes",
+        stderr.lines().map(str::len).max().unwrap()
+    );
+}

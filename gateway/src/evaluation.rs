@@ -9,6 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::app::App;
+
+/// Most characters of one verdict's reason kept (in `x-acc-reasons`, error messages, traces and
+/// logs); a longer one is cut and says how much was left out.
+pub const MAX_REASON_CHARS: usize = 500;
 use crate::eval::{Outcome, Verdict};
 use crate::policy::{EvalAction, EvalPolicy, ReviewOverflow};
 use crate::providers::{Generation, Image, ProviderError};
@@ -96,6 +100,20 @@ pub async fn evaluate_attempt(
             out
         }
     };
+    // A reason may quote what the request brought (a contract's text clauses, text OCR read):
+    // each is cut, so that a contract of megabytes makes no megabyte error message or record.
+    for v in &mut verdicts {
+        if v.reason.len() > MAX_REASON_CHARS {
+            let whole = v.reason.chars().count();
+            if whole > MAX_REASON_CHARS {
+                v.reason = format!(
+                    "{}… ({} more characters)",
+                    crate::cut(&v.reason, MAX_REASON_CHARS),
+                    whole - MAX_REASON_CHARS
+                );
+            }
+        }
+    }
     if cfg.evaluators.iter().any(|e| e == "sanity") && (generation.images.len() as u32) < n {
         verdicts.push(Verdict {
             evaluator: "sanity",

@@ -234,6 +234,30 @@ pub(crate) fn cut(s: &str, chars: usize) -> String {
     }
 }
 
+/// `s` as a log line may carry it: control characters (CR, LF, NUL, ESC, ...), Unicode's
+/// bidirectional controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F) and its line and
+/// paragraph separators written as `\u{...}` escapes, so that text from a request (a contract's
+/// clause, what OCR read) can neither start a forged log line nor reorder one on a terminal.
+/// Borrowed when nothing needs escaping.
+pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    };
+    if !s.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if escaped(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// `bytes` as lowercase hex, two digits a byte: ids and digests in trace records, span ids,
 /// `traceparent`. `hex::encode` builds its `String` one `char` at a time and `format!("{:x}")`
 /// goes through the formatting machinery; each costs a request several times as much.

@@ -976,7 +976,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
             m.fallbacks.with_label_values(&[route.as_str(), from, &target.provider, reason]).inc();
         }
         if let Err(e) = &a.result {
-            tracing::info!(trace_id = %ctx.trace_id, route = %route, provider = %target.provider, result = label, "attempt failed: {}", e.text_without_provider_message());
+            tracing::info!(trace_id = %ctx.trace_id, route = %route, provider = %target.provider, result = label, "attempt failed: {}", crate::log_safe(&e.text_without_provider_message()));
         }
         prev = Some((&target.provider, label));
         ctx.attempts.push((a.step, label));
