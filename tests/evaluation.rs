@@ -222,6 +222,18 @@ evaluators = ["adherence"]
     bad["acc"] = json!({"colour": "white"});
     let e = gw.generate(&bad).await.assert_error(400, "invalid_contract");
     assert_eq!(e["param"], "acc");
+    // Text clauses that can never hold, or mean nothing, are the client's mistake too.
+    for (contract, says) in [
+        (json!({"forbid_text": [""]}), r#"forbid_text[0]: "" has nothing to look for"#),
+        (json!({"require_text": ["ACME"], "forbid_text": true}), "text is required where no text at all is allowed"),
+        (json!({"require_text": ["Sale"], "forbid_text": ["SALE"]}), "is both required and forbidden"),
+        (json!({"require_text": ["\u{202e}ACME"]}), "U+202E, which OCR never reads"),
+    ] {
+        let mut bad = plain.clone();
+        bad["acc"] = contract;
+        let e = gw.generate(&bad).await.assert_error(400, "invalid_contract");
+        assert!(e["message"].as_str().unwrap().contains(says), "{e}");
+    }
 }
 
 /// Issue 14's failing input 7: a prompt contract on a route that does not run the adherence

@@ -176,17 +176,23 @@ async fn a_small_ocr_max_side_still_finds_the_scenes_lines() {
 }
 
 /// A contract's text clauses come from the client and are quoted in the reasons of a failed
-/// check: a clause with CR LF cannot forge a log line (it is logged escaped), and a contract
-/// of megabytes makes neither a megabyte error message nor a megabyte log line.
+/// check: a clause with CR LF (it could forge a log line) is refused as the client's mistake,
+/// and a contract of thousands of clauses makes neither a megabyte error message nor a
+/// megabyte log line.
 #[tokio::test]
-async fn contract_text_in_reasons_is_escaped_in_logs_and_bounded() {
+async fn contract_text_in_reasons_is_refused_or_bounded() {
     let (first, _second, gw, _d) = gateway("evaluators = [\"adherence\"]\non_low_adherence = \"block\"").await;
     first.answer_with(&rendered("28-scene-1024x1024.png"));
     let mut body = req();
-    let long = "Z".repeat(1700);
-    let mut clauses = vec![json!("ACME\r\nforged: log line"), json!("\u{202e}evil")];
-    clauses.extend((0..3000).map(|i| json!(format!("{long}{i}"))));
-    body["acc"] = json!({ "require_text": clauses });
+    body["acc"] = json!({ "require_text": ["ACME\r\nforged: log line"] });
+    let err = gw.generate(&body).await.assert_error(400, "invalid_contract");
+    assert!(
+        err["message"].as_str().unwrap().contains(r#""ACME\r\nforged: log line" holds the character U+000D"#),
+        "{err}"
+    );
+
+    let long = "Z".repeat(190);
+    body["acc"] = json!({ "require_text": (0..3000).map(|i| format!("{long}{i}")).collect::<Vec<_>>() });
     let r = gw.generate(&body).await;
     let err = r.assert_error(400, "content_policy_violation");
     let message = err["message"].as_str().unwrap();
@@ -194,8 +200,6 @@ async fn contract_text_in_reasons_is_escaped_in_logs_and_bounded() {
     assert!(message.contains("more characters)"), "{message}");
     let stderr = gw.stderr();
     assert!(!stderr.lines().any(|l| l.starts_with("forged: log line")), "a forged log line:\n{stderr}");
-    assert!(!stderr.contains('\u{202e}'), "a bidi control in the log");
-    assert!(stderr.contains("\\u{d}\\u{a}forged: log line"), "the clause is logged escaped:\n{stderr}");
     assert!(
         stderr.lines().all(|l| l.len() < 20_000),
         "a log line of {} bytes",

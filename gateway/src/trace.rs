@@ -510,5 +510,11 @@ mod tests {
         assert_eq!(cut("ééé", 4), "ééé");
         assert_eq!(cut("ééé", 2), "éé");
         assert_eq!(cut(&"ü".repeat(300), MAX_FIELD_CHARS).chars().count(), MAX_FIELD_CHARS);
+        // Text from requests in log lines: no line breaks, NULs or bidi controls left.
+        assert!(matches!(crate::log_safe("plain ü text"), std::borrow::Cow::Borrowed("plain ü text")));
+        assert_eq!(
+            crate::log_safe("ACME\r\nforged\0 \u{202e}evil\u{2028}"),
+            "ACME\\u{d}\\u{a}forged\\u{0} \\u{202e}evil\\u{2028}"
+        );
     }
 }

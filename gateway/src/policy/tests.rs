@@ -775,3 +775,50 @@ fn review_needs_the_store() {
         ]
     );
 }
+
+#[test]
+fn text_rules_that_can_never_hold_or_mean_nothing_are_refused() {
+    let route = |extra: &str| {
+        format!(
+            "[providers.p]\nkind = \"builtin\"\n\n[[routes]]\nname = \"r\"\nmatch = {{ model = \"m\" }}\ntargets = [{{ provider = \"p\", model = \"m\" }}]\n{extra}\n"
+        )
+    };
+    let refused = |extra: &str| check(&[("p.toml", &route(extra))]).unwrap_err();
+    let text = "evaluators = [\"text\"]\n";
+    for (rules, want) in [
+        ("forbid_text = [\"\"]", r#"forbid_text[0]: "" has nothing to look for (empty or only spaces)"#),
+        ("require_text = [\"   \"]", r#"require_text[0]: "   " has nothing to look for (empty or only spaces)"#),
+        ("require_text = [\"\\u0000\"]", r#"require_text[0]: "\0" holds the character U+0000, which OCR never reads"#),
+        (
+            "require_text = [\"\\u202eACME\"]",
+            r#"require_text[0]: "\u{202e}ACME" holds the character U+202E, which OCR never reads"#,
+        ),
+        (
+            "require_text = [\"ACME\"]\nforbid_text = [\"SALE\", \"a c m e\"]",
+            r#"require_text[0] and forbid_text[1]: "ACME" is both required and forbidden (case and spaces are ignored)"#,
+        ),
+        (
+            "require_text = [\"ACME\"]\nforbid_any_text = true",
+            "require_text: text is required where no text at all is allowed",
+        ),
+    ] {
+        let errs = refused(&format!("{text}{rules}"));
+        assert_eq!(errs, vec![format!("p.toml: routes[0].{want}")], "{rules}");
+    }
+    let long = format!("{text}require_text = [\"{}\"]", "x".repeat(201));
+    assert_eq!(refused(&long), vec!["p.toml: routes[0].require_text[0]: 201 characters, more than the 200 allowed"]);
+    // OCR's input size where OCR never runs.
+    assert_eq!(
+        refused("evaluators = [\"sanity\"]\nocr_max_side = 960"),
+        vec![
+            r#"p.toml: routes[0].ocr_max_side: OCR never runs on this route (neither "text" nor "adherence" is in evaluators)"#
+        ]
+    );
+    for ok in [
+        format!("{text}require_text = [\"ACME\"]\nforbid_text = [\"SALE\"]\nocr_max_side = 960"),
+        "evaluators = [\"adherence\"]\nocr_max_side = 960".to_string(),
+        format!("{text}forbid_any_text = true"),
+    ] {
+        check(&[("p.toml", &route(&ok))]).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+    }
+}

@@ -1052,6 +1052,21 @@ fn validate_eval(
     if !text.is_empty() && !r.evaluators.iter().any(|e| e == "text") {
         errors.push(format!("{at}: require_text, forbid_text and forbid_any_text need \"text\" in evaluators"));
     }
+    for p in crate::request::contract::text_rule_problems(
+        &text.require,
+        &text.forbid,
+        text.forbid_any,
+        ("require_text", "forbid_text"),
+    ) {
+        errors.push(format!("{at}.{p}"));
+    }
+    // OCR runs for `text` rules and for contracts' text clauses (`adherence`): elsewhere the
+    // setting would do nothing.
+    if r.ocr_max_side.is_some() && !r.evaluators.iter().any(|e| e == "text" || e == "adherence") {
+        errors.push(format!(
+            "{at}.ocr_max_side: OCR never runs on this route (neither \"text\" nor \"adherence\" is in evaluators)"
+        ));
+    }
     let ocr_max_side = r.ocr_max_side.unwrap_or(crate::eval::ocr::DET_MAX_SIDE);
     if !crate::eval::ocr::DET_MAX_SIDE_RANGE.contains(&ocr_max_side) {
         errors.push(format!(

@@ -61,15 +61,73 @@ impl Contract {
         if let Some(a) = &self.aspect {
             parse_wxh(a, ':').ok_or_else(|| format!("invalid prompt contract: aspect \"{a}\" is not W:H"))?;
         }
-        match &self.forbid_text {
-            None | Some(serde_json::Value::Bool(_)) => {}
-            Some(serde_json::Value::Array(a)) if a.iter().all(|v| v.is_string()) => {}
+        let (forbid, forbid_any): (Vec<String>, bool) = match &self.forbid_text {
+            None => (Vec::new(), false),
+            Some(serde_json::Value::Bool(b)) => (Vec::new(), *b),
+            Some(serde_json::Value::Array(a)) if a.iter().all(|v| v.is_string()) => {
+                (a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(), false)
+            }
             Some(_) => {
                 return Err("invalid prompt contract: forbid_text must be true/false or a list of strings".into())
             }
+        };
+        let problems = text_rule_problems(&self.require_text, &forbid, forbid_any, ("require_text", "forbid_text"));
+        match problems.into_iter().next() {
+            Some(p) => Err(format!("invalid prompt contract: {p}")),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// Most characters of one required or forbidden text (a contract's or a route's). OCR reads a
+/// picture's text, not pages of it.
+pub const MAX_TEXT_RULE_CHARS: usize = 200;
+
+/// What makes text rules unmeetable or meaningless, one message per problem, each naming the
+/// field (`names`: the required and forbidden lists' field names) and, for a string, its index:
+/// a string with nothing to look for once spaces are left out (a forbidden one would match every
+/// image, a required one none fail), a control or bidirectional formatting character (OCR never
+/// reads one), one longer than [`MAX_TEXT_RULE_CHARS`], a string both required and forbidden
+/// (matching ignores case and spaces), and required text where no text at all is allowed.
+pub fn text_rule_problems(require: &[String], forbid: &[String], forbid_any: bool, names: (&str, &str)) -> Vec<String> {
+    let compact = |s: &str| s.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase).collect::<String>();
+    let mut problems = Vec::new();
+    for (list, name) in [(require, names.0), (forbid, names.1)] {
+        for (i, s) in list.iter().enumerate() {
+            if compact(s).is_empty() {
+                problems.push(format!("{name}[{i}]: {s:?} has nothing to look for (empty or only spaces)"));
+            } else if let Some(c) = s.chars().find(|c| c.is_control() || is_format_char(*c)) {
+                problems
+                    .push(format!("{name}[{i}]: {s:?} holds the character U+{:04X}, which OCR never reads", c as u32));
+            } else if s.chars().count() > MAX_TEXT_RULE_CHARS {
+                problems.push(format!(
+                    "{name}[{i}]: {} characters, more than the {MAX_TEXT_RULE_CHARS} allowed",
+                    s.chars().count()
+                ));
+            }
+        }
+    }
+    for (i, r) in require.iter().enumerate() {
+        let c = compact(r);
+        if !c.is_empty() {
+            if let Some(j) = forbid.iter().position(|f| compact(f) == c) {
+                problems.push(format!(
+                    "{}[{i}] and {}[{j}]: {r:?} is both required and forbidden (case and spaces are ignored)",
+                    names.0, names.1
+                ));
+            }
+        }
+    }
+    if forbid_any && !require.is_empty() {
+        problems.push(format!("{}: text is required where no text at all is allowed", names.0));
+    }
+    problems
+}
+
+/// Unicode's invisible formatting characters that OCR cannot read: bidirectional controls,
+/// zero-width characters and the byte order mark.
+fn is_format_char(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 /// `W<sep>H` with both sides positive, e.g. `1024x768` or `16:9`.
