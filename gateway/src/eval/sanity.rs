@@ -231,6 +231,41 @@ mod tests {
         assert!(r.verdicts[0].reason.starts_with("artifact does not decode"), "{}", r.verdicts[0].reason);
     }
 
+    /// A route without `sanity` did not ask for the size to be checked: an image of another
+    /// size than the request's is examined by its evaluators, not failed unseen.
+    #[test]
+    fn without_sanity_an_image_of_another_size_is_examined() {
+        let img = image::RgbImage::from_fn(60, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, 90]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let png = bytes::Bytes::from(png);
+        let asked = Some(Size { width: 256, height: 256 });
+        let r = crate::eval::evaluate_as(&png, asked, None, &Default::default(), None, "", &[Arc::new(Looks)]);
+        assert_eq!((r.verdicts[0].verdict, r.verdicts[0].reason.as_str()), (Outcome::Pass, "examined 60x40"));
+        // With sanity, the size fails it and the other evaluator does not look.
+        let evs: Vec<Arc<dyn Evaluator>> = vec![Arc::new(Sanity), Arc::new(Looks)];
+        let r = crate::eval::evaluate_as(&png, asked, None, &Default::default(), None, "", &evs);
+        assert_eq!(r.verdicts[1].reason, "not examined: image is 60x40, the request asked for 256x256");
+    }
+
+    /// An evaluator that passes every image it is shown, saying its size.
+    struct Looks;
+
+    impl Evaluator for Looks {
+        fn name(&self) -> &'static str {
+            "looks"
+        }
+
+        fn evaluate(&self, s: &Subject<'_>) -> Verdict {
+            Verdict {
+                evaluator: "looks",
+                score: 1.0,
+                verdict: Outcome::Pass,
+                reason: format!("examined {}", s.image.size()),
+            }
+        }
+    }
+
     /// Another evaluator, as the route would list it beside sanity.
     struct Sanity2;
 
