@@ -26,7 +26,8 @@ impl TextRules {
 
     /// The failed clauses given the text read from the image.
     pub fn failures(&self, read: &str) -> Vec<String> {
-        let compact = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        // The rules in the form OCR's lines are in (NFKC: a full-width `５０％` is `50%`).
+        let compact = |s: &str| ocr::normalize(s).chars().filter(|c| !c.is_whitespace()).collect::<String>();
         let hay = compact(read);
         let mut failed = Vec::new();
         for r in &self.require {
@@ -117,5 +118,8 @@ mod tests {
         let none = TextRules { forbid_any: true, ..Default::default() };
         assert!(none.failures("").is_empty());
         assert_eq!(none.failures("x").len(), 1);
+        // A rule written in full-width forms matches what OCR reads (NFKC on both sides).
+        let wide = TextRules { require: vec!["５０％ ＯＦＦ".into()], ..Default::default() };
+        assert!(wide.failures("SALE 50% OFF").is_empty());
     }
 }
