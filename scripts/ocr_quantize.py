@@ -143,7 +143,8 @@ def inputs(kind, seed, count):
     if kind == "det":
         sizes = [(1024, 1024), (768, 768), (1536, 1024), (512, 512)]
         return [(det_input(scene(rng, sizes[i % len(sizes)])), None) for i in range(count)]
-    return [(lambda img, text: (rec_input(img), text))(*line(rng)) for _ in range(count)]
+    lines = [line(rng) for _ in range(count)]
+    return [(rec_input(img), text) for img, text in lines]
 
 
 class Reader(CalibrationDataReader):
@@ -181,18 +182,22 @@ def edits(a, b):
     return row[-1]
 
 
-def agreement(kind, src, dst, check):
-    """Detector: the share of text-map pixels on the same side of the threshold in both models.
-    Recogniser: (float accuracy, copy accuracy), characters read right against the drawn text."""
+def det_agreement(src, dst, check):
+    """The share of text-map pixels on the same side of the threshold in both detectors."""
     a, b = session(src), session(dst)
     name = a.get_inputs()[0].name
-    if kind == "det":
-        same = total = 0
-        for x, _ in check:
-            ya, yb = a.run(None, {name: x})[0], b.run(None, {name: x})[0]
-            same += int(np.sum((ya > DET_THRESH) == (yb > DET_THRESH)))
-            total += ya.size
-        return same / total
+    same = total = 0
+    for x, _ in check:
+        ya, yb = a.run(None, {name: x})[0], b.run(None, {name: x})[0]
+        same += int(np.sum((ya > DET_THRESH) == (yb > DET_THRESH)))
+        total += ya.size
+    return same / total
+
+
+def rec_accuracy(src, dst, check):
+    """(float accuracy, copy accuracy): characters read right against the drawn lines' text."""
+    a, b = session(src), session(dst)
+    name = a.get_inputs()[0].name
     charset = a.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
     wrong = [0, 0]
     total = 0
@@ -229,12 +234,12 @@ def main():
         )
         base = os.path.basename(dst)
         if kind == "det":
-            got = agreement(kind, src, out, check)
+            got = det_agreement(src, out, check)
             print(f"ocr_quantize.py: {base}: {got:.2%} of text-map pixels as the float model's (need {DET_MIN_AGREEMENT:.0%})")
             if got < DET_MIN_AGREEMENT:
                 sys.exit(f"ocr_quantize.py: {base} not written: {got:.2%} of text-map pixels as the float model's")
         else:
-            want, got = agreement(kind, src, out, check)
+            want, got = rec_accuracy(src, out, check)
             print(f"ocr_quantize.py: {base}: {got:.2%} of characters read right ({want:.2%} by the float model; need at most {REC_MAX_LOSS:.1%} less)")
             if got < want - REC_MAX_LOSS:
                 sys.exit(f"ocr_quantize.py: {base} not written: {got:.2%} of characters read right against {want:.2%}")

@@ -115,22 +115,31 @@ for line in spec.split():
 sys.exit(1 if failed else 0)
 PYEOF
 
+# Writes $dir/NAME.SUFFIX.onnx from SRC with scripts/SCRIPT (ARGS, then SRC and the copy's path),
+# unless the copy is current: made from this SRC by this script in this venv (its stamp) and
+# newer than the model as shipped (the gateway's own test).
+derive() {
+    local py="$1" name="$2" suffix="$3" src="$4" script="$5" out stamp
+    shift 5
+    out="$dir/$name.$suffix.onnx"
+    stamp="$(cat "$src" "$root/scripts/$script" "$root/scripts/onnx-venv.sh" | sha256sum | cut -d' ' -f1)"
+    if [ -f "$out" ] && [ "$(cat "$dir/$name.$suffix.stamp" 2>/dev/null)" = "$stamp" ] \
+        && ! [ "$dir/$name.onnx" -nt "$out" ]; then
+        return 0
+    fi
+    rm -f "$out" "$dir/$name.$suffix.stamp"
+    "$py" "$root/scripts/$script" "$@" "$src" "$out" >&2 || return 1
+    echo "$stamp" >"$dir/$name.$suffix.stamp"
+}
+
 # The OCR models' fused copies (scripts/ocr_fuse.py, in the pinned onnx/numpy venv), rewritten when
 # missing or when the model, the script or the pins changed. Optional: when this fails the gateway
 # reads with the models as shipped, so it warns and goes on.
 fuse() {
-    local py stamp name
+    local py name
     py="$("$root/scripts/onnx-venv.sh" | tail -n 1)" || return 1
     for name in ch_PP-OCRv4_det_infer ch_PP-OCRv4_rec_infer; do
-        stamp="$(cat "$dir/$name.onnx" "$root/scripts/ocr_fuse.py" "$root/scripts/onnx-venv.sh" | sha256sum | cut -d' ' -f1)"
-        # Current: made from this model (stamp) and newer than it (the gateway's own test).
-        if [ -f "$dir/$name.fused.onnx" ] && [ "$(cat "$dir/$name.fused.stamp" 2>/dev/null)" = "$stamp" ] \
-            && ! [ "$dir/$name.onnx" -nt "$dir/$name.fused.onnx" ]; then
-            continue
-        fi
-        rm -f "$dir/$name.fused.onnx" "$dir/$name.fused.stamp"
-        "$py" "$root/scripts/ocr_fuse.py" "$dir/$name.onnx" "$dir/$name.fused.onnx" || return 1
-        echo "$stamp" >"$dir/$name.fused.stamp"
+        derive "$py" "$name" fused "$dir/$name.onnx" ocr_fuse.py || return 1
     done
 }
 if ! fuse; then
@@ -141,20 +150,13 @@ fi
 # shipped) and remade when that source, the script or the pins change. Optional like the fused
 # ones: the gateway then reads with the float models.
 quantize() {
-    local py stamp name kind src
+    local py name kind src
     py="$("$root/scripts/onnx-venv.sh" | tail -n 1)" || return 1
     for kind in det rec; do
         name="ch_PP-OCRv4_${kind}_infer"
         src="$dir/$name.fused.onnx"
         [ -f "$src" ] || src="$dir/$name.onnx"
-        stamp="$(cat "$src" "$root/scripts/ocr_quantize.py" "$root/scripts/onnx-venv.sh" | sha256sum | cut -d' ' -f1)"
-        if [ -f "$dir/$name.int8.onnx" ] && [ "$(cat "$dir/$name.int8.stamp" 2>/dev/null)" = "$stamp" ] \
-            && ! [ "$dir/$name.onnx" -nt "$dir/$name.int8.onnx" ]; then
-            continue
-        fi
-        rm -f "$dir/$name.int8.onnx" "$dir/$name.int8.stamp"
-        "$py" "$root/scripts/ocr_quantize.py" "$kind" "$src" "$dir/$name.int8.onnx" >&2 || return 1
-        echo "$stamp" >"$dir/$name.int8.stamp"
+        derive "$py" "$name" int8 "$src" ocr_quantize.py "$kind" || return 1
     done
 }
 if ! quantize; then

@@ -210,7 +210,7 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
                 .attempts
                 .last()
                 .map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
-            let why = if *timed_out { "no slot came free within its queue timeout" } else { "its wait queue is full" };
+            let why = ProviderError::busy_reason(*timed_out);
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::app::App;
-
-/// Most characters of one verdict's reason kept (in `x-acc-reasons`, error messages, traces and
-/// logs); a longer one is cut and says how much was left out.
-pub const MAX_REASON_CHARS: usize = 500;
 use crate::eval::{Outcome, Verdict};
 use crate::policy::{EvalAction, EvalPolicy, ReviewOverflow};
 use crate::providers::{Generation, Image, ProviderError};
 use crate::request::{GenerationRequest, Param};
+
+/// Most characters of one verdict's reason kept (in `x-acc-reasons`, error messages, traces and
+/// logs); a longer one is cut and says how much was left out.
+pub const MAX_REASON_CHARS: usize = 500;
 
 /// Evaluates one attempt's artifacts on the evaluation pool under the route's budget and
 /// applies the route's actions: `Ok` to return them (possibly flagged, or marked for review in
@@ -102,16 +102,11 @@ pub async fn evaluate_attempt(
     };
     // A reason may quote what the request brought (a contract's text clauses, text OCR read):
     // each is cut, so that a contract of megabytes makes no megabyte error message or record.
-    for v in &mut verdicts {
-        if v.reason.len() > MAX_REASON_CHARS {
-            let whole = v.reason.chars().count();
-            if whole > MAX_REASON_CHARS {
-                v.reason = format!(
-                    "{}… ({} more characters)",
-                    crate::cut(&v.reason, MAX_REASON_CHARS),
-                    whole - MAX_REASON_CHARS
-                );
-            }
+    // (A reason of at most MAX_REASON_CHARS bytes has no more characters: not counted.)
+    for v in verdicts.iter_mut().filter(|v| v.reason.len() > MAX_REASON_CHARS) {
+        let more = v.reason.chars().count().saturating_sub(MAX_REASON_CHARS);
+        if more > 0 {
+            v.reason = format!("{}… ({more} more characters)", crate::cut(&v.reason, MAX_REASON_CHARS));
         }
     }
     if cfg.evaluators.iter().any(|e| e == "sanity") && (generation.images.len() as u32) < n {

@@ -234,16 +234,20 @@ pub(crate) fn cut(s: &str, chars: usize) -> String {
     }
 }
 
+/// The Unicode bidirectional formatting characters (UAX #9, "Explicit Directional Embeddings,
+/// Overrides and Isolates", and the implicit marks): text holding U+202E RIGHT-TO-LEFT OVERRIDE
+/// shows reversed wherever it is displayed (the console, a terminal reading the logs).
+pub(crate) fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
 /// `s` as a log line may carry it: control characters (CR, LF, NUL, ESC, ...), Unicode's
-/// bidirectional controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F) and its line and
+/// bidirectional controls ([`is_bidi_control`]) and its line and
 /// paragraph separators written as `\u{...}` escapes, so that text from a request (a contract's
 /// clause, what OCR read) can neither start a forged log line nor reorder one on a terminal.
 /// Borrowed when nothing needs escaping.
 pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    let escaped = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
-    };
+    let escaped = |c: char| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}');
     if !s.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(s);
     }

@@ -113,7 +113,7 @@ fn templates() -> Environment<'static> {
     // Every value a page shows passes here: text from clients (prompts, cohorts, user ids,
     // reasons) has its bidirectional controls shown, not obeyed.
     env.set_formatter(|out, state, value| {
-        match value.as_str().filter(|s| !value.is_safe() && s.chars().any(is_bidi_control)) {
+        match value.as_str().filter(|s| !value.is_safe() && s.chars().any(crate::is_bidi_control)) {
             Some(text) => minijinja::escape_formatter(out, state, &minijinja::Value::from(show_bidi_controls(text))),
             None => minijinja::escape_formatter(out, state, value),
         }
@@ -121,18 +121,11 @@ fn templates() -> Environment<'static> {
     env
 }
 
-/// The Unicode bidirectional formatting characters (UAX #9, "Explicit Directional Embeddings,
-/// Overrides and Isolates", and the implicit marks): a prompt holding U+202E RIGHT-TO-LEFT
-/// OVERRIDE would show its text reversed to a reviewer.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-}
-
 /// `text` with each bidirectional control replaced by its code point in brackets, `[U+202E]`.
 fn show_bidi_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if is_bidi_control(c) {
+        if crate::is_bidi_control(c) {
             out.push_str(&format!("[U+{:04X}]", c as u32));
         } else {
             out.push(c);

@@ -230,24 +230,13 @@ pub fn read_text(det_model: &Path, rec_model: &Path, img: &RgbImage, max_side: u
         if glyphs == 0 || confidence < TEXT_SCORE || (glyphs == 1 && confidence < SINGLE_GLYPH_SCORE) {
             continue;
         }
-        lines.push(TextLine { text: normalize(&text), confidence, bbox: [b.x0, b.y0, b.x1 - b.x0, b.y1 - b.y0] });
+        lines.push(TextLine {
+            text: crate::request::contract::plain_text(&text),
+            confidence,
+            bbox: [b.x0, b.y0, b.x1 - b.x0, b.y1 - b.y0],
+        });
     }
     Ok(lines)
-}
-
-/// A line as the recogniser read it, as rules compare it and reasons quote it: Unicode's NFKC
-/// (the model's charset is Chinese and English, and it reads some ASCII as its full-width form:
-/// `５０％`, `＃`, `：` become `50%`, `#`, `:`), whitespace runs as one space, none at the ends.
-pub fn normalize(text: &str) -> String {
-    use unicode_normalization::UnicodeNormalization;
-    let mut out = String::with_capacity(text.len());
-    for word in text.nfkc().collect::<String>().split_whitespace() {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(word);
-    }
-    out
 }
 
 /// A box in the original image's pixels (x0 <= x1, y0 <= y1).
@@ -643,13 +632,6 @@ mod tests {
         assert_eq!(text, "aab b");
         assert!((conf - 0.9).abs() < 1e-6);
         assert_eq!(ctc_decode(&[1.0, 0.0, 0.0, 0.0], 1, &charset), (String::new(), 0.0));
-    }
-
-    #[test]
-    fn lines_are_read_in_their_plain_forms() {
-        assert_eq!(normalize(" OPEN BAKERY  24/7 "), "OPEN BAKERY 24/7");
-        assert_eq!(normalize("SALE ５０％ ＯＦＦ：＃１"), "SALE 50% OFF:#1");
-        assert_eq!(normalize("\u{3000}營業中\t"), "營業中");
     }
 
     #[test]

@@ -26,9 +26,10 @@ impl TextRules {
 
     /// The failed clauses given the text read from the image.
     pub fn failures(&self, read: &str) -> Vec<String> {
-        // The rules in the form OCR's lines are in (NFKC: a full-width `５０％` is `50%`).
-        let compact = |s: &str| ocr::normalize(s).chars().filter(|c| !c.is_whitespace()).collect::<String>();
-        let hay = compact(read);
+        // OCR's lines are read in their plain form; the rules are put in it (a full-width `５０％`
+        // is `50%`).
+        let compact = crate::request::contract::rule_text;
+        let hay: String = read.chars().filter(|c| !c.is_whitespace()).collect();
         let mut failed = Vec::new();
         for r in &self.require {
             if !ocr::fuzzy_contains(&hay, &compact(r), EDITS_PER_10) {

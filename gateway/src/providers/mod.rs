@@ -259,7 +259,7 @@ pub enum ProviderError {
     QueueTimeout,
     /// The queue is full, or the wait for a slot ran past `queue_timeout_ms` (`timed_out`), and
     /// the provider's policy says to refuse rather than fall back (`on_queue_full = "reject"`).
-    #[error("the provider is at its concurrency limit and its queue is full")]
+    #[error("the provider is at its concurrency limit and {}", ProviderError::busy_reason(*timed_out))]
     Busy { timed_out: bool },
     /// A hedged attempt that lost the race and was cancelled.
     #[error("cancelled: another attempt answered first")]
@@ -327,6 +327,16 @@ impl ProviderError {
             | ProviderError::QueueTimeout
             | ProviderError::Busy { .. }
             | ProviderError::HedgeCancelled) => e,
+        }
+    }
+
+    /// Why a [`ProviderError::Busy`] refused: its queue was full, or the wait for a slot ran
+    /// past `queue_timeout_ms` (`timed_out`).
+    pub fn busy_reason(timed_out: bool) -> &'static str {
+        if timed_out {
+            "no slot came free within its queue timeout"
+        } else {
+            "its wait queue is full"
         }
     }
 

@@ -88,9 +88,10 @@ pub const MAX_TEXT_RULE_CHARS: usize = 200;
 /// a string with nothing to look for once spaces are left out (a forbidden one would match every
 /// image, a required one none fail), a control or bidirectional formatting character (OCR never
 /// reads one), one longer than [`MAX_TEXT_RULE_CHARS`], a string both required and forbidden
-/// (matching ignores case and spaces), and required text where no text at all is allowed.
+/// (matching ignores case and spaces and compares [`plain_text`] forms), and required text where
+/// no text at all is allowed.
 pub fn text_rule_problems(require: &[String], forbid: &[String], forbid_any: bool, names: (&str, &str)) -> Vec<String> {
-    let compact = |s: &str| s.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase).collect::<String>();
+    let compact = |s: &str| rule_text(s).to_lowercase();
     let mut problems = Vec::new();
     for (list, name) in [(require, names.0), (forbid, names.1)] {
         for (i, s) in list.iter().enumerate() {
@@ -127,7 +128,27 @@ pub fn text_rule_problems(require: &[String], forbid: &[String], forbid_any: boo
 /// Unicode's invisible formatting characters that OCR cannot read: bidirectional controls,
 /// zero-width characters and the byte order mark.
 fn is_format_char(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    crate::is_bidi_control(c) || matches!(c, '\u{200b}'..='\u{200d}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
+}
+
+/// Text in the one form OCR's lines are read in and text rules are compared in: Unicode's NFKC
+/// (the recogniser's charset is Chinese and English, and it reads some ASCII in its full-width
+/// form: `５０％`, `＃`, `：` are `50%`, `#`, `:`), whitespace runs as one space, none at the ends.
+pub fn plain_text(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let mut out = String::with_capacity(text.len());
+    for word in text.nfkc().collect::<String>().split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+/// A text rule as it is looked for: [`plain_text`] without spaces.
+pub fn rule_text(rule: &str) -> String {
+    plain_text(rule).chars().filter(|c| !c.is_whitespace()).collect()
 }
 
 /// `W<sep>H` with both sides positive, e.g. `1024x768` or `16:9`.
@@ -157,4 +178,20 @@ pub fn parse_colour(s: &str) -> Option<[u8; 3]> {
         let v = u32::from_str_radix(h, 16).ok()?;
         Some([(v >> 16) as u8, (v >> 8) as u8, v as u8])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_compared_in_its_plain_form() {
+        assert_eq!(plain_text(" OPEN BAKERY  24/7 "), "OPEN BAKERY 24/7");
+        assert_eq!(plain_text("SALE ５０％ ＯＦＦ：＃１"), "SALE 50% OFF:#1");
+        assert_eq!(plain_text("\u{3000}營業中\t"), "營業中");
+        assert_eq!(rule_text("５０％ ＯＦＦ"), "50%OFF");
+        // Full-width and plain forms of one string are the same rule.
+        let p = text_rule_problems(&["５０％".into()], &["50 %".into()], false, ("require_text", "forbid_text"));
+        assert_eq!(p.len(), 1, "{p:?}");
+    }
 }
