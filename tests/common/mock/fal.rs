@@ -79,7 +79,7 @@ impl Shape for FalQueue {
         }
         let segments: Vec<&str> = call.req.path.trim_start_matches('/').split('/').collect();
         let app = segments.iter().take(2).copied().collect::<Vec<_>>().join("/");
-        let id = request_id(call.accepted_calls_to("submit").len());
+        let id = request_id(call.ordinal("submit"));
         let at = format!("http://{}/{app}/requests/{id}", call.addr);
         Reply::json(
             200,

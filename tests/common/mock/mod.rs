@@ -55,6 +55,8 @@ pub struct Captured {
     pub generation: bool,
     /// Refused by the mock's credential check (answered by [`Shape::unauthorized`]).
     pub rejected: bool,
+    /// Its place among every request the mock received (from 0), fixed when it was recorded.
+    pub seq: usize,
 }
 
 impl Captured {
@@ -329,6 +331,14 @@ impl Call<'_> {
     pub fn accepted_calls_to(&self, endpoint: &str) -> Vec<Captured> {
         let all = self.requests.lock().unwrap();
         all.iter().filter(|c| c.endpoint == Some(endpoint) && !c.rejected).cloned().collect()
+    }
+
+    /// Which accepted request to `endpoint` this one is (from 1), counting only those recorded
+    /// before it: unlike `accepted_calls_to(..).len()`, two requests served at once never get
+    /// the same number.
+    pub fn ordinal(&self, endpoint: &str) -> usize {
+        let all = self.requests.lock().unwrap();
+        all.iter().filter(|c| c.seq <= self.req.seq && c.endpoint == Some(endpoint) && !c.rejected).count()
     }
 }
 
@@ -801,6 +811,7 @@ async fn handle<S: Shape>(
         endpoint: None,
         generation: false,
         rejected: false,
+        seq: 0,
     };
     let shape = &state.shape;
     let endpoint = shape.route(&seen);
@@ -815,7 +826,11 @@ async fn handle<S: Shape>(
     if seen.generation {
         state.hits.fetch_add(1, Ordering::SeqCst);
     }
-    state.requests.lock().unwrap().push(seen.clone());
+    {
+        let mut requests = state.requests.lock().unwrap();
+        seen.seq = requests.len();
+        requests.push(seen.clone());
+    }
     let mut cfg = state.config.lock().unwrap().clone();
     let call = |images| Call { req: &seen, addr: state.addr, png: &state.png, images, requests: &state.requests };
     let Some(endpoint) = endpoint else {

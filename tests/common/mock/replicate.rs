@@ -129,7 +129,7 @@ impl Shape for Predictions {
         if let Some(refused) = too_many_outputs(&call.req.json()["input"]) {
             return refused;
         }
-        let id = prediction_id(call.accepted_calls_to("create").len());
+        let id = prediction_id(call.ordinal("create"));
         Reply::json(201, &self.prediction(call.addr, &id, "starting", &input_of(&call, &id)))
     }
 
