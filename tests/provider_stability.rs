@@ -301,6 +301,12 @@ breaker = {{ enabled = false }}
     assert_eq!(r.attempts(), vec!["stability:ok"], "{}", r.describe());
     assert_eq!(b64_images(&r).len(), 1, "{}", r.describe());
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.03"), "{}", r.describe());
+    // The trace keeps why an image is missing, on the attempt that answered.
+    let trace = gw.trace_record(&r.header("x-acc-trace-id").unwrap()).await.json();
+    let attempt = &trace["attempts"][0];
+    assert_eq!(attempt["result"], "ok", "{trace}");
+    let error = attempt["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("1 of the answer's calls failed, the first: ") && error.contains("429"), "{trace}");
     let hits = mock.hits();
     let r = gw.generate(&req("plain")).await;
     r.assert_status(200);

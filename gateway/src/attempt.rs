@@ -37,6 +37,9 @@ pub struct AttemptNote {
     /// Every evaluator's verdict on the attempt's images, and the image each is about.
     pub verdicts: Vec<Verdict>,
     pub verdict_images: Vec<usize>,
+    /// Calls that failed within an answer that still returned images (a provider that makes
+    /// one call per image, `Generation::partial_errors`; secrets masked).
+    pub partial_errors: Vec<std::sync::Arc<ProviderError>>,
 }
 
 /// Every attempt's note, in the order the attempts ended (a cancelled one's too).
@@ -104,6 +107,7 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             model_version: None,
             verdicts: Vec::new(),
             verdict_images: Vec::new(),
+            partial_errors: Vec::new(),
         }),
     };
     let traceparent = Some(crate::upstream::TraceHeaders {
@@ -183,6 +187,7 @@ async fn run(
     };
     if let Some(n) = note.as_deref_mut() {
         n.model_version = generation.settings.model.clone();
+        n.partial_errors = generation.partial_errors.clone();
     }
     used_settings(&mut generation, env.req, model, &dropped);
     // More images than asked for: the client gets `n` (and is limited and evaluated on `n`);

@@ -253,7 +253,16 @@ pub fn attempts(
             latency_ms: ms(a.elapsed),
             queue_ms: note.as_ref().map_or(0.0, |n| ms(n.queue)),
             result: a.label().to_string(),
-            error: a.result.as_ref().err().map(|e| error_text(e, full)),
+            error: match (&a.result, note.as_ref().and_then(|n| n.partial_errors.first().map(|e| (e, n)))) {
+                (Err(e), _) => Some(error_text(e, full)),
+                // It answered, with fewer images than it was asked for: why is kept too.
+                (Ok(()), Some((first, n))) => Some(format!(
+                    "{} of the answer's calls failed, the first: {}",
+                    n.partial_errors.len(),
+                    error_text(first, full)
+                )),
+                (Ok(()), None) => None,
+            },
             cost_usd: costs.get(i).copied().flatten(),
             role: role.to_string(),
             evaluations: Vec::new(),
