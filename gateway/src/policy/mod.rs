@@ -124,12 +124,12 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     let mut out_of_range = Vec::new();
     let mut parsed: Vec<(&str, RawFile)> = Vec::new();
     for (name, text) in &sources.files {
-        match toml::from_str::<RawFile>(text) {
+        match validate::parse_file(text) {
             Ok(raw) => {
                 numbers::check(name, text, &mut out_of_range);
                 parsed.push((name, raw))
             }
-            Err(e) => errors.push(format!("{name}: {}", validate::toml_error(text, &e))),
+            Err(e) => errors.push(format!("{name}: {e}")),
         }
     }
     if !errors.is_empty() {
@@ -159,6 +159,15 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
     }
     xref::default_model(sections.default_model.as_ref(), &aliases, &mut errors);
+    // A value the number check refuses (NaN, infinity, beyond its bound) is reported once, by
+    // it: a section's own range check of the same field ("NaN is outside [0, 1]") is dropped.
+    errors.retain(|e| {
+        !out_of_range.iter().any(|n| {
+            n.split_once(": ").and_then(|(file, rest)| {
+                rest.split_once(": ").map(|(path, _)| e.starts_with(&format!("{file}: {path}: ")))
+            }) == Some(true)
+        })
+    });
     errors.extend(out_of_range);
 
     if !errors.is_empty() {

@@ -230,7 +230,10 @@ pub(super) struct RawFetch {
 
 /// A per-image price: one number, or a table by size (`"1024x1024" = 0.04`, `default = 0.02`).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a price in USD (a number), or a table of prices by size (\"1024x1024\" = 0.04, default = 0.02)"
+)]
 pub(super) enum RawPerImage {
     Flat(f64),
     BySize(BTreeMap<String, f64>),

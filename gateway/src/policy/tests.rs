@@ -90,6 +90,52 @@ fn unknown_fields_and_syntax_errors_give_line_and_column() {
     assert!(errs[0].starts_with("b.toml: line 1, column"), "{}", errs[0]);
 }
 
+/// A value of the wrong type names its field's path beside the line, and a price table's
+/// error says what a price may be (not a Rust type's name).
+#[test]
+fn wrong_types_name_the_field() {
+    let route = |extra: &str| format!("[[routes]]\nname = \"a\"\ntargets = [{{ provider = \"demo\" }}]\n{extra}");
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", &route("attempt_timeout_ms = \"30s\"\n"))]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![r#"r.toml: line 4, column 22: routes[0].attempt_timeout_ms: invalid type: string "30s", expected u64"#]
+    );
+    let text = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }, { provider = \"demo\", model = 5 }]\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", text)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec!["r.toml: line 3, column 64: routes[0].targets[1].model: invalid type: integer `5`, expected a string"]
+    );
+    let errs = check(&[("a.toml", "[server]\nurl_ttl_secs = -1\n")]).unwrap_err();
+    assert_eq!(errs, vec!["a.toml: line 2, column 16: server.url_ttl_secs: invalid value: integer `-1`, expected u64"]);
+    let errs =
+        check(&[("a.toml", "[providers.x]\nkind = \"builtin\"\nprice = { per_image_usd = \"0.04\" }\n")]).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with(
+            "a.toml: line 3, column 27: providers.x.price.per_image_usd: expected a price in USD (a number), or a table of prices by size"
+        ),
+        "{}",
+        errs[0]
+    );
+}
+
+/// NaN or infinity where a number in a range is asked for is one error (not also "NaN is
+/// outside [0, 1]"); other problems of the same route are still all reported.
+#[test]
+fn a_non_finite_number_is_reported_once() {
+    let text = "[[routes]]\nname = \"a\"\ntargets = [{ provider = \"demo\" }]\nevaluators = [\"safety\", \"adherence\"]\nmax_unsafe = nan\nmin_adherence = inf\nmin_skin_in_box = 1.5\n";
+    let errs = check(&[("p.toml", PROVIDERS), ("r.toml", text)]).unwrap_err();
+    assert_eq!(
+        errs,
+        vec![
+            "r.toml: routes[0].min_skin_in_box: 1.5 is outside [0, 1]",
+            "r.toml: routes[0].max_unsafe: must be a finite number, got NaN",
+            "r.toml: routes[0].min_adherence: must be a finite number, got inf",
+        ]
+    );
+}
+
 #[test]
 fn kinds_are_checked() {
     let errs = check(&[("p.toml", "[providers.s]\nkind = \"stabilty\"\n[providers.t]\nkind = \"fal\"\n")]).unwrap_err();

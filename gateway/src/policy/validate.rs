@@ -1198,9 +1198,24 @@ fn check_name(at: &str, name: &str, errors: &mut Vec<String>) {
     }
 }
 
-/// `line L, column C: message` for a TOML error, which is how ops find it in an editor.
-pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
+/// One policy file's TOML as its raw sections. Errors: `line L, column C: PATH: message`, the
+/// path naming the field in the file's own terms (`routes[0].targets[1].model`,
+/// `server.url_ttl_secs`) where the error is about a value (a wrong type, a number out of its
+/// type's range), so a message like "expected u64" says whose.
+pub(super) fn parse_file(text: &str) -> Result<RawFile, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, &e, ""))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        // The top level prints as "."; an unknown field's message names the field itself.
+        let path = if path == "." || e.inner().message().starts_with("unknown field") { String::new() } else { path };
+        toml_error(text, e.inner(), &path)
+    })
+}
+
+/// `line L, column C: [PATH: ]message` for a TOML error, which is how ops find it in an editor.
+pub(super) fn toml_error(text: &str, e: &toml::de::Error, path: &str) -> String {
+    let msg = e.message().trim();
+    let msg = if path.is_empty() { msg.to_string() } else { format!("{path}: {msg}") };
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
