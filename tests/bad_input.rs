@@ -81,6 +81,14 @@ async fn malformed_json_is_400_invalid_json() {
         assert_client_error(&r, 400, None, "invalid_json");
         still_serves(&s.gw).await;
     }
+    // A lone UTF-16 surrogate escape (as Python's json.dumps writes a str holding one): the
+    // message says what is wrong, not only serde_json's "unexpected end of hex escape".
+    for raw in [&br#"{"prompt": "\ud800 a cat"}"#[..], br#"{"prompt": "a cat", "user": "\udfff"}"#] {
+        let r = post_raw(&s.gw.url("/v1/images/generations"), raw.to_vec(), &[]).await;
+        let err = r.assert_error(400, "invalid_json");
+        let msg = err["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("half of a UTF-16 surrogate pair"), "{}", r.describe());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,3 +107,37 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// serde_json's message for a body that is not JSON, with the one cryptic case explained: a
+/// `\uD800`-`\uDFFF` escape is half of a UTF-16 surrogate pair (RFC 8259 section 7), and serde_json
+/// reports a lone one as "unexpected end of hex escape" or "lone leading surrogate in hex
+/// escape". Python's `json.dumps` writes such escapes for a `str` holding a lone surrogate.
+pub fn json_error_text(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if msg.starts_with("unexpected end of hex escape") || msg.starts_with("lone leading surrogate") {
+        format!(
+            "{msg}: a \\u escape from \\uD800 to \\uDFFF is half of a UTF-16 surrogate pair and must be \
+             followed by its other half (\\uD83D\\uDE00 is one character); a lone half is not a character"
+        )
+    } else {
+        msg
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::json_error_text;
+
+    #[test]
+    fn a_lone_surrogate_escape_is_explained() {
+        for body in [r#"{"prompt": "\ud800 a cat"}"#, r#"{"prompt": "\udfff"}"#, r#"{"prompt": "\ud800\u0041"}"#] {
+            let e = serde_json::from_str::<serde_json::Value>(body).unwrap_err();
+            let text = json_error_text(&e);
+            assert!(text.contains("half of a UTF-16 surrogate pair"), "{body}: {text}");
+            assert!(text.contains("at line 1 column"), "{body}: {text}");
+        }
+        let e = serde_json::from_str::<serde_json::Value>(r#"{"prompt": "a cat""#).unwrap_err();
+        assert_eq!(json_error_text(&e), "EOF while parsing an object at line 1 column 18");
+        assert!(serde_json::from_str::<serde_json::Value>(r#"{"prompt": "\ud83d\ude00"}"#).is_ok());
+    }
+}

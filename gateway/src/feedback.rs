@@ -73,8 +73,13 @@ impl Rating {
     /// Parses and checks a body `{trace_id, rating, image_index?, comment?, labels?, user?}`;
     /// every mistake is a 400 naming its field (`param`).
     pub fn parse(body: &[u8]) -> Result<Rating, ApiError> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid("body", "invalid_json", format!("request body is not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::invalid(
+                "body",
+                "invalid_json",
+                format!("request body is not valid JSON: {}", crate::error::json_error_text(&e)),
+            )
+        })?;
         let Value::Object(map) = value else {
             return Err(ApiError::invalid("body", "invalid_json", "request body must be a JSON object"));
         };

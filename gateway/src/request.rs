@@ -175,7 +175,7 @@ impl GenerationRequest {
                 http::StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
-                format!("request body is not valid JSON: {e}"),
+                format!("request body is not valid JSON: {}", crate::error::json_error_text(&e)),
             )
         })?;
         let Value::Object(raw) = value else {

@@ -401,7 +401,7 @@ async fn decide(app: &App, id: &str, state: ReviewState, body: &[u8]) -> Respons
     let parsed = match serde_json::from_slice::<Value>(body) {
         Ok(v) if v.is_object() => serde_json::from_value::<DecisionBody>(v).map_err(|e| e.to_string()),
         Ok(_) => Err("the body is not a JSON object".to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(crate::error::json_error_text(&e)),
     };
     let parsed = match parsed {
         Ok(b) => b,
