@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mock::azure::AzureOpenAi;
+use common::mock::azure::{AzureOpenAi, REVISED_PROMPT};
 use common::*;
 use serde_json::{json, Value};
 
@@ -114,6 +114,10 @@ async fn generation_goes_to_the_deployment_with_api_key_and_version() {
     r.assert_status(200);
     assert_eq!(b64_images(&r), vec![s.az.png().to_vec(), s.az.png().to_vec()]);
     assert_eq!(r.attempts(), vec!["az:ok"], "{}", r.describe());
+    // DALL·E 3's revised prompts are hundreds of characters: each comes back whole, unescaped.
+    for i in 0..2 {
+        assert_eq!(r.json()["data"][i]["revised_prompt"], json!(REVISED_PROMPT), "{}", r.describe());
+    }
 
     let call = s.az.last_call();
     assert_eq!(call.path, "/openai/deployments/dalle3-prod/images/generations");

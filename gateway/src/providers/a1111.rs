@@ -293,7 +293,8 @@ fn parse_answer(body: impl Into<Rope>, n: usize) -> Result<Generation, ProviderE
             None => return Err(ProviderError::BadResponse(format!("images[{i}] is not valid base64"))),
         }
     }
-    let settings = answer.info.map(|info| info_settings(&skimmed.resolve(&info))).unwrap_or_default();
+    // `info` is best effort: a web UI whose `info` cannot be read still produced the images.
+    let settings = answer.info.and_then(|info| skimmed.text(info).ok()).map(|t| info_settings(&t)).unwrap_or_default();
     Ok(Generation { images, settings, ..Default::default() })
 }
 
@@ -309,24 +310,10 @@ fn strip_data_url(span: Rope) -> Rope {
     span
 }
 
-/// The settings `info` reports. It is best effort: a web UI whose `info` cannot be read still
-/// produced the images, and the proxy fills what is missing from the request.
-fn info_settings(info: &skim::Raw) -> Settings {
-    let text = match info {
-        skim::Raw::Plain(s) => s.clone(),
-        // A long string is still JSON-escaped: unescape it as the JSON string it is.
-        skim::Raw::Span(span) | skim::Raw::Base64(span) => {
-            let mut quoted = Vec::with_capacity(span.len() + 2);
-            quoted.push(b'"');
-            quoted.extend_from_slice(&span.to_bytes());
-            quoted.push(b'"');
-            match serde_json::from_slice::<String>(&quoted) {
-                Ok(s) => s,
-                Err(_) => return Settings::default(),
-            }
-        }
-    };
-    let Ok(v) = serde_json::from_str::<Value>(&text) else { return Settings::default() };
+/// The settings `info` reports (its text, a JSON document in a string). It is best effort: the
+/// proxy fills what is missing from the request.
+fn info_settings(text: &str) -> Settings {
+    let Ok(v) = serde_json::from_str::<Value>(text) else { return Settings::default() };
     let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
     let model = match (text("sd_model_name"), text("sd_model_hash")) {
         (Some(name), Some(hash)) => Some(format!("{name} [{hash}]")),

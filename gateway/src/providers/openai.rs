@@ -282,7 +282,12 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
     let mut images = Vec::with_capacity(items.len());
     let mut revised_prompts = Vec::new();
     if items.iter().any(|i| i.revised_prompt.is_some()) {
-        revised_prompts = items.iter().map(|i| i.revised_prompt.clone()).collect();
+        // DALL·E 3's revised prompts are often longer than the skim's cut (a long string).
+        for (i, item) in items.iter().enumerate() {
+            let text = item.revised_prompt.clone().map(|p| skimmed.text(p)).transpose();
+            revised_prompts
+                .push(text.map_err(|e| ProviderError::BadResponse(format!("data[{i}].revised_prompt: {e}")))?);
+        }
     }
     for (i, item) in items.into_iter().enumerate() {
         let image = match (item.b64_json, item.url) {
@@ -308,14 +313,15 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
         images.push(image);
     }
     let mut rest = answer.rest;
-    let answer_fields = super::ANSWER_FIELDS
-        .iter()
-        .filter_map(|&k| {
-            let v = rest.remove(k)?;
-            let well_formed = if k == "usage" { v.is_object() } else { v.is_string() };
-            well_formed.then_some((k, v))
-        })
-        .collect();
+    let mut answer_fields = Vec::new();
+    for &k in super::ANSWER_FIELDS.iter() {
+        let Some(mut v) = rest.remove(k) else { continue };
+        let well_formed = if k == "usage" { v.is_object() } else { v.is_string() };
+        if well_formed {
+            skimmed.restore(&mut v).map_err(|e| ProviderError::BadResponse(format!("{k}: {e}")))?;
+            answer_fields.push((k, v));
+        }
+    }
     Ok(Generation { images, answer_fields, revised_prompts, ..Default::default() })
 }
 
@@ -479,6 +485,29 @@ mod tests {
         // An escaped slash is unescaped; short payloads are plain values.
         assert!(matches!(&g.images[2], Image::Base64(b) if b.to_bytes()[..] == b"aGVs/bG8"[..]));
         assert!(matches!(&g.images[3], Image::Base64(b) if b.to_bytes()[..] == b"aGk="[..]));
+    }
+
+    /// Every string kept from an answer is the provider's text, however long: the skim cuts
+    /// strings of 256 bytes or more out of the document, and a kept one came back as its
+    /// placeholder (`"\u00001"`), DALL·E 3's revised prompts included.
+    #[test]
+    fn long_strings_outside_the_payloads_are_kept_whole() {
+        let prompt = format!("A lighthouse at dusk, \\\"Keep off\\\" \\u00e9 {}", "and gulls ".repeat(40));
+        let want = format!("A lighthouse at dusk, \"Keep off\" é {}", "and gulls ".repeat(40));
+        let detail = "x".repeat(300);
+        let big = "QUJD".repeat(100);
+        let text = format!(
+            r#"{{"data":[{{"b64_json":"{big}","revised_prompt":"{prompt}"}},{{"b64_json":"aGk=","revised_prompt":"short"}}],
+               "usage":{{"total_tokens":5,"input_tokens_details":{{"note":"{detail}"}}}},"quality":"{detail}"}}"#
+        );
+        let g = parse_answer(Bytes::from(text)).unwrap();
+        assert_eq!(g.revised_prompts, vec![Some(want), Some("short".to_string())]);
+        let fields: std::collections::HashMap<_, _> = g.answer_fields.into_iter().collect();
+        assert_eq!(fields["usage"]["input_tokens_details"]["note"], serde_json::json!(detail));
+        assert_eq!(fields["quality"], serde_json::json!(detail));
+        // A long revised prompt that is not valid JSON text fails as a short one would.
+        let bad = format!(r#"{{"data":[{{"b64_json":"aGk=","revised_prompt":"{}\q"}}]}}"#, "y".repeat(300));
+        assert_eq!(parse_answer(Bytes::from(bad)).unwrap_err().label(), "bad_response");
     }
 
     #[test]

@@ -171,6 +171,37 @@ impl Skimmed {
     }
 }
 
+impl Skimmed {
+    /// A string value taken from the remainder as the provider sent it: a placeholder becomes
+    /// the long string's text, JSON escapes undone. Every string an adapter keeps (a revised
+    /// prompt, a reason, a passed-through field) goes through this or [`Self::restore`]; only
+    /// image payloads are read as [`Raw`]. Errors: the long string is not valid JSON text
+    /// (a bad escape, invalid UTF-8), which serde_json would have refused in place.
+    pub fn text(&self, value: String) -> Result<String, String> {
+        match self.resolve(&value) {
+            Raw::Plain(s) => Ok(s),
+            Raw::Span(span) | Raw::Base64(span) => serde_json::from_slice(&quoted(&span))
+                .map_err(|e| format!("a string of {} bytes is not valid JSON text: {e}", span.len())),
+        }
+    }
+
+    /// [`Self::text`] for every string value in `value`. Object keys stay as they are: a key of
+    /// [`LONG`] bytes or more is a placeholder too, and no answer shape the adapters read has
+    /// one.
+    pub fn restore(&self, value: &mut serde_json::Value) -> Result<(), String> {
+        use serde_json::Value;
+        match value {
+            Value::String(s) if s.starts_with(MARK) => {
+                *s = self.text(std::mem::take(s))?;
+                Ok(())
+            }
+            Value::Array(items) => items.iter_mut().try_for_each(|v| self.restore(v)),
+            Value::Object(map) => map.values_mut().try_for_each(|v| self.restore(v)),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub enum Raw {
     /// Bytes of a long string, exactly as they appear between the quotes, as slices of the
     /// body's pieces.

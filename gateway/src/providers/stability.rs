@@ -273,7 +273,9 @@ fn parse_answer(body: impl Into<Rope>, headers: &http::HeaderMap) -> Result<(Ima
     let skimmed = skim::skim(&body).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is neither an image nor the expected JSON: {e}")))?;
-    match answer.finish_reason.as_deref() {
+    let finish_reason =
+        answer.finish_reason.map(|r| skimmed.text(r)).transpose().map_err(ProviderError::BadResponse)?;
+    match finish_reason.as_deref() {
         None | Some("SUCCESS") => {}
         Some("CONTENT_FILTERED") => {
             return Err(ProviderError::ContentFiltered(

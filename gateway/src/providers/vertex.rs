@@ -219,7 +219,16 @@ fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> {
     let mut reasons: Vec<String> = Vec::new();
     let mut revised_prompts = Vec::new();
     let mut formats = Vec::new();
-    for (i, p) in answer.predictions.into_iter().enumerate() {
+    for (i, mut p) in answer.predictions.into_iter().enumerate() {
+        // Enhanced prompts and reasons may be longer than the skim's cut.
+        let text = |field: &str, v: Option<String>| {
+            v.map(|v| skimmed.text(v))
+                .transpose()
+                .map_err(|e| ProviderError::BadResponse(format!("predictions[{i}].{field}: {e}")))
+        };
+        p.prompt = text("prompt", p.prompt)?;
+        p.rai_filtered_reason = text("raiFilteredReason", p.rai_filtered_reason)?;
+        p.mime_type = text("mimeType", p.mime_type)?;
         match (p.bytes_base64_encoded, p.rai_filtered_reason) {
             (Some(b64), _) => match skim::base64_value(skimmed.resolve(&b64)) {
                 Some(bytes) => {
@@ -499,6 +508,21 @@ mod tests {
         ] {
             assert_eq!(nearest_ratio(w, h, &RATIOS), want, "{w}x{h}");
         }
+    }
+
+    /// An enhanced prompt or a filter reason longer than the skim's cut is kept whole.
+    #[test]
+    fn long_prompts_and_reasons_are_kept_whole() {
+        let prompt = "a lighthouse at dusk, ".repeat(20);
+        let reason = "filtered because ".repeat(20);
+        let text = format!(
+            r#"{{"predictions":[{{"bytesBase64Encoded":"aGk=","mimeType":"image/png","prompt":"{prompt}"}},{{"raiFilteredReason":"{reason}"}}]}}"#
+        );
+        let g = parse_answer(Bytes::from(text)).unwrap();
+        assert_eq!(g.revised_prompts, vec![Some(prompt.clone())]);
+        let text = format!(r#"{{"predictions":[{{"raiFilteredReason":"{reason}"}}]}}"#);
+        let e = parse_answer(Bytes::from(text)).unwrap_err();
+        assert!(matches!(&e, ProviderError::ContentFiltered(m) if m.starts_with("filtered because filtered")), "{e}");
     }
 
     #[test]

@@ -14,6 +14,13 @@ use crate::common::b64_encode;
 /// The first `api-version` with `images/edits` (and the GPT image models' fields).
 const EDITS_FROM: &str = "2025-04-01-preview";
 
+/// The `revised_prompt` of every image: as long as DALL·E 3's usually are (several hundred
+/// characters), with a quote, an escaped slash's character and non-ASCII text.
+pub const REVISED_PROMPT: &str = "A serene lighthouse stands on a rocky outcrop at dusk, its beam sweeping across a \
+    calm, slate-blue sea. The sky fades from apricot near the horizon to deep indigo overhead, with the first \
+    stars appearing. Gulls circle the lantern room; a weathered sign reads \"Keep off / Défense d'entrer\". \
+    Soft reflections ripple on the wet rocks, and a narrow path of worn stone steps leads up to a red door.";
+
 /// An Azure OpenAI resource with these deployments.
 pub struct AzureOpenAi {
     deployments: Vec<String>,
@@ -96,7 +103,7 @@ impl Shape for AzureOpenAi {
             .iter()
             .enumerate()
             .map(|(i, image)| {
-                let mut item = json!({"revised_prompt": "a revised prompt", "content_filter_results": filter,
+                let mut item = json!({"revised_prompt": REVISED_PROMPT, "content_filter_results": filter,
                     "prompt_filter_results": filter});
                 if format == "url" {
                     item["url"] = json!(format!("http://{}/blobs/{deployment}-{i}.png?sig=abc", call.addr));
