@@ -308,6 +308,56 @@ async fn a_broken_stream_falls_back_and_an_error_event_is_classified() {
     assert_eq!((first.hits(), second.hits()), (2, 1));
 }
 
+/// A provider that streams more than it was asked for (completed events beyond `n`, partial
+/// images beyond `partial_images`) is held to the request, as a plain answer with too many
+/// images is: the client gets `n` completed events and at most the partials it asked for,
+/// evaluators judge `n` images, and the trace records `n`.
+#[tokio::test]
+async fn a_stream_with_more_images_than_asked_is_cut_to_the_request() {
+    let up = MockProvider::start().await;
+    let policy = format!(
+        "{}{}{}",
+        openai_provider_at("up", &up.base_url()),
+        route_toml("raw", "raw").target("up", "gpt-image-1"),
+        route_toml("checked", "checked").target("up", "gpt-image-1").with("evaluators = [\"sanity\"]"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let event = |kind: &str, seed: u32, index: Option<usize>| {
+        let mut data = json!({"type": kind, "b64_json": b64_encode(&noisy(256, 256, seed)), "created_at": 1,
+                              "size": "256x256", "quality": "low", "background": "opaque", "output_format": "png"});
+        if let Some(i) = index {
+            data["partial_image_index"] = json!(i);
+        }
+        format!("event: {kind}\ndata: {data}\n\n")
+    };
+    let mut flood = String::new();
+    for i in 0..5 {
+        flood.push_str(&event("image_generation.partial_image", 10 + i as u32, Some(i)));
+    }
+    for i in 0..3 {
+        flood.push_str(&event("image_generation.completed", 20 + i, None));
+    }
+    up.set_body(Some(&flood));
+    let first_completed = b64_encode(&noisy(256, 256, 20));
+    for (model, partials) in [("raw", 1), ("checked", 0)] {
+        let body = json!({"model": model, "prompt": "a lighthouse", "size": "256x256", "stream": true,
+                          "partial_images": 1});
+        let r = gw.generate(&body).await;
+        r.assert_status(200);
+        let ev = events(&r);
+        let mut want = vec!["image_generation.partial_image"; partials];
+        want.push("image_generation.completed");
+        assert_eq!(names(&ev), want, "{model}: {}", r.describe());
+        assert_eq!(ev.last().unwrap().1["b64_json"], json!(first_completed), "{model}");
+        let trace_id = r.header("x-acc-trace-id").expect("trace id");
+        let rec = gw.trace_record(&trace_id).await.json();
+        assert_eq!(rec["images"].as_array().map(Vec::len), Some(1), "{model}: {rec:#}");
+        if model == "checked" {
+            assert_eq!(r.header("x-acc-eval").as_deref(), Some("sanity=pass(1.00)"), "{}", r.describe());
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_blank_final_image_falls_back_to_a_plain_target_as_one_completed_event() {
     let (first, gw, _d) = evaluating("[providers.second]\nkind = \"builtin\"\n\n").await;

@@ -193,10 +193,16 @@ async fn run(
     // More images than asked for: the client gets `n` (and is limited and evaluated on `n`);
     // the rest were billed and are charged as discarded.
     let n = env.req.n as usize;
-    if generation.images.len() > n && generation.streamed.is_none() {
+    if generation.images.len() > n {
         generation.surplus = (generation.images.len() - n) as u32;
         generation.images.truncate(n);
         generation.revised_prompts.truncate(n);
+    }
+    // A stream's events likewise: `n` completed events, and at most the partial images asked
+    // for (`partial_images` per image; more were not asked for, and were not relayed live).
+    if let Some(streamed) = generation.streamed.as_mut() {
+        streamed.completed.truncate(n);
+        streamed.partials.truncate(env.req.partials_allowed());
     }
     // 5. A provider URL is fetched (SSRF-guarded) when the gateway needs the bytes: to evaluate
     // them, or to answer b64_json or gateway-served URLs.

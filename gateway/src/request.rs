@@ -168,6 +168,12 @@ pub struct GenerationRequest {
 }
 
 impl GenerationRequest {
+    /// How many partial images a stream may send the client: `partial_images` for each of the
+    /// `n` images (0 when the request does not stream or asks for none).
+    pub fn partials_allowed(&self) -> usize {
+        self.stream.unwrap_or(0) as usize * self.n as usize
+    }
+
     /// Parses a JSON body.
     pub fn from_json(body: &[u8]) -> Result<GenerationRequest, ApiError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| {

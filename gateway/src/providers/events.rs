@@ -194,26 +194,29 @@ impl LiveTap {
         true
     }
 
-    /// A new attempt's relay, showing the provider's stream to this tap.
-    pub fn relay(self: &std::sync::Arc<Self>) -> PartialRelay {
+    /// A new attempt's relay, showing the provider's stream to this tap; at most `max` of its
+    /// partial images are relayed (what the client asked for), later ones are dropped.
+    pub fn relay(self: &std::sync::Arc<Self>, max: usize) -> PartialRelay {
         let id = {
             let mut s = self.state();
             s.next_id += 1;
             s.next_id
         };
-        PartialRelay { tap: self.clone(), id, pending: Vec::new(), scanned: 0, wanted: false }
+        PartialRelay { tap: self.clone(), id, pending: Vec::new(), scanned: 0, wanted: false, max, pushed: 0 }
     }
 
-    fn push(&self, id: u64, event: Bytes) {
+    /// Queues a partial of attempt `id` when it owns the stream; false when dropped.
+    fn push(&self, id: u64, event: Bytes) -> bool {
         let mut s = self.state();
         if s.done || *s.owner.get_or_insert(id) != id {
-            return;
+            return false;
         }
         s.queue.push_back(event);
         s.relayed += 1;
         if let Some(w) = s.waker.take() {
             w.wake();
         }
+        true
     }
 
     fn end(&self, id: u64, completed: bool) {
@@ -239,6 +242,12 @@ pub struct PartialRelay {
     scanned: usize,
     /// The answer is a successful event stream.
     wanted: bool,
+    /// At most this many of this attempt's partial images go to the client: those it asked
+    /// for ([`crate::request::GenerationRequest::partials_allowed`]). A fallback that takes
+    /// the stream over starts its image afresh, with its own partials.
+    max: usize,
+    /// This attempt's partials queued so far.
+    pushed: usize,
 }
 
 impl PartialRelay {
@@ -275,7 +284,9 @@ impl PartialRelay {
             self.tap.end(self.id, true);
         } else if kind.ends_with(".partial_image") {
             let text = value.get("b64_json").and_then(Value::as_str).unwrap_or_default();
-            if skim::base64_value(skim::Raw::Plain(text.to_string())).is_some_and(|b| !b.is_empty()) {
+            if self.pushed < self.max
+                && skim::base64_value(skim::Raw::Plain(text.to_string())).is_some_and(|b| !b.is_empty())
+            {
                 // The provider's own data text, as it sent it (one `data:` line per line).
                 let mut event = format!("event: {kind}\n");
                 for line in ev.data.split('\n') {
@@ -284,7 +295,9 @@ impl PartialRelay {
                     event.push('\n');
                 }
                 event.push('\n');
-                self.tap.push(self.id, Bytes::from(event));
+                if self.tap.push(self.id, Bytes::from(event)) {
+                    self.pushed += 1;
+                }
             }
         }
     }
@@ -380,7 +393,7 @@ mod tests {
             ];
             for split in [1, 2, 7, 64, body.len()] {
                 let tap = std::sync::Arc::new(LiveTap::default());
-                let mut relay = tap.relay();
+                let mut relay = tap.relay(usize::MAX);
                 let ok = http::HeaderMap::from_iter([(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
@@ -409,7 +422,7 @@ mod tests {
             )
         };
         let tap = std::sync::Arc::new(LiveTap::default());
-        let (mut a, mut b) = (tap.relay(), tap.relay());
+        let (mut a, mut b) = (tap.relay(usize::MAX), tap.relay(usize::MAX));
         assert!(a.head(http::StatusCode::OK, &ok) && b.head(http::StatusCode::OK, &ok));
         a.chunk(partial(0).as_bytes());
         b.chunk(partial(7).as_bytes());
@@ -420,7 +433,7 @@ mod tests {
         assert_eq!(after.len(), 1);
         assert!(after[0].contains("\"partial_image_index\":8"), "{after:?}");
         // An error answer, or one that is not an event stream, is not observed.
-        let mut c = tap.relay();
+        let mut c = tap.relay(usize::MAX);
         assert!(!c.head(http::StatusCode::BAD_REQUEST, &ok));
         let json = http::HeaderMap::from_iter([(
             http::header::CONTENT_TYPE,
@@ -429,7 +442,7 @@ mod tests {
         assert!(!c.head(http::StatusCode::OK, &json));
         // A partial without a valid image is not relayed.
         drop(b);
-        let mut d = tap.relay();
+        let mut d = tap.relay(usize::MAX);
         assert!(d.head(http::StatusCode::OK, &ok));
         d.chunk(b"data: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"!!\"}\n\n");
         assert!(drain(&tap).is_empty());

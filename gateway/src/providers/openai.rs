@@ -143,7 +143,10 @@ impl Provider for OpenAi {
         }
 
         // Partial images relayed as they arrive, when the request streams them live.
-        let mut relay = attempt.partials.filter(|_| attempt.req.stream.is_some_and(|p| p > 0)).map(|t| t.relay());
+        let mut relay = attempt
+            .partials
+            .filter(|_| attempt.req.stream.is_some_and(|p| p > 0))
+            .map(|t| t.relay(attempt.req.partials_allowed()));
         let observer = relay.as_mut().map(|r| r as &mut dyn upstream::BodyObserver);
         let answer = upstream::send_observed(endpoint, req, MAX_ANSWER_BYTES, observer).await.map_err(|e| match e {
             upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
