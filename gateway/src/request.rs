@@ -271,9 +271,15 @@ impl GenerationRequest {
                     })?;
                     // Form fields are text; numbers are numbers when they parse as such.
                     let value = match name.as_str() {
-                        "n" | "seed" | "output_compression" => {
+                        "n" | "seed" | "output_compression" | "partial_images" => {
                             text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text))
                         }
+                        // Booleans are `true` / `false`, as the SDKs write them into a form.
+                        "stream" => match text.trim() {
+                            "true" => Value::Bool(true),
+                            "false" => Value::Bool(false),
+                            _ => Value::String(text),
+                        },
                         _ => Value::String(text),
                     };
                     raw.insert(name, value);
@@ -740,14 +746,17 @@ pub fn is_trace_id(s: &str) -> bool {
 /// `partial_images`: "Value must be between 0 and 3").
 pub const MAX_PARTIAL_IMAGES: u64 = 3;
 
-/// `stream` (a boolean; `"true"`/`"false"` in a form) and `partial_images` (0 to 3; a numeric
-/// string in a form): `Some(partials)` when the client asks for a stream.
+/// `stream` (a boolean) and `partial_images` (an integer, 0 to 3): `Some(partials)` when the
+/// client asks for a stream. A form's text fields were made a boolean and a number when they
+/// read as one ([`GenerationRequest::from_multipart`]); in JSON the types are OpenAI's, and a
+/// string is refused (it would otherwise be forwarded as a string, which OpenAI refuses).
 fn stream_field(raw: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
     let stream = match raw.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) if s.trim() == "true" => true,
-        Some(Value::String(s)) if s.trim() == "false" => false,
+        Some(v @ Value::String(s)) if matches!(s.trim(), "true" | "false") => {
+            return Err(wrong_type("stream", "a boolean", v))
+        }
         Some(Value::String(s)) => {
             return Err(ApiError::invalid(
                 "stream",
@@ -759,22 +768,19 @@ fn stream_field(raw: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
     };
     let partials = match raw.get("partial_images") {
         None | Some(Value::Null) => 0,
-        Some(v @ (Value::Number(_) | Value::String(_))) => {
-            let parsed = match v {
-                Value::Number(n) => n.as_u64(),
-                _ => v.as_str().and_then(|s| s.trim().parse::<u64>().ok()),
-            };
-            match parsed {
-                Some(p) if p <= MAX_PARTIAL_IMAGES => p as u32,
-                _ => {
-                    return Err(ApiError::invalid(
-                        "partial_images",
-                        "invalid_value",
-                        format!("partial_images must be an integer between 0 and {MAX_PARTIAL_IMAGES}, got {v}"),
-                    ))
-                }
-            }
+        Some(v @ Value::String(s)) if s.trim().parse::<u64>().is_ok() => {
+            return Err(wrong_type("partial_images", "an integer", v))
         }
+        Some(v @ (Value::Number(_) | Value::String(_))) => match v.as_u64() {
+            Some(p) if p <= MAX_PARTIAL_IMAGES => p as u32,
+            _ => {
+                return Err(ApiError::invalid(
+                    "partial_images",
+                    "invalid_value",
+                    format!("partial_images must be an integer between 0 and {MAX_PARTIAL_IMAGES}, got {v}"),
+                ))
+            }
+        },
         Some(other) => return Err(wrong_type("partial_images", "an integer", other)),
     };
     Ok(stream.then_some(partials))
@@ -808,6 +814,28 @@ mod tests {
         GenerationRequest::from_json(body.as_bytes()).unwrap_err()
     }
 
+    #[tokio::test]
+    async fn multipart_stream_fields_are_a_boolean_and_a_number() {
+        let png = b"PNGDATA";
+        let body = form(&[
+            ("image", Some("a.png"), png),
+            ("prompt", None, b"x"),
+            ("stream", None, b"true"),
+            ("partial_images", None, b" 2"),
+        ]);
+        let r = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap();
+        assert_eq!(r.stream, Some(2));
+        assert_eq!(
+            (r.raw["stream"].clone(), r.raw["partial_images"].clone()),
+            (serde_json::json!(true), serde_json::json!(2))
+        );
+        let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), ("stream", None, b"false")]);
+        assert_eq!(GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap().stream, None);
+        let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), ("stream", None, b"yes")]);
+        let e = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap_err();
+        assert_eq!((e.param, e.code), (Some("stream"), Some("invalid_value")));
+    }
+
     #[test]
     fn stream_and_partial_images_are_checked() {
         let parse = |body: &str| GenerationRequest::from_json(body.as_bytes()).map(|r| r.stream);
@@ -815,8 +843,16 @@ mod tests {
         assert_eq!(parse(r#"{"prompt":"x","stream":false,"partial_images":2}"#).unwrap(), None);
         assert_eq!(parse(r#"{"prompt":"x","stream":true}"#).unwrap(), Some(0));
         assert_eq!(parse(r#"{"prompt":"x","stream":true,"partial_images":3}"#).unwrap(), Some(3));
-        // Form fields are text.
-        assert_eq!(parse(r#"{"prompt":"x","stream":"true","partial_images":"1"}"#).unwrap(), Some(1));
+        // In JSON the types are OpenAI's: strings are refused, not forwarded as strings (forms,
+        // whose fields are text, are read in `multipart_stream_fields_are_a_boolean_and_a_number`).
+        for (body, param) in [
+            (r#"{"prompt":"x","stream":"true"}"#, "stream"),
+            (r#"{"prompt":"x","stream":"false"}"#, "stream"),
+            (r#"{"prompt":"x","stream":true,"partial_images":"1"}"#, "partial_images"),
+        ] {
+            let e = err(body);
+            assert_eq!((e.param, e.code), (Some(param), Some("invalid_type")), "{body}");
+        }
         let e = err(r#"{"prompt":"x","stream":true,"partial_images":4}"#);
         assert_eq!((e.param, e.code), (Some("partial_images"), Some("invalid_value")));
         assert_eq!(e.message, "partial_images must be an integer between 0 and 3, got 4");
