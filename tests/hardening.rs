@@ -608,3 +608,25 @@ async fn an_oversized_image_is_judged_on_its_header_and_never_decoded() {
     assert!(rec.contains("image is 8000x8000, the request asked for 256x256"), "{rec}");
     assert!(rec.contains("not examined: image is 8000x8000"), "the safety model never saw it: {rec}");
 }
+
+/// Text from a provider reaches log lines by many paths (a refused image URL is logged with the
+/// URL): whatever the path, a CR or LF in it never starts a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_text_never_forges_a_log_line() {
+    let up = MockProvider::start().await;
+    let policy =
+        format!("{}{}", openai_provider_at("up", &up.base_url()), route_toml("main", "m").target("up", "gpt-image-1"));
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let answer =
+        json!({"created": 1, "data": [{"url": "http://img.example/a.png\r\nX-Injected: 1 forged\n\u{202e}x"}]});
+    up.set_body(Some(&answer.to_string()));
+    let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+    assert!(r.status >= 500, "{}", r.describe());
+    settles("the refused URL is logged", || gw.stderr().contains("image URL refused")).await;
+    let log = gw.stderr();
+    assert!(log.contains("X-Injected: 1 forged"), "the URL is in the log: {log}");
+    for line in log.lines() {
+        assert!(!line.starts_with("X-Injected"), "a forged line: {line:?}\n{log}");
+        assert!(!line.contains('\u{202e}') && !line.contains('\r'), "an unescaped control: {line:?}");
+    }
+}

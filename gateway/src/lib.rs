@@ -262,6 +262,38 @@ pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A formatted log line as [`log_safe`] writes text, for the whole line at once: every log
+/// line passes through this before it is written, so text from outside (a provider's URL or
+/// message, a client's field) that reaches a log line by any path can neither forge a line nor
+/// reorder one. With `keep_sgr` (colours on a terminal) the colour sequences the formatter
+/// writes (`ESC [ digits/semicolons m`, ECMA-48 SGR) pass; every other ESC is escaped.
+pub fn log_line_safe(line: &str, keep_sgr: bool) -> std::borrow::Cow<'_, str> {
+    if !keep_sgr || !line.contains('\u{1b}') {
+        return log_safe(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    let mut rest = line;
+    while let Some(at) = rest.find('\u{1b}') {
+        out.push_str(&log_safe(&rest[..at]));
+        let after = &rest[at + 1..];
+        let params =
+            after.strip_prefix('[').map(|p| p.bytes().take_while(|b| b.is_ascii_digit() || *b == b';').count());
+        match params {
+            Some(n) if after.as_bytes().get(1 + n) == Some(&b'm') => {
+                out.push('\u{1b}');
+                out.push_str(&after[..n + 2]);
+                rest = &after[n + 2..];
+            }
+            _ => {
+                out.extend('\u{1b}'.escape_unicode());
+                rest = after;
+            }
+        }
+    }
+    out.push_str(&log_safe(rest));
+    std::borrow::Cow::Owned(out)
+}
+
 /// `bytes` as lowercase hex, two digits a byte: ids and digests in trace records, span ids,
 /// `traceparent`. `hex::encode` builds its `String` one `char` at a time and `format!("{:x}")`
 /// goes through the formatting machinery; each costs a request several times as much.

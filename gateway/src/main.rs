@@ -745,10 +745,51 @@ fn init_tracing() {
     let json = std::env::var("ACC_LOG_FORMAT").is_ok_and(|v| v == "json");
     // Colours only on a terminal: a log file or collector gets no escape sequences.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     if json {
-        builder.json().init();
+        // JSON escapes every control character itself.
+        builder.with_writer(std::io::stderr).json().init();
     } else {
-        builder.init();
+        builder.with_writer(SafeLines { keep_sgr: ansi }).init();
+    }
+}
+
+/// stderr for text logs, each line passed through [`acc::log_line_safe`] first: the formatter
+/// writes one event with one `write_all`, so a CR or LF inside an event's fields or message
+/// (text from a provider or a client, by whatever path it reached the log) is escaped and
+/// only the event's own last newline ends a line.
+struct SafeLines {
+    keep_sgr: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SafeLines {
+    type Writer = SafeLine;
+
+    fn make_writer(&'a self) -> SafeLine {
+        SafeLine { keep_sgr: self.keep_sgr }
+    }
+}
+
+struct SafeLine {
+    keep_sgr: bool,
+}
+
+impl std::io::Write for SafeLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (line, newline) = match text.strip_suffix('\n') {
+            Some(line) => (line, true),
+            None => (&*text, false),
+        };
+        let mut err = std::io::stderr().lock();
+        err.write_all(acc::log_line_safe(line, self.keep_sgr).as_bytes())?;
+        if newline {
+            err.write_all(b"\n")?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }

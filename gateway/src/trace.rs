@@ -526,4 +526,18 @@ mod tests {
             "ACME\\u{d}\\u{a}forged\\u{0} \\u{202e}evil\\u{2028}"
         );
     }
+
+    #[test]
+    fn log_lines_keep_only_the_formatters_colours() {
+        assert_eq!(crate::log_line_safe("url: x\r\nX-Injected: 1", false), "url: x\\u{d}\\u{a}X-Injected: 1");
+        assert_eq!(
+            crate::log_line_safe(
+                "\u{1b}[2m2026\u{1b}[0m \u{1b}[32mINFO\u{1b}[0m x\u{1b}]0;title\u{7}\u{1b}[1;31m\u{202e}",
+                true
+            ),
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32mINFO\u{1b}[0m x\\u{1b}]0;title\\u{7}\u{1b}[1;31m\\u{202e}"
+        );
+        assert_eq!(crate::log_line_safe("\u{1b}[32mINFO", false), "\\u{1b}[32mINFO");
+        assert_eq!(crate::log_line_safe("cut \u{1b}[12", true), "cut \\u{1b}[12");
+    }
 }
