@@ -179,7 +179,7 @@ pub fn url_base(policy: &Policy, headers: &HeaderMap) -> Result<String, ApiError
     Ok(format!("http://{host}"))
 }
 
-/// The client's error when no attempt succeeded: the upstream's own 4xx as is, or a 502/504
+/// The client's error when no attempt succeeded: the upstream's own 4xx (in OpenAI's shape), or a 502/504
 /// that lists each attempt's reason.
 pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
     match outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {

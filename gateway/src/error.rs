@@ -16,7 +16,7 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
     /// A body to send verbatim instead of one built from the fields above: an upstream's own
-    /// OpenAI-shaped 4xx answer, passed through as is.
+    /// 4xx error, already rebuilt in OpenAI's shape (`providers::errors::passed_on`, `to_error`).
     pub raw_body: Option<Bytes>,
     /// Seconds for a `Retry-After` header, where the client may retry after waiting; `None`
     /// sends `x-should-retry: false` instead, so that the official SDKs do not retry an answer

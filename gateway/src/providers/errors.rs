@@ -183,10 +183,33 @@ pub fn to_error(
 /// The most characters of a provider's `code` or `param` kept ([`to_error`]).
 pub const MAX_FIELD_CHARS: usize = 100;
 
-/// A provider's `code` or `param` as passed on: without control characters, at most
+/// A client error from an OpenAI-shaped provider (`{"error": {...}}`), rebuilt as OpenAI's error
+/// object: `message` the provider's own text (control and bidi characters left out, at most
+/// 300 characters; a generic one when it sent none), `type` its string or
+/// `invalid_request_error`, `code` and `param` its strings or null, cut to
+/// [`MAX_FIELD_CHARS`]. Whatever else the object held, and fields of other types (a number
+/// for `type`, an object for `param`), never reach the client: its SDK reads exactly these four.
+pub fn passed_on(status: StatusCode, error: &serde_json::Value) -> ProviderError {
+    let text = |k: &str| error.get(k).and_then(serde_json::Value::as_str).map(field).filter(|t| !t.is_empty());
+    let message: String = error
+        .get("message")
+        .and_then(serde_json::Value::as_str)
+        .map(|m| m.chars().filter(|c| !c.is_control() && !crate::is_bidi_control(*c)).take(300).collect::<String>())
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| "upstream rejected the request (its error named no message)".to_string());
+    let v = serde_json::json!({"error": {
+        "message": message,
+        "type": text("type").unwrap_or_else(|| "invalid_request_error".to_string()),
+        "param": text("param"),
+        "code": text("code"),
+    }});
+    ProviderError::Rejected { status, body: Bytes::from(v.to_string()) }
+}
+
+/// A provider's `code` or `param` as passed on: without control or bidi characters, at most
 /// [`MAX_FIELD_CHARS`] characters (a hostile answer's megabyte code is not forwarded).
 fn field(v: &str) -> String {
-    v.chars().filter(|c| !c.is_control()).take(MAX_FIELD_CHARS).collect()
+    v.chars().filter(|c| !c.is_control() && !crate::is_bidi_control(*c)).take(MAX_FIELD_CHARS).collect()
 }
 
 /// One adapter's table with its name, for the README.

@@ -444,8 +444,8 @@ fn classify_error(status: StatusCode, body: Bytes, retry_after: Option<std::time
     let codes: Vec<&str> = [text("code"), text("type")].into_iter().flatten().collect();
     let class = errors::classify(ERRORS, status.as_u16(), &codes, &message);
     match class {
-        // OpenAI-shaped already: the client gets it as the provider sent it.
-        ErrorClass::Client if error.is_some() => ProviderError::Rejected { status, body },
+        // OpenAI-shaped already: the client gets the provider's fields, as OpenAI's shape.
+        ErrorClass::Client if error.is_some() => errors::passed_on(status, error.unwrap_or(&serde_json::Value::Null)),
         _ => errors::to_error(class, status, text("code"), text("param"), &message, retry_after),
     }
 }
@@ -527,6 +527,40 @@ mod tests {
             let e = parse_answer(Bytes::copy_from_slice(body)).unwrap_err();
             assert_eq!(e.label(), "bad_response", "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    /// A client error is passed on in OpenAI's shape whatever the provider put in it: strings
+    /// or null in the four fields, bounded, without control or bidi characters.
+    #[test]
+    fn client_errors_are_passed_on_in_openai_shape() {
+        let body = |v: serde_json::Value| Bytes::from(v.to_string());
+        let json = |e: ProviderError| match e {
+            ProviderError::Rejected { status, body } => {
+                assert_eq!(status, StatusCode::BAD_REQUEST);
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        // As OpenAI sends it: unchanged.
+        let plain = serde_json::json!({"error": {"message": "Invalid size '5x5'.", "type": "invalid_request_error",
+            "param": "size", "code": "invalid_value"}});
+        assert_eq!(json(classify_error(StatusCode::BAD_REQUEST, body(plain.clone()), None)), plain);
+        // Huge fields, control characters and an ANSI escape: cut and cleaned.
+        let huge = serde_json::json!({"error": {"message": format!("bad\u{1b}[31m\u{0}{}", "m".repeat(10_000)),
+            "type": "invalid_request_error", "param": "p".repeat(500), "code": "c".repeat(500), "extra": "x"}});
+        let e = json(classify_error(StatusCode::BAD_REQUEST, body(huge), None));
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("bad[31mmmm") && message.chars().count() == 300, "{message}");
+        assert_eq!(e["error"]["param"].as_str().unwrap().len(), errors::MAX_FIELD_CHARS);
+        assert_eq!(e["error"]["code"].as_str().unwrap().len(), errors::MAX_FIELD_CHARS);
+        assert_eq!(e["error"].as_object().unwrap().len(), 4, "{e}");
+        // Fields of the wrong types: OpenAI's shape anyway.
+        let odd = serde_json::json!({"error": {"message": null, "type": 5, "code": ["x"], "param": {"a": 1}}});
+        assert_eq!(
+            json(classify_error(StatusCode::BAD_REQUEST, body(odd), None)),
+            serde_json::json!({"error": {"message": "upstream rejected the request (its error named no message)",
+                "type": "invalid_request_error", "param": null, "code": null}})
+        );
     }
 
     #[test]
