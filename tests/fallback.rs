@@ -348,6 +348,20 @@ async fn all_attempts_failing_gives_502_listing_each_attempt() {
     assert_eq!(r.header("x-should-retry"), None, "{}", r.describe());
 }
 
+/// A provider down for maintenance says when to come back (`Retry-After` on a 503): the
+/// client is told the same, not to retry every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_retry_after_is_passed_on_to_the_client() {
+    let s = setup(10_000, 30_000).await;
+    s.primary.set_status(503);
+    s.primary.set_headers(vec![("retry-after".into(), "120".into())]);
+    s.backup.set_status(500);
+    let r = s.gw.generate(&req()).await;
+    r.assert_error(502, "upstream_error");
+    assert_eq!(r.attempts(), vec!["primary:status_5xx", "backup:status_5xx"], "{}", r.describe());
+    assert_eq!(r.header("retry-after").as_deref(), Some("120"), "{}", r.describe());
+}
+
 /// When every target failed on its account (billing, key), retrying soon fails the same way:
 /// the answer tells the SDKs not to retry it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
