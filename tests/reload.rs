@@ -344,3 +344,42 @@ async fn a_reload_changing_startup_only_server_settings_says_so() {
     assert!(policies.contains(said), "{policies}");
     assert!(gw.stderr().contains(said));
 }
+
+/// A file written in place in two steps (`cat > policy.toml`, `scp`, a slow pipe) whose first
+/// part parses on its own: polling applies what two polls in a row read alike, so the half
+/// file, which has only the first route, is never served (it answered the second route's
+/// model 404 until the rest arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_caught_half_written_is_not_served() {
+    use std::io::Write;
+    let one = MockProvider::start().await;
+    let two = MockProvider::start().await;
+    let other = route_toml("other", "o").target("one", "x");
+    let dir = PolicyDir::with(&format!("{}{other}", route_to("one", &one)));
+    let gw = Gateway::start(dir.path()).await;
+    assert_eq!(provider_of(&gw).await, "one");
+    let ok_before = gw.metric("acc_policy_reloads_total", &[("result", "ok")]).await;
+    let (first, rest) = (route_to("two", &two), format!("{}{other}", openai_provider("one", &one)));
+    let path = dir.path().join("policy.toml");
+    let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(&path).unwrap();
+    file.write_all(first.as_bytes()).unwrap();
+    file.flush().unwrap();
+    // Well within one poll: at most one poll reads the half file.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    file.write_all(rest.as_bytes()).unwrap();
+    drop(file);
+    let other_model = json!({"model": "o", "prompt": "still here", "response_format": "b64_json"});
+    let t = Instant::now();
+    loop {
+        let r = gw.generate(&other_model).await;
+        assert_eq!(r.status, 200, "route `other` lost while the file was written: {}", r.describe());
+        if provider_of(&gw).await == "two" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the finished file was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok_after = gw.metric("acc_policy_reloads_total", &[("result", "ok")]).await;
+    assert_eq!(ok_after - ok_before, 1.0, "only the finished file is applied");
+    gw.generate(&other_model).await.assert_status(200);
+}

@@ -68,6 +68,11 @@ pub struct PolicyStore {
     public_listener: bool,
     /// Sources of the last reload attempt, so polling retries nothing that has not changed.
     last_seen: Mutex<Option<Sources>>,
+    /// What the last poll read when it differed from `last_seen` (`None` inside: the directory
+    /// could not be read): a poll applies a change only once it reads the same again, so a
+    /// file caught while being written (`scp`, `cat >`, a slow pipe) is not served as it was
+    /// half way, even when that half parses (issue: a valid prefix dropped every later route).
+    settling: Mutex<Option<Option<Sources>>>,
     status: Mutex<ReloadStatus>,
     /// One reload at a time (poll, SIGHUP and the admin endpoint can coincide).
     reloading: tokio::sync::Mutex<()>,
@@ -116,6 +121,7 @@ impl PolicyStore {
             migrations,
             public_listener,
             last_seen: Mutex::new(Some(sources)),
+            settling: Mutex::new(None),
             status: Mutex::new(ReloadStatus::default()),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -140,6 +146,14 @@ impl PolicyStore {
         let changed = {
             let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
             let same = matches!((&*last, &sources), (Some(a), Ok(b)) if a == b);
+            // Polling: a change is applied when two polls in a row read it alike.
+            let mut settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+            let read = sources.as_ref().ok().cloned();
+            if !force && !same && settling.as_ref() != Some(&read) {
+                *settling = Some(read);
+                return Ok(self.current.load().policy.version.clone());
+            }
+            *settling = None;
             // A directory that cannot be read was seen as nothing: when it comes back, even as it
             // was, it is read as a change, so the error it caused is cleared by a reload.
             *last = sources.as_ref().ok().cloned();
