@@ -285,6 +285,10 @@ async fn bad_feedback_gets_an_openai_error_naming_the_field() {
         (json!({"trace_id": id, "rating": "up", "labels": vec!["l"; 17]}), "labels", "invalid_value"),
         (json!({"trace_id": id, "rating": "up", "labels": ["x".repeat(65)]}), "labels", "invalid_value"),
         (json!({"trace_id": id, "rating": "up", "user": 7}), "user", "invalid_type"),
+        // NUL (PostgreSQL's text refuses it) and other control characters; line breaks are fine.
+        (json!({"trace_id": id, "rating": "up", "comment": "too\u{0}dark"}), "comment", "invalid_value"),
+        (json!({"trace_id": id, "rating": "up", "comment": "a\u{1b}[31m"}), "comment", "invalid_value"),
+        (json!({"trace_id": id, "rating": "up", "labels": ["dark\u{0}"]}), "labels", "invalid_value"),
         (json!({"trace_id": id, "rating": "up", "stars": 5}), "body", "unknown_parameter"),
     ];
     for (body, param, code) in cases {

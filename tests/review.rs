@@ -143,6 +143,11 @@ async fn a_held_image_is_pending_then_approved_byte_identical() {
 
     // A decision needs a reviewer.
     decide(&gw, &id, "approve", &json!({"reason": "fine"})).await.assert_error(400, "invalid_reviewer");
+    // NUL (PostgreSQL's text refuses it) and other control characters are refused, not stored.
+    decide(&gw, &id, "approve", &json!({"reviewer": "r\u{0}x"})).await.assert_error(400, "invalid_reviewer");
+    decide(&gw, &id, "approve", &json!({"reviewer": "ana", "reason": "ok\u{0}"}))
+        .await
+        .assert_error(400, "invalid_reason");
     decide(&gw, &id, "approve", &json!({"reviewer": "rita", "extra": 1})).await.assert_error(400, "invalid_json");
     let not_an_object = decide(&gw, &id, "approve", &json!([])).await;
     let err = not_an_object.assert_error(400, "invalid_json");

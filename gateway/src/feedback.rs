@@ -167,6 +167,13 @@ impl Rating {
         };
         let comment = match map.get("comment") {
             None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.chars().any(is_stray_control) => {
+                return Err(ApiError::invalid(
+                    "comment",
+                    "invalid_value",
+                    "comment holds a control character (line breaks and tabs are fine)",
+                ))
+            }
             Some(Value::String(s)) if s.chars().count() <= MAX_COMMENT_CHARS => Some(s.clone()),
             Some(Value::String(_)) => {
                 return Err(ApiError::invalid(
@@ -183,7 +190,11 @@ impl Rating {
                 let mut labels = Vec::with_capacity(a.len());
                 for v in a {
                     match v {
-                        Value::String(s) if !s.trim().is_empty() && s.chars().count() <= MAX_LABEL_CHARS => {
+                        Value::String(s)
+                            if !s.trim().is_empty()
+                                && s.chars().count() <= MAX_LABEL_CHARS
+                                && !s.chars().any(char::is_control) =>
+                        {
                             labels.push(s.clone())
                         }
                         _ => {
@@ -191,7 +202,7 @@ impl Rating {
                                 "labels",
                                 "invalid_value",
                                 format!(
-                                    "each label must be a non-empty string of at most {MAX_LABEL_CHARS} characters"
+                                    "each label must be a non-empty string of at most {MAX_LABEL_CHARS} characters, without control characters"
                                 ),
                             ))
                         }
@@ -213,6 +224,13 @@ impl Rating {
         };
         Ok(Rating { trace_id, rating, image_index, comment, labels, user })
     }
+}
+
+/// A control character free text (a comment, a review's reason) may not hold: any but line
+/// feed, carriage return and tab. NUL above all: PostgreSQL's text refuses it, so the row would
+/// fail to store.
+pub fn is_stray_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\n' | '\r' | '\t')
 }
 
 /// Who sent a rating or a request: the client key's tenant and name (`None` without keys).

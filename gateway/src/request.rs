@@ -731,10 +731,16 @@ fn acc_field(acc: Option<&Value>) -> Result<AccField, ApiError> {
 pub const MAX_USER_CHARS: usize = 256;
 
 /// An OpenAI `user` value as the gateway keeps it, in a generation's record and a rating alike
-/// (so the two name the same end user): none when empty, else cut to [`MAX_USER_CHARS`]
-/// characters.
+/// (so the two name the same end user): control characters left out (PostgreSQL's text
+/// refuses NUL, and a stored row must not fail on it), none when nothing but spaces is left,
+/// else cut to [`MAX_USER_CHARS`] characters.
 pub fn end_user(user: &str) -> Option<String> {
-    (!user.is_empty()).then(|| crate::cut(user, MAX_USER_CHARS))
+    let kept: std::borrow::Cow<'_, str> = if user.chars().any(char::is_control) {
+        user.chars().filter(|c| !c.is_control()).collect::<String>().into()
+    } else {
+        user.into()
+    };
+    (!kept.trim().is_empty()).then(|| crate::cut(&kept, MAX_USER_CHARS))
 }
 
 /// Whether `s` is a trace id: 32 hex digits (either case).
@@ -834,6 +840,16 @@ mod tests {
         let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), ("stream", None, b"yes")]);
         let e = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap_err();
         assert_eq!((e.param, e.code), (Some("stream"), Some("invalid_value")));
+    }
+
+    #[test]
+    fn end_users_keep_no_control_characters_and_spaces_alone_are_none() {
+        assert_eq!(end_user("user-7"), Some("user-7".to_string()));
+        assert_eq!(end_user("u\u{0}7\n"), Some("u7".to_string()));
+        assert_eq!(end_user("  "), None);
+        assert_eq!(end_user("\u{0}"), None);
+        assert_eq!(end_user(""), None);
+        assert_eq!(end_user(&"é".repeat(300)).map(|u| u.chars().count()), Some(MAX_USER_CHARS));
     }
 
     #[test]

@@ -411,17 +411,25 @@ async fn decide(app: &App, id: &str, state: ReviewState, body: &[u8]) -> Respons
         }
     };
     let reviewer = parsed.reviewer.as_deref().map(str::trim).unwrap_or("");
-    if reviewer.is_empty() || reviewer.chars().count() > 200 {
+    if reviewer.is_empty() || reviewer.chars().count() > 200 || reviewer.chars().any(char::is_control) {
         return ApiError::invalid(
             "reviewer",
             "invalid_reviewer",
-            "reviewer is required: who decides (1 to 200 characters)",
+            "reviewer is required: who decides (1 to 200 characters, no control characters)",
         )
         .into_response();
     }
     let reason = parsed.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
     if reason.is_some_and(|r| r.chars().count() > 2000) {
         return ApiError::invalid("reason", "invalid_reason", "reason is at most 2000 characters").into_response();
+    }
+    if reason.is_some_and(|r| r.chars().any(crate::feedback::is_stray_control)) {
+        return ApiError::invalid(
+            "reason",
+            "invalid_reason",
+            "reason holds a control character (line breaks and tabs are fine)",
+        )
+        .into_response();
     }
     if let Err(r) = admin_db(app) {
         return r;
