@@ -100,6 +100,10 @@ pub struct Cluster {
     lanes: dashmap::DashMap<std::thread::ThreadId, Arc<Mutex<Lane>>>,
     /// Set while a flush of `changes` is scheduled.
     flush_armed: AtomicBool,
+    /// Images whose `SET` is on its way to Redis, and whether the store evicted them meanwhile:
+    /// the `SET` and the eviction's `DEL` may go on two threads' connections, and a `DEL` that
+    /// arrives first would leave the image in Redis for its whole TTL.
+    sharing: Mutex<std::collections::HashMap<String, bool>>,
     /// Where settles and releases of dropped holds run (the runtime that connected).
     rt: tokio::runtime::Handle,
     metrics: ClusterMetrics,
@@ -187,6 +191,7 @@ impl Cluster {
             changes: Mutex::new(Vec::new()),
             lanes: dashmap::DashMap::new(),
             flush_armed: AtomicBool::new(false),
+            sharing: Mutex::new(std::collections::HashMap::new()),
             rt: tokio::runtime::Handle::current(),
             metrics,
         }))
@@ -923,12 +928,17 @@ impl Cluster {
     /// Sent off the request path; a failure is counted (`op="artifacts"`) and the URL is still
     /// served by this replica.
     pub fn share_artifact(self: &Arc<Self>, id: &str, bytes: bytes::Bytes, ttl: Duration) {
-        let (c, key) = (self.clone(), self.key(&["art", id]));
+        let (c, key, id) = (self.clone(), self.key(&["art", id]), id.to_string());
+        lock(&self.sharing).insert(id.clone(), false);
         self.spawn(async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(&key).arg(&bytes[..]).arg("PX").arg(ttl.as_millis().max(1) as u64);
             let cmd = &cmd;
             let _ = c.call("artifacts", |mut conn| async move { cmd.query_async::<()>(&mut conn).await }).await;
+            // Evicted while the SET was out: its DEL may have run first, so it goes again now.
+            if lock(&c.sharing).remove(&id) == Some(true) {
+                c.forget_artifacts(vec![id]);
+            }
         });
     }
 
@@ -937,6 +947,14 @@ impl Cluster {
     pub fn forget_artifacts(self: &Arc<Self>, ids: Vec<String>) {
         if ids.is_empty() {
             return;
+        }
+        {
+            let mut sharing = lock(&self.sharing);
+            for id in &ids {
+                if let Some(evicted) = sharing.get_mut(id) {
+                    *evicted = true;
+                }
+            }
         }
         let c = self.clone();
         self.spawn(async move {
