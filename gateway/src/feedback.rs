@@ -167,7 +167,7 @@ impl Rating {
         };
         let comment = match map.get("comment") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.chars().any(is_stray_control) => {
+            Some(Value::String(s)) if s.chars().any(crate::is_stray_control) => {
                 return Err(ApiError::invalid(
                     "comment",
                     "invalid_value",
@@ -224,13 +224,6 @@ impl Rating {
         };
         Ok(Rating { trace_id, rating, image_index, comment, labels, user })
     }
-}
-
-/// A control character free text (a comment, a review's reason) may not hold: any but line
-/// feed, carriage return and tab. NUL above all: PostgreSQL's text refuses it, so the row would
-/// fail to store.
-pub fn is_stray_control(c: char) -> bool {
-    c.is_control() && !matches!(c, '\n' | '\r' | '\t')
 }
 
 /// Who sent a rating or a request: the client key's tenant and name (`None` without keys).

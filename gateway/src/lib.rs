@@ -234,6 +234,13 @@ pub(crate) fn cut(s: &str, chars: usize) -> String {
     }
 }
 
+/// A control character free text (a comment, a review's reason) may not hold: any but line
+/// feed, carriage return and tab. NUL above all: PostgreSQL's text refuses it, so the row would
+/// fail to store.
+pub(crate) fn is_stray_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\n' | '\r' | '\t')
+}
+
 /// The Unicode bidirectional formatting characters (UAX #9, "Explicit Directional Embeddings,
 /// Overrides and Isolates", and the implicit marks): text holding U+202E RIGHT-TO-LEFT OVERRIDE
 /// shows reversed wherever it is displayed (the console, a terminal reading the logs).

@@ -423,7 +423,7 @@ async fn decide(app: &App, id: &str, state: ReviewState, body: &[u8]) -> Respons
     if reason.is_some_and(|r| r.chars().count() > 2000) {
         return ApiError::invalid("reason", "invalid_reason", "reason is at most 2000 characters").into_response();
     }
-    if reason.is_some_and(|r| r.chars().any(crate::feedback::is_stray_control)) {
+    if reason.is_some_and(|r| r.chars().any(crate::is_stray_control)) {
         return ApiError::invalid(
             "reason",
             "invalid_reason",
