@@ -161,13 +161,16 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     xref::default_model(sections.default_model.as_ref(), &aliases, &mut errors);
     // A value the number check refuses (NaN, infinity, beyond its bound) is reported once, by
     // it: a section's own range check of the same field ("NaN is outside [0, 1]") is dropped.
-    errors.retain(|e| {
-        !out_of_range.iter().any(|n| {
-            n.split_once(": ").and_then(|(file, rest)| {
-                rest.split_once(": ").map(|(path, _)| e.starts_with(&format!("{file}: {path}: ")))
-            }) == Some(true)
+    let refused: Vec<&str> = out_of_range
+        .iter()
+        .filter_map(|n| {
+            // "file: path: message": the prefix up to the second ": ", both separators kept.
+            let file = n.find(": ")?;
+            let path = n[file + 2..].find(": ")?;
+            Some(&n[..file + 2 + path + 2])
         })
-    });
+        .collect();
+    errors.retain(|e| !refused.iter().any(|p| e.starts_with(p)));
     errors.extend(out_of_range);
 
     if !errors.is_empty() {

@@ -191,10 +191,10 @@ pub const MAX_FIELD_CHARS: usize = 100;
 /// for `type`, an object for `param`), never reach the client: its SDK reads exactly these four.
 pub fn passed_on(status: StatusCode, error: &serde_json::Value) -> ProviderError {
     let text = |k: &str| error.get(k).and_then(serde_json::Value::as_str).map(field).filter(|t| !t.is_empty());
-    let message: String = error
+    let message = error
         .get("message")
         .and_then(serde_json::Value::as_str)
-        .map(|m| m.chars().filter(|c| !c.is_control() && !crate::is_bidi_control(*c)).take(300).collect::<String>())
+        .map(|m| clean(m, 300))
         .filter(|m| !m.trim().is_empty())
         .unwrap_or_else(|| "upstream rejected the request (its error named no message)".to_string());
     let v = serde_json::json!({"error": {
@@ -209,7 +209,12 @@ pub fn passed_on(status: StatusCode, error: &serde_json::Value) -> ProviderError
 /// A provider's `code` or `param` as passed on: without control or bidi characters, at most
 /// [`MAX_FIELD_CHARS`] characters (a hostile answer's megabyte code is not forwarded).
 fn field(v: &str) -> String {
-    v.chars().filter(|c| !c.is_control() && !crate::is_bidi_control(*c)).take(MAX_FIELD_CHARS).collect()
+    clean(v, MAX_FIELD_CHARS)
+}
+
+/// `v` without control or bidi characters, cut to `max` characters.
+fn clean(v: &str, max: usize) -> String {
+    v.chars().filter(|c| !c.is_control() && !crate::is_bidi_control(*c)).take(max).collect()
 }
 
 /// One adapter's table with its name, for the README.

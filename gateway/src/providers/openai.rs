@@ -278,7 +278,7 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
     let skimmed = skim::skim(&body.into()).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
-    let items = answer.data.unwrap_or_default();
+    let mut items = answer.data.unwrap_or_default();
     if items.is_empty() {
         return Err(ProviderError::BadResponse("answer holds no images".into()));
     }
@@ -286,8 +286,8 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
     let mut revised_prompts = Vec::new();
     if items.iter().any(|i| i.revised_prompt.is_some()) {
         // DALL·E 3's revised prompts are often longer than the skim's cut (a long string).
-        for (i, item) in items.iter().enumerate() {
-            let text = item.revised_prompt.clone().map(|p| skimmed.text(p)).transpose();
+        for (i, item) in items.iter_mut().enumerate() {
+            let text = item.revised_prompt.take().map(|p| skimmed.text(p)).transpose();
             revised_prompts
                 .push(text.map_err(|e| ProviderError::BadResponse(format!("data[{i}].revised_prompt: {e}")))?);
         }

@@ -169,17 +169,18 @@ impl Skimmed {
             None => Raw::Plain(value.to_string()),
         }
     }
-}
 
-impl Skimmed {
     /// A string value taken from the remainder as the provider sent it: a placeholder becomes
     /// the long string's text, JSON escapes undone. Every string an adapter keeps (a revised
     /// prompt, a reason, a passed-through field) goes through this or [`Self::restore`]; only
     /// image payloads are read as [`Raw`]. Errors: the long string is not valid JSON text
     /// (a bad escape, invalid UTF-8), which serde_json would have refused in place.
     pub fn text(&self, value: String) -> Result<String, String> {
+        if !value.starts_with(MARK) {
+            return Ok(value);
+        }
         match self.resolve(&value) {
-            Raw::Plain(s) => Ok(s),
+            Raw::Plain(_) => Ok(value),
             Raw::Span(span) | Raw::Base64(span) => serde_json::from_slice(&quoted(&span))
                 .map_err(|e| format!("a string of {} bytes is not valid JSON text: {e}", span.len())),
         }
