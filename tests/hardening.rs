@@ -148,6 +148,18 @@ async fn a_long_signed_image_url_is_fetched() {
     let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
     let e = r.assert_error(502, "upstream_error");
     assert!(e["message"].as_str().unwrap().contains("longer than 8192 bytes"), "{e}");
+
+    // A `data:` URL carries the image itself (fal's and some self-hosted servers' answers):
+    // no length bound but the answer's, the scheme in any case, the image decoded from it.
+    let big = noisy(96, 96, 3);
+    for scheme in ["data", "DATA"] {
+        let data_url = format!("{scheme}:image/png;base64,{}", b64_encode(&big));
+        assert!(data_url.len() > 8192, "{}", data_url.len());
+        up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"url\": \"{data_url}\"}}]}}")));
+        let r = gw.generate(&json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+        r.assert_status(200);
+        assert_eq!(b64_images(&r), vec![big.clone()]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,4 +641,32 @@ async fn provider_text_never_forges_a_log_line() {
         assert!(!line.starts_with("X-Injected"), "a forged line: {line:?}\n{log}");
         assert!(!line.contains('\u{202e}') && !line.contains('\r'), "an unescaped control: {line:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_beyond_the_gateways_memory_for_them_are_refused_not_held() {
+    // 1 MiB for provider answers being read, all attempts together; the provider answers one
+    // image of 1.5 MiB (2 MiB of base64): the gateway reads no further, the client is told to
+    // come back (503 and Retry-After, the gateway's load, not the provider's fault), and the
+    // memory is given back: a small answer goes through right after.
+    let up = MockProvider::start().await;
+    let policy = main_route("max_answer_buffer_mib = 1", &up, "breaker = { consecutive_failures = 2 }");
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let req = json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"});
+    let noise: Vec<u8> = (0..3u32 << 19).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    up.answer_with(&noise);
+    for _ in 0..3 {
+        let r = gw.generate(&req).await;
+        let e = r.assert_error(503, "gateway_overloaded");
+        assert!(e["message"].as_str().unwrap().contains("retry shortly"), "{e}");
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{}", r.describe());
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(metric_sum(&metrics, "acc_attempts_total", &[("result", "answer_memory_full")]), 3.0);
+    // Not the provider's fault: its breaker stays closed.
+    assert_eq!(metric_sum(&metrics, "acc_breaker_transitions_total", &[("provider", "up")]), 0.0);
+    up.set_images(None);
+    let r = gw.generate(&req).await;
+    r.assert_status(200);
+    assert!(r.json()["data"][0]["b64_json"].as_str().is_some_and(|s| !s.is_empty()), "{}", r.describe());
 }

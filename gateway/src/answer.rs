@@ -272,14 +272,25 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         e.retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
         return e;
     }
-    // Every provider answered, and every answer failed the route's evaluation: not an upstream
-    // failure, but images that do not meet the policy (or the request's contract).
+    // The gateway could not hold any answer: its own load, not the providers'.
     let tried: Vec<&ProviderError> = outcome
         .attempts
         .iter()
         .filter_map(|a| a.result.as_ref().err())
         .filter(|e| !matches!(e, ProviderError::Skipped { .. }))
         .collect();
+    if !tried.is_empty() && tried.iter().all(|e| matches!(e, ProviderError::AnswerMemoryFull(_))) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "gateway_overloaded",
+            "the gateway is holding as many provider answers as its memory allows; retry shortly",
+        );
+        e.retry_after = Some(1);
+        return e;
+    }
+    // Every provider answered, and every answer failed the route's evaluation: not an upstream
+    // failure, but images that do not meet the policy (or the request's contract).
     if !outcome.deadline_exceeded
         && !tried.is_empty()
         && tried.iter().all(|e| matches!(e, ProviderError::EvalFailed(_)))
@@ -358,6 +369,7 @@ fn retry_later(policy: &Policy, outcome: &PlanOutcome) -> Option<u64> {
                 ProviderError::Timeout
                 | ProviderError::Connect(_)
                 | ProviderError::Transport(_)
+                | ProviderError::AnswerMemoryFull(_)
                 | ProviderError::QueueFull
                 | ProviderError::QueueTimeout
                 | ProviderError::Skipped { .. },

@@ -160,7 +160,8 @@ async fn run(
         partials,
     };
     let sent = Instant::now();
-    let call = crate::upstream::with_traceparent(traceparent, adapter.generate(&request));
+    let scope = crate::upstream::Scope { trace: traceparent, answer_memory: policy.server.max_answer_buffer_bytes };
+    let call = crate::upstream::scoped(scope, adapter.generate(&request));
     let result = match tokio::time::timeout_at(until, call).await {
         // A provider may echo the key it was sent, in any answer: nothing reads its error
         // before the gateway's secrets are taken out.

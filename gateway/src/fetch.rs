@@ -71,8 +71,8 @@ pub async fn fetch_images(images: &mut [Image], policy: &FetchPolicy) -> Result<
 
 /// The bytes at `url` and their media type, within the policy.
 pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<(Bytes, &'static str), FetchError> {
-    if let Some(rest) = url.strip_prefix("data:") {
-        return data_url(rest, policy.max_bytes);
+    if url.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:")) {
+        return data_url(&url[5..], policy.max_bytes);
     }
     match tokio::time::timeout(policy.timeout, follow(url, policy)).await {
         Ok(r) => r,

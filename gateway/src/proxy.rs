@@ -964,6 +964,7 @@ fn record_attempts(app: &App, snap: &Snapshot, route_idx: usize, outcome: &PlanO
         let reached = !matches!(
             a.result,
             Err(ProviderError::Skipped { .. }
+                | ProviderError::AnswerMemoryFull(_)
                 | ProviderError::QueueFull
                 | ProviderError::QueueTimeout
                 | ProviderError::Busy { .. }

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -43,6 +44,47 @@ pub enum UpstreamError {
     /// The connection failed after the request may have been sent.
     #[error("{0}")]
     Transport(String),
+    /// Reading the answer would have put the answers being read, all attempts together, over
+    /// their memory bound (`[server] max_answer_buffer_mib`, bytes here): the rest was left
+    /// unread and the connection closed.
+    #[error("the gateway's memory for provider answers ({} MiB) is full", .0 >> 20)]
+    AnswerMemoryFull(usize),
+}
+
+/// Bytes of provider answers being read or held, all attempts of the process together (see
+/// [`Answer`]'s memory hold).
+static ANSWERS_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of provider answers held now, all attempts together: what
+/// `[server] max_answer_buffer_mib` bounds.
+pub fn answer_memory_held() -> usize {
+    ANSWERS_HELD.load(Ordering::Relaxed)
+}
+
+/// One answer's share of the process's answer memory; given back when the [`Answer`] is
+/// dropped (the images cut from it may live on in the client's answer: the bound is on what
+/// is read at once, which is where a provider that answers hundreds of megabytes costs).
+struct AnswerHold {
+    bytes: usize,
+}
+
+impl AnswerHold {
+    /// Takes `n` more bytes; `false` (nothing taken) when all answers together would pass `max`.
+    fn grow(&mut self, n: usize, max: usize) -> bool {
+        let taken = ANSWERS_HELD
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(n).filter(|&t| t <= max))
+            .is_ok();
+        if taken {
+            self.bytes += n;
+        }
+        taken
+    }
+}
+
+impl Drop for AnswerHold {
+    fn drop(&mut self) {
+        ANSWERS_HELD.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// A status and a fully read body.
@@ -56,6 +98,8 @@ pub struct Answer {
     /// The body as the pieces it arrived in (an image payload inside it is forwarded as slices
     /// of them, not copied); [`Rope::to_bytes`] for one buffer.
     pub body: Rope,
+    /// The body's bytes counted against the answer memory of the [`scoped`] call that read it.
+    _hold: AnswerHold,
 }
 
 /// Where requests go: resolved once per provider, not per request.
@@ -101,15 +145,27 @@ pub struct TraceHeaders {
     pub tracestate: Option<HeaderValue>,
 }
 
-tokio::task_local! {
-    /// The trace context of the attempt being sent ([`with_traceparent`]).
-    static TRACEPARENT: Option<TraceHeaders>;
+/// What every request an attempt sends carries and is held to ([`scoped`]).
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// The attempt's trace context; `None` sends no `traceparent`.
+    pub trace: Option<TraceHeaders>,
+    /// The most bytes of provider answers the process may hold at once, all attempts together
+    /// (`[server] max_answer_buffer_mib`); an answer that would pass it fails with
+    /// [`UpstreamError::AnswerMemoryFull`]. Outside a scope, answers are not bounded together.
+    pub answer_memory: usize,
 }
 
-/// Runs `fut` (an adapter's call) so that every request [`send`] makes for it carries `value`'s
-/// `traceparent` (and `tracestate` when there is one); `None` sends neither.
-pub async fn with_traceparent<F: Future>(value: Option<TraceHeaders>, fut: F) -> F::Output {
-    TRACEPARENT.scope(value, fut).await
+tokio::task_local! {
+    /// The attempt being sent ([`scoped`]).
+    static SCOPE: Scope;
+}
+
+/// Runs `fut` (an adapter's call) so that every request [`send`] makes for it carries the
+/// scope's `traceparent` (and `tracestate` when there is one) and its answer is held to the
+/// scope's answer memory.
+pub async fn scoped<F: Future>(scope: Scope, fut: F) -> F::Output {
+    SCOPE.scope(scope, fut).await
 }
 
 /// Sees an answer's body as it arrives, for a caller that acts before the whole of it is read
@@ -124,7 +180,8 @@ pub trait BodyObserver: Send {
 }
 
 /// Sends `req` to `endpoint` (the request's own URI is replaced) and reads the whole answer,
-/// up to `max_body` bytes. Inside [`with_traceparent`] the request carries that `traceparent`.
+/// up to `max_body` bytes. Inside [`scoped`] the request carries that `traceparent` and the
+/// answer counts against that memory.
 pub async fn send(endpoint: &Endpoint, req: Request<ChunkedBody>, max_body: usize) -> Result<Answer, UpstreamError> {
     send_observed(endpoint, req, max_body, None).await
 }
@@ -140,12 +197,18 @@ pub async fn send_observed(
 ) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
-    if let Ok(Some(tc)) = TRACEPARENT.try_with(|v| v.clone()) {
-        req.headers_mut().insert(HeaderName::from_static("traceparent"), tc.traceparent);
-        if let Some(state) = tc.tracestate {
-            req.headers_mut().insert(HeaderName::from_static("tracestate"), state);
+    let answer_memory = match SCOPE.try_with(|s| (s.trace.clone(), s.answer_memory)) {
+        Ok((trace, max)) => {
+            if let Some(tc) = trace {
+                req.headers_mut().insert(HeaderName::from_static("traceparent"), tc.traceparent);
+                if let Some(state) = tc.tracestate {
+                    req.headers_mut().insert(HeaderName::from_static("tracestate"), state);
+                }
+            }
+            max
         }
-    }
+        Err(_) => usize::MAX,
+    };
     // A pooled connection the server has since closed is only found out by using it: the
     // request comes back unsent, and goes out once more on a fresh connection.
     for _ in 0..3 {
@@ -153,7 +216,8 @@ pub async fn send_observed(
             Some(c) => (c, true),
             None => (connect(endpoint).await?, false),
         };
-        match exchange(conn, req, max_body, observer.as_mut().map(|o| &mut **o as &mut dyn BodyObserver)).await {
+        let observer = observer.as_mut().map(|o| &mut **o as &mut dyn BodyObserver);
+        match exchange(conn, req, max_body, answer_memory, observer).await {
             Ok((answer, Some(conn))) => {
                 put_idle(&endpoint.key, conn);
                 return Ok(answer);
@@ -187,6 +251,7 @@ async fn exchange(
     conn: Conn,
     req: Request<ChunkedBody>,
     max_body: usize,
+    answer_memory: usize,
     observer: Option<&mut dyn BodyObserver>,
 ) -> Result<(Answer, Option<Conn>), Exchange> {
     let Conn { mut send, mut driver, .. } = conn;
@@ -225,12 +290,16 @@ async fn exchange(
             let error_cap = (!status.is_success()).then_some(MAX_ERROR_BODY);
             let mut read = 0usize;
             let mut cut = false;
+            let mut hold = AnswerHold { bytes: 0 };
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| read_error(&e))?;
                 if let Ok(mut data) = frame.into_data() {
                     if let Some(cap) = error_cap.filter(|cap| read + data.len() > *cap) {
                         data.truncate(cap - read);
                         cut = true;
+                    }
+                    if !hold.grow(data.len(), answer_memory) {
+                        return Err(Exchange::Failed(UpstreamError::AnswerMemoryFull(answer_memory)));
                     }
                     read += data.len();
                     if let Some(o) = observer.as_mut() {
@@ -243,7 +312,7 @@ async fn exchange(
                 }
             }
             let body = Rope::from(pieces);
-            Ok((Answer { status, retry_after, headers, body }, cut))
+            Ok((Answer { status, retry_after, headers, body, _hold: hold }, cut))
         };
         let mut work = std::pin::pin!(work);
         std::future::poll_fn(|cx: &mut Context<'_>| {

@@ -122,6 +122,8 @@ pub(super) struct RawServer {
     pub(super) body_timeout_ms: Option<u64>,
     /// Memory for request bodies being received, all requests together, MiB (default 512).
     pub(super) max_body_buffer_mib: Option<u64>,
+    /// Memory for provider answers being read, all attempts together, MiB (default 1024).
+    pub(super) max_answer_buffer_mib: Option<u64>,
     /// Time a connection may take to send a request's headers, and may sit idle between
     /// requests, ms (default 30000; read at start-up).
     pub(super) idle_timeout_ms: Option<u64>,

@@ -28,6 +28,10 @@ pub struct ServerSettings {
     /// Memory for request bodies being received, all requests together, bytes (default 512
     /// MiB); a request that would go over it gets 503.
     pub max_body_buffer_bytes: usize,
+    /// Memory for provider answers being read, all attempts together, bytes (default 1 GiB);
+    /// an attempt whose answer would go over it fails (`answer_memory_full`) and the next
+    /// target is tried.
+    pub max_answer_buffer_bytes: usize,
     /// Time for a request's headers, and idle time between requests on a connection, on both
     /// listeners (default 30 s; read at start-up).
     pub idle_timeout: Duration,
@@ -61,6 +65,7 @@ impl Default for ServerSettings {
             idempotency_max_bytes: 256 << 20,
             body_timeout: Duration::from_secs(30),
             max_body_buffer_bytes: 512 << 20,
+            max_answer_buffer_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(30),
             max_connections: None,
             admin_max_connections: 256,

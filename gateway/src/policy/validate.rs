@@ -389,6 +389,8 @@ fn validate_server(file: &str, s: &RawServer, errors: &mut Vec<String>) -> Serve
         idempotency_max_bytes: bytes("idempotency_max_mib", s.idempotency_max_mib, 256, errors).saturating_mul(1 << 20),
         body_timeout: Duration::from_millis(bytes("body_timeout_ms", s.body_timeout_ms, 30_000, errors) as u64),
         max_body_buffer_bytes: bytes("max_body_buffer_mib", s.max_body_buffer_mib, 512, errors).saturating_mul(1 << 20),
+        max_answer_buffer_bytes: bytes("max_answer_buffer_mib", s.max_answer_buffer_mib, 1024, errors)
+            .saturating_mul(1 << 20),
         idle_timeout: Duration::from_millis(bytes("idle_timeout_ms", s.idle_timeout_ms, 30_000, errors) as u64),
         max_connections: s.max_connections.map(|_| bytes("max_connections", s.max_connections, 1, errors)),
         admin_max_connections: bytes("admin_max_connections", s.admin_max_connections, 256, errors),

@@ -154,10 +154,7 @@ impl Provider for A1111 {
             http_req = http_req.header(header::AUTHORIZATION, h.clone());
         }
         let http_req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
-        let answer = upstream::send(endpoint, http_req, openai::MAX_ANSWER_BYTES).await.map_err(|e| match e {
-            upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
-            upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
-        })?;
+        let answer = upstream::send(endpoint, http_req, openai::MAX_ANSWER_BYTES).await.map_err(ProviderError::from)?;
         if answer.status.is_success() {
             parse_answer(&answer.body, req.n as usize)
         } else {

@@ -101,10 +101,7 @@ pub async fn call(
         None => {}
     }
     let req = req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
-    upstream::send(&endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
-        upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
-        upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
-    })
+    upstream::send(&endpoint, req, MAX_ANSWER_BYTES).await.map_err(ProviderError::from)
 }
 
 /// A 2xx answer's JSON.

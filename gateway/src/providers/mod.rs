@@ -278,6 +278,11 @@ pub enum ProviderError {
     /// A URL the provider answered with was not fetched (SSRF guard, size, time).
     #[error("image URL refused: {0}")]
     FetchRefused(String),
+    /// The answer was not read whole: the answers being read, all attempts together, would
+    /// have passed the gateway's memory for them (`[server] max_answer_buffer_mib`, bytes
+    /// here). The gateway's own load, not the provider's fault: the breaker is not told.
+    #[error("the gateway's memory for provider answers ({} MiB) is full", .0 >> 20)]
+    AnswerMemoryFull(usize),
     /// The provider account or deployment cannot serve: quota, billing, credits, a revoked key
     /// (`provider_wide`), or a model, deployment or region the target names (not provider-wide).
     /// The next target is tried; provider-wide ones count against the breaker. See
@@ -322,6 +327,7 @@ impl ProviderError {
                 ProviderError::Account { status, provider_wide, message: clean(message) }
             }
             e @ (ProviderError::Timeout
+            | ProviderError::AnswerMemoryFull(_)
             | ProviderError::Skipped { .. }
             | ProviderError::QueueFull
             | ProviderError::QueueTimeout
@@ -408,7 +414,19 @@ impl ProviderError {
             ProviderError::UnsupportedParams(_) => "unsupported_params",
             ProviderError::ContentFiltered(_) => "content_filtered",
             ProviderError::FetchRefused(_) => "fetch_refused",
+            ProviderError::AnswerMemoryFull(_) => "answer_memory_full",
             ProviderError::Account { .. } => "account_error",
+        }
+    }
+}
+
+impl From<crate::upstream::UpstreamError> for ProviderError {
+    fn from(e: crate::upstream::UpstreamError) -> Self {
+        use crate::upstream::UpstreamError;
+        match e {
+            UpstreamError::Connect(m) => ProviderError::Connect(m),
+            UpstreamError::Transport(m) => ProviderError::Transport(m),
+            UpstreamError::AnswerMemoryFull(max) => ProviderError::AnswerMemoryFull(max),
         }
     }
 }

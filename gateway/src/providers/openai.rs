@@ -148,10 +148,7 @@ impl Provider for OpenAi {
             .filter(|_| attempt.req.stream.is_some_and(|p| p > 0))
             .map(|t| t.relay(attempt.req.partials_allowed()));
         let observer = relay.as_mut().map(|r| r as &mut dyn upstream::BodyObserver);
-        let answer = upstream::send_observed(endpoint, req, MAX_ANSWER_BYTES, observer).await.map_err(|e| match e {
-            upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
-            upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
-        })?;
+        let answer = upstream::send_observed(endpoint, req, MAX_ANSWER_BYTES, observer).await.map_err(ProviderError::from)?;
         let status = answer.status;
         let event_stream = answer
             .headers
@@ -302,7 +299,7 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
                     )))
                 }
             },
-            (None, Some(url)) => match skim::string_value(skimmed.resolve(&url), super::MAX_IMAGE_URL_BYTES) {
+            (None, Some(url)) => match skim::url_value(skimmed.resolve(&url), super::MAX_IMAGE_URL_BYTES) {
                 Some(u) => Image::Url(u),
                 None => {
                     return Err(ProviderError::BadResponse(format!(

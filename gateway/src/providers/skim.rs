@@ -237,6 +237,19 @@ pub fn string_value(raw: Raw, max: usize) -> Option<String> {
     }
 }
 
+/// An image URL from a string value: a remote one of at most `max` bytes, a `data:` URL
+/// (RFC 2397; the scheme in any case) of any length, since it carries the image itself (the
+/// answer's own size bound holds it). `None` when a remote URL is longer.
+pub fn url_value(raw: Raw, max: usize) -> Option<String> {
+    let data = match &raw {
+        Raw::Plain(s) => s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")),
+        Raw::Span(span) | Raw::Base64(span) => {
+            span.len() >= 5 && span.slice(0..5).to_bytes().eq_ignore_ascii_case(b"data:")
+        }
+    };
+    string_value(raw, if data { usize::MAX } else { max })
+}
+
 /// Validated standard base64 from a string value: the body's own pieces when they are plain
 /// base64 (no copy), else the unescaped text (a provider that escapes `/` as `\/`).
 pub fn base64_value(raw: Raw) -> Option<Rope> {

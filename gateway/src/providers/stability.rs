@@ -233,10 +233,7 @@ async fn one_image(
         req = req.header(header::AUTHORIZATION, h.clone());
     }
     let req = req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
-    let answer = upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
-        upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
-        upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
-    })?;
+    let answer = upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(ProviderError::from)?;
     if answer.status.is_success() {
         parse_answer(&answer.body, &answer.headers)
     } else {

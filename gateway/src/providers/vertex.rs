@@ -130,10 +130,7 @@ async fn predict(
         .header(header::AUTHORIZATION, token)
         .body(chunked)
         .map_err(|e| ProviderError::Other(e.to_string()))?;
-    upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(|e| match e {
-        upstream::UpstreamError::Connect(m) => ProviderError::Connect(m),
-        upstream::UpstreamError::Transport(m) => ProviderError::Transport(m),
-    })
+    upstream::send(endpoint, req, MAX_ANSWER_BYTES).await.map_err(ProviderError::from)
 }
 
 /// The `:predict` request: only what the request sets and this attempt may send.
