@@ -706,12 +706,14 @@ async fn a_reload_that_changes_the_store_says_it_waits_for_a_restart() {
 
 /// A client that goes away while its request is at the provider: the request is cancelled, and
 /// its record is still written (`client_cancelled`, 499), so routed requests = records +
-/// counted losses.
+/// counted losses. The attempts are in it: one that ended with its result, the one the client
+/// left running as `client_cancelled`.
 #[tokio::test]
 async fn a_cancelled_request_still_leaves_its_record() {
     let (first, second) = (MockProvider::start().await, MockProvider::start().await);
     let (gw, _dir) = serve_policy(&policy(&first, &second, ""), &[]).await;
-    first.set_latency(Duration::from_secs(5));
+    first.set_status(503);
+    second.set_latency(Duration::from_secs(5));
     let trace_id = "cccccccccccccccccccccccccccccccc";
     let tp = format!("00-{trace_id}-00f067aa0ba902b7-01");
     let auth = bearer(KEY);
@@ -728,6 +730,17 @@ async fn a_cancelled_request_still_leaves_its_record() {
     assert_eq!((rec["status"].as_u64(), rec["outcome"].as_str()), (Some(499), Some("client_cancelled")));
     assert_eq!(rec["decision"], "error");
     assert_eq!(rec["prompt"], "never mind");
+    let attempts = rec["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{rec:#}");
+    assert_eq!((attempts[0]["provider"].as_str(), attempts[0]["result"].as_str()), (Some("first"), Some("status_5xx")));
+    assert_eq!(attempts[0]["role"], "primary");
+    assert_eq!(
+        (attempts[1]["provider"].as_str(), attempts[1]["result"].as_str(), attempts[1]["role"].as_str()),
+        (Some("second"), Some("client_cancelled"), Some("fallback"))
+    );
+    let ran = attempts[1]["latency_ms"].as_f64().unwrap();
+    assert!((300.0..5000.0).contains(&ran), "the second attempt ran until the client left: {ran} ms");
+    assert!(attempts[1]["model"].as_str().is_some_and(|m| !m.is_empty()), "{rec:#}");
     assert_eq!(gw.metric("acc_requests_total", &[("outcome", "client_cancelled")]).await, 1.0);
     assert_eq!(gw.metric("acc_trace_written_total", &[]).await, 1.0);
 }

@@ -40,6 +40,19 @@ pub struct AttemptNote {
     /// Calls that failed within an answer that still returned images (a provider that makes
     /// one call per image, `Generation::partial_errors`; secrets masked).
     pub partial_errors: Vec<std::sync::Arc<ProviderError>>,
+    /// How the attempt ended, once it has (`None` while it runs): what the trace of a request
+    /// the client left keeps of it.
+    pub ended: Option<NoteEnd>,
+}
+
+/// How an attempt ended, for a note that outlives its outcome (a cancelled request's trace).
+#[derive(Debug, Clone)]
+pub struct NoteEnd {
+    pub elapsed: Duration,
+    /// The attempt's result label (`ok`, or the error's [`ProviderError::label`]).
+    pub result: &'static str,
+    /// The error without the provider's own words ([`ProviderError::text_without_provider_message`]).
+    pub error: Option<String>,
 }
 
 /// Every attempt's note, in the order the attempts ended (a cancelled one's too).
@@ -108,13 +121,22 @@ pub async fn attempt(env: &AttemptEnv<'_>, s: Step, until: Instant) -> Result<Ge
             verdicts: Vec::new(),
             verdict_images: Vec::new(),
             partial_errors: Vec::new(),
+            ended: None,
         }),
     };
     let traceparent = Some(crate::upstream::TraceHeaders {
         traceparent: crate::telemetry::traceparent(trace_id, &crate::hex_lower(&span_id.to_be_bytes())),
         tracestate: env.tracestate.cloned(),
     });
-    run(env, s, until, guard.note.as_mut(), traceparent).await
+    let result = run(env, s, until, guard.note.as_mut(), traceparent).await;
+    if let Some(n) = guard.note.as_mut() {
+        n.ended = Some(NoteEnd {
+            elapsed: n.started.elapsed(),
+            result: result.as_ref().map_or_else(ProviderError::label, |_| "ok"),
+            error: result.as_ref().err().map(ProviderError::text_without_provider_message),
+        });
+    }
+    result
 }
 
 async fn run(

@@ -105,6 +105,8 @@ struct RequestCtx {
     /// Where a stream's partial images go while attempts run (requests without an
     /// `Idempotency-Key`; see [`crate::stream::LiveBody`]).
     live: Option<Arc<LiveTap>>,
+    /// The attempts' notes while they run, for the record of a request dropped unfinished.
+    notes: Option<Arc<NoteSink>>,
 }
 
 impl Drop for RequestCtx {
@@ -113,6 +115,12 @@ impl Drop for RequestCtx {
     /// routed request is recorded or counted as dropped.
     fn drop(&mut self) {
         if let (Some(mut rec), Some(writer)) = (self.record.take(), self.writer.take()) {
+            // The attempts' futures are dropped before the request's context (they live in the
+            // pipeline's future, which this outlives): their notes are all in.
+            if let (Some(notes), Some(watch)) = (self.notes.take(), &self.watch) {
+                let notes = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
+                trace::unfinished_attempts(&mut rec, &watch.snap.policy, notes, self.started, self.canary);
+            }
             let elapsed = trace::ms(self.started.elapsed());
             trace::finish(&mut rec, 499, "error", "client_cancelled", Some("client_cancelled"), elapsed, self.cost);
             writer.submit(*rec);
@@ -298,6 +306,7 @@ where
         dropped: Vec::new(),
         event_stream: false,
         live: None,
+        notes: None,
         watch: Some(CancelWatch { snap: snapshot.clone(), metrics: app.metrics.clone(), route: None, armed: true }),
     };
     // The body first, within its time and the memory all bodies share: a slow sender holds no
@@ -809,7 +818,10 @@ async fn generate(
         routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
-    let notes = NoteSink::default();
+    let notes = Arc::new(NoteSink::default());
+    if ctx.record.is_some() {
+        ctx.notes = Some(notes.clone());
+    }
     // Partial images asked for go to the client as they arrive (see `images`), unless every
     // image must carry provenance: a partial image is never signed, so none is sent.
     let live = ctx.live.clone().filter(|_| req.stream.is_some_and(|p| p > 0) && policy.provenance.is_none());
@@ -818,7 +830,7 @@ async fn generate(
     }
     let trace_id = ctx.record.is_some().then(|| ctx.trace_id.clone());
     let env = AttemptEnv {
-        notes: trace_id.as_deref().map(|t| (&notes, t)),
+        notes: trace_id.as_deref().map(|t| (&*notes, t)),
         app,
         snap,
         req: &req,
@@ -848,8 +860,9 @@ async fn generate(
     let (total, each) = cost::charge_attempts(app, policy, &route.name, &req, &outcome);
     reservation.settle(total.unwrap_or(0.0));
     ctx.cost = total;
+    ctx.notes = None;
     if let Some(rec) = ctx.record.as_deref_mut() {
-        let notes = notes.into_inner().unwrap_or_default();
+        let notes = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
         trace::attempts(rec, policy, &outcome, notes, ctx.started, ctx.canary, &each);
     }
 

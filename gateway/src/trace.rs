@@ -217,15 +217,7 @@ pub fn attempts(
     let mut notes: Vec<Option<AttemptNote>> = notes.into_iter().map(Some).collect();
     let full = rec.record_prompt == RecordPrompt::Full.name();
     for (i, a) in outcome.attempts.iter().enumerate() {
-        let route = &policy.routes[a.step.route];
-        let target = &route.targets[a.step.target];
         let note = notes.iter_mut().find(|n| n.as_ref().is_some_and(|n| n.step == a.step)).and_then(Option::take);
-        let spec = policy.providers.get(&target.provider);
-        let kind = spec.map_or("?", |p| p.kind.name());
-        // The host of the provider's base URL (OpenTelemetry's `server.address`).
-        let endpoint_host = spec
-            .and_then(|p| p.conn.base_url.parse::<http::Uri>().ok())
-            .and_then(|u| u.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()));
         let role = if a.hedge {
             "hedge"
         } else if i == 0 && canary {
@@ -235,56 +227,119 @@ pub fn attempts(
         } else {
             "fallback"
         };
-        let started = note.as_ref().map_or(Instant::now() - a.elapsed, |n| n.started.into_std());
-        let mut r = AttemptRecord {
-            span_id: note.as_ref().map_or_else(new_span_id, |n| hex_lower(&n.span_id.to_be_bytes())),
-            route: route.name.clone(),
-            target: a.step.target,
-            provider: target.provider.clone(),
-            provider_kind: kind.to_string(),
-            model: note
-                .as_ref()
-                .map(|n| n.model.clone())
-                .filter(|m| !m.is_empty())
-                .or_else(|| target.model.clone())
-                .unwrap_or_default(),
-            model_version: note.as_ref().and_then(|n| n.model_version.clone()),
-            start_offset_ms: ms(started.saturating_duration_since(request_start)),
-            latency_ms: ms(a.elapsed),
-            queue_ms: note.as_ref().map_or(0.0, |n| ms(n.queue)),
-            result: a.label().to_string(),
-            error: match (&a.result, note.as_ref().and_then(|n| n.partial_errors.first().map(|e| (e, n)))) {
-                (Err(e), _) => Some(error_text(e, full)),
-                // It answered, with fewer images than it was asked for: why is kept too.
-                (Ok(()), Some((first, n))) => Some(format!(
-                    "{} of the answer's calls failed, the first: {}",
-                    n.partial_errors.len(),
-                    error_text(first, full)
-                )),
-                (Ok(()), None) => None,
-            },
-            cost_usd: costs.get(i).copied().flatten(),
-            role: role.to_string(),
-            evaluations: Vec::new(),
-            endpoint_host,
+        let error = match (&a.result, note.as_ref().and_then(|n| n.partial_errors.first().map(|e| (e, n)))) {
+            (Err(e), _) => Some(error_text(e, full)),
+            // It answered, with fewer images than it was asked for: why is kept too.
+            (Ok(()), Some((first, n))) => Some(format!(
+                "{} of the answer's calls failed, the first: {}",
+                n.partial_errors.len(),
+                error_text(first, full)
+            )),
+            (Ok(()), None) => None,
         };
-        if let Some(n) = note {
-            r.evaluations = n
-                .verdicts
-                .iter()
-                .zip(n.verdict_images.iter().chain(std::iter::repeat(&0)))
-                .map(|(v, &image)| EvaluationRecord {
-                    image,
-                    evaluator: v.evaluator.to_string(),
-                    score: v.score,
-                    verdict: v.verdict.label().to_string(),
-                    reason: v.reason.clone(),
-                })
-                .collect();
-        }
-        rec.attempts.push(r);
+        let ended = Ended { elapsed: a.elapsed, result: a.label(), error, cost_usd: costs.get(i).copied().flatten() };
+        rec.attempts.push(attempt_record(policy, a.step, note, ended, role, request_start));
     }
     rec.canary = canary;
+}
+
+/// The attempts of a request the client left before it was answered (`client_cancelled`),
+/// from their notes: one that had ended keeps its result; one still running when the client
+/// left (its provider call dropped) is `client_cancelled`, its latency up to now. What they
+/// cost is not known (a provider may still bill a generation it was running).
+pub fn unfinished_attempts(
+    rec: &mut TraceRecord,
+    policy: &Policy,
+    mut notes: Vec<AttemptNote>,
+    request_start: Instant,
+    canary: bool,
+) {
+    notes.sort_by_key(|n| n.started);
+    for (i, mut note) in notes.into_iter().enumerate() {
+        let ended = match note.ended.take() {
+            Some(e) => Ended { elapsed: e.elapsed, result: e.result, error: e.error, cost_usd: None },
+            None => Ended {
+                elapsed: note.started.elapsed(),
+                result: "client_cancelled",
+                error: Some("the client went away while the attempt ran".into()),
+                cost_usd: None,
+            },
+        };
+        let role = match i {
+            0 if canary => "canary",
+            0 => "primary",
+            _ => "fallback",
+        };
+        rec.attempts.push(attempt_record(policy, note.step, Some(note), ended, role, request_start));
+    }
+    rec.canary = canary;
+}
+
+/// How an attempt ended, as its record says it.
+struct Ended {
+    elapsed: std::time::Duration,
+    result: &'static str,
+    error: Option<String>,
+    cost_usd: Option<f64>,
+}
+
+/// One attempt's record: the target's provider, kind and host, and what its note says
+/// (span id, model, queue time, verdicts).
+fn attempt_record(
+    policy: &Policy,
+    step: crate::routing::Step,
+    note: Option<AttemptNote>,
+    ended: Ended,
+    role: &str,
+    request_start: Instant,
+) -> AttemptRecord {
+    let route = &policy.routes[step.route];
+    let target = &route.targets[step.target];
+    let spec = policy.providers.get(&target.provider);
+    let kind = spec.map_or("?", |p| p.kind.name());
+    // The host of the provider's base URL (OpenTelemetry's `server.address`).
+    let endpoint_host = spec
+        .and_then(|p| p.conn.base_url.parse::<http::Uri>().ok())
+        .and_then(|u| u.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()));
+    let started = note.as_ref().map_or(Instant::now() - ended.elapsed, |n| n.started.into_std());
+    let mut r = AttemptRecord {
+        span_id: note.as_ref().map_or_else(new_span_id, |n| hex_lower(&n.span_id.to_be_bytes())),
+        route: route.name.clone(),
+        target: step.target,
+        provider: target.provider.clone(),
+        provider_kind: kind.to_string(),
+        model: note
+            .as_ref()
+            .map(|n| n.model.clone())
+            .filter(|m| !m.is_empty())
+            .or_else(|| target.model.clone())
+            .unwrap_or_default(),
+        model_version: note.as_ref().and_then(|n| n.model_version.clone()),
+        start_offset_ms: ms(started.saturating_duration_since(request_start)),
+        latency_ms: ms(ended.elapsed),
+        queue_ms: note.as_ref().map_or(0.0, |n| ms(n.queue)),
+        result: ended.result.to_string(),
+        error: ended.error,
+        cost_usd: ended.cost_usd,
+        role: role.to_string(),
+        evaluations: Vec::new(),
+        endpoint_host,
+    };
+    if let Some(n) = note {
+        r.evaluations = n
+            .verdicts
+            .iter()
+            .zip(n.verdict_images.iter().chain(std::iter::repeat(&0)))
+            .map(|(v, &image)| EvaluationRecord {
+                image,
+                evaluator: v.evaluator.to_string(),
+                score: v.score,
+                verdict: v.verdict.label().to_string(),
+                reason: v.reason.clone(),
+            })
+            .collect();
+    }
+    r
 }
 
 /// A mirror's record: its one attempt (role `mirror`), with the candidate's verdicts; the

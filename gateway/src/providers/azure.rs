@@ -152,7 +152,8 @@ impl Provider for Azure {
             http_req = http_req.header("api-key", h.clone());
         }
         let http_req = http_req.body(body).map_err(|e| ProviderError::Other(e.to_string()))?;
-        let answer = upstream::send(&endpoint, http_req, openai::MAX_ANSWER_BYTES).await.map_err(ProviderError::from)?;
+        let answer =
+            upstream::send(&endpoint, http_req, openai::MAX_ANSWER_BYTES).await.map_err(ProviderError::from)?;
         if answer.status.is_success() {
             openai::parse_answer(&answer.body)
         } else {

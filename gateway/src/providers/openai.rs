@@ -148,7 +148,8 @@ impl Provider for OpenAi {
             .filter(|_| attempt.req.stream.is_some_and(|p| p > 0))
             .map(|t| t.relay(attempt.req.partials_allowed()));
         let observer = relay.as_mut().map(|r| r as &mut dyn upstream::BodyObserver);
-        let answer = upstream::send_observed(endpoint, req, MAX_ANSWER_BYTES, observer).await.map_err(ProviderError::from)?;
+        let answer =
+            upstream::send_observed(endpoint, req, MAX_ANSWER_BYTES, observer).await.map_err(ProviderError::from)?;
         let status = answer.status;
         let event_stream = answer
             .headers
