@@ -230,6 +230,41 @@ async fn edits_and_variations_go_to_img2img_with_the_images_inline() {
     assert_eq!(sent["prompt"], json!(""));
 }
 
+/// A mask the gateway would have to convert (grey with alpha) is held to a size before it is
+/// decoded: a small file that inflates to hundreds of megabytes is refused from its header, and
+/// nothing is sent. The web UI's own numbers arrive as form text and go as numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mask_too_large_to_convert_is_refused_and_form_numbers_are_numbers() {
+    let s = setup().await;
+    let photo = make_png(64, 48, [10, 120, 230]);
+    let mut huge = Vec::new();
+    image::GrayAlphaImage::new(6000, 6000)
+        .write_to(&mut std::io::Cursor::new(&mut huge), image::ImageFormat::Png)
+        .unwrap();
+    assert!(huge.len() < 1 << 20, "the file is small: {}", huge.len());
+    let calls = s.webui.calls().len();
+    let form = Form::new()
+        .text("model", "dreamshaper")
+        .text("prompt", "a red boat")
+        .file("image", "photo.png", "image/png", photo.clone())
+        .file("mask", "mask.png", "image/png", huge);
+    let r = s.gw.edit(&form, &[]).await;
+    let e = r.assert_error(400, "unsupported_parameter");
+    assert!(e["message"].as_str().unwrap().contains("6000x6000"), "{e}");
+    assert_eq!(s.webui.calls().len(), calls, "nothing was sent");
+
+    let form = Form::new()
+        .text("model", "dreamshaper")
+        .text("prompt", "a red boat")
+        .text("steps", "12")
+        .text("guidance_scale", "6.5")
+        .text("response_format", "b64_json")
+        .file("image", "photo.png", "image/png", photo);
+    s.gw.edit(&form, &[]).await.assert_status(200);
+    let sent = s.webui.last().json();
+    assert_eq!((sent["steps"].clone(), sent["cfg_scale"].clone()), (json!(12), json!(6.5)), "{sent}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_uis_refusals_come_back_as_400() {
     let s = setup().await;

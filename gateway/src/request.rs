@@ -210,7 +210,17 @@ impl GenerationRequest {
         let mut images = Vec::new();
         let mut mask = None;
         let mut files = Vec::new();
+        let mut parts = 0usize;
         while let Some(field) = form.next_field().await.map_err(bad)? {
+            check_part(field.headers(), field.name())?;
+            parts += 1;
+            if parts > MAX_FORM_PARTS {
+                return Err(ApiError::invalid(
+                    "body",
+                    "invalid_multipart",
+                    format!("a form has at most {MAX_FORM_PARTS} parts"),
+                ));
+            }
             let name = field.name().unwrap_or_default().to_string();
             let filename = field.file_name().map(str::to_owned);
             let content_type = field.content_type().map(|m| m.to_string());
@@ -255,6 +265,16 @@ impl GenerationRequest {
                         images.push(part);
                     }
                 }
+                n if filename.is_some() && TEXT_FIELDS.contains(&n) => {
+                    // A parameter sent as a file would reach no check of the gateway's, and go
+                    // upstream beside (or instead of) the value the gateway read.
+                    let known = TEXT_FIELDS.iter().find(|&&k| k == n).copied().unwrap_or("body");
+                    return Err(ApiError::invalid(
+                        known,
+                        "invalid_value",
+                        format!("{known} must be a text field, not a file (a form part with a filename)"),
+                    ));
+                }
                 _ if filename.is_some() => {
                     // Another file parameter (e.g. the SDK's `markup`): kept as a file, for the
                     // adapters that speak OpenAI's form to forward as it came.
@@ -271,7 +291,7 @@ impl GenerationRequest {
                     })?;
                     // Form fields are text; numbers are numbers when they parse as such.
                     let value = match name.as_str() {
-                        "n" | "seed" | "output_compression" | "partial_images" => {
+                        "n" | "seed" | "output_compression" | "partial_images" | "steps" | "guidance_scale" => {
                             text.trim().parse::<serde_json::Number>().map(Value::Number).unwrap_or(Value::String(text))
                         }
                         // Booleans are `true` / `false`, as the SDKs write them into a form.
@@ -574,6 +594,68 @@ struct Fields<'a> {
     input_fidelity: Option<&'a Value>,
 }
 
+/// The most parts a form may have: 16 images, a mask and every parameter leave room to spare.
+const MAX_FORM_PARTS: usize = 100;
+/// The longest name a form part may have, bytes.
+const MAX_FIELD_NAME: usize = 128;
+
+/// The parameters the gateway reads as text: a form part of one of these names must not be a
+/// file.
+const TEXT_FIELDS: [&str; 21] = [
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "seed",
+    "negative_prompt",
+    "quality",
+    "style",
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "acc",
+    "user",
+    "background",
+    "output_format",
+    "moderation",
+    "output_compression",
+    "input_fidelity",
+    "stream",
+    "partial_images",
+];
+
+/// A form part as RFC 7578 section 4.2 has it: a `Content-Disposition` of type `form-data`
+/// with a name (of at most [`MAX_FIELD_NAME`] bytes), and no `Content-Transfer-Encoding` that
+/// would change its bytes (section 4.7: senders must not use one). Errors: 400
+/// `invalid_multipart` naming what is wrong; a part is never forwarded under a name it did not
+/// have.
+fn check_part(headers: &http::HeaderMap, name: Option<&str>) -> Result<(), ApiError> {
+    let refuse = |why: String| ApiError::invalid("body", "invalid_multipart", why);
+    let disposition = headers.get(http::header::CONTENT_DISPOSITION).map(|v| v.as_bytes());
+    let kind = disposition.map(|d| d.split(|&b| b == b';').next().unwrap_or_default().trim_ascii());
+    if !kind.is_some_and(|k| k.eq_ignore_ascii_case(b"form-data")) {
+        return Err(refuse("every form part needs a Content-Disposition of type form-data (RFC 7578)".into()));
+    }
+    match name {
+        None | Some("") => return Err(refuse("every form part needs a name (RFC 7578)".into())),
+        Some(n) if n.len() > MAX_FIELD_NAME => {
+            return Err(refuse(format!("a form part's name is longer than {MAX_FIELD_NAME} bytes")))
+        }
+        Some(_) => {}
+    }
+    if let Some(cte) = headers.get("content-transfer-encoding") {
+        let identity = ["binary", "8bit", "7bit"];
+        if !identity.iter().any(|i| cte.as_bytes().trim_ascii().eq_ignore_ascii_case(i.as_bytes())) {
+            return Err(refuse(
+                "a form part's Content-Transfer-Encoding is not supported: send its bytes as they are (RFC 7578 section 4.7)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl<'a> Fields<'a> {
     fn of(raw: &'a Map<String, Value>) -> Fields<'a> {
         let mut f = Fields::default();
@@ -840,6 +922,69 @@ mod tests {
         let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), ("stream", None, b"yes")]);
         let e = GenerationRequest::from_multipart(Operation::Edit, body, "XyZ").await.unwrap_err();
         assert_eq!((e.param, e.code), (Some("stream"), Some("invalid_value")));
+    }
+
+    /// Parameters sent as files, parts without a form-data disposition or name, encoded parts
+    /// and forms past their bounds are refused with a 400 that says which; numeric fields sent
+    /// as text (every form field is) are numbers.
+    #[tokio::test]
+    async fn form_parts_are_what_rfc_7578_says_and_parameters_are_text() {
+        let png: &[u8] = b"PNGDATA";
+        let parse = |body: bytes::Bytes| GenerationRequest::from_multipart(Operation::Edit, body, "XyZ");
+        for known in ["model", "n", "seed", "quality", "moderation", "response_format", "acc", "stream"] {
+            let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), (known, Some("v.txt"), b"2")]);
+            let e = parse(body).await.unwrap_err();
+            assert_eq!((e.param, e.code), (Some(known), Some("invalid_value")), "{known}");
+            assert!(e.message.contains("must be a text field, not a file"), "{}", e.message);
+        }
+        // Another file parameter (the SDK's `markup`) is still kept as a file.
+        let body = form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), ("markup", Some("m.png"), png)]);
+        assert_eq!(parse(body).await.unwrap().files.len(), 1);
+
+        let r = parse(form(&[
+            ("image", Some("a.png"), png),
+            ("prompt", None, b"x"),
+            ("steps", None, b"20"),
+            ("guidance_scale", None, b" 7.5"),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!((r.steps, r.guidance_scale), (Some(20), Some(7.5)));
+
+        let raw_part = |head: &str| {
+            let mut b =
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nI\r\n".to_vec();
+            b.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n");
+            b.extend_from_slice(format!("--XyZ\r\n{head}\r\n\r\nvalue\r\n--XyZ--\r\n").as_bytes());
+            bytes::Bytes::from(b)
+        };
+        for (head, why) in [
+            ("Content-Type: text/plain", "Content-Disposition of type form-data"),
+            ("Content-Disposition: attachment; name=\"style\"", "Content-Disposition of type form-data"),
+            ("Content-Disposition: form-data", "needs a name"),
+            ("Content-Disposition: form-data; name=\"\"", "needs a name"),
+            (
+                "Content-Disposition: form-data; name=\"style\"\r\nContent-Transfer-Encoding: base64",
+                "Content-Transfer-Encoding",
+            ),
+        ] {
+            let e = parse(raw_part(head)).await.unwrap_err();
+            assert_eq!((e.param, e.code), (Some("body"), Some("invalid_multipart")), "{head}");
+            assert!(e.message.contains(why), "{head}: {}", e.message);
+        }
+        let r =
+            parse(raw_part("Content-Disposition: form-data; name=\"style\"\r\nContent-Transfer-Encoding: 8bit")).await;
+        assert_eq!(r.unwrap().raw["style"], "value");
+        let long = "f".repeat(MAX_FIELD_NAME + 1);
+        let e = parse(form(&[("image", Some("a.png"), png), ("prompt", None, b"x"), (long.as_str(), None, b"1")]))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("longer than 128 bytes"), "{}", e.message);
+        let names: Vec<String> = (0..MAX_FORM_PARTS).map(|i| format!("extra_{i}")).collect();
+        let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![("image", Some("a.png"), png), ("prompt", None, b"x")];
+        parts.extend(names.iter().map(|n| (n.as_str(), None, &b"1"[..])));
+        let e = parse(form(&parts)).await.unwrap_err();
+        assert!(e.message.contains("at most 100 parts"), "{}", e.message);
     }
 
     #[test]

@@ -130,7 +130,10 @@ impl Provider for A1111 {
                 let rgba = match mask.filter(|m| png_other_alpha(&m.bytes)) {
                     Some(m) => {
                         let m = m.clone();
-                        tokio::task::spawn_blocking(move || mask_as_rgba(&m)).await.ok().flatten()
+                        tokio::task::spawn_blocking(move || mask_as_rgba(&m))
+                            .await
+                            .unwrap_or(Ok(None))
+                            .map_err(ProviderError::UnsupportedParams)?
                     }
                     None => None,
                 };
@@ -240,21 +243,41 @@ fn png_other_alpha(bytes: &[u8]) -> bool {
     colour_type == 4 || memchr::memmem::find(head, b"tRNS").is_some()
 }
 
+/// The largest side of a mask the gateway converts to RGBA ([`mask_as_rgba`]), pixels: past
+/// the largest output of the models served this way, and small enough that the decoded mask
+/// and its RGBA copy stay within 100 MiB. A mask needing conversion beyond it is refused.
+const MASK_MAX_SIDE: u32 = 4096;
+
 /// `mask` re-encoded as an RGBA PNG when it has transparency but is not RGBA already (grey
 /// with alpha, a palette or a colour type with a transparent entry: [`png_other_alpha`]);
-/// `None` when it is RGBA, or has no transparency, or does not decode. Decodes: call it off the
-/// async workers.
-fn mask_as_rgba(mask: &FilePart) -> Option<FilePart> {
+/// `Ok(None)` when it is RGBA, or has no transparency, or does not decode. Errors: a mask over
+/// [`MASK_MAX_SIDE`] a side (its header says so; nothing is decoded), which sent as it is
+/// would repaint the wrong region. Decodes: call it off the async workers.
+fn mask_as_rgba(mask: &FilePart) -> Result<Option<FilePart>, String> {
     if !png_other_alpha(&mask.bytes) {
-        return None;
+        return Ok(None);
     }
-    let decoded = image::load_from_memory(&mask.bytes).ok()?;
+    if let Some((w, h)) = dimensions(&mask.bytes).filter(|&(w, h)| w.max(h) > MASK_MAX_SIDE) {
+        return Err(format!(
+            "mask: a {w}x{h} mask with grey-alpha or palette transparency is larger than the {MASK_MAX_SIDE} pixels a \
+             side the gateway converts for this provider; send it as an RGBA PNG"
+        ));
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(&mask.bytes[..]), image::ImageFormat::Png);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MASK_MAX_SIDE);
+    limits.max_image_height = Some(MASK_MAX_SIDE);
+    limits.max_alloc = Some(u64::from(MASK_MAX_SIDE) * u64::from(MASK_MAX_SIDE) * 4);
+    reader.limits(limits);
+    let Ok(decoded) = reader.decode() else { return Ok(None) };
     if !decoded.color().has_alpha() {
-        return None;
+        return Ok(None);
     }
     let mut png = Vec::new();
-    decoded.to_rgba8().write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).ok()?;
-    Some(FilePart { bytes: bytes::Bytes::from(png), content_type: "image/png".into(), ..mask.clone() })
+    if decoded.to_rgba8().write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(FilePart { bytes: bytes::Bytes::from(png), content_type: "image/png".into(), ..mask.clone() }))
 }
 
 /// Width and height from the image's header (no decoding).
@@ -501,7 +524,7 @@ mod tests {
             content_type: "image/png".into(),
             bytes: la_png.into(),
         };
-        let rgba = mask_as_rgba(&part).expect("converted");
+        let rgba = mask_as_rgba(&part).unwrap().expect("converted");
         assert!(png_has_alpha(&rgba.bytes));
         let back = image::load_from_memory(&rgba.bytes).unwrap().to_rgba8();
         assert_eq!((back.get_pixel(0, 0)[3], back.get_pixel(3, 0)[3]), (0, 255));
@@ -509,7 +532,15 @@ mod tests {
         let mut rgb_png = Vec::new();
         image::RgbImage::new(4, 4).write_to(&mut std::io::Cursor::new(&mut rgb_png), image::ImageFormat::Png).unwrap();
         let rgb = FilePart { bytes: rgb_png.into(), ..part.clone() };
-        assert!(!png_other_alpha(&rgb.bytes) && mask_as_rgba(&rgb).is_none());
+        assert!(!png_other_alpha(&rgb.bytes) && mask_as_rgba(&rgb).unwrap().is_none());
+        // Too large to convert: refused from its header, before anything is decoded.
+        let mut big = Vec::new();
+        image::GrayAlphaImage::new(8000, 8000)
+            .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+            .unwrap();
+        let big = FilePart { bytes: big.into(), ..part.clone() };
+        let e = mask_as_rgba(&big).unwrap_err();
+        assert!(e.contains("8000x8000") && e.contains("RGBA"), "{e}");
         png[25] = 2;
         assert!(!png_has_alpha(&png), "colour type 2: RGB");
         assert!(!png_has_alpha(b"GIF89a"));
