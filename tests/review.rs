@@ -235,12 +235,44 @@ async fn rejected_is_410_with_the_reason_and_url_answers_are_served_after_approv
     let img = get(&url, &[]).await;
     img.assert_status(200);
     assert_eq!(&img.body[..], mock.png());
+    // Polling again while the URL is served answers the same URL: the image is not stored
+    // again (each copy would push other answers' images out of the artifact store).
+    for _ in 0..3 {
+        let again = poll(&gw, KEY_A, &approved).await;
+        assert_eq!(again.json()["data"][0]["url"].as_str(), Some(url.as_str()));
+    }
+    assert_eq!(gw.metric("acc_artifact_store_total", &[("event", "stored")]).await, 1.0);
 
     assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "rejected")]).await, 1.0);
     assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "approved")]).await, 1.0);
     assert_eq!(gw.metric("acc_review_queue_depth", &[("route", "main")]).await, 0.0);
     let rejected_list = gw.admin("GET", "/admin/reviews?state=rejected").await.json();
     assert_eq!(rejected_list["data"][0]["reason"], "logo is distorted");
+}
+
+/// The approved answer is the answer the provider gave: its other fields (`usage`,
+/// `output_format`) and each image's `revised_prompt` come back with the images.
+#[tokio::test]
+async fn an_approved_answer_keeps_the_providers_other_fields() {
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, &review_route("main", "m", ""), ""), &[]).await;
+    let revised = format!("A lighthouse on a cliff at dusk, {}", "with gulls ".repeat(40));
+    let usage = json!({"total_tokens": 4200, "input_tokens": 50, "output_tokens": 4150});
+    let answer = json!({
+        "created": 1,
+        "data": [{"b64_json": b64_encode(mock.png()), "revised_prompt": revised}],
+        "output_format": "png",
+        "usage": usage,
+    });
+    mock.set_body(Some(&answer.to_string()));
+    let id = assert_pending(&generate(&gw, KEY_A, "m", "b64_json").await);
+    decide(&gw, &id, "approve", &json!({"reviewer": "rita"})).await.assert_status(200);
+    let r = poll(&gw, KEY_A, &id).await;
+    r.assert_status(200);
+    let got = r.json();
+    assert_eq!(got["data"][0]["b64_json"].as_str(), Some(b64_encode(mock.png()).as_str()));
+    assert_eq!(got["data"][0]["revised_prompt"].as_str(), Some(revised.as_str()));
+    assert_eq!((&got["output_format"], &got["usage"]), (&json!("png"), &usage), "{got:#}");
 }
 
 #[tokio::test]
@@ -258,6 +290,27 @@ async fn an_item_nobody_decides_expires_and_is_counted() {
     assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "expired")]).await, 1.0);
     assert_eq!(gw.metric("acc_review_queue_depth", &[("route", "main")]).await, 0.0);
     decide(&gw, &id, "approve", &json!({"reviewer": "late"})).await.assert_error(409, "review_already_decided");
+}
+
+/// A reviewer who decides after the item's time ran out, before the once-a-second sweep got
+/// to it, is too late: the item expires then (409 to the reviewer, 410 to the client), and
+/// the image is never served.
+#[tokio::test]
+async fn a_decision_after_the_review_time_is_too_late() {
+    let mock = MockProvider::start().await;
+    let (gw, _dir) = serve_policy(&policy(&mock, &review_route("main", "m", "review_ttl_secs = 1"), ""), &[]).await;
+    let id = assert_pending(&generate(&gw, KEY_A, "m", "b64_json").await);
+    let list = gw.admin("GET", "/admin/reviews?state=pending").await.json();
+    assert_eq!(list["data"][0]["trace_id"], id);
+    let expires = list["data"][0]["expires_unix_nano"].as_u64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    tokio::time::sleep(Duration::from_nanos(expires.saturating_sub(now)) + Duration::from_millis(5)).await;
+    let late = decide(&gw, &id, "approve", &json!({"reviewer": "late"})).await;
+    let err = late.assert_error(409, "review_already_decided");
+    assert!(err["message"].as_str().unwrap().contains("expired"), "{err}");
+    poll(&gw, KEY_A, &id).await.assert_error(410, "review_expired");
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "expired")]).await, 1.0);
+    assert_eq!(gw.metric("acc_reviews_total", &[("route", "main"), ("outcome", "approved")]).await, 0.0);
 }
 
 #[tokio::test]

@@ -119,6 +119,11 @@ impl ArtifactStore {
         Some(respond(bytes, mime, left))
     }
 
+    /// Whether the image `id` is held and its URL alive (not counted as served).
+    pub fn alive(&self, id: &str) -> bool {
+        self.map.get(id).is_some_and(|e| e.expires > Instant::now())
+    }
+
     /// The image and its media type while its URL is alive.
     pub fn get(&self, id: &str) -> Option<(Bytes, &'static str)> {
         self.lookup(id).map(|(bytes, mime, _)| (bytes, mime))

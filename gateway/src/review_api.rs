@@ -156,9 +156,37 @@ async fn hold_inner(
         bytes_held: bytes,
         verdicts: serde_json::Value::Array(verdicts),
         reasons: generation.review.clone(),
+        answer: held_answer(generation),
     };
     let budget = app.policy.snapshot().policy.review.clone();
     app.reviews.hold(&item, &images, &budget).await
+}
+
+/// What `generation`'s answer says beside its images (see [`ReviewItem::answer`]).
+fn held_answer(generation: &Generation) -> Option<Value> {
+    if generation.answer_fields.is_empty() && generation.revised_prompts.iter().all(Option::is_none) {
+        return None;
+    }
+    let fields: serde_json::Map<String, Value> =
+        generation.answer_fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    Some(json!({"fields": fields, "revised_prompts": generation.revised_prompts}))
+}
+
+/// The answer fields and revised prompts [`held_answer`] kept, back into a generation: only the
+/// documented answer fields ([`crate::providers::ANSWER_FIELDS`]), whatever the store holds.
+fn restore_answer(generation: &mut Generation, answer: Option<&Value>) {
+    let Some(answer) = answer else { return };
+    if let Some(fields) = answer["fields"].as_object() {
+        for k in crate::providers::ANSWER_FIELDS {
+            if let Some(v) = fields.get(k) {
+                generation.answer_fields.push((k, v.clone()));
+            }
+        }
+    }
+    if let Some(prompts) = answer["revised_prompts"].as_array() {
+        generation.revised_prompts = prompts.iter().map(|p| p.as_str().map(str::to_string)).collect();
+        generation.revised_prompts.truncate(generation.images.len());
+    }
 }
 
 fn unavailable() -> ApiError {
@@ -241,17 +269,51 @@ pub async fn poll(app: &App, id: &str, tenant: Option<&str>, headers: &HeaderMap
                 );
             }
             let format = if item.response_format == "url" { ResponseFormat::Url } else { ResponseFormat::B64Json };
-            let generation = Generation {
+            let mut generation = Generation {
                 images: images.into_iter().map(|i| Image::Base64(Bytes::from(i.b64).into())).collect(),
                 ..Generation::default()
             };
+            restore_answer(&mut generation, item.answer.as_ref());
             let snap = app.policy.snapshot();
-            if format == ResponseFormat::Url {
-                if let Err(e) = answer::url_base(&snap.policy, headers) {
-                    return e.into_response();
+            let body = if format == ResponseFormat::Url {
+                let base = match answer::url_base(&snap.policy, headers) {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                // The URLs of an earlier poll while they are served: storing the images again
+                // on every poll would push other answers' images out of the artifact store.
+                let earlier = app.reviews.served_files(id).filter(|files| {
+                    files.len() == generation.images.len()
+                        && files.iter().all(|f| app.artifacts.alive(crate::artifacts::id_of(f)))
+                });
+                match earlier {
+                    Some(files) => {
+                        generation.images =
+                            files.iter().map(|f| Image::Url(format!("{base}{}{f}", crate::artifacts::PATH))).collect();
+                        answer::render(app, &snap.policy, UrlMode::Provider, format, generation, headers, None)
+                    }
+                    None => {
+                        let mut sent = Vec::new();
+                        let body = answer::render(
+                            app,
+                            &snap.policy,
+                            UrlMode::Gateway,
+                            format,
+                            generation,
+                            headers,
+                            Some(&mut sent),
+                        );
+                        let files = sent
+                            .iter()
+                            .filter_map(|s| s.url.as_deref()?.rsplit('/').next().map(str::to_string))
+                            .collect();
+                        app.reviews.remember_served(id, files);
+                        body
+                    }
                 }
-            }
-            let body = answer::render(app, &snap.policy, UrlMode::Gateway, format, generation, headers, None);
+            } else {
+                answer::render(app, &snap.policy, UrlMode::Gateway, format, generation, headers, None)
+            };
             let mut r = Response::new(axum::body::Body::new(body));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             with_headers(r, id, &item.route, "approved")

@@ -141,7 +141,15 @@ pub struct ReviewQueue {
     deliveries: TaskTracker,
     /// Routes the depth gauge has a value for (set to 0 when a refresh finds none pending).
     routes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The gateway-served files (`{id}.{ext}`) an approved `url` answer was last given, by trace
+    /// id: a poll while they are served answers the same URLs instead of storing the images
+    /// again (each copy would push other answers' images out of the artifact store).
+    served: dashmap::DashMap<String, Vec<String>>,
 }
+
+/// The most approved answers whose served files are remembered ([`ReviewQueue::served_files`]);
+/// past it the memory starts over (a poll then stores its images once more).
+const SERVED_MAX: usize = 10_000;
 
 /// Now, Unix nanoseconds.
 pub fn now_unix_nano() -> u64 {
@@ -158,6 +166,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often the queue's totals are read again from the store.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
+/// Why an item expired, as its record and the client's 410 say.
+const EXPIRED_REASON: &str = "no reviewer decided within the route's review_ttl_secs";
+
 impl ReviewQueue {
     /// A queue over the trace store `traces` writes to (`None`: no store, nothing can be held),
     /// its metrics registered in `registry`.
@@ -170,7 +181,22 @@ impl ReviewQueue {
             loaded_tx: tokio::sync::watch::channel(false).0,
             deliveries: TaskTracker::new(),
             routes: std::sync::Mutex::default(),
+            served: dashmap::DashMap::new(),
         }
+    }
+
+    /// The files (`{id}.{ext}` under [`crate::artifacts::PATH`]) the approved answer of
+    /// `trace_id` was last served as, if remembered.
+    pub fn served_files(&self, trace_id: &str) -> Option<Vec<String>> {
+        self.served.get(trace_id).map(|f| f.clone())
+    }
+
+    /// Remembers the files the approved answer of `trace_id` is served as.
+    pub fn remember_served(&self, trace_id: &str, files: Vec<String>) {
+        if self.served.len() >= SERVED_MAX {
+            self.served.clear();
+        }
+        self.served.insert(trace_id.to_string(), files);
     }
 
     /// The open store, when there is one.
@@ -245,6 +271,8 @@ impl ReviewQueue {
 
     /// Decides the pending review `trace_id`: `state` is approved, rejected or expired. Counts
     /// it, observes the wait, frees the budget of deleted images and sends the route's webhook.
+    /// A reviewer's approval or rejection that comes after the item's `expires_unix_nano`
+    /// expires it instead and fails with [`DecideError::Decided`]`(Expired)`.
     pub async fn decide(
         &self,
         policy: &Policy,
@@ -259,6 +287,12 @@ impl ReviewQueue {
         // to collect them.
         let route_of = |name: &str| policy.routes.iter().find(|r| r.name == name).map(|r| r.review.clone());
         let before = db.review(trace_id).await?.ok_or(DecideError::NotFound)?;
+        // A reviewer's decision after the item's time ran out (the sweep runs once a second)
+        // is too late: the item expires now instead, and the reviewer is told so.
+        let late =
+            state != ReviewState::Expired && before.state == ReviewState::Pending && before.expires_unix_nano <= now;
+        let (state, reviewer, reason) =
+            if late { (ReviewState::Expired, "acc", Some(EXPIRED_REASON)) } else { (state, reviewer, reason) };
         let settings = route_of(&before.route).unwrap_or_default();
         let keep_until = now.saturating_add(settings.ttl.as_nanos() as u64);
         let Some(item) = db.decide_review(trace_id, state, reviewer, reason, now, keep_until).await? else {
@@ -274,6 +308,9 @@ impl ReviewQueue {
             self.release(before.bytes_held);
         }
         self.notify(&settings, &policy.review, &item);
+        if late {
+            return Err(DecideError::Decided(ReviewState::Expired));
+        }
         Ok(item)
     }
 
@@ -321,8 +358,7 @@ impl ReviewQueue {
         let now = now_unix_nano();
         let mut expired = 0;
         for id in db.due_reviews(now, 100).await? {
-            let reason = "no reviewer decided within the route's review_ttl_secs";
-            match self.decide(policy, &id, ReviewState::Expired, "acc", Some(reason)).await {
+            match self.decide(policy, &id, ReviewState::Expired, "acc", Some(EXPIRED_REASON)).await {
                 Ok(_) => expired += 1,
                 // Decided meanwhile (by a reviewer or another replica).
                 Err(DecideError::Decided(_) | DecideError::NotFound) => {}

@@ -266,6 +266,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "reviews", include_str!("../../migrations/0002_reviews.sql")),
     (3, "feedback", include_str!("../../migrations/0003_feedback.sql")),
     (4, "feedback regenerations", include_str!("../../migrations/0004_feedback_regenerations.sql")),
+    (5, "review answers", include_str!("../../migrations/0005_review_answers.sql")),
 ];
 
 #[derive(Debug)]

@@ -85,6 +85,10 @@ pub struct ReviewItem {
     pub verdicts: serde_json::Value,
     /// The failures that sent it to review, e.g. `["sanity: the image is blank"]`.
     pub reasons: Vec<String>,
+    /// What the held answer says beside its images, returned with them once approved:
+    /// `{"fields": {"usage": ..., "output_format": ...}, "revised_prompts": [string|null]}`;
+    /// `None` when it said nothing else.
+    pub answer: Option<serde_json::Value>,
 }
 
 /// One held image: its content type and its base64 text, exactly as it would have been
@@ -113,7 +117,7 @@ pub struct ReviewFilter {
 
 const COLUMNS: &str = "trace_id, route, tenant, cohort, prompt_template, asset_type, end_user, response_format, \
      state, held_unix_nano, expires_unix_nano, decided_unix_nano, reviewer, reason, image_count, bytes, bytes_held, \
-     verdicts, reasons";
+     verdicts, reasons, answer";
 
 fn u(v: i64) -> u64 {
     v.max(0) as u64
@@ -128,7 +132,7 @@ impl TraceDb {
         let mut tx = self.any_pool().begin().await.map_err(&fail)?;
         let done = sqlx::query::<Any>(&format!(
             "INSERT INTO reviews ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-             $15, $16, $17, $18, $19) ON CONFLICT (trace_id) DO NOTHING"
+             $15, $16, $17, $18, $19, $20) ON CONFLICT (trace_id) DO NOTHING"
         ))
         .bind(item.trace_id.clone())
         .bind(item.route.clone())
@@ -149,6 +153,7 @@ impl TraceDb {
         .bind(nanos_i64(item.bytes_held))
         .bind(item.verdicts.to_string())
         .bind(serde_json::to_string(&item.reasons).unwrap_or_else(|_| "[]".into()))
+        .bind(item.answer.as_ref().map(|a| a.to_string()))
         .execute(&mut *tx)
         .await
         .map_err(&fail)?;
@@ -195,6 +200,7 @@ impl TraceDb {
         let state = ReviewState::parse(&state).ok_or_else(|| corrupt(format!("unknown review state {state:?}")))?;
         let verdicts: String = r.try_get(17).map_err(&fail)?;
         let reasons: String = r.try_get(18).map_err(&fail)?;
+        let answer: Option<String> = r.try_get(19).map_err(&fail)?;
         Ok(ReviewItem {
             route: r.try_get(1).map_err(&fail)?,
             tenant: r.try_get(2).map_err(&fail)?,
@@ -214,6 +220,9 @@ impl TraceDb {
             bytes_held: u(r.try_get(16).map_err(&fail)?),
             verdicts: serde_json::from_str(&verdicts).map_err(|e| corrupt(format!("verdicts: {e}")))?,
             reasons: serde_json::from_str(&reasons).map_err(|e| corrupt(format!("reasons: {e}")))?,
+            answer: answer
+                .map(|a| serde_json::from_str(&a).map_err(|e| corrupt(format!("answer: {e}"))))
+                .transpose()?,
             trace_id: trace_id.clone(),
         })
     }

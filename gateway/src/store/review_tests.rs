@@ -31,6 +31,7 @@ fn item(trace_id: &str, route: &str, held: u64, bytes: u64) -> ReviewItem {
         bytes_held: bytes,
         verdicts: json!([{"image": 0, "evaluator": "sanity", "verdict": "fail", "score": 0.0, "reason": "blank"}]),
         reasons: vec!["sanity: blank".into()],
+        answer: Some(serde_json::json!({"fields": {"output_format": "png"}, "revised_prompts": ["a cat"]})),
     }
 }
 
