@@ -178,6 +178,22 @@ async fn a_rating_is_stored_with_the_traces_fields_and_replaced_on_repeat() {
         metric_sum(&m, "acc_feedback_total", &l)
     };
     assert_eq!((count("up"), count("down"), count("neutral")), (2.0, 1.0, 0.0));
+
+    // The same rating sent again is stored (a new comment) but counted once: one client
+    // re-posting cannot move the thumbs rates. A changed rating is counted.
+    for i in 0..5 {
+        let again = json!({"trace_id": id, "rating": "up", "image_index": 1, "comment": format!("still good {i}")});
+        rate(&gw, KEY_A, &again).await.assert_status(200);
+    }
+    let down = json!({"trace_id": id, "rating": "down", "image_index": 1});
+    rate(&gw, KEY_A, &down).await.assert_status(200);
+    let m = gw.metrics().await;
+    let count = |rating: &str| {
+        let mut l = labels.to_vec();
+        l.push(("rating", rating));
+        metric_sum(&m, "acc_feedback_total", &l)
+    };
+    assert_eq!((count("up"), count("down")), (2.0, 2.0));
 }
 
 #[tokio::test]

@@ -354,7 +354,20 @@ impl Feedback {
                 message: "the writer has not opened it yet, or lost it".into(),
             })
         })?;
+        // The metric counts what the user says, once: a first rating, a changed one, or one that
+        // replaces what a regeneration implied; the same rating sent again is stored (its
+        // comment and labels may change) but not counted again.
+        let before = db
+            .stored_rating(&entry.trace_id, entry.image_index, &entry.end_user)
+            .await
+            .map_err(|e| self.store_failure(e))?;
         db.upsert_feedback(&entry).await.map_err(|e| self.store_failure(e))?;
+        let repeated = before.is_some_and(|(rating, source)| {
+            source == EXPLICIT && crate::store::feedback::rating_label(rating) == entry.rating_label()
+        });
+        if repeated {
+            return Ok(entry);
+        }
         let [cohort, template, asset] = policy.cohorts.labels(
             entry.cohort.as_deref(),
             entry.prompt_template.as_deref(),

@@ -90,6 +90,27 @@ impl TraceDb {
         Ok(done.rows_affected() > 0)
     }
 
+    /// The rating and source stored for (`trace_id`, `image_index`, `end_user`), if any.
+    /// Errors: [`StoreError::Unavailable`], [`StoreError::Query`].
+    pub async fn stored_rating(
+        &self,
+        trace_id: &str,
+        image_index: i64,
+        end_user: &str,
+    ) -> Result<Option<(f64, String)>, StoreError> {
+        let fail = self.fail("feedback rating");
+        let row = sqlx::query::<Any>(
+            "SELECT rating, source FROM feedback WHERE trace_id = $1 AND image_index = $2 AND end_user = $3",
+        )
+        .bind(trace_id.to_string())
+        .bind(image_index)
+        .bind(end_user.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&fail)?;
+        row.map(|r| Ok((r.try_get::<f64, _>(0).map_err(&fail)?, r.try_get::<String, _>(1).map_err(&fail)?))).transpose()
+    }
+
     /// [`upsert_feedback`](Self::upsert_feedback) of each entry in order, all in one
     /// transaction: every entry is written, or none. With SQLite they go through the file's
     /// own write connection (`LocalWriter`, on the caller's thread), with PostgreSQL many to a
