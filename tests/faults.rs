@@ -502,6 +502,27 @@ async fn a_huge_retry_after_pauses_to_the_cap_and_a_past_date_not_at_all() {
     assert!(paused.iter().any(|ms| (50_000..=60_000).contains(ms)), "paused_for_ms {paused:?}: {routes}");
 }
 
+/// A pause taken under a long `max_pause_ms` ends when a reloaded, shorter one says: ops
+/// lowering the cap are not stuck with the provider paused for the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_shortens_max_pause_ms_shortens_a_running_pause() {
+    let s = setup(Extras { primary: "max_pause_ms = 600000", ..Default::default() }).await;
+    s.primary.set_status(429);
+    s.primary.set_headers(vec![("retry-after".into(), "3600".into())]);
+    s.gw.generate(&req()).await;
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:paused", "backup:ok"]);
+    let shorter = policy(&s.primary, &s.backup, Extras { primary: "max_pause_ms = 300", ..Default::default() });
+    s._dir.write("policy.toml", &shorter);
+    s.gw.admin("POST", "/admin/reload").await.assert_status(200);
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:paused", "backup:ok"], "still paused, for at most 300 ms");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:status_429", "backup:ok"], "the pause is over");
+    assert_eq!(s.primary.hits(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_without_a_reset_header_does_not_pause() {
     let s = setup(Extras::default()).await;

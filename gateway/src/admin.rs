@@ -346,6 +346,10 @@ async fn trace(
 /// newest first, `{"object": "list", "data": [record...], "next_cursor": string|null}`; pass
 /// `next_cursor` back as `cursor` for the next page. A bad filter is a 400 `invalid_filter`.
 async fn traces(State(app): State<Arc<App>>, uri: http::Uri) -> Response {
+    // Without a store there is nothing a filter could select: say so first.
+    if app.traces.is_none() {
+        return trace_db(&app).err().unwrap_or_else(|| StatusCode::NOT_FOUND.into_response());
+    }
     let filter = match TraceFilter::from_query(uri.query().unwrap_or("")) {
         Ok(f) => f,
         Err(e) => return ApiError::invalid(e.param, "invalid_filter", e.message).into_response(),

@@ -159,7 +159,8 @@ async fn run(
     // 2. Will it take it now?
     let breaker = spec.map(|p| p.breaker.clone()).unwrap_or_default();
     let now = Instant::now();
-    let admission = live.provider.admit(now, &breaker, &app.metrics)?;
+    let max_pause = spec.map_or(Duration::from_secs(300), |p| p.max_pause);
+    let admission = live.provider.admit(now, &breaker, max_pause, &app.metrics)?;
     let budget = until.saturating_duration_since(now);
     let slot = live.provider.acquire(spec.and_then(|p| p.concurrency.as_ref()), budget, &app.metrics).await;
     let model = target.model.as_deref().unwrap_or(env.alias);
@@ -193,7 +194,6 @@ async fn run(
     drop(slot);
     let latency = sent.elapsed();
     // 4. What the answer says about the provider.
-    let max_pause = spec.map_or(Duration::from_secs(300), |p| p.max_pause);
     let partial = result.as_ref().map_or(&[][..], |g| &g.partial_errors[..]);
     let evidence = admission.settle(result.as_ref().map(|_| ()), partial, &breaker, max_pause, &app.metrics);
     let record = |sample: Sample| live.record(latency, sample, &route.health, &app.metrics);

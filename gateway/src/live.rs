@@ -185,17 +185,28 @@ pub struct Admission<'a> {
 
 impl ProviderState {
     /// Whether an attempt may go to this provider now: not while a 429 pause lasts
-    /// (`Skipped { label: "paused" }`), not while its breaker is open
+    /// (`Skipped { label: "paused" }`; a pause longer than `max_pause`, the policy's
+    /// `max_pause_ms` now, is cut to it), not while its breaker is open
     /// (`Skipped { label: "breaker_open" }`), each with how long is left; a half-open breaker
     /// admits it as a probe. Breaker moves are logged and counted.
     pub fn admit(
         &self,
         now: Instant,
         cfg: &BreakerSettings,
+        max_pause: Duration,
         metrics: &Metrics,
     ) -> Result<Admission<'_>, ProviderError> {
-        if let Some(left) = self.paused_for(now) {
-            return Err(ProviderError::Skipped { label: "paused", retry_in: left });
+        if let Some(mut left) = self.paused_for(now) {
+            // A pause taken under a longer `max_pause_ms` than the policy's now (a reload
+            // shortened it) ends when the current one says.
+            if left > max_pause {
+                let until = (now + max_pause).saturating_duration_since(base()).as_nanos() as u64;
+                self.paused_until.fetch_min(until.max(1), Ordering::Relaxed);
+                left = max_pause;
+            }
+            if !left.is_zero() {
+                return Err(ProviderError::Skipped { label: "paused", retry_in: left });
+            }
         }
         let held = self.shared_open_until.load(Ordering::Relaxed);
         if held != 0 {

@@ -156,6 +156,12 @@ async function main() {
   assert.equal(second.length, 2, "the last two of six mirrored requests");
   assert.equal(await page.locator("#next-page").count(), 0, "no page after the last");
   assert.ok(second.every((id) => !first.includes(id)), "pages do not overlap");
+  // A limit the store does not take is shown as the API's error, not silently replaced.
+  for (const bad of ["0", "501", "ten"]) {
+    await page.goto(`${BASE}/console/traces?limit=${bad}`);
+    assert.match(await page.locator("#filter-error").textContent(), /limit/, `limit=${bad} is refused`);
+    assert.equal(await page.locator("tr.trace-row").count(), 0);
+  }
   log("traces: listing, escaping, filters");
 
   // A trace's page: the fallback's attempts on a timeline.

@@ -882,8 +882,10 @@ async fn traces(s: Signed, uri: http::Uri) -> Response {
             api.push_str(&format!("&{name}={}", enc(v)));
         }
     }
-    if let Some(limit) = field(&q, "limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| (1..=500).contains(l)) {
-        api.push_str(&format!("&limit={limit}"));
+    // Passed on as written: the API checks it, and the page shows its error (an out-of-range
+    // limit silently replaced would list another page than the one asked for).
+    if let Some(limit) = field(&q, "limit").map(str::trim).filter(|l| !l.is_empty()) {
+        api.push_str(&format!("&limit={}", enc(limit)));
     }
     let filter_query = api.clone();
     if let Some(cursor) = field(&q, "cursor").filter(|v| !v.is_empty()) {

@@ -365,6 +365,10 @@ mod tests {
         assert!(classify(404, r#"{"error":{"code":"DeploymentNotFound","message":"no"}}"#).retryable());
         assert_eq!(classify(429, r#"{"error":{"code":"429","message":"slow"}}"#).label(), "status_429");
         assert_eq!(classify(503, "").label(), "status_5xx");
+        // A redirect is no answer: labelled a bad response, not the client's 4xx.
+        let redirect = classify(302, "");
+        assert!(redirect.retryable());
+        assert_eq!(redirect.label(), "bad_response");
     }
 
     #[test]

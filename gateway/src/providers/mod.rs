@@ -399,7 +399,11 @@ impl ProviderError {
             ProviderError::Timeout => "timeout",
             ProviderError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "status_429",
             ProviderError::Status { status, .. } if status.is_server_error() => "status_5xx",
-            ProviderError::Status { .. } | ProviderError::Rejected { .. } => "status_4xx",
+            ProviderError::Status { status, .. } if status.is_client_error() => "status_4xx",
+            // A redirect or an informational status is no answer an API client can use: the
+            // gateway follows no redirect from a provider's API.
+            ProviderError::Status { .. } => "bad_response",
+            ProviderError::Rejected { .. } => "status_4xx",
             ProviderError::BadResponse(_) => "bad_response",
             ProviderError::EvalFailed(_) => "eval_failed",
             ProviderError::Blocked(_) => "blocked",

@@ -273,11 +273,18 @@ struct Item {
 /// Parses a 2xx answer. Base64 payloads stay slices of `body`'s pieces (no copy) and each is
 /// walked only by `memchr` and one base64 check (see `skim`).
 pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> {
-    let skimmed = skim::skim(&body.into()).map_err(ProviderError::BadResponse)?;
+    let body = body.into();
+    let skimmed = skim::skim(&body).map_err(ProviderError::BadResponse)?;
     let answer: Answer = serde_json::from_slice(&skimmed.remainder)
         .map_err(|e| ProviderError::BadResponse(format!("answer is not the expected JSON: {e}")))?;
     let mut items = answer.data.unwrap_or_default();
     if items.is_empty() {
+        // An OpenAI-shaped error in a 2xx (some compatible servers answer errors so): read as
+        // the 500 it stands for, so its code and message are kept (content filter codes decide
+        // by code, whatever the status).
+        if answer.rest.get("error").is_some_and(serde_json::Value::is_object) {
+            return Err(classify_error(StatusCode::INTERNAL_SERVER_ERROR, body.to_bytes(), None));
+        }
         return Err(ProviderError::BadResponse("answer holds no images".into()));
     }
     let mut images = Vec::with_capacity(items.len());
@@ -486,6 +493,20 @@ mod tests {
         // An escaped slash is unescaped; short payloads are plain values.
         assert!(matches!(&g.images[2], Image::Base64(b) if b.to_bytes()[..] == b"aGVs/bG8"[..]));
         assert!(matches!(&g.images[3], Image::Base64(b) if b.to_bytes()[..] == b"aGk="[..]));
+    }
+
+    /// An error object in a 2xx answer keeps the provider's words and code: a content filter's
+    /// code is a content filter refusal, any other error a 500 with its message.
+    #[test]
+    fn an_error_in_a_success_answer_is_read_as_the_error() {
+        let e = parse_answer(Bytes::from_static(br#"{"error":{"message":"the GPU fell over","type":"server_error"}}"#))
+            .unwrap_err();
+        assert_eq!(e.label(), "status_5xx");
+        assert!(e.to_string().contains("the GPU fell over"), "{e}");
+        let filtered = br#"{"error":{"message":"refused","code":"content_policy_violation"}}"#;
+        assert_eq!(parse_answer(Bytes::from_static(filtered)).unwrap_err().label(), "content_filtered");
+        let e = parse_answer(Bytes::from_static(br#"{"created":1,"data":[]}"#)).unwrap_err();
+        assert_eq!(e.to_string(), "bad response: answer holds no images");
     }
 
     /// Every string kept from an answer is the provider's text, however long: the skim cuts
