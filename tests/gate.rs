@@ -282,6 +282,10 @@ async fn the_gate_fails_the_cohort_whose_images_fail_and_passes_the_others() {
 
 #[test]
 fn bad_arguments_exit_2_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("some.png");
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\n not a database").unwrap();
+    let not_a_db = png.display().to_string();
     let cases: &[(&[&str], &str)] = &[
         (&["--prometheus", "http://127.0.0.1:1"], "acc gate: give at least one threshold"),
         (
@@ -302,6 +306,14 @@ fn bad_arguments_exit_2_with_the_reason() {
             "acc gate: cannot decide: --store /nonexistent/acc.db: no such file",
         ),
     ];
+    // A file that is no SQLite database says so (it waited for the pool's timeout, then blamed
+    // the pool).
+    let (code, out, err) = gate(&["--store", not_a_db.as_str(), "--max-eval-fail-rate", "0.1"]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(
+        err.starts_with(&format!("acc gate: cannot decide: --store {not_a_db}: not a SQLite database file")),
+        "{err}"
+    );
     for (args, want) in cases {
         let (code, out, err) = gate(args);
         assert_eq!(code, 2, "{args:?}: {out}{err}");

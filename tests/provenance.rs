@@ -256,6 +256,14 @@ async fn tampered_unsigned_and_foreign_images_are_told_apart() {
     assert_ne!(reader(&file, Some(&root))["validation_state"], "Trusted");
     // Without anchors, the same image is merely valid.
     assert_eq!(acc_provenance(&[file.to_str().unwrap()], &[]).status.code(), Some(0));
+    // Anchors that hold no certificate are named as the fault, not the image.
+    let not_anchors = out.path().join("notacert.pem");
+    std::fs::write(&not_anchors, "hello\n").unwrap();
+    let o = acc_provenance(&[file.to_str().unwrap(), "--trust-anchors", not_anchors.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.starts_with(&format!("acc provenance: {}: ", not_anchors.display())), "{err}");
+    assert!(err.contains("no PEM certificate"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ enum Command {
         /// Any attempt's provider (policy name).
         #[arg(long)]
         provider: Option<String>,
-        /// pass, flagged, blocked or error.
+        /// pass, flagged, blocked, review or error.
         #[arg(long)]
         decision: Option<String>,
         /// evaluator:verdict, e.g. safety:fail.
@@ -581,11 +581,19 @@ async fn provenance(
         Ok(b) => b,
         Err(e) => return unreadable(image, &e),
     };
+    let anchors_path = anchors;
     let anchors = match anchors.map(|a| (a, std::fs::read(a))) {
         Some((_, Ok(a))) => Some(String::from_utf8_lossy(&a).into_owned()),
         Some((path, Err(e))) => return unreadable(path, &e),
         None => None,
     };
+    // The trust anchors are checked before the image is read: a file that holds no certificate
+    // is named as the fault, not the image.
+    if let (Some(path), Some(pem)) = (anchors_path, anchors.as_deref()) {
+        if let Err(e) = acc::provenance::check_trust_anchors(pem) {
+            return unreadable(path, &e);
+        }
+    }
     let report = match acc::provenance::read::inspect(&bytes, anchors.as_deref()) {
         Ok(r) => r,
         Err(e) => return unreadable(image, &e),

@@ -222,6 +222,15 @@ pub fn format_of(bytes: &[u8]) -> Option<&'static str> {
 
 /// The `c2pa` settings the gateway reads and signs with: nothing fetched over the network,
 /// no verification pass after signing (the start-up self-test covers the credentials).
+/// Whether `pem` reads as C2PA trust anchors (PEM certificates). Errors: what c2pa found
+/// wrong, said of the anchors.
+pub fn check_trust_anchors(pem: &str) -> Result<(), String> {
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    context(Some(pem)).map(|_| ()).map_err(|e| format!("not usable as trust anchors: {e}"))
+}
+
 fn context(trust_anchors: Option<&str>) -> Result<Context, c2pa::Error> {
     let mut settings = c2pa::Settings::new()
         .with_value("verify.verify_after_sign", false)?
