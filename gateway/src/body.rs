@@ -195,7 +195,8 @@ impl Rope {
     /// standard base64 with padding (RFC 4648 section 4); `f` may then have seen a prefix.
     pub fn decode_base64_with(&self, mut f: impl FnMut(&[u8])) -> Option<usize> {
         use base64_simd::AsOut;
-        let mut out = vec![0u8; DECODE_STEP / 4 * 3];
+        // No larger than the text needs: a small image's digest does not zero a whole step.
+        let mut out = vec![0u8; self.len().min(DECODE_STEP) / 4 * 3];
         let mut decoded = 0;
         let whole = self.base64_steps(|step, out_len| match base64_simd::STANDARD.decode(step, out.as_out()) {
             Ok(bytes) => {
