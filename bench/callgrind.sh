@@ -128,7 +128,7 @@ images_per_minute = 100000000
 [tenants.bench]
 requests_per_minute = 100000000
 images_per_minute = 100000000
-spend_usd_per_day = 1000000000.0
+spend_usd_per_day = 100000000.0
 LIMITS
 fi)
 $(if [[ "$LIMITS" == redis ]]; then printf '[cluster]\nredis_url = "%s"\nkey_prefix = "callgrind-%s:"\n# valgrind slows acc ~50x: a deadline that it still meets\ntimeout_ms = 5000\n' "$REDIS_URL" "$payload"; fi)

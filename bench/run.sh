@@ -510,7 +510,7 @@ images_per_minute = 100000000
 [tenants.bench]
 requests_per_minute = 100000000
 images_per_minute = 100000000
-spend_usd_per_day = 1000000000.0"
+spend_usd_per_day = 100000000.0"
         PRICE_TOML="price = { per_image_usd = 0.0001 }"
         VERIFY_AUTH=$BENCH_KEY
         if has_target acc-limits; then
