@@ -628,11 +628,13 @@ fn store_config(target: &str) -> Result<StoreConfig, GateError> {
         if !path.is_file() {
             return Err(GateError::Source(format!("--store {target}: no such file")));
         }
-        // The header every SQLite database file starts with (sqlite.org/fileformat.html, 1.3);
-        // another file would only fail after the pool's connect timeout, saying nothing of why.
+        // The header every SQLite database file starts with (sqlite.org/fileformat.html, 1.3;
+        // an empty file is an empty database); another file would only fail after the pool's
+        // connect timeout, saying nothing of why.
         let mut head = [0u8; 16];
+        let empty = path.metadata().is_ok_and(|m| m.len() == 0);
         let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
-        if read.is_err() || &head != b"SQLite format 3\0" {
+        if !empty && (read.is_err() || &head != b"SQLite format 3\0") {
             return Err(GateError::Source(format!("--store {target}: not a SQLite database file")));
         }
         cfg.path = path.to_path_buf();
