@@ -39,7 +39,8 @@
 //! - [`review_api`]: human review over HTTP: the hold phase (a winning answer whose checks say
 //!   "review" is stored and answered `pending_review`), the client's poll
 //!   `GET /v1/images/reviews/{id}`, and the reviewers' `/admin/reviews` endpoints. Uses
-//!   `answer`, `app`, `error`, `policy`, `providers`, `request`, `review`, `store`, `trace`.
+//!   `answer`, `app`, `artifacts`, `error`, `policy`, `providers`, `request`, `review`, `store`,
+//!   `trace`.
 //! - [`sign`]: the provenance phase: the winning answer's images signed (C2PA manifest and
 //!   IPTC XMP through `provenance`) after the decision, before they are answered, held or kept
 //!   for replay; `fail_open`/`fail_closed` and `acc_provenance_total`. Uses `app`, `error`,
