@@ -660,6 +660,26 @@ async fn a_hedge_that_loses_is_cancelled() {
     assert_eq!(s.gw.metric("acc_hedges_total", &h("won")).await, 0.0);
 }
 
+/// A hedge whose answer is the client's fault or a content filter's refusal ends the request
+/// as it would without hedging: the primary cancelled for it does not turn it into a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedges_refusal_is_answered_as_without_hedging() {
+    let s = setup(Extras { main: "hedge = { after_ms = 100 }", ..Default::default() }).await;
+    s.primary.set_latency(Duration::from_secs(3));
+    let refusal = json!({"error": {"message": "Your request was rejected by the safety system.", "type": "invalid_request_error", "code": "content_policy_violation"}});
+    s.backup.set_error(400, &refusal.to_string());
+    let r = s.gw.generate(&req()).await;
+    let mut attempts = r.attempts();
+    attempts.sort();
+    assert_eq!(attempts, ["backup:content_filtered", "primary:hedge_cancelled"], "{}", r.describe());
+    r.assert_error(400, "content_policy_violation");
+    let bad = json!({"error": {"message": "size is not supported", "type": "invalid_request_error", "param": "size", "code": "invalid_size"}});
+    s.backup.set_error(400, &bad.to_string());
+    let r = s.gw.generate(&req()).await;
+    let e = r.assert_error(400, "invalid_size");
+    assert_eq!(e["param"], "size", "{}", r.describe());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_hedge_when_the_first_target_answers_in_time() {
     let s = setup(Extras { main: "hedge = { after_ms = 2000 }", ..Default::default() }).await;

@@ -182,7 +182,10 @@ pub fn url_base(policy: &Policy, headers: &HeaderMap) -> Result<String, ApiError
 /// The client's error when no attempt succeeded: the upstream's own 4xx (in OpenAI's shape), or a 502/504
 /// that lists each attempt's reason.
 pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
-    match outcome.attempts.last().and_then(|a| a.result.as_ref().err()) {
+    // A hedge cancelled because another attempt ended the plan says nothing of why it failed:
+    // the attempt that ended it does (a content filter's refusal stays a 400 when hedged).
+    let decisive = outcome.attempts.iter().rev().find(|a| !matches!(a.result, Err(ProviderError::HedgeCancelled)));
+    match decisive.and_then(|a| a.result.as_ref().err()) {
         Some(ProviderError::Rejected { status, body }) => {
             let mut e =
                 ApiError::new(*status, "invalid_request_error", "upstream_rejected", "upstream rejected the request");
@@ -206,10 +209,8 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
             )
         }
         Some(ProviderError::Busy { timed_out }) => {
-            let provider = outcome
-                .attempts
-                .last()
-                .map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
+            let provider =
+                decisive.map_or("", |a| policy.routes[a.step.route].targets[a.step.target].provider.as_str());
             let why = ProviderError::busy_reason(*timed_out);
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -277,7 +278,7 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         .attempts
         .iter()
         .filter_map(|a| a.result.as_ref().err())
-        .filter(|e| !matches!(e, ProviderError::Skipped { .. }))
+        .filter(|e| !matches!(e, ProviderError::Skipped { .. } | ProviderError::HedgeCancelled))
         .collect();
     if !tried.is_empty() && tried.iter().all(|e| matches!(e, ProviderError::AnswerMemoryFull(_))) {
         let mut e = ApiError::new(
@@ -327,8 +328,8 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
                 .map(|e| format!("attempt {} ({provider}, {}): {}", i + 1, a.label(), e.public_text()))
         })
         .collect();
-    let timed_out = outcome.deadline_exceeded
-        || outcome.attempts.last().is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));
+    let timed_out =
+        outcome.deadline_exceeded || decisive.is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));
     let mut message = format!("all {} attempts failed", outcome.attempts.len());
     if outcome.deadline_exceeded {
         message.push_str(" before the route's deadline ran out");
