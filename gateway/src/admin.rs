@@ -707,6 +707,8 @@ async fn cluster_view(app: &App, p: &crate::policy::Policy) -> serde_json::Value
                 Some(c) => c.spent_today(&format!("tenant:{name}")).await.ok(),
                 None => Some(app.limits.spent_today(name)),
             };
+            // In nano-USD steps, as Redis keeps it: no float noise (15.38999999999978).
+            let spent = spent.map(|s| (s * 1e9).round() / 1e9);
             v.insert(
                 "spend_usd_per_day".into(),
                 json!({"limit": limit, "spent_today_usd": spent, "used_ratio": spent.map(|s| (s / limit).min(1.0))}),

@@ -832,6 +832,15 @@ impl Cluster {
         }
     }
 
+    /// Sends the spend changes still waiting, when Redis is to be tried: run every sync
+    /// period, so that what waited through an outage (local spend owed, settles) reaches Redis
+    /// once it answers, without waiting for a request's call to ride on.
+    pub async fn flush_waiting(self: &Arc<Self>) {
+        if !self.waiting_to_recheck() {
+            self.flush().await;
+        }
+    }
+
     /// The spend changes waiting to go to Redis, all of them (the caller sends them).
     fn take_changes(&self) -> Vec<SpendChange> {
         let mut p = lock(&self.changes);
@@ -978,6 +987,17 @@ impl Cluster {
         let (value, ttl): (Option<Vec<u8>>, i64) =
             self.call("artifacts", |mut c| async move { pipe.query_async(&mut c).await }).await?;
         Ok(value.filter(|_| ttl > 0).map(|v| (bytes::Bytes::from(v), Duration::from_millis(ttl as u64))))
+    }
+
+    /// Charges `usd` to today's shared budget `name` with the next call (or within
+    /// [`FLUSH_AFTER`]): spend made while Redis could not be asked (local mode), so that the
+    /// budget every replica reads still holds it once Redis answers again. Waits, as every
+    /// change does, while Redis is away (at most [`MAX_CHANGES`]).
+    pub fn charge_budget(self: &Arc<Self>, name: &str, usd: f64) {
+        if usd > 0.0 {
+            let key = self.key(&["spend", name, &utc_day().to_string()]);
+            self.queue_change(SpendChange { key, hold: String::new(), usd });
+        }
     }
 
     /// Settled spend today on the budget `name`, USD, cluster-wide.

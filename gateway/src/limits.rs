@@ -75,7 +75,7 @@ impl DailyBudget {
             return Err(s.spent);
         }
         s.reserved += estimate;
-        Ok(Reservation { budget: Some(self.clone()), day: today, estimate, shared: None })
+        Ok(Reservation { budget: Some(self.clone()), day: today, estimate, shared: None, owed: None })
     }
 
     /// Settled spend today, USD.
@@ -218,22 +218,29 @@ pub struct Reservation {
     estimate: f64,
     /// The hold on the shared budget, when the reservation was made in Redis.
     shared: Option<SpendHold>,
+    /// A reservation made in this replica's memory because Redis could not be asked: the
+    /// shared budget (cluster, budget name) its charges are also owed to, sent once Redis
+    /// answers again.
+    owed: Option<(Arc<Cluster>, String)>,
 }
 
 impl Reservation {
     pub fn none() -> Reservation {
-        Reservation { budget: None, day: 0, estimate: 0.0, shared: None }
+        Reservation { budget: None, day: 0, estimate: 0.0, shared: None, owed: None }
     }
 
     /// A reservation held on a shared (Redis) budget.
     pub fn shared(hold: SpendHold) -> Reservation {
-        Reservation { budget: None, day: 0, estimate: 0.0, shared: Some(hold) }
+        Reservation { budget: None, day: 0, estimate: 0.0, shared: Some(hold), owed: None }
     }
 
     /// Charges `usd` to today's spend (the estimate stays held until the reservation ends).
     pub fn charge(&mut self, usd: f64) {
         if let Some(h) = &self.shared {
             h.charge(usd);
+        }
+        if let Some((cluster, budget)) = &self.owed {
+            cluster.charge_budget(budget, usd);
         }
         if let Some(b) = &self.budget {
             let mut s = lock(&b.0);
@@ -328,7 +335,11 @@ impl Limits {
             }
             Err(u) => {
                 cluster.fallback(u)?;
-                self.admit_local(metrics, key, tenant, images, estimate)
+                let mut local = self.admit_local(metrics, key, tenant, images, estimate)?;
+                // What it spends is owed to the shared budget too: the day's total every
+                // replica reads must not lose the spend of a Redis stall.
+                local.owed = budget.map(|(name, _)| (cluster.clone(), name));
+                Ok(local)
             }
         }
     }

@@ -200,7 +200,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     }
     if let Some(c) = cluster {
         // 429 pauses (and opened breakers) learnt by any replica reach the others within a
-        // period or two.
+        // period or two; spend changes that waited through an outage follow Redis's return.
         let (store, shutdown) = (store.clone(), shutdown.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(c.settings().sync);
@@ -208,7 +208,10 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => store.live.exchange_hold_offs(&c).await,
+                    _ = tick.tick() => {
+                        store.live.exchange_hold_offs(&c).await;
+                        c.flush_waiting().await;
+                    }
                 }
             }
         });
