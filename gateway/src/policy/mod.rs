@@ -155,6 +155,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
         routes.push(route);
     }
     let aliases = xref::aliases(&routes);
+    xref::unpriced_spend(&sections.tenants, &sections.providers, &routes, &mut warnings);
     if routes.is_empty() && errors.is_empty() {
         errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
     }

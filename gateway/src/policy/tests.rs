@@ -222,6 +222,27 @@ fn credentials_queries_and_empty_versions_in_provider_settings_are_refused() {
     assert_eq!(ok.unwrap().providers["p"].conn.api_version.as_deref(), Some("2024-10-21"));
 }
 
+/// A spend-limited tenant reaching a paid provider without a price would be served unmetered:
+/// warned about, naming the provider and the tenants (the free demo provider is not).
+#[test]
+fn a_spend_limit_over_an_unpriced_provider_is_warned_about() {
+    let key = format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n", hex::encode([1u8; 32]));
+    let routes = "[[routes]]\nname = \"r\"\ntargets = [{ provider = \"openai\", model = \"gpt-image-1\" }, { provider = \"demo\" }]\n";
+    let limited = format!("{PROVIDERS}{routes}{key}[tenants.acme]\nspend_usd_per_day = 5.0\n");
+    let p = check(&[("p.toml", &limited)]).unwrap();
+    assert_eq!(
+        p.warnings,
+        vec!["providers.openai: no price, so the spend_usd_per_day of tenant(s) acme does not count what it serves"]
+    );
+    let priced = limited.replace(
+        "base_url = \"https://api.openai.com/v1\"",
+        "base_url = \"https://api.openai.com/v1\"\nprice = { per_image_usd = 0.04 }",
+    );
+    assert!(check(&[("p.toml", &priced)]).unwrap().warnings.is_empty());
+    let unlimited = limited.replace("spend_usd_per_day = 5.0", "requests_per_minute = 5");
+    assert!(check(&[("p.toml", &unlimited)]).unwrap().warnings.is_empty());
+}
+
 #[test]
 fn a_key_of_a_tenant_without_a_section_is_warned_about_when_others_have_one() {
     let key = |n: u8, tenant: &str| format!("[[keys]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\n", hex::encode([n; 32]));

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::raw::{RawFile, RawRoute};
-use super::types::{ApiKey, Route, TenantLimits};
+use super::types::{ApiKey, ProviderSpec, Route, TenantLimits};
 
 /// The names routes may refer to, gathered from every file before any route is validated.
 pub(super) struct Names<'a> {
@@ -97,6 +97,35 @@ pub(super) fn keys_of_unknown_tenants(
     for t in unknown {
         warnings.push(format!(
             "keys: tenant \"{t}\" has no [tenants.{t}] section (configured: {known}); its keys have no tenant limits"
+        ));
+    }
+}
+
+/// A tenant's daily spend limit counts what priced providers charge: a route target on a paid
+/// provider without a `price` serves that tenant unmetered, which is worth a warning (the
+/// built-in demo provider costs nothing).
+pub(super) fn unpriced_spend(
+    tenants: &BTreeMap<String, TenantLimits>,
+    providers: &BTreeMap<String, ProviderSpec>,
+    routes: &[Route],
+    warnings: &mut Vec<String>,
+) {
+    let limited: Vec<&str> =
+        tenants.iter().filter(|(_, t)| t.spend_usd_per_day.is_some()).map(|(n, _)| n.as_str()).collect();
+    if limited.is_empty() {
+        return;
+    }
+    let unpriced: BTreeSet<&str> = routes
+        .iter()
+        .flat_map(|r| &r.targets)
+        .filter_map(|t| providers.get(&t.provider).map(|p| (t.provider.as_str(), p)))
+        .filter(|(_, p)| p.price.is_none() && p.kind.name() != "builtin")
+        .map(|(name, _)| name)
+        .collect();
+    for name in unpriced {
+        warnings.push(format!(
+            "providers.{name}: no price, so the spend_usd_per_day of tenant(s) {} does not count what it serves",
+            limited.join(", ")
         ));
     }
 }
