@@ -118,7 +118,7 @@ impl Drop for RequestCtx {
             // The attempts' futures are dropped before the request's context (they live in the
             // pipeline's future, which this outlives): their notes are all in.
             if let (Some(notes), Some(watch)) = (self.notes.take(), &self.watch) {
-                let notes = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
+                let notes = std::mem::take(&mut *crate::lock(&notes));
                 trace::unfinished_attempts(&mut rec, &watch.snap.policy, notes, self.started, self.canary);
             }
             let elapsed = trace::ms(self.started.elapsed());
@@ -862,7 +862,7 @@ async fn generate(
     ctx.cost = total;
     ctx.notes = None;
     if let Some(rec) = ctx.record.as_deref_mut() {
-        let notes = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
+        let notes = std::mem::take(&mut *crate::lock(&notes));
         trace::attempts(rec, policy, &outcome, notes, ctx.started, ctx.canary, &each);
     }
 
