@@ -451,7 +451,43 @@ async fn a_tenant_daily_spend_limit_holds_across_replicas() {
     // A replica that restarts still knows.
     r.gws.remove(0);
     r.gws.push(Gateway::start(r.dir.path()).await);
-    as_key(&r.gws[2], KEY_A, &req(), &[]).await.assert_error(429, "spend_limit_exceeded");
+    let err = as_key(&r.gws[2], KEY_A, &req(), &[]).await.assert_error(429, "spend_limit_exceeded");
+    assert!(err["message"].as_str().unwrap().contains("0.0200 USD left"), "{err}");
+    assert_eq!(r.primary.hits(), 2);
+    drop_pg(&r).await;
+}
+
+/// A budget full only of the estimates of requests in flight on other replicas says so, with
+/// a Retry-After of seconds (those requests end, and what they cost is settled), not the time
+/// to midnight that a spent budget gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_held_by_requests_in_flight_is_retried_in_seconds() {
+    let (url, own) = shared_redis();
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            tenant: "spend_usd_per_day = 0.1",
+            primary: "price = { per_image_usd = 0.04 }",
+            ..Default::default()
+        },
+        own,
+    )
+    .await;
+    r.primary.set_latency(Duration::from_millis(3000));
+    let body = req();
+    let third = async {
+        let held = eventually(Duration::from_secs(10), || async { r.primary.in_flight() == 2 }).await;
+        assert!(held, "two requests in flight");
+        as_key(&r.gws[2], KEY_B, &body, &[]).await
+    };
+    let (a, b, resp) = tokio::join!(as_key(&r.gws[0], KEY_A, &body, &[]), as_key(&r.gws[1], KEY_A, &body, &[]), third);
+    a.assert_status(200);
+    b.assert_status(200);
+    let err = resp.assert_error(429, "spend_limit_exceeded");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("0.0000 USD spent and 0.0800 USD held for requests in flight"), "{msg}");
+    let retry: u64 = resp.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry), "Retry-After {retry}: seconds, not the time to midnight");
     assert_eq!(r.primary.hits(), 2);
     drop_pg(&r).await;
 }

@@ -417,8 +417,9 @@ pub enum Admission {
     Admitted(Option<SpendHold>),
     /// The rate limit at this index has no room for `wait`; nothing was taken.
     Refused { index: usize, wait: Duration },
-    /// The budget has no room: its settled spend today, USD; nothing was taken.
-    OverBudget(f64),
+    /// The budget has no room (its settled spend and the holds of work in flight); nothing was
+    /// taken.
+    OverBudget(OverBudget),
 }
 
 /// The use gauges (`acc_cluster_limit_used_ratio`) follow admitted requests at most this often.
@@ -602,9 +603,9 @@ impl Cluster {
                 Ok(Admission::Admitted(hold))
             }
             (Some(-1), _) => {
-                let spent = spent(2);
-                spend_used(spent);
-                Ok(Admission::OverBudget(spent))
+                let over = OverBudget { spent: spent(2), held: spent(3) };
+                spend_used(over.spent);
+                Ok(Admission::OverBudget(over))
             }
             (Some(i), Some(wait)) if i >= 1 && (i as usize) <= cells.len() => {
                 let index = (i - 1) as usize;
@@ -910,13 +911,19 @@ pub struct SpendHold {
     done: bool,
 }
 
-/// A refused reservation: the budget's settled spend today, USD.
+/// A refused spend hold: what filled the budget today, USD.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OverBudget(pub f64);
+pub struct OverBudget {
+    /// Settled spend (what finished work cost).
+    pub spent: f64,
+    /// The estimates held by work still in flight (0 when the reply does not say: a replica
+    /// of an earlier build's script).
+    pub held: f64,
+}
 
 impl Cluster {
     /// Holds `estimate` USD of today's `limit` on the budget `name` ("tenant:acme",
-    /// "mirror:route:candidate"), shared by every replica: `Ok(Err(spent today))` when the
+    /// "mirror:route:candidate"), shared by every replica: `Ok(Err(what filled it))` when the
     /// day's settled spend plus the estimates held would pass the limit. A hold not settled
     /// within the idempotency lease time (a replica that died) stops counting.
     pub async fn reserve(
@@ -927,7 +934,7 @@ impl Cluster {
     ) -> Result<Result<SpendHold, OverBudget>, Unavailable> {
         match self.admit(&[], Some(SpendAsk { budget: name, limit, estimate })).await? {
             Admission::Admitted(Some(hold)) => Ok(Ok(hold)),
-            Admission::OverBudget(spent) => Ok(Err(OverBudget(spent))),
+            Admission::OverBudget(over) => Ok(Err(over)),
             Admission::Admitted(None) | Admission::Refused { .. } => Err(Unavailable),
         }
     }

@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::cluster::{Admission, Cluster, RateCell, SpendAsk, SpendHold};
+use crate::cluster::{Admission, Cluster, OverBudget, RateCell, SpendAsk, SpendHold};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{ApiKey, TenantLimits};
@@ -63,16 +63,16 @@ struct Spend {
 pub struct DailyBudget(Mutex<Spend>);
 
 impl DailyBudget {
-    /// Holds `estimate` USD of today's `limit`; `Err(spent today)` when it does not fit. Work
-    /// whose price is unknown (estimate 0) may still not start once the budget is spent.
-    pub fn reserve(self: &Arc<Self>, limit: f64, estimate: f64) -> Result<Reservation, f64> {
+    /// Holds `estimate` USD of today's `limit`; `Err(what filled it)` when it does not fit.
+    /// Work whose price is unknown (estimate 0) may still not start once the budget is spent.
+    pub fn reserve(self: &Arc<Self>, limit: f64, estimate: f64) -> Result<Reservation, OverBudget> {
         let (today, _) = utc_day(SystemTime::now());
         let mut s = lock(&self.0);
         if s.day != today {
             *s = Spend { day: today, ..Default::default() };
         }
         if s.spent >= limit || s.spent + s.reserved + estimate > limit + 1e-9 {
-            return Err(s.spent);
+            return Err(OverBudget { spent: s.spent, held: s.reserved });
         }
         s.reserved += estimate;
         Ok(Reservation { budget: Some(self.clone()), day: today, estimate, shared: None, owed: None })
@@ -132,12 +132,34 @@ fn refusal(metrics: &Metrics, tenant: &str, limit: Limit, retry: Duration, messa
     e
 }
 
-fn spend_refusal(metrics: &Metrics, tenant: &str, limit: f64, spent: f64) -> ApiError {
-    let msg = format!(
-        "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({spent:.4} USD spent); it resets at 00:00 UTC"
-    );
-    refusal(metrics, tenant, Limit::Spend, utc_day(SystemTime::now()).1, msg)
+fn spend_refusal(metrics: &Metrics, tenant: &str, limit: f64, estimate: f64, over: OverBudget) -> ApiError {
+    let OverBudget { spent, held } = over;
+    let to_midnight = utc_day(SystemTime::now()).1;
+    // Refused only because of the estimates of work in flight: room comes back as that work
+    // ends (settled at its actual cost, or released when it fails), long before midnight.
+    let (msg, retry) = if spent < limit && spent + estimate <= limit + 1e-9 {
+        let msg = format!(
+            "tenant \"{tenant}\" has no room left in its spend limit of {limit:.2} USD per day for this request's estimated {estimate:.4} USD: {spent:.4} USD spent and {held:.4} USD held for requests in flight; retry when they finish"
+        );
+        (msg, IN_FLIGHT_RETRY.min(to_midnight))
+    } else if spent < limit {
+        let msg = format!(
+            "tenant \"{tenant}\" has {left:.4} USD left of its spend limit of {limit:.2} USD per day ({spent:.4} USD spent), less than this request's estimated {estimate:.4} USD; ask for fewer or cheaper images, or wait for the reset at 00:00 UTC",
+            left = limit - spent
+        );
+        (msg, to_midnight)
+    } else {
+        let msg = format!(
+            "tenant \"{tenant}\" has reached its spend limit of {limit:.2} USD per day ({spent:.4} USD spent); it resets at 00:00 UTC"
+        );
+        (msg, to_midnight)
+    };
+    refusal(metrics, tenant, Limit::Spend, retry, msg)
 }
+
+/// The `Retry-After` of a spend refusal that only the estimates of requests in flight cause:
+/// about the time an image generation takes, after which their holds are settled or released.
+pub const IN_FLIGHT_RETRY: Duration = Duration::from_secs(5);
 
 /// A request's limit scopes, key first: (scope, its name, requests per minute, images per
 /// minute); the tenant's only when the policy has a `[tenants.NAME]` table.
@@ -330,8 +352,8 @@ impl Limits {
                     images_refusal(metrics, &key.tenant, &who, c.per_minute, images, Some(wait))
                 })
             }
-            Ok(Admission::OverBudget(spent)) => {
-                Err(spend_refusal(metrics, &key.tenant, spend_limit.unwrap_or_default(), spent))
+            Ok(Admission::OverBudget(over)) => {
+                Err(spend_refusal(metrics, &key.tenant, spend_limit.unwrap_or_default(), estimate, over))
             }
             Err(u) => {
                 cluster.fallback(u)?;
@@ -389,7 +411,7 @@ impl Limits {
             Some(s) => s.clone(),
             None => self.spend.entry(tenant.to_string()).or_default().clone(),
         };
-        budget.reserve(limit, estimate).map_err(|spent| spend_refusal(metrics, tenant, limit, spent))
+        budget.reserve(limit, estimate).map_err(|over| spend_refusal(metrics, tenant, limit, estimate, over))
     }
 
     /// The shared state, when `[cluster]` is set.
@@ -462,16 +484,29 @@ mod tests {
         let t = TenantLimits { spend_usd_per_day: Some(0.10), ..Default::default() };
         let a = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
         let b = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
-        // 0.08 reserved: a third 0.04 would pass the limit.
+        // 0.08 reserved: a third 0.04 would pass the limit, but only while the two are in
+        // flight: the client is told so, and to come back in seconds, not at midnight.
         let e = l.reserve_local(&m, "acme", Some(&t), 0.04).err().unwrap();
         assert_eq!((e.status.as_u16(), e.code), (429, Some("spend_limit_exceeded")));
-        assert!(e.retry_after.unwrap() <= 86_400);
+        assert_eq!(e.retry_after, Some(IN_FLIGHT_RETRY.as_secs().min(retry_secs(utc_day(SystemTime::now()).1))));
+        assert!(e.message.contains("0.0000 USD spent and 0.0800 USD held for requests in flight"), "{}", e.message);
         a.settle(0.04);
         drop(b); // failed request: nothing spent
         assert!((l.spent_today("acme") - 0.04).abs() < 1e-9);
         let c = l.reserve_local(&m, "acme", Some(&t), 0.04).unwrap();
         c.settle(0.04);
-        assert!(l.reserve_local(&m, "acme", Some(&t), 0.04).is_err());
+        // 0.08 spent, nothing in flight: 0.04 cannot fit today.
+        let e = l.reserve_local(&m, "acme", Some(&t), 0.04).err().unwrap();
+        assert!(e.retry_after.unwrap() > IN_FLIGHT_RETRY.as_secs() || retry_secs(utc_day(SystemTime::now()).1) <= 5);
+        assert!(e.message.contains("0.0200 USD left") && e.message.contains("fewer"), "{}", e.message);
+        // A request that fits what is left still passes; then the day is spent.
+        l.reserve_local(&m, "acme", Some(&t), 0.02).unwrap().settle(0.02);
+        let e = l.reserve_local(&m, "acme", Some(&t), 0.0).err().unwrap();
+        assert!(
+            e.message.contains("has reached its spend limit of 0.10 USD per day (0.1000 USD spent)"),
+            "{}",
+            e.message
+        );
         assert!(l.reserve_local(&m, "other", Some(&t), 0.04).is_ok());
         assert!(l.reserve_local(&m, "acme", None, 1.0).is_ok(), "no limit configured");
     }

@@ -44,7 +44,7 @@ use redis::Script;
 /// parses in a fraction of what an array costs the client): `0 0 held` admitted (`held` 1
 /// with a hold), followed with `nu` by `spent used_1 ...` (`spent` the budget's settled USD,
 /// `used_i` µs of the minute limit i has used); `i wait_µs` when limit i has no room; `-1 0
-/// spent` when the budget has none.
+/// spent held` when the budget has none (`held`: the estimates of the holds in flight).
 pub(super) static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -151,7 +151,7 @@ for q = 1, na do
     local limit, est = usd(ARGV[r.ha]), usd(ARGV[r.ha + 1])
     spent = b.spent
     if spent >= limit or spent + b.held + est > limit + 1e-9 then
-      line = '-1 0 ' .. tostring(spent)
+      line = '-1 0 ' .. tostring(spent) .. ' ' .. tostring(b.held)
     else
       b.held = b.held + est
       local id = ARGV[r.ha + 2]
