@@ -6,7 +6,7 @@
 # CALLGRIND_REQUESTS requests one at a time on one keep-alive connection, dumps, and prints
 # `instructions/request` for each payload. Everything it started is stopped on exit.
 #
-#   bench/callgrind.sh                              # target/release/acc (built if missing)
+#   bench/callgrind.sh                              # target/dist/acc (built if missing)
 #   ACC_BIN=/path/to/other/acc bench/callgrind.sh   # another build, for an A/B
 #
 # Knobs: CALLGRIND_REQUESTS (default 2000), CALLGRIND_WARMUP (200), CALLGRIND_PAYLOADS
@@ -55,8 +55,8 @@ trap cleanup EXIT
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
 if [[ -z "$ACC_BIN" ]]; then
-    (cd "$REPO" && cargo build --release --quiet --bin acc)
-    ACC_BIN="$REPO/target/release/acc"
+    (cd "$REPO" && cargo build --profile dist --quiet --bin acc)
+    ACC_BIN="$REPO/target/dist/acc"
 fi
 rm -rf "$RUN"
 mkdir -p "$RUN"

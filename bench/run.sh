@@ -28,7 +28,7 @@ NGINX_WORKERS="${BENCH_NGINX_WORKERS:-auto}"
 # keep its heap resident so the baseline is stable. Set to "" to run nginx untuned.
 NGINX_GLIBC_TUNABLES="${BENCH_NGINX_GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456}"
 RESULTS="${BENCH_RESULTS:-$BENCH_DIR/results.md}"
-ACC_BIN="${ACC_BIN:-}"                          # prebuilt acc binary; default: cargo build --release
+ACC_BIN="${ACC_BIN:-}"                          # prebuilt acc binary; default: cargo build --profile dist
 LOADGEN="${BENCH_LOADGEN:-wrk}"                 # wrk, or hey (a second load generator, Go, from Debian)
 PERF="${BENCH_PERF:-}"                          # 1: perf record acc during its measured cells
 
@@ -97,9 +97,9 @@ log "building mock provider (release)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
 if { has_target acc || has_target acc-notrace || has_target acc-mirror || has_target acc-eval || has_target acc-limits || has_target acc-redis; } && [[ -z "$ACC_BIN" ]]; then
-    log "building acc (cargo build --release)"
-    (cd "$REPO" && cargo build --release --quiet) || die "acc release build failed"
-    ACC_BIN="$REPO/target/release/acc"
+    log "building acc (cargo build --profile dist)"
+    (cd "$REPO" && cargo build --profile dist --quiet --bin acc) || die "acc dist build failed"
+    ACC_BIN="$REPO/target/dist/acc"
 fi
 if has_target acc-eval; then
     "$REPO/scripts/setup-onnx.sh" >/dev/null || die "scripts/setup-onnx.sh failed (ONNX Runtime and models for acc-eval)"

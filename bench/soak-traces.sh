@@ -6,7 +6,7 @@
 # (acc_requests_total{route="bench"}), and that the store holds as many rows as were written.
 # Prints one line `soak seconds=.. requests=.. written=.. dropped=.. rows=..` and exits 1 on a
 # mismatch. Loopback only. Knobs: SOAK_SECONDS, SOAK_CONCURRENCY (64), SOAK_PAYLOAD (small),
-# ACC_BIN (default: cargo build --release). Disk: about 2 KB per record written.
+# ACC_BIN (default: cargo build --profile dist). Disk: about 2 KB per record written.
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,8 +25,8 @@ command -v wrk >/dev/null || die "wrk is missing (bench/run.sh installs it)"
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 MOCK_BIN="$BENCH_DIR/mock-provider/target/release/mock-provider"
 if [[ -z "$ACC_BIN" ]]; then
-    (cd "$REPO" && cargo build --release --quiet)
-    ACC_BIN="$REPO/target/release/acc"
+    (cd "$REPO" && cargo build --profile dist --quiet --bin acc)
+    ACC_BIN="$REPO/target/dist/acc"
 fi
 rm -rf "$RUN"
 mkdir -p "$RUN"

@@ -4,7 +4,7 @@
 # to or from, where bench/run.sh only sees the process. utime+stime from /proc/PID/task/*/stat
 # (clock ticks: run long enough, 20 s or more, for a per-request figure to be exact to ~1 µs).
 #
-#   bench/threads.sh                                  # target/release/acc, small payload, c=1, 20 s
+#   bench/threads.sh                                  # target/dist/acc, small payload, c=1, 20 s
 #   ACC_BIN=/path/to/acc THREADS_CONC=64 bench/threads.sh
 #   THREADS_STORE="enabled = false" bench/threads.sh  # lines added to the policy's [store]
 #
@@ -42,8 +42,8 @@ trap cleanup EXIT
 
 (cd "$BENCH_DIR/mock-provider" && cargo build --release --quiet)
 if [[ -z "$ACC_BIN" ]]; then
-    (cd "$REPO" && cargo build --release --quiet --bin acc)
-    ACC_BIN="$REPO/target/release/acc"
+    (cd "$REPO" && cargo build --profile dist --quiet --bin acc)
+    ACC_BIN="$REPO/target/dist/acc"
 fi
 python3 "$BENCH_DIR/lib/gen_png.py" "$WORK/payloads" >/dev/null
 png="$WORK/payloads/$PAYLOAD.png"
