@@ -1021,6 +1021,10 @@ async fn invalid_idempotency_keys_are_400() {
         let r = s.gw.generate_with(&req(), &[("idempotency-key", bad)]).await;
         r.assert_error(400, "invalid_idempotency_key");
     }
+    // Two keys: which one a retry matches would be a guess (it used to be the first, silently).
+    let r = s.gw.generate_with(&req(), &[("idempotency-key", "a-1"), ("idempotency-key", "a-2")]).await;
+    let e = r.assert_error(400, "invalid_idempotency_key");
+    assert!(e["message"].as_str().unwrap().contains("one Idempotency-Key header"), "{e}");
     assert_eq!(s.primary.hits(), 0);
     let longest = "k".repeat(255);
     s.gw.generate_with(&req(), &[("idempotency-key", &longest)]).await.assert_status(200);

@@ -670,3 +670,94 @@ async fn answers_beyond_the_gateways_memory_for_them_are_refused_not_held() {
     r.assert_status(200);
     assert!(r.json()["data"][0]["b64_json"].as_str().is_some_and(|s| !s.is_empty()), "{}", r.describe());
 }
+
+/// What a provider made is charged even when the client never gets it, and what is not an image
+/// is never served as one. A provider's URL that 404s, or points at an HTML login page, or a
+/// `b64_json` holding HTML: a helper found the first served no cost (the provider billed it,
+/// the tenant's spend limit never saw it, and the fallback's image was paid too), and the other
+/// two answered 200 with the HTML as the "image" on a route without evaluators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfetched_image_is_charged_and_what_is_not_an_image_is_never_served() {
+    let png = noisy(32, 32, 5);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap();
+    let served = png.clone();
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let served = served.clone();
+        async move {
+            match uri.path() {
+                "/ok.png" => (http::StatusCode::OK, [("content-type", "image/png")], served),
+                "/login" => (
+                    http::StatusCode::OK,
+                    [("content-type", "image/png")],
+                    b"<html><body>sign in</body></html>".to_vec(),
+                ),
+                _ => (http::StatusCode::NOT_FOUND, [("content-type", "text/plain")], b"gone".to_vec()),
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let up = MockProvider::start().await;
+    let backup = MockProvider::start().await;
+    let policy = format!(
+        "{}{}{}{}{}",
+        openai_provider_with("up", &up, "price = { per_image_usd = 0.04 }\nfetch = { allow_hosts = [\"127.0.0.1\"] }"),
+        openai_provider_with("backup", &backup, "price = { per_image_usd = 0.01 }"),
+        route_toml("main", "m").target("up", "gpt-image-1").fallback("spare"),
+        route_toml("spare", "spare-only").target("backup", "gpt-image-1"),
+        route_toml("solo", "s").target("up", "gpt-image-1"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[]).await;
+    let url_answer = |path: &str| format!("{{\"created\": 1, \"data\": [{{\"url\": \"http://{host}{path}\"}}]}}");
+    let body = json!({"model": "m", "prompt": "a lighthouse", "response_format": "b64_json"});
+
+    // The URL works: served, charged once.
+    up.set_body(Some(&url_answer("/ok.png")));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![png.clone()]);
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.04"), "{}", r.describe());
+
+    // A 404 at the provider's URL: the fallback serves, and the request cost both images.
+    up.set_body(Some(&url_answer("/gone.png")));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["up:fetch_refused", "backup:ok"], "{}", r.describe());
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.05"), "{}", r.describe());
+    let discarded =
+        gw.metric("acc_cost_usd_total", &[("route", "main"), ("provider", "up"), ("kind", "discarded")]).await;
+    assert!((discarded - 0.04).abs() < 1e-9, "{discarded}");
+
+    // An HTML page at the URL, and HTML as b64_json: the provider's broken answer, not an image.
+    up.set_body(Some(&url_answer("/login")));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["up:bad_response", "backup:ok"], "{}", r.describe());
+    assert_eq!(b64_images(&r), vec![backup.png().to_vec()]);
+    let html = b64_encode(b"<!DOCTYPE html><html><body>Access denied</body></html>");
+    up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"b64_json\": \"{html}\"}}]}}")));
+    let r = gw.generate(&body).await;
+    assert_eq!(r.attempts(), vec!["up:bad_response", "backup:ok"], "{}", r.describe());
+    // A JPEG the provider labelled "png": served, and the answer says what it is.
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(8, 8, image::Rgb([200, 30, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    up.set_body(Some(&format!(
+        "{{\"created\": 1, \"output_format\": \"png\", \"data\": [{{\"b64_json\": \"{}\"}}]}}",
+        b64_encode(&jpeg)
+    )));
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["up:ok"], "{}", r.describe());
+    assert_eq!(r.json()["output_format"], json!("jpeg"), "{}", r.describe());
+    assert_eq!(b64_images(&r), vec![jpeg]);
+    up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"b64_json\": \"{html}\"}}]}}")));
+    // With nowhere to fall back: a 502 that says what was wrong, and no HTML for an image.
+    let r = gw.generate(&json!({"model": "s", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+    let e = r.assert_error(502, "upstream_error");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("is not a PNG, JPEG or WebP image") && msg.contains("<!DOCTYPE"), "{msg}");
+    assert!(!String::from_utf8_lossy(&r.body).contains(&html), "the HTML is not in the answer");
+}

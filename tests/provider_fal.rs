@@ -277,3 +277,50 @@ async fn an_attempt_that_times_out_cancels_the_job() {
     assert_cancelled(&s.mock, 1);
     assert!(s.mock.polls() > 1, "polled with backoff until the deadline");
 }
+
+/// What fal made and billed is charged, whether or not the client gets it: a helper found that
+/// with `n` = 6 (two jobs) one failed job threw away the other's four finished images, and that
+/// images fal's safety checker flagged were left out of the cost. Now the jobs that finished
+/// are returned (the failure is the answer's partial error, as Stability's calls), and flagged
+/// images are charged as discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_fal_made_are_returned_or_charged_when_a_job_fails_or_an_image_is_flagged() {
+    let mock = fal().await;
+    let text = policy(&mock, ALLOW_LOCAL, "").replace("per_gpu_second_usd = 0.01", "per_image_usd = 0.025");
+    let dir = PolicyDir::with(&text);
+    let gw = Gateway::start_with_env(dir.path(), &[(KEY_VAR, KEY)]).await;
+
+    // One of the two jobs is refused at submission (a 500): the other's images are served.
+    mock.script(vec![Step::ok(), Step::reply(500, json!({"detail": "worker lost"}))]);
+    let mut body = req("b64_json");
+    body["n"] = json!(6);
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["fal:ok"], "{}", r.describe());
+    let served = r.json()["data"].as_array().unwrap().len();
+    assert!(served == 4 || served == 2, "the finished job's images: {}", r.describe());
+    let cost: f64 = r.header("x-acc-cost-usd").expect("x-acc-cost-usd").parse().unwrap();
+    assert!((cost - 0.025 * served as f64).abs() < 1e-9, "{cost} for {served} images");
+
+    // Two images, one flagged: one served, both charged.
+    mock.script(Vec::<Step>::new());
+    mock.result(
+        200,
+        json!({"images": [
+                {"url": mock.file_url("img-0.png"), "width": 8, "height": 8, "content_type": "image/png"},
+                {"url": mock.file_url("img-1.png"), "width": 8, "height": 8, "content_type": "image/png"}],
+            "seed": 5.0, "has_nsfw_concepts": [false, true], "timings": {"inference": 0.5}}),
+    );
+    let mut body = req("b64_json");
+    body["n"] = json!(2);
+    let r = gw.generate(&body).await;
+    r.assert_status(200);
+    assert_eq!(b64_images(&r), vec![png_for(0)], "{}", r.describe());
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.05"), "{}", r.describe());
+    // The seed fal reported as 5.0 is read as 5.
+    let generation = r.header("x-acc-generation").unwrap_or_default();
+    assert!(generation.contains("seed=5"), "x-acc-generation: {generation}");
+    let discarded =
+        gw.metric("acc_cost_usd_total", &[("route", "main"), ("provider", "fal"), ("kind", "discarded")]).await;
+    assert!((discarded - 0.025).abs() < 1e-9, "{discarded}");
+}

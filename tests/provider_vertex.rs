@@ -188,6 +188,25 @@ async fn failing_token_command_or_missing_variable_is_a_credential_error() {
     assert_eq!(mock.hits(), 0, "nothing is sent without a token");
     drop(gw);
 
+    // A command that prints without end (a helper crashed the gateway with `yes`: its output
+    // was read whole): stopped after 64 KiB, a credential error, and the gateway lives on.
+    let dir = PolicyDir::with(&policy(&mock, r#"token_command = ["yes", "tok"]"#, &backup));
+    let gw = Gateway::start(dir.path()).await;
+    let r = gw.generate(&json!({"model": "imagen", "prompt": "x", "response_format": "b64_json"})).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["vertex:credential_missing", "backup:ok"], "{}", r.describe());
+    let trace_id = r.header("x-acc-trace-id").unwrap();
+    let record = eventually(std::time::Duration::from_secs(10), || async {
+        gw.admin("GET", &format!("/admin/traces/{trace_id}")).await.status == 200
+    })
+    .await;
+    assert!(record, "the trace is written");
+    let t = gw.admin("GET", &format!("/admin/traces/{trace_id}")).await.json();
+    let error = t["attempts"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("printed more than 64 KiB"), "{t}");
+    gw.admin("GET", "/healthz").await.assert_status(200);
+    drop(gw);
+
     let dir = PolicyDir::with(&policy(&mock, "token_env = \"ACC_TEST_VERTEX_UNSET\"", &backup));
     let gw = Gateway::start(dir.path()).await;
     let r = gw.generate(&json!({"model": "imagen", "prompt": "x", "response_format": "b64_json"})).await;

@@ -168,4 +168,59 @@ fn check_refuses_a_key_that_does_not_match_and_missing_files() {
     let out = acc_check(dir.path());
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("/nonexistent/cert.pem: cannot read the certificate chain"), "{text}");
+    // A device that never ends (a helper's `/dev/zero` took `acc check` to 23 GB and the OOM
+    // killer): refused at once, naming what it is.
+    dir.write("policy.toml", &policy("/dev/zero"));
+    let out = acc_check(dir.path());
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("/dev/zero: cannot read the certificate chain: not a regular file"), "{text}");
+}
+
+/// A reload that points `[server.tls]` at a device is refused as a whole (the gateway lives on,
+/// with its policy), and one that points it at other files, or turns TLS off, is taken with a
+/// warning: the listeners keep what they started with until a restart (it was silent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_tls_is_refused_or_warned_about() {
+    let up = MockProvider::start().await;
+    let dir = PolicyDir::new();
+    let pair = certificate();
+    write_pair(&dir, &pair);
+    let policy = tls_policy(&dir, &up);
+    dir.write("policy.toml", &policy);
+    let gw = Gateway::start(dir.path()).await;
+    let admin = |method: &'static str, path: &'static str| {
+        let tls = handshake(gw.admin_addr, &pair.0, &[b"http/1.1"]);
+        async move {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(String::new())
+                .unwrap();
+            send(tls.await.unwrap(), req).await
+        }
+    };
+    let key = dir.path().join("tls/key.pem").display().to_string();
+    dir.write("policy.toml", &policy.replace(&dir.path().join("tls/cert.pem").display().to_string(), "/dev/zero"));
+    let (status, body) = admin("POST", "/admin/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("not a regular file"), "{body}");
+    // Other files holding a good pair: taken, with a warning that it waits for a restart.
+    let other = dir.path().join("tls2");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("cert.pem"), &pair.0).unwrap();
+    std::fs::write(other.join("key.pem"), &pair.1).unwrap();
+    let repointed = policy
+        .replace(&dir.path().join("tls/cert.pem").display().to_string(), &other.join("cert.pem").display().to_string())
+        .replace(&key, &other.join("key.pem").display().to_string());
+    dir.write("policy.toml", &repointed);
+    let (status, body) = admin("POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = admin("GET", "/admin/policies").await;
+    assert!(body.contains("[server.tls] differs from the one the gateway started with"), "{body}");
+    // Still served over TLS.
+    let tls = handshake(gw.proxy_addr, &pair.0, &[b"http/1.1"]).await.unwrap();
+    assert_eq!(send(tls, generation(false)).await.0, 200);
 }

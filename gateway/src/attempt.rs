@@ -217,7 +217,7 @@ async fn run(
     // the rest were billed and are charged as discarded.
     let n = env.req.n as usize;
     if generation.images.len() > n {
-        generation.surplus = (generation.images.len() - n) as u32;
+        generation.surplus += (generation.images.len() - n) as u32;
         generation.images.truncate(n);
         generation.revised_prompts.truncate(n);
     }
@@ -239,7 +239,32 @@ async fn run(
                 record(Sample::Error);
                 return Err(ProviderError::FetchRefused(e.to_string()));
             }
-            Err(_) => return Err(ProviderError::Timeout),
+            // The provider made (and billed) the images: a fetch failure, charged as such.
+            Err(_) => {
+                app.metrics.fetch_refused.with_label_values(&[&target.provider, "timeout"]).inc();
+                record(Sample::Timeout);
+                return Err(ProviderError::FetchRefused(
+                    "the images' URLs were not fetched within the attempt's time".into(),
+                ));
+            }
+        }
+    }
+    // Whatever the route evaluates: bytes that are not an image are the provider's broken
+    // answer, never the client's image.
+    // The answer's `output_format` says what the bytes are, not what the provider labelled
+    // them (a JPEG answered as "png", or the format asked for rather than the one made).
+    match crate::providers::check_images_are_images(&generation.images) {
+        Ok(Some(format)) => {
+            let field = generation.answer_fields.iter_mut().find(|(k, _)| *k == "output_format");
+            if let Some((_, v)) = field.filter(|(_, v)| v.as_str() != Some(format)) {
+                *v = serde_json::Value::from(format);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(provider = %target.provider, "{e}");
+            record(Sample::Error);
+            return Err(e);
         }
     }
     // 6. What the route's evaluators say about the images.

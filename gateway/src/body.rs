@@ -189,6 +189,23 @@ impl Rope {
         }
     }
 
+    /// The first bytes the base64 text decodes to (at most `n`, rounded up to whole groups of
+    /// three), without decoding the rest; `None` when those groups are not valid base64. For
+    /// a look at an image's magic number.
+    pub fn base64_head(&self, n: usize) -> Option<Vec<u8>> {
+        let want = n.div_ceil(3) * 4;
+        let mut text = Vec::with_capacity(want);
+        for piece in self.pieces() {
+            let take = (want - text.len()).min(piece.len());
+            text.extend_from_slice(&piece[..take]);
+            if text.len() == want {
+                break;
+            }
+        }
+        text.truncate(text.len() / 4 * 4);
+        base64_simd::STANDARD.decode_to_vec(&text).ok()
+    }
+
     /// Decodes the base64 text in order, handing `f` the decoded bytes [`DECODE_STEP`] of text
     /// at a time, so nothing the size of the image is allocated (a digest is computed as the
     /// image is decoded). Returns the decoded length, or `None` when the text is not valid

@@ -1,6 +1,7 @@
 //! What attempts cost at the providers' prices (`[providers.X.price]`): the estimate a tenant's
 //! spend reservation is made with, and the charge per attempt once the plan has run, by kind:
-//! images returned, images discarded after evaluation, hedges cancelled (the provider most likely
+//! images returned, images discarded (failed evaluation, URLs not fetched, left out by the
+//! provider's safety checker, beyond `n`), hedges cancelled (the provider most likely
 //! bills them), mirrors.
 
 use crate::app::App;
@@ -54,7 +55,11 @@ pub fn charge_attempts(
     for (i, a) in outcome.attempts.iter().enumerate() {
         let kind = match &a.result {
             Ok(()) => "returned",
-            Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => "discarded",
+            // Made, and billed, but not returned: failed evaluation, or its URLs were not
+            // fetched (refused, too large, too slow).
+            Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_) | ProviderError::FetchRefused(_)) => {
+                "discarded"
+            }
             Err(ProviderError::HedgeCancelled) => "hedge",
             Err(_) => continue,
         };

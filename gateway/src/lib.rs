@@ -222,6 +222,34 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Reads a file a policy or a command line names (a certificate, a key, a policy file), at
+/// most `max` bytes. Errors (as `io::Error`, its message for the user): the file is missing
+/// or unreadable, is not a regular file (a device such as `/dev/zero`, a FIFO, a directory:
+/// reading one would never end, or block), or holds more than `max` bytes. Symbolic links are
+/// followed (Kubernetes mounts ConfigMaps and Secrets through them).
+pub fn read_bounded(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "not a regular file (a device or a pipe)" };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    }
+    let too_large = |len: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{len} bytes or more, over the {max} bytes such a file may have"),
+        )
+    };
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(path)?, max + 1), &mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(too_large(buf.len() as u64));
+    }
+    Ok(buf)
+}
+
 /// `s` cut to its first `chars` characters, at a character boundary (a text of at most that
 /// many bytes is copied as it is, without walking its characters): header and field values
 /// kept in records and feedback.

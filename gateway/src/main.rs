@@ -229,6 +229,9 @@ macro_rules! out_part {
 
 /// Standard output cannot be written: a closed pipe ends the command with 0 (what it printed
 /// was read as far as the reader wanted), anything else with 1 and a message.
+/// The largest image file `acc provenance` and `acc eval` read (a device or a pipe is refused).
+const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
+
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
@@ -577,12 +580,12 @@ async fn provenance(
         }
         ExitCode::from(2)
     };
-    let bytes = match std::fs::read(image) {
+    let bytes = match acc::read_bounded(image, MAX_IMAGE_FILE_BYTES) {
         Ok(b) => b,
         Err(e) => return unreadable(image, &e),
     };
     let anchors_path = anchors;
-    let anchors = match anchors.map(|a| (a, std::fs::read(a))) {
+    let anchors = match anchors.map(|a| (a, acc::read_bounded(a, acc::provenance::MAX_PEM_BYTES))) {
         Some((_, Ok(a))) => Some(String::from_utf8_lossy(&a).into_owned()),
         Some((path, Err(e))) => return unreadable(path, &e),
         None => None,
@@ -673,7 +676,7 @@ fn eval(
             return ExitCode::FAILURE;
         }
     };
-    let bytes = match std::fs::read(path) {
+    let bytes = match acc::read_bounded(path, MAX_IMAGE_FILE_BYTES) {
         Ok(b) => bytes::Bytes::from(b),
         Err(e) => {
             eprintln!("acc eval: {}: {e}", path.display());

@@ -550,7 +550,17 @@ const INLINE_DIGEST_BYTES: usize = 64 << 10;
 
 /// The `Idempotency-Key` header, checked.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get(idempotency::HEADER) else { return Ok(None) };
+    let mut all = headers.get_all(idempotency::HEADER).iter();
+    let Some(v) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        // Which one a retry would be matched by is anyone's guess: refused, as two
+        // `Authorization` headers are.
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "invalid_idempotency_key",
+            "send one Idempotency-Key header, not several",
+        ));
+    }
     match v.to_str() {
         Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => {
             Ok(Some(k.to_string()))

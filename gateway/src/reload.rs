@@ -83,6 +83,7 @@ pub struct PolicyStore {
         Option<crate::policy::TelemetrySettings>,
         Option<crate::policy::ClusterSettings>,
         ConnSettings,
+        Option<crate::policy::TlsFiles>,
     ),
 }
 
@@ -111,6 +112,7 @@ impl PolicyStore {
             snapshot.policy.telemetry.clone(),
             snapshot.policy.cluster.clone(),
             conn_settings(&snapshot.policy.server),
+            snapshot.policy.server.tls.clone(),
         );
         Ok(PolicyStore {
             started_with,
@@ -182,6 +184,17 @@ impl PolicyStore {
                     snapshot.policy.warnings.push(
                         "[server] idle_timeout_ms, max_connections and admin_max_connections differ from the ones the listeners started with; they take effect at the next restart".into(),
                     );
+                }
+                if snapshot.policy.server.tls != self.started_with.4 {
+                    let how = match (&self.started_with.4, &snapshot.policy.server.tls) {
+                        (None, Some(_)) => "the listeners started without TLS and serve plain HTTP until a restart",
+                        (Some(_), None) => "the listeners started with TLS and keep it until a restart",
+                        _ => "the listeners keep serving the certificate in the files they started with (reloaded when those files change) until a restart",
+                    };
+                    snapshot
+                        .policy
+                        .warnings
+                        .push(format!("[server.tls] differs from the one the gateway started with: {how}"));
                 }
                 if snapshot.policy.cluster != self.started_with.2 {
                     snapshot.policy.warnings.push(

@@ -41,6 +41,9 @@ pub use types::{
 
 use raw::RawFile;
 
+/// The most one policy file may hold: a policy of thousands of routes is a few megabytes.
+pub const MAX_POLICY_FILE_BYTES: u64 = 16 << 20;
+
 /// The policy files of a directory (or one file), read but not yet parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sources {
@@ -85,7 +88,11 @@ impl Sources {
         let mut errors = Vec::new();
         for p in paths {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            match std::fs::read_to_string(&p) {
+            match crate::read_bounded(&p, MAX_POLICY_FILE_BYTES).and_then(|b| {
+                String::from_utf8(b).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8")
+                })
+            }) {
                 Ok(text) => files.push((name, text)),
                 Err(e) => errors.push(format!("{name}: {e}")),
             }
@@ -156,6 +163,7 @@ pub fn validate(sources: &Sources) -> Result<Policy, Vec<String>> {
     }
     let aliases = xref::aliases(&routes);
     xref::unpriced_spend(&sections.tenants, &sections.providers, &routes, &mut warnings);
+    xref::shadowed_routes(&routes, &mut warnings);
     if routes.is_empty() && errors.is_empty() {
         errors.push(format!("{}: no routes defined", sources.files.first().map(|f| f.0.as_str()).unwrap_or("policy")));
     }

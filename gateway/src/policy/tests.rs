@@ -94,7 +94,7 @@ fn unknown_fields_and_syntax_errors_give_line_and_column() {
 /// error says what a price may be (not a Rust type's name).
 #[test]
 fn wrong_types_name_the_field() {
-    let route = |extra: &str| format!("[[routes]]\nname = \"a\"\ntargets = [{{ provider = \"demo\" }}]\n{extra}");
+    let route = |extra: &str| format!("[[routes]]\nname = \"a\"\ntargets = [{{ provider = \"demo\" }}]\n{extra}\n");
     let errs = check(&[("p.toml", PROVIDERS), ("r.toml", &route("attempt_timeout_ms = \"30s\"\n"))]).unwrap_err();
     assert_eq!(
         errs,
@@ -888,4 +888,43 @@ fn text_rules_that_can_never_hold_or_mean_nothing_are_refused() {
     ] {
         check(&[("p.toml", &route(&ok))]).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
     }
+}
+
+#[test]
+fn a_route_an_earlier_one_always_takes_first_is_warned_about() {
+    let route = |name: &str, m: &str, extra: &str| {
+        format!("[[routes]]\nname = \"{name}\"\nmatch = {{ {m} }}\ntargets = [{{ provider = \"demo\" }}]\n{extra}\n")
+    };
+    // A catch-all first, then a narrower route; the same match twice.
+    let text = format!(
+        "{PROVIDERS}{}{}{}{}",
+        route("a", "model = \"m\"", ""),
+        route("b", "model = \"m\", cohort = \"beta\"", ""),
+        route("c", "model = \"n\"", ""),
+        route("d", "model = \"n\"", "")
+    );
+    let p = check(&[("p.toml", &text)]).unwrap();
+    assert_eq!(
+        p.warnings,
+        vec![
+            "routes.b: never matched: route \"a\" comes before it and takes every request it would (routes are tried in order, files sorted by name); move it before, narrow the earlier match, or name it as a fallback",
+            "routes.d: never matched: route \"c\" comes before it and takes every request it would (routes are tried in order, files sorted by name); move it before, narrow the earlier match, or name it as a fallback",
+        ]
+    );
+    // The narrower first is fine; a covered route named as a fallback is reached by name.
+    let text = format!(
+        "{PROVIDERS}{}{}{}{}",
+        route("b", "model = \"m\", cohort = \"beta\"", ""),
+        route("a", "model = \"m\"", "fallbacks = [\"d\"]"),
+        route("c", "model = \"n\"", ""),
+        route("d", "model = \"n\"", "")
+    );
+    assert!(check(&[("p.toml", &text)]).unwrap().warnings.is_empty());
+    // Key tags: a route asking for fewer tags covers one asking for more.
+    let text = format!(
+        "{PROVIDERS}{}{}",
+        route("any", "key_tags = [\"pro\"]", ""),
+        route("team", "key_tags = [\"pro\", \"team\"]", "")
+    );
+    assert_eq!(check(&[("p.toml", &text)]).unwrap().warnings.len(), 1);
 }

@@ -130,6 +130,29 @@ pub(super) fn unpriced_spend(
     }
 }
 
+/// A route no request can reach first: an earlier route takes every request it would (its
+/// conditions are the same or fewer, since routes are tried in order and the first match
+/// wins). Worth a warning unless the route is some route's fallback, which is reached by name.
+pub(super) fn shadowed_routes(routes: &[Route], warnings: &mut Vec<String>) {
+    let fallback: BTreeSet<usize> = routes.iter().flat_map(|r| r.fallbacks.iter().copied()).collect();
+    for (i, later) in routes.iter().enumerate() {
+        if fallback.contains(&i) {
+            continue;
+        }
+        let (l, e) = (&later.matcher, |x: &Option<String>, y: &Option<String>| x.is_none() || x == y);
+        let covering = routes[..i].iter().find(|r| {
+            let m = &r.matcher;
+            e(&m.model, &l.model) && e(&m.cohort, &l.cohort) && m.key_tags.iter().all(|t| l.key_tags.contains(t))
+        });
+        if let Some(earlier) = covering {
+            warnings.push(format!(
+                "routes.{}: never matched: route \"{}\" comes before it and takes every request it would (routes are tried in order, files sorted by name); move it before, narrow the earlier match, or name it as a fallback",
+                later.name, earlier.name
+            ));
+        }
+    }
+}
+
 /// Every model alias a route matches on.
 pub(super) fn aliases(routes: &[Route]) -> BTreeSet<String> {
     routes.iter().filter_map(|r| r.matcher.model.clone()).collect()

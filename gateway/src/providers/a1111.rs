@@ -342,7 +342,7 @@ fn info_settings(text: &str) -> Settings {
         (None, None) => None,
     };
     Settings {
-        seed: v.get("seed").and_then(Value::as_u64),
+        seed: v.get("seed").and_then(super::reported_seed),
         steps: v.get("steps").and_then(Value::as_u64).and_then(|s| u32::try_from(s).ok()),
         guidance: v.get("cfg_scale").and_then(Value::as_f64),
         sampler: text("sampler_name").map(str::to_owned),

@@ -104,8 +104,7 @@ pub fn generation(body: &[u8]) -> Result<StreamAnswer, ProviderError> {
         .iter()
         .filter_map(|&k| {
             let v = last.get(k)?.clone();
-            let well_formed = if k == "usage" { v.is_object() } else { v.is_string() };
-            well_formed.then_some((k, v))
+            super::well_formed_answer_field(k, &v).then_some((k, v))
         })
         .collect();
     Ok(StreamAnswer::Done(Box::new(Generation {

@@ -254,7 +254,8 @@ impl Fal {
 }
 
 /// The images of a completed job. Images fal's safety checker flagged are blacked out by it:
-/// they are left out, and a job whose every image was flagged is a content-filter refusal.
+/// they are left out (fal bills them: they are charged as discarded, `surplus`), and a job
+/// whose every image was flagged is a content-filter refusal.
 fn generation(output: Output) -> Result<Generation, ProviderError> {
     if output.images.is_empty() {
         return Err(ProviderError::BadResponse("the fal result holds no images".into()));
@@ -277,9 +278,11 @@ fn generation(output: Output) -> Result<Generation, ProviderError> {
     if images.len() < total {
         tracing::info!(flagged = total - images.len(), "fal's safety checker flagged images; they are left out");
     }
+    let surplus = (total - images.len()) as u32;
     Ok(Generation {
         images,
-        settings: Settings { seed: output.seed.as_ref().and_then(serde_json::Value::as_u64), ..Default::default() },
+        surplus,
+        settings: Settings { seed: output.seed.as_ref().and_then(super::reported_seed), ..Default::default() },
         gpu_seconds: output.timings.and_then(|t| t.inference).filter(|s| s.is_finite() && *s >= 0.0),
         answer_fields,
         ..Default::default()

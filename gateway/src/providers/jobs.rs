@@ -44,8 +44,10 @@ pub fn job_seed(seed: Option<u64>, i: usize) -> Option<u64> {
 
 /// Runs `attempt` as jobs of at most [`MAX_IMAGES_PER_JOB`] images ([`batches`]), all at once,
 /// `job(n, seed)` making each (seeds one image apart: [`job_seed`]), and merges them in order
-/// ([`merge`]); one failing fails the request (the others are cancelled at the provider as
-/// they are dropped).
+/// ([`merge`]). When some jobs fail, the images the others made (and the provider billed) are
+/// returned, with the failures as the generation's `partial_errors` (as Stability's calls:
+/// `sanity` fails the short answer, naming the first); only when every job fails does the
+/// attempt fail, with the first job's error.
 pub async fn in_jobs<F, Fut>(attempt: &super::AttemptRequest<'_>, job: F) -> Result<super::Generation, ProviderError>
 where
     F: Fn(u32, Option<u64>) -> Fut,
@@ -57,7 +59,23 @@ where
         return job(n, seed).await;
     }
     let runs = batches.iter().enumerate().map(|(i, &n)| job(n, job_seed(seed, i)));
-    Ok(merge(futures_util::future::try_join_all(runs).await?))
+    let mut made = Vec::with_capacity(batches.len());
+    let mut failed = Vec::new();
+    for r in futures_util::future::join_all(runs).await {
+        match r {
+            Ok(g) => made.push(g),
+            Err(e) => failed.push(e),
+        }
+    }
+    if made.is_empty() {
+        return Err(failed.swap_remove(0));
+    }
+    if !failed.is_empty() {
+        tracing::info!("{} of {} jobs failed; the images of the others are returned", failed.len(), batches.len());
+    }
+    let mut all = merge(made);
+    all.partial_errors.extend(failed.into_iter().map(|e| std::sync::Arc::new(e.redacted())));
+    Ok(all)
 }
 
 /// One request's answer from its jobs' ([`batches`]): the images in order, the first job's
@@ -67,6 +85,8 @@ pub fn merge(parts: Vec<super::Generation>) -> super::Generation {
     let mut all = parts.next().unwrap_or_default();
     for g in parts {
         all.images.extend(g.images);
+        all.surplus += g.surplus;
+        all.partial_errors.extend(g.partial_errors);
         all.revised_prompts.extend(g.revised_prompts);
         all.gpu_seconds = match (all.gpu_seconds, g.gpu_seconds) {
             (Some(a), Some(b)) => Some(a + b),

@@ -149,6 +149,28 @@ pub fn output_format_field<'a>(
 /// The response object's top-level fields besides `created` and `data`, in OpenAI's order.
 pub const ANSWER_FIELDS: [&str; 5] = ["background", "output_format", "quality", "size", "usage"];
 
+/// Whether a provider's answer field `k` (one of [`ANSWER_FIELDS`]) has the shape OpenAI's
+/// Images API gives it, to be passed on: a string, or for `usage` an object whose token
+/// counts (`input_tokens`, `output_tokens`, `total_tokens`, and `image_tokens`/`text_tokens`
+/// in `input_tokens_details` and `output_tokens_details`) are non-negative integers where
+/// present. A field out of shape is left out of the client's answer (an SDK would read
+/// `1e308` or `"lots"` as a token count), not an error: the images are good.
+pub fn well_formed_answer_field(k: &str, v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    if k != "usage" {
+        return v.is_string();
+    }
+    let counts =
+        |o: &serde_json::Map<String, Value>, names: &[&str]| names.iter().all(|n| o.get(*n).is_none_or(|x| x.is_u64()));
+    let Some(usage) = v.as_object() else { return false };
+    counts(usage, &["input_tokens", "output_tokens", "total_tokens"])
+        && ["input_tokens_details", "output_tokens_details"].iter().all(|d| match usage.get(*d) {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(o)) => counts(o, &["image_tokens", "text_tokens"]),
+            Some(_) => false,
+        })
+}
+
 /// Runs every adapter's answer parsers (success and error, each documented shape) on an
 /// untrusted `body` with `status`, dropping the results: the entry point of the fuzz targets
 /// (`tests/fuzz`). Whatever the bytes, it returns; a panic is a bug.
@@ -502,6 +524,59 @@ pub fn sniff_image(b: &[u8]) -> Option<(&'static str, &'static str)> {
     } else {
         None
     }
+}
+
+/// The seed a provider reports it drew with, read leniently: an integer, an integral float
+/// (`5.0`) or a string of digits within `u64`; anything else (negative, fractional, too large,
+/// another type) is no seed. The seed is for the trace and `x-acc-generation`: a strange one
+/// must not fail an image the provider made and billed.
+pub fn reported_seed(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0 && *f < u64::MAX as f64)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Refuses an answer whose images are not images: each base64 or raw image must start with
+/// the magic number of a PNG, JPEG or WebP file (the formats every supported provider answers
+/// in). An HTML login page at the provider's URL, an error text in `b64_json` or a gzip body
+/// the gateway did not ask for would otherwise reach the client as a `200` on a route that
+/// runs no evaluator. URLs not fetched are not looked at. Only the first 12 bytes are decoded.
+///
+/// Returns the images' format as the OpenAI `output_format` names it (`png`, `jpeg`, `webp`)
+/// when every image was looked at and all have the same one, so the answer can say what the
+/// bytes are rather than what the provider labelled them.
+pub fn check_images_are_images(images: &[Image]) -> Result<Option<&'static str>, ProviderError> {
+    let mut common: Option<Option<&'static str>> = None;
+    for (i, image) in images.iter().enumerate() {
+        let head = match image {
+            Image::Base64(rope) => rope.base64_head(12),
+            Image::Raw { bytes, .. } => Some(bytes[..bytes.len().min(12)].to_vec()),
+            Image::Url(_) => None,
+        };
+        let Some(head) = head else {
+            common = Some(None);
+            continue;
+        };
+        let Some((_, ext)) = sniff_image(&head) else {
+            let shown: String = head.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+            return Err(ProviderError::BadResponse(format!(
+                "image {i} is not a PNG, JPEG or WebP image (its first bytes read \"{shown}\")"
+            )));
+        };
+        let name = if ext == "jpg" { "jpeg" } else { ext };
+        common = match common {
+            None => Some(Some(name)),
+            Some(Some(seen)) if seen == name => Some(Some(name)),
+            _ => Some(None),
+        };
+    }
+    Ok(common.flatten())
 }
 
 /// The API key in the environment variable `var`, as a header value (marked sensitive).

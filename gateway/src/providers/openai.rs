@@ -324,8 +324,7 @@ pub fn parse_answer(body: impl Into<Rope>) -> Result<Generation, ProviderError> 
     let mut answer_fields = Vec::new();
     for &k in super::ANSWER_FIELDS.iter() {
         let Some(mut v) = rest.remove(k) else { continue };
-        let well_formed = if k == "usage" { v.is_object() } else { v.is_string() };
-        if well_formed {
+        if super::well_formed_answer_field(k, &v) {
             skimmed.restore(&mut v).map_err(|e| ProviderError::BadResponse(format!("{k}: {e}")))?;
             answer_fields.push((k, v));
         }
@@ -530,6 +529,32 @@ mod tests {
         // A long revised prompt that is not valid JSON text fails as a short one would.
         let bad = format!(r#"{{"data":[{{"b64_json":"aGk=","revised_prompt":"{}\q"}}]}}"#, "y".repeat(300));
         assert_eq!(parse_answer(Bytes::from(bad)).unwrap_err().label(), "bad_response");
+    }
+
+    /// A helper's finding: `usage` was passed on whatever it held; the SDKs typed `1e308`, `-1`
+    /// or `"lots"` as token counts. Out of shape, it is left out; the images still go.
+    #[test]
+    fn usage_out_of_shape_is_left_out() {
+        let usage = |u: &str| {
+            let text = format!(r#"{{"data":[{{"b64_json":"aGk="}}],"usage":{u},"size":"1024x1024"}}"#);
+            let g = parse_answer(Bytes::from(text)).unwrap();
+            let fields: std::collections::HashMap<_, _> = g.answer_fields.into_iter().collect();
+            assert_eq!(fields["size"], serde_json::json!("1024x1024"));
+            fields.get("usage").cloned()
+        };
+        let good = r#"{"total_tokens":100,"input_tokens":50,"output_tokens":50,"input_tokens_details":{"text_tokens":10,"image_tokens":40}}"#;
+        assert_eq!(usage(good), Some(serde_json::from_str(good).unwrap()));
+        for bad in [
+            r#"{"total_tokens":1e308}"#,
+            r#"{"total_tokens":-1}"#,
+            r#"{"total_tokens":"lots"}"#,
+            r#"{"output_tokens":18446744073709551616}"#,
+            r#"{"input_tokens_details":{"image_tokens":2.5}}"#,
+            r#"{"input_tokens_details":7}"#,
+            r#"[1,2]"#,
+        ] {
+            assert_eq!(usage(bad), None, "{bad}");
+        }
     }
 
     #[test]

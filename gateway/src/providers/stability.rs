@@ -247,8 +247,9 @@ struct Answer {
     image: Option<String>,
     #[serde(default)]
     finish_reason: Option<String>,
+    /// Read with [`super::reported_seed`]: a seed out of shape is no seed, not a broken answer.
     #[serde(default)]
-    seed: Option<u64>,
+    seed: Option<serde_json::Value>,
 }
 
 /// Parses a 2xx answer: JSON with the base64 image (kept a slice of `body`), or the image bytes
@@ -287,7 +288,7 @@ fn parse_answer(body: impl Into<Rope>, headers: &http::HeaderMap) -> Result<(Ima
     let b64 = answer.image.ok_or_else(|| ProviderError::BadResponse("answer holds no image".into()))?;
     let bytes = skim::base64_value(skimmed.resolve(&b64))
         .ok_or_else(|| ProviderError::BadResponse("image is not valid base64 (truncated or corrupt)".into()))?;
-    Ok((Image::Base64(bytes), answer.seed))
+    Ok((Image::Base64(bytes), answer.seed.as_ref().and_then(super::reported_seed)))
 }
 
 /// Stability's documented error names (`name` of `{"id","name","errors":[..]}`) that the
@@ -352,6 +353,23 @@ pub(super) fn untrusted(status: StatusCode, body: &Bytes) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_seed_out_of_shape_is_no_seed_not_a_broken_answer() {
+        // A helper's finding: `"seed": 5.0` or a seed past u64 failed the image (502), which
+        // Stability had made and billed.
+        let png = base64_simd::STANDARD.encode_to_string(b"\x89PNG\r\n\x1a\n0000000000000000");
+        let seed = |v: &str| {
+            let body = format!(r#"{{"image": "{png}", "finish_reason": "SUCCESS", "seed": {v}}}"#);
+            parse_answer(bytes::Bytes::from(body), &http::HeaderMap::new()).map(|(_, seed)| seed)
+        };
+        assert_eq!(seed("5").unwrap(), Some(5));
+        assert_eq!(seed("5.0").unwrap(), Some(5));
+        assert_eq!(seed("\"17\"").unwrap(), Some(17));
+        for odd in ["1e30", "-3", "2.5", "null", "[1]", "184467440737095516160"] {
+            assert_eq!(seed(odd).unwrap(), None, "{odd}");
+        }
+    }
 
     #[test]
     fn image_seeds_step_by_one_and_never_land_on_zero() {

@@ -436,9 +436,15 @@ fn bearer(token: &str) -> Result<HeaderValue, ProviderError> {
     Ok(h)
 }
 
-/// Runs the token command (killed if the attempt is dropped or it takes too long). Its output is
-/// the token, so only its exit status and stderr ever reach a message.
+/// The most a token command may print: an OAuth access token is a few kilobytes at most. A
+/// command that prints more (`yes`, `cat /dev/zero`) is stopped, not read into memory.
+const MAX_TOKEN_OUTPUT: u64 = 64 * 1024;
+
+/// Runs the token command (killed if the attempt is dropped, it takes too long, or it prints
+/// more than [`MAX_TOKEN_OUTPUT`]). Its output is the token, so only its exit status and stderr
+/// ever reach a message.
 async fn run_token_command(argv: &[String]) -> Result<HeaderValue, ProviderError> {
+    use tokio::io::AsyncReadExt;
     let program = &argv[0];
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&argv[1..])
@@ -446,7 +452,37 @@ async fn run_token_command(argv: &[String]) -> Result<HeaderValue, ProviderError
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, cmd.output())
+    let mut child =
+        cmd.spawn().map_err(|e| ProviderError::Credential(format!("cannot run token_command {program}: {e}")))?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(ProviderError::Credential(format!("cannot read the output of token_command {program}")));
+    };
+    let run = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut stdout, mut stderr) = (stdout.take(MAX_TOKEN_OUTPUT + 1), stderr.take(MAX_TOKEN_OUTPUT));
+        {
+            // stderr is read alongside (a full pipe would stall the command), but a command
+            // that prints too much is stopped without waiting for it to end either.
+            let read_out = stdout.read_to_end(&mut out);
+            let read_err = stderr.read_to_end(&mut err);
+            tokio::pin!(read_out, read_err);
+            let mut err_done = false;
+            let printed = loop {
+                tokio::select! {
+                    r = &mut read_out => break r?,
+                    _ = &mut read_err, if !err_done => err_done = true,
+                }
+            };
+            if printed as u64 > MAX_TOKEN_OUTPUT {
+                return Ok(None);
+            }
+            if !err_done {
+                let _ = read_err.await;
+            }
+        }
+        child.wait().await.map(|status| Some((status, out, err)))
+    };
+    let (status, out, err) = tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, run)
         .await
         .map_err(|_| {
             ProviderError::Credential(format!(
@@ -454,13 +490,18 @@ async fn run_token_command(argv: &[String]) -> Result<HeaderValue, ProviderError
                 TOKEN_COMMAND_TIMEOUT.as_secs()
             ))
         })?
-        .map_err(|e| ProviderError::Credential(format!("cannot run token_command {program}: {e}")))?;
-    if !out.status.success() {
-        let stderr: String =
-            String::from_utf8_lossy(&out.stderr).chars().filter(|c| !c.is_control()).take(200).collect();
-        return Err(ProviderError::Credential(format!("token_command {program} failed ({}): {stderr}", out.status)));
+        .map_err(|e| ProviderError::Credential(format!("cannot run token_command {program}: {e}")))?
+        .ok_or_else(|| {
+            ProviderError::Credential(format!(
+                "token_command {program} printed more than {} KiB, which is no token; it was stopped",
+                MAX_TOKEN_OUTPUT / 1024
+            ))
+        })?;
+    if !status.success() {
+        let stderr: String = String::from_utf8_lossy(&err).chars().filter(|c| !c.is_control()).take(200).collect();
+        return Err(ProviderError::Credential(format!("token_command {program} failed ({status}): {stderr}")));
     }
-    let token = std::str::from_utf8(&out.stdout).map(str::trim).unwrap_or_default();
+    let token = std::str::from_utf8(&out).map(str::trim).unwrap_or_default();
     if token.is_empty() {
         return Err(ProviderError::Credential(format!("token_command {program} printed no token")));
     }
