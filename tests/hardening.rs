@@ -753,6 +753,15 @@ async fn an_unfetched_image_is_charged_and_what_is_not_an_image_is_never_served(
     assert_eq!(r.attempts(), vec!["up:ok"], "{}", r.describe());
     assert_eq!(r.json()["output_format"], json!("jpeg"), "{}", r.describe());
     assert_eq!(b64_images(&r), vec![jpeg]);
+    // A gzip body the gateway did not ask for (it asks for identity): a bad response that
+    // says so, not "truncated JSON".
+    assert_eq!(up.last_header("accept-encoding").as_deref(), Some("identity"));
+    up.set_headers(vec![("content-encoding".into(), "gzip".into())]);
+    let r = gw.generate(&json!({"model": "s", "prompt": "a lighthouse", "response_format": "b64_json"})).await;
+    let e = r.assert_error(502, "upstream_error");
+    assert!(e["message"].as_str().unwrap().contains("gzip-encoded"), "{e}");
+    assert_eq!(r.attempts(), vec!["up:bad_response"], "{}", r.describe());
+    up.set_headers(vec![]);
     up.set_body(Some(&format!("{{\"created\": 1, \"data\": [{{\"b64_json\": \"{html}\"}}]}}")));
     // With nowhere to fall back: a 502 that says what was wrong, and no HTML for an image.
     let r = gw.generate(&json!({"model": "s", "prompt": "a lighthouse", "response_format": "b64_json"})).await;

@@ -184,6 +184,7 @@ async fn get(
         .header(header::HOST, authority)
         .header(header::USER_AGENT, "acc-gateway")
         .header(header::ACCEPT, "image/*")
+        .header(header::ACCEPT_ENCODING, "identity")
         .body(Empty::new())
         .map_err(|e| FetchError::BadUrl(e.to_string()))?;
     let work = async {

@@ -49,6 +49,10 @@ pub enum UpstreamError {
     /// unread and the connection closed.
     #[error("the gateway's memory for provider answers ({} MiB) is full", .0 >> 20)]
     AnswerMemoryFull(usize),
+    /// A 2xx answer in a content coding (gzip, br, ...) although the request accepted only
+    /// `identity`: its body cannot be read as the API's JSON or image.
+    #[error("the answer is {0}-encoded, which the gateway does not accept (it asks for identity)")]
+    Encoded(String),
 }
 
 /// Bytes of provider answers being read or held, all attempts of the process together (see
@@ -197,6 +201,9 @@ pub async fn send_observed(
 ) -> Result<Answer, UpstreamError> {
     *req.uri_mut() = endpoint.path.clone();
     req.headers_mut().insert(header::HOST, endpoint.host_header.clone());
+    // Without it any content coding is acceptable (RFC 9110, 12.5.3), and a gzip body would be
+    // read as a broken answer.
+    req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let answer_memory = match SCOPE.try_with(|s| (s.trace.clone(), s.answer_memory)) {
         Ok((trace, max)) => {
             if let Some(tc) = trace {
@@ -275,6 +282,17 @@ async fn exchange(
                 crate::health::retry_after(&parts.headers, std::time::SystemTime::now())
             };
             let headers = parts.headers;
+            if let Some(coding) = headers
+                .get(header::CONTENT_ENCODING)
+                .filter(|c| status.is_success() && !c.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                let coding: String = String::from_utf8_lossy(coding.as_bytes())
+                    .chars()
+                    .filter(char::is_ascii_graphic)
+                    .take(40)
+                    .collect();
+                return Err(Exchange::Failed(UpstreamError::Encoded(coding)));
+            }
             let read_error = |e: &dyn std::fmt::Display| {
                 Exchange::Failed(UpstreamError::Transport(format!("reading the answer: {e}")))
             };

@@ -453,6 +453,7 @@ impl From<crate::upstream::UpstreamError> for ProviderError {
             UpstreamError::Connect(m) => ProviderError::Connect(m),
             UpstreamError::Transport(m) => ProviderError::Transport(m),
             UpstreamError::AnswerMemoryFull(max) => ProviderError::AnswerMemoryFull(max),
+            e @ UpstreamError::Encoded(_) => ProviderError::BadResponse(e.to_string()),
         }
     }
 }
