@@ -189,21 +189,24 @@ impl Rope {
         }
     }
 
-    /// The first bytes the base64 text decodes to (at most `n`, rounded up to whole groups of
-    /// three), without decoding the rest; `None` when those groups are not valid base64. For
-    /// a look at an image's magic number.
-    pub fn base64_head(&self, n: usize) -> Option<Vec<u8>> {
-        let want = n.div_ceil(3) * 4;
-        let mut text = Vec::with_capacity(want);
+    /// The first 12 bytes the base64 text decodes to (fewer when it is shorter), without
+    /// decoding the rest or allocating; `None` when those groups are not valid base64. For a
+    /// look at an image's magic number.
+    pub fn base64_head(&self) -> Option<([u8; 12], usize)> {
+        use base64_simd::AsOut;
+        let mut text = [0u8; 16];
+        let mut len = 0;
         for piece in self.pieces() {
-            let take = (want - text.len()).min(piece.len());
-            text.extend_from_slice(&piece[..take]);
-            if text.len() == want {
+            let take = (text.len() - len).min(piece.len());
+            text[len..len + take].copy_from_slice(&piece[..take]);
+            len += take;
+            if len == text.len() {
                 break;
             }
         }
-        text.truncate(text.len() / 4 * 4);
-        base64_simd::STANDARD.decode_to_vec(&text).ok()
+        let mut out = [0u8; 12];
+        let n = base64_simd::STANDARD.decode(&text[..len / 4 * 4], out.as_mut_slice().as_out()).ok()?.len();
+        Some((out, n))
     }
 
     /// Decodes the base64 text in order, handing `f` the decoded bytes [`DECODE_STEP`] of text

@@ -547,7 +547,8 @@ pub fn reported_seed(v: &serde_json::Value) -> Option<u64> {
 /// the magic number of a PNG, JPEG or WebP file (the formats every supported provider answers
 /// in). An HTML login page at the provider's URL, an error text in `b64_json` or a gzip body
 /// the gateway did not ask for would otherwise reach the client as a `200` on a route that
-/// runs no evaluator. URLs not fetched are not looked at. Only the first 12 bytes are decoded.
+/// runs no evaluator. URLs not fetched are not looked at. Only the first 12 bytes are decoded,
+/// into a buffer on the stack.
 ///
 /// Returns the images' format as the OpenAI `output_format` names it (`png`, `jpeg`, `webp`)
 /// when every image was looked at and all have the same one, so the answer can say what the
@@ -555,16 +556,23 @@ pub fn reported_seed(v: &serde_json::Value) -> Option<u64> {
 pub fn check_images_are_images(images: &[Image]) -> Result<Option<&'static str>, ProviderError> {
     let mut common: Option<Option<&'static str>> = None;
     for (i, image) in images.iter().enumerate() {
-        let head = match image {
-            Image::Base64(rope) => rope.base64_head(12),
-            Image::Raw { bytes, .. } => Some(bytes[..bytes.len().min(12)].to_vec()),
-            Image::Url(_) => None,
+        let buf: [u8; 12];
+        let head: &[u8] = match image {
+            Image::Base64(rope) => match rope.base64_head() {
+                Some((b, n)) => {
+                    buf = b;
+                    &buf[..n]
+                }
+                // Not base64 at its start: the payload check already refused such an answer.
+                None => &[],
+            },
+            Image::Raw { bytes, .. } => &bytes[..bytes.len().min(12)],
+            Image::Url(_) => {
+                common = Some(None);
+                continue;
+            }
         };
-        let Some(head) = head else {
-            common = Some(None);
-            continue;
-        };
-        let Some((_, ext)) = sniff_image(&head) else {
+        let Some((_, ext)) = sniff_image(head) else {
             let shown: String = head.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
             return Err(ProviderError::BadResponse(format!(
                 "image {i} is not a PNG, JPEG or WebP image (its first bytes read \"{shown}\")"
