@@ -231,28 +231,22 @@ async fn run(
     // them, or to answer b64_json or gateway-served URLs.
     let evaluates = !route.eval.evaluators.is_empty();
     if (env.needs_bytes || evaluates) && generation.images.iter().any(|i| matches!(i, Image::Url(_))) {
-        match tokio::time::timeout_at(until, crate::fetch::fetch_images(&mut generation.images, fetch)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                app.metrics.fetch_refused.with_label_values(&[&target.provider, e.reason()]).inc();
-                tracing::warn!(provider = %target.provider, "image URL refused: {e}");
-                record(Sample::Error);
-                return Err(ProviderError::FetchRefused(e.to_string()));
-            }
-            // The provider made (and billed) the images: a fetch failure, charged as such.
-            Err(_) => {
-                app.metrics.fetch_refused.with_label_values(&[&target.provider, "timeout"]).inc();
-                record(Sample::Timeout);
-                return Err(ProviderError::FetchRefused(
-                    "the images' URLs were not fetched within the attempt's time".into(),
-                ));
-            }
+        // Past the attempt's deadline the fetch is refused as one past its own timeout: the
+        // provider made (and billed) the images either way, so it is charged as such.
+        let left = until.saturating_duration_since(Instant::now()).as_millis();
+        let fetched = tokio::time::timeout_at(until, crate::fetch::fetch_images(&mut generation.images, fetch))
+            .await
+            .unwrap_or(Err(crate::fetch::FetchError::Timeout(left)));
+        if let Err(e) = fetched {
+            app.metrics.fetch_refused.with_label_values(&[&target.provider, e.reason()]).inc();
+            tracing::warn!(provider = %target.provider, "image URL refused: {e}");
+            record(Sample::Error);
+            return Err(ProviderError::FetchRefused(e.to_string()));
         }
     }
-    // Whatever the route evaluates: bytes that are not an image are the provider's broken
-    // answer, never the client's image.
-    // The answer's `output_format` says what the bytes are, not what the provider labelled
-    // them (a JPEG answered as "png", or the format asked for rather than the one made).
+    // Whatever the route evaluates, bytes that are not an image are the provider's broken
+    // answer, never the client's image; the answer's `output_format` says what the bytes are,
+    // not what the provider labelled them (a JPEG answered as "png").
     match crate::providers::check_images_are_images(&generation.images) {
         Ok(Some(format)) => {
             let field = generation.answer_fields.iter_mut().find(|(k, _)| *k == "output_format");

@@ -222,6 +222,16 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The most a PEM file a policy or a command line names may hold (certificate chains, keys,
+/// trust anchors: a whole public root-store bundle is a few hundred kilobytes).
+const MAX_PEM_BYTES: u64 = 4 << 20;
+
+/// A PEM file a policy or a command line names (TLS and signing certificates and keys, trust
+/// anchors): [`read_bounded`] at [`MAX_PEM_BYTES`], with its errors.
+pub fn read_pem_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    read_bounded(path, MAX_PEM_BYTES)
+}
+
 /// Reads a file a policy or a command line names (a certificate, a key, a policy file), at
 /// most `max` bytes. Errors (as `io::Error`, its message for the user): the file is missing
 /// or unreadable, is not a regular file (a device such as `/dev/zero`, a FIFO, a directory:

@@ -227,11 +227,11 @@ macro_rules! out_part {
     }};
 }
 
-/// Standard output cannot be written: a closed pipe ends the command with 0 (what it printed
-/// was read as far as the reader wanted), anything else with 1 and a message.
 /// The largest image file `acc provenance` and `acc eval` read (a device or a pipe is refused).
 const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
 
+/// Standard output cannot be written: a closed pipe ends the command with 0 (what it printed
+/// was read as far as the reader wanted), anything else with 1 and a message.
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
@@ -585,7 +585,7 @@ async fn provenance(
         Err(e) => return unreadable(image, &e),
     };
     let anchors_path = anchors;
-    let anchors = match anchors.map(|a| (a, acc::read_bounded(a, acc::provenance::MAX_PEM_BYTES))) {
+    let anchors = match anchors.map(|a| (a, acc::read_pem_file(a))) {
         Some((_, Ok(a))) => Some(String::from_utf8_lossy(&a).into_owned()),
         Some((path, Err(e))) => return unreadable(path, &e),
         None => None,

@@ -61,15 +61,12 @@ impl fmt::Display for Source {
     }
 }
 
-/// The most a certificate chain, key or trust-anchor file may hold (PEM; a whole public
-/// root-store bundle is a few hundred kilobytes).
-pub const MAX_PEM_BYTES: u64 = 4 << 20;
-
 impl Source {
     fn read(&self) -> Result<Vec<u8>, String> {
         match self {
-            Source::File(p) => crate::read_bounded(std::path::Path::new(p), MAX_PEM_BYTES)
-                .map_err(|e| format!("cannot read {self}: {e}")),
+            Source::File(p) => {
+                crate::read_pem_file(std::path::Path::new(p)).map_err(|e| format!("cannot read {self}: {e}"))
+            }
             Source::Env(v) => match std::env::var(v) {
                 Ok(s) if !s.trim().is_empty() => Ok(s.into_bytes()),
                 Ok(_) => Err(format!("{self} is empty")),

@@ -14,9 +14,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// The most a certificate chain or key file may hold (PEM): far more than any real one.
-pub const MAX_PEM_BYTES: u64 = 1 << 20;
-
 /// How often the files are looked at for a change.
 pub const WATCH_EVERY: Duration = Duration::from_secs(5);
 
@@ -24,7 +21,7 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// or SEC1, of a kind rustls signs with (ECDSA P-256/P-384, Ed25519, RSA), and matching the
 /// first certificate. Errors name the file and what is wrong.
 pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
-    let chain = crate::read_bounded(cert_file, MAX_PEM_BYTES)
+    let chain = crate::read_pem_file(cert_file)
         .map_err(|e| format!("{}: cannot read the certificate chain: {e}", cert_file.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain)
         .collect::<Result<_, _>>()
@@ -32,7 +29,7 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
     if certs.is_empty() {
         return Err(format!("{}: holds no certificate", cert_file.display()));
     }
-    let key_pem = crate::read_bounded(key_file, MAX_PEM_BYTES)
+    let key_pem = crate::read_pem_file(key_file)
         .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_file.display()))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_file.display()))?;
