@@ -781,6 +781,76 @@ async fn a_429_seen_by_one_replica_pauses_the_provider_on_all() {
     drop_pg(&r).await;
 }
 
+/// A pause lifted by hand on one replica is lifted on all: Redis forgets it, and the other
+/// replicas, which hold it in memory, apply the reset at their next exchange. So is an opened
+/// breaker shared with `share_breakers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_by_hand_on_one_replica_lifts_the_hold_offs_on_all() {
+    let (url, own) = shared_redis();
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            cluster: "sync_ms = 50\nshare_breakers = true",
+            primary: "breaker = { consecutive_failures = 1, cooldown_ms = 600000, probes = 1 }",
+            ..Default::default()
+        },
+        own,
+    )
+    .await;
+    let primary =
+        |v: &Value| v["providers"].as_array().unwrap().iter().find(|p| p["name"] == "primary").cloned().unwrap();
+    // A pause of ten minutes, seen by A, reaches B and C.
+    r.primary.set_status(429);
+    r.primary.set_headers(vec![("retry-after".into(), "600".into())]);
+    let a = as_key(&r.gws[0], KEY_A, &req(), &[]).await;
+    assert_eq!(a.attempts(), ["primary:status_429", "backup:ok"], "{}", a.describe());
+    r.primary.set_status(200);
+    r.primary.set_headers(Vec::new());
+    for gw in &r.gws[1..] {
+        let paused = eventually(Duration::from_secs(20), || async {
+            primary(&admin_json(gw, "/admin/routes").await)["paused_for_ms"].as_f64().is_some_and(|ms| ms > 0.0)
+        })
+        .await;
+        assert!(paused, "the pause reached the replica at {}", gw.admin);
+    }
+    // Lifted on B: every replica calls the provider again.
+    let v = r.gws[1].admin("POST", "/admin/providers/primary/reset").await;
+    v.assert_status(200);
+    assert_eq!(v.json()["replicas"], "all", "{}", v.describe());
+    for gw in &r.gws {
+        let lifted = eventually(Duration::from_secs(20), || async {
+            primary(&admin_json(gw, "/admin/routes").await)["paused_for_ms"].is_null()
+        })
+        .await;
+        assert!(lifted, "the reset reached the replica at {}", gw.admin);
+        let resp = as_key(gw, KEY_A, &req(), &[]).await;
+        assert_eq!(resp.attempts(), ["primary:ok"], "{}", resp.describe());
+    }
+    assert_eq!(r.primary.hits(), 4);
+    // A shared breaker opened by C, closed by hand on A: C's own and B's copy.
+    r.primary.set_status(500);
+    let c = as_key(&r.gws[2], KEY_A, &req(), &[]).await;
+    assert_eq!(c.attempts(), ["primary:status_5xx", "backup:ok"], "{}", c.describe());
+    r.primary.set_status(200);
+    let held = eventually(Duration::from_secs(20), || async {
+        primary(&admin_json(&r.gws[1], "/admin/routes").await)["breaker"]["shared_open_for_ms"].as_u64().is_some()
+    })
+    .await;
+    assert!(held, "C's breaker reached B");
+    r.gws[0].admin("POST", "/admin/providers/primary/reset").await.assert_status(200);
+    for gw in &r.gws {
+        let closed = eventually(Duration::from_secs(20), || async {
+            let p = primary(&admin_json(gw, "/admin/routes").await);
+            p["breaker"]["state"] == "closed" && p["breaker"]["shared_open_for_ms"].is_null()
+        })
+        .await;
+        assert!(closed, "the reset reached the replica at {}", gw.admin);
+        let resp = as_key(gw, KEY_A, &req(), &[]).await;
+        assert_eq!(resp.attempts(), ["primary:ok"], "{}", resp.describe());
+    }
+    drop_pg(&r).await;
+}
+
 /// Breakers are per replica by default; with `share_breakers` one that opens on A holds the
 /// provider off on B too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

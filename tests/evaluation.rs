@@ -321,3 +321,60 @@ async fn more_images_than_asked_are_left_out_and_charged_as_discarded() {
     assert_eq!(gw.metric("acc_cost_usd_total", &[("kind", "returned")]).await, 0.01);
     assert!((gw.metric("acc_cost_usd_total", &[("kind", "discarded")]).await - 0.04).abs() < 1e-9);
 }
+
+/// The provider answered, but its images were still being evaluated when the attempt's
+/// deadline came: the attempt is a timeout (the fallback serves, or a 504 that says why), and
+/// the images it made are charged as discarded, since the provider billed them. (They used to
+/// be charged nothing: a tenant's spend and `acc_cost_usd_total` missed them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(debug_assertions), ignore = "an optimised gateway judges the images before the deadline")]
+async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
+    // Eight large JPEGs judged one after another on one evaluation thread: about 2.4 s of
+    // decoding and sanity checks in a test build (scripts/test.sh), against an attempt
+    // timeout of 600 ms. Smooth gradients, so that the answer is 0.5 MB and arrives in ~40 ms.
+    let mut big = Vec::new();
+    image::RgbImage::from_fn(1792, 1024, |x, y| image::Rgb([(x / 7) as u8, (y / 4) as u8, ((x + y) / 11) as u8]))
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Jpeg)
+        .unwrap();
+    assert!(big.len() < 256 << 10, "{} bytes", big.len());
+    let small = noisy(64, 64, 1);
+    let first = MockProvider::start().await;
+    let second = MockProvider::start().await;
+    let policy = format!(
+        "{}{}{}{}{}",
+        openai_provider_with("first", &first, "price = { per_image_usd = 0.04 }"),
+        openai_provider_with("second", &second, "price = { per_image_usd = 0.01 }"),
+        route_toml("main", "m")
+            .target("first", "x")
+            .fallback("spare")
+            .with("evaluators = [\"sanity\"]\neval_budget_ms = 120000\nattempt_timeout_ms = 600"),
+        route_toml("spare", "spare").target("second", "y"),
+        route_toml("solo", "s")
+            .target("first", "x")
+            .with("evaluators = [\"sanity\"]\neval_budget_ms = 120000\nattempt_timeout_ms = 600"),
+    );
+    let (gw, _dir) = serve_policy(&policy, &[("ACC_EVAL_THREADS", "1")]).await;
+    first.set_images(Some(vec![big; 8]));
+    second.set_images(Some(vec![small; 8]));
+    let body = |model: &str| json!({"model": model, "prompt": "x", "n": 8, "size": "1792x1024", "response_format": "b64_json"});
+
+    let r = gw.generate(&body("m")).await;
+    r.assert_status(200);
+    assert_eq!(r.attempts(), vec!["first:timeout", "second:ok"], "{}", r.describe());
+    assert_eq!(first.hits(), 1);
+    // Eight images made by `first` (0.32), and eight served by `second` (0.08).
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.4"), "{}", r.describe());
+    let discarded =
+        gw.metric("acc_cost_usd_total", &[("route", "main"), ("provider", "first"), ("kind", "discarded")]).await;
+    assert!((discarded - 0.32).abs() < 1e-9, "{discarded}");
+
+    // Nowhere to fall back: a 504 that says the evaluation ran out of time, still charged.
+    let r = gw.generate(&body("s")).await;
+    let e = r.assert_error(504, "upstream_timeout");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("evaluation of its images did not finish"), "{msg}");
+    assert_eq!(r.attempts(), vec!["first:timeout"], "{}", r.describe());
+    let discarded =
+        gw.metric("acc_cost_usd_total", &[("route", "solo"), ("provider", "first"), ("kind", "discarded")]).await;
+    assert!((discarded - 0.32).abs() < 1e-9, "{discarded}");
+}

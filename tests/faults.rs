@@ -397,6 +397,67 @@ async fn provider_429_with_retry_after_pauses_it() {
     assert_eq!(admin_provider(gw, "primary").await["paused_for_ms"], json!(null));
 }
 
+/// Ops who know a provider is back (a fixed key, the end of an incident) lift its 429 pause and
+/// close its breaker by hand, instead of waiting out a long `Retry-After` or cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_reset_lifts_a_pause_and_closes_an_open_breaker() {
+    let s = setup(Extras {
+        primary: "breaker = { consecutive_failures = 2, cooldown_ms = 600000, probes = 1 }",
+        ..Extras::default()
+    })
+    .await;
+    let gw = &s.gw;
+    // A long pause.
+    s.primary.set_status(429);
+    s.primary.set_headers(vec![("retry-after".into(), "600".into())]);
+    assert_eq!(served_by(&gw.generate(&req()).await, "backup"), ["primary:status_429", "backup:ok"]);
+    s.primary.set_status(200);
+    s.primary.set_headers(Vec::new());
+    assert_eq!(served_by(&gw.generate(&req()).await, "backup"), ["primary:paused", "backup:ok"]);
+
+    // Only with the admin token, and only for a provider the policy has.
+    let r = send("POST", &gw.admin_url("/admin/providers/primary/reset"), &[], Vec::new()).await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+    gw.admin("POST", "/admin/providers/nope/reset").await.assert_error(404, "provider_not_found");
+    let r = gw.admin("GET", "/admin/providers/primary/reset").await;
+    assert_eq!(r.status, 405, "{}", r.describe());
+
+    let r = gw.admin("POST", "/admin/providers/primary/reset").await;
+    r.assert_status(200);
+    let v = r.json();
+    assert_eq!(v["provider"], "primary", "{v}");
+    assert_eq!(v["breaker_was"], "closed", "{v}");
+    assert_eq!(v["replicas"], "this", "{v}");
+    let was = v["paused_for_ms_was"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    // Ten minutes asked, cut to the provider's max_pause_ms (300 s by default).
+    assert!(was > 290_000 && was <= 300_000, "{v}");
+    assert_eq!(admin_provider(gw, "primary").await["paused_for_ms"], json!(null));
+    assert_eq!(served_by(&gw.generate(&req()).await, "primary"), ["primary:ok"]);
+
+    // A breaker open for ten minutes: closed by hand, its failures forgotten.
+    s.primary.set_status(500);
+    for _ in 0..2 {
+        assert_eq!(served_by(&gw.generate(&req()).await, "backup"), ["primary:status_5xx", "backup:ok"]);
+    }
+    assert_eq!(served_by(&gw.generate(&req()).await, "backup"), ["primary:breaker_open", "backup:ok"]);
+    s.primary.set_status(200);
+    let v = gw.admin("POST", "/admin/providers/primary/reset").await.json();
+    assert_eq!(v["breaker_was"], "open", "{v}");
+    assert_eq!(v["paused_for_ms_was"], json!(null), "{v}");
+    let p = admin_provider(gw, "primary").await;
+    assert_eq!(p["breaker"]["state"], "closed", "{p}");
+    assert_eq!(p["breaker"]["consecutive_failures"], 0, "{p}");
+    assert_eq!(p["breaker"]["last_transition_reason"], "reset by hand", "{p}");
+    assert_eq!(gw.metric("acc_breaker_state", &[("provider", "primary")]).await, 0.0);
+    let closed = [("provider", "primary"), ("to", "closed")];
+    assert_eq!(gw.metric("acc_breaker_transitions_total", &closed).await, 1.0);
+    assert_eq!(served_by(&gw.generate(&req()).await, "primary"), ["primary:ok"]);
+    // One failure after the reset does not open it again: the count started over.
+    s.primary.set_status(500);
+    assert_eq!(served_by(&gw.generate(&req()).await, "backup"), ["primary:status_5xx", "backup:ok"]);
+    assert_eq!(admin_provider(gw, "primary").await["breaker"]["state"], "closed");
+}
+
 /// Headers of a 429, the provider's settings, and when the pause is over (None: not within the test).
 type PauseRow<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<Duration>);
 

@@ -24,6 +24,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/policies", get(policies))
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
+        .route("/admin/providers/{name}/reset", post(reset_provider))
         .route("/admin/mirror/report", get(mirror_report))
         .route("/admin/traces", get(traces))
         .route("/admin/traces/{trace_id}", get(trace))
@@ -399,6 +400,58 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
             e.into_response()
         }
     }
+}
+
+/// `POST /admin/providers/{name}/reset`: lifts the provider's hold-offs by hand, on this
+/// replica and, with `[cluster]`, on every replica within `sync_ms` (see
+/// [`crate::live::Live::reset`]): its 429 pause, and its circuit breaker closed with the
+/// failures counted forgotten (`acc_breaker_transitions_total{to="closed"}` when it was open).
+/// For when ops know the provider is back (a fixed key, the end of an incident) before a long
+/// `Retry-After` or cooldown runs out. No body. Answers `{"provider", "breaker_was",
+/// "paused_for_ms_was", "shared_open_for_ms_was", "replicas": "this" | "all"}`. Errors: 404
+/// `provider_not_found` when the policy has no such provider; 503 `cluster_unavailable` when
+/// Redis did not answer (this replica was reset, the others were not: retrying is safe).
+async fn reset_provider(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let snapshot = app.policy.snapshot();
+    if !snapshot.policy.providers.contains_key(&name) {
+        return ApiError::not_found(
+            "provider_not_found",
+            format!("the policy has no provider {:?}", crate::cut(&name, 64)),
+        )
+        .into_response();
+    }
+    drop(snapshot);
+    let cluster = app.limits.cluster().map(|c| &**c);
+    let (lifted, shared) = app.policy.live.reset(&name, cluster, &app.metrics).await;
+    tracing::warn!(
+        provider = %name,
+        breaker_was = lifted.breaker,
+        paused_for_ms_was = lifted.paused_for.map(|d| d.as_millis() as u64),
+        shared = shared.is_ok() && cluster.is_some(),
+        "provider hold-offs reset by hand"
+    );
+    if shared.is_err() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "cluster_unavailable",
+            format!(
+                "provider {name} was reset on this replica only: Redis did not answer, so the other replicas keep its pause and breaker until they end; retry once Redis is back"
+            ),
+        )
+        .into_response();
+    }
+    Json(json!({
+        "provider": name,
+        "breaker_was": lifted.breaker,
+        "paused_for_ms_was": lifted.paused_for.map(|d| d.as_millis() as u64),
+        "shared_open_for_ms_was": lifted.shared_open_for.map(|d| d.as_millis() as u64),
+        "replicas": if cluster.is_some() { "all" } else { "this" },
+    }))
+    .into_response()
 }
 
 /// Removes the series of `vec` whose labels `keep` refuses: gauges of routes, targets,

@@ -328,8 +328,8 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
                 .map(|e| format!("attempt {} ({provider}, {}): {}", i + 1, a.label(), e.public_text()))
         })
         .collect();
-    let timed_out =
-        outcome.deadline_exceeded || decisive.is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout)));
+    let timed_out = outcome.deadline_exceeded
+        || decisive.is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout | ProviderError::EvalTimeout)));
     let mut message = format!("all {} attempts failed", outcome.attempts.len());
     if outcome.deadline_exceeded {
         message.push_str(" before the route's deadline ran out");
@@ -368,6 +368,7 @@ fn retry_later(policy: &Policy, outcome: &PlanOutcome) -> Option<u64> {
             }
             Err(
                 ProviderError::Timeout
+                | ProviderError::EvalTimeout
                 | ProviderError::Connect(_)
                 | ProviderError::Transport(_)
                 | ProviderError::AnswerMemoryFull(_)

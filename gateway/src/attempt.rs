@@ -292,7 +292,8 @@ async fn run(
                 record(Sample::EvalFailed);
                 return Err(e);
             }
-            Err(_) => return Err(ProviderError::Timeout),
+            // The provider made the images (and billed them): charged as discarded.
+            Err(_) => return Err(ProviderError::EvalTimeout),
         }
     }
     record(Sample::Ok);

@@ -1058,23 +1058,37 @@ pub type HoldOff = (String, u64);
 impl Cluster {
     /// Publishes this replica's new 429 pauses and opened breakers (a later end never shortens
     /// an earlier one) and reads every replica's, still running, in one script.
+    ///
+    /// Returns every replica's pauses and opened breakers still running, and the resets by
+    /// hand of the last day ([`Self::reset_hold_offs`]), each as (provider, Unix ms).
     pub async fn exchange(
         &self,
         pauses: &[HoldOff],
         breakers: &[HoldOff],
-    ) -> Result<(Vec<HoldOff>, Vec<HoldOff>), Unavailable> {
+    ) -> Result<(Vec<HoldOff>, Vec<HoldOff>, Vec<HoldOff>), Unavailable> {
         let mut inv = lua::HOLD_OFF.prepare_invoke();
-        inv.key(self.key(&["pauses"])).key(self.key(&["breakers"])).arg(pauses.len());
+        inv.key(self.key(&["pauses"])).key(self.key(&["breakers"])).key(self.key(&["resets"])).arg(pauses.len());
         for (p, until) in pauses.iter().chain(breakers) {
             inv.arg(p).arg(*until);
         }
         let inv = &inv;
-        let (p, b): (Vec<String>, Vec<String>) =
+        let (p, b, r): (Vec<String>, Vec<String>, Vec<String>) =
             self.call("pauses", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         let pairs = |v: Vec<String>| -> Vec<HoldOff> {
             v.chunks_exact(2).filter_map(|c| Some((c[0].clone(), c[1].parse().ok()?))).collect()
         };
-        Ok((pairs(p), pairs(b)))
+        Ok((pairs(p), pairs(b), pairs(r)))
+    }
+
+    /// Deletes provider `name`'s shared 429 pause and opened breaker and publishes a reset by
+    /// hand, which the other replicas apply at their next [`Self::exchange`]. Returns the
+    /// reset's time (Redis's clock, Unix ms); `Err` when Redis did not answer (counted as
+    /// `acc_cluster_errors_total{op="pauses"}`).
+    pub async fn reset_hold_offs(&self, name: &str) -> Result<u64, Unavailable> {
+        let mut inv = lua::RESET_HOLD_OFFS.prepare_invoke();
+        inv.key(self.key(&["pauses"])).key(self.key(&["breakers"])).key(self.key(&["resets"])).arg(name);
+        let inv = &inv;
+        self.call("pauses", |mut c| async move { inv.invoke_async(&mut c).await }).await
     }
 }
 

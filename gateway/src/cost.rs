@@ -1,6 +1,6 @@
 //! What attempts cost at the providers' prices (`[providers.X.price]`): the estimate a tenant's
 //! spend reservation is made with, and the charge per attempt once the plan has run, by kind:
-//! images returned, images discarded (failed evaluation, URLs not fetched, left out by the
+//! images returned, images discarded (failed evaluation or not judged in time, URLs not fetched, left out by the
 //! provider's safety checker, beyond `n`), hedges cancelled (the provider most likely
 //! bills them), mirrors.
 
@@ -55,11 +55,14 @@ pub fn charge_attempts(
     for (i, a) in outcome.attempts.iter().enumerate() {
         let kind = match &a.result {
             Ok(()) => "returned",
-            // Made, and billed, but not returned: failed evaluation, or its URLs were not
-            // fetched (refused, too large, too slow).
-            Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_) | ProviderError::FetchRefused(_)) => {
-                "discarded"
-            }
+            // Made, and billed, but not returned: failed evaluation, not judged before the
+            // attempt's deadline, or its URLs were not fetched (refused, too large, too slow).
+            Err(
+                ProviderError::EvalFailed(_)
+                | ProviderError::Blocked(_)
+                | ProviderError::FetchRefused(_)
+                | ProviderError::EvalTimeout,
+            ) => "discarded",
             Err(ProviderError::HedgeCancelled) => "hedge",
             Err(_) => continue,
         };

@@ -538,6 +538,18 @@ impl Breaker {
         }
     }
 
+    /// Closes the breaker by hand (`POST /admin/providers/{name}/reset`) with `reason`, and
+    /// forgets the failures counted: the transition when it was open or half-open, `None` when
+    /// it was closed already. A probe still in flight then reports into the closed breaker.
+    pub fn reset(&mut self, reason: String) -> Option<BreakerTransition> {
+        self.failures = 0;
+        if self.state == State::Closed {
+            self.last_reason = Some(reason);
+            return None;
+        }
+        self.go(State::Closed, reason)
+    }
+
     /// A probe that ended without a result (cancelled, or the result did not count): frees its slot.
     pub fn probe_abandoned(&mut self) {
         if let State::HalfOpen { in_flight, succeeded } = self.state {

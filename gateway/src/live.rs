@@ -38,6 +38,9 @@ pub struct ProviderState {
     /// Until when another replica's opened breaker holds this provider off, Unix ms; 0 for
     /// none (only with `share_breakers`).
     shared_open_until: AtomicU64,
+    /// The newest reset by hand (`POST /admin/providers/{name}/reset`) this replica applied,
+    /// as Redis's Unix ms (`[cluster]`); 0 for none.
+    reset_seen: AtomicU64,
     /// The configured limit and its semaphore; replaced when a reload changes the limit
     /// (attempts holding a permit of the old one finish on it).
     slots: ArcSwapOption<(u32, Arc<Semaphore>)>,
@@ -45,6 +48,17 @@ pub struct ProviderState {
     pub queued: AtomicUsize,
     /// Attempts holding a slot (or in flight, with no limit).
     pub in_flight: AtomicUsize,
+}
+
+/// What [`ProviderState::reset`] lifted.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifted {
+    /// What was left of a 429 pause.
+    pub paused_for: Option<Duration>,
+    /// What was left of another replica's opened breaker, held here (`share_breakers`).
+    pub shared_open_for: Option<Duration>,
+    /// The breaker's state before: `closed`, `half_open` or `open`.
+    pub breaker: &'static str,
 }
 
 /// A slot on a provider, held while its request is in flight.
@@ -76,6 +90,7 @@ impl ProviderState {
             paused_until: AtomicU64::new(0),
             unpublished: [AtomicU64::new(0), AtomicU64::new(0)],
             shared_open_until: AtomicU64::new(0),
+            reset_seen: AtomicU64::new(0),
             slots: ArcSwapOption::empty(),
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -110,6 +125,30 @@ impl ProviderState {
     pub fn pause(&self, now: Instant, d: Duration) {
         let until = (now + d).saturating_duration_since(base()).as_nanos() as u64;
         self.paused_until.fetch_max(until.max(1), Ordering::Relaxed);
+    }
+
+    /// Lifts every hold-off by hand: the 429 pause (also one not yet published to the other
+    /// replicas, and another replica's opened breaker held here), and closes the breaker with
+    /// its failures forgotten. Counted and logged as a breaker transition when the breaker was
+    /// not closed. Returns what was lifted.
+    pub fn reset(&self, reason: &str, metrics: &Metrics) -> Lifted {
+        let now = Instant::now();
+        let lifted = Lifted {
+            paused_for: self.paused_for(now),
+            shared_open_for: self.shared_open_for(),
+            breaker: self.breaker().state_label(),
+        };
+        self.paused_until.store(0, Ordering::Relaxed);
+        for u in &self.unpublished {
+            u.store(0, Ordering::Relaxed);
+        }
+        self.shared_open_until.store(0, Ordering::Relaxed);
+        let mut b = self.breaker();
+        if let Some(t) = b.reset(reason.to_string()) {
+            breaker_moved(metrics, &self.name, &t, b.gauge());
+        }
+        self.breaker_settled(&b);
+        lifted
     }
 
     pub fn breaker(&self) -> MutexGuard<'_, Breaker> {
@@ -459,7 +498,7 @@ impl Live {
     /// pauses (and, with `share_breakers`, opened breakers) learnt here since the last one, and
     /// applies everyone's still running. When Redis cannot answer, what was learnt here is kept
     /// for the next exchange.
-    pub async fn exchange_hold_offs(&self, cluster: &Cluster) {
+    pub async fn exchange_hold_offs(&self, cluster: &Cluster, metrics: &Metrics) {
         let share_breakers = cluster.settings().share_breakers;
         let mut mine: [Vec<HoldOff>; 2] = [Vec::new(), Vec::new()];
         for p in self.providers.iter() {
@@ -471,7 +510,16 @@ impl Live {
             }
         }
         match cluster.exchange(&mine[0], &mine[1]).await {
-            Ok((pauses, breakers)) => {
+            Ok((pauses, breakers, resets)) => {
+                // Resets by hand on any replica first: the hold-offs read with them were all
+                // published after them.
+                for (name, at) in &resets {
+                    if let Some(p) = self.providers.get(name) {
+                        if p.reset_seen.fetch_max(*at, Ordering::Relaxed) < *at {
+                            p.reset("reset by hand on another replica", metrics);
+                        }
+                    }
+                }
                 let now_ms = unix_ms();
                 let now = Instant::now();
                 for (name, until) in pauses.iter().filter(|(_, u)| *u > now_ms) {
@@ -495,6 +543,29 @@ impl Live {
                 }
             }
         }
+    }
+
+    /// Lifts provider `name`'s hold-offs by hand ([`ProviderState::reset`]) on this replica
+    /// and, with `[cluster]`, on every replica: its shared pause and opened breaker are deleted
+    /// from Redis and the reset published, so the others apply it at their next exchange
+    /// (`sync_ms`). Returns what was lifted here, and `Err` (after the local reset) when Redis
+    /// did not answer: the other replicas keep their hold-offs until they end.
+    pub async fn reset(
+        &self,
+        name: &str,
+        cluster: Option<&Cluster>,
+        metrics: &Metrics,
+    ) -> (Lifted, Result<(), crate::cluster::Unavailable>) {
+        let p = self.provider(name);
+        let lifted = p.reset("reset by hand", metrics);
+        let shared = match cluster {
+            Some(c) => c.reset_hold_offs(name).await.map(|at| {
+                // Not applied again here at the next exchange: a pause learnt since stays.
+                p.reset_seen.fetch_max(at, Ordering::Relaxed);
+            }),
+            None => Ok(()),
+        };
+        (lifted, shared)
     }
 
     /// Every provider's state, by name.

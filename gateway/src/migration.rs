@@ -152,11 +152,14 @@ fn first_observation(
     let Some(rec) = outcome.attempts.iter().find(|a| a.step == first) else {
         return Observation { error: true, ..Default::default() };
     };
-    let (error, images) = match (&rec.result, &outcome.success) {
-        (Ok(()), Some((_, g))) => (false, g.images.len() as u32),
-        (Ok(()), None) => (false, req.n),
-        (Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)), _) => (false, req.n),
-        (Err(_), _) => (true, 0),
+    // `billed`: the images the provider made, returned or not.
+    let (error, images, billed) = match (&rec.result, &outcome.success) {
+        (Ok(()), Some((_, g))) => (false, g.images.len() as u32, g.images.len() as u32),
+        (Ok(()), None) => (false, req.n, req.n),
+        (Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)), _) => (false, req.n, req.n),
+        // Failed, but the images were made (and billed): not judged in time, or not fetched.
+        (Err(ProviderError::EvalTimeout | ProviderError::FetchRefused(_)), _) => (true, 0, req.n),
+        (Err(_), _) => (true, 0, 0),
     };
     let evals = verdicts
         .iter()
@@ -171,7 +174,7 @@ fn first_observation(
             policy,
             first,
             req,
-            images,
+            billed,
             outcome.success.as_ref().filter(|(s, _)| *s == first).map(|(_, g)| g),
         ),
         images,
@@ -249,12 +252,15 @@ async fn mirror_attempt(
     let m_ = &app.metrics;
     m_.mirror_requests.with_label_values(&[labels[0], labels[1], label]).inc();
     m_.mirror_latency.with_label_values(&labels).observe(latency.as_secs_f64());
-    let (error, images) = match &result {
-        Ok(g) => (false, g.images.len() as u32),
-        Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => (false, req.n),
-        Err(_) => (true, 0),
+    // `billed`: the images the provider made, returned or not.
+    let (error, images, billed) = match &result {
+        Ok(g) => (false, g.images.len() as u32, g.images.len() as u32),
+        Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => (false, req.n, req.n),
+        // Failed, but the images were made (and billed): charged to the mirror's spend.
+        Err(ProviderError::EvalTimeout | ProviderError::FetchRefused(_)) => (true, 0, req.n),
+        Err(_) => (true, 0, 0),
     };
-    let cost = cost_of(policy, step, &req, images, result.as_ref().ok());
+    let cost = cost_of(policy, step, &req, billed, result.as_ref().ok());
     if let (Some(parent), Some(trace_id), Some(writer)) = (parent_trace, trace_id.as_deref(), app.traces.as_ref()) {
         let caller = crate::trace::Caller { tenant: None, key_name: None };
         let mut rec = crate::trace::draft(

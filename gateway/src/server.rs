@@ -201,7 +201,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
     if let Some(c) = cluster {
         // 429 pauses (and opened breakers) learnt by any replica reach the others within a
         // period or two; spend changes that waited through an outage follow Redis's return.
-        let (store, shutdown) = (store.clone(), shutdown.clone());
+        let (store, shutdown, app) = (store.clone(), shutdown.clone(), app.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(c.settings().sync);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,7 +209,7 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {
-                        store.live.exchange_hold_offs(&c).await;
+                        store.live.exchange_hold_offs(&c, &app.metrics).await;
                         c.flush_waiting().await;
                     }
                 }

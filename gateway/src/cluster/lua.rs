@@ -235,9 +235,10 @@ return reply
 });
 
 /// Publishes hold-offs and reads the live ones. KEYS[1]: 429 pauses, KEYS[2]: opened
-/// breakers (hashes provider → until, Unix ms). ARGV[1]: how many of the (provider, until)
-/// pairs that follow are pauses; the rest are breakers. A later end replaces an earlier one,
-/// never the reverse; ended entries are deleted. Reply: `{{p, until, ...}, {p, until, ...}}`.
+/// breakers (hashes provider → until, Unix ms), KEYS[3]: resets by hand (provider → when, Unix
+/// ms, kept a day). ARGV[1]: how many of the (provider, until) pairs that follow are pauses;
+/// the rest are breakers. A later end replaces an earlier one, never the reverse; ended
+/// entries are deleted. Reply: `{{p, until, ...}, {p, until, ...}, {p, when, ...}}`.
 pub(super) static HOLD_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -266,7 +267,36 @@ for k = 1, 2 do
   end
   out[k] = live
 end
+local resets = {}
+local all = redis.call('HGETALL', KEYS[3])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) <= now - 86400000 then
+    redis.call('HDEL', KEYS[3], all[i])
+  else
+    resets[#resets + 1] = all[i]
+    resets[#resets + 1] = all[i + 1]
+  end
+end
+out[3] = resets
 return out
+",
+    )
+});
+
+/// Lifts a provider's hold-offs by hand: deletes its 429 pause and opened breaker and records
+/// the reset, which every replica applies at its next exchange ([`HOLD_OFF`]). KEYS: pauses,
+/// breakers, resets (as there); ARGV[1]: the provider. Reply: the reset's time, Unix ms.
+pub(super) static RESET_HOLD_OFFS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local cur = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if now <= cur then now = cur + 1 end
+redis.call('HSET', KEYS[3], ARGV[1], now)
+return now
 ",
     )
 });

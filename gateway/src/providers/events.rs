@@ -283,9 +283,12 @@ impl PartialRelay {
             self.tap.end(self.id, true);
         } else if kind.ends_with(".partial_image") {
             let text = value.get("b64_json").and_then(Value::as_str).unwrap_or_default();
-            if self.pushed < self.max
-                && skim::base64_value(skim::Raw::Plain(text.to_string())).is_some_and(|b| !b.is_empty())
-            {
+            // Valid base64 of an image: a partial whose bytes are not a PNG, JPEG or WebP (HTML,
+            // an error text) never reaches the client as an image, as a final image would not.
+            let image = skim::base64_value(skim::Raw::Plain(text.to_string())).is_some_and(|b| {
+                !b.is_empty() && b.base64_head().is_some_and(|(head, n)| super::sniff_image(&head[..n]).is_some())
+            });
+            if self.pushed < self.max && image {
                 // The provider's own data text, as it sent it (one `data:` line per line).
                 let mut event = format!("event: {kind}\n");
                 for line in ev.data.split('\n') {
@@ -377,10 +380,10 @@ mod tests {
     #[test]
     fn partials_are_relayed_whatever_the_chunk_boundaries() {
         use crate::upstream::BodyObserver;
-        let p0 = r#"{"type":"image_generation.partial_image","b64_json":"aGk=","partial_image_index":0}"#;
-        let p1 = r#"{"type":"image_generation.partial_image","b64_json":"aGVsbG8=","partial_image_index":1}"#;
+        let p0 = r#"{"type":"image_generation.partial_image","b64_json":"iVBORw0KGgo=","partial_image_index":0}"#;
+        let p1 = r#"{"type":"image_generation.partial_image","b64_json":"/9j/4AAQSkZJRg==","partial_image_index":1}"#;
         let done = r#"{"type":"image_generation.completed","b64_json":"aGVsbG8="}"#;
-        let late = r#"{"type":"image_generation.partial_image","b64_json":"aGk=","partial_image_index":2}"#;
+        let late = r#"{"type":"image_generation.partial_image","b64_json":"iVBORw0KGgo=","partial_image_index":2}"#;
         for ending in ["\n", "\r\n", "\r"] {
             let body = format!(
                 ": ping{e}event: image_generation.partial_image{e}data: {p0}{e}{e}data: {p1}{e}{e}data: {done}{e}{e}data: {late}{e}{e}",
@@ -417,7 +420,7 @@ mod tests {
         )]);
         let partial = |i: u32| {
             format!(
-                "data: {{\"type\":\"image_edit.partial_image\",\"b64_json\":\"aGk=\",\"partial_image_index\":{i}}}\n\n"
+                "data: {{\"type\":\"image_edit.partial_image\",\"b64_json\":\"iVBORw0KGgo=\",\"partial_image_index\":{i}}}\n\n"
             )
         };
         let tap = std::sync::Arc::new(LiveTap::default());
@@ -445,5 +448,12 @@ mod tests {
         assert!(d.head(http::StatusCode::OK, &ok));
         d.chunk(b"data: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"!!\"}\n\n");
         assert!(drain(&tap).is_empty());
+        // Nor one whose bytes are no image: "<html><body>" and "hi" as base64.
+        d.chunk(b"data: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"PGh0bWw+PGJvZHk+\"}\n\n");
+        d.chunk(b"data: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"aGk=\"}\n\n");
+        assert!(drain(&tap).is_empty());
+        // A WebP's first bytes are one.
+        d.chunk(b"data: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"UklGRiQAAABXRUJQ\"}\n\n");
+        assert_eq!(drain(&tap).len(), 1);
     }
 }

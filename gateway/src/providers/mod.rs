@@ -249,6 +249,14 @@ pub enum ProviderError {
     Connect(String),
     #[error("timed out")]
     Timeout,
+    /// The provider answered with images, but the route's evaluators had not judged them when
+    /// the attempt's deadline (`timeout_ms`) ran out. Answered as a timeout (504 when it
+    /// decides), but unlike [`ProviderError::Timeout`] the images were made, so the provider
+    /// billed them: charged as discarded. Not evidence against the provider (it answered).
+    #[error(
+        "timed out: the provider answered, but evaluation of its images did not finish before the attempt's deadline"
+    )]
+    EvalTimeout,
     #[error("upstream answered {status}: {message}")]
     Status { status: StatusCode, message: String, retry_after: Option<std::time::Duration> },
     /// The upstream refused the request itself (a 4xx that is the client's fault). Returned to
@@ -349,6 +357,7 @@ impl ProviderError {
                 ProviderError::Account { status, provider_wide, message: clean(message) }
             }
             e @ (ProviderError::Timeout
+            | ProviderError::EvalTimeout
             | ProviderError::AnswerMemoryFull(_)
             | ProviderError::Skipped { .. }
             | ProviderError::QueueFull
@@ -418,7 +427,7 @@ impl ProviderError {
     pub fn label(&self) -> &'static str {
         match self {
             ProviderError::Connect(_) => "connect_error",
-            ProviderError::Timeout => "timeout",
+            ProviderError::Timeout | ProviderError::EvalTimeout => "timeout",
             ProviderError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "status_429",
             ProviderError::Status { status, .. } if status.is_server_error() => "status_5xx",
             ProviderError::Status { status, .. } if status.is_client_error() => "status_4xx",
