@@ -579,6 +579,52 @@ async fn image_urls_never_come_from_a_missing_host() {
     assert!(answer.contains("\"url\":\"https://img.example.com/v1/images/artifacts/"), "{answer}");
 }
 
+/// RFC 9112 section 3.2: an HTTP/1.1 request without a Host header, or with two, is answered
+/// 400 in the OpenAI error shape and nothing is generated (one with two Host headers used to be
+/// served, which a front proxy may have routed by the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_request_needs_exactly_one_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockProvider::start().await;
+    let route = route_toml("main", "m").target("up", "gpt-image-1");
+    let (gw, _dir) = serve_policy(&format!("{}{route}", openai_provider("up", &up)), &[]).await;
+    let body = json!({"model": "m", "prompt": "x"}).to_string();
+    let raw = |hosts: &'static str| {
+        let body = body.clone();
+        let addr = gw.proxy_addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /v1/images/generations HTTP/1.1\r\n{hosts}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(body.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            // The connection is closed after the refusal.
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let answer = raw("").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"missing_host\"") && answer.contains("\"type\":\"invalid_request_error\""),
+        "{answer}"
+    );
+    let answer = raw("host: a.example\r\nhost: b.example\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"code\":\"invalid_host\""), "{answer}");
+    assert_eq!(up.hits(), 0, "refused before anything was generated");
+    // One Host: served.
+    let answer = raw("host: a.example\r\nconnection: close\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.300}");
+    assert_eq!(up.hits(), 1);
+}
+
 /// A PNG whose header says `side`x`side` and whose pixel data would not decode: only a check of
 /// the header can judge it (a real one of that size costs hundreds of MiB to decode).
 fn header_only_png(side: u32) -> Vec<u8> {

@@ -166,6 +166,25 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     const IMAGES: &str = "/v1/images/";
+    // RFC 9112 section 3.2: an HTTP/1.1 request without a Host, or with more than one, is
+    // answered 400 (HTTP/2 names the host in `:authority`; HTTP/1.0 need not name it).
+    if req.version() == http::Version::HTTP_11 {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        if let Some(e) = match (hosts.next(), hosts.next()) {
+            (Some(_), None) => None,
+            (None, _) => Some((
+                "missing_host",
+                "an HTTP/1.1 request must name its host in one Host header (RFC 9112, section 3.2)",
+            )),
+            (Some(_), Some(_)) => {
+                Some(("invalid_host", "the request has more than one Host header (RFC 9112, section 3.2)"))
+            }
+        } {
+            let mut r = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.0, e.1).into_response();
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+    }
     let op = match req.uri().path().strip_prefix(IMAGES) {
         Some("generations") => Some(Operation::Generate),
         Some("edits") => Some(Operation::Edit),
