@@ -48,9 +48,15 @@ fn policy(
     cand: &MockProvider,
 ) -> String {
     let mut p = String::new();
-    for (name, m) in [("good", good), ("down", down), ("blank", blank), ("held", held), ("cand", cand)] {
+    for (name, m) in [("good", good), ("blank", blank), ("held", held), ("cand", cand)] {
         p.push_str(&openai_provider(name, m));
     }
+    // One failure opens its breaker (for ten minutes): the routes page offers to reset it.
+    p.push_str(&openai_provider_with(
+        "down",
+        down,
+        "breaker = { consecutive_failures = 1, cooldown_ms = 600000, probes = 1 }",
+    ));
     // No [cohorts] list: the overview shows the busiest cohorts by name, the markup one among
     // them (with a list, a value outside it, as this one must be, shows as `other`).
     p.push_str(&route_toml("main", "main").target("down", "d-model").fallback("backup").to_string());
@@ -379,6 +385,15 @@ async fn sessions_csrf_and_redirects_hold_against_misuse() {
     assert_eq!(r.status, 403, "a token in the query string: {}", r.describe());
     let r = post_form_as(&gw, review, &a, &format!("csrf={csrf_a}&reason=x")).await;
     assert_eq!(r.status, 404, "the right token reaches the admin API: {}", r.describe());
+    // A provider's reset likewise: refused without the token; with it, done (or 404 for a
+    // provider the policy does not have), back to the routes page.
+    let r = post_form_as(&gw, "/console/providers/p/reset", &a, "").await;
+    assert_eq!(r.status, 403, "{}", r.describe());
+    let r = post_form_as(&gw, "/console/providers/p/reset", &a, &format!("csrf={csrf_a}")).await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    assert_eq!(r.header("location").as_deref(), Some("/console/routes?reset=p"), "{}", r.describe());
+    let r = post_form_as(&gw, "/console/providers/nope/reset", &a, &format!("csrf={csrf_a}")).await;
+    assert_eq!(r.status, 404, "{}", r.describe());
     // Nothing changes state on GET: another method answers a console page, with its headers.
     let r = get(&gw.admin_url("/console/signout"), &[("cookie", &a)]).await;
     assert_eq!(r.status, 405, "{}", r.describe());

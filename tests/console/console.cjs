@@ -113,11 +113,22 @@ async function main() {
   }
   const downRow = page.locator("#providers tr[data-provider=down]");
   assert.equal(await downRow.count(), 1);
-  assert.match(await downRow.textContent(), /closed|open|half_open/, "breaker state shown");
+  assert.match(await downRow.textContent(), /\bopen\b/, "the failed provider's breaker shows open");
   const mainTargets = await page.textContent("#route-main .targets");
   assert.match(mainTargets, /down/);
+  assert.equal(await page.locator("#providers tr[data-provider=good] form.reset").count(), 0, "nothing to reset on a healthy provider");
   await shot(page, "routes");
   log("routes: every route, provider breakers, policy version");
+  // Reset by hand: the breaker closes, and the page says so.
+  await Promise.all([page.waitForNavigation(), downRow.locator("form.reset button").click()]);
+  assert.equal(new URL(page.url()).pathname, "/console/routes");
+  assert.match(await page.textContent("#done"), /Provider down reset: any 429 pause lifted, breaker closed/);
+  const after = page.locator("#providers tr[data-provider=down]");
+  assert.match(await after.locator(".badge").first().textContent(), /closed/);
+  assert.match(await after.textContent(), /reset by hand/);
+  assert.equal(await after.locator("form.reset").count(), 0);
+  await shot(page, "routes-reset");
+  log("routes: a provider's breaker reset from the console");
 
   // --- Migrations ------------------------------------------------------------------------
   await page.click("nav >> text=Migrations");

@@ -62,6 +62,7 @@ pub fn router(app: Arc<App>, api: Router) -> Router<Arc<App>> {
         .route("/console/signin", get(signin_page).post(signin))
         .route("/console/signout", post(signout))
         .route("/console/routes", get(routes))
+        .route("/console/providers/{name}/reset", post(reset_provider))
         .route("/console/migrations", get(migrations))
         .route("/console/reviews", get(reviews))
         .route("/console/reviews/{id}/images/{index}", get(review_image))
@@ -738,8 +739,9 @@ fn overview_figures(
 // ------------------------------------------------------------------------------------------
 // Routes and migrations
 
-async fn routes(s: Signed) -> Response {
+async fn routes(s: Signed, uri: http::Uri) -> Response {
     let c = &s.console;
+    let q = form(uri.query().unwrap_or("").as_bytes());
     let (routes, policies) =
         tokio::join!(c.api(Method::GET, "/admin/routes", None), c.api(Method::GET, "/admin/policies", None));
     for a in [&routes, &policies] {
@@ -747,7 +749,28 @@ async fn routes(s: Signed) -> Response {
             return c.api_error(a, &s);
         }
     }
-    c.page(&s, "routes.html", "routes", json!({"data": routes.json(), "policy": policies.json()}))
+    let data = routes.json();
+    // Only a provider of the policy is named (the query is anyone's link).
+    let known = |p: &&str| data["providers"].as_array().is_some_and(|ps| ps.iter().any(|x| x["name"] == *p));
+    let done =
+        field(&q, "reset").filter(known).map(|p| format!("Provider {p} reset: any 429 pause lifted, breaker closed."));
+    c.page(&s, "routes.html", "routes", json!({"data": data, "policy": policies.json(), "done": done}))
+}
+
+/// The Reset button of a provider on the routes page: `POST /admin/providers/{name}/reset`,
+/// then back to the page, which says what was done.
+async fn reset_provider(s: Signed, Path(name): Path<String>, body: Bytes) -> Response {
+    let f = form(&body);
+    if let Some(refused) = csrf_refusal(&s, &f) {
+        return refused;
+    }
+    let c = &s.console;
+    let a = c.api(Method::POST, &format!("/admin/providers/{}/reset", enc(&name)), None).await;
+    if !a.status.is_success() {
+        return c.api_error(&a, &s);
+    }
+    tracing::info!(provider = %name, reviewer = %s.session.reviewer, "provider reset from the console");
+    see_other(&format!("/console/routes?reset={}", enc(&name)))
 }
 
 async fn migrations(s: Signed) -> Response {
