@@ -143,11 +143,15 @@ impl ProviderState {
             u.store(0, Ordering::Relaxed);
         }
         self.shared_open_until.store(0, Ordering::Relaxed);
+        // A closed breaker with nothing counted keeps its last reason (a reset applied twice,
+        // or one from another replica, says nothing new here).
         let mut b = self.breaker();
-        if let Some(t) = b.reset(reason.to_string()) {
-            breaker_moved(metrics, &self.name, &t, b.gauge());
+        if b.state_label() != "closed" || b.consecutive_failures() > 0 {
+            if let Some(t) = b.reset(reason.to_string()) {
+                breaker_moved(metrics, &self.name, &t, b.gauge());
+            }
+            self.breaker_settled(&b);
         }
-        self.breaker_settled(&b);
         lifted
     }
 
@@ -556,15 +560,15 @@ impl Live {
         cluster: Option<&Cluster>,
         metrics: &Metrics,
     ) -> (Lifted, Result<(), crate::cluster::Unavailable>) {
-        let p = self.provider(name);
-        let lifted = p.reset("reset by hand", metrics);
+        // Redis first, then here: an exchange running meanwhile may have read the pause just
+        // deleted and apply it after the local reset; this replica then applies its own reset
+        // again at its next exchange, as the others do (a pause learnt here in between is
+        // lifted with it).
         let shared = match cluster {
-            Some(c) => c.reset_hold_offs(name).await.map(|at| {
-                // Not applied again here at the next exchange: a pause learnt since stays.
-                p.reset_seen.fetch_max(at, Ordering::Relaxed);
-            }),
+            Some(c) => c.reset_hold_offs(name).await.map(|_| ()),
             None => Ok(()),
         };
+        let lifted = self.provider(name).reset("reset by hand", metrics);
         (lifted, shared)
     }
 
