@@ -1141,6 +1141,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reset_by_hand_closes_from_any_state_and_forgets_the_count() {
+        let s = BreakerSettings { consecutive_failures: 2, ..Default::default() };
+        // Open: closed, with a transition that says why.
+        let mut b = Breaker::new();
+        failing(&mut b, 2, &s);
+        assert_eq!(b.state_label(), "open");
+        let t = b.reset("reset by hand".into()).expect("open -> closed");
+        assert_eq!((t.from, t.to, t.reason.as_str()), ("open", "closed", "reset by hand"));
+        assert_eq!((b.admit(Instant::now(), &s).0, b.consecutive_failures()), (Admit::Yes, 0));
+        // One failure after it does not re-open (the count started over); two do.
+        failing(&mut b, 1, &s);
+        assert_eq!(b.state_label(), "closed");
+        failing(&mut b, 1, &s);
+        assert_eq!(b.state_label(), "open");
+        // Half-open with a probe out: closed, and the probe's late failure counts as one.
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(b.admit(Instant::now(), &s).0, Admit::Probe);
+        assert_eq!(b.reset("again".into()).map(|t| t.from), Some("half_open"));
+        assert_eq!(b.on_result(Instant::now(), false, true, "late", &s), None);
+        assert_eq!((b.state_label(), b.consecutive_failures()), ("closed", 1));
+        // Closed already: no transition, the count forgotten.
+        assert_eq!(b.reset("third".into()), None);
+        assert_eq!((b.consecutive_failures(), b.last_reason()), (0, Some("third")));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn disabled_breaker_never_opens() {
         let s = BreakerSettings { enabled: false, consecutive_failures: 1, ..Default::default() };
         let mut b = Breaker::new();
