@@ -851,6 +851,52 @@ async fn a_reset_by_hand_on_one_replica_lifts_the_hold_offs_on_all() {
     drop_pg(&r).await;
 }
 
+/// A hold-off learnt on A just before a reset on B, not yet published when the reset came, is
+/// lifted with it: it never reaches Redis afterwards to hold every replica off again (a helper
+/// found a breaker opened 10 ms before a reset shut the provider off cluster-wide for its whole
+/// cooldown, with `"replicas": "all"` in the reset's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hold_off_learnt_just_before_a_reset_is_lifted_with_it() {
+    let (url, own) = shared_redis();
+    // Exchanges 1.5 s apart: the reset almost always lands between A learning and publishing.
+    let r = replicas(
+        Opts {
+            redis_url: &url,
+            cluster: "sync_ms = 1500\nshare_breakers = true",
+            primary: "breaker = { consecutive_failures = 1, cooldown_ms = 600000, probes = 1 }",
+            replicas: 2,
+            ..Default::default()
+        },
+        own,
+    )
+    .await;
+    let primary =
+        |v: &Value| v["providers"].as_array().unwrap().iter().find(|p| p["name"] == "primary").cloned().unwrap();
+    for (status, headers, seen) in [
+        (500, vec![], "primary:status_5xx"),
+        (429, vec![("retry-after".to_string(), "600".to_string())], "primary:status_429"),
+    ] {
+        r.primary.set_status(status);
+        r.primary.set_headers(headers);
+        let a = as_key(&r.gws[0], KEY_A, &req(), &[]).await;
+        assert_eq!(a.attempts(), [seen, "backup:ok"], "{}", a.describe());
+        r.primary.set_status(200);
+        r.primary.set_headers(Vec::new());
+        r.gws[1].admin("POST", "/admin/providers/primary/reset").await.assert_status(200);
+        // Two exchanges later, on both replicas: nothing holds the provider off.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        for gw in &r.gws {
+            let p = primary(&admin_json(gw, "/admin/routes").await);
+            assert_eq!(p["breaker"]["state"], "closed", "{} {p:#}", gw.admin);
+            assert_eq!(p["breaker"]["shared_open_for_ms"], Value::Null, "{} {p:#}", gw.admin);
+            assert_eq!(p["paused_for_ms"], Value::Null, "{} {p:#}", gw.admin);
+            let resp = as_key(gw, KEY_A, &req(), &[]).await;
+            assert_eq!(resp.attempts(), ["primary:ok"], "{}", resp.describe());
+        }
+    }
+    drop_pg(&r).await;
+}
+
 /// Breakers are per replica by default; with `share_breakers` one that opens on A holds the
 /// provider off on B too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -325,7 +325,8 @@ async fn more_images_than_asked_are_left_out_and_charged_as_discarded() {
 /// The provider answered, but its images were still being evaluated when the attempt's
 /// deadline came: the attempt is a timeout (the fallback serves, or a 504 that says why), and
 /// the images it made are charged as discarded, since the provider billed them. (They used to
-/// be charged nothing: a tenant's spend and `acc_cost_usd_total` missed them.)
+/// be charged nothing: a tenant's spend and `acc_cost_usd_total` missed them.) All the images
+/// the provider made are charged, those beyond `n` too, as when the attempt succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(debug_assertions), ignore = "an optimised gateway judges the images before the deadline")]
 async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
@@ -341,7 +342,7 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
     let policy = format!(
-        "{}{}{}{}{}",
+        "{}{}{}{}{}{}",
         openai_provider_with("first", &first, "price = { per_image_usd = 0.04 }"),
         openai_provider_with("second", &second, "price = { per_image_usd = 0.01 }"),
         route_toml("main", "m")
@@ -352,9 +353,13 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
         route_toml("solo", "s")
             .target("first", "x")
             .with("evaluators = [\"sanity\"]\neval_budget_ms = 120000\nattempt_timeout_ms = 600"),
+        route_toml("budget", "b")
+            .target("first", "x")
+            .with("evaluators = [\"sanity\"]\neval_budget_ms = 1\non_eval_error = \"fail_closed\""),
     );
     let (gw, _dir) = serve_policy(&policy, &[("ACC_EVAL_THREADS", "1")]).await;
-    first.set_images(Some(vec![big; 8]));
+    // Ten images for n = 8: the provider made (and billed) two more than the client gets.
+    first.set_images(Some(vec![big; 10]));
     second.set_images(Some(vec![small; 8]));
     let body = |model: &str| json!({"model": model, "prompt": "x", "n": 8, "size": "1792x1024", "response_format": "b64_json"});
 
@@ -362,11 +367,11 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
     r.assert_status(200);
     assert_eq!(r.attempts(), vec!["first:timeout", "second:ok"], "{}", r.describe());
     assert_eq!(first.hits(), 1);
-    // Eight images made by `first` (0.32), and eight served by `second` (0.08).
-    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.4"), "{}", r.describe());
+    // Ten images made by `first` (0.40), and eight served by `second` (0.08).
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.48"), "{}", r.describe());
     let discarded =
         gw.metric("acc_cost_usd_total", &[("route", "main"), ("provider", "first"), ("kind", "discarded")]).await;
-    assert!((discarded - 0.32).abs() < 1e-9, "{discarded}");
+    assert!((discarded - 0.4).abs() < 1e-9, "{discarded}");
 
     // Nowhere to fall back: a 504 that says the evaluation ran out of time, still charged.
     let r = gw.generate(&body("s")).await;
@@ -376,5 +381,10 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
     assert_eq!(r.attempts(), vec!["first:timeout"], "{}", r.describe());
     let discarded =
         gw.metric("acc_cost_usd_total", &[("route", "solo"), ("provider", "first"), ("kind", "discarded")]).await;
-    assert!((discarded - 0.32).abs() < 1e-9, "{discarded}");
+    assert!((discarded - 0.4).abs() < 1e-9, "{discarded}");
+
+    // Evaluation out of its budget under fail_closed: the images failed, all ten charged.
+    let r = gw.generate(&body("b")).await;
+    r.assert_error(422, "evaluation_failed");
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.4"), "{}", r.describe());
 }

@@ -419,6 +419,10 @@ async fn an_admin_reset_lifts_a_pause_and_closes_an_open_breaker() {
     let r = send("POST", &gw.admin_url("/admin/providers/primary/reset"), &[], Vec::new()).await;
     assert_eq!(r.status, 401, "{}", r.describe());
     gw.admin("POST", "/admin/providers/nope/reset").await.assert_error(404, "provider_not_found");
+    // A name that is not UTF-8: refused in the OpenAI error shape (axum's own answer is text).
+    let e = gw.admin("POST", "/admin/providers/%FF%FE/reset").await.assert_error(400, "invalid_request");
+    assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
+    gw.admin("GET", "/admin/traces/%FF").await.assert_error(400, "invalid_request");
     let r = gw.admin("GET", "/admin/providers/primary/reset").await;
     assert_eq!(r.status, 405, "{}", r.describe());
 

@@ -54,12 +54,27 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(tower::ServiceBuilder::new().layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         })))
-        .layer(middleware::map_response(|mut r: Response| async move {
+        .layer(middleware::map_response(|r: Response| async move {
+            let mut r = openai_shaped_rejection(r).await;
             // Every answer's content type is the one its bytes are: browsers must not guess.
             r.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
             r
         }))
         .with_state(app)
+}
+
+/// axum answers a request its extractors refuse (a path segment that is not UTF-8, such as
+/// `/admin/providers/%FF/reset`) with a plain-text 4xx: rewritten in the OpenAI error shape,
+/// code `invalid_request`, its text as the message. Other answers pass unchanged.
+async fn openai_shaped_rejection(r: Response) -> Response {
+    let plain = r.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(plain && r.status().is_client_error()) {
+        return r;
+    }
+    let status = r.status();
+    let text = axum::body::to_bytes(r.into_body(), 64 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    ApiError::new(status, "invalid_request_error", "invalid_request", crate::cut(text.trim(), 500)).into_response()
 }
 
 /// The protected admin endpoints' gate. Its 401 says whose token is missing: the server's (no
@@ -409,8 +424,9 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
 /// For when ops know the provider is back (a fixed key, the end of an incident) before a long
 /// `Retry-After` or cooldown runs out. No body. Answers `{"provider", "breaker_was",
 /// "paused_for_ms_was", "shared_open_for_ms_was", "replicas": "this" | "all"}`. Errors: 404
-/// `provider_not_found` when the policy has no such provider; 503 `cluster_unavailable` when
-/// Redis did not answer (this replica was reset, the others were not: retrying is safe).
+/// `provider_not_found` when the policy has no such provider; 503 `cluster_unavailable` with
+/// `Retry-After: 1` when Redis did not answer in time (this replica was reset, the others may
+/// not be: retrying is safe).
 async fn reset_provider(
     State(app): State<Arc<App>>,
     axum::extract::Path(name): axum::extract::Path<String>,
@@ -434,15 +450,18 @@ async fn reset_provider(
         "provider hold-offs reset by hand"
     );
     if shared.is_err() {
-        return ApiError::new(
+        // The call may still have run after its deadline (Redis stalled, not down): a retry
+        // is safe either way.
+        let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",
             "cluster_unavailable",
             format!(
-                "provider {name} was reset on this replica only: Redis did not answer, so the other replicas keep its pause and breaker until they end; retry once Redis is back"
+                "provider {name} was reset on this replica; Redis did not answer in time, so the other replicas may keep its pause and breaker until they end: retry (a reset is safe to repeat)"
             ),
-        )
-        .into_response();
+        );
+        e.retry_after = Some(1);
+        return e.into_response();
     }
     Json(json!({
         "provider": name,

@@ -20,6 +20,12 @@ use crate::routing::Step;
 /// Each evaluated attempt's step and verdicts, in the order they were evaluated.
 pub type VerdictSink = std::sync::Mutex<Vec<(Step, Vec<Verdict>)>>;
 
+/// Where attempts leave how many images their provider made (returned, beyond `n`, or left
+/// out by its safety checker), once it answered with them: what an attempt that then failed
+/// (its URLs not fetched, its images failing evaluation or not judged in time) is charged for,
+/// as the provider billed them all.
+pub type MadeSink = std::sync::Mutex<Vec<(Step, u32)>>;
+
 /// What the trace records of one attempt beyond how it ended (`routing::AttemptRecord`).
 #[derive(Debug, Clone)]
 pub struct AttemptNote {
@@ -90,6 +96,8 @@ pub struct AttemptEnv<'a> {
     pub mirror: bool,
     /// Where attempts leave their verdicts (pass or fail), when mirrors or a canary compare them.
     pub verdicts: Option<&'a VerdictSink>,
+    /// Where attempts leave how many images their provider made ([`MadeSink`]).
+    pub made: Option<&'a MadeSink>,
     /// Where attempts leave their notes for the trace record, with the request's trace id (32
     /// hex digits) for the `traceparent` sent to providers; `None` when nothing is recorded.
     pub notes: Option<(&'a NoteSink, &'a str)>,
@@ -220,6 +228,9 @@ async fn run(
         generation.surplus += (generation.images.len() - n) as u32;
         generation.images.truncate(n);
         generation.revised_prompts.truncate(n);
+    }
+    if let Some(made) = env.made {
+        crate::lock(made).push((s, generation.images.len() as u32 + generation.surplus));
     }
     // A stream's events likewise: `n` completed events, and at most the partial images asked
     // for (`partial_images` per image; more were not asked for, and were not relayed live).

@@ -1055,21 +1055,28 @@ impl Drop for SpendHold {
 /// milliseconds.
 pub type HoldOff = (String, u64);
 
+/// A hold-off learnt by this replica, as published: provider, until (Unix ms), and the newest
+/// reset by hand this replica had applied to that provider (Redis's Unix ms; 0 for none).
+pub type Published = (String, u64, u64);
+
 impl Cluster {
     /// Publishes this replica's new 429 pauses and opened breakers (a later end never shortens
     /// an earlier one) and reads every replica's, still running, in one script.
     ///
     /// Returns every replica's pauses and opened breakers still running, and the resets by
-    /// hand of the last day ([`Self::reset_hold_offs`]), each as (provider, Unix ms).
+    /// hand of the last hour ([`Self::reset_hold_offs`]), each as (provider, Unix ms).
+    ///
+    /// A hold-off published with an older reset than the one Redis records for its provider
+    /// was learnt before that reset reached this replica: it is dropped, not published.
     pub async fn exchange(
         &self,
-        pauses: &[HoldOff],
-        breakers: &[HoldOff],
+        pauses: &[Published],
+        breakers: &[Published],
     ) -> Result<(Vec<HoldOff>, Vec<HoldOff>, Vec<HoldOff>), Unavailable> {
         let mut inv = lua::HOLD_OFF.prepare_invoke();
         inv.key(self.key(&["pauses"])).key(self.key(&["breakers"])).key(self.key(&["resets"])).arg(pauses.len());
-        for (p, until) in pauses.iter().chain(breakers) {
-            inv.arg(p).arg(*until);
+        for (p, until, seen) in pauses.iter().chain(breakers) {
+            inv.arg(p).arg(*until).arg(*seen);
         }
         let inv = &inv;
         let (p, b, r): (Vec<String>, Vec<String>, Vec<String>) =

@@ -43,12 +43,15 @@ fn reported<'a>(g: &'a Generation, field: &str) -> Option<&'a str> {
 /// Charges every attempt of a plan that the provider most likely billed, counted in
 /// `acc_cost_usd_total{route,provider,kind}`; returns the request's total in USD, `None` when
 /// nothing it used has a price, and each attempt's charge (same order as `outcome.attempts`).
+/// `made`: how many images each step's provider made, for the attempts that answered with
+/// images and then failed (`crate::attempt::MadeSink`); one not listed is charged for `n`.
 pub fn charge_attempts(
     app: &App,
     policy: &Policy,
     route: &str,
     req: &GenerationRequest,
     outcome: &PlanOutcome,
+    made: &[(Step, u32)],
 ) -> (Option<f64>, Vec<Option<f64>>) {
     let mut total = None;
     let mut each = vec![None; outcome.attempts.len()];
@@ -70,7 +73,12 @@ pub fn charge_attempts(
             (Ok(()), Some((_, g))) => Some(g),
             _ => None,
         };
-        let images = winner.map_or(req.n, |g| g.images.len() as u32);
+        let made_here = || made.iter().find(|(s, _)| *s == a.step).map(|(_, n)| *n);
+        let images = match winner {
+            Some(g) => g.images.len() as u32,
+            None if kind == "discarded" => made_here().unwrap_or(req.n),
+            None => req.n,
+        };
         let Some(mut usd) = cost_of(policy, a.step, req, images, winner) else { continue };
         let provider = &policy.routes[a.step.route].targets[a.step.target].provider;
         app.metrics.cost.with_label_values(&[route, provider, kind]).inc_by(usd);

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::cluster::{unix_ms, Cluster, HoldOff};
+use crate::cluster::{unix_ms, Cluster, Published};
 use crate::health::{
     Admit, Breaker, BreakerSettings, BreakerTransition, HealthSettings, Sample, TargetHealth, Transition,
 };
@@ -502,14 +502,18 @@ impl Live {
     /// pauses (and, with `share_breakers`, opened breakers) learnt here since the last one, and
     /// applies everyone's still running. When Redis cannot answer, what was learnt here is kept
     /// for the next exchange.
+    ///
+    /// A reset by hand applies to what was learnt before this replica applied it: each hold-off
+    /// goes out with the newest reset this replica has applied, and Redis keeps it only when no
+    /// later reset is recorded (else it is dropped, and the reset is applied here below).
     pub async fn exchange_hold_offs(&self, cluster: &Cluster, metrics: &Metrics) {
         let share_breakers = cluster.settings().share_breakers;
-        let mut mine: [Vec<HoldOff>; 2] = [Vec::new(), Vec::new()];
+        let mut mine: [Vec<Published>; 2] = [Vec::new(), Vec::new()];
         for p in self.providers.iter() {
             for (i, out) in mine.iter_mut().enumerate() {
                 let until = p.unpublished[i].swap(0, Ordering::Relaxed);
                 if until != 0 && (i == 0 || share_breakers) {
-                    out.push((p.name.clone(), until));
+                    out.push((p.name.clone(), until, p.reset_seen.load(Ordering::Relaxed)));
                 }
             }
         }
@@ -539,7 +543,7 @@ impl Live {
             }
             Err(_) => {
                 for (i, list) in mine.iter().enumerate() {
-                    for (name, until) in list {
+                    for (name, until, _) in list {
                         if let Some(p) = self.providers.get(name) {
                             p.unpublished[i].fetch_max(*until, Ordering::Relaxed);
                         }

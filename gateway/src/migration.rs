@@ -203,6 +203,7 @@ async fn mirror_attempt(
     let m = &route.mirrors[index];
     let labels = [route.name.as_str(), m.label.as_str()];
     let sink = std::sync::Mutex::new(Vec::new());
+    let made = crate::attempt::MadeSink::default();
     let env = AttemptEnv {
         notes: trace_id.as_deref().map(|t| (&notes, t)),
         app: &app,
@@ -213,6 +214,7 @@ async fn mirror_attempt(
         needs_bytes: true,
         mirror: true,
         verdicts: Some(&sink),
+        made: Some(&made),
         // A mirror copy is a trace of its own (linked to the primary's), not the client's.
         tracestate: None,
         partials: None,
@@ -260,6 +262,9 @@ async fn mirror_attempt(
         Err(ProviderError::EvalTimeout | ProviderError::FetchRefused(_)) => (true, 0, req.n),
         Err(_) => (true, 0, 0),
     };
+    // All the provider made, when it answered with images: beyond `n` and left out too.
+    let made = made.into_inner().unwrap_or_else(|p| p.into_inner());
+    let billed = made.first().map(|(_, n)| *n).filter(|_| billed > 0).unwrap_or(billed);
     let cost = cost_of(policy, step, &req, billed, result.as_ref().ok());
     if let (Some(parent), Some(trace_id), Some(writer)) = (parent_trace, trace_id.as_deref(), app.traces.as_ref()) {
         let caller = crate::trace::Caller { tenant: None, key_name: None };

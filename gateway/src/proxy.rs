@@ -35,7 +35,7 @@ use crate::answer::{
     REASONS, REQUEST_ID, ROUTE, TRACE_ID,
 };
 use crate::app::App;
-use crate::attempt::{attempt, attempt_timeout, AttemptEnv, NoteSink, VerdictSink};
+use crate::attempt::{attempt, attempt_timeout, AttemptEnv, MadeSink, NoteSink, VerdictSink};
 use crate::body::ChunkedBody;
 use crate::cost;
 use crate::error::ApiError;
@@ -847,6 +847,7 @@ async fn generate(
         routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
+    let made = MadeSink::default();
     let notes = Arc::new(NoteSink::default());
     if ctx.record.is_some() {
         ctx.notes = Some(notes.clone());
@@ -873,6 +874,7 @@ async fn generate(
             || policy.provenance.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
+        made: Some(&made),
         tracestate: ctx.tracestate.as_ref(),
         partials: live.as_ref(),
     };
@@ -886,7 +888,8 @@ async fn generate(
     }
 
     // 8. What it cost.
-    let (total, each) = cost::charge_attempts(app, policy, &route.name, &req, &outcome);
+    let made = made.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (total, each) = cost::charge_attempts(app, policy, &route.name, &req, &outcome, &made);
     reservation.settle(total.unwrap_or(0.0));
     ctx.cost = total;
     ctx.notes = None;

@@ -236,22 +236,28 @@ return reply
 
 /// Publishes hold-offs and reads the live ones. KEYS[1]: 429 pauses, KEYS[2]: opened
 /// breakers (hashes provider → until, Unix ms), KEYS[3]: resets by hand (provider → when, Unix
-/// ms, kept a day). ARGV[1]: how many of the (provider, until) pairs that follow are pauses;
-/// the rest are breakers. A later end replaces an earlier one, never the reverse; ended
-/// entries are deleted. Reply: `{{p, until, ...}, {p, until, ...}, {p, when, ...}}`.
+/// ms, kept an hour). ARGV[1]: how many of the (provider, until, reset seen) triples that
+/// follow are pauses; the rest are breakers. A triple whose provider has a later reset than the
+/// one its replica had seen is dropped (learnt before the reset reached it). A later end
+/// replaces an earlier one, never the reverse; ended entries are deleted. Reply: `{{p, until,
+/// ...}, {p, until, ...}, {p, when, ...}}`.
 pub(super) static HOLD_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local np = tonumber(ARGV[1])
-local n = (#ARGV - 1) / 2
+local n = (#ARGV - 1) / 3
 for i = 1, n do
   local key = KEYS[1]
   if i > np then key = KEYS[2] end
-  local p, u = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
-  local cur = tonumber(redis.call('HGET', key, p) or '0')
-  if u > cur then redis.call('HSET', key, p, ARGV[2 * i + 1]) end
+  local at = 3 * i - 1
+  local p, u, seen = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local reset = tonumber(redis.call('HGET', KEYS[3], p) or '0')
+  if reset <= seen then
+    local cur = tonumber(redis.call('HGET', key, p) or '0')
+    if u > cur then redis.call('HSET', key, p, ARGV[at + 1]) end
+  end
 end
 local out = {}
 for k = 1, 2 do
@@ -270,7 +276,7 @@ end
 local resets = {}
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
-  if tonumber(all[i + 1]) <= now - 86400000 then
+  if tonumber(all[i + 1]) <= now - 3600000 then
     redis.call('HDEL', KEYS[3], all[i])
   else
     resets[#resets + 1] = all[i]
