@@ -230,14 +230,32 @@ async fn connection_reset_is_a_transport_error_and_falls_back() {
     assert_eq!(s.primary.hits(), 2);
 }
 
+/// A 200 whose body stalls half-way: a timeout, and the backup serves. The provider had made the
+/// image when it started answering, so the attempt is charged (as discarded); one that never
+/// answered by the deadline is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_mid_body_times_out_and_falls_back() {
-    let s = setup(Extras { main: "attempt_timeout_ms = 500", ..Default::default() }).await;
+    let s = setup(Extras {
+        main: "attempt_timeout_ms = 500",
+        primary: "price = { per_image_usd = 0.04 }",
+        ..Default::default()
+    })
+    .await;
+    let discarded = [("route", "main"), ("provider", "primary"), ("kind", "discarded")];
     s.primary.set_fault(Fault::StallMidBody);
     let r = s.gw.generate(&req()).await;
     assert_eq!(served_by(&r, "backup"), ["primary:timeout", "backup:ok"]);
     assert_eq!(b64_images(&r), vec![s.backup.png().to_vec()]);
     assert_eq!((s.primary.hits(), s.backup.hits()), (1, 1));
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.04"), "{}", r.describe());
+    assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.04);
+    // Silent until the deadline (no answer begun): a timeout that costs nothing.
+    s.primary.set_fault(Fault::None);
+    s.primary.set_latency(Duration::from_secs(2));
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:timeout", "backup:ok"]);
+    assert_eq!(r.header("x-acc-cost-usd"), None, "{}", r.describe());
+    assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.04);
 }
 
 // ---------------------------------------------------------------------------------------------

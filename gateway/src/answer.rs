@@ -329,7 +329,8 @@ pub fn failure(policy: &Policy, outcome: &PlanOutcome) -> ApiError {
         })
         .collect();
     let timed_out = outcome.deadline_exceeded
-        || decisive.is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout | ProviderError::EvalTimeout)));
+        || decisive
+            .is_some_and(|a| matches!(a.result, Err(ProviderError::Timeout | ProviderError::TimeoutAfterAnswer(_))));
     let mut message = format!("all {} attempts failed", outcome.attempts.len());
     if outcome.deadline_exceeded {
         message.push_str(" before the route's deadline ran out");
@@ -368,7 +369,7 @@ fn retry_later(policy: &Policy, outcome: &PlanOutcome) -> Option<u64> {
             }
             Err(
                 ProviderError::Timeout
-                | ProviderError::EvalTimeout
+                | ProviderError::TimeoutAfterAnswer(_)
                 | ProviderError::Connect(_)
                 | ProviderError::Transport(_)
                 | ProviderError::AnswerMemoryFull(_)

@@ -191,12 +191,22 @@ async fn run(
         partials,
     };
     let sent = Instant::now();
-    let scope = crate::upstream::Scope { trace: traceparent, answer_memory: policy.server.max_answer_buffer_bytes };
+    // Told when the provider's 2xx answer starts to arrive: past that, a deadline that passes
+    // mid-answer leaves images the provider made and bills.
+    let answered = adapter.bills_on_answer().then(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let scope = crate::upstream::Scope {
+        trace: traceparent,
+        answer_memory: policy.server.max_answer_buffer_bytes,
+        answered: answered.clone(),
+    };
     let call = crate::upstream::scoped(scope, adapter.generate(&request));
     let result = match tokio::time::timeout_at(until, call).await {
         // A provider may echo the key it was sent, in any answer: nothing reads its error
         // before the gateway's secrets are taken out.
         Ok(r) => r.map_err(ProviderError::redacted),
+        Err(_) if answered.is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) => {
+            Err(ProviderError::TimeoutAfterAnswer(crate::providers::ANSWER_STILL_ARRIVING))
+        }
         Err(_) => Err(ProviderError::Timeout),
     };
     drop(slot);
@@ -209,7 +219,9 @@ async fn run(
         Ok(g) => g,
         Err(e) => {
             match evidence {
-                Some(false) if matches!(e, ProviderError::Timeout) => record(Sample::Timeout),
+                Some(false) if matches!(e, ProviderError::Timeout | ProviderError::TimeoutAfterAnswer(_)) => {
+                    record(Sample::Timeout)
+                }
                 Some(false) => record(Sample::Error),
                 _ => {}
             }
@@ -304,7 +316,7 @@ async fn run(
                 return Err(e);
             }
             // The provider made the images (and billed them): charged as discarded.
-            Err(_) => return Err(ProviderError::EvalTimeout),
+            Err(_) => return Err(ProviderError::TimeoutAfterAnswer(crate::providers::EVALUATION_UNFINISHED)),
         }
     }
     record(Sample::Ok);

@@ -64,7 +64,7 @@ pub fn charge_attempts(
                 ProviderError::EvalFailed(_)
                 | ProviderError::Blocked(_)
                 | ProviderError::FetchRefused(_)
-                | ProviderError::EvalTimeout,
+                | ProviderError::TimeoutAfterAnswer(_),
             ) => "discarded",
             Err(ProviderError::HedgeCancelled) => "hedge",
             Err(_) => continue,

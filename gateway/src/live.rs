@@ -621,6 +621,9 @@ pub fn breaker_evidence(result: &Result<(), &ProviderError>) -> Option<bool> {
         Err(e) => match e {
             ProviderError::Connect(_)
             | ProviderError::Timeout
+            // A 2xx answer still arriving at the deadline: the provider is slow. (Evaluation
+            // running out of time never reaches the breaker: its evidence was the answer.)
+            | ProviderError::TimeoutAfterAnswer(_)
             | ProviderError::Transport(_)
             | ProviderError::BadResponse(_) => Some(false),
             ProviderError::Status { status, .. } if status.is_server_error() => Some(false),

@@ -158,7 +158,7 @@ fn first_observation(
         (Ok(()), None) => (false, req.n, req.n),
         (Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)), _) => (false, req.n, req.n),
         // Failed, but the images were made (and billed): not judged in time, or not fetched.
-        (Err(ProviderError::EvalTimeout | ProviderError::FetchRefused(_)), _) => (true, 0, req.n),
+        (Err(ProviderError::TimeoutAfterAnswer(_) | ProviderError::FetchRefused(_)), _) => (true, 0, req.n),
         (Err(_), _) => (true, 0, 0),
     };
     let evals = verdicts
@@ -259,7 +259,7 @@ async fn mirror_attempt(
         Ok(g) => (false, g.images.len() as u32, g.images.len() as u32),
         Err(ProviderError::EvalFailed(_) | ProviderError::Blocked(_)) => (false, req.n, req.n),
         // Failed, but the images were made (and billed): charged to the mirror's spend.
-        Err(ProviderError::EvalTimeout | ProviderError::FetchRefused(_)) => (true, 0, req.n),
+        Err(ProviderError::TimeoutAfterAnswer(_) | ProviderError::FetchRefused(_)) => (true, 0, req.n),
         Err(_) => (true, 0, 0),
     };
     // All the provider made, when it answered with images: beyond `n` and left out too.

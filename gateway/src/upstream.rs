@@ -158,6 +158,10 @@ pub struct Scope {
     /// (`[server] max_answer_buffer_mib`); an answer that would pass it fails with
     /// [`UpstreamError::AnswerMemoryFull`]. Outside a scope, answers are not bounded together.
     pub answer_memory: usize,
+    /// Set once an answer with a 2xx status has arrived (its head; not an event stream's, which
+    /// comes before the images are made), for an attempt that must know whether the provider
+    /// made its images when the deadline passed; `None`: not told.
+    pub answered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 tokio::task_local! {
@@ -204,8 +208,10 @@ pub async fn send_observed(
     // Without it any content coding is acceptable (RFC 9110, 12.5.3), and a gzip body would be
     // read as a broken answer.
     req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let answer_memory = match SCOPE.try_with(|s| (s.trace.clone(), s.answer_memory)) {
-        Ok((trace, max)) => {
+    let mut answered = None;
+    let answer_memory = match SCOPE.try_with(|s| (s.trace.clone(), s.answer_memory, s.answered.clone())) {
+        Ok((trace, max, told)) => {
+            answered = told;
             if let Some(tc) = trace {
                 req.headers_mut().insert(HeaderName::from_static("traceparent"), tc.traceparent);
                 if let Some(state) = tc.tracestate {
@@ -224,7 +230,7 @@ pub async fn send_observed(
             None => (connect(endpoint).await?, false),
         };
         let observer = observer.as_mut().map(|o| &mut **o as &mut dyn BodyObserver);
-        match exchange(conn, req, max_body, answer_memory, observer).await {
+        match exchange(conn, req, max_body, answer_memory, observer, answered.as_deref()).await {
             Ok((answer, Some(conn))) => {
                 put_idle(&endpoint.key, conn);
                 return Ok(answer);
@@ -260,6 +266,7 @@ async fn exchange(
     max_body: usize,
     answer_memory: usize,
     observer: Option<&mut dyn BodyObserver>,
+    answered: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<(Answer, Option<Conn>), Exchange> {
     let Conn { mut send, mut driver, .. } = conn;
     let mut driver_done = false;
@@ -276,6 +283,12 @@ async fn exchange(
             };
             let (parts, body) = resp.into_parts();
             let status = parts.status;
+            // An event stream's 200 comes before its images are made: not told.
+            let stream =
+                parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            if let Some(a) = answered.filter(|_| status.is_success() && !stream) {
+                a.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let retry_after = if status.is_success() {
                 None
             } else {

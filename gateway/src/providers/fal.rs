@@ -127,6 +127,11 @@ struct Timings {
 
 #[async_trait]
 impl Provider for Fal {
+    /// Its 2xx answers are a job's submission and polls, not the images.
+    fn bills_on_answer(&self) -> bool {
+        false
+    }
+
     fn supports(&self, param: Param) -> bool {
         !matches!(
             param,

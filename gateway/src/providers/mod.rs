@@ -242,6 +242,13 @@ impl AttemptRequest<'_> {
 /// Stands in for what a provider wrote in [`ProviderError::text_without_provider_message`].
 pub const PROVIDER_TEXT_WITHHELD: &str = "the provider's message is withheld: it may quote the prompt";
 
+/// [`ProviderError::TimeoutAfterAnswer`]: the provider's 2xx answer was still arriving.
+pub const ANSWER_STILL_ARRIVING: &str =
+    "the provider was still sending its answer (its images were made) at the attempt's deadline";
+/// [`ProviderError::TimeoutAfterAnswer`]: the images were still being evaluated.
+pub const EVALUATION_UNFINISHED: &str =
+    "the provider answered, but evaluation of its images did not finish before the attempt's deadline";
+
 /// Why an attempt failed. Each variant says whether trying another target makes sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -249,14 +256,13 @@ pub enum ProviderError {
     Connect(String),
     #[error("timed out")]
     Timeout,
-    /// The provider answered with images, but the route's evaluators had not judged them when
-    /// the attempt's deadline (`timeout_ms`) ran out. Answered as a timeout (504 when it
-    /// decides), but unlike [`ProviderError::Timeout`] the images were made, so the provider
-    /// billed them: charged as discarded. Not evidence against the provider (it answered).
-    #[error(
-        "timed out: the provider answered, but evaluation of its images did not finish before the attempt's deadline"
-    )]
-    EvalTimeout,
+    /// The attempt's deadline (`attempt_timeout_ms`) ran out after the provider had made the
+    /// images: its 2xx answer was still arriving ([`ANSWER_STILL_ARRIVING`], a provider that
+    /// answers a generation in one call), or the route's evaluators had not judged them yet
+    /// ([`EVALUATION_UNFINISHED`]). Answered as a timeout (504 when it decides), but unlike
+    /// [`ProviderError::Timeout`] the provider billed the images: charged as discarded.
+    #[error("timed out: {0}")]
+    TimeoutAfterAnswer(&'static str),
     #[error("upstream answered {status}: {message}")]
     Status { status: StatusCode, message: String, retry_after: Option<std::time::Duration> },
     /// The upstream refused the request itself (a 4xx that is the client's fault). Returned to
@@ -357,7 +363,7 @@ impl ProviderError {
                 ProviderError::Account { status, provider_wide, message: clean(message) }
             }
             e @ (ProviderError::Timeout
-            | ProviderError::EvalTimeout
+            | ProviderError::TimeoutAfterAnswer(_)
             | ProviderError::AnswerMemoryFull(_)
             | ProviderError::Skipped { .. }
             | ProviderError::QueueFull
@@ -427,7 +433,7 @@ impl ProviderError {
     pub fn label(&self) -> &'static str {
         match self {
             ProviderError::Connect(_) => "connect_error",
-            ProviderError::Timeout | ProviderError::EvalTimeout => "timeout",
+            ProviderError::Timeout | ProviderError::TimeoutAfterAnswer(_) => "timeout",
             ProviderError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "status_429",
             ProviderError::Status { status, .. } if status.is_server_error() => "status_5xx",
             ProviderError::Status { status, .. } if status.is_client_error() => "status_4xx",
@@ -488,6 +494,15 @@ pub trait Provider: Send + Sync {
     /// provider's `unsupported_stream` says).
     fn streams(&self) -> bool {
         false
+    }
+
+    /// Whether a 2xx answer's head means the provider has made (and bills) the images: an
+    /// attempt whose deadline passes while such an answer is still arriving is then charged
+    /// ([`ProviderError::TimeoutAfterAnswer`]). True (the default) for the kinds that answer a
+    /// generation in one call; false for the queue-based ones (fal, Replicate), whose 2xx
+    /// answers are submissions and polls.
+    fn bills_on_answer(&self) -> bool {
+        true
     }
 
     /// Whether this kind can do `op` (default: generations only).

@@ -147,6 +147,11 @@ impl<'a> Model<'a> {
 
 #[async_trait]
 impl Provider for Replicate {
+    /// Its 2xx answers are a job's submission and polls, not the images.
+    fn bills_on_answer(&self) -> bool {
+        false
+    }
+
     fn supports(&self, param: Param) -> bool {
         !matches!(
             param,
