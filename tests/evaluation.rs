@@ -342,7 +342,7 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
     let first = MockProvider::start().await;
     let second = MockProvider::start().await;
     let policy = format!(
-        "{}{}{}{}{}{}",
+        "{}{}{}{}{}{}{}",
         openai_provider_with("first", &first, "price = { per_image_usd = 0.04 }"),
         openai_provider_with("second", &second, "price = { per_image_usd = 0.01 }"),
         route_toml("main", "m")
@@ -356,6 +356,7 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
         route_toml("budget", "b")
             .target("first", "x")
             .with("evaluators = [\"sanity\"]\neval_budget_ms = 1\non_eval_error = \"fail_closed\""),
+        route_toml("leave", "l").target("first", "x").with("evaluators = [\"sanity\"]\neval_budget_ms = 120000"),
     );
     let (gw, _dir) = serve_policy(&policy, &[("ACC_EVAL_THREADS", "1")]).await;
     // Ten images for n = 8: the provider made (and billed) two more than the client gets.
@@ -387,4 +388,21 @@ async fn images_still_in_evaluation_at_the_attempt_deadline_are_charged() {
     let r = gw.generate(&body("b")).await;
     r.assert_error(422, "evaluation_failed");
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.4"), "{}", r.describe());
+
+    // A client that leaves while the images are evaluated: the request is cancelled, and what
+    // the provider made is charged all the same (it used to cost nothing).
+    let left = tokio::time::timeout(std::time::Duration::from_millis(800), gw.generate(&body("l"))).await;
+    assert!(left.is_err(), "the evaluation takes seconds");
+    let cancelled = [("route", "leave"), ("outcome", "client_cancelled")];
+    let charged = [("route", "leave"), ("provider", "first"), ("kind", "discarded")];
+    let mut seen = (0.0, 0.0);
+    for _ in 0..100 {
+        seen = (gw.metric("acc_requests_total", &cancelled).await, gw.metric("acc_cost_usd_total", &charged).await);
+        if seen.0 == 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.0, 1.0, "cancelled");
+    assert!((seen.1 - 0.4).abs() < 1e-9, "charged {}", seen.1);
 }

@@ -128,6 +128,43 @@ impl Drop for RequestCtx {
     }
 }
 
+/// Holds a request's spend reservation while its plan runs. Dropped with the request's future
+/// when the client goes away mid-plan, it charges the images the attempts' providers had made
+/// by then ([`MadeSink`]: answered, and being fetched or evaluated), as discarded, to
+/// `acc_cost_usd_total` and the tenant's spend: the providers bill them whether or not the
+/// client waits. An attempt still waiting for its answer is not charged (unknown). Disarmed
+/// once the plan's outcome is charged as usual.
+struct ChargeOnCancel<'a> {
+    app: &'a App,
+    policy: &'a crate::policy::Policy,
+    route: &'a str,
+    req: &'a GenerationRequest,
+    made: MadeSink,
+    reservation: Option<crate::limits::Reservation>,
+}
+
+impl ChargeOnCancel<'_> {
+    /// The plan ended: what each attempt's provider made, and the reservation to settle.
+    fn disarm(mut self) -> (Vec<(Step, u32)>, Option<crate::limits::Reservation>) {
+        (std::mem::take(&mut *crate::lock(&self.made)), self.reservation.take())
+    }
+}
+
+impl Drop for ChargeOnCancel<'_> {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else { return };
+        let mut total = 0.0;
+        for (step, n) in std::mem::take(&mut *crate::lock(&self.made)) {
+            if let Some(usd) = cost::cost_of(self.policy, step, self.req, n, None) {
+                let provider = &self.policy.routes[step.route].targets[step.target].provider;
+                self.app.metrics.cost.with_label_values(&[self.route, provider, "discarded"]).inc_by(usd);
+                total += usd;
+            }
+        }
+        reservation.settle(total);
+    }
+}
+
 /// Lives as long as a request is being answered: dropped with the request's future when the
 /// client goes away (which also drops the provider call and the evaluation in flight), it counts
 /// the request as `client_cancelled`. `finish` disarms it.
@@ -847,7 +884,6 @@ async fn generate(
         routing::Hedging { after: observed.unwrap_or(h.after), max_parallel: h.max_parallel }
     });
     let verdicts = migration.compares().then(|| VerdictSink::new(Vec::new()));
-    let made = MadeSink::default();
     let notes = Arc::new(NoteSink::default());
     if ctx.record.is_some() {
         ctx.notes = Some(notes.clone());
@@ -859,6 +895,14 @@ async fn generate(
         t.set_origin(&ctx.trace_id, &route.name);
     }
     let trace_id = ctx.record.is_some().then(|| ctx.trace_id.clone());
+    let billing = ChargeOnCancel {
+        app,
+        policy,
+        route: &route.name,
+        req: &req,
+        made: MadeSink::default(),
+        reservation: Some(reservation),
+    };
     let env = AttemptEnv {
         notes: trace_id.as_deref().map(|t| (&*notes, t)),
         app,
@@ -874,7 +918,7 @@ async fn generate(
             || policy.provenance.is_some(),
         mirror: false,
         verdicts: verdicts.as_ref(),
-        made: Some(&made),
+        made: Some(&billing.made),
         tracestate: ctx.tracestate.as_ref(),
         partials: live.as_ref(),
     };
@@ -888,9 +932,11 @@ async fn generate(
     }
 
     // 8. What it cost.
-    let made = made.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (made, reservation) = billing.disarm();
     let (total, each) = cost::charge_attempts(app, policy, &route.name, &req, &outcome, &made);
-    reservation.settle(total.unwrap_or(0.0));
+    if let Some(r) = reservation {
+        r.settle(total.unwrap_or(0.0));
+    }
     ctx.cost = total;
     ctx.notes = None;
     if let Some(rec) = ctx.record.as_deref_mut() {
