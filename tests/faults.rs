@@ -249,13 +249,25 @@ async fn stall_mid_body_times_out_and_falls_back() {
     assert_eq!((s.primary.hits(), s.backup.hits()), (1, 1));
     assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.04"), "{}", r.describe());
     assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.04);
+    // A 200 cut off mid-body: a transport error, and charged likewise.
+    s.primary.set_fault(Fault::CutMidBody);
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:transport_error", "backup:ok"]);
+    assert_eq!(r.header("x-acc-cost-usd").as_deref(), Some("0.04"), "{}", r.describe());
+    assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.08);
     // Silent until the deadline (no answer begun): a timeout that costs nothing.
     s.primary.set_fault(Fault::None);
     s.primary.set_latency(Duration::from_secs(2));
     let r = s.gw.generate(&req()).await;
     assert_eq!(served_by(&r, "backup"), ["primary:timeout", "backup:ok"]);
     assert_eq!(r.header("x-acc-cost-usd"), None, "{}", r.describe());
-    assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.04);
+    assert_eq!(s.gw.metric("acc_cost_usd_total", &discarded).await, 0.08);
+    // Nor a connection cut before any answer.
+    s.primary.set_latency(Duration::ZERO);
+    s.primary.set_fault(Fault::Reset);
+    let r = s.gw.generate(&req()).await;
+    assert_eq!(served_by(&r, "backup"), ["primary:transport_error", "backup:ok"]);
+    assert_eq!(r.header("x-acc-cost-usd"), None, "{}", r.describe());
 }
 
 // ---------------------------------------------------------------------------------------------

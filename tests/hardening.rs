@@ -589,15 +589,13 @@ async fn an_http11_request_needs_exactly_one_host() {
     let route = route_toml("main", "m").target("up", "gpt-image-1");
     let (gw, _dir) = serve_policy(&format!("{}{route}", openai_provider("up", &up)), &[]).await;
     let body = json!({"model": "m", "prompt": "x"}).to_string();
-    let raw = |hosts: &'static str| {
+    let admin: std::net::SocketAddr = gw.admin.trim_start_matches("http://").parse().unwrap();
+    let raw_at = |addr: std::net::SocketAddr, line: &'static str, hosts: &'static str| {
         let body = body.clone();
-        let addr = gw.proxy_addr;
         async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let head = format!(
-                "POST /v1/images/generations HTTP/1.1\r\n{hosts}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            );
+            let head =
+                format!("{line}\r\n{hosts}content-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
             s.write_all(head.as_bytes()).await.unwrap();
             s.write_all(body.as_bytes()).await.unwrap();
             let mut answer = Vec::new();
@@ -609,6 +607,7 @@ async fn an_http11_request_needs_exactly_one_host() {
             String::from_utf8_lossy(&answer).into_owned()
         }
     };
+    let raw = |hosts: &'static str| raw_at(gw.proxy_addr, "POST /v1/images/generations HTTP/1.1", hosts);
     let answer = raw("").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(
@@ -619,6 +618,19 @@ async fn an_http11_request_needs_exactly_one_host() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"code\":\"invalid_host\""), "{answer}");
     assert_eq!(up.hits(), 0, "refused before anything was generated");
+    // Not a host[:port], in any HTTP/1 version; two in HTTP/1.0 too.
+    for bad in ["host: u@a.example\r\n", "host: a.example:99999\r\n"] {
+        let answer = raw(bad).await;
+        assert!(answer.contains("\"code\":\"invalid_host\""), "{bad}: {answer}");
+    }
+    let answer = raw_at(gw.proxy_addr, "POST /v1/images/generations HTTP/1.0", "host: a\r\nhost: b\r\n").await;
+    assert!(answer.contains("\"code\":\"invalid_host\""), "{answer}");
+    assert_eq!(up.hits(), 0, "refused before anything was generated");
+    // The admin listener holds to the same rule.
+    let answer = raw_at(admin, "GET /healthz HTTP/1.1", "").await;
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("\"code\":\"missing_host\""), "{answer}");
+    let answer = raw_at(admin, "GET /healthz HTTP/1.1", "host: x\r\nconnection: close\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // One Host: served.
     let answer = raw("host: a.example\r\nconnection: close\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.300}");

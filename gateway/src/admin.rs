@@ -54,6 +54,13 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(tower::ServiceBuilder::new().layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         })))
+        // RFC 9112 section 3.2, as on the proxy listener.
+        .layer(middleware::from_fn(|req: Request, next: Next| async move {
+            match crate::proxy::host_refusal(req.version(), req.headers()) {
+                Some(refused) => refused,
+                None => next.run(req).await,
+            }
+        }))
         .layer(middleware::map_response(|r: Response| async move {
             let mut r = openai_shaped_rejection(r).await;
             // Every answer's content type is the one its bytes are: browsers must not guess.

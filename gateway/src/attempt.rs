@@ -204,7 +204,7 @@ async fn run(
         // A provider may echo the key it was sent, in any answer: nothing reads its error
         // before the gateway's secrets are taken out.
         Ok(r) => r.map_err(ProviderError::redacted),
-        Err(_) if answered.is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) => {
+        Err(_) if answered.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) => {
             Err(ProviderError::TimeoutAfterAnswer(crate::providers::ANSWER_STILL_ARRIVING))
         }
         Err(_) => Err(ProviderError::Timeout),
@@ -218,6 +218,13 @@ async fn run(
     let mut generation = match result {
         Ok(g) => g,
         Err(e) => {
+            // A 2xx answer cut off mid-body: the provider made the images (charged, as `n`).
+            let cut = matches!(e, ProviderError::Transport(_));
+            if let (true, Some(made), Some(a)) = (cut, env.made, &answered) {
+                if a.load(std::sync::atomic::Ordering::Relaxed) {
+                    crate::lock(made).push((s, env.req.n));
+                }
+            }
             match evidence {
                 Some(false) if matches!(e, ProviderError::Timeout | ProviderError::TimeoutAfterAnswer(_)) => {
                     record(Sample::Timeout)

@@ -67,6 +67,8 @@ pub fn charge_attempts(
                 | ProviderError::TimeoutAfterAnswer(_),
             ) => "discarded",
             Err(ProviderError::HedgeCancelled) => "hedge",
+            // A 2xx answer cut off mid-body: made, and billed, but not received.
+            Err(ProviderError::Transport(_)) if made.iter().any(|(s, _)| *s == a.step) => "discarded",
             Err(_) => continue,
         };
         let winner = match (&a.result, &outcome.success) {

@@ -21,8 +21,9 @@
 //!   `secrets`, `store`, `telemetry`, `tls`.
 //! - [`admin`]: the admin listener's endpoints (metrics, probes, reload, policy, route and mirror
 //!   views, trace queries with their feedback; the review endpoints through `review_api`; the
-//!   console's routes merged in). Uses `app`, `cluster`, `console`, `error`, `feedback`, `health`,
-//!   `metrics`, `mirror`, `policy`, `request`, `review_api`, `secrets`, `store`.
+//!   console's routes merged in; provider resets). Uses `app`, `cluster`, `console`, `error`,
+//!   `feedback`, `health`, `metrics`, `mirror`, `policy`, `proxy`, `request`, `review_api`,
+//!   `secrets`, `store`.
 //! - [`console`]: the ops console at `/console/` on the admin listener: sign-in sessions with
 //!   CSRF tokens, server-rendered pages (templates and assets under `gateway/console/`, in the
 //!   binary) over the admin API's own handlers, called in process, and the store's overview

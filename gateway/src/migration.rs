@@ -264,7 +264,8 @@ async fn mirror_attempt(
     };
     // All the provider made, when it answered with images: beyond `n` and left out too.
     let made = made.into_inner().unwrap_or_else(|p| p.into_inner());
-    let billed = made.first().map(|(_, n)| *n).filter(|_| billed > 0).unwrap_or(billed);
+    let cut = matches!(result, Err(ProviderError::Transport(_)));
+    let billed = made.first().map(|(_, n)| *n).filter(|_| billed > 0 || cut).unwrap_or(billed);
     let cost = cost_of(policy, step, &req, billed, result.as_ref().ok());
     if let (Some(parent), Some(trace_id), Some(writer)) = (parent_trace, trace_id.as_deref(), app.traces.as_ref()) {
         let caller = crate::trace::Caller { tenant: None, key_name: None };

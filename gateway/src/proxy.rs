@@ -203,24 +203,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     const IMAGES: &str = "/v1/images/";
-    // RFC 9112 section 3.2: an HTTP/1.1 request without a Host, or with more than one, is
-    // answered 400 (HTTP/2 names the host in `:authority`; HTTP/1.0 need not name it).
-    if req.version() == http::Version::HTTP_11 {
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        if let Some(e) = match (hosts.next(), hosts.next()) {
-            (Some(_), None) => None,
-            (None, _) => Some((
-                "missing_host",
-                "an HTTP/1.1 request must name its host in one Host header (RFC 9112, section 3.2)",
-            )),
-            (Some(_), Some(_)) => {
-                Some(("invalid_host", "the request has more than one Host header (RFC 9112, section 3.2)"))
-            }
-        } {
-            let mut r = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.0, e.1).into_response();
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
-        }
+    if let Some(refused) = host_refusal(req.version(), req.headers()) {
+        return refused;
     }
     let op = match req.uri().path().strip_prefix(IMAGES) {
         Some("generations") => Some(Operation::Generate),
@@ -278,6 +262,43 @@ fn default_format(route: Option<AnswerFormat>, model: Option<&str>) -> ResponseF
         }
         None => ResponseFormat::Url,
     }
+}
+
+/// RFC 9112 section 3.2: a 400 for an HTTP/1.1 request without a Host header, and for any
+/// HTTP/1.x request with more than one or with one that is not `host[:port]` (RFC 9110 section
+/// 7.2; no user info, a port of at most 65535); `None` for a request that passes, and for
+/// HTTP/2, which names the host in `:authority`. Codes `missing_host`, `invalid_host`; the
+/// answer closes the connection. Used by both listeners.
+pub fn host_refusal(version: http::Version, headers: &HeaderMap) -> Option<Response> {
+    if version > http::Version::HTTP_11 {
+        return None;
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (code, message) = match (hosts.next(), hosts.next()) {
+        (Some(h), None) if valid_host(h.as_bytes()) => return None,
+        (None, _) if version < http::Version::HTTP_11 => return None,
+        (Some(_), None) => {
+            ("invalid_host", "the Host header is not a host with an optional port (RFC 9110, section 7.2)")
+        }
+        (None, _) => {
+            ("missing_host", "an HTTP/1.1 request must name its host in one Host header (RFC 9112, section 3.2)")
+        }
+        (Some(_), Some(_)) => ("invalid_host", "the request has more than one Host header (RFC 9112, section 3.2)"),
+    };
+    let mut r = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message).into_response();
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(r)
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 section 7.2): what `http`'s authority parser takes, less
+/// user info, with a port (when one is written) of at most 65535.
+fn valid_host(v: &[u8]) -> bool {
+    let Ok(a) = http::uri::Authority::try_from(v) else { return false };
+    let port = &a.as_str()[a.host().len()..];
+    !a.as_str().contains('@')
+        && (port.is_empty()
+            || port == ":"
+            || (port.len() <= 6 && port[1..].bytes().all(|b| b.is_ascii_digit()) && port[1..].parse::<u16>().is_ok()))
 }
 
 fn method_not_allowed(allowed: &'static str) -> Response {
@@ -1339,6 +1360,33 @@ async fn serve_artifact(app: &App, file: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_a_host_with_an_optional_port() {
+        for ok in ["a", "img.example.com", "a:80", "a:", "[::1]:8080", "127.0.0.1:65535", "xn--bcher-kva.example"] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in
+            ["", "u@a", "a:99999", "a:65536", "a:8x", "a:+80", "a b", "a, b", "evil.example/x?", "a\"b", "\u{ff}"]
+        {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+        let h = |hosts: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in hosts {
+                m.append(header::HOST, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        let code = |v: http::Version, m: &HeaderMap| host_refusal(v, m).map(|r| r.status());
+        use http::Version;
+        assert_eq!(code(Version::HTTP_11, &h(&["a"])), None);
+        assert_eq!(code(Version::HTTP_11, &h(&[])), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(code(Version::HTTP_10, &h(&[])), None, "HTTP/1.0 need not name its host");
+        assert_eq!(code(Version::HTTP_10, &h(&["a", "b"])), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(code(Version::HTTP_10, &h(&["u@a"])), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(code(Version::HTTP_2, &h(&[])), None, "HTTP/2 names it in :authority");
+    }
 
     #[test]
     fn a_request_without_response_format_gets_the_route_or_model_default() {

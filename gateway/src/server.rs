@@ -292,9 +292,11 @@ pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr, SocketAdd
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut proxy_task).await;
     }
     app.mirror_stop.cancel();
-    // Spend settled by the last requests and not yet in Redis.
+    // Spend settled by the last requests and not yet in Redis; 429 pauses and opened breakers
+    // learnt since the last exchange, which the other replicas would otherwise never hear of.
     if let Some(c) = app.limits.cluster() {
         c.flush().await;
+        store.live.exchange_hold_offs(c, &app.metrics).await;
     }
     // Records of the requests just answered: written within a few seconds, or lost uncounted;
     // then their spans.

@@ -152,6 +152,9 @@ pub enum Fault {
     /// Send 200, the headers and the first half of the normal body, then never finish it (the
     /// connection stays open until the other side gives up).
     StallMidBody,
+    /// Send 200, the headers and the first half of the normal body, then (200 ms later) cut the
+    /// connection.
+    CutMidBody,
     /// An event stream: send everything before the first `*.completed` event at once, then wait
     /// for [`Mock::release_stream`] before sending the rest (the gateway's client can be seen
     /// receiving partial images while the provider has not finished).
@@ -853,12 +856,21 @@ async fn handle<S: Shape>(
     match cfg.fault {
         Fault::None => {}
         Fault::Reset => return Err(MockReset),
-        Fault::StallMidBody => {
+        Fault::StallMidBody | Fault::CutMidBody => {
             let normal = shape.generate(call(cfg.images.clone())).await;
             let first = normal.body.slice(..normal.body.len() / 2);
+            let cut = cfg.fault == Fault::CutMidBody;
             let stream = futures_util::StreamExt::chain(
                 futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }),
-                futures_util::stream::pending(),
+                futures_util::stream::once(async move {
+                    if !cut {
+                        std::future::pending::<()>().await;
+                    }
+                    // After the first half has gone out (an error at once would abort the
+                    // answer before its head left the buffer).
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err(std::io::Error::other("cut mid-body"))
+                }),
             );
             let mut b = axum::response::Response::builder().status(200).header("content-type", normal.content_type);
             for (k, v) in normal.headers.iter().chain(&cfg.headers) {
